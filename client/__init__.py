@@ -1,0 +1,4 @@
+"""vggt-cache client: the light side (feature spec, cache-file format, wire format).
+
+Imports neither FastAPI nor uvicorn, so training dataloaders can use it.
+"""

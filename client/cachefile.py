@@ -1,0 +1,304 @@
+"""Sibling cache files `<image>.vggt_cache.pt`: atomic writes and validated reads.
+
+A file is `torch.save({"features": Tensor, "meta": dict})`, so the seed's
+`torch.load(path, map_location="cpu")["features"]` keeps working. `features`
+is `[P, C]` for one layer or `[L, P, C]` for several, in the spec's dtype;
+`meta` holds only plain JSON values (see `write_entry`).
+
+Reading never unpickles arbitrary objects (`weights_only=True`) and never
+raises for a bad file: the outcome says what is wrong. The order of checks is
+missing -> corrupt -> spec mismatch -> stale (source, then context).
+Context rules: a caller that passes `context_frames` to an entry without
+context (a `frame`-mode entry) gets SPEC_MISMATCH; one that passes none to an
+entry with context gets the recorded frames re-checked on disk (STALE if any
+changed), so tools that do not know the clip can still verify an entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Sequence
+
+import torch
+
+from client.spec import FeatureSpec, short_digest
+
+CACHE_SUFFIX = ".vggt_cache.pt"
+FORMAT_VERSION = 1
+_META_KEYS = ("format_version", "spec", "spec_digest", "grid", "source", "context", "shape", "dtype")
+
+PathLike = str | os.PathLike
+
+
+class Outcome(str, Enum):
+    HIT = "hit"
+    MISSING = "missing"
+    STALE = "stale"
+    CORRUPT = "corrupt"
+    SPEC_MISMATCH = "spec_mismatch"
+
+
+@dataclass
+class ReadResult:
+    """`features` and `meta` are set on HIT; `meta` also when the file was readable."""
+
+    outcome: Outcome
+    features: torch.Tensor | None
+    meta: dict | None
+    reason: str
+    path: str
+
+    @property
+    def hit(self) -> bool:
+        return self.outcome is Outcome.HIT
+
+
+def cache_path(image_path: PathLike) -> str:
+    return os.fspath(image_path) + CACHE_SUFFIX
+
+
+def source_record(image_path: PathLike) -> dict:
+    """`{"size", "mtime_ns"}` of the image; take it before decoding the image."""
+    st = os.stat(image_path)
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def context_record(target: PathLike, frames: Sequence[PathLike] | None) -> dict | None:
+    """The clip a `sequence`/`causal` entry was computed with (None for `frame` mode).
+
+    Paths are relative to the target's folder, so a dataset tree can move as a whole.
+    """
+    if frames is None:
+        return None
+    if isinstance(frames, (str, bytes, os.PathLike)) or not frames:
+        raise ValueError("context frames must be a non-empty sequence of paths")
+    folder = os.path.dirname(os.path.abspath(target))
+    records = [
+        {"path": os.path.relpath(os.path.abspath(frame), folder), **source_record(frame)}
+        for frame in frames
+    ]
+    return {"frames": records, "digest": short_digest(records)}
+
+
+def write_entry(
+    image_path: PathLike,
+    features: torch.Tensor,
+    spec: FeatureSpec,
+    grid: Sequence[int],
+    source: dict,
+    context: dict | None = None,
+) -> str:
+    """Atomically write the entry for `image_path` and return its cache path.
+
+    `source` comes from `source_record` taken before the image was decoded, so an
+    image rewritten meanwhile leaves an entry that is already stale.
+    """
+    grid = [int(g) for g in grid]
+    features = _storable(features, spec.torch_dtype)
+    problem = _shape_problem(tuple(features.shape), spec, grid) or _context_problem(spec, context)
+    if problem:
+        raise ValueError(f"cannot write cache entry for {os.fspath(image_path)}: {problem}")
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "spec": spec.to_dict(),
+        "spec_digest": spec.digest,
+        "grid": grid,
+        "source": {"size": int(source["size"]), "mtime_ns": int(source["mtime_ns"])},
+        "context": context,
+        "shape": list(features.shape),
+        "dtype": spec.dtype,
+        "created": time.time(),
+    }
+    path = cache_path(image_path)
+    _atomic_save({"features": features, "meta": meta}, path)
+    return path
+
+
+def read_entry(
+    image_path: PathLike,
+    spec: FeatureSpec | None = None,
+    context_frames: Sequence[PathLike] | None = None,
+    mmap: bool = True,
+) -> ReadResult:
+    """Read and validate the entry of `image_path`; never raises for a bad file.
+
+    `mmap=True` maps the file instead of copying it; the mapping outlives a
+    concurrent `os.replace` on a local file system. On NFS, where another host's
+    replace can invalidate mapped pages, prefer `mmap=False`.
+    """
+    path = cache_path(image_path)
+
+    def result(outcome: Outcome, reason: str, meta: dict | None = None) -> ReadResult:
+        return ReadResult(outcome, None, meta, reason, path)
+
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except FileNotFoundError:
+        return result(Outcome.MISSING, "no cache file")
+    except Exception as e:  # truncated zip, foreign pickle, refused globals, I/O errors
+        return result(Outcome.CORRUPT, f"unreadable: {type(e).__name__}: {e}")
+
+    try:
+        parsed = _parse(data)
+    except Exception as e:  # odd values in a foreign file must not escape as errors
+        parsed = f"invalid structure: {type(e).__name__}: {e}"
+    if isinstance(parsed, str):
+        return result(Outcome.CORRUPT, parsed)
+    features, meta, file_spec = parsed
+
+    if spec is not None and spec.digest != file_spec.digest:
+        fields = ", ".join(spec.differences(file_spec)) or "?"
+        return result(Outcome.SPEC_MISMATCH, f"spec differs in: {fields}", meta)
+
+    try:
+        current = source_record(image_path)
+    except OSError as e:
+        return result(Outcome.STALE, f"image not readable: {e.strerror or e}", meta)
+    if current != meta["source"]:
+        return result(Outcome.STALE, f"image changed: was {meta['source']}, now {current}", meta)
+
+    stored = meta["context"]
+    if context_frames is not None:
+        if stored is None:
+            return result(Outcome.SPEC_MISMATCH, "entry has no context (frame mode) but a clip was given", meta)
+        try:
+            expected = context_record(image_path, context_frames)
+        except OSError as e:
+            return result(Outcome.STALE, f"context frame not readable: {e.filename}", meta)
+        if expected["digest"] != stored["digest"]:
+            return result(Outcome.STALE, "context frames differ from the clip given", meta)
+    elif stored is not None:
+        changed = _changed_context_frame(image_path, stored["frames"])
+        if changed:
+            return result(Outcome.STALE, f"context frame changed: {changed}", meta)
+
+    return ReadResult(Outcome.HIT, features, meta, "", path)
+
+
+def _storable(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if not isinstance(features, torch.Tensor):
+        raise TypeError(f"features must be a tensor, got {type(features).__name__}")
+    out = features.detach().to("cpu", dtype).contiguous()
+    # torch.save writes a view's whole storage: a slice of a batch would drag the batch along.
+    if out.storage_offset() != 0 or out.untyped_storage().nbytes() != out.nbytes:
+        out = out.clone()
+    return out
+
+
+def _shape_problem(shape: tuple[int, ...], spec: FeatureSpec, grid: list[int]) -> str | None:
+    if len(grid) != 2 or min(grid) <= 0:
+        return f"grid must be two positive integers, got {grid}"
+    arch = spec.architecture
+    tokens = grid[0] * grid[1]
+    if spec.tokens == "all":  # camera + register tokens come first
+        tokens += 1 + arch.get("num_register_tokens", 4)
+    channels = 2 * arch["embed_dim"] if "embed_dim" in arch else shape[-1] if shape else -1
+    layers = len(spec.layers)
+    expected = (tokens, channels) if layers == 1 else (layers, tokens, channels)
+    if shape != expected:
+        return f"features shape {list(shape)} does not match spec and grid {grid}: expected {list(expected)}"
+    return None
+
+
+def _context_problem(spec: FeatureSpec, context: Any) -> str | None:
+    if spec.attention == "frame":
+        return None if context is None else "attention 'frame' takes no context"
+    if not (
+        isinstance(context, dict)
+        and isinstance(context.get("frames"), list)
+        and context["frames"]
+        and all(_is_frame_record(r) for r in context["frames"])
+        and isinstance(context.get("digest"), str)
+    ):
+        return f"attention {spec.attention!r} needs a context record (see context_record)"
+    return None
+
+
+def _is_frame_record(record: Any) -> bool:
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("path"), str)
+        and type(record.get("size")) is int
+        and type(record.get("mtime_ns")) is int
+    )
+
+
+def _parse(data: Any) -> tuple[torch.Tensor, dict, FeatureSpec] | str:
+    """The entry's parts, or why it is not a valid entry."""
+    if not isinstance(data, dict) or not isinstance(data.get("features"), torch.Tensor):
+        return "not a cache entry (no 'features' tensor)"
+    meta = data.get("meta")
+    if not isinstance(meta, dict):
+        return "not a cache entry (no 'meta' dict)"
+    missing = [k for k in _META_KEYS if k not in meta]
+    if missing:
+        return f"meta lacks {', '.join(missing)}"
+    if meta["format_version"] != FORMAT_VERSION or isinstance(meta["format_version"], bool):
+        return f"unsupported format_version {meta['format_version']!r}"
+    try:
+        spec = FeatureSpec.from_dict(meta["spec"])
+    except (TypeError, ValueError) as e:
+        return f"invalid spec: {e}"
+    if meta["spec_digest"] != spec.digest:
+        return "spec_digest does not match the spec"
+    features = data["features"]
+    if meta["dtype"] != spec.dtype or features.dtype != spec.torch_dtype:
+        return f"dtype {features.dtype} does not match spec dtype {spec.dtype}"
+    if meta["shape"] != list(features.shape):
+        return f"features shape {list(features.shape)} differs from meta shape {meta['shape']}"
+    grid = meta["grid"]
+    if not (isinstance(grid, list) and all(type(g) is int for g in grid)):
+        return f"invalid grid {grid!r}"
+    problem = _shape_problem(tuple(features.shape), spec, grid) or _context_problem(spec, meta["context"])
+    if problem:
+        return problem
+    source = meta["source"]
+    if not (isinstance(source, dict) and set(source) == {"size", "mtime_ns"}):
+        return f"invalid source record {source!r}"
+    return features, meta, spec
+
+
+def _changed_context_frame(target: PathLike, frames: list) -> str | None:
+    folder = os.path.dirname(os.path.abspath(target))
+    for record in frames:
+        frame = os.path.join(folder, record["path"])
+        try:
+            current = source_record(frame)
+        except OSError:
+            return f"{frame} (not readable)"
+        if current != {"size": record["size"], "mtime_ns": record["mtime_ns"]}:
+            return frame
+    return None
+
+
+def _atomic_save(obj: dict, path: str) -> None:
+    folder, name = os.path.split(path)
+    folder = folder or "."
+    # Never ends with CACHE_SUFFIX, so scans and globs for entries skip it.
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: str) -> None:
+    # Makes the rename durable; some file systems refuse fsync on directories.
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -1,0 +1,149 @@
+"""`FeatureSpec`: everything that determines a cached feature, with a stable digest."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TOKENS = ("patch", "all")
+PREPROCESS = ("crop", "pad")
+ATTENTION = ("frame", "sequence", "causal")
+_FINGERPRINT = re.compile(r"sha256:[0-9a-f]+")
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """How a feature was (or must be) computed; two specs with equal digests are interchangeable.
+
+    `layers` is normalised to non-negative indices with `architecture["depth"]`,
+    so `(-2,)` and `(22,)` are the same spec for a depth-24 model.
+    """
+
+    fingerprint: str
+    architecture: dict
+    layers: tuple[int, ...] = (-2,)
+    tokens: str = "patch"
+    preprocess: str = "crop"
+    size: int = 518
+    align: int = 14
+    dtype: str = "bfloat16"
+    attention: str = "frame"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.fingerprint, str) or not _FINGERPRINT.fullmatch(self.fingerprint):
+            raise ValueError(f"fingerprint must look like 'sha256:<hex>', got {self.fingerprint!r}")
+        arch = _plain_json("architecture", self.architecture)
+        if not isinstance(arch, dict):
+            raise ValueError(f"architecture must be a dict, got {type(self.architecture).__name__}")
+        depth = _positive_int("architecture['depth']", arch.get("depth"))
+        patch = _positive_int("architecture['patch_size']", arch.get("patch_size", 14))
+        # Optional here, but cache files derive token counts and widths from them.
+        if "embed_dim" in arch:
+            _positive_int("architecture['embed_dim']", arch["embed_dim"])
+        if arch.get("num_register_tokens", 0) != 0:
+            _positive_int("architecture['num_register_tokens']", arch["num_register_tokens"])
+        object.__setattr__(self, "architecture", arch)
+        object.__setattr__(self, "layers", _normalise_layers(self.layers, depth))
+        _choice("tokens", self.tokens, TOKENS)
+        _choice("preprocess", self.preprocess, PREPROCESS)
+        _choice("dtype", self.dtype, tuple(DTYPES))
+        _choice("attention", self.attention, ATTENTION)
+        for name in ("size", "align"):
+            value = _positive_int(name, getattr(self, name))
+            if value % patch:
+                raise ValueError(f"{name} must be a multiple of the patch size {patch}, got {value}")
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able values; `from_dict(to_dict())` gives an equal spec."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["architecture"] = json.loads(json.dumps(self.architecture))
+        d["layers"] = list(self.layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FeatureSpec:
+        if not isinstance(d, dict):
+            raise ValueError(f"a feature spec must be a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown feature spec field(s): {', '.join(unknown)}")
+        missing = sorted({"fingerprint", "architecture"} - set(d))
+        if missing:
+            raise ValueError(f"feature spec lacks required field(s): {', '.join(missing)}")
+        return cls(**d)
+
+    def canonical_json(self) -> str:
+        return canonical_json(self.to_dict())
+
+    @cached_property
+    def digest(self) -> str:
+        """First 16 hex digits of the sha256 of `canonical_json()`."""
+        return short_digest(self.to_dict())
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def differences(self, other: FeatureSpec) -> list[str]:
+        """Names of the fields whose values differ from `other` (for messages)."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return sorted(k for k in mine if mine[k] != theirs[k])
+
+
+def canonical_json(value: Any) -> str:
+    """Key-sorted, whitespace-free JSON: equal values give equal text."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def short_digest(value: Any) -> str:
+    """First 16 hex digits of the sha256 of `canonical_json(value)`."""
+    return hashlib.sha256(canonical_json(value).encode()).hexdigest()[:16]
+
+
+def _plain_json(name: str, value: Any) -> Any:
+    # A deep copy through JSON both validates and detaches from the caller's dict.
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must hold plain JSON values: {e}") from e
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {'|'.join(allowed)}, got {value!r}")
+
+
+def _normalise_layers(layers: Any, depth: int) -> tuple[int, ...]:
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"layers must be a sequence of integers, got {layers!r}")
+    layers = tuple(layers)
+    if not layers:
+        raise ValueError("layers must name at least one layer")
+    out = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise ValueError(f"layers must be integers, got {layer!r}")
+        if not -depth <= layer < depth:
+            raise ValueError(f"layer {layer} is out of range for depth {depth}")
+        out.append(layer % depth)
+    if len(set(out)) != len(out):
+        raise ValueError(f"layers {list(layers)} name the same layer twice (depth {depth})")
+    return tuple(out)

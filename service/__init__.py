@@ -1,0 +1,1 @@
+"""vggt-cache service: the GPU side (model, preprocessing, engine, jobs, HTTP API, CLI)."""

@@ -1,0 +1,198 @@
+"""HTTP API. Every route is here; each hands off to the runtime's engine or job manager.
+
+    GET  /healthz, /readyz          probes (no auth)
+    GET  /                          status page (static; it fetches /status itself)
+    GET  /status                    model, spec, queues, throughput, memory, jobs
+    GET  /metrics                   Prometheus text
+    POST /features                  on-demand features -> safetensors body (client/wire.py)
+    POST /precompute                bulk job over a data_root -> 202
+    GET  /jobs/{id}, DELETE /jobs/{id}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import os
+import threading
+from importlib import resources
+from typing import Literal
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+
+from client.wire import MEDIA_TYPE, encode_features
+from service.engine import Priority
+from service.limits import BodySizeLimit
+from service.metrics import Metrics
+from service.paths import PathNotAllowed
+from service.runtime import Components, ServiceRuntime
+from service.units import Unit
+
+VERSION = "0.1.0"
+
+
+class FeaturesRequest(BaseModel):
+    """Images (each its own target) and/or clips (ordered frames; the spec's attention mode decides the targets)."""
+
+    images: list[str] = Field(default_factory=list, description="absolute image paths")
+    clips: list[list[str]] = Field(default_factory=list, description="ordered frames, target last")
+    skip_existing: bool = Field(True, description="serve valid sibling files instead of recomputing")
+    wait: bool = Field(True, description="false: queue at bulk priority and return 202 (prefetch)")
+
+
+class PrecomputeRequest(BaseModel):
+    data_root: str
+    skip_existing: bool = True
+    verify: bool = False
+    data_path: str | None = Field(None, description="folder the samples' image paths are relative to")
+
+
+class JobView(BaseModel):
+    job_id: str
+    data_root: str
+    state: Literal["queued", "running", "finished", "failed", "cancelled"]
+    total: int
+    computed: int
+    skipped: int
+    failed: int
+
+    model_config = {"extra": "allow"}
+
+
+def create_app(runtime: ServiceRuntime) -> FastAPI:
+    settings = runtime.settings
+    metrics = Metrics(runtime)
+    app = FastAPI(title="vggt-cache", version=VERSION)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.middleware("http")(metrics.observe_request)
+
+    def authorised(request: Request) -> None:
+        if settings.api_token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.encode(), settings.api_token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    def ready() -> Components:
+        if runtime.components is None:
+            detail = f"model failed to load: {runtime.load_error}" if runtime.load_error else "model is still loading"
+            raise HTTPException(503, detail, headers={"Retry-After": "5"})
+        return runtime.components
+
+    auth = [Depends(authorised)]
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok", "state": runtime.state}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        code = 200 if runtime.components is not None else 503
+        return JSONResponse({"ready": code == 200, "state": runtime.state, "error": runtime.load_error}, code)
+
+    @app.get("/", response_class=HTMLResponse)
+    def status_page() -> str:
+        return resources.files("service").joinpath("static/status.html").read_text(encoding="utf-8")
+
+    @app.get("/status", dependencies=auth)
+    def status() -> dict:
+        c = runtime.components
+        body: dict = {
+            "service": {
+                "version": VERSION,
+                "state": runtime.state,
+                "error": runtime.load_error,
+                "uptime_s": round(metrics.uptime(), 1),
+                "allowed_roots": list(runtime.roots.given),
+                "auth": settings.api_token is not None,
+            },
+            "model": None, "spec": None, "engine": None, "jobs": [],
+        }
+        if c is not None:
+            body["model"] = c.jobs.model_info
+            body["spec"] = {**c.spec.to_dict(), "digest": c.spec.digest}
+            body["engine"] = c.engine.stats()
+            body["jobs"] = c.jobs.list_views()
+        return body
+
+    @app.get("/metrics", dependencies=auth)
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.post("/features", dependencies=auth)
+    async def features(req: FeaturesRequest, c: Components = Depends(ready)) -> Response:
+        n_items = len(req.images) + len(req.clips)
+        n_frames = len(req.images) + sum(len(clip) for clip in req.clips)
+        if n_items == 0:
+            raise HTTPException(422, "give at least one image in 'images' or one clip in 'clips'")
+        if n_frames > settings.max_items_per_request:
+            raise HTTPException(413, f"{n_frames} images in one request; the limit is "
+                                     f"{settings.max_items_per_request} (split the request)")
+        try:
+            units = request_units(
+                [runtime.roots.contain(p) for p in req.images],
+                [[runtime.roots.contain(p) for p in clip] for clip in req.clips],
+                c.spec.attention,
+            )
+        except PathNotAllowed as exc:
+            raise HTTPException(403, str(exc)) from exc
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+
+        if not req.wait:
+            # Bulk submission blocks while the bulk queue is full: never in the event loop.
+            threading.Thread(target=c.engine.submit, args=(units, Priority.BULK),
+                             kwargs={"skip_existing": req.skip_existing, "return_features": False},
+                             daemon=True).start()
+            return JSONResponse({"queued": len(units)}, status_code=202)
+
+        if c.engine.pending(Priority.ON_DEMAND) + len(units) > settings.max_pending_units:
+            raise HTTPException(429, "on-demand queue is full; retry shortly", headers={"Retry-After": "1"})
+        futures = c.engine.submit(units, Priority.ON_DEMAND, skip_existing=req.skip_existing)
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        entries = [e for r in results for e in r.entries]
+        metrics.count_entries(entries)
+        body = encode_features(entries, c.spec.digest)
+        return Response(body, media_type=MEDIA_TYPE)
+
+    @app.post("/precompute", status_code=202, dependencies=auth)
+    def precompute(req: PrecomputeRequest, c: Components = Depends(ready)) -> JobView:
+        try:
+            data_root = runtime.roots.contain(req.data_root)
+        except PathNotAllowed as exc:
+            raise HTTPException(403, str(exc)) from exc
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        if not os.path.isdir(data_root):
+            raise HTTPException(404, f"data_root is not a folder: {req.data_root}")
+        job = c.jobs.submit(data_root, skip_existing=req.skip_existing, verify=req.verify, data_path=req.data_path)
+        return JobView(**job)
+
+    @app.get("/jobs/{job_id}", dependencies=auth)
+    def get_job(job_id: str, c: Components = Depends(ready)) -> JobView:
+        job = c.jobs.view(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return JobView(**job)
+
+    @app.delete("/jobs/{job_id}", dependencies=auth)
+    def cancel_job(job_id: str, c: Components = Depends(ready)) -> JobView:
+        job = c.jobs.cancel(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return JobView(**job)
+
+    return app
+
+
+def request_units(images: list[str], clips: list[list[str]], attention: str) -> list[Unit]:
+    """An image is a clip of one; in frame mode a clip asks for its last (current) frame."""
+    if any(not clip for clip in clips):
+        raise ValueError("a clip needs at least one frame")
+    units = [Unit.for_clip(attention, [image]) for image in images]
+    units += [Unit.frame(clip[-1]) if attention == "frame" else Unit.for_clip(attention, clip) for clip in clips]
+    return units

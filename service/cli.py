@@ -1,0 +1,133 @@
+"""`vggt-cache` command line: serve, precompute, verify, status, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings, SpecOptions
+
+log = logging.getLogger("vggt_cache")
+DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    # The seed's log lines read "[INFO] ..." and "[WARN] ...".
+    logging.addLevelName(logging.WARNING, "WARN")
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="[%(levelname)s] %(message)s", stream=sys.stderr, force=True)
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"VGGT_CACHE_{name}", default)
+
+
+def _layers(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, e.g. -2 or 4,11,17,23; got {text!r}")
+
+
+def add_spec_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("feature spec (recorded in every cache entry)")
+    g.add_argument("--attention", choices=["frame", "sequence", "causal"], default=_env("ATTENTION", "frame"),
+                   help="frame: each image alone (the seed's behaviour); sequence: bidirectional over a clip; "
+                        "causal: frame t sees frames <= t (default: %(default)s)")
+    g.add_argument("--layers", type=_layers, default=_layers(_env("LAYERS", "-2")),
+                   help="aggregator layer(s), negative from the end (default: -2, as the seed's training uses)")
+    g.add_argument("--tokens", choices=["patch", "all"], default=_env("TOKENS", "patch"))
+    g.add_argument("--preprocess", choices=["crop", "pad"], default=_env("PREPROCESS", "crop"))
+    g.add_argument("--size", type=int, default=int(_env("SIZE", "518")))
+    g.add_argument("--align", type=int, default=int(_env("ALIGN", "14")),
+                   help="resize each side down to a multiple of this (28 with pad gives 504x504)")
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=_env("DTYPE", "bfloat16"),
+                   help="storage dtype of cached features")
+
+
+def spec_options(args: argparse.Namespace) -> SpecOptions:
+    return SpecOptions(attention=args.attention, layers=args.layers, tokens=args.tokens,
+                       preprocess=args.preprocess, size=args.size, align=args.align, dtype=args.dtype)
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch-frames", "--max_batch_frames", type=int,
+                   default=int(_env("MAX_BATCH_FRAMES", "32")), help="frames per device batch (default: %(default)s)")
+    p.add_argument("--decode-workers", type=int, default=int(_env("DECODE_WORKERS", "4")))
+    p.add_argument("--state-dir", "--state_dir", default=_env("STATE_DIR", ServiceSettings.state_dir),
+                   help="where job state (SQLite) lives; keep it on local disk (default: %(default)s)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vggt-cache", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the feature-cache service (VGGT resident on the device)")
+    serve.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL),
+                       help="Hugging Face id (from the local HF cache), folder or weights file (default: %(default)s)")
+    serve.add_argument("--device", default=_env("DEVICE", "cuda"), help="cpu, cuda (all GPUs), cuda:0 or cuda:0,1")
+    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    serve.add_argument("--port", type=int, default=int(_env("PORT", str(DEFAULT_PORT))))
+    serve.add_argument("--allowed-root", "--allowed_root", action="append", dest="allowed_roots",
+                       default=None, help="folder the service may read and write (repeatable; required)")
+    serve.add_argument("--api-token", "--api_token", default=_env("API_TOKEN"),
+                       help="require 'Authorization: Bearer <token>' on every route but the health probes")
+    serve.add_argument("--max-items-per-request", type=int, default=int(_env("MAX_ITEMS_PER_REQUEST", "512")))
+    add_engine_flags(serve)
+    add_spec_flags(serve)
+
+    pre = sub.add_parser("precompute", help="compute every feature under a data root (in-process or via --server)")
+    pre.add_argument("--data_root", "--data-root", required=True)
+    pre.add_argument("--vggt_model_path", "--vggt-model-path", "--model", dest="model",
+                     default=_env("MODEL", DEFAULT_MODEL), help="VGGT weights: HF id, folder or file")
+    pre.add_argument("--model_path", "--model-path", dest="llm_model_path", default=None,
+                     help="accepted for compatibility with the seed's script and ignored (VGGT needs no LLM)")
+    pre.add_argument("--server", default=None, help="submit the job to a running service instead of computing here")
+    pre.add_argument("--api-token", "--api_token", default=_env("API_TOKEN"))
+    pre.add_argument("--batch_size", "--batch-size", type=int, default=None,
+                     help="frames per device batch (alias of --max-batch-frames)")
+    pre.add_argument("--device", default=_env("DEVICE", "cuda"))
+    pre.add_argument("--skip_existing", "--skip-existing", action="store_true",
+                     help="skip entries that already validate (stale or foreign ones are recomputed)")
+    pre.add_argument("--verify", action="store_true", help="re-read every written entry")
+    pre.add_argument("--data_path", "--data-path", default=None,
+                     help="folder the samples' image paths are relative to (default: the JSONL file's folder)")
+    add_engine_flags(pre)
+    add_spec_flags(pre)
+
+    ver = sub.add_parser("verify", help="check every cache entry under a data root; exit 1 if any is not valid")
+    ver.add_argument("data_root")
+    ver.add_argument("--server", default=None, help="take the expected spec from this service's /status "
+                                                    "(default: from the data root's manifest)")
+    ver.add_argument("--api-token", "--api_token", default=_env("API_TOKEN"))
+    ver.add_argument("--data_path", "--data-path", default=None)
+    ver.add_argument("--json", action="store_true", help="print the counts as JSON")
+
+    st = sub.add_parser("status", help="show a running service's model, queues and jobs")
+    st.add_argument("--server", default=os.environ.get("VGGT_SERVICE_URL", DEFAULT_SERVER))
+    st.add_argument("--api-token", "--api_token", default=_env("API_TOKEN"))
+    st.add_argument("--json", action="store_true")
+
+    demo = sub.add_parser("demo", help="a first look: a tiny model and data root, end to end, no GPU or downloads")
+    demo.add_argument("--keep", action="store_true", help="keep the temporary data root")
+    demo.add_argument("--port", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    from service import commands
+
+    try:
+        return getattr(commands, args.command)(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

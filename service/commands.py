@@ -1,0 +1,237 @@
+"""What each `vggt-cache` subcommand does (argument parsing lives in cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+
+from service.settings import ServiceSettings
+
+log = logging.getLogger("vggt_cache")
+
+
+def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
+    from service.cli import spec_options
+
+    s = ServiceSettings(
+        model=args.model, device=args.device, state_dir=os.path.expanduser(args.state_dir),
+        spec=spec_options(args), max_batch_frames=args.max_batch_frames, decode_workers=args.decode_workers,
+    )
+    for key, value in overrides.items():
+        setattr(s, key, value)
+    return s
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.api import create_app
+    from service.runtime import ServiceRuntime
+
+    roots = args.allowed_roots or [r for r in (os.environ.get("VGGT_CACHE_ALLOWED_ROOT") or "").split(":") if r]
+    if not roots:
+        log.error("serve needs at least one --allowed-root DIR (the data the service may read and write)")
+        return 2
+    settings = _settings(args, host=args.host, port=args.port, allowed_roots=roots, api_token=args.api_token or None,
+                         max_items_per_request=args.max_items_per_request)
+    runtime = ServiceRuntime(settings)
+    runtime.start(background=True)
+    app = create_app(runtime)
+    log.info("Serving on http://%s:%d (allowed roots: %s; auth: %s)", settings.host, settings.port,
+             ", ".join(runtime.roots.given), "bearer token" if settings.api_token else "off")
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_level="warning", access_log=False, lifespan="off"))
+    try:
+        server.run()  # returns after SIGTERM/SIGINT once in-flight requests are done
+    finally:
+        runtime.stop()
+    log.info("Stopped")
+    return 0
+
+
+def precompute(args: argparse.Namespace) -> int:
+    if args.llm_model_path:
+        log.info("--model_path %s is not needed (VGGT features do not depend on the LLM); ignored",
+                 args.llm_model_path)
+    data_root = os.path.abspath(args.data_root)
+    if args.server:
+        return _precompute_remote(args, data_root)
+    return _precompute_local(args, data_root)
+
+
+def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
+    from tqdm import tqdm
+
+    from service.engine import Engine
+    from service.jobs import JobManager
+    from service.model import load_aggregator
+    from service.paths import AllowedRoots
+    from service.runtime import build_spec, model_info
+    from service.settings import parse_devices
+    from service.store import JobStore
+
+    if not os.path.isdir(data_root):
+        log.error("--data_root is not a folder: %s", data_root)
+        return 2
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = args.device
+    if world > 1 and device == "cuda":
+        device = f"cuda:{local_rank}"  # under torchrun each rank drives its own GPU
+    batch = args.batch_size or args.max_batch_frames
+    state_dir = os.path.join(os.path.expanduser(args.state_dir), f"rank{rank}" if world > 1 else "")
+    settings = _settings(args, device=device, max_batch_frames=batch, state_dir=state_dir)
+    devices = parse_devices(settings.device)
+    log.info("Loading VGGT model from %s onto %s", settings.model, ", ".join(devices))
+    loaded = load_aggregator(settings.model, device=devices[0])
+    spec = build_spec(loaded, settings.spec)
+    engine = Engine(loaded, spec, devices=devices, max_batch_frames=batch, decode_workers=settings.decode_workers)
+    engine.start()
+    info = model_info(loaded, devices, spec)
+    jobs = JobManager(JobStore(state_dir), engine, spec, AllowedRoots.of([data_root]), info, rank, world)
+    if world > 1:
+        log.info("Rank %d of %d: taking shard %d", rank, world, rank)
+    job = jobs.submit(data_root, skip_existing=args.skip_existing, verify=args.verify, data_path=args.data_path)
+    bar = tqdm(total=None, unit="img", desc=f"[rank {rank}] precompute" if world > 1 else "precompute",
+               disable=None)
+
+    def progress(view: dict) -> None:
+        bar.total = view.get("total") or bar.total
+        bar.n = view["computed"] + view["skipped"] + view["failed"]
+        bar.set_postfix(computed=view["computed"], skipped=view["skipped"], failed=view["failed"], refresh=False)
+        bar.refresh()
+
+    t0 = time.time()
+    try:
+        view = jobs.run(job["job_id"], on_progress=progress, write_final_manifest=world == 1)
+    finally:
+        bar.close()
+        engine.stop()
+    if world > 1:
+        _merge_rank_manifests(jobs, view, time.time() - t0, rank, world)
+    _print_summary(view)
+    return 0 if view.get("state") == "finished" and not view.get("failed") else 1
+
+
+def _merge_rank_manifests(jobs, view: dict, seconds: float, rank: int, world: int) -> None:
+    """torchrun: every rank sends its counts to rank 0, which writes the one manifest."""
+    import torch.distributed as dist
+
+    from service.manifest import write_manifest
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo")
+    parts: list[dict | None] = [None] * world
+    dist.all_gather_object(parts, view)
+    if rank == 0:
+        total = {k: sum(p[k] for p in parts) for k in ("total", "computed", "skipped", "failed")}
+        failures = [f for p in parts for f in p.get("failures", [])]
+        write_manifest(view["data_root"], {
+            **total, "state": "finished" if all(p["state"] == "finished" for p in parts) else "incomplete",
+            "ranks": world, "spec": jobs.spec.to_dict(), "spec_digest": jobs.spec.digest,
+            "model": jobs.model_info, "seconds": round(seconds, 2), "failures": failures,
+        })
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _print_summary(view: dict) -> None:
+    log.info("%s: %d total, %d computed, %d skipped, %d failed", view.get("state", "?"), view.get("total", 0),
+             view.get("computed", 0), view.get("skipped", 0), view.get("failed", 0))
+    for f in view.get("failures", [])[:20]:
+        log.warning("Failed %s: %s", f["image"], f["reason"])
+
+
+def _client(server: str, token: str | None):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=30.0)
+
+
+def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
+    from tqdm import tqdm
+
+    with _client(args.server, args.api_token) as http:
+        r = http.post("/precompute", json={"data_root": data_root, "skip_existing": args.skip_existing,
+                                           "verify": args.verify, "data_path": args.data_path})
+        if r.status_code != 202:
+            log.error("The service refused the job (%d): %s", r.status_code, r.text)
+            return 2
+        job = r.json()
+        log.info("Job %s submitted to %s", job["job_id"], args.server)
+        with tqdm(total=None, unit="img", desc="precompute", disable=None) as bar:
+            while job["state"] in ("queued", "running"):
+                time.sleep(1.0)  # polling a remote job, not synchronising a test
+                job = http.get(f"/jobs/{job['job_id']}").json()
+                bar.total = job["total"] or None
+                bar.n = job["computed"] + job["skipped"] + job["failed"]
+                bar.refresh()
+    _print_summary(job)
+    return 0 if job["state"] == "finished" and not job["failed"] else 1
+
+
+def verify(args: argparse.Namespace) -> int:
+    from client.spec import FeatureSpec
+    from service.verify import verify_data_root
+    from service.manifest import read_manifest
+
+    data_root = os.path.abspath(args.data_root)
+    if args.server:
+        with _client(args.server, args.api_token) as http:
+            spec_dict = http.get("/status").raise_for_status().json()["spec"]
+        if spec_dict is None:
+            log.error("The service at %s has no model loaded yet", args.server)
+            return 2
+        spec_dict.pop("digest", None)
+    else:
+        manifest = read_manifest(data_root)
+        if manifest is None:
+            log.error("No vggt_cache_manifest.json in %s: pass --server URL to take the spec from a service",
+                      data_root)
+            return 2
+        spec_dict = manifest["spec"]
+    report = verify_data_root(data_root, FeatureSpec.from_dict(spec_dict), data_path=args.data_path)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        counts = report["counts"]
+        print(f"{data_root}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        for item in report["problems"][:50]:
+            print(f"  {item['outcome']:13s} {item['image']}: {item['reason']}")
+    return 0 if report["ok"] else 1
+
+
+def status(args: argparse.Namespace) -> int:
+    import httpx
+
+    try:
+        with _client(args.server, args.api_token) as http:
+            body = http.get("/status").raise_for_status().json()
+    except httpx.HTTPError as exc:
+        log.error("Cannot read %s/status: %s", args.server, exc)
+        return 2
+    if args.json:
+        print(json.dumps(body, indent=2))
+        return 0
+    svc, model, eng = body["service"], body.get("model"), body.get("engine")
+    print(f"service  {args.server}  state={svc['state']}  uptime={svc['uptime_s']}s")
+    if model:
+        print(f"model    {model['source']}  {model['fingerprint']}  on {', '.join(model['devices'])}")
+    if eng:
+        print(f"engine   queued={eng.get('queued')}  images/s={eng.get('images_per_s')}")
+    for job in body.get("jobs", []):
+        eta = f"  eta {job['eta_s']}s" if job.get("eta_s") else ""
+        print(f"job {job['job_id'][:8]}  {job['state']:9s} {job['progress']*100:5.1f}%  "
+              f"{job['computed']} computed {job['skipped']} skipped {job['failed']} failed  {job['data_root']}{eta}")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    from service.demo import run_demo
+
+    return run_demo(keep=args.keep, port=args.port)
+

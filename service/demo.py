@@ -1,0 +1,148 @@
+"""`vggt-cache demo`: the whole loop on any machine, no GPU and no downloads.
+
+A tiny aggregator with fixed random weights stands in for VGGT-1B; everything
+else (service, jobs, sibling files, client) is the real thing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+# A 2-layer aggregator with VGGT-1B's structure, small enough to run anywhere in seconds.
+DEMO_CONFIG = {
+    "img_size": 56, "patch_size": 14, "embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 4.0,
+    "num_register_tokens": 4, "qk_norm": True, "rope_freq": 100, "init_values": 0.01,
+    "patch_embed": {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 4.0, "init_values": 1.0,
+                    "interpolate_antialias": True, "interpolate_offset": 0.0},
+}
+DEMO_SIZE = 112
+
+
+def write_demo_model(folder: str, seed: int = 0) -> str:
+    """config.json + state_dict.safetensors of the demo aggregator (same weights for the same seed)."""
+    from service.model import AggregatorConfig, VGGTAggregator
+
+    os.makedirs(folder, exist_ok=True)
+    torch.manual_seed(seed)
+    model = VGGTAggregator(AggregatorConfig.from_dict(DEMO_CONFIG))
+    generator = torch.Generator().manual_seed(seed)
+    state = {k: torch.randn(v.shape, generator=generator) * 0.05 for k, v in model.state_dict().items()}
+    save_file(state, os.path.join(folder, "state_dict.safetensors"))
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(DEMO_CONFIG, f, indent=2)
+    return folder
+
+
+def write_demo_data(root: str, scenes: int = 3, frames: int = 4, seed: int = 0) -> list[list[str]]:
+    """Scenes of gradient images plus a JSONL of samples in the seed's shape (history_images + current_image)."""
+    rng = np.random.default_rng(seed)
+    clips = []
+    with open(os.path.join(root, "train.jsonl"), "w") as samples:
+        for s in range(scenes):
+            scene = os.path.join(root, f"scene{s:03d}")
+            os.makedirs(scene, exist_ok=True)
+            paths = []
+            for t in range(frames):
+                y, x = np.mgrid[0:96, 0:128]
+                img = np.stack([(x * 2 + 40 * t) % 256, (y * 2 + 60 * s) % 256,
+                                rng.integers(0, 256, size=x.shape)], -1).astype(np.uint8)
+                path = os.path.join(scene, f"img_{t:04d}.jpg")
+                Image.fromarray(img).save(path, quality=90)
+                paths.append(path)
+            clips.append(paths)
+            for t in range(1, frames):
+                rel = [os.path.relpath(p, root) for p in paths[: t + 1]]
+                samples.write(json.dumps({"history_images": rel[:-1], "current_image": rel[-1],
+                                          "instruction": "walk to the door", "answer": "forward"}) + "\n")
+    return clips
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _say(text: str) -> None:
+    print(f"[demo] {text}", flush=True)
+
+
+def run_demo(keep: bool = False, port: int = 0) -> int:
+    from tqdm import tqdm
+
+    from client import FeatureCache
+    from client.cachefile import cache_path
+
+    work = tempfile.mkdtemp(prefix="vggt-cache-demo-")
+    data_root, model_dir = os.path.join(work, "data"), os.path.join(work, "model")
+    os.makedirs(data_root)
+    write_demo_model(model_dir)
+    clips = write_demo_data(data_root)
+    images = [p for clip in clips for p in clip]
+    _say(f"made {len(images)} images in {len(clips)} scenes and train.jsonl under {data_root}")
+
+    port = port or _free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", model_dir, "--device", "cpu",
+           "--host", "127.0.0.1", "--port", str(port), "--allowed-root", data_root,
+           "--state-dir", os.path.join(work, "state"), "--size", str(DEMO_SIZE), "--dtype", "float32"]
+    _say("starting: " + " ".join(cmd[2:]))
+    server = subprocess.Popen(cmd)
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if http.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline or server.poll() is not None:
+                    _say("the service did not become ready")
+                    return 1
+                time.sleep(0.2)
+            _say(f"service ready at {url} (status page: {url}/)")
+
+            job = http.post("/precompute", json={"data_root": data_root}).raise_for_status().json()
+            with tqdm(total=job["total"] or None, unit="img", desc="precompute") as bar:
+                while job["state"] in ("queued", "running"):
+                    time.sleep(0.2)
+                    job = http.get(f"/jobs/{job['job_id']}").raise_for_status().json()
+                    bar.total = job["total"]
+                    bar.n = job["computed"] + job["skipped"] + job["failed"]
+                    bar.refresh()
+            _say(f"job {job['state']}: {job['computed']} computed, {job['skipped']} skipped, {job['failed']} failed")
+
+            cache = FeatureCache(service_url=url)
+            feats = cache.get_many(images)
+            _say(f"read {sum(f is not None for f in feats)} cached features from sibling files, "
+                 f"shape {tuple(feats[0].shape)} each")
+            removed = images[::5]
+            for p in removed:
+                os.remove(cache_path(p))
+            _say(f"deleted {len(removed)} cache files; asking again ...")
+            feats = cache.get_many(images)
+            refilled = sum(os.path.exists(cache_path(p)) for p in removed)
+            _say(f"the service filled {refilled}/{len(removed)} on demand in one request; "
+                 f"client counters: {cache.stats}")
+            _say(f"example: {images[0]}  ->  {cache_path(images[0])}")
+    finally:
+        server.terminate()
+        server.wait(30)
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    _say(f"files kept under {work}" if keep else "done (rerun with --keep to look at the files)")
+    return 0

@@ -1,0 +1,232 @@
+"""Bulk precompute jobs: plan a data root into units, feed them to the engine at bulk priority, record progress."""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from client.spec import FeatureSpec
+from service.engine import Engine, EngineStopped, Priority, UnitResult
+from service.manifest import write_manifest
+from service.paths import AllowedRoots, PathNotAllowed
+from service.sources import scan_data_root, shard
+from service.store import JobRecord, JobStore
+from service.units import Unit
+
+log = logging.getLogger("vggt_cache")
+
+TERMINAL = ("finished", "failed", "cancelled")
+MANIFEST_FAILURES = 1000
+
+
+@dataclass
+class _Rate:
+    """Progress since this process started (or resumed) the job: what rate and ETA are computed from."""
+
+    t0: float
+    done0: int
+
+
+_OUTCOME = {"computed": "computed", "cached": "skipped", "failed": "failed"}
+
+
+def target_results(idx: int, unit: Unit, fut: Future) -> list[tuple[int, str, str | None, str]]:
+    """(idx, outcome, reason, image) for every target of a finished unit, as the store records them."""
+    exc = fut.exception()
+    if exc is not None:
+        return [(idx, "failed", f"{type(exc).__name__}: {exc}", t) for t in unit.targets]
+    result: UnitResult = fut.result()
+    return [(idx, _OUTCOME[e.status], e.error, e.image) for e in result.entries]
+
+
+class JobManager:
+    """One runner thread takes jobs in order; state lives in SQLite so a restarted service resumes."""
+
+    def __init__(self, store: JobStore, engine: Engine, spec: FeatureSpec, roots: AllowedRoots,
+                 model_info: dict, rank: int = 0, world_size: int = 1) -> None:
+        self.store = store
+        self.engine = engine
+        self.spec = spec
+        self.roots = roots
+        self.model_info = model_info
+        self.rank, self.world_size = rank, world_size
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._rates: dict[str, _Rate] = {}
+        self._enqueued: set[str] = set()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        # Bulk units submitted per engine call: enough to fill a few batches, small enough to cancel promptly.
+        self.chunk_units = max(8, 2 * engine.max_batch_frames)
+
+    # -- service side -------------------------------------------------------------------------
+    def start(self) -> None:
+        for rec in self.store.unfinished_jobs():
+            log.info("Resuming job %s over %s (%d/%d done)", rec.job_id, rec.data_root, rec.done, rec.total)
+            self._enqueue(rec.job_id)
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stopping.set()
+        self._queue.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _enqueue(self, job_id: str) -> None:
+        with self._lock:
+            if job_id in self._enqueued:
+                return
+            self._enqueued.add(job_id)
+        self._queue.put(job_id)
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            job_id = self._queue.get()
+            if job_id is None:
+                return
+            try:
+                self.run(job_id)
+            except Exception as exc:  # a broken job must not take the runner down with it
+                log.exception("Job %s failed", job_id)
+                self.store.set_state(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+
+    def submit(self, data_root: str, skip_existing: bool = True, verify: bool = False,
+               data_path: str | None = None) -> dict:
+        options = {"skip_existing": skip_existing, "verify": verify, "data_path": data_path}
+        rec = self.store.create_job(data_root, self.spec.digest, self.spec.canonical_json(), options)
+        if self._thread is not None:
+            self._enqueue(rec.job_id)
+        return self._view(rec)
+
+    def cancel(self, job_id: str) -> dict | None:
+        rec = self.store.get(job_id)
+        if rec is None:
+            return None
+        self.store.request_cancel(job_id)
+        return self.view(job_id)
+
+    def view(self, job_id: str) -> dict | None:
+        rec = self.store.get(job_id)
+        return None if rec is None else self._view(rec)
+
+    def list_views(self, limit: int = 50) -> list[dict]:
+        return [self._view(rec) for rec in self.store.list_jobs(limit=limit)]
+
+    def _view(self, rec: JobRecord) -> dict:
+        view = rec.to_dict()
+        done = rec.done
+        view["progress"] = round(done / rec.total, 4) if rec.total else (1.0 if rec.state == "finished" else 0.0)
+        rate = self._rates.get(rec.job_id)
+        view["rate_per_s"], view["eta_s"] = None, None
+        if rate is not None and rec.state == "running":
+            elapsed = time.monotonic() - rate.t0
+            per_s = (done - rate.done0) / elapsed if elapsed > 0 else 0.0
+            view["rate_per_s"] = round(per_s, 2)
+            if per_s > 0:
+                view["eta_s"] = round((rec.total - done) / per_s, 1)
+        if rec.failed:
+            view["failures"] = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, 100)]
+        return view
+
+    # -- the work -------------------------------------------------------------------------------
+    def run(self, job_id: str, on_progress: Callable[[dict], None] | None = None,
+            write_final_manifest: bool = True) -> dict:
+        rec = self.store.get(job_id)
+        if rec is None or rec.state in TERMINAL:
+            return self.view(job_id) or {}
+        t_start = time.time()
+        self.store.set_state(job_id, "running")
+        if not rec.planned:
+            self._plan(rec)
+        rec = self.store.get(job_id)
+        self._rates[job_id] = _Rate(time.monotonic(), rec.done)
+        options = rec.options
+        pending = self.store.pending_units(job_id)
+        log.info("Job %s: %d units to do (%d entries already done)", job_id, len(pending), rec.done)
+
+        results: queue.Queue[tuple[int, Unit, Future]] = queue.Queue()
+        submitted = 0
+        recorded = 0
+
+        def record(block: bool) -> int:
+            """Store what has finished; returns how many units were taken off the results queue."""
+            batch, taken = [], 0
+            while True:
+                try:
+                    idx, unit, fut = results.get(block=block and taken == 0, timeout=1.0)
+                except queue.Empty:
+                    break
+                taken += 1
+                if not isinstance(fut.exception(), EngineStopped):  # else it stays pending for the next start
+                    batch.extend(target_results(idx, unit, fut))
+            if batch:
+                self.store.record_results(job_id, batch)
+                if on_progress is not None:
+                    on_progress(self.view(job_id) or {})
+            return taken
+
+        for start in range(0, len(pending), self.chunk_units):
+            if self._stopping.is_set() or self.store.cancel_requested(job_id):
+                break
+            chunk = pending[start:start + self.chunk_units]
+            futures = self.engine.submit([u for _, u in chunk], Priority.BULK,
+                                         skip_existing=options.get("skip_existing", True),
+                                         verify=options.get("verify", False), return_features=False)
+            for (idx, unit), fut in zip(chunk, futures):
+                fut.add_done_callback(lambda f, idx=idx, unit=unit: results.put((idx, unit, f)))
+            submitted += len(chunk)
+            recorded += record(block=False)
+        while recorded < submitted:
+            recorded += record(block=True)
+
+        rec = self.store.get(job_id)
+        if self.store.cancel_requested(job_id):
+            self.store.set_state(job_id, "cancelled")
+        elif self._stopping.is_set() and self.store.pending_units(job_id):
+            log.info("Job %s paused at %d/%d for shutdown; it resumes on the next start", job_id, rec.done, rec.total)
+            return self._view(rec)
+        else:
+            self.store.set_state(job_id, "finished")
+        rec = self.store.get(job_id)
+        log.info("Job %s %s: %d computed, %d skipped, %d failed of %d", job_id, rec.state,
+                 rec.computed, rec.skipped, rec.failed, rec.total)
+        if write_final_manifest:
+            self.write_manifest(rec, time.time() - t_start)
+        return self._view(rec)
+
+    def _plan(self, rec: JobRecord) -> None:
+        """Scan the data root once; units that escape the allowed roots fail here, before any decode."""
+        scan = scan_data_root(rec.data_root, self.spec.attention, rec.options.get("data_path"))
+        units = shard(scan.units, self.rank, self.world_size)
+        refused: list[tuple[int, Unit, str]] = []
+        for idx, unit in enumerate(units):
+            try:
+                for frame in unit.frames:
+                    self.roots.contain(frame)
+            except (PathNotAllowed, ValueError) as exc:
+                refused.append((idx, unit, str(exc)))
+        self.store.set_plan(rec.job_id, units, scan.problems)
+        if refused:
+            self.store.record_results(rec.job_id, [(i, "failed", why, t) for i, u, why in refused for t in u.targets])
+        log.info("Job %s planned: %d units from %s files (%d refused, %d malformed samples)", rec.job_id,
+                 len(units), scan.source_kind, len(refused), len(scan.problems))
+
+    def write_manifest(self, rec: JobRecord, seconds: float) -> str:
+        failures = self.store.failures(rec.job_id, MANIFEST_FAILURES)
+        return write_manifest(rec.data_root, {
+            "job_id": rec.job_id,
+            "state": rec.state,
+            "total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed,
+            "spec": json.loads(rec.spec_json), "spec_digest": rec.spec_digest,
+            "model": self.model_info,
+            "seconds": round(seconds, 2),
+            "failures": [{"image": img, "reason": why} for img, why in failures],
+        })
+

@@ -1,0 +1,66 @@
+"""`<data_root>/vggt_cache_manifest.json`: what the last job over a data root did."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+MANIFEST_NAME = "vggt_cache_manifest.json"
+MANIFEST_VERSION = 1
+MAX_FAILURES = 1000  # keeps the file readable for datasets with many bad images
+
+
+def manifest_path(data_root: str) -> str:
+    return os.path.join(data_root, MANIFEST_NAME)
+
+
+def _capped_failures(failures: list) -> tuple[list[dict], int]:
+    listed = [
+        f if isinstance(f, dict) else {"image": f[0], "reason": f[1]}
+        for f in failures[:MAX_FAILURES]
+    ]
+    return listed, max(0, len(failures) - MAX_FAILURES)
+
+
+def write_manifest(data_root: str, record: dict) -> str:
+    """Write `record` (counts, spec, model, timing, failures, ...) atomically; return the path.
+
+    `failures` may hold dicts or (image, reason) pairs; only the first MAX_FAILURES
+    are listed and `failures_omitted` counts the rest.
+    """
+    body = {"manifest_version": MANIFEST_VERSION, **record}
+    body["failures"], body["failures_omitted"] = _capped_failures(list(record.get("failures", [])))
+    text = json.dumps(body, indent=2, ensure_ascii=False) + "\n"  # before any file is touched
+
+    path = manifest_path(data_root)
+    fd, tmp = tempfile.mkstemp(dir=data_root, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the manifest is for every reader
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_manifest(data_root: str) -> dict | None:
+    """The manifest as written, or None when there is none; ValueError when it is unreadable."""
+    path = manifest_path(data_root)
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        body = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"corrupt manifest {path}: {e}") from e
+    if not isinstance(body, dict):
+        raise ValueError(f"corrupt manifest {path}: expected a JSON object, got {type(body).__name__}")
+    return body

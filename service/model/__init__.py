@@ -1,0 +1,19 @@
+"""VGGT-1B's aggregator in plain PyTorch: model, streaming key/value cache, checkpoint loader."""
+
+from .aggregator import ATTENTION_MODES, VGGTAggregator
+from .config import AggregatorConfig, PatchEmbedConfig
+from .fingerprint import file_fingerprint
+from .kv_cache import KVCache
+
+
+__all__ = [
+    "ATTENTION_MODES",
+    "AggregatorConfig",
+    "DEFAULT_SOURCE",
+    "KVCache",
+    "LoadedModel",
+    "PatchEmbedConfig",
+    "VGGTAggregator",
+    "file_fingerprint",
+    "load_aggregator",
+]

@@ -1,0 +1,51 @@
+"""Path containment: every path the service touches must stay inside an allowed root."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+class PathNotAllowed(PermissionError):
+    """A path (or what its symlinks lead to) lies outside every allowed root."""
+
+
+def _inside(path: str, roots: Sequence[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+@dataclass(frozen=True)
+class AllowedRoots:
+    """The configured roots, both as written (a name may go through a symlink) and resolved."""
+
+    given: tuple[str, ...]
+    real: tuple[str, ...]
+
+    @classmethod
+    def of(cls, roots: Sequence[str]) -> "AllowedRoots":
+        if not roots:
+            raise ValueError("at least one --allowed-root is required")
+        given = tuple(os.path.normpath(os.path.abspath(os.path.expanduser(r))) for r in roots)
+        return cls(given=given, real=tuple(os.path.realpath(r) for r in given))
+
+    def contain(self, path: str) -> str:
+        """Return the normalised absolute `path` if it and what it resolves to are inside a root.
+
+        The path is returned *unresolved* because the sibling cache file lives
+        next to the name the caller uses; the name, its real location and the
+        real folder the cache file is written into must all be inside a root,
+        so neither `..` nor a symlink can escape.
+        """
+        if not isinstance(path, str) or not path or "\x00" in path:
+            raise ValueError(f"invalid path {path!r}")
+        if not os.path.isabs(path):
+            raise ValueError(f"path must be absolute: {path!r}")
+        norm = os.path.normpath(path)
+        if not _inside(norm, self.given + self.real):
+            raise PathNotAllowed(f"path is outside the allowed roots: {path}")
+        if not _inside(os.path.realpath(norm), self.real):
+            raise PathNotAllowed(f"path resolves (through a symlink) outside the allowed roots: {path}")
+        if not _inside(os.path.realpath(os.path.dirname(norm)), self.real):
+            raise PathNotAllowed(f"folder of {path} resolves outside the allowed roots")
+        return norm

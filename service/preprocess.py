@@ -1,0 +1,125 @@
+"""Image decoding and the VGGT reference preprocessing (`crop` and `pad` modes).
+
+Matches the reference `load_and_preprocess_images` bit for bit: RGBA is
+composited on white, the uint8 RGB image is resized with PIL bicubic, and the
+result is cropped (`crop`) or padded with white (`pad`) before scaling to
+[0, 1]. Like the reference, EXIF orientation is ignored (no transpose), so
+features match those computed by reference-based training code.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+PATCH_SIZE = 14
+MODES = ("crop", "pad")
+# Images above this many pixels are refused before decoding (decompression bombs).
+MAX_PIXELS = 64_000_000
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names the file."""
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
+    """Read and fully decode an image file, or raise `ImageError` naming it."""
+    name = os.fspath(path)
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    try:
+        with open(name, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ImageError(f"cannot read image {name}: {e.strerror or e}") from e
+    if not data:
+        raise ImageError(f"cannot decode image {name}: the file is empty")
+    try:
+        img = Image.open(io.BytesIO(data))
+        width, height = img.size
+        if width * height > limit:
+            raise ImageError(
+                f"refusing image {name}: {width}x{height} = {width * height} pixels "
+                f"exceeds the limit of {limit} (possible decompression bomb)"
+            )
+        # PIL decodes lazily; force it here so truncated data fails now, with the name.
+        img.load()
+    except ImageError:
+        raise
+    except Exception as e:  # PIL raises OSError, SyntaxError, EOFError, ValueError, ...
+        raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+    return img
+
+
+def preprocess(
+    image: Image.Image | str | os.PathLike,
+    mode: str = "crop",
+    size: int = 518,
+    align: int = PATCH_SIZE,
+) -> torch.Tensor:
+    """Return the model input for one image: float32 `[3, H, W]` in [0, 1].
+
+    `align`: when a side is not a multiple of it, the image is resized
+    (bilinear) down to the largest multiple; the default 14 changes nothing.
+    """
+    if mode not in MODES:
+        raise ValueError(f"preprocess mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(size, int) or size <= 0 or size % PATCH_SIZE:
+        raise ValueError(f"size must be a positive multiple of {PATCH_SIZE}, got {size!r}")
+    if not isinstance(align, int) or align <= 0:
+        raise ValueError(f"align must be a positive integer, got {align!r}")
+    label = "image"
+    if not isinstance(image, Image.Image):
+        label = f"image {os.fspath(image)}"
+        image = load_image(image)
+
+    rgb = _to_rgb(image)
+    width, height = rgb.size
+    new_width, new_height = _resized_size(width, height, mode, size)
+    if new_width == 0 or new_height == 0:
+        raise ImageError(f"{label}: aspect ratio {width}x{height} is too extreme for size {size}")
+    rgb = rgb.resize((new_width, new_height), Image.Resampling.BICUBIC)
+    pixels = torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)  # [3, H, W] uint8
+
+    if mode == "crop" and new_height > size:
+        top = (new_height - size) // 2
+        pixels = pixels[:, top : top + size]
+    elif mode == "pad":
+        pad_h, pad_w = size - new_height, size - new_width
+        # Odd differences put the extra pixel at the bottom/right, as the reference does.
+        pixels = F.pad(
+            pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=255
+        )
+    out = pixels.contiguous().to(torch.float32).div(255)
+    return _align(out, align)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGBA":
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image)
+    return image.convert("RGB")
+
+
+def _resized_size(width: int, height: int, mode: str, size: int) -> tuple[int, int]:
+    # Same arithmetic (and Python's round-half-even) as the reference, so sizes agree.
+    if mode == "crop" or width >= height:
+        return size, round(height * (size / width) / PATCH_SIZE) * PATCH_SIZE
+    return round(width * (size / height) / PATCH_SIZE) * PATCH_SIZE, size
+
+
+def _align(image: torch.Tensor, align: int) -> torch.Tensor:
+    height, width = image.shape[-2:]
+    target = (height // align * align, width // align * align)
+    if target == (height, width):
+        return image
+    if 0 in target:
+        raise ValueError(f"cannot align a {height}x{width} image to multiples of {align}")
+    resized = F.interpolate(
+        image[None], size=target, mode="bilinear", align_corners=False, antialias=False
+    )  # [1, 3, H', W']
+    return resized[0]

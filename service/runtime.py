@@ -1,0 +1,117 @@
+"""The running service: model, engine and job manager, started once and shared by every request."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from client.spec import FeatureSpec
+from service.engine import Engine
+from service.jobs import JobManager
+from service.model import LoadedModel, load_aggregator
+from service.paths import AllowedRoots
+from service.settings import ServiceSettings, SpecOptions, parse_devices
+from service.store import JobStore
+
+log = logging.getLogger("vggt_cache")
+
+
+def build_spec(loaded: LoadedModel, options: SpecOptions) -> FeatureSpec:
+    return FeatureSpec(
+        fingerprint=loaded.fingerprint,
+        architecture=loaded.config.to_dict(),
+        layers=tuple(options.layers),
+        tokens=options.tokens,
+        preprocess=options.preprocess,
+        size=options.size,
+        align=options.align,
+        dtype=options.dtype,
+        attention=options.attention,
+    )
+
+
+def model_info(loaded: LoadedModel, devices: list[str], spec: FeatureSpec) -> dict:
+    return {
+        "source": loaded.source,
+        "fingerprint": loaded.fingerprint,
+        "parameters": loaded.num_params,
+        "devices": devices,
+        "compute_dtype": "float32" if devices == ["cpu"] else "bfloat16 (autocast)",
+        "storage_dtype": spec.dtype,
+        "embed_dim": loaded.config.embed_dim,
+        "depth": loaded.config.depth,
+    }
+
+
+@dataclass
+class Components:
+    loaded: LoadedModel
+    spec: FeatureSpec
+    engine: Engine
+    jobs: JobManager
+    devices: list[str]
+
+
+class ServiceRuntime:
+    """Loads the model in the background so health probes answer while VGGT-1B is read from disk."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.roots = AllowedRoots.of(settings.allowed_roots)
+        self.started_at = time.time()
+        self.components: Components | None = None
+        self.load_error: str | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def state(self) -> str:
+        if self.components is not None:
+            return "ready"
+        return "failed" if self.load_error else "loading"
+
+    def start(self, background: bool = True) -> None:
+        if background:
+            self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
+            self._thread.start()
+        else:
+            self._load()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.components is not None
+
+    def _load(self) -> None:
+        s = self.settings
+        try:
+            devices = parse_devices(s.device)
+            log.info("Loading VGGT model from %s onto %s", s.model, ", ".join(devices))
+            t0 = time.perf_counter()
+            loaded = load_aggregator(s.model, device=devices[0])
+            spec = build_spec(loaded, s.spec)
+            log.info(
+                "Model ready in %.1fs: %s parameters, fingerprint %s, spec %s (%s attention, layers %s)",
+                time.perf_counter() - t0, f"{loaded.num_params:,}", loaded.fingerprint, spec.digest,
+                spec.attention, list(spec.layers),
+            )
+            engine = Engine(
+                loaded, spec, devices=devices, max_batch_frames=s.max_batch_frames,
+                max_wait_ms=s.max_wait_ms, decode_workers=s.decode_workers, write_workers=s.write_workers,
+            )
+            engine.start()
+            jobs = JobManager(JobStore(s.state_dir), engine, spec, self.roots, model_info(loaded, devices, spec))
+            jobs.start()
+            self.components = Components(loaded, spec, engine, jobs, devices)
+        except Exception as exc:  # reported by /readyz and /status; the process stays up for inspection
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("Model failed to load: %s", self.load_error)
+
+    def stop(self) -> None:
+        c = self.components
+        if c is None:
+            return
+        log.info("Shutting down: finishing the batch in flight")
+        c.jobs.stop()
+        c.engine.stop()

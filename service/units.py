@@ -1,0 +1,54 @@
+"""The unit of work: one forward pass over an ordered clip, and the images it produces."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+ATTENTION_MODES = ("frame", "sequence", "causal")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Frames (resolved paths, clip order) fed to the model together; targets get cache entries.
+
+    frame: one frame, its own target. sequence: every frame is a target.
+    causal: the last frame is the target, the earlier ones are its context.
+    """
+
+    frames: tuple[str, ...]
+    targets: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        # Accept lists (e.g. decoded from JSON) but keep the frozen value hashable.
+        object.__setattr__(self, "frames", tuple(self.frames))
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not self.frames or not self.targets:
+            raise ValueError("a Unit needs at least one frame and one target")
+        if not set(self.targets) <= set(self.frames):
+            raise ValueError("every target of a Unit must be one of its frames")
+
+    @classmethod
+    def frame(cls, image: str) -> Unit:
+        return cls((image,), (image,))
+
+    @classmethod
+    def sequence(cls, frames: Sequence[str]) -> Unit:
+        return cls(tuple(frames), tuple(frames))
+
+    @classmethod
+    def causal(cls, frames: Sequence[str]) -> Unit:
+        return cls(tuple(frames), (frames[-1],))
+
+    @classmethod
+    def for_clip(cls, attention: str, frames: Sequence[str]) -> Unit:
+        """The unit an ordered clip makes in `attention` mode (frame mode takes one frame)."""
+        if attention == "frame":
+            if len(frames) != 1:
+                raise ValueError(f"frame attention takes one frame per unit, got {len(frames)}")
+            return cls.frame(frames[0])
+        if attention == "sequence":
+            return cls.sequence(frames)
+        if attention == "causal":
+            return cls.causal(frames)
+        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")

@@ -1,0 +1,24 @@
+"""`vggt-cache verify`: read every entry a data root's samples need and count what is wrong."""
+
+from __future__ import annotations
+
+from client.cachefile import Outcome, read_entry
+from client.spec import FeatureSpec
+from service.sources import scan_data_root
+
+
+def verify_data_root(data_root: str, spec: FeatureSpec, data_path: str | None = None) -> dict:
+    """Counts per outcome (hit / missing / stale / corrupt / spec_mismatch) and the problems found."""
+    scan = scan_data_root(data_root, spec.attention, data_path)
+    counts = {o.value: 0 for o in Outcome}
+    problems = []
+    for unit in scan.units:
+        context = unit.frames if spec.attention != "frame" else None
+        for target in unit.targets:
+            result = read_entry(target, spec, context_frames=context, mmap=True)
+            counts[result.outcome.value] += 1
+            if result.outcome is not Outcome.HIT:
+                problems.append({"image": target, "outcome": result.outcome.value, "reason": result.reason})
+    problems += [{"image": where, "outcome": "malformed_sample", "reason": why} for where, why in scan.problems]
+    return {"data_root": data_root, "spec_digest": spec.digest, "counts": counts,
+            "problems": problems, "ok": not problems}

@@ -1,0 +1,353 @@
+import multiprocessing as mp
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from client import cachefile
+from client.cachefile import (
+    CACHE_SUFFIX,
+    FORMAT_VERSION,
+    Outcome,
+    cache_path,
+    context_record,
+    read_entry,
+    source_record,
+    write_entry,
+)
+from client.spec import FeatureSpec, short_digest
+
+ARCH = {"patch_size": 14, "embed_dim": 8, "depth": 4, "num_register_tokens": 4}
+GRID = [3, 5]  # 15 patch tokens of 2 * embed_dim = 16 channels
+
+
+def make_spec(**kw) -> FeatureSpec:
+    return FeatureSpec(**{"fingerprint": "sha256:" + "0f" * 32, "architecture": ARCH, **kw})
+
+
+def make_image(folder: Path, name: str = "img.jpg", content: bytes = b"pixels") -> Path:
+    path = folder / name
+    path.write_bytes(content)
+    return path
+
+
+def features_for(spec: FeatureSpec, fill: float | None = None) -> torch.Tensor:
+    shape = (15, 16) if len(spec.layers) == 1 else (len(spec.layers), 15, 16)
+    return torch.full(shape, fill) if fill is not None else torch.randn(shape)
+
+
+def write(image: Path, spec: FeatureSpec, features=None, context=None) -> torch.Tensor:
+    features = features_for(spec) if features is None else features
+    write_entry(image, features, spec, GRID, source_record(image), context)
+    return features
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("layers", [(-2,), (0, 2, 3)])
+@pytest.mark.parametrize("mmap", [True, False])
+def test_round_trip(tmp_path, dtype, layers, mmap):
+    image = make_image(tmp_path)
+    spec = make_spec(dtype=dtype, layers=layers)
+    original = write(image, spec)
+    res = read_entry(image, spec, mmap=mmap)
+    assert res.outcome is Outcome.HIT and res.hit and res.reason == ""
+    assert res.path == str(image) + CACHE_SUFFIX
+    assert res.features.dtype == spec.torch_dtype
+    assert torch.equal(res.features, original.to(spec.torch_dtype))
+    meta = res.meta
+    assert meta["format_version"] == FORMAT_VERSION
+    assert meta["spec"] == spec.to_dict() and meta["spec_digest"] == spec.digest
+    assert meta["grid"] == GRID and meta["context"] is None
+    assert meta["source"] == source_record(image)
+    assert meta["shape"] == list(original.shape) and meta["dtype"] == dtype
+    assert isinstance(meta["created"], float)
+    # Without an expected spec the entry is still validated and returned.
+    assert read_entry(image).outcome is Outcome.HIT
+
+
+def test_seed_loader_reads_our_files(tmp_path):
+    image = make_image(tmp_path)
+    original = write(image, make_spec())
+    path = cache_path(image)
+    assert path == f"{image}.vggt_cache.pt"
+    assert torch.equal(torch.load(path, map_location="cpu")["features"], original.bfloat16())
+    assert torch.equal(
+        torch.load(path, map_location="cpu", weights_only=True)["features"], original.bfloat16()
+    )
+
+
+def test_a_view_is_stored_without_its_base(tmp_path):
+    image = make_image(tmp_path)
+    batch = torch.randn(64, 15, 16, dtype=torch.bfloat16)  # 30 KiB
+    write(image, make_spec(), features=batch[7])
+    assert os.path.getsize(cache_path(image)) < batch[7].nbytes + 4096
+    assert torch.equal(read_entry(image).features, batch[7])
+
+
+def test_all_tokens_include_camera_and_registers(tmp_path):
+    image = make_image(tmp_path)
+    spec = make_spec(tokens="all")
+    write(image, spec, features=torch.randn(15 + 5, 16))
+    assert read_entry(image, spec).hit
+    with pytest.raises(ValueError, match="expected \\[20, 16\\]"):
+        write(image, spec, features=torch.randn(15, 16))
+
+
+def test_missing(tmp_path):
+    res = read_entry(make_image(tmp_path), make_spec())
+    assert res.outcome is Outcome.MISSING and res.features is None
+
+
+@pytest.mark.parametrize("cut", [0, 10, 0.5, -1])
+def test_truncated_file_is_corrupt(tmp_path, cut):
+    image = make_image(tmp_path)
+    write(image, make_spec())
+    data = Path(cache_path(image)).read_bytes()
+    keep = int(len(data) * cut) if isinstance(cut, float) else cut % len(data) if cut < 0 else cut
+    Path(cache_path(image)).write_bytes(data[:keep])
+    for mmap in (True, False):
+        res = read_entry(image, make_spec(), mmap=mmap)
+        assert res.outcome is Outcome.CORRUPT, res.reason
+        assert res.features is None and res.reason
+
+
+def test_other_spec_is_a_mismatch(tmp_path):
+    image = make_image(tmp_path)
+    write(image, make_spec())
+    res = read_entry(image, make_spec(attention="frame", dtype="float16"))
+    assert res.outcome is Outcome.SPEC_MISMATCH
+    assert "dtype" in res.reason and res.features is None
+    assert res.meta["spec"]["dtype"] == "bfloat16"
+    assert read_entry(image, make_spec(layers=[2])).outcome is Outcome.HIT  # -2 == 2 for depth 4
+
+
+def test_rewritten_image_is_stale(tmp_path):
+    image = make_image(tmp_path)
+    write(image, make_spec())
+    st = os.stat(image)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    res = read_entry(image, make_spec())
+    assert res.outcome is Outcome.STALE and "changed" in res.reason
+
+    write(image, make_spec())
+    image.write_bytes(b"other pixels, longer")
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert read_entry(image, make_spec()).outcome is Outcome.STALE
+
+    write(image, make_spec())
+    image.unlink()
+    assert read_entry(image, make_spec()).outcome is Outcome.STALE
+
+
+def test_context_record_paths_and_digest(tmp_path):
+    (tmp_path / "scene" / "prev").mkdir(parents=True)
+    frames = [make_image(tmp_path / "scene" / "prev", "a.jpg"), make_image(tmp_path / "scene", "b.jpg")]
+    record = context_record(frames[-1], [str(f) for f in frames])
+    assert [r["path"] for r in record["frames"]] == [os.path.join("prev", "a.jpg"), "b.jpg"]
+    assert record["frames"][0]["size"] == len(b"pixels")
+    assert record["digest"] == short_digest(record["frames"])
+    assert context_record(frames[-1], None) is None
+    with pytest.raises(ValueError):
+        context_record(frames[-1], [])
+
+
+def test_context(tmp_path):
+    frames = [make_image(tmp_path, f"{i}.jpg", bytes([i]) * 10) for i in range(3)]
+    target = frames[-1]
+    spec = make_spec(attention="causal")
+    write(target, spec, context=context_record(target, frames))
+    assert read_entry(target, spec, context_frames=frames).hit
+    assert read_entry(target, spec).hit  # recorded frames re-checked on disk
+
+    res = read_entry(target, spec, context_frames=[frames[0], frames[2]])
+    assert res.outcome is Outcome.STALE and "differ" in res.reason
+
+    st = os.stat(frames[1])
+    os.utime(frames[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1000))
+    assert read_entry(target, spec, context_frames=frames).outcome is Outcome.STALE
+    res = read_entry(target, spec)
+    assert res.outcome is Outcome.STALE and "1.jpg" in res.reason
+
+    frames[0].unlink()
+    assert read_entry(target, spec, context_frames=frames).outcome is Outcome.STALE
+
+
+def test_frame_entry_given_a_clip_is_a_mismatch(tmp_path):
+    image = make_image(tmp_path)
+    write(image, make_spec())
+    res = read_entry(image, make_spec(), context_frames=[image])
+    assert res.outcome is Outcome.SPEC_MISMATCH and "no context" in res.reason
+
+
+def test_write_validation(tmp_path):
+    image = make_image(tmp_path)
+    with pytest.raises(ValueError, match="shape"):
+        write(image, make_spec(), features=torch.randn(14, 16))
+    with pytest.raises(ValueError, match="shape"):
+        write(image, make_spec(layers=[0, 1]), features=torch.randn(3, 15, 16))
+    with pytest.raises(ValueError, match="needs a context"):
+        write(image, make_spec(attention="sequence"))
+    with pytest.raises(ValueError, match="takes no context"):
+        write(image, make_spec(), context=context_record(image, [image]))
+    with pytest.raises(TypeError):
+        write(image, make_spec(), features=[[0.0] * 16] * 15)
+    assert not Path(cache_path(image)).exists()
+
+
+class Payload:
+    """Unpickling this runs `_touch(marker)`: stands in for arbitrary code."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (_touch, (self.marker,))
+
+
+def _touch(path: str) -> None:
+    Path(path).write_text("executed")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("how", ["torch.save", "pickle", "inside-entry"])
+def test_executable_payload_is_corrupt_and_never_runs(tmp_path, how):
+    image = make_image(tmp_path)
+    marker = tmp_path / "marker"
+    payload = Payload(str(marker))
+    path = cache_path(image)
+    if how == "pickle":
+        Path(path).write_bytes(pickle.dumps({"features": torch.zeros(2), "meta": payload}))
+    elif how == "torch.save":
+        torch.save({"features": torch.zeros(15, 16), "meta": payload}, path)
+    else:
+        write(image, make_spec())
+        data = torch.load(path, weights_only=True)
+        data["meta"]["spec"]["architecture"] = payload
+        torch.save(data, path)
+    for mmap in (True, False):
+        res = read_entry(image, make_spec(), mmap=mmap)
+        assert res.outcome is Outcome.CORRUPT and res.features is None
+    assert not marker.exists()
+    # The payload is live: an unsafe load would have run it.
+    torch.load(path, weights_only=False) if how != "pickle" else pickle.loads(Path(path).read_bytes())
+    assert marker.exists()
+
+
+@pytest.mark.parametrize(
+    "tamper, reason",
+    [
+        (lambda d: d.pop("meta"), "no 'meta'"),
+        (lambda d: d.update(features=[1, 2]), "no 'features'"),
+        (lambda d: d["meta"].update(format_version=2), "format_version"),
+        (lambda d: d["meta"].update(format_version=True), "format_version"),
+        (lambda d: d["meta"].pop("source"), "lacks source"),
+        (lambda d: d["meta"].update(spec_digest="0" * 16), "spec_digest"),
+        (lambda d: d["meta"]["spec"].update(tokens="cls"), "invalid spec"),
+        (lambda d: d["meta"].update(shape=[15, 15]), "meta shape"),
+        (lambda d: d.update(features=d["features"].float()), "dtype"),
+        (lambda d: d.update(features=d["features"][:14]), "shape"),
+        (lambda d: d["meta"].update(grid=[3, "5"]), "grid"),
+        (lambda d: d["meta"].update(context={"frames": []}), "context"),
+        (lambda d: d["meta"].update(source={"size": 1}), "source"),
+    ],
+)
+def test_foreign_or_inconsistent_structure_is_corrupt(tmp_path, tamper, reason):
+    image = make_image(tmp_path)
+    write(image, make_spec())
+    path = cache_path(image)
+    data = torch.load(path, weights_only=True)
+    tamper(data)
+    torch.save(data, path)
+    res = read_entry(image, make_spec())
+    assert res.outcome is Outcome.CORRUPT
+    assert reason in res.reason
+
+
+@pytest.mark.parametrize("content", [b"", b"hello, not a torch file", b"PK\x03\x04" + b"\0" * 64])
+def test_garbage_is_corrupt(tmp_path, content):
+    image = make_image(tmp_path)
+    Path(cache_path(image)).write_bytes(content)
+    assert read_entry(image, make_spec()).outcome is Outcome.CORRUPT
+
+
+def test_temp_file_naming_and_cleanup(tmp_path, monkeypatch):
+    image = make_image(tmp_path)
+    seen = []
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        seen.append((src, dst))
+        assert Path(src).exists()
+        raise OSError("simulated failure")
+
+    monkeypatch.setattr(cachefile.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="simulated"):
+        write(image, make_spec())
+    (tmp_name, dst), = seen
+    assert Path(tmp_name).parent == tmp_path and dst == cache_path(image)
+    assert not tmp_name.endswith(CACHE_SUFFIX)
+    assert list(tmp_path.iterdir()) == [image]  # temp file removed, nothing published
+
+    monkeypatch.setattr(cachefile.os, "replace", real_replace)
+    write(image, make_spec())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["img.jpg", "img.jpg.vggt_cache.pt"]
+
+
+# Concurrency: two writers replace the same entry while a reader reads it.
+
+WRITES = 60
+
+
+def _writer(image: str, first_value: int, barrier) -> None:
+    spec = make_spec()
+    source = source_record(image)
+    barrier.wait(timeout=60)
+    for i in range(WRITES):
+        features = features_for(spec, float(first_value + 2 * i))  # exact in bfloat16
+        write_entry(image, features, spec, GRID, source)
+
+
+def _reader(image: str, barrier, stop, results) -> None:
+    spec = make_spec()
+    bad, values, reads = [], set(), 0
+    barrier.wait(timeout=60)
+    while not stop.is_set() and reads < 20_000:
+        res = read_entry(image, spec, mmap=reads % 2 == 0)
+        reads += 1
+        if not res.hit:
+            bad.append(f"{res.outcome}: {res.reason}")
+        elif res.features.min() != res.features.max():
+            bad.append("mixed content")
+        else:
+            values.add(float(res.features[0, 0]))
+    results.put((reads, bad[:5], len(bad), sorted(values)))
+
+
+def test_concurrent_writers_and_reader_see_only_whole_entries(tmp_path):
+    image = str(make_image(tmp_path))
+    write_entry(image, features_for(make_spec(), 0.0), make_spec(), GRID, source_record(image))
+    ctx = mp.get_context("spawn")
+    barrier, stop, results = ctx.Barrier(3), ctx.Event(), ctx.Queue()
+    writers = [ctx.Process(target=_writer, args=(image, v, barrier)) for v in (1, 2)]
+    reader = ctx.Process(target=_reader, args=(image, barrier, stop, results))
+    for p in (*writers, reader):
+        p.start()
+    try:
+        for p in writers:
+            p.join(timeout=120)
+            assert p.exitcode == 0
+        stop.set()
+        reads, bad, n_bad, values = results.get(timeout=60)
+        reader.join(timeout=60)
+    finally:
+        for p in (*writers, reader):
+            if p.is_alive():
+                p.kill()
+    print("CONC", reads, len(values))
+    assert n_bad == 0, bad
+    assert reads > 0 and len(values) >= 2, (reads, values)
+    assert set(values) <= {0.0, *range(1, 2 * WRITES + 1)}
+    assert read_entry(image, make_spec()).features[0, 0] in (2 * WRITES - 1, 2 * WRITES)
+    assert sorted(os.listdir(tmp_path)) == ["img.jpg", "img.jpg.vggt_cache.pt"]

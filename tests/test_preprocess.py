@@ -1,0 +1,133 @@
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from service import preprocess as pp
+from service.preprocess import ImageError, load_image, preprocess
+
+FIXTURES = Path(__file__).parent / "fixtures" / "vggt_tiny" / "preprocess"
+EXPECTED = load_file(str(FIXTURES / "expected.safetensors"))
+
+
+@pytest.mark.parametrize("key", sorted(EXPECTED))
+def test_matches_reference_exactly(key):
+    name, mode = key.rsplit(".", 1)
+    out = preprocess(FIXTURES / name, mode=mode)
+    expected = EXPECTED[key]
+    assert out.dtype == torch.float32
+    assert out.shape == expected.shape
+    assert torch.equal(out, expected.to(torch.float32) / 255)
+
+
+def test_pil_image_and_path_agree():
+    path = FIXTURES / "rgba.png"
+    assert torch.equal(preprocess(Image.open(path), mode="pad"), preprocess(str(path), mode="pad"))
+
+
+def test_align_28_resizes_down_to_multiples():
+    out = preprocess(FIXTURES / "landscape.jpg", mode="pad", align=28)
+    assert out.shape == (3, 504, 504)
+    assert 0.0 <= out.min() and out.max() <= 1.0
+    # Crop output 392x518: only the width changes.
+    assert preprocess(FIXTURES / "landscape.jpg", mode="crop", align=28).shape == (3, 392, 504)
+
+
+def test_align_14_is_a_no_op():
+    base = preprocess(FIXTURES / "portrait.png", mode="crop")
+    assert torch.equal(preprocess(FIXTURES / "portrait.png", mode="crop", align=14), base)
+
+
+def test_exif_orientation_is_ignored_like_the_reference(tmp_path):
+    img = Image.new("RGB", (200, 100), (10, 200, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90": the reference does not apply it
+    path = tmp_path / "rotated.jpg"
+    img.save(path, exif=exif)
+    assert preprocess(path, mode="crop").shape == (3, 252, 518)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"mode": "stretch"}, {"size": 500}, {"size": 0}, {"align": 0}]
+)
+def test_bad_arguments(kwargs):
+    with pytest.raises(ValueError):
+        preprocess(FIXTURES / "rgba.png", **kwargs)
+
+
+def test_extreme_aspect_ratio_is_an_image_error():
+    with pytest.raises(ImageError, match="aspect ratio"):
+        preprocess(Image.new("RGB", (4000, 3)))
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.jpg"
+    with pytest.raises(ImageError, match="nope.jpg"):
+        load_image(path)
+
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(ImageError, match="empty.png.*empty"):
+        load_image(path)
+
+
+def test_text_file(tmp_path):
+    path = tmp_path / "notes.jpg"
+    path.write_text("not an image at all\n")
+    with pytest.raises(ImageError, match="notes.jpg"):
+        load_image(path)
+
+
+def test_truncated_jpeg_fails_at_load_not_later(tmp_path):
+    data = (FIXTURES / "landscape.jpg").read_bytes()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageError, match="cut.jpg"):
+        load_image(path)
+    with pytest.raises(ImageError, match="cut.jpg"):
+        preprocess(path)
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG that claims huge dimensions but carries (almost) no pixel data."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize(
+    "dims, message",
+    # 80 Mpx is below PIL's own warning threshold: our limit must still refuse it.
+    [((10_000, 8_000), "exceeds the limit"), ((100_000, 100_000), "decompression bomb")],
+)
+def test_decompression_bomb_is_refused(tmp_path, dims, message):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(_png_header(*dims))
+    with pytest.raises(ImageError, match=f"bomb.png.*{message}"):
+        load_image(path)
+
+
+def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
+    path = FIXTURES / "rgba.png"  # 200x100
+    with pytest.raises(ImageError, match="exceeds the limit of 10000"):
+        load_image(path, max_pixels=10_000)
+    monkeypatch.setattr(pp, "MAX_PIXELS", 19_999)
+    with pytest.raises(ImageError, match="rgba.png"):
+        preprocess(path)
+    assert load_image(path, max_pixels=20_000).size == (200, 100)
+
+
+def test_load_image_returns_decoded_pixels():
+    img = load_image(FIXTURES / "landscape.jpg")
+    assert img.size == (640, 480)
+    assert np.asarray(img).shape == (480, 640, 3)

@@ -1,0 +1,229 @@
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from service.store import DB_NAME, JobRecord, JobStore
+from service.units import Unit
+
+SPEC = '{"attention":"frame"}'
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = JobStore(str(tmp_path / "state"))
+    yield s
+    s.close()
+
+
+def frame_units(n: int) -> list[Unit]:
+    return [Unit.frame(f"/data/{i:06d}.jpg") for i in range(n)]
+
+
+def test_a_created_job_round_trips_as_a_record(store, tmp_path):
+    job = store.create_job(str(tmp_path / "root") + "/", "d1", SPEC, {"skip_existing": True, "verify": False})
+    assert isinstance(job, JobRecord)
+    assert len(job.job_id) == 32 and int(job.job_id, 16) >= 0
+    assert job.data_root == str(tmp_path / "root")  # normalised: no trailing slash
+    assert (job.state, job.planned, job.total, job.done) == ("queued", False, 0, 0)
+    assert job.options == {"skip_existing": True, "verify": False}
+    assert job.started_at is None and job.finished_at is None and not job.cancel_requested
+    assert store.get(job.job_id) == job
+    assert store.get("0" * 32) is None
+    d = job.to_dict()
+    assert d["spec"] == {"attention": "frame"} and "spec_json" not in d
+    assert os.path.exists(os.path.join(tmp_path, "state", DB_NAME))
+    mode = sqlite3.connect(store.path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_an_active_job_is_reused_until_it_ends(store):
+    first = store.create_job("/data/a", "d1", SPEC, {})
+    assert store.create_job("/data/a", "d1", SPEC, {"verify": True}).job_id == first.job_id
+    assert store.create_job("/data/a", "d2", SPEC, {}).job_id != first.job_id
+    assert store.create_job("/data/b", "d1", SPEC, {}).job_id != first.job_id
+    store.set_state(first.job_id, "running")
+    assert store.create_job("/data/a", "d1", SPEC, {}).job_id == first.job_id
+    store.set_state(first.job_id, "finished")
+    again = store.create_job("/data/a", "d1", SPEC, {})
+    assert again.job_id != first.job_id and again.state == "queued"
+
+
+def test_racing_creators_get_the_same_job(tmp_path):
+    # Separate stores stand in for separate processes: the database must arbitrate.
+    stores = [JobStore(str(tmp_path)) for _ in range(4)]
+    barrier = threading.Barrier(16)
+
+    def create(i: int) -> str:
+        barrier.wait()
+        return stores[i % 4].create_job("/data/race", "d", SPEC, {"n": i}).job_id
+
+    with ThreadPoolExecutor(16) as pool:
+        ids = set(pool.map(create, range(16)))
+    assert len(ids) == 1
+    assert len(stores[0].list_jobs()) == 1
+    for s in stores:
+        s.close()
+
+
+def test_results_update_counters_failures_and_pending_units(store):
+    job = store.create_job("/data", "d", SPEC, {})
+    units = frame_units(3) + [Unit.sequence(("/data/s0.jpg", "/data/s1.jpg"))]
+    planned = store.set_plan(job.job_id, units, problems=[("/data/s.jsonl:7", "malformed sample")])
+    assert planned.planned and planned.total == 3 + 2 + 1 and planned.failed == 1
+    assert store.pending_units(job.job_id) == list(enumerate(units))
+
+    store.record_results(job.job_id, [(0, "computed", None, "/data/000000.jpg"),
+                                      (1, "skipped", None, "/data/000001.jpg")])
+    after = store.record_results(job.job_id, [
+        (3, "computed", None, "/data/s0.jpg"),
+        (3, "failed", "ImageError: truncated", "/data/s1.jpg"),
+    ])
+    assert (after.computed, after.skipped, after.failed) == (2, 1, 2)
+    assert store.pending_units(job.job_id) == [(2, units[2])]
+    assert store.failures(job.job_id) == [("/data/s.jsonl:7", "malformed sample"),
+                                          ("/data/s1.jpg", "ImageError: truncated")]
+    assert store.failures(job.job_id, limit=1) == [("/data/s.jsonl:7", "malformed sample")]
+
+    # A replay after a crash (the same unit recorded again) counts nothing twice.
+    replay = store.record_results(job.job_id, [(0, "computed", None, "/data/000000.jpg")])
+    assert replay.done == after.done
+
+
+def test_bad_results_are_refused_without_partial_writes(store):
+    job = store.create_job("/data", "d", SPEC, {})
+    store.set_plan(job.job_id, frame_units(2))
+    with pytest.raises(ValueError, match="outcome"):
+        store.record_results(job.job_id, [(0, "computed", None, "a"), (1, "exploded", None, "b")])
+    with pytest.raises(KeyError):
+        store.record_results(job.job_id, [(0, "computed", None, "a"), (9, "computed", None, "b")])
+    assert store.get(job.job_id).done == 0
+    assert len(store.pending_units(job.job_id)) == 2
+    with pytest.raises(ValueError, match="already planned"):
+        store.set_plan(job.job_id, frame_units(1))
+    with pytest.raises(KeyError):
+        store.set_plan("f" * 32, frame_units(1))
+
+
+def test_state_changes_stamp_times_and_terminal_states_are_final(store):
+    job = store.create_job("/data", "d", SPEC, {})
+    running = store.set_state(job.job_id, "running")
+    assert running.started_at is not None and running.finished_at is None
+    failed = store.set_state(job.job_id, "failed", error="CUDA out of memory")
+    assert failed.error == "CUDA out of memory" and failed.finished_at >= running.started_at
+    with pytest.raises(ValueError, match="already failed"):
+        store.set_state(job.job_id, "running")
+    with pytest.raises(ValueError):
+        store.set_state(job.job_id, "paused")
+
+
+def test_cancel_is_immediate_when_queued_and_a_flag_when_running(store):
+    queued = store.create_job("/data/q", "d", SPEC, {})
+    cancelled = store.request_cancel(queued.job_id)
+    assert cancelled.state == "cancelled" and cancelled.finished_at is not None
+
+    running = store.create_job("/data/r", "d", SPEC, {})
+    store.set_state(running.job_id, "running")
+    assert not store.cancel_requested(running.job_id)
+    flagged = store.request_cancel(running.job_id)
+    assert flagged.state == "running" and store.cancel_requested(running.job_id)
+    assert store.set_state(running.job_id, "cancelled").state == "cancelled"
+
+    done = store.create_job("/data/f", "d", SPEC, {})
+    store.set_state(done.job_id, "finished")
+    assert store.request_cancel(done.job_id).state == "finished"
+    with pytest.raises(KeyError):
+        store.cancel_requested("0" * 32)
+
+
+def test_a_reopened_store_resumes_exactly_the_pending_units(tmp_path):
+    first = JobStore(str(tmp_path))
+    job = first.create_job("/data", "d", SPEC, {})
+    other = first.create_job("/data/done", "d", SPEC, {})
+    first.set_state(other.job_id, "finished")
+    first.set_state(job.job_id, "running")
+    units = frame_units(10)
+    first.set_plan(job.job_id, units)
+    first.record_results(job.job_id, [(i, "computed", None, units[i].frames[0]) for i in (0, 1, 2, 5)])
+    first.close()
+
+    second = JobStore(str(tmp_path))
+    assert [j.job_id for j in second.unfinished_jobs()] == [job.job_id]
+    resumed = second.get(job.job_id)
+    assert (resumed.state, resumed.computed, resumed.total) == ("running", 4, 10)
+    assert [i for i, _ in second.pending_units(job.job_id)] == [3, 4, 6, 7, 8, 9]
+    assert [j.job_id for j in second.list_jobs(limit=1)] == [other.job_id]  # newest first
+    second.close()
+
+
+def test_planning_a_hundred_thousand_units_is_fast(store):
+    job = store.create_job("/data", "d", SPEC, {})
+    units = [Unit.causal(tuple(f"/data/ep/{j:06d}.jpg" for j in range(max(0, i - 7), i + 1)))
+             for i in range(100_000)]
+    start = time.perf_counter()
+    store.set_plan(job.job_id, units)
+    pending = store.pending_units(job.job_id)
+    elapsed = time.perf_counter() - start
+    assert len(pending) == 100_000 and pending[-1] == (99_999, units[-1])
+    assert elapsed < 10, f"plan + read back took {elapsed:.1f}s"
+
+
+_RECORDER = r"""
+import sys
+from service.store import JobStore
+from service.units import Unit
+
+store = JobStore(sys.argv[1])
+job = store.create_job("/data/kill", "d", "{}", {})
+store.set_state(job.job_id, "running")
+if not store.get(job.job_id).planned:
+    store.set_plan(job.job_id, [Unit.sequence((f"/d/{i}a.jpg", f"/d/{i}b.jpg")) for i in range(100000)])
+print(job.job_id, flush=True)
+for idx, unit in store.pending_units(job.job_id):
+    a, b = unit.targets
+    store.record_results(job.job_id, [(idx, "computed", None, a),
+                                      (idx, "failed" if idx % 3 == 0 else "skipped", "bad", b)])
+    if idx % 50 == 0:
+        print(idx, flush=True)
+"""
+
+
+def test_sigkill_mid_write_leaves_counters_equal_to_rows(tmp_path):
+    script = tmp_path / "recorder.py"
+    script.write_text(_RECORDER)
+    state = str(tmp_path / "state")
+    job_id, previously_done = None, 0
+    for kill_after in (3, 7):  # second round resumes the same job, then is killed again
+        proc = subprocess.Popen([sys.executable, str(script), state], stdout=subprocess.PIPE, text=True)
+        try:
+            job_id = proc.stdout.readline().split()[0]
+            for _ in range(kill_after):  # lines arrive while the recorder keeps writing
+                assert proc.stdout.readline(), "recorder exited early"
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(timeout=30) == -signal.SIGKILL
+        finally:
+            proc.kill()
+            proc.stdout.close()
+
+        store = JobStore(state)
+        job = store.get(job_id)
+        db = sqlite3.connect(store.path)
+        done, failed_units = db.execute(
+            "SELECT SUM(state != 'pending'), SUM(state = 'failed') FROM units WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        failure_rows = db.execute("SELECT COUNT(*) FROM failures WHERE job_id = ?", (job_id,)).fetchone()[0]
+        db.close()
+        assert done > max(previously_done, (kill_after - 1) * 50)  # idx 0, 50, 100, ... were printed
+        previously_done = done
+        assert job.computed == done
+        assert job.computed + job.skipped + job.failed == 2 * done
+        assert job.failed == failed_units == failure_rows
+        assert len(store.pending_units(job_id)) == 100_000 - done
+        assert [j.job_id for j in store.unfinished_jobs()] == [job_id]
+        store.close()

@@ -1,0 +1,220 @@
+"""Qwen2.5-VL + VGGT: cached features train exactly like features computed online."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from client.spec import FeatureSpec
+from service.model import load_aggregator
+from service.model.features import compute_features, select_features
+from service.preprocess import preprocess
+from training.merger import VGGTMerger, merge_grid
+from training.model import Qwen25VLWithVGGT, current_images
+from training.tiny import image_inputs, tiny_batch, tiny_qwen25vl_config
+
+FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
+FRAMES = ["landscape.jpg", "portrait.png", "rgba.png", "tall.png"]
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_aggregator(str(FIXTURE))
+
+
+@pytest.fixture(scope="module")
+def clips() -> list[torch.Tensor]:
+    """Two 3-frame clips of the fixture images, preprocessed as the spec says (pad, 56, align 28)."""
+    frames = [preprocess(FIXTURE / "preprocess" / name, mode="pad", size=56, align=28) for name in FRAMES]
+    return [torch.stack(frames[:3]), torch.stack(frames[1:])]  # each [3, 3, 56, 56]
+
+
+def make_spec(loaded, attention: str = "frame", dtype: str = "bfloat16", **kw) -> FeatureSpec:
+    return FeatureSpec(
+        fingerprint=loaded.fingerprint,
+        architecture=loaded.config.to_dict(),
+        layers=kw.pop("layers", (-1,)),
+        preprocess="pad",
+        size=56,
+        align=28,
+        dtype=dtype,
+        attention=attention,
+        **kw,
+    )
+
+
+def make_model(loaded, spec: FeatureSpec, vggt_weight: float = 1.0) -> Qwen25VLWithVGGT:
+    torch.manual_seed(0)
+    qwen = Qwen2_5_VLForConditionalGeneration(tiny_qwen25vl_config())
+    return Qwen25VLWithVGGT(qwen, loaded.model, spec, vggt_weight=vggt_weight)
+
+
+def cache_entry(tmp_path: Path, loaded, spec: FeatureSpec, clip: torch.Tensor, name: str) -> torch.Tensor:
+    """What the service would write for the clip's last frame, read back from a real file."""
+    unit = clip[-1:] if spec.attention == "frame" else clip  # a frame-mode unit is the target alone
+    entry = compute_features(loaded.model, unit[None], spec)[0, -1].clone()
+    path = tmp_path / f"{name}.vggt_cache.pt"
+    torch.save({"features": entry}, path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["features"]
+
+
+def loss_and_grads(model: Qwen25VLWithVGGT, batch: dict, **vggt) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, **vggt)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.loss.detach(), grads
+
+
+def current_frame_batch(model: Qwen25VLWithVGGT, clips: list[torch.Tensor]) -> dict:
+    return tiny_batch(model.config, [[clip[-1]] for clip in clips])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("attention", ["frame", "causal"])
+def test_cached_and_online_features_give_the_same_loss_and_gradients(tmp_path, loaded, clips, attention, dtype):
+    spec = make_spec(loaded, attention, dtype)
+    model = make_model(loaded, spec)
+    batch = current_frame_batch(model, clips)
+    cached = [cache_entry(tmp_path, loaded, spec, clip, f"s{b}") for b, clip in enumerate(clips)]
+    assert cached[0].shape == (16, 128) and cached[0].dtype == spec.torch_dtype
+
+    loss_cached, grads_cached = loss_and_grads(model, batch, vggt_features=cached)
+    loss_online, grads_online = loss_and_grads(model, batch, images_vggt=clips)
+    loss_mixed, grads_mixed = loss_and_grads(model, batch, vggt_features=[cached[0], None], images_vggt=[None, clips[1]])
+
+    assert torch.isfinite(loss_cached)
+    assert torch.equal(loss_cached, loss_online) and torch.equal(loss_cached, loss_mixed)
+    assert grads_cached.keys() == grads_online.keys() == grads_mixed.keys()
+    for name, grad in grads_cached.items():
+        assert torch.equal(grad, grads_online[name]), name
+        assert torch.equal(grad, grads_mixed[name]), name
+    assert grads_cached["merger.mlp.0.weight"].abs().sum() > 0
+
+
+def test_vggt_features_change_the_loss_and_the_context_matters(loaded, clips):
+    spec = make_spec(loaded, "causal")
+    batch = current_frame_batch(make_model(loaded, spec), clips)
+    with torch.no_grad():
+        fused = make_model(loaded, spec)(**batch, images_vggt=clips).loss
+        plain = make_model(loaded, spec, vggt_weight=0.0)(**batch, images_vggt=clips).loss
+        alone = make_model(loaded, spec)(**batch, images_vggt=[clip[-1:] for clip in clips]).loss
+    assert not torch.equal(fused, plain)
+    # Causal features of the last frame depend on the frames before it.
+    assert not torch.equal(fused, alone)
+
+
+def test_vggt_stays_frozen_and_in_eval_mode(loaded, clips):
+    model = make_model(loaded, make_spec(loaded))
+    model.train()
+    assert model.training and model.qwen.training and not model.vggt.training
+    _, grads = loss_and_grads(model, current_frame_batch(model, clips), images_vggt=clips)
+    assert not any(name.startswith("vggt.") for name in grads)
+    assert all(p.grad is None for p in model.vggt.parameters())
+
+
+def test_qwen_tokens_and_merged_vggt_grid_have_the_same_count(loaded, clips):
+    model = make_model(loaded, make_spec(loaded))
+    images = [clips[0][-1], torch.rand(3, 56, 84)]
+    vision = image_inputs(images, model.config)
+    assert vision["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 6]]
+    embeds = model.qwen.model.get_image_features(**vision, return_dict=True).pooler_output
+    assert [e.shape[0] for e in embeds] == [4, 6]
+    for image, e in zip(images, embeds):
+        outputs, start = loaded.model(image[None, None], attention="frame", layers=[-1])
+        patches = outputs[0][0, :, start:]  # [1, h*w, 128]
+        grid = (image.shape[1] // 14, image.shape[2] // 14)
+        assert model.merger(patches, grid).shape == (1, e.shape[0], model.config.text_config.hidden_size)
+
+
+def test_non_square_images_and_several_images_per_sample(loaded):
+    spec = make_spec(loaded, "causal")
+    model = make_model(loaded, spec)
+    g = torch.Generator().manual_seed(1)
+    wide = torch.rand(2, 3, 56, 84, generator=g)
+    square = torch.rand(3, 3, 56, 56, generator=g)
+    # Sample 0 shows Qwen a history image and then its current frame; sample 1 only its current frame.
+    batch = tiny_batch(model.config, [[square[0], wide[-1]], [square[-1]]])
+    assert current_images(batch["input_ids"], batch["image_grid_thw"], 2, model.config.image_token_id) == [1, 2]
+    cached = [compute_features(loaded.model, clip[None], spec)[0, -1] for clip in (wide, square)]
+    loss_cached, _ = loss_and_grads(model, batch, vggt_features=cached)
+    loss_online, _ = loss_and_grads(model, batch, images_vggt=[wide, square])
+    assert torch.equal(loss_cached, loss_online)
+
+
+def test_several_layers_and_all_tokens(tmp_path, loaded, clips):
+    spec = make_spec(loaded, "frame", "float32", layers=(0, -1), tokens="all")
+    model = make_model(loaded, spec)
+    batch = current_frame_batch(model, clips)
+    cached = [cache_entry(tmp_path, loaded, spec, clip, f"s{b}") for b, clip in enumerate(clips)]
+    assert cached[0].shape == (2, 5 + 16, 128)
+    loss_cached, grads_cached = loss_and_grads(model, batch, vggt_features=cached)
+    loss_online, grads_online = loss_and_grads(model, batch, images_vggt=clips)
+    assert torch.equal(loss_cached, loss_online)
+    assert all(torch.equal(g, grads_online[n]) for n, g in grads_cached.items())
+
+
+def test_wrong_vggt_inputs_are_refused_with_a_clear_error(tmp_path, loaded, clips):
+    spec = make_spec(loaded)
+    model = make_model(loaded, spec)
+    batch = current_frame_batch(model, clips)
+    good = cache_entry(tmp_path, loaded, spec, clips[0], "good")
+    with pytest.raises(ValueError, match=r"sample 1: VGGT features have shape \[17, 128\], expected \[16, 128\]"):
+        model(**batch, vggt_features=[good, torch.zeros(17, 128, dtype=torch.bfloat16)])
+    with pytest.raises(ValueError, match=r"sample 1: VGGT features are torch.float32, the spec stores torch.bfloat16"):
+        model(**batch, vggt_features=[good, good.float()])
+    with pytest.raises(ValueError, match="sample 1 has neither vggt_features nor images_vggt"):
+        model(**batch, vggt_features=[good, None])
+    with pytest.raises(ValueError, match="sample 0: images_vggt frames are 28x56 but Qwen's image is 56x56"):
+        model(**batch, images_vggt=[torch.rand(2, 3, 28, 56), clips[1]])
+    with pytest.raises(ValueError, match="vggt_features has 1 entries for a batch of 2"):
+        model(**batch, vggt_features=[good])
+
+
+def test_token_types_are_derived_as_the_processor_builds_them(loaded, clips):
+    model = make_model(loaded, make_spec(loaded))
+    batch = current_frame_batch(model, clips)
+    types = (batch["input_ids"] == model.config.image_token_id).int()
+    with torch.no_grad():
+        derived = model(**batch, images_vggt=clips).loss
+        given = model(**batch, images_vggt=clips, mm_token_type_ids=types).loss
+    assert torch.equal(derived, given)
+
+
+def test_merge_grid_follows_qwens_patch_order():
+    h, w, p = 4, 6, 14
+    ids = torch.arange(h * w, dtype=torch.float32)
+    # An image whose 14-px patch k is filled with the value k, row-major.
+    image = ids.view(h, w).repeat_interleave(p, 0).repeat_interleave(p, 1).expand(3, -1, -1) / 255
+    out = Qwen2VLImageProcessorPil()(images=[image], do_resize=False, do_rescale=False, do_normalize=False,
+                                     return_tensors="pt")
+    qwen_order = (out["pixel_values"][:, 0] * 255).round()  # patch id of each row, in Qwen's order
+    merged = merge_grid(ids.view(1, h * w, 1), (h, w))  # [1, 6, 4]
+    assert torch.equal(merged.flatten(), qwen_order)
+
+
+def test_merger_refuses_odd_grids_and_wrong_widths():
+    merger = VGGTMerger(vggt_dim=8, llm_dim=16)
+    assert merger(torch.zeros(2, 16, 8), (4, 4)).shape == (2, 4, 16)
+    with pytest.raises(ValueError, match="37x37 is not divisible by the spatial merge 2; use a spec with align=28"):
+        merger(torch.zeros(1, 37 * 37, 8), (37, 37))
+    with pytest.raises(ValueError, match="expected 4x4=16 patch tokens, got 15"):
+        merger(torch.zeros(1, 15, 8), (4, 4))
+    with pytest.raises(ValueError, match="width 8, got 4"):
+        merger(torch.zeros(1, 16, 4), (4, 4))
+
+
+def test_select_features_layout(loaded):
+    outputs = [torch.randn(2, 3, 21, 128), torch.randn(2, 3, 21, 128)]
+    one = select_features(outputs[:1], 5, make_spec(loaded, layers=(-1,)))
+    assert one.shape == (2, 3, 16, 128) and one.dtype == torch.bfloat16
+    assert torch.equal(one, outputs[0][:, :, 5:].bfloat16())
+    both = select_features(outputs, 5, make_spec(loaded, dtype="float32", layers=(1, 0), tokens="all"))
+    assert both.shape == (2, 3, 2, 21, 128)
+    assert torch.equal(both[:, :, 0], outputs[0]) and torch.equal(both[:, :, 1], outputs[1])
+    with pytest.raises(ValueError, match=r"expected 2 layer output\(s\)"):
+        select_features(outputs[:1], 5, make_spec(loaded, layers=(0, 1)))
