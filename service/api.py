@@ -22,7 +22,7 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from client.wire import MEDIA_TYPE, encode_features
+from client.wire import encode_features
 from service.engine import Priority
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
@@ -31,6 +31,7 @@ from service.runtime import Components, ServiceRuntime
 from service.units import Unit
 
 VERSION = "0.1.0"
+MEDIA_TYPE = "application/vnd.vggt-features+safetensors"
 
 
 class FeaturesRequest(BaseModel):
@@ -156,13 +157,20 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
         results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         entries = [e for r in results for e in r.entries]
         metrics.count_entries(entries)
-        body = encode_features(entries, c.spec.digest)
-        return Response(body, media_type=MEDIA_TYPE)
+        items, tensors = [], {}
+        for e in entries:
+            name = None
+            if e.features is not None:
+                name = str(len(tensors))
+                tensors[name] = e.features
+            items.append({"image": e.image, "status": e.status, "tensor": name, "error": e.error,
+                          "grid": list(e.grid) if e.grid else None})
+        return Response(encode_features(items, tensors, c.spec.digest), media_type=MEDIA_TYPE)
 
     @app.post("/precompute", status_code=202, dependencies=auth)
     def precompute(req: PrecomputeRequest, c: Components = Depends(ready)) -> JobView:
         try:
-            data_root = runtime.roots.contain(req.data_root)
+            data_root = runtime.roots.contain(req.data_root, writes_sibling=False)
         except PathNotAllowed as exc:
             raise HTTPException(403, str(exc)) from exc
         except ValueError as exc:

@@ -284,7 +284,7 @@ class _FrameCache:
 
 
 class _Window:
-    """Events (time, amount) over the last `STATS_WINDOW_S` seconds."""
+    """Intervals (start, end, amount) of the last `STATS_WINDOW_S` seconds: busy time, frames computed."""
 
     def __init__(self) -> None:
         self._events: deque[tuple[float, float, float]] = deque()  # (start, end, amount)
@@ -645,7 +645,7 @@ class Engine:
             entries = []
             for i, target in enumerate(unit.targets):
                 index = unit.frames.index(target) if self.spec.attention == "sequence" else 0
-                # A clone owns its storage: saving a view would write the whole batch into the file.
+                # Own storage: a result must not pin the whole batch (and write_entry need not copy).
                 entry = features[index].clone()
                 try:
                     write_entry(target, entry, self.spec, grid, job.sources[i], job.contexts[i])

@@ -121,6 +121,7 @@ class JobManager:
 
     def _view(self, rec: JobRecord) -> dict:
         view = rec.to_dict()
+        view.pop("spec")  # the spec is in /status once; a job names it by digest
         done = rec.done
         view["progress"] = round(done / rec.total, 4) if rec.total else (1.0 if rec.state == "finished" else 0.0)
         rate = self._rates.get(rec.job_id)

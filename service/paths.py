@@ -29,12 +29,12 @@ class AllowedRoots:
         given = tuple(os.path.normpath(os.path.abspath(os.path.expanduser(r))) for r in roots)
         return cls(given=given, real=tuple(os.path.realpath(r) for r in given))
 
-    def contain(self, path: str) -> str:
+    def contain(self, path: str, writes_sibling: bool = True) -> str:
         """Return the normalised absolute `path` if it and what it resolves to are inside a root.
 
         The path is returned *unresolved* because the sibling cache file lives
         next to the name the caller uses; the name, its real location and the
-        real folder the cache file is written into must all be inside a root,
+        real folder a sibling cache file is written into must all be inside a root,
         so neither `..` nor a symlink can escape.
         """
         if not isinstance(path, str) or not path or "\x00" in path:
@@ -46,6 +46,6 @@ class AllowedRoots:
             raise PathNotAllowed(f"path is outside the allowed roots: {path}")
         if not _inside(os.path.realpath(norm), self.real):
             raise PathNotAllowed(f"path resolves (through a symlink) outside the allowed roots: {path}")
-        if not _inside(os.path.realpath(os.path.dirname(norm)), self.real):
+        if writes_sibling and not _inside(os.path.realpath(os.path.dirname(norm)), self.real):
             raise PathNotAllowed(f"folder of {path} resolves outside the allowed roots")
         return norm

@@ -100,13 +100,12 @@ def test_missing(tmp_path):
     assert res.outcome is Outcome.MISSING and res.features is None
 
 
-@pytest.mark.parametrize("cut", [0, 10, 0.5, -1])
-def test_truncated_file_is_corrupt(tmp_path, cut):
+@pytest.mark.parametrize("keep", [lambda n: 0, lambda n: 10, lambda n: n // 2, lambda n: n - 1])
+def test_truncated_file_is_corrupt(tmp_path, keep):
     image = make_image(tmp_path)
     write(image, make_spec())
     data = Path(cache_path(image)).read_bytes()
-    keep = int(len(data) * cut) if isinstance(cut, float) else cut % len(data) if cut < 0 else cut
-    Path(cache_path(image)).write_bytes(data[:keep])
+    Path(cache_path(image)).write_bytes(data[: keep(len(data))])
     for mmap in (True, False):
         res = read_entry(image, make_spec(), mmap=mmap)
         assert res.outcome is Outcome.CORRUPT, res.reason
@@ -231,7 +230,10 @@ def test_executable_payload_is_corrupt_and_never_runs(tmp_path, how):
         assert res.outcome is Outcome.CORRUPT and res.features is None
     assert not marker.exists()
     # The payload is live: an unsafe load would have run it.
-    torch.load(path, weights_only=False) if how != "pickle" else pickle.loads(Path(path).read_bytes())
+    if how == "pickle":
+        pickle.loads(Path(path).read_bytes())
+    else:
+        torch.load(path, weights_only=False)
     assert marker.exists()
 
 
@@ -339,13 +341,13 @@ def test_concurrent_writers_and_reader_see_only_whole_entries(tmp_path):
             p.join(timeout=120)
             assert p.exitcode == 0
         stop.set()
-        reads, bad, n_bad, values = results.get(timeout=60)
-        reader.join(timeout=60)
+        reader.join(timeout=60)  # the result is small: it fits the pipe, so join cannot block on it
+        assert reader.exitcode == 0
+        reads, bad, n_bad, values = results.get(timeout=10)
     finally:
         for p in (*writers, reader):
             if p.is_alive():
                 p.kill()
-    print("CONC", reads, len(values))
     assert n_bad == 0, bad
     assert reads > 0 and len(values) >= 2, (reads, values)
     assert set(values) <= {0.0, *range(1, 2 * WRITES + 1)}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from safetensors.torch import load_file
+from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
 from client.spec import FeatureSpec
 from service.model import load_aggregator
@@ -50,7 +51,7 @@ def make_spec(loaded, attention: str = "frame", dtype: str = "bfloat16", **kw) -
 def make_model(loaded, spec: FeatureSpec, vggt_weight: float = 1.0) -> Qwen25VLWithVGGT:
     torch.manual_seed(0)
     qwen = Qwen2_5_VLForConditionalGeneration(tiny_qwen25vl_config())
-    return Qwen25VLWithVGGT(qwen, loaded.model, spec, vggt_weight=vggt_weight)
+    return Qwen25VLWithVGGT(qwen, loaded, spec, vggt_weight=vggt_weight)
 
 
 def cache_entry(tmp_path: Path, loaded, spec: FeatureSpec, clip: torch.Tensor, name: str) -> torch.Tensor:
@@ -131,19 +132,21 @@ def test_qwen_tokens_and_merged_vggt_grid_have_the_same_count(loaded, clips):
         assert model.merger(patches, grid).shape == (1, e.shape[0], model.config.text_config.hidden_size)
 
 
-def test_non_square_images_and_several_images_per_sample(loaded):
+def test_non_square_images_several_images_per_sample_and_text_only_samples(loaded):
     spec = make_spec(loaded, "causal")
     model = make_model(loaded, spec)
     g = torch.Generator().manual_seed(1)
     wide = torch.rand(2, 3, 56, 84, generator=g)
     square = torch.rand(3, 3, 56, 56, generator=g)
-    # Sample 0 shows Qwen a history image and then its current frame; sample 1 only its current frame.
-    batch = tiny_batch(model.config, [[square[0], wide[-1]], [square[-1]]])
-    assert current_images(batch["input_ids"], batch["image_grid_thw"], 2, model.config.image_token_id) == [1, 2]
+    # Sample 0 shows Qwen a history image, then its current frame; sample 1 is text only.
+    batch = tiny_batch(model.config, [[square[0], wide[-1]], [], [square[-1]]])
+    assert current_images(batch["input_ids"], batch["image_grid_thw"], 2, model.config.image_token_id) == [1, None, 2]
     cached = [compute_features(loaded.model, clip[None], spec)[0, -1] for clip in (wide, square)]
-    loss_cached, _ = loss_and_grads(model, batch, vggt_features=cached)
-    loss_online, _ = loss_and_grads(model, batch, images_vggt=[wide, square])
+    loss_cached, _ = loss_and_grads(model, batch, vggt_features=[cached[0], None, cached[1]])
+    loss_online, _ = loss_and_grads(model, batch, images_vggt=[wide, None, square])
     assert torch.equal(loss_cached, loss_online)
+    with pytest.raises(ValueError, match="sample 1 has VGGT inputs but no image"):
+        model(**batch, images_vggt=[wide, square, square])
 
 
 def test_several_layers_and_all_tokens(tmp_path, loaded, clips):
@@ -218,3 +221,64 @@ def test_select_features_layout(loaded):
     assert torch.equal(both[:, :, 0], outputs[0]) and torch.equal(both[:, :, 1], outputs[1])
     with pytest.raises(ValueError, match=r"expected 2 layer output\(s\)"):
         select_features(outputs[:1], 5, make_spec(loaded, layers=(0, 1)))
+
+
+def test_save_and_reload_give_the_same_model(tmp_path, loaded, clips):
+    spec = make_spec(loaded, "causal")
+    model = make_model(loaded, spec, vggt_weight=0.5)
+    batch = current_frame_batch(model, clips)
+    with torch.no_grad():
+        model.merger.mlp[2].bias.add_(1.0)  # a trained merger, unlike a fresh one
+        expected = model(**batch, images_vggt=clips).loss
+    model.save_pretrained(tmp_path / "ckpt")
+    assert not any(k.startswith("vggt.") for k in load_file(tmp_path / "ckpt" / "vggt_merger.safetensors"))
+    reloaded = Qwen25VLWithVGGT.from_pretrained(tmp_path / "ckpt", loaded)
+    assert reloaded.spec == spec and reloaded.vggt_weight == 0.5
+    with torch.no_grad():
+        assert torch.equal(reloaded(**batch, images_vggt=clips).loss, expected)
+
+
+def test_vggt_weights_must_be_the_specs(loaded):
+    spec = dataclasses.replace(make_spec(loaded), fingerprint="sha256:" + "0" * 64)
+    with pytest.raises(ValueError, match="VGGT weights sha256:.* are not the spec's sha256:0000"):
+        make_model(loaded, spec)
+
+
+def test_an_outer_autocast_does_not_change_the_features(loaded, clips):
+    # HF Trainer's bf16=True wraps the forward in autocast; VGGT must still run as the service runs it.
+    spec = make_spec(loaded, "causal", "float32")
+    expected = compute_features(loaded.model, clips[0][None], spec)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(compute_features(loaded.model, clips[0][None], spec), expected)
+        outputs, _ = loaded.model(clips[0][None], attention="causal", layers=[-1])
+    assert not torch.equal(outputs[0][:, :, 5:].float(), expected)  # the guard is what keeps them equal
+
+
+def test_hf_trainer_trains_the_merger_and_llm_on_a_mixed_batch(tmp_path, loaded, clips):
+    from transformers import Trainer, TrainingArguments
+
+    spec = make_spec(loaded, "causal")
+    model = make_model(loaded, spec)
+    samples = [{"clip": clip, "name": f"s{b}", "cached": b % 2 == 0} for b, clip in enumerate(clips * 2)]
+
+    def collate(batch: list[dict]) -> dict:
+        out = tiny_batch(model.config, [[s["clip"][-1]] for s in batch])
+        out["vggt_features"] = [
+            cache_entry(tmp_path, loaded, spec, s["clip"], s["name"]) if s["cached"] else None for s in batch
+        ]
+        out["images_vggt"] = [None if s["cached"] else s["clip"] for s in batch]
+        return out
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3,
+        save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False, activation_checkpointing=True,
+    )
+    merger_before = model.merger.mlp[0].weight.detach().clone()
+    llm_before = model.qwen.lm_head.weight.detach().clone()
+    vggt_before = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    result = Trainer(model=model, args=args, train_dataset=samples, data_collator=collate).train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert model.qwen.is_activation_checkpointing
+    assert not torch.equal(model.merger.mlp[0].weight, merger_before)
+    assert not torch.equal(model.qwen.lm_head.weight, llm_before)
+    assert all(torch.equal(v, vggt_before[k]) for k, v in loaded.model.state_dict().items())

@@ -54,12 +54,12 @@ class VGGTMerger(nn.Module):
         self.vggt_dim = vggt_dim
         self.spatial_merge = spatial_merge
         merged_dim = vggt_dim * spatial_merge**2
-        hidden_dim = hidden_dim or merged_dim
+        self.hidden_dim = hidden_dim or merged_dim
         self.norm = nn.LayerNorm(vggt_dim, eps=1e-6)
         self.mlp = nn.Sequential(
-            nn.Linear(merged_dim, hidden_dim),
+            nn.Linear(merged_dim, self.hidden_dim),
             nn.GELU(),
-            nn.Linear(hidden_dim, llm_dim),
+            nn.Linear(self.hidden_dim, llm_dim),
         )
 
     def forward(self, x: Tensor, grid: tuple[int, int]) -> Tensor:

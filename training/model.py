@@ -4,8 +4,9 @@ Per sample, the VGGT features of the current frame (the sample's last image)
 come either from the cache (``vggt_features``: the sibling file's
 ``"features"`` tensor) or from the frozen aggregator run here on the sample's
 frames (``images_vggt``). Both paths go through the same cache-entry function
-(:func:`service.model.features.select_features`, storage dtype included), so a
-cached sample trains exactly as if its features had been computed online.
+(:func:`service.model.features.compute_features`: same layers, same tokens, same
+precision, same storage-dtype cast), so a cached sample trains as if its
+features had been computed online.
 
 Input pipeline: Qwen's image and VGGT's last frame must be the same ``H x W``
 image, 28-aligned (e.g. ``service.preprocess.preprocess(img, "pad", 504, 28)``
@@ -16,17 +17,24 @@ which :class:`~training.merger.VGGTMerger` merges 2x2 into the same count.
 
 from __future__ import annotations
 
+import json
+import os
 from collections import defaultdict
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from client.spec import FeatureSpec
-from service.model import VGGTAggregator
+from service.model import LoadedModel
 from service.model.features import compute_features
 from training.merger import VGGTMerger
+
+FUSION_FILE = "vggt_fusion.json"
+MERGER_FILE = "vggt_merger.safetensors"
 
 
 class Qwen25VLWithVGGT(nn.Module):
@@ -41,23 +49,26 @@ class Qwen25VLWithVGGT(nn.Module):
     def __init__(
         self,
         qwen: Qwen2_5_VLForConditionalGeneration,
-        vggt: VGGTAggregator,
+        vggt: LoadedModel,
         spec: FeatureSpec,
         vggt_weight: float = 1.0,
         merger_hidden_dim: int | None = None,
     ) -> None:
         super().__init__()
-        vision = qwen.config.vision_config
+        # Online features equal cached ones only if both come from the same weights.
+        if vggt.fingerprint != spec.fingerprint:
+            raise ValueError(f"VGGT weights {vggt.fingerprint} are not the spec's {spec.fingerprint}")
         arch = vggt.config.to_dict()
         if arch != spec.architecture:
             raise ValueError("the VGGT aggregator's architecture differs from the feature spec's")
-        if vggt.patch_size != vision.patch_size:
-            raise ValueError(f"VGGT patch size {vggt.patch_size} differs from Qwen's {vision.patch_size}")
+        vision = qwen.config.vision_config
+        if arch["patch_size"] != vision.patch_size:
+            raise ValueError(f"VGGT patch size {arch['patch_size']} differs from Qwen's {vision.patch_size}")
         self.qwen = qwen
-        self.vggt = vggt.requires_grad_(False).eval()
+        self.vggt = vggt.model.requires_grad_(False).eval()
         self.spec = spec
         self.vggt_weight = vggt_weight
-        self.patch_start_idx = vggt.patch_start_idx
+        self.patch_start_idx = vggt.config.patch_start_idx
         self.feature_dim = 2 * arch["embed_dim"]  # C of one layer's tokens (frame + global halves)
         self.merger = VGGTMerger(
             vggt_dim=len(spec.layers) * self.feature_dim,
@@ -66,8 +77,34 @@ class Qwen25VLWithVGGT(nn.Module):
             hidden_dim=merger_hidden_dim,
         ).to(device=qwen.device, dtype=qwen.dtype)
 
+    def save_pretrained(self, output_dir: str | os.PathLike) -> None:
+        """Qwen in transformers' format, plus the merger and the fusion settings.
+
+        The VGGT weights are not copied: ``spec.fingerprint`` names them.
+        """
+        out = Path(output_dir)
+        self.qwen.save_pretrained(out)
+        save_file({k: v.contiguous() for k, v in self.merger.state_dict().items()}, out / MERGER_FILE)
+        fusion = {
+            "spec": self.spec.to_dict(),
+            "vggt_weight": self.vggt_weight,
+            "merger_hidden_dim": self.merger.hidden_dim,
+        }
+        (out / FUSION_FILE).write_text(json.dumps(fusion, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, vggt: LoadedModel, **qwen_kwargs) -> Qwen25VLWithVGGT:
+        """Load what :meth:`save_pretrained` wrote; ``qwen_kwargs`` go to transformers' ``from_pretrained``."""
+        path = Path(path)
+        fusion = json.loads((path / FUSION_FILE).read_text())
+        qwen = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, **qwen_kwargs)
+        spec = FeatureSpec.from_dict(fusion["spec"])
+        model = cls(qwen, vggt, spec, fusion["vggt_weight"], fusion["merger_hidden_dim"])
+        model.merger.load_state_dict(load_file(path / MERGER_FILE))
+        return model
+
     @property
-    def config(self):
+    def config(self) -> Qwen2_5_VLConfig:
         return self.qwen.config
 
     def train(self, mode: bool = True) -> Qwen25VLWithVGGT:
@@ -75,8 +112,9 @@ class Qwen25VLWithVGGT(nn.Module):
         self.vggt.eval()  # a fixed feature extractor, the same function the cache service runs
         return self
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.qwen.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, **kwargs) -> None:
+        """What HF Trainer calls for ``activation_checkpointing=True``; VGGT runs without gradients anyway."""
+        self.qwen.activation_checkpointing_enable(**kwargs)
 
     def forward(
         self,
@@ -127,8 +165,9 @@ class Qwen25VLWithVGGT(nn.Module):
         images_vggt: Sequence[Tensor | None] | None,
     ) -> tuple[Tensor, ...]:
         """Add the merged VGGT tokens to each sample's current image; ``embeds[i]``: ``[t*h*w/4, D]``."""
-        current = current_images(input_ids, image_grid_thw, self.qwen.config.vision_config.spatial_merge_size,
-                                 self.qwen.config.image_token_id)
+        config = self.qwen.config
+        merge = config.vision_config.spatial_merge_size
+        current = current_images(input_ids, image_grid_thw, merge, config.image_token_id)
         batch = len(current)
         vggt_features = _per_sample("vggt_features", vggt_features, batch)
         images_vggt = _per_sample("images_vggt", images_vggt, batch)
@@ -137,7 +176,7 @@ class Qwen25VLWithVGGT(nn.Module):
         online = {}
         for b, i in enumerate(current):
             if i is None:
-                if entries.get(b) is not None or images_vggt[b] is not None:
+                if b in entries or images_vggt[b] is not None:
                     raise ValueError(f"sample {b} has VGGT inputs but no image")
             elif b not in entries:
                 if images_vggt[b] is None:
@@ -154,17 +193,20 @@ class Qwen25VLWithVGGT(nn.Module):
     def _check_frames(self, b: int, frames: Tensor, grid: tuple[int, int]) -> Tensor:
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"sample {b}: images_vggt must be [S, 3, H, W], got {list(frames.shape)}")
-        size = tuple(d // self.vggt.patch_size for d in frames.shape[-2:])
-        if size != grid or frames.shape[-1] % self.vggt.patch_size or frames.shape[-2] % self.vggt.patch_size:
+        qwen_size = (grid[0] * self.vggt.patch_size, grid[1] * self.vggt.patch_size)
+        if tuple(frames.shape[-2:]) != qwen_size:
             raise ValueError(
                 f"sample {b}: images_vggt frames are {frames.shape[-2]}x{frames.shape[-1]} but Qwen's image is "
-                f"{grid[0] * self.vggt.patch_size}x{grid[1] * self.vggt.patch_size}; both must see the same image"
+                f"{qwen_size[0]}x{qwen_size[1]}; both must see the same image"
             )
         # Frame attention makes the context irrelevant: only the current frame is computed.
         return frames[-1:] if self.spec.attention == "frame" else frames
 
     def _compute_entries(self, clips: dict[int, Tensor]) -> dict[int, Tensor]:
-        """Cache entries of each clip's last frame, computed by the frozen aggregator; clips of one shape share a batch."""
+        """Cache entries of each clip's last frame, computed by the frozen aggregator.
+
+        Clips of one shape share a forward pass.
+        """
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for b, frames in clips.items():
             groups[tuple(frames.shape)].append(b)
@@ -188,7 +230,9 @@ class Qwen25VLWithVGGT(nn.Module):
                 f"for a {h}x{w} patch grid (layers={list(self.spec.layers)}, tokens={self.spec.tokens!r})"
             )
         if entry.dtype != self.spec.torch_dtype:
-            raise ValueError(f"sample {b}: VGGT features are {entry.dtype}, the spec stores {self.spec.torch_dtype}")
+            raise ValueError(
+                f"sample {b}: VGGT features are {entry.dtype}, the spec stores {self.spec.torch_dtype}"
+            )
         entry = entry.to(self.merger.norm.weight.device)
         if layers == 1:
             return entry[start:]

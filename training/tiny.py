@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from transformers import Qwen2_5_VLConfig
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers import Qwen2_5_VLConfig, Qwen2VLImageProcessorPil
 
 PAD, BOS, EOS = 0, 1, 2
 IGNORE_INDEX = -100
@@ -82,17 +81,15 @@ def tiny_batch(
     words = config.image_token_id - 3  # ordinary tokens are 3 .. image_token_id - 1
     images = [img for sample in samples for img in sample]
     vision = image_inputs(images, config) if images else {}
-    tokens_per_image = iter(
-        (vision["image_grid_thw"].prod(-1) // config.vision_config.spatial_merge_size**2).tolist() if images else []
-    )
+    merge = config.vision_config.spatial_merge_size
+    image_tokens = iter((vision["image_grid_thw"].prod(-1) // merge**2).tolist() if images else [])
     rows, label_rows = [], []
     for sample in samples:
         prompt = (torch.randint(0, words, (prompt_len,), generator=g) + 3).tolist()
         answer = (torch.randint(0, words, (answer_len,), generator=g) + 3).tolist()
         ids = [BOS, *prompt]
         for _ in sample:
-            ids += [config.vision_start_token_id, *[config.image_token_id] * next(tokens_per_image)]
-            ids.append(config.vision_end_token_id)
+            ids += [config.vision_start_token_id, *[config.image_token_id] * next(image_tokens), config.vision_end_token_id]
         rows.append(ids + answer + [EOS])
         label_rows.append([IGNORE_INDEX] * len(ids) + answer + [EOS])
     width = max(len(r) for r in rows)

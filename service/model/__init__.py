@@ -4,7 +4,7 @@ from .aggregator import ATTENTION_MODES, VGGTAggregator
 from .config import AggregatorConfig, PatchEmbedConfig
 from .fingerprint import file_fingerprint
 from .kv_cache import KVCache
-
+from .loader import DEFAULT_SOURCE, LoadedModel, load_aggregator
 
 __all__ = [
     "ATTENTION_MODES",

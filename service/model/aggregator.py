@@ -49,12 +49,15 @@ class VGGTAggregator(nn.Module):
 
     def _init_weights(self) -> None:
         """Fresh-model initialisation (as the reference); loading a checkpoint replaces it."""
+        if self.camera_token.is_meta:
+            return  # nothing to fill, and random init on meta tensors costs a slow one-off import
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.trunc_normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
         nn.init.trunc_normal_(self.patch_embed.pos_embed, std=0.02)
-        for token in (self.patch_embed.cls_token, self.patch_embed.register_tokens, self.camera_token, self.register_token):
+        tokens = (self.patch_embed.cls_token, self.patch_embed.register_tokens, self.camera_token, self.register_token)
+        for token in tokens:
             nn.init.normal_(token, std=1e-6)
 
     def normalize_layers(self, layers: Sequence[int] | None) -> list[int]:
@@ -78,7 +81,7 @@ class VGGTAggregator(nn.Module):
         layers: Sequence[int] | None = None,
         kv_cache: KVCache | None = None,
     ) -> tuple[list[Tensor], int]:
-        """Images [B, S, 3, H, W] in [0, 1] -> (one [B, S, P_all, 2*C] tensor per requested layer, patch_start_idx).
+        """Images [B, S, 3, H, W] in [0, 1] -> ([B, S, P_all, 2*C] per requested layer, patch_start_idx).
 
         ``frame``: every frame alone; ``sequence``: global attention over each clip; ``causal``: frame t
         attends to frames <= t. ``kv_cache`` (causal only) continues a clip across calls.
@@ -123,7 +126,9 @@ class VGGTAggregator(nn.Module):
             tokens = self.frame_blocks[i](tokens.view(B * S, P, C), rope=rope)
             frame_out = tokens.view(B, S, P, C)
             kv_update = None if kv_cache is None else partial(kv_cache.append, i)
-            tokens = self.global_blocks[i](tokens.view(B, S * P, C), rope=global_rope, attn_mask=mask, kv_update=kv_update)
+            tokens = self.global_blocks[i](
+                tokens.view(B, S * P, C), rope=global_rope, attn_mask=mask, kv_update=kv_update
+            )
             if i in wanted:
                 kept[i] = torch.cat((frame_out, tokens.view(B, S, P, C)), dim=-1)  # [B, S, P, 2C]
         if kv_cache is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 
 import torch
 from torch import Tensor
@@ -33,11 +34,23 @@ def select_features(outputs: Sequence[Tensor], patch_start_idx: int, spec: Featu
     return torch.stack(layers, dim=2).to(spec.torch_dtype)  # [B, S, L, P, C]
 
 
-@torch.no_grad()
+def feature_autocast(device: torch.device) -> AbstractContextManager:
+    """The precision VGGT runs in: bfloat16 autocast on CUDA (VGGT's own inference setting), else the model's dtype.
+
+    The service and online training both use it, so a cached entry and one computed
+    during training come from the same arithmetic, whatever autocast surrounds the call.
+    """
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
 def compute_features(aggregator: torch.nn.Module, images: Tensor, spec: FeatureSpec, **kwargs) -> Tensor:
     """Run ``aggregator`` on ``images`` ``[B, S, 3, H, W]`` as ``spec`` says; entries as :func:`select_features`.
 
-    Extra keyword arguments (e.g. a ``kv_cache`` for causal streaming) go to the aggregator.
+    No gradients; the result can still feed a trainable module. Extra keyword arguments
+    (e.g. a ``kv_cache`` for causal streaming) go to the aggregator.
     """
-    outputs, patch_start_idx = aggregator(images, attention=spec.attention, layers=list(spec.layers), **kwargs)
-    return select_features(outputs, patch_start_idx, spec)
+    with torch.no_grad(), feature_autocast(images.device):
+        outputs, patch_start_idx = aggregator(images, attention=spec.attention, layers=list(spec.layers), **kwargs)
+        return select_features(outputs, patch_start_idx, spec)

@@ -1,0 +1,133 @@
+"""Cache-hit read throughput: our validated reader vs raw bytes vs the seed's `torch.load`.
+
+    python benchmarks/loader.py [--n 200] [--dir DIR] [--rounds 5]
+
+Writes N realistic entries (bf16 patch tokens of VGGT-1B layer -2: [1036, 2048]
+for a 518x392 crop and [1369, 2048] for 518x518, alternating) next to small
+dummy images, warms the page cache, then times, on the same files and with the
+same consumption (copy into a preallocated batch buffer, touching every byte):
+
+  ours      read_entry(image, spec): validation, stat of the image, mmap
+  raw       the file's bytes read into memory, torch.frombuffer of the tensor's bytes
+  seed      torch.load(path, map_location="cpu")["features"]
+
+Methods are interleaved round by round; the best round of each is reported.
+Goals: ours/raw >= 0.8, ours/seed >= 1.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from client.cachefile import cache_path, read_entry, source_record, write_entry  # noqa: E402
+from client.spec import FeatureSpec  # noqa: E402
+
+VGGT_1B = {"img_size": 518, "patch_size": 14, "embed_dim": 1024, "depth": 24,
+           "num_heads": 16, "num_register_tokens": 4}
+GRIDS = ([28, 37], [37, 37])  # 518x392 crop, 518x518
+CHANNELS = 2 * VGGT_1B["embed_dim"]
+
+
+def make_files(folder: Path, n: int, spec: FeatureSpec) -> list[tuple[str, int]]:
+    """N images with cache entries; returns (image path, number of feature elements)."""
+    entries = []
+    for i in range(n):
+        grid = GRIDS[i % 2]
+        image = folder / f"frame_{i:05d}.jpg"
+        Image.new("RGB", (32, 24), (i % 256, 80, 160)).save(image)
+        features = torch.randn(grid[0] * grid[1], CHANNELS).to(torch.bfloat16)
+        write_entry(image, features, spec, grid, source_record(image))
+        entries.append((str(image), features.numel()))
+    return entries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=200, help="number of cache files")
+    parser.add_argument("--dir", help="folder for the files (default: a temporary one, removed)")
+    parser.add_argument("--rounds", type=int, default=5)
+    args = parser.parse_args()
+
+    folder = Path(args.dir or tempfile.mkdtemp(prefix="vggt-loader-bench-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = FeatureSpec(fingerprint="sha256:" + "5a" * 32, architecture=VGGT_1B)
+    try:
+        t0 = time.perf_counter()
+        entries = make_files(folder, args.n, spec)
+        print(f"wrote {args.n} entries in {time.perf_counter() - t0:.1f}s to {folder}")
+        run(entries, spec, args.rounds)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
+    paths = [cache_path(image) for image, _ in entries]
+    file_bytes = sum(os.path.getsize(p) for p in paths)
+    largest = max(os.path.getsize(p) for p in paths)
+    batch = torch.empty(max(numel for _, numel in entries), dtype=torch.bfloat16)
+    raw_buffer = bytearray(largest)
+
+    def consume(features: torch.Tensor) -> None:
+        batch[: features.numel()].view(features.shape).copy_(features)
+
+    def ours(image: str, path: str, numel: int) -> None:
+        result = read_entry(image, spec)
+        if not result.hit:
+            raise RuntimeError(f"{image}: {result.outcome.value}: {result.reason}")
+        consume(result.features)
+
+    def ours_copy(image: str, path: str, numel: int) -> None:
+        consume(read_entry(image, spec, mmap=False).features)
+
+    def raw(image: str, path: str, numel: int) -> None:
+        with open(path, "rb", buffering=0) as f:
+            size = f.readinto(raw_buffer)
+        consume(torch.frombuffer(raw_buffer, dtype=torch.bfloat16, count=min(numel, size // 2)))
+
+    def seed(image: str, path: str, numel: int) -> None:
+        consume(torch.load(path, map_location="cpu")["features"])
+
+    methods: dict[str, Callable[[str, str, int], None]] = {
+        "ours": ours, "ours (mmap=False)": ours_copy, "raw": raw, "seed": seed,
+    }
+    for fn in methods.values():  # warm the page cache and every code path
+        for (image, numel), path in zip(entries, paths):
+            fn(image, path, numel)
+
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            for (image, numel), path in zip(entries, paths):
+                fn(image, path, numel)
+            seconds[name].append(time.perf_counter() - start)
+
+    n = len(entries)
+    print(f"{n} files, {file_bytes / n / 1e6:.2f} MB each on average, {rounds} rounds, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"{'method':<20}{'files/s':>10}{'MB/s':>10}{'median files/s':>17}")
+    best = {}
+    for name, times in seconds.items():
+        best[name] = n / min(times)
+        print(f"{name:<20}{best[name]:>10.0f}{best[name] * file_bytes / n / 1e6:>10.0f}"
+              f"{n / statistics.median(times):>17.0f}")
+    print(f"ours/raw  = {best['ours'] / best['raw']:.2f}  (goal >= 0.8)")
+    print(f"ours/seed = {best['ours'] / best['seed']:.2f}  (goal >= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,632 @@
+"""`FeatureCache`: VGGT features for a training dataloader, from sibling files or from the service.
+
+    cache = FeatureCache("http://gpu-node:8600")
+    feats = cache.get_many(paths)          # list of [P, C] (or [L, P, C]) tensors
+    feats = cache.get_sample(clip)         # the clip's last frame, in the spec's attention mode
+    cache.prefetch(next_clips)             # hint: compute these at bulk priority, do not wait
+
+A hit costs one stat of the image (and of each context frame) and one read of
+`<image>.vggt_cache.pt`. Every miss of one call (missing, stale, corrupt or made
+with another spec) goes to the service in one `POST /features`, and the tensors
+come back in the response, so nothing waits for NFS to show the new files.
+
+**Expected spec**: the `spec` argument; else the service's `/status` (fetched
+once, retried at most every `STATUS_RETRY_S` while it fails); else the nearest
+`vggt_cache_manifest.json` in the image's folder or above; else, as a last
+resort, the spec of the first valid entry read (pinned for the rest of the
+process, with a warning). An entry made with another spec is never returned.
+
+**Attention mode** (the expected spec's): `frame`: the last frame's own entry;
+`causal`: the last frame's entry computed with the clip as its context;
+`sequence`: the last frame's entry computed with the whole clip. `get(path)`
+is `get_sample([path])`: the image as a clip of one.
+
+**Fallback** for features that are neither cached nor obtained from the service:
+
+    fallback    service answers   service fails          no service_url
+    "service"   its features      raise CacheUnavailable None (+ one warning)
+    "online"    its features      None                   None
+    "error"     its features      raise CacheUnavailable raise CacheUnavailable
+
+None tells the model to compute VGGT itself. "service", the default, treats a
+cache without service as read-only (the seed's behaviour); "error" is for runs
+that must never compute online (e.g. after a full precompute). A service fails
+when it cannot be reached after every retry and fail-over, refuses the request
+(401, 403, 413, ...), fails an item (undecodable image), or computes with a
+different spec.
+
+**Counters** (`stats`, per process: DataLoader workers count their own): each
+distinct sample read is one of hits, misses (no file), stale, corrupt or
+spec_mismatch; fetched counts entries the service returned, fallbacks the
+Nones returned for lack of a service answer, errors the samples a configured
+service failed; prefetched / prefetch_errors count prefetch hints accepted /
+lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any, Union
+
+import httpx
+import torch
+
+from client.cachefile import Outcome, ReadResult, read_entry
+from client.http import AsyncTransport, ServiceError, Transport, reset_after_fork
+from client.spec import FeatureSpec
+from client.wire import decode_features
+
+log = logging.getLogger("vggt_cache")
+
+ENABLED_MESSAGE = "VGGT feature cache enabled (loading from image directories)"
+MANIFEST_NAME = "vggt_cache_manifest.json"  # written by the service at the data root
+FALLBACKS = ("service", "online", "error")
+STATUS_RETRY_S = 10.0
+TOKEN_ENV = "VGGT_CACHE_API_TOKEN"
+STAT_KEYS = ("hits", "misses", "stale", "corrupt", "spec_mismatch", "fetched", "fallbacks", "errors",
+             "prefetched", "prefetch_errors")
+_OUTCOME_STAT = {Outcome.HIT: "hits", Outcome.MISSING: "misses", Outcome.STALE: "stale",
+                 Outcome.CORRUPT: "corrupt", Outcome.SPEC_MISMATCH: "spec_mismatch"}
+START_HINT = (
+    "Start the feature service on a GPU node: `vggt-cache serve --model facebook/VGGT-1B --device cuda "
+    "--allowed-root <data root>` and pass FeatureCache(service_url='http://<host>:8600'); or precompute "
+    "the data root with `vggt-cache precompute --data_root <data root> --skip_existing`; or pass "
+    "fallback='online' to let the model compute missing features itself."
+)
+
+PathLike = Union[str, os.PathLike]
+Clip = tuple[str, ...]
+SpecLike = Union[FeatureSpec, dict, None]
+
+
+class CacheUnavailable(RuntimeError):
+    """Features that are not cached and that the service could not (or was not there to) provide."""
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str, *args: Any) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
+def as_spec(spec: SpecLike) -> FeatureSpec | None:
+    """A FeatureSpec from a spec, its `to_dict()`, or `/status`'s spec (with its "digest")."""
+    if spec is None or isinstance(spec, FeatureSpec):
+        return spec
+    if not isinstance(spec, dict):
+        raise TypeError(f"spec must be a FeatureSpec or a dict, got {type(spec).__name__}")
+    fields = dict(spec)
+    digest = fields.pop("digest", None)
+    out = FeatureSpec.from_dict(fields)
+    if digest is not None and digest != out.digest:
+        raise ValueError(f"spec digest {digest} does not match its fields (digest {out.digest})")
+    return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _folder_manifest_spec(folder: str) -> FeatureSpec | None:
+    path = os.path.join(folder, MANIFEST_NAME)
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                return as_spec(json.load(f)["spec"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _warn_once(path, "Ignoring manifest %s: %s", path, exc)
+            return None
+    parent = os.path.dirname(folder)
+    return None if parent == folder else _folder_manifest_spec(parent)
+
+
+def nearest_manifest_spec(image_path: PathLike) -> FeatureSpec | None:
+    """The spec in the nearest `vggt_cache_manifest.json` at or above the image's folder.
+
+    Looked up once per folder per process: a manifest written later is not seen.
+    """
+    return _folder_manifest_spec(os.path.dirname(os.path.abspath(image_path)))
+
+
+def _read_clip(clip: Clip, spec: FeatureSpec | None, mmap: bool) -> ReadResult:
+    context = None if spec is None or spec.attention == "frame" else clip
+    return read_entry(clip[-1], spec, context_frames=context, mmap=mmap)
+
+
+def _warn_unusable(result: ReadResult) -> None:
+    if result.outcome in (Outcome.CORRUPT, Outcome.SPEC_MISMATCH):
+        _warn_once(result.path, "Failed to load cache %s: %s", result.path, result.reason)
+
+
+def read_cached(image_path: PathLike, spec: SpecLike = None, mmap: bool = True) -> torch.Tensor | None:
+    """The seed's `_load_cached_vggt_features`, validated: the entry's features or None. No service.
+
+    The expected spec is `spec`, else the nearest manifest's; with neither, any
+    valid entry is returned. Context frames recorded in a `causal`/`sequence`
+    entry are re-checked on disk.
+    """
+    expected = as_spec(spec) or nearest_manifest_spec(image_path)
+    result = read_entry(image_path, expected, mmap=mmap)
+    _warn_unusable(result)
+    return result.features
+
+
+def _as_clip(item: PathLike | Sequence[PathLike]) -> Clip:
+    if isinstance(item, (str, os.PathLike)):
+        return (os.path.abspath(item),)
+    if isinstance(item, bytes) or not isinstance(item, Sequence) or not item:
+        raise ValueError(f"a clip is a non-empty sequence of image paths, got {item!r}")
+    return tuple(os.path.abspath(p) for p in item)
+
+
+def _as_paths(paths: Sequence[PathLike]) -> list[Clip]:
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError("get_many takes a list of paths; use get() for one path")
+    return [(os.path.abspath(p),) for p in paths]
+
+
+# -- the logic shared by the blocking and the asyncio cache -------------------------------------
+
+@dataclass(frozen=True)
+class _Call:
+    """A request the lookup needs sent; the driver sends back an httpx.Response or a ServiceError."""
+
+    method: str
+    path: str
+    key: str | None = None
+    json: Any = None
+    retries: int | None = None
+
+
+Answer = Union[httpx.Response, ServiceError]
+Lookup = Generator[_Call, Answer, list]
+
+
+def step(work: Lookup, outcome: Answer | None = None) -> tuple[bool, Any]:
+    """Advance a lookup: (False, next _Call) or (True, its result)."""
+    try:
+        return False, work.send(outcome)
+    except StopIteration as done:
+        return True, done.value
+
+
+class _Core:
+    """Everything but the sending: spec resolution, local reads, batching, answers, fallback."""
+
+    def __init__(self, has_service: bool, spec: SpecLike, fallback: str, mmap: bool,
+                 max_request_frames: int) -> None:
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
+        if max_request_frames < 1:
+            raise ValueError(f"max_request_frames must be at least 1, got {max_request_frames}")
+        self.has_service = has_service
+        self.spec = as_spec(spec)
+        self.fallback = fallback
+        self.mmap = mmap
+        self.max_request_frames = max_request_frames
+        self.service_spec: FeatureSpec | None = None
+        self.pinned: FeatureSpec | None = None
+        self.stats = dict.fromkeys(STAT_KEYS, 0)
+        self._status_error = "not asked yet"
+        self._status_retry_at = 0.0
+        self._warned_failure = False
+
+    def expected_spec(self, image: str) -> FeatureSpec | None:
+        for spec in (self.spec, self.service_spec):
+            if spec is not None:
+                return spec
+        return nearest_manifest_spec(image) or self.pinned
+
+    # The lookup of one call, as a generator of the requests it needs.
+    def lookup(self, clips: list[Clip]) -> Lookup:
+        if self.spec is None:
+            yield from self._refresh_status()
+        found: dict[Clip, torch.Tensor] = {}
+        missing: list[Clip] = []
+        for clip in dict.fromkeys(clips):
+            features = self._read(clip)
+            if features is None:
+                missing.append(clip)
+            else:
+                found[clip] = features
+        if missing:
+            failures = yield from self._fetch(missing, found)
+            self._settle(failures)
+        return [found.get(clip) for clip in clips]
+
+    def _refresh_status(self) -> Generator[_Call, Answer, None]:
+        if self.service_spec is not None or not self.has_service or time.monotonic() < self._status_retry_at:
+            return
+        outcome = yield _Call("GET", "/status", retries=0)
+        try:
+            if isinstance(outcome, ServiceError):
+                raise outcome
+            body = outcome.json()
+            if body.get("spec") is None:
+                raise ValueError(f"the service has no model loaded yet (state {body.get('service', {}).get('state')})")
+            self.service_spec = as_spec(body["spec"])
+        except (ServiceError, ValueError, TypeError, AttributeError) as exc:
+            self._status_error = f"cannot read the service's spec: {exc}"
+            self._status_retry_at = time.monotonic() + STATUS_RETRY_S
+            log.debug("%s", self._status_error)
+
+    def _read(self, clip: Clip) -> torch.Tensor | None:
+        spec = self.expected_spec(clip[-1])
+        result = _read_clip(clip, spec, self.mmap)
+        if spec is None and result.hit:
+            self.pinned = as_spec(result.meta["spec"])
+            _warn_once("pinned", "No expected VGGT feature spec (pass spec=, service_url= or keep %s in the "
+                       "data root): accepting entries made like the first one read, spec %s (%s attention)",
+                       MANIFEST_NAME, self.pinned.digest, self.pinned.attention)
+            return self._read(clip)
+        self.stats[_OUTCOME_STAT[result.outcome]] += 1
+        _warn_unusable(result)
+        return result.features
+
+    def _fetch(self, missing: list[Clip], found: dict) -> Generator[_Call, Answer, dict[Clip, str]]:
+        """Ask the service for `missing`; fills `found`, returns the reasons of those it could not get."""
+        if not self.has_service:
+            return {clip: "no service_url was given" for clip in missing}
+        groups: dict[FeatureSpec | None, list[Clip]] = {}
+        for clip in missing:
+            groups.setdefault(self.expected_spec(clip[-1]), []).append(clip)
+        if None in groups:
+            yield from self._refresh_status()
+            for clip in groups.pop(None):
+                groups.setdefault(self.service_spec, []).append(clip)
+        failures = {clip: self._status_error for clip in groups.pop(None, [])}
+        for spec, clips in groups.items():
+            as_images = spec.attention == "frame"
+            for chunk in self._chunks(clips, as_images):
+                outcome = yield _Call("POST", "/features", key=chunk[0][-1],
+                                      json=features_payload(chunk, as_images, wait=True))
+                if isinstance(outcome, ServiceError):
+                    failures.update(dict.fromkeys(chunk, str(outcome)))
+                else:
+                    failures.update(self._take(chunk, spec, outcome.content, found))
+        return failures
+
+    def _chunks(self, clips: list[Clip], as_images: bool) -> list[list[Clip]]:
+        """Requests within the service's per-request frame limit (one request unless a call is huge)."""
+        chunks: list[list[Clip]] = []
+        frames = 0
+        for clip in clips:
+            n = 1 if as_images else len(clip)
+            if not chunks or frames + n > self.max_request_frames:
+                chunks.append([])
+                frames = 0
+            chunks[-1].append(clip)
+            frames += n
+        return chunks
+
+    def _take(self, chunk: list[Clip], spec: FeatureSpec, body: bytes, found: dict) -> dict[Clip, str]:
+        """Put the response's entries into `found`; returns the reasons for the clips it lacks."""
+        try:
+            items, tensors = decode_features(body, expected_digest=spec.digest)
+        except ValueError as exc:
+            # Perhaps the service restarted with another spec: ask its /status again next time.
+            self.service_spec, self._status_retry_at = None, 0.0
+            return dict.fromkeys(chunk, f"unusable response: {exc}")
+        # Entries come unit by unit; a sequence-mode unit has one per frame, the target is the last.
+        ends = []
+        position = 0
+        for clip in chunk:
+            position += 1 if spec.attention != "sequence" else len(clip)
+            ends.append(position - 1)
+        if position != len(items) or any(items[i]["image"] != os.path.normpath(c[-1])
+                                          for i, c in zip(ends, chunk)):
+            return dict.fromkeys(chunk, f"the response's {len(items)} entries do not match the request")
+        failures = {}
+        for clip, i in zip(chunk, ends):
+            item = items[i]
+            if item["status"] == "failed":
+                failures[clip] = item["error"]
+            else:
+                found[clip] = tensors[item["tensor"]]
+                self.stats["fetched"] += 1
+        return failures
+
+    def _settle(self, failures: dict[Clip, str]) -> None:
+        """Nones for `failures` where the fallback allows them; else CacheUnavailable."""
+        if not failures:
+            return
+        n = len(failures)
+        first_clip, first = next(iter(failures.items()))
+        summary = f"{first_clip[-1]}: {first}" + (f" (and {n - 1} more)" if n > 1 else "")
+        if self.has_service:
+            self.stats["errors"] += n
+        if self.fallback == "online" or (self.fallback == "service" and not self.has_service):
+            self.stats["fallbacks"] += n
+            if not self.has_service:
+                _warn_once("no-service", "VGGT features missing from the cache and no service_url was given: "
+                           "returning None so the model computes them online (%s)", summary)
+            elif not self._warned_failure:
+                self._warned_failure = True
+                log.warning("The VGGT feature service failed; computing online instead: %s", summary)
+            return
+        raise CacheUnavailable(f"{n} VGGT feature(s) are neither cached nor available from the service: "
+                               f"{summary}\n{START_HINT}")
+
+    def prefetch_payloads(self, items: Sequence[PathLike | Sequence[PathLike]]) -> list[dict]:
+        """The bulk-priority requests for a prefetch hint: single images as images, longer clips as clips."""
+        if isinstance(items, (str, bytes, os.PathLike)):
+            items = [items]
+        clips = [_as_clip(item) for item in items]
+        singles = [c for c in clips if len(c) == 1]
+        longer = [c for c in clips if len(c) > 1]
+        return ([features_payload(chunk, True, wait=False) for chunk in self._chunks(singles, True)]
+                + [features_payload(chunk, False, wait=False) for chunk in self._chunks(longer, False)])
+
+
+def features_payload(clips: list[Clip], as_images: bool, wait: bool) -> dict:
+    """`POST /features` body: the clips' last frames as images (frame mode), or the clips themselves."""
+    if as_images:
+        return {"images": [c[-1] for c in clips], "skip_existing": True, "wait": wait}
+    return {"clips": [list(c) for c in clips], "skip_existing": True, "wait": wait}
+
+
+# -- the public caches ---------------------------------------------------------------------------
+
+class _BaseFeatureCache:
+    """Arguments, counters and prefetch bookkeeping common to both caches.
+
+    service_url: one URL, several (a stable hash of the first image picks one,
+        the others take over on connection errors and 5xx), or None (read-only).
+    spec: the expected FeatureSpec (or its dict); None: from the service or the manifest.
+    fallback: "service" | "online" | "error" (see the module docstring).
+    api_token: bearer token; default from $VGGT_CACHE_API_TOKEN.
+    timeout: seconds to wait for an answer (a connect gives up after 5 s).
+    retries: rounds over all URLs after the first, with jittered exponential
+        backoff, honouring Retry-After on 429 and 503.
+    mmap: map cache files instead of reading them (see `client.cachefile.read_entry` on NFS).
+    max_request_frames: split larger calls into several requests (the service's limit).
+    """
+
+    def __init__(
+        self,
+        service_url: str | Sequence[str] | None = None,
+        spec: SpecLike = None,
+        fallback: str = "service",
+        api_token: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 3,
+        mmap: bool = True,
+        max_request_frames: int = 512,
+    ) -> None:
+        token = api_token if api_token is not None else os.environ.get(TOKEN_ENV)
+        self._transport = self._transport_class(service_url, token, timeout, retries)
+        self._core = _Core(bool(self._transport.urls), spec, fallback, mmap, max_request_frames)
+        self._start()
+        log.info(ENABLED_MESSAGE)
+
+    _transport_class: type = Transport
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """A copy of this process's counters (see the module docstring)."""
+        return dict(self._core.stats)
+
+    @property
+    def spec(self) -> FeatureSpec | None:
+        """The spec given, else the service's once known (manifests may still supply one per image)."""
+        return self._core.spec or self._core.service_spec
+
+    @property
+    def service_urls(self) -> tuple[str, ...]:
+        return self._transport.urls
+
+    def _prefetch_sent(self, payload: dict) -> None:
+        self._core.stats["prefetched"] += len(payload.get("images", ())) + len(payload.get("clips", ()))
+
+    def _prefetch_failed(self, exc: BaseException) -> None:
+        self._core.stats["prefetch_errors"] += 1
+        log.debug("Prefetch failed: %s", exc)
+
+    @staticmethod
+    def _prefetch_call(payload: dict) -> _Call:
+        first = (payload.get("images") or [c[-1] for c in payload.get("clips", [])])[0]
+        return _Call("POST", "/features", key=first, json=payload, retries=0)
+
+
+class FeatureCache(_BaseFeatureCache):
+    """Blocking cache for DataLoader workers; safe across fork (each process builds its own pool).
+
+    Arguments as in `_BaseFeatureCache`; picklable for spawned workers.
+    """
+
+    def _start(self) -> None:
+        self._prefetcher = _Prefetcher(self._send_prefetch)
+
+    def get(self, image_path: PathLike) -> torch.Tensor | None:
+        return self.get_samples([(image_path,)])[0]
+
+    def get_many(self, paths: Sequence[PathLike]) -> list[torch.Tensor | None]:
+        return self._run(self._core.lookup(_as_paths(paths)))
+
+    def get_sample(self, paths: Sequence[PathLike]) -> torch.Tensor | None:
+        """Features of the clip's last frame (the current one), in the spec's attention mode."""
+        return self.get_samples([paths])[0]
+
+    def get_samples(self, clips: Sequence[Sequence[PathLike]]) -> list[torch.Tensor | None]:
+        """`get_sample` for several clips, their misses in one request."""
+        return self._run(self._core.lookup([_as_clip(c) for c in clips]))
+
+    def prefetch(self, paths_or_clips: Sequence[PathLike | Sequence[PathLike]]) -> None:
+        """Ask the service to compute these soon, at bulk priority; returns at once, never raises."""
+        if not self._transport.urls:
+            return
+        try:
+            for payload in self._core.prefetch_payloads(paths_or_clips):
+                self._prefetcher.put(payload)
+        except Exception as exc:  # a hint must never break the training loop
+            self._prefetch_failed(exc)
+
+    def close(self) -> None:
+        self._prefetcher.close()
+        self._transport.close()
+
+    def __enter__(self) -> FeatureCache:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _run(self, work: Lookup) -> list:
+        done, value = step(work)
+        while not done:
+            done, value = step(work, self._send(value))
+        return value
+
+    def _send(self, call: _Call) -> Answer:
+        try:
+            return self._transport.request(call.method, call.path, key=call.key, json=call.json,
+                                           retries=call.retries)
+        except ServiceError as exc:
+            return exc
+
+    def _send_prefetch(self, payload: dict) -> None:
+        outcome = self._send(self._prefetch_call(payload))
+        if isinstance(outcome, ServiceError):
+            self._prefetch_failed(outcome)
+        else:
+            self._prefetch_sent(payload)
+
+
+class AsyncFeatureCache(_BaseFeatureCache):
+    """`FeatureCache` for asyncio code: the same arguments, awaitable lookups.
+
+    Local file reads run in a worker thread so they never block the event loop.
+    """
+
+    _transport_class = AsyncTransport
+
+    def _start(self) -> None:
+        self._tasks: set[asyncio.Task] = set()
+
+    async def get(self, image_path: PathLike) -> torch.Tensor | None:
+        return (await self.get_samples([(image_path,)]))[0]
+
+    async def get_many(self, paths: Sequence[PathLike]) -> list[torch.Tensor | None]:
+        return await self._run(self._core.lookup(_as_paths(paths)))
+
+    async def get_sample(self, paths: Sequence[PathLike]) -> torch.Tensor | None:
+        return (await self.get_samples([paths]))[0]
+
+    async def get_samples(self, clips: Sequence[Sequence[PathLike]]) -> list[torch.Tensor | None]:
+        return await self._run(self._core.lookup([_as_clip(c) for c in clips]))
+
+    def prefetch(self, paths_or_clips: Sequence[PathLike | Sequence[PathLike]]) -> None:
+        """Schedule bulk-priority requests on the running loop; returns at once, never raises."""
+        if not self._transport.urls:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            for payload in self._core.prefetch_payloads(paths_or_clips):
+                task = loop.create_task(self._send_prefetch(payload))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        except Exception as exc:  # no running loop, bad paths: a hint must never raise
+            self._prefetch_failed(exc)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await self._transport.aclose()
+
+    async def __aenter__(self) -> AsyncFeatureCache:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def _run(self, work: Lookup) -> list:
+        done, value = await asyncio.to_thread(step, work)
+        while not done:
+            done, value = await asyncio.to_thread(step, work, await self._send(value))
+        return value
+
+    async def _send(self, call: _Call) -> Answer:
+        try:
+            return await self._transport.request(call.method, call.path, key=call.key, json=call.json,
+                                                 retries=call.retries)
+        except ServiceError as exc:
+            return exc
+
+    async def _send_prefetch(self, payload: dict) -> None:
+        outcome = await self._send(self._prefetch_call(payload))
+        if isinstance(outcome, ServiceError):
+            self._prefetch_failed(outcome)
+        else:
+            self._prefetch_sent(payload)
+
+
+class _Prefetcher:
+    """A small background thread that posts prefetch payloads; a full queue drops hints.
+
+    Built lazily per process: a forked child starts its own thread and queue.
+    """
+
+    def __init__(self, send: Callable[[dict], None], max_pending: int = 64) -> None:
+        self._send = send
+        self._max_pending = max_pending
+        self._after_fork()
+        reset_after_fork(self)
+
+    def _after_fork(self) -> None:
+        # A lock or queue inherited mid-use from the parent may never be released: start afresh.
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+        self._lock = threading.Lock()
+
+    def put(self, payload: dict) -> None:
+        with self._lock:
+            if self._pid != os.getpid() or self._thread is None:
+                self._queue = queue.Queue(self._max_pending)
+                self._thread = threading.Thread(target=self._loop, args=(self._queue,),
+                                                name="vggt-cache-prefetch", daemon=True)
+                self._thread.start()
+                self._pid = os.getpid()
+            q = self._queue
+        try:
+            q.put_nowait(payload)
+        except queue.Full:
+            raise ServiceError("prefetch queue is full; hint dropped") from None
+
+    def _loop(self, q: queue.Queue) -> None:
+        while (payload := q.get()) is not None:
+            try:
+                self._send(payload)
+            except Exception as exc:  # the thread must survive anything one hint does
+                log.debug("Prefetch failed: %s", exc)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._pid == os.getpid():
+                try:
+                    self._queue.put_nowait(None)
+                except queue.Full:
+                    pass  # a daemon thread; it ends with the process
+            self._queue, self._thread, self._pid = None, None, None
+
+    def __getstate__(self) -> dict:
+        return {"_send": self._send, "_max_pending": self._max_pending}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._after_fork()
+        reset_after_fork(self)

@@ -1,0 +1,269 @@
+"""Talking to one or more vggt-cache services: pooled connections, retries, fail-over, fork safety.
+
+The retry plan (`Attempts`) is plain logic shared by the blocking `Transport`
+and the asyncio `AsyncTransport`; they differ only in how they send and sleep.
+
+A request visits every service URL in turn, starting at the one a stable hash
+of its key picks (so one image goes to one service and finds its work there),
+moving on at once after a connection error, a 429 or a 5xx. When a whole round
+failed it waits (exponential backoff with jitter, or the longest `Retry-After`
+it was given) and starts the next round, `retries` times. Other answers (401,
+403, 413, 422, ...) are final and raise `ServiceError` with the service's
+message; so does a read timeout, since retrying would queue the same work again.
+
+Each process gets its own connection pool, built on first use: after a fork
+(DataLoader workers) the child drops the parent's pool instead of sharing its
+sockets, and a pickled transport (spawned workers) travels without one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import os
+import random
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+CONNECT_TIMEOUT_S = 5.0
+
+_after_fork_in_child: weakref.WeakSet = weakref.WeakSet()
+
+
+def reset_after_fork(obj: Any) -> None:
+    """Call `obj._after_fork()` in every child forked from now on (while obj lives)."""
+    _after_fork_in_child.add(obj)
+
+
+def _reset_all() -> None:
+    for obj in list(_after_fork_in_child):
+        obj._after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_all)
+
+
+class ServiceError(RuntimeError):
+    """The service could not answer: unreachable after every retry, or a final error status."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    retries: int = 3  # rounds over all URLs after the first
+    backoff_s: float = 0.25  # first wait; doubles each round
+    max_backoff_s: float = 8.0
+    max_retry_after_s: float = 60.0  # a Retry-After beyond this is cut to it
+
+    def delay(self, round_index: int, retry_after: float | None) -> float:
+        """Seconds to wait before round `round_index` (>= 1)."""
+        if retry_after is not None:
+            # At least what the service asked, spread a little so clients do not return in lockstep.
+            return min(retry_after, self.max_retry_after_s) * random.uniform(1.0, 1.1)
+        ceiling = min(self.max_backoff_s, self.backoff_s * 2 ** (round_index - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+def normalise_urls(service_url: str | Sequence[str] | None) -> tuple[str, ...]:
+    if service_url is None:
+        return ()
+    urls = (service_url,) if isinstance(service_url, str) else tuple(service_url)
+    for url in urls:
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ValueError(f"a service URL must start with http:// or https://, got {url!r}")
+    return tuple(url.rstrip("/") for url in urls)
+
+
+def ordered_urls(urls: Sequence[str], key: str | None) -> list[str]:
+    """`urls` rotated to start at the one a stable hash of `key` picks (same in every process)."""
+    urls = list(urls)
+    if len(urls) < 2 or key is None:
+        return urls
+    start = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % len(urls)
+    return urls[start:] + urls[:start]
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header (delta-seconds or an HTTP date); None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def error_detail(response: httpx.Response) -> str:
+    """The service's message: FastAPI's `{"detail": ...}` or the start of the body."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    return str(detail) if detail else response.text[:300]
+
+
+class Attempts:
+    """The tries of one request, as `(url, seconds to wait first)`; report each outcome back.
+
+    `answered` returns True for a 2xx, False for a retryable status, and raises
+    ServiceError for a final one; `failed` takes a transport exception. When the
+    iteration ends without an answer, raise `exhausted()`.
+    """
+
+    def __init__(self, urls: Sequence[str], key: str | None, policy: RetryPolicy, retries: int | None = None) -> None:
+        if not urls:
+            raise ServiceError("no service URL configured")
+        self._order = ordered_urls(urls, key)
+        self._policy = policy
+        self._rounds = 1 + (policy.retries if retries is None else retries)
+        self._retry_after: float | None = None
+        self._failures: list[str] = []
+
+    def __iter__(self) -> Iterator[tuple[str, float]]:
+        for round_index in range(self._rounds):
+            wait = self._policy.delay(round_index, self._retry_after) if round_index else 0.0
+            self._retry_after = None
+            for url in self._order:
+                yield url, wait
+                wait = 0.0
+
+    def answered(self, url: str, response: httpx.Response) -> bool:
+        if response.is_success:
+            return True
+        detail = error_detail(response)
+        if response.status_code not in RETRY_STATUSES:
+            raise ServiceError(f"{url} answered {response.status_code}: {detail}", response.status_code)
+        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        if retry_after is not None:
+            self._retry_after = max(self._retry_after or 0.0, retry_after)
+        self._failures.append(f"{url}: {response.status_code} {detail}")
+        return False
+
+    def failed(self, url: str, exc: httpx.TransportError) -> None:
+        if isinstance(exc, httpx.ReadTimeout):
+            raise ServiceError(f"{url} did not answer in time ({exc}); raise the client timeout "
+                               "or ask for fewer features per call") from exc
+        self._failures.append(f"{url}: {type(exc).__name__}: {exc}")
+
+    def exhausted(self) -> ServiceError:
+        tries = len(self._failures)
+        recent = "; ".join(self._failures[-len(self._order):])
+        return ServiceError(f"no vggt-cache service answered after {tries} tries ({recent})")
+
+
+class _BaseTransport:
+    """Settings and the per-process pool; subclasses send."""
+
+    def __init__(
+        self,
+        service_url: str | Sequence[str] | None,
+        api_token: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 3,
+    ) -> None:
+        self.urls = normalise_urls(service_url)
+        self.policy = RetryPolicy(retries=retries)
+        self.timeout = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S))
+        self._headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
+        self._pool: Any = None
+        self._pool_pid: int | None = None
+        reset_after_fork(self)
+
+    def _after_fork(self) -> None:
+        # Drop, never close: closing would shut down sockets the parent still uses.
+        self._pool, self._pool_pid = None, None
+
+    @property
+    def pool_pid(self) -> int | None:
+        """The process whose pool this transport holds (None before first use)."""
+        return self._pool_pid
+
+    def _current_pool(self) -> Any:
+        if self._pool is None or self._pool_pid != os.getpid():
+            self._pool, self._pool_pid = self._new_pool(), os.getpid()
+        return self._pool
+
+    def _new_pool(self) -> Any:
+        raise NotImplementedError
+
+    def _attempts(self, key: str | None, retries: int | None) -> Attempts:
+        return Attempts(self.urls, key, self.policy, retries)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None, "_pool_pid": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        reset_after_fork(self)
+
+
+class Transport(_BaseTransport):
+    """Blocking requests over one `httpx.Client` per process."""
+
+    def _new_pool(self) -> httpx.Client:
+        return httpx.Client(timeout=self.timeout, headers=self._headers)
+
+    def request(self, method: str, path: str, key: str | None = None, json: Any = None,
+                retries: int | None = None) -> httpx.Response:
+        """Send to the URL `key` picks, failing over and retrying; returns the first 2xx response."""
+        attempts = self._attempts(key, retries)
+        for url, wait in attempts:
+            if wait:
+                time.sleep(wait)
+            try:
+                response = self._current_pool().request(method, url + path, json=json)
+            except httpx.TransportError as exc:
+                attempts.failed(url, exc)
+                continue
+            if attempts.answered(url, response):
+                return response
+        raise attempts.exhausted()
+
+    def close(self) -> None:
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.close()
+        self._pool, self._pool_pid = None, None
+
+
+class AsyncTransport(_BaseTransport):
+    """The same requests over one `httpx.AsyncClient` per process (use it from one event loop)."""
+
+    def _new_pool(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(timeout=self.timeout, headers=self._headers)
+
+    async def request(self, method: str, path: str, key: str | None = None, json: Any = None,
+                      retries: int | None = None) -> httpx.Response:
+        attempts = self._attempts(key, retries)
+        for url, wait in attempts:
+            if wait:
+                await asyncio.sleep(wait)
+            try:
+                response = await self._current_pool().request(method, url + path, json=json)
+            except httpx.TransportError as exc:
+                attempts.failed(url, exc)
+                continue
+            if attempts.answered(url, response):
+                return response
+        raise attempts.exhausted()
+
+    async def aclose(self) -> None:
+        if self._pool is not None and self._pool_pid == os.getpid():
+            await self._pool.aclose()
+        self._pool, self._pool_pid = None, None

@@ -1,0 +1,346 @@
+"""The engine with the tiny fixture model, real images and real cache files in tmp_path."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from client.cachefile import Outcome, cache_path, read_entry
+from client.spec import FeatureSpec
+from service.engine import Engine, EngineStopped, Priority, UnitResult
+from service.model import load_aggregator
+from service.preprocess import preprocess
+from service.units import Unit
+
+FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
+SIZE = 56  # 80x60 images crop to 42x56: a 3x4 patch grid
+LONG_WAIT_MS = 60_000  # batches then run when full or when nothing more is decoding: deterministic sizes
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_aggregator(str(FIXTURE))
+
+
+def make_spec(loaded, **overrides) -> FeatureSpec:
+    return FeatureSpec(fingerprint=loaded.fingerprint, architecture=loaded.config.to_dict(),
+                       size=SIZE, **overrides)
+
+
+def write_image(path: Path, seed: int, size: tuple[int, int] = (80, 60), black: bool = False) -> str:
+    shape = (size[1], size[0], 3)
+    pixels = np.zeros(shape, np.uint8) if black else np.random.default_rng(seed).integers(0, 256, shape, np.uint8)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def images(folder: Path, n: int, first_seed: int = 0) -> list[str]:
+    folder.mkdir(exist_ok=True)
+    return [write_image(folder / f"img_{i:03d}.png", first_seed + i) for i in range(n)]
+
+
+def results(futures) -> list[UnitResult]:
+    return [f.result(timeout=60) for f in futures]
+
+
+def statuses(done: list[UnitResult]) -> list[str]:
+    return [e.status for r in done for e in r.entries]
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached before the deadline")
+        time.sleep(0.005)
+
+
+class Gate:
+    """A before_forward hook that holds the device until released, recording batch sizes."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.sizes: list[int] = []
+
+    def __call__(self, batch: torch.Tensor) -> None:
+        self.sizes.append(batch.shape[0])
+        self.entered.set()
+        if not self.release.wait(60):
+            raise TimeoutError("the test never released the gate")
+
+
+def reference(loaded, spec: FeatureSpec, frames: list[str]) -> torch.Tensor:
+    """Per-frame expected entries [S, (L,) P, C] in float32, straight from the model on one clip."""
+    clip = torch.stack([preprocess(p, spec.preprocess, spec.size, spec.align) for p in frames])[None]
+    with torch.inference_mode():
+        outputs, start = loaded.model(clip, attention=spec.attention, layers=list(spec.layers))
+    if spec.tokens == "all":
+        start = 0
+    per_layer = [out[0, :, start:] for out in outputs]  # each [S, P, C]
+    return per_layer[0] if len(per_layer) == 1 else torch.stack(per_layer, dim=1)
+
+
+def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.dtype == dtype
+    # Storage-dtype precision: at most about one rounding step of the stored dtype apart.
+    rtol = max(torch.finfo(dtype).eps, 1e-5)
+    torch.testing.assert_close(actual.float(), expected.to(dtype).float(), rtol=rtol,
+                               atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "attention, overrides",
+    [
+        ("frame", {"dtype": "bfloat16"}),
+        ("sequence", {"dtype": "float32", "layers": (0, 1), "tokens": "all"}),
+        ("causal", {"dtype": "float16", "layers": (-1,)}),
+    ],
+)
+def test_entries_equal_the_models_direct_output(loaded, tmp_path, attention, overrides):
+    spec = make_spec(loaded, attention=attention, **overrides)
+    if attention == "frame":
+        clips = [[p] for p in images(tmp_path, 4)]
+    else:  # two clips of three frames: one forward for both
+        clips = [images(tmp_path / "a", 3, 0), images(tmp_path / "b", 3, 10)]
+    units = [Unit.for_clip(attention, clip) for clip in clips]
+    with Engine(loaded, spec, max_batch_frames=8, max_wait_ms=LONG_WAIT_MS) as engine:
+        done = results(engine.submit(units, Priority.ON_DEMAND, verify=True))
+        assert engine.stats()["batches"] == 1
+    for clip, unit, result in zip(clips, units, done):
+        expected = reference(loaded, spec, clip)
+        assert [e.image for e in result.entries] == list(unit.targets)
+        for entry in result.entries:
+            assert entry.status == "computed", entry.error
+            assert entry.grid == (3, 4)
+            read = read_entry(entry.image, spec, context_frames=None if attention == "frame" else clip)
+            assert read.outcome is Outcome.HIT, read.reason
+            assert torch.equal(read.features, entry.features)
+            assert_matches(read.features, expected[clip.index(entry.image)], spec.torch_dtype)
+            assert (read.meta["context"] is None) == (attention == "frame")
+    if attention == "sequence":
+        assert done[0].entries[0].features.shape == (2, 5 + 12, 128)  # [L, camera + registers + patches, 2C]
+    else:
+        assert done[0].entries[0].features.shape == (12, 128)  # [P, 2C]
+
+
+def test_overlapping_causal_clips_follow_a_rewritten_frame(loaded, tmp_path):
+    spec = make_spec(loaded, attention="causal", dtype="float32")
+    frames = images(tmp_path, 4)
+    clips = [frames[0:3], frames[1:4]]  # sliding windows share frames 1 and 2
+    units = [Unit.causal(c) for c in clips]
+    with Engine(loaded, spec, max_batch_frames=8, max_wait_ms=LONG_WAIT_MS) as engine:
+        results(engine.submit(units))
+        write_image(Path(frames[1]), seed=55)  # a shared context frame changes
+        stat = os.stat(frames[1])
+        os.utime(frames[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        done = results(engine.submit(units))
+    assert statuses(done) == ["computed", "computed"]  # both contexts are stale now
+    for clip, result in zip(clips, done):
+        assert_matches(result.entries[0].features, reference(loaded, spec, clip)[-1], spec.torch_dtype)
+
+
+def test_units_submitted_together_share_forwards(loaded, tmp_path):
+    paths = images(tmp_path, 6)
+    with Engine(loaded, make_spec(loaded), max_batch_frames=4, max_wait_ms=LONG_WAIT_MS) as engine:
+        done = results(engine.submit([Unit.frame(p) for p in paths], Priority.ON_DEMAND))
+        stats = engine.stats()
+    assert statuses(done) == ["computed"] * 6
+    assert stats["batches"] == 2 and stats["frames"] == 6  # 4 + 2, not 6 forwards
+    assert stats["units"] == {"computed": 6, "cached": 0, "failed": 0}
+    assert stats["queued"] == {"on_demand": 0, "bulk": 0}
+    assert stats["images_per_s"] > 0
+    assert 0 < stats["busy_fraction"] <= 1
+    assert stats["devices"][0]["memory"]["rss_bytes"] > 0
+
+
+def test_on_demand_goes_ahead_of_a_bulk_backlog(loaded, tmp_path):
+    bulk = [Unit.frame(p) for p in images(tmp_path, 8)]
+    urgent = Unit.frame(write_image(tmp_path / "urgent.png", 99))
+    gate = Gate()
+    order: list[str] = []
+    engine = Engine(loaded, make_spec(loaded), max_batch_frames=2, decode_workers=1, write_workers=1,
+                    bulk_queue_batches=2, before_forward=gate)
+    engine.start()
+    try:
+        bulk_futures: list = []
+        submitter = threading.Thread(target=lambda: bulk_futures.extend(engine.submit(bulk, Priority.BULK)))
+        submitter.start()
+        assert gate.entered.wait(30)  # the first bulk batch holds the device
+        # The bounded bulk queue makes the submitter wait: 2 batches of 2 frames, no more.
+        wait_until(lambda: engine.pending(Priority.BULK) == 4)
+        assert submitter.is_alive()
+        [urgent_future] = engine.submit([urgent], Priority.ON_DEMAND)
+        urgent_future.add_done_callback(lambda f: order.append("urgent"))
+        wait_until(lambda: engine.stats()["decoding"]["on_demand"] == 0)
+        gate.release.set()
+        submitter.join(30)
+        for unit, future in zip(bulk, bulk_futures):
+            future.add_done_callback(lambda f, name=unit.targets[0]: order.append(name))
+        results(bulk_futures + [urgent_future])
+    finally:
+        gate.release.set()
+        engine.stop()
+    first_batch = gate.sizes[0]
+    assert gate.sizes[1] == 1  # the very next forward is the on-demand unit alone
+    assert order.index("urgent") == first_batch  # only the batch already on the device finished before it
+    assert len(order) == 9
+
+
+def test_skip_existing_reads_valid_entries_and_recomputes_stale_ones(loaded, tmp_path):
+    paths = images(tmp_path, 3)
+    units = [Unit.frame(p) for p in paths]
+    with Engine(loaded, make_spec(loaded), max_batch_frames=8, max_wait_ms=LONG_WAIT_MS) as engine:
+        first = results(engine.submit(units))
+        assert statuses(first) == ["computed"] * 3
+
+        again = results(engine.submit(units))
+        assert statuses(again) == ["cached"] * 3
+        assert engine.stats()["batches"] == 1  # no compute for cached units
+        for a, b in zip(first, again):
+            assert torch.equal(a.entries[0].features, b.entries[0].features)
+            assert b.entries[0].grid == (3, 4)
+
+        write_image(Path(paths[0]), seed=123)  # rewritten image: its entry is stale
+        stat = os.stat(paths[0])
+        os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+        Path(cache_path(paths[1])).write_bytes(b"not a torch file")  # corrupt entry
+        third = results(engine.submit(units, return_features=False))
+        assert statuses(third) == ["computed", "computed", "cached"]
+        assert all(e.features is None for r in third for e in r.entries)
+        assert engine.stats()["batches"] == 2
+
+        forced = results(engine.submit(units, skip_existing=False))
+        assert statuses(forced) == ["computed"] * 3
+    for p in paths:
+        assert read_entry(p, make_spec(loaded)).outcome is Outcome.HIT
+
+
+def test_a_corrupt_image_fails_alone(loaded, tmp_path):
+    good = images(tmp_path, 3)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 definitely not a jpeg")
+    missing = str(tmp_path / "missing.png")
+    units = [Unit.frame(p) for p in (good[0], str(bad), good[1], missing, good[2])]
+    with Engine(loaded, make_spec(loaded), max_batch_frames=8, max_wait_ms=LONG_WAIT_MS) as engine:
+        done = results(engine.submit(units))
+        assert engine.stats()["batches"] == 1  # the good ones still share one forward
+    assert statuses(done) == ["computed", "failed", "computed", "failed", "computed"]
+    assert "bad.jpg" in done[1].entries[0].error
+    assert "missing.png" in done[3].entries[0].error
+    assert not os.path.exists(cache_path(str(bad)))
+
+
+def test_a_mismatched_clip_fails_with_a_message(loaded, tmp_path):
+    frames = [write_image(tmp_path / "wide.png", 1, (80, 60)), write_image(tmp_path / "tall.png", 2, (60, 80))]
+    with Engine(loaded, make_spec(loaded, attention="sequence")) as engine:
+        [done] = results(engine.submit([Unit.sequence(frames)]))
+    assert statuses([done]) == ["failed", "failed"]
+    assert "one size" in done.entries[0].error
+
+
+def test_out_of_memory_splits_the_batch_until_it_fits(loaded, tmp_path):
+    def small_batches_only(batch: torch.Tensor) -> None:
+        if batch.shape[0] > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    spec = make_spec(loaded)
+    paths = images(tmp_path, 5)
+    with Engine(loaded, spec, max_batch_frames=8, max_wait_ms=LONG_WAIT_MS,
+                before_forward=small_batches_only) as engine:
+        done = results(engine.submit([Unit.frame(p) for p in paths]))
+        stats = engine.stats()
+    assert statuses(done) == ["computed"] * 5
+    assert stats["oom_splits"] == 4  # 5 -> 2 + 3, 2 -> 1 + 1, 3 -> 1 + 2, 2 -> 1 + 1
+    assert stats["batches"] == 5
+    for p, r in zip(paths, done):
+        assert_matches(r.entries[0].features, reference(loaded, spec, [p])[0], spec.torch_dtype)
+
+
+def test_a_unit_that_never_fits_fails_and_the_rest_go_on(loaded, tmp_path):
+    def black_frames_never_fit(batch: torch.Tensor) -> None:
+        if (batch.amax(dim=(1, 2, 3, 4)) == 0).any():
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+
+    paths = images(tmp_path, 3)
+    black = write_image(tmp_path / "black.png", 0, black=True)
+    units = [Unit.frame(p) for p in (paths[0], black, paths[1], paths[2])]
+    with Engine(loaded, make_spec(loaded), max_batch_frames=8, max_wait_ms=LONG_WAIT_MS,
+                before_forward=black_frames_never_fit) as engine:
+        done = results(engine.submit(units))
+    assert statuses(done) == ["computed", "failed", "computed", "computed"]
+    assert "out of memory" in done[1].entries[0].error
+    assert not os.path.exists(cache_path(black))
+
+
+def test_an_image_rewritten_during_compute_leaves_a_stale_entry_that_verify_reports(loaded, tmp_path):
+    [path] = images(tmp_path, 1)
+
+    def rewrite_once(batch: torch.Tensor) -> None:
+        if not rewritten:
+            rewritten.append(True)
+            write_image(Path(path), seed=7, size=(84, 63))
+
+    rewritten: list[bool] = []
+    spec = make_spec(loaded)
+    with Engine(loaded, spec, before_forward=rewrite_once) as engine:
+        [done] = results(engine.submit([Unit.frame(path)], verify=True))
+        assert done.entries[0].status == "failed"
+        assert "verify failed" in done.entries[0].error
+        assert read_entry(path, spec).outcome is Outcome.STALE  # stat-ed before decoding
+        [again] = results(engine.submit([Unit.frame(path)], verify=True))
+    assert again.entries[0].status == "computed"
+    assert read_entry(path, spec).outcome is Outcome.HIT
+
+
+def test_submit_is_thread_safe(loaded, tmp_path):
+    paths = images(tmp_path, 12)
+    futures: list = []
+    lock = threading.Lock()
+
+    def client(chunk: list[str]) -> None:
+        got = engine.submit([Unit.frame(p) for p in chunk], Priority.ON_DEMAND)
+        with lock:
+            futures.extend(got)
+
+    with Engine(loaded, make_spec(loaded), max_batch_frames=4) as engine:
+        threads = [threading.Thread(target=client, args=(paths[i::4],)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        done = results(futures)
+        assert engine.stats()["units"]["computed"] == 12
+    assert sorted(r.entries[0].image for r in done) == sorted(paths)
+    assert statuses(done) == ["computed"] * 12
+
+
+def test_stop_finishes_the_batch_in_flight_and_fails_queued_units(loaded, tmp_path):
+    paths = images(tmp_path, 3)
+    gate = Gate()
+    engine = Engine(loaded, make_spec(loaded), max_batch_frames=1, before_forward=gate)
+    engine.start()
+    assert engine.ready
+    [running] = engine.submit([Unit.frame(paths[0])])
+    assert gate.entered.wait(30)
+    queued = engine.submit([Unit.frame(p) for p in paths[1:]])
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    for future in queued:
+        with pytest.raises(EngineStopped, match="service shutting down"):
+            future.result(timeout=30)
+    gate.release.set()
+    stopper.join(30)
+    assert not stopper.is_alive() and engine.stopped and not engine.ready
+    assert running.result(timeout=30).entries[0].status == "computed"
+    assert read_entry(paths[0], make_spec(loaded)).outcome is Outcome.HIT
+    with pytest.raises(EngineStopped):
+        engine.submit([Unit.frame(paths[1])])
