@@ -23,7 +23,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -33,7 +32,7 @@ import torch
 from client.cachefile import Outcome, context_record, read_entry, source_record, write_entry
 from client.spec import FeatureSpec
 from service.model import LoadedModel
-from service.model.features import select_features
+from service.model.features import feature_autocast, select_features
 from service.preprocess import load_image, preprocess
 from service.units import Unit
 
@@ -315,10 +314,7 @@ class _Device:
         self.busy_since: float | None = None  # start of the forward in flight
 
     def autocast(self) -> Any:
-        # bfloat16 on CUDA (VGGT's own inference setting); float32 on the CPU.
-        if self.is_cuda:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return feature_autocast(self.device)
 
     def memory(self) -> dict[str, int]:
         if self.is_cuda:

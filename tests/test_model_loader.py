@@ -196,6 +196,16 @@ def test_fingerprint_survives_a_corrupt_sidecar(tmp_path, cache_home):
     assert json.loads((cache_home / "fingerprints.json").read_text())[str(target)]["fingerprint"] == expected
 
 
+def test_fingerprint_sidecar_forgets_deleted_files(tmp_path, cache_home):
+    gone, kept = tmp_path / "gone.bin", tmp_path / "kept.bin"
+    gone.write_bytes(b"old")
+    kept.write_bytes(b"new")
+    file_fingerprint(gone)
+    gone.unlink()
+    file_fingerprint(kept)
+    assert list(json.loads((cache_home / "fingerprints.json").read_text())) == [str(kept)]
+
+
 def test_full_size_model_on_meta_has_the_official_keys():
     official = json.loads(KEYS_1B.read_text())
     expected = {k.removeprefix("aggregator."): v for k, v in official["keys"].items() if k.startswith("aggregator.")}

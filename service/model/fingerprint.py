@@ -21,17 +21,21 @@ def sidecar_path() -> Path:
 
 
 def file_fingerprint(path: str | os.PathLike) -> str:
-    """"sha256:<hex>" of the file's bytes; hashed once per (absolute path, size, mtime_ns)."""
+    """Fingerprint "sha256:<hex>" of the file's bytes, hashed once per (absolute path, size, mtime_ns)."""
     path = os.path.abspath(path)
     st = os.stat(path)
     sidecar = sidecar_path()
     entries = _read_sidecar(sidecar)
     entry = entries.get(path)
-    if entry and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
+    if isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns:
         return entry["fingerprint"]
     fingerprint = "sha256:" + _sha256_file(path)
-    # Re-read so entries written by other processes meanwhile survive.
-    entries = _read_sidecar(sidecar)
+    after = os.stat(path)
+    if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        log.warning("%s changed while it was hashed; its fingerprint is not memoised", path)
+        return fingerprint
+    # Re-read so entries written by other processes meanwhile survive; forget deleted files.
+    entries = {p: e for p, e in _read_sidecar(sidecar).items() if os.path.exists(p)}
     entries[path] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "fingerprint": fingerprint}
     _write_sidecar(sidecar, entries)
     return fingerprint

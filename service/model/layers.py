@@ -12,7 +12,7 @@ from .rope import apply_rope
 
 # Receives a block's new keys and values [B, heads, N, head_dim]; returns the ones to attend to
 # (earlier frames' keys/values prepended when streaming).
-KVUpdate = Callable[[Tensor, Tensor], "tuple[Tensor, Tensor]"]
+KVUpdate = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
 
 class Attention(nn.Module):
