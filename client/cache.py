@@ -220,7 +220,12 @@ class _Core:
         self.stats = dict.fromkeys(STAT_KEYS, 0)
         self._status_error = "not asked yet"
         self._status_retry_at = 0.0
-        self._warned_failure = False
+        self._warned: set[str] = set()  # one-time warnings of this cache
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message, *args)
 
     def expected_spec(self, image: str) -> FeatureSpec | None:
         for spec in (self.spec, self.service_spec):
@@ -266,7 +271,7 @@ class _Core:
         result = _read_clip(clip, spec, self.mmap)
         if spec is None and result.hit:
             self.pinned = as_spec(result.meta["spec"])
-            _warn_once("pinned", "No expected VGGT feature spec (pass spec=, service_url= or keep %s in the "
+            self._warn_once("pinned", "No expected VGGT feature spec (pass spec=, service_url= or keep %s in the "
                        "data root): accepting entries made like the first one read, spec %s (%s attention)",
                        MANIFEST_NAME, self.pinned.digest, self.pinned.attention)
             return self._read(clip)
@@ -348,12 +353,11 @@ class _Core:
             self.stats["errors"] += n
         if self.fallback == "online" or (self.fallback == "service" and not self.has_service):
             self.stats["fallbacks"] += n
-            if not self.has_service:
-                _warn_once("no-service", "VGGT features missing from the cache and no service_url was given: "
-                           "returning None so the model computes them online (%s)", summary)
-            elif not self._warned_failure:
-                self._warned_failure = True
-                log.warning("The VGGT feature service failed; computing online instead: %s", summary)
+            if self.has_service:
+                self._warn_once("failed", "The VGGT feature service failed; computing online instead: %s", summary)
+            else:
+                self._warn_once("no-service", "VGGT features missing from the cache and no service_url was given: "
+                                "returning None so the model computes them online (%s)", summary)
             return
         raise CacheUnavailable(f"{n} VGGT feature(s) are neither cached nor available from the service: "
                                f"{summary}\n{START_HINT}")

@@ -19,6 +19,7 @@ def setup_logging(verbose: bool = False) -> None:
     logging.addLevelName(logging.WARNING, "WARN")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="[%(levelname)s] %(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
 
 
 def _env(name: str, default: str | None = None) -> str | None:

@@ -1,0 +1,80 @@
+"""Helpers shared by the tests that drive a real service: tiny images, job polling, the service's spec."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import httpx
+import numpy as np
+from PIL import Image
+
+from client.spec import FeatureSpec
+
+T = TypeVar("T")
+TERMINAL = ("finished", "failed", "cancelled")
+POLL_S = 0.02
+
+
+def write_images(folder: str | os.PathLike, names: Sequence[str], size: tuple[int, int] = (56, 56),
+                 seed: int = 0) -> list[str]:
+    """Random RGB PNGs (width, height = `size`) under `folder`; returns their absolute paths."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for name in names:
+        path = Path(folder, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path)
+        paths.append(str(path.resolve()))
+    return paths
+
+
+def poll(fn: Callable[[], T | None], timeout: float, what: str) -> T:
+    """Call `fn` until it returns something truthy; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(POLL_S)  # polling with a deadline, not synchronising
+
+
+def job(http: httpx.Client, job_id: str) -> dict:
+    return http.get(f"/jobs/{job_id}").raise_for_status().json()
+
+
+def wait_job(http: httpx.Client, job_id: str, until: Callable[[dict], bool] | None = None,
+             timeout: float = 60.0) -> dict:
+    """Poll `/jobs/{id}` until `until(view)` (default: a terminal state); returns that view."""
+    until = until or (lambda view: view["state"] in TERMINAL)
+
+    def reached() -> dict | None:
+        view = job(http, job_id)
+        return view if until(view) else None
+
+    return poll(reached, timeout, f"job {job_id} to reach the expected state")
+
+
+def done(view: dict) -> int:
+    return view["computed"] + view["skipped"] + view["failed"]
+
+
+def service_spec(http: httpx.Client) -> FeatureSpec:
+    """The FeatureSpec the service writes entries with, as `/status` reports it."""
+    spec = dict(http.get("/status").raise_for_status().json()["spec"])
+    spec.pop("digest")
+    return FeatureSpec.from_dict(spec)
+
+
+def cache_files(folder: str | os.PathLike) -> list[Path]:
+    return sorted(Path(folder).rglob("*.vggt_cache.pt"))
+
+
+def temp_files(folder: str | os.PathLike) -> list[Path]:
+    return sorted(p for p in Path(folder).rglob("*") if p.name.endswith(".tmp"))
