@@ -228,10 +228,7 @@ class _Core:
             log.warning(message, *args)
 
     def expected_spec(self, image: str) -> FeatureSpec | None:
-        for spec in (self.spec, self.service_spec):
-            if spec is not None:
-                return spec
-        return nearest_manifest_spec(image) or self.pinned
+        return self.spec or self.service_spec or nearest_manifest_spec(image) or self.pinned
 
     # The lookup of one call, as a generator of the requests it needs.
     def lookup(self, clips: list[Clip]) -> Lookup:
@@ -271,9 +268,9 @@ class _Core:
         result = _read_clip(clip, spec, self.mmap)
         if spec is None and result.hit:
             self.pinned = as_spec(result.meta["spec"])
-            self._warn_once("pinned", "No expected VGGT feature spec (pass spec=, service_url= or keep %s in the "
-                       "data root): accepting entries made like the first one read, spec %s (%s attention)",
-                       MANIFEST_NAME, self.pinned.digest, self.pinned.attention)
+            self._warn_once("pinned", "No expected VGGT feature spec (pass spec=, service_url= or keep %s in "
+                            "the data root): accepting entries made like the first one read, spec %s (%s attention)",
+                            MANIFEST_NAME, self.pinned.digest, self.pinned.attention)
             return self._read(clip)
         self.stats[_OUTCOME_STAT[result.outcome]] += 1
         _warn_unusable(result)

@@ -5,8 +5,10 @@ A file is `torch.save({"features": Tensor, "meta": dict})`, so the seed's
 is `[P, C]` for one layer or `[L, P, C]` for several, in the spec's dtype;
 `meta` holds only plain JSON values (see `write_entry`).
 
-Reading never unpickles arbitrary objects (`weights_only=True`) and never
-raises for a bad file: the outcome says what is wrong. The order of checks is
+Reading never unpickles arbitrary objects and never raises for a bad file:
+the outcome says what is wrong. Files in the layout `write_entry` produces are
+parsed by a fast path (see `_load_fast`); anything else goes to
+`torch.load(weights_only=True)`. The order of checks is
 missing -> corrupt -> spec mismatch -> stale (source, then context).
 Context rules: a caller that passes `context_frames` to an entry without
 context (a `frame`-mode entry) gets SPEC_MISMATCH; one that passes none to an
@@ -17,16 +19,22 @@ changed), so tools that do not know the clip can still verify an entry.
 from __future__ import annotations
 
 import contextlib
+import copyreg
+import io
+import math
 import os
+import pickle
 import secrets
+import struct
 import time
+import zlib
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 
-from client.spec import FeatureSpec, short_digest
+from client.spec import FeatureSpec, canonical_json, short_digest
 
 CACHE_SUFFIX = ".vggt_cache.pt"
 FORMAT_VERSION = 1
@@ -127,9 +135,10 @@ def read_entry(
 ) -> ReadResult:
     """Read and validate the entry of `image_path`; never raises for a bad file.
 
-    `mmap=True` maps the file instead of copying it; the mapping outlives a
-    concurrent `os.replace` on a local file system. On NFS, where another host's
-    replace can invalidate mapped pages, prefer `mmap=False`.
+    `mmap=True` maps the file (pages are read when the tensor is used) and the
+    mapping outlives a concurrent `os.replace` on a local file system; on NFS,
+    where another host's replace can invalidate mapped pages, or when tensors
+    are kept for long, prefer `mmap=False`, which reads the file in one call.
     """
     path = cache_path(image_path)
 
@@ -137,14 +146,14 @@ def read_entry(
         return ReadResult(outcome, None, meta, reason, path)
 
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        data = _load(path, mmap)
     except FileNotFoundError:
         return result(Outcome.MISSING, "no cache file")
     except Exception as e:  # truncated zip, foreign pickle, refused globals, I/O errors
         return result(Outcome.CORRUPT, f"unreadable: {type(e).__name__}: {e}")
 
     try:
-        parsed = _parse(data)
+        parsed = _parse(data, spec)
     except Exception as e:  # odd values in a foreign file must not escape as errors
         parsed = f"invalid structure: {type(e).__name__}: {e}"
     if isinstance(parsed, str):
@@ -228,7 +237,7 @@ def _is_frame_record(record: Any) -> bool:
     )
 
 
-def _parse(data: Any) -> tuple[torch.Tensor, dict, FeatureSpec] | str:
+def _parse(data: Any, expected: FeatureSpec | None) -> tuple[torch.Tensor, dict, FeatureSpec] | str:
     """The entry's parts, or why it is not a valid entry."""
     if not isinstance(data, dict) or not isinstance(data.get("features"), torch.Tensor):
         return "not a cache entry (no 'features' tensor)"
@@ -241,7 +250,9 @@ def _parse(data: Any) -> tuple[torch.Tensor, dict, FeatureSpec] | str:
     if meta["format_version"] != FORMAT_VERSION or isinstance(meta["format_version"], bool):
         return f"unsupported format_version {meta['format_version']!r}"
     try:
-        spec = FeatureSpec.from_dict(meta["spec"])
+        # The common case, the expected spec itself, skips building and validating a new one.
+        same = expected is not None and canonical_json(meta["spec"]) == expected.canonical_json()
+        spec = expected if same else FeatureSpec.from_dict(meta["spec"])
     except (TypeError, ValueError) as e:
         return f"invalid spec: {e}"
     if meta["spec_digest"] != spec.digest:
@@ -274,6 +285,158 @@ def _changed_context_frame(target: PathLike, frames: list) -> str | None:
         if current != {"size": record["size"], "mtime_ns": record["mtime_ns"]}:
             return frame
     return None
+
+
+def _load(path: str, use_mmap: bool) -> Any:
+    try:
+        return _load_fast(path, use_mmap)
+    except FileNotFoundError:
+        raise
+    except Exception:  # outside the fast path's layout, or damaged: torch.load decides
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+
+
+# Fast path. torch.load spends ~140 us per call before touching any data (a
+# pure-Python unpickler, fake-tensor and pytree checks): about what copying a
+# 4 MB entry costs. The files write_entry makes have one simple layout, so they
+# are parsed here from one read (or one mapping) of the whole file: the zip
+# directory by hand, `data.pkl` with the C unpickler restricted to five globals
+# that resolve to inert values (no torch or user code can run), and the tensor
+# as a view of the bytes already in memory. Anything unexpected raises, and
+# `_load` hands the file to torch.load(weights_only=True) instead.
+
+_MAX_PICKLE_BYTES = 1 << 20
+_STORAGE_DTYPES = {
+    "BFloat16Storage": torch.bfloat16,
+    "HalfStorage": torch.float16,
+    "FloatStorage": torch.float32,
+}
+_END = struct.Struct("<4s4H2LH")  # end of central directory
+_CENTRAL = struct.Struct("<4s6H3L5H2L")  # central directory entry
+_LOCAL = struct.Struct("<4s5H3L2H")  # local file header
+
+
+class _StorageRef(NamedTuple):
+    dtype: torch.dtype
+    key: str
+    numel: int
+
+
+class _TensorRef(NamedTuple):
+    storage: Any
+    offset: Any
+    size: Any
+    stride: Any
+    requires_grad: Any
+    hooks: Any
+    metadata: Any = None
+
+
+class _Unsupported(Exception):
+    """The file is outside the fast path's layout."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    # NamedTuples refuse BUILD (no __dict__, read-only fields), dtypes are not callable.
+    _GLOBALS = {
+        ("torch._utils", "_rebuild_tensor_v2"): _TensorRef,
+        ("collections", "OrderedDict"): dict,
+        **{("torch", name): dtype for name, dtype in _STORAGE_DTYPES.items()},
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return self._GLOBALS[(module, name)]
+        except KeyError:
+            raise _Unsupported(f"global {module}.{name}") from None
+
+    def persistent_load(self, pid: Any) -> _StorageRef:
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], torch.dtype)
+            and isinstance(pid[2], str)
+            and type(pid[4]) is int
+        ):
+            raise _Unsupported("storage reference")
+        return _StorageRef(pid[1], pid[2], pid[4])
+
+
+def _load_fast(path: str, use_mmap: bool) -> dict:
+    if use_mmap:
+        # A private mapping, as torch.load(mmap=True) makes, holding no descriptor. A file
+        # replaced after the stat is mapped short or refused, and fails the checks below.
+        mapped = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.stat(path).st_size)
+        whole = torch.empty(0, dtype=torch.uint8).set_(mapped)
+    else:
+        with open(path, "rb", buffering=0) as f:
+            whole = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8)
+            if f.readinto(whole.numpy()) != whole.numel():
+                raise _Unsupported("file changed while reading")
+    view = memoryview(whole.numpy())
+    records = _zip_records(view)
+    if "data.pkl" not in records or copyreg._extension_registry:
+        # Pickle extension codes would resolve globals without find_class.
+        raise _Unsupported("data.pkl")
+    start, length, crc = records["data.pkl"]
+    pickled = view[start : start + length]
+    if length > _MAX_PICKLE_BYTES or zlib.crc32(pickled) != crc:
+        raise _Unsupported("data.pkl")
+    data = _RestrictedUnpickler(io.BytesIO(pickled)).load()
+    ref = data.get("features") if isinstance(data, dict) else None
+    storage = ref.storage if isinstance(ref, _TensorRef) else None
+    if not (
+        isinstance(storage, _StorageRef)
+        and ref.offset == 0
+        and ref.requires_grad is False
+        and ref.hooks == {}
+        and ref.metadata is None
+        and isinstance(ref.size, tuple)
+        and all(type(n) is int and n >= 0 for n in ref.size)
+        and ref.stride == _contiguous_strides(ref.size)
+        and storage.numel == math.prod(ref.size)
+    ):
+        raise _Unsupported("features layout")
+    start, length, _ = records.get(f"data/{storage.key}", (0, None, 0))
+    if length != storage.numel * storage.dtype.itemsize or start % storage.dtype.itemsize:
+        raise _Unsupported("features record")
+    data["features"] = whole[start : start + length].view(storage.dtype).view(ref.size)
+    return data
+
+
+def _zip_records(view: memoryview) -> dict[str, tuple[int, int, int]]:
+    """Record name (without the archive folder) -> (data offset, size, crc32); stored records only."""
+    end = len(view) - _END.size
+    if end < 0:
+        raise _Unsupported("too short for a zip file")
+    signature, _, _, _, count, directory_size, directory, comment = _END.unpack_from(view, end)
+    if signature != b"PK\x05\x06" or comment or directory + directory_size > end:
+        raise _Unsupported("zip end record")
+    records = {}
+    pos = directory
+    for _ in range(count):
+        fields = _CENTRAL.unpack_from(view, pos)
+        signature, method, crc, packed, size = fields[0], fields[4], fields[7], fields[8], fields[9]
+        name_len, extra_len, comment_len, header = fields[10], fields[11], fields[12], fields[16]
+        if signature != b"PK\x01\x02" or method != 0 or packed != size:
+            raise _Unsupported("zip directory entry")
+        name = bytes(view[pos + _CENTRAL.size : pos + _CENTRAL.size + name_len]).decode()
+        pos += _CENTRAL.size + name_len + extra_len + comment_len
+        local = _LOCAL.unpack_from(view, header)
+        start = header + _LOCAL.size + local[9] + local[10]
+        if local[0] != b"PK\x03\x04" or start + size > directory:
+            raise _Unsupported("zip local header")
+        records[name.partition("/")[2]] = (start, size, crc)
+    return records
+
+
+def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def _atomic_save(obj: dict, path: str) -> None:

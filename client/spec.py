@@ -85,12 +85,16 @@ class FeatureSpec:
         return cls(**d)
 
     def canonical_json(self) -> str:
+        return self._canonical
+
+    @cached_property
+    def _canonical(self) -> str:
         return canonical_json(self.to_dict())
 
     @cached_property
     def digest(self) -> str:
         """First 16 hex digits of the sha256 of `canonical_json()`."""
-        return short_digest(self.to_dict())
+        return hashlib.sha256(self._canonical.encode()).hexdigest()[:16]
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -19,14 +19,16 @@ from importlib import resources
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client.wire import encode_features
 from service.engine import Priority
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
-from service.paths import PathNotAllowed
+from service.paths import PathNotAllowed, printable
 from service.runtime import Components, ServiceRuntime
 from service.units import Unit
 
@@ -68,6 +70,18 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
     app = FastAPI(title="vggt-cache", version=VERSION)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.middleware("http")(metrics.observe_request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Details name paths: a non-UTF-8 file name would make the JSON unencodable (a 500).
+        detail = printable(exc.detail) if isinstance(exc.detail, str) else exc.detail
+        return JSONResponse({"detail": detail}, exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Where and what, without echoing the input: it may hold what JSON cannot carry (NaN, lone surrogates).
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        return JSONResponse({"detail": errors}, 422)
 
     def authorised(request: Request) -> None:
         if settings.api_token is None:
@@ -177,7 +191,11 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
             raise HTTPException(422, str(exc)) from exc
         if not os.path.isdir(data_root):
             raise HTTPException(404, f"data_root is not a folder: {req.data_root}")
-        job = c.jobs.submit(data_root, skip_existing=req.skip_existing, verify=req.verify, data_path=req.data_path)
+        try:
+            job = c.jobs.submit(data_root, skip_existing=req.skip_existing, verify=req.verify,
+                                data_path=req.data_path)
+        except ValueError as exc:  # a data root the job store cannot record (a non-UTF-8 name)
+            raise HTTPException(422, str(exc)) from exc
         return JobView(**job)
 
     @app.get("/jobs/{job_id}", dependencies=auth)

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import time
 
 from service.settings import ServiceSettings
@@ -44,6 +45,14 @@ def serve(args: argparse.Namespace) -> int:
              ", ".join(runtime.roots.given), "bearer token" if settings.api_token else "off")
     server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
                                            log_level="warning", access_log=False, lifespan="off"))
+
+    def request_exit(signum: int, frame: object) -> None:
+        server.should_exit = True
+
+    # uvicorn re-raises the signal it stopped for once it is done; with the default handler
+    # that would kill the process before the jobs and the engine below are stopped.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_exit)
     try:
         server.run()  # returns after SIGTERM/SIGINT once in-flight requests are done
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from client.cachefile import CACHE_SUFFIX
 from client.spec import FeatureSpec
 from service.engine import Engine, EngineStopped, Priority, UnitResult
 from service.manifest import write_manifest
@@ -62,6 +64,7 @@ class JobManager:
         self._enqueued: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._started_at = time.time()
         # Bulk units submitted per engine call: enough to fill a few batches, small enough to cancel promptly.
         self.chunk_units = max(8, 2 * engine.max_batch_frames)
 
@@ -95,7 +98,10 @@ class JobManager:
                 self.run(job_id)
             except Exception as exc:  # a broken job must not take the runner down with it
                 log.exception("Job %s failed", job_id)
-                self.store.set_state(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+                try:
+                    self.store.set_state(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+                except Exception:  # already terminal, or the state dir itself is failing
+                    log.exception("Cannot record the failure of job %s", job_id)
 
     def submit(self, data_root: str, skip_existing: bool = True, verify: bool = False,
                data_path: str | None = None) -> dict:
@@ -143,6 +149,7 @@ class JobManager:
         if rec is None or rec.state in TERMINAL:
             return self.view(job_id) or {}
         t_start = time.time()
+        interrupted = rec.state == "running"  # a process running it died (or was killed) mid-job
         self.store.set_state(job_id, "running")
         if not rec.planned:
             self._plan(rec)
@@ -150,6 +157,8 @@ class JobManager:
         self._rates[job_id] = _Rate(time.monotonic(), rec.done)
         options = rec.options
         pending = self.store.pending_units(job_id)
+        if interrupted:
+            self._remove_orphaned_temp_files(job_id, [u for _, u in pending])
         log.info("Job %s: %d units to do (%d entries already done)", job_id, len(pending), rec.done)
 
         results: queue.Queue[tuple[int, Unit, Future]] = queue.Queue()
@@ -189,18 +198,47 @@ class JobManager:
 
         rec = self.store.get(job_id)
         if self.store.cancel_requested(job_id):
-            self.store.set_state(job_id, "cancelled")
+            state = "cancelled"
         elif self._stopping.is_set() and self.store.pending_units(job_id):
             log.info("Job %s paused at %d/%d for shutdown; it resumes on the next start", job_id, rec.done, rec.total)
             return self._view(rec)
         else:
-            self.store.set_state(job_id, "finished")
-        rec = self.store.get(job_id)
+            state = "finished"
+        # The manifest before the state: whoever sees the job end finds its manifest written.
+        if write_final_manifest:
+            try:
+                self.write_manifest(rec, time.time() - t_start, state)
+            except OSError as exc:  # a full disk or a vanished data root; the job's record is in SQLite
+                log.warning("Job %s: cannot write the manifest in %s: %s", job_id, rec.data_root, exc)
+        rec = self.store.set_state(job_id, state)
         log.info("Job %s %s: %d computed, %d skipped, %d failed of %d", job_id, rec.state,
                  rec.computed, rec.skipped, rec.failed, rec.total)
-        if write_final_manifest:
-            self.write_manifest(rec, time.time() - t_start)
         return self._view(rec)
+
+    def _remove_orphaned_temp_files(self, job_id: str, units: list[Unit]) -> None:
+        """Delete the temporary files of entry writes that a killed process left next to the entries to redo.
+
+        Only files older than this process: a write in flight elsewhere (another
+        service on shared storage) is younger than a model load and stays.
+        """
+        removed = 0
+        for folder in sorted({os.path.dirname(t) for u in units for t in u.targets}):
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:
+                continue
+            for entry in entries:
+                name = entry.name
+                if not (name.startswith(".") and name.endswith(".tmp") and f"{CACHE_SUFFIX}." in name):
+                    continue
+                try:
+                    if entry.stat(follow_symlinks=False).st_mtime < self._started_at:
+                        os.unlink(entry.path)
+                        removed += 1
+                except OSError:
+                    continue  # gone already, or not ours to remove
+        if removed:
+            log.info("Job %s: removed %d temporary file(s) left by an interrupted run", job_id, removed)
 
     def _plan(self, rec: JobRecord) -> None:
         """Scan the data root once; units that escape the allowed roots fail here, before any decode."""
@@ -219,11 +257,11 @@ class JobManager:
         log.info("Job %s planned: %d units from %s files (%d refused, %d malformed samples)", rec.job_id,
                  len(units), scan.source_kind, len(refused), len(scan.problems))
 
-    def write_manifest(self, rec: JobRecord, seconds: float) -> str:
+    def write_manifest(self, rec: JobRecord, seconds: float, state: str) -> str:
         failures = self.store.failures(rec.job_id, MANIFEST_FAILURES)
         return write_manifest(rec.data_root, {
             "job_id": rec.job_id,
-            "state": rec.state,
+            "state": state,
             "total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed,
             "spec": json.loads(rec.spec_json), "spec_digest": rec.spec_digest,
             "model": self.model_info,

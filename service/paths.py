@@ -11,6 +11,18 @@ class PathNotAllowed(PermissionError):
     """A path (or what its symlinks lead to) lies outside every allowed root."""
 
 
+def printable(text: str) -> str:
+    """`text` with undecodable file-name bytes shown as `\\xNN`: safe to store as UTF-8 (SQLite, JSON).
+
+    Linux file names are bytes; Python carries the non-UTF-8 ones as lone surrogates,
+    which no UTF-8 encoder accepts.
+    """
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def _inside(path: str, roots: Sequence[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 

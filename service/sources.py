@@ -38,7 +38,7 @@ def _hidden(name: str) -> bool:
     return name.startswith((".", "~"))
 
 
-def _walk(root: str) -> Iterator[tuple[str, list[str]]]:
+def walk_files(root: str) -> Iterator[tuple[str, list[str]]]:
     """(folder, sorted file names) for every non-hidden folder, sorted, symlink loops cut."""
     seen: set[str] = set()
     for folder, dirnames, filenames in os.walk(root, followlinks=True):
@@ -63,7 +63,7 @@ def _string_list(value: object, key: str) -> list[str]:
     return value
 
 
-def _sample_images(sample: object) -> tuple[list[str], str | None]:
+def sample_images(sample: object) -> tuple[list[str], str | None]:
     """The clip a sample asks for (raw paths, in order) and its own data_path."""
     if not isinstance(sample, dict):
         raise _Malformed("not a JSON object")
@@ -81,7 +81,7 @@ def _sample_images(sample: object) -> tuple[list[str], str | None]:
     return [], data_path  # a text-only sample needs no features
 
 
-class _Resolver:
+class PathResolver:
     """Resolves a sample's image path to an existing file, memoised per (path, bases)."""
 
     def __init__(self, data_root: str, data_path: str | None) -> None:
@@ -133,7 +133,7 @@ class _Planner:
 
 
 def _scan_jsonl(files: list[str], root: str, attention: str, data_path: str | None) -> ScanResult:
-    resolver = _Resolver(root, data_path)
+    resolver = PathResolver(root, data_path)
     planner = _Planner(attention)
     problems: list[tuple[str, str]] = []
     num_samples = 0
@@ -145,7 +145,7 @@ def _scan_jsonl(files: list[str], root: str, attention: str, data_path: str | No
                     continue
                 where = f"{path}:{lineno}"
                 try:
-                    raw_clip, sample_data_path = _sample_images(json.loads(line))
+                    raw_clip, sample_data_path = sample_images(json.loads(line))
                 except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
                     problems.append((where, f"malformed sample: {e}"))
                     continue
@@ -195,7 +195,7 @@ def scan_data_root(data_root: str, attention: str, data_path: str | None = None)
         raise ValueError(f"data root is not a directory: {root}")
     sample_files: list[str] = []
     images: list[str] = []
-    for folder, names in _walk(root):
+    for folder, names in walk_files(root):
         for name in names:
             if name.endswith(SAMPLE_SUFFIX):
                 sample_files.append(os.path.join(folder, name))

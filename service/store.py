@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
+from service.paths import printable
 from service.units import Unit
 
 DB_NAME = "jobs.sqlite3"
@@ -166,6 +167,8 @@ class JobStore:
     def create_job(self, data_root: str, spec_digest: str, spec_json: str, options: dict) -> JobRecord:
         """A new queued job, or the active (queued/running) one for the same data root and spec."""
         data_root = os.path.normpath(os.path.abspath(data_root))
+        if printable(data_root) != data_root:
+            raise ValueError(f"data_root {printable(data_root)} is not valid UTF-8; rename the folder")
         with self._write() as db:
             row = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE data_root = ? AND spec_digest = ? "
@@ -218,7 +221,7 @@ class JobStore:
                 "started_at = CASE WHEN ? = 'running' THEN COALESCE(started_at, ?) ELSE started_at END, "
                 "finished_at = CASE WHEN ? IN ('queued', 'running') THEN NULL "
                 "ELSE COALESCE(finished_at, ?) END WHERE job_id = ?",
-                (state, error, state, now, state, now, job_id),
+                (state, error and printable(error), state, now, state, now, job_id),
             )
             return self._job(db, job_id)
 
@@ -263,7 +266,7 @@ class JobStore:
             )
             db.executemany(
                 "INSERT INTO failures (job_id, image, reason) VALUES (?, ?, ?)",
-                ((job_id, where, reason) for where, reason in problems),
+                ((job_id, printable(where), printable(reason)) for where, reason in problems),
             )
             total = sum(len(u.targets) for u in units) + len(problems)
             db.execute(
@@ -313,7 +316,7 @@ class JobStore:
                 for outcome, reason, image in entries:
                     counts[outcome] += 1
                     if outcome == "failed":
-                        failures.append((job_id, image, reason or "unknown error"))
+                        failures.append((job_id, printable(image), printable(reason or "unknown error")))
             db.executemany("INSERT INTO failures (job_id, image, reason) VALUES (?, ?, ?)", failures)
             db.execute(
                 "UPDATE jobs SET computed = computed + ?, skipped = skipped + ?, failed = failed + ? "

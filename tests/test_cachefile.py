@@ -1,6 +1,8 @@
+import copyreg
 import multiprocessing as mp
 import os
 import pickle
+import random
 from pathlib import Path
 
 import pytest
@@ -65,6 +67,61 @@ def test_round_trip(tmp_path, dtype, layers, mmap):
     assert isinstance(meta["created"], float)
     # Without an expected spec the entry is still validated and returned.
     assert read_entry(image).outcome is Outcome.HIT
+    assert torch.load(res.path, weights_only=True)["meta"] == meta
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("mmap", [True, False])
+def test_our_files_are_read_without_torch_load(tmp_path, monkeypatch, mmap, dtype):
+    image = make_image(tmp_path)
+    spec = make_spec(layers=(0, 1), dtype=dtype)
+    original = write(image, spec)
+    expected_meta = torch.load(cache_path(image), weights_only=True)["meta"]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.load called on a file of our own layout")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    res = read_entry(image, spec, mmap=mmap)
+    assert res.hit and torch.equal(res.features, original.to(spec.torch_dtype))
+    assert res.meta == expected_meta
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
+@pytest.mark.parametrize("mmap", [True, False])
+def test_tensors_kept_alive_hold_no_file_descriptors(tmp_path, mmap):
+    images = [make_image(tmp_path, f"{i}.jpg") for i in range(20)]
+    for image in images:
+        write(image, make_spec())
+    before = len(os.listdir("/proc/self/fd"))
+    kept = [read_entry(image, make_spec(), mmap=mmap).features for image in images]
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert all(t.shape == (15, 16) for t in kept)
+
+
+def test_pickle_extension_codes_turn_the_fast_path_off(tmp_path, monkeypatch):
+    image = make_image(tmp_path)
+    write(image, make_spec())
+    monkeypatch.setitem(copyreg._extension_registry, ("some.module", "thing"), 240)
+    with pytest.raises(cachefile._Unsupported):
+        cachefile._load_fast(cache_path(image), True)
+    assert read_entry(image, make_spec()).hit  # through torch.load
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_other_torch_layouts_fall_back_to_torch_load(tmp_path, mmap):
+    # A valid entry whose tensor is a view into a larger storage: outside the fast path.
+    image = make_image(tmp_path)
+    spec = make_spec()
+    write(image, spec)
+    data = torch.load(cache_path(image), weights_only=True)
+    base = torch.randn(2, 15, 16).bfloat16()
+    data["features"] = base[1]
+    torch.save(data, cache_path(image))
+    with pytest.raises(Exception):
+        cachefile._load_fast(cache_path(image), mmap)
+    res = read_entry(image, spec, mmap=mmap)
+    assert res.hit and torch.equal(res.features, base[1])
 
 
 def test_seed_loader_reads_our_files(tmp_path):
@@ -228,6 +285,9 @@ def test_executable_payload_is_corrupt_and_never_runs(tmp_path, how):
     for mmap in (True, False):
         res = read_entry(image, make_spec(), mmap=mmap)
         assert res.outcome is Outcome.CORRUPT and res.features is None
+        # The fast path refuses it on its own, before torch.load is asked.
+        with pytest.raises(cachefile._Unsupported, match="zip" if how == "pickle" else "global"):
+            cachefile._load_fast(path, mmap)
     assert not marker.exists()
     # The payload is live: an unsafe load would have run it.
     if how == "pickle":
@@ -274,21 +334,40 @@ def test_garbage_is_corrupt(tmp_path, content):
     assert read_entry(image, make_spec()).outcome is Outcome.CORRUPT
 
 
+def test_damaged_bytes_never_raise(tmp_path):
+    image = make_image(tmp_path)
+    write(image, make_spec())
+    path = Path(cache_path(image))
+    original = path.read_bytes()
+    rng = random.Random(0)
+    outcomes = set()
+    for i in range(150):
+        damaged = bytearray(original)
+        damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(damaged))
+        res = read_entry(image, make_spec(), mmap=i % 2 == 0)
+        outcomes.add(res.outcome)
+        assert res.features is None or res.features.shape == (15, 16)
+    assert Outcome.CORRUPT in outcomes
+
+
 def test_temp_file_naming_and_cleanup(tmp_path, monkeypatch):
     image = make_image(tmp_path)
     seen = []
     real_replace = os.replace
 
-    def failing_replace(src, dst):
-        seen.append((src, dst))
-        assert Path(src).exists()
+    def failing_replace(src, dst, **kwargs):
+        name = os.path.basename(src)
+        # The temporary file is complete and sits in the image's folder.
+        assert name in os.listdir(tmp_path)
+        seen.append((name, os.path.basename(dst)))
         raise OSError("simulated failure")
 
     monkeypatch.setattr(cachefile.os, "replace", failing_replace)
     with pytest.raises(OSError, match="simulated"):
         write(image, make_spec())
     (tmp_name, dst), = seen
-    assert Path(tmp_name).parent == tmp_path and dst == cache_path(image)
+    assert dst == os.path.basename(cache_path(image))
     assert not tmp_name.endswith(CACHE_SUFFIX)
     assert list(tmp_path.iterdir()) == [image]  # temp file removed, nothing published
 

@@ -266,7 +266,9 @@ def test_exhausted_retries_raise_or_fall_back(tmp_path):
 
 @pytest.fixture(scope="module")
 def frame_service(service_server, tmp_path_factory):
-    return service_server(tmp_path_factory.mktemp("frame-root"), "--dtype", "float32")
+    service = service_server(tmp_path_factory.mktemp("frame-root"), "--dtype", "float32")
+    yield service
+    service.stop()
 
 
 @pytest.fixture
@@ -437,7 +439,9 @@ def test_async_cache_batches_misses_and_reads_hits(frame_service, folder):
 @pytest.fixture(scope="module", params=["causal", "sequence"])
 def clip_service(request, service_server, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"{request.param}-root")
-    return request.param, service_server(root, "--attention", request.param, "--dtype", "float32")
+    service = service_server(root, "--attention", request.param, "--dtype", "float32")
+    yield request.param, service
+    service.stop()
 
 
 def test_get_sample_uses_the_clip_as_context(clip_service):

@@ -30,6 +30,15 @@ def test_pil_image_and_path_agree():
     assert torch.equal(preprocess(Image.open(path), mode="pad"), preprocess(str(path), mode="pad"))
 
 
+@pytest.mark.parametrize("mode", ["L", "P", "RGB", "CMYK"])
+def test_other_pixel_modes_become_rgb(mode):
+    grey = Image.new("RGB", (140, 140), (100, 100, 100))
+    img = grey.quantize() if mode == "P" else grey.convert(mode)
+    out = preprocess(img, mode="pad")
+    assert out.shape == (3, 518, 518)
+    assert torch.allclose(out, torch.full_like(out, 100 / 255), atol=2 / 255)
+
+
 def test_align_28_resizes_down_to_multiples():
     out = preprocess(FIXTURES / "landscape.jpg", mode="pad", align=28)
     assert out.shape == (3, 504, 504)

@@ -183,7 +183,7 @@ class Qwen25VLWithVGGT(nn.Module):
                     raise ValueError(f"sample {b} has neither vggt_features nor images_vggt")
                 online[b] = self._check_frames(b, images_vggt[b], grids[b])
         entries.update(self._compute_entries(online))
-        for b, entry in entries.items():
+        for b, entry in sorted(entries.items()):  # a fixed order keeps cached and online paths bit-equal
             tokens = self._entry_to_patches(b, entry, grids[b])  # [h*w, L*C]
             merged = self.merger(tokens[None].to(self.merger.dtype), grids[b])[0]  # [h*w/4, D]
             i = current[b]

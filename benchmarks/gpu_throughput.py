@@ -1,0 +1,352 @@
+"""VGGT-1B aggregator throughput on one GPU in frame mode: frames/s and model FLOP utilisation (MFU).
+
+    python benchmarks/gpu_throughput.py --random-weights --out gpu.json       # H100: about a minute
+    python benchmarks/gpu_throughput.py --model facebook/VGGT-1B --out gpu.json
+    python benchmarks/gpu_throughput.py --device cpu --tiny --out /tmp/t.json   # smoke test: seconds
+
+Everything runs as the engine runs it: float32 weights, bfloat16 autocast on CUDA (float32
+on the CPU), torch.inference_mode, frame mode as [B, 1, 3, H, W]. Rows:
+
+  batched       layers=[-2] (the model stops after 23 of 24 blocks), B in --batches, at each of --sizes
+  one-by-one    the seed's loop: per image a host->device copy, a batch-1 forward, layer -2 patch
+                tokens cast to bfloat16 and copied back to the host
+  all-layers    layers=None (all 24 blocks, every layer's output kept) at batch 1 and the best batch
+  bf16-weights  a bfloat16 copy of the model without autocast, at the best batch (no per-forward
+                weight casts; numerics differ from the engine's, so this is a what-if)
+  compiled      torch.compile(model) at the best batch (--compile only; compile time reported apart)
+
+Each row: median of --iters timed steps (more at small batches, to time --min-frames) after --warmup, with
+torch.cuda.synchronize. An out-of-memory batch is recorded and larger ones are skipped; any
+other error is recorded and the run goes on. Rows past --budget-s are skipped. Results go to
+--out after every row, so a run cut short still leaves its numbers.
+
+FLOPs are counted analytically (a multiply-add is 2): the patch-embedding conv, the DINOv2
+blocks, and the frame/global blocks that run; per block 2*N*C*(4C + 2*hidden) for q/k/v/out
+projections and MLP plus 4*N^2*C for attention scores and weighted sum (global attention over a
+clip of S frames has N = S*P; S = 1 in frame mode). Norms, RoPE, softmax and GELU are left out,
+so MFU is slightly understated. Peak: --peak-tflops, default 989 (H100 SXM, dense bfloat16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import device_name, get_model, median_seconds, print_table, random_model, write_json  # noqa: E402
+
+from service.demo import DEMO_CONFIG  # noqa: E402
+from service.model import AggregatorConfig, DEFAULT_SOURCE, LoadedModel  # noqa: E402
+from service.model.features import compute_features, feature_autocast  # noqa: E402
+from service.runtime import build_spec  # noqa: E402
+from service.settings import SpecOptions  # noqa: E402
+
+H100_BF16_TFLOPS = 989.0
+LAYERS = [-2]
+
+
+def block_flops(tokens: int, dim: int, hidden: int) -> float:
+    """One pre-norm transformer block over `tokens` tokens: projections, MLP, attention."""
+    return 2.0 * tokens * dim * (4 * dim + 2 * hidden) + 4.0 * tokens * tokens * dim
+
+
+def frame_flops(cfg: AggregatorConfig, height: int, width: int, blocks: int, clip_frames: int = 1) -> float:
+    """FLOPs per frame of a forward that runs `blocks` frame+global block pairs over clips of `clip_frames`."""
+    p = cfg.patch_size
+    patches = (height // p) * (width // p)
+    tokens = 1 + cfg.num_register_tokens + patches  # DINOv2: cls; aggregator: camera; both + registers
+    pe = cfg.patch_embed
+    conv = 2.0 * 3 * p * p * pe.embed_dim * patches
+    dino = pe.depth * block_flops(tokens, pe.embed_dim, int(pe.embed_dim * pe.mlp_ratio))
+    hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+    frame = blocks * block_flops(tokens, cfg.embed_dim, hidden)
+    global_ = blocks * block_flops(clip_frames * tokens, cfg.embed_dim, hidden) / clip_frames
+    return conv + dino + frame + global_
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+class Sweep:
+    """Measures rows one by one, prints each as it lands and rewrites --out after each."""
+
+    def __init__(self, args: argparse.Namespace, loaded: LoadedModel, weights: str) -> None:
+        self.args = args
+        self.loaded = loaded
+        self.device = torch.device(args.device)
+        self.is_cuda = self.device.type == "cuda"
+        self.started = time.monotonic()
+        self.rows: list[dict] = []
+        cfg = loaded.config
+        self.result = {
+            "device": device_name(self.device),
+            "torch": torch.__version__,
+            "cuda": torch.version.cuda,
+            "model": {"weights": weights, "parameters": loaded.num_params, "config": cfg.to_dict()},
+            "compute": "bfloat16 autocast, float32 weights" if self.is_cuda else "float32",
+            "peak_tflops": args.peak_tflops,
+            "goal_frames_per_s": args.goal_fps,
+            "args": vars(args),
+            "rows": self.rows,
+        }
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def save(self) -> None:
+        self.result["elapsed_s"] = round(self.elapsed(), 1)
+        if self.args.out:
+            write_json(self.args.out, self.result)
+
+    def row(self, variant: str, size: int, batch: int, layers: list[int] | None,
+            model: torch.nn.Module | None = None, autocast: bool = True,
+            step: Callable[[], object] | None = None, frames: int | None = None, **extra: object) -> dict:
+        """Time `step` (default: a frame-mode forward of a random [batch, 1, 3, size, size] input)."""
+        cfg = self.loaded.config
+        blocks = cfg.depth if layers is None else max(layer % cfg.depth for layer in layers) + 1
+        row: dict = {"variant": variant, "size": size, "batch": batch,
+                     "layers": "all" if layers is None else layers, "blocks": blocks, **extra}
+        if self.elapsed() > self.args.budget_s:
+            return self._record(row, status="skipped (time budget)")
+        model = self.loaded.model if model is None else model
+        frames = frames or batch
+        x = None
+        try:
+            if step is None:
+                x = torch.rand(batch, 1, 3, size, size, device=self.device)
+                step = lambda: model(x, attention="frame", layers=layers)  # noqa: E731
+            if self.is_cuda:
+                torch.cuda.reset_peak_memory_stats(self.device)
+            cast = feature_autocast(self.device) if autocast else nullcontext()
+            iters = max(self.args.iters, -(-self.args.min_frames // frames))
+            with torch.inference_mode(), cast:
+                seconds = median_seconds(step, self.device, iters, self.args.warmup)
+        except Exception as exc:  # the run is unattended: record, free, go on
+            if _is_oom(exc):
+                return self._record(row, status="oom")
+            return self._record(row, status="error", error=f"{type(exc).__name__}: {exc}",
+                                traceback=traceback.format_exc(limit=4))
+        finally:
+            x = None  # drop the input (the step's closure holds the name, not the tensor)
+            self._free()
+        fps = frames / seconds
+        flops = frame_flops(cfg, size, size, blocks)
+        tflops = flops * fps / 1e12
+        row.update(ms_per_forward=round(seconds * 1e3 * batch / frames, 3), frames_per_s=round(fps, 2),
+                   gflop_per_frame=round(flops / 1e9, 1), tflops=round(tflops, 2),
+                   mfu=round(tflops / self.args.peak_tflops, 4) if self.args.peak_tflops else None)
+        if self.is_cuda:
+            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
+        return self._record(row, status="ok")
+
+    def _free(self) -> None:
+        gc.collect()
+        if self.is_cuda:
+            torch.cuda.empty_cache()
+
+    def _record(self, row: dict, status: str, **extra: object) -> dict:
+        row.update(status=status, **extra)
+        self.rows.append(row)
+        self.save()
+        print(f"[{self.elapsed():6.1f}s] " + _describe(row), flush=True)
+        return row
+
+    # -- the rows -----------------------------------------------------------------------------------------
+    def batch_sweep(self, size: int) -> dict | None:
+        """Frame mode at every batch size; returns the fastest row."""
+        best = None
+        for i, batch in enumerate(self.args.batches):
+            row = self.row("batched", size, batch, LAYERS)
+            if row["status"] == "oom":
+                for bigger in self.args.batches[i + 1:]:
+                    self._record({"variant": "batched", "size": size, "batch": bigger, "layers": LAYERS},
+                                 status="skipped (oom at a smaller batch)")
+                break
+            if row["status"] == "ok" and (best is None or row["frames_per_s"] > best["frames_per_s"]):
+                best = row
+        return best
+
+    def one_by_one(self, size: int) -> dict:
+        spec = build_spec(self.loaded, SpecOptions(size=size))
+        host = torch.rand(self.args.loop_images, 3, size, size)  # decoded images, on the host like the seed's
+
+        def step() -> None:
+            for image in host:
+                compute_features(self.loaded.model, image[None, None].to(self.device), spec)[0, 0].cpu()
+
+        return self.row("one-by-one", size, 1, LAYERS, step=step, frames=self.args.loop_images)
+
+    def bf16_weights(self, size: int, batch: int) -> dict:
+        model = copy.deepcopy(self.loaded.model).to(torch.bfloat16)
+        try:
+            return self.row("bf16-weights", size, batch, LAYERS, model=model, autocast=False)
+        finally:
+            del model
+            self._free()
+
+    def compiled(self, size: int, batch: int) -> dict:
+        row = {"variant": "compiled", "size": size, "batch": batch, "layers": LAYERS}
+        if self.elapsed() > self.args.budget_s:
+            return self._record(row, status="skipped (time budget)")
+        start = time.monotonic()
+        try:
+            model = torch.compile(self.loaded.model)
+            x = torch.rand(batch, 1, 3, size, size, device=self.device)
+            with torch.inference_mode(), feature_autocast(self.device):
+                model(x, attention="frame", layers=LAYERS)  # compiles
+            del x
+        except Exception as exc:
+            self._free()
+            return self._record(row, status="error", error=f"compile failed: {type(exc).__name__}: {exc}",
+                                traceback=traceback.format_exc(limit=4))
+        return self.row("compiled", size, batch, LAYERS, model=model,
+                        compile_s=round(time.monotonic() - start, 1))
+
+    def run(self) -> None:
+        args = self.args
+        best_by_size = {}
+        for size in args.sizes:
+            best_by_size[size] = self.batch_sweep(size)
+        size = args.sizes[0]
+        best = best_by_size[size]
+        best_batch = best["batch"] if best else args.batches[0]
+        self.one_by_one(size)
+        self.row("all-layers", size, 1, None)
+        if best_batch != 1:
+            self.row("all-layers", size, best_batch, None)
+        self.bf16_weights(size, best_batch)
+        if args.compile:
+            self.compiled(size, best_batch)
+        self.result["summary"] = self.summary()
+        self.save()
+
+    def summary(self) -> dict:
+        """The goal is judged on the engine's own setting (batched, autocast) at the first size."""
+        ok = [r for r in self.rows if r["status"] == "ok"]
+
+        def fastest(rows: list[dict]) -> dict | None:
+            return max(rows, key=lambda r: r["frames_per_s"], default=None)
+
+        batched = fastest([r for r in ok if r["variant"] == "batched" and r["size"] == self.args.sizes[0]])
+        loop = fastest([r for r in ok if r["variant"] == "one-by-one"])
+        return {
+            "best_batched": batched, "one_by_one": loop, "best_any": fastest(ok),
+            "batched_over_one_by_one": round(batched["frames_per_s"] / loop["frames_per_s"], 3)
+            if batched and loop else None,
+            "best_over_goal": round(batched["frames_per_s"] / self.args.goal_fps, 3) if batched else None,
+        }
+
+
+def _describe(row: dict) -> str:
+    head = f"{row['variant']:<12} {row['size']}px batch {row['batch']:<3} layers {row['layers']}"
+    if row["status"] != "ok":
+        return f"{head}: {row['status']}" + (f" ({row['error']})" if row.get("error") else "")
+    mfu = f", MFU {row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else ""
+    return f"{head}: {row['frames_per_s']:.1f} frames/s, {row['tflops']:.1f} TFLOP/s{mfu}"
+
+
+def report(result: dict) -> None:
+    rows = []
+    for r in result["rows"]:
+        if r["status"] != "ok":
+            rows.append((r["variant"], r["size"], r["batch"], str(r["layers"]), r["status"], "", "", "", ""))
+            continue
+        mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "-"
+        mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
+        rows.append((r["variant"], r["size"], r["batch"], str(r["layers"]), f"{r['ms_per_forward']:.1f}",
+                     f"{r['frames_per_s']:.1f}", f"{r['tflops']:.1f}", mfu, mem))
+    print()
+    print(f"{result['device']}, torch {result['torch']} (CUDA {result['cuda']}), {result['compute']}; "
+          f"model: {result['model']['weights']}, {result['model']['parameters'] / 1e6:.0f}M parameters; "
+          f"peak assumed {result['peak_tflops']} TFLOP/s")
+    print_table(("variant", "size", "batch", "layers", "ms/forward", "frames/s", "TFLOP/s", "MFU", "GiB"), rows)
+    s = result["summary"]
+    goal = result["goal_frames_per_s"]
+    if s["one_by_one"]:
+        print(f"one-by-one (seed loop): {s['one_by_one']['frames_per_s']:.1f} frames/s")
+    if s["best_any"]:
+        a = s["best_any"]
+        print(f"fastest row: {a['frames_per_s']:.1f} frames/s ({a['variant']}, batch {a['batch']}, {a['size']}px)")
+    if s["best_batched"]:
+        b = s["best_batched"]
+        verdict = "met" if b["frames_per_s"] >= goal else "NOT met"
+        print(f"best batched (the engine's setting): {b['frames_per_s']:.1f} frames/s at batch {b['batch']} "
+              f"({b['size']}px, layers [-2]); goal >= {goal:g} frames/s in frame mode: {verdict}")
+        print(f"best/goal = {s['best_over_goal']:.2f}")
+    if s["batched_over_one_by_one"] is not None:
+        print(f"batched/one-by-one = {s['batched_over_one_by_one']:.2f}")
+
+
+def _ints(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return values
+
+
+def load(args: argparse.Namespace) -> tuple[LoadedModel, str]:
+    """The model and a description of its weights; random VGGT-1B weights if the checkpoint is missing."""
+    config = DEMO_CONFIG if args.tiny else {}
+    if args.random_weights or args.tiny:
+        return random_model(config, args.device), "random"
+    try:
+        loaded = get_model(args.model, config, args.device)
+        return loaded, loaded.source
+    except (FileNotFoundError, OSError) as exc:
+        # Throughput does not depend on the weights' values; an unattended run must not stop here.
+        print(f"cannot load {args.model} ({exc}); using random weights of the same architecture", flush=True)
+        return random_model(config, args.device), f"random (checkpoint not found: {args.model})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=DEFAULT_SOURCE, help="HF repo id, folder or weights file")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build VGGT-1B with random weights directly on the device (no checkpoint needed)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model and small sizes (smoke test)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--sizes", type=_ints, help="square input sizes (default 518,504; tiny: 56,42)")
+    parser.add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--iters", type=int, default=10, help="timed steps per row (more if needed for --min-frames)")
+    parser.add_argument("--min-frames", type=int, default=32, help="frames timed per row at least")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--loop-images", type=int, default=16, help="images per step of the one-by-one loop")
+    parser.add_argument("--peak-tflops", type=float,
+                        help=f"device peak for MFU (default {H100_BF16_TFLOPS:g} on cuda: H100 SXM dense bf16)")
+    parser.add_argument("--goal-fps", type=float, default=100.0)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) at the best batch")
+    parser.add_argument("--budget-s", type=float, default=270.0, help="skip rows that would start after this")
+    parser.add_argument("--out", help="JSON results, rewritten after every row")
+    args = parser.parse_args(argv)
+    args.sizes = args.sizes or ([56, 42] if args.tiny else [518, 504])
+    if torch.device(args.device).type == "cuda":
+        args.peak_tflops = args.peak_tflops or H100_BF16_TFLOPS
+    if min(args.iters, args.loop_images) < 1 or min(args.warmup, args.min_frames) < 0:
+        parser.error("--iters and --loop-images must be at least 1, --warmup and --min-frames at least 0")
+
+    start = time.monotonic()
+    loaded, weights = load(args)
+    print(f"model ready in {time.monotonic() - start:.1f}s: {weights}, {loaded.num_params / 1e6:.0f}M parameters "
+          f"on {device_name(args.device)}", flush=True)
+    sweep = Sweep(args, loaded, weights)
+    sweep.run()
+    report(sweep.result)
+    if args.out:
+        print(f"results: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

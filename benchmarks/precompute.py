@@ -1,0 +1,226 @@
+"""Bulk precompute throughput: the service's bulk job vs the seed's one-image loop, same model, images and machine.
+
+    python benchmarks/precompute.py [--n 128] [--device cpu|cuda] [--model SRC] [--size S] [--batch-size B] [--json]
+
+  seed   for each image in turn: decode + preprocess, forward (frame mode, batch 1),
+         layer -2 patch tokens cast to bfloat16, synchronous torch.save({"features": ...})
+         to the sibling file. (The reference aggregator also computes the last layer,
+         which the seed then drops; here both ways stop at layer -2, so the ratio
+         measures the pipeline alone.)
+  ours   a real bulk job as `vggt-cache precompute` runs it in-process: JobManager
+         (scan, SQLite progress, manifest) over the Engine (decode workers, dynamic
+         batches, writer pool, atomic validated cache files).
+  limit  the model's forward alone on pre-decoded tensors already on the device, in
+         batches of the same size: what the device can do, an upper bound for any pipeline.
+
+Without --model the weights are random: on cuda the VGGT-1B architecture itself, on the CPU
+a mid-size one of the same structure (embed 256, depth 4), so the run takes about a minute
+on two cores. Methods run round by round in turn; each one's best round is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import device_name, get_model, make_images, print_table, synchronize  # noqa: E402
+
+from client.cachefile import CACHE_SUFFIX, cache_path  # noqa: E402
+from client.spec import FeatureSpec  # noqa: E402
+from service.engine import Engine  # noqa: E402
+from service.jobs import JobManager  # noqa: E402
+from service.manifest import manifest_path  # noqa: E402
+from service.model import LoadedModel  # noqa: E402
+from service.model.features import compute_features, feature_autocast  # noqa: E402
+from service.paths import AllowedRoots  # noqa: E402
+from service.preprocess import preprocess  # noqa: E402
+from service.runtime import build_spec, model_info  # noqa: E402
+from service.settings import ServiceSettings, SpecOptions, parse_devices  # noqa: E402
+from service.store import JobStore  # noqa: E402
+
+METHODS = ("seed", "ours", "limit")
+
+
+def seed_way(loaded: LoadedModel, spec: FeatureSpec, images: list[str], device: torch.device) -> None:
+    """The seed's loop: every step of one image done before the next image starts."""
+    for path in images:
+        x = preprocess(path, mode=spec.preprocess, size=spec.size, align=spec.align)
+        features = compute_features(loaded.model, x[None, None].to(device), spec)  # [1, 1, P, C]
+        torch.save({"features": features[0, 0].cpu().clone()}, cache_path(path))
+
+
+def ours_way(loaded: LoadedModel, spec: FeatureSpec, data_root: str, device: torch.device, batch: int,
+             decode_workers: int, state_dir: str) -> float:
+    """Seconds of one bulk job over `data_root` (the engine is up before, as in a running service)."""
+    engine = Engine(loaded, spec, devices=[str(device)], max_batch_frames=batch, decode_workers=decode_workers)
+    store = JobStore(state_dir)
+    engine.start()
+    try:
+        jobs = JobManager(store, engine, spec, AllowedRoots.of([data_root]), model_info(loaded, [str(device)], spec))
+        start = time.perf_counter()
+        job = jobs.submit(data_root, skip_existing=True)
+        view = jobs.run(job["job_id"])
+        seconds = time.perf_counter() - start
+    finally:
+        engine.stop()
+        store.close()
+    if view["state"] != "finished" or view["failed"] or view["computed"] != view["total"]:
+        raise RuntimeError(f"the bulk job did not compute every image: {json.dumps(view)[:1000]}")
+    return seconds
+
+
+def limit_way(loaded: LoadedModel, spec: FeatureSpec, batches: list[torch.Tensor]) -> float:
+    """Seconds of the forwards alone over `batches` ([B, 1, 3, H, W] each, already on the device)."""
+    device = batches[0].device
+    synchronize(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), feature_autocast(device):
+        for x in batches:
+            loaded.model(x, attention="frame", layers=list(spec.layers))
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def clear_outputs(data_root: str) -> None:
+    for path in glob.glob(os.path.join(data_root, "*" + CACHE_SUFFIX)):
+        os.remove(path)
+    if os.path.exists(manifest_path(data_root)):
+        os.remove(manifest_path(data_root))
+
+
+def written_entry(images: list[str]) -> torch.Tensor:
+    """Check every image got its sibling file; returns the first file's features (for shape checks)."""
+    missing = [p for p in images if not os.path.exists(cache_path(p))]
+    if missing:
+        raise RuntimeError(f"{len(missing)} cache file(s) not written, e.g. {missing[0]}")
+    return torch.load(cache_path(images[0]), map_location="cpu", weights_only=True)["features"]
+
+
+def run(args: argparse.Namespace, folder: str) -> dict:
+    device = torch.device(args.device)
+    data_root = os.path.join(folder, "data")
+    os.makedirs(data_root)
+    images = make_images(data_root, args.n, args.width, args.height)
+    config = {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads,
+              "patch_embed": {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads}}
+    loaded = get_model(args.model, config, str(device))
+    spec = build_spec(loaded, SpecOptions(size=args.size))
+
+    # Pre-decoded, pre-batched input of the limit; also the shapes the other two work on.
+    inputs = torch.stack([preprocess(p, mode=spec.preprocess, size=spec.size, align=spec.align) for p in images])
+    batches = [inputs[i:i + args.batch_size, None].to(device) for i in range(0, args.n, args.batch_size)]
+    # Warm-up (allocator, kernels, lazy initialisation, first torch.save) at both batch sizes used below.
+    limit_way(loaded, spec, [batches[0][:1], batches[0]])
+    seed_way(loaded, spec, images[:1], device)
+    clear_outputs(data_root)
+
+    seconds: dict[str, list[float]] = {m: [] for m in METHODS}
+    entry_shapes: dict[str, list[int]] = {}  # per method that writes files: they must agree
+    for r in range(args.rounds):
+        start = time.perf_counter()
+        seed_way(loaded, spec, images, device)
+        seconds["seed"].append(time.perf_counter() - start)
+        entry_shapes["seed"] = list(written_entry(images).shape)
+        clear_outputs(data_root)
+
+        seconds["ours"].append(ours_way(loaded, spec, data_root, device, args.batch_size, args.decode_workers,
+                                        os.path.join(folder, f"state{r}")))
+        entry_shapes["ours"] = list(written_entry(images).shape)
+        clear_outputs(data_root)
+
+        seconds["limit"].append(limit_way(loaded, spec, batches))
+    if entry_shapes["seed"] != entry_shapes["ours"]:
+        raise RuntimeError(f"the methods wrote different feature shapes: {entry_shapes}")
+
+    rate = {m: args.n / min(seconds[m]) for m in METHODS}
+    cfg = loaded.config
+    return {
+        "model": {"source": loaded.source, "parameters": loaded.num_params, "embed_dim": cfg.embed_dim,
+                  "depth": cfg.depth, "patch_embed_depth": cfg.patch_embed.depth},
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "images": {"n": args.n, "width": args.width, "height": args.height,
+                   "model_input": list(inputs.shape[1:])},
+        "batch_size": args.batch_size,
+        "decode_workers": args.decode_workers,
+        "spec": {"layers": list(spec.layers), "dtype": spec.dtype, "size": spec.size, "attention": spec.attention},
+        "entry_shape": entry_shapes["ours"],
+        "rounds": args.rounds,
+        "seconds": seconds,
+        "images_per_s": {m: round(v, 3) for m, v in rate.items()},
+        "ratios": {"ours/seed": round(rate["ours"] / rate["seed"], 3),
+                   "ours/limit": round(rate["ours"] / rate["limit"], 3)},
+    }
+
+
+def report(result: dict) -> None:
+    m, im = result["model"], result["images"]
+    print(f"model   {m['source']}: {m['parameters'] / 1e6:.1f}M parameters "
+          f"(embed {m['embed_dim']}, depth {m['depth']}, DINOv2 depth {m['patch_embed_depth']})")
+    print(f"device  {result['device']}, torch {result['torch']}")
+    print(f"work    {im['n']} JPEGs {im['width']}x{im['height']} -> {im['model_input']}, "
+          f"layer {result['spec']['layers']} patch tokens {result['entry_shape']} {result['spec']['dtype']}, "
+          f"batch {result['batch_size']}, best of {result['rounds']} round(s)")
+    rows = [(name, f"{min(result['seconds'][key]):.2f}", f"{result['images_per_s'][key]:.1f}")
+            for key, name in (("seed", "seed (one by one)"), ("ours", "ours (bulk job)"),
+                              ("limit", "limit (forward only)"))]
+    print_table(("method", "seconds", "images/s"), rows)
+    for name, value in result["ratios"].items():
+        print(f"{name} = {value:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=128, help="number of images")
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=480)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--model", help="a model folder, weights file or HF repo id (default: random mid-size)")
+    parser.add_argument("--embed-dim", type=int, help="random model: width (default 1024 on cuda, 256 on cpu)")
+    parser.add_argument("--depth", type=int, help="random model: aggregator and DINOv2 depth (24 / 4)")
+    parser.add_argument("--num-heads", type=int, help="random model: attention heads (16 / 4)")
+    parser.add_argument("--size", type=int, help="preprocess size (default 518 on cuda, 224 on cpu)")
+    parser.add_argument("--batch-size", type=int, help="frames per forward (default 32 on cuda, 8 on cpu)")
+    parser.add_argument("--decode-workers", type=int, default=ServiceSettings.decode_workers)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", help="where to make the temporary work folder (removed at the end)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+    args = parser.parse_args(argv)
+    # The engine wants an explicit device ("cuda:0"), as `vggt-cache precompute` gives it.
+    args.device = parse_devices(args.device)[0]
+    on_cuda = args.device.startswith("cuda")
+    args.size = args.size or (518 if on_cuda else 224)
+    args.batch_size = args.batch_size or (32 if on_cuda else 8)
+    args.embed_dim = args.embed_dim or (1024 if on_cuda else 256)
+    args.depth = args.depth or (24 if on_cuda else 4)
+    args.num_heads = args.num_heads or (16 if on_cuda else 4)
+    if min(args.n, args.batch_size, args.rounds) < 1:
+        parser.error("--n, --batch-size and --rounds must be at least 1")
+    if args.depth < 2:
+        parser.error("--depth must be at least 2 (the features are layer -2)")
+
+    folder = tempfile.mkdtemp(prefix="vggt-precompute-bench-", dir=args.dir)
+    try:
+        result = run(args, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        report(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

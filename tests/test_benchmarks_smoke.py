@@ -1,0 +1,104 @@
+"""The benchmarks run end to end at their smallest settings (they are never timed here) and count FLOPs right."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "benchmarks"
+TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
+RUN_TIMEOUT_S = 180
+RATIO = r"= (\d+\.\d+)$"
+
+
+def run_benchmark(script: str, *args: str) -> str:
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def test_precompute_prints_its_ratios_and_cleans_up(tmp_path: Path) -> None:
+    out = run_benchmark("precompute.py", "--model", str(TINY_MODEL), "--n", "5", "--batch-size", "2",
+                        "--size", "56", "--width", "64", "--height", "48", "--rounds", "1", "--device", "cpu",
+                        "--dir", str(tmp_path))
+    for name in ("ours/seed", "ours/limit"):
+        match = re.search(rf"^{re.escape(name)} {RATIO}", out, re.M)
+        assert match and float(match.group(1)) > 0, out
+    for method in ("seed", "ours", "limit"):
+        assert re.search(rf"^{method} \(.*\)\s+\d+\.\d+\s+\d+\.\d+$", out, re.M), out
+    assert list(tmp_path.iterdir()) == []  # images, cache files, job state: all removed
+
+
+def test_precompute_json_with_a_random_model() -> None:
+    out = run_benchmark("precompute.py", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--n", "3",
+                        "--batch-size", "2", "--size", "28", "--width", "56", "--height", "30", "--rounds", "2",
+                        "--device", "cpu", "--json")
+    result = json.loads(out)
+    # 56x30 cropped at 28: width 28, height round(30 * 28 / 56 / 14) * 14 = 14.
+    assert result["images"]["model_input"] == [3, 14, 28]
+    assert result["entry_shape"] == [2, 64]  # 1x2 patches, 2 * embed_dim channels
+    assert result["model"]["depth"] == 2 and result["spec"]["layers"] == [0]
+    for method in ("seed", "ours", "limit"):
+        assert len(result["seconds"][method]) == 2
+        assert result["images_per_s"][method] == pytest.approx(3 / min(result["seconds"][method]), rel=1e-3)
+    rate = result["images_per_s"]
+    assert result["ratios"]["ours/seed"] == pytest.approx(rate["ours"] / rate["seed"], rel=1e-2)
+
+
+def test_gpu_throughput_runs_tiny_on_cpu_and_writes_json(tmp_path: Path) -> None:
+    out_path = tmp_path / "gpu.json"
+    out = run_benchmark("gpu_throughput.py", "--device", "cpu", "--tiny", "--sizes", "56", "--batches", "1,2",
+                        "--iters", "1", "--warmup", "0", "--min-frames", "0", "--loop-images", "2",
+                        "--out", str(out_path))
+    for name in ("batched/one-by-one", "best/goal"):
+        match = re.search(rf"^{re.escape(name)} {RATIO}", out, re.M)
+        assert match and float(match.group(1)) > 0, out
+    result = json.loads(out_path.read_text())
+    rows = {(r["variant"], r["batch"], str(r["layers"])): r for r in result["rows"]}
+    assert {key[0] for key in rows} == {"batched", "one-by-one", "all-layers", "bf16-weights"}
+    assert all(r["status"] == "ok" for r in rows.values()), result["rows"]
+    assert rows[("batched", 1, "[-2]")]["blocks"] == 1 and rows[("all-layers", 1, "all")]["blocks"] == 2
+    assert result["summary"]["best_batched"]["variant"] == "batched"
+    assert result["peak_tflops"] is None  # no peak is assumed for a CPU
+
+
+def _load_gpu_throughput():
+    spec = importlib.util.spec_from_file_location("gpu_throughput", BENCHMARKS / "gpu_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("attention, layers, frames, height, width", [
+    ("frame", [-2], 1, 56, 56),
+    ("frame", None, 1, 42, 70),
+    ("sequence", None, 3, 42, 70),  # global attention over S*P tokens
+])
+def test_flop_formula_matches_torch_flop_counter(attention: str, layers: list[int] | None, frames: int,
+                                                 height: int, width: int) -> None:
+    bench = _load_gpu_throughput()
+    from common import random_model
+    from service.demo import DEMO_CONFIG
+
+    loaded = random_model(DEMO_CONFIG, "cpu")
+    images = torch.rand(1, frames, 3, height, width)
+    # The math backend decomposes attention into matmuls, which the counter sees.
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loaded.model(images, attention=attention, layers=layers)
+    depth = loaded.config.depth
+    blocks = depth if layers is None else max(i % depth for i in layers) + 1
+    clip = frames if attention == "sequence" else 1
+    expected = bench.frame_flops(loaded.config, height, width, blocks, clip_frames=clip) * frames
+    assert counter.get_total_flops() == expected

@@ -1,0 +1,129 @@
+"""The `vggt-cache` command line, run as a subprocess the way users run it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from client.cachefile import Outcome, read_entry
+from client.spec import FeatureSpec
+from service.manifest import MANIFEST_NAME
+from service_helpers import cache_files, done, wait_job, write_images
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `python -m service.cli ARGS`; stdout and stderr together in `.stdout`."""
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def make_data_root(folder: Path) -> list[str]:
+    """Seed-style samples over five tiny images; returns the images."""
+    images = write_images(folder / "images", [f"{n}.png" for n in "abcde"], size=(28, 42))
+    samples = [{"images": ["images/a.png", "images/b.png"]}, {"image": "images/c.png"},
+               {"history_images": ["images/d.png"], "current_image": "images/e.png"}]
+    (folder / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return images
+
+
+def manifest_spec(data_root: Path) -> tuple[dict, FeatureSpec]:
+    manifest = json.loads((data_root / MANIFEST_NAME).read_text())
+    return manifest, FeatureSpec.from_dict(manifest["spec"])
+
+
+def test_precompute_in_process_then_skip_existing(tmp_path: Path) -> None:
+    data_root, state_dir = tmp_path / "data", tmp_path / "state"
+    images = make_data_root(data_root)
+    args = ("precompute", "--data_root", str(data_root), "--vggt_model_path", str(TINY_MODEL), "--device", "cpu",
+            "--batch_size", "4", "--skip_existing", "--verify", "--size", "56", "--state-dir", str(state_dir))
+
+    first = cli(*args)
+    assert first.returncode == 0, first.stdout
+    assert "[INFO] finished: 5 total, 5 computed, 0 skipped, 0 failed" in first.stdout
+    manifest, spec = manifest_spec(data_root)
+    assert (manifest["state"], manifest["computed"], manifest["failed"]) == ("finished", 5, 0)
+    assert spec.size == 56 and spec.attention == "frame" and manifest["spec_digest"] == spec.digest
+    assert all(read_entry(image, spec).outcome is Outcome.HIT for image in images)
+
+    second = cli(*args, "--model_path", "/models/Qwen2.5-VL-3B-Instruct")
+    assert second.returncode == 0, second.stdout
+    assert "--model_path /models/Qwen2.5-VL-3B-Instruct is not needed" in second.stdout
+    assert "[INFO] finished: 5 total, 0 computed, 5 skipped, 0 failed" in second.stdout
+    assert manifest_spec(data_root)[0]["skipped"] == 5
+
+
+@pytest.fixture(scope="module")
+def served(service_server, tmp_path_factory: pytest.TempPathFactory):
+    """A running service and a data root precomputed through it with `precompute --server`."""
+    data_root = tmp_path_factory.mktemp("cli-served")
+    images = make_data_root(data_root)
+    server = service_server(data_root)
+    run = cli("precompute", "--data_root", str(data_root), "--server", server.url, "--skip_existing")
+    yield server, data_root, images, run
+    server.stop()
+
+
+def test_precompute_through_a_server(served) -> None:
+    server, data_root, images, run = served
+    assert run.returncode == 0, run.stdout
+    assert f"submitted to {server.url}" in run.stdout
+    assert "[INFO] finished: 5 total, 5 computed, 0 skipped, 0 failed" in run.stdout
+    manifest, spec = manifest_spec(data_root)
+    assert manifest["computed"] == 5 and len(cache_files(data_root)) == 5
+    assert all(read_entry(image, spec).outcome is Outcome.HIT for image in images)
+
+
+def test_status_prints_the_job(served) -> None:
+    server, data_root, _, _ = served
+    run = cli("status", "--server", server.url)
+    assert run.returncode == 0, run.stdout
+    assert f"service  {server.url}  state=ready" in run.stdout
+    job_line = next(line for line in run.stdout.splitlines() if line.startswith("job "))
+    assert "finished" in job_line and "100.0%" in job_line and "5 computed" in job_line
+    assert job_line.endswith(str(data_root))
+    as_json = json.loads(cli("status", "--server", server.url, "--json").stdout)
+    assert as_json["jobs"][0]["data_root"] == str(data_root)
+
+
+def test_status_of_an_unreachable_server_fails() -> None:
+    run = cli("status", "--server", "http://127.0.0.1:9")
+    assert run.returncode == 2 and "Cannot read http://127.0.0.1:9/status" in run.stdout
+
+
+def test_verify_passes_then_reports_a_truncated_entry(served) -> None:
+    _, data_root, images, _ = served
+    ok = cli("verify", str(data_root))
+    assert ok.returncode == 0, ok.stdout
+    assert "hit 5" in ok.stdout
+
+    entry = Path(images[2] + ".vggt_cache.pt")
+    entry.write_bytes(entry.read_bytes()[:100])
+    bad = cli("verify", str(data_root))
+    assert bad.returncode == 1, bad.stdout
+    assert "hit 4" in bad.stdout and "corrupt 1" in bad.stdout
+    assert f"corrupt       {images[2]}:" in bad.stdout
+
+
+def test_sigterm_stops_serve_cleanly_mid_job(service_server, tmp_path: Path) -> None:
+    write_images(tmp_path / "frames", [f"f{i:03d}.png" for i in range(200)])
+    server = service_server(tmp_path, "--max-batch-frames", "2")
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        job_id = http.post("/precompute", json={"data_root": str(tmp_path)}).json()["job_id"]
+        wait_job(http, job_id, until=lambda view: done(view) > 0)
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(30) == 0, server.log()
+    log = server.log()
+    assert "[INFO] Shutting down" in log
+    assert f"Job {job_id} paused at" in log  # not finished: the next start resumes it
+    assert log.rstrip().endswith("[INFO] Stopped")

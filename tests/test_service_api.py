@@ -1,0 +1,304 @@
+"""The HTTP API of a real `vggt-cache serve` on 127.0.0.1: features, auth, limits, errors, metrics."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from client.cachefile import Outcome, read_entry
+from client.wire import decode_features
+from service.model import load_aggregator
+from service.model.features import select_features
+from service.preprocess import preprocess
+from service_helpers import poll, service_spec, write_images
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
+TOKEN = "s3cret-token"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("api-root")
+
+
+@pytest.fixture(scope="module")
+def server(service_server, root: Path):
+    server = service_server(root)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_aggregator(TINY_MODEL).model
+
+
+def features_of(response: httpx.Response) -> dict[str, tuple[dict, torch.Tensor | None]]:
+    """Image -> (item, tensor) from a `/features` response."""
+    assert response.status_code == 200, response.text
+    items, tensors = decode_features(response.content)
+    return {i["image"]: (i, tensors.get(i["tensor"])) for i in items}
+
+
+def direct_features(model: torch.nn.Module, frames: list[str], spec) -> torch.Tensor:
+    """The model's own entries for one clip, without the service: [S, P, C] in the storage dtype."""
+    images = torch.stack([preprocess(p, spec.preprocess, size=spec.size, align=spec.align) for p in frames])
+    with torch.inference_mode():
+        outputs, patch_start_idx = model(images[None], attention=spec.attention, layers=list(spec.layers))
+    return select_features(outputs, patch_start_idx, spec)[0]  # [S, P, C]
+
+
+def assert_same_entry(served: torch.Tensor, direct: torch.Tensor) -> None:
+    assert served.shape == direct.shape and served.dtype == direct.dtype == torch.bfloat16
+    # Both are float32 results rounded to bfloat16: at most one storage ulp apart.
+    torch.testing.assert_close(served.float(), direct.float(), rtol=2 ** -7, atol=1e-5)
+
+
+# -- features equal the model's own output, in every attention mode ------------------------------
+
+
+def test_frame_features_equal_the_models_output(http: httpx.Client, root: Path, model) -> None:
+    images = write_images(root / "parity-frame", ["a.png", "b.png"], size=(28, 42), seed=10)
+    spec = service_spec(http)
+    served = features_of(http.post("/features", json={"images": images}))
+
+    for image in images:
+        item, tensor = served[image]
+        assert item["status"] == "computed" and item["grid"] == [4, 4]
+        assert_same_entry(tensor, direct_features(model, [image], spec)[0])
+        entry = read_entry(image, spec)
+        assert entry.outcome is Outcome.HIT and torch.equal(entry.features, tensor)
+
+    again = features_of(http.post("/features", json={"images": images}))
+    assert [item["status"] for item, _ in again.values()] == ["cached", "cached"]
+    assert all(torch.equal(again[i][1], served[i][1]) for i in images)
+    # In frame mode a clip asks for its current (last) frame alone.
+    as_clip = features_of(http.post("/features", json={"clips": [images]}))
+    assert list(as_clip) == [images[-1]] and torch.equal(as_clip[images[-1]][1], served[images[-1]][1])
+
+
+@pytest.mark.parametrize("attention", ["sequence", "causal"])
+def test_clip_features_equal_the_models_output(service_server, tmp_path_factory, model, attention: str) -> None:
+    root = tmp_path_factory.mktemp(f"parity-{attention}")
+    clip = write_images(root, ["t0.png", "t1.png", "t2.png"], seed=11)
+    server = service_server(root, "--attention", attention)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        spec = service_spec(http)
+        served = features_of(http.post("/features", json={"clips": [clip]}))
+    server.stop()
+    direct = direct_features(model, clip, spec)  # [3, P, C]
+
+    targets = clip if attention == "sequence" else clip[-1:]
+    assert sorted(served) == sorted(targets)
+    for image in targets:
+        item, tensor = served[image]
+        assert item["status"] == "computed"
+        assert_same_entry(tensor, direct[clip.index(image)])
+        entry = read_entry(image, spec, context_frames=clip)
+        assert entry.outcome is Outcome.HIT and torch.equal(entry.features, tensor)
+        assert [f["path"] for f in entry.meta["context"]["frames"]] == ["t0.png", "t1.png", "t2.png"]
+    if attention == "causal":
+        assert not Path(clip[0] + ".vggt_cache.pt").exists()  # context frames get no entry of their own
+    # The first frame's causal features do not depend on later frames; its bidirectional ones do.
+    first_alone = direct_features(model, clip[:1], spec)[0]
+    close = torch.allclose(direct[0].float(), first_alone.float(), rtol=2 ** -7, atol=1e-5)
+    assert close == (attention == "causal")
+
+
+def test_prefetch_without_waiting_queues_the_work(http: httpx.Client, root: Path) -> None:
+    images = write_images(root / "prefetch", ["p.png", "q.png"], seed=13)
+    r = http.post("/features", json={"images": images, "wait": False})
+    assert r.status_code == 202 and r.json() == {"queued": 2}
+    spec = service_spec(http)
+    poll(lambda: all(read_entry(p, spec).hit for p in images), 30, "the prefetched entries")
+
+
+# -- concurrency ---------------------------------------------------------------------------------
+
+
+def test_concurrent_clients_get_consistent_features(http: httpx.Client, server, root: Path) -> None:
+    images = write_images(root / "concurrent", [f"c{i}.png" for i in range(6)], seed=12)
+    spec = service_spec(http)
+    start = threading.Barrier(8)
+    results: list[dict | BaseException] = [None] * 8  # type: ignore[list-item]
+
+    def client(i: int) -> None:
+        wanted = [images[(i + k) % len(images)] for k in range(3)]
+        try:
+            with httpx.Client(base_url=server.url, timeout=60) as own:
+                start.wait(10)
+                results[i] = features_of(own.post("/features", json={"images": wanted}))
+        except BaseException as exc:  # reported below, on the test's thread
+            results[i] = exc
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+    assert not any(isinstance(r, BaseException) for r in results), results
+    by_image: dict[str, list[torch.Tensor]] = {}
+    for served in results:
+        assert len(served) == 3
+        for image, (item, tensor) in served.items():
+            assert item["status"] in ("computed", "cached") and item["error"] is None
+            by_image.setdefault(image, []).append(tensor)
+    assert sorted(by_image) == sorted(images)
+    for image, tensors in by_image.items():
+        entry = read_entry(image, spec)
+        assert entry.outcome is Outcome.HIT, entry.reason
+        assert all(torch.equal(t, entry.features) for t in tensors)
+
+
+# -- auth ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def secured(service_server, root: Path):
+    server = service_server(root, "--api-token", TOKEN)
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}],
+                         ids=["none", "wrong", "no-scheme"])
+def test_routes_need_the_token(secured, root: Path, headers: dict) -> None:
+    image = write_images(root / "auth", ["a.png"])[0]
+    with httpx.Client(base_url=secured.url, timeout=30, headers=headers) as http:
+        responses = [
+            http.get("/status"),
+            http.post("/features", json={"images": [image]}),
+            http.post("/precompute", json={"data_root": str(root / "auth")}),
+            http.get("/jobs/0123"),
+            http.delete("/jobs/0123"),
+            http.get("/metrics"),
+        ]
+        assert [r.status_code for r in responses] == [401] * len(responses)
+        assert all(r.headers["www-authenticate"] == "Bearer" and r.json()["detail"] for r in responses)
+        assert http.get("/healthz").status_code == 200
+        assert http.get("/readyz").status_code == 200
+    assert not Path(image + ".vggt_cache.pt").exists()
+
+
+def test_the_right_token_is_let_through(secured, root: Path) -> None:
+    image = write_images(root / "auth-ok", ["a.png"])[0]
+    with httpx.Client(base_url=secured.url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
+        assert http.get("/status").json()["service"]["auth"] is True
+        assert features_of(http.post("/features", json={"images": [image]}))[image][0]["status"] == "computed"
+        assert http.get("/jobs/0123").status_code == 404
+        assert http.get("/metrics").status_code == 200
+
+
+# -- malformed and refused requests -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("route, body", [
+    ("/features", b"{not json"),
+    ("/features", b'{"images": "/a.png"}'),
+    ("/features", b'{"images": [1, 2]}'),
+    ("/features", b'{"clips": ["/a.png"]}'),
+    ("/features", b'{"images": ["/a.png"], "skip_existing": "maybe"}'),
+    ("/features", b"{}"),
+    ("/features", b'{"images": [], "clips": []}'),
+    ("/features", b'{"clips": [[]]}'),
+    ("/features", b'{"images": ["relative/a.png"]}'),
+    ("/features", b'[]'),
+    ("/precompute", b"{}"),
+    ("/precompute", b'{"data_root": 5}'),
+    ("/precompute", b'{"data_root": "relative/dir"}'),
+    ("/precompute", b'{"data_root": ""}'),
+], ids=lambda v: v if isinstance(v, str) else v.decode()[:30])
+def test_malformed_requests_are_422_with_a_message(http: httpx.Client, route: str, body: bytes) -> None:
+    r = http.post(route, content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"]
+
+
+def test_paths_escaping_the_root_are_403(http: httpx.Client, root: Path, tmp_path_factory) -> None:
+    outside = write_images(tmp_path_factory.mktemp("api-outside"), ["x.png"])[0]
+    inside = write_images(root / "escape", ["a.png"])[0]
+    (root / "escape" / "link.png").symlink_to(outside)
+    dotdot = f"{root}/escape/../../{Path(outside).parent.name}/x.png"
+    for body in ({"images": [dotdot]}, {"images": [str(root / "escape" / "link.png")]},
+                 {"images": [inside], "clips": [[inside, outside]]}, {"images": [outside]}):
+        r = http.post("/features", json=body)
+        assert r.status_code == 403, (body, r.text)
+        assert "outside the allowed roots" in r.json()["detail"]
+    r = http.post("/precompute", json={"data_root": f"{root}/.."})
+    assert r.status_code == 403 and r.json()["detail"]
+    assert not Path(outside + ".vggt_cache.pt").exists() and not Path(inside + ".vggt_cache.pt").exists()
+
+
+def test_a_body_over_the_limit_is_413(http: httpx.Client, root: Path) -> None:
+    big = {"images": [f"{root}/{'x' * 200}_{i}.png" for i in range(25_000)]}  # ~5 MB of JSON
+    r = http.post("/features", json=big)
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+
+
+def test_a_chunked_body_is_read_up_to_the_limit(http: httpx.Client, root: Path) -> None:
+    def chunks():
+        yield b'{"images": ['
+        for i in range(5_000):
+            yield (f'"{root}/{"y" * 1000}_{i}.png", ').encode()
+        yield b'"/z.png"]}'
+
+    r = http.post("/features", content=chunks(), headers={"Content-Type": "application/json"})
+    assert r.request.headers.get("transfer-encoding") == "chunked" and "content-length" not in r.request.headers
+    assert r.status_code == 413 and "larger than" in r.json()["detail"]
+
+    image = write_images(root / "chunked", ["a.png"])[0]
+    small = iter([b'{"images": [', f'"{image}"'.encode(), b"]}"])
+    r = http.post("/features", content=small, headers={"Content-Type": "application/json"})
+    assert features_of(r)[image][0]["status"] == "computed"
+
+
+def test_too_many_items_is_413(http: httpx.Client, root: Path) -> None:
+    r = http.post("/features", json={"images": [f"{root}/i{i}.png" for i in range(513)]})
+    assert r.status_code == 413 and "limit is 512" in r.json()["detail"]
+    r = http.post("/features", json={"clips": [[f"{root}/i{i}.png" for i in range(300)]] * 2})
+    assert r.status_code == 413
+
+
+def test_unknown_jobs_and_missing_data_roots_are_404(http: httpx.Client, root: Path) -> None:
+    assert http.get("/jobs/no-such-job").status_code == 404
+    assert http.delete("/jobs/no-such-job").status_code == 404
+    (root / "a-file.txt").write_text("not a folder")
+    for data_root in (root / "no-such-folder", root / "a-file.txt"):
+        r = http.post("/precompute", json={"data_root": str(data_root)})
+        assert r.status_code == 404 and "not a folder" in r.json()["detail"]
+
+
+def test_a_missing_image_fails_alone(http: httpx.Client, root: Path) -> None:
+    good = write_images(root / "missing", ["good.png"])[0]
+    gone = str(root / "missing" / "gone.png")
+    served = features_of(http.post("/features", json={"images": [gone, good]}))
+    assert served[good][0]["status"] == "computed" and served[good][1] is not None
+    item, tensor = served[gone]
+    assert item["status"] == "failed" and tensor is None and "gone.png" in item["error"]
+
+
+# -- probes and metrics --------------------------------------------------------------------------
+
+
+def test_probes_status_and_metrics(http: httpx.Client) -> None:
+    assert http.get("/healthz").json()["status"] == "ok"
+    assert http.get("/readyz").json()["ready"] is True
+    status = http.get("/status").json()
+    assert status["service"]["state"] == "ready" and status["spec"]["attention"] == "frame"
+    assert status["spec"]["digest"] == service_spec(http).digest
+    r = http.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert 'vggt_cache_http_requests_total{route="/status",status="200"}' in r.text
+    assert "\nvggt_cache_ready 1.0\n" in r.text
