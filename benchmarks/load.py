@@ -5,26 +5,26 @@
 Without --server it starts `vggt-cache serve` itself (the tiny test model on the
 CPU unless --model/--device say otherwise) on a free port, over a temporary data
 root. It then
-  1. warms up: computes the `hit` images (so their sibling files exist) and waits;
+  1. computes the `--hits` images (so their sibling files exist);
   2. starts a bulk job over `--bulk` images (POST /precompute);
-  3. runs `--clients` threads for `--duration` seconds, each looping over
+  3. runs `--clients` threads, each looping over
        hit     POST /features for `--per-request` cached images (expects "cached")
        miss    POST /features for `--per-request` images written just before (expects "computed")
        status  GET /status or GET /jobs/{id}, alternately
      picked at random with the weights of `--mix`, through the project's client
-     transport (a 429 is retried after Retry-After, as a training client would);
+     transport (a 429 is retried after Retry-After, as a training client would):
+     `--warmup` seconds unmeasured, then `--duration` seconds measured;
   4. reports per kind p50/p99 latency, throughput, errors (anything the client
      saw after its retries, or an item with the wrong status), the 429s the
-     service answered (from /metrics), the bulk job's progress during the run, and
-     the service's RSS (VmRSS of /proc/<pid>/status; with --server, /status's)
-     after warm-up, at its peak and at the end.
+     service answered (from /metrics), the bulk job's progress, and the service's
+     RSS (VmRSS of /proc/<pid>/status; with --server, /status's) after the
+     warm-up, at half time, at its peak and at the end.
 Exit status 1 if any client saw an error.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -206,6 +206,17 @@ class Client:
 # -- the run ----------------------------------------------------------------------------------------
 
 
+def drive(clients: list[Client], seconds: float) -> float:
+    """Run every client in its own thread for `seconds`; returns the time it took."""
+    started = time.monotonic()
+    threads = [threading.Thread(target=c.run, args=(started + seconds,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.monotonic() - started
+
+
 def images_in(folder: str, n: int, args: argparse.Namespace, seed: int) -> list[str]:
     os.makedirs(folder)
     return make_images(folder, n, args.width, args.height, seed=seed)
@@ -235,27 +246,25 @@ def run(args: argparse.Namespace, root: str) -> dict:
     try:
         with httpx.Client(base_url=service.url, timeout=300) as http:
             status = http.get("/status").raise_for_status().json()
-            for start in range(0, len(hits), 64):  # warm-up: the hit set's entries, every code path once
+            for start in range(0, len(hits), 64):  # the hit set's entries
                 http.post("/features", json={"images": hits[start:start + 64]}).raise_for_status()
-            rss_before = service.rss_bytes(http)
             job = http.post("/precompute", json={"data_root": os.path.join(root, "bulk")}).raise_for_status().json()
             job_id = job["job_id"]
-            count_429 = requests_with_status(http, "/features", "429")
 
             transport = Transport(service.url, timeout=120.0, retries=args.retries)
+            warmup = Tally()
+            clients = [Client(i, transport, args, hits, miss_root, job_id, warmup) for i in range(args.clients)]
+            # The same load first, unmeasured: thread pools, allocator arenas and caches reach their size.
+            drive(clients, args.warmup)
+            rss_before = service.rss_bytes(http)
+            count_429 = requests_with_status(http, "/features", "429")
             tally = Tally()
-            clients = [Client(i, transport, args, hits, miss_root, job_id, tally) for i in range(args.clients)]
+            for client in clients:
+                client.tally = tally
             stop, samples = threading.Event(), []
             sampler = threading.Thread(target=sample_rss, args=(service, service.url, stop, samples), daemon=True)
             sampler.start()
-            started = time.monotonic()
-            deadline = started + args.duration
-            threads = [threading.Thread(target=c.run, args=(deadline,)) for c in clients]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            elapsed = time.monotonic() - started
+            elapsed = drive(clients, args.duration)
             stop.set()
             sampler.join()
             transport.close()
@@ -282,21 +291,23 @@ def run(args: argparse.Namespace, root: str) -> dict:
     return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "service": {"url": service.url, "started_here": args.server is None, "model": status["model"]},
-        "settings": {"clients": args.clients, "duration_s": args.duration, "per_request": args.per_request,
+        "settings": {"clients": args.clients, "duration_s": args.duration, "warmup_s": args.warmup,
+                     "per_request": args.per_request,
                      "mix": args.mix, "hits": args.hits, "bulk": args.bulk, "image": [args.width, args.height],
                      "retries": args.retries},
         "elapsed_s": round(elapsed, 2),
         "kinds": kinds,
         "throughput": {"requests_per_s": round(requests / elapsed, 1),
                        "on_demand_images_per_s": round((kinds["hit"]["images"] + kinds["miss"]["images"]) / elapsed, 1)},
-        "errors": sum(tally.errors.values()),
-        "error_examples": tally.examples,
+        "errors": sum(tally.errors.values()) + sum(warmup.errors.values()),
+        "error_examples": warmup.examples + tally.examples,
         "answered_429": count_429,
         "bulk_job": {k: job_view[k] for k in ("state", "total", "computed", "skipped", "failed")},
         "rss_mib": {"after_warmup": rss_before and round(rss_before / mib, 1),
                     "half_time": round(samples[len(samples) // 2] / mib, 1) if samples else None,
                     "peak": round(max(samples) / mib, 1) if samples else None,
-                    "end": rss_after and round(rss_after / mib, 1)},
+                    "end": rss_after and round(rss_after / mib, 1),
+                    "every_second": [round(x / mib, 1) for x in samples]},
     }
 
 
@@ -304,7 +315,8 @@ def report(result: dict) -> None:
     s, m = result["settings"], result["service"]["model"]
     print(f"service  {result['service']['url']}  model {m['source']} ({m['parameters']:,} parameters) "
           f"on {', '.join(m['devices'])}; machine {result['machine']['cpus']} CPUs")
-    print(f"load     {s['clients']} clients x {result['elapsed_s']} s, {s['per_request']} images per /features, "
+    print(f"load     {s['clients']} clients x {result['elapsed_s']} s after {s['warmup_s']} s of warm-up, "
+          f"{s['per_request']} images per /features, "
           f"mix {s['mix']}, bulk job over {s['bulk']} images")
     rows = [(kind, k["requests"], k["errors"], k["p50_ms"], k["p99_ms"], k["max_ms"])
             for kind, k in result["kinds"].items()]
@@ -316,7 +328,7 @@ def report(result: dict) -> None:
         print(f"  {example}")
     print(f"bulk job    {b['state']}: {b['computed'] + b['skipped'] + b['failed']}/{b['total']} done during the run"
           + ("  (it ended early: raise --bulk to keep it running throughout)" if b["state"] == "finished" else ""))
-    print(f"service RSS {r['after_warmup']} MiB after warm-up, {r['half_time']} MiB at half time, "
+    print(f"service RSS {r['after_warmup']} MiB after the warm-up, {r['half_time']} MiB at half time, "
           f"{r['peak']} MiB peak, {r['end']} MiB at the end")
 
 
@@ -334,6 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    parser.add_argument("--warmup", type=float, default=10.0, help="seconds of the same load before measuring")
     parser.add_argument("--mix", type=parse_mix, default=parse_mix("hit=5,miss=3,status=2"))
     parser.add_argument("--per-request", type=int, default=4, help="images per /features request")
     parser.add_argument("--hits", type=int, default=256, help="images cached before the run")
@@ -349,8 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", help="where to make the temporary data root (removed at the end)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
-    if min(args.clients, args.per_request, args.hits) < 1 or args.duration <= 0:
-        parser.error("--clients, --per-request, --hits and --duration must be positive")
+    if min(args.clients, args.per_request, args.hits) < 1 or args.duration <= 0 or args.warmup < 0:
+        parser.error("--clients, --per-request, --hits and --duration must be positive, --warmup not negative")
     if args.per_request > args.hits:
         parser.error("--per-request cannot exceed --hits")
 

@@ -22,10 +22,12 @@ import contextlib
 import copyreg
 import io
 import math
+import mmap as mmap_module
 import os
 import pickle
 import secrets
 import struct
+import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -136,9 +138,11 @@ def read_entry(
     """Read and validate the entry of `image_path`; never raises for a bad file.
 
     `mmap=True` maps the file (pages are read when the tensor is used) and the
-    mapping outlives a concurrent `os.replace` on a local file system; on NFS,
-    where another host's replace can invalidate mapped pages, or when tensors
-    are kept for long, prefer `mmap=False`, which reads the file in one call.
+    mapping outlives a concurrent `os.replace` on a local file system. Prefer
+    `mmap=False`, which reads the file in one call and is as fast for a tensor
+    that is used whole, on NFS (another host's replace can invalidate mapped
+    pages) and for tensors kept for long (before Python 3.13 each mapped tensor
+    holds a file descriptor).
     """
     path = cache_path(image_path)
 
@@ -314,6 +318,8 @@ _STORAGE_DTYPES = {
 _END = struct.Struct("<4s4H2LH")  # end of central directory
 _CENTRAL = struct.Struct("<4s6H3L5H2L")  # central directory entry
 _LOCAL = struct.Struct("<4s5H3L2H")  # local file header
+# Before Python 3.13 every mapping keeps a duplicate of the file's descriptor open.
+_MMAP_OPTIONS = {"trackfd": False} if sys.version_info >= (3, 13) else {}
 
 
 class _StorageRef(NamedTuple):
@@ -364,13 +370,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def _load_fast(path: str, use_mmap: bool) -> dict:
-    if use_mmap:
-        # A private mapping, as torch.load(mmap=True) makes, holding no descriptor. A file
-        # replaced after the stat is mapped short or refused, and fails the checks below.
-        mapped = torch.UntypedStorage.from_file(path, shared=False, nbytes=os.stat(path).st_size)
-        whole = torch.empty(0, dtype=torch.uint8).set_(mapped)
-    else:
-        with open(path, "rb", buffering=0) as f:
+    with open(path, "rb", buffering=0) as f:
+        if use_mmap:
+            # A private (copy-on-write) mapping that the tensor keeps alive. Not
+            # UntypedStorage.from_file: its tensors cannot cross DataLoader worker queues.
+            mapping = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_COPY, **_MMAP_OPTIONS)
+            whole = torch.frombuffer(mapping, dtype=torch.uint8)
+        else:
             whole = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8)
             if f.readinto(whole.numpy()) != whole.numel():
                 raise _Unsupported("file changed while reading")

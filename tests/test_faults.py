@@ -31,7 +31,7 @@ from conftest import REPO, TINY_MODEL, RunningService
 from service.engine import Engine
 from service.model import load_aggregator
 from service.units import Unit
-from service_helpers import TERMINAL, cache_files, done, job, poll, service_spec, temp_files, wait_job, write_images
+from service_helpers import TERMINAL, cache_files, done, poll, service_spec, temp_files, wait_job, write_images
 
 ENTRY_SHAPE = (16, 128)  # 56x56 images at --size 56: a 4x4 patch grid, 2 x 64 channels
 SEED = int(os.environ.get("VGGT_FAULT_SEED", time.time_ns() % 2**32))  # printed on failure: rerun with it
