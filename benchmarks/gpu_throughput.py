@@ -48,8 +48,7 @@ from common import device_name, get_model, median_seconds, print_table, random_m
 from service.demo import DEMO_CONFIG  # noqa: E402
 from service.model import AggregatorConfig, DEFAULT_SOURCE, LoadedModel  # noqa: E402
 from service.model.features import compute_features, feature_autocast  # noqa: E402
-from service.runtime import build_spec  # noqa: E402
-from service.settings import SpecOptions  # noqa: E402
+from service.model.features import model_spec  # noqa: E402
 
 H100_BF16_TFLOPS = 989.0
 LAYERS = [-2]
@@ -179,7 +178,7 @@ class Sweep:
         return best
 
     def one_by_one(self, size: int) -> dict:
-        spec = build_spec(self.loaded, SpecOptions(size=size))
+        spec = model_spec(self.loaded, size=size)
         host = torch.rand(self.args.loop_images, 3, size, size)  # decoded images, on the host like the seed's
 
         def step() -> None:

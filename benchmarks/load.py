@@ -326,7 +326,7 @@ def report(result: dict) -> None:
     print(f"errors      {result['errors']} seen by clients; {result['answered_429']} answers were 429 (retried)")
     for example in result["error_examples"]:
         print(f"  {example}")
-    print(f"bulk job    {b['state']}: {b['computed'] + b['skipped'] + b['failed']}/{b['total']} done during the run"
+    print(f"bulk job    {b['state']}: {b['computed'] + b['skipped'] + b['failed']}/{b['total']} done by the end"
           + ("  (it ended early: raise --bulk to keep it running throughout)" if b["state"] == "finished" else ""))
     print(f"service RSS {r['after_warmup']} MiB after the warm-up, {r['half_time']} MiB at half time, "
           f"{r['peak']} MiB peak, {r['end']} MiB at the end")

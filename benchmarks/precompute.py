@@ -45,8 +45,9 @@ from service.model import LoadedModel  # noqa: E402
 from service.model.features import compute_features, feature_autocast  # noqa: E402
 from service.paths import AllowedRoots  # noqa: E402
 from service.preprocess import preprocess  # noqa: E402
-from service.runtime import build_spec, model_info  # noqa: E402
-from service.settings import ServiceSettings, SpecOptions, parse_devices  # noqa: E402
+from service.model.features import model_spec  # noqa: E402
+from service.runtime import model_info  # noqa: E402
+from service.settings import ServiceSettings, parse_devices  # noqa: E402
 from service.store import JobStore  # noqa: E402
 
 METHODS = ("seed", "ours", "limit")
@@ -115,7 +116,7 @@ def run(args: argparse.Namespace, folder: str) -> dict:
     config = {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads,
               "patch_embed": {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads}}
     loaded = get_model(args.model, config, str(device))
-    spec = build_spec(loaded, SpecOptions(size=args.size))
+    spec = model_spec(loaded, size=args.size)
 
     # Pre-decoded, pre-batched input of the limit; also the shapes the other two work on.
     inputs = torch.stack([preprocess(p, mode=spec.preprocess, size=spec.size, align=spec.align) for p in images])

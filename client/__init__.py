@@ -4,3 +4,5 @@ Imports neither FastAPI nor uvicorn, so training dataloaders can use it.
 """
 
 from client.cache import AsyncFeatureCache, CacheUnavailable, FeatureCache, read_cached
+
+__all__ = ["AsyncFeatureCache", "CacheUnavailable", "FeatureCache", "read_cached"]

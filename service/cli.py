@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings, SpecOptions
+from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings
 
 log = logging.getLogger("vggt_cache")
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -49,9 +49,10 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
                    help="storage dtype of cached features")
 
 
-def spec_options(args: argparse.Namespace) -> SpecOptions:
-    return SpecOptions(attention=args.attention, layers=args.layers, tokens=args.tokens,
-                       preprocess=args.preprocess, size=args.size, align=args.align, dtype=args.dtype)
+def spec_options(args: argparse.Namespace) -> dict:
+    """The spec flags as FeatureSpec keyword arguments."""
+    return {"attention": args.attention, "layers": args.layers, "tokens": args.tokens,
+            "preprocess": args.preprocess, "size": args.size, "align": args.align, "dtype": args.dtype}
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:

@@ -78,7 +78,8 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     from service.jobs import JobManager
     from service.model import load_aggregator
     from service.paths import AllowedRoots
-    from service.runtime import build_spec, model_info
+    from service.model.features import model_spec
+    from service.runtime import model_info
     from service.settings import parse_devices
     from service.store import JobStore
 
@@ -96,7 +97,7 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     devices = parse_devices(settings.device)
     log.info("Loading VGGT model from %s onto %s", settings.model, ", ".join(devices))
     loaded = load_aggregator(settings.model, device=devices[0])
-    spec = build_spec(loaded, settings.spec)
+    spec = model_spec(loaded, **settings.spec)
     engine = Engine(loaded, spec, devices=devices, max_batch_frames=batch, decode_workers=settings.decode_workers)
     engine.start()
     info = model_info(loaded, devices, spec)

@@ -11,25 +11,12 @@ from client.spec import FeatureSpec
 from service.engine import Engine
 from service.jobs import JobManager
 from service.model import LoadedModel, load_aggregator
+from service.model.features import model_spec
 from service.paths import AllowedRoots
-from service.settings import ServiceSettings, SpecOptions, parse_devices
+from service.settings import ServiceSettings, parse_devices
 from service.store import JobStore
 
 log = logging.getLogger("vggt_cache")
-
-
-def build_spec(loaded: LoadedModel, options: SpecOptions) -> FeatureSpec:
-    return FeatureSpec(
-        fingerprint=loaded.fingerprint,
-        architecture=loaded.config.to_dict(),
-        layers=tuple(options.layers),
-        tokens=options.tokens,
-        preprocess=options.preprocess,
-        size=options.size,
-        align=options.align,
-        dtype=options.dtype,
-        attention=options.attention,
-    )
 
 
 def model_info(loaded: LoadedModel, devices: list[str], spec: FeatureSpec) -> dict:
@@ -90,7 +77,7 @@ class ServiceRuntime:
             log.info("Loading VGGT model from %s onto %s", s.model, ", ".join(devices))
             t0 = time.perf_counter()
             loaded = load_aggregator(s.model, device=devices[0])
-            spec = build_spec(loaded, s.spec)
+            spec = model_spec(loaded, **s.spec)
             log.info(
                 "Model ready in %.1fs: %s parameters, fingerprint %s, spec %s (%s attention, layers %s)",
                 time.perf_counter() - t0, f"{loaded.num_params:,}", loaded.fingerprint, spec.digest,

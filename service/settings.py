@@ -10,19 +10,6 @@ DEFAULT_PORT = 8600
 
 
 @dataclass
-class SpecOptions:
-    """How features are made; with the model's fingerprint this becomes a FeatureSpec."""
-
-    attention: str = "frame"
-    layers: tuple[int, ...] = (-2,)
-    tokens: str = "patch"
-    preprocess: str = "crop"
-    size: int = 518
-    align: int = 14
-    dtype: str = "bfloat16"
-
-
-@dataclass
 class ServiceSettings:
     model: str = DEFAULT_MODEL
     device: str = "cuda"
@@ -31,7 +18,9 @@ class ServiceSettings:
     allowed_roots: list[str] = field(default_factory=list)
     state_dir: str = os.path.expanduser("~/.local/state/vggt-cache")
     api_token: str | None = None
-    spec: SpecOptions = field(default_factory=SpecOptions)
+    # FeatureSpec fields other than the model's (layers, tokens, preprocess, size, align, dtype, attention);
+    # unset ones take FeatureSpec's defaults.
+    spec: dict = field(default_factory=dict)
     max_batch_frames: int = 32
     max_wait_ms: float = 5.0
     decode_workers: int = 4

@@ -18,7 +18,7 @@ from client.cache import FeatureCache
 from client.cachefile import context_record, source_record, write_entry
 from service.cli import build_parser, spec_options
 from service.model import load_aggregator
-from service.model.features import compute_features
+from service.model.features import compute_features, model_spec
 from service.preprocess import preprocess
 from service.sources import scan_data_root
 from training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec, serve_flags
@@ -261,10 +261,5 @@ def test_serve_flags_give_the_service_the_training_spec(loaded):
     spec = feature_spec(loaded, data, cache)
     assert spec.layers == (0, 1) and spec.size == 112 and spec.attention == "causal"
     args = build_parser().parse_args(["serve", *shlex.split(serve_flags(spec))])
-    options = spec_options(args)
-    served = feature_spec(loaded, DataArguments(image_preprocess=options.preprocess, image_size=options.size,
-                                                image_align=options.align),
-                          CacheArguments(vggt_attention=options.attention, vggt_tokens=options.tokens,
-                                         vggt_dtype=options.dtype, use_vggt_cache=False,
-                                         vggt_layers=",".join(map(str, options.layers))))
+    served = model_spec(loaded, **spec_options(args))
     assert served == spec and served.digest == spec.digest

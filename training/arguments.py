@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from client.cache import FALLBACKS
 from client.spec import ATTENTION, DTYPES, PREPROCESS, TOKENS, FeatureSpec
 from service.model import LoadedModel
+from service.model.features import model_spec
 
 TRUE_WORDS = ("true", "1", "yes")
 QWEN_IMAGES = ("all", "current")
@@ -163,9 +164,8 @@ class CacheArguments:
 
 def feature_spec(vggt: LoadedModel, data: DataArguments, cache: CacheArguments) -> FeatureSpec:
     """The spec of this run's features: the loaded weights plus the data and cache arguments."""
-    return FeatureSpec(
-        fingerprint=vggt.fingerprint,
-        architecture=vggt.config.to_dict(),
+    return model_spec(
+        vggt,
         layers=cache.layers,
         tokens=cache.vggt_tokens,
         preprocess=data.image_preprocess,

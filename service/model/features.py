@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from client.spec import FeatureSpec
+
+if TYPE_CHECKING:
+    from service.model.loader import LoadedModel
 
 
 def select_features(outputs: Sequence[Tensor], patch_start_idx: int, spec: FeatureSpec) -> Tensor:
@@ -32,6 +36,11 @@ def select_features(outputs: Sequence[Tensor], patch_start_idx: int, spec: Featu
     if len(layers) == 1:
         return layers[0].to(spec.torch_dtype)
     return torch.stack(layers, dim=2).to(spec.torch_dtype)  # [B, S, L, P, C]
+
+
+def model_spec(loaded: "LoadedModel", **options: object) -> FeatureSpec:
+    """The spec of the features `loaded` computes; `options` are FeatureSpec's other fields (layers, dtype, ...)."""
+    return FeatureSpec(fingerprint=loaded.fingerprint, architecture=loaded.config.to_dict(), **options)
 
 
 def feature_autocast(device: torch.device) -> AbstractContextManager:
