@@ -200,19 +200,19 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
 
     @app.get("/jobs/{job_id}", dependencies=auth)
     def get_job(job_id: str, c: Components = Depends(ready)) -> JobView:
-        job = c.jobs.view(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id}")
-        return JobView(**job)
+        return _job_view(job_id, c.jobs.view(job_id))
 
     @app.delete("/jobs/{job_id}", dependencies=auth)
     def cancel_job(job_id: str, c: Components = Depends(ready)) -> JobView:
-        job = c.jobs.cancel(job_id)
-        if job is None:
-            raise HTTPException(404, f"no job {job_id}")
-        return JobView(**job)
+        return _job_view(job_id, c.jobs.cancel(job_id))
 
     return app
+
+
+def _job_view(job_id: str, job: dict | None) -> JobView:
+    if job is None:
+        raise HTTPException(404, f"no job {job_id}")
+    return JobView(**job)
 
 
 def request_units(images: list[str], clips: list[list[str]], attention: str) -> list[Unit]:

@@ -58,7 +58,10 @@ def spec_options(args: argparse.Namespace) -> dict:
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-frames", "--max_batch_frames", type=int,
                    default=int(_env("MAX_BATCH_FRAMES", "32")), help="frames per device batch (default: %(default)s)")
-    p.add_argument("--decode-workers", type=int, default=int(_env("DECODE_WORKERS", "4")))
+    p.add_argument("--decode-workers", type=int, default=int(_env("DECODE_WORKERS", "4")),
+                   help="threads decoding and preprocessing images while the device computes")
+    p.add_argument("--write-workers", type=int, default=int(_env("WRITE_WORKERS", "4")),
+                   help="threads writing cache files (each fsyncs) while the device computes")
     p.add_argument("--state-dir", "--state_dir", default=_env("STATE_DIR", ServiceSettings.state_dir),
                    help="where job state (SQLite) lives; keep it on local disk (default: %(default)s)")
 

@@ -20,6 +20,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
     s = ServiceSettings(
         model=args.model, device=args.device, state_dir=os.path.expanduser(args.state_dir),
         spec=spec_options(args), max_batch_frames=args.max_batch_frames, decode_workers=args.decode_workers,
+        write_workers=args.write_workers,
     )
     for key, value in overrides.items():
         setattr(s, key, value)
@@ -74,14 +75,8 @@ def precompute(args: argparse.Namespace) -> int:
 def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     from tqdm import tqdm
 
-    from service.engine import Engine
-    from service.jobs import JobManager
-    from service.model import load_aggregator
     from service.paths import AllowedRoots
-    from service.model.features import model_spec
-    from service.runtime import model_info
-    from service.settings import parse_devices
-    from service.store import JobStore
+    from service.runtime import build_components
 
     if not os.path.isdir(data_root):
         log.error("--data_root is not a folder: %s", data_root)
@@ -94,14 +89,8 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     batch = args.batch_size or args.max_batch_frames
     state_dir = os.path.join(os.path.expanduser(args.state_dir), f"rank{rank}" if world > 1 else "")
     settings = _settings(args, device=device, max_batch_frames=batch, state_dir=state_dir)
-    devices = parse_devices(settings.device)
-    log.info("Loading VGGT model from %s onto %s", settings.model, ", ".join(devices))
-    loaded = load_aggregator(settings.model, device=devices[0])
-    spec = model_spec(loaded, **settings.spec)
-    engine = Engine(loaded, spec, devices=devices, max_batch_frames=batch, decode_workers=settings.decode_workers)
-    engine.start()
-    info = model_info(loaded, devices, spec)
-    jobs = JobManager(JobStore(state_dir), engine, spec, AllowedRoots.of([data_root]), info, rank, world)
+    components = build_components(settings, AllowedRoots.of([data_root]), rank, world)
+    engine, jobs = components.engine, components.jobs
     if world > 1:
         log.info("Rank %d of %d: taking shard %d", rank, world, rank)
     job = jobs.submit(data_root, skip_existing=args.skip_existing, verify=args.verify, data_path=args.data_path)

@@ -41,6 +41,27 @@ class Components:
     devices: list[str]
 
 
+def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, world_size: int = 1) -> Components:
+    """Load the model once, start the engine on its devices; the job manager is built but not started."""
+    devices = parse_devices(s.device)
+    log.info("Loading VGGT model from %s onto %s", s.model, ", ".join(devices))
+    t0 = time.perf_counter()
+    loaded = load_aggregator(s.model, device=devices[0])
+    spec = model_spec(loaded, **s.spec)
+    log.info(
+        "Model ready in %.1fs: %s parameters, fingerprint %s, spec %s (%s attention, layers %s)",
+        time.perf_counter() - t0, f"{loaded.num_params:,}", loaded.fingerprint, spec.digest,
+        spec.attention, list(spec.layers),
+    )
+    engine = Engine(
+        loaded, spec, devices=devices, max_batch_frames=s.max_batch_frames,
+        max_wait_ms=s.max_wait_ms, decode_workers=s.decode_workers, write_workers=s.write_workers,
+    )
+    engine.start()
+    jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, model_info(loaded, devices, spec), rank, world_size)
+    return Components(loaded, spec, engine, jobs, devices)
+
+
 class ServiceRuntime:
     """Loads the model in the background so health probes answer while VGGT-1B is read from disk."""
 
@@ -71,26 +92,10 @@ class ServiceRuntime:
         return self.components is not None
 
     def _load(self) -> None:
-        s = self.settings
         try:
-            devices = parse_devices(s.device)
-            log.info("Loading VGGT model from %s onto %s", s.model, ", ".join(devices))
-            t0 = time.perf_counter()
-            loaded = load_aggregator(s.model, device=devices[0])
-            spec = model_spec(loaded, **s.spec)
-            log.info(
-                "Model ready in %.1fs: %s parameters, fingerprint %s, spec %s (%s attention, layers %s)",
-                time.perf_counter() - t0, f"{loaded.num_params:,}", loaded.fingerprint, spec.digest,
-                spec.attention, list(spec.layers),
-            )
-            engine = Engine(
-                loaded, spec, devices=devices, max_batch_frames=s.max_batch_frames,
-                max_wait_ms=s.max_wait_ms, decode_workers=s.decode_workers, write_workers=s.write_workers,
-            )
-            engine.start()
-            jobs = JobManager(JobStore(s.state_dir), engine, spec, self.roots, model_info(loaded, devices, spec))
-            jobs.start()
-            self.components = Components(loaded, spec, engine, jobs, devices)
+            components = build_components(self.settings, self.roots)
+            components.jobs.start()
+            self.components = components
         except Exception as exc:  # reported by /readyz and /status; the process stays up for inspection
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("Model failed to load: %s", self.load_error)

@@ -24,7 +24,7 @@ class ServiceSettings:
     max_batch_frames: int = 32
     max_wait_ms: float = 5.0
     decode_workers: int = 4
-    write_workers: int = 2
+    write_workers: int = 4
     # Request limits: a body or item count past these is a 413, a deeper on-demand queue a 429.
     max_body_bytes: int = 4 * 1024 * 1024
     max_items_per_request: int = 512

@@ -118,24 +118,42 @@ def test_paths_leaving_the_root_are_refused_and_nothing_is_written(
     assert [i["status"] for i in features(http, [good])] == ["computed"]
 
 
-def test_non_utf8_file_names_are_served_or_fail_per_item_never_500(http: httpx.Client, root: Path) -> None:
-    folder = root / "bytes-names"
+def bytes_names(folder: Path) -> tuple[str, str, str]:
+    """A plain image, a valid image and a junk file with non-UTF-8 names, as Python spells them."""
     plain = write_images(folder, ["plain.png"], seed=3)[0]
     donor = write_images(folder, ["donor.png"], seed=4)[0]
     raw = os.fsencode(folder)
     os.rename(donor, raw + b"/good-\xff.png")
     with open(raw + b"/bad-\xfe.png", "wb") as f:
         f.write(b"not an image")
-    good_name, bad_name = os.fsdecode(raw + b"/good-\xff.png"), os.fsdecode(raw + b"/bad-\xfe.png")
+    return plain, os.fsdecode(raw + b"/good-\xff.png"), os.fsdecode(raw + b"/bad-\xfe.png")
 
-    items = features(http, [good_name, bad_name, plain])
 
-    assert [i["image"] for i in items] == [good_name, bad_name, plain]
+def test_non_utf8_file_names_are_served_or_fail_per_item(http: httpx.Client, root: Path) -> None:
+    folder = root / "bytes-names"
+    plain, good, bad = bytes_names(folder)
+
+    items = features(http, [good, bad, plain])  # JSON carries them as \udcXX escapes
+
+    assert [i["image"] for i in items] == [good, bad, plain]
     assert [i["status"] for i in items] == ["computed", "failed", "computed"]
     assert "cannot decode" in items[1]["error"]
     spec = service_spec(http)
-    assert read_entry(good_name, spec).outcome is Outcome.HIT
-    assert os.path.exists(raw + b"/good-\xff.png.vggt_cache.pt")
+    assert read_entry(good, spec).outcome is Outcome.HIT
+    assert os.path.exists(os.fsencode(folder) + b"/good-\xff.png.vggt_cache.pt")
+
+    view = wait_job(http, post_json(http, "/precompute", {"data_root": str(folder)}).json()["job_id"])
+
+    assert (view["state"], view["computed"], view["skipped"], view["failed"]) == ("finished", 0, 2, 1), view
+    assert [f["image"] for f in view["failures"]] == [f"{folder}/bad-\\xfe.png"]  # the bytes, readable
+    manifest = json.loads((folder / "vggt_cache_manifest.json").read_text(encoding="utf-8"))
+    assert manifest["failures"] == view["failures"]
+    assert http.get("/status").status_code == 200
+
+
+def test_non_utf8_names_in_refused_requests_get_a_4xx_never_a_500(http: httpx.Client, root: Path) -> None:
+    folder = root / "bytes-refused"
+    plain, good, _ = bytes_names(folder)
 
     outside = post_json(http, "/features", {"images": ["/etc/\udcff.png"]})
     assert outside.status_code == 403 and outside.json()["detail"].endswith("/etc/\\xff.png")
@@ -144,19 +162,13 @@ def test_non_utf8_file_names_are_served_or_fail_per_item_never_500(http: httpx.C
     raw_bytes = http.post("/features", content=b'{"images": ["/x/\xff.png"]}',
                           headers={"content-type": "application/json"})
     assert raw_bytes.status_code == 400 and raw_bytes.json()["detail"]
-    bad_root = post_json(http, "/precompute", {"data_root": good_name})
-    assert bad_root.status_code == 404 and "\\xff" in bad_root.json()["detail"]
-    os.mkdir(raw + b"/dir-\xfd")
-    odd_root = post_json(http, "/precompute", {"data_root": os.fsdecode(raw + b"/dir-\xfd")})
+    a_file = post_json(http, "/precompute", {"data_root": good})
+    assert a_file.status_code == 404 and "\\xff" in a_file.json()["detail"]
+    odd_dir = os.fsdecode(os.fsencode(folder) + b"/dir-\xfd")
+    os.mkdir(odd_dir)
+    odd_root = post_json(http, "/precompute", {"data_root": odd_dir})
     assert odd_root.status_code == 422 and "not valid UTF-8" in odd_root.json()["detail"]
-    os.rmdir(raw + b"/dir-\xfd")
-
-    view = wait_job(http, post_json(http, "/precompute", {"data_root": str(folder)}).json()["job_id"])
-    assert (view["state"], view["computed"], view["skipped"], view["failed"]) == ("finished", 0, 2, 1), view
-    assert [f["image"] for f in view["failures"]] == [f"{folder}/bad-\\xfe.png"]
-    manifest = json.loads((folder / "vggt_cache_manifest.json").read_text(encoding="utf-8"))
-    assert manifest["failures"] == view["failures"]
-    assert http.get("/status").status_code == 200
+    assert cache_files(folder) == []
 
 
 # Basic malformed bodies (bad JSON, wrong types, relative paths, 513 items) are in test_service_api.py;
