@@ -7,7 +7,7 @@ is `[P, C]` for one layer or `[L, P, C]` for several, in the spec's dtype;
 
 Reading never unpickles arbitrary objects and never raises for a bad file:
 the outcome says what is wrong. Files in the layout `write_entry` produces are
-parsed by a fast path (see `_load_fast`); anything else goes to
+parsed by a fast path (`client/fastload.py`); anything else goes to
 `torch.load(weights_only=True)`. The order of checks is
 missing -> corrupt -> spec mismatch -> stale (source, then context).
 Context rules: a caller that passes `context_frames` to an entry without
@@ -19,23 +19,16 @@ changed), so tools that do not know the clip can still verify an entry.
 from __future__ import annotations
 
 import contextlib
-import copyreg
-import io
-import math
-import mmap as mmap_module
 import os
-import pickle
 import secrets
-import struct
-import sys
 import time
-import zlib
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from client.fastload import load_file
 from client.spec import FeatureSpec, canonical_json, short_digest
 
 CACHE_SUFFIX = ".vggt_cache.pt"
@@ -150,7 +143,7 @@ def read_entry(
         return ReadResult(outcome, None, meta, reason, path)
 
     try:
-        data = _load(path, mmap)
+        data = load_file(path, mmap)
     except FileNotFoundError:
         return result(Outcome.MISSING, "no cache file")
     except Exception as e:  # truncated zip, foreign pickle, refused globals, I/O errors
@@ -289,160 +282,6 @@ def _changed_context_frame(target: PathLike, frames: list) -> str | None:
         if current != {"size": record["size"], "mtime_ns": record["mtime_ns"]}:
             return frame
     return None
-
-
-def _load(path: str, use_mmap: bool) -> Any:
-    try:
-        return _load_fast(path, use_mmap)
-    except FileNotFoundError:
-        raise
-    except Exception:  # outside the fast path's layout, or damaged: torch.load decides
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
-
-
-# Fast path. torch.load spends ~140 us per call before touching any data (a
-# pure-Python unpickler, fake-tensor and pytree checks): about what copying a
-# 4 MB entry costs. The files write_entry makes have one simple layout, so they
-# are parsed here from one read (or one mapping) of the whole file: the zip
-# directory by hand, `data.pkl` with the C unpickler restricted to five globals
-# that resolve to inert values (no torch or user code can run), and the tensor
-# as a view of the bytes already in memory. Anything unexpected raises, and
-# `_load` hands the file to torch.load(weights_only=True) instead.
-
-_MAX_PICKLE_BYTES = 1 << 20
-_STORAGE_DTYPES = {
-    "BFloat16Storage": torch.bfloat16,
-    "HalfStorage": torch.float16,
-    "FloatStorage": torch.float32,
-}
-_END = struct.Struct("<4s4H2LH")  # end of central directory
-_CENTRAL = struct.Struct("<4s6H3L5H2L")  # central directory entry
-_LOCAL = struct.Struct("<4s5H3L2H")  # local file header
-# Before Python 3.13 every mapping keeps a duplicate of the file's descriptor open.
-_MMAP_OPTIONS = {"trackfd": False} if sys.version_info >= (3, 13) else {}
-
-
-class _StorageRef(NamedTuple):
-    dtype: torch.dtype
-    key: str
-    numel: int
-
-
-class _TensorRef(NamedTuple):
-    storage: Any
-    offset: Any
-    size: Any
-    stride: Any
-    requires_grad: Any
-    hooks: Any
-    metadata: Any = None
-
-
-class _Unsupported(Exception):
-    """The file is outside the fast path's layout."""
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    # NamedTuples refuse BUILD (no __dict__, read-only fields), dtypes are not callable.
-    _GLOBALS = {
-        ("torch._utils", "_rebuild_tensor_v2"): _TensorRef,
-        ("collections", "OrderedDict"): dict,
-        **{("torch", name): dtype for name, dtype in _STORAGE_DTYPES.items()},
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        try:
-            return self._GLOBALS[(module, name)]
-        except KeyError:
-            raise _Unsupported(f"global {module}.{name}") from None
-
-    def persistent_load(self, pid: Any) -> _StorageRef:
-        if not (
-            isinstance(pid, tuple)
-            and len(pid) == 5
-            and pid[0] == "storage"
-            and isinstance(pid[1], torch.dtype)
-            and isinstance(pid[2], str)
-            and type(pid[4]) is int
-        ):
-            raise _Unsupported("storage reference")
-        return _StorageRef(pid[1], pid[2], pid[4])
-
-
-def _load_fast(path: str, use_mmap: bool) -> dict:
-    with open(path, "rb", buffering=0) as f:
-        if use_mmap:
-            # A private (copy-on-write) mapping that the tensor keeps alive. Not
-            # UntypedStorage.from_file: its tensors cannot cross DataLoader worker queues.
-            mapping = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_COPY, **_MMAP_OPTIONS)
-            whole = torch.frombuffer(mapping, dtype=torch.uint8)
-        else:
-            whole = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8)
-            if f.readinto(whole.numpy()) != whole.numel():
-                raise _Unsupported("file changed while reading")
-    view = memoryview(whole.numpy())
-    records = _zip_records(view)
-    if "data.pkl" not in records or copyreg._extension_registry:
-        # Pickle extension codes would resolve globals without find_class.
-        raise _Unsupported("data.pkl")
-    start, length, crc = records["data.pkl"]
-    pickled = view[start : start + length]
-    if length > _MAX_PICKLE_BYTES or zlib.crc32(pickled) != crc:
-        raise _Unsupported("data.pkl")
-    data = _RestrictedUnpickler(io.BytesIO(pickled)).load()
-    ref = data.get("features") if isinstance(data, dict) else None
-    storage = ref.storage if isinstance(ref, _TensorRef) else None
-    if not (
-        isinstance(storage, _StorageRef)
-        and ref.offset == 0
-        and ref.requires_grad is False
-        and ref.hooks == {}
-        and ref.metadata is None
-        and isinstance(ref.size, tuple)
-        and all(type(n) is int and n >= 0 for n in ref.size)
-        and ref.stride == _contiguous_strides(ref.size)
-        and storage.numel == math.prod(ref.size)
-    ):
-        raise _Unsupported("features layout")
-    start, length, _ = records.get(f"data/{storage.key}", (0, None, 0))
-    if length != storage.numel * storage.dtype.itemsize or start % storage.dtype.itemsize:
-        raise _Unsupported("features record")
-    data["features"] = whole[start : start + length].view(storage.dtype).view(ref.size)
-    return data
-
-
-def _zip_records(view: memoryview) -> dict[str, tuple[int, int, int]]:
-    """Record name (without the archive folder) -> (data offset, size, crc32); stored records only."""
-    end = len(view) - _END.size
-    if end < 0:
-        raise _Unsupported("too short for a zip file")
-    signature, _, _, _, count, directory_size, directory, comment = _END.unpack_from(view, end)
-    if signature != b"PK\x05\x06" or comment or directory + directory_size > end:
-        raise _Unsupported("zip end record")
-    records = {}
-    pos = directory
-    for _ in range(count):
-        fields = _CENTRAL.unpack_from(view, pos)
-        signature, method, crc, packed, size = fields[0], fields[4], fields[7], fields[8], fields[9]
-        name_len, extra_len, comment_len, header = fields[10], fields[11], fields[12], fields[16]
-        if signature != b"PK\x01\x02" or method != 0 or packed != size:
-            raise _Unsupported("zip directory entry")
-        name = bytes(view[pos + _CENTRAL.size : pos + _CENTRAL.size + name_len]).decode()
-        pos += _CENTRAL.size + name_len + extra_len + comment_len
-        local = _LOCAL.unpack_from(view, header)
-        start = header + _LOCAL.size + local[9] + local[10]
-        if local[0] != b"PK\x03\x04" or start + size > directory:
-            raise _Unsupported("zip local header")
-        records[name.partition("/")[2]] = (start, size, crc)
-    return records
-
-
-def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(size):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
 
 
 def _atomic_save(obj: dict, path: str) -> None:

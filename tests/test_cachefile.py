@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from client import cachefile
+from client import cachefile, fastload
 from client.cachefile import (
     CACHE_SUFFIX,
     FORMAT_VERSION,
@@ -124,8 +124,8 @@ def test_pickle_extension_codes_turn_the_fast_path_off(tmp_path, monkeypatch):
     image = make_image(tmp_path)
     write(image, make_spec())
     monkeypatch.setitem(copyreg._extension_registry, ("some.module", "thing"), 240)
-    with pytest.raises(cachefile._Unsupported):
-        cachefile._load_fast(cache_path(image), True)
+    with pytest.raises(fastload._Unsupported):
+        fastload._load_fast(cache_path(image), True)
     assert read_entry(image, make_spec()).hit  # through torch.load
 
 
@@ -140,7 +140,7 @@ def test_other_torch_layouts_fall_back_to_torch_load(tmp_path, mmap):
     data["features"] = base[1]
     torch.save(data, cache_path(image))
     with pytest.raises(Exception):
-        cachefile._load_fast(cache_path(image), mmap)
+        fastload._load_fast(cache_path(image), mmap)
     res = read_entry(image, spec, mmap=mmap)
     assert res.hit and torch.equal(res.features, base[1])
 
@@ -307,8 +307,8 @@ def test_executable_payload_is_corrupt_and_never_runs(tmp_path, how):
         res = read_entry(image, make_spec(), mmap=mmap)
         assert res.outcome is Outcome.CORRUPT and res.features is None
         # The fast path refuses it on its own, before torch.load is asked.
-        with pytest.raises(cachefile._Unsupported, match="zip" if how == "pickle" else "global"):
-            cachefile._load_fast(path, mmap)
+        with pytest.raises(fastload._Unsupported, match="zip" if how == "pickle" else "global"):
+            fastload._load_fast(path, mmap)
     assert not marker.exists()
     # The payload is live: an unsafe load would have run it.
     if how == "pickle":
