@@ -149,7 +149,7 @@ def _warn_unusable(result: ReadResult) -> None:
         _warn_once(result.path, "Failed to load cache %s: %s", result.path, result.reason)
 
 
-def read_cached(image_path: PathLike, spec: SpecLike = None, mmap: bool = True) -> torch.Tensor | None:
+def read_cached(image_path: PathLike, spec: SpecLike = None, mmap: bool = False) -> torch.Tensor | None:
     """The seed's `_load_cached_vggt_features`, validated: the entry's features or None. No service.
 
     The expected spec is `spec`, else the nearest manifest's; with neither, any
@@ -390,7 +390,8 @@ class _BaseFeatureCache:
     timeout: seconds to wait for an answer (a connect gives up after 5 s).
     retries: rounds over all URLs after the first, with jittered exponential
         backoff, honouring Retry-After on 429 and 503.
-    mmap: map cache files instead of reading them (see `client.cachefile.read_entry` on NFS).
+    mmap: map cache files instead of reading them. Off by default: a mapped file that another
+        NFS client replaces can fault (SIGBUS) long after the read; one read is as fast (benchmarks/loader.py).
     max_request_frames: split larger calls into several requests (the service's limit).
     """
 
@@ -402,7 +403,7 @@ class _BaseFeatureCache:
         api_token: str | None = None,
         timeout: float = 120.0,
         retries: int = 3,
-        mmap: bool = True,
+        mmap: bool = False,
         max_request_frames: int = 512,
     ) -> None:
         token = api_token if api_token is not None else os.environ.get(TOKEN_ENV)
