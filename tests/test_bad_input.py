@@ -207,7 +207,7 @@ def test_malicious_and_misshapen_cache_files_are_never_trusted(http: httpx.Clien
     spec = service_spec(http)
     valid = torch.load(cache_path(images[4]), map_location="cpu", weights_only=True)
 
-    Path(cache_path(images[0])).write_bytes(pickle.dumps({"features": _Payload(marker)}))
+    Path(cache_path(images[0])).write_bytes(pickle.dumps({"features": _Payload(marker)}, protocol=2))
     torch.save({"features": _Payload(marker), "meta": valid["meta"]}, cache_path(images[1]))
     torch.save({"features": torch.zeros(3, 3, dtype=torch.bfloat16), "meta": valid["meta"]}, cache_path(images[2]))
     torch.save({"features": valid["features"][:-1].clone(),
