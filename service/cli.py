@@ -81,7 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
                        default=None, help="folder the service may read and write (repeatable; required)")
     serve.add_argument("--api-token", "--api_token", default=_env("API_TOKEN"),
                        help="require 'Authorization: Bearer <token>' on every route but the health probes")
-    serve.add_argument("--max-items-per-request", type=int, default=int(_env("MAX_ITEMS_PER_REQUEST", "512")))
+    serve.add_argument("--max-items-per-request", type=int, default=int(_env("MAX_ITEMS_PER_REQUEST", "512")),
+                       help="images per /features request; more is a 413 (default: %(default)s)")
+    serve.add_argument("--max-pending", type=int, default=int(_env("MAX_PENDING", "4096")),
+                       help="on-demand units waiting for the device; past it /features answers 429 (default: %(default)s)")
     add_engine_flags(serve)
     add_spec_flags(serve)
 

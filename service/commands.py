@@ -38,7 +38,7 @@ def serve(args: argparse.Namespace) -> int:
         log.error("serve needs at least one --allowed-root DIR (the data the service may read and write)")
         return 2
     settings = _settings(args, host=args.host, port=args.port, allowed_roots=roots, api_token=args.api_token or None,
-                         max_items_per_request=args.max_items_per_request)
+                         max_items_per_request=args.max_items_per_request, max_pending_units=args.max_pending)
     runtime = ServiceRuntime(settings)
     runtime.start(background=True)
     app = create_app(runtime)

@@ -15,6 +15,7 @@ import pytest
 from client.cachefile import Outcome, read_entry
 from client.spec import FeatureSpec
 from service.manifest import MANIFEST_NAME
+from conftest import free_port
 from service_helpers import cache_files, done, wait_job, write_images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -72,6 +73,22 @@ def served(service_server, tmp_path_factory: pytest.TempPathFactory):
     run = cli("precompute", "--data_root", str(data_root), "--server", server.url, "--skip_existing")
     yield server, data_root, images, run
     server.stop()
+
+
+def test_precompute_under_torchrun_shards_the_work_and_writes_one_manifest(tmp_path: Path) -> None:
+    data_root = tmp_path / "data"
+    images = write_images(data_root / "scene", [f"{i:02d}.png" for i in range(9)], size=(28, 42))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           "-m", "service.cli", "precompute", "--data_root", str(data_root), "--vggt_model_path", str(TINY_MODEL),
+           "--device", "cpu", "--batch_size", "2", "--size", "56", "--state-dir", str(tmp_path / "state")]
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "Rank 0 of 2" in proc.stdout and "Rank 1 of 2" in proc.stdout
+    manifest, spec = manifest_spec(data_root)
+    assert (manifest["ranks"], manifest["total"], manifest["computed"], manifest["failed"]) == (2, 9, 9, 0)
+    assert all(read_entry(image, spec).outcome is Outcome.HIT for image in images)
+    assert {p.name for p in (tmp_path / "state").iterdir()} == {"rank0", "rank1"}
 
 
 def test_precompute_through_a_server(served) -> None:

@@ -302,3 +302,15 @@ def test_probes_status_and_metrics(http: httpx.Client) -> None:
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert 'vggt_cache_http_requests_total{route="/status",status="200"}' in r.text
     assert "\nvggt_cache_ready 1.0\n" in r.text
+
+
+def test_a_full_on_demand_queue_is_429_with_retry_after(service_server, tmp_path_factory) -> None:
+    root = tmp_path_factory.mktemp("queue")
+    images = write_images(root, ["a.png", "b.png", "c.png"])
+    service = service_server(root, "--max-pending", "2")
+    with httpx.Client(base_url=service.url, timeout=60) as http:
+        refused = http.post("/features", json={"images": images})
+        assert refused.status_code == 429
+        assert refused.headers["retry-after"] == "1" and "queue is full" in refused.json()["detail"]
+        assert http.post("/features", json={"images": images[:2]}).status_code == 200
+
