@@ -284,6 +284,11 @@ def _changed_context_frame(target: PathLike, frames: list) -> str | None:
     return None
 
 
+def is_temp_file(name: str) -> bool:
+    """True for the name of a temporary file `write_entry` makes (and removes, unless its process was killed)."""
+    return name.startswith(".") and name.endswith(".tmp") and f"{CACHE_SUFFIX}." in name
+
+
 def _atomic_save(obj: dict, path: str) -> None:
     folder, name = os.path.split(path)
     folder = folder or "."

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from client.cachefile import CACHE_SUFFIX
+from client.cachefile import is_temp_file
 from client.spec import FeatureSpec
 from service.engine import Engine, EngineStopped, Priority, UnitResult
 from service.manifest import write_manifest
@@ -229,7 +229,7 @@ class JobManager:
                 continue
             for entry in entries:
                 name = entry.name
-                if not (name.startswith(".") and name.endswith(".tmp") and f"{CACHE_SUFFIX}." in name):
+                if not is_temp_file(name):
                     continue
                 try:
                     if entry.stat(follow_symlinks=False).st_mtime < self._started_at:
