@@ -101,8 +101,11 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
     auth = [Depends(authorised)]
 
     @app.get("/healthz")
-    def healthz() -> dict:
-        return {"status": "ok", "state": runtime.state}
+    def healthz() -> JSONResponse:
+        # A model that failed to load will not recover by itself: say so, so the orchestrator restarts us.
+        failed = runtime.load_error is not None
+        return JSONResponse({"status": "failed" if failed else "ok", "state": runtime.state,
+                             "error": runtime.load_error}, 503 if failed else 200)
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -13,6 +15,7 @@ from client.cachefile import Outcome, read_entry
 from client.wire import decode_features
 from service.model import load_aggregator
 from service.model.features import select_features
+from conftest import free_port
 from service.preprocess import preprocess
 from service_helpers import poll, service_spec, write_images
 
@@ -314,3 +317,29 @@ def test_a_full_on_demand_queue_is_429_with_retry_after(service_server, tmp_path
         assert refused.headers["retry-after"] == "1" and "queue is full" in refused.json()["detail"]
         assert http.post("/features", json={"images": images[:2]}).status_code == 200
 
+
+
+def test_a_model_that_cannot_load_fails_the_probes_with_the_reason(tmp_path) -> None:
+    port = free_port()
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(tmp_path / "no-such-model"),
+           "--device", "cpu", "--port", str(port), "--allowed-root", str(tmp_path),
+           "--state-dir", str(tmp_path / "state")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
+            def failed_probe() -> httpx.Response | None:
+                try:
+                    r = http.get("/healthz")
+                except httpx.TransportError:
+                    return None
+                return r if r.status_code == 503 else None
+
+            health = poll(failed_probe, 60, "/healthz to report the failed load")
+            assert health.json()["status"] == "failed" and "no-such-model" in health.json()["error"]
+            ready = http.get("/readyz")
+            assert ready.status_code == 503 and "no-such-model" in ready.json()["error"]
+            refused = http.post("/features", json={"images": [str(tmp_path / "x.png")]})
+            assert refused.status_code == 503 and "failed to load" in refused.json()["detail"]
+    finally:
+        proc.terminate()
+        proc.wait(30)
