@@ -47,8 +47,7 @@ from common import device_name, get_model, median_seconds, print_table, random_m
 
 from service.demo import DEMO_CONFIG  # noqa: E402
 from service.model import AggregatorConfig, DEFAULT_SOURCE, LoadedModel  # noqa: E402
-from service.model.features import compute_features, feature_autocast  # noqa: E402
-from service.model.features import model_spec  # noqa: E402
+from service.model.features import compute_features, feature_autocast, model_spec  # noqa: E402
 
 H100_BF16_TFLOPS = 989.0
 LAYERS = [-2]
