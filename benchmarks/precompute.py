@@ -42,10 +42,9 @@ from service.engine import Engine  # noqa: E402
 from service.jobs import JobManager  # noqa: E402
 from service.manifest import manifest_path  # noqa: E402
 from service.model import LoadedModel  # noqa: E402
-from service.model.features import compute_features, feature_autocast  # noqa: E402
+from service.model.features import compute_features, feature_autocast, model_spec  # noqa: E402
 from service.paths import AllowedRoots  # noqa: E402
 from service.preprocess import preprocess  # noqa: E402
-from service.model.features import model_spec  # noqa: E402
 from service.runtime import model_info  # noqa: E402
 from service.settings import ServiceSettings, parse_devices  # noqa: E402
 from service.store import JobStore  # noqa: E402
