@@ -7,11 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
 
 def test_demo_runs_end_to_end(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "service.cli", "demo", "--keep"], cwd=REPO, capture_output=True,
+    # The installed console script, from a folder outside the checkout: what a newcomer runs.
+    script = Path(sys.executable).parent / "vggt-cache"
+    proc = subprocess.run([str(script), "demo", "--keep"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=240, env={"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
