@@ -222,6 +222,8 @@ def _context_problem(spec: FeatureSpec, context: Any) -> str | None:
         and isinstance(context.get("digest"), str)
     ):
         return f"attention {spec.attention!r} needs a context record (see context_record)"
+    if context["digest"] != short_digest(context["frames"]):
+        return "context digest does not match its frames"
     return None
 
 
@@ -229,6 +231,7 @@ def _is_frame_record(record: Any) -> bool:
     return (
         isinstance(record, dict)
         and isinstance(record.get("path"), str)
+        and "\x00" not in record["path"]
         and type(record.get("size")) is int
         and type(record.get("mtime_ns")) is int
     )
@@ -277,7 +280,7 @@ def _changed_context_frame(target: PathLike, frames: list) -> str | None:
         frame = os.path.join(folder, record["path"])
         try:
             current = source_record(frame)
-        except OSError:
+        except (OSError, ValueError):
             return f"{frame} (not readable)"
         if current != {"size": record["size"], "mtime_ns": record["mtime_ns"]}:
             return frame

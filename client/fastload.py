@@ -69,10 +69,27 @@ class _Unsupported(Exception):
     """The file is outside the fast path's layout."""
 
 
+class _RebuildTensor:
+    """What `torch._utils._rebuild_tensor_v2` names here: it builds a _TensorRef and cannot be changed.
+
+    Handing out the _TensorRef class itself would let a pickle's BUILD set class attributes
+    (e.g. `_TensorRef.storage`) for the rest of the process.
+    """
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any) -> _TensorRef:
+        return _TensorRef(*args)
+
+    def __setstate__(self, state: Any) -> None:
+        raise _Unsupported("state applied to a global")
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    # NamedTuples refuse BUILD (no __dict__, read-only fields), dtypes are not callable.
+    # Every global resolves to something a pickle cannot alter: a slot-less callable that refuses
+    # BUILD, the dict type (immutable), dtypes (not callable, no attributes to set).
     _GLOBALS = {
-        ("torch._utils", "_rebuild_tensor_v2"): _TensorRef,
+        ("torch._utils", "_rebuild_tensor_v2"): _RebuildTensor(),
         ("collections", "OrderedDict"): dict,
         **{("torch", name): dtype for name, dtype in _STORAGE_DTYPES.items()},
     }

@@ -12,20 +12,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import os
+import queue
 import threading
 from importlib import resources
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client.wire import encode_features
-from service.engine import Priority
+from service.engine import Engine, EngineStopped, EntryResult, Priority
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
 from service.paths import PathNotAllowed, printable
@@ -67,9 +70,14 @@ class JobView(BaseModel):
 def create_app(runtime: ServiceRuntime) -> FastAPI:
     settings = runtime.settings
     metrics = Metrics(runtime)
-    app = FastAPI(title="vggt-cache", version=VERSION)
+    # With a token, the OpenAPI schema and docs pages would be the only unauthenticated routes besides
+    # the probes and the (data-free) status page shell: turn them off.
+    open_docs = settings.api_token is None
+    app = FastAPI(title="vggt-cache", version=VERSION, docs_url="/docs" if open_docs else None,
+                  redoc_url=None, openapi_url="/openapi.json" if open_docs else None)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.middleware("http")(metrics.observe_request)
+    prefetcher = Prefetcher()
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -109,7 +117,10 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
 
     @app.get("/readyz")
     def readyz() -> JSONResponse:
-        code = 200 if runtime.components is not None else 503
+        c = runtime.components
+        if c is not None and not c.engine.ready:  # a device worker died: requests would wait forever
+            return JSONResponse({"ready": False, "state": "engine stopped", "error": runtime.load_error}, 503)
+        code = 200 if c is not None else 503
         return JSONResponse({"ready": code == 200, "state": runtime.state, "error": runtime.load_error}, code)
 
     @app.get("/", response_class=HTMLResponse)
@@ -151,38 +162,34 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
             raise HTTPException(413, f"{n_frames} images in one request; the limit is "
                                      f"{settings.max_items_per_request} (split the request)")
         try:
-            units = request_units(
+            # realpath() on every frame touches the file system (NFS): off the event loop.
+            units = await run_in_threadpool(lambda: request_units(
                 [runtime.roots.contain(p) for p in req.images],
                 [[runtime.roots.contain(p) for p in clip] for clip in req.clips],
                 c.spec.attention,
-            )
+            ))
         except PathNotAllowed as exc:
             raise HTTPException(403, str(exc)) from exc
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from exc
 
         if not req.wait:
-            # Bulk submission blocks while the bulk queue is full: never in the event loop.
-            threading.Thread(target=c.engine.submit, args=(units, Priority.BULK),
-                             kwargs={"skip_existing": req.skip_existing, "return_features": False},
-                             daemon=True).start()
+            if not prefetcher.offer(c.engine, units, req.skip_existing):
+                raise HTTPException(429, "prefetch queue is full; retry later", headers={"Retry-After": "5"})
             return JSONResponse({"queued": len(units)}, status_code=202)
 
         if c.engine.pending(Priority.ON_DEMAND) + len(units) > settings.max_pending_units:
             raise HTTPException(429, "on-demand queue is full; retry shortly", headers={"Retry-After": "1"})
-        futures = c.engine.submit(units, Priority.ON_DEMAND, skip_existing=req.skip_existing)
-        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        try:
+            futures = c.engine.submit(units, Priority.ON_DEMAND, skip_existing=req.skip_existing)
+            results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        except EngineStopped as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from exc
         entries = [e for r in results for e in r.entries]
         metrics.count_entries(entries)
-        items, tensors = [], {}
-        for e in entries:
-            name = None
-            if e.features is not None:
-                name = str(len(tensors))
-                tensors[name] = e.features
-            items.append({"image": e.image, "status": e.status, "tensor": name, "error": e.error,
-                          "grid": list(e.grid) if e.grid else None})
-        return Response(encode_features(items, tensors, c.spec.digest), media_type=MEDIA_TYPE)
+        # Copies every tensor into one body (hundreds of MB for VGGT-1B): off the event loop.
+        body = await run_in_threadpool(features_body, entries, c.spec.digest)
+        return Response(body, media_type=MEDIA_TYPE)
 
     @app.post("/precompute", status_code=202, dependencies=auth)
     def precompute(req: PrecomputeRequest, c: Components = Depends(ready)) -> JobView:
@@ -210,6 +217,40 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
         return _job_view(job_id, c.jobs.cancel(job_id))
 
     return app
+
+
+def features_body(entries: list[EntryResult], spec_digest: str) -> bytes:
+    """The safetensors body of a /features answer (client/wire.py)."""
+    items, tensors = [], {}
+    for e in entries:
+        name = None
+        if e.features is not None:
+            name = str(len(tensors))
+            tensors[name] = e.features
+        items.append({"image": e.image, "status": e.status, "tensor": name, "error": e.error,
+                      "grid": list(e.grid) if e.grid else None})
+    return encode_features(items, tensors, spec_digest)
+
+
+class Prefetcher:
+    """Prefetch hints (`"wait": false`) go to the engine's bulk queue from one thread, a bounded backlog ahead."""
+
+    def __init__(self, backlog: int = 64) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=backlog)
+        threading.Thread(target=self._run, name="prefetch", daemon=True).start()
+
+    def offer(self, engine: Engine, units: list[Unit], skip_existing: bool) -> bool:
+        try:
+            self._queue.put_nowait((engine, units, skip_existing))
+        except queue.Full:
+            return False
+        return True
+
+    def _run(self) -> None:
+        while True:
+            engine, units, skip_existing = self._queue.get()
+            with contextlib.suppress(EngineStopped):  # shutting down: a hint may be dropped
+                engine.submit(units, Priority.BULK, skip_existing=skip_existing, return_features=False)
 
 
 def _job_view(job_id: str, job: dict | None) -> JobView:

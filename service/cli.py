@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--verify", action="store_true", help="re-read every written entry")
     pre.add_argument("--data_path", "--data-path", default=None,
                      help="folder the samples' image paths are relative to (default: the JSONL file's folder)")
+    pre.add_argument("--allowed-root", "--allowed_root", action="append", dest="allowed_roots", default=None,
+                     help="further folders samples may name images in (repeatable; the data root always is)")
     add_engine_flags(pre)
     add_spec_flags(pre)
 

@@ -89,7 +89,8 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     batch = args.batch_size or args.max_batch_frames
     state_dir = os.path.join(os.path.expanduser(args.state_dir), f"rank{rank}" if world > 1 else "")
     settings = _settings(args, device=device, max_batch_frames=batch, state_dir=state_dir)
-    components = build_components(settings, AllowedRoots.of([data_root]), rank, world)
+    roots = AllowedRoots.of([data_root, *(args.allowed_roots or [])])
+    components = build_components(settings, roots, rank, world)
     engine, jobs = components.engine, components.jobs
     if world > 1:
         log.info("Rank %d of %d: taking shard %d", rank, world, rank)
@@ -152,6 +153,7 @@ def _client(server: str, token: str | None):
 
 
 def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
+    import httpx
     from tqdm import tqdm
 
     with _client(args.server, args.api_token) as http:
@@ -165,7 +167,17 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
         with tqdm(total=None, unit="img", desc="precompute", disable=None) as bar:
             while job["state"] in ("queued", "running"):
                 time.sleep(1.0)  # polling a remote job, not synchronising a test
-                job = http.get(f"/jobs/{job['job_id']}").json()
+                try:
+                    r = http.get(f"/jobs/{job['job_id']}")
+                except httpx.TransportError as exc:
+                    log.warning("Cannot reach %s (%s); still waiting for job %s", args.server, exc, job["job_id"])
+                    continue
+                if r.status_code == 503:  # restarting: the job resumes once the model is loaded
+                    continue
+                if r.status_code != 200:
+                    log.error("Lost track of job %s (%d): %s", job["job_id"], r.status_code, r.text)
+                    return 2
+                job = r.json()
                 bar.total = job["total"] or None
                 bar.n = job["computed"] + job["skipped"] + job["failed"]
                 bar.refresh()

@@ -15,6 +15,7 @@ itself, with ``EngineStopped``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -22,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -517,7 +518,8 @@ class Engine:
         """The unit's result read from disk when every target's entry validates, else None."""
         entries = []
         for target in job.unit.targets:
-            read = read_entry(target, self.spec, context_frames=self._context_frames(job.unit))
+            # Read whole (no mmap): another NFS client may replace the file while we hold it.
+            read = read_entry(target, self.spec, context_frames=self._context_frames(job.unit), mmap=False)
             if read.outcome is not Outcome.HIT:
                 return None
             grid = tuple(read.meta["grid"])
@@ -560,9 +562,8 @@ class Engine:
                 self._run_batch(dev, batch)
             except Exception as exc:  # a bug here must fail the batch, not kill the device worker
                 log.exception("Batch on %s failed", dev.name)
-                for job in batch:
-                    if not job.future.done():  # some units may have been handed to a writer already
-                        self._complete(job, self._failed_result(job.unit, _describe(exc)))
+                for job in batch:  # units already handed to a writer keep their result (_complete)
+                    self._complete(job, self._failed_result(job.unit, _describe(exc)))
             finally:
                 with self._lock:
                     self._in_flight -= len(batch)
@@ -653,6 +654,9 @@ class Engine:
                     continue
                 entries.append(EntryResult(target, "computed", entry if job.return_features else None, grid))
             self._complete(job, UnitResult(unit, entries))
+        except Exception as exc:  # anything else (e.g. no memory for the clone): fail the unit, never hang it
+            log.exception("Storing the entries of %s failed", job.unit.targets[-1])
+            self._complete(job, self._failed_result(job.unit, _describe(exc)))
         finally:
             with self._lock:
                 self._writing -= 1
@@ -673,8 +677,11 @@ class Engine:
         statuses = {e.status for e in result.entries}
         kind = "failed" if "failed" in statuses else "computed" if "computed" in statuses else "cached"
         with self._lock:
+            if job.future.done():  # a failure path raced the normal one: the first result stands
+                return
             self._units[kind] += 1
-        job.future.set_result(result)
+        with contextlib.suppress(InvalidStateError):  # callbacks run outside the lock
+            job.future.set_result(result)
 
     def stats(self) -> dict[str, Any]:
         """Queue depths, work done, recent throughput, device memory and busy fraction."""

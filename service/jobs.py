@@ -24,6 +24,8 @@ from service.units import Unit
 log = logging.getLogger("vggt_cache")
 
 TERMINAL = ("finished", "failed", "cancelled")
+# Temp files older than this process are orphans; one written by a peer during our (long) model load is not.
+PROCESS_STARTED_AT = time.time()
 MANIFEST_FAILURES = 1000
 
 
@@ -64,7 +66,7 @@ class JobManager:
         self._enqueued: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._started_at = time.time()
+        self._started_at = PROCESS_STARTED_AT
         # Bulk units submitted per engine call: enough to fill a few batches, small enough to cancel promptly.
         self.chunk_units = max(8, 2 * engine.max_batch_frames)
 

@@ -68,7 +68,6 @@ class ServiceRuntime:
     def __init__(self, settings: ServiceSettings) -> None:
         self.settings = settings
         self.roots = AllowedRoots.of(settings.allowed_roots)
-        self.started_at = time.time()
         self.components: Components | None = None
         self.load_error: str | None = None
         self._thread: threading.Thread | None = None
@@ -85,11 +84,6 @@ class ServiceRuntime:
             self._thread.start()
         else:
             self._load()
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        if self._thread is not None:
-            self._thread.join(timeout)
-        return self.components is not None
 
     def _load(self) -> None:
         try:

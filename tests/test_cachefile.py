@@ -453,3 +453,14 @@ def test_concurrent_writers_and_reader_see_only_whole_entries(tmp_path):
     assert set(values) <= {0.0, *range(1, 2 * WRITES + 1)}
     assert read_entry(image, make_spec()).features[0, 0] in (2 * WRITES - 1, 2 * WRITES)
     assert sorted(os.listdir(tmp_path)) == ["img.jpg", "img.jpg.vggt_cache.pt"]
+
+
+def test_a_pickle_cannot_alter_what_the_fast_path_unpickles_with():
+    import io
+
+    # GLOBAL torch._utils._rebuild_tensor_v2, then BUILD (None, {"storage": 0}) on it.
+    payload = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}\x8c\x07storageK\x00s\x86b.")
+    field = fastload._TensorRef.storage
+    with pytest.raises(fastload._Unsupported):
+        fastload._RestrictedUnpickler(io.BytesIO(payload)).load()
+    assert fastload._TensorRef.storage is field

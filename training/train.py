@@ -193,12 +193,14 @@ def missing_features_help(spec: FeatureSpec, vggt: str, data: DataArguments) -> 
             f"or pass --vggt_cache_fallback online to compute missing features during training.")
 
 
-def check_services(urls: Sequence[str], spec: FeatureSpec, fallback: str, serve: str) -> None:
-    """Compare each service's spec with this run's; a different one is an error with fallback ``error``.
+def check_services(urls: Sequence[str], spec: FeatureSpec, fallback: str, serve: str) -> list[str]:
+    """The services to send misses to: those not known to compute with another spec.
 
-    An unreachable service is only reported: it may come up later, and the fallback
-    decides what a miss does meanwhile.
+    A service with another spec is an error unless the fallback is ``online``, which leaves
+    it out (its answers could never be used). An unreachable service is only reported: it
+    may come up later, and the fallback decides what a miss does meanwhile.
     """
+    usable = []
     token = os.environ.get(TOKEN_ENV)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     for url in urls:
@@ -208,16 +210,21 @@ def check_services(urls: Sequence[str], spec: FeatureSpec, fallback: str, serve:
         except (httpx.HTTPError, ValueError, TypeError) as exc:
             log.warning("Cannot read the VGGT feature service's spec at %s (%s); fallback for misses: %s",
                         url, exc, fallback)
+            usable.append(url)
             continue
         if theirs is None:
             log.warning("The VGGT feature service at %s has no model loaded yet", url)
+            usable.append(url)
         elif theirs.digest != spec.digest:
             message = (f"The VGGT feature service at {url} computes features with another spec than this run "
                        f"(differs in: {', '.join(spec.differences(theirs))}); none of its features can be used. "
                        f"Start it with this run's spec: {serve}")
-            if fallback == "error":
+            if fallback != "online":
                 raise CacheUnavailable(message)
             log.warning("%s. Meanwhile missing features are computed online.", message)
+        else:
+            usable.append(url)
+    return usable
 
 
 def parse_args(argv: Sequence[str] | None = None):
@@ -244,11 +251,11 @@ def open_cache(cache_args: CacheArguments, spec: FeatureSpec, serve: str) -> Fea
     if not cache_args.use_vggt_cache:
         log.info("VGGT feature cache disabled: computing VGGT features online (set USE_VGGT_CACHE=true to use it)")
         return None
-    urls, fallback = cache_args.service_urls, cache_args.vggt_cache_fallback
+    fallback = cache_args.vggt_cache_fallback
+    urls = check_services(cache_args.service_urls, spec, fallback, serve)
     cache = FeatureCache(urls or None, spec, fallback=fallback)  # logs the seed's "enabled" line
     log.info("VGGT feature spec %s (%s attention); service: %s; fallback: %s", spec.digest, spec.attention,
              ", ".join(urls) or "none (read-only cache)", fallback)
-    check_services(urls, spec, fallback, serve)
     return cache
 
 
