@@ -33,6 +33,7 @@ import httpx
 
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 CONNECT_TIMEOUT_S = 5.0
+DOWN_S = 30.0  # how long a URL that failed every try (unreachable or 5xx) is skipped
 
 _after_fork_in_child: weakref.WeakSet = weakref.WeakSet()
 
@@ -127,14 +128,23 @@ class Attempts:
     iteration ends without an answer, raise `exhausted()`.
     """
 
-    def __init__(self, urls: Sequence[str], key: str | None, policy: RetryPolicy, retries: int | None = None) -> None:
+    def __init__(self, urls: Sequence[str], key: str | None, policy: RetryPolicy, retries: int | None = None,
+                 down: dict[str, float] | None = None) -> None:
         if not urls:
             raise ServiceError("no service URL configured")
-        self._order = ordered_urls(urls, key)
+        # A URL that just failed every try is skipped for DOWN_S: a dataloader must not pay the
+        # whole retry schedule (or a read timeout) again for every sample while a service is down.
+        self._down = {} if down is None else down
+        now = time.monotonic()
+        self._order = [u for u in ordered_urls(urls, key) if self._down.get(u, 0.0) <= now]
+        if not self._order:
+            raise ServiceError(f"every vggt-cache service failed within the last {DOWN_S:g} s; "
+                               "not retrying yet")
         self._policy = policy
         self._rounds = 1 + (policy.retries if retries is None else retries)
         self._retry_after: float | None = None
         self._failures: list[str] = []
+        self._broken = False  # a transport error or 5xx (not just a full queue): worth skipping for a while
 
     def __iter__(self) -> Iterator[tuple[str, float]]:
         for round_index in range(self._rounds):
@@ -146,10 +156,12 @@ class Attempts:
 
     def answered(self, url: str, response: httpx.Response) -> bool:
         if response.is_success:
+            self._down.pop(url, None)
             return True
         detail = error_detail(response)
         if response.status_code not in RETRY_STATUSES:
             raise ServiceError(f"{url} answered {response.status_code}: {detail}", response.status_code)
+        self._broken = self._broken or response.status_code >= 500
         retry_after = parse_retry_after(response.headers.get("retry-after"))
         if retry_after is not None:
             self._retry_after = max(self._retry_after or 0.0, retry_after)
@@ -158,11 +170,16 @@ class Attempts:
 
     def failed(self, url: str, exc: httpx.TransportError) -> None:
         if isinstance(exc, httpx.ReadTimeout):
+            self._down[url] = time.monotonic() + DOWN_S
             raise ServiceError(f"{url} did not answer in time ({exc}); raise the client timeout "
                                "or ask for fewer features per call") from exc
+        self._broken = True
         self._failures.append(f"{url}: {type(exc).__name__}: {exc}")
 
     def exhausted(self) -> ServiceError:
+        if self._broken:
+            until = time.monotonic() + DOWN_S
+            self._down.update((url, until) for url in self._order)
         tries = len(self._failures)
         recent = "; ".join(self._failures[-len(self._order):])
         return ServiceError(f"no vggt-cache service answered after {tries} tries ({recent})")
@@ -184,6 +201,7 @@ class _BaseTransport:
         self._headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
         self._pool: Any = None
         self._pool_pid: int | None = None
+        self._down: dict[str, float] = {}  # URL -> monotonic time until which it is skipped
         reset_after_fork(self)
 
     def _after_fork(self) -> None:
@@ -204,7 +222,7 @@ class _BaseTransport:
         raise NotImplementedError
 
     def _attempts(self, key: str | None, retries: int | None) -> Attempts:
-        return Attempts(self.urls, key, self.policy, retries)
+        return Attempts(self.urls, key, self.policy, retries, self._down)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pool": None, "_pool_pid": None}

@@ -463,3 +463,15 @@ def test_get_sample_uses_the_clip_as_context(clip_service):
     assert cache.stats["stale"] == 1 and not torch.equal(shorter, got[1])
     assert service.requests("/features") == before + 2
     assert read_entry(frames[-1], cache.spec, context_frames=frames[4:]).outcome is Outcome.HIT
+
+
+def test_a_failing_service_is_skipped_for_a_while_instead_of_retried_per_sample(tmp_path):
+    spec = local_spec()
+    first, second = make_images(tmp_path, 2)
+    with ScriptedService(spec, [(503, "0")] * 6) as service:
+        cache = FeatureCache(service.url, spec=spec, retries=2, fallback="online")
+        assert cache.get(first) is None
+        assert len(service.posts) == 3
+        assert cache.get(second) is None  # settled by the fallback at once: no request at all
+        assert len(service.posts) == 3
+    assert cache.stats["fallbacks"] == 2
