@@ -392,7 +392,8 @@ class _BaseFeatureCache:
         backoff, honouring Retry-After on 429 and 503.
     mmap: map cache files instead of reading them. Off by default: a mapped file that another
         NFS client replaces can fault (SIGBUS) long after the read; one read is as fast (benchmarks/loader.py).
-    max_request_frames: split larger calls into several requests (the service's limit).
+    max_request_frames: split larger calls into several requests (at most the service's limit; 64 entries
+        of VGGT-1B are ~300 MB of response).
     """
 
     def __init__(
@@ -404,7 +405,7 @@ class _BaseFeatureCache:
         timeout: float = 120.0,
         retries: int = 3,
         mmap: bool = False,
-        max_request_frames: int = 512,
+        max_request_frames: int = 64,
     ) -> None:
         token = api_token if api_token is not None else os.environ.get(TOKEN_ENV)
         self._transport = self._transport_class(service_url, token, timeout, retries)
