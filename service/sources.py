@@ -105,7 +105,7 @@ class PathResolver:
         return self._memo[key]
 
 
-class _Planner:
+class UnitPlanner:
     """Turns resolved clips into deduplicated units, in first-seen order."""
 
     def __init__(self, attention: str) -> None:
@@ -134,7 +134,7 @@ class _Planner:
 
 def _scan_jsonl(files: list[str], root: str, attention: str, data_path: str | None) -> ScanResult:
     resolver = PathResolver(root, data_path)
-    planner = _Planner(attention)
+    planner = UnitPlanner(attention)
     problems: list[tuple[str, str]] = []
     num_samples = 0
     for path in files:

@@ -263,3 +263,22 @@ def test_serve_flags_give_the_service_the_training_spec(loaded):
     args = build_parser().parse_args(["serve", *shlex.split(serve_flags(spec))])
     served = model_spec(loaded, **spec_options(args))
     assert served == spec and served.digest == spec.digest
+
+
+def test_images_targeted_by_several_clips_are_reported(caplog, monkeypatch):
+    import logging
+
+    from training.data import Sample
+    from training.train import warn_shared_targets
+
+    monkeypatch.setattr(logging.getLogger("vggt_cache"), "propagate", True)  # train.main may have turned it off
+
+    samples = [Sample(("/d/a.jpg", "/d/b.jpg"), (), "x:1"), Sample(("/d/c.jpg", "/d/b.jpg"), (), "x:2"),
+               Sample(("/d/b.jpg", "/d/e.jpg"), (), "x:3")]
+    with caplog.at_level("WARNING", logger="vggt_cache"):
+        warn_shared_targets(samples, "causal")
+    assert "1 image(s) get a causal entry from more than one clip" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vggt_cache"):
+        warn_shared_targets(samples, "frame")
+    assert caplog.text == ""

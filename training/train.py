@@ -50,6 +50,7 @@ from client.cache import TOKEN_ENV, CacheUnavailable, FeatureCache, as_spec
 from client.spec import FeatureSpec
 from service.model import DEFAULT_SOURCE, load_aggregator
 from service.settings import DEFAULT_PORT
+from service.sources import UnitPlanner
 from training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec, serve_flags
 from training.data import VGGTCollator, VLNDataset, load_samples
 from training.model import FUSION_FILE, MERGER_FILE, Qwen25VLWithVGGT
@@ -259,6 +260,16 @@ def open_cache(cache_args: CacheArguments, spec: FeatureSpec, serve: str) -> Fea
     return cache
 
 
+def warn_shared_targets(samples: Sequence, attention: str) -> None:
+    """One sibling file holds one context: images that several clips target keep overwriting each other."""
+    planner = UnitPlanner(attention)
+    for sample in samples:
+        planner.add_clip(list(sample.clip))
+    if planner.conflicts:
+        log.warning("%d image(s) get a %s entry from more than one clip; a cache file holds one context, "
+                    "so those are recomputed whenever another clip asks for them", planner.conflicts, attention)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     model_args, data_args, cache_args, training_args = parse_args(argv)
     setup_logging(training_args.should_log)
@@ -268,6 +279,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     vggt = load_aggregator(vggt_path)
     spec = feature_spec(vggt, data_args, cache_args)
     samples = load_samples(data_args.data_root, data_args.sample_files, data_args.data_path)
+    if cache_args.use_vggt_cache:
+        warn_shared_targets(samples, spec.attention)
     try:
         cache = open_cache(cache_args, spec, serve_command(spec, vggt_path, os.path.abspath(data_args.data_root)))
         qwen = build_qwen(model_args, training_args)
