@@ -13,8 +13,9 @@ come back in the response, so nothing waits for NFS to show the new files.
 **Expected spec**: the `spec` argument; else the service's `/status` (fetched
 once, retried at most every `STATUS_RETRY_S` while it fails); else the nearest
 `vggt_cache_manifest.json` in the image's folder or above; else, as a last
-resort, the spec of the first valid entry read (pinned for the rest of the
-process, with a warning). An entry made with another spec is never returned.
+resort, the spec of the first valid entry read (with a warning). Whichever is
+found first is kept for the rest of the process, so one run never mixes two
+specs. An entry made with another spec is never returned.
 
 **Attention mode** (the expected spec's): `frame`: the last frame's own entry;
 `causal`: the last frame's entry computed with the clip as its context;
@@ -228,7 +229,10 @@ class _Core:
             log.warning(message, *args)
 
     def expected_spec(self, image: str) -> FeatureSpec | None:
-        return self.spec or self.service_spec or nearest_manifest_spec(image) or self.pinned
+        if self.spec is None:
+            # The first spec found is kept for the rest of the process: one run never mixes two specs.
+            self.spec = self.service_spec or nearest_manifest_spec(image) or self.pinned
+        return self.spec
 
     # The lookup of one call, as a generator of the requests it needs.
     def lookup(self, clips: list[Clip]) -> Lookup:
