@@ -100,7 +100,7 @@ def start_service(args: argparse.Namespace, root: str, log_path: str) -> Service
     cmd = [sys.executable, "-m", "service.cli", "serve", "--model", args.model, "--device", args.device,
            "--host", "127.0.0.1", "--port", str(port), "--allowed-root", root,
            "--state-dir", os.path.join(root, ".state"), "--size", str(args.size),
-           "--max-batch-frames", str(args.batch)]
+           "--max-batch-frames", str(args.batch), "--max-pending", str(args.max_pending)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -359,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="started service: device")
     parser.add_argument("--size", type=int, default=56, help="started service: preprocess size")
     parser.add_argument("--batch", type=int, default=32, help="started service: frames per batch")
+    parser.add_argument("--max-pending", type=int, default=4096,
+                        help="started service: on-demand units waiting before it answers 429 (small: exercise 429s)")
     parser.add_argument("--dir", help="where to make the temporary data root (removed at the end)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)

@@ -178,7 +178,9 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
                 raise HTTPException(429, "prefetch queue is full; retry later", headers={"Retry-After": "5"})
             return JSONResponse({"queued": len(units)}, status_code=202)
 
-        if c.engine.pending(Priority.ON_DEMAND) + len(units) > settings.max_pending_units:
+        pending = c.engine.pending(Priority.ON_DEMAND)
+        # An empty queue always admits, so a request larger than the limit still gets through eventually.
+        if pending and pending + len(units) > settings.max_pending_units:
             raise HTTPException(429, "on-demand queue is full; retry shortly", headers={"Retry-After": "1"})
         try:
             futures = c.engine.submit(units, Priority.ON_DEMAND, skip_existing=req.skip_existing)

@@ -309,14 +309,19 @@ def test_probes_status_and_metrics(http: httpx.Client) -> None:
 
 def test_a_full_on_demand_queue_is_429_with_retry_after(service_server, tmp_path_factory) -> None:
     root = tmp_path_factory.mktemp("queue")
-    images = write_images(root, ["a.png", "b.png", "c.png"])
-    service = service_server(root, "--max-pending", "2")
-    with httpx.Client(base_url=service.url, timeout=60) as http:
-        refused = http.post("/features", json={"images": images})
+    backlog = write_images(root, [f"b{i:03d}.png" for i in range(300)])
+    extra = write_images(root, ["x.png", "y.png"], seed=1)
+    service = service_server(root, "--max-pending", "4", "--max-batch-frames", "1")
+    with httpx.Client(base_url=service.url, timeout=120) as http:
+        # An empty queue admits any request, however large: it fills the queue far past the limit.
+        first = threading.Thread(target=lambda: http.post("/features", json={"images": backlog}))
+        first.start()
+        poll(lambda: http.get("/status").json()["engine"]["queued"]["on_demand"] > 4, 60, "a backlog")
+        refused = http.post("/features", json={"images": extra})
+        first.join()
         assert refused.status_code == 429
         assert refused.headers["retry-after"] == "1" and "queue is full" in refused.json()["detail"]
-        assert http.post("/features", json={"images": images[:2]}).status_code == 200
-
+        assert http.post("/features", json={"images": extra}).status_code == 200  # queue drained
 
 
 def test_a_model_that_cannot_load_fails_the_probes_with_the_reason(tmp_path) -> None:
