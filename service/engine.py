@@ -357,7 +357,7 @@ class Engine:
         max_wait_ms: float = 5.0,
         decode_workers: int = 4,
         write_workers: int = 2,
-        bulk_queue_batches: int = 4,
+        bulk_queue_batches: int = 2,
         frame_cache_frames: int = 64,
         before_forward: ForwardHook | None = None,
     ) -> None:
