@@ -46,6 +46,7 @@ lost.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import functools
 import json
@@ -383,7 +384,7 @@ def features_payload(clips: list[Clip], as_images: bool, wait: bool) -> dict:
 
 # -- the public caches ---------------------------------------------------------------------------
 
-class _BaseFeatureCache:
+class _BaseFeatureCache(abc.ABC):
     """Arguments, counters and prefetch bookkeeping common to both caches.
 
     service_url: one URL, several (a stable hash of the first image picks one,
@@ -419,8 +420,9 @@ class _BaseFeatureCache:
 
     _transport_class: type = Transport
 
+    @abc.abstractmethod
     def _start(self) -> None:
-        raise NotImplementedError
+        """Per-class set-up after the transport and core exist (e.g. the prefetch worker)."""
 
     @property
     def stats(self) -> dict[str, int]:

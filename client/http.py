@@ -18,6 +18,7 @@ sockets, and a pickled transport (spawned workers) travels without one.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import email.utils
 import hashlib
@@ -185,7 +186,7 @@ class Attempts:
         return ServiceError(f"no vggt-cache service answered after {tries} tries ({recent})")
 
 
-class _BaseTransport:
+class _BaseTransport(abc.ABC):
     """Settings and the per-process pool; subclasses send."""
 
     def __init__(
@@ -218,8 +219,9 @@ class _BaseTransport:
             self._pool, self._pool_pid = self._new_pool(), os.getpid()
         return self._pool
 
+    @abc.abstractmethod
     def _new_pool(self) -> Any:
-        raise NotImplementedError
+        """A new httpx client (sync or async) for this process."""
 
     def _attempts(self, key: str | None, retries: int | None) -> Attempts:
         return Attempts(self.urls, key, self.policy, retries, self._down)

@@ -26,7 +26,7 @@ class ScanResult:
 
 
 class _Malformed(ValueError):
-    pass
+    """A sample line that is not one of the seed's shapes."""
 
 
 def _norm(path: str) -> str:
