@@ -140,6 +140,9 @@ class JobManager:
             view["rate_per_s"] = round(per_s, 2)
             if per_s > 0:
                 view["eta_s"] = round((rec.total - done) / per_s, 1)
+        elif rec.finished_at and rec.started_at and rec.finished_at > rec.started_at:
+            # An ended job shows its average over its whole run (restarts included).
+            view["rate_per_s"] = round(done / (rec.finished_at - rec.started_at), 2)
         if rec.failed:
             view["failures"] = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, 100)]
         return view
