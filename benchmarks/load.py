@@ -30,7 +30,6 @@ import platform
 import random
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import make_images, print_table, write_json  # noqa: E402
 
-from client.http import ServiceError, Transport  # noqa: E402
+from client.http import ServiceError, Transport, wait_until_ready  # noqa: E402
+from service.demo import free_port  # noqa: E402
 from client.wire import decode_features  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,12 +89,6 @@ class Service:
                 self.proc.wait()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_service(args: argparse.Namespace, root: str, log_path: str) -> Service:
     port = free_port()
     cmd = [sys.executable, "-m", "service.cli", "serve", "--model", args.model, "--device", args.device,
@@ -105,15 +99,8 @@ def start_service(args: argparse.Namespace, root: str, log_path: str) -> Service
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     service = Service(f"http://127.0.0.1:{port}", proc.pid, proc)
-    deadline = time.monotonic() + 300
-    with httpx.Client(timeout=5) as http:
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if http.get(f"{service.url}/readyz").status_code == 200:
-                    return service
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)  # polling a starting process
+    if wait_until_ready(service.url, 300, is_alive=lambda: proc.poll() is None):
+        return service
     service.stop()
     raise RuntimeError(f"the service did not become ready; its log:\n{Path(log_path).read_text()[-3000:]}")
 

@@ -11,7 +11,7 @@ same consumption (copy into a preallocated batch buffer, touching every byte):
             check of the entry, a stat of the image; also shown with mmap=False
   raw       the file's bytes read into a preallocated buffer, torch.frombuffer
             of the tensor's byte count (the physical limit)
-  seed      torch.load(path, map_location="cpu")["features"]
+  seed      torch.load(path, map_location="cpu")["features"]  (the seed's call; weights_only=True by default)
 
 Methods alternate every few files; ratios are medians over rounds.
 Goals: ours/raw >= 0.8, ours/seed >= 1.5.
@@ -108,7 +108,7 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
         consume(torch.frombuffer(raw_buffer, dtype=torch.bfloat16, count=min(numel, size // 2)))
 
     def seed(image: str, path: str, numel: int) -> None:
-        consume(torch.load(path, map_location="cpu")["features"])
+        consume(torch.load(path, map_location="cpu")["features"])  # the seed's call: weights_only by default
 
     methods: dict[str, Callable[[str, str, int], None]] = {
         "ours": ours, "ours (mmap=False)": ours_copy, "raw": raw, "seed": seed,

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -626,10 +627,8 @@ class _Prefetcher:
     def close(self) -> None:
         with self._lock:
             if self._thread is not None and self._pid == os.getpid():
-                try:
+                with contextlib.suppress(queue.Full):  # a daemon thread; it ends with the process
                     self._queue.put_nowait(None)
-                except queue.Full:
-                    pass  # a daemon thread; it ends with the process
             self._queue, self._thread, self._pid = None, None, None
 
     def __getstate__(self) -> dict:

@@ -1,7 +1,7 @@
 """Sibling cache files `<image>.vggt_cache.pt`: atomic writes and validated reads.
 
 A file is `torch.save({"features": Tensor, "meta": dict})`, so the seed's
-`torch.load(path, map_location="cpu")["features"]` keeps working. `features`
+`torch.load(path, map_location="cpu")["features"]` (weights_only by default) keeps working. `features`
 is `[P, C]` for one layer or `[L, P, C]` for several, in the spec's dtype;
 `meta` holds only plain JSON values (see `write_entry`).
 

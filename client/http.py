@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import os
 import random
 import time
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -101,15 +102,26 @@ def parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    try:
+    with contextlib.suppress(ValueError):
         return max(0.0, float(value))
-    except ValueError:
-        pass
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def wait_until_ready(url: str, timeout: float, is_alive: Callable[[], bool] = lambda: True,
+                     interval: float = 0.1) -> bool:
+    """Poll `url`/readyz until it answers 200 (True), `timeout` passes or `is_alive()` turns False."""
+    deadline = time.monotonic() + timeout
+    with httpx.Client(timeout=5) as http:
+        while time.monotonic() < deadline and is_alive():
+            with contextlib.suppress(httpx.TransportError):
+                if http.get(f"{url.rstrip('/')}/readyz").status_code == 200:
+                    return True
+            time.sleep(interval)  # polling a starting process, with a deadline
+    return False
 
 
 def error_detail(response: httpx.Response) -> str:

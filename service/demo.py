@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from client.http import wait_until_ready
+
 # A 2-layer aggregator with VGGT-1B's structure, small enough to run anywhere in seconds.
 DEMO_CONFIG = {
     "img_size": 56, "patch_size": 14, "embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 4.0,
@@ -70,7 +72,8 @@ def write_demo_data(root: str, scenes: int = 3, frames: int = 4, seed: int = 0) 
     return clips
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port free right now (for a service started next)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -94,7 +97,7 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
     images = [p for clip in clips for p in clip]
     _say(f"made {len(images)} images in {len(clips)} scenes and train.jsonl under {data_root}")
 
-    port = port or _free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "service.cli", "serve", "--model", model_dir, "--device", "cpu",
            "--host", "127.0.0.1", "--port", str(port), "--allowed-root", data_root,
@@ -102,18 +105,10 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
     _say("starting: " + " ".join(cmd[2:]))
     server = subprocess.Popen(cmd)
     try:
+        if not wait_until_ready(url, 120, is_alive=lambda: server.poll() is None):
+            _say("the service did not become ready")
+            return 1
         with httpx.Client(base_url=url, timeout=30) as http:
-            deadline = time.monotonic() + 120
-            while True:
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline or server.poll() is not None:
-                    _say("the service did not become ready")
-                    return 1
-                time.sleep(0.2)
             _say(f"service ready at {url} (status page: {url}/)")
 
             job = http.post("/precompute", json={"data_root": data_root}).raise_for_status().json()

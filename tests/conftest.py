@@ -5,11 +5,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Callable, Iterator
@@ -17,16 +15,13 @@ from typing import IO, Callable, Iterator
 import httpx
 import pytest
 
+from client.http import wait_until_ready
+from service.demo import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -76,26 +71,13 @@ def start_service(root: str | os.PathLike, *extra_args: str, ready_timeout: floa
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         service = RunningService(f"http://127.0.0.1:{port}", proc, root, state_dir, log_path, log)
-        if _wait_ready(service, ready_timeout):
+        if wait_until_ready(service.url, ready_timeout, is_alive=lambda: service.proc.poll() is None):
             return service
         text = service.log()
         service.stop()
         if "address already in use" not in text.lower():
             raise RuntimeError(f"vggt-cache serve did not become ready:\n{text[-3000:]}")
     raise RuntimeError("vggt-cache serve could not bind a free port")
-
-
-def _wait_ready(service: RunningService, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=5) as http:
-        while time.monotonic() < deadline and service.proc.poll() is None:
-            try:
-                if http.get(f"{service.url}/readyz").status_code == 200:
-                    return True
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)  # polling a starting process, with a deadline
-    return False
 
 
 @pytest.fixture(scope="session")

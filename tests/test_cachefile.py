@@ -150,7 +150,8 @@ def test_seed_loader_reads_our_files(tmp_path):
     original = write(image, make_spec())
     path = cache_path(image)
     assert path == f"{image}.vggt_cache.pt"
-    assert torch.equal(torch.load(path, map_location="cpu")["features"], original.bfloat16())
+    seed_read = torch.load(path, map_location="cpu")  # the seed's exact call; weights_only by default
+    assert torch.equal(seed_read["features"], original.bfloat16())
     assert torch.equal(
         torch.load(path, map_location="cpu", weights_only=True)["features"], original.bfloat16()
     )
