@@ -21,8 +21,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from service.model import AggregatorConfig, LoadedModel, VGGTAggregator, load_aggregator  # noqa: E402
 
 
-def make_images(folder: str | os.PathLike, n: int, width: int = 640, height: int = 480, seed: int = 0) -> list[str]:
-    """N JPEGs (quality 90) of smooth gradients plus mild noise: photo-like sizes and decode cost."""
+def make_images(folder: str | os.PathLike, n: int, width: int = 640, height: int = 480, seed: int = 0,
+                name: str = "frame_{i:05d}.jpg") -> list[str]:
+    """N JPEGs (quality 90) of smooth gradients plus mild noise: photo-like sizes and decode cost.
+
+    `name` formats each file's name from its index `i` (e.g. "step_{i}_MOVE_FORWARD.jpg" for an episode).
+    """
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:height, 0:width]
     paths = []
@@ -30,7 +34,7 @@ def make_images(folder: str | os.PathLike, n: int, width: int = 640, height: int
         base = np.stack([(x + 7 * i) % 256, (y + 13 * i) % 256, ((x + y) // 2 + 29 * i) % 256], -1)
         noise = rng.integers(-12, 13, size=base.shape)
         pixels = np.clip(base + noise, 0, 255).astype(np.uint8)
-        path = os.path.join(folder, f"frame_{i:05d}.jpg")
+        path = os.path.join(folder, name.format(i=i))
         Image.fromarray(pixels).save(path, quality=90)
         paths.append(path)
     return paths

@@ -1,21 +1,27 @@
-"""Bulk precompute throughput: the service's bulk job vs the seed's one-image loop, same model, images and machine.
+"""Bulk precompute throughput: the service's bulk job vs one-sample-at-a-time, same model, images and machine.
 
     python benchmarks/precompute.py [--n 128] [--device cpu|cuda] [--model SRC] [--size S] [--batch-size B] [--json]
+    python benchmarks/precompute.py --preset newjanusvln [--n 24] ...   # 9-frame causal samples of an episode
 
-  seed   for each image in turn: decode + preprocess, forward (frame mode, batch 1),
-         layer -2 patch tokens cast to bfloat16, synchronous torch.save({"features": ...})
-         to the sibling file. (The reference aggregator also computes the last layer,
-         which the seed then drops; here both ways stop at layer -2, so the ratio
-         measures the pipeline alone.)
+  seed   for each sample in turn: decode + preprocess its frames, forward it alone (batch 1),
+         its entry (layer -2 patch tokens in the storage dtype), synchronous
+         torch.save({"features": ...}) to the sibling file. Without --preset a sample is one
+         image in frame mode (the seed's own loop); with it, a 9-frame clip of an episode
+         folder (step_<n>_<ACTION>.jpg, max_history_images 8) as JanusVLN-family training
+         runs VGGT, every frame of every sample decoded. (The reference aggregator also
+         computes the last layer, which is dropped; here every way stops at layer -2, so the
+         ratio measures the pipeline alone.)
   ours   a real bulk job as `vggt-cache precompute` runs it in-process: JobManager
-         (scan, SQLite progress, manifest) over the Engine (decode workers, dynamic
-         batches, writer pool, atomic validated cache files).
-  limit  the model's forward alone on pre-decoded tensors already on the device, in
-         batches of the same size: what the device can do, an upper bound for any pipeline.
+         (scan, plan, SQLite progress, manifest) over the Engine (decode workers that reuse a
+         frame overlapping samples share, dynamic batches, writer pool, atomic cache files).
+  limit  the model's forward alone on pre-decoded clips already on the device, in batches of
+         the same size: what the device can do, an upper bound for any pipeline.
 
 Without --model the weights are random: on cuda the VGGT-1B architecture itself, on the CPU
-a mid-size one of the same structure (embed 256, depth 4), so the run takes about a minute
-on two cores. Methods run round by round in turn; each one's best round is reported.
+a mid-size one of the same structure (embed 256, depth 4; with --preset, embed 64, depth 2 at
+the preset's 644 px), so the run takes a minute or two on two cores. Methods run round by
+round in turn; each one's best round is reported. Rates: entries/s (one per sample) and
+frames/s (frames forwarded; 9 per sample with --preset).
 """
 
 from __future__ import annotations
@@ -37,32 +43,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, get_model, make_images, print_table, synchronize  # noqa: E402
 
 from client.cachefile import CACHE_SUFFIX, cache_path  # noqa: E402
-from client.spec import FeatureSpec  # noqa: E402
+from client.spec import PRESETS, FeatureSpec, preset_options  # noqa: E402
 from service.engine import Engine  # noqa: E402
 from service.jobs import JobManager  # noqa: E402
 from service.manifest import manifest_path  # noqa: E402
 from service.model import LoadedModel  # noqa: E402
-from service.model.features import compute_features, feature_autocast, model_spec  # noqa: E402
+from service.model.features import entry_features, model_spec  # noqa: E402
 from service.paths import AllowedRoots  # noqa: E402
 from service.preprocess import preprocess  # noqa: E402
 from service.runtime import model_info  # noqa: E402
 from service.settings import ServiceSettings, parse_devices  # noqa: E402
+from service.sources import scan_data_root  # noqa: E402
+from service.units import Unit  # noqa: E402
 from service.store import JobStore  # noqa: E402
 
 METHODS = ("seed", "ours", "limit")
 
 
-def seed_way(loaded: LoadedModel, spec: FeatureSpec, images: list[str], device: torch.device) -> None:
-    """The seed's loop: every step of one image done before the next image starts."""
-    for path in images:
-        x = preprocess(path, mode=spec.preprocess, size=spec.size, align=spec.align)
-        features = compute_features(loaded.model, x[None, None].to(device), spec)  # [1, 1, P, C]
-        torch.save({"features": features[0, 0].cpu().clone()}, cache_path(path))
+def seed_way(loaded: LoadedModel, spec: FeatureSpec, units: list[Unit], device: torch.device) -> None:
+    """One sample at a time: every step of one sample done before the next one starts."""
+    for unit in units:
+        x = torch.stack([preprocess(p, mode=spec.preprocess, size=spec.size, align=spec.align) for p in unit.frames])
+        features = entry_features(loaded.model, x[None].to(device), spec)  # [1, 1, P, C]
+        torch.save({"features": features[0, 0].cpu().clone()}, cache_path(unit.targets[-1]))
 
 
 def ours_way(loaded: LoadedModel, spec: FeatureSpec, data_root: str, device: torch.device, batch: int,
-             decode_workers: int, state_dir: str) -> float:
-    """Seconds of one bulk job over `data_root` (the engine is up before, as in a running service)."""
+             decode_workers: int, state_dir: str) -> tuple[float, dict]:
+    """Seconds of one bulk job over `data_root` (the engine is up before, as in a running service), engine stats."""
     engine = Engine(loaded, spec, devices=[str(device)], max_batch_frames=batch, decode_workers=decode_workers)
     store = JobStore(state_dir)
     engine.start()
@@ -72,28 +80,29 @@ def ours_way(loaded: LoadedModel, spec: FeatureSpec, data_root: str, device: tor
         job = jobs.submit(data_root, skip_existing=True)
         view = jobs.run(job["job_id"])
         seconds = time.perf_counter() - start
+        stats = engine.stats()
     finally:
         engine.stop()
         store.close()
     if view["state"] != "finished" or view["failed"] or view["computed"] != view["total"]:
-        raise RuntimeError(f"the bulk job did not compute every image: {json.dumps(view)[:1000]}")
-    return seconds
+        raise RuntimeError(f"the bulk job did not compute every entry: {json.dumps(view)[:1000]}")
+    return seconds, stats
 
 
 def limit_way(loaded: LoadedModel, spec: FeatureSpec, batches: list[torch.Tensor]) -> float:
-    """Seconds of the forwards alone over `batches` ([B, 1, 3, H, W] each, already on the device)."""
+    """Seconds of the forwards alone over `batches` ([B, S, 3, H, W] each, already on the device)."""
     device = batches[0].device
     synchronize(device)
     start = time.perf_counter()
-    with torch.inference_mode(), feature_autocast(device):
+    with torch.inference_mode():
         for x in batches:
-            loaded.model(x, attention="frame", layers=list(spec.layers))
+            entry_features(loaded.model, x, spec)
     synchronize(device)
     return time.perf_counter() - start
 
 
 def clear_outputs(data_root: str) -> None:
-    for path in glob.glob(os.path.join(data_root, "*" + CACHE_SUFFIX)):
+    for path in glob.glob(os.path.join(data_root, "**", "*" + CACHE_SUFFIX), recursive=True):
         os.remove(path)
     if os.path.exists(manifest_path(data_root)):
         os.remove(manifest_path(data_root))
@@ -110,40 +119,49 @@ def written_entry(images: list[str]) -> torch.Tensor:
 def run(args: argparse.Namespace, folder: str) -> dict:
     device = torch.device(args.device)
     data_root = os.path.join(folder, "data")
-    os.makedirs(data_root)
-    images = make_images(data_root, args.n, args.width, args.height)
+    images_dir = os.path.join(data_root, "ep_0001") if args.preset else data_root
+    os.makedirs(images_dir)
+    make_images(images_dir, args.n, args.width, args.height,
+                name="step_{i}_MOVE_FORWARD.jpg" if args.preset else "frame_{i:05d}.jpg")
     config = {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads,
               "patch_embed": {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads}}
     loaded = get_model(args.model, config, str(device))
-    spec = model_spec(loaded, size=args.size)
+    spec = model_spec(loaded, **{**(preset_options(args.preset) if args.preset else {}), "size": args.size})
+    units = scan_data_root(data_root, spec.attention).units
+    targets = [u.targets[-1] for u in units]
+    frames = sum(len(u.frames) for u in units)
 
     # Pre-decoded, pre-batched input of the limit; also the shapes the other two work on.
-    inputs = torch.stack([preprocess(p, mode=spec.preprocess, size=spec.size, align=spec.align) for p in images])
-    batches = [inputs[i:i + args.batch_size, None].to(device) for i in range(0, args.n, args.batch_size)]
+    decoded = {p: preprocess(p, mode=spec.preprocess, size=spec.size, align=spec.align) for p in set(
+        f for u in units for f in u.frames)}
+    clips = torch.stack([torch.stack([decoded[f] for f in u.frames]) for u in units])  # [N, S, 3, H, W]
+    per_batch = max(1, args.batch_size // clips.shape[1])  # clips per forward, as the engine packs them
+    batches = [clips[i:i + per_batch].to(device) for i in range(0, len(units), per_batch)]
     # Warm-up (allocator, kernels, lazy initialisation, first torch.save) at both batch sizes used below.
     limit_way(loaded, spec, [batches[0][:1], batches[0]])
-    seed_way(loaded, spec, images[:1], device)
+    seed_way(loaded, spec, units[:1], device)
     clear_outputs(data_root)
 
     seconds: dict[str, list[float]] = {m: [] for m in METHODS}
     entry_shapes: dict[str, list[int]] = {}  # per method that writes files: they must agree
     for r in range(args.rounds):
         start = time.perf_counter()
-        seed_way(loaded, spec, images, device)
+        seed_way(loaded, spec, units, device)
         seconds["seed"].append(time.perf_counter() - start)
-        entry_shapes["seed"] = list(written_entry(images).shape)
+        entry_shapes["seed"] = list(written_entry(targets).shape)
         clear_outputs(data_root)
 
-        seconds["ours"].append(ours_way(loaded, spec, data_root, device, args.batch_size, args.decode_workers,
-                                        os.path.join(folder, f"state{r}")))
-        entry_shapes["ours"] = list(written_entry(images).shape)
+        took, stats = ours_way(loaded, spec, data_root, device, args.batch_size, args.decode_workers,
+                               os.path.join(folder, f"state{r}"))
+        seconds["ours"].append(took)
+        entry_shapes["ours"] = list(written_entry(targets).shape)
         clear_outputs(data_root)
 
         seconds["limit"].append(limit_way(loaded, spec, batches))
     if entry_shapes["seed"] != entry_shapes["ours"]:
         raise RuntimeError(f"the methods wrote different feature shapes: {entry_shapes}")
 
-    rate = {m: args.n / min(seconds[m]) for m in METHODS}
+    rate = {m: len(units) / min(seconds[m]) for m in METHODS}
     cfg = loaded.config
     return {
         "model": {"source": loaded.source, "parameters": loaded.num_params, "embed_dim": cfg.embed_dim,
@@ -151,14 +169,20 @@ def run(args: argparse.Namespace, folder: str) -> dict:
         "device": device_name(device),
         "torch": torch.__version__,
         "images": {"n": args.n, "width": args.width, "height": args.height,
-                   "model_input": list(inputs.shape[1:])},
+                   "model_input": list(clips.shape[2:])},
+        "samples": len(units),
+        "frames_per_sample": clips.shape[1],
+        # Frames every sample needs decoded vs what the bulk job decoded (the rest it reused).
+        "decodes": {"seed": frames, "ours": stats["frames_decoded"], "ours_reused": stats["frames_reused"]},
         "batch_size": args.batch_size,
         "decode_workers": args.decode_workers,
-        "spec": {"layers": list(spec.layers), "dtype": spec.dtype, "size": spec.size, "attention": spec.attention},
+        "spec": {"layers": list(spec.layers), "dtype": spec.dtype, "size": spec.size, "attention": spec.attention,
+                 "preprocess": spec.preprocess, "reference_frame": spec.reference_frame, "preset": args.preset},
         "entry_shape": entry_shapes["ours"],
         "rounds": args.rounds,
         "seconds": seconds,
-        "images_per_s": {m: round(v, 3) for m, v in rate.items()},
+        "images_per_s": {m: round(v, 3) for m, v in rate.items()},  # entries (one per sample) per second
+        "frames_per_s": {m: round(v * clips.shape[1], 3) for m, v in rate.items()},
         "ratios": {"ours/seed": round(rate["ours"] / rate["seed"], 3),
                    "ours/limit": round(rate["ours"] / rate["limit"], 3)},
     }
@@ -169,20 +193,30 @@ def report(result: dict) -> None:
     print(f"model   {m['source']}: {m['parameters'] / 1e6:.1f}M parameters "
           f"(embed {m['embed_dim']}, depth {m['depth']}, DINOv2 depth {m['patch_embed_depth']})")
     print(f"device  {result['device']}, torch {result['torch']}")
-    print(f"work    {im['n']} JPEGs {im['width']}x{im['height']} -> {im['model_input']}, "
-          f"layer {result['spec']['layers']} patch tokens {result['entry_shape']} {result['spec']['dtype']}, "
-          f"batch {result['batch_size']}, best of {result['rounds']} round(s)")
-    rows = [(name, f"{min(result['seconds'][key]):.2f}", f"{result['images_per_s'][key]:.1f}")
+    sp = result["spec"]
+    print(f"work    {im['n']} JPEGs {im['width']}x{im['height']} -> {im['model_input']}, {result['samples']} samples "
+          f"of {result['frames_per_sample']} frame(s) ({sp['attention']} attention, {sp['preprocess']}, reference "
+          f"frame {sp['reference_frame']}{', preset ' + sp['preset'] if sp['preset'] else ''}), "
+          f"layer {sp['layers']} patch tokens {result['entry_shape']} {sp['dtype']}, "
+          f"batch {result['batch_size']} frames, best of {result['rounds']} round(s)")
+    decodes = result["decodes"]
+    print(f"decode  one by one: {decodes['seed']} frames decoded; bulk job: {decodes['ours']} decoded, "
+          f"{decodes['ours_reused']} reused from overlapping samples (last round)")
+    rows = [(name, f"{min(result['seconds'][key]):.2f}", f"{result['images_per_s'][key]:.2f}",
+             f"{result['frames_per_s'][key]:.1f}")
             for key, name in (("seed", "seed (one by one)"), ("ours", "ours (bulk job)"),
                               ("limit", "limit (forward only)"))]
-    print_table(("method", "seconds", "images/s"), rows)
+    print_table(("method", "seconds", "entries/s", "frames/s"), rows)
     for name, value in result["ratios"].items():
         print(f"{name} = {value:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=128, help="number of images")
+    parser.add_argument("--n", type=int, help="number of images: steps of one episode with --preset "
+                                                "(default 128; 24 with --preset)")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="JanusVLN-family work: 9-frame causal samples of an episode folder at the preset's size")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -200,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     # The engine wants an explicit device ("cuda:0"), as `vggt-cache precompute` gives it.
     args.device = parse_devices(args.device)[0]
     on_cuda = args.device.startswith("cuda")
-    args.size = args.size or (518 if on_cuda else 224)
-    args.batch_size = args.batch_size or (32 if on_cuda else 8)
-    args.embed_dim = args.embed_dim or (1024 if on_cuda else 256)
-    args.depth = args.depth or (24 if on_cuda else 4)
+    small = not on_cuda and args.preset  # 19,089 tokens a clip at 644 px: a CPU needs a small model
+    args.n = args.n or (24 if args.preset else 128)
+    args.size = args.size or (PRESETS[args.preset]["size"] if args.preset else 518 if on_cuda else 224)
+    args.batch_size = args.batch_size or (32 if on_cuda else 18 if args.preset else 8)
+    args.embed_dim = args.embed_dim or (1024 if on_cuda else 64 if small else 256)
+    args.depth = args.depth or (24 if on_cuda else 2 if small else 4)
     args.num_heads = args.num_heads or (16 if on_cuda else 4)
     if min(args.n, args.batch_size, args.rounds) < 1:
         parser.error("--n, --batch-size and --rounds must be at least 1")

@@ -44,7 +44,7 @@ from common import device_name, get_model, make_images, synchronize  # noqa: E40
 
 from client.cache import FeatureCache  # noqa: E402
 from client.cachefile import context_record, source_record, write_entry  # noqa: E402
-from service.model.features import compute_features  # noqa: E402
+from service.model.features import entry_features  # noqa: E402
 from service.preprocess import preprocess  # noqa: E402
 from training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec  # noqa: E402
 from training.data import VGGTCollator, VLNDataset, load_samples  # noqa: E402
@@ -77,7 +77,7 @@ def precompute(samples, loaded, spec, device: str) -> None:
         unit = sample.clip[-1:] if spec.attention == "frame" else sample.clip
         sources = [source_record(p) for p in unit]  # stat-ed before decoding, as the service does
         frames = torch.stack([preprocess(p, spec.preprocess, spec.size, spec.align) for p in unit])
-        entry = compute_features(loaded.model, frames[None].to(device), spec)[0, -1].cpu().clone()
+        entry = entry_features(loaded.model, frames[None].to(device), spec)[0, -1].cpu().clone()
         patch = spec.architecture["patch_size"]
         h, w = frames.shape[-2] // patch, frames.shape[-1] // patch
         context = None if spec.attention == "frame" else context_record(unit[-1], unit)
@@ -91,7 +91,7 @@ def step(model, optimizer, dataset, collate, indices, device: str) -> float:
     batch = collate([dataset[i] for i in indices])
     batch.pop("vggt_source")
     batch = {k: v.to(device) if torch.is_tensor(v) else
-             [x.to(device) if x is not None else None for x in v] if isinstance(v, list) else v
+             [x.to(device) if torch.is_tensor(x) else x for x in v] if isinstance(v, list) else v
              for k, v in batch.items()}
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
         loss = model(**batch).loss

@@ -19,6 +19,7 @@ changed), so tools that do not know the clip can still verify an entry.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import secrets
 import time
@@ -48,7 +49,7 @@ class Outcome(str, Enum):
 
 @dataclass
 class ReadResult:
-    """`features` and `meta` are set on HIT; `meta` also when the file was readable."""
+    """`features` (unless read with `tensor=False`) and `meta` are set on HIT; `meta` also when the file was readable."""
 
     outcome: Outcome
     features: torch.Tensor | None
@@ -127,8 +128,13 @@ def read_entry(
     spec: FeatureSpec | None = None,
     context_frames: Sequence[PathLike] | None = None,
     mmap: bool = True,
+    tensor: bool = True,
 ) -> ReadResult:
     """Read and validate the entry of `image_path`; never raises for a bad file.
+
+    `tensor=False` reads and checks the metadata alone (the zip directory and the small
+    pickle, a few KB) and returns no features: enough to know whether an entry is valid for
+    `skip_existing` and dry runs, without reading megabytes per entry.
 
     `mmap=True` maps the file (pages are read when the tensor is used) and the
     mapping outlives a concurrent `os.replace` on a local file system. Prefer
@@ -143,7 +149,7 @@ def read_entry(
         return ReadResult(outcome, None, meta, reason, path)
 
     try:
-        data = load_file(path, mmap)
+        data = load_file(path, mmap, meta_only=not tensor)
     except FileNotFoundError:
         return result(Outcome.MISSING, "no cache file")
     except Exception as e:  # truncated zip, foreign pickle, refused globals, I/O errors
@@ -183,7 +189,7 @@ def read_entry(
         if changed:
             return result(Outcome.STALE, f"context frame changed: {changed}", meta)
 
-    return ReadResult(Outcome.HIT, features, meta, "", path)
+    return ReadResult(Outcome.HIT, features if tensor else None, meta, "", path)
 
 
 def _storable(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -196,16 +202,25 @@ def _storable(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _shape_problem(shape: tuple[int, ...], spec: FeatureSpec, grid: list[int]) -> str | None:
-    if len(grid) != 2 or min(grid) <= 0:
-        return f"grid must be two positive integers, got {grid}"
+def entry_shape(spec: FeatureSpec, grid: Sequence[int], channels: int | None = None) -> tuple[int, ...]:
+    """The `features` shape of an entry of `spec` for a `grid` = [h, w] of patches."""
     arch = spec.architecture
     tokens = grid[0] * grid[1]
     if spec.tokens == "all":  # camera + register tokens come first
         tokens += 1 + arch.get("num_register_tokens", 4)
-    channels = 2 * arch["embed_dim"] if "embed_dim" in arch else shape[-1] if shape else -1
-    layers = len(spec.layers)
-    expected = (tokens, channels) if layers == 1 else (layers, tokens, channels)
+    channels = 2 * arch["embed_dim"] if "embed_dim" in arch else channels
+    return (tokens, channels) if len(spec.layers) == 1 else (len(spec.layers), tokens, channels)
+
+
+def entry_nbytes(spec: FeatureSpec, grid: Sequence[int]) -> int:
+    """Bytes of an entry's tensor (the file adds a few KB of records and metadata)."""
+    return math.prod(entry_shape(spec, grid, channels=2048)) * spec.torch_dtype.itemsize
+
+
+def _shape_problem(shape: tuple[int, ...], spec: FeatureSpec, grid: list[int]) -> str | None:
+    if len(grid) != 2 or min(grid) <= 0:
+        return f"grid must be two positive integers, got {grid}"
+    expected = entry_shape(spec, grid, channels=shape[-1] if shape else -1)
     if shape != expected:
         return f"features shape {list(shape)} does not match spec and grid {grid}: expected {list(expected)}"
     return None

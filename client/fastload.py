@@ -21,19 +21,27 @@ import pickle
 import struct
 import sys
 import zlib
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 
-def load_file(path: str, use_mmap: bool) -> Any:
-    """The dict a cache file holds; our own layout is parsed here, any other goes to torch.load(weights_only=True)."""
+def load_file(path: str, use_mmap: bool, meta_only: bool = False) -> Any:
+    """The dict a cache file holds; our own layout is parsed here, any other goes to torch.load(weights_only=True).
+
+    `meta_only`: read the zip directory and `data.pkl` alone (a few KB, not the tensor's
+    megabytes); `"features"` is then a meta-device tensor of the stored shape and dtype, whose
+    record was checked to hold exactly that many bytes.
+    """
     try:
-        return _load_fast(path, use_mmap)
+        return _load_meta(path) if meta_only else _load_fast(path, use_mmap)
     except FileNotFoundError:
         raise
     except Exception:  # outside the fast path's layout, or damaged: torch.load decides
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+        if meta_only and isinstance(data, dict) and isinstance(data.get("features"), torch.Tensor):
+            data["features"] = data["features"].to("meta")
+        return data
 
 
 _MAX_PICKLE_BYTES = 1 << 20
@@ -125,13 +133,33 @@ def _load_fast(path: str, use_mmap: bool) -> dict:
             if f.readinto(whole.numpy()) != whole.numel():
                 raise _Unsupported("file changed while reading")
     view = memoryview(whole.numpy())
-    records = _zip_records(view)
+    data, (start, length), storage, size = _unpickle(lambda offset, n: view[offset : offset + n], len(view))
+    data["features"] = whole[start : start + length].view(storage.dtype).view(size)
+    return data
+
+
+def _load_meta(path: str) -> dict:
+    with open(path, "rb", buffering=0) as f:
+        fd = f.fileno()
+        data, _, storage, size = _unpickle(lambda offset, n: os.pread(fd, n, offset), os.fstat(fd).st_size)
+    data["features"] = torch.empty(size, dtype=storage.dtype, device="meta")
+    return data
+
+
+Reader = Callable[[int, int], "bytes | memoryview"]  # (offset, length) -> the file's bytes there
+
+
+def _unpickle(read: Reader, file_size: int) -> tuple[dict, tuple[int, int], _StorageRef, tuple[int, ...]]:
+    """(data.pkl's dict, (offset, length) of the tensor bytes, their storage, the tensor's size)."""
+    records = _zip_records(read, file_size)
     if "data.pkl" not in records or copyreg._extension_registry:
         # Pickle extension codes would resolve globals without find_class.
         raise _Unsupported("data.pkl")
     start, length, crc = records["data.pkl"]
-    pickled = view[start : start + length]
-    if length > _MAX_PICKLE_BYTES or zlib.crc32(pickled) != crc:
+    if length > _MAX_PICKLE_BYTES:
+        raise _Unsupported("data.pkl")
+    pickled = read(start, length)
+    if len(pickled) != length or zlib.crc32(pickled) != crc:
         raise _Unsupported("data.pkl")
     data = _RestrictedUnpickler(io.BytesIO(pickled)).load()
     ref = data.get("features") if isinstance(data, dict) else None
@@ -151,29 +179,31 @@ def _load_fast(path: str, use_mmap: bool) -> dict:
     start, length, _ = records.get(f"data/{storage.key}", (0, None, 0))
     if length != storage.numel * storage.dtype.itemsize or start % storage.dtype.itemsize:
         raise _Unsupported("features record")
-    data["features"] = whole[start : start + length].view(storage.dtype).view(ref.size)
-    return data
+    return data, (start, length), storage, ref.size
 
 
-def _zip_records(view: memoryview) -> dict[str, tuple[int, int, int]]:
+def _zip_records(read: Reader, file_size: int) -> dict[str, tuple[int, int, int]]:
     """Record name (without the archive folder) -> (data offset, size, crc32); stored records only."""
-    end = len(view) - _END.size
+    end = file_size - _END.size
     if end < 0:
         raise _Unsupported("too short for a zip file")
-    signature, _, _, _, count, directory_size, directory, comment = _END.unpack_from(view, end)
+    signature, _, _, _, count, directory_size, directory, comment = _END.unpack(read(end, _END.size))
     if signature != b"PK\x05\x06" or comment or directory + directory_size > end:
         raise _Unsupported("zip end record")
+    central = read(directory, directory_size)
     records = {}
-    pos = directory
+    pos = 0
     for _ in range(count):
-        fields = _CENTRAL.unpack_from(view, pos)
+        fields = _CENTRAL.unpack_from(central, pos)
         signature, method, crc, packed, size = fields[0], fields[4], fields[7], fields[8], fields[9]
         name_len, extra_len, comment_len, header = fields[10], fields[11], fields[12], fields[16]
         if signature != b"PK\x01\x02" or method != 0 or packed != size:
             raise _Unsupported("zip directory entry")
-        name = bytes(view[pos + _CENTRAL.size : pos + _CENTRAL.size + name_len]).decode()
+        name = bytes(central[pos + _CENTRAL.size : pos + _CENTRAL.size + name_len]).decode()
         pos += _CENTRAL.size + name_len + extra_len + comment_len
-        local = _LOCAL.unpack_from(view, header)
+        if header + _LOCAL.size > directory:
+            raise _Unsupported("zip local header")
+        local = _LOCAL.unpack(read(header, _LOCAL.size))
         start = header + _LOCAL.size + local[9] + local[10]
         if local[0] != b"PK\x03\x04" or start + size > directory:
             raise _Unsupported("zip local header")

@@ -16,6 +16,16 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 TOKENS = ("patch", "all")
 PREPROCESS = ("crop", "pad")
 ATTENTION = ("frame", "sequence", "causal")
+# Which frame of a clip streams first and gets VGGT's first-frame camera/register tokens:
+# "first" the clip in order, "last" the clip reversed (the current view first; NewJanusVLN).
+REFERENCE_FRAMES = ("first", "last")
+# Specs that reproduce what each project's training computes online (see docs/janusvln.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "janusvln": {"attention": "causal", "preprocess": "crop", "size": 644, "align": 14, "reference_frame": "first",
+                 "layers": (-2,), "tokens": "patch", "dtype": "bfloat16"},
+    "newjanusvln": {"attention": "causal", "preprocess": "pad", "size": 644, "align": 14, "reference_frame": "last",
+                    "layers": (-2,), "tokens": "patch", "dtype": "bfloat16"},
+}
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]+")
 
 
@@ -24,7 +34,10 @@ class FeatureSpec:
     """How a feature was (or must be) computed; two specs with equal digests are interchangeable.
 
     `layers` is normalised to non-negative indices with `architecture["depth"]`,
-    so `(-2,)` and `(22,)` are the same spec for a depth-24 model.
+    so `(-2,)` and `(22,)` are the same spec for a depth-24 model. `reference_frame`
+    means nothing for a single frame, so `frame` attention always records "first".
+    A spec at the default `reference_frame="first"` leaves the field out of its
+    dict and canonical JSON: entries written before the field existed keep their digest.
     """
 
     fingerprint: str
@@ -36,6 +49,7 @@ class FeatureSpec:
     align: int = 14
     dtype: str = "bfloat16"
     attention: str = "frame"
+    reference_frame: str = "first"
 
     def __post_init__(self) -> None:
         if not isinstance(self.fingerprint, str) or not _FINGERPRINT.fullmatch(self.fingerprint):
@@ -56,6 +70,9 @@ class FeatureSpec:
         _choice("preprocess", self.preprocess, PREPROCESS)
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("attention", self.attention, ATTENTION)
+        _choice("reference_frame", self.reference_frame, REFERENCE_FRAMES)
+        if self.attention == "frame":
+            object.__setattr__(self, "reference_frame", "first")
         for name in ("size", "align"):
             value = _positive_int(name, getattr(self, name))
             if value % patch:
@@ -69,6 +86,8 @@ class FeatureSpec:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["architecture"] = json.loads(json.dumps(self.architecture))
         d["layers"] = list(self.layers)
+        if self.reference_frame == "first":
+            del d["reference_frame"]
         return d
 
     @classmethod
@@ -102,8 +121,25 @@ class FeatureSpec:
 
     def differences(self, other: FeatureSpec) -> list[str]:
         """Names of the fields whose values differ from `other` (for messages)."""
-        mine, theirs = self.to_dict(), other.to_dict()
-        return sorted(k for k in mine if mine[k] != theirs[k])
+        return sorted(f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name))
+
+
+def preset_options(name: str) -> dict[str, Any]:
+    """The spec fields a named preset sets (see PRESETS)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {'|'.join(PRESETS)}, got {name!r}")
+    return dict(PRESETS[name])
+
+
+def matching_preset(spec: FeatureSpec) -> str | None:
+    """The preset that gives exactly `spec` for its model, if any (however the spec was given)."""
+    for name, options in PRESETS.items():
+        try:
+            if FeatureSpec(fingerprint=spec.fingerprint, architecture=spec.architecture, **options) == spec:
+                return name
+        except ValueError:  # a model too shallow or a patch size the preset does not fit
+            continue
+    return None
 
 
 def canonical_json(value: Any) -> str:

@@ -27,12 +27,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from client.spec import matching_preset
 from client.wire import encode_features
 from service.engine import Engine, EngineStopped, EntryResult, Priority
+from service.jobs import plan_work
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
 from service.paths import PathNotAllowed, printable
 from service.runtime import Components, ServiceRuntime
+from service.samples import DEFAULT_MAX_HISTORY
 from service.units import Unit
 
 VERSION = "0.1.0"
@@ -53,6 +56,10 @@ class PrecomputeRequest(BaseModel):
     skip_existing: bool = True
     verify: bool = False
     data_path: str | None = Field(None, description="folder the samples' image paths are relative to")
+    max_history_images: int = Field(DEFAULT_MAX_HISTORY, ge=1, le=1024,
+                                    description="history frames per sample of an episode folder (step_<n>_<action>)")
+    dry_run: bool = Field(False, description="plan only: samples, entries valid / to compute, bytes, free space")
+    force: bool = Field(False, description="start even if the new entries would not fit on the file system")
 
 
 class JobView(BaseModel):
@@ -139,11 +146,12 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
                 "allowed_roots": list(runtime.roots.given),
                 "auth": settings.api_token is not None,
             },
-            "model": None, "spec": None, "engine": None, "jobs": [],
+            "model": None, "spec": None, "preset": None, "engine": None, "jobs": [],
         }
         if c is not None:
             body["model"] = c.jobs.model_info
             body["spec"] = {**c.spec.to_dict(), "digest": c.spec.digest}
+            body["preset"] = matching_preset(c.spec)
             body["engine"] = c.engine.stats()
             body["jobs"] = c.jobs.list_views()
         return body
@@ -193,8 +201,8 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
         body = await run_in_threadpool(features_body, entries, c.spec.digest)
         return Response(body, media_type=MEDIA_TYPE)
 
-    @app.post("/precompute", status_code=202, dependencies=auth)
-    def precompute(req: PrecomputeRequest, c: Components = Depends(ready)) -> JobView:
+    @app.post("/precompute", status_code=202, dependencies=auth, response_model=None)
+    def precompute(req: PrecomputeRequest, c: Components = Depends(ready)) -> JobView | JSONResponse:
         try:
             data_root = runtime.roots.contain(req.data_root, writes_sibling=False)
         except PathNotAllowed as exc:
@@ -203,10 +211,15 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
             raise HTTPException(422, str(exc)) from exc
         if not os.path.isdir(data_root):
             raise HTTPException(404, f"data_root is not a folder: {req.data_root}")
+        options = {"skip_existing": req.skip_existing, "data_path": req.data_path,
+                   "max_history_images": req.max_history_images}
         try:
-            job = c.jobs.submit(data_root, skip_existing=req.skip_existing, verify=req.verify,
-                                data_path=req.data_path)
-        except ValueError as exc:  # a data root the job store cannot record (a non-UTF-8 name)
+            if req.dry_run:
+                work = plan_work(data_root, c.spec, runtime.roots, options)
+                return JSONResponse({"dry_run": True, "spec_digest": c.spec.digest, "plan": work.plan.to_dict(),
+                                     "summary": work.plan.summary()})
+            job = c.jobs.submit(data_root, verify=req.verify, force=req.force, **options)
+        except ValueError as exc:  # no samples, or a data root the job store cannot record (a non-UTF-8 name)
             raise HTTPException(422, str(exc)) from exc
         return JobView(**job)
 

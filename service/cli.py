@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, TOKENS, FeatureSpec, preset_options
+from service.samples import DEFAULT_MAX_HISTORY
 from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings
 
 log = logging.getLogger("vggt_cache")
@@ -33,26 +35,49 @@ def _layers(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, e.g. -2 or 4,11,17,23; got {text!r}")
 
 
+# Spec flag -> (FeatureSpec field, parser of its text, help). Unset flags fall back to their
+# VGGT_CACHE_<FIELD> variable, then to --preset, then to FeatureSpec's default.
+_SPEC_FLAGS = {
+    "--attention": ("attention", str, "frame: each image alone (the seed's behaviour); sequence: bidirectional "
+                                      "over a clip; causal: frame t sees frames <= t"),
+    "--layers": ("layers", _layers, "aggregator layer(s), negative from the end (-2: the seed's "
+                                    "aggregated_tokens[-2]); several as --layers=-4,-1"),
+    "--tokens": ("tokens", str, "patch tokens only, or all (camera and register tokens first)"),
+    "--preprocess": ("preprocess", str, "VGGT's reference preprocessing: crop (width to --size) or pad (square)"),
+    "--size": ("size", int, "preprocess target size (a multiple of 14; JanusVLN-family training uses 644)"),
+    "--align": ("align", int, "resize each side down to a multiple of this (28 with pad gives 504x504)"),
+    "--dtype": ("dtype", str, "storage dtype of cached features"),
+    "--reference-frame": ("reference_frame", str, "first: stream a clip in order; last: reversed, the current "
+                                                  "view first (NewJanusVLN); causal and sequence attention only"),
+}
+_SPEC_CHOICES = {"attention": ATTENTION, "tokens": TOKENS, "preprocess": PREPROCESS, "dtype": tuple(DTYPES),
+                 "reference_frame": REFERENCE_FRAMES}
+
+
 def add_spec_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("feature spec (recorded in every cache entry)")
-    g.add_argument("--attention", choices=["frame", "sequence", "causal"], default=_env("ATTENTION", "frame"),
-                   help="frame: each image alone (the seed's behaviour); sequence: bidirectional over a clip; "
-                        "causal: frame t sees frames <= t (default: %(default)s)")
-    g.add_argument("--layers", type=_layers, default=_layers(_env("LAYERS", "-2")),
-                   help="aggregator layer(s), negative from the end (default: -2, as the seed's training uses)")
-    g.add_argument("--tokens", choices=["patch", "all"], default=_env("TOKENS", "patch"))
-    g.add_argument("--preprocess", choices=["crop", "pad"], default=_env("PREPROCESS", "crop"))
-    g.add_argument("--size", type=int, default=int(_env("SIZE", "518")))
-    g.add_argument("--align", type=int, default=int(_env("ALIGN", "14")),
-                   help="resize each side down to a multiple of this (28 with pad gives 504x504)")
-    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=_env("DTYPE", "bfloat16"),
-                   help="storage dtype of cached features")
+    g = p.add_argument_group("feature spec (recorded in every cache entry; a flag beats its VGGT_CACHE_* "
+                             "variable, which beats --preset)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=_env("PRESET"),
+                   help="the spec a project's training computes: janusvln (causal, crop, 644, reference first) | "
+                        "newjanusvln (causal, pad, 644, reference last); both layer -2, bfloat16")
+    defaults = FeatureSpec.__dataclass_fields__
+    for flag, (name, parse, text) in _SPEC_FLAGS.items():
+        default = defaults[name].default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+        g.add_argument(flag, *([f"--{name}"] if "-" in flag[2:] else []), dest=name, type=parse,
+                       choices=_SPEC_CHOICES.get(name), default=None, help=f"{text} (default: {shown})")
 
 
 def spec_options(args: argparse.Namespace) -> dict:
-    """The spec flags as FeatureSpec keyword arguments."""
-    return {"attention": args.attention, "layers": args.layers, "tokens": args.tokens,
-            "preprocess": args.preprocess, "size": args.size, "align": args.align, "dtype": args.dtype}
+    """The spec flags as FeatureSpec keyword arguments: flag, else variable, else preset, else default."""
+    options = preset_options(args.preset) if args.preset else {}
+    for flag, (name, parse, _) in _SPEC_FLAGS.items():
+        value = getattr(args, name)
+        if value is None and _env(name.upper()) is not None:
+            value = parse(_env(name.upper()))
+        if value is not None:
+            options[name] = value
+    return options
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -64,6 +89,13 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="threads writing cache files (each fsyncs) while the device computes")
     p.add_argument("--state-dir", "--state_dir", default=_env("STATE_DIR", ServiceSettings.state_dir),
                    help="where job state (SQLite) lives; keep it on local disk (default: %(default)s)")
+
+
+def add_history_flag(p: argparse.ArgumentParser, default: int | None = DEFAULT_MAX_HISTORY) -> None:
+    shown = default if default is not None else f"the manifest's, else {DEFAULT_MAX_HISTORY}"
+    p.add_argument("--max_history_images", "--max-history-images", type=int, default=default,
+                   help="episode folders (step_<n>_<ACTION>.png): history frames per sample, as the training "
+                        f"flag of the same name (default: {shown})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder the samples' image paths are relative to (default: the JSONL file's folder)")
     pre.add_argument("--allowed-root", "--allowed_root", action="append", dest="allowed_roots", default=None,
                      help="further folders samples may name images in (repeatable; the data root always is)")
+    add_history_flag(pre)
+    pre.add_argument("--dry-run", "--dry_run", action="store_true",
+                     help="plan only, without loading the model: samples found, entries valid / to compute, "
+                          "bytes to write, free space")
+    pre.add_argument("--force", action="store_true",
+                     help="start even if the plan says the new entries will not fit on the file system")
     add_engine_flags(pre)
     add_spec_flags(pre)
 
@@ -115,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: from the data root's manifest)")
     ver.add_argument("--api-token", "--api_token", default=_env("API_TOKEN"))
     ver.add_argument("--data_path", "--data-path", default=None)
+    add_history_flag(ver, default=None)
     ver.add_argument("--json", action="store_true", help="print the counts as JSON")
 
     st = sub.add_parser("status", help="show a running service's model, queues and jobs")

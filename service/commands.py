@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+from service.samples import DEFAULT_MAX_HISTORY
 from service.settings import ServiceSettings
 
 log = logging.getLogger("vggt_cache")
@@ -90,11 +91,14 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     state_dir = os.path.join(os.path.expanduser(args.state_dir), f"rank{rank}" if world > 1 else "")
     settings = _settings(args, device=device, max_batch_frames=batch, state_dir=state_dir)
     roots = AllowedRoots.of([data_root, *(args.allowed_roots or [])])
+    if args.dry_run:
+        return _dry_run_local(args, settings, data_root, roots)
     components = build_components(settings, roots, rank, world)
     engine, jobs = components.engine, components.jobs
     if world > 1:
         log.info("Rank %d of %d: taking shard %d", rank, world, rank)
-    job = jobs.submit(data_root, skip_existing=args.skip_existing, verify=args.verify, data_path=args.data_path)
+    job = jobs.submit(data_root, skip_existing=args.skip_existing, verify=args.verify, data_path=args.data_path,
+                      max_history_images=args.max_history_images, force=args.force)
     bar = tqdm(total=None, unit="img", desc=f"[rank {rank}] precompute" if world > 1 else "precompute",
                disable=None)
 
@@ -114,6 +118,35 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
         _merge_rank_manifests(jobs, view, time.time() - t0, rank, world)
     _print_summary(view)
     return 0 if view.get("state") == "finished" and not view.get("failed") else 1
+
+
+def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root: str, roots) -> int:
+    """The plan of a precompute, from the weights' identity alone (the model is not built)."""
+    from service.jobs import plan_work
+    from service.model import identify_model
+    from service.model.features import model_spec
+
+    spec = model_spec(identify_model(settings.model), **settings.spec)
+    work = plan_work(data_root, spec, roots, {"skip_existing": args.skip_existing, "data_path": args.data_path,
+                                              "max_history_images": args.max_history_images})
+    _print_plan(work.plan.to_dict(), work.plan.summary(), spec.digest)
+    return 0
+
+
+def _print_plan(plan: dict, summary: str, digest: str) -> None:
+    source = plan["source"]
+    history = f", max_history_images {source['max_history_images']}" if source.get("max_history_images") else ""
+    log.info("Dry run, spec %s: nothing is computed or written", digest)
+    print(f"samples      {source['samples']} from {source['files']} {source['source']} source(s){history}")
+    print(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid, "
+          f"{plan['to_compute']} to compute")
+    if plan["problems"] or plan["refused"] or plan["unreadable"]:
+        print(f"problems     {plan['problems']} malformed sample(s) or missing image(s), {plan['refused']} "
+              f"outside the allowed roots, {plan['unreadable']} unreadable image(s)")
+    print(f"to write     {plan['bytes_to_write']:,} bytes")
+    print(f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"
+          f" ({'fits' if plan['fits'] else 'DOES NOT FIT'})")
+    print(summary)
 
 
 def _merge_rank_manifests(jobs, view: dict, seconds: float, rank: int, world: int) -> None:
@@ -158,7 +191,14 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
 
     with _client(args.server, args.api_token) as http:
         r = http.post("/precompute", json={"data_root": data_root, "skip_existing": args.skip_existing,
-                                           "verify": args.verify, "data_path": args.data_path})
+                                           "verify": args.verify, "data_path": args.data_path,
+                                           "max_history_images": args.max_history_images,
+                                           "dry_run": args.dry_run, "force": args.force},
+                      timeout=None if args.dry_run else 30.0)
+        if args.dry_run and r.status_code == 200:
+            body = r.json()
+            _print_plan(body["plan"], body["summary"], body["spec_digest"])
+            return 0
         if r.status_code != 202:
             log.error("The service refused the job (%d): %s", r.status_code, r.text)
             return 2
@@ -191,6 +231,7 @@ def verify(args: argparse.Namespace) -> int:
     from service.manifest import read_manifest
 
     data_root = os.path.abspath(args.data_root)
+    history = args.max_history_images
     if args.server:
         with _client(args.server, args.api_token) as http:
             spec_dict = http.get("/status").raise_for_status().json()["spec"]
@@ -205,7 +246,10 @@ def verify(args: argparse.Namespace) -> int:
                       data_root)
             return 2
         spec_dict = manifest["spec"]
-    report = verify_data_root(data_root, FeatureSpec.from_dict(spec_dict), data_path=args.data_path)
+        if history is None:  # the rule the job that wrote the manifest used
+            history = ((manifest.get("plan") or {}).get("source") or {}).get("max_history_images")
+    report = verify_data_root(data_root, FeatureSpec.from_dict(spec_dict), data_path=args.data_path,
+                              max_history_images=history or DEFAULT_MAX_HISTORY)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -33,7 +33,7 @@ import torch
 from client.cachefile import Outcome, context_record, read_entry, source_record, write_entry
 from client.spec import FeatureSpec
 from service.model import LoadedModel
-from service.model.features import feature_autocast, select_features
+from service.model.features import entry_features
 from service.preprocess import load_image, preprocess
 from service.units import Unit
 
@@ -265,11 +265,16 @@ class _FrameCache:
         self.capacity = capacity
         self._lock = threading.Lock()
         self._items: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
+        self.hits = 0  # frames served from here instead of decoded again
+        self.misses = 0
 
     def get(self, key: tuple[str, int, int]) -> torch.Tensor | None:
         with self._lock:
             tensor = self._items.get(key)
-            if tensor is not None:
+            if tensor is None:
+                self.misses += 1
+            else:
+                self.hits += 1
                 self._items.move_to_end(key)
             return tensor
 
@@ -313,9 +318,6 @@ class _Device:
         self.frames = 0
         self.busy = _Window()
         self.busy_since: float | None = None  # start of the forward in flight
-
-    def autocast(self) -> Any:
-        return feature_autocast(self.device)
 
     def memory(self) -> dict[str, int]:
         if self.is_cuda:
@@ -518,12 +520,13 @@ class Engine:
         """The unit's result read from disk when every target's entry validates, else None."""
         entries = []
         for target in job.unit.targets:
-            # Read whole (no mmap): another NFS client may replace the file while we hold it.
-            read = read_entry(target, self.spec, context_frames=self._context_frames(job.unit), mmap=False)
+            # Read whole (no mmap): another NFS client may replace the file while we hold it. Work that
+            # returns no features (bulk jobs) checks the metadata alone: a few KB instead of megabytes.
+            read = read_entry(target, self.spec, context_frames=self._context_frames(job.unit), mmap=False,
+                              tensor=job.return_features)
             if read.outcome is not Outcome.HIT:
                 return None
-            grid = tuple(read.meta["grid"])
-            entries.append(EntryResult(target, "cached", read.features if job.return_features else None, grid))
+            entries.append(EntryResult(target, "cached", read.features, tuple(read.meta["grid"])))
         return UnitResult(job.unit, entries)
 
     def _decode(self, job: _Job) -> None:
@@ -602,17 +605,12 @@ class Engine:
             dev.busy_since = start
         try:
             images = torch.stack([j.images for j in jobs]).to(dev.device, non_blocking=True)  # [B, S, 3, H, W]
-            with torch.inference_mode(), dev.autocast():
+            with torch.inference_mode():
                 if self._before_forward is not None:
                     self._before_forward(images)
-                # causal: all clips of the batch in one block-causal forward, not frame by frame
-                outputs, patch_start_idx = dev.model(images, attention=self.spec.attention,
-                                                     layers=list(self.spec.layers))
-                if self.spec.attention != "sequence":
-                    # frame/causal: only the last frame has an entry; slice before the copy to the host
-                    outputs = [o[:, -1:] for o in outputs]
+                # causal: all clips of the batch in one block-causal forward, not frame by frame.
                 # Cast on the device (halves the transfer for 16-bit storage), then to the host.
-                features = select_features(outputs, patch_start_idx, self.spec).to("cpu")
+                features = entry_features(dev.model, images, self.spec).to("cpu")
         finally:
             end = time.monotonic()
             with self._lock:
@@ -706,6 +704,9 @@ class Engine:
                 "batches": sum(d["batches"] for d in devices),
                 "frames": sum(d["frames"] for d in devices),
                 "oom_splits": self._oom_splits,
+                # Frames decoded, and frames a clip took from another clip's decode (overlapping histories).
+                "frames_decoded": self._frame_cache.misses,
+                "frames_reused": self._frame_cache.hits,
                 "units": dict(self._units),
                 "images_per_s": round(self._throughput.total(since) / span, 3),
                 "busy_fraction": round(sum(d["busy_fraction"] for d in devices) / len(devices), 4),

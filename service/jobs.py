@@ -13,11 +13,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 
 from client.cachefile import is_temp_file
-from client.spec import FeatureSpec
+from client.spec import FeatureSpec, matching_preset
 from service.engine import Engine, EngineStopped, Priority, UnitResult
 from service.manifest import write_manifest
 from service.paths import AllowedRoots, PathNotAllowed
-from service.sources import scan_data_root, shard
+from service.plan import Plan, plan_job
+from service.samples import DEFAULT_MAX_HISTORY
+from service.sources import ScanResult, scan_data_root, shard
 from service.store import JobRecord, JobStore
 from service.units import Unit
 
@@ -106,8 +108,16 @@ class JobManager:
                     log.exception("Cannot record the failure of job %s", job_id)
 
     def submit(self, data_root: str, skip_existing: bool = True, verify: bool = False,
-               data_path: str | None = None) -> dict:
-        options = {"skip_existing": skip_existing, "verify": verify, "data_path": data_path}
+               data_path: str | None = None, max_history_images: int = DEFAULT_MAX_HISTORY,
+               force: bool = False) -> dict:
+        """Queue a job (or return the active one over the same root and spec).
+
+        `force`: start even when the plan says the new entries will not fit on the file system.
+        """
+        if max_history_images < 1:
+            raise ValueError(f"max_history_images must be at least 1, got {max_history_images}")
+        options = {"skip_existing": skip_existing, "verify": verify, "data_path": data_path,
+                   "max_history_images": max_history_images, "force": force}
         rec = self.store.create_job(data_root, self.spec.digest, self.spec.canonical_json(), options)
         if self._thread is not None:
             self._enqueue(rec.job_id)
@@ -156,8 +166,8 @@ class JobManager:
         t_start = time.time()
         interrupted = rec.state == "running"  # a process running it died (or was killed) mid-job
         self.store.set_state(job_id, "running")
-        if not rec.planned:
-            self._plan(rec)
+        if not rec.planned and not self._plan(rec):
+            return self.view(job_id) or {}
         rec = self.store.get(job_id)
         self._rates[job_id] = _Rate(time.monotonic(), rec.done)
         options = rec.options
@@ -245,22 +255,25 @@ class JobManager:
         if removed:
             log.info("Job %s: removed %d temporary file(s) left by an interrupted run", job_id, removed)
 
-    def _plan(self, rec: JobRecord) -> None:
-        """Scan the data root once; units that escape the allowed roots fail here, before any decode."""
-        scan = scan_data_root(rec.data_root, self.spec.attention, rec.options.get("data_path"))
-        units = shard(scan.units, self.rank, self.world_size)
-        refused: list[tuple[int, Unit, str]] = []
-        for idx, unit in enumerate(units):
-            try:
-                for frame in unit.frames:
-                    self.roots.contain(frame)
-            except (PathNotAllowed, ValueError) as exc:
-                refused.append((idx, unit, str(exc)))
-        self.store.set_plan(rec.job_id, units, scan.problems)
-        if refused:
-            self.store.record_results(rec.job_id, [(i, "failed", why, t) for i, u, why in refused for t in u.targets])
-        log.info("Job %s planned: %d units from %s files (%d refused, %d malformed samples)", rec.job_id,
-                 len(units), scan.source_kind, len(refused), len(scan.problems))
+    def _plan(self, rec: JobRecord) -> bool:
+        """Scan the data root once; False if the job was refused (its new entries would not fit)."""
+        work = plan_work(rec.data_root, self.spec, self.roots, rec.options, self.rank, self.world_size)
+        plan = work.plan
+        self.store.record_plan(rec.job_id, plan.to_dict())
+        log.info("Job %s plan: %s", rec.job_id, plan.summary())
+        if not plan.fits and not rec.options.get("force"):
+            self.store.set_state(rec.job_id, "failed", error=f"not enough free space: {plan.summary()}; "
+                                                              "free some, or force the job (--force)")
+            log.error("Job %s refused, its entries would not fit: %s", rec.job_id, plan.summary())
+            return False
+        self.store.set_plan(rec.job_id, work.units, work.scan.problems)
+        if work.refused:
+            self.store.record_results(rec.job_id, [(i, "failed", why, t) for i, why in work.refused.items()
+                                                   for t in work.units[i].targets])
+        log.info("Job %s planned: %d units from %d samples (%s; %d refused, %d malformed samples)", rec.job_id,
+                 len(work.units), work.scan.num_samples, work.scan.source_kind, len(work.refused),
+                 len(work.scan.problems))
+        return True
 
     def write_manifest(self, rec: JobRecord, seconds: float, state: str) -> str:
         failures = self.store.failures(rec.job_id, MANIFEST_FAILURES)
@@ -269,8 +282,37 @@ class JobManager:
             "state": state,
             "total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed,
             "spec": json.loads(rec.spec_json), "spec_digest": rec.spec_digest,
+            "preset": matching_preset(self.spec) if rec.spec_digest == self.spec.digest else None,
+            "plan": rec.plan,
             "model": self.model_info,
             "seconds": round(seconds, 2),
             "failures": [{"image": img, "reason": why} for img, why in failures],
         })
 
+
+@dataclass
+class Work:
+    """A data root planned into units: this rank's share, those it may not touch, and the plan."""
+
+    scan: ScanResult
+    units: list[Unit]
+    refused: dict[int, str]  # unit index -> why (a frame outside the allowed roots): failed before any decode
+    plan: Plan
+
+
+def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: dict, rank: int = 0,
+              world_size: int = 1) -> Work:
+    """Scan `data_root` and plan it (a job's first step, and all that a dry run does)."""
+    scan = scan_data_root(data_root, spec.attention, options.get("data_path"),
+                          options.get("max_history_images", DEFAULT_MAX_HISTORY))
+    units = shard(scan.units, rank, world_size)
+    refused: dict[int, str] = {}
+    for idx, unit in enumerate(units):
+        try:
+            for frame in unit.frames:
+                roots.contain(frame)
+        except (PathNotAllowed, ValueError) as exc:
+            refused[idx] = str(exc)
+    allowed = [u for i, u in enumerate(units) if i not in refused]
+    plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), allowed, len(refused))
+    return Work(scan, units, refused, plan)

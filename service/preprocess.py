@@ -98,6 +98,16 @@ def preprocess(
     return _align(out, align)
 
 
+def output_size(width: int, height: int, mode: str = "crop", size: int = 518, align: int = PATCH_SIZE) -> tuple[int, int]:
+    """(H, W) of the model input `preprocess` makes from a `width` x `height` image (no pixels read)."""
+    new_width, new_height = _resized_size(width, height, mode, size)
+    if mode == "pad":
+        new_width = new_height = size
+    elif new_height > size:
+        new_height = size
+    return new_height // align * align, new_width // align * align
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "RGBA":
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))

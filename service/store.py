@@ -42,7 +42,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     created_at REAL NOT NULL,
     started_at REAL,
     finished_at REAL,
-    error TEXT
+    error TEXT,
+    plan_json TEXT
 );
 -- At most one active job per (data_root, spec): the database enforces it, across processes too.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active ON jobs (data_root, spec_digest)
@@ -66,8 +67,10 @@ CREATE INDEX IF NOT EXISTS failures_by_job ON failures (job_id, id);
 
 _JOB_COLUMNS = (
     "job_id, data_root, spec_digest, spec_json, options_json, state, planned, total, computed, "
-    "skipped, failed, cancel_requested, created_at, started_at, finished_at, error"
+    "skipped, failed, cancel_requested, created_at, started_at, finished_at, error, plan_json"
 )
+# Columns added after the first release, with their types: added to an older database on open.
+_ADDED_COLUMNS = {"plan_json": "TEXT"}
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,7 @@ class JobRecord:
     started_at: float | None
     finished_at: float | None
     error: str | None
+    plan: dict | None  # service.plan.Plan.to_dict() once planned: samples found, entries, bytes, free space
 
     @property
     def done(self) -> int:
@@ -102,10 +106,10 @@ class JobRecord:
     @classmethod
     def _from_row(cls, row: tuple) -> JobRecord:
         (job_id, data_root, digest, spec_json, options_json, state, planned, total, computed,
-         skipped, failed, cancel, created, started, finished, error) = row
+         skipped, failed, cancel, created, started, finished, error, plan_json) = row
         return cls(job_id, data_root, digest, spec_json, json.loads(options_json), state,
                    bool(planned), total, computed, skipped, failed, bool(cancel),
-                   created, started, finished, error)
+                   created, started, finished, error, json.loads(plan_json) if plan_json else None)
 
 
 class JobStore:
@@ -119,6 +123,11 @@ class JobStore:
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._conn().executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
+        with self._write() as db:  # a state dir from an older release: add what it lacks
+            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+            for name, kind in _ADDED_COLUMNS.items():
+                if name not in have:
+                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
 
     # -- connections -----------------------------------------------------------------
 
@@ -248,6 +257,13 @@ class JobStore:
         return bool(row[0])
 
     # -- units and results -----------------------------------------------------------
+
+    def record_plan(self, job_id: str, plan: dict) -> JobRecord:
+        """Keep what planning found (samples, entries, bytes, free space) with the job."""
+        with self._write() as db:
+            self._job(db, job_id)
+            db.execute("UPDATE jobs SET plan_json = ? WHERE job_id = ?", (json.dumps(plan), job_id))
+            return self._job(db, job_id)
 
     def set_plan(self, job_id: str, units: Sequence[Unit],
                  problems: Iterable[tuple[str, str]] = ()) -> JobRecord:

@@ -12,8 +12,9 @@ ATTENTION_MODES = ("frame", "sequence", "causal")
 class Unit:
     """Frames (resolved paths, clip order) fed to the model together; targets get cache entries.
 
-    frame: one frame, its own target. sequence: every frame is a target.
+    frame: one frame, its own target. sequence: every distinct frame is a target.
     causal: the last frame is the target, the earlier ones are its context.
+    A clip may repeat a frame (history padded with its first frame): the repeats stay in `frames`.
     """
 
     frames: tuple[str, ...]
@@ -34,7 +35,7 @@ class Unit:
 
     @classmethod
     def sequence(cls, frames: Sequence[str]) -> Unit:
-        return cls(tuple(frames), tuple(frames))
+        return cls(tuple(frames), tuple(dict.fromkeys(frames)))
 
     @classmethod
     def causal(cls, frames: Sequence[str]) -> Unit:

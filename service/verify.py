@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from client.cachefile import Outcome, read_entry
 from client.spec import FeatureSpec
+from service.samples import DEFAULT_MAX_HISTORY
 from service.sources import scan_data_root
 
 
-def verify_data_root(data_root: str, spec: FeatureSpec, data_path: str | None = None) -> dict:
+def verify_data_root(data_root: str, spec: FeatureSpec, data_path: str | None = None,
+                     max_history_images: int = DEFAULT_MAX_HISTORY) -> dict:
     """Counts per outcome (hit / missing / stale / corrupt / spec_mismatch) and the problems found."""
-    scan = scan_data_root(data_root, spec.attention, data_path)
+    scan = scan_data_root(data_root, spec.attention, data_path, max_history_images)
     counts = {o.value: 0 for o in Outcome}
     problems = []
     for unit in scan.units:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from client.spec import FeatureSpec
@@ -70,6 +73,23 @@ def service_spec(http: httpx.Client) -> FeatureSpec:
     spec = dict(http.get("/status").raise_for_status().json()["spec"])
     spec.pop("digest")
     return FeatureSpec.from_dict(spec)
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """A small file system of its own at `mount_point` (skips the test where mounting is not allowed)."""
+    mount_point.mkdir(parents=True)
+    try:
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                                capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        pytest.skip(f"cannot mount a small tmpfs ({exc}); needs root outside a sandbox")
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {result.stderr.strip()}; needs root outside a sandbox")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
 
 
 def cache_files(folder: str | os.PathLike) -> list[Path]:

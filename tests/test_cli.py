@@ -144,3 +144,25 @@ def test_sigterm_stops_serve_cleanly_mid_job(service_server, tmp_path: Path) -> 
     assert "[INFO] Shutting down" in log
     assert f"Job {job_id} paused at" in log  # not finished: the next start resumes it
     assert log.rstrip().endswith("[INFO] Stopped")
+
+
+def test_spec_flags_beat_their_variables_which_beat_the_preset(monkeypatch) -> None:
+    from service.cli import build_parser, spec_options
+
+    def options(*argv: str) -> dict:
+        return spec_options(build_parser().parse_args(["serve", *argv]))
+
+    for name in ("ATTENTION", "SIZE", "PRESET", "REFERENCE_FRAME", "PREPROCESS"):
+        monkeypatch.delenv(f"VGGT_CACHE_{name}", raising=False)
+    assert options() == {}
+    assert options("--preset", "newjanusvln") == {"attention": "causal", "preprocess": "pad", "size": 644, "align": 14,
+                                                  "reference_frame": "last", "layers": (-2,), "tokens": "patch",
+                                                  "dtype": "bfloat16"}
+    assert options("--preset", "janusvln", "--size", "518")["size"] == 518
+    monkeypatch.setenv("VGGT_CACHE_SIZE", "504")
+    monkeypatch.setenv("VGGT_CACHE_REFERENCE_FRAME", "last")
+    got = options("--preset", "janusvln")
+    assert (got["size"], got["reference_frame"], got["preprocess"]) == (504, "last", "crop")
+    assert options("--preset", "janusvln", "--size", "518", "--reference_frame", "first")["size"] == 518
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--reference-frame", "middle"])

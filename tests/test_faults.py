@@ -31,7 +31,8 @@ from conftest import REPO, TINY_MODEL, RunningService
 from service.engine import Engine
 from service.model import load_aggregator
 from service.units import Unit
-from service_helpers import TERMINAL, cache_files, done, poll, service_spec, temp_files, wait_job, write_images
+from service_helpers import (TERMINAL, cache_files, done, poll, service_spec, temp_files, tmpfs, wait_job,
+                             write_images)
 
 ENTRY_SHAPE = (16, 128)  # 56x56 images at --size 56: a 4x4 patch grid, 2 x 64 channels
 SEED = int(os.environ.get("VGGT_FAULT_SEED", time.time_ns() % 2**32))  # printed on failure: rerun with it
@@ -175,17 +176,6 @@ def test_a_client_killed_mid_request_leaves_the_service_healthy(http: httpx.Clie
 # -- a full disk -------------------------------------------------------------------------------------
 
 
-def mount_tmpfs(mount_point: Path, size: str) -> None:
-    mount_point.mkdir(parents=True)
-    try:
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
-                                capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot mount a small tmpfs to fill up ({exc}); needs root outside a sandbox")
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill up: {result.stderr.strip()}; needs root outside a sandbox")
-
-
 def fill_disk(folder: Path, leave_bytes: int) -> Path:
     """A file that leaves about `leave_bytes` free on the file system of `folder`."""
     st = os.statvfs(folder)
@@ -197,15 +187,15 @@ def fill_disk(folder: Path, leave_bytes: int) -> Path:
 
 def test_a_full_disk_fails_entries_cleanly_and_the_job_resumes_when_space_returns(
         http: httpx.Client, server: RunningService, root: Path) -> None:
-    disk = root / "disk"
-    mount_tmpfs(disk, "2m")
-    try:
+    with tmpfs(root / "disk", "2m") as disk:
         data = disk / "data"
         images = write_images(data, [f"d{i:02d}.png" for i in range(40)], seed=13)
         filler = fill_disk(disk, leave_bytes=48 * 1024)  # room for a few entries (~6.5 kB each)
         spec = service_spec(http)
 
-        first = wait_job(http, http.post("/precompute", json={"data_root": str(data)}).json()["job_id"])
+        # Forced: the plan knows the entries cannot all fit; this is about the disk filling up mid-job.
+        first = wait_job(http, http.post("/precompute", json={"data_root": str(data),
+                                                              "force": True}).json()["job_id"])
         items_on_full = http.post("/features", json={"images": images})
 
         assert first["state"] == "finished" and 0 < first["computed"] and first["failed"] > 0
@@ -228,8 +218,6 @@ def test_a_full_disk_fails_entries_cleanly_and_the_job_resumes_when_space_return
         assert_all_valid(images, spec)
         assert temp_files(disk) == []
         assert json.loads((data / "vggt_cache_manifest.json").read_text())["job_id"] == again["job_id"]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], capture_output=True, timeout=30)
 
 
 # -- a data root that disappears -----------------------------------------------------------------------

@@ -112,11 +112,11 @@ def test_malformed_lines_and_missing_images_are_problems_and_the_scan_goes_on(tm
     assert "current_image" in reasons[f"{path}:4"]
     assert "image not found: gone.jpg" in reasons[f"{path}:7"]
     assert result.units == [Unit((good,), (good,))]
-    assert result.num_samples == 2  # lines 7 and 8 parsed as samples
+    assert result.num_samples == 1  # line 8; line 7 is left out whole
 
-    # Frames stand alone in frame mode: the missing one is a problem, its neighbour still work.
+    # A sample with a missing frame is left out in every mode, as training leaves it out.
     frame = scan_data_root(str(tmp_path), "frame")
-    assert [u.frames[0] for u in frame.units] == [str(tmp_path / "h.jpg"), good]
+    assert [u.frames[0] for u in frame.units] == [good]
     assert frame.problems == result.problems
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from client.spec import FeatureSpec
+from client.spec import FeatureSpec, matching_preset, preset_options
 
 ARCH = {"img_size": 518, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16}
 FP = "sha256:" + "ab" * 32
@@ -128,3 +128,37 @@ def test_from_dict_rejects_unknown_and_missing_fields():
 def test_differences_names_fields():
     assert make().differences(make(dtype="float32", attention="causal")) == ["attention", "dtype"]
     assert make().differences(make(layers=[-2])) == []
+
+
+def test_specs_without_a_reference_frame_keep_the_digest_they_had_before_it_existed():
+    # Digests computed by the release before `reference_frame` existed: a multi-TB cache stays valid.
+    assert make().digest == "8fcc46c329be4b1a"
+    assert make(attention="causal", preprocess="crop", size=644).digest == "b04709f488273ee7"
+    assert make(attention="causal", preprocess="pad", size=644, dtype="float32").digest == "852a4c9d2595d002"
+    assert "reference_frame" not in make(attention="causal").to_dict()
+    assert FeatureSpec.from_dict({**make().to_dict(), "reference_frame": "first"}) == make()
+
+
+def test_reference_frame_last_is_another_spec_and_means_nothing_for_one_frame():
+    last = make(attention="causal", reference_frame="last")
+    assert last.to_dict()["reference_frame"] == "last" and last.digest != make(attention="causal").digest
+    assert FeatureSpec.from_dict(json.loads(last.canonical_json())) == last
+    assert last.differences(make(attention="causal")) == ["reference_frame"]
+    assert make(attention="frame", reference_frame="last") == make()  # a single frame is its own first
+    with pytest.raises(ValueError, match="reference_frame must be one of first|last"):
+        make(attention="causal", reference_frame="middle")
+
+
+def test_presets_give_each_projects_training_spec_and_are_recognised_however_given():
+    janus = make(**preset_options("janusvln"))
+    new = make(**preset_options("newjanusvln"))
+    assert (janus.attention, janus.preprocess, janus.size, janus.reference_frame, janus.layers) == (
+        "causal", "crop", 644, "first", (22,))
+    assert (new.attention, new.preprocess, new.size, new.reference_frame, new.dtype) == (
+        "causal", "pad", 644, "last", "bfloat16")
+    assert matching_preset(new) == "newjanusvln" and matching_preset(janus) == "janusvln"
+    assert matching_preset(make(attention="causal", preprocess="pad", size=644, reference_frame="last",
+                                layers=[22])) == "newjanusvln"
+    assert matching_preset(dataclasses.replace(new, dtype="float32")) is None and matching_preset(make()) is None
+    with pytest.raises(ValueError, match="preset must be one of janusvln|newjanusvln"):
+        preset_options("janus")

@@ -18,12 +18,12 @@ from client.cache import FeatureCache
 from client.cachefile import context_record, source_record, write_entry
 from service.cli import build_parser, spec_options
 from service.model import load_aggregator
-from service.model.features import compute_features, model_spec
+from service.model.features import entry_features, model_spec
 from service.preprocess import preprocess
 from service.sources import scan_data_root
 from training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec, serve_flags
 from training.data import IGNORE_INDEX, SampleError, VGGTCollator, VLNDataset, chat_turns, load_samples
-from training.model import Qwen25VLWithVGGT
+from training.model import Fusion, Qwen25VLWithVGGT
 from training.tiny import image_inputs
 from training.train import tiny_config, tiny_image_processor, tiny_tokenizer
 
@@ -168,7 +168,7 @@ def test_a_cached_entry_replaces_the_frames_and_history_is_not_decoded(scene, to
     spec = make_spec(loaded, "causal")
     clip = torch.stack([preprocess(f, "pad", 56, 28) for f in frames])
     sources = [source_record(f) for f in frames]
-    entry = compute_features(loaded.model, clip[None], spec)[0, -1].clone()  # [16, 128]
+    entry = entry_features(loaded.model, clip[None], spec)[0, -1].clone()  # [16, 128]
     write_entry(frames[-1], entry, spec, (4, 4), sources[-1], context_record(frames[-1], frames))
     # Garble a history frame but keep its size and mtime: the entry's context still
     # validates, and decoding the frame would fail.
@@ -233,7 +233,9 @@ def test_arguments_take_the_seeds_environment_and_flags_override_it(monkeypatch)
     monkeypatch.delenv("VGGT_SERVICE_URL", raising=False)
     model, data, cache = parse([])
     assert (model.model_name_or_path, model.vggt_model_path, model.tiny) == ("Qwen/Qwen2.5-VL-3B-Instruct", None, False)
-    assert (data.image_preprocess, data.image_size, data.image_align) == ("pad", 504, 28)
+    assert (data.image_preprocess, data.image_size, data.image_align, data.max_history_images) == (None, None,
+                                                                                                  None, 8)
+    assert (cache.vggt_preset, model.fusion) == ("newjanusvln", Fusion())
     assert (cache.use_vggt_cache, cache.service_urls, cache.vggt_cache_fallback) == (False, [], "online")
 
     monkeypatch.setenv("USE_VGGT_CACHE", "True")
@@ -249,8 +251,10 @@ def test_arguments_take_the_seeds_environment_and_flags_override_it(monkeypatch)
     assert cache.layers == (4, -1) and data.sample_files == ["a.jsonl", "b/c.jsonl"]
     with pytest.raises(ValueError, match="--vggt_attention must be one of frame|sequence|causal"):
         parse(["--vggt_attention", "bidirectional"])
-    with pytest.raises(ValueError, match="--image_align must be a multiple of 28"):
-        parse(["--image_align", "14"])
+    with pytest.raises(ValueError, match="--max_history_images must be at least 1"):
+        parse(["--max_history_images", "0"])
+    with pytest.raises(ValueError, match="--vggt_preset must be one of janusvln|newjanusvln|none"):
+        parse(["--vggt_preset", "janus"])
     with pytest.raises(ValueError, match="--vggt_layers takes comma-separated integers"):
         parse(["--vggt_layers", "last"])
 
@@ -268,7 +272,7 @@ def test_serve_flags_give_the_service_the_training_spec(loaded):
 def test_images_targeted_by_several_clips_are_reported(caplog, monkeypatch):
     import logging
 
-    from training.data import Sample
+    from training.data import TrainingSample as Sample
     from training.train import warn_shared_targets
 
     monkeypatch.setattr(logging.getLogger("vggt_cache"), "propagate", True)  # train.main may have turned it off
@@ -282,3 +286,43 @@ def test_images_targeted_by_several_clips_are_reported(caplog, monkeypatch):
     with caplog.at_level("WARNING", logger="vggt_cache"):
         warn_shared_targets(samples, "frame")
     assert caplog.text == ""
+
+
+def test_training_defaults_to_the_newjanusvln_spec_and_takes_the_janusvln_recipe(loaded):
+    model, data, cache = parse([])
+    spec = feature_spec(loaded, data, cache)
+    assert (spec.attention, spec.preprocess, spec.size, spec.reference_frame, spec.layers) == (
+        "causal", "pad", 644, "last", (loaded.config.depth - 2,))
+    _, data, cache = parse(["--vggt_preset", "janusvln", "--image_size", "56", "--vggt_dtype", "float32"])
+    spec = feature_spec(loaded, data, cache)
+    assert (spec.preprocess, spec.size, spec.reference_frame, spec.dtype) == ("crop", 56, "first", "float32")
+    _, data, cache = parse(["--vggt_preset", "none"])
+    assert feature_spec(loaded, data, cache).attention == "frame"
+    model, _, _ = parse(["--vggt_fusion", "janusvln"])
+    assert model.fusion == Fusion(vggt_weight=0.2, merger_hidden_dim=4096, merger_norm="rmsnorm", add_to="all_frames")
+    model, _, _ = parse(["--vggt_fusion", "janusvln", "--vggt_weight", "0.5", "--vggt_add_to", "current"])
+    assert (model.fusion.vggt_weight, model.fusion.add_to, model.fusion.merger_norm) == (0.5, "current", "rmsnorm")
+    with pytest.raises(ValueError, match="add_to must be one of current|all_frames"):
+        parse(["--vggt_add_to", "every"])
+
+
+def test_episode_folders_train_on_the_clips_a_job_computes_with_their_descriptions(tmp_path, tok, loaded):
+    episode = tmp_path / "ep_0001"
+    for n, action in enumerate(["MOVE_FORWARD", "TURN_LEFT", "STOP"] * 4):
+        write_image(episode / f"step_{n}_{action}.png", n)
+        (episode / f"step_{n}_{action}.json").write_text(json.dumps(
+            {"landmark_description": f"door {n}", "spatial_description": "ahead"}))
+    (episode / "milestones_result.json").write_text(json.dumps({"instruction_text": "walk to the door"}))
+    samples = load_samples(str(tmp_path), max_history_images=8)
+    units = scan_data_root(str(tmp_path), "causal", max_history_images=8).units
+    assert [s.clip for s in samples] == [u.frames for u in units] and len(samples) == 12
+    assert samples[11].turns == (
+        ("user", "<image>Your task is to walk to the door.\nChoose one action: MOVE_FORWARD, TURN_LEFT, "
+                 "TURN_RIGHT or STOP."),
+        ("assistant", "2D_DESCRIPTION: door 11\n3D_DESCRIPTION: ahead\nACTION: STOP"))
+    item = make_dataset(tok, loaded, samples[:1])[0]
+    assert item["images_vggt"].shape == (9, 3, 56, 56)  # step 0: nine copies of its one frame
+    assert item["image_grid_thw"].tolist() == [[1, 4, 4]] * 9 and item["vggt_grid"] == (4, 4)
+    with pytest.raises(ValueError, match="no samples under .*loose images carry no text"):
+        write_image(tmp_path / "other" / "x.png", 0)
+        load_samples(str(tmp_path / "other"))

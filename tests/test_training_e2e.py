@@ -24,7 +24,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration, TrainingArguments
 from client.cache import FeatureCache
 from client.cachefile import Outcome, cache_path, read_entry
 from service.model import load_aggregator
-from service.model.features import compute_features
+from service.model.features import entry_features
 from training.arguments import CacheArguments, DataArguments, feature_spec
 from training.data import VGGTCollator, VLNDataset, load_samples
 from training.model import MERGER_FILE, Qwen25VLWithVGGT
@@ -69,7 +69,8 @@ def spec_for(loaded, attention: str):
 
 
 def serve_args(attention: str) -> list[str]:
-    return ["--preprocess", "pad", "--align", "28", "--attention", attention]
+    """Training's default spec (the newjanusvln preset) at the tests' 56 px."""
+    return ["--preset", "newjanusvln", "--attention", attention]
 
 
 def train(data_root: Path, out: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
@@ -127,7 +128,7 @@ def test_training_fills_the_cache_from_the_service_then_falls_back_when_it_is_go
     assert run.returncode == 2, run.stderr[-4000:]
     assert "[ERROR] 1 VGGT feature(s) are neither cached nor available from the service" in run.stderr
     assert "vggt-cache serve --model " in run.stderr and "--attention causal" in run.stderr
-    assert "--preprocess pad --size 56 --align 28" in run.stderr
+    assert "--preprocess pad --size 56 --align 14" in run.stderr and "--reference-frame last" in run.stderr
     assert not (tmp_path / "out3" / MERGER_FILE).exists()
 
 
@@ -140,7 +141,7 @@ def test_a_service_with_another_spec_is_refused_before_training(tmp_path, servic
                 "--vggt_cache_fallback", "error")
     assert run.returncode == 2
     assert f"The VGGT feature service at {service.url} computes features with another spec" in run.stderr
-    assert "differs in: attention" in run.stderr
+    assert "differs in: attention, reference_frame" in run.stderr  # frame attention has no reference frame
     assert service.requests("/features") == 0
 
 
@@ -167,7 +168,7 @@ def test_features_written_by_the_service_equal_features_computed_in_training(
     assert [i["vggt_source"] for i in cached] == ["cache"] * 4
 
     for s, c, o in zip(served, cached, online):
-        expected = compute_features(loaded.model, o["images_vggt"][None], spec)[0, -1]  # [16, 128]
+        expected = entry_features(loaded.model, o["images_vggt"][None], spec)[0, -1]  # [16, 128]
         assert o["images_vggt"].shape[0] == (1 if attention == "frame" else len(o["image_grid_thw"]))
         assert c["vggt_features"].dtype == spec.torch_dtype == torch.bfloat16
         assert torch.equal(c["vggt_features"], s["vggt_features"])

@@ -12,10 +12,10 @@ from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcess
 
 from client.spec import FeatureSpec
 from service.model import load_aggregator
-from service.model.features import compute_features, select_features
+from service.model.features import compute_features, entry_features, select_features
 from service.preprocess import preprocess
 from training.merger import VGGTMerger, merge_grid
-from training.model import Qwen25VLWithVGGT, current_images
+from training.model import Fusion, Qwen25VLWithVGGT, sample_images
 from training.tiny import image_inputs, tiny_batch, tiny_qwen25vl_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
@@ -35,23 +35,23 @@ def clips() -> list[torch.Tensor]:
 
 
 def make_spec(loaded, attention: str = "frame", dtype: str = "bfloat16", **kw) -> FeatureSpec:
-    return FeatureSpec(
-        fingerprint=loaded.fingerprint,
-        architecture=loaded.config.to_dict(),
-        layers=kw.pop("layers", (-1,)),
-        preprocess="pad",
-        size=56,
-        align=28,
-        dtype=dtype,
-        attention=attention,
+    return FeatureSpec(**{
+        "fingerprint": loaded.fingerprint,
+        "architecture": loaded.config.to_dict(),
+        "layers": (-1,),
+        "preprocess": "pad",
+        "size": 56,
+        "align": 28,
+        "dtype": dtype,
+        "attention": attention,
         **kw,
-    )
+    })
 
 
-def make_model(loaded, spec: FeatureSpec, vggt_weight: float = 1.0) -> Qwen25VLWithVGGT:
+def make_model(loaded, spec: FeatureSpec, vggt_weight: float = 1.0, **fusion) -> Qwen25VLWithVGGT:
     torch.manual_seed(0)
     qwen = Qwen2_5_VLForConditionalGeneration(tiny_qwen25vl_config())
-    return Qwen25VLWithVGGT(qwen, loaded, spec, vggt_weight=vggt_weight)
+    return Qwen25VLWithVGGT(qwen, loaded, spec, Fusion(vggt_weight=vggt_weight, **fusion))
 
 
 def cache_entry(tmp_path: Path, loaded, spec: FeatureSpec, clip: torch.Tensor, name: str) -> torch.Tensor:
@@ -140,7 +140,8 @@ def test_non_square_images_several_images_per_sample_and_text_only_samples(loade
     square = torch.rand(3, 3, 56, 56, generator=g)
     # Sample 0 shows Qwen a history image, then its current frame; sample 1 is text only.
     batch = tiny_batch(model.config, [[square[0], wide[-1]], [], [square[-1]]])
-    assert current_images(batch["input_ids"], batch["image_grid_thw"], 2, model.config.image_token_id) == [1, None, 2]
+    assert sample_images(batch["input_ids"], batch["image_grid_thw"], 2, model.config.image_token_id) == [
+        [0, 1], [], [2]]
     cached = [compute_features(loaded.model, clip[None], spec)[0, -1] for clip in (wide, square)]
     loss_cached, _ = loss_and_grads(model, batch, vggt_features=[cached[0], None, cached[1]])
     loss_online, _ = loss_and_grads(model, batch, images_vggt=[wide, None, square])
@@ -172,8 +173,10 @@ def test_wrong_vggt_inputs_are_refused_with_a_clear_error(tmp_path, loaded, clip
         model(**batch, vggt_features=[good, good.float()])
     with pytest.raises(ValueError, match="sample 1 has neither vggt_features nor images_vggt"):
         model(**batch, vggt_features=[good, None])
-    with pytest.raises(ValueError, match="sample 0: images_vggt frames are 28x56 but Qwen's image is 56x56"):
+    with pytest.raises(ValueError, match="sample 0: the VGGT grid 2x4 does not hold Qwen's 4x4 .*same image"):
         model(**batch, images_vggt=[torch.rand(2, 3, 28, 56), clips[1]])
+    with pytest.raises(ValueError, match=r"sample 0: vggt_grid \[5, 4\] but images_vggt frames give \[4, 4\]"):
+        model(**batch, images_vggt=clips, vggt_grid=[(5, 4), None])
     with pytest.raises(ValueError, match="vggt_features has 1 entries for a batch of 2"):
         model(**batch, vggt_features=[good])
 
@@ -233,7 +236,7 @@ def test_save_and_reload_give_the_same_model(tmp_path, loaded, clips):
     model.save_pretrained(tmp_path / "ckpt")
     assert not any(k.startswith("vggt.") for k in load_file(tmp_path / "ckpt" / "vggt_merger.safetensors"))
     reloaded = Qwen25VLWithVGGT.from_pretrained(tmp_path / "ckpt", loaded)
-    assert reloaded.spec == spec and reloaded.vggt_weight == 0.5
+    assert reloaded.spec == spec and reloaded.fusion == Fusion(vggt_weight=0.5, merger_hidden_dim=512)
     with torch.no_grad():
         assert torch.equal(reloaded(**batch, images_vggt=clips).loss, expected)
 
@@ -282,3 +285,48 @@ def test_hf_trainer_trains_the_merger_and_llm_on_a_mixed_batch(tmp_path, loaded,
     assert not torch.equal(model.merger.mlp[0].weight, merger_before)
     assert not torch.equal(model.qwen.lm_head.weight, llm_before)
     assert all(torch.equal(v, vggt_before[k]) for k, v in loaded.model.state_dict().items())
+
+
+def test_janusvln_crop_geometry_odd_vggt_grids_merge_onto_qwens_cut(loaded):
+    # crop at 70 px of a 4:3 frame gives 70x56 -> a 5x4 VGGT grid (odd rows); Qwen sees the top 4x4.
+    spec = make_spec(loaded, "causal", preprocess="crop", size=70, align=14, reference_frame="first")
+    model = make_model(loaded, spec)
+    g = torch.Generator().manual_seed(3)
+    clip = torch.rand(3, 3, 70, 56, generator=g)  # [S, 3, H, W]
+    batch = tiny_batch(model.config, [[clip[-1][:, :56]]])
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4]]
+    entry = entry_features(loaded.model, clip[None], spec)[0, -1]  # [5*4, 128]
+    assert entry.shape == (20, 128)
+    loss_cached, grads_cached = loss_and_grads(model, batch, vggt_features=[entry], vggt_grid=[(5, 4)])
+    loss_online, grads_online = loss_and_grads(model, batch, images_vggt=[clip])
+    assert torch.equal(loss_cached, loss_online)
+    assert all(torch.equal(g, grads_online[n]) for n, g in grads_cached.items())
+    # The merged tokens are those of the grid's top 4 rows: JanusVLN's features[:, :h//2*2, :w//2*2].
+    tokens = model._entry_to_patches(0, entry, (5, 4), (4, 4))
+    assert torch.equal(tokens, entry.view(5, 4, 128)[:4].reshape(16, 128))
+    with pytest.raises(ValueError, match=r"shape \[20, 128\], expected \[16, 128\] for a 4x4 patch grid"):
+        model(**batch, vggt_features=[entry])  # without its grid, an entry is taken to be on Qwen's grid
+    with pytest.raises(ValueError, match="the VGGT grid 6x4 does not hold Qwen's 4x4"):
+        model(**batch, vggt_features=[entry], vggt_grid=[(6, 4)])
+
+
+def test_janusvln_fusion_adds_the_merged_features_to_every_frame_with_an_rmsnorm_merger(loaded, clips):
+    spec = make_spec(loaded, "causal", reference_frame="last")
+    janus = make_model(loaded, spec, vggt_weight=0.2, merger_hidden_dim=4096, merger_norm="rmsnorm",
+                       add_to="all_frames")
+    assert janus.merger.hidden_dim == 4096 and janus.merger.mlp[0].out_features == 4096
+    x = torch.randn(1, 16, 128)
+    norm = janus.merger.norm
+    assert torch.allclose(norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), atol=1e-6)
+    sample = list(clips[0])  # Qwen sees all three frames of the clip
+    batch = tiny_batch(janus.config, [sample])
+    embeds = janus.qwen.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
+                                                 return_dict=True).pooler_output
+    fused = janus._add_vggt(list(embeds), batch["input_ids"], batch["image_grid_thw"], None, [clips[0]], None)
+    entry = entry_features(loaded.model, clips[0][None], spec)[0, -1]
+    merged = janus.merger(entry[None].to(janus.merger.dtype), (4, 4))[0]
+    for before, after in zip(embeds, fused):
+        assert torch.equal(after, before + 0.2 * merged)
+    current_only = make_model(loaded, spec, vggt_weight=0.2, merger_hidden_dim=4096, merger_norm="rmsnorm")
+    fused = current_only._add_vggt(list(embeds), batch["input_ids"], batch["image_grid_thw"], None, [clips[0]], None)
+    assert torch.equal(fused[0], embeds[0]) and torch.equal(fused[1], embeds[1]) and not torch.equal(fused[2], embeds[2])

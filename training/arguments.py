@@ -8,26 +8,38 @@ line behave the same.
 **Feature spec.** Training owns it: the model needs one (``Qwen25VLWithVGGT`` computes
 missing features online with exactly these settings), so it is built from these
 arguments and the loaded VGGT weights (:func:`feature_spec`) and handed to the
-``FeatureCache`` explicitly. A cached entry or a service answer made with any other
+``FeatureCache`` explicitly. ``--vggt_preset`` (default ``newjanusvln``: causal, pad,
+644, reference frame last, layer -2) sets every field; each ``--vggt_*``/``--image_*``
+argument given overrides it. A cached entry or a service answer made with any other
 spec is never used: it counts as a miss (and at start-up the run compares each
 service's ``/status`` spec with its own and names the fields that differ).
-Start the service with the same flags (``vggt-cache serve --attention ... --layers ...
---preprocess pad --size 504 --align 28 --dtype ...``; :func:`serve_flags` spells them).
+Start the service with the same spec (:func:`serve_flags` spells its flags).
 
-**Image geometry.** JanusVLN-style ``pad`` to 504 with 28-alignment: Qwen2.5-VL's
-image processor then leaves the image as it is (18x18 = 324 tokens) and VGGT's
-36x36 patches merge 2x2 onto exactly those tokens (see ``training/model.py``).
+**Image geometry.** VGGT sees the preprocessed frame whole; Qwen2.5-VL sees it cut at
+the bottom/right to whole 2x2 token blocks, and the VGGT grid is cut the same way before
+the 2x2 merge (JanusVLN's arithmetic; ``training/model.py``). With ``pad`` at 644 both
+grids are 46x46 patches (23x23 = 529 Qwen tokens).
+
+**Fusion.** ``--vggt_fusion janusvln`` is JanusVLN's recipe (RMSNorm merger, hidden 4096,
+weight 0.2, the merged features added to every frame of the sample); ``default`` adds
+them to the current frame only. ``--vggt_weight``, ``--merger_hidden_dim``,
+``--vggt_merger_norm`` and ``--vggt_add_to`` override either.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
 from client.cache import FALLBACKS
-from client.spec import ATTENTION, DTYPES, PREPROCESS, TOKENS, FeatureSpec
+from client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, TOKENS, FeatureSpec, \
+    matching_preset, preset_options
 from service.model import LoadedModel
 from service.model.features import model_spec
+from service.samples import DEFAULT_MAX_HISTORY
+from training.merger import NORMS
+from training.model import ADD_TO, FUSIONS, Fusion
 
 TRUE_WORDS = ("true", "1", "yes")
 QWEN_IMAGES = ("all", "current")
@@ -60,8 +72,20 @@ class ModelArguments:
         metadata={"help": "VGGT weights: HF id, folder or file (default facebook/VGGT-1B; "
                           "with --tiny, the repository's test fixture)"},
     )
-    vggt_weight: float = field(default=1.0, metadata={"help": "scale of the merged VGGT tokens added to Qwen's"})
-    merger_hidden_dim: int | None = field(default=None, metadata={"help": "VGGT merger MLP width (default: its input)"})
+    vggt_fusion: str = field(
+        default="default",
+        metadata={"help": f"fusion recipe: {' | '.join(FUSIONS)} (janusvln: RMSNorm merger, hidden 4096, weight 0.2, "
+                          "all frames)"},
+    )
+    vggt_weight: float | None = field(
+        default=None, metadata={"help": "scale of the merged VGGT tokens added to Qwen's (default: the recipe's)"})
+    merger_hidden_dim: int | None = field(
+        default=None, metadata={"help": "VGGT merger MLP width (default: the recipe's; default recipe: its input width)"})
+    vggt_merger_norm: str | None = field(
+        default=None, metadata={"help": f"{' | '.join(NORMS)} on each VGGT token (default: the recipe's)"})
+    vggt_add_to: str | None = field(
+        default=None, metadata={"help": f"{' | '.join(ADD_TO)}: the frames the merged tokens are added to "
+                                        "(default: the recipe's)"})
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Qwen attention kernel, e.g. flash_attention_2 or sdpa"}
     )
@@ -74,6 +98,15 @@ class ModelArguments:
     def __post_init__(self) -> None:
         if self.tiny is None:
             self.tiny = env_flag("VGGT_TRAIN_TINY")
+        _check_choice("vggt_fusion", self.vggt_fusion, tuple(FUSIONS))
+        self.fusion  # fail while parsing, not after the models have loaded
+
+    @property
+    def fusion(self) -> Fusion:
+        """The recipe with every argument given on top of it."""
+        given = {"vggt_weight": self.vggt_weight, "merger_hidden_dim": self.merger_hidden_dim,
+                 "merger_norm": self.vggt_merger_norm, "add_to": self.vggt_add_to}
+        return dataclasses.replace(FUSIONS[self.vggt_fusion], **{k: v for k, v in given.items() if v is not None})
 
 
 @dataclass
@@ -89,9 +122,17 @@ class DataArguments:
         metadata={"help": "folder (relative to data_root) that relative image paths are joined to; "
                           "the same as `vggt-cache precompute --data_path`"},
     )
-    image_preprocess: str = field(default="pad", metadata={"help": "crop | pad (VGGT's reference preprocessing)"})
-    image_size: int = field(default=504, metadata={"help": "preprocessed image size (a multiple of 14)"})
-    image_align: int = field(default=28, metadata={"help": "sides are resized down to multiples of this"})
+    image_preprocess: str | None = field(
+        default=None, metadata={"help": "crop | pad (VGGT's reference preprocessing; default: the preset's)"})
+    image_size: int | None = field(
+        default=None, metadata={"help": "preprocessed image size, a multiple of 14 (default: the preset's)"})
+    image_align: int | None = field(
+        default=None, metadata={"help": "sides are resized down to multiples of this (default: the preset's)"})
+    max_history_images: int = field(
+        default=DEFAULT_MAX_HISTORY,
+        metadata={"help": "episode folders (step_<n>_<ACTION>.png): history frames per sample, as "
+                          "`vggt-cache precompute --max_history_images`"},
+    )
     qwen_images: str = field(
         default="all",
         metadata={"help": "images Qwen sees: all (the clip's frames) | current (the last frame only); "
@@ -102,12 +143,11 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.data_root is None:
             self.data_root = os.environ.get("DATA_ROOT")
-        _check_choice("image_preprocess", self.image_preprocess, PREPROCESS)
+        if self.image_preprocess is not None:
+            _check_choice("image_preprocess", self.image_preprocess, PREPROCESS)
         _check_choice("qwen_images", self.qwen_images, QWEN_IMAGES)
-        if self.image_align % 28:
-            # Odd VGGT grids cannot be merged 2x2 onto Qwen's tokens.
-            raise ValueError(f"--image_align must be a multiple of 28 (14-px patches merged 2x2), "
-                             f"got {self.image_align}")
+        if self.max_history_images < 1:
+            raise ValueError(f"--max_history_images must be at least 1, got {self.max_history_images}")
 
     @property
     def sample_files(self) -> list[str] | None:
@@ -135,12 +175,19 @@ class CacheArguments:
         metadata={"help": "features neither cached nor served: online (the model computes them) | "
                           "error (stop the run) | service (error only when a service is configured)"},
     )
-    vggt_attention: str = field(default="frame", metadata={"help": "frame | sequence | causal"})
-    vggt_layers: str = field(
-        default="-2", metadata={"help": "aggregator layer(s), comma-separated, negative from the end"}
+    vggt_preset: str = field(
+        default="newjanusvln",
+        metadata={"help": f"the feature spec to start from: {' | '.join(PRESETS)} | none (FeatureSpec's defaults); "
+                          "the arguments below override it"},
     )
-    vggt_tokens: str = field(default="patch", metadata={"help": "patch | all"})
-    vggt_dtype: str = field(default="bfloat16", metadata={"help": "storage dtype of cached features"})
+    vggt_attention: str | None = field(default=None, metadata={"help": "frame | sequence | causal"})
+    vggt_layers: str | None = field(
+        default=None, metadata={"help": "aggregator layer(s), comma-separated, negative from the end"}
+    )
+    vggt_tokens: str | None = field(default=None, metadata={"help": "patch | all"})
+    vggt_dtype: str | None = field(default=None, metadata={"help": "storage dtype of cached features"})
+    vggt_reference_frame: str | None = field(
+        default=None, metadata={"help": "first (stream clips in order) | last (reversed, the current view first)"})
 
     def __post_init__(self) -> None:
         if self.use_vggt_cache is None:
@@ -148,14 +195,16 @@ class CacheArguments:
         if self.vggt_service_url is None:
             self.vggt_service_url = os.environ.get("VGGT_SERVICE_URL") or None
         _check_choice("vggt_cache_fallback", self.vggt_cache_fallback, FALLBACKS)
-        _check_choice("vggt_attention", self.vggt_attention, ATTENTION)
-        _check_choice("vggt_tokens", self.vggt_tokens, TOKENS)
-        _check_choice("vggt_dtype", self.vggt_dtype, tuple(DTYPES))
-        parse_layers(self.vggt_layers)  # fail while parsing, not after the models have loaded
+        _check_choice("vggt_preset", self.vggt_preset, (*PRESETS, "none"))
+        for name, allowed in (("vggt_attention", ATTENTION), ("vggt_tokens", TOKENS), ("vggt_dtype", tuple(DTYPES)),
+                              ("vggt_reference_frame", REFERENCE_FRAMES)):
+            if getattr(self, name) is not None:
+                _check_choice(name, getattr(self, name), allowed)
+        self.layers  # fail while parsing, not after the models have loaded
 
     @property
-    def layers(self) -> tuple[int, ...]:
-        return parse_layers(self.vggt_layers)
+    def layers(self) -> tuple[int, ...] | None:
+        return None if self.vggt_layers is None else parse_layers(self.vggt_layers)
 
     @property
     def service_urls(self) -> list[str]:
@@ -163,23 +212,22 @@ class CacheArguments:
 
 
 def feature_spec(vggt: LoadedModel, data: DataArguments, cache: CacheArguments) -> FeatureSpec:
-    """The spec of this run's features: the loaded weights plus the data and cache arguments."""
-    return model_spec(
-        vggt,
-        layers=cache.layers,
-        tokens=cache.vggt_tokens,
-        preprocess=data.image_preprocess,
-        size=data.image_size,
-        align=data.image_align,
-        dtype=cache.vggt_dtype,
-        attention=cache.vggt_attention,
-    )
+    """The spec of this run's features: the loaded weights, the preset, and the arguments given on top of it."""
+    options = preset_options(cache.vggt_preset) if cache.vggt_preset != "none" else {}
+    given = {"layers": cache.layers, "tokens": cache.vggt_tokens, "preprocess": data.image_preprocess,
+             "size": data.image_size, "align": data.image_align, "dtype": cache.vggt_dtype,
+             "attention": cache.vggt_attention, "reference_frame": cache.vggt_reference_frame}
+    options.update({k: v for k, v in given.items() if v is not None})
+    return model_spec(vggt, **options)
 
 
 def serve_flags(spec: FeatureSpec) -> str:
     """The ``vggt-cache serve`` flags that make a service compute features with ``spec``."""
+    preset = matching_preset(spec)
+    if preset is not None:
+        return f"--preset {preset}"
     depth = spec.architecture["depth"]
     # Negative layer indices read the same for any depth, as the seed's -2 does.
     layers = ",".join(str(layer - depth) for layer in spec.layers)
     return (f"--attention {spec.attention} --layers={layers} --tokens {spec.tokens} --preprocess {spec.preprocess} "
-            f"--size {spec.size} --align {spec.align} --dtype {spec.dtype}")
+            f"--size {spec.size} --align {spec.align} --dtype {spec.dtype} --reference-frame {spec.reference_frame}")

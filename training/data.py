@@ -1,29 +1,33 @@
-"""JSONL samples -> Qwen2.5-VL inputs plus VGGT inputs (cached features or frames to compute them from).
+"""A data root's samples -> Qwen2.5-VL inputs plus VGGT inputs (cached features or frames to compute them from).
 
-**Sample shape** (one JSON object per line, in ``*.jsonl`` files under the data root)::
+**Samples** come from the parser every bulk job uses (:mod:`service.samples`), so training asks
+for exactly the clips the service computed: ``*.jsonl`` lines and ``*.json`` arrays of sample
+objects (JanusVLN), or episode folders of ``step_<n>_<ACTION>.png`` frames with the
+``max_history_images`` rule (NewJanusVLN). A sample object looks like::
 
     {"history_images": ["scene1/img_0001.jpg", ...], "current_image": "scene1/img_0004.jpg",
      "instruction": "Walk to the door.", "answer": "forward"}
 
 Images: ``history_images`` + ``current_image``, or ``images`` (a list, the last is the
-current view), or ``image`` (one path). Relative paths resolve exactly as
-``vggt-cache precompute`` resolves them (``service.sources``: the sample's or the
-run's ``data_path``, else next to the JSONL file, then under the data root), so
-training asks for the very clips the service computed.
+current view), or ``image`` (one path); relative paths resolve as ``vggt-cache precompute``
+resolves them.
 
 Text: ``instruction`` + ``answer`` (one exchange), or ``conversations``: a list of
 ``{"from": "human"|"user"|"gpt"|"assistant", "value": str}`` (or ``role``/``content``)
-turns; every assistant turn is learned. The images go where the first ``<image>``
-placeholder stands in a user turn (other placeholders are dropped), else at the start
-of the first user turn. Prompts follow Qwen2.5-VL's chat format.
+turns; every assistant turn is learned. An episode step's exchange is built from the
+episode's ``milestones_result.json`` (``instruction_text``) and the step's own JSON
+(``landmark_description``, ``spatial_description``) and action. The images go where the
+first ``<image>`` placeholder stands in a user turn (other placeholders are dropped), else
+at the start of the first user turn. Prompts follow Qwen2.5-VL's chat format.
 
 Each image is preprocessed once (VGGT's reference preprocessing, the spec's mode,
-size and alignment) and given to both models: Qwen's image processor takes it
-as it is (no resize, no rescale), VGGT sees the same pixels.
+size and alignment): VGGT sees it whole, Qwen's image processor gets it cropped at the
+bottom/right to whole 2x2 token blocks (no resize, no rescale), as JanusVLN does.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -38,7 +42,7 @@ from transformers import Qwen2_5_VLConfig
 from client.cache import FeatureCache
 from client.spec import FeatureSpec
 from service.preprocess import preprocess
-from service.sources import SAMPLE_SUFFIX, PathResolver, sample_images, walk_files
+from service.samples import DEFAULT_MAX_HISTORY, find_samples
 
 log = logging.getLogger("vggt_cache")
 
@@ -48,10 +52,10 @@ _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "ass
 
 
 @dataclass(frozen=True)
-class Sample:
+class TrainingSample:
     clip: tuple[str, ...]  # resolved image paths in order, the current view last; empty for text only
     turns: tuple[tuple[str, str], ...]  # (role, text), role "user" | "assistant"
-    where: str  # "file:line", for messages
+    where: str  # "file:line", "file[i]" or an episode step's image, for messages
 
 
 class SampleError(ValueError):
@@ -81,47 +85,60 @@ def chat_turns(sample: dict) -> tuple[tuple[str, str], ...]:
     return tuple(turns)
 
 
-def sample_files(data_root: str, files: Sequence[str] | None = None) -> list[str]:
-    """``files`` (relative to ``data_root`` unless absolute), or every ``*.jsonl`` under it in scan order."""
-    if files:
-        return [os.path.normpath(os.path.join(data_root, f)) for f in files]
-    found = [os.path.join(folder, name) for folder, names in walk_files(data_root) for name in names
-             if name.endswith(SAMPLE_SUFFIX)]
-    if not found:
-        raise ValueError(f"no *{SAMPLE_SUFFIX} sample files under {data_root}")
-    return found
-
-
-def load_samples(data_root: str, files: Sequence[str] | None = None, data_path: str | None = None) -> list[Sample]:
-    """Every usable sample of the JSONL files; a malformed line raises, a sample with a missing image is skipped."""
-    root = os.path.abspath(data_root)
-    if not os.path.isdir(root):
-        raise ValueError(f"data root is not a directory: {root}")
-    resolver = PathResolver(root, data_path)
-    samples: list[Sample] = []
-    skipped: list[str] = []
-    for path in sample_files(root, files):
+@functools.lru_cache(maxsize=1024)
+def _json_object(path: str) -> dict:
+    """A small JSON object file (an episode's description files), {} when absent or not an object."""
+    try:
         with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    raw = json.loads(line)
-                    raw_clip, sample_data_path = sample_images(raw)
-                    turns = chat_turns(raw)
-                except ValueError as exc:
-                    raise SampleError(f"{where}: malformed sample: {exc}") from None
-                clip = [resolver.resolve(p, os.path.dirname(path), sample_data_path) for p in raw_clip]
-                if None in clip:
-                    skipped.append(f"{where}: image not found: {raw_clip[clip.index(None)]}")
-                    continue
-                samples.append(Sample(tuple(clip), turns, where))
-    if skipped:
-        log.warning("Skipped %d sample(s) with missing images, e.g. %s", len(skipped), skipped[0])
+            value = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    return value if isinstance(value, dict) else {}
+
+
+def episode_turns(step: dict) -> tuple[tuple[str, str], ...]:
+    """The exchange of one episode step (``service.samples`` step record): task in, descriptions and action out."""
+    instruction = _json_object(os.path.join(step["episode"], "milestones_result.json")).get("instruction_text", "")
+    described = _json_object(os.path.splitext(step["image"])[0] + ".json")
+    prompt = (f"{IMAGE_PLACEHOLDER}Your task is to {instruction or 'follow the route'}.\n"
+              "Choose one action: MOVE_FORWARD, TURN_LEFT, TURN_RIGHT or STOP.")
+    lines = [f"{label}: {described[key]}" for label, key in (("2D_DESCRIPTION", "landmark_description"),
+                                                             ("3D_DESCRIPTION", "spatial_description"))
+             if isinstance(described.get(key), str) and described[key]]
+    return (("user", prompt), ("assistant", "\n".join([*lines, f"ACTION: {step['action']}"])))
+
+
+def load_samples(data_root: str, files: Sequence[str] | None = None, data_path: str | None = None,
+                 max_history_images: int = DEFAULT_MAX_HISTORY) -> list[TrainingSample]:
+    """Every usable sample under ``data_root``; a malformed one raises, one with a missing image is skipped."""
+    found = find_samples(data_root, max_history_images, data_path, files, keep_records=True)
+    if found.malformed:
+        where, why = found.malformed[0]
+        more = f" (and {len(found.malformed) - 1} more)" if len(found.malformed) > 1 else ""
+        raise SampleError(f"{where}: {why}{more}")
+    if found.missing:
+        log.warning("Skipped %d sample(s) with missing images, e.g. %s: %s", len(found.missing), *found.missing[0])
+    if found.source == "images":
+        raise ValueError(f"no samples under {data_root}: no *.jsonl, *.json sample arrays or step_<n>_<ACTION> "
+                         "episode folders (loose images carry no text to train on)")
+    samples = []
+    for sample in found.samples:
+        try:
+            turns = episode_turns(sample.record) if found.source == "episodes" else chat_turns(sample.record)
+        except ValueError as exc:
+            raise SampleError(f"{sample.where}: malformed sample: {exc}") from None
+        samples.append(TrainingSample(sample.frames, turns, sample.where))
     if not samples:
-        raise ValueError(f"no usable samples under {root}")
+        raise ValueError(f"no usable samples under {os.path.abspath(data_root)}")
     return samples
+
+
+def qwen_crop(image: Tensor, merge: int, patch: int) -> Tensor:
+    """``image`` ``[3, H, W]`` cut at the bottom/right to whole ``merge x merge`` blocks of ``patch`` px."""
+    block = merge * patch
+    return image[:, : image.shape[1] // block * block, : image.shape[2] // block * block]
 
 
 class VLNDataset(Dataset):
@@ -135,7 +152,7 @@ class VLNDataset(Dataset):
 
     def __init__(
         self,
-        samples: Sequence[Sample],
+        samples: Sequence[TrainingSample],
         tokenizer,
         image_processor,
         config: Qwen2_5_VLConfig,
@@ -155,6 +172,7 @@ class VLNDataset(Dataset):
         self.vision_start_id = config.vision_start_token_id
         self.vision_end_id = config.vision_end_token_id
         self.merge = config.vision_config.spatial_merge_size
+        self.qwen_patch = config.vision_config.patch_size
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -162,18 +180,22 @@ class VLNDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         """Keys: ``input_ids``/``labels`` ``[T]``; ``pixel_values`` ``[N, D]`` and ``image_grid_thw``
         ``[n, 3]`` (None for text only); ``vggt_features`` (the cached entry or None);
-        ``images_vggt`` ``[S, 3, H, W]`` or None; ``vggt_source``: "cache" | "service" | "online" | None.
+        ``images_vggt`` ``[S, 3, H, W]`` or None; ``vggt_grid`` (h, w) of the current frame's VGGT
+        patches (Qwen's grid is its even part); ``vggt_source``: "cache" | "service" | "online" | None.
         """
         sample = self.samples[index]
         if not sample.clip:
             ids, labels = self._tokens(sample.turns, [])
             return {"input_ids": ids, "labels": labels, "pixel_values": None, "image_grid_thw": None,
-                    "vggt_features": None, "images_vggt": None, "vggt_source": None}
+                    "vggt_features": None, "images_vggt": None, "vggt_grid": None, "vggt_source": None}
         features, source = self._cached_features(sample.clip)
         frames: dict[str, Tensor] = {}
         qwen_clip = sample.clip if self.qwen_images == "all" else sample.clip[-1:]
-        vision = self.image_processor(images=[self._frame(p, frames) for p in qwen_clip], do_resize=False,
-                                      do_rescale=False, return_tensors="pt")
+        qwen_frames = [qwen_crop(self._frame(p, frames), self.merge, self.qwen_patch) for p in qwen_clip]
+        vision = self.image_processor(images=qwen_frames, do_resize=False, do_rescale=False, return_tensors="pt")
+        patch = self.spec.architecture.get("patch_size", 14)
+        current = self._frame(sample.clip[-1], frames)
+        vggt_grid = (current.shape[1] // patch, current.shape[2] // patch)
         grid = vision["image_grid_thw"]  # [n, 3]
         ids, labels = self._tokens(sample.turns, (grid.prod(-1) // self.merge**2).tolist())
         images_vggt = None
@@ -186,7 +208,7 @@ class VLNDataset(Dataset):
                                  "(use --image_preprocess pad)")
             images_vggt = torch.stack(clip)  # [S, 3, H, W]
         return {"input_ids": ids, "labels": labels, "pixel_values": vision["pixel_values"], "image_grid_thw": grid,
-                "vggt_features": features, "images_vggt": images_vggt, "vggt_source": source}
+                "vggt_features": features, "images_vggt": images_vggt, "vggt_grid": vggt_grid, "vggt_source": source}
 
     def _cached_features(self, clip: tuple[str, ...]) -> tuple[Tensor | None, str]:
         if self.cache is None:
@@ -258,6 +280,6 @@ class VGGTCollator:
         if with_images:
             batch["pixel_values"] = torch.cat([item["pixel_values"] for item in with_images])
             batch["image_grid_thw"] = torch.cat([item["image_grid_thw"] for item in with_images])
-        for key in ("vggt_features", "images_vggt", "vggt_source"):
+        for key in ("vggt_features", "images_vggt", "vggt_grid", "vggt_source"):
             batch[key] = [item[key] for item in items]
         return batch

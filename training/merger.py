@@ -36,11 +36,28 @@ def merge_grid(x: Tensor, grid: tuple[int, int], merge: int = 2) -> Tensor:
     return x.reshape(n, (h // merge) * (w // merge), merge * merge * c)
 
 
+class RMSNorm(nn.Module):
+    """Qwen2's RMSNorm, which JanusVLN's merger uses: normalised in float32, scaled in the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+NORMS = {"layernorm": lambda dim: nn.LayerNorm(dim, eps=1e-6), "rmsnorm": RMSNorm}
+
+
 class VGGTMerger(nn.Module):
     """2x2 spatial merge of VGGT patch tokens, then an MLP to the LLM width.
 
-    Same recipe as Qwen2.5-VL's ``PatchMerger``: normalise each patch token,
-    concatenate the ``merge x merge`` neighbours, Linear + GELU + Linear.
+    Same recipe as Qwen2.5-VL's ``PatchMerger``: normalise each patch token (LayerNorm, or
+    JanusVLN's RMSNorm), concatenate the ``merge x merge`` neighbours, Linear + GELU + Linear.
     """
 
     def __init__(
@@ -49,13 +66,17 @@ class VGGTMerger(nn.Module):
         llm_dim: int,
         spatial_merge: int = 2,
         hidden_dim: int | None = None,
+        norm: str = "layernorm",
     ) -> None:
         super().__init__()
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {'|'.join(NORMS)}, got {norm!r}")
         self.vggt_dim = vggt_dim
         self.spatial_merge = spatial_merge
         merged_dim = vggt_dim * spatial_merge**2
         self.hidden_dim = hidden_dim or merged_dim
-        self.norm = nn.LayerNorm(vggt_dim, eps=1e-6)
+        self.norm_kind = norm
+        self.norm = NORMS[norm](vggt_dim)
         self.mlp = nn.Sequential(
             nn.Linear(merged_dim, self.hidden_dim),
             nn.GELU(),

@@ -47,7 +47,7 @@ from transformers import (
 )
 
 from client.cache import TOKEN_ENV, CacheUnavailable, FeatureCache, as_spec
-from client.spec import FeatureSpec
+from client.spec import FeatureSpec, matching_preset
 from service.model import DEFAULT_SOURCE, load_aggregator
 from service.settings import DEFAULT_PORT
 from service.sources import UnitPlanner
@@ -255,7 +255,8 @@ def open_cache(cache_args: CacheArguments, spec: FeatureSpec, serve: str) -> Fea
     fallback = cache_args.vggt_cache_fallback
     urls = check_services(cache_args.service_urls, spec, fallback, serve)
     cache = FeatureCache(urls or None, spec, fallback=fallback)  # logs the seed's "enabled" line
-    log.info("VGGT feature spec %s (%s attention); service: %s; fallback: %s", spec.digest, spec.attention,
+    log.info("VGGT feature spec %s (%s attention, reference frame %s%s); service: %s; fallback: %s", spec.digest,
+             spec.attention, spec.reference_frame, f", preset {matching_preset(spec)}" if matching_preset(spec) else "",
              ", ".join(urls) or "none (read-only cache)", fallback)
     return cache
 
@@ -278,13 +279,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Float32 weights, as the service loads them; Trainer moves them to the device.
     vggt = load_aggregator(vggt_path)
     spec = feature_spec(vggt, data_args, cache_args)
-    samples = load_samples(data_args.data_root, data_args.sample_files, data_args.data_path)
+    samples = load_samples(data_args.data_root, data_args.sample_files, data_args.data_path,
+                           data_args.max_history_images)
     if cache_args.use_vggt_cache:
         warn_shared_targets(samples, spec.attention)
     try:
         cache = open_cache(cache_args, spec, serve_command(spec, vggt_path, os.path.abspath(data_args.data_root)))
         qwen = build_qwen(model_args, training_args)
-        model = Qwen25VLWithVGGT(qwen.model, vggt, spec, model_args.vggt_weight, model_args.merger_hidden_dim)
+        model = Qwen25VLWithVGGT(qwen.model, vggt, spec, model_args.fusion)
         dataset = VLNDataset(samples, qwen.tokenizer, qwen.image_processor, qwen.model.config, spec, cache,
                              data_args.qwen_images, data_args.system_prompt)
         trainer = VGGTTrainer(model=model, args=training_args, train_dataset=dataset,

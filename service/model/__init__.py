@@ -4,7 +4,7 @@ from .aggregator import ATTENTION_MODES, VGGTAggregator
 from .config import AggregatorConfig, PatchEmbedConfig
 from .fingerprint import file_fingerprint
 from .kv_cache import KVCache
-from .loader import DEFAULT_SOURCE, LoadedModel, load_aggregator
+from .loader import DEFAULT_SOURCE, LoadedModel, ModelIdentity, identify_model, load_aggregator
 
 __all__ = [
     "ATTENTION_MODES",
@@ -12,8 +12,10 @@ __all__ = [
     "DEFAULT_SOURCE",
     "KVCache",
     "LoadedModel",
+    "ModelIdentity",
     "PatchEmbedConfig",
     "VGGTAggregator",
     "file_fingerprint",
+    "identify_model",
     "load_aggregator",
 ]

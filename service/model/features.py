@@ -12,7 +12,7 @@ from torch import Tensor
 from client.spec import FeatureSpec
 
 if TYPE_CHECKING:
-    from service.model.loader import LoadedModel
+    from service.model.loader import LoadedModel, ModelIdentity
 
 
 def select_features(outputs: Sequence[Tensor], patch_start_idx: int, spec: FeatureSpec) -> Tensor:
@@ -38,7 +38,7 @@ def select_features(outputs: Sequence[Tensor], patch_start_idx: int, spec: Featu
     return torch.stack(layers, dim=2).to(spec.torch_dtype)  # [B, S, L, P, C]
 
 
-def model_spec(loaded: "LoadedModel", **options: object) -> FeatureSpec:
+def model_spec(loaded: LoadedModel | ModelIdentity, **options: object) -> FeatureSpec:
     """The spec of the features `loaded` computes; `options` are FeatureSpec's other fields (layers, dtype, ...)."""
     return FeatureSpec(fingerprint=loaded.fingerprint, architecture=loaded.config.to_dict(), **options)
 
@@ -55,11 +55,40 @@ def feature_autocast(device: torch.device) -> AbstractContextManager:
 
 
 def compute_features(aggregator: torch.nn.Module, images: Tensor, spec: FeatureSpec, **kwargs) -> Tensor:
-    """Run ``aggregator`` on ``images`` ``[B, S, 3, H, W]`` as ``spec`` says; entries as :func:`select_features`.
+    """Run ``aggregator`` on ``images`` ``[B, S, 3, H, W]`` in the order given, in the spec's attention mode.
 
-    No gradients; the result can still feed a trainable module. Extra keyword arguments
-    (e.g. a ``kv_cache`` for causal streaming) go to the aggregator.
+    Every frame's features, as :func:`select_features` lays them out (``reference_frame`` is
+    not applied here: :func:`entry_features` does that). No gradients; the result can still
+    feed a trainable module. Extra keyword arguments (e.g. a ``kv_cache`` for causal
+    streaming) go to the aggregator.
     """
     with torch.no_grad(), feature_autocast(images.device):
         outputs, patch_start_idx = aggregator(images, attention=spec.attention, layers=list(spec.layers), **kwargs)
+        return select_features(outputs, patch_start_idx, spec)
+
+
+def streams_reversed(spec: FeatureSpec) -> bool:
+    """True when the model sees a clip newest frame first (``reference_frame="last"``)."""
+    return spec.reference_frame == "last" and spec.attention != "frame"
+
+
+def entry_features(aggregator: torch.nn.Module, images: Tensor, spec: FeatureSpec) -> Tensor:
+    """The cache entries of clips ``[B, S, 3, H, W]`` (frames in sample order, the current view last).
+
+    frame/causal: ``[B, 1, ...]``, the entry filed under each clip's last frame: the output of
+    the last frame the model sees, which is the clip's first frame when ``reference_frame`` is
+    "last" (the clip streams reversed). sequence: ``[B, S, ...]``, one entry per frame in clip
+    order. Layout as :func:`select_features`; one block-causal forward equals streaming the
+    clip frame by frame with a fresh key/value cache.
+    """
+    reverse = streams_reversed(spec)
+    if reverse:
+        images = images.flip(1)  # [B, S, 3, H, W], the current view first
+    with torch.no_grad(), feature_autocast(images.device):
+        outputs, patch_start_idx = aggregator(images, attention=spec.attention, layers=list(spec.layers))
+        if spec.attention != "sequence":
+            # Only the last streamed frame has an entry: slice before the cast and the copy to the host.
+            outputs = [o[:, -1:] for o in outputs]  # each [B, 1, P_all, C]
+        elif reverse:
+            outputs = [o.flip(1) for o in outputs]  # back to clip order
         return select_features(outputs, patch_start_idx, spec)

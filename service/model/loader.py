@@ -39,6 +39,28 @@ class LoadedModel:
     num_params: int
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What names a model's features (its spec's fingerprint and architecture), known without loading it."""
+
+    config: AggregatorConfig
+    fingerprint: str
+    source: str
+
+
+def identify_model(source: str | os.PathLike = DEFAULT_SOURCE) -> ModelIdentity:
+    """The config and weights fingerprint of `source` (hashed once per file), without building the model."""
+    weights, config_path = resolve_source(source)
+    return ModelIdentity(_read_config(config_path), file_fingerprint(weights), weights)
+
+
+def _read_config(config_path: str | None) -> AggregatorConfig:
+    if config_path is None:
+        return AggregatorConfig()
+    with open(config_path, encoding="utf-8") as f:
+        return AggregatorConfig.from_dict(json.load(f))
+
+
 def load_aggregator(
     source: str | os.PathLike = DEFAULT_SOURCE,
     device: str | torch.device = "cpu",
@@ -54,10 +76,7 @@ def load_aggregator(
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
     device = torch.device(device)
     weights, config_path = resolve_source(source)
-    config = AggregatorConfig()
-    if config_path is not None:
-        with open(config_path, encoding="utf-8") as f:
-            config = AggregatorConfig.from_dict(json.load(f))
+    config = _read_config(config_path)
 
     # Built without memory, then every parameter is materialised once, on the target device.
     with torch.device("meta"):

@@ -9,7 +9,9 @@
 #   DATA_ROOT (required)  OUTPUT_DIR [./output/qwen25vl_vggt_<time>]
 #   MODEL_PATH [Qwen/Qwen2.5-VL-3B-Instruct]  VGGT_MODEL_PATH [facebook/VGGT-1B]
 #   USE_VGGT_CACHE [false]  VGGT_SERVICE_URL (comma-separated)  VGGT_CACHE_FALLBACK [online|error|service]
-#   VGGT_ATTENTION [frame]  VGGT_LAYERS [-2]  VGGT_DTYPE [bfloat16]: the feature spec; the service must match
+#   VGGT_PRESET [newjanusvln|janusvln|none]  MAX_HISTORY_IMAGES [8]: the feature spec and the history rule;
+#     VGGT_ATTENTION, VGGT_LAYERS, VGGT_DTYPE, VGGT_REFERENCE_FRAME override the preset; the service must match
+#   VGGT_FUSION [default|janusvln]: how the merged VGGT tokens join Qwen's
 #   NNODES [1]  NODE_RANK [0]  MASTER_ADDR [127.0.0.1]  MASTER_PORT [29500]  NPROC_PER_NODE [8]
 #   PER_DEVICE_BATCH [1]  GRAD_ACCUM [8]  LR [1e-5]  EPOCHS [1]  NUM_WORKERS [4]  SAVE_STEPS [1000]
 #   DEEPSPEED (a ZeRO-2 json; unset: plain DDP)  TORCHRUN [torchrun]
@@ -53,9 +55,9 @@ cmd=(
     --output_dir "$OUTPUT_DIR"
     --use_vggt_cache "$USE_CACHE"
     --vggt_cache_fallback "${VGGT_CACHE_FALLBACK:-online}"
-    --vggt_attention "${VGGT_ATTENTION:-frame}"
-    --vggt_layers="${VGGT_LAYERS:--2}"
-    --vggt_dtype "${VGGT_DTYPE:-bfloat16}"
+    --vggt_preset "${VGGT_PRESET:-newjanusvln}"
+    --max_history_images "${MAX_HISTORY_IMAGES:-8}"
+    --vggt_fusion "${VGGT_FUSION:-default}"
     --bf16 true
     --per_device_train_batch_size "$PER_DEVICE_BATCH"
     --gradient_accumulation_steps "$GRAD_ACCUM"
@@ -67,6 +69,11 @@ cmd=(
     --save_strategy steps --save_steps "$SAVE_STEPS" --save_total_limit 3
     --logging_steps 10 --report_to none
 )
+# Spec fields given here override the preset; unset ones keep it.
+[[ -n "${VGGT_ATTENTION:-}" ]] && cmd+=(--vggt_attention "$VGGT_ATTENTION")
+[[ -n "${VGGT_LAYERS:-}" ]] && cmd+=(--vggt_layers="$VGGT_LAYERS")
+[[ -n "${VGGT_DTYPE:-}" ]] && cmd+=(--vggt_dtype "$VGGT_DTYPE")
+[[ -n "${VGGT_REFERENCE_FRAME:-}" ]] && cmd+=(--vggt_reference_frame "$VGGT_REFERENCE_FRAME")
 if [[ -n "${VGGT_SERVICE_URL:-}" ]]; then
     cmd+=(--vggt_service_url "$VGGT_SERVICE_URL")
 fi

@@ -1,0 +1,330 @@
+"""A data root's training samples: the one parser behind bulk jobs, `verify` and the training dataset.
+
+A sample is an ordered clip of frames, its current view last. Three layouts hold them
+(checked in JanusVLN's and NewJanusVLN's own code, see docs/janusvln.md):
+
+- **sample files**: `*.jsonl` (one JSON object a line) and `*.json` files whose top level
+  is an array of sample objects (JanusVLN's `create_data.py` output). A sample object names
+  its frames as `images` (list or string), `image`, or `history_images` + `current_image`.
+  Any other JSON (a per-step description, a manifest, an object) is not a sample file.
+- **episode folders** (NewJanusVLN's `train_data_root`): frames `step_<n>_<ACTION>.<png|jpg|jpeg>`
+  (any case), in numeric step order. Every step `j` is a sample of `H + 1` frames: steps
+  `0..j` left-padded with copies of step 0 while `j <= H`, else `numpy.linspace(0, j, H + 1,
+  dtype=int)` (positions in step order). JSON files inside an episode folder are its
+  descriptions, never opened here.
+- **images**: without either, every image file under the root is a sample of one frame
+  (clips need samples to say what they are, so only `frame` attention can use these).
+
+Sample files win over episode folders, which win over loose images. The walk is sorted and
+skips hidden folders and files, cache files and our temporary files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from client.cachefile import CACHE_SUFFIX
+from service.manifest import MANIFEST_NAME
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+SAMPLE_SUFFIXES = (".jsonl", ".json")
+DEFAULT_MAX_HISTORY = 8
+STEP_FRAME = re.compile(r"^step_(\d+)_([A-Za-z_]+)\.(png|jpe?g)$", re.IGNORECASE)
+# The keys that make a JSON object a sample (its frames, or a conversation about them).
+_SAMPLE_KEYS = ("images", "image", "current_image", "history_images", "conversations")
+SOURCES = ("jsonl", "json", "episodes", "images")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training sample: resolved frames in clip order (the current view last; empty for text only)."""
+
+    frames: tuple[str, ...]
+    where: str  # "file:line", "file[index]" or, for an episode step, the step's image
+    record: dict | None = None  # the sample object, or the episode step (see EpisodeStep.record)
+
+
+@dataclass
+class SampleSet:
+    """Every sample of a data root, and what could not be used: (where, reason) pairs."""
+
+    samples: list[Sample]
+    malformed: list[tuple[str, str]]  # unreadable sample files, ill-typed samples, ambiguous episodes
+    missing: list[tuple[str, str]]  # samples left out because a frame does not exist
+    source: str  # the layout they came from: one of SOURCES, joined with "+" when files of both kinds
+    files: int  # sample files read, or episode folders, or image files
+    max_history_images: int | None = None  # the history rule applied (episode folders only)
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        return self.malformed + self.missing
+
+    def describe(self) -> dict:
+        """What a job view and a manifest say about where the work came from."""
+        return {"source": self.source, "files": self.files, "samples": len(self.samples),
+                "max_history_images": self.max_history_images}
+
+
+class MalformedSample(ValueError):
+    """A sample object that is not one of the shapes above."""
+
+
+def history_indices(step: int, max_history: int, pad: bool = True) -> list[int]:
+    """Positions of the frames of sample `step` (its own last) under the history rule above."""
+    if max_history < 1:
+        raise ValueError(f"max_history_images must be at least 1, got {max_history}")
+    if step <= max_history:
+        indices = list(range(step + 1))
+        return [0] * (max_history + 1 - len(indices)) + indices if pad else indices
+    return np.linspace(0, step, max_history + 1, dtype=int).tolist()
+
+
+def _norm(path: str) -> str:
+    # Symlinks are kept as written: containment is checked where paths are opened.
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "~"))
+
+
+def walk_files(root: str) -> Iterator[tuple[str, list[str]]]:
+    """(folder, sorted file names) for every non-hidden folder, sorted, symlink loops cut."""
+    seen: set[str] = set()
+    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
+        yield folder, sorted(f for f in filenames if not _hidden(f))
+
+
+def is_image(name: str) -> bool:
+    return CACHE_SUFFIX not in name and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _string_list(value: object, key: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise MalformedSample(f"{key!r} must be a non-empty string or a list of them")
+    return value
+
+
+def sample_images(sample: object) -> tuple[list[str], str | None]:
+    """The clip a sample object asks for (raw paths, in order) and its own data_path."""
+    if not isinstance(sample, dict):
+        raise MalformedSample("not a JSON object")
+    data_path = sample.get("data_path")
+    if data_path is not None and not isinstance(data_path, str):
+        raise MalformedSample("'data_path' must be a string")
+    if "history_images" in sample or "current_image" in sample:
+        current = sample.get("current_image")
+        if not isinstance(current, str) or not current:
+            raise MalformedSample("'current_image' must be a non-empty string")
+        return _string_list(sample.get("history_images", []), "history_images") + [current], data_path
+    for key in ("images", "image"):
+        if key in sample:
+            return _string_list(sample[key], key), data_path
+    return [], data_path  # a text-only sample needs no features
+
+
+class PathResolver:
+    """Resolves a sample's image path to an existing file, memoised per (path, bases).
+
+    Absolute paths are used as they are. A relative path is joined to `data_root/<data_path>`
+    when the sample (first) or the run gives a `data_path`; otherwise it is looked up next to
+    the sample file, then under the data root, and the first existing file wins.
+    """
+
+    def __init__(self, data_root: str, data_path: str | None) -> None:
+        self.data_root = data_root
+        self.data_path = data_path
+        self._memo: dict[tuple[str, str, str | None], str | None] = {}
+
+    def candidates(self, raw: str, sample_dir: str, data_path: str | None) -> list[str]:
+        if os.path.isabs(raw):
+            return [_norm(raw)]
+        data_path = data_path if data_path is not None else self.data_path
+        if data_path is not None:
+            return [_norm(os.path.join(self.data_root, data_path, raw))]
+        return list(dict.fromkeys(_norm(os.path.join(base, raw)) for base in (sample_dir, self.data_root)))
+
+    def resolve(self, raw: str, sample_dir: str, data_path: str | None) -> str | None:
+        key = (raw, sample_dir, data_path)
+        if key not in self._memo:
+            found = [p for p in self.candidates(raw, sample_dir, data_path) if os.path.isfile(p)]
+            self._memo[key] = found[0] if found else None
+        return self._memo[key]
+
+
+@dataclass
+class _Found:
+    """What the walk saw: sample files, episode folders with their step frames, loose images."""
+
+    jsonl: list[str] = field(default_factory=list)
+    json: list[str] = field(default_factory=list)
+    episodes: list[tuple[str, list[str]]] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+
+
+def _walk(root: str) -> _Found:
+    found = _Found()
+    for folder, names in walk_files(root):
+        steps = [n for n in names if STEP_FRAME.match(n)]
+        if steps:
+            found.episodes.append((folder, steps))
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.endswith(".jsonl"):
+                found.jsonl.append(path)
+            elif name.endswith(".json") and not steps and name != MANIFEST_NAME:
+                found.json.append(path)
+            elif is_image(name):
+                found.images.append(path)
+    return found
+
+
+def _json_samples(path: str) -> list | None:
+    """The array a `*.json` sample file holds, or None when the file is not a sample file."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+        if not head.startswith(b"["):
+            return None  # an object, a number, ...: not a sample file, and not worth parsing
+        text = head + f.read()
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise MalformedSample(f"not valid JSON: {e}") from None
+    first = value[0] if value else None
+    if not value or not (isinstance(first, dict) and any(k in first for k in _SAMPLE_KEYS)):
+        return None  # an array of something else
+    return value
+
+
+class _Reader:
+    """Turns sample objects and episode steps into Samples, collecting problems as it goes."""
+
+    def __init__(self, root: str, data_path: str | None, keep_records: bool) -> None:
+        self.resolver = PathResolver(root, data_path)
+        self.keep_records = keep_records
+        self.samples: list[Sample] = []
+        self.malformed: list[tuple[str, str]] = []
+        self.missing: list[tuple[str, str]] = []
+
+    def add_object(self, obj: object, where: str, sample_dir: str) -> None:
+        try:
+            raw_clip, data_path = sample_images(obj)
+        except MalformedSample as e:
+            self.malformed.append((where, f"malformed sample: {e}"))
+            return
+        frames = []
+        for raw in raw_clip:
+            resolved = self.resolver.resolve(raw, sample_dir, data_path)
+            if resolved is None:
+                looked = ", ".join(self.resolver.candidates(raw, sample_dir, data_path))
+                self.missing.append((where, f"image not found: {raw} (looked for {looked})"))
+                return  # a clip with a hole would give its frames the wrong context
+            frames.append(resolved)
+        self.samples.append(Sample(tuple(frames), where, obj if self.keep_records else None))
+
+    def read_jsonl(self, path: str) -> None:
+        sample_dir = os.path.dirname(path)
+        try:
+            with open(path, "rb") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{path}:{lineno}"
+                    try:
+                        obj = json.loads(line)
+                    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
+                        self.malformed.append((where, f"malformed sample: {e}"))
+                        continue
+                    self.add_object(obj, where, sample_dir)
+        except OSError as e:
+            self.malformed.append((path, f"cannot read sample file: {e.strerror or e}"))
+
+    def read_json(self, path: str) -> bool:
+        """Read a `*.json` sample file; False when it is not one."""
+        try:
+            objects = _json_samples(path)
+        except MalformedSample as e:
+            self.malformed.append((path, f"malformed sample file: {e}"))
+            return True
+        except OSError as e:
+            self.malformed.append((path, f"cannot read sample file: {e.strerror or e}"))
+            return True
+        if objects is None:
+            return False
+        sample_dir = os.path.dirname(path)
+        for index, obj in enumerate(objects):
+            self.add_object(obj, f"{path}[{index}]", sample_dir)
+        return True
+
+    def read_episode(self, folder: str, names: list[str], max_history: int) -> None:
+        steps = sorted((int(STEP_FRAME.match(n).group(1)), n) for n in names)
+        numbers = [n for n, _ in steps]
+        if len(set(numbers)) != len(numbers):
+            twice = sorted({n for n in numbers if numbers.count(n) > 1})
+            self.malformed.append((folder, f"more than one frame for step(s) {twice[:5]}: step order is ambiguous "
+                                          "(frames of one step are taken in name order)"))
+        frames = [_norm(os.path.join(folder, name)) for _, name in steps]
+        for j, (number, name) in enumerate(steps):
+            clip = tuple(frames[i] for i in history_indices(j, max_history, pad=True))
+            record = None
+            if self.keep_records:
+                record = {"episode": folder, "step": number, "action": STEP_FRAME.match(name).group(2).upper(),
+                          "image": frames[j]}
+            self.samples.append(Sample(clip, frames[j], record))
+
+
+def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, data_path: str | None = None,
+                 files: Sequence[str] | None = None, keep_records: bool = False) -> SampleSet:
+    """Every sample under `data_root` (see the module docstring); `files` names sample files instead.
+
+    `files` are relative to `data_root` unless absolute. Unreadable or ill-typed samples and
+    missing images are `problems`, and the rest are still read; a sample with a missing frame is
+    left out whole. `keep_records` keeps each sample's JSON object (the training dataset needs
+    its text; a bulk job only needs the frames).
+    """
+    if max_history_images < 1:
+        raise ValueError(f"max_history_images must be at least 1, got {max_history_images}")
+    root = _norm(data_root)
+    if not os.path.isdir(root):
+        raise ValueError(f"data root is not a directory: {root}")
+    reader = _Reader(root, data_path, keep_records)
+    if files:
+        found = _Found()
+        for f in files:
+            path = _norm(os.path.join(root, f))
+            (found.jsonl if path.endswith(".jsonl") else found.json).append(path)
+    else:
+        found = _walk(root)
+
+    kinds = []
+    for path in found.jsonl:
+        reader.read_jsonl(path)
+    if found.jsonl:
+        kinds.append("jsonl")
+    json_files = sum(reader.read_json(path) for path in found.json)
+    if json_files:
+        kinds.append("json")
+    if kinds:
+        return SampleSet(reader.samples, reader.malformed, reader.missing, "+".join(kinds),
+                         len(found.jsonl) + json_files)
+    if found.episodes:
+        for folder, names in found.episodes:
+            reader.read_episode(folder, names, max_history_images)
+        return SampleSet(reader.samples, reader.malformed, reader.missing, "episodes", len(found.episodes),
+                         max_history_images)
+    samples = [Sample((_norm(p),), p) for p in found.images]
+    return SampleSet(samples, reader.malformed, reader.missing, "images", len(found.images))

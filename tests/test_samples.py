@@ -1,0 +1,143 @@
+"""The one sample parser: JSONL lines, JSON sample arrays (JanusVLN), episode folders (NewJanusVLN), loose images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.samples import find_samples, history_indices
+from service.sources import scan_data_root
+
+FIXTURE = Path(__file__).resolve().parent / "fixtures" / "janusvln"
+
+
+def touch(path: Path, content: bytes = b"img") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def episode(folder: Path, actions: list[str], ext: str = "png") -> list[str]:
+    """Step frames (and per-step descriptions) written in a scrambled order; returns the frames by step."""
+    frames = [str(folder / f"step_{n}_{a}.{ext}") for n, a in enumerate(actions)]
+    for n in reversed(range(len(actions))):
+        touch(Path(frames[n]))
+        (folder / f"step_{n}_{actions[n]}.json").write_text('{"landmark_description": "a door"}')
+    (folder / "milestones_result.json").write_text('{"instruction_text": "walk"}')
+    return frames
+
+
+@pytest.mark.parametrize("layout", ["new", "orig"])
+def test_both_janusvln_layouts_give_the_samples_their_training_builds(layout):
+    expected = json.loads((FIXTURE / "samples.json").read_text())[layout]
+    found = find_samples(str(FIXTURE / layout))
+    root = str(FIXTURE / layout)
+    assert [[p[len(root) + 1:] for p in s.frames] for s in found.samples] == expected
+    assert found.problems == []
+    assert found.source == {"new": "episodes", "orig": "json"}[layout]  # orig's meta.json is not a sample file
+    assert found.describe()["samples"] == len(expected)
+
+
+def test_history_rule_pads_with_the_first_step_then_follows_numpy_linspace():
+    assert history_indices(0, 8) == [0] * 9
+    assert history_indices(3, 8) == [0, 0, 0, 0, 0, 0, 1, 2, 3]
+    assert history_indices(8, 8) == list(range(9))
+    assert history_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8, 10]
+    assert history_indices(3, 8, pad=False) == [0, 1, 2, 3]
+    for step in range(9, 200):
+        for history in (1, 4, 8, 15):
+            if step > history:
+                assert history_indices(step, history) == np.linspace(0, step, history + 1, dtype=int).tolist()
+    with pytest.raises(ValueError, match="at least 1"):
+        history_indices(3, 0)
+
+
+def test_episode_steps_sort_numerically_and_every_step_is_a_sample(tmp_path):
+    actions = ["MOVE_FORWARD", "TURN_LEFT", "TURN_RIGHT"] * 4  # 12 steps: step_10 and step_11 sort after step_9
+    frames = episode(tmp_path / "ep_b", actions)
+    other = episode(tmp_path / "ep_a", ["STOP"] * 2, ext="JPG")  # any case
+    found = find_samples(str(tmp_path), max_history_images=8)
+    assert found.source == "episodes" and found.files == 2 and found.problems == []
+    clips = [s.frames for s in found.samples]
+    assert clips[:2] == [(other[0],) * 9, (other[0],) * 8 + (other[1],)]  # ep_a first: folders sort
+    ep = clips[2:]
+    assert len(ep) == 12 and [c[-1] for c in ep] == frames  # each step is the current view of one sample
+    assert ep[0] == (frames[0],) * 9
+    assert ep[6] == (frames[0],) * 2 + tuple(frames[:7])  # steps 0..7: frame 0 repeated in front
+    assert ep[7] == (frames[0],) + tuple(frames[:8])
+    assert ep[8] == tuple(frames[:9])
+    assert ep[11] == tuple(frames[i] for i in (0, 1, 2, 4, 5, 6, 8, 9, 11))  # linspace(0, 11, 9)
+    records = find_samples(str(tmp_path), keep_records=True).samples
+    assert records[2 + 10].record == {"episode": str(tmp_path / "ep_b"), "step": 10, "action": "TURN_LEFT",
+                                      "image": frames[10]}
+    assert [len(s.frames) for s in find_samples(str(tmp_path), max_history_images=3).samples][2:] == [4] * 12
+
+
+def test_episode_json_files_are_never_opened_as_sample_files(tmp_path):
+    episode(tmp_path / "ep", ["STOP"] * 3)
+    (tmp_path / "ep" / "step_1_STOP.json").write_text("[ not json at all")
+    found = find_samples(str(tmp_path))
+    assert found.source == "episodes" and found.problems == [] and len(found.samples) == 3
+
+
+def test_a_step_recorded_twice_is_a_problem_and_name_order_decides(tmp_path):
+    touch(tmp_path / "ep" / "step_0_STOP.png")
+    touch(tmp_path / "ep" / "step_1_TURN_LEFT.png")
+    touch(tmp_path / "ep" / "step_1_MOVE_FORWARD.png")
+    found = find_samples(str(tmp_path))
+    assert [s.frames[-1].rsplit("/", 1)[1] for s in found.samples] == [
+        "step_0_STOP.png", "step_1_MOVE_FORWARD.png", "step_1_TURN_LEFT.png"]
+    assert len(found.malformed) == 1 and "more than one frame for step(s) [1]" in found.malformed[0][1]
+
+
+def test_json_arrays_are_samples_and_other_json_is_not(tmp_path):
+    a, b = touch(tmp_path / "imgs" / "a.png"), touch(tmp_path / "imgs" / "b.png")
+    (tmp_path / "ann").mkdir()
+    (tmp_path / "ann" / "train.json").write_text(json.dumps([
+        {"id": "x", "conversations": [], "images": ["../imgs/a.png", "../imgs/b.png"]},  # next to the file first
+        {"id": "y", "images": ["imgs/b.png"]},  # then under the data root
+        {"id": "z", "images": ["imgs/gone.png"]},
+        "not an object",
+    ]))
+    (tmp_path / "ann" / "meta.json").write_text('{"note": "an object"}')
+    (tmp_path / "episodes.json").write_text(json.dumps([{"video": "v", "actions": [1, 2]}]))  # not sample objects
+    (tmp_path / "numbers.json").write_text("[1, 2, 3]")
+    (tmp_path / "vggt_cache_manifest.json").write_text("[")  # ours: never read as samples
+    found = find_samples(str(tmp_path))
+    assert found.source == "json" and found.files == 1
+    assert [s.frames for s in found.samples] == [(str(a), str(b)), (str(b),)]
+    where = [w for w, _ in found.problems]
+    assert where == [f"{tmp_path}/ann/train.json[3]", f"{tmp_path}/ann/train.json[2]"]
+    assert "not a JSON object" in found.malformed[0][1] and "image not found: imgs/gone.png" in found.missing[0][1]
+
+
+def test_a_broken_sample_array_is_a_problem_not_a_crash(tmp_path):
+    (tmp_path / "train.json").write_text('[{"images": ["a.png"]},')
+    found = find_samples(str(tmp_path))
+    assert found.samples == [] and found.malformed[0][0] == str(tmp_path / "train.json")
+    assert "not valid JSON" in found.malformed[0][1]
+
+
+def test_sample_files_beat_episode_folders_which_beat_loose_images(tmp_path):
+    touch(tmp_path / "loose" / "x.jpg")
+    assert find_samples(str(tmp_path)).source == "images"
+    episode(tmp_path / "ep", ["STOP"] * 2)
+    assert find_samples(str(tmp_path)).source == "episodes"
+    (tmp_path / "s.jsonl").write_text(json.dumps({"image": "loose/x.jpg"}) + "\n")
+    (tmp_path / "s.json").write_text(json.dumps([{"image": "loose/x.jpg"}]))
+    found = find_samples(str(tmp_path))
+    assert found.source == "jsonl+json" and found.files == 2 and len(found.samples) == 2
+
+
+def test_a_clip_keeps_its_repeated_frames_and_units_follow_the_attention_mode(tmp_path):
+    frames = episode(tmp_path / "ep", ["STOP"] * 3)
+    causal = scan_data_root(str(tmp_path), "causal")
+    assert causal.source_kind == "episodes" and causal.num_samples == 3
+    assert [u.frames for u in causal.units][1] == (frames[0],) * 8 + (frames[1],)
+    assert [u.targets for u in causal.units] == [(f,) for f in frames]
+    sequence = scan_data_root(str(tmp_path), "sequence")
+    assert sequence.units[1].targets == (frames[0], frames[1])  # each distinct frame once
+    assert [u.frames for u in scan_data_root(str(tmp_path), "frame").units] == [(f,) for f in frames]
