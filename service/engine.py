@@ -46,6 +46,7 @@ STATS_WINDOW_S = 30.0
 
 # [B, S, 3, H, W] batch on the device -> None; raising is handled like a failing forward.
 ForwardHook = Callable[[torch.Tensor], None]
+FrameKey = tuple[str, int, int]  # path, size, mtime_ns
 
 
 class Priority(IntEnum):
@@ -258,34 +259,51 @@ class _Scheduler:
 class _FrameCache:
     """Recently preprocessed frames, so overlapping clips (sequence/causal) decode each frame once.
 
-    Keyed by path, size and mtime_ns: a rewritten image is a different key.
+    Keyed by path, size and mtime_ns: a rewritten image is a different key. A frame that one
+    decode worker is loading is waited for by the others, not decoded twice (padded histories
+    and neighbouring samples ask for the same frames at the same time).
     """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[str, int, int], torch.Tensor] = OrderedDict()
+        self._items: OrderedDict[FrameKey, torch.Tensor] = OrderedDict()
+        self._loading: dict[FrameKey, Future] = {}
         self.hits = 0  # frames served from here instead of decoded again
         self.misses = 0
 
-    def get(self, key: tuple[str, int, int]) -> torch.Tensor | None:
+    def get(self, key: FrameKey, load: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The frame of `key`, from here, from a worker loading it now, or from `load()`."""
         with self._lock:
             tensor = self._items.get(key)
-            if tensor is None:
+            if tensor is not None:
+                self.hits += 1
+                self._items.move_to_end(key)
+                return tensor
+            pending = self._loading.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._loading[key] = Future()
                 self.misses += 1
             else:
                 self.hits += 1
-                self._items.move_to_end(key)
-            return tensor
-
-    def put(self, key: tuple[str, int, int], tensor: torch.Tensor) -> None:
-        if self.capacity <= 0:
-            return
+        if not owner:
+            return pending.result()  # the loader's error, if it failed, fails this clip too
+        try:
+            tensor = load()
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[key]
+            pending.set_exception(exc)
+            raise
         with self._lock:
-            self._items[key] = tensor
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            del self._loading[key]
+            if self.capacity > 0:
+                self._items[key] = tensor
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+        pending.set_result(tensor)
+        return tensor
 
 
 class _Window:
@@ -543,13 +561,10 @@ class Engine:
 
     def _load_frame(self, path: str) -> torch.Tensor:
         st = os.stat(path)
-        key = (path, st.st_size, st.st_mtime_ns)
-        image = self._frame_cache.get(key)
-        if image is None:
-            spec = self.spec
-            image = preprocess(load_image(path), mode=spec.preprocess, size=spec.size, align=spec.align)
-            self._frame_cache.put(key, image)
-        return image  # [3, H, W]
+        spec = self.spec
+        return self._frame_cache.get(  # [3, H, W]
+            (path, st.st_size, st.st_mtime_ns),
+            lambda: preprocess(load_image(path), mode=spec.preprocess, size=spec.size, align=spec.align))
 
     def _context_frames(self, unit: Unit) -> tuple[str, ...] | None:
         return None if self.spec.attention == "frame" else unit.frames

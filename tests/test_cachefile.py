@@ -465,3 +465,25 @@ def test_a_pickle_cannot_alter_what_the_fast_path_unpickles_with():
     with pytest.raises(fastload._Unsupported):
         fastload._RestrictedUnpickler(io.BytesIO(payload)).load()
     assert fastload._TensorRef.storage is field
+
+
+def test_a_metadata_check_reads_a_few_kilobytes_and_judges_like_a_full_read(tmp_path, monkeypatch):
+    image = make_image(tmp_path)
+    spec = make_spec(dtype="float32")
+    write(image, spec, features=torch.randn(15, 16))
+    size = os.path.getsize(cache_path(image))
+    read = []
+    real_pread = os.pread
+
+    def counting_pread(fd, n, offset):
+        read.append(n)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(fastload.os, "pread", counting_pread)
+    res = read_entry(image, spec, tensor=False)
+    assert res.hit and res.features is None and res.meta["shape"] == [15, 16]
+    assert 0 < sum(read) < size - 15 * 16 * 4  # never the tensor's bytes
+    assert read_entry(image, make_spec(dtype="float16"), tensor=False).outcome is Outcome.SPEC_MISMATCH
+    with open(cache_path(image), "r+b") as f:
+        f.truncate(size - 100)
+    assert read_entry(image, spec, tensor=False).outcome is Outcome.CORRUPT

@@ -344,3 +344,16 @@ def test_stop_finishes_the_batch_in_flight_and_fails_queued_units(loaded, tmp_pa
     assert read_entry(paths[0], make_spec(loaded)).outcome is Outcome.HIT
     with pytest.raises(EngineStopped):
         engine.submit([Unit.frame(paths[1])])
+
+
+def test_overlapping_padded_histories_decode_each_frame_once(tmp_path, loaded):
+    # Nine-frame histories of a 12-step episode (steps repeat, step 0 pads): 108 frames, 12 distinct.
+    frames = images(tmp_path / "ep", 12)
+    clips = [tuple([frames[0]] * (8 - j) + frames[: j + 1]) if j <= 8 else
+             tuple(frames[i] for i in np.linspace(0, j, 9, dtype=int)) for j in range(12)]
+    spec = make_spec(loaded, attention="causal", reference_frame="last")
+    with Engine(loaded, spec, max_batch_frames=18, decode_workers=4) as engine:
+        done = results(engine.submit([Unit.causal(c) for c in clips], return_features=False))
+        stats = engine.stats()
+    assert statuses(done) == ["computed"] * 12
+    assert (stats["frames_decoded"], stats["frames_reused"]) == (12, 108 - 12)

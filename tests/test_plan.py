@@ -64,6 +64,11 @@ def test_dry_run_figures_match_what_the_job_then_writes(tmp_path):
     # The estimate errs large, by less than the per-entry overhead it allows for.
     assert all(TENSOR_BYTES < size <= TENSOR_BYTES + plan.ENTRY_OVERHEAD_BYTES for size in sizes), sizes
 
+    # verify walks the episode with the history rule the manifest records, and finds every entry.
+    verify = subprocess.run([sys.executable, "-m", "service.cli", "verify", str(root)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    assert verify.returncode == 0 and f"hit {STEPS}, missing 0" in verify.stdout, verify.stdout + verify.stderr
+
     after = figures(precompute("--data_root", str(root), "--skip_existing", "--dry-run", *state).stdout)
     assert (after["valid"], after["to_compute"], after["bytes"]) == (STEPS, 0, 0)
     without_skip = figures(precompute("--data_root", str(root), "--dry-run", *state).stdout)
@@ -92,7 +97,13 @@ def test_the_service_plans_on_request_and_refuses_a_job_that_cannot_fit(tmp_path
             body = dry.json()
             assert body["plan"]["to_compute"] == STEPS and body["plan"]["fits"] is False
             assert body["plan"]["bytes_to_write"] == STEPS * (2116 * 128 * 2 + plan.ENTRY_OVERHEAD_BYTES)
-            assert http.get("/status").json()["jobs"] == []  # a dry run is no job
+            status = http.get("/status").json()
+            assert status["jobs"] == [] and status["preset"] == "newjanusvln"  # a dry run is no job
+            remote = subprocess.run([sys.executable, "-m", "service.cli", "precompute", "--server", service.url,
+                                     "--data_root", str(root), "--dry-run"], cwd=REPO, capture_output=True,
+                                    text=True, timeout=120)
+            assert remote.returncode == 0 and "DOES NOT FIT" in remote.stdout, remote.stdout + remote.stderr
+            assert figures(remote.stdout)["bytes"] == body["plan"]["bytes_to_write"]
 
             r = http.post("/precompute", json={"data_root": str(root)})
             assert r.status_code == 202

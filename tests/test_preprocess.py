@@ -9,7 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from service import preprocess as pp
-from service.preprocess import ImageError, load_image, preprocess
+from service.preprocess import ImageError, load_image, output_size, preprocess
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vggt_tiny" / "preprocess"
 EXPECTED = load_file(str(FIXTURES / "expected.safetensors"))
@@ -140,3 +140,18 @@ def test_load_image_returns_decoded_pixels():
     img = load_image(FIXTURES / "landscape.jpg")
     assert img.size == (640, 480)
     assert np.asarray(img).shape == (480, 640, 3)
+
+
+@pytest.mark.parametrize("width, height", [(640, 480), (480, 640), (160, 120), (1280, 720), (643, 17)])
+@pytest.mark.parametrize("mode", ["crop", "pad"])
+@pytest.mark.parametrize("size", [518, 644])
+def test_output_size_is_what_preprocess_makes_at_any_size(width, height, mode, size):
+    image = Image.new("RGB", (width, height), (10, 200, 30))
+    assert tuple(preprocess(image, mode, size).shape[1:]) == output_size(width, height, mode, size)
+
+
+def test_the_reference_float_rounding_at_644():
+    # 480 * (644 / 640) / 14 is 34.5 plus a rounding error in float: the reference rounds it up to 35.
+    assert output_size(640, 480, "crop", 644) == (490, 644)
+    assert output_size(640, 480, "pad", 644) == (644, 644)
+    assert tuple(preprocess(Image.new("RGB", (640, 480)), "crop", 644).shape) == (3, 490, 644)

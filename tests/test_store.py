@@ -227,3 +227,15 @@ def test_sigkill_mid_write_leaves_counters_equal_to_rows(tmp_path):
         assert len(store.pending_units(job_id)) == 100_000 - done
         assert [j.job_id for j in store.unfinished_jobs()] == [job_id]
         store.close()
+
+
+def test_a_state_dir_from_before_job_plans_is_upgraded_in_place(tmp_path):
+    old = JobStore(str(tmp_path))
+    job = old.create_job(str(tmp_path / "data"), "d" * 16, "{}", {})
+    old.close()
+    with sqlite3.connect(tmp_path / DB_NAME) as db:  # the schema of the first release had no plan column
+        db.execute("ALTER TABLE jobs DROP COLUMN plan_json")
+    store = JobStore(str(tmp_path))
+    assert store.get(job.job_id).plan is None
+    assert store.record_plan(job.job_id, {"entries": 3}).plan == {"entries": 3}
+    assert JobStore(str(tmp_path)).get(job.job_id).plan == {"entries": 3}  # opening it again changes nothing
