@@ -214,6 +214,7 @@ def entry_shape(spec: FeatureSpec, grid: Sequence[int], channels: int | None = N
 
 def entry_nbytes(spec: FeatureSpec, grid: Sequence[int]) -> int:
     """Bytes of an entry's tensor (the file adds a few KB of records and metadata)."""
+    # An architecture without embed_dim (only hand-made specs) is taken as VGGT-1B's: 2 x 1024 channels.
     return math.prod(entry_shape(spec, grid, channels=2048)) * spec.torch_dtype.itemsize
 
 

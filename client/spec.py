@@ -131,6 +131,13 @@ def preset_options(name: str) -> dict[str, Any]:
     return dict(PRESETS[name])
 
 
+def resolve_options(preset: str | None, **given: Any) -> dict[str, Any]:
+    """FeatureSpec keyword arguments: the preset's fields (if any), each one `given` (not None) on top."""
+    options = preset_options(preset) if preset is not None else {}
+    options.update({k: v for k, v in given.items() if v is not None})
+    return options
+
+
 def matching_preset(spec: FeatureSpec) -> str | None:
     """The preset that gives exactly `spec` for its model, if any (however the spec was given)."""
     for name, options in PRESETS.items():

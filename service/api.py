@@ -60,6 +60,8 @@ class PrecomputeRequest(BaseModel):
                                     description="history frames per sample of an episode folder (step_<n>_<action>)")
     dry_run: bool = Field(False, description="plan only: samples, entries valid / to compute, bytes, free space")
     force: bool = Field(False, description="start even if the new entries would not fit on the file system")
+    data_files: list[str] | None = Field(None, description="sample files to read (relative to data_root), "
+                                                           "instead of every one found")
 
 
 class JobView(BaseModel):
@@ -212,14 +214,16 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
         if not os.path.isdir(data_root):
             raise HTTPException(404, f"data_root is not a folder: {req.data_root}")
         options = {"skip_existing": req.skip_existing, "data_path": req.data_path,
-                   "max_history_images": req.max_history_images}
+                   "max_history_images": req.max_history_images, "data_files": req.data_files}
         try:
             if req.dry_run:
                 work = plan_work(data_root, c.spec, runtime.roots, options)
                 return JSONResponse({"dry_run": True, "spec_digest": c.spec.digest, "plan": work.plan.to_dict(),
                                      "summary": work.plan.summary()})
             job = c.jobs.submit(data_root, verify=req.verify, force=req.force, **options)
-        except ValueError as exc:  # no samples, or a data root the job store cannot record (a non-UTF-8 name)
+        except PathNotAllowed as exc:  # a sample file outside the allowed roots
+            raise HTTPException(403, str(exc)) from exc
+        except ValueError as exc:  # a dry run without samples, a data root the job store cannot record
             raise HTTPException(422, str(exc)) from exc
         return JobView(**job)
 

@@ -8,8 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, TOKENS, FeatureSpec, preset_options
-from service.samples import DEFAULT_MAX_HISTORY
+from client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, TOKENS, FeatureSpec, resolve_options
+from service.samples import DEFAULT_MAX_HISTORY, check_history
 from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings
 
 log = logging.getLogger("vggt_cache")
@@ -55,11 +55,12 @@ _SPEC_CHOICES = {"attention": ATTENTION, "tokens": TOKENS, "preprocess": PREPROC
 
 
 def add_spec_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("feature spec (recorded in every cache entry; a flag beats its VGGT_CACHE_* "
-                             "variable, which beats --preset)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=_env("PRESET"),
+    g = p.add_argument_group("feature spec (recorded in every cache entry; flags beat VGGT_CACHE_* variables, "
+                             "and spec fields beat a preset)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="the spec a project's training computes: janusvln (causal, crop, 644, reference first) | "
-                        "newjanusvln (causal, pad, 644, reference last); both layer -2, bfloat16")
+                        "newjanusvln (causal, pad, 644, reference last); both layer -2, bfloat16 "
+                        "(default: $VGGT_CACHE_PRESET, else none)")
     defaults = FeatureSpec.__dataclass_fields__
     for flag, (name, parse, text) in _SPEC_FLAGS.items():
         default = defaults[name].default
@@ -69,15 +70,18 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
 
 
 def spec_options(args: argparse.Namespace) -> dict:
-    """The spec flags as FeatureSpec keyword arguments: flag, else variable, else preset, else default."""
-    options = preset_options(args.preset) if args.preset else {}
-    for flag, (name, parse, _) in _SPEC_FLAGS.items():
-        value = getattr(args, name)
-        if value is None and _env(name.upper()) is not None:
-            value = parse(_env(name.upper()))
-        if value is not None:
-            options[name] = value
-    return options
+    """The spec flags as FeatureSpec keyword arguments.
+
+    Command-line flags beat `VGGT_CACHE_*` variables, and at each of the two levels the fields
+    given beat the preset: `--preset` on the command line ignores spec variables left in the
+    environment, and `VGGT_CACHE_PRESET` yields to `VGGT_CACHE_SIZE` and the like.
+    """
+    flags = {name: getattr(args, name) for name, _, _ in _SPEC_FLAGS.values()}
+    if args.preset is not None:
+        return resolve_options(args.preset, **flags)
+    variables = {name: None if _env(name.upper()) is None else parse(_env(name.upper()))
+                 for name, parse, _ in _SPEC_FLAGS.values()}
+    return resolve_options(_env("PRESET"), **{**variables, **{k: v for k, v in flags.items() if v is not None}})
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -91,11 +95,28 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="where job state (SQLite) lives; keep it on local disk (default: %(default)s)")
 
 
+def _history(text: str) -> int:
+    try:
+        return check_history(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def add_history_flag(p: argparse.ArgumentParser, default: int | None = DEFAULT_MAX_HISTORY) -> None:
     shown = default if default is not None else f"the manifest's, else {DEFAULT_MAX_HISTORY}"
-    p.add_argument("--max_history_images", "--max-history-images", type=int, default=default,
+    p.add_argument("--max_history_images", "--max-history-images", type=_history, default=default,
                    help="episode folders (step_<n>_<ACTION>.png): history frames per sample, as the training "
                         f"flag of the same name (default: {shown})")
+
+
+def _file_list(text: str) -> list[str]:
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
+def add_files_flag(p: argparse.ArgumentParser, default_text: str = "(default: every one found)") -> None:
+    p.add_argument("--data_files", "--data-files", type=_file_list, default=None,
+                   help="comma-separated sample files, relative to the data root unless absolute, as the "
+                        f"training flag of the same name {default_text}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--verify", action="store_true", help="re-read every written entry")
     pre.add_argument("--data_path", "--data-path", default=None,
                      help="folder the samples' image paths are relative to (default: the JSONL file's folder)")
+    add_files_flag(pre)
     pre.add_argument("--allowed-root", "--allowed_root", action="append", dest="allowed_roots", default=None,
                      help="further folders samples may name images in (repeatable; the data root always is)")
     add_history_flag(pre)
@@ -153,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "(default: from the data root's manifest)")
     ver.add_argument("--api-token", "--api_token", default=_env("API_TOKEN"))
     ver.add_argument("--data_path", "--data-path", default=None)
+    add_files_flag(ver, "(default: the manifest's, else every one found)")
     add_history_flag(ver, default=None)
     ver.add_argument("--json", action="store_true", help="print the counts as JSON")
 

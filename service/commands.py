@@ -98,7 +98,7 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     if world > 1:
         log.info("Rank %d of %d: taking shard %d", rank, world, rank)
     job = jobs.submit(data_root, skip_existing=args.skip_existing, verify=args.verify, data_path=args.data_path,
-                      max_history_images=args.max_history_images, force=args.force)
+                      max_history_images=args.max_history_images, force=args.force, data_files=args.data_files)
     bar = tqdm(total=None, unit="img", desc=f"[rank {rank}] precompute" if world > 1 else "precompute",
                disable=None)
 
@@ -128,7 +128,8 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
 
     spec = model_spec(identify_model(settings.model), **settings.spec)
     work = plan_work(data_root, spec, roots, {"skip_existing": args.skip_existing, "data_path": args.data_path,
-                                              "max_history_images": args.max_history_images})
+                                              "max_history_images": args.max_history_images,
+                                              "data_files": args.data_files})
     _print_plan(work.plan.to_dict(), work.plan.summary(), spec.digest)
     return 0
 
@@ -149,10 +150,14 @@ def _print_plan(plan: dict, summary: str, digest: str) -> None:
     print(summary)
 
 
+_PLAN_COUNTS = ("units", "entries", "valid", "to_compute", "unreadable", "refused", "bytes_to_write")
+
+
 def _merge_rank_manifests(jobs, view: dict, seconds: float, rank: int, world: int) -> None:
     """torchrun: every rank sends its counts to rank 0, which writes the one manifest."""
     import torch.distributed as dist
 
+    from client.spec import matching_preset
     from service.manifest import write_manifest
 
     if not dist.is_initialized():
@@ -162,9 +167,13 @@ def _merge_rank_manifests(jobs, view: dict, seconds: float, rank: int, world: in
     if rank == 0:
         total = {k: sum(p[k] for p in parts) for k in ("total", "computed", "skipped", "failed")}
         failures = [f for p in parts for f in p.get("failures", [])]
+        plans = [p["plan"] for p in parts if p.get("plan")]
+        # One plan for the whole root: the samples found (the same on every rank), the counts summed.
+        plan = {**plans[0], **{k: sum(p[k] for p in plans) for k in _PLAN_COUNTS}} if plans else None
         write_manifest(view["data_root"], {
             **total, "state": "finished" if all(p["state"] == "finished" for p in parts) else "incomplete",
             "ranks": world, "spec": jobs.spec.to_dict(), "spec_digest": jobs.spec.digest,
+            "preset": matching_preset(jobs.spec), "plan": plan,
             "model": jobs.model_info, "seconds": round(seconds, 2), "failures": failures,
         })
     dist.barrier()
@@ -193,7 +202,8 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
         r = http.post("/precompute", json={"data_root": data_root, "skip_existing": args.skip_existing,
                                            "verify": args.verify, "data_path": args.data_path,
                                            "max_history_images": args.max_history_images,
-                                           "dry_run": args.dry_run, "force": args.force},
+                                           "data_files": args.data_files, "dry_run": args.dry_run,
+                                           "force": args.force},
                       timeout=None if args.dry_run else 30.0)
         if args.dry_run and r.status_code == 200:
             body = r.json()
@@ -231,7 +241,7 @@ def verify(args: argparse.Namespace) -> int:
     from service.manifest import read_manifest
 
     data_root = os.path.abspath(args.data_root)
-    history = args.max_history_images
+    history, files = args.max_history_images, args.data_files
     if args.server:
         with _client(args.server, args.api_token) as http:
             spec_dict = http.get("/status").raise_for_status().json()["spec"]
@@ -246,10 +256,11 @@ def verify(args: argparse.Namespace) -> int:
                       data_root)
             return 2
         spec_dict = manifest["spec"]
-        if history is None:  # the rule the job that wrote the manifest used
-            history = ((manifest.get("plan") or {}).get("source") or {}).get("max_history_images")
+        scanned = (manifest.get("plan") or {}).get("source") or {}  # what the job that wrote it read
+        history = scanned.get("max_history_images") if history is None else history
+        files = scanned.get("sample_files") if files is None else files
     report = verify_data_root(data_root, FeatureSpec.from_dict(spec_dict), data_path=args.data_path,
-                              max_history_images=history or DEFAULT_MAX_HISTORY)
+                              max_history_images=DEFAULT_MAX_HISTORY if history is None else history, files=files)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -654,7 +654,11 @@ class Engine:
             unit = job.unit
             entries = []
             for i, target in enumerate(unit.targets):
-                index = unit.frames.index(target) if self.spec.attention == "sequence" else 0
+                # A frame repeated in a clip (padded history) takes its last position's output, the one
+                # training computes for a clip's current frame.
+                index = 0
+                if self.spec.attention == "sequence":
+                    index = len(unit.frames) - 1 - unit.frames[::-1].index(target)
                 # Own storage: a result must not pin the whole batch (and write_entry need not copy).
                 entry = features[index].clone()
                 try:

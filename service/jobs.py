@@ -18,7 +18,7 @@ from service.engine import Engine, EngineStopped, Priority, UnitResult
 from service.manifest import write_manifest
 from service.paths import AllowedRoots, PathNotAllowed
 from service.plan import Plan, plan_job
-from service.samples import DEFAULT_MAX_HISTORY
+from service.samples import DEFAULT_MAX_HISTORY, check_history
 from service.sources import ScanResult, scan_data_root, shard
 from service.store import JobRecord, JobStore
 from service.units import Unit
@@ -109,15 +109,15 @@ class JobManager:
 
     def submit(self, data_root: str, skip_existing: bool = True, verify: bool = False,
                data_path: str | None = None, max_history_images: int = DEFAULT_MAX_HISTORY,
-               force: bool = False) -> dict:
+               force: bool = False, data_files: list[str] | None = None) -> dict:
         """Queue a job (or return the active one over the same root and spec).
 
         `force`: start even when the plan says the new entries will not fit on the file system.
+        `data_files`: the sample files to read (relative to the data root unless absolute), not every one.
         """
-        if max_history_images < 1:
-            raise ValueError(f"max_history_images must be at least 1, got {max_history_images}")
+        check_history(max_history_images)
         options = {"skip_existing": skip_existing, "verify": verify, "data_path": data_path,
-                   "max_history_images": max_history_images, "force": force}
+                   "max_history_images": max_history_images, "force": force, "data_files": data_files}
         rec = self.store.create_job(data_root, self.spec.digest, self.spec.canonical_json(), options)
         if self._thread is not None:
             self._enqueue(rec.job_id)
@@ -266,7 +266,8 @@ class JobManager:
                                                               "free some, or force the job (--force)")
             log.error("Job %s refused, its entries would not fit: %s", rec.job_id, plan.summary())
             return False
-        self.store.set_plan(rec.job_id, work.units, work.scan.problems)
+        # Every rank scans the whole root; its problems are recorded once, by rank 0.
+        self.store.set_plan(rec.job_id, work.units, work.scan.problems if self.rank == 0 else [])
         if work.refused:
             self.store.record_results(rec.job_id, [(i, "failed", why, t) for i, why in work.refused.items()
                                                    for t in work.units[i].targets])
@@ -303,8 +304,11 @@ class Work:
 def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: dict, rank: int = 0,
               world_size: int = 1) -> Work:
     """Scan `data_root` and plan it (a job's first step, and all that a dry run does)."""
+    files = options.get("data_files")
+    for f in files or ():  # sample files are read too: they must be inside the roots
+        roots.contain(os.path.normpath(os.path.join(data_root, f)), writes_sibling=False)
     scan = scan_data_root(data_root, spec.attention, options.get("data_path"),
-                          options.get("max_history_images", DEFAULT_MAX_HISTORY))
+                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files)
     units = shard(scan.units, rank, world_size)
     refused: dict[int, str] = {}
     for idx, unit in enumerate(units):
@@ -314,5 +318,5 @@ def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: d
         except (PathNotAllowed, ValueError) as exc:
             refused[idx] = str(exc)
     allowed = [u for i, u in enumerate(units) if i not in refused]
-    plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), allowed, len(refused))
+    plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), allowed, len(refused), world_size)
     return Work(scan, units, refused, plan)

@@ -2,29 +2,39 @@
 
 `vggt-cache precompute --dry-run` and `POST /precompute {"dry_run": true}` print it; every
 job checks it before computing anything and refuses to start when its new entries would not
-fit on the data root's file system (unless forced). Nothing here loads the model: existing
-entries are checked by their metadata alone (`read_entry(..., tensor=False)`), and the size
-of a new entry follows from the image's header (its pixel size), the spec and the grid.
+fit (unless forced). Nothing here loads the model: existing entries are checked by their
+metadata alone (`read_entry(..., tensor=False)`), and the size of a new entry follows from
+the image's header (its pixel size), the spec and the grid. An entry replacing an existing
+file only needs the difference. Entries go next to their images, so the bytes are counted per
+file system; under torchrun each of N ranks plans its own share and must fit in 1/N of the
+free space.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from PIL import Image
 
-from client.cachefile import Outcome, entry_nbytes, read_entry
+from client.cachefile import Outcome, cache_path, entry_nbytes, read_entry
 from client.spec import FeatureSpec
 from service.preprocess import output_size
 from service.sources import ScanResult
 from service.units import Unit
 
+log = logging.getLogger("vggt_cache")
+
 # What a cache file holds beside its tensor: zip records, the metadata pickle (spec, source,
 # a context of up to ~9 frames) and alignment. Measured 1.5-3 KiB; rounded up so a plan errs large.
 ENTRY_OVERHEAD_BYTES = 4096
-GIB = 1 << 30
+# Metadata reads and header reads wait on the file system (NFS): many at once.
+PLAN_THREADS = 16
+PROGRESS_EVERY_S = 30.0
 
 
 @dataclass
@@ -38,12 +48,15 @@ class Plan:
     unreadable: int  # targets whose image header could not be read (they will fail)
     problems: int  # malformed samples, missing images
     refused: int  # units with a frame outside the allowed roots (they will fail, untouched)
-    bytes_to_write: int
-    free_bytes: int
+    bytes_to_write: int  # new bytes on disk: new entries, less the files they replace
+    free_bytes: int  # on the file system of the data root
+    ranks: int = 1  # torchrun: this plan is one rank's share and must fit in 1/ranks of the free space
+    tightest: dict | None = None  # the file system with the least room to spare: path, bytes_to_write, free_bytes
 
     @property
     def fits(self) -> bool:
-        return self.bytes_to_write <= self.free_bytes
+        fs = self.tightest or {"bytes_to_write": self.bytes_to_write, "free_bytes": self.free_bytes}
+        return fs["bytes_to_write"] * self.ranks <= fs["free_bytes"]
 
     def to_dict(self) -> dict:
         return {**asdict(self), "fits": self.fits}
@@ -51,10 +64,14 @@ class Plan:
     def summary(self) -> str:
         """One paragraph with the arithmetic, for logs and refusals."""
         each = self.bytes_to_write / self.to_compute if self.to_compute else 0
+        fs = self.tightest or {"path": self.data_root, "bytes_to_write": self.bytes_to_write,
+                               "free_bytes": self.free_bytes}
+        share = f" (this rank's share of {self.ranks})" if self.ranks > 1 else ""
+        where = f" ({_size(fs['bytes_to_write'])} of it)" if fs["bytes_to_write"] != self.bytes_to_write else ""
         return (f"{self.source['samples']} samples ({self.source['source']}) -> {self.entries} entries: "
                 f"{self.valid} valid, {self.to_compute} to compute x {_size(each)} each = "
-                f"{_size(self.bytes_to_write)} to write; {_size(self.free_bytes)} free on the file system of "
-                f"{self.data_root}")
+                f"{_size(self.bytes_to_write)} to write{share}; {_size(fs['free_bytes'])} free on the file system "
+                f"of {fs['path']}{where}")
 
 
 def _size(n: float) -> str:
@@ -70,32 +87,68 @@ def free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+@dataclass
+class _Target:
+    valid: bool
+    compute: bool
+    nbytes: int  # new bytes on disk if computed (can be negative: a larger file is replaced)
+    unreadable: bool
+    device: int  # st_dev of the folder the entry goes into
+    folder: str
+
+
+def _check(target: str, context: Sequence[str] | None, spec: FeatureSpec, skip_existing: bool,
+           sizes: dict[tuple[int, int], int]) -> _Target:
+    folder = os.path.dirname(target)
+    try:
+        device = os.stat(folder).st_dev
+    except OSError:
+        device = -1
+    valid = read_entry(target, spec, context_frames=context, tensor=False).outcome is Outcome.HIT
+    if valid and skip_existing:
+        return _Target(True, False, 0, False, device, folder)
+    try:
+        with Image.open(target) as image:  # the header only
+            pixels = image.size
+    except Exception:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...: the job fails it
+        return _Target(valid, True, 0, True, device, folder)
+    if pixels not in sizes:  # a benign race between threads: both compute the same number
+        patch = spec.architecture.get("patch_size", 14)
+        height, width = output_size(*pixels, spec.preprocess, spec.size, spec.align)
+        sizes[pixels] = entry_nbytes(spec, (height // patch, width // patch)) + ENTRY_OVERHEAD_BYTES
+    try:
+        replaced = os.lstat(cache_path(target)).st_size
+    except OSError:
+        replaced = 0
+    return _Target(valid, True, sizes[pixels] - replaced, False, device, folder)
+
+
 def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing: bool = True,
-             units: Sequence[Unit] | None = None, refused: int = 0) -> Plan:
-    """The plan of a job over `scan`, or over `units` (one rank's shard of it), reading headers and metadata only."""
+             units: Sequence[Unit] | None = None, refused: int = 0, ranks: int = 1) -> Plan:
+    """The plan of a job over `scan`, or over `units` (one rank's share of it), reading headers and metadata only."""
     units = scan.units if units is None else units
-    patch = spec.architecture.get("patch_size", 14)
-    valid = to_compute = unreadable = 0
-    nbytes = 0
+    work = [(t, None if spec.attention == "frame" else u.frames) for u in units for t in u.targets]
     sizes: dict[tuple[int, int], int] = {}
-    for unit in units:
-        context = None if spec.attention == "frame" else unit.frames
-        for target in unit.targets:
-            if read_entry(target, spec, context_frames=context, tensor=False).outcome is Outcome.HIT:
-                valid += 1
-                if skip_existing:
-                    continue
-            to_compute += 1
-            try:
-                with Image.open(target) as image:  # the header only
-                    pixels = image.size
-            except Exception:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...: the job fails it
-                unreadable += 1
-                continue
-            if pixels not in sizes:
-                height, width = output_size(*pixels, spec.preprocess, spec.size, spec.align)
-                sizes[pixels] = entry_nbytes(spec, (height // patch, width // patch)) + ENTRY_OVERHEAD_BYTES
-            nbytes += sizes[pixels]
-    entries = sum(len(u.targets) for u in units)
-    return Plan(data_root, scan.samples.describe(), len(units), entries, valid, to_compute, unreadable,
-                len(scan.problems), refused, nbytes, free_bytes(data_root))
+    checked: list[_Target] = []
+    started = last_report = time.monotonic()
+    with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="vggt-plan") as pool:
+        for target in pool.map(lambda tc: _check(tc[0], tc[1], spec, skip_existing, sizes), work):
+            checked.append(target)
+            if time.monotonic() - last_report > PROGRESS_EVERY_S:
+                last_report = time.monotonic()
+                log.info("Planning %s: %d/%d entries checked (%.0f s)", data_root, len(checked), len(work),
+                         last_report - started)
+    per_device: dict[int, list] = {}  # st_dev -> [a folder on it, bytes]
+    for t in checked:
+        if t.compute and not t.unreadable:
+            per_device.setdefault(t.device, [t.folder, 0])[1] += t.nbytes
+    file_systems = [{"path": folder, "bytes_to_write": max(0, nbytes), "free_bytes": free_bytes(folder)}
+                    for device, (folder, nbytes) in per_device.items() if device != -1]
+    tightest = min(file_systems, key=lambda fs: fs["free_bytes"] - fs["bytes_to_write"] * ranks, default=None)
+    if tightest is not None and len(file_systems) == 1 and os.stat(data_root).st_dev in per_device:
+        tightest = None  # one file system, the data root's: the top-level figures say it all
+    return Plan(
+        data_root, scan.samples.describe(), len(units), len(work), sum(t.valid for t in checked),
+        sum(t.compute for t in checked), sum(t.unreadable for t in checked), len(scan.problems), refused,
+        max(0, sum(t.nbytes for t in checked if t.compute)), free_bytes(data_root), ranks, tightest,
+    )

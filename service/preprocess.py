@@ -95,10 +95,11 @@ def preprocess(
             pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=255
         )
     out = pixels.contiguous().to(torch.float32).div(255)
-    return _align(out, align)
+    return _align(out, output_size(width, height, mode, size, align))
 
 
-def output_size(width: int, height: int, mode: str = "crop", size: int = 518, align: int = PATCH_SIZE) -> tuple[int, int]:
+def output_size(width: int, height: int, mode: str = "crop", size: int = 518,
+                align: int = PATCH_SIZE) -> tuple[int, int]:
     """(H, W) of the model input `preprocess` makes from a `width` x `height` image (no pixels read)."""
     new_width, new_height = _resized_size(width, height, mode, size)
     if mode == "pad":
@@ -122,13 +123,12 @@ def _resized_size(width: int, height: int, mode: str, size: int) -> tuple[int, i
     return round(width * (size / height) / PATCH_SIZE) * PATCH_SIZE, size
 
 
-def _align(image: torch.Tensor, align: int) -> torch.Tensor:
-    height, width = image.shape[-2:]
-    target = (height // align * align, width // align * align)
-    if target == (height, width):
+def _align(image: torch.Tensor, target: tuple[int, int]) -> torch.Tensor:
+    """Resize (bilinear) down to `target` (H, W): sides cut to multiples of the alignment."""
+    if target == tuple(image.shape[-2:]):
         return image
     if 0 in target:
-        raise ValueError(f"cannot align a {height}x{width} image to multiples of {align}")
+        raise ValueError(f"cannot align a {image.shape[-2]}x{image.shape[-1]} image to {target}")
     resized = F.interpolate(
         image[None], size=target, mode="bilinear", align_corners=False, antialias=False
     )  # [1, 3, H', W']

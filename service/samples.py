@@ -15,13 +15,18 @@ A sample is an ordered clip of frames, its current view last. Three layouts hold
 - **images**: without either, every image file under the root is a sample of one frame
   (clips need samples to say what they are, so only `frame` attention can use these).
 
-Sample files win over episode folders, which win over loose images. The walk is sorted and
-skips hidden folders and files, cache files and our temporary files.
+A `*.jsonl` or `*.json` file is a sample file when its first sample object has one of the
+sample keys (its frames, `conversations` or `instruction`): a training log next to the data
+is not. Sample files win over episode folders (which are then reported as ignored), which win
+over loose images. The walk is sorted and skips hidden folders and files, cache files and our
+temporary files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -37,8 +42,10 @@ SAMPLE_SUFFIXES = (".jsonl", ".json")
 DEFAULT_MAX_HISTORY = 8
 STEP_FRAME = re.compile(r"^step_(\d+)_([A-Za-z_]+)\.(png|jpe?g)$", re.IGNORECASE)
 # The keys that make a JSON object a sample (its frames, or a conversation about them).
-_SAMPLE_KEYS = ("images", "image", "current_image", "history_images", "conversations")
-SOURCES = ("jsonl", "json", "episodes", "images")
+_SAMPLE_KEYS = ("images", "image", "current_image", "history_images", "conversations", "instruction")
+_HEAD_BYTES = 1 << 16  # read to tell a sample file from other JSON before parsing it whole
+
+log = logging.getLogger("vggt_cache")
 
 
 @dataclass(frozen=True)
@@ -57,9 +64,11 @@ class SampleSet:
     samples: list[Sample]
     malformed: list[tuple[str, str]]  # unreadable sample files, ill-typed samples, ambiguous episodes
     missing: list[tuple[str, str]]  # samples left out because a frame does not exist
-    source: str  # the layout they came from: one of SOURCES, joined with "+" when files of both kinds
+    source: str  # jsonl | json | jsonl+json | episodes | images
     files: int  # sample files read, or episode folders, or image files
     max_history_images: int | None = None  # the history rule applied (episode folders only)
+    ignored_episodes: int = 0  # episode folders left aside because sample files were found
+    named_files: list[str] | None = None  # the sample files asked for, when they were named
 
     @property
     def problems(self) -> list[tuple[str, str]]:
@@ -68,20 +77,26 @@ class SampleSet:
     def describe(self) -> dict:
         """What a job view and a manifest say about where the work came from."""
         return {"source": self.source, "files": self.files, "samples": len(self.samples),
-                "max_history_images": self.max_history_images}
+                "max_history_images": self.max_history_images, "ignored_episode_folders": self.ignored_episodes,
+                "sample_files": self.named_files}
 
 
 class MalformedSample(ValueError):
     """A sample object that is not one of the shapes above."""
 
 
-def history_indices(step: int, max_history: int, pad: bool = True) -> list[int]:
-    """Positions of the frames of sample `step` (its own last) under the history rule above."""
-    if max_history < 1:
-        raise ValueError(f"max_history_images must be at least 1, got {max_history}")
+def check_history(max_history: int) -> int:
+    """`max_history` if it is a usable history length (at least one earlier frame), else ValueError."""
+    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
+        raise ValueError(f"max_history_images must be an integer of at least 1, got {max_history!r}")
+    return max_history
+
+
+def history_indices(step: int, max_history: int) -> list[int]:
+    """Positions (in step order) of the frames of episode sample `step`, its own last (the rule above)."""
+    check_history(max_history)
     if step <= max_history:
-        indices = list(range(step + 1))
-        return [0] * (max_history + 1 - len(indices)) + indices if pad else indices
+        return [0] * (max_history - step) + list(range(step + 1))
     return np.linspace(0, step, max_history + 1, dtype=int).tolist()
 
 
@@ -193,21 +208,49 @@ def _walk(root: str) -> _Found:
     return found
 
 
+def _is_sample_object(value: object) -> bool:
+    return isinstance(value, dict) and any(k in value for k in _SAMPLE_KEYS)
+
+
 def _json_samples(path: str) -> list | None:
-    """The array a `*.json` sample file holds, or None when the file is not a sample file."""
+    """The array a `*.json` sample file holds, or None when the file is not a sample file.
+
+    Decides from the first element of the file's head, so a large array of something else is
+    never parsed whole.
+    """
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
-        if not head.startswith(b"["):
-            return None  # an object, a number, ...: not a sample file, and not worth parsing
-        text = head + f.read()
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise MalformedSample(f"not valid JSON: {e}") from None
-    first = value[0] if value else None
-    if not value or not (isinstance(first, dict) and any(k in first for k in _SAMPLE_KEYS)):
-        return None  # an array of something else
+        head = f.read(_HEAD_BYTES).decode("utf-8", "ignore").lstrip("\ufeff \t\r\n")
+        if not head.startswith("["):
+            return None  # an object, a number, ...: not a sample file
+        with contextlib.suppress(ValueError):
+            rest = head[1:].lstrip()
+            if rest.startswith("]"):
+                return None  # an empty array holds no samples
+            first, _ = json.JSONDecoder().raw_decode(rest)
+            if not _is_sample_object(first):
+                return None
+        f.seek(0)
+        try:
+            value = json.loads(f.read().decode("utf-8-sig"))
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+            raise MalformedSample(f"not valid JSON: {e}") from None
+    if not isinstance(value, list) or not value or not _is_sample_object(value[0]):
+        return None
     return value
+
+
+def _is_sample_jsonl(path: str) -> bool:
+    """A `*.jsonl` file is a sample file unless its first parsable line is an object of something else."""
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                first = json.loads(line)
+            except (ValueError, RecursionError):
+                return True  # a broken line: read it as samples, so it is reported
+            return not isinstance(first, dict) or _is_sample_object(first)
+    return True
 
 
 class _Reader:
@@ -236,9 +279,12 @@ class _Reader:
             frames.append(resolved)
         self.samples.append(Sample(tuple(frames), where, obj if self.keep_records else None))
 
-    def read_jsonl(self, path: str) -> None:
+    def read_jsonl(self, path: str, named: bool = False) -> bool:
+        """Read a `*.jsonl` sample file; False when it is not one (a `named` file always is)."""
         sample_dir = os.path.dirname(path)
         try:
+            if not named and not _is_sample_jsonl(path):
+                return False
             with open(path, "rb") as f:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
@@ -252,9 +298,10 @@ class _Reader:
                     self.add_object(obj, where, sample_dir)
         except OSError as e:
             self.malformed.append((path, f"cannot read sample file: {e.strerror or e}"))
+        return True
 
-    def read_json(self, path: str) -> bool:
-        """Read a `*.json` sample file; False when it is not one."""
+    def read_json(self, path: str, named: bool = False) -> bool:
+        """Read a `*.json` sample file; False when it is not one (a problem when the file was `named`)."""
         try:
             objects = _json_samples(path)
         except MalformedSample as e:
@@ -264,7 +311,9 @@ class _Reader:
             self.malformed.append((path, f"cannot read sample file: {e.strerror or e}"))
             return True
         if objects is None:
-            return False
+            if named:
+                self.malformed.append((path, "not a sample file: a JSON array of sample objects was expected"))
+            return named
         sample_dir = os.path.dirname(path)
         for index, obj in enumerate(objects):
             self.add_object(obj, f"{path}[{index}]", sample_dir)
@@ -279,7 +328,7 @@ class _Reader:
                                           "(frames of one step are taken in name order)"))
         frames = [_norm(os.path.join(folder, name)) for _, name in steps]
         for j, (number, name) in enumerate(steps):
-            clip = tuple(frames[i] for i in history_indices(j, max_history, pad=True))
+            clip = tuple(frames[i] for i in history_indices(j, max_history))
             record = None
             if self.keep_records:
                 record = {"episode": folder, "step": number, "action": STEP_FRAME.match(name).group(2).upper(),
@@ -296,8 +345,7 @@ def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, 
     left out whole. `keep_records` keeps each sample's JSON object (the training dataset needs
     its text; a bulk job only needs the frames).
     """
-    if max_history_images < 1:
-        raise ValueError(f"max_history_images must be at least 1, got {max_history_images}")
+    check_history(max_history_images)
     root = _norm(data_root)
     if not os.path.isdir(root):
         raise ValueError(f"data root is not a directory: {root}")
@@ -311,16 +359,21 @@ def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, 
         found = _walk(root)
 
     kinds = []
-    for path in found.jsonl:
-        reader.read_jsonl(path)
-    if found.jsonl:
+    named = bool(files)
+    jsonl_files = sum(reader.read_jsonl(path, named) for path in found.jsonl)
+    if jsonl_files:
         kinds.append("jsonl")
-    json_files = sum(reader.read_json(path) for path in found.json)
+    json_files = sum(reader.read_json(path, named) for path in found.json)
     if json_files:
         kinds.append("json")
     if kinds:
+        if found.episodes:
+            log.warning("%s: %d episode folder(s) ignored, because sample files were found (e.g. %s); "
+                        "name the sample files to use, or remove them", root, len(found.episodes),
+                        found.episodes[0][0])
         return SampleSet(reader.samples, reader.malformed, reader.missing, "+".join(kinds),
-                         len(found.jsonl) + json_files)
+                         jsonl_files + json_files, ignored_episodes=len(found.episodes),
+                         named_files=list(files) if files else None)
     if found.episodes:
         for folder, names in found.episodes:
             reader.read_episode(folder, names, max_history_images)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.samples import DEFAULT_MAX_HISTORY, SampleSet, find_samples
@@ -54,8 +55,9 @@ class UnitPlanner:
 
 
 def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
-                   max_history_images: int = DEFAULT_MAX_HISTORY) -> ScanResult:
-    """The units of work under `data_root` for `attention` mode (samples: `service.samples`).
+                   max_history_images: int = DEFAULT_MAX_HISTORY, files: Sequence[str] | None = None) -> ScanResult:
+    """The units of work under `data_root` for `attention` mode (samples: `service.samples`; `files`
+    names the sample files to read instead of every one found).
 
     `frame` -> one unit per unique image of any sample; `sequence` -> one per unique clip, all
     its frames targets; `causal` -> one per unique clip, its last frame the target. Loose image
@@ -63,7 +65,7 @@ def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
     """
     if attention not in ATTENTION_MODES:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
-    found = find_samples(data_root, max_history_images, data_path)
+    found = find_samples(data_root, max_history_images, data_path, files)
     if found.source == "images" and attention != "frame":
         raise ValueError(
             f"{attention} attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> "

@@ -9,9 +9,9 @@ from service.sources import scan_data_root
 
 
 def verify_data_root(data_root: str, spec: FeatureSpec, data_path: str | None = None,
-                     max_history_images: int = DEFAULT_MAX_HISTORY) -> dict:
+                     max_history_images: int = DEFAULT_MAX_HISTORY, files: list[str] | None = None) -> dict:
     """Counts per outcome (hit / missing / stale / corrupt / spec_mismatch) and the problems found."""
-    scan = scan_data_root(data_root, spec.attention, data_path, max_history_images)
+    scan = scan_data_root(data_root, spec.attention, data_path, max_history_images, files)
     counts = {o.value: 0 for o in Outcome}
     problems = []
     for unit in scan.units:

@@ -37,7 +37,7 @@ def test_precompute_prints_its_ratios_and_cleans_up(tmp_path: Path) -> None:
         match = re.search(rf"^{re.escape(name)} {RATIO}", out, re.M)
         assert match and float(match.group(1)) > 0, out
     for method in ("seed", "ours", "limit"):
-        assert re.search(rf"^{method} \(.*\)\s+\d+\.\d+\s+\d+\.\d+$", out, re.M), out
+        assert re.search(rf"^{method} \(.*\)\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+$", out, re.M), out
     assert list(tmp_path.iterdir()) == []  # images, cache files, job state: all removed
 
 
@@ -102,3 +102,15 @@ def test_flop_formula_matches_torch_flop_counter(attention: str, layers: list[in
     clip = frames if attention == "sequence" else 1
     expected = bench.frame_flops(loaded.config, height, width, blocks, clip_frames=clip) * frames
     assert counter.get_total_flops() == expected
+
+
+def test_precompute_runs_janusvln_samples_and_reports_decode_reuse() -> None:
+    out = run_benchmark("precompute.py", "--model", str(TINY_MODEL), "--preset", "newjanusvln", "--n", "10",
+                        "--batch-size", "18", "--size", "56", "--width", "64", "--height", "48", "--rounds", "1",
+                        "--device", "cpu", "--json")
+    result = json.loads(out)
+    assert (result["samples"], result["frames_per_sample"]) == (10, 9)
+    assert result["spec"]["preset"] == "newjanusvln" and result["spec"]["reference_frame"] == "last"
+    assert result["decodes"] == {"seed": 90, "ours": 10, "ours_reused": 80}  # each of the 10 frames once
+    for method in ("seed", "ours", "limit"):
+        assert result["frames_per_s"][method] == pytest.approx(9 * result["images_per_s"][method], rel=1e-2)

@@ -87,6 +87,8 @@ def test_precompute_under_torchrun_shards_the_work_and_writes_one_manifest(tmp_p
     assert "Rank 0 of 2" in proc.stdout and "Rank 1 of 2" in proc.stdout
     manifest, spec = manifest_spec(data_root)
     assert (manifest["ranks"], manifest["total"], manifest["computed"], manifest["failed"]) == (2, 9, 9, 0)
+    plan = manifest["plan"]  # the ranks' plans in one: each planned its share against 1/2 of the free space
+    assert (plan["ranks"], plan["entries"], plan["to_compute"], plan["source"]["samples"]) == (2, 9, 9, 9)
     assert all(read_entry(image, spec).outcome is Outcome.HIT for image in images)
     assert {p.name for p in (tmp_path / "state").iterdir()} == {"rank0", "rank1"}
 
@@ -146,7 +148,7 @@ def test_sigterm_stops_serve_cleanly_mid_job(service_server, tmp_path: Path) -> 
     assert log.rstrip().endswith("[INFO] Stopped")
 
 
-def test_spec_flags_beat_their_variables_which_beat_the_preset(monkeypatch) -> None:
+def test_spec_flags_beat_variables_and_at_each_level_fields_beat_the_preset(monkeypatch) -> None:
     from service.cli import build_parser, spec_options
 
     def options(*argv: str) -> dict:
@@ -161,8 +163,11 @@ def test_spec_flags_beat_their_variables_which_beat_the_preset(monkeypatch) -> N
     assert options("--preset", "janusvln", "--size", "518")["size"] == 518
     monkeypatch.setenv("VGGT_CACHE_SIZE", "504")
     monkeypatch.setenv("VGGT_CACHE_REFERENCE_FRAME", "last")
-    got = options("--preset", "janusvln")
+    got = options("--preset", "janusvln")  # a preset typed on the command line ignores the environment's fields
+    assert (got["size"], got["reference_frame"], got["preprocess"]) == (644, "first", "crop")
+    monkeypatch.setenv("VGGT_CACHE_PRESET", "janusvln")
+    got = options()  # all from the environment: its fields beat its preset
     assert (got["size"], got["reference_frame"], got["preprocess"]) == (504, "last", "crop")
-    assert options("--preset", "janusvln", "--size", "518", "--reference_frame", "first")["size"] == 518
+    assert options("--size", "518")["size"] == 518
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--reference-frame", "middle"])

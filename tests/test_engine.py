@@ -17,6 +17,7 @@ from client.cachefile import Outcome, cache_path, read_entry
 from client.spec import FeatureSpec
 from service.engine import Engine, EngineStopped, Priority, UnitResult
 from service.model import load_aggregator
+from service.model.features import entry_features
 from service.preprocess import preprocess
 from service.units import Unit
 
@@ -357,3 +358,16 @@ def test_overlapping_padded_histories_decode_each_frame_once(tmp_path, loaded):
         stats = engine.stats()
     assert statuses(done) == ["computed"] * 12
     assert (stats["frames_decoded"], stats["frames_reused"]) == (12, 108 - 12)
+
+
+def test_a_repeated_frame_in_sequence_mode_keeps_its_last_positions_output(tmp_path, loaded):
+    a, b = images(tmp_path / "seq", 2)
+    spec = make_spec(loaded, attention="sequence", dtype="float32")
+    clip = (a, a, b, a)  # a padded history repeats frames; `a` is also the current view
+    with Engine(loaded, spec, max_batch_frames=8) as engine:
+        [done] = results(engine.submit([Unit.sequence(clip)]))
+    assert [e.image for e in done.entries] == [a, b]
+    frames = torch.stack([preprocess(p, spec.preprocess, spec.size) for p in clip])
+    expected = entry_features(loaded.model, frames[None], spec)[0]  # [4, P, C], one per position
+    assert torch.equal(done.entries[0].features, expected[3]) and torch.equal(done.entries[1].features, expected[2])
+    assert not torch.equal(expected[0], expected[3])  # position matters: frame 0 gets the first-frame tokens

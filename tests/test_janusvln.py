@@ -76,7 +76,8 @@ def test_the_service_computes_what_janusvln_training_computes(tmp_path, service_
     assert spec.preprocess == ("pad" if layout == "new" else "crop")
     assert (view["state"], view["computed"], view["failed"]) == ("finished", len(samples), 0)
     assert view["plan"]["source"] == {"source": "episodes" if layout == "new" else "json", "files": 1,
-                                      "samples": len(samples), "max_history_images": 8 if layout == "new" else None}
+                                      "samples": len(samples), "max_history_images": 8 if layout == "new" else None,
+                                      "ignored_episode_folders": 0, "sample_files": None}
     manifest = json.loads((root / "vggt_cache_manifest.json").read_text())
     assert manifest["plan"]["source"] == view["plan"]["source"]
     # The preset with one field overridden (float32 storage, for the comparison) is no longer the preset.

@@ -73,6 +73,12 @@ def test_dry_run_figures_match_what_the_job_then_writes(tmp_path):
     assert (after["valid"], after["to_compute"], after["bytes"]) == (STEPS, 0, 0)
     without_skip = figures(precompute("--data_root", str(root), "--dry-run", *state).stdout)
     assert (without_skip["valid"], without_skip["to_compute"]) == (STEPS, STEPS)
+    # Recomputing replaces files of about the same size: only the difference is new, never more than the overhead.
+    assert 0 <= without_skip["bytes"] <= STEPS * plan.ENTRY_OVERHEAD_BYTES
+    other_spec = figures(precompute("--data_root", str(root), "--skip_existing", "--dry-run", "--dtype", "float32",
+                                    *state).stdout)
+    assert (other_spec["valid"], other_spec["to_compute"]) == (0, STEPS)
+    assert 0 < other_spec["bytes"] <= STEPS * (TENSOR_BYTES + plan.ENTRY_OVERHEAD_BYTES)  # twice the tensor
 
 
 def test_a_job_whose_entries_would_not_fit_refuses_to_start_unless_forced(tmp_path, monkeypatch, capsys):

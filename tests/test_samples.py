@@ -46,13 +46,14 @@ def test_history_rule_pads_with_the_first_step_then_follows_numpy_linspace():
     assert history_indices(3, 8) == [0, 0, 0, 0, 0, 0, 1, 2, 3]
     assert history_indices(8, 8) == list(range(9))
     assert history_indices(10, 8) == [0, 1, 2, 3, 5, 6, 7, 8, 10]
-    assert history_indices(3, 8, pad=False) == [0, 1, 2, 3]
     for step in range(9, 200):
         for history in (1, 4, 8, 15):
             if step > history:
                 assert history_indices(step, history) == np.linspace(0, step, history + 1, dtype=int).tolist()
     with pytest.raises(ValueError, match="at least 1"):
         history_indices(3, 0)
+    with pytest.raises(ValueError, match="at least 1"):
+        find_samples(".", max_history_images=0)
 
 
 def test_episode_steps_sort_numerically_and_every_step_is_a_sample(tmp_path):
@@ -121,15 +122,24 @@ def test_a_broken_sample_array_is_a_problem_not_a_crash(tmp_path):
     assert "not valid JSON" in found.malformed[0][1]
 
 
-def test_sample_files_beat_episode_folders_which_beat_loose_images(tmp_path):
+def test_sample_files_beat_episode_folders_which_beat_loose_images(tmp_path, caplog):
     touch(tmp_path / "loose" / "x.jpg")
     assert find_samples(str(tmp_path)).source == "images"
     episode(tmp_path / "ep", ["STOP"] * 2)
     assert find_samples(str(tmp_path)).source == "episodes"
+    # A training log or other JSON beside the episodes is no sample file: the episodes stay the samples.
+    (tmp_path / "train_log.jsonl").write_text(json.dumps({"loss": 1.0}) + "\n")
+    (tmp_path / "stats.json").write_text(json.dumps([{"loss": 1.0}]))
+    assert find_samples(str(tmp_path)).source == "episodes"
     (tmp_path / "s.jsonl").write_text(json.dumps({"image": "loose/x.jpg"}) + "\n")
-    (tmp_path / "s.json").write_text(json.dumps([{"image": "loose/x.jpg"}]))
-    found = find_samples(str(tmp_path))
+    (tmp_path / "s.json").write_text("\ufeff" + json.dumps([{"image": "loose/x.jpg"}]))  # a BOM is fine
+    with caplog.at_level("WARNING", logger="vggt_cache"):
+        found = find_samples(str(tmp_path))
     assert found.source == "jsonl+json" and found.files == 2 and len(found.samples) == 2
+    assert found.describe()["ignored_episode_folders"] == 1 and "1 episode folder(s) ignored" in caplog.text
+    named = find_samples(str(tmp_path), files=["stats.json", "train_log.jsonl"])
+    assert named.malformed == [(str(tmp_path / "stats.json"), "not a sample file: a JSON array of sample "
+                                                             "objects was expected")]
 
 
 def test_a_clip_keeps_its_repeated_frames_and_units_follow_the_attention_mode(tmp_path):

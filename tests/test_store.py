@@ -230,12 +230,15 @@ def test_sigkill_mid_write_leaves_counters_equal_to_rows(tmp_path):
 
 
 def test_a_state_dir_from_before_job_plans_is_upgraded_in_place(tmp_path):
-    old = JobStore(str(tmp_path))
-    job = old.create_job(str(tmp_path / "data"), "d" * 16, "{}", {})
-    old.close()
-    with sqlite3.connect(tmp_path / DB_NAME) as db:  # the schema of the first release had no plan column
-        db.execute("ALTER TABLE jobs DROP COLUMN plan_json")
+    from service.store import _SCHEMA
+
+    first_release = _SCHEMA.replace(",\n    plan_json TEXT", "")  # the jobs table without its newer column
+    assert first_release != _SCHEMA
+    with sqlite3.connect(tmp_path / DB_NAME) as db:
+        db.executescript(first_release)
+        db.execute("INSERT INTO jobs (job_id, data_root, spec_digest, spec_json, options_json, state, created_at) "
+                   "VALUES ('old', '/data', 'd', '{}', '{}', 'finished', 1.0)")
     store = JobStore(str(tmp_path))
-    assert store.get(job.job_id).plan is None
-    assert store.record_plan(job.job_id, {"entries": 3}).plan == {"entries": 3}
-    assert JobStore(str(tmp_path)).get(job.job_id).plan == {"entries": 3}  # opening it again changes nothing
+    assert store.get("old").plan is None and store.get("old").state == "finished"
+    assert store.record_plan("old", {"entries": 3}).plan == {"entries": 3}
+    assert JobStore(str(tmp_path)).get("old").plan == {"entries": 3}  # opening it again changes nothing

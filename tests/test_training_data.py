@@ -251,7 +251,7 @@ def test_arguments_take_the_seeds_environment_and_flags_override_it(monkeypatch)
     assert cache.layers == (4, -1) and data.sample_files == ["a.jsonl", "b/c.jsonl"]
     with pytest.raises(ValueError, match="--vggt_attention must be one of frame|sequence|causal"):
         parse(["--vggt_attention", "bidirectional"])
-    with pytest.raises(ValueError, match="--max_history_images must be at least 1"):
+    with pytest.raises(ValueError, match="max_history_images must be an integer of at least 1"):
         parse(["--max_history_images", "0"])
     with pytest.raises(ValueError, match="--vggt_preset must be one of janusvln|newjanusvln|none"):
         parse(["--vggt_preset", "janus"])

@@ -206,7 +206,7 @@ def test_merge_grid_follows_qwens_patch_order():
 def test_merger_refuses_odd_grids_and_wrong_widths():
     merger = VGGTMerger(vggt_dim=8, llm_dim=16)
     assert merger(torch.zeros(2, 16, 8), (4, 4)).shape == (2, 4, 16)
-    with pytest.raises(ValueError, match="37x37 is not divisible by the spatial merge 2; use a spec with align=28"):
+    with pytest.raises(ValueError, match="37x37 is not divisible by the spatial merge 2; cut it to Qwen2.5-VL's even grid first"):
         merger(torch.zeros(1, 37 * 37, 8), (37, 37))
     with pytest.raises(ValueError, match="expected 4x4=16 patch tokens, got 15"):
         merger(torch.zeros(1, 15, 8), (4, 4))

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 
 from client.cache import FALLBACKS
 from client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, TOKENS, FeatureSpec, \
-    matching_preset, preset_options
+    matching_preset, resolve_options
 from service.model import LoadedModel
 from service.model.features import model_spec
-from service.samples import DEFAULT_MAX_HISTORY
+from service.samples import DEFAULT_MAX_HISTORY, check_history
 from training.merger import NORMS
 from training.model import ADD_TO, FUSIONS, Fusion
 
@@ -146,8 +146,7 @@ class DataArguments:
         if self.image_preprocess is not None:
             _check_choice("image_preprocess", self.image_preprocess, PREPROCESS)
         _check_choice("qwen_images", self.qwen_images, QWEN_IMAGES)
-        if self.max_history_images < 1:
-            raise ValueError(f"--max_history_images must be at least 1, got {self.max_history_images}")
+        check_history(self.max_history_images)
 
     @property
     def sample_files(self) -> list[str] | None:
@@ -213,12 +212,10 @@ class CacheArguments:
 
 def feature_spec(vggt: LoadedModel, data: DataArguments, cache: CacheArguments) -> FeatureSpec:
     """The spec of this run's features: the loaded weights, the preset, and the arguments given on top of it."""
-    options = preset_options(cache.vggt_preset) if cache.vggt_preset != "none" else {}
-    given = {"layers": cache.layers, "tokens": cache.vggt_tokens, "preprocess": data.image_preprocess,
-             "size": data.image_size, "align": data.image_align, "dtype": cache.vggt_dtype,
-             "attention": cache.vggt_attention, "reference_frame": cache.vggt_reference_frame}
-    options.update({k: v for k, v in given.items() if v is not None})
-    return model_spec(vggt, **options)
+    return model_spec(vggt, **resolve_options(
+        None if cache.vggt_preset == "none" else cache.vggt_preset, layers=cache.layers, tokens=cache.vggt_tokens,
+        preprocess=data.image_preprocess, size=data.image_size, align=data.image_align, dtype=cache.vggt_dtype,
+        attention=cache.vggt_attention, reference_frame=cache.vggt_reference_frame))
 
 
 def serve_flags(spec: FeatureSpec) -> str:

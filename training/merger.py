@@ -18,9 +18,8 @@ def merge_grid(x: Tensor, grid: tuple[int, int], merge: int = 2) -> Tensor:
     with blocks in row-major order and, inside a block, patches in row-major
     order: the layout of Qwen2.5-VL's image processor and ``PatchMerger``.
 
-    Odd grids are refused rather than padded or cropped: a padded or cropped
-    VGGT grid would no longer match the tokens Qwen2.5-VL produces for the same
-    image. Use a 28-aligned spec (``align=28``) so both grids are even.
+    Odd grids are refused: the caller cuts the VGGT grid to Qwen2.5-VL's (the even part of
+    it, as ``Qwen25VLWithVGGT`` does) so the merged tokens line up with Qwen's.
     """
     h, w = grid
     n, p, c = x.shape
@@ -29,7 +28,7 @@ def merge_grid(x: Tensor, grid: tuple[int, int], merge: int = 2) -> Tensor:
     if h % merge or w % merge:
         raise ValueError(
             f"VGGT patch grid {h}x{w} is not divisible by the spatial merge {merge}; "
-            f"use a spec with align={14 * merge} so VGGT and Qwen2.5-VL see the same even grid"
+            "cut it to Qwen2.5-VL's even grid first"
         )
     x = x.reshape(n, h // merge, merge, w // merge, merge, c)
     x = x.permute(0, 1, 3, 2, 4, 5)  # [N, h/m, w/m, m, m, C]

@@ -69,7 +69,7 @@ def compute_features(aggregator: torch.nn.Module, images: Tensor, spec: FeatureS
 
 def streams_reversed(spec: FeatureSpec) -> bool:
     """True when the model sees a clip newest frame first (``reference_frame="last"``)."""
-    return spec.reference_frame == "last" and spec.attention != "frame"
+    return spec.reference_frame == "last"  # FeatureSpec records "first" for frame attention
 
 
 def entry_features(aggregator: torch.nn.Module, images: Tensor, spec: FeatureSpec) -> Tensor:
