@@ -46,7 +46,7 @@ from client.cachefile import CACHE_SUFFIX, cache_path  # noqa: E402
 from client.spec import PRESETS, FeatureSpec, preset_options  # noqa: E402
 from service.engine import Engine  # noqa: E402
 from service.jobs import JobManager  # noqa: E402
-from service.manifest import manifest_path  # noqa: E402
+from client.manifest import manifest_path  # noqa: E402
 from service.model import LoadedModel  # noqa: E402
 from service.model.features import entry_features, model_spec  # noqa: E402
 from service.paths import AllowedRoots  # noqa: E402

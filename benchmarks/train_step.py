@@ -74,13 +74,13 @@ def write_data(root: Path, clips: int, frames: int) -> None:
 def precompute(samples, loaded, spec, device: str) -> None:
     """What the service writes for each clip's current frame."""
     for sample in samples:
-        unit = sample.clip[-1:] if spec.attention == "frame" else sample.clip
+        unit = spec.frames_of(sample.clip)
         sources = [source_record(p) for p in unit]  # stat-ed before decoding, as the service does
         frames = torch.stack([preprocess(p, spec.preprocess, spec.size, spec.align) for p in unit])
         entry = entry_features(loaded.model, frames[None].to(device), spec)[0, -1].cpu().clone()
         patch = spec.architecture["patch_size"]
         h, w = frames.shape[-2] // patch, frames.shape[-1] // patch
-        context = None if spec.attention == "frame" else context_record(unit[-1], unit)
+        context = context_record(unit[-1], spec.context_of(unit))
         write_entry(unit[-1], entry, spec, (h, w), sources[-1], context)
 
 

@@ -49,8 +49,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import functools
-import json
 import logging
 import os
 import queue
@@ -65,13 +63,13 @@ import torch
 
 from client.cachefile import Outcome, ReadResult, read_entry
 from client.http import AsyncTransport, ServiceError, Transport, reset_after_fork
-from client.spec import FeatureSpec
+from client.manifest import MANIFEST_NAME, nearest_manifest
+from client.spec import Attention, FeatureSpec
 from client.wire import decode_features
 
 log = logging.getLogger("vggt_cache")
 
 ENABLED_MESSAGE = "VGGT feature cache enabled (loading from image directories)"
-MANIFEST_NAME = "vggt_cache_manifest.json"  # written by the service at the data root
 FALLBACKS = ("service", "online", "error")
 STATUS_RETRY_S = 10.0
 TOKEN_ENV = "VGGT_CACHE_API_TOKEN"
@@ -120,30 +118,18 @@ def as_spec(spec: SpecLike) -> FeatureSpec | None:
     return out
 
 
-@functools.lru_cache(maxsize=4096)
-def _folder_manifest_spec(folder: str) -> FeatureSpec | None:
-    path = os.path.join(folder, MANIFEST_NAME)
-    if os.path.isfile(path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                return as_spec(json.load(f)["spec"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            _warn_once(path, "Ignoring manifest %s: %s", path, exc)
-            return None
-    parent = os.path.dirname(folder)
-    return None if parent == folder else _folder_manifest_spec(parent)
-
-
 def nearest_manifest_spec(image_path: PathLike) -> FeatureSpec | None:
-    """The spec in the nearest `vggt_cache_manifest.json` at or above the image's folder.
-
-    Looked up once per folder per process: a manifest written later is not seen.
-    """
-    return _folder_manifest_spec(os.path.dirname(os.path.abspath(image_path)))
+    """The spec in the nearest `vggt_cache_manifest.json` at or above the image's folder."""
+    try:
+        found = nearest_manifest(image_path)
+        return None if found is None else as_spec(found[1]["spec"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        _warn_once(f"manifest:{exc}", "Ignoring a manifest above %s: %s", image_path, exc)
+        return None
 
 
 def _read_clip(clip: Clip, spec: FeatureSpec | None, mmap: bool) -> ReadResult:
-    context = None if spec is None or spec.attention == "frame" else clip
+    context = None if spec is None else spec.context_of(clip)
     return read_entry(clip[-1], spec, context_frames=context, mmap=mmap)
 
 
@@ -295,7 +281,7 @@ class _Core:
                 groups.setdefault(self.service_spec, []).append(clip)
         failures = {clip: self._status_error for clip in groups.pop(None, [])}
         for spec, clips in groups.items():
-            as_images = spec.attention == "frame"
+            as_images = spec.attention == Attention.FRAME
             for chunk in self._chunks(clips, as_images):
                 outcome = yield _Call("POST", "/features", key=chunk[0][-1],
                                       json=features_payload(chunk, as_images, wait=True))
@@ -330,7 +316,7 @@ class _Core:
         ends = []
         position = 0
         for clip in chunk:
-            position += 1 if spec.attention != "sequence" else len(clip)
+            position += 1 if spec.attention != Attention.SEQUENCE else len(clip)
             ends.append(position - 1)
         if position != len(items) or any(items[i]["image"] != os.path.normpath(c[-1])
                                           for i, c in zip(ends, chunk)):

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 import torch
 
 from client.fastload import load_file
-from client.spec import FeatureSpec, canonical_json, short_digest
+from client.spec import Attention, FeatureSpec, canonical_json, short_digest
 
 CACHE_SUFFIX = ".vggt_cache.pt"
 FORMAT_VERSION = 1
@@ -228,7 +228,7 @@ def _shape_problem(shape: tuple[int, ...], spec: FeatureSpec, grid: list[int]) -
 
 
 def _context_problem(spec: FeatureSpec, context: Any) -> str | None:
-    if spec.attention == "frame":
+    if spec.attention == Attention.FRAME:
         return None if context is None else "attention 'frame' takes no context"
     if not (
         isinstance(context, dict)

@@ -6,16 +6,29 @@ import dataclasses
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 from functools import cached_property
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TOKENS = ("patch", "all")
 PREPROCESS = ("crop", "pad")
-ATTENTION = ("frame", "sequence", "causal")
+S = TypeVar("S", bound=Sequence)  # a clip: paths, or a tensor of frames
+
+
+class Attention(str, Enum):
+    """What a frame sees: itself (`frame`), its whole clip (`sequence`), or the frames up to it (`causal`)."""
+
+    FRAME = "frame"
+    SEQUENCE = "sequence"
+    CAUSAL = "causal"
+
+
+ATTENTION = tuple(a.value for a in Attention)
 # Which frame of a clip streams first and gets VGGT's first-frame camera/register tokens:
 # "first" the clip in order, "last" the clip reversed (the current view first; NewJanusVLN).
 REFERENCE_FRAMES = ("first", "last")
@@ -65,7 +78,7 @@ class FeatureSpec:
         if arch.get("num_register_tokens", 0) != 0:
             _positive_int("architecture['num_register_tokens']", arch["num_register_tokens"])
         object.__setattr__(self, "architecture", arch)
-        object.__setattr__(self, "layers", _normalise_layers(self.layers, depth))
+        object.__setattr__(self, "layers", normalise_layers(self.layers, depth))
         _choice("tokens", self.tokens, TOKENS)
         _choice("preprocess", self.preprocess, PREPROCESS)
         _choice("dtype", self.dtype, tuple(DTYPES))
@@ -118,6 +131,14 @@ class FeatureSpec:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def frames_of(self, clip: S) -> S:
+        """The frames (paths or a tensor's rows) a clip's entry is computed from: the last one alone in `frame`."""
+        return clip[-1:] if self.attention == Attention.FRAME else clip
+
+    def context_of(self, clip: S) -> S | None:
+        """The frames a clip's entry records as its context: none in `frame` attention, else the whole clip."""
+        return None if self.attention == Attention.FRAME else clip
 
     def differences(self, other: FeatureSpec) -> list[str]:
         """Names of the fields whose values differ from `other` (for messages)."""
@@ -178,7 +199,8 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {'|'.join(allowed)}, got {value!r}")
 
 
-def _normalise_layers(layers: Any, depth: int) -> tuple[int, ...]:
+def normalise_layers(layers: Any, depth: int) -> tuple[int, ...]:
+    """Layer indices made non-negative for a model of `depth` (negatives count from the end), in order."""
     if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
         raise ValueError(f"layers must be a sequence of integers, got {layers!r}")
     layers = tuple(layers)

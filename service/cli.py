@@ -8,89 +8,28 @@ import os
 import sys
 from collections.abc import Sequence
 
-from client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, TOKENS, FeatureSpec, resolve_options
+from client.logs import setup_logging
 from service.samples import DEFAULT_MAX_HISTORY, check_history
 from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings
+from service.specflags import add_spec_flags
 
 log = logging.getLogger("vggt_cache")
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
-
-
-def setup_logging(verbose: bool = False) -> None:
-    # The seed's log lines read "[INFO] ..." and "[WARN] ...".
-    logging.addLevelName(logging.WARNING, "WARN")
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="[%(levelname)s] %(message)s", stream=sys.stderr, force=True)
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns the progress
 
 
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"VGGT_CACHE_{name}", default)
 
 
-def _layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers, e.g. -2 or 4,11,17,23; got {text!r}")
-
-
-# Spec flag -> (FeatureSpec field, parser of its text, help). Unset flags fall back to their
-# VGGT_CACHE_<FIELD> variable, then to --preset, then to FeatureSpec's default.
-_SPEC_FLAGS = {
-    "--attention": ("attention", str, "frame: each image alone (the seed's behaviour); sequence: bidirectional "
-                                      "over a clip; causal: frame t sees frames <= t"),
-    "--layers": ("layers", _layers, "aggregator layer(s), negative from the end (-2: the seed's "
-                                    "aggregated_tokens[-2]); several as --layers=-4,-1"),
-    "--tokens": ("tokens", str, "patch tokens only, or all (camera and register tokens first)"),
-    "--preprocess": ("preprocess", str, "VGGT's reference preprocessing: crop (width to --size) or pad (square)"),
-    "--size": ("size", int, "preprocess target size (a multiple of 14; JanusVLN-family training uses 644)"),
-    "--align": ("align", int, "resize each side down to a multiple of this (28 with pad gives 504x504)"),
-    "--dtype": ("dtype", str, "storage dtype of cached features"),
-    "--reference-frame": ("reference_frame", str, "first: stream a clip in order; last: reversed, the current "
-                                                  "view first (NewJanusVLN); causal and sequence attention only"),
-}
-_SPEC_CHOICES = {"attention": ATTENTION, "tokens": TOKENS, "preprocess": PREPROCESS, "dtype": tuple(DTYPES),
-                 "reference_frame": REFERENCE_FRAMES}
-
-
-def add_spec_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("feature spec (recorded in every cache entry; flags beat VGGT_CACHE_* variables, "
-                             "and spec fields beat a preset)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="the spec a project's training computes: janusvln (causal, crop, 644, reference first) | "
-                        "newjanusvln (causal, pad, 644, reference last); both layer -2, bfloat16 "
-                        "(default: $VGGT_CACHE_PRESET, else none)")
-    defaults = FeatureSpec.__dataclass_fields__
-    for flag, (name, parse, text) in _SPEC_FLAGS.items():
-        default = defaults[name].default
-        shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        g.add_argument(flag, *([f"--{name}"] if "-" in flag[2:] else []), dest=name, type=parse,
-                       choices=_SPEC_CHOICES.get(name), default=None, help=f"{text} (default: {shown})")
-
-
-def spec_options(args: argparse.Namespace) -> dict:
-    """The spec flags as FeatureSpec keyword arguments.
-
-    Command-line flags beat `VGGT_CACHE_*` variables, and at each of the two levels the fields
-    given beat the preset: `--preset` on the command line ignores spec variables left in the
-    environment, and `VGGT_CACHE_PRESET` yields to `VGGT_CACHE_SIZE` and the like.
-    """
-    flags = {name: getattr(args, name) for name, _, _ in _SPEC_FLAGS.values()}
-    if args.preset is not None:
-        return resolve_options(args.preset, **flags)
-    variables = {name: None if _env(name.upper()) is None else parse(_env(name.upper()))
-                 for name, parse, _ in _SPEC_FLAGS.values()}
-    return resolve_options(_env("PRESET"), **{**variables, **{k: v for k, v in flags.items() if v is not None}})
-
-
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    defaults = ServiceSettings()
     p.add_argument("--max-batch-frames", "--max_batch_frames", type=int,
-                   default=int(_env("MAX_BATCH_FRAMES", "32")), help="frames per device batch (default: %(default)s)")
-    p.add_argument("--decode-workers", type=int, default=int(_env("DECODE_WORKERS", "4")),
-                   help="threads decoding and preprocessing images while the device computes")
-    p.add_argument("--write-workers", type=int, default=int(_env("WRITE_WORKERS", "4")),
-                   help="threads writing cache files (each fsyncs) while the device computes")
+                   default=int(_env("MAX_BATCH_FRAMES", str(defaults.max_batch_frames))),
+                   help="frames per device batch (default: %(default)s)")
+    p.add_argument("--decode-workers", type=int, default=int(_env("DECODE_WORKERS", str(defaults.decode_workers))),
+                   help="threads decoding and preprocessing images while the device computes (default: %(default)s)")
+    p.add_argument("--write-workers", type=int, default=int(_env("WRITE_WORKERS", str(defaults.write_workers))),
+                   help="threads writing cache files (each fsyncs) while the device computes (default: %(default)s)")
     p.add_argument("--state-dir", "--state_dir", default=_env("STATE_DIR", ServiceSettings.state_dir),
                    help="where job state (SQLite) lives; keep it on local disk (default: %(default)s)")
 

@@ -11,13 +11,12 @@ import time
 
 from service.samples import DEFAULT_MAX_HISTORY
 from service.settings import ServiceSettings
+from service.specflags import spec_options
 
 log = logging.getLogger("vggt_cache")
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
-    from service.cli import spec_options
-
     s = ServiceSettings(
         model=args.model, device=args.device, state_dir=os.path.expanduser(args.state_dir),
         spec=spec_options(args), max_batch_frames=args.max_batch_frames, decode_workers=args.decode_workers,
@@ -158,7 +157,7 @@ def _merge_rank_manifests(jobs, view: dict, seconds: float, rank: int, world: in
     import torch.distributed as dist
 
     from client.spec import matching_preset
-    from service.manifest import write_manifest
+    from client.manifest import write_manifest
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -238,7 +237,7 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
 def verify(args: argparse.Namespace) -> int:
     from client.spec import FeatureSpec
     from service.verify import verify_data_root
-    from service.manifest import read_manifest
+    from client.manifest import read_manifest
 
     data_root = os.path.abspath(args.data_root)
     history, files = args.max_history_images, args.data_files

@@ -31,10 +31,11 @@ from typing import Any
 import torch
 
 from client.cachefile import Outcome, context_record, read_entry, source_record, write_entry
-from client.spec import FeatureSpec
+from client.spec import Attention, FeatureSpec
 from service.model import LoadedModel
 from service.model.features import entry_features
 from service.preprocess import load_image, preprocess
+from service.settings import ServiceSettings
 from service.units import Unit
 
 __all__ = ["Engine", "EngineStopped", "EntryResult", "Priority", "Unit", "UnitResult"]
@@ -42,6 +43,7 @@ __all__ = ["Engine", "EngineStopped", "EntryResult", "Priority", "Unit", "UnitRe
 log = logging.getLogger("vggt_cache")
 
 SHUTDOWN_MESSAGE = "service shutting down"
+_DEFAULTS = ServiceSettings()  # the one place engine settings have their defaults
 STATS_WINDOW_S = 30.0
 
 # [B, S, 3, H, W] batch on the device -> None; raising is handled like a failing forward.
@@ -373,10 +375,10 @@ class Engine:
         loaded: LoadedModel,
         spec: FeatureSpec,
         devices: Sequence[str] = ("cpu",),
-        max_batch_frames: int = 32,
-        max_wait_ms: float = 5.0,
-        decode_workers: int = 4,
-        write_workers: int = 2,
+        max_batch_frames: int = _DEFAULTS.max_batch_frames,
+        max_wait_ms: float = _DEFAULTS.max_wait_ms,
+        decode_workers: int = _DEFAULTS.decode_workers,
+        write_workers: int = _DEFAULTS.write_workers,
         bulk_queue_batches: int = 2,
         frame_cache_frames: int = 64,
         before_forward: ForwardHook | None = None,
@@ -399,7 +401,7 @@ class Engine:
             _Device(name, copy.deepcopy(first).to(name).eval()) for name in devices[1:]
         ]
         self._scheduler = _Scheduler(max_batch_frames, max_wait_ms / 1000.0, bulk_queue_batches * max_batch_frames)
-        self._frame_cache = _FrameCache(frame_cache_frames if spec.attention != "frame" else 0)
+        self._frame_cache = _FrameCache(frame_cache_frames if spec.attention != Attention.FRAME else 0)
         # Bounds results waiting for a writer, so slow storage stalls the device instead of filling memory.
         self._write_slots = threading.Semaphore(2 * max_batch_frames * len(self._devices))
         self._lock = threading.Lock()  # counters and state below
@@ -509,9 +511,9 @@ class Engine:
 
     def _check_unit(self, unit: Unit) -> None:
         mode = self.spec.attention
-        if mode == "frame" and len(unit.frames) != 1:
+        if mode == Attention.FRAME and len(unit.frames) != 1:
             raise ValueError(f"frame attention takes one frame per unit, got {len(unit.frames)}")
-        if mode == "causal" and unit.targets != unit.frames[-1:]:
+        if mode == Attention.CAUSAL and unit.targets != unit.frames[-1:]:
             raise ValueError("a causal unit has one target, its last frame")
 
     # -- decode stage ---------------------------------------------------------------------------
@@ -540,7 +542,7 @@ class Engine:
         for target in job.unit.targets:
             # Read whole (no mmap): another NFS client may replace the file while we hold it. Work that
             # returns no features (bulk jobs) checks the metadata alone: a few KB instead of megabytes.
-            read = read_entry(target, self.spec, context_frames=self._context_frames(job.unit), mmap=False,
+            read = read_entry(target, self.spec, context_frames=self.spec.context_of(job.unit.frames), mmap=False,
                               tensor=job.return_features)
             if read.outcome is not Outcome.HIT:
                 return None
@@ -551,7 +553,7 @@ class Engine:
         unit = job.unit
         # Stat before decoding: an image rewritten meanwhile leaves an entry that is already stale.
         job.sources = [source_record(t) for t in unit.targets]
-        frames = self._context_frames(unit)
+        frames = self.spec.context_of(unit.frames)
         job.contexts = [None if frames is None else context_record(t, frames) for t in unit.targets]
         images = [self._load_frame(path) for path in unit.frames]
         shapes = {tuple(im.shape) for im in images}
@@ -565,9 +567,6 @@ class Engine:
         return self._frame_cache.get(  # [3, H, W]
             (path, st.st_size, st.st_mtime_ns),
             lambda: preprocess(load_image(path), mode=spec.preprocess, size=spec.size, align=spec.align))
-
-    def _context_frames(self, unit: Unit) -> tuple[str, ...] | None:
-        return None if self.spec.attention == "frame" else unit.frames
 
     # -- device stage ---------------------------------------------------------------------------
     def _device_loop(self, dev: _Device) -> None:
@@ -657,7 +656,7 @@ class Engine:
                 # A frame repeated in a clip (padded history) takes its last position's output, the one
                 # training computes for a clip's current frame.
                 index = 0
-                if self.spec.attention == "sequence":
+                if self.spec.attention == Attention.SEQUENCE:
                     index = len(unit.frames) - 1 - unit.frames[::-1].index(target)
                 # Own storage: a result must not pin the whole batch (and write_entry need not copy).
                 entry = features[index].clone()
@@ -680,7 +679,7 @@ class Engine:
             self._write_slots.release()
 
     def _verify(self, target: str, expected: torch.Tensor, unit: Unit) -> None:
-        read = read_entry(target, self.spec, context_frames=self._context_frames(unit), mmap=False)
+        read = read_entry(target, self.spec, context_frames=self.spec.context_of(unit.frames), mmap=False)
         if read.outcome is not Outcome.HIT:
             raise OSError(f"verify failed: entry reads back as {read.outcome.value} ({read.reason})")
         if not torch.equal(read.features, expected):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from client.cachefile import is_temp_file
 from client.spec import FeatureSpec, matching_preset
 from service.engine import Engine, EngineStopped, Priority, UnitResult
-from service.manifest import write_manifest
+from client.manifest import write_manifest
 from service.paths import AllowedRoots, PathNotAllowed
 from service.plan import Plan, plan_job
 from service.samples import DEFAULT_MAX_HISTORY, check_history
@@ -26,8 +26,6 @@ from service.units import Unit
 log = logging.getLogger("vggt_cache")
 
 TERMINAL = ("finished", "failed", "cancelled")
-# Temp files older than this process are orphans; one written by a peer during our (long) model load is not.
-PROCESS_STARTED_AT = time.time()
 MANIFEST_FAILURES = 1000
 
 
@@ -55,7 +53,9 @@ class JobManager:
     """One runner thread takes jobs in order; state lives in SQLite so a restarted service resumes."""
 
     def __init__(self, store: JobStore, engine: Engine, spec: FeatureSpec, roots: AllowedRoots,
-                 model_info: dict, rank: int = 0, world_size: int = 1) -> None:
+                 model_info: dict, rank: int = 0, world_size: int = 1, started_at: float | None = None) -> None:
+        """`started_at`: when this process started (before its model load); temporary files older than it
+        are orphans of a killed run, a younger one may be a peer's write in flight."""
         self.store = store
         self.engine = engine
         self.spec = spec
@@ -68,7 +68,7 @@ class JobManager:
         self._enqueued: set[str] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self._started_at = PROCESS_STARTED_AT
+        self._started_at = time.time() if started_at is None else started_at
         # Bulk units submitted per engine call: enough to fill a few batches, small enough to cancel promptly.
         self.chunk_units = max(8, 2 * engine.max_batch_frames)
 

@@ -127,7 +127,7 @@ def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing:
              units: Sequence[Unit] | None = None, refused: int = 0, ranks: int = 1) -> Plan:
     """The plan of a job over `scan`, or over `units` (one rank's share of it), reading headers and metadata only."""
     units = scan.units if units is None else units
-    work = [(t, None if spec.attention == "frame" else u.frames) for u in units for t in u.targets]
+    work = [(t, spec.context_of(u.frames)) for u in units for t in u.targets]
     sizes: dict[tuple[int, int], int] = {}
     checked: list[_Target] = []
     started = last_report = time.monotonic()

@@ -43,6 +43,7 @@ class Components:
 
 def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, world_size: int = 1) -> Components:
     """Load the model once, start the engine on its devices; the job manager is built but not started."""
+    started_at = time.time()  # before the (long) model load: see JobManager
     devices = parse_devices(s.device)
     log.info("Loading VGGT model from %s onto %s", s.model, ", ".join(devices))
     t0 = time.perf_counter()
@@ -58,7 +59,8 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
         max_wait_ms=s.max_wait_ms, decode_workers=s.decode_workers, write_workers=s.write_workers,
     )
     engine.start()
-    jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, model_info(loaded, devices, spec), rank, world_size)
+    jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, model_info(loaded, devices, spec), rank, world_size,
+                      started_at)
     return Components(loaded, spec, engine, jobs, devices)
 
 

@@ -35,10 +35,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from client.cachefile import CACHE_SUFFIX
-from service.manifest import MANIFEST_NAME
+from client.manifest import MANIFEST_NAME
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
-SAMPLE_SUFFIXES = (".jsonl", ".json")
 DEFAULT_MAX_HISTORY = 8
 STEP_FRAME = re.compile(r"^step_(\d+)_([A-Za-z_]+)\.(png|jpe?g)$", re.IGNORECASE)
 # The keys that make a JSON object a sample (its frames, or a conversation about them).

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from service.samples import DEFAULT_MAX_HISTORY, SampleSet, find_samples
-from service.units import ATTENTION_MODES, Unit
+from client.spec import ATTENTION, Attention
+from service.units import Unit
 
 
 @dataclass
@@ -38,7 +39,7 @@ class UnitPlanner:
         self._conflicted: set[str] = set()
 
     def add_clip(self, frames: tuple[str, ...] | list[str]) -> None:
-        clips = [(f,) for f in frames] if self.attention == "frame" else [tuple(frames)]
+        clips = [(f,) for f in frames] if self.attention == Attention.FRAME else [tuple(frames)]
         for clip in clips:
             if clip in self._seen:
                 continue
@@ -63,10 +64,10 @@ def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
     its frames targets; `causal` -> one per unique clip, its last frame the target. Loose image
     files (no sample files, no episode folders) are work for `frame` attention only.
     """
-    if attention not in ATTENTION_MODES:
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
     found = find_samples(data_root, max_history_images, data_path, files)
-    if found.source == "images" and attention != "frame":
+    if found.source == "images" and attention != Attention.FRAME:
         raise ValueError(
             f"{attention} attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> "
             f"episode folders) found under {data_root} (an image folder alone is only work for frame attention)"

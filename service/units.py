@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-ATTENTION_MODES = ("frame", "sequence", "causal")
+from client.spec import ATTENTION, Attention
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,12 @@ class Unit:
     @classmethod
     def for_clip(cls, attention: str, frames: Sequence[str]) -> Unit:
         """The unit an ordered clip makes in `attention` mode (frame mode takes one frame)."""
-        if attention == "frame":
+        if attention == Attention.FRAME:
             if len(frames) != 1:
                 raise ValueError(f"frame attention takes one frame per unit, got {len(frames)}")
             return cls.frame(frames[0])
-        if attention == "sequence":
+        if attention == Attention.SEQUENCE:
             return cls.sequence(frames)
-        if attention == "causal":
+        if attention == Attention.CAUSAL:
             return cls.causal(frames)
-        raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, got {attention!r}")
+        raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")

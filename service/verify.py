@@ -15,7 +15,7 @@ def verify_data_root(data_root: str, spec: FeatureSpec, data_path: str | None = 
     counts = {o.value: 0 for o in Outcome}
     problems = []
     for unit in scan.units:
-        context = unit.frames if spec.attention != "frame" else None
+        context = spec.context_of(unit.frames)
         for target in unit.targets:
             result = read_entry(target, spec, context_frames=context, mmap=True)
             counts[result.outcome.value] += 1

@@ -14,7 +14,7 @@ import pytest
 
 from client.cachefile import Outcome, read_entry
 from client.spec import FeatureSpec
-from service.manifest import MANIFEST_NAME
+from client.manifest import MANIFEST_NAME
 from conftest import free_port
 from service_helpers import cache_files, done, wait_job, write_images
 
@@ -149,7 +149,8 @@ def test_sigterm_stops_serve_cleanly_mid_job(service_server, tmp_path: Path) -> 
 
 
 def test_spec_flags_beat_variables_and_at_each_level_fields_beat_the_preset(monkeypatch) -> None:
-    from service.cli import build_parser, spec_options
+    from service.cli import build_parser
+    from service.specflags import spec_options
 
     def options(*argv: str) -> dict:
         return spec_options(build_parser().parse_args(["serve", *argv]))

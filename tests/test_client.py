@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from client.cache import (ENABLED_MESSAGE, MANIFEST_NAME, AsyncFeatureCache, CacheUnavailable, FeatureCache,
-                          read_cached)
+from client.cache import ENABLED_MESSAGE, AsyncFeatureCache, CacheUnavailable, FeatureCache, read_cached
 from client.cachefile import Outcome, cache_path, read_entry, source_record, write_entry
 from client.http import ordered_urls, parse_retry_after
+from client.manifest import MANIFEST_NAME
 from client.spec import FeatureSpec
 from client.wire import encode_features
 from conftest import free_port

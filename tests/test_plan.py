@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import httpx
-import pytest
 
 from client.cachefile import CACHE_SUFFIX
 from service import cli, plan

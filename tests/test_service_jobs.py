@@ -12,7 +12,7 @@ import torch
 
 from client.cachefile import Outcome, read_entry
 from client.wire import decode_features
-from service.manifest import MANIFEST_NAME
+from client.manifest import MANIFEST_NAME
 from service_helpers import cache_files, done, job, service_spec, temp_files, wait_job, write_images
 
 

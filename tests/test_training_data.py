@@ -16,12 +16,13 @@ from transformers import HfArgumentParser, Qwen2_5_VLForConditionalGeneration
 
 from client.cache import FeatureCache
 from client.cachefile import context_record, source_record, write_entry
-from service.cli import build_parser, spec_options
+from service.cli import build_parser
 from service.model import load_aggregator
 from service.model.features import entry_features, model_spec
 from service.preprocess import preprocess
 from service.sources import scan_data_root
-from training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec, serve_flags
+from service.specflags import serve_flags, spec_options, train_options
+from training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec
 from training.data import IGNORE_INDEX, SampleError, VGGTCollator, VLNDataset, chat_turns, load_samples
 from training.model import Fusion, Qwen25VLWithVGGT
 from training.tiny import image_inputs
@@ -248,7 +249,7 @@ def test_arguments_take_the_seeds_environment_and_flags_override_it(monkeypatch)
     monkeypatch.setenv("USE_VGGT_CACHE", "no")
     assert parse(["--use_vggt_cache"])[2].use_vggt_cache is True
     _, data, cache = parse(["--vggt_layers=4,-1", "--data_files", "a.jsonl, b/c.jsonl", "--vggt_attention", "causal"])
-    assert cache.layers == (4, -1) and data.sample_files == ["a.jsonl", "b/c.jsonl"]
+    assert train_options(cache)["layers"] == (4, -1) and data.sample_files == ["a.jsonl", "b/c.jsonl"]
     with pytest.raises(ValueError, match="--vggt_attention must be one of frame|sequence|causal"):
         parse(["--vggt_attention", "bidirectional"])
     with pytest.raises(ValueError, match="max_history_images must be an integer of at least 1"):

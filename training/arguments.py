@@ -13,7 +13,7 @@ arguments and the loaded VGGT weights (:func:`feature_spec`) and handed to the
 argument given overrides it. A cached entry or a service answer made with any other
 spec is never used: it counts as a miss (and at start-up the run compares each
 service's ``/status`` spec with its own and names the fields that differ).
-Start the service with the same spec (:func:`serve_flags` spells its flags).
+Start the service with the same spec (``service.specflags.serve_flags`` spells its flags).
 
 **Image geometry.** VGGT sees the preprocessed frame whole; Qwen2.5-VL sees it cut at
 the bottom/right to whole 2x2 token blocks, and the VGGT grid is cut the same way before
@@ -33,11 +33,11 @@ import os
 from dataclasses import dataclass, field
 
 from client.cache import FALLBACKS
-from client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, TOKENS, FeatureSpec, \
-    matching_preset, resolve_options
+from client.spec import PRESETS, FeatureSpec, resolve_options
 from service.model import LoadedModel
 from service.model.features import model_spec
 from service.samples import DEFAULT_MAX_HISTORY, check_history
+from service.specflags import train_field, train_options
 from training.merger import NORMS
 from training.model import ADD_TO, FUSIONS, Fusion
 
@@ -48,13 +48,6 @@ QWEN_IMAGES = ("all", "current")
 def env_flag(name: str) -> bool:
     """The seed's convention: ``true``, ``1`` or ``yes`` (any case) switch a feature on."""
     return os.environ.get(name, "").strip().lower() in TRUE_WORDS
-
-
-def parse_layers(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(f"--vggt_layers takes comma-separated integers, e.g. -2 or 4,11,17,23; got {text!r}") from None
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -122,12 +115,9 @@ class DataArguments:
         metadata={"help": "folder (relative to data_root) that relative image paths are joined to; "
                           "the same as `vggt-cache precompute --data_path`"},
     )
-    image_preprocess: str | None = field(
-        default=None, metadata={"help": "crop | pad (VGGT's reference preprocessing; default: the preset's)"})
-    image_size: int | None = field(
-        default=None, metadata={"help": "preprocessed image size, a multiple of 14 (default: the preset's)"})
-    image_align: int | None = field(
-        default=None, metadata={"help": "sides are resized down to multiples of this (default: the preset's)"})
+    image_preprocess: str | None = train_field("preprocess")
+    image_size: int | None = train_field("size")
+    image_align: int | None = train_field("align")
     max_history_images: int = field(
         default=DEFAULT_MAX_HISTORY,
         metadata={"help": "episode folders (step_<n>_<ACTION>.png): history frames per sample, as "
@@ -143,8 +133,7 @@ class DataArguments:
     def __post_init__(self) -> None:
         if self.data_root is None:
             self.data_root = os.environ.get("DATA_ROOT")
-        if self.image_preprocess is not None:
-            _check_choice("image_preprocess", self.image_preprocess, PREPROCESS)
+        train_options(self)  # fail while parsing, not after the models have loaded
         _check_choice("qwen_images", self.qwen_images, QWEN_IMAGES)
         check_history(self.max_history_images)
 
@@ -179,14 +168,11 @@ class CacheArguments:
         metadata={"help": f"the feature spec to start from: {' | '.join(PRESETS)} | none (FeatureSpec's defaults); "
                           "the arguments below override it"},
     )
-    vggt_attention: str | None = field(default=None, metadata={"help": "frame | sequence | causal"})
-    vggt_layers: str | None = field(
-        default=None, metadata={"help": "aggregator layer(s), comma-separated, negative from the end"}
-    )
-    vggt_tokens: str | None = field(default=None, metadata={"help": "patch | all"})
-    vggt_dtype: str | None = field(default=None, metadata={"help": "storage dtype of cached features"})
-    vggt_reference_frame: str | None = field(
-        default=None, metadata={"help": "first (stream clips in order) | last (reversed, the current view first)"})
+    vggt_attention: str | None = train_field("attention")
+    vggt_layers: str | None = train_field("layers")
+    vggt_tokens: str | None = train_field("tokens")
+    vggt_dtype: str | None = train_field("dtype")
+    vggt_reference_frame: str | None = train_field("reference_frame")
 
     def __post_init__(self) -> None:
         if self.use_vggt_cache is None:
@@ -195,15 +181,7 @@ class CacheArguments:
             self.vggt_service_url = os.environ.get("VGGT_SERVICE_URL") or None
         _check_choice("vggt_cache_fallback", self.vggt_cache_fallback, FALLBACKS)
         _check_choice("vggt_preset", self.vggt_preset, (*PRESETS, "none"))
-        for name, allowed in (("vggt_attention", ATTENTION), ("vggt_tokens", TOKENS), ("vggt_dtype", tuple(DTYPES)),
-                              ("vggt_reference_frame", REFERENCE_FRAMES)):
-            if getattr(self, name) is not None:
-                _check_choice(name, getattr(self, name), allowed)
-        self.layers  # fail while parsing, not after the models have loaded
-
-    @property
-    def layers(self) -> tuple[int, ...] | None:
-        return None if self.vggt_layers is None else parse_layers(self.vggt_layers)
+        train_options(self)  # fail while parsing, not after the models have loaded
 
     @property
     def service_urls(self) -> list[str]:
@@ -212,19 +190,5 @@ class CacheArguments:
 
 def feature_spec(vggt: LoadedModel, data: DataArguments, cache: CacheArguments) -> FeatureSpec:
     """The spec of this run's features: the loaded weights, the preset, and the arguments given on top of it."""
-    return model_spec(vggt, **resolve_options(
-        None if cache.vggt_preset == "none" else cache.vggt_preset, layers=cache.layers, tokens=cache.vggt_tokens,
-        preprocess=data.image_preprocess, size=data.image_size, align=data.image_align, dtype=cache.vggt_dtype,
-        attention=cache.vggt_attention, reference_frame=cache.vggt_reference_frame))
-
-
-def serve_flags(spec: FeatureSpec) -> str:
-    """The ``vggt-cache serve`` flags that make a service compute features with ``spec``."""
-    preset = matching_preset(spec)
-    if preset is not None:
-        return f"--preset {preset}"
-    depth = spec.architecture["depth"]
-    # Negative layer indices read the same for any depth, as the seed's -2 does.
-    layers = ",".join(str(layer - depth) for layer in spec.layers)
-    return (f"--attention {spec.attention} --layers={layers} --tokens {spec.tokens} --preprocess {spec.preprocess} "
-            f"--size {spec.size} --align {spec.align} --dtype {spec.dtype} --reference-frame {spec.reference_frame}")
+    preset = None if cache.vggt_preset == "none" else cache.vggt_preset
+    return model_spec(vggt, **resolve_options(preset, **train_options(data, cache)))

@@ -200,8 +200,7 @@ class VLNDataset(Dataset):
         ids, labels = self._tokens(sample.turns, (grid.prod(-1) // self.merge**2).tolist())
         images_vggt = None
         if features is None:
-            vggt_clip = sample.clip[-1:] if self.spec.attention == "frame" else sample.clip
-            clip = [self._frame(p, frames) for p in vggt_clip]
+            clip = [self._frame(p, frames) for p in self.spec.frames_of(sample.clip)]
             if len({tuple(f.shape) for f in clip}) > 1:
                 raise ValueError(f"{sample.where}: the clip's frames preprocess to different sizes "
                                  f"{sorted({tuple(f.shape[1:]) for f in clip})}; VGGT needs one size per clip "

@@ -74,7 +74,6 @@ class VGGTMerger(nn.Module):
         self.spatial_merge = spatial_merge
         merged_dim = vggt_dim * spatial_merge**2
         self.hidden_dim = hidden_dim or merged_dim
-        self.norm_kind = norm
         self.norm = NORMS[norm](vggt_dim)
         self.mlp = nn.Sequential(
             nn.Linear(merged_dim, self.hidden_dim),

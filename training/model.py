@@ -230,7 +230,7 @@ class Qwen25VLWithVGGT(nn.Module):
         if frames.ndim != 4 or frames.shape[1] != 3:
             raise ValueError(f"sample {b}: images_vggt must be [S, 3, H, W], got {list(frames.shape)}")
         # Frame attention makes the context irrelevant: only the current frame is computed.
-        return frames[-1:] if self.spec.attention == "frame" else frames
+        return self.spec.frames_of(frames)
 
     def _vggt_grid(self, b: int, given: tuple[int, int] | None, frames: Tensor | None,
                    qwen: tuple[int, int]) -> tuple[int, int]:

@@ -47,11 +47,13 @@ from transformers import (
 )
 
 from client.cache import TOKEN_ENV, CacheUnavailable, FeatureCache, as_spec
+from client.logs import setup_logging
 from client.spec import FeatureSpec, matching_preset
 from service.model import DEFAULT_SOURCE, load_aggregator
 from service.settings import DEFAULT_PORT
 from service.sources import UnitPlanner
-from training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec, serve_flags
+from service.specflags import serve_flags
+from training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec
 from training.data import VGGTCollator, VLNDataset, load_samples
 from training.model import FUSION_FILE, MERGER_FILE, Qwen25VLWithVGGT
 from training.tiny import tiny_qwen25vl_config
@@ -166,16 +168,6 @@ class VGGTTrainer(Trainer):
         model.merger.load_state_dict(load_file(ckpt / MERGER_FILE))
 
 
-def setup_logging(main_process: bool) -> None:
-    """The seed's ``[INFO] ...`` / ``[WARN] ...`` lines for this project's logger; warnings on every rank."""
-    logging.addLevelName(logging.WARNING, "WARN")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("[%(levelname)s] %(message)s"))
-    log.handlers[:] = [handler]
-    log.propagate = False
-    log.setLevel(logging.INFO if main_process else logging.WARNING)
-
-
 def serve_command(spec: FeatureSpec, vggt: str, data_root: str) -> str:
     """A ``vggt-cache serve`` line whose features this run can use."""
     return (f"vggt-cache serve --model {vggt} --device cuda --host 0.0.0.0 --port {DEFAULT_PORT} "
@@ -273,7 +265,7 @@ def warn_shared_targets(samples: Sequence, attention: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     model_args, data_args, cache_args, training_args = parse_args(argv)
-    setup_logging(training_args.should_log)
+    setup_logging(main_process=training_args.should_log)
     _refuse_zero3(training_args.deepspeed)
     vggt_path = vggt_source(model_args)
     # Float32 weights, as the service loads them; Trainer moves them to the device.

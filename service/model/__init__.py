@@ -1,13 +1,12 @@
 """VGGT-1B's aggregator in plain PyTorch: model, streaming key/value cache, checkpoint loader."""
 
-from .aggregator import ATTENTION_MODES, VGGTAggregator
+from .aggregator import VGGTAggregator
 from .config import AggregatorConfig, PatchEmbedConfig
 from .fingerprint import file_fingerprint
 from .kv_cache import KVCache
 from .loader import DEFAULT_SOURCE, LoadedModel, ModelIdentity, identify_model, load_aggregator
 
 __all__ = [
-    "ATTENTION_MODES",
     "AggregatorConfig",
     "DEFAULT_SOURCE",
     "KVCache",

@@ -8,13 +8,14 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from client.spec import ATTENTION, Attention, normalise_layers
+
 from .config import AggregatorConfig
 from .dinov2 import DinoV2Encoder
 from .kv_cache import KVCache
 from .layers import Block
 from .rope import patch_positions, rope_tables
 
-ATTENTION_MODES = ("frame", "sequence", "causal")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -60,20 +61,6 @@ class VGGTAggregator(nn.Module):
         for token in tokens:
             nn.init.normal_(token, std=1e-6)
 
-    def normalize_layers(self, layers: Sequence[int] | None) -> list[int]:
-        """Requested layer indices made non-negative (None = all), in the requested order."""
-        depth = self.config.depth
-        if layers is None:
-            return list(range(depth))
-        out = []
-        for layer in layers:
-            if not -depth <= layer < depth:
-                raise ValueError(f"layer {layer} is out of range for depth {depth}")
-            out.append(layer % depth)
-        if not out:
-            raise ValueError("layers must not be empty")
-        return out
-
     def forward(
         self,
         images: Tensor,
@@ -86,21 +73,22 @@ class VGGTAggregator(nn.Module):
         ``frame``: every frame alone; ``sequence``: global attention over each clip; ``causal``: frame t
         attends to frames <= t. ``kv_cache`` (causal only) continues a clip across calls.
         """
-        if attention not in ATTENTION_MODES:
-            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
-        if kv_cache is not None and attention != "causal":
+        if attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
+        if kv_cache is not None and attention != Attention.CAUSAL:
             raise ValueError("kv_cache needs attention='causal'")
         if images.ndim != 5 or images.shape[2] != 3:
             raise ValueError(f"images must be [B, S, 3, H, W], got {list(images.shape)}")
         B, S, _, H, W = images.shape
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
-        wanted = self.normalize_layers(layers)
-        if attention == "frame":
+        wanted = list(range(self.config.depth)) if layers is None else list(normalise_layers(layers, self.config.depth))
+        if attention == Attention.FRAME:
             # A clip of one frame: global attention over it is frame attention with the global weights.
             outputs = self._aggregate(images.reshape(B * S, 1, 3, H, W), wanted, causal=False, kv_cache=None)
             return [out.view(B, S, *out.shape[2:]) for out in outputs], self.patch_start_idx
-        return self._aggregate(images, wanted, causal=attention == "causal", kv_cache=kv_cache), self.patch_start_idx
+        causal = attention == Attention.CAUSAL
+        return self._aggregate(images, wanted, causal=causal, kv_cache=kv_cache), self.patch_start_idx
 
     def _aggregate(self, images: Tensor, wanted: list[int], causal: bool, kv_cache: KVCache | None) -> list[Tensor]:
         B, S, _, H, W = images.shape

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from client.spec import FeatureSpec
+from client.spec import Attention, FeatureSpec
 
 if TYPE_CHECKING:
     from service.model.loader import LoadedModel, ModelIdentity
@@ -86,7 +86,7 @@ def entry_features(aggregator: torch.nn.Module, images: Tensor, spec: FeatureSpe
         images = images.flip(1)  # [B, S, 3, H, W], the current view first
     with torch.no_grad(), feature_autocast(images.device):
         outputs, patch_start_idx = aggregator(images, attention=spec.attention, layers=list(spec.layers))
-        if spec.attention != "sequence":
+        if spec.attention != Attention.SEQUENCE:
             # Only the last streamed frame has an entry: slice before the cast and the copy to the host.
             outputs = [o[:, -1:] for o in outputs]  # each [B, 1, P_all, C]
         elif reverse:

@@ -9,7 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vggt_cache")
 
 _CHUNK = 8 << 20
 

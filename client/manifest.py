@@ -1,10 +1,16 @@
-"""`<data_root>/vggt_cache_manifest.json`: what the last job over a data root did."""
+"""`<data_root>/vggt_cache_manifest.json`: what the last job over a data root did.
+
+The service writes it when a job ends (counts, spec, preset, plan, model, timing,
+failures); `vggt-cache verify` reads the spec and the history rule back from it, and
+a `FeatureCache` without a spec takes the spec of the nearest one above an image.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+import threading
 
 MANIFEST_NAME = "vggt_cache_manifest.json"
 MANIFEST_VERSION = 1
@@ -47,6 +53,38 @@ def write_manifest(data_root: str, record: dict) -> str:
             os.unlink(tmp)
         raise
     return path
+
+
+_seen: dict[str, tuple[int, int, dict | None]] = {}  # path -> (mtime_ns, size, body): re-read when it changes
+_seen_lock = threading.Lock()
+
+
+def nearest_manifest(path: str | os.PathLike) -> tuple[str, dict] | None:
+    """(manifest path, body) of the nearest manifest at or above `path`'s folder, or None.
+
+    One `stat` per folder level; a manifest is parsed again only when it changed, so one
+    written after the first lookup is seen. An unreadable manifest raises ValueError.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    while True:
+        candidate = manifest_path(folder)
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            st = None
+        if st is not None:
+            with _seen_lock:
+                known = _seen.get(candidate)
+            if known is None or known[:2] != (st.st_mtime_ns, st.st_size):
+                known = (st.st_mtime_ns, st.st_size, read_manifest(folder))
+                with _seen_lock:
+                    _seen[candidate] = known
+            if known[2] is not None:
+                return candidate, known[2]
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return None
+        folder = parent
 
 
 def read_manifest(data_root: str) -> dict | None:
