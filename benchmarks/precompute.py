@@ -77,15 +77,14 @@ def ours_way(loaded: LoadedModel, spec: FeatureSpec, data_root: str, device: tor
     try:
         jobs = JobManager(store, engine, spec, AllowedRoots.of([data_root]), model_info(loaded, [str(device)], spec))
         start = time.perf_counter()
-        job = jobs.submit(data_root, skip_existing=True)
-        view = jobs.run(job["job_id"])
+        view = jobs.run(jobs.submit(data_root, skip_existing=True).job_id)
         seconds = time.perf_counter() - start
         stats = engine.stats()
     finally:
         engine.stop()
         store.close()
-    if view["state"] != "finished" or view["failed"] or view["computed"] != view["total"]:
-        raise RuntimeError(f"the bulk job did not compute every entry: {json.dumps(view)[:1000]}")
+    if view.state != "finished" or view.failed or view.computed != view.total:
+        raise RuntimeError(f"the bulk job did not compute every entry: {json.dumps(view.to_dict())[:1000]}")
     return seconds, stats
 
 

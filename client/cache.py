@@ -62,8 +62,9 @@ import httpx
 import torch
 
 from client.cachefile import Outcome, ReadResult, read_entry
-from client.http import AsyncTransport, ServiceError, Transport, reset_after_fork
+from client.http import ServiceError, reset_after_fork
 from client.manifest import MANIFEST_NAME, nearest_manifest
+from client.service import AsyncServiceClient, ServiceClient, as_spec, features_payload, spec_of_status
 from client.spec import Attention, FeatureSpec
 from client.wire import decode_features
 
@@ -72,7 +73,6 @@ log = logging.getLogger("vggt_cache")
 ENABLED_MESSAGE = "VGGT feature cache enabled (loading from image directories)"
 FALLBACKS = ("service", "online", "error")
 STATUS_RETRY_S = 10.0
-TOKEN_ENV = "VGGT_CACHE_API_TOKEN"
 STAT_KEYS = ("hits", "misses", "stale", "corrupt", "spec_mismatch", "fetched", "fallbacks", "errors",
              "prefetched", "prefetch_errors")
 _OUTCOME_STAT = {Outcome.HIT: "hits", Outcome.MISSING: "misses", Outcome.STALE: "stale",
@@ -102,20 +102,6 @@ def _warn_once(key: str, message: str, *args: Any) -> None:
     if key not in _warned:
         _warned.add(key)
         log.warning(message, *args)
-
-
-def as_spec(spec: SpecLike) -> FeatureSpec | None:
-    """A FeatureSpec from a spec, its `to_dict()`, or `/status`'s spec (with its "digest")."""
-    if spec is None or isinstance(spec, FeatureSpec):
-        return spec
-    if not isinstance(spec, dict):
-        raise TypeError(f"spec must be a FeatureSpec or a dict, got {type(spec).__name__}")
-    fields = dict(spec)
-    digest = fields.pop("digest", None)
-    out = FeatureSpec.from_dict(fields)
-    if digest is not None and digest != out.digest:
-        raise ValueError(f"spec digest {digest} does not match its fields (digest {out.digest})")
-    return out
 
 
 def nearest_manifest_spec(image_path: PathLike) -> FeatureSpec | None:
@@ -246,10 +232,7 @@ class _Core:
         try:
             if isinstance(outcome, ServiceError):
                 raise outcome
-            body = outcome.json()
-            if body.get("spec") is None:
-                raise ValueError(f"the service has no model loaded yet (state {body.get('service', {}).get('state')})")
-            self.service_spec = as_spec(body["spec"])
+            self.service_spec = spec_of_status(outcome.json())
         except (ServiceError, ValueError, TypeError, AttributeError) as exc:
             self._status_error = f"cannot read the service's spec: {exc}"
             self._status_retry_at = time.monotonic() + STATUS_RETRY_S
@@ -312,19 +295,14 @@ class _Core:
             # Perhaps the service restarted with another spec: ask its /status again next time.
             self.service_spec, self._status_retry_at = None, 0.0
             return dict.fromkeys(chunk, f"unusable response: {exc}")
-        # Entries come unit by unit; a sequence-mode unit has one per frame, the target is the last.
-        ends = []
-        position = 0
-        for clip in chunk:
-            position += 1 if spec.attention != Attention.SEQUENCE else len(clip)
-            ends.append(position - 1)
-        if position != len(items) or any(items[i]["image"] != os.path.normpath(c[-1])
-                                          for i, c in zip(ends, chunk)):
-            return dict.fromkeys(chunk, f"the response's {len(items)} entries do not match the request")
+        # Each item names the request entry it answers; a clip's own entry is that of its last frame.
+        answers = {(item["request"], item["image"]): item for item in items}
         failures = {}
-        for clip, i in zip(chunk, ends):
-            item = items[i]
-            if item["status"] == "failed":
+        for position, clip in enumerate(chunk):
+            item = answers.get((position, os.path.normpath(clip[-1])))
+            if item is None:
+                failures[clip] = "the response has no entry for it"
+            elif item["status"] == "failed":
                 failures[clip] = item["error"]
             else:
                 found[clip] = tensors[item["tensor"]]
@@ -362,13 +340,6 @@ class _Core:
                 + [features_payload(chunk, False, wait=False) for chunk in self._chunks(longer, False)])
 
 
-def features_payload(clips: list[Clip], as_images: bool, wait: bool) -> dict:
-    """`POST /features` body: the clips' last frames as images (frame mode), or the clips themselves."""
-    if as_images:
-        return {"images": [c[-1] for c in clips], "skip_existing": True, "wait": wait}
-    return {"clips": [list(c) for c in clips], "skip_existing": True, "wait": wait}
-
-
 # -- the public caches ---------------------------------------------------------------------------
 
 class _BaseFeatureCache(abc.ABC):
@@ -399,13 +370,12 @@ class _BaseFeatureCache(abc.ABC):
         mmap: bool = False,
         max_request_frames: int = 64,
     ) -> None:
-        token = api_token if api_token is not None else os.environ.get(TOKEN_ENV)
-        self._transport = self._transport_class(service_url, token, timeout, retries)
-        self._core = _Core(bool(self._transport.urls), spec, fallback, mmap, max_request_frames)
+        self._client = self._client_class(service_url, api_token, timeout, retries)
+        self._core = _Core(bool(self._client.urls), spec, fallback, mmap, max_request_frames)
         self._start()
         log.info(ENABLED_MESSAGE)
 
-    _transport_class: type = Transport
+    _client_class: type = ServiceClient
 
     @abc.abstractmethod
     def _start(self) -> None:
@@ -423,7 +393,7 @@ class _BaseFeatureCache(abc.ABC):
 
     @property
     def service_urls(self) -> tuple[str, ...]:
-        return self._transport.urls
+        return self._client.urls
 
     def _prefetch_sent(self, payload: dict) -> None:
         self._core.stats["prefetched"] += len(payload.get("images", ())) + len(payload.get("clips", ()))
@@ -463,7 +433,7 @@ class FeatureCache(_BaseFeatureCache):
 
     def prefetch(self, paths_or_clips: Sequence[PathLike | Sequence[PathLike]]) -> None:
         """Ask the service to compute these soon, at bulk priority; returns at once, never raises."""
-        if not self._transport.urls:
+        if not self._client.urls:
             return
         try:
             for payload in self._core.prefetch_payloads(paths_or_clips):
@@ -473,7 +443,7 @@ class FeatureCache(_BaseFeatureCache):
 
     def close(self) -> None:
         self._prefetcher.close()
-        self._transport.close()
+        self._client.close()
 
     def __enter__(self) -> FeatureCache:
         return self
@@ -489,8 +459,7 @@ class FeatureCache(_BaseFeatureCache):
 
     def _send(self, call: _Call) -> Answer:
         try:
-            return self._transport.request(call.method, call.path, key=call.key, json=call.json,
-                                           retries=call.retries)
+            return self._client.request(call.method, call.path, key=call.key, json=call.json, retries=call.retries)
         except ServiceError as exc:
             return exc
 
@@ -508,7 +477,7 @@ class AsyncFeatureCache(_BaseFeatureCache):
     Local file reads run in a worker thread so they never block the event loop.
     """
 
-    _transport_class = AsyncTransport
+    _client_class = AsyncServiceClient
 
     def _start(self) -> None:
         self._tasks: set[asyncio.Task] = set()
@@ -527,7 +496,7 @@ class AsyncFeatureCache(_BaseFeatureCache):
 
     def prefetch(self, paths_or_clips: Sequence[PathLike | Sequence[PathLike]]) -> None:
         """Schedule bulk-priority requests on the running loop; returns at once, never raises."""
-        if not self._transport.urls:
+        if not self._client.urls:
             return
         try:
             loop = asyncio.get_running_loop()
@@ -541,7 +510,7 @@ class AsyncFeatureCache(_BaseFeatureCache):
     async def aclose(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        await self._transport.aclose()
+        await self._client.aclose()
 
     async def __aenter__(self) -> AsyncFeatureCache:
         return self
@@ -557,8 +526,8 @@ class AsyncFeatureCache(_BaseFeatureCache):
 
     async def _send(self, call: _Call) -> Answer:
         try:
-            return await self._transport.request(call.method, call.path, key=call.key, json=call.json,
-                                                 retries=call.retries)
+            return await self._client.request(call.method, call.path, key=call.key, json=call.json,
+                                              retries=call.retries)
         except ServiceError as exc:
             return exc
 

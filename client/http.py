@@ -142,16 +142,17 @@ class Attempts:
     """
 
     def __init__(self, urls: Sequence[str], key: str | None, policy: RetryPolicy, retries: int | None = None,
-                 down: dict[str, float] | None = None) -> None:
+                 down: dict[str, float] | None = None, down_s: float = DOWN_S) -> None:
         if not urls:
             raise ServiceError("no service URL configured")
         # A URL that just failed every try is skipped for DOWN_S: a dataloader must not pay the
         # whole retry schedule (or a read timeout) again for every sample while a service is down.
         self._down = {} if down is None else down
+        self._down_s = down_s
         now = time.monotonic()
         self._order = [u for u in ordered_urls(urls, key) if self._down.get(u, 0.0) <= now]
         if not self._order:
-            raise ServiceError(f"every vggt-cache service failed within the last {DOWN_S:g} s; "
+            raise ServiceError(f"every vggt-cache service failed within the last {down_s:g} s; "
                                "not retrying yet")
         self._policy = policy
         self._rounds = 1 + (policy.retries if retries is None else retries)
@@ -183,7 +184,7 @@ class Attempts:
 
     def failed(self, url: str, exc: httpx.TransportError) -> None:
         if isinstance(exc, httpx.ReadTimeout):
-            self._down[url] = time.monotonic() + DOWN_S
+            self._down[url] = time.monotonic() + self._down_s
             raise ServiceError(f"{url} did not answer in time ({exc}); raise the client timeout "
                                "or ask for fewer features per call") from exc
         self._broken = True
@@ -191,7 +192,7 @@ class Attempts:
 
     def exhausted(self) -> ServiceError:
         if self._broken:
-            until = time.monotonic() + DOWN_S
+            until = time.monotonic() + self._down_s
             self._down.update((url, until) for url in self._order)
         tries = len(self._failures)
         recent = "; ".join(self._failures[-len(self._order):])
@@ -207,8 +208,11 @@ class _BaseTransport(abc.ABC):
         api_token: str | None = None,
         timeout: float = 120.0,
         retries: int = 3,
+        down_s: float = DOWN_S,
     ) -> None:
+        """`down_s`: how long a URL that failed every try is skipped (0: never, for a tool following one job)."""
         self.urls = normalise_urls(service_url)
+        self.down_s = down_s
         self.policy = RetryPolicy(retries=retries)
         self.timeout = httpx.Timeout(timeout, connect=min(timeout, CONNECT_TIMEOUT_S))
         self._headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
@@ -235,8 +239,11 @@ class _BaseTransport(abc.ABC):
     def _new_pool(self) -> Any:
         """A new httpx client (sync or async) for this process."""
 
+    def _timeout(self, seconds: float | None) -> dict:
+        return {} if seconds is None else {"timeout": httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_S))}
+
     def _attempts(self, key: str | None, retries: int | None) -> Attempts:
-        return Attempts(self.urls, key, self.policy, retries, self._down)
+        return Attempts(self.urls, key, self.policy, retries, self._down, self.down_s)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_pool": None, "_pool_pid": None}
@@ -253,14 +260,16 @@ class Transport(_BaseTransport):
         return httpx.Client(timeout=self.timeout, headers=self._headers)
 
     def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                retries: int | None = None) -> httpx.Response:
-        """Send to the URL `key` picks, failing over and retrying; returns the first 2xx response."""
+                retries: int | None = None, timeout: float | None = None) -> httpx.Response:
+        """Send to the URL `key` picks, failing over and retrying; returns the first 2xx response.
+
+        `timeout` replaces the transport's for this request (a long dry run, say)."""
         attempts = self._attempts(key, retries)
         for url, wait in attempts:
             if wait:
                 time.sleep(wait)
             try:
-                response = self._current_pool().request(method, url + path, json=json)
+                response = self._current_pool().request(method, url + path, json=json, **self._timeout(timeout))
             except httpx.TransportError as exc:
                 attempts.failed(url, exc)
                 continue
@@ -281,13 +290,14 @@ class AsyncTransport(_BaseTransport):
         return httpx.AsyncClient(timeout=self.timeout, headers=self._headers)
 
     async def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                      retries: int | None = None) -> httpx.Response:
+                      retries: int | None = None, timeout: float | None = None) -> httpx.Response:
         attempts = self._attempts(key, retries)
         for url, wait in attempts:
             if wait:
                 await asyncio.sleep(wait)
             try:
-                response = await self._current_pool().request(method, url + path, json=json)
+                response = await self._current_pool().request(method, url + path, json=json,
+                                                              **self._timeout(timeout))
             except httpx.TransportError as exc:
                 attempts.failed(url, exc)
                 continue

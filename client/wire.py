@@ -1,15 +1,20 @@
 """The `/features` response body: safetensors bytes with a JSON item list.
 
 Tensors are named "0", "1", ...; the safetensors metadata key `vggt_cache`
-holds `json.dumps({"items": [...], "spec_digest": str})`, each item being
-`{"image", "status": "cached"|"computed"|"failed", "tensor": name|None,
-"error": str|None, "grid": [h, w]|None}`. Failed items carry an error and no
-tensor; the others carry a tensor and a grid and no error.
+holds `json.dumps({"items": [...], "spec_digest": str, "requests": [int, ...]})`,
+each item being `{"image", "status": "cached"|"computed"|"failed", "tensor":
+name|None, "error": str|None, "grid": [h, w]|None}`. Failed items carry an error
+and no tensor; the others carry a tensor and a grid and no error. `requests[i]`
+is the position, in the request's `images` then `clips`, of the entry item `i`
+answers (a `sequence` clip has one item per frame); the decoder puts it in each
+item as `"request"`. Items keep their fixed keys, so a reader of the first
+release still decodes the body.
 """
 
 from __future__ import annotations
 
 import json
+from enum import Enum
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -17,17 +22,29 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 META_KEY = "vggt_cache"
-STATUSES = ("cached", "computed", "failed")
+
+
+class EntryStatus(str, Enum):
+    """What became of one entry: read from a valid sibling file, computed (and written), or failed."""
+
+    CACHED = "cached"
+    COMPUTED = "computed"
+    FAILED = "failed"
+
+
+STATUSES = tuple(s.value for s in EntryStatus)
 _ITEM_KEYS = ("image", "status", "tensor", "error", "grid")
 
 
 def encode_features(
-    items: Sequence[Mapping[str, Any]], tensors: Mapping[str, torch.Tensor], spec_digest: str
+    items: Sequence[Mapping[str, Any]], tensors: Mapping[str, torch.Tensor], spec_digest: str,
+    requests: Sequence[int],
 ) -> bytes:
-    """Serialise a response; raises ValueError when items and tensors disagree."""
+    """Serialise a response; raises ValueError when items, tensors and request positions disagree."""
     items = [dict(item) for item in items]
     _check(items, set(tensors), spec_digest)
-    meta = json.dumps({"items": items, "spec_digest": spec_digest})
+    requests = _requests(list(requests), len(items))
+    meta = json.dumps({"items": items, "spec_digest": spec_digest, "requests": requests})
     # safetensors wants contiguous CPU tensors; it copies only each tensor's own bytes.
     tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     return _st_save(tensors, metadata={META_KEY: meta})
@@ -54,7 +71,17 @@ def decode_features(
     _check(items, set(tensors), spec_digest)
     if expected_digest is not None and spec_digest != expected_digest:
         raise ValueError(f"features body is for spec {spec_digest}, expected {expected_digest}")
+    for item, request in zip(items, _requests(payload.get("requests"), len(items))):
+        item["request"] = request
     return items, tensors
+
+
+def _requests(requests: Any, n_items: int) -> list[int]:
+    if not (isinstance(requests, list) and len(requests) == n_items
+            and all(type(r) is int and r >= 0 for r in requests)):
+        raise ValueError(f"malformed features body: 'requests' must list {n_items} non-negative integers "
+                         "(a service older than this client does not send them)")
+    return requests
 
 
 def _metadata(body: bytes) -> dict:

@@ -18,7 +18,6 @@ import os
 import queue
 import threading
 from importlib import resources
-from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -29,8 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from client.spec import matching_preset
 from client.wire import encode_features
-from service.engine import Engine, EngineStopped, EntryResult, Priority
+from service.engine import Engine, EngineStopped, Priority, UnitResult
 from service.jobs import plan_work
+from service.jobview import JobState, JobView
 from service.limits import BodySizeLimit
 from service.metrics import Metrics
 from service.paths import PathNotAllowed, printable
@@ -64,10 +64,12 @@ class PrecomputeRequest(BaseModel):
                                                            "instead of every one found")
 
 
-class JobView(BaseModel):
+class JobViewModel(BaseModel):
+    """service.jobview.JobView at the HTTP edge."""
+
     job_id: str
     data_root: str
-    state: Literal["queued", "running", "finished", "failed", "cancelled"]
+    state: JobState
     total: int
     computed: int
     skipped: int
@@ -155,7 +157,7 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
             body["spec"] = {**c.spec.to_dict(), "digest": c.spec.digest}
             body["preset"] = matching_preset(c.spec)
             body["engine"] = c.engine.stats()
-            body["jobs"] = c.jobs.list_views()
+            body["jobs"] = [v.to_dict() for v in c.jobs.list_views()]
         return body
 
     @app.get("/metrics", dependencies=auth)
@@ -197,14 +199,13 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
             results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
         except EngineStopped as exc:
             raise HTTPException(503, str(exc), headers={"Retry-After": "5"}) from exc
-        entries = [e for r in results for e in r.entries]
-        metrics.count_entries(entries)
+        metrics.count_entries(e for r in results for e in r.entries)
         # Copies every tensor into one body (hundreds of MB for VGGT-1B): off the event loop.
-        body = await run_in_threadpool(features_body, entries, c.spec.digest)
+        body = await run_in_threadpool(features_body, results, c.spec.digest)
         return Response(body, media_type=MEDIA_TYPE)
 
     @app.post("/precompute", status_code=202, dependencies=auth, response_model=None)
-    def precompute(req: PrecomputeRequest, c: Components = Depends(ready)) -> JobView | JSONResponse:
+    def precompute(req: PrecomputeRequest, c: Components = Depends(ready)) -> JobViewModel | JSONResponse:
         try:
             data_root = runtime.roots.contain(req.data_root, writes_sibling=False)
         except PathNotAllowed as exc:
@@ -225,30 +226,32 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
             raise HTTPException(403, str(exc)) from exc
         except ValueError as exc:  # a dry run without samples, a data root the job store cannot record
             raise HTTPException(422, str(exc)) from exc
-        return JobView(**job)
+        return JobViewModel(**job.to_dict())
 
     @app.get("/jobs/{job_id}", dependencies=auth)
-    def get_job(job_id: str, c: Components = Depends(ready)) -> JobView:
+    def get_job(job_id: str, c: Components = Depends(ready)) -> JobViewModel:
         return _job_view(job_id, c.jobs.view(job_id))
 
     @app.delete("/jobs/{job_id}", dependencies=auth)
-    def cancel_job(job_id: str, c: Components = Depends(ready)) -> JobView:
+    def cancel_job(job_id: str, c: Components = Depends(ready)) -> JobViewModel:
         return _job_view(job_id, c.jobs.cancel(job_id))
 
     return app
 
 
-def features_body(entries: list[EntryResult], spec_digest: str) -> bytes:
-    """The safetensors body of a /features answer (client/wire.py)."""
-    items, tensors = [], {}
-    for e in entries:
-        name = None
-        if e.features is not None:
-            name = str(len(tensors))
-            tensors[name] = e.features
-        items.append({"image": e.image, "status": e.status, "tensor": name, "error": e.error,
-                      "grid": list(e.grid) if e.grid else None})
-    return encode_features(items, tensors, spec_digest)
+def features_body(results: list[UnitResult], spec_digest: str) -> bytes:
+    """The safetensors body of a /features answer (client/wire.py): results in request order."""
+    items, tensors, requests = [], {}, []
+    for position, result in enumerate(results):
+        for e in result.entries:
+            name = None
+            if e.features is not None:
+                name = str(len(tensors))
+                tensors[name] = e.features
+            items.append({"image": e.image, "status": e.status, "tensor": name, "error": e.error,
+                          "grid": list(e.grid) if e.grid else None})
+            requests.append(position)
+    return encode_features(items, tensors, spec_digest, requests)
 
 
 class Prefetcher:
@@ -272,10 +275,10 @@ class Prefetcher:
                 engine.submit(units, Priority.BULK, skip_existing=skip_existing, return_features=False)
 
 
-def _job_view(job_id: str, job: dict | None) -> JobView:
+def _job_view(job_id: str, job: JobView | None) -> JobViewModel:
     if job is None:
         raise HTTPException(404, f"no job {job_id}")
-    return JobView(**job)
+    return JobViewModel(**job.to_dict())
 
 
 def request_units(images: list[str], clips: list[list[str]], attention: str) -> list[Unit]:

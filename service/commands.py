@@ -8,12 +8,16 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 
+from service.jobview import JobState, JobView
 from service.samples import DEFAULT_MAX_HISTORY
 from service.settings import ServiceSettings
 from service.specflags import spec_options
 
 log = logging.getLogger("vggt_cache")
+PROGRESS_POLL_S = 1.0  # how often a followed job's progress is read (not a test's synchronisation)
 
 
 def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
@@ -73,8 +77,6 @@ def precompute(args: argparse.Namespace) -> int:
 
 
 def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
-    from tqdm import tqdm
-
     from service.paths import AllowedRoots
     from service.runtime import build_components
 
@@ -98,25 +100,23 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
         log.info("Rank %d of %d: taking shard %d", rank, world, rank)
     job = jobs.submit(data_root, skip_existing=args.skip_existing, verify=args.verify, data_path=args.data_path,
                       max_history_images=args.max_history_images, force=args.force, data_files=args.data_files)
-    bar = tqdm(total=None, unit="img", desc=f"[rank {rank}] precompute" if world > 1 else "precompute",
-               disable=None)
-
-    def progress(view: dict) -> None:
-        bar.total = view.get("total") or bar.total
-        bar.n = view["computed"] + view["skipped"] + view["failed"]
-        bar.set_postfix(computed=view["computed"], skipped=view["skipped"], failed=view["failed"], refresh=False)
-        bar.refresh()
-
     t0 = time.time()
-    try:
-        view = jobs.run(job["job_id"], on_progress=progress, write_final_manifest=world == 1)
-    finally:
-        bar.close()
-        engine.stop()
+    with ThreadPoolExecutor(1, thread_name_prefix="job") as pool:
+        running = pool.submit(jobs.run, job.job_id)
+        try:
+            _follow_job(lambda: jobs.view(job.job_id), lambda _: running.done(),
+                        lambda: wait([running], timeout=PROGRESS_POLL_S),
+                        f"[rank {rank}] precompute" if world > 1 else "precompute")
+            view = running.result()
+        except BaseException:  # Ctrl-C: the job stops after its batches in flight and resumes next time
+            jobs.stop()
+            raise
+        finally:
+            engine.stop()
     if world > 1:
         _merge_rank_manifests(jobs, view, time.time() - t0, rank, world)
     _print_summary(view)
-    return 0 if view.get("state") == "finished" and not view.get("failed") else 1
+    return 0 if view.state is JobState.FINISHED and not view.failed else 1
 
 
 def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root: str, roots) -> int:
@@ -152,7 +152,7 @@ def _print_plan(plan: dict, summary: str, digest: str) -> None:
 _PLAN_COUNTS = ("units", "entries", "valid", "to_compute", "unreadable", "refused", "bytes_to_write")
 
 
-def _merge_rank_manifests(jobs, view: dict, seconds: float, rank: int, world: int) -> None:
+def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world: int) -> None:
     """torchrun: every rank sends its counts to rank 0, which writes the one manifest."""
     import torch.distributed as dist
 
@@ -162,14 +162,14 @@ def _merge_rank_manifests(jobs, view: dict, seconds: float, rank: int, world: in
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     parts: list[dict | None] = [None] * world
-    dist.all_gather_object(parts, view)
+    dist.all_gather_object(parts, view.to_dict())
     if rank == 0:
         total = {k: sum(p[k] for p in parts) for k in ("total", "computed", "skipped", "failed")}
         failures = [f for p in parts for f in p.get("failures", [])]
         plans = [p["plan"] for p in parts if p.get("plan")]
         # One plan for the whole root: the samples found (the same on every rank), the counts summed.
         plan = {**plans[0], **{k: sum(p[k] for p in plans) for k in _PLAN_COUNTS}} if plans else None
-        write_manifest(view["data_root"], {
+        write_manifest(view.data_root, {
             **total, "state": "finished" if all(p["state"] == "finished" for p in parts) else "incomplete",
             "ranks": world, "spec": jobs.spec.to_dict(), "spec_digest": jobs.spec.digest,
             "preset": matching_preset(jobs.spec), "plan": plan,
@@ -179,59 +179,73 @@ def _merge_rank_manifests(jobs, view: dict, seconds: float, rank: int, world: in
     dist.destroy_process_group()
 
 
-def _print_summary(view: dict) -> None:
-    log.info("%s: %d total, %d computed, %d skipped, %d failed", view.get("state", "?"), view.get("total", 0),
-             view.get("computed", 0), view.get("skipped", 0), view.get("failed", 0))
-    for f in view.get("failures", [])[:20]:
+def _print_summary(view: JobView) -> None:
+    log.info("%s: %d total, %d computed, %d skipped, %d failed", view.state.value, view.total, view.computed,
+             view.skipped, view.failed)
+    for f in (view.failures or [])[:20]:
         log.warning("Failed %s: %s", f["image"], f["reason"])
 
 
-def _client(server: str, token: str | None):
-    import httpx
+def _follow_job(poll: Callable[[], JobView | None], done: Callable[[JobView | None], bool],
+                pause: Callable[[], object], desc: str) -> JobView | None:
+    """Show a job's progress until `done(view)`: a bar on a terminal, and its computed/skipped/failed counts.
 
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=server.rstrip("/"), headers=headers, timeout=30.0)
+    `poll` gives the job's view now (None while it cannot be had); `pause` waits before the next poll.
+    """
+    from tqdm import tqdm
+
+    view = poll()
+    with tqdm(total=None, unit="img", desc=desc, disable=None) as bar:
+        while not done(view):
+            pause()
+            view = poll() or view
+            if view is not None:
+                bar.total = view.total or None
+                bar.n = view.done
+                bar.set_postfix(computed=view.computed, skipped=view.skipped, failed=view.failed, refresh=False)
+                bar.refresh()
+    return view
+
+
+class _LostJob(RuntimeError):
+    """The service no longer knows the job being followed."""
 
 
 def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
-    import httpx
-    from tqdm import tqdm
+    from client.service import ServiceClient, ServiceError
 
-    with _client(args.server, args.api_token) as http:
-        r = http.post("/precompute", json={"data_root": data_root, "skip_existing": args.skip_existing,
-                                           "verify": args.verify, "data_path": args.data_path,
-                                           "max_history_images": args.max_history_images,
-                                           "data_files": args.data_files, "dry_run": args.dry_run,
-                                           "force": args.force},
-                      timeout=None if args.dry_run else 30.0)
-        if args.dry_run and r.status_code == 200:
-            body = r.json()
-            _print_plan(body["plan"], body["summary"], body["spec_digest"])
-            return 0
-        if r.status_code != 202:
-            log.error("The service refused the job (%d): %s", r.status_code, r.text)
+    options = {"skip_existing": args.skip_existing, "verify": args.verify, "data_path": args.data_path,
+               "max_history_images": args.max_history_images, "data_files": args.data_files,
+               "dry_run": args.dry_run, "force": args.force}
+    with ServiceClient(args.server, args.api_token, down_s=0) as service:  # keep trying while it restarts
+        try:
+            answer = service.precompute(data_root, timeout=None if args.dry_run else 30.0, **options)
+        except ServiceError as exc:
+            log.error("The service refused the job: %s", exc)
             return 2
-        job = r.json()
-        log.info("Job %s submitted to %s", job["job_id"], args.server)
-        with tqdm(total=None, unit="img", desc="precompute", disable=None) as bar:
-            while job["state"] in ("queued", "running"):
-                time.sleep(1.0)  # polling a remote job, not synchronising a test
-                try:
-                    r = http.get(f"/jobs/{job['job_id']}")
-                except httpx.TransportError as exc:
-                    log.warning("Cannot reach %s (%s); still waiting for job %s", args.server, exc, job["job_id"])
-                    continue
-                if r.status_code == 503:  # restarting: the job resumes once the model is loaded
-                    continue
-                if r.status_code != 200:
-                    log.error("Lost track of job %s (%d): %s", job["job_id"], r.status_code, r.text)
-                    return 2
-                job = r.json()
-                bar.total = job["total"] or None
-                bar.n = job["computed"] + job["skipped"] + job["failed"]
-                bar.refresh()
-    _print_summary(job)
-    return 0 if job["state"] == "finished" and not job["failed"] else 1
+        if args.dry_run:
+            _print_plan(answer["plan"], answer["summary"], answer["spec_digest"])
+            return 0
+        job_id = answer["job_id"]
+        log.info("Job %s submitted to %s", job_id, args.server)
+
+        def poll() -> JobView | None:
+            try:
+                return JobView.from_dict(service.job(job_id))
+            except ServiceError as exc:
+                if exc.status is None or exc.status == 503:  # unreachable, or restarting: it resumes
+                    log.warning("Cannot follow job %s at %s (%s); still waiting", job_id, args.server, exc)
+                    return None
+                raise _LostJob(f"lost track of job {job_id}: {exc}") from exc
+
+        try:
+            view = _follow_job(poll, lambda v: v is not None and not v.state.active,
+                               lambda: time.sleep(PROGRESS_POLL_S), "precompute")
+        except _LostJob as exc:
+            log.error("%s", exc)
+            return 2
+    _print_summary(view)
+    return 0 if view.state is JobState.FINISHED and not view.failed else 1
 
 
 def verify(args: argparse.Namespace) -> int:
@@ -242,23 +256,25 @@ def verify(args: argparse.Namespace) -> int:
     data_root = os.path.abspath(args.data_root)
     history, files = args.max_history_images, args.data_files
     if args.server:
-        with _client(args.server, args.api_token) as http:
-            spec_dict = http.get("/status").raise_for_status().json()["spec"]
-        if spec_dict is None:
-            log.error("The service at %s has no model loaded yet", args.server)
+        from client.service import ServiceClient, ServiceError
+
+        try:
+            with ServiceClient(args.server, args.api_token) as service:
+                spec = service.spec()
+        except (ServiceError, ValueError) as exc:
+            log.error("Cannot take the spec from %s: %s", args.server, exc)
             return 2
-        spec_dict.pop("digest", None)
     else:
         manifest = read_manifest(data_root)
         if manifest is None:
             log.error("No vggt_cache_manifest.json in %s: pass --server URL to take the spec from a service",
                       data_root)
             return 2
-        spec_dict = manifest["spec"]
+        spec = FeatureSpec.from_dict(manifest["spec"])
         scanned = (manifest.get("plan") or {}).get("source") or {}  # what the job that wrote it read
         history = scanned.get("max_history_images") if history is None else history
         files = scanned.get("sample_files") if files is None else files
-    report = verify_data_root(data_root, FeatureSpec.from_dict(spec_dict), data_path=args.data_path,
+    report = verify_data_root(data_root, spec, data_path=args.data_path,
                               max_history_images=DEFAULT_MAX_HISTORY if history is None else history, files=files)
     if args.json:
         print(json.dumps(report, indent=2))
@@ -271,12 +287,12 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    import httpx
+    from client.service import ServiceClient, ServiceError
 
     try:
-        with _client(args.server, args.api_token) as http:
-            body = http.get("/status").raise_for_status().json()
-    except httpx.HTTPError as exc:
+        with ServiceClient(args.server, args.api_token) as service:
+            body = service.status()
+    except ServiceError as exc:
         log.error("Cannot read %s/status: %s", args.server, exc)
         return 2
     if args.json:

@@ -8,14 +8,15 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
 from client.cachefile import is_temp_file
-from client.spec import FeatureSpec, matching_preset
-from service.engine import Engine, EngineStopped, Priority, UnitResult
 from client.manifest import write_manifest
+from client.spec import FeatureSpec, matching_preset
+from client.wire import EntryStatus
+from service.engine import Engine, EngineStopped, Priority, UnitResult
+from service.jobview import TERMINAL, JobState, JobView
 from service.paths import AllowedRoots, PathNotAllowed
 from service.plan import Plan, plan_job
 from service.samples import DEFAULT_MAX_HISTORY, check_history
@@ -25,8 +26,8 @@ from service.units import Unit
 
 log = logging.getLogger("vggt_cache")
 
-TERMINAL = ("finished", "failed", "cancelled")
 MANIFEST_FAILURES = 1000
+VIEW_FAILURES = 100  # failures a job view lists
 
 
 @dataclass
@@ -37,16 +38,13 @@ class _Rate:
     done0: int
 
 
-_OUTCOME = {"computed": "computed", "cached": "skipped", "failed": "failed"}
-
-
-def target_results(idx: int, unit: Unit, fut: Future) -> list[tuple[int, str, str | None, str]]:
+def target_results(idx: int, unit: Unit, fut: Future) -> list[tuple[int, EntryStatus, str | None, str]]:
     """(idx, outcome, reason, image) for every target of a finished unit, as the store records them."""
     exc = fut.exception()
     if exc is not None:
-        return [(idx, "failed", f"{type(exc).__name__}: {exc}", t) for t in unit.targets]
+        return [(idx, EntryStatus.FAILED, f"{type(exc).__name__}: {exc}", t) for t in unit.targets]
     result: UnitResult = fut.result()
-    return [(idx, _OUTCOME[e.status], e.error, e.image) for e in result.entries]
+    return [(idx, EntryStatus(e.status), e.error, e.image) for e in result.entries]
 
 
 class JobManager:
@@ -103,13 +101,13 @@ class JobManager:
             except Exception as exc:  # a broken job must not take the runner down with it
                 log.exception("Job %s failed", job_id)
                 try:
-                    self.store.set_state(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+                    self.store.set_state(job_id, JobState.FAILED, error=f"{type(exc).__name__}: {exc}")
                 except Exception:  # already terminal, or the state dir itself is failing
                     log.exception("Cannot record the failure of job %s", job_id)
 
     def submit(self, data_root: str, skip_existing: bool = True, verify: bool = False,
                data_path: str | None = None, max_history_images: int = DEFAULT_MAX_HISTORY,
-               force: bool = False, data_files: list[str] | None = None) -> dict:
+               force: bool = False, data_files: list[str] | None = None) -> JobView:
         """Queue a job (or return the active one over the same root and spec).
 
         `force`: start even when the plan says the new entries will not fit on the file system.
@@ -123,51 +121,52 @@ class JobManager:
             self._enqueue(rec.job_id)
         return self._view(rec)
 
-    def cancel(self, job_id: str) -> dict | None:
+    def cancel(self, job_id: str) -> JobView | None:
         rec = self.store.get(job_id)
         if rec is None:
             return None
         self.store.request_cancel(job_id)
         return self.view(job_id)
 
-    def view(self, job_id: str) -> dict | None:
+    def view(self, job_id: str) -> JobView | None:
         rec = self.store.get(job_id)
         return None if rec is None else self._view(rec)
 
-    def list_views(self, limit: int = 50) -> list[dict]:
+    def list_views(self, limit: int = 50) -> list[JobView]:
         return [self._view(rec) for rec in self.store.list_jobs(limit=limit)]
 
-    def _view(self, rec: JobRecord) -> dict:
-        view = rec.to_dict()
-        view.pop("spec")  # the spec is in /status once; a job names it by digest
+    def _view(self, rec: JobRecord) -> JobView:
         done = rec.done
-        view["progress"] = round(done / rec.total, 4) if rec.total else (1.0 if rec.state == "finished" else 0.0)
+        progress = round(done / rec.total, 4) if rec.total else (1.0 if rec.state is JobState.FINISHED else 0.0)
         rate = self._rates.get(rec.job_id)
-        view["rate_per_s"], view["eta_s"] = None, None
-        if rate is not None and rec.state == "running":
+        rate_per_s = eta_s = None
+        if rate is not None and rec.state is JobState.RUNNING:
             elapsed = time.monotonic() - rate.t0
             per_s = (done - rate.done0) / elapsed if elapsed > 0 else 0.0
-            view["rate_per_s"] = round(per_s, 2)
+            rate_per_s = round(per_s, 2)
             if per_s > 0:
-                view["eta_s"] = round((rec.total - done) / per_s, 1)
+                eta_s = round((rec.total - done) / per_s, 1)
         elif rec.finished_at and rec.started_at and rec.finished_at > rec.started_at:
             # An ended job shows its average over its whole run (restarts included).
-            view["rate_per_s"] = round(done / (rec.finished_at - rec.started_at), 2)
+            rate_per_s = round(done / (rec.finished_at - rec.started_at), 2)
+        failures = None
         if rec.failed:
-            view["failures"] = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, 100)]
-        return view
+            failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, VIEW_FAILURES)]
+        return JobView(rec.job_id, rec.data_root, rec.state, rec.total, rec.computed, rec.skipped, rec.failed,
+                       progress, rate_per_s, eta_s, rec.spec_digest, rec.options, rec.planned, rec.cancel_requested,
+                       rec.created_at, rec.started_at, rec.finished_at, rec.error, rec.plan, failures)
 
     # -- the work -------------------------------------------------------------------------------
-    def run(self, job_id: str, on_progress: Callable[[dict], None] | None = None,
-            write_final_manifest: bool = True) -> dict:
+    def run(self, job_id: str) -> JobView | None:
+        """Run a job to its end (or to a shutdown, which leaves it to resume); the runner thread calls it."""
         rec = self.store.get(job_id)
         if rec is None or rec.state in TERMINAL:
-            return self.view(job_id) or {}
+            return self.view(job_id)
         t_start = time.time()
-        interrupted = rec.state == "running"  # a process running it died (or was killed) mid-job
-        self.store.set_state(job_id, "running")
+        interrupted = rec.state is JobState.RUNNING  # a process running it died (or was killed) mid-job
+        self.store.set_state(job_id, JobState.RUNNING)
         if not rec.planned and not self._plan(rec):
-            return self.view(job_id) or {}
+            return self.view(job_id)
         rec = self.store.get(job_id)
         self._rates[job_id] = _Rate(time.monotonic(), rec.done)
         options = rec.options
@@ -193,8 +192,6 @@ class JobManager:
                     batch.extend(target_results(idx, unit, fut))
             if batch:
                 self.store.record_results(job_id, batch)
-                if on_progress is not None:
-                    on_progress(self.view(job_id) or {})
             return taken
 
         for start in range(0, len(pending), self.chunk_units):
@@ -213,20 +210,21 @@ class JobManager:
 
         rec = self.store.get(job_id)
         if self.store.cancel_requested(job_id):
-            state = "cancelled"
+            state = JobState.CANCELLED
         elif self._stopping.is_set() and self.store.pending_units(job_id):
             log.info("Job %s paused at %d/%d for shutdown; it resumes on the next start", job_id, rec.done, rec.total)
             return self._view(rec)
         else:
-            state = "finished"
-        # The manifest before the state: whoever sees the job end finds its manifest written.
-        if write_final_manifest:
+            state = JobState.FINISHED
+        # The manifest before the state: whoever sees the job end finds its manifest written. Under
+        # torchrun each rank has a share of the job; rank 0 writes one manifest for all (the CLI).
+        if self.world_size == 1:
             try:
                 self.write_manifest(rec, time.time() - t_start, state)
             except OSError as exc:  # a full disk or a vanished data root; the job's record is in SQLite
                 log.warning("Job %s: cannot write the manifest in %s: %s", job_id, rec.data_root, exc)
         rec = self.store.set_state(job_id, state)
-        log.info("Job %s %s: %d computed, %d skipped, %d failed of %d", job_id, rec.state,
+        log.info("Job %s %s: %d computed, %d skipped, %d failed of %d", job_id, rec.state.value,
                  rec.computed, rec.skipped, rec.failed, rec.total)
         return self._view(rec)
 
@@ -262,7 +260,7 @@ class JobManager:
         self.store.record_plan(rec.job_id, plan.to_dict())
         log.info("Job %s plan: %s", rec.job_id, plan.summary())
         if not plan.fits and not rec.options.get("force"):
-            self.store.set_state(rec.job_id, "failed", error=f"not enough free space: {plan.summary()}; "
+            self.store.set_state(rec.job_id, JobState.FAILED, error=f"not enough free space: {plan.summary()}; "
                                                               "free some, or force the job (--force)")
             log.error("Job %s refused, its entries would not fit: %s", rec.job_id, plan.summary())
             return False
@@ -276,11 +274,11 @@ class JobManager:
                  len(work.scan.problems))
         return True
 
-    def write_manifest(self, rec: JobRecord, seconds: float, state: str) -> str:
+    def write_manifest(self, rec: JobRecord, seconds: float, state: JobState) -> str:
         failures = self.store.failures(rec.job_id, MANIFEST_FAILURES)
         return write_manifest(rec.data_root, {
             "job_id": rec.job_id,
-            "state": state,
+            "state": state.value,
             "total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed,
             "spec": json.loads(rec.spec_json), "spec_digest": rec.spec_digest,
             "preset": matching_preset(self.spec) if rec.spec_digest == self.spec.digest else None,

@@ -35,11 +35,8 @@ class _RuntimeCollector:
         rate.add_metric([], float(stats.get("images_per_s", 0.0)))
         yield rate
         jobs = GaugeMetricFamily("vggt_cache_jobs", "jobs by state", labels=["state"])
-        counts: dict[str, int] = {}
-        for job in c.jobs.list_views():
-            counts[job["state"]] = counts.get(job["state"], 0) + 1
-        for state, n in counts.items():
-            jobs.add_metric([state], float(n))
+        for state, n in c.jobs.store.count_by_state().items():
+            jobs.add_metric([state.value], float(n))
         yield jobs
 
 

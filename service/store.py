@@ -15,24 +15,30 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
+from client.wire import EntryStatus
+from service.jobview import ACTIVE, COUNTER, JobState
 from service.paths import printable
 from service.units import Unit
 
 DB_NAME = "jobs.sqlite3"
-JOB_STATES = ("queued", "running", "finished", "failed", "cancelled")
-ACTIVE_STATES = ("queued", "running")
-OUTCOMES = ("computed", "skipped", "failed")
 
-_SCHEMA = """
+
+def _sql_list(states: Iterable[JobState]) -> str:
+    return "(" + ", ".join(f"'{s.value}'" for s in states) + ")"
+
+
+_ALL_STATES, _ACTIVE_STATES = _sql_list(JobState), _sql_list(ACTIVE)
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
     data_root TEXT NOT NULL,
     spec_digest TEXT NOT NULL,
     spec_json TEXT NOT NULL,
     options_json TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'finished', 'failed', 'cancelled')),
+    state TEXT NOT NULL CHECK (state IN {_ALL_STATES}),
     planned INTEGER NOT NULL DEFAULT 0,
     total INTEGER NOT NULL DEFAULT 0,
     computed INTEGER NOT NULL DEFAULT 0,
@@ -47,7 +53,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 -- At most one active job per (data_root, spec): the database enforces it, across processes too.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active ON jobs (data_root, spec_digest)
-    WHERE state IN ('queued', 'running');
+    WHERE state IN {_ACTIVE_STATES};
 CREATE TABLE IF NOT EXISTS units (
     job_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
@@ -80,7 +86,7 @@ class JobRecord:
     spec_digest: str
     spec_json: str
     options: dict
-    state: str
+    state: JobState
     planned: bool  # units recorded by set_plan; an unplanned job is (re)scanned on resume
     total: int  # targets planned + scan problems, so computed + skipped + failed == total at the end
     computed: int
@@ -97,17 +103,11 @@ class JobRecord:
     def done(self) -> int:
         return self.computed + self.skipped + self.failed
 
-    def to_dict(self) -> dict:
-        """JSON-able view (spec as a dict rather than its canonical text)."""
-        d = asdict(self)
-        d["spec"] = json.loads(d.pop("spec_json"))
-        return d
-
     @classmethod
     def _from_row(cls, row: tuple) -> JobRecord:
         (job_id, data_root, digest, spec_json, options_json, state, planned, total, computed,
          skipped, failed, cancel, created, started, finished, error, plan_json) = row
-        return cls(job_id, data_root, digest, spec_json, json.loads(options_json), state,
+        return cls(job_id, data_root, digest, spec_json, json.loads(options_json), JobState(state),
                    bool(planned), total, computed, skipped, failed, bool(cancel),
                    created, started, finished, error, json.loads(plan_json) if plan_json else None)
 
@@ -181,7 +181,7 @@ class JobStore:
         with self._write() as db:
             row = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE data_root = ? AND spec_digest = ? "
-                "AND state IN ('queued', 'running')",
+                f"AND state IN {_ACTIVE_STATES}",
                 (data_root, spec_digest),
             ).fetchone()
             if row is not None:
@@ -211,40 +211,45 @@ class JobStore:
     def unfinished_jobs(self) -> list[JobRecord]:
         """Queued or running jobs, oldest first: what a restarted service resumes."""
         rows = self._conn().execute(
-            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ('queued', 'running') "
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN {_ACTIVE_STATES} "
             "ORDER BY created_at, rowid"
         ).fetchall()
         return [JobRecord._from_row(r) for r in rows]
 
-    def set_state(self, job_id: str, state: str, error: str | None = None) -> JobRecord:
+    def set_state(self, job_id: str, state: JobState | str, error: str | None = None) -> JobRecord:
         """Move a job on; started_at/finished_at are stamped once. Terminal states are final."""
-        if state not in JOB_STATES:
-            raise ValueError(f"state must be one of {', '.join(JOB_STATES)}, got {state!r}")
+        try:
+            state = JobState(state)
+        except ValueError:
+            raise ValueError(f"state must be one of {'|'.join(s.value for s in JobState)}, got {state!r}") from None
         with self._write() as db:
             job = self._job(db, job_id)
-            if job.state not in ACTIVE_STATES and state != job.state:
-                raise ValueError(f"job {job_id} is already {job.state}; cannot become {state}")
+            if not job.state.active and state != job.state:
+                raise ValueError(f"job {job_id} is already {job.state.value}; cannot become {state.value}")
             now = time.time()
             db.execute(
                 "UPDATE jobs SET state = ?, error = COALESCE(?, error), "
-                "started_at = CASE WHEN ? = 'running' THEN COALESCE(started_at, ?) ELSE started_at END, "
-                "finished_at = CASE WHEN ? IN ('queued', 'running') THEN NULL "
-                "ELSE COALESCE(finished_at, ?) END WHERE job_id = ?",
-                (state, error and printable(error), state, now, state, now, job_id),
+                "started_at = CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END, "
+                "finished_at = CASE WHEN ? THEN NULL ELSE COALESCE(finished_at, ?) END WHERE job_id = ?",
+                (state.value, error and printable(error), state is JobState.RUNNING, now, state.active, now, job_id),
             )
             return self._job(db, job_id)
+
+    def count_by_state(self) -> dict[JobState, int]:
+        """Jobs per state, in one query (the metrics gauge)."""
+        rows = self._conn().execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {JobState(state): n for state, n in rows}
 
     def request_cancel(self, job_id: str) -> JobRecord:
         """Flag a job for cancellation; a queued one is cancelled at once, a finished one is left."""
         with self._write() as db:
             job = self._job(db, job_id)
-            if job.state == "queued":
+            if job.state is JobState.QUEUED:
                 db.execute(
-                    "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_at = ? "
-                    "WHERE job_id = ?",
-                    (time.time(), job_id),
+                    "UPDATE jobs SET state = ?, cancel_requested = 1, finished_at = ? WHERE job_id = ?",
+                    (JobState.CANCELLED.value, time.time(), job_id),
                 )
-            elif job.state == "running":
+            elif job.state is JobState.RUNNING:
                 db.execute("UPDATE jobs SET cancel_requested = 1 WHERE job_id = ?", (job_id,))
             return self._job(db, job_id)
 
@@ -301,20 +306,23 @@ class JobStore:
         return [(idx, Unit(tuple(json.loads(f)), tuple(json.loads(t)))) for idx, f, t in rows]
 
     def record_results(self, job_id: str,
-                       results: Iterable[tuple[int, str, str | None, str]]) -> JobRecord:
+                       results: Iterable[tuple[int, EntryStatus | str, str | None, str]]) -> JobRecord:
         """Record (unit idx, outcome, reason, image) per target, counters in the same transaction.
 
         Pass all targets of a unit in one call: the unit is then done (failed if any
         target failed). Results for a unit already recorded are ignored, so a replay
         after a crash never counts twice.
         """
-        by_unit: dict[int, list[tuple[str, str | None, str]]] = {}
+        by_unit: dict[int, list[tuple[EntryStatus, str | None, str]]] = {}
         for idx, outcome, reason, image in results:
-            if outcome not in OUTCOMES:
-                raise ValueError(f"outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+            try:
+                outcome = EntryStatus(outcome)
+            except ValueError:
+                raise ValueError(f"outcome must be one of {'|'.join(s.value for s in EntryStatus)}, "
+                                 f"got {outcome!r}") from None
             by_unit.setdefault(idx, []).append((outcome, reason, image))
         with self._write() as db:
-            counts = dict.fromkeys(OUTCOMES, 0)
+            counts = dict.fromkeys(COUNTER.values(), 0)
             failures: list[tuple[str, str, str]] = []
             for idx, entries in by_unit.items():
                 row = db.execute(
@@ -324,14 +332,14 @@ class JobStore:
                     raise KeyError(f"job {job_id!r} has no unit {idx}")
                 if row[0] != "pending":
                     continue
-                unit_failed = any(outcome == "failed" for outcome, _, _ in entries)
+                unit_failed = any(outcome is EntryStatus.FAILED for outcome, _, _ in entries)
                 db.execute(
                     "UPDATE units SET state = ? WHERE job_id = ? AND idx = ?",
                     ("failed" if unit_failed else "done", job_id, idx),
                 )
                 for outcome, reason, image in entries:
-                    counts[outcome] += 1
-                    if outcome == "failed":
+                    counts[COUNTER[outcome]] += 1
+                    if outcome is EntryStatus.FAILED:
                         failures.append((job_id, printable(image), printable(reason or "unknown error")))
             db.executemany("INSERT INTO failures (job_id, image, reason) VALUES (?, ?, ?)", failures)
             db.execute(

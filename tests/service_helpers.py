@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from client.service import spec_of_status
 from client.spec import FeatureSpec
+from service.jobview import TERMINAL
 
 T = TypeVar("T")
-TERMINAL = ("finished", "failed", "cancelled")
 POLL_S = 0.02
 
 
@@ -70,9 +71,7 @@ def done(view: dict) -> int:
 
 def service_spec(http: httpx.Client) -> FeatureSpec:
     """The FeatureSpec the service writes entries with, as `/status` reports it."""
-    spec = dict(http.get("/status").raise_for_status().json()["spec"])
-    spec.pop("digest")
-    return FeatureSpec.from_dict(spec)
+    return spec_of_status(http.get("/status").raise_for_status().json())
 
 
 @contextlib.contextmanager

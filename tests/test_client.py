@@ -223,7 +223,7 @@ class ScriptedService:
         items = [{"image": p, "status": "computed", "tensor": str(i), "error": None, "grid": list(GRID)}
                  for i, p in enumerate(images)]
         tensors = {str(i): self.features(p) for i, p in enumerate(images)}
-        return encode_features(items, tensors, self.spec.digest)
+        return encode_features(items, tensors, self.spec.digest, list(range(len(images))))
 
     @staticmethod
     def features(path: str) -> torch.Tensor:
@@ -398,7 +398,7 @@ class CachedFrames(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         features = self.cache.get(self.images[i])
-        return i, features, os.getpid(), self.cache._transport.pool_pid
+        return i, features, os.getpid(), self.cache._client._transport.pool_pid
 
 
 def test_dataloader_workers_each_get_their_own_pool(frame_service, folder):
@@ -415,7 +415,7 @@ def test_dataloader_workers_each_get_their_own_pool(frame_service, folder):
     assert all(pool_pid == pid for i, _, pid, pool_pid in rows if i > 0)
     for i, features, *_ in rows:
         assert torch.equal(features, read_entry(images[i], cache.spec).features)
-    assert cache.get(images[-1]) is not None and cache._transport.pool_pid == os.getpid()
+    assert cache.get(images[-1]) is not None and cache._client._transport.pool_pid == os.getpid()
 
 
 def test_async_cache_batches_misses_and_reads_hits(frame_service, folder):

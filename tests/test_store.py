@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import sqlite3
@@ -36,8 +37,7 @@ def test_a_created_job_round_trips_as_a_record(store, tmp_path):
     assert job.started_at is None and job.finished_at is None and not job.cancel_requested
     assert store.get(job.job_id) == job
     assert store.get("0" * 32) is None
-    d = job.to_dict()
-    assert d["spec"] == {"attention": "frame"} and "spec_json" not in d
+    assert json.loads(job.spec_json) == {"attention": "frame"}
     assert os.path.exists(os.path.join(tmp_path, "state", DB_NAME))
     mode = sqlite3.connect(store.path).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
@@ -80,7 +80,7 @@ def test_results_update_counters_failures_and_pending_units(store):
     assert store.pending_units(job.job_id) == list(enumerate(units))
 
     store.record_results(job.job_id, [(0, "computed", None, "/data/000000.jpg"),
-                                      (1, "skipped", None, "/data/000001.jpg")])
+                                      (1, "cached", None, "/data/000001.jpg")])
     after = store.record_results(job.job_id, [
         (3, "computed", None, "/data/s0.jpg"),
         (3, "failed", "ImageError: truncated", "/data/s1.jpg"),
@@ -188,7 +188,7 @@ print(job.job_id, flush=True)
 for idx, unit in store.pending_units(job.job_id):
     a, b = unit.targets
     store.record_results(job.job_id, [(idx, "computed", None, a),
-                                      (idx, "failed" if idx % 3 == 0 else "skipped", "bad", b)])
+                                      (idx, "failed" if idx % 3 == 0 else "cached", "bad", b)])
     if idx % 50 == 0:
         print(idx, flush=True)
 """

@@ -27,10 +27,10 @@ def sample():
 def test_round_trip(dtype):
     items, tensors = sample()
     tensors = {k: v.to(dtype) for k, v in tensors.items()}
-    body = encode_features(items, tensors, "0123456789abcdef")
+    body = encode_features(items, tensors, "0123456789abcdef", [0, 1, 1])
     assert isinstance(body, bytes)
     got_items, got = decode_features(body, expected_digest="0123456789abcdef")
-    assert got_items == items
+    assert got_items == [{**i, "request": r} for i, r in zip(items, [0, 1, 1])]
     assert set(got) == {"0", "1"}
     for name in got:
         assert got[name].dtype == dtype and torch.equal(got[name], tensors[name])
@@ -38,16 +38,16 @@ def test_round_trip(dtype):
 
 def test_multi_layer_and_empty_bodies():
     stacked = torch.randn(2, 15, 16, dtype=torch.bfloat16)
-    _, got = decode_features(encode_features([item("x")], {"0": stacked}, "d"))
+    _, got = decode_features(encode_features([item("x")], {"0": stacked}, "d", [0]))
     assert torch.equal(got["0"], stacked)
-    assert decode_features(encode_features([], {}, "d")) == ([], {})
+    assert decode_features(encode_features([], {}, "d", [])) == ([], {})
     failed = [item("x", "failed", None, "boom", None)]
-    assert decode_features(encode_features(failed, {}, "d")) == (failed, {})
+    assert decode_features(encode_features(failed, {}, "d", [3])) == ([{**failed[0], "request": 3}], {})
 
 
 def test_expected_digest_is_enforced():
     items, tensors = sample()
-    body = encode_features(items, tensors, "aaaa")
+    body = encode_features(items, tensors, "aaaa", [0, 1, 2])
     with pytest.raises(ValueError, match="spec aaaa, expected bbbb"):
         decode_features(body, expected_digest="bbbb")
 
@@ -72,12 +72,22 @@ def test_expected_digest_is_enforced():
 def test_encode_rejects_inconsistent_items(items, names, message):
     tensors = {n: torch.zeros(15, 16) for n in names}
     with pytest.raises(ValueError, match=message):
-        encode_features(items, tensors, "d")
+        encode_features(items, tensors, "d", [0] * len(items))
 
 
-def test_encode_rejects_a_bad_digest():
+def test_encode_rejects_a_bad_digest_and_bad_request_positions():
     with pytest.raises(ValueError, match="spec_digest"):
-        encode_features([], {}, "")
+        encode_features([], {}, "", [])
+    with pytest.raises(ValueError, match="'requests' must list 1 non-negative"):
+        encode_features([item("a")], {"0": torch.zeros(15, 16)}, "d", [-1])
+
+
+def test_a_body_without_request_positions_is_refused_by_name():
+    # What a service of the first release sends: the items alone.
+    body = _body_with_meta({META_KEY: json.dumps({"items": [item("a")], "spec_digest": "d"})},
+                           {"0": torch.zeros(15, 16)})
+    with pytest.raises(ValueError, match="older than this client"):
+        decode_features(body)
 
 
 def _body_with_meta(meta, tensors=None):
@@ -112,7 +122,7 @@ def test_decode_rejects_malformed_bodies(body, message):
 
 def test_decode_rejects_truncated_tensor_data():
     items, tensors = sample()
-    body = encode_features(items, tensors, "d")
+    body = encode_features(items, tensors, "d", [0, 1, 2])
     with pytest.raises(ValueError, match="malformed"):
         decode_features(body[:-10])
 

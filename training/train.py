@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import torch
 from safetensors.torch import load_file
 from transformers import (
@@ -46,7 +45,8 @@ from transformers import (
     TrainingArguments,
 )
 
-from client.cache import TOKEN_ENV, CacheUnavailable, FeatureCache, as_spec
+from client.cache import CacheUnavailable, FeatureCache
+from client.service import ServiceClient, ServiceError
 from client.logs import setup_logging
 from client.spec import FeatureSpec, matching_preset
 from service.model import DEFAULT_SOURCE, load_aggregator
@@ -194,21 +194,16 @@ def check_services(urls: Sequence[str], spec: FeatureSpec, fallback: str, serve:
     may come up later, and the fallback decides what a miss does meanwhile.
     """
     usable = []
-    token = os.environ.get(TOKEN_ENV)
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
     for url in urls:
         try:
-            theirs = httpx.get(f"{url.rstrip('/')}/status", headers=headers, timeout=10).raise_for_status().json()
-            theirs = as_spec(theirs.get("spec")) if isinstance(theirs, dict) else None
-        except (httpx.HTTPError, ValueError, TypeError) as exc:
+            with ServiceClient(url, timeout=10) as service:
+                theirs = service.spec()
+        except (ServiceError, ValueError, TypeError) as exc:  # unreachable, or no model loaded yet
             log.warning("Cannot read the VGGT feature service's spec at %s (%s); fallback for misses: %s",
                         url, exc, fallback)
             usable.append(url)
             continue
-        if theirs is None:
-            log.warning("The VGGT feature service at %s has no model loaded yet", url)
-            usable.append(url)
-        elif theirs.digest != spec.digest:
+        if theirs.digest != spec.digest:
             message = (f"The VGGT feature service at {url} computes features with another spec than this run "
                        f"(differs in: {', '.join(spec.differences(theirs))}); none of its features can be used. "
                        f"Start it with this run's spec: {serve}")

@@ -1,0 +1,75 @@
+"""The job vocabulary: a job's states, how entry outcomes count in it, and the one view of a job.
+
+Store, runner, HTTP API, metrics and CLI all speak it. A job counts each entry as
+`computed`, `skipped` (it already held a valid entry: the engine's `cached`) or `failed`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from client.wire import EntryStatus
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    FINISHED = "finished"  # every unit has a result (`failed > 0` lists the failures)
+    FAILED = "failed"  # the job itself failed: refused by its plan, or an error outside any entry
+    CANCELLED = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return self in (JobState.QUEUED, JobState.RUNNING)
+
+
+ACTIVE = tuple(s for s in JobState if s.active)
+TERMINAL = tuple(s for s in JobState if not s.active)
+# An entry's outcome -> the job counter (and store column) it counts in.
+COUNTER = {EntryStatus.COMPUTED: "computed", EntryStatus.CACHED: "skipped", EntryStatus.FAILED: "failed"}
+
+
+@dataclass
+class JobView:
+    """A job as the API, the status page, metrics and the CLI show it (`GET /jobs/{id}`)."""
+
+    job_id: str
+    data_root: str
+    state: JobState
+    total: int  # entries planned + sample problems, so computed + skipped + failed == total at the end
+    computed: int
+    skipped: int
+    failed: int
+    progress: float
+    rate_per_s: float | None  # entries a second: since this process took the job up, or over the whole run
+    eta_s: float | None
+    spec_digest: str
+    options: dict
+    planned: bool
+    cancel_requested: bool
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    plan: dict | None  # service.plan.Plan.to_dict(): samples found, entries, bytes, free space
+    failures: list[dict] | None = None  # the first failures, {"image", "reason"}, when there are any
+
+    @property
+    def done(self) -> int:
+        return self.computed + self.skipped + self.failed
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["state"] = self.state.value
+        if self.failures is None:
+            del d["failures"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> JobView:
+        """A view as `GET /jobs/{id}` answers it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{**{k: v for k, v in d.items() if k in names}, "state": JobState(d["state"])})
