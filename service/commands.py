@@ -44,24 +44,14 @@ def serve(args: argparse.Namespace) -> int:
     settings = _settings(args, host=args.host, port=args.port, allowed_roots=roots, api_token=args.api_token or None,
                          max_items_per_request=args.max_items_per_request, max_pending_units=args.max_pending)
     runtime = ServiceRuntime(settings)
-    runtime.start(background=True)
-    app = create_app(runtime)
+    app = create_app(runtime)  # its lifespan starts the runtime, and stops it on SIGTERM/SIGINT
     log.info("Serving on http://%s:%d (allowed roots: %s; auth: %s)", settings.host, settings.port,
              ", ".join(runtime.roots.given), "bearer token" if settings.api_token else "off")
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_level="warning", access_log=False, lifespan="off"))
-
-    def request_exit(signum: int, frame: object) -> None:
-        server.should_exit = True
-
-    # uvicorn re-raises the signal it stopped for once it is done; with the default handler
-    # that would kill the process before the jobs and the engine below are stopped.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, request_exit)
-    try:
-        server.run()  # returns after SIGTERM/SIGINT once in-flight requests are done
-    finally:
-        runtime.stop()
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it found:
+    # take it quietly, so the process exits 0 after the lifespan has stopped the jobs and the engine.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                  access_log=False, lifespan="on")).run()
     log.info("Stopped")
     return 0
 

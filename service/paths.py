@@ -6,9 +6,15 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from service.errors import UnusableInput
+
 
 class PathNotAllowed(PermissionError):
     """A path (or what its symlinks lead to) lies outside every allowed root."""
+
+
+class InvalidPath(UnusableInput):
+    """Not a path the service takes: empty, relative, or with a NUL byte."""
 
 
 def printable(text: str) -> str:
@@ -50,9 +56,13 @@ class AllowedRoots:
         so neither `..` nor a symlink can escape.
         """
         if not isinstance(path, str) or not path or "\x00" in path:
-            raise ValueError(f"invalid path {path!r}")
+            raise InvalidPath(f"invalid path {path!r}")
         if not os.path.isabs(path):
-            raise ValueError(f"path must be absolute: {path!r}")
+            raise InvalidPath(f"path must be absolute: {path!r}")
+        try:
+            os.fsencode(path)
+        except UnicodeEncodeError as exc:  # a lone surrogate no file name decodes to
+            raise InvalidPath(f"invalid path {printable(path)}: {exc.reason}") from None
         norm = os.path.normpath(path)
         if not _inside(norm, self.given + self.real):
             raise PathNotAllowed(f"path is outside the allowed roots: {path}")

@@ -36,6 +36,7 @@ import numpy as np
 
 from client.cachefile import CACHE_SUFFIX
 from client.manifest import MANIFEST_NAME
+from service.errors import UnusableInput
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 DEFAULT_MAX_HISTORY = 8
@@ -87,7 +88,7 @@ class MalformedSample(ValueError):
 def check_history(max_history: int) -> int:
     """`max_history` if it is a usable history length (at least one earlier frame), else ValueError."""
     if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
-        raise ValueError(f"max_history_images must be an integer of at least 1, got {max_history!r}")
+        raise UnusableInput(f"max_history_images must be an integer of at least 1, got {max_history!r}")
     return max_history
 
 
@@ -347,7 +348,7 @@ def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, 
     check_history(max_history_images)
     root = _norm(data_root)
     if not os.path.isdir(root):
-        raise ValueError(f"data root is not a directory: {root}")
+        raise UnusableInput(f"data root is not a directory: {root}")
     reader = _Reader(root, data_path, keep_records)
     if files:
         found = _Found()

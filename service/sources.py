@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from service.samples import DEFAULT_MAX_HISTORY, SampleSet, find_samples
 from client.spec import ATTENTION, Attention
+from service.errors import UnusableInput
 from service.units import Unit
 
 
@@ -68,7 +69,7 @@ def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
         raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
     found = find_samples(data_root, max_history_images, data_path, files)
     if found.source == "images" and attention != Attention.FRAME:
-        raise ValueError(
+        raise UnusableInput(
             f"{attention} attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> "
             f"episode folders) found under {data_root} (an image folder alone is only work for frame attention)"
         )

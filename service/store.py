@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from client.wire import EntryStatus
 from service.jobview import ACTIVE, COUNTER, JobState
+from service.errors import UnusableInput
 from service.paths import printable
 from service.units import Unit
 
@@ -177,7 +178,7 @@ class JobStore:
         """A new queued job, or the active (queued/running) one for the same data root and spec."""
         data_root = os.path.normpath(os.path.abspath(data_root))
         if printable(data_root) != data_root:
-            raise ValueError(f"data_root {printable(data_root)} is not valid UTF-8; rename the folder")
+            raise UnusableInput(f"data_root {printable(data_root)} is not valid UTF-8; rename the folder")
         with self._write() as db:
             row = db.execute(
                 f"SELECT {_JOB_COLUMNS} FROM jobs WHERE data_root = ? AND spec_digest = ? "

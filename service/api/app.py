@@ -1,0 +1,42 @@
+"""The app factory: middleware, error handlers, routes, and a lifespan that starts and stops the runtime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
+
+from service.api import errors
+from service.api.limits import BodySizeLimit
+from service.api.metrics import Metrics
+from service.api.routes import features, jobs, probes, status
+from service.runtime import ServiceRuntime
+
+
+def create_app(runtime: ServiceRuntime) -> FastAPI:
+    """The service's ASGI app over `runtime`: its lifespan loads the model (in the background) and stops it."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime.start(background=True)  # probes answer while VGGT-1B is read from disk
+        try:
+            yield
+        finally:
+            await run_in_threadpool(runtime.stop)  # finishes the batch in flight; jobs resume next start
+
+    # With a token, the OpenAPI schema and docs pages would be the only unauthenticated routes besides
+    # the probes and the (data-free) status page shell: turn them off.
+    open_docs = runtime.settings.api_token is None
+    app = FastAPI(title="vggt-cache", version=status.VERSION, lifespan=lifespan,
+                  docs_url="/docs" if open_docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if open_docs else None)
+    app.state.runtime = runtime
+    app.state.metrics = metrics = Metrics(runtime)
+    app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_body_bytes)
+    app.middleware("http")(metrics.observe_request)
+    errors.register(app)
+    for module in (probes, status, features, jobs):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,56 @@
+"""Our error types mapped to HTTP answers, registered once on the app.
+
+Every error body is `{"detail": <message>}`, or for 422 from validation a list of
+`{"loc", "msg", "type"}`. A stray exception (a bug) is a 500, never dressed up as a 4xx.
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.engine import EngineStopped, QueueFull
+from service.errors import UnusableInput
+from service.paths import PathNotAllowed, printable
+
+
+class NotReady(RuntimeError):
+    """No model to serve with: still loading, or it failed to load (the message says which)."""
+
+
+def _error(status: int, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
+    # Details name paths: a non-UTF-8 file name would make the JSON unencodable (a 500).
+    return JSONResponse({"detail": printable(detail) if isinstance(detail, str) else detail}, status, headers=headers)
+
+
+def register(app: FastAPI) -> None:
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Where and what, without echoing the input: it may hold what JSON cannot carry (NaN, lone surrogates).
+        return _error(422, [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()])
+
+    @app.exception_handler(UnusableInput)
+    async def unusable(request: Request, exc: UnusableInput) -> JSONResponse:
+        return _error(422, str(exc))
+
+    @app.exception_handler(PathNotAllowed)
+    async def not_allowed(request: Request, exc: PathNotAllowed) -> JSONResponse:
+        return _error(403, str(exc))
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return _error(429, f"{exc}; retry shortly", {"Retry-After": "1"})
+
+    @app.exception_handler(EngineStopped)
+    async def stopped(request: Request, exc: EngineStopped) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": "5"})
+
+    @app.exception_handler(NotReady)
+    async def not_ready(request: Request, exc: NotReady) -> JSONResponse:
+        return _error(503, str(exc), {"Retry-After": "5"})

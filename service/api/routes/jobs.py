@@ -1,0 +1,45 @@
+"""`POST /precompute` (a bulk job over a data root, or its plan), `GET /jobs/{id}`, `DELETE /jobs/{id}`."""
+
+from __future__ import annotations
+
+import os
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import JSONResponse
+
+from service.api.deps import AUTH, Ready, Runtime
+from service.api.schemas import JobViewModel, PrecomputeRequest
+from service.jobs import plan_work
+from service.jobview import JobView
+
+router = APIRouter()
+
+
+@router.post("/precompute", status_code=202, dependencies=AUTH, response_model=None)
+def precompute(req: PrecomputeRequest, c: Ready, runtime: Runtime) -> JobViewModel | JSONResponse:
+    data_root = runtime.roots.contain(req.data_root, writes_sibling=False)
+    if not os.path.isdir(data_root):
+        raise HTTPException(404, f"data_root is not a folder: {req.data_root}")
+    options = {"skip_existing": req.skip_existing, "data_path": req.data_path,
+               "max_history_images": req.max_history_images, "data_files": req.data_files}
+    if req.dry_run:  # the plan alone, computed here (a slow NFS root needs a patient client)
+        plan = plan_work(data_root, c.spec, runtime.roots, options).plan
+        return JSONResponse({"dry_run": True, "spec_digest": c.spec.digest, "plan": plan.to_dict(),
+                             "summary": plan.summary()})
+    return _model(req.data_root, c.jobs.submit(data_root, verify=req.verify, force=req.force, **options))
+
+
+@router.get("/jobs/{job_id}", dependencies=AUTH)
+def get_job(job_id: str, c: Ready) -> JobViewModel:
+    return _model(job_id, c.jobs.view(job_id))
+
+
+@router.delete("/jobs/{job_id}", dependencies=AUTH)
+def cancel_job(job_id: str, c: Ready) -> JobViewModel:
+    return _model(job_id, c.jobs.cancel(job_id))
+
+
+def _model(name: str, job: JobView | None) -> JobViewModel:
+    if job is None:
+        raise HTTPException(404, f"no job {name}")
+    return JobViewModel(**job.to_dict())

@@ -1,0 +1,150 @@
+"""The decode stage: skip-existing checks, stat, decode and preprocess, on a few threads of its own.
+
+A decoded unit goes to the scheduler to wait for a device; one whose every entry is already
+valid (`skip_existing`), or that cannot be prepared, completes here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import torch
+
+from client.cachefile import Outcome, context_record, read_entry, source_record
+from client.spec import Attention, FeatureSpec
+from client.wire import EntryStatus
+from service.engine.scheduler import Scheduler
+from service.engine.work import (SHUTDOWN_MESSAGE, Complete, EngineStopped, EntryResult, Job, UnitResult,
+                                 describe, fail_future, failed_result)
+from service.preprocess import load_image, preprocess
+
+log = logging.getLogger("vggt_cache")
+
+FrameKey = tuple[str, int, int]  # path, size, mtime_ns
+
+
+class FrameCache:
+    """Recently preprocessed frames, so overlapping clips (sequence/causal) decode each frame once.
+
+    Keyed by path, size and mtime_ns: a rewritten image is a different key. A frame that one
+    decode worker is loading is waited for by the others, not decoded twice (padded histories
+    and neighbouring samples ask for the same frames at the same time).
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._lock = threading.Lock()
+        self._items: OrderedDict[FrameKey, torch.Tensor] = OrderedDict()
+        self._loading: dict[FrameKey, Future] = {}
+        self.hits = 0  # frames served from here instead of decoded again
+        self.misses = 0
+
+    def get(self, key: FrameKey, load: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The frame of `key`, from here, from a worker loading it now, or from `load()`."""
+        with self._lock:
+            tensor = self._items.get(key)
+            if tensor is not None:
+                self.hits += 1
+                self._items.move_to_end(key)
+                return tensor
+            pending = self._loading.get(key)
+            owner = pending is None
+            if owner:
+                pending = self._loading[key] = Future()
+                self.misses += 1
+            else:
+                self.hits += 1
+        if not owner:
+            return pending.result()  # the loader's error, if it failed, fails this clip too
+        try:
+            tensor = load()
+        except BaseException as exc:
+            with self._lock:
+                del self._loading[key]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            del self._loading[key]
+            if self.capacity > 0:
+                self._items[key] = tensor
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+        pending.set_result(tensor)
+        return tensor
+
+
+
+class DecodeStage:
+    """`workers` threads taking jobs from the scheduler's decode queue, most urgent first."""
+
+    def __init__(self, spec: FeatureSpec, scheduler: Scheduler, complete: Complete, workers: int,
+                 frame_cache_frames: int) -> None:
+        self.spec = spec
+        self._scheduler = scheduler
+        self._complete = complete
+        self._workers = workers
+        # Only clips (sequence/causal) share frames between units.
+        self.frames = FrameCache(frame_cache_frames if spec.attention != Attention.FRAME else 0)
+
+    def start(self) -> list[threading.Thread]:
+        threads = [threading.Thread(target=self._loop, name=f"vggt-decode-{i}", daemon=True)
+                   for i in range(self._workers)]
+        for t in threads:
+            t.start()
+        return threads
+
+    def _loop(self) -> None:
+        while (job := self._scheduler.next_to_decode()) is not None:
+            if not job.future.set_running_or_notify_cancel():
+                self._scheduler.decoded(job, runnable=False)  # cancelled while queued
+                continue
+            result = None
+            try:
+                result = self._cached_result(job) if job.skip_existing else None
+                if result is None:
+                    self._decode(job)
+            except Exception as exc:  # ImageError, a missing file, ...: this unit only
+                result = failed_result(job.unit, describe(exc))
+                log.warning("Cannot prepare %s: %s", job.unit.targets[-1], result.entries[0].error)
+            if result is not None:
+                self._scheduler.decoded(job, runnable=False)
+                self._complete(job, result)
+            elif not self._scheduler.decoded(job, runnable=True):
+                fail_future(job.future, EngineStopped(SHUTDOWN_MESSAGE))
+
+    def _cached_result(self, job: Job) -> UnitResult | None:
+        """The unit's result read from disk when every target's entry validates, else None."""
+        entries = []
+        for target in job.unit.targets:
+            # Read whole (no mmap): another NFS client may replace the file while we hold it. Work that
+            # returns no features (bulk jobs) checks the metadata alone: a few KB instead of megabytes.
+            read = read_entry(target, self.spec, context_frames=self.spec.context_of(job.unit.frames), mmap=False,
+                              tensor=job.return_features)
+            if read.outcome is not Outcome.HIT:
+                return None
+            entries.append(EntryResult(target, EntryStatus.CACHED, read.features, tuple(read.meta["grid"])))
+        return UnitResult(job.unit, entries)
+
+    def _decode(self, job: Job) -> None:
+        unit = job.unit
+        # Stat before decoding: an image rewritten meanwhile leaves an entry that is already stale.
+        job.sources = [source_record(t) for t in unit.targets]
+        frames = self.spec.context_of(unit.frames)
+        job.contexts = [context_record(t, frames) for t in unit.targets]
+        images = [self._load_frame(path) for path in unit.frames]
+        shapes = {tuple(im.shape) for im in images}
+        if len(shapes) > 1:
+            raise ValueError(f"the frames of a clip must share one size after preprocessing, got {sorted(shapes)}")
+        job.images = torch.stack(images)  # [S, 3, H, W]
+
+    def _load_frame(self, path: str) -> torch.Tensor:
+        st = os.stat(path)
+        spec = self.spec
+        return self.frames.get(  # [3, H, W]
+            (path, st.st_size, st.st_mtime_ns),
+            lambda: preprocess(load_image(path), mode=spec.preprocess, size=spec.size, align=spec.align))

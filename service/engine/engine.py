@@ -1,0 +1,235 @@
+"""The engine: VGGT resident on the device(s), turning units of work into cache entries.
+
+A pipeline, each stage on its own threads so that the device never waits for disk:
+
+    submit -> scheduler.admit (limits decided under its lock; on-demand before bulk)
+           -> decode stage (skip-existing check, stat, decode + preprocess)      decode.py
+           -> scheduler (dynamic batches of equal clip shape)                    scheduler.py
+           -> device stage (one forward per batch, OOM -> split in halves)      device.py
+           -> writer stage (write_entry, optional verify)                        writer.py
+           -> Engine.complete -> the unit's Future
+
+Work that fails (an undecodable image, a forward that runs out of memory on a
+single unit, a write error) completes its future with `failed` entries; only an
+engine that stops before running a unit fails the future itself, with
+`EngineStopped`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from enum import Enum
+from typing import Any
+
+from client.spec import Attention, FeatureSpec
+from client.wire import EntryStatus
+from service.engine.decode import DecodeStage
+from service.engine.device import Device, DeviceStage, ForwardHook
+from service.engine.scheduler import Scheduler
+from service.engine.stats import STATS_WINDOW_S
+from service.engine.work import SHUTDOWN_MESSAGE, EngineStopped, Job, Priority, UnitResult, fail_future
+from service.engine.writer import WriterStage
+from service.model import LoadedModel
+from service.settings import ServiceSettings
+from service.units import Unit
+
+log = logging.getLogger("vggt_cache")
+
+_DEFAULTS = ServiceSettings()  # the one place engine settings have their defaults
+
+
+class EngineState(str, Enum):
+    NEW = "new"
+    RUNNING = "running"
+    STOPPED = "stopped"  # an engine runs once
+
+
+class Engine:
+    """VGGT resident on `devices`, computing and storing cache entries for submitted units.
+
+    loaded: the model as `load_aggregator` returns it, already on `devices[0]`;
+        each further device gets a deep copy.
+    max_batch_frames: frames per forward (a unit longer than this runs alone).
+    max_wait_ms: how long a decoded unit waits for company before its batch runs.
+    decode_workers / write_workers: threads that decode images / write entries.
+    bulk_queue_batches: bulk work allowed to wait for a device, in batches (see `submit`).
+    frame_cache_frames: preprocessed frames kept for reuse by overlapping clips
+        (sequence/causal modes only).
+    before_forward: called on the device thread with each batch `[B, S, 3, H, W]`
+        just before its forward; whatever it raises is handled as the forward's
+        error (raise `torch.cuda.OutOfMemoryError` to rehearse the split path,
+        or block to hold the device, e.g. in tests or drills).
+
+    `stop` finishes the batches in flight and their writes; queued units are
+    not run: their futures fail with `EngineStopped("service shutting down")`.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        spec: FeatureSpec,
+        devices: Sequence[str] = ("cpu",),
+        max_batch_frames: int = _DEFAULTS.max_batch_frames,
+        max_wait_ms: float = _DEFAULTS.max_wait_ms,
+        decode_workers: int = _DEFAULTS.decode_workers,
+        write_workers: int = _DEFAULTS.write_workers,
+        bulk_queue_batches: int = 2,
+        frame_cache_frames: int = 64,
+        before_forward: ForwardHook | None = None,
+    ) -> None:
+        if not devices:
+            raise ValueError("give at least one device")
+        for name, value in (("max_batch_frames", max_batch_frames), ("decode_workers", decode_workers),
+                            ("write_workers", write_workers), ("bulk_queue_batches", bulk_queue_batches)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        self.spec = spec
+        self.max_batch_frames = max_batch_frames
+        first = loaded.model.to(devices[0]).eval()
+        # Replicas: a deep copy per extra device, so every GPU holds the same resident weights.
+        replicas = [Device(devices[0], first)] + [
+            Device(name, copy.deepcopy(first).to(name).eval()) for name in devices[1:]
+        ]
+        self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0, bulk_queue_batches * max_batch_frames)
+        self._decode = DecodeStage(spec, self._scheduler, self._complete, decode_workers, frame_cache_frames)
+        self._writer = WriterStage(spec, self._complete, write_workers, 2 * max_batch_frames * len(replicas),
+                                   loaded.config.patch_size)
+        self._device = DeviceStage(spec, self._scheduler, replicas, self._writer, self._complete, before_forward)
+        self._lock = threading.Lock()  # the state and unit counts below
+        self._state = EngineState.NEW
+        self._decode_threads: list[threading.Thread] = []
+        self._started_at = time.monotonic()
+        self._units = dict.fromkeys(EntryStatus, 0)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._state is not EngineState.NEW:
+                raise RuntimeError(f"engine already {self._state.value}; an engine runs once")
+            self._state = EngineState.RUNNING
+            self._started_at = time.monotonic()
+        self._writer.start()
+        self._decode_threads = self._decode.start()
+        self._device.start()
+        log.info("Engine started on %s: batches of up to %d frames, %s attention", ", ".join(self.devices),
+                 self.max_batch_frames, self.spec.attention)
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Finish the batches in flight and their writes; fail queued futures. True if all threads ended."""
+        with self._lock:
+            was_running = self._state is EngineState.RUNNING
+            self._state = EngineState.STOPPED
+        if not was_running:
+            return True
+        dropped = self._scheduler.close()
+        for job in dropped:
+            fail_future(job.future, EngineStopped(SHUTDOWN_MESSAGE))
+        if dropped:
+            log.info("Engine stopping: %d queued unit(s) dropped", len(dropped))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        threads = self._decode_threads + self._device.threads
+        for t in threads:
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        clean = not any(t.is_alive() for t in threads)
+        self._writer.shutdown(wait=clean)
+        return clean
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def ready(self) -> bool:
+        """Running, with every device worker alive."""
+        return self._state is EngineState.RUNNING and all(t.is_alive() for t in self._device.threads)
+
+    @property
+    def stopped(self) -> bool:
+        return self._state is EngineState.STOPPED
+
+    @property
+    def devices(self) -> list[str]:
+        return [d.name for d in self._device.devices]
+
+    # -- submitting -----------------------------------------------------------------------------
+    def submit(
+        self,
+        units: Iterable[Unit],
+        priority: Priority = Priority.ON_DEMAND,
+        skip_existing: bool = True,
+        verify: bool = False,
+        return_features: bool = True,
+        block: bool = True,
+        max_pending: int | None = None,
+    ) -> list[Future[UnitResult]]:
+        """Queue units; one future per unit, in order. Thread-safe.
+
+        Bulk work waits while the bulk queue is full (`block`), or is refused whole with
+        `QueueFull` (`block=False`: a request handler must not wait). `max_pending` caps the
+        units of `priority` waiting for a device: past it the submission is refused whole
+        with `QueueFull`. `skip_existing`: a unit whose every target already has a valid
+        entry completes as "cached" without compute. `verify`: re-read each written entry and
+        fail it unless it validates. `return_features=False` keeps no tensors in the results
+        (bulk jobs only need statuses).
+        """
+        if self._state is not EngineState.RUNNING:
+            raise EngineStopped(SHUTDOWN_MESSAGE if self.stopped else "engine not started")
+        priority = Priority(priority)
+        jobs = []
+        for unit in units:
+            self._check_unit(unit)
+            jobs.append(Job(unit, priority, Future(), skip_existing, verify, return_features))
+        for job in self._scheduler.admit(jobs, priority, block=block, max_units=max_pending):
+            fail_future(job.future, EngineStopped(SHUTDOWN_MESSAGE))
+        return [job.future for job in jobs]
+
+    def pending(self, priority: Priority) -> int:
+        """Units of `priority` submitted but not yet taken by a device (decoding or decoded)."""
+        return self._scheduler.waiting(Priority(priority))
+
+    def _check_unit(self, unit: Unit) -> None:
+        mode = self.spec.attention
+        if mode == Attention.FRAME and len(unit.frames) != 1:
+            raise ValueError(f"frame attention takes one frame per unit, got {len(unit.frames)}")
+        if mode == Attention.CAUSAL and unit.targets != unit.frames[-1:]:
+            raise ValueError("a causal unit has one target, its last frame")
+
+    # -- results and stats ----------------------------------------------------------------------
+    def _complete(self, job: Job, result: UnitResult) -> None:
+        """Every stage ends a unit here: its future gets the result (the first one, if two paths race)."""
+        with self._lock:
+            if job.future.done():
+                return
+            self._units[result.kind] += 1
+        with contextlib.suppress(InvalidStateError):  # callbacks run outside the lock
+            job.future.set_result(result)
+
+    def stats(self) -> dict[str, Any]:
+        """Queue depths, work done, recent throughput, device memory and busy fraction."""
+        now = time.monotonic()
+        since = now - STATS_WINDOW_S
+        span = max(min(STATS_WINDOW_S, now - self._started_at), 1e-3)
+        with self._lock:
+            units = {status.value: n for status, n in self._units.items()}
+        return {
+            "state": self._state.value,
+            "ready": self.ready,
+            **self._scheduler.counts(),
+            **self._device.stats(now, since, span),
+            "writing": self._writer.writing,
+            # Frames decoded, and frames a clip took from another clip's decode (overlapping histories).
+            "frames_decoded": self._decode.frames.misses,
+            "frames_reused": self._decode.frames.hits,
+            "units": units,
+            "window_s": STATS_WINDOW_S,
+            "max_batch_frames": self.max_batch_frames,
+        }

@@ -1,0 +1,191 @@
+"""Admission, priorities and dynamic batching: the decode queue and the groups ready for a device.
+
+Both are served on-demand first, under one lock. Admission decides in that lock too: an
+on-demand submission over its limit and a non-blocking bulk submission into a full backlog
+are refused whole (`QueueFull`), so no check-then-submit race lets a queue grow past its bound.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from service.engine.work import Job, Priority, QueueFull
+
+
+@dataclass(eq=False)
+class Group:
+    """Decoded jobs of one priority that can share a forward: same [S, 3, H, W]."""
+
+    jobs: deque[Job] = field(default_factory=deque)
+    frames: int = 0
+
+    @property
+    def oldest(self) -> float:
+        return self.jobs[0].ready_at
+
+
+class Scheduler:
+    """The decode queue and the ready groups, both served on-demand first, under one lock.
+
+    Bulk admission is bounded: `admit` blocks while `bulk_limit` frames of bulk
+    work wait for a device (decoding or decoded), so a bulk backlog never sits
+    in front of an on-demand request for more than about one batch.
+    """
+
+    def __init__(self, max_batch_frames: int, max_wait_s: float, bulk_limit: int) -> None:
+        self.max_batch_frames = max_batch_frames
+        self.max_wait_s = max_wait_s
+        self.bulk_limit = bulk_limit
+        self._lock = threading.Lock()
+        self._decode_cv = threading.Condition(self._lock)
+        self._ready_cv = threading.Condition(self._lock)
+        self._space_cv = threading.Condition(self._lock)
+        self._decode: dict[Priority, deque[Job]] = {p: deque() for p in Priority}
+        self._ready: dict[Priority, dict[tuple[int, ...], Group]] = {p: {} for p in Priority}
+        self._waiting = {p: 0 for p in Priority}  # units not yet on a device
+        self._waiting_frames = {p: 0 for p in Priority}
+        self._decoding = {p: 0 for p in Priority}  # queued for decode or being decoded
+        self._closed = False
+
+    def admit(self, jobs: Sequence[Job], priority: Priority, block: bool = True,
+              max_units: int | None = None) -> list[Job]:
+        """Queue jobs for decoding; returns those refused because the scheduler closed.
+
+        Bulk work waits (`block`) while `bulk_limit` frames of bulk work are waiting for a
+        device, or is refused whole (`QueueFull`) when it would overflow them. `max_units`
+        caps the units of `priority` waiting (on-demand requests): past it the submission is
+        refused whole. An empty queue always admits, so a submission larger than a limit
+        still gets through.
+        """
+        with self._lock:
+            waiting, frames = self._waiting[priority], self._waiting_frames[priority]
+            if max_units is not None and waiting and waiting + len(jobs) > max_units:
+                raise QueueFull(f"{priority.name.lower()} queue is full ({waiting} units waiting)")
+            if priority is Priority.BULK and not block and frames and (
+                    frames + sum(j.n_frames for j in jobs) > self.bulk_limit):
+                raise QueueFull(f"bulk queue is full ({frames} frames waiting)")
+            for i, job in enumerate(jobs):
+                if priority is Priority.BULK:
+                    while not self._closed and 0 < self._waiting_frames[priority] and (
+                        self._waiting_frames[priority] + job.n_frames > self.bulk_limit
+                    ):
+                        self._space_cv.wait()
+                if self._closed:
+                    return list(jobs[i:])
+                self._decode[priority].append(job)
+                self._waiting[priority] += 1
+                self._waiting_frames[priority] += job.n_frames
+                self._decoding[priority] += 1
+                self._decode_cv.notify()
+            return []
+
+    def next_to_decode(self) -> Job | None:
+        """The oldest job of the most urgent priority; None once closed."""
+        with self._lock:
+            while not self._closed:
+                for p in Priority:
+                    if self._decode[p]:
+                        return self._decode[p].popleft()
+                self._decode_cv.wait()
+            return None
+
+    def decoded(self, job: Job, runnable: bool) -> bool:
+        """Hand a decoded job to the devices (runnable) or retire it; False if closed meanwhile."""
+        with self._lock:
+            p = job.priority
+            self._decoding[p] -= 1
+            if runnable and not self._closed:
+                job.ready_at = time.monotonic()
+                key = tuple(job.images.shape)
+                group = self._ready[p].setdefault(key, Group())
+                group.jobs.append(job)
+                group.frames += job.n_frames
+                self._ready_cv.notify_all()
+                return True
+            self._retire(p, 1, job.n_frames)
+            # One job fewer decoding can make a forming batch due.
+            self._ready_cv.notify_all()
+            return not self._closed
+
+    def next_batch(self) -> list[Job] | None:
+        """Block until a batch is due; None once closed.
+
+        A group is due when it is full, when its oldest job has waited
+        `max_wait_s` for company, or when no job of its priority is still
+        decoding (no company is coming). While on-demand work is forming a
+        batch, bulk work waits too: starting a bulk batch would delay the
+        on-demand one by a whole forward.
+        """
+        with self._lock:
+            while not self._closed:
+                timeout = None
+                for p in Priority:
+                    groups = self._ready[p]
+                    if not groups:
+                        continue
+                    now = time.monotonic()
+                    idle = self._decoding[p] == 0
+                    due = [
+                        (key, g) for key, g in groups.items()
+                        if idle or g.frames >= self.max_batch_frames or now >= g.oldest + self.max_wait_s
+                    ]
+                    if due:
+                        key, _ = min(due, key=lambda kg: kg[1].oldest)
+                        return self._take(p, key)
+                    timeout = min(g.oldest for g in groups.values()) + self.max_wait_s - now
+                    break
+                self._ready_cv.wait(timeout)
+            return None
+
+    def _take(self, p: Priority, key: tuple[int, ...]) -> list[Job]:
+        group = self._ready[p][key]
+        batch = [group.jobs.popleft()]
+        frames = batch[0].n_frames
+        while group.jobs and frames + group.jobs[0].n_frames <= self.max_batch_frames:
+            job = group.jobs.popleft()
+            batch.append(job)
+            frames += job.n_frames
+        group.frames -= frames
+        if not group.jobs:
+            del self._ready[p][key]
+        self._retire(p, len(batch), frames)
+        return batch
+
+    def _retire(self, p: Priority, units: int, frames: int) -> None:
+        self._waiting[p] -= units
+        self._waiting_frames[p] -= frames
+        self._space_cv.notify_all()
+
+    def close(self) -> list[Job]:
+        """Refuse further work; returns every job still queued (decode queue and ready groups)."""
+        with self._lock:
+            self._closed = True
+            dropped: list[Job] = []
+            for p in Priority:
+                dropped += self._decode[p]
+                self._decoding[p] -= len(self._decode[p])
+                self._decode[p].clear()
+                for group in self._ready[p].values():
+                    dropped += group.jobs
+                self._ready[p].clear()
+            for job in dropped:
+                self._waiting[job.priority] -= 1
+                self._waiting_frames[job.priority] -= job.n_frames
+            for cv in (self._decode_cv, self._ready_cv, self._space_cv):
+                cv.notify_all()
+            return dropped
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            return {
+                "queued": {p.name.lower(): self._waiting[p] for p in Priority},
+                "decoding": {p.name.lower(): self._decoding[p] for p in Priority},
+            }
+
+    def waiting(self, p: Priority) -> int:
+        with self._lock:
+            return self._waiting[p]

@@ -1,0 +1,89 @@
+"""What flows through the engine: a unit's job, its result, the priorities, the engine's errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import torch
+
+from client.wire import EntryStatus
+from service.units import Unit
+
+SHUTDOWN_MESSAGE = "service shutting down"
+
+
+class Priority(IntEnum):
+    ON_DEMAND = 0
+    BULK = 1
+
+
+class EngineStopped(RuntimeError):
+    """Raised by `submit` on an engine that is not running; set on futures that `stop` dropped."""
+
+
+class QueueFull(RuntimeError):
+    """`submit` would exceed the queue limit it was given: nothing was queued (the API answers 429)."""
+
+
+@dataclass
+class EntryResult:
+    image: str
+    status: EntryStatus
+    features: torch.Tensor | None = None  # None when failed or when return_features=False
+    grid: tuple[int, int] | None = None  # [h, w] patches
+    error: str | None = None
+
+
+@dataclass
+class UnitResult:
+    unit: Unit
+    entries: list[EntryResult]  # one per target, in `unit.targets` order
+
+    @property
+    def kind(self) -> EntryStatus:
+        """failed if any entry failed, else computed if any was computed, else cached."""
+        statuses = {e.status for e in self.entries}
+        return next(s for s in (EntryStatus.FAILED, EntryStatus.COMPUTED, EntryStatus.CACHED) if s in statuses)
+
+
+@dataclass(eq=False)
+class Job:
+    """One unit on its way through the stages."""
+
+    unit: Unit
+    priority: Priority
+    future: Future
+    skip_existing: bool
+    verify: bool
+    return_features: bool
+    images: torch.Tensor | None = None  # [S, 3, H, W] once decoded
+    sources: list[dict] = field(default_factory=list)  # per target, stat-ed before decoding
+    contexts: list[dict | None] = field(default_factory=list)
+    ready_at: float = 0.0
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.unit.frames)
+
+
+Complete = Callable[[Job, UnitResult], None]  # how a stage hands a unit's result back to the engine
+
+
+def failed_result(unit: Unit, message: str) -> UnitResult:
+    return UnitResult(unit, [EntryResult(t, EntryStatus.FAILED, error=message) for t in unit.targets])
+
+
+def fail_future(future: Future, exc: BaseException) -> None:
+    # A queued future may have been cancelled by its caller; a decoded one is already running.
+    if future.running() or future.set_running_or_notify_cancel():
+        future.set_exception(exc)
+
+
+def describe(exc: BaseException) -> str:
+    # ImageError and OSError messages already name the file; others get their type for context.
+    if isinstance(exc, (ValueError, OSError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

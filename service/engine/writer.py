@@ -1,0 +1,87 @@
+"""The writer stage: each computed unit's entries written (atomically) and, if asked, read back to verify."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+from client.cachefile import Outcome, read_entry, write_entry
+from client.spec import Attention, FeatureSpec
+from client.wire import EntryStatus
+from service.engine.work import Complete, EntryResult, Job, UnitResult, describe, failed_result
+
+log = logging.getLogger("vggt_cache")
+
+
+class WriterStage:
+    """A pool of `workers` threads; at most `slots` units wait for one, so slow storage stalls the device
+    instead of filling memory."""
+
+    def __init__(self, spec: FeatureSpec, complete: Complete, workers: int, slots: int, patch_size: int) -> None:
+        self.spec = spec
+        self._complete = complete
+        self._workers = workers
+        self._slots = threading.Semaphore(slots)
+        self._patch_size = patch_size
+        self._pool: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+        self.writing = 0  # units taken by the stage and not yet completed
+
+    def start(self) -> None:
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="vggt-write")
+
+    def shutdown(self, wait: bool) -> None:
+        assert self._pool is not None
+        self._pool.shutdown(wait=wait)
+
+    def store(self, jobs: list[Job], features: torch.Tensor) -> None:
+        """Hand a batch's results to the writers: `features` is `[B, T, (L,) P, C]`, one row per job."""
+        grid = (jobs[0].images.shape[-2] // self._patch_size, jobs[0].images.shape[-1] // self._patch_size)
+        assert self._pool is not None
+        for job, unit_features in zip(jobs, features):
+            self._slots.acquire()
+            with self._lock:
+                self.writing += 1
+            self._pool.submit(self._write_unit, job, unit_features, grid)
+
+    def _write_unit(self, job: Job, features: torch.Tensor, grid: tuple[int, int]) -> None:
+        """Write every target's entry of one unit. features: [T, (L,) P, C]."""
+        try:
+            unit = job.unit
+            entries = []
+            for i, target in enumerate(unit.targets):
+                # A frame repeated in a clip (padded history) takes its last position's output, the one
+                # training computes for a clip's current frame.
+                index = 0
+                if self.spec.attention == Attention.SEQUENCE:
+                    index = len(unit.frames) - 1 - unit.frames[::-1].index(target)
+                # Own storage: a result must not pin the whole batch (and write_entry need not copy).
+                entry = features[index].clone()
+                try:
+                    write_entry(target, entry, self.spec, grid, job.sources[i], job.contexts[i])
+                    if job.verify:
+                        self._verify(target, entry, unit.frames)
+                except Exception as exc:
+                    log.warning("Cannot store the entry of %s: %s", target, describe(exc))
+                    entries.append(EntryResult(target, EntryStatus.FAILED, None, grid, describe(exc)))
+                    continue
+                entries.append(EntryResult(target, EntryStatus.COMPUTED, entry if job.return_features else None,
+                                           grid))
+            self._complete(job, UnitResult(unit, entries))
+        except Exception as exc:  # anything else (e.g. no memory for the clone): fail the unit, never hang it
+            log.exception("Storing the entries of %s failed", job.unit.targets[-1])
+            self._complete(job, failed_result(job.unit, describe(exc)))
+        finally:
+            with self._lock:
+                self.writing -= 1
+            self._slots.release()
+
+    def _verify(self, target: str, expected: torch.Tensor, frames: tuple[str, ...]) -> None:
+        read = read_entry(target, self.spec, context_frames=self.spec.context_of(frames), mmap=False)
+        if read.outcome is not Outcome.HIT:
+            raise OSError(f"verify failed: entry reads back as {read.outcome.value} ({read.reason})")
+        if not torch.equal(read.features, expected):
+            raise OSError("verify failed: entry reads back with different features")
