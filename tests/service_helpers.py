@@ -1,23 +1,96 @@
-"""Helpers shared by the tests that drive a real service: tiny images, job polling, the service's spec."""
+"""Helpers shared by the tests: a real service to start, tiny images, polling with a deadline, reference features."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import re
+import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import httpx
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from client.http import wait_until_ready
 from client.service import spec_of_status
 from client.spec import FeatureSpec
+from service.demo import free_port
 from service.jobview import TERMINAL
+from service.model.features import compute_features
+from service.preprocess import preprocess
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
+READY_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 30.0
+
+
+@dataclass
+class RunningService:
+    """A `vggt-cache serve` subprocess; `stop()` sends SIGTERM, then kills after a timeout."""
+
+    url: str
+    proc: subprocess.Popen
+    root: str
+    state_dir: str
+    log_path: str
+    _log: IO = field(repr=False)
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        shutil.rmtree(self.state_dir, ignore_errors=True)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def requests(self, route: str) -> int:
+        """Requests the service counted for `route` (all statuses), from its /metrics."""
+        text = httpx.get(f"{self.url}/metrics", timeout=10).raise_for_status().text
+        pattern = re.compile(r'^vggt_cache_http_requests_total\{(.*)\} ([0-9.e+]+)$', re.M)
+        return int(sum(float(value) for labels, value in pattern.findall(text) if f'route="{route}"' in labels))
+
+
+def start_service(root: str | os.PathLike, *extra_args: str, ready_timeout: float = READY_TIMEOUT_S) -> RunningService:
+    """Start `vggt-cache serve` on a free port with `root` allowed, and wait for /readyz."""
+    root = os.fspath(root)
+    for _ in range(3):  # the free port can be taken between probing and binding
+        port = free_port()
+        state_dir = tempfile.mkdtemp(prefix="vggt-cache-state-")
+        log_path = os.path.join(state_dir, "service.log")
+        log = open(log_path, "w")
+        cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(TINY_MODEL), "--device", "cpu",
+               "--host", "127.0.0.1", "--port", str(port), "--allowed-root", root,
+               "--state-dir", state_dir, "--size", "56", *extra_args]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        service = RunningService(f"http://127.0.0.1:{port}", proc, root, state_dir, log_path, log)
+        if wait_until_ready(service.url, ready_timeout, is_alive=lambda: service.proc.poll() is None):
+            return service
+        text = service.log()
+        service.stop()
+        if "address already in use" not in text.lower():
+            raise RuntimeError(f"vggt-cache serve did not become ready:\n{text[-3000:]}")
+    raise RuntimeError("vggt-cache serve could not bind a free port")
+
 
 T = TypeVar("T")
 POLL_S = 0.02
@@ -97,3 +170,13 @@ def cache_files(folder: str | os.PathLike) -> list[Path]:
 
 def temp_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.name.endswith(".tmp"))
+
+
+def reference_features(model: torch.nn.Module, frames: Sequence[str], spec: FeatureSpec,
+                       dtype: str | None = None) -> torch.Tensor:
+    """Every frame's entry for one clip, `[S, (L,) P, C]`, straight from the model (no service, no engine).
+
+    In the spec's storage dtype, or in `dtype` (float32 to compare against several storage dtypes).
+    """
+    clip = torch.stack([preprocess(p, spec.preprocess, spec.size, spec.align) for p in frames])  # [S, 3, H, W]
+    return compute_features(model, clip[None], dataclasses.replace(spec, dtype=dtype or spec.dtype))[0]

@@ -18,8 +18,7 @@ import torch
 from client import FeatureCache
 from client.cachefile import Outcome, cache_path, read_entry
 from client.wire import decode_features
-from conftest import REPO
-from service_helpers import cache_files, service_spec, temp_files, wait_job, write_images
+from service_helpers import REPO, cache_files, service_spec, temp_files, wait_job, write_images
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ import pytest
 from client.cachefile import Outcome, read_entry
 from client.spec import FeatureSpec
 from client.manifest import MANIFEST_NAME
-from conftest import free_port
-from service_helpers import cache_files, done, wait_job, write_images
+from service_helpers import cache_files, done, free_port, wait_job, write_images
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"

@@ -23,7 +23,7 @@ from client.http import ordered_urls, parse_retry_after
 from client.manifest import MANIFEST_NAME
 from client.spec import FeatureSpec
 from client.wire import encode_features
-from conftest import free_port
+from service_helpers import free_port, poll
 
 GRID = (3, 4)  # 60x80 images at --size 56
 
@@ -56,13 +56,6 @@ def write_local(image: str, spec: FeatureSpec, seed: int = 0) -> torch.Tensor:
     features = torch.randn(GRID[0] * GRID[1], 16, generator=torch.Generator().manual_seed(seed))
     write_entry(image, features, spec, GRID, source_record(image))
     return features
-
-
-def wait_for(predicate, what: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def dead_url() -> str:
@@ -362,12 +355,12 @@ def test_prefetch_computes_in_the_background(frame_service, folder):
     cache = FeatureCache(frame_service.url)
     cache.prefetch(images[:2] + [images[2:]])  # two images and a clip (its last frame in frame mode)
     wanted = images[:2] + images[3:]
-    wait_for(lambda: all(os.path.exists(cache_path(p)) for p in wanted), "prefetched entries")
-    wait_for(lambda: cache.stats["prefetched"] == 3, "both prefetch requests to be accepted")
+    poll(lambda: all(os.path.exists(cache_path(p)) for p in wanted), 30, "prefetched entries")
+    poll(lambda: cache.stats["prefetched"] == 3, 30, "both prefetch requests to be accepted")
     assert all(t is not None for t in cache.get_many(wanted)) and cache.stats["hits"] == 3
     broken = FeatureCache(dead_url(), retries=0)
     broken.prefetch(images)  # must not raise
-    wait_for(lambda: broken.stats["prefetch_errors"] == 1, "the failed prefetch to be counted")
+    poll(lambda: broken.stats["prefetch_errors"] == 1, 30, "the failed prefetch to be counted")
 
 
 def test_large_calls_are_split_at_the_request_limit(frame_service, folder):

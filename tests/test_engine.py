@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from service.model import load_aggregator
 from service.model.features import entry_features
 from service.preprocess import preprocess
 from service.units import Unit
+from service_helpers import poll, reference_features
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
 SIZE = 56  # 80x60 images crop to 42x56: a 3x4 patch grid
@@ -56,14 +55,6 @@ def statuses(done: list[UnitResult]) -> list[str]:
     return [e.status for r in done for e in r.entries]
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached before the deadline")
-        time.sleep(0.005)
-
-
 class Gate:
     """A before_forward hook that holds the device until released, recording batch sizes."""
 
@@ -77,17 +68,6 @@ class Gate:
         self.entered.set()
         if not self.release.wait(60):
             raise TimeoutError("the test never released the gate")
-
-
-def reference(loaded, spec: FeatureSpec, frames: list[str]) -> torch.Tensor:
-    """Per-frame expected entries [S, (L,) P, C] in float32, straight from the model on one clip."""
-    clip = torch.stack([preprocess(p, spec.preprocess, spec.size, spec.align) for p in frames])[None]
-    with torch.inference_mode():
-        outputs, start = loaded.model(clip, attention=spec.attention, layers=list(spec.layers))
-    if spec.tokens == "all":
-        start = 0
-    per_layer = [out[0, :, start:] for out in outputs]  # each [S, P, C]
-    return per_layer[0] if len(per_layer) == 1 else torch.stack(per_layer, dim=1)
 
 
 def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
@@ -117,7 +97,7 @@ def test_entries_equal_the_models_direct_output(loaded, tmp_path, attention, ove
         done = results(engine.submit(units, Priority.ON_DEMAND, verify=True))
         assert engine.stats()["batches"] == 1
     for clip, unit, result in zip(clips, units, done):
-        expected = reference(loaded, spec, clip)
+        expected = reference_features(loaded.model, clip, spec, "float32")
         assert [e.image for e in result.entries] == list(unit.targets)
         for entry in result.entries:
             assert entry.status == "computed", entry.error
@@ -146,7 +126,8 @@ def test_overlapping_causal_clips_follow_a_rewritten_frame(loaded, tmp_path):
         done = results(engine.submit(units))
     assert statuses(done) == ["computed", "computed"]  # both contexts are stale now
     for clip, result in zip(clips, done):
-        assert_matches(result.entries[0].features, reference(loaded, spec, clip)[-1], spec.torch_dtype)
+        expected = reference_features(loaded.model, clip, spec, "float32")[-1]
+        assert_matches(result.entries[0].features, expected, spec.torch_dtype)
 
 
 def test_units_submitted_together_share_forwards(loaded, tmp_path):
@@ -177,11 +158,11 @@ def test_on_demand_goes_ahead_of_a_bulk_backlog(loaded, tmp_path):
         submitter.start()
         assert gate.entered.wait(30)  # the first bulk batch holds the device
         # The bounded bulk queue makes the submitter wait: 2 batches of 2 frames, no more.
-        wait_until(lambda: engine.pending(Priority.BULK) == 4)
+        poll(lambda: engine.pending(Priority.BULK) == 4, 30, "four bulk units waiting")
         assert submitter.is_alive()
         [urgent_future] = engine.submit([urgent], Priority.ON_DEMAND)
         urgent_future.add_done_callback(lambda f: order.append("urgent"))
-        wait_until(lambda: engine.stats()["decoding"]["on_demand"] == 0)
+        poll(lambda: engine.stats()["decoding"]["on_demand"] == 0, 30, "the on-demand unit decoded")
         gate.release.set()
         submitter.join(30)
         for unit, future in zip(bulk, bulk_futures):
@@ -263,7 +244,8 @@ def test_out_of_memory_splits_the_batch_until_it_fits(loaded, tmp_path):
     assert stats["oom_splits"] == 4  # 5 -> 2 + 3, 2 -> 1 + 1, 3 -> 1 + 2, 2 -> 1 + 1
     assert stats["batches"] == 5
     for p, r in zip(paths, done):
-        assert_matches(r.entries[0].features, reference(loaded, spec, [p])[0], spec.torch_dtype)
+        expected = reference_features(loaded.model, [p], spec, "float32")[0]
+        assert_matches(r.entries[0].features, expected, spec.torch_dtype)
 
 
 def test_a_unit_that_never_fits_fails_and_the_rest_go_on(loaded, tmp_path):

@@ -14,10 +14,7 @@ import torch
 from client.cachefile import Outcome, read_entry
 from client.wire import decode_features
 from service.model import load_aggregator
-from service.model.features import select_features
-from conftest import free_port
-from service.preprocess import preprocess
-from service_helpers import poll, service_spec, write_images
+from service_helpers import free_port, poll, reference_features, service_spec, write_images
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
@@ -54,14 +51,6 @@ def features_of(response: httpx.Response) -> dict[str, tuple[dict, torch.Tensor 
     return {i["image"]: (i, tensors.get(i["tensor"])) for i in items}
 
 
-def direct_features(model: torch.nn.Module, frames: list[str], spec) -> torch.Tensor:
-    """The model's own entries for one clip, without the service: [S, P, C] in the storage dtype."""
-    images = torch.stack([preprocess(p, spec.preprocess, size=spec.size, align=spec.align) for p in frames])
-    with torch.inference_mode():
-        outputs, patch_start_idx = model(images[None], attention=spec.attention, layers=list(spec.layers))
-    return select_features(outputs, patch_start_idx, spec)[0]  # [S, P, C]
-
-
 def assert_same_entry(served: torch.Tensor, direct: torch.Tensor) -> None:
     assert served.shape == direct.shape and served.dtype == direct.dtype == torch.bfloat16
     # Both are float32 results rounded to bfloat16: at most one storage ulp apart.
@@ -79,7 +68,7 @@ def test_frame_features_equal_the_models_output(http: httpx.Client, root: Path, 
     for image in images:
         item, tensor = served[image]
         assert item["status"] == "computed" and item["grid"] == [4, 4]
-        assert_same_entry(tensor, direct_features(model, [image], spec)[0])
+        assert_same_entry(tensor, reference_features(model, [image], spec)[0])
         entry = read_entry(image, spec)
         assert entry.outcome is Outcome.HIT and torch.equal(entry.features, tensor)
 
@@ -100,7 +89,7 @@ def test_clip_features_equal_the_models_output(service_server, tmp_path_factory,
         spec = service_spec(http)
         served = features_of(http.post("/features", json={"clips": [clip]}))
     server.stop()
-    direct = direct_features(model, clip, spec)  # [3, P, C]
+    direct = reference_features(model, clip, spec)  # [3, P, C]
 
     targets = clip if attention == "sequence" else clip[-1:]
     assert sorted(served) == sorted(targets)
@@ -114,7 +103,7 @@ def test_clip_features_equal_the_models_output(service_server, tmp_path_factory,
     if attention == "causal":
         assert not Path(clip[0] + ".vggt_cache.pt").exists()  # context frames get no entry of their own
     # The first frame's causal features do not depend on later frames; its bidirectional ones do.
-    first_alone = direct_features(model, clip[:1], spec)[0]
+    first_alone = reference_features(model, clip[:1], spec)[0]
     close = torch.allclose(direct[0].float(), first_alone.float(), rtol=2 ** -7, atol=1e-5)
     assert close == (attention == "causal")
 

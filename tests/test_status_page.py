@@ -6,12 +6,13 @@ import html
 import re
 import shutil
 import subprocess
-import time
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
+
+from service_helpers import wait_job
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed (.ci/run installs it)")
@@ -33,10 +34,8 @@ def test_status_page_shows_model_queue_and_job_progress(tmp_path, service_server
         Image.fromarray(rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(root / "scene" / f"{i:03d}.png")
     service = service_server(root, "--max-batch-frames", "2")
     job = httpx.post(f"{service.url}/precompute", json={"data_root": str(root)}).raise_for_status().json()
-    deadline = time.monotonic() + 60
-    while job["computed"] == 0 and time.monotonic() < deadline:
-        job = httpx.get(f"{service.url}/jobs/{job['job_id']}").raise_for_status().json()
-    assert job["computed"] > 0
+    with httpx.Client(base_url=service.url) as http:
+        job = wait_job(http, job["job_id"], until=lambda view: view["computed"] > 0)
 
     dom = render(service.url + "/", str(tmp_path / "profile"))
     status = httpx.get(f"{service.url}/status").json()

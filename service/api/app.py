@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from service.api import errors
+from service.api.errors import register_errors
 from service.api.limits import BodySizeLimit
 from service.api.metrics import Metrics
 from service.api.routes import features, jobs, probes, status
@@ -36,7 +36,7 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
     app.state.metrics = metrics = Metrics(runtime)
     app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_body_bytes)
     app.middleware("http")(metrics.observe_request)
-    errors.register(app)
+    register_errors(app)
     for module in (probes, status, features, jobs):
         app.include_router(module.router)
     return app

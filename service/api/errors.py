@@ -25,7 +25,7 @@ def _error(status: int, detail: object, headers: dict[str, str] | None = None) -
     return JSONResponse({"detail": printable(detail) if isinstance(detail, str) else detail}, status, headers=headers)
 
 
-def register(app: FastAPI) -> None:
+def register_errors(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, exc.detail, exc.headers)
