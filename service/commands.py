@@ -94,7 +94,7 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     with ThreadPoolExecutor(1, thread_name_prefix="job") as pool:
         running = pool.submit(jobs.run, job.job_id)
         try:
-            _follow_job(lambda: jobs.view(job.job_id), lambda _: running.done(),
+            follow_job(lambda: jobs.view(job.job_id), lambda _: running.done(),
                         lambda: wait([running], timeout=PROGRESS_POLL_S),
                         f"[rank {rank}] precompute" if world > 1 else "precompute")
             view = running.result()
@@ -176,7 +176,7 @@ def _print_summary(view: JobView) -> None:
         log.warning("Failed %s: %s", f["image"], f["reason"])
 
 
-def _follow_job(poll: Callable[[], JobView | None], done: Callable[[JobView | None], bool],
+def follow_job(poll: Callable[[], JobView | None], done: Callable[[JobView | None], bool],
                 pause: Callable[[], object], desc: str) -> JobView | None:
     """Show a job's progress until `done(view)`: a bar on a terminal, and its computed/skipped/failed counts.
 
@@ -229,7 +229,7 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
                 raise _LostJob(f"lost track of job {job_id}: {exc}") from exc
 
         try:
-            view = _follow_job(poll, lambda v: v is not None and not v.state.active,
+            view = follow_job(poll, lambda v: v is not None and not v.state.active,
                                lambda: time.sleep(PROGRESS_POLL_S), "precompute")
         except _LostJob as exc:
             log.error("%s", exc)

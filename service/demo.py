@@ -15,7 +15,6 @@ import sys
 import tempfile
 import time
 
-import httpx
 import numpy as np
 import torch
 from PIL import Image
@@ -84,10 +83,11 @@ def _say(text: str) -> None:
 
 
 def run_demo(keep: bool = False, port: int = 0) -> int:
-    from tqdm import tqdm
-
     from client import FeatureCache
     from client.cachefile import cache_path
+    from client.service import ServiceClient
+    from service.commands import follow_job
+    from service.jobview import JobView
 
     work = tempfile.mkdtemp(prefix="vggt-cache-demo-")
     data_root, model_dir = os.path.join(work, "data"), os.path.join(work, "model")
@@ -108,18 +108,12 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
         if not wait_until_ready(url, 120, is_alive=lambda: server.poll() is None):
             _say("the service did not become ready")
             return 1
-        with httpx.Client(base_url=url, timeout=30) as http:
+        with ServiceClient(url) as service:
             _say(f"service ready at {url} (status page: {url}/)")
-
-            job = http.post("/precompute", json={"data_root": data_root}).raise_for_status().json()
-            with tqdm(total=job["total"] or None, unit="img", desc="precompute") as bar:
-                while job["state"] in ("queued", "running"):
-                    time.sleep(0.2)
-                    job = http.get(f"/jobs/{job['job_id']}").raise_for_status().json()
-                    bar.total = job["total"]
-                    bar.n = job["computed"] + job["skipped"] + job["failed"]
-                    bar.refresh()
-            _say(f"job {job['state']}: {job['computed']} computed, {job['skipped']} skipped, {job['failed']} failed")
+            job_id = service.precompute(data_root)["job_id"]
+            job = follow_job(lambda: JobView.from_dict(service.job(job_id)), lambda v: not v.state.active,
+                             lambda: time.sleep(0.2), "precompute")
+            _say(f"job {job.state.value}: {job.computed} computed, {job.skipped} skipped, {job.failed} failed")
 
             cache = FeatureCache(service_url=url)
             feats = cache.get_many(images)

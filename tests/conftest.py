@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Callable, Iterator
 
+import httpx
 import pytest
 
 from service_helpers import RunningService, start_service
@@ -27,3 +28,10 @@ def service_server() -> Iterator[Callable[..., RunningService]]:
     yield start
     for service in started:
         service.stop()
+
+
+@pytest.fixture(scope="module")
+def http(server: RunningService) -> Iterator[httpx.Client]:
+    """An httpx client of the test module's `server` fixture (each module starts its own service)."""
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client

@@ -31,12 +31,6 @@ def server(service_server, root: Path):
     return service_server(root)
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
-
-
 def post_json(http: httpx.Client, route: str, body: object) -> httpx.Response:
     """POST `body` as JSON text; lone surrogates (non-UTF-8 file names) travel as \\udcXX escapes."""
     return http.post(route, content=json.dumps(body).encode(), headers={"content-type": "application/json"})

@@ -34,12 +34,6 @@ def server(service_server, root: Path):
 
 
 @pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def model():
     return load_aggregator(TINY_MODEL).model
 

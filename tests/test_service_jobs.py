@@ -29,12 +29,6 @@ def server(service_server, root: Path):
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
-
-
 def test_bulk_job_over_seed_samples_records_failures_and_writes_valid_entries(
         http: httpx.Client, root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     data = root / "seed"
