@@ -211,3 +211,24 @@ def test_trainable_fresh_model(model32, images):
     assert model.patch_embed.patch_embed.proj.weight.grad is not None
     assert model.global_blocks[1].attn.qkv.weight.grad.abs().sum() > 0
     assert model.camera_token.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("chunks", [(3,), (1, 2), (2, 1)])
+def test_chunked_block_causal_attention_equals_the_dense_mask(model32, images, chunks):
+    # Two clips of 3 frames; the reference path builds the (S*P)^2 boolean mask, the default never does.
+    clips = torch.cat([images, images.flip(1)])  # [2, 3, 3, H, W]
+    results = {}
+    for impl in ("mask", "chunked"):
+        model32.causal_impl = impl
+        try:
+            cache, outs, start = KVCache(), [], 0
+            for n in chunks:  # a clip streamed in calls of n frames continues through the cache
+                out, _ = model32(clips[:, start:start + n], attention="causal", kv_cache=cache)
+                outs.append(out)
+                start += n
+            results[impl] = [torch.cat([o[layer] for o in outs], dim=1) for layer in range(len(outs[0]))]
+        finally:
+            model32.causal_impl = "chunked"
+    for dense, chunked in zip(results["mask"], results["chunked"]):
+        assert rel_err(chunked, dense) < 1e-5
+    assert not torch.equal(results["chunked"][0][0], results["chunked"][0][1])  # the two clips differ

@@ -39,6 +39,7 @@ class VGGTAggregator(nn.Module):
         # Index 0: the first frame of a clip; index 1: every later frame.
         self.camera_token = nn.Parameter(torch.zeros(1, 2, 1, config.embed_dim))
         self.register_token = nn.Parameter(torch.zeros(1, 2, config.num_register_tokens, config.embed_dim))
+        self.causal_impl = "chunked"  # "chunked" | "mask" (the reference): see _aggregate; results are equal
         self.reset_buffers()
         self._init_weights()
 
@@ -107,7 +108,14 @@ class VGGTAggregator(nn.Module):
             positions = patch_positions(h, w, self.patch_start_idx, images.device)
             rope = rope_tables(positions, C // self.config.num_heads, self.config.rope_freq, tokens.dtype)
         global_rope = None if rope is None else (rope[0].repeat(S, 1), rope[1].repeat(S, 1))  # [S*P, head_dim]
-        mask = _block_causal_mask(S, P, past_frames, images.device) if causal and S > 1 else None
+        # Block-causal global attention: per frame against its prefix ("chunked", no mask), or the
+        # reference dense boolean mask of (S*P)^2 entries ("mask", 364 MB for 9 frames at 644 px).
+        mask = frame_tokens = None
+        if causal and S > 1:
+            if self.causal_impl == "mask":
+                mask = _block_causal_mask(S, P, past_frames, images.device)
+            else:
+                frame_tokens = P
 
         kept: dict[int, Tensor] = {}
         for i in range(num_layers):
@@ -115,7 +123,8 @@ class VGGTAggregator(nn.Module):
             frame_out = tokens.view(B, S, P, C)
             kv_update = None if kv_cache is None else partial(kv_cache.append, i)
             tokens = self.global_blocks[i](
-                tokens.view(B, S * P, C), rope=global_rope, attn_mask=mask, kv_update=kv_update
+                tokens.view(B, S * P, C), rope=global_rope, attn_mask=mask, kv_update=kv_update,
+                frame_tokens=frame_tokens,
             )
             if i in wanted:
                 kept[i] = torch.cat((frame_out, tokens.view(B, S, P, C)), dim=-1)  # [B, S, P, 2C]

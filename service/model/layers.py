@@ -33,7 +33,11 @@ class Attention(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         attn_mask: Tensor | None = None,
         kv_update: KVUpdate | None = None,
+        frame_tokens: int | None = None,
     ) -> Tensor:
+        """`frame_tokens`: block-causal over frames of that many tokens, without a mask: each frame's
+        queries attend to the keys of every frame up to and including their own (earlier ones from
+        `kv_update` too), one attention call per frame, so no [N, N] mask is ever built."""
         B, N, C = x.shape
         qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # [B, heads, N, head_dim]
@@ -42,7 +46,16 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_update is not None:
             k, v = kv_update(k, v)  # [B, heads, N_past + N, head_dim]
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        if frame_tokens is None:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        else:
+            past = k.shape[2] - N  # keys of frames fed before this call
+            x = torch.cat([
+                F.scaled_dot_product_attention(q[:, :, start:start + frame_tokens],
+                                               k[:, :, :past + start + frame_tokens],
+                                               v[:, :, :past + start + frame_tokens])
+                for start in range(0, N, frame_tokens)
+            ], dim=2)  # [B, heads, N, head_dim]
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -92,6 +105,8 @@ class Block(nn.Module):
         rope: tuple[Tensor, Tensor] | None = None,
         attn_mask: Tensor | None = None,
         kv_update: KVUpdate | None = None,
+        frame_tokens: int | None = None,
     ) -> Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, kv_update=kv_update))
+        x = x + self.ls1(self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, kv_update=kv_update,
+                                   frame_tokens=frame_tokens))
         return x + self.ls2(self.mlp(self.norm2(x)))
