@@ -35,8 +35,8 @@ import torch
 
 from client.http import ServiceError, reset_after_fork
 from client.cachefile import read_entry
-from client.lookup import (FALLBACKS, Answer, CacheUnavailable, Lookup, SpecLike, _as_clip, _as_paths, _Call, _Core,
-                           _warn_unusable, nearest_manifest_spec, step)
+from client.lookup import (FALLBACKS, Answer, CacheCore, CacheUnavailable, Call, Lookup, SpecLike, as_clip, as_paths,
+                           nearest_manifest_spec, step, warn_unusable)
 from client.service import AsyncServiceClient, ServiceClient, as_spec
 from client.spec import FeatureSpec
 
@@ -57,7 +57,7 @@ def read_cached(image_path: PathLike, spec: SpecLike = None, mmap: bool = False)
     """
     expected = as_spec(spec) or nearest_manifest_spec(image_path)
     result = read_entry(image_path, expected, mmap=mmap)
-    _warn_unusable(result)
+    warn_unusable(result)
     return result.features
 
 
@@ -92,7 +92,7 @@ class _BaseFeatureCache(abc.ABC):
         max_request_frames: int = 64,
     ) -> None:
         self._client = self._client_class(service_url, api_token, timeout, retries)
-        self._core = _Core(bool(self._client.urls), spec, fallback, mmap, max_request_frames)
+        self._core = CacheCore(bool(self._client.urls), spec, fallback, mmap, max_request_frames)
         self._start()
         log.info(ENABLED_MESSAGE)
 
@@ -124,9 +124,9 @@ class _BaseFeatureCache(abc.ABC):
         log.debug("Prefetch failed: %s", exc)
 
     @staticmethod
-    def _prefetch_call(payload: dict) -> _Call:
+    def _prefetch_call(payload: dict) -> Call:
         first = (payload.get("images") or [c[-1] for c in payload.get("clips", [])])[0]
-        return _Call("POST", "/features", key=first, json=payload, retries=0)
+        return Call("POST", "/features", key=first, json=payload, retries=0)
 
 
 class FeatureCache(_BaseFeatureCache):
@@ -142,7 +142,7 @@ class FeatureCache(_BaseFeatureCache):
         return self.get_samples([(image_path,)])[0]
 
     def get_many(self, paths: Sequence[PathLike]) -> list[torch.Tensor | None]:
-        return self._run(self._core.lookup(_as_paths(paths)))
+        return self._run(self._core.lookup(as_paths(paths)))
 
     def get_sample(self, paths: Sequence[PathLike]) -> torch.Tensor | None:
         """Features of the clip's last frame (the current one), in the spec's attention mode."""
@@ -150,7 +150,7 @@ class FeatureCache(_BaseFeatureCache):
 
     def get_samples(self, clips: Sequence[Sequence[PathLike]]) -> list[torch.Tensor | None]:
         """`get_sample` for several clips, their misses in one request."""
-        return self._run(self._core.lookup([_as_clip(c) for c in clips]))
+        return self._run(self._core.lookup([as_clip(c) for c in clips]))
 
     def prefetch(self, paths_or_clips: Sequence[PathLike | Sequence[PathLike]]) -> None:
         """Ask the service to compute these soon, at bulk priority; returns at once, never raises."""
@@ -178,7 +178,7 @@ class FeatureCache(_BaseFeatureCache):
             done, value = step(work, self._send(value))
         return value
 
-    def _send(self, call: _Call) -> Answer:
+    def _send(self, call: Call) -> Answer:
         try:
             return self._client.request(call.method, call.path, key=call.key, json=call.json, retries=call.retries)
         except ServiceError as exc:
@@ -207,13 +207,13 @@ class AsyncFeatureCache(_BaseFeatureCache):
         return (await self.get_samples([(image_path,)]))[0]
 
     async def get_many(self, paths: Sequence[PathLike]) -> list[torch.Tensor | None]:
-        return await self._run(self._core.lookup(_as_paths(paths)))
+        return await self._run(self._core.lookup(as_paths(paths)))
 
     async def get_sample(self, paths: Sequence[PathLike]) -> torch.Tensor | None:
         return (await self.get_samples([paths]))[0]
 
     async def get_samples(self, clips: Sequence[Sequence[PathLike]]) -> list[torch.Tensor | None]:
-        return await self._run(self._core.lookup([_as_clip(c) for c in clips]))
+        return await self._run(self._core.lookup([as_clip(c) for c in clips]))
 
     def prefetch(self, paths_or_clips: Sequence[PathLike | Sequence[PathLike]]) -> None:
         """Schedule bulk-priority requests on the running loop; returns at once, never raises."""
@@ -245,7 +245,7 @@ class AsyncFeatureCache(_BaseFeatureCache):
             done, value = await asyncio.to_thread(step, work, await self._send(value))
         return value
 
-    async def _send(self, call: _Call) -> Answer:
+    async def _send(self, call: Call) -> Answer:
         try:
             return await self._client.request(call.method, call.path, key=call.key, json=call.json,
                                               retries=call.retries)

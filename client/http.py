@@ -36,6 +36,7 @@ import httpx
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 CONNECT_TIMEOUT_S = 5.0
 DOWN_S = 30.0  # how long a URL that failed every try (unreachable or 5xx) is skipped
+DEFAULT_TIMEOUT = object()  # a request's timeout: the transport's own
 
 _after_fork_in_child: weakref.WeakSet = weakref.WeakSet()
 
@@ -239,8 +240,13 @@ class _BaseTransport(abc.ABC):
     def _new_pool(self) -> Any:
         """A new httpx client (sync or async) for this process."""
 
-    def _timeout(self, seconds: float | None) -> dict:
-        return {} if seconds is None else {"timeout": httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_S))}
+    @staticmethod
+    def _timeout(seconds: float | None | object) -> dict:
+        if seconds is DEFAULT_TIMEOUT:
+            return {}
+        if seconds is None:  # wait as long as it takes (a dry run over a large root)
+            return {"timeout": httpx.Timeout(None, connect=CONNECT_TIMEOUT_S)}
+        return {"timeout": httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_S))}
 
     def _attempts(self, key: str | None, retries: int | None) -> Attempts:
         return Attempts(self.urls, key, self.policy, retries, self._down, self.down_s)
@@ -260,10 +266,10 @@ class Transport(_BaseTransport):
         return httpx.Client(timeout=self.timeout, headers=self._headers)
 
     def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                retries: int | None = None, timeout: float | None = None) -> httpx.Response:
+                retries: int | None = None, timeout: float | None | object = DEFAULT_TIMEOUT) -> httpx.Response:
         """Send to the URL `key` picks, failing over and retrying; returns the first 2xx response.
 
-        `timeout` replaces the transport's for this request (a long dry run, say)."""
+        `timeout` replaces the transport's for this request (None: no limit, for a long dry run)."""
         attempts = self._attempts(key, retries)
         for url, wait in attempts:
             if wait:
@@ -290,7 +296,7 @@ class AsyncTransport(_BaseTransport):
         return httpx.AsyncClient(timeout=self.timeout, headers=self._headers)
 
     async def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                      retries: int | None = None, timeout: float | None = None) -> httpx.Response:
+                      retries: int | None = None, timeout: float | None | object = DEFAULT_TIMEOUT) -> httpx.Response:
         attempts = self._attempts(key, retries)
         for url, wait in attempts:
             if wait:

@@ -1,6 +1,6 @@
 """The lookup behind `FeatureCache`: spec resolution, local reads, batching, answers and fallback, without I/O.
 
-`_Core.lookup(clips)` is a generator: it yields each request it needs sent (`_Call`) and
+`CacheCore.lookup(clips)` is a generator: it yields each request it needs sent (`Call`) and
 takes back the answer (an httpx.Response or a ServiceError); the blocking and the asyncio
 cache drive it with their own client, so both behave alike by construction.
 
@@ -71,10 +71,6 @@ START_HINT = (
     "fallback='online' to let the model compute missing features itself."
 )
 
-PathLike = Union[str, os.PathLike]
-Clip = tuple[str, ...]
-SpecLike = Union[FeatureSpec, dict, None]
-
 
 class CacheUnavailable(RuntimeError):
     """Features that are not cached and that the service could not (or was not there to) provide."""
@@ -106,12 +102,12 @@ def _read_clip(clip: Clip, spec: FeatureSpec | None, mmap: bool) -> ReadResult:
     return read_entry(clip[-1], spec, context_frames=context, mmap=mmap)
 
 
-def _warn_unusable(result: ReadResult) -> None:
+def warn_unusable(result: ReadResult) -> None:
     if result.outcome in (Outcome.CORRUPT, Outcome.SPEC_MISMATCH):
         _warn_once(result.path, "Failed to load cache %s: %s", result.path, result.reason)
 
 
-def _as_clip(item: PathLike | Sequence[PathLike]) -> Clip:
+def as_clip(item: PathLike | Sequence[PathLike]) -> Clip:
     if isinstance(item, (str, os.PathLike)):
         return (os.path.abspath(item),)
     if isinstance(item, bytes) or not isinstance(item, Sequence) or not item:
@@ -119,7 +115,7 @@ def _as_clip(item: PathLike | Sequence[PathLike]) -> Clip:
     return tuple(os.path.abspath(p) for p in item)
 
 
-def _as_paths(paths: Sequence[PathLike]) -> list[Clip]:
+def as_paths(paths: Sequence[PathLike]) -> list[Clip]:
     if isinstance(paths, (str, bytes, os.PathLike)):
         raise TypeError("get_many takes a list of paths; use get() for one path")
     return [(os.path.abspath(p),) for p in paths]
@@ -128,7 +124,7 @@ def _as_paths(paths: Sequence[PathLike]) -> list[Clip]:
 # -- the logic shared by the blocking and the asyncio cache -------------------------------------
 
 @dataclass(frozen=True)
-class _Call:
+class Call:
     """A request the lookup needs sent; the driver sends back an httpx.Response or a ServiceError."""
 
     method: str
@@ -139,18 +135,18 @@ class _Call:
 
 
 Answer = Union[httpx.Response, ServiceError]
-Lookup = Generator[_Call, Answer, list]
+Lookup = Generator[Call, Answer, list]
 
 
 def step(work: Lookup, outcome: Answer | None = None) -> tuple[bool, Any]:
-    """Advance a lookup: (False, next _Call) or (True, its result)."""
+    """Advance a lookup: (False, next Call) or (True, its result)."""
     try:
         return False, work.send(outcome)
     except StopIteration as done:
         return True, done.value
 
 
-class _Core:
+class CacheCore:
     """Everything but the sending: spec resolution, local reads, batching, answers, fallback."""
 
     def __init__(self, has_service: bool, spec: SpecLike, fallback: str, mmap: bool,
@@ -199,10 +195,10 @@ class _Core:
             self._settle(failures)
         return [found.get(clip) for clip in clips]
 
-    def _refresh_status(self) -> Generator[_Call, Answer, None]:
+    def _refresh_status(self) -> Generator[Call, Answer, None]:
         if self.service_spec is not None or not self.has_service or time.monotonic() < self._status_retry_at:
             return
-        outcome = yield _Call("GET", "/status", retries=0)
+        outcome = yield Call("GET", "/status", retries=0)
         try:
             if isinstance(outcome, ServiceError):
                 raise outcome
@@ -222,10 +218,10 @@ class _Core:
                             MANIFEST_NAME, self.pinned.digest, self.pinned.attention)
             return self._read(clip)
         self.stats[_OUTCOME_STAT[result.outcome]] += 1
-        _warn_unusable(result)
+        warn_unusable(result)
         return result.features
 
-    def _fetch(self, missing: list[Clip], found: dict) -> Generator[_Call, Answer, dict[Clip, str]]:
+    def _fetch(self, missing: list[Clip], found: dict) -> Generator[Call, Answer, dict[Clip, str]]:
         """Ask the service for `missing`; fills `found`, returns the reasons of those it could not get."""
         if not self.has_service:
             return {clip: "no service_url was given" for clip in missing}
@@ -240,7 +236,7 @@ class _Core:
         for spec, clips in groups.items():
             as_images = spec.attention == Attention.FRAME
             for chunk in self._chunks(clips, as_images):
-                outcome = yield _Call("POST", "/features", key=chunk[0][-1],
+                outcome = yield Call("POST", "/features", key=chunk[0][-1],
                                       json=features_payload(chunk, as_images, wait=True))
                 if isinstance(outcome, ServiceError):
                     failures.update(dict.fromkeys(chunk, str(outcome)))
@@ -307,7 +303,7 @@ class _Core:
         """The bulk-priority requests for a prefetch hint: single images as images, longer clips as clips."""
         if isinstance(items, (str, bytes, os.PathLike)):
             items = [items]
-        clips = [_as_clip(item) for item in items]
+        clips = [as_clip(item) for item in items]
         singles = [c for c in clips if len(c) == 1]
         longer = [c for c in clips if len(c) > 1]
         return ([features_payload(chunk, True, wait=False) for chunk in self._chunks(singles, True)]

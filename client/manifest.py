@@ -33,10 +33,12 @@ def write_manifest(data_root: str, record: dict) -> str:
     """Write `record` (counts, spec, model, timing, failures, ...) atomically; return the path.
 
     `failures` may hold dicts or (image, reason) pairs; only the first MAX_FAILURES
-    are listed and `failures_omitted` counts the rest.
+    are listed and `failures_omitted` counts the rest: of the list given, or of the
+    record's `failed` count when the caller passed only the first ones.
     """
     body = {"manifest_version": MANIFEST_VERSION, **record}
-    body["failures"], body["failures_omitted"] = _capped_failures(list(record.get("failures", [])))
+    body["failures"], omitted = _capped_failures(list(record.get("failures", [])))
+    body["failures_omitted"] = max(omitted, int(record.get("failed", 0)) - len(body["failures"]))
     text = json.dumps(body, indent=2, ensure_ascii=False) + "\n"  # before any file is touched
 
     path = manifest_path(data_root)

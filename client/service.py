@@ -15,11 +15,12 @@ from typing import Any
 import httpx
 import torch
 
-from client.http import DOWN_S, AsyncTransport, ServiceError, Transport
+from client.http import DEFAULT_TIMEOUT, DOWN_S, AsyncTransport, ServiceError, Transport
 from client.spec import FeatureSpec
 from client.wire import decode_features
 
-TOKEN_ENV = "VGGT_CACHE_API_TOKEN"
+ENV_PREFIX = "VGGT_CACHE_"  # the service's settings as environment variables: VGGT_CACHE_<FLAG>
+TOKEN_ENV = ENV_PREFIX + "API_TOKEN"
 
 Features = tuple[list[dict], dict[str, torch.Tensor]]  # /features items (each with its "request"), tensors
 
@@ -81,7 +82,7 @@ class ServiceClient(_Base):
     """Blocking calls; `with ServiceClient(url) as service: service.status()`."""
 
     def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                retries: int | None = None, timeout: float | None = None) -> httpx.Response:
+                retries: int | None = None, timeout: float | None | object = DEFAULT_TIMEOUT) -> httpx.Response:
         """One call, failing over between URLs and retrying; ServiceError when none answers 2xx."""
         return self._transport.request(method, path, key=key, json=json, retries=retries, timeout=timeout)
 
@@ -94,7 +95,7 @@ class ServiceClient(_Base):
     def features(self, payload: dict, expected_digest: str | None = None, key: str | None = None) -> Features:
         return self._features(self.request("POST", "/features", key=key, json=payload), expected_digest)
 
-    def precompute(self, data_root: str, timeout: float | None = None, **options: Any) -> dict:
+    def precompute(self, data_root: str, timeout: float | None | object = DEFAULT_TIMEOUT, **options: Any) -> dict:
         """A job view (`202`), or the plan of a dry run (`"dry_run": True`, which may take long: `timeout`)."""
         return self.request("POST", "/precompute", json={"data_root": data_root, **options}, retries=0,
                             timeout=timeout).json()
@@ -121,7 +122,7 @@ class AsyncServiceClient(_Base):
     _transport_class = AsyncTransport
 
     async def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                      retries: int | None = None, timeout: float | None = None) -> httpx.Response:
+                      retries: int | None = None, timeout: float | None | object = DEFAULT_TIMEOUT) -> httpx.Response:
         return await self._transport.request(method, path, key=key, json=json, retries=retries, timeout=timeout)
 
     async def status(self) -> dict:

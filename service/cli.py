@@ -9,20 +9,24 @@ import sys
 from collections.abc import Sequence
 
 from client.logs import setup_logging
-from service.samples import DEFAULT_MAX_HISTORY, check_history
+from client.service import TOKEN_ENV
+from service.samples import DEFAULT_MAX_HISTORY, check_history, file_list
 from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings
-from service.specflags import add_spec_flags
+from service.specflags import ENV_PREFIX, add_spec_flags
 
 log = logging.getLogger("vggt_cache")
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
-    return os.environ.get(f"VGGT_CACHE_{name}", default)
+    return os.environ.get(f"{ENV_PREFIX}{name}", default)
+
+
+_DEFAULTS = ServiceSettings()
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
-    defaults = ServiceSettings()
+    defaults = _DEFAULTS
     p.add_argument("--max-batch-frames", "--max_batch_frames", type=int,
                    default=int(_env("MAX_BATCH_FRAMES", str(defaults.max_batch_frames))),
                    help="frames per device batch (default: %(default)s)")
@@ -48,12 +52,8 @@ def add_history_flag(p: argparse.ArgumentParser, default: int | None = DEFAULT_M
                         f"flag of the same name (default: {shown})")
 
 
-def _file_list(text: str) -> list[str]:
-    return [f.strip() for f in text.split(",") if f.strip()]
-
-
 def add_files_flag(p: argparse.ArgumentParser, default_text: str = "(default: every one found)") -> None:
-    p.add_argument("--data_files", "--data-files", type=_file_list, default=None,
+    p.add_argument("--data_files", "--data-files", type=file_list, default=None,
                    help="comma-separated sample files, relative to the data root unless absolute, as the "
                         f"training flag of the same name {default_text}")
 
@@ -66,17 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the feature-cache service (VGGT resident on the device)")
     serve.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL),
                        help="Hugging Face id (from the local HF cache), folder or weights file (default: %(default)s)")
-    serve.add_argument("--device", default=_env("DEVICE", "cuda"), help="cpu, cuda (all GPUs), cuda:0 or cuda:0,1")
-    serve.add_argument("--host", default=_env("HOST", "127.0.0.1"))
+    serve.add_argument("--device", default=_env("DEVICE", _DEFAULTS.device),
+                       help="cpu, cuda (all GPUs), cuda:0 or cuda:0,1")
+    serve.add_argument("--host", default=_env("HOST", _DEFAULTS.host))
     serve.add_argument("--port", type=int, default=int(_env("PORT", str(DEFAULT_PORT))))
     serve.add_argument("--allowed-root", "--allowed_root", action="append", dest="allowed_roots",
                        default=None, help="folder the service may read and write (repeatable; required)")
-    serve.add_argument("--api-token", "--api_token", default=_env("API_TOKEN"),
+    serve.add_argument("--api-token", "--api_token", default=os.environ.get(TOKEN_ENV),
                        help="require 'Authorization: Bearer <token>' on every route but the health probes")
-    serve.add_argument("--max-items-per-request", type=int, default=int(_env("MAX_ITEMS_PER_REQUEST", "512")),
+    serve.add_argument("--max-items-per-request", type=int,
+                       default=int(_env("MAX_ITEMS_PER_REQUEST", str(_DEFAULTS.max_items_per_request))),
                        help="images per /features request; more is a 413 (default: %(default)s)")
-    serve.add_argument("--max-pending", type=int, default=int(_env("MAX_PENDING", "4096")),
-                       help="on-demand units waiting for the device; past it /features answers 429 (default: %(default)s)")
+    serve.add_argument("--max-pending", type=int, default=int(_env("MAX_PENDING", str(_DEFAULTS.max_pending_units))),
+                       help="on-demand units waiting for the device; past it /features answers 429 "
+                            "(default: %(default)s)")
     add_engine_flags(serve)
     add_spec_flags(serve)
 
@@ -87,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--model_path", "--model-path", dest="llm_model_path", default=None,
                      help="accepted for compatibility with the seed's script and ignored (VGGT needs no LLM)")
     pre.add_argument("--server", default=None, help="submit the job to a running service instead of computing here")
-    pre.add_argument("--api-token", "--api_token", default=_env("API_TOKEN"))
+    pre.add_argument("--api-token", "--api_token", default=os.environ.get(TOKEN_ENV))
     pre.add_argument("--batch_size", "--batch-size", type=int, default=None,
                      help="frames per device batch (alias of --max-batch-frames)")
-    pre.add_argument("--device", default=_env("DEVICE", "cuda"))
+    pre.add_argument("--device", default=_env("DEVICE", _DEFAULTS.device))
     pre.add_argument("--skip_existing", "--skip-existing", action="store_true",
                      help="skip entries that already validate (stale or foreign ones are recomputed)")
     pre.add_argument("--verify", action="store_true", help="re-read every written entry")
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("data_root")
     ver.add_argument("--server", default=None, help="take the expected spec from this service's /status "
                                                     "(default: from the data root's manifest)")
-    ver.add_argument("--api-token", "--api_token", default=_env("API_TOKEN"))
+    ver.add_argument("--api-token", "--api_token", default=os.environ.get(TOKEN_ENV))
     ver.add_argument("--data_path", "--data-path", default=None)
     add_files_flag(ver, "(default: the manifest's, else every one found)")
     add_history_flag(ver, default=None)
@@ -120,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="show a running service's model, queues and jobs")
     st.add_argument("--server", default=os.environ.get("VGGT_SERVICE_URL", DEFAULT_SERVER))
-    st.add_argument("--api-token", "--api_token", default=_env("API_TOKEN"))
+    st.add_argument("--api-token", "--api_token", default=os.environ.get(TOKEN_ENV))
     st.add_argument("--json", action="store_true")
 
     demo = sub.add_parser("demo", help="a first look: a tiny model and data root, end to end, no GPU or downloads")

@@ -8,10 +8,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
 from service.jobview import JobState, JobView
+from service.progress import follow_job
 from service.samples import DEFAULT_MAX_HISTORY
 from service.settings import ServiceSettings
 from service.specflags import spec_options
@@ -44,12 +44,13 @@ def serve(args: argparse.Namespace) -> int:
     settings = _settings(args, host=args.host, port=args.port, allowed_roots=roots, api_token=args.api_token or None,
                          max_items_per_request=args.max_items_per_request, max_pending_units=args.max_pending)
     runtime = ServiceRuntime(settings)
-    app = create_app(runtime)  # its lifespan starts the runtime, and stops it on SIGTERM/SIGINT
+    app = create_app(runtime)  # its lifespan starts the runtime and, when uvicorn shuts down, stops it
     log.info("Serving on http://%s:%d (allowed roots: %s; auth: %s)", settings.host, settings.port,
              ", ".join(runtime.roots.given), "bearer token" if settings.api_token else "off")
-    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again for the handler it found:
-    # take it quietly, so the process exits 0 after the lifespan has stopped the jobs and the engine.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # uvicorn shuts down gracefully on SIGTERM or SIGINT, then raises the signal again for the handler
+    # it found: take it quietly, so the process exits 0 after the lifespan has stopped jobs and engine.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
                                   access_log=False, lifespan="on")).run()
     log.info("Stopped")
@@ -97,7 +98,7 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
             follow_job(lambda: jobs.view(job.job_id), lambda _: running.done(),
                         lambda: wait([running], timeout=PROGRESS_POLL_S),
                         f"[rank {rank}] precompute" if world > 1 else "precompute")
-            view = running.result()
+            view = running.result() or jobs.view(job.job_id)
         except BaseException:  # Ctrl-C: the job stops after its batches in flight and resumes next time
             jobs.stop()
             raise
@@ -146,8 +147,8 @@ def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world:
     """torchrun: every rank sends its counts to rank 0, which writes the one manifest."""
     import torch.distributed as dist
 
-    from client.spec import matching_preset
     from client.manifest import write_manifest
+    from service.jobs import manifest_record
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -159,12 +160,10 @@ def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world:
         plans = [p["plan"] for p in parts if p.get("plan")]
         # One plan for the whole root: the samples found (the same on every rank), the counts summed.
         plan = {**plans[0], **{k: sum(p[k] for p in plans) for k in _PLAN_COUNTS}} if plans else None
-        write_manifest(view.data_root, {
-            **total, "state": "finished" if all(p["state"] == "finished" for p in parts) else "incomplete",
-            "ranks": world, "spec": jobs.spec.to_dict(), "spec_digest": jobs.spec.digest,
-            "preset": matching_preset(jobs.spec), "plan": plan,
-            "model": jobs.model_info, "seconds": round(seconds, 2), "failures": failures,
-        })
+        # Finished when every rank finished, else the state of the first rank that did not.
+        state = next((JobState(p["state"]) for p in parts if p["state"] != JobState.FINISHED), JobState.FINISHED)
+        write_manifest(view.data_root, manifest_record(view.job_id, state, total, jobs.spec, plan, jobs.model_info,
+                                                       seconds, failures, ranks=world))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -174,27 +173,6 @@ def _print_summary(view: JobView) -> None:
              view.skipped, view.failed)
     for f in (view.failures or [])[:20]:
         log.warning("Failed %s: %s", f["image"], f["reason"])
-
-
-def follow_job(poll: Callable[[], JobView | None], done: Callable[[JobView | None], bool],
-                pause: Callable[[], object], desc: str) -> JobView | None:
-    """Show a job's progress until `done(view)`: a bar on a terminal, and its computed/skipped/failed counts.
-
-    `poll` gives the job's view now (None while it cannot be had); `pause` waits before the next poll.
-    """
-    from tqdm import tqdm
-
-    view = poll()
-    with tqdm(total=None, unit="img", desc=desc, disable=None) as bar:
-        while not done(view):
-            pause()
-            view = poll() or view
-            if view is not None:
-                bar.total = view.total or None
-                bar.n = view.done
-                bar.set_postfix(computed=view.computed, skipped=view.skipped, failed=view.failed, refresh=False)
-                bar.refresh()
-    return view
 
 
 class _LostJob(RuntimeError):

@@ -86,7 +86,7 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
     from client import FeatureCache
     from client.cachefile import cache_path
     from client.service import ServiceClient
-    from service.commands import follow_job
+    from service.progress import follow_job
     from service.jobview import JobView
 
     work = tempfile.mkdtemp(prefix="vggt-cache-demo-")

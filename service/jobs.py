@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import queue
@@ -267,7 +266,7 @@ class JobManager:
         # Every rank scans the whole root; its problems are recorded once, by rank 0.
         self.store.set_plan(rec.job_id, work.units, work.scan.problems if self.rank == 0 else [])
         if work.refused:
-            self.store.record_results(rec.job_id, [(i, "failed", why, t) for i, why in work.refused.items()
+            self.store.record_results(rec.job_id, [(i, EntryStatus.FAILED, why, t) for i, why in work.refused.items()
                                                    for t in work.units[i].targets])
         log.info("Job %s planned: %d units from %d samples (%s; %d refused, %d malformed samples)", rec.job_id,
                  len(work.units), work.scan.num_samples, work.scan.source_kind, len(work.refused),
@@ -275,18 +274,18 @@ class JobManager:
         return True
 
     def write_manifest(self, rec: JobRecord, seconds: float, state: JobState) -> str:
-        failures = self.store.failures(rec.job_id, MANIFEST_FAILURES)
-        return write_manifest(rec.data_root, {
-            "job_id": rec.job_id,
-            "state": state.value,
-            "total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed,
-            "spec": json.loads(rec.spec_json), "spec_digest": rec.spec_digest,
-            "preset": matching_preset(self.spec) if rec.spec_digest == self.spec.digest else None,
-            "plan": rec.plan,
-            "model": self.model_info,
-            "seconds": round(seconds, 2),
-            "failures": [{"image": img, "reason": why} for img, why in failures],
-        })
+        failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, MANIFEST_FAILURES)]
+        counts = {"total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed}
+        return write_manifest(rec.data_root, manifest_record(rec.job_id, state, counts, self.spec, rec.plan,
+                                                             self.model_info, seconds, failures))
+
+
+def manifest_record(job_id: str, state: JobState, counts: dict, spec: FeatureSpec, plan: dict | None,
+                    model_info: dict, seconds: float, failures: list[dict], ranks: int = 1) -> dict:
+    """What `vggt_cache_manifest.json` says of a job (one process's, or torchrun's ranks merged)."""
+    return {"job_id": job_id, "state": state.value, "ranks": ranks, **counts, "spec": spec.to_dict(),
+            "spec_digest": spec.digest, "preset": matching_preset(spec), "plan": plan, "model": model_info,
+            "seconds": round(seconds, 2), "failures": failures}
 
 
 @dataclass

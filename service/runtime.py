@@ -81,6 +81,9 @@ class ServiceRuntime:
         return "failed" if self.load_error else "loading"
 
     def start(self, background: bool = True) -> None:
+        """Load the model and start the engine and the job runner, once (a second call does nothing)."""
+        if self._thread is not None or self.components is not None:
+            return
         if background:
             self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
             self._thread.start()

@@ -85,6 +85,11 @@ class MalformedSample(ValueError):
     """A sample object that is not one of the shapes above."""
 
 
+def file_list(text: str) -> list[str]:
+    """`a.jsonl, b/c.json` -> the sample files named (the `--data_files` flags of precompute and training)."""
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
 def check_history(max_history: int) -> int:
     """`max_history` if it is a usable history length (at least one earlier frame), else ValueError."""
     if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:

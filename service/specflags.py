@@ -15,10 +15,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from client.service import ENV_PREFIX
 from client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, TOKENS, FeatureSpec, \
     matching_preset, resolve_options
 
-ENV_PREFIX = "VGGT_CACHE_"
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

@@ -190,9 +190,9 @@ class JobStore:
             job_id = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO jobs (job_id, data_root, spec_digest, spec_json, options_json, state, "
-                "created_at) VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+                "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (job_id, data_root, spec_digest, spec_json, json.dumps(options, sort_keys=True),
-                 time.time()),
+                 JobState.QUEUED.value, time.time()),
             )
             return self._job(db, job_id)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import re
 import shutil
@@ -24,10 +23,9 @@ from PIL import Image
 
 from client.http import wait_until_ready
 from client.service import spec_of_status
-from client.spec import FeatureSpec
+from client.spec import DTYPES, FeatureSpec
 from service.demo import free_port
 from service.jobview import TERMINAL
-from service.model.features import compute_features
 from service.preprocess import preprocess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,9 +172,15 @@ def temp_files(folder: str | os.PathLike) -> list[Path]:
 
 def reference_features(model: torch.nn.Module, frames: Sequence[str], spec: FeatureSpec,
                        dtype: str | None = None) -> torch.Tensor:
-    """Every frame's entry for one clip, `[S, (L,) P, C]`, straight from the model (no service, no engine).
+    """Every frame's entry for one clip, `[S, (L,) P, C]`, straight from the model's outputs.
 
-    In the spec's storage dtype, or in `dtype` (float32 to compare against several storage dtypes).
+    Its own token and layer slicing (not the service's `select_features`), in the spec's
+    storage dtype or in `dtype` (float32 to compare against several storage dtypes).
     """
     clip = torch.stack([preprocess(p, spec.preprocess, spec.size, spec.align) for p in frames])  # [S, 3, H, W]
-    return compute_features(model, clip[None], dataclasses.replace(spec, dtype=dtype or spec.dtype))[0]
+    with torch.inference_mode():
+        outputs, start = model(clip[None], attention=spec.attention, layers=list(spec.layers))
+    start = 0 if spec.tokens == "all" else start
+    per_layer = [out[0, :, start:] for out in outputs]  # each [S, P, C]
+    entries = per_layer[0] if len(per_layer) == 1 else torch.stack(per_layer, dim=1)  # [S, (L,) P, C]
+    return entries.to(DTYPES[dtype or spec.dtype])

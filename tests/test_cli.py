@@ -133,13 +133,14 @@ def test_verify_passes_then_reports_a_truncated_entry(served) -> None:
     assert f"corrupt       {images[2]}:" in bad.stdout
 
 
-def test_sigterm_stops_serve_cleanly_mid_job(service_server, tmp_path: Path) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_stops_serve_cleanly_mid_job(service_server, tmp_path: Path, sig: signal.Signals) -> None:
     write_images(tmp_path / "frames", [f"f{i:03d}.png" for i in range(200)])
     server = service_server(tmp_path, "--max-batch-frames", "2")
     with httpx.Client(base_url=server.url, timeout=30) as http:
         job_id = http.post("/precompute", json={"data_root": str(tmp_path)}).json()["job_id"]
         wait_job(http, job_id, until=lambda view: done(view) > 0)
-    server.proc.send_signal(signal.SIGTERM)
+    server.proc.send_signal(sig)
     assert server.proc.wait(30) == 0, server.log()
     log = server.log()
     assert "[INFO] Shutting down" in log

@@ -353,3 +353,24 @@ def test_a_repeated_frame_in_sequence_mode_keeps_its_last_positions_output(tmp_p
     expected = entry_features(loaded.model, frames[None], spec)[0]  # [4, P, C], one per position
     assert torch.equal(done.entries[0].features, expected[3]) and torch.equal(done.entries[1].features, expected[2])
     assert not torch.equal(expected[0], expected[3])  # position matters: frame 0 gets the first-frame tokens
+
+
+def test_a_hint_never_waits_it_is_taken_within_its_room_or_refused_whole(tmp_path, loaded):
+    from service.engine import QueueFull
+
+    frames = images(tmp_path / "hints", 12)
+    gate = Gate()
+    # Bulk backlog 2 frames (1 batch of 2), room for hints 4 more (2 batches).
+    with Engine(loaded, make_spec(loaded), max_batch_frames=2, bulk_queue_batches=1, hint_queue_batches=2,
+                before_forward=gate) as engine:
+        try:
+            first = engine.submit([Unit.frame(frames[0])], Priority.BULK, block=False)  # held on the device
+            assert gate.entered.wait(30)
+            held = engine.submit([Unit.frame(p) for p in frames[1:7]], Priority.BULK, block=False)  # empty: taken
+            with pytest.raises(QueueFull, match="bulk queue is full"):
+                engine.submit([Unit.frame(frames[7])], Priority.BULK, block=False)  # 6 + 1 > 2 + 4, at once
+            assert engine.pending(Priority.BULK) == 6
+        finally:
+            gate.release.set()
+        assert statuses(results(first + held)) == ["computed"] * 7
+        assert statuses(results(engine.submit([Unit.frame(frames[7])], Priority.BULK, block=False))) == ["computed"]

@@ -52,3 +52,10 @@ def test_a_corrupt_manifest_is_a_clear_value_error(tmp_path, text):
     (tmp_path / MANIFEST_NAME).write_text(text)
     with pytest.raises(ValueError, match=f"corrupt manifest .*{MANIFEST_NAME}"):
         read_manifest(str(tmp_path))
+
+
+def test_a_record_of_the_first_failures_counts_the_ones_it_left_out(tmp_path):
+    listed = [{"image": f"/d/{i}.jpg", "reason": "bad"} for i in range(3)]
+    write_manifest(str(tmp_path), {"failed": 5000, "failures": listed})
+    body = read_manifest(str(tmp_path))
+    assert body["failures"] == listed and body["failures_omitted"] == 4997

@@ -36,7 +36,7 @@ from client.cache import FALLBACKS
 from client.spec import PRESETS, FeatureSpec, resolve_options
 from service.model import LoadedModel
 from service.model.features import model_spec
-from service.samples import DEFAULT_MAX_HISTORY, check_history
+from service.samples import DEFAULT_MAX_HISTORY, check_history, file_list
 from service.specflags import train_field, train_options
 from training.merger import NORMS
 from training.model import ADD_TO, FUSIONS, Fusion
@@ -141,7 +141,7 @@ class DataArguments:
     def sample_files(self) -> list[str] | None:
         if not self.data_files:
             return None
-        return [f.strip() for f in self.data_files.split(",") if f.strip()]
+        return file_list(self.data_files)
 
 
 @dataclass

@@ -59,6 +59,8 @@ class Engine:
     max_wait_ms: how long a decoded unit waits for company before its batch runs.
     decode_workers / write_workers: threads that decode images / write entries.
     bulk_queue_batches: bulk work allowed to wait for a device, in batches (see `submit`).
+    hint_queue_batches: further room, in batches, for non-blocking bulk work (prefetch hints),
+        so hints are taken while a job keeps the bulk backlog full.
     frame_cache_frames: preprocessed frames kept for reuse by overlapping clips
         (sequence/causal modes only).
     before_forward: called on the device thread with each batch `[B, S, 3, H, W]`
@@ -80,6 +82,7 @@ class Engine:
         decode_workers: int = _DEFAULTS.decode_workers,
         write_workers: int = _DEFAULTS.write_workers,
         bulk_queue_batches: int = 2,
+        hint_queue_batches: int = 8,
         frame_cache_frames: int = 64,
         before_forward: ForwardHook | None = None,
     ) -> None:
@@ -96,7 +99,8 @@ class Engine:
         replicas = [Device(devices[0], first)] + [
             Device(name, copy.deepcopy(first).to(name).eval()) for name in devices[1:]
         ]
-        self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0, bulk_queue_batches * max_batch_frames)
+        self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0, bulk_queue_batches * max_batch_frames,
+                                    hint_queue_batches * max_batch_frames)
         self._decode = DecodeStage(spec, self._scheduler, self._complete, decode_workers, frame_cache_frames)
         self._writer = WriterStage(spec, self._complete, write_workers, 2 * max_batch_frames * len(replicas),
                                    loaded.config.patch_size)
@@ -207,8 +211,9 @@ class Engine:
     def _complete(self, job: Job, result: UnitResult) -> None:
         """Every stage ends a unit here: its future gets the result (the first one, if two paths race)."""
         with self._lock:
-            if job.future.done():
+            if job.completed or job.future.done():
                 return
+            job.completed = True  # claimed under the lock: a racing path neither counts nor sets it again
             self._units[result.kind] += 1
         with contextlib.suppress(InvalidStateError):  # callbacks run outside the lock
             job.future.set_result(result)

@@ -36,10 +36,11 @@ class Scheduler:
     in front of an on-demand request for more than about one batch.
     """
 
-    def __init__(self, max_batch_frames: int, max_wait_s: float, bulk_limit: int) -> None:
+    def __init__(self, max_batch_frames: int, max_wait_s: float, bulk_limit: int, hint_limit: int = 0) -> None:
         self.max_batch_frames = max_batch_frames
         self.max_wait_s = max_wait_s
         self.bulk_limit = bulk_limit
+        self.hint_limit = hint_limit  # room for prefetch hints above the job runners' backlog
         self._lock = threading.Lock()
         self._decode_cv = threading.Condition(self._lock)
         self._ready_cv = threading.Condition(self._lock)
@@ -55,21 +56,23 @@ class Scheduler:
               max_units: int | None = None) -> list[Job]:
         """Queue jobs for decoding; returns those refused because the scheduler closed.
 
-        Bulk work waits (`block`) while `bulk_limit` frames of bulk work are waiting for a
-        device, or is refused whole (`QueueFull`) when it would overflow them. `max_units`
-        caps the units of `priority` waiting (on-demand requests): past it the submission is
-        refused whole. An empty queue always admits, so a submission larger than a limit
-        still gets through.
+        Bulk work waits (`block`, a job runner) while `bulk_limit` frames of bulk work are
+        waiting for a device. A non-blocking bulk submission (a prefetch hint) never waits:
+        it is admitted whole while the bulk backlog stays within `bulk_limit + hint_limit`
+        frames, else refused whole (`QueueFull`). `max_units` caps the units of `priority`
+        waiting (on-demand requests): past it the submission is refused whole. An empty queue
+        always admits, so a submission larger than a limit still gets through.
         """
         with self._lock:
             waiting, frames = self._waiting[priority], self._waiting_frames[priority]
             if max_units is not None and waiting and waiting + len(jobs) > max_units:
                 raise QueueFull(f"{priority.name.lower()} queue is full ({waiting} units waiting)")
+            wait_for_room = priority is Priority.BULK and block
             if priority is Priority.BULK and not block and frames and (
-                    frames + sum(j.n_frames for j in jobs) > self.bulk_limit):
+                    frames + sum(j.n_frames for j in jobs) > self.bulk_limit + self.hint_limit):
                 raise QueueFull(f"bulk queue is full ({frames} frames waiting)")
             for i, job in enumerate(jobs):
-                if priority is Priority.BULK:
+                if wait_for_room:
                     while not self._closed and 0 < self._waiting_frames[priority] and (
                         self._waiting_frames[priority] + job.n_frames > self.bulk_limit
                     ):

@@ -63,6 +63,7 @@ class Job:
     sources: list[dict] = field(default_factory=list)  # per target, stat-ed before decoding
     contexts: list[dict | None] = field(default_factory=list)
     ready_at: float = 0.0
+    completed: bool = False  # set once, under the engine's lock, by the path that completes it
 
     @property
     def n_frames(self) -> int:

@@ -45,7 +45,13 @@ class WriterStage:
             self._slots.acquire()
             with self._lock:
                 self.writing += 1
-            self._pool.submit(self._write_unit, job, unit_features, grid)
+            try:
+                self._pool.submit(self._write_unit, job, unit_features, grid)
+            except BaseException:  # the pool is shut down (an unclean stop): give the slot back
+                with self._lock:
+                    self.writing -= 1
+                self._slots.release()
+                raise
 
     def _write_unit(self, job: Job, features: torch.Tensor, grid: tuple[int, int]) -> None:
         """Write every target's entry of one unit. features: [T, (L,) P, C]."""
