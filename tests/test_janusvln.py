@@ -84,11 +84,20 @@ def test_the_service_computes_what_janusvln_training_computes(tmp_path, service_
     assert manifest["preset"] is None and matching_preset(dataclasses.replace(spec, dtype="bfloat16")) == preset
     service.stop()
 
+    model = load_aggregator(str(JANUS / "model")).model
+    against_ground_truth = 0
     for clip, sample in zip(clips, samples):
         entry = read_entry(clip[-1], spec, context_frames=clip, mmap=False)  # filed under the current view
         assert entry.outcome is Outcome.HIT, entry.reason
         assert entry.meta["grid"] == ([46, 46] if layout == "new" else [35, 46])  # 644x644 pad, 490x644 crop
-        assert_close(entry.features, expected[f"{layout}:{sample[-1]}"], f"{layout} {sample[-1]}")
+        key = f"{layout}:{sample[-1]}"
+        if key in expected:  # JanusVLN's own output (the fixture keeps a subset: see its README)
+            assert_close(entry.features, expected[key], key)
+            against_ground_truth += 1
+        else:
+            frames = torch.stack([preprocess(p, spec.preprocess, spec.size) for p in clip])
+            assert_close(entry.features, streamed(model, frames, spec), key)
+    assert against_ground_truth == {"new": 4, "orig": 3}[layout]
 
     # Training reads them back with the service gone, asking for exactly the clips the job computed.
     assert [s.clip for s in load_samples(str(root))] == clips
