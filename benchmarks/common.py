@@ -59,6 +59,31 @@ def get_model(source: str | None, config: dict, device: str) -> LoadedModel:
     return load_aggregator(source, device=device)
 
 
+def block_flops(tokens: int, dim: int, hidden: int, pairs: float) -> float:
+    """One pre-norm transformer block over `tokens` tokens attending `pairs` (query, key) pairs."""
+    return 2.0 * tokens * dim * (4 * dim + 2 * hidden) + 4.0 * pairs * dim
+
+
+def clip_flops(cfg: AggregatorConfig, height: int, width: int, blocks: int, frames: int = 1,
+               attention: str = "causal", embedded: int | None = None) -> float:
+    """FLOPs of one clip of `frames` frames (1 in frame mode) through `blocks` frame+global block pairs.
+
+    Global attention over the clip is block-causal ("causal") or full ("sequence"); `embedded`
+    of the frames (default all) go through DINOv2.
+    """
+    p = cfg.patch_size
+    patches = (height // p) * (width // p)
+    tokens = 1 + cfg.num_register_tokens + patches  # DINOv2: cls; aggregator: camera; both + registers
+    pe = cfg.patch_embed
+    conv = 2.0 * 3 * p * p * pe.embed_dim * patches
+    dino = pe.depth * block_flops(tokens, pe.embed_dim, int(pe.embed_dim * pe.mlp_ratio), tokens**2)
+    hidden = int(cfg.embed_dim * cfg.mlp_ratio)
+    frame = blocks * block_flops(tokens, cfg.embed_dim, hidden, tokens**2)
+    pairs = (frames * tokens) ** 2 if attention == "sequence" else tokens**2 * frames * (frames + 1) / 2
+    global_ = blocks * block_flops(frames * tokens, cfg.embed_dim, hidden, pairs)
+    return (conv + dino) * (frames if embedded is None else embedded) + frame * frames + global_
+
+
 def synchronize(device: torch.device | str) -> None:
     device = torch.device(device)
     if device.type == "cuda":

@@ -1,19 +1,25 @@
-"""VGGT-1B aggregator throughput on one GPU in frame mode: frames/s and model FLOP utilisation (MFU).
+"""VGGT-1B aggregator throughput on one GPU: frames/s and model FLOP utilisation (MFU), frame mode and JanusVLN's clips.
 
-    python benchmarks/gpu_throughput.py --random-weights --out gpu.json       # H100: about a minute
+    python benchmarks/gpu_throughput.py --random-weights --compile --out gpu.json  # H100/H200: about 8 min
     python benchmarks/gpu_throughput.py --model facebook/VGGT-1B --out gpu.json
-    python benchmarks/gpu_throughput.py --device cpu --tiny --out /tmp/t.json   # smoke test: seconds
+    python benchmarks/gpu_throughput.py --device cpu --tiny --out /tmp/t.json       # smoke test: a minute
 
-Everything runs as the engine runs it: float32 weights, bfloat16 autocast on CUDA (float32
-on the CPU), torch.inference_mode, frame mode as [B, 1, 3, H, W]. Rows:
+Everything runs as the engine runs it: on CUDA resident bfloat16 weights under bfloat16 autocast
+(entries stored in 16 bits; float32 on the CPU), torch.inference_mode. Rows:
 
-  batched       layers=[-2] (the model stops after 23 of 24 blocks), B in --batches, at each of --sizes
+  batched       frame mode [B, 1, 3, H, W], layers=[-2] (the model stops after 23 of 24 blocks), B in
+                --batches, at each of --sizes
   one-by-one    the seed's loop: per image a host->device copy, a batch-1 forward, layer -2 patch
                 tokens cast to bfloat16 and copied back to the host
   all-layers    layers=None (all 24 blocks, every layer's output kept) at batch 1 and the best batch
-  bf16-weights  a bfloat16 copy of the model without autocast, at the best batch (no per-forward
-                weight casts; numerics differ from the engine's, so this is a what-if)
-  compiled      torch.compile(model) at the best batch (--compile only; compile time reported apart)
+  fp32-weights  float32 weights under autocast (`--fp32-weights`, the reference setting), best batch
+  compiled      the engine's `--compile` (every transformer block compiled), best batch (--compile only)
+  janusvln      the JanusVLN workload: B clips of 9 frames at 644x644, block-causal, layer -2 of the
+                current view as `entry_features` computes it (preset newjanusvln), B in --clip-batches,
+                for each attention implementation (chunked: per frame against its prefix; mask: the
+                dense (S*P)^2 boolean mask, the reference), then compiled (--compile) and with each
+                frame's DINOv2 tokens computed once ("patches-once": one new frame per clip, as a bulk
+                job over an episode reuses the other eight)
 
 Each row: median of --iters timed steps (more at small batches, to time --min-frames) after --warmup, with
 torch.cuda.synchronize. An out-of-memory batch is recorded and larger ones are skipped; any
@@ -22,9 +28,11 @@ other error is recorded and the run goes on. Rows past --budget-s are skipped. R
 
 FLOPs are counted analytically (a multiply-add is 2): the patch-embedding conv, the DINOv2
 blocks, and the frame/global blocks that run; per block 2*N*C*(4C + 2*hidden) for q/k/v/out
-projections and MLP plus 4*N^2*C for attention scores and weighted sum (global attention over a
-clip of S frames has N = S*P; S = 1 in frame mode). Norms, RoPE, softmax and GELU are left out,
-so MFU is slightly understated. Peak: --peak-tflops, default 989 (H100 SXM, dense bfloat16).
+projections and MLP plus 4*C per attended (query, key) pair for scores and weighted sum: P^2 per
+frame in frame attention, P^2*S(S+1)/2 per clip in block-causal global attention (the mask
+implementation computes the masked pairs too; they are not counted, so waste shows as lower
+MFU). Norms, RoPE, softmax and GELU are left out, so MFU is slightly understated. Peak:
+--peak-tflops, default 989 (H100/H200 SXM, dense bfloat16).
 """
 
 from __future__ import annotations
@@ -36,40 +44,28 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_name, get_model, median_seconds, print_table, random_model, write_json  # noqa: E402
+from common import (clip_flops, device_name, get_model, median_seconds, print_table, random_model,  # noqa: E402
+                    write_json)
 
 from service.demo import DEMO_CONFIG  # noqa: E402
-from service.model import AggregatorConfig, DEFAULT_SOURCE, LoadedModel  # noqa: E402
-from service.model.features import compute_features, feature_autocast, model_spec  # noqa: E402
+from service.model import DEFAULT_SOURCE, LoadedModel  # noqa: E402
+from client.spec import PRESETS, preset_options  # noqa: E402
+from service.model.features import (compute_features, entry_features, feature_autocast, frame_patches,  # noqa: E402
+                                    model_spec)
+from service.model.resident import make_resident, weights_dtype  # noqa: E402
+from service.samples import DEFAULT_MAX_HISTORY  # noqa: E402
 
 H100_BF16_TFLOPS = 989.0
 LAYERS = [-2]
-
-
-def block_flops(tokens: int, dim: int, hidden: int) -> float:
-    """One pre-norm transformer block over `tokens` tokens: projections, MLP, attention."""
-    return 2.0 * tokens * dim * (4 * dim + 2 * hidden) + 4.0 * tokens * tokens * dim
-
-
-def frame_flops(cfg: AggregatorConfig, height: int, width: int, blocks: int, clip_frames: int = 1) -> float:
-    """FLOPs per frame of a forward that runs `blocks` frame+global block pairs over clips of `clip_frames`."""
-    p = cfg.patch_size
-    patches = (height // p) * (width // p)
-    tokens = 1 + cfg.num_register_tokens + patches  # DINOv2: cls; aggregator: camera; both + registers
-    pe = cfg.patch_embed
-    conv = 2.0 * 3 * p * p * pe.embed_dim * patches
-    dino = pe.depth * block_flops(tokens, pe.embed_dim, int(pe.embed_dim * pe.mlp_ratio))
-    hidden = int(cfg.embed_dim * cfg.mlp_ratio)
-    frame = blocks * block_flops(tokens, cfg.embed_dim, hidden)
-    global_ = blocks * block_flops(clip_frames * tokens, cfg.embed_dim, hidden) / clip_frames
-    return conv + dino + frame + global_
+CLIP_PRESET = "newjanusvln"
+CLIP_FRAMES = DEFAULT_MAX_HISTORY + 1  # a sample's history and its current view
+GOAL_MFU = {"frame": 0.45, "janusvln": 0.35}  # on an H100/H200, frame mode at 518 px / causal clips at 644 px
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -88,12 +84,16 @@ class Sweep:
         self.started = time.monotonic()
         self.rows: list[dict] = []
         cfg = loaded.config
+        # As the engine holds it: entries in bfloat16, so bfloat16 weights on CUDA (float32 on the CPU).
+        self.weights_dtype = weights_dtype(self.device, torch.bfloat16)
+        self.model = self.resident()
+        self.clip_spec = model_spec(loaded, **{**preset_options(CLIP_PRESET), "size": args.clip_size})
         self.result = {
             "device": device_name(self.device),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "model": {"weights": weights, "parameters": loaded.num_params, "config": cfg.to_dict()},
-            "compute": "bfloat16 autocast, float32 weights" if self.is_cuda else "float32",
+            "compute": "bfloat16 autocast, bfloat16 weights" if self.is_cuda else "float32",
             "peak_tflops": args.peak_tflops,
             "goal_frames_per_s": args.goal_fps,
             "args": vars(args),
@@ -103,22 +103,31 @@ class Sweep:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def resident(self, dtype: torch.dtype | None = None, compile: bool = False) -> torch.nn.Module:
+        """A copy of the model as `make_resident` holds it in the engine."""
+        return make_resident(copy.deepcopy(self.loaded.model), self.device, dtype or self.weights_dtype, compile)
+
     def save(self) -> None:
         self.result["elapsed_s"] = round(self.elapsed(), 1)
         if self.args.out:
             write_json(self.args.out, self.result)
 
     def row(self, variant: str, size: int, batch: int, layers: list[int] | None,
-            model: torch.nn.Module | None = None, autocast: bool = True,
-            step: Callable[[], object] | None = None, frames: int | None = None, **extra: object) -> dict:
-        """Time `step` (default: a frame-mode forward of a random [batch, 1, 3, size, size] input)."""
+            model: torch.nn.Module | None = None, step: Callable[[], object] | None = None,
+            frames: int | None = None, forwards: int = 1, flops_per_frame: float | None = None,
+            **extra: object) -> dict:
+        """Time `step` (default: a frame-mode forward of a random [batch, 1, 3, size, size] input).
+
+        `frames`: frames a step forwards (default `batch`), in `forwards` forwards; `flops_per_frame`
+        defaults to frame mode's.
+        """
         cfg = self.loaded.config
         blocks = cfg.depth if layers is None else max(layer % cfg.depth for layer in layers) + 1
         row: dict = {"variant": variant, "size": size, "batch": batch,
                      "layers": "all" if layers is None else layers, "blocks": blocks, **extra}
         if self.elapsed() > self.args.budget_s:
             return self._record(row, status="skipped (time budget)")
-        model = self.loaded.model if model is None else model
+        model = self.model if model is None else model
         frames = frames or batch
         x = None
         try:
@@ -127,9 +136,8 @@ class Sweep:
                 step = lambda: model(x, attention="frame", layers=layers)  # noqa: E731
             if self.is_cuda:
                 torch.cuda.reset_peak_memory_stats(self.device)
-            cast = feature_autocast(self.device) if autocast else nullcontext()
             iters = max(self.args.iters, -(-self.args.min_frames // frames))
-            with torch.inference_mode(), cast:
+            with torch.inference_mode(), feature_autocast(self.device):
                 seconds = median_seconds(step, self.device, iters, self.args.warmup)
         except Exception as exc:  # the run is unattended: record, free, go on
             if _is_oom(exc):
@@ -140,9 +148,9 @@ class Sweep:
             x = None  # drop the input (the step's closure holds the name, not the tensor)
             self._free()
         fps = frames / seconds
-        flops = frame_flops(cfg, size, size, blocks)
+        flops = flops_per_frame or clip_flops(cfg, size, size, blocks)
         tflops = flops * fps / 1e12
-        row.update(ms_per_forward=round(seconds * 1e3 * batch / frames, 3), frames_per_s=round(fps, 2),
+        row.update(ms_per_forward=round(seconds * 1e3 / forwards, 3), frames_per_s=round(fps, 2),
                    gflop_per_frame=round(flops / 1e9, 1), tflops=round(tflops, 2),
                    mfu=round(tflops / self.args.peak_tflops, 4) if self.args.peak_tflops else None)
         if self.is_cuda:
@@ -184,33 +192,110 @@ class Sweep:
             for image in host:
                 compute_features(self.loaded.model, image[None, None].to(self.device), spec)[0, 0].cpu()
 
-        return self.row("one-by-one", size, 1, LAYERS, step=step, frames=self.args.loop_images)
+        return self.row("one-by-one", size, 1, LAYERS, step=step, frames=self.args.loop_images,
+                        forwards=self.args.loop_images)
 
-    def bf16_weights(self, size: int, batch: int) -> dict:
-        model = copy.deepcopy(self.loaded.model).to(torch.bfloat16)
+    def fp32_weights(self, size: int, batch: int) -> dict:
+        model = self.resident(torch.float32)
         try:
-            return self.row("bf16-weights", size, batch, LAYERS, model=model, autocast=False)
+            return self.row("fp32-weights", size, batch, LAYERS, model=model)
         finally:
             del model
             self._free()
 
-    def compiled(self, size: int, batch: int) -> dict:
+    def compiled_model(self, row: dict, warm: Callable[[torch.nn.Module], object]) -> torch.nn.Module | None:
+        """The engine's `--compile` model, compiled by `warm(model)`; None (and `row` recorded) if that fails."""
+        start = time.monotonic()
+        try:
+            model = self.resident(compile=True)
+            with torch.inference_mode(), feature_autocast(self.device):
+                warm(model)
+        except Exception as exc:
+            self._free()
+            self._record(row, status="error", error=f"compile failed: {type(exc).__name__}: {exc}",
+                         traceback=traceback.format_exc(limit=4))
+            return None
+        row["compile_s"] = round(time.monotonic() - start, 1)
+        return model
+
+    def compiled(self, size: int, batch: int) -> dict | None:
         row = {"variant": "compiled", "size": size, "batch": batch, "layers": LAYERS}
         if self.elapsed() > self.args.budget_s:
             return self._record(row, status="skipped (time budget)")
-        start = time.monotonic()
+        x = torch.rand(batch, 1, 3, size, size, device=self.device)
+        model = self.compiled_model(row, lambda m: m(x, attention="frame", layers=LAYERS))
+        del x
+        if model is None:
+            return None
         try:
-            model = torch.compile(self.loaded.model)
-            x = torch.rand(batch, 1, 3, size, size, device=self.device)
-            with torch.inference_mode(), feature_autocast(self.device):
-                model(x, attention="frame", layers=LAYERS)  # compiles
-            del x
-        except Exception as exc:
+            return self.row("compiled", size, batch, LAYERS, model=model, compile_s=row["compile_s"])
+        finally:
+            del model
             self._free()
-            return self._record(row, status="error", error=f"compile failed: {type(exc).__name__}: {exc}",
-                                traceback=traceback.format_exc(limit=4))
-        return self.row("compiled", size, batch, LAYERS, model=model,
-                        compile_s=round(time.monotonic() - start, 1))
+
+    # -- JanusVLN: 9-frame block-causal clips at 644 px -------------------------------------------------
+    def clip_row(self, variant: str, batch: int, model: torch.nn.Module | None = None, impl: str = "chunked",
+                 patches_once: bool = False, **extra: object) -> dict:
+        """B clips of the preset's sample through `entry_features`; with `patches_once`, one frame embedded a clip."""
+        model = self.model if model is None else model
+        spec = self.clip_spec
+        size, frames = spec.size, CLIP_FRAMES
+        cfg = self.loaded.config
+        blocks = max(layer % cfg.depth for layer in spec.layers) + 1
+        x = torch.rand(batch, frames, 3, size, size, device=self.device)
+        tokens = None
+        if patches_once:  # the other eight frames' tokens, as the patch cache holds them in a bulk job
+            with torch.inference_mode(), feature_autocast(self.device):
+                tokens = model.embed_patches(x.flatten(0, 1)).unflatten(0, (batch, frames))
+
+        def step() -> None:
+            patches = None
+            if tokens is not None:
+                fresh = frame_patches(model, x[:, -1])  # [B, h*w, C]: the one new frame of each clip
+                patches = torch.cat((tokens[:, :-1], fresh[:, None]), dim=1)
+            model.causal_impl = impl
+            try:
+                entry_features(model, x, spec, patches)
+            finally:
+                model.causal_impl = "chunked"
+
+        flops = clip_flops(cfg, size, size, blocks, frames, "causal", embedded=1 if patches_once else None)
+        try:
+            return self.row(variant, size, batch, list(spec.layers), model=model, step=step,
+                            frames=batch * frames, flops_per_frame=flops / frames, attention_impl=impl,
+                            clip_frames=frames, **extra)
+        finally:
+            x = tokens = None
+            self._free()
+
+    def janusvln(self) -> None:
+        """Batch sweep per attention implementation, then compiled and patches-once at the best chunked batch."""
+        best: dict[str, dict] = {}
+        for impl in ("chunked", "mask"):
+            for i, batch in enumerate(self.args.clip_batches):
+                row = self.clip_row("janusvln", batch, impl=impl)
+                if row["status"] == "oom":
+                    for bigger in self.args.clip_batches[i + 1:]:
+                        self._record({"variant": "janusvln", "size": self.clip_spec.size, "batch": bigger,
+                                      "attention_impl": impl}, status="skipped (oom at a smaller batch)")
+                    break
+                if row["status"] == "ok" and (impl not in best or row["frames_per_s"] > best[impl]["frames_per_s"]):
+                    best[impl] = row
+        batch = best["chunked"]["batch"] if "chunked" in best else self.args.clip_batches[0]
+        self.clip_row("janusvln-patches-once", batch, patches_once=True)
+        if self.args.compile:
+            row = {"variant": "janusvln-compiled", "size": self.clip_spec.size, "batch": batch}
+            if self.elapsed() > self.args.budget_s:
+                self._record(row, status="skipped (time budget)")
+                return
+            x = torch.rand(batch, CLIP_FRAMES, 3, self.clip_spec.size, self.clip_spec.size, device=self.device)
+            model = self.compiled_model(row, lambda m: entry_features(m, x, self.clip_spec))
+            del x
+            if model is not None:
+                self.clip_row("janusvln-compiled", batch, model=model, compile_s=row["compile_s"])
+                self.clip_row("janusvln-compiled-patches-once", batch, model=model, patches_once=True)
+                del model
+                self._free()
 
     def run(self) -> None:
         args = self.args
@@ -224,14 +309,15 @@ class Sweep:
         self.row("all-layers", size, 1, None)
         if best_batch != 1:
             self.row("all-layers", size, best_batch, None)
-        self.bf16_weights(size, best_batch)
+        self.fp32_weights(size, best_batch)
         if args.compile:
             self.compiled(size, best_batch)
+        self.janusvln()
         self.result["summary"] = self.summary()
         self.save()
 
     def summary(self) -> dict:
-        """The goal is judged on the engine's own setting (batched, autocast) at the first size."""
+        """The goals are judged on the engine's own settings: batched frame mode at the first size, and clips."""
         ok = [r for r in self.rows if r["status"] == "ok"]
 
         def fastest(rows: list[dict]) -> dict | None:
@@ -239,16 +325,24 @@ class Sweep:
 
         batched = fastest([r for r in ok if r["variant"] == "batched" and r["size"] == self.args.sizes[0]])
         loop = fastest([r for r in ok if r["variant"] == "one-by-one"])
+        clips = {impl: fastest([r for r in ok if r["variant"] == "janusvln" and r["attention_impl"] == impl])
+                 for impl in ("chunked", "mask")}
         return {
             "best_batched": batched, "one_by_one": loop, "best_any": fastest(ok),
             "batched_over_one_by_one": round(batched["frames_per_s"] / loop["frames_per_s"], 3)
             if batched and loop else None,
             "best_over_goal": round(batched["frames_per_s"] / self.args.goal_fps, 3) if batched else None,
+            "janusvln_best": {impl: row for impl, row in clips.items()},
+            "janusvln_best_any": fastest([r for r in ok if r["variant"].startswith("janusvln")]),
+            "chunked_over_mask": round(clips["chunked"]["frames_per_s"] / clips["mask"]["frames_per_s"], 3)
+            if clips["chunked"] and clips["mask"] else None,
+            "goal_mfu": GOAL_MFU,
         }
 
 
 def _describe(row: dict) -> str:
-    head = f"{row['variant']:<12} {row['size']}px batch {row['batch']:<3} layers {row['layers']}"
+    impl = f" {row['attention_impl']}" if "attention_impl" in row else ""
+    head = f"{row['variant']:<12}{impl} {row['size']}px batch {row['batch']:<3} layers {row.get('layers')}"
     if row["status"] != "ok":
         return f"{head}: {row['status']}" + (f" ({row['error']})" if row.get("error") else "")
     mfu = f", MFU {row['mfu'] * 100:.1f}%" if row.get("mfu") is not None else ""
@@ -259,11 +353,11 @@ def report(result: dict) -> None:
     rows = []
     for r in result["rows"]:
         if r["status"] != "ok":
-            rows.append((r["variant"], r["size"], r["batch"], str(r["layers"]), r["status"], "", "", "", ""))
+            rows.append((_name(r), r["size"], r["batch"], str(r.get("layers")), r["status"], "", "", "", ""))
             continue
         mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
-        rows.append((r["variant"], r["size"], r["batch"], str(r["layers"]), f"{r['ms_per_forward']:.1f}",
+        rows.append((_name(r), r["size"], r["batch"], str(r["layers"]), f"{r['ms_per_forward']:.1f}",
                      f"{r['frames_per_s']:.1f}", f"{r['tflops']:.1f}", mfu, mem))
     print()
     print(f"{result['device']}, torch {result['torch']} (CUDA {result['cuda']}), {result['compute']}; "
@@ -285,6 +379,17 @@ def report(result: dict) -> None:
         print(f"best/goal = {s['best_over_goal']:.2f}")
     if s["batched_over_one_by_one"] is not None:
         print(f"batched/one-by-one = {s['batched_over_one_by_one']:.2f}")
+    for name, row in (("frame mode", s["best_batched"]), ("janusvln clips", s["janusvln_best_any"])):
+        if row and row.get("mfu") is not None:
+            goal = s["goal_mfu"]["frame" if name == "frame mode" else "janusvln"]
+            print(f"MFU {name}: {row['mfu'] * 100:.1f}% ({_name(row)}, batch {row['batch']}, {row['size']}px); "
+                  f"goal >= {goal * 100:.0f}% on an H100/H200: {'met' if row['mfu'] >= goal else 'NOT met'}")
+    if s["chunked_over_mask"] is not None:
+        print(f"janusvln chunked/mask = {s['chunked_over_mask']:.2f}")
+
+
+def _name(row: dict) -> str:
+    return row["variant"] + (f" ({row['attention_impl']})" if "attention_impl" in row else "")
 
 
 def _ints(text: str) -> list[int]:
@@ -317,6 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sizes", type=_ints, help="square input sizes (default 518,504; tiny: 56,42)")
     parser.add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--clip-batches", type=_ints, default=[1, 2, 4, 8],
+                        help=f"clips of {CLIP_FRAMES} frames per forward in the JanusVLN rows")
+    parser.add_argument("--clip-size", type=int,
+                        help=f"JanusVLN rows' input size (default the {CLIP_PRESET} preset's "
+                             f"{PRESETS[CLIP_PRESET]['size']}; tiny: 56)")
     parser.add_argument("--iters", type=int, default=10, help="timed steps per row (more if needed for --min-frames)")
     parser.add_argument("--min-frames", type=int, default=32, help="frames timed per row at least")
     parser.add_argument("--warmup", type=int, default=3)
@@ -324,11 +434,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float,
                         help=f"device peak for MFU (default {H100_BF16_TFLOPS:g} on cuda: H100 SXM dense bf16)")
     parser.add_argument("--goal-fps", type=float, default=100.0)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) at the best batch")
-    parser.add_argument("--budget-s", type=float, default=270.0, help="skip rows that would start after this")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the engine's --compile (every block compiled) at the best batches")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="skip rows that would start after this")
     parser.add_argument("--out", help="JSON results, rewritten after every row")
     args = parser.parse_args(argv)
     args.sizes = args.sizes or ([56, 42] if args.tiny else [518, 504])
+    args.clip_size = args.clip_size or (56 if args.tiny else PRESETS[CLIP_PRESET]["size"])
     if torch.device(args.device).type == "cuda":
         args.peak_tflops = args.peak_tflops or H100_BF16_TFLOPS
     if min(args.iters, args.loop_images) < 1 or min(args.warmup, args.min_frames) < 0:

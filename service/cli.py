@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from client.logs import setup_logging
 from client.service import TOKEN_ENV
 from service.samples import DEFAULT_MAX_HISTORY, check_history, file_list
-from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings
+from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings, env_flag
 from service.specflags import ENV_PREFIX, add_spec_flags
 
 log = logging.getLogger("vggt_cache")
@@ -34,6 +34,14 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="threads decoding and preprocessing images while the device computes (default: %(default)s)")
     p.add_argument("--write-workers", type=int, default=int(_env("WRITE_WORKERS", str(defaults.write_workers))),
                    help="threads writing cache files (each fsyncs) while the device computes (default: %(default)s)")
+    p.add_argument("--patch-cache-mb", type=int, default=int(_env("PATCH_CACHE_MB", str(defaults.patch_cache_mb))),
+                   help="per device, MiB for the DINOv2 tokens of recent frames, computed once for every clip "
+                        "that shares the frame (sequence/causal; 0: within a batch only) (default: %(default)s)")
+    p.add_argument("--fp32-weights", action="store_true", default=env_flag(f"{ENV_PREFIX}FP32_WEIGHTS"),
+                   help="on CUDA with 16-bit entries, keep float32 weights under bfloat16 autocast instead of "
+                        "resident bfloat16 weights")
+    p.add_argument("--compile", action="store_true", default=env_flag(f"{ENV_PREFIX}COMPILE"),
+                   help="torch.compile the transformer blocks (slow first batches of each shape)")
     p.add_argument("--state-dir", "--state_dir", default=_env("STATE_DIR", ServiceSettings.state_dir),
                    help="where job state (SQLite) lives; keep it on local disk (default: %(default)s)")
 

@@ -24,7 +24,8 @@ def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
     s = ServiceSettings(
         model=args.model, device=args.device, state_dir=os.path.expanduser(args.state_dir),
         spec=spec_options(args), max_batch_frames=args.max_batch_frames, decode_workers=args.decode_workers,
-        write_workers=args.write_workers,
+        write_workers=args.write_workers, patch_cache_mb=args.patch_cache_mb, fp32_weights=args.fp32_weights,
+        compile=args.compile,
     )
     for key, value in overrides.items():
         setattr(s, key, value)

@@ -57,6 +57,7 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
     engine = Engine(
         loaded, spec, devices=devices, max_batch_frames=s.max_batch_frames,
         max_wait_ms=s.max_wait_ms, decode_workers=s.decode_workers, write_workers=s.write_workers,
+        patch_cache_bytes=s.patch_cache_mb << 20, fp32_weights=s.fp32_weights, compile=s.compile,
     )
     engine.start()
     jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, model_info(loaded, devices, spec), rank, world_size,

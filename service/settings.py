@@ -7,6 +7,12 @@ from dataclasses import dataclass, field
 
 DEFAULT_MODEL = "facebook/VGGT-1B"
 DEFAULT_PORT = 8600
+TRUE_WORDS = ("true", "1", "yes")
+
+
+def env_flag(name: str) -> bool:
+    """The seed's convention: ``true``, ``1`` or ``yes`` (any case) switch a feature on."""
+    return os.environ.get(name, "").strip().lower() in TRUE_WORDS
 
 
 @dataclass
@@ -25,6 +31,10 @@ class ServiceSettings:
     max_wait_ms: float = 5.0
     decode_workers: int = 4
     write_workers: int = 4
+    # Per device: DINOv2 tokens of recent frames (8.7 MB a frame at 644 px), for the clips that share them.
+    patch_cache_mb: int = 4096
+    fp32_weights: bool = False  # CUDA with 16-bit entries: keep float32 weights under autocast
+    compile: bool = False  # torch.compile the transformer blocks
     # Request limits: a body or item count past these is a 413, a deeper on-demand queue a 429.
     max_body_bytes: int = 4 * 1024 * 1024
     max_items_per_request: int = 512

@@ -81,7 +81,12 @@ def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
 
 
 def shard(units: list[Unit], rank: int, world_size: int) -> list[Unit]:
-    """This rank's share: every `world_size`-th unit from `rank` (balanced to within one)."""
+    """This rank's share: one contiguous run of the units, in order (sizes balanced to within one).
+
+    Contiguous, not every `world_size`-th unit: neighbouring samples of an episode share frames,
+    and a rank embeds a shared frame once only if it gets the samples that share it.
+    """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
-    return units[rank::world_size]
+    n = len(units)
+    return units[rank * n // world_size:(rank + 1) * n // world_size]

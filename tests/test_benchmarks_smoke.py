@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -36,7 +35,7 @@ def test_precompute_prints_its_ratios_and_cleans_up(tmp_path: Path) -> None:
     for name in ("ours/seed", "ours/limit"):
         match = re.search(rf"^{re.escape(name)} {RATIO}", out, re.M)
         assert match and float(match.group(1)) > 0, out
-    for method in ("seed", "ours", "limit"):
+    for method in ("seed", "ours", "clips", "limit"):
         assert re.search(rf"^{method} \(.*\)\s+\d+\.\d+\s+\d+\.\d+\s+\d+\.\d+$", out, re.M), out
     assert list(tmp_path.iterdir()) == []  # images, cache files, job state: all removed
 
@@ -50,7 +49,7 @@ def test_precompute_json_with_a_random_model() -> None:
     assert result["images"]["model_input"] == [3, 14, 28]
     assert result["entry_shape"] == [2, 64]  # 1x2 patches, 2 * embed_dim channels
     assert result["model"]["depth"] == 2 and result["spec"]["layers"] == [0]
-    for method in ("seed", "ours", "limit"):
+    for method in ("seed", "ours", "clips", "limit"):
         assert len(result["seconds"][method]) == 2
         assert result["images_per_s"][method] == pytest.approx(3 / min(result["seconds"][method]), rel=1e-3)
     rate = result["images_per_s"]
@@ -60,36 +59,35 @@ def test_precompute_json_with_a_random_model() -> None:
 def test_gpu_throughput_runs_tiny_on_cpu_and_writes_json(tmp_path: Path) -> None:
     out_path = tmp_path / "gpu.json"
     out = run_benchmark("gpu_throughput.py", "--device", "cpu", "--tiny", "--sizes", "56", "--batches", "1,2",
-                        "--iters", "1", "--warmup", "0", "--min-frames", "0", "--loop-images", "2",
-                        "--out", str(out_path))
+                        "--clip-batches", "1", "--iters", "1", "--warmup", "0", "--min-frames", "0",
+                        "--loop-images", "2", "--out", str(out_path))
     for name in ("batched/one-by-one", "best/goal"):
         match = re.search(rf"^{re.escape(name)} {RATIO}", out, re.M)
         assert match and float(match.group(1)) > 0, out
     result = json.loads(out_path.read_text())
     rows = {(r["variant"], r["batch"], str(r["layers"])): r for r in result["rows"]}
-    assert {key[0] for key in rows} == {"batched", "one-by-one", "all-layers", "bf16-weights"}
-    assert all(r["status"] == "ok" for r in rows.values()), result["rows"]
+    assert {key[0] for key in rows} == {"batched", "one-by-one", "all-layers", "fp32-weights", "janusvln",
+                                        "janusvln-patches-once"}
+    assert all(r["status"] == "ok" for r in result["rows"]), result["rows"]
+    clips = [r for r in result["rows"] if r["variant"] == "janusvln"]
+    assert sorted(r["attention_impl"] for r in clips) == ["chunked", "mask"]
+    assert all(r["frames_per_s"] > 0 and r["clip_frames"] == 9 for r in clips)
+    assert result["summary"]["chunked_over_mask"] > 0
     assert rows[("batched", 1, "[-2]")]["blocks"] == 1 and rows[("all-layers", 1, "all")]["blocks"] == 2
     assert result["summary"]["best_batched"]["variant"] == "batched"
     assert result["peak_tflops"] is None  # no peak is assumed for a CPU
-
-
-def _load_gpu_throughput():
-    spec = importlib.util.spec_from_file_location("gpu_throughput", BENCHMARKS / "gpu_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("attention, layers, frames, height, width", [
     ("frame", [-2], 1, 56, 56),
     ("frame", None, 1, 42, 70),
     ("sequence", None, 3, 42, 70),  # global attention over S*P tokens
+    ("causal", [-2], 3, 56, 56),  # each frame against its prefix
 ])
 def test_flop_formula_matches_torch_flop_counter(attention: str, layers: list[int] | None, frames: int,
                                                  height: int, width: int) -> None:
-    bench = _load_gpu_throughput()
-    from common import random_model
+    sys.path.insert(0, str(BENCHMARKS))
+    from common import clip_flops, random_model
     from service.demo import DEMO_CONFIG
 
     loaded = random_model(DEMO_CONFIG, "cpu")
@@ -99,8 +97,8 @@ def test_flop_formula_matches_torch_flop_counter(attention: str, layers: list[in
         loaded.model(images, attention=attention, layers=layers)
     depth = loaded.config.depth
     blocks = depth if layers is None else max(i % depth for i in layers) + 1
-    clip = frames if attention == "sequence" else 1
-    expected = bench.frame_flops(loaded.config, height, width, blocks, clip_frames=clip) * frames
+    clip = 1 if attention == "frame" else frames
+    expected = clip_flops(loaded.config, height, width, blocks, clip, attention) * (frames // clip)
     assert counter.get_total_flops() == expected
 
 
@@ -112,5 +110,6 @@ def test_precompute_runs_janusvln_samples_and_reports_decode_reuse() -> None:
     assert (result["samples"], result["frames_per_sample"]) == (10, 9)
     assert result["spec"]["preset"] == "newjanusvln" and result["spec"]["reference_frame"] == "last"
     assert result["decodes"] == {"seed": 90, "ours": 10, "ours_reused": 80}  # each of the 10 frames once
-    for method in ("seed", "ours", "limit"):
+    assert result["patch_embeds"] == {"seed": 90, "ours": 10, "ours_reused": 80}  # and through DINOv2 once
+    for method in ("seed", "ours", "clips", "limit"):
         assert result["frames_per_s"][method] == pytest.approx(9 * result["images_per_s"][method], rel=1e-2)

@@ -329,17 +329,59 @@ def test_stop_finishes_the_batch_in_flight_and_fails_queued_units(loaded, tmp_pa
         engine.submit([Unit.frame(paths[1])])
 
 
+def episode_clips(folder: Path, steps: int) -> list[tuple[str, ...]]:
+    """Nine-frame histories of an episode, as JanusVLN builds them (step 0 pads, then linspace)."""
+    frames = images(folder, steps)
+    return [tuple([frames[0]] * (8 - j) + frames[: j + 1]) if j <= 8 else
+            tuple(frames[i] for i in np.linspace(0, j, 9, dtype=int)) for j in range(steps)]
+
+
 def test_overlapping_padded_histories_decode_each_frame_once(tmp_path, loaded):
     # Nine-frame histories of a 12-step episode (steps repeat, step 0 pads): 108 frames, 12 distinct.
-    frames = images(tmp_path / "ep", 12)
-    clips = [tuple([frames[0]] * (8 - j) + frames[: j + 1]) if j <= 8 else
-             tuple(frames[i] for i in np.linspace(0, j, 9, dtype=int)) for j in range(12)]
+    clips = episode_clips(tmp_path / "ep", 12)
     spec = make_spec(loaded, attention="causal", reference_frame="last")
     with Engine(loaded, spec, max_batch_frames=18, decode_workers=4) as engine:
         done = results(engine.submit([Unit.causal(c) for c in clips], return_features=False))
         stats = engine.stats()
     assert statuses(done) == ["computed"] * 12
     assert (stats["frames_decoded"], stats["frames_reused"]) == (12, 108 - 12)
+
+
+@pytest.mark.parametrize("budget_frames", [None, 0])
+def test_a_frame_is_embedded_once_for_every_clip_that_shares_it(tmp_path, loaded, budget_frames):
+    # One clip a batch, so reuse crosses batches; with no budget only a clip's own repeats are shared.
+    clips = episode_clips(tmp_path / "ep", 12)
+    spec = make_spec(loaded, attention="causal", dtype="float32", reference_frame="last")
+    budget = {} if budget_frames is None else {"patch_cache_bytes": budget_frames}
+    with Engine(loaded, spec, max_batch_frames=9, decode_workers=1, **budget) as engine:
+        done = results(engine.submit([Unit.causal(c) for c in clips]))
+        stats = engine.stats()
+    embedded = 12 if budget_frames is None else sum(len(set(c)) for c in clips)
+    assert (stats["patches_embedded"], stats["patches_reused"]) == (embedded, 108 - embedded)
+    assert stats["devices"][0]["patch_cache"]["frames"] == (12 if budget_frames is None else 0)
+    for clip, result in zip(clips, done):  # equal to each clip computed alone, from its own pixels
+        alone = torch.stack([preprocess(p, spec.preprocess, spec.size) for p in clip])[None]
+        expected = entry_features(loaded.model, alone, spec)[0, 0]
+        torch.testing.assert_close(result.entries[0].features, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+def test_the_patch_cache_keeps_the_most_recent_frames_within_its_budget(loaded):
+    from service.engine.patches import PatchCache
+
+    frames = torch.rand(1, 4, 3, 42, 56)  # [B, S, 3, H, W]
+    one_frame = 12 * loaded.config.embed_dim * 4  # a 3x4 grid of float32 tokens
+    cache = PatchCache(budget_bytes=2 * one_frame)
+    key = [("a", 1, 1), ("b", 1, 1), ("c", 1, 1), ("a", 1, 1)]
+    tokens = cache.patches(loaded.model, frames, [key])  # a, b, c embedded (a repeats): b and c kept
+    assert tokens.shape == (1, 4, 12, loaded.config.embed_dim) and torch.equal(tokens[0, 0], tokens[0, 3])
+    assert (cache.embedded, cache.reused, len(cache), cache.nbytes) == (3, 1, 2, 2 * one_frame)
+    cache.patches(loaded.model, frames[:, :1], [[("a", 1, 1)]])  # evicted: embedded again, b goes
+    cache.patches(loaded.model, frames[:, :1], [[("c", 1, 1)]])  # still kept
+    assert (cache.embedded, cache.reused) == (4, 2)
+    cache.patches(loaded.model, frames[:, :1], [[("b", 1, 1)]])
+    assert (cache.embedded, cache.reused, len(cache)) == (5, 2, 2)
+    with pytest.raises(ValueError, match="frame keys"):
+        cache.patches(loaded.model, frames, [key[:3]])
 
 
 def test_a_repeated_frame_in_sequence_mode_keeps_its_last_positions_output(tmp_path, loaded):

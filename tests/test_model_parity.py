@@ -232,3 +232,52 @@ def test_chunked_block_causal_attention_equals_the_dense_mask(model32, images, c
     for dense, chunked in zip(results["mask"], results["chunked"]):
         assert rel_err(chunked, dense) < 1e-5
     assert not torch.equal(results["chunked"][0][0], results["chunked"][0][1])  # the two clips differ
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_patches_embedded_elsewhere_give_the_same_outputs(model32, images, mode):
+    # A frame's DINOv2 tokens depend on it alone: embedded in another batch, in another order, or
+    # given for a repeated frame, they make the same features as the forward computing them itself.
+    clips = torch.cat([images, images[:, [0, 0, 2]]])  # [2, 3, 3, H, W]; clip 2 repeats frame 0
+    B, S = clips.shape[:2]
+    distinct = torch.stack([images[0, 2], images[0, 0], images[0, 1]])  # embedded once each, shuffled
+    tokens = model32.embed_patches(distinct)  # [3, h*w, C]
+    order = {0: 1, 1: 2, 2: 0}  # frame index -> row of `tokens`
+    patches = tokens[[order[i] for i in (0, 1, 2, 0, 0, 2)]].unflatten(0, (B, S))  # [2, 3, h*w, C]
+    own, _ = model32(clips, attention=mode)
+    given, _ = model32(clips, attention=mode, patches=patches)
+    for a, b in zip(own, given):
+        assert rel_err(b, a) < 1e-5
+    with pytest.raises(ValueError, match="patches must be"):
+        model32(clips, attention=mode, patches=patches[:, :2])
+
+
+def test_compiled_blocks_give_the_eager_features(model32, images):
+    import copy
+
+    from service.model.resident import make_resident
+
+    compiled = make_resident(copy.deepcopy(model32), torch.device("cpu"), torch.float32, compile=True)
+    clips = torch.cat([images, images.flip(1)])  # [2, 3, 3, H, W]
+    for mode in ("causal", "frame"):
+        with torch.inference_mode():
+            eager, _ = model32(clips, attention=mode, layers=[-1])
+            fast, _ = compiled(clips, attention=mode, layers=[-1])
+        assert rel_err(fast[0], eager[0]) < 1e-5
+    assert all(hasattr(b, "_compiled_call_impl") and b._compiled_call_impl is not None
+               for b in compiled.global_blocks)
+
+
+def test_resident_weights_dtype_follows_the_device_and_the_storage_dtype(model32):
+    import copy
+
+    from service.model.resident import make_resident, weights_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert weights_dtype(cuda, torch.bfloat16) == weights_dtype(cuda, torch.float16) == torch.bfloat16
+    assert weights_dtype(cuda, torch.bfloat16, fp32_weights=True) == torch.float32
+    assert weights_dtype(cuda, torch.float32) == weights_dtype(cpu, torch.bfloat16) == torch.float32
+    # bfloat16 weights (built here on the CPU): the input normalisation stays float32.
+    model = make_resident(copy.deepcopy(model32), cpu, torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model._resnet_mean.dtype == model._resnet_std.dtype == torch.float32

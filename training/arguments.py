@@ -37,17 +37,12 @@ from client.spec import PRESETS, FeatureSpec, resolve_options
 from service.model import LoadedModel
 from service.model.features import model_spec
 from service.samples import DEFAULT_MAX_HISTORY, check_history, file_list
+from service.settings import env_flag
 from service.specflags import train_field, train_options
 from training.merger import NORMS
 from training.model import ADD_TO, FUSIONS, Fusion
 
-TRUE_WORDS = ("true", "1", "yes")
 QWEN_IMAGES = ("all", "current")
-
-
-def env_flag(name: str) -> bool:
-    """The seed's convention: ``true``, ``1`` or ``yes`` (any case) switch a feature on."""
-    return os.environ.get(name, "").strip().lower() in TRUE_WORDS
 
 
 def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

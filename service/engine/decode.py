@@ -19,13 +19,11 @@ from client.cachefile import Outcome, context_record, read_entry, source_record
 from client.spec import Attention, FeatureSpec
 from client.wire import EntryStatus
 from service.engine.scheduler import Scheduler
-from service.engine.work import (SHUTDOWN_MESSAGE, Complete, EngineStopped, EntryResult, Job, UnitResult,
+from service.engine.work import (SHUTDOWN_MESSAGE, Complete, EngineStopped, EntryResult, FrameKey, Job, UnitResult,
                                  describe, fail_future, failed_result)
 from service.preprocess import load_image, preprocess
 
 log = logging.getLogger("vggt_cache")
-
-FrameKey = tuple[str, int, int]  # path, size, mtime_ns
 
 
 class FrameCache:
@@ -136,15 +134,19 @@ class DecodeStage:
         job.sources = [source_record(t) for t in unit.targets]
         frames = self.spec.context_of(unit.frames)
         job.contexts = [context_record(t, frames) for t in unit.targets]
-        images = [self._load_frame(path) for path in unit.frames]
+        job.frame_keys = [self._frame_key(path) for path in unit.frames]
+        images = [self._load_frame(key) for key in job.frame_keys]
         shapes = {tuple(im.shape) for im in images}
         if len(shapes) > 1:
             raise ValueError(f"the frames of a clip must share one size after preprocessing, got {sorted(shapes)}")
         job.images = torch.stack(images)  # [S, 3, H, W]
 
-    def _load_frame(self, path: str) -> torch.Tensor:
+    @staticmethod
+    def _frame_key(path: str) -> FrameKey:
         st = os.stat(path)
+        return path, st.st_size, st.st_mtime_ns
+
+    def _load_frame(self, key: FrameKey) -> torch.Tensor:
         spec = self.spec
         return self.frames.get(  # [3, H, W]
-            (path, st.st_size, st.st_mtime_ns),
-            lambda: preprocess(load_image(path), mode=spec.preprocess, size=spec.size, align=spec.align))
+            key, lambda: preprocess(load_image(key[0]), mode=spec.preprocess, size=spec.size, align=spec.align))

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
-from client.spec import FeatureSpec
+from client.spec import Attention, FeatureSpec
 from service.engine.scheduler import Scheduler
 from service.engine.stats import Window, process_rss
+from service.engine.patches import PatchCache
 from service.engine.work import Complete, Job, describe, failed_result
 from service.engine.writer import WriterStage
 from service.model.features import entry_features
@@ -25,15 +29,24 @@ ForwardHook = Callable[[torch.Tensor], None]
 class Device:
     """One device with its resident replica of the model and its counters (under the stage's lock)."""
 
-    def __init__(self, name: str, model: torch.nn.Module) -> None:
+    def __init__(self, name: str, model: torch.nn.Module, patch_cache_bytes: int = 0) -> None:
         self.name = name
         self.device = torch.device(name)
         self.model = model
         self.is_cuda = self.device.type == "cuda"
+        self.patches = PatchCache(patch_cache_bytes)
+        # Results leave the GPU on their own stream while the next batch computes.
+        self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         self.batches = 0
         self.frames = 0
         self.busy = Window()
-        self.busy_since: float | None = None  # start of the forward in flight
+        self.launched: deque[Launched] = deque()  # forwards whose results have not reached the host yet
+        self.last_end = 0.0  # when the last result reached the host
+
+    @property
+    def busy_since(self) -> float | None:
+        """Start of the device's current stretch of work, if it has any."""
+        return max(self.launched[0].started, self.last_end) if self.launched else None
 
     def memory(self) -> dict[str, int]:
         if self.is_cuda:
@@ -44,8 +57,22 @@ class Device:
         return {"rss_bytes": process_rss()}
 
 
+@dataclass(eq=False)
+class Launched:
+    """A batch whose forward was issued: its results are on the host once `done` (None on the CPU) is."""
+
+    jobs: list[Job]
+    started: float
+    features: torch.Tensor | None = None  # [B, T, (L,) P, C] on the host
+    done: torch.cuda.Event | None = None
+
+
 class DeviceStage:
-    """A thread per device taking due batches from the scheduler; results go to the writer stage."""
+    """A thread per device taking due batches from the scheduler; results go to the writer stage.
+
+    On CUDA a second thread per device waits for each batch's results to reach the host and hands
+    them on, so the device thread issues the next forward while the last one's copy is in flight.
+    """
 
     def __init__(self, spec: FeatureSpec, scheduler: Scheduler, devices: list[Device], writer: WriterStage,
                  complete: Complete, before_forward: ForwardHook | None) -> None:
@@ -55,8 +82,9 @@ class DeviceStage:
         self._writer = writer
         self._complete = complete
         self._before_forward = before_forward
+        self._share_patches = spec.attention != Attention.FRAME  # only clips share frames
         self.lock = threading.Lock()  # the counters below and each device's
-        self.in_flight = 0
+        self._in_flight: set[Job] = set()  # taken from the scheduler, results not yet with the writer
         self.oom_splits = 0
         self.throughput = Window()
         self.threads: list[threading.Thread] = []
@@ -68,33 +96,45 @@ class DeviceStage:
             t.start()
 
     def _loop(self, dev: Device) -> None:
+        finishing: queue.Queue[Launched | None] | None = None
+        finisher = None
         if dev.is_cuda:
             torch.cuda.set_device(dev.device)
-        while (batch := self._scheduler.next_batch()) is not None:
-            with self.lock:
-                self.in_flight += len(batch)
-            try:
-                self._run_batch(dev, batch)
-            except Exception as exc:  # a bug here must fail the batch, not kill the device worker
-                log.exception("Batch on %s failed", dev.name)
-                for job in batch:  # units already handed to a writer keep their result (the engine's complete)
-                    self._complete(job, failed_result(job.unit, describe(exc)))
-            finally:
+            # One batch's results may wait for the host while the next computes; a second waits here.
+            finishing = queue.Queue(maxsize=1)
+            finisher = threading.Thread(target=self._finish_loop, args=(dev, finishing),
+                                        name=f"vggt-{dev.name}-results", daemon=True)
+            finisher.start()
+        try:
+            while (batch := self._scheduler.next_batch()) is not None:
                 with self.lock:
-                    self.in_flight -= len(batch)
+                    self._in_flight.update(batch)
+                try:
+                    for launched in self._run_batch(dev, batch):
+                        if finishing is None:
+                            self._finish(dev, launched)
+                        else:
+                            finishing.put(launched)
+                except Exception as exc:  # a bug here must fail the batch, not kill the device worker
+                    log.exception("Batch on %s failed", dev.name)
+                    self._fail(batch, describe(exc))  # units already with a writer keep their result
+        finally:
+            if finisher is not None:
+                finishing.put(None)
+                finisher.join()
 
-    def _run_batch(self, dev: Device, batch: list[Job]) -> None:
-        """Forward `batch`; on out-of-memory, retry each half; a single unit that still fails is failed."""
+    def _run_batch(self, dev: Device, batch: list[Job]) -> Iterator[Launched]:
+        """Issue `batch`'s forward; on out-of-memory, retry each half; a single unit that still fails is failed."""
         parts = [batch]
         while parts:
             part = parts.pop()
             oom, error = False, None
             try:
-                features = self._forward(dev, part)
+                launched = self._launch(dev, part)
             except Exception as exc:  # handled after the except block so its frames (activations) are freed
                 oom, error = _is_oom(exc), describe(exc)
             if error is None:
-                self._writer.store(part, features)
+                yield launched
                 continue
             if dev.is_cuda:
                 torch.cuda.empty_cache()
@@ -107,33 +147,81 @@ class DeviceStage:
                 parts += [part[half:], part[:half]]  # first half runs first
                 continue
             log.warning("Forward failed on %s for %d unit(s): %s", dev.name, len(part), error)
-            for job in part:
-                self._complete(job, failed_result(job.unit, error))
+            self._fail(part, error)
 
-    def _forward(self, dev: Device, jobs: list[Job]) -> torch.Tensor:
-        """CPU features of the targets' frames: [B, T, P, C] or [B, T, L, P, C] (T = S or 1)."""
-        start = time.monotonic()
+    def _launch(self, dev: Device, jobs: list[Job]) -> Launched:
+        """Issue the forward of `jobs` and the copy of its features to the host."""
+        launched = Launched(jobs, time.monotonic())
         with self.lock:
-            dev.busy_since = start
+            dev.launched.append(launched)  # busy from now on, for the stats
         try:
-            images = torch.stack([j.images for j in jobs]).to(dev.device, non_blocking=True)  # [B, S, 3, H, W]
             with torch.inference_mode():
+                images = self._to_device(dev, jobs)  # [B, S, 3, H, W]
                 if self._before_forward is not None:
                     self._before_forward(images)
+                patches = (dev.patches.patches(dev.model, images, [j.frame_keys for j in jobs])
+                           if self._share_patches else None)  # [B, S, h*w, C]
                 # causal: all clips of the batch in one block-causal forward, not frame by frame.
                 # Cast on the device (halves the transfer for 16-bit storage), then to the host.
-                features = entry_features(dev.model, images, self.spec).to("cpu")
-        finally:
-            end = time.monotonic()
+                features = entry_features(dev.model, images, self.spec, patches)  # [B, T, (L,) P, C], T = S or 1
+                if dev.is_cuda:
+                    features, launched.done = _copy_to_host(features, dev.copy_stream)
+                launched.features = features
+        except BaseException:
             with self.lock:
-                dev.busy_since = None
-                dev.busy.add(start, end, 0.0)
-        frames = sum(j.n_frames for j in jobs)
+                dev.launched.remove(launched)
+            raise
+        return launched
+
+    @staticmethod
+    def _to_device(dev: Device, jobs: list[Job]) -> torch.Tensor:
+        frames = [j.images for j in jobs]
+        if not dev.is_cuda:
+            return torch.stack(frames)
+        # Through page-locked memory, so the copy runs asynchronously (the allocator keeps the buffer
+        # until the copy is done).
+        staging = torch.empty((len(frames), *frames[0].shape), dtype=frames[0].dtype, pin_memory=True)
+        torch.stack(frames, out=staging)
+        return staging.to(dev.device, non_blocking=True)
+
+    def _finish_loop(self, dev: Device, finishing: queue.Queue[Launched | None]) -> None:
+        torch.cuda.set_device(dev.device)
+        while (launched := finishing.get()) is not None:
+            try:
+                launched.done.synchronize()  # an asynchronous CUDA error surfaces here
+            except Exception as exc:
+                log.exception("Batch on %s failed", dev.name)
+                with self.lock:
+                    dev.launched.remove(launched)
+                self._fail(launched.jobs, describe(exc))
+                continue
+            self._finish(dev, launched)
+
+    def _finish(self, dev: Device, launched: Launched) -> None:
+        """The batch's results are on the host: count them, hand them to the writers."""
+        end = time.monotonic()
+        frames = sum(j.n_frames for j in launched.jobs)
         with self.lock:
+            dev.launched.remove(launched)
+            dev.busy.add(max(launched.started, dev.last_end), end, 0.0)
+            dev.last_end = end
             dev.batches += 1
             dev.frames += frames
             self.throughput.add(end, end, frames)
-        return features
+        try:
+            self._writer.store(launched.jobs, launched.features)
+        except Exception as exc:  # e.g. the writer pool shut down by an unclean stop
+            log.exception("Results on %s could not be stored", dev.name)
+            self._fail(launched.jobs, describe(exc))
+        finally:
+            with self.lock:
+                self._in_flight.difference_update(launched.jobs)
+
+    def _fail(self, jobs: list[Job], message: str) -> None:
+        for job in jobs:
+            self._complete(job, failed_result(job.unit, message))
+        with self.lock:
+            self._in_flight.difference_update(jobs)
 
     def stats(self, now: float, since: float, span: float) -> dict:
         """Per device batches, frames, busy fraction and memory; throughput over the window."""
@@ -144,14 +232,18 @@ class DeviceStage:
                 if dev.busy_since is not None:
                     busy += now - max(dev.busy_since, since)
                 devices.append({"device": dev.name, "batches": dev.batches, "frames": dev.frames,
-                                "busy_fraction": round(min(busy / span, 1.0), 4), "memory": dev.memory()})
+                                "busy_fraction": round(min(busy / span, 1.0), 4), "memory": dev.memory(),
+                                "patch_cache": dev.patches.stats()})
             return {
-                "in_flight": self.in_flight,
+                "in_flight": len(self._in_flight),
                 "batches": sum(d["batches"] for d in devices),
                 "frames": sum(d["frames"] for d in devices),
                 "oom_splits": self.oom_splits,
                 "images_per_s": round(self.throughput.total(since) / span, 3),
                 "busy_fraction": round(sum(d["busy_fraction"] for d in devices) / len(devices), 4),
+                # Frames run through DINOv2, and frames a clip took from one embedded before.
+                "patches_embedded": sum(d.patches.embedded for d in self.devices),
+                "patches_reused": sum(d.patches.reused for d in self.devices),
                 "devices": devices,
             }
 
@@ -161,3 +253,15 @@ def _is_oom(exc: BaseException) -> bool:
         return True
     # The CPU allocator reports exhaustion as a plain RuntimeError.
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+def _copy_to_host(features: torch.Tensor, stream: torch.cuda.Stream) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Copy device `features` into page-locked host memory on `stream`, after the forward that made them."""
+    stream.wait_stream(torch.cuda.current_stream(features.device))
+    with torch.cuda.stream(stream):
+        host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
+        host.copy_(features, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(stream)
+    features.record_stream(stream)  # not reused by the forward stream before the copy has read it
+    return host, done

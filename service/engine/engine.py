@@ -27,6 +27,8 @@ from concurrent.futures import Future, InvalidStateError
 from enum import Enum
 from typing import Any
 
+import torch
+
 from client.spec import Attention, FeatureSpec
 from client.wire import EntryStatus
 from service.engine.decode import DecodeStage
@@ -36,6 +38,7 @@ from service.engine.stats import STATS_WINDOW_S
 from service.engine.work import SHUTDOWN_MESSAGE, EngineStopped, Job, Priority, UnitResult, fail_future
 from service.engine.writer import WriterStage
 from service.model import LoadedModel
+from service.model.resident import make_resident, weights_dtype
 from service.settings import ServiceSettings
 from service.units import Unit
 
@@ -63,6 +66,11 @@ class Engine:
         so hints are taken while a job keeps the bulk backlog full.
     frame_cache_frames: preprocessed frames kept for reuse by overlapping clips
         (sequence/causal modes only).
+    patch_cache_bytes: per device, memory for the DINOv2 patch tokens of recent frames, reused
+        by the clips that share them (sequence/causal modes only; 0: shared within a batch only).
+    fp32_weights: keep float32 weights under bfloat16 autocast on CUDA even when entries are
+        stored in 16 bits (default: bfloat16 weights there; see `weights_dtype`).
+    compile: `torch.compile` the transformer blocks (the first batches of each shape are slow).
     before_forward: called on the device thread with each batch `[B, S, 3, H, W]`
         just before its forward; whatever it raises is handled as the forward's
         error (raise `torch.cuda.OutOfMemoryError` to rehearse the split path,
@@ -84,6 +92,9 @@ class Engine:
         bulk_queue_batches: int = 2,
         hint_queue_batches: int = 8,
         frame_cache_frames: int = 64,
+        patch_cache_bytes: int = _DEFAULTS.patch_cache_mb << 20,
+        fp32_weights: bool = _DEFAULTS.fp32_weights,
+        compile: bool = _DEFAULTS.compile,
         before_forward: ForwardHook | None = None,
     ) -> None:
         if not devices:
@@ -94,11 +105,12 @@ class Engine:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.spec = spec
         self.max_batch_frames = max_batch_frames
-        first = loaded.model.to(devices[0]).eval()
-        # Replicas: a deep copy per extra device, so every GPU holds the same resident weights.
-        replicas = [Device(devices[0], first)] + [
-            Device(name, copy.deepcopy(first).to(name).eval()) for name in devices[1:]
-        ]
+        self.weights_dtype = weights_dtype(torch.device(devices[0]), spec.torch_dtype, fp32_weights)
+        # Replicas: a deep copy per extra device (taken before anything is compiled), so every GPU
+        # holds the same resident weights.
+        models = [loaded.model] + [copy.deepcopy(loaded.model) for _ in devices[1:]]
+        replicas = [Device(name, make_resident(model, torch.device(name), self.weights_dtype, compile),
+                           patch_cache_bytes) for name, model in zip(devices, models)]
         self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0, bulk_queue_batches * max_batch_frames,
                                     hint_queue_batches * max_batch_frames)
         self._decode = DecodeStage(spec, self._scheduler, self._complete, decode_workers, frame_cache_frames)
@@ -121,8 +133,9 @@ class Engine:
         self._writer.start()
         self._decode_threads = self._decode.start()
         self._device.start()
-        log.info("Engine started on %s: batches of up to %d frames, %s attention", ", ".join(self.devices),
-                 self.max_batch_frames, self.spec.attention)
+        log.info("Engine started on %s: batches of up to %d frames, %s attention, %s weights",
+                 ", ".join(self.devices), self.max_batch_frames, self.spec.attention,
+                 str(self.weights_dtype).removeprefix("torch."))
 
     def stop(self, timeout: float | None = None) -> bool:
         """Finish the batches in flight and their writes; fail queued futures. True if all threads ended."""

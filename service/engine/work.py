@@ -13,6 +13,7 @@ from client.wire import EntryStatus
 from service.units import Unit
 
 SHUTDOWN_MESSAGE = "service shutting down"
+FrameKey = tuple[str, int, int]  # a decoded frame: path, size, mtime_ns (a rewritten image is another key)
 
 
 class Priority(IntEnum):
@@ -60,6 +61,7 @@ class Job:
     verify: bool
     return_features: bool
     images: torch.Tensor | None = None  # [S, 3, H, W] once decoded
+    frame_keys: list[FrameKey] = field(default_factory=list)  # per frame, once decoded
     sources: list[dict] = field(default_factory=list)  # per target, stat-ed before decoding
     contexts: list[dict | None] = field(default_factory=list)
     ready_at: float = 0.0

@@ -68,11 +68,14 @@ class VGGTAggregator(nn.Module):
         attention: str = "sequence",
         layers: Sequence[int] | None = None,
         kv_cache: KVCache | None = None,
+        patches: Tensor | None = None,
     ) -> tuple[list[Tensor], int]:
         """Images [B, S, 3, H, W] in [0, 1] -> ([B, S, P_all, 2*C] per requested layer, patch_start_idx).
 
         ``frame``: every frame alone; ``sequence``: global attention over each clip; ``causal``: frame t
         attends to frames <= t. ``kv_cache`` (causal only) continues a clip across calls.
+        ``patches``: the frames' DINOv2 tokens [B, S, h*w, C] from :meth:`embed_patches`, computed
+        earlier (they depend on each frame alone), instead of computing them here.
         """
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
@@ -83,15 +86,23 @@ class VGGTAggregator(nn.Module):
         B, S, _, H, W = images.shape
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
+        grid_tokens = (H // self.patch_size) * (W // self.patch_size)
+        if patches is not None and tuple(patches.shape) != (B, S, grid_tokens, self.config.embed_dim):
+            raise ValueError(f"patches must be {[B, S, grid_tokens, self.config.embed_dim]} for these images, "
+                             f"got {list(patches.shape)}")
         wanted = list(range(self.config.depth)) if layers is None else list(normalise_layers(layers, self.config.depth))
         if attention == Attention.FRAME:
             # A clip of one frame: global attention over it is frame attention with the global weights.
-            outputs = self._aggregate(images.reshape(B * S, 1, 3, H, W), wanted, causal=False, kv_cache=None)
+            if patches is not None:
+                patches = patches.reshape(B * S, 1, grid_tokens, -1)
+            outputs = self._aggregate(images.reshape(B * S, 1, 3, H, W), wanted, causal=False, kv_cache=None,
+                                      patches=patches)
             return [out.view(B, S, *out.shape[2:]) for out in outputs], self.patch_start_idx
         causal = attention == Attention.CAUSAL
-        return self._aggregate(images, wanted, causal=causal, kv_cache=kv_cache), self.patch_start_idx
+        return self._aggregate(images, wanted, causal, kv_cache, patches), self.patch_start_idx
 
-    def _aggregate(self, images: Tensor, wanted: list[int], causal: bool, kv_cache: KVCache | None) -> list[Tensor]:
+    def _aggregate(self, images: Tensor, wanted: list[int], causal: bool, kv_cache: KVCache | None,
+                   patches: Tensor | None = None) -> list[Tensor]:
         B, S, _, H, W = images.shape
         h, w = H // self.patch_size, W // self.patch_size
         P = self.patch_start_idx + h * w
@@ -101,7 +112,9 @@ class VGGTAggregator(nn.Module):
             past_frames = kv_cache.num_frames
             num_layers = kv_cache.begin(B, P, num_layers)
 
-        tokens = self._embed(images, first_frame=past_frames)  # [B*S, P, C]
+        if patches is None:
+            patches = self.embed_patches(images.reshape(B * S, 3, H, W))  # [B*S, h*w, C]
+        tokens = self._embed(patches.reshape(B, S, h * w, -1), first_frame=past_frames)  # [B*S, P, C]
         C = tokens.shape[-1]
         rope = None
         if self.config.rope_freq > 0:
@@ -132,16 +145,22 @@ class VGGTAggregator(nn.Module):
             kv_cache.end(S)
         return [kept[i] for i in wanted]
 
-    def _embed(self, images: Tensor, first_frame: int) -> Tensor:
-        """Camera, register and patch tokens [B*S, P, C]; `first_frame` is the clip index of images[:, 0]."""
-        B, S, _, H, W = images.shape
-        x = images.reshape(B * S, 3, H, W).to(self._resnet_mean.dtype)
-        patches = self.patch_embed((x - self._resnet_mean) / self._resnet_std)  # [B*S, h*w, C]
+    def embed_patches(self, frames: Tensor) -> Tensor:
+        """DINOv2 patch tokens of frames [N, 3, H, W] in [0, 1] -> [N, h*w, C]; each frame's depend on it alone."""
+        x = frames.to(self._resnet_mean.dtype)
+        return self.patch_embed((x - self._resnet_mean) / self._resnet_std)
+
+    def _embed(self, patches: Tensor, first_frame: int) -> Tensor:
+        """Camera, register and patch tokens [B*S, P, C] from patches [B, S, h*w, C].
+
+        `first_frame` is the clip index of frame 0 of `patches`.
+        """
+        B, S, _, C = patches.shape
         # Token 0 for the clip's first frame, token 1 for the others.
-        which = (torch.arange(first_frame, first_frame + S, device=images.device) > 0).long()
+        which = (torch.arange(first_frame, first_frame + S, device=patches.device) > 0).long()
         special = torch.cat((self.camera_token[0, which], self.register_token[0, which]), dim=1)  # [S, 1+R, C]
-        special = special.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * S, -1, special.shape[-1])
-        return torch.cat((special, patches), dim=1)
+        special = special.unsqueeze(0).expand(B, -1, -1, -1).reshape(B * S, -1, C)
+        return torch.cat((special, patches.reshape(B * S, -1, C)), dim=1)
 
 
 def _block_causal_mask(num_frames: int, tokens_per_frame: int, past_frames: int, device: torch.device) -> Tensor:

@@ -72,20 +72,34 @@ def streams_reversed(spec: FeatureSpec) -> bool:
     return spec.reference_frame == "last"  # FeatureSpec records "first" for frame attention
 
 
-def entry_features(aggregator: torch.nn.Module, images: Tensor, spec: FeatureSpec) -> Tensor:
+def frame_patches(aggregator: torch.nn.Module, frames: Tensor) -> Tensor:
+    """DINOv2 patch tokens ``[N, h*w, C]`` of frames ``[N, 3, H, W]``, in the precision of a forward.
+
+    What :func:`entry_features` takes as ``patches``: a frame's tokens depend on it alone, so
+    clips that share a frame can share them.
+    """
+    with torch.no_grad(), feature_autocast(frames.device):
+        return aggregator.embed_patches(frames)
+
+
+def entry_features(aggregator: torch.nn.Module, images: Tensor, spec: FeatureSpec,
+                   patches: Tensor | None = None) -> Tensor:
     """The cache entries of clips ``[B, S, 3, H, W]`` (frames in sample order, the current view last).
 
     frame/causal: ``[B, 1, ...]``, the entry filed under each clip's last frame: the output of
     the last frame the model sees, which is the clip's first frame when ``reference_frame`` is
     "last" (the clip streams reversed). sequence: ``[B, S, ...]``, one entry per frame in clip
     order. Layout as :func:`select_features`; one block-causal forward equals streaming the
-    clip frame by frame with a fresh key/value cache.
+    clip frame by frame with a fresh key/value cache. ``patches`` ``[B, S, h*w, C]``: the
+    frames' :func:`frame_patches`, in the same order as ``images``, if already computed.
     """
     reverse = streams_reversed(spec)
     if reverse:
         images = images.flip(1)  # [B, S, 3, H, W], the current view first
+        patches = None if patches is None else patches.flip(1)
     with torch.no_grad(), feature_autocast(images.device):
-        outputs, patch_start_idx = aggregator(images, attention=spec.attention, layers=list(spec.layers))
+        outputs, patch_start_idx = aggregator(images, attention=spec.attention, layers=list(spec.layers),
+                                              patches=patches)
         if spec.attention != Attention.SEQUENCE:
             # Only the last streamed frame has an entry: slice before the cast and the copy to the host.
             outputs = [o[:, -1:] for o in outputs]  # each [B, 1, P_all, C]

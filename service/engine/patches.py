@@ -1,0 +1,78 @@
+"""DINOv2 patch tokens of recently forwarded frames, so the clips that share a frame embed it once.
+
+In a JanusVLN-style job a frame is in up to nine samples' clips (its own, as history of the
+later ones, and step 0 in all of its episode's), and a padded history repeats a frame within
+one clip. Its patch tokens depend on the frame alone, so a device embeds every distinct frame
+of a batch once and keeps the tokens, most recently used first, within a byte budget.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from service.engine.work import FrameKey
+from service.model.features import frame_patches
+
+
+class PatchCache:
+    """One device's patch tokens by frame key; used by that device's thread alone.
+
+    `budget_bytes` 0 keeps nothing between batches; a batch's repeated frames are still shared.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"the patch cache budget must be at least 0 bytes, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self.nbytes = 0
+        self.embedded = 0  # frames run through DINOv2
+        self.reused = 0  # frames of a clip served from a frame embedded before (this batch or earlier)
+        self._items: OrderedDict[FrameKey, Tensor] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def patches(self, model: torch.nn.Module, images: Tensor, keys: Sequence[Sequence[FrameKey]]) -> Tensor:
+        """Patch tokens [B, S, h*w, C] of images [B, S, 3, H, W], whose frame (b, s) has key keys[b][s]."""
+        B, S = images.shape[:2]
+        flat = [key for clip in keys for key in clip]
+        if len(flat) != B * S or any(len(clip) != S for clip in keys):
+            raise ValueError(f"need {S} frame keys for each of {B} clips")
+        rows: dict[FrameKey, Tensor] = {}
+        first_seen: dict[FrameKey, int] = {}  # keys to embed -> index of their frame in `flat`
+        for i, key in enumerate(flat):
+            if key in rows or key in first_seen:
+                continue
+            kept = self._items.get(key)
+            if kept is None:
+                first_seen[key] = i
+            else:
+                self._items.move_to_end(key)
+                rows[key] = kept
+        if first_seen:
+            frames = images.reshape(B * S, *images.shape[2:])[list(first_seen.values())]  # [M, 3, H, W]
+            embedded = frame_patches(model, frames)  # [M, h*w, C]
+            rows.update(zip(first_seen, embedded))
+            self._keep(list(first_seen), embedded)
+        self.embedded += len(first_seen)
+        self.reused += len(flat) - len(first_seen)
+        return torch.stack([rows[key] for key in flat]).unflatten(0, (B, S))  # [B, S, h*w, C]
+
+    def _keep(self, keys: list[FrameKey], embedded: Tensor) -> None:
+        if self.budget_bytes == 0:
+            return
+        for key, row in zip(keys, embedded):
+            # A copy, so an evicted row frees its memory instead of pinning the batch's tensor.
+            self._items[key] = row.clone()
+            self.nbytes += row.nbytes
+        while self.nbytes > self.budget_bytes:
+            _, row = self._items.popitem(last=False)
+            self.nbytes -= row.nbytes
+
+    def stats(self) -> dict[str, int]:
+        return {"embedded": self.embedded, "reused": self.reused, "frames": len(self._items),
+                "bytes": self.nbytes, "budget_bytes": self.budget_bytes}
