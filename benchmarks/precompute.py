@@ -187,7 +187,8 @@ def run(args: argparse.Namespace, folder: str) -> dict:
         # Frames every sample needs decoded vs what the bulk job decoded (the rest it reused).
         "decodes": {"seed": frames, "ours": stats["frames_decoded"], "ours_reused": stats["frames_reused"]},
         # The same for DINOv2: frames embedded, and frames that took the tokens of one embedded before.
-        "patch_embeds": {"seed": frames, "ours": stats["patches_embedded"], "ours_reused": stats["patches_reused"]},
+        "patch_embeds": {"seed": frames, "ours": stats["patch_cache"]["embedded"],
+                         "ours_reused": stats["patch_cache"]["reused"]},
         "batch_size": args.batch_size,
         "decode_workers": args.decode_workers,
         "spec": {"layers": list(spec.layers), "dtype": spec.dtype, "size": spec.size, "attention": spec.attention,

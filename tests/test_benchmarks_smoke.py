@@ -113,3 +113,15 @@ def test_precompute_runs_janusvln_samples_and_reports_decode_reuse() -> None:
     assert result["patch_embeds"] == {"seed": 90, "ours": 10, "ours_reused": 80}  # and through DINOv2 once
     for method in ("seed", "ours", "clips", "limit"):
         assert result["frames_per_s"][method] == pytest.approx(9 * result["images_per_s"][method], rel=1e-2)
+
+
+def test_clip_reports_memory_and_time_of_each_attention_implementation() -> None:
+    out = run_benchmark("clip.py", "--device", "cpu", "--embed-dim", "32", "--num-heads", "2", "--size", "56",
+                        "--json")
+    result = json.loads(out)
+    assert set(result["results"]) == {"mask", "chunked"} and result["frames"] == 9
+    assert all(r["peak_bytes"] >= 0 and r["seconds"] > 0 for r in result["results"].values())
+    assert result["peak_mask_over_chunked"] is not None and result["time_mask_over_chunked"] > 0
+    parts = result["clip_at_vggt_1b_depth_s"]
+    assert set(parts) == {"decode (9 frames)", "dinov2 (9 frames)", "frame blocks", "global blocks", "write (1 entry)"}
+    assert all(v > 0 for v in parts.values())

@@ -17,6 +17,7 @@ from service.engine import Engine, EngineStopped, Priority, UnitResult
 from service.model import load_aggregator
 from service.model.features import entry_features
 from service.preprocess import preprocess
+from service.settings import ServiceSettings
 from service.units import Unit
 from service_helpers import poll, reference_features
 
@@ -357,12 +358,40 @@ def test_a_frame_is_embedded_once_for_every_clip_that_shares_it(tmp_path, loaded
         done = results(engine.submit([Unit.causal(c) for c in clips]))
         stats = engine.stats()
     embedded = 12 if budget_frames is None else sum(len(set(c)) for c in clips)
-    assert (stats["patches_embedded"], stats["patches_reused"]) == (embedded, 108 - embedded)
-    assert stats["devices"][0]["patch_cache"]["frames"] == (12 if budget_frames is None else 0)
+    cache = stats["patch_cache"]
+    assert (cache["embedded"], cache["reused"]) == (embedded, 108 - embedded)
+    assert cache["frames"] == (12 if budget_frames is None else 0)
     for clip, result in zip(clips, done):  # equal to each clip computed alone, from its own pixels
         alone = torch.stack([preprocess(p, spec.preprocess, spec.size) for p in clip])[None]
         expected = entry_features(loaded.model, alone, spec)[0, 0]
         torch.testing.assert_close(result.entries[0].features, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+def test_devices_share_one_patch_cache(tmp_path, loaded):
+    # Device A is held before its batch's patch lookup while device B runs the next clip: A then
+    # takes frame 0's tokens from B's batch instead of embedding frame 0 again.
+    clips = episode_clips(tmp_path / "ep", 2)  # [0]*9 and [0]*8 + [1]
+    spec = make_spec(loaded, attention="causal", dtype="float32")
+    gate = Gate()
+    first = threading.Event()
+
+    def hold_the_first_batch(batch: torch.Tensor) -> None:
+        if not first.is_set():
+            first.set()
+            gate(batch)
+
+    engine = Engine(loaded, spec, devices=["cpu", "cpu"], max_batch_frames=9, before_forward=hold_the_first_batch)
+    with engine:
+        held = engine.submit([Unit.causal(clips[0])])[0]
+        assert gate.entered.wait(30)
+        second = results(engine.submit([Unit.causal(clips[1])]))[0]  # the other device runs it meanwhile
+        gate.release.set()
+        done = [held.result(timeout=60), second]
+        stats = engine.stats()
+    assert statuses(done) == ["computed", "computed"]
+    assert [d["batches"] for d in stats["devices"]] == [1, 1]
+    assert (stats["patch_cache"]["embedded"], stats["patch_cache"]["reused"]) == (2, 16)
+    assert stats["patch_cache"]["budget_bytes"] == 2 * (ServiceSettings.patch_cache_mb << 20)
 
 
 def test_the_patch_cache_keeps_the_most_recent_frames_within_its_budget(loaded):

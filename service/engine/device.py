@@ -29,12 +29,11 @@ ForwardHook = Callable[[torch.Tensor], None]
 class Device:
     """One device with its resident replica of the model and its counters (under the stage's lock)."""
 
-    def __init__(self, name: str, model: torch.nn.Module, patch_cache_bytes: int = 0) -> None:
+    def __init__(self, name: str, model: torch.nn.Module) -> None:
         self.name = name
         self.device = torch.device(name)
         self.model = model
         self.is_cuda = self.device.type == "cuda"
-        self.patches = PatchCache(patch_cache_bytes)
         # Results leave the GPU on their own stream while the next batch computes.
         self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         self.batches = 0
@@ -75,9 +74,12 @@ class DeviceStage:
     """
 
     def __init__(self, spec: FeatureSpec, scheduler: Scheduler, devices: list[Device], writer: WriterStage,
-                 complete: Complete, before_forward: ForwardHook | None) -> None:
+                 complete: Complete, before_forward: ForwardHook | None, patch_cache_bytes: int = 0) -> None:
         self.spec = spec
         self.devices = devices
+        # One cache for all devices (`patch_cache_bytes` each): a shared frame is embedded once
+        # whichever GPU runs the clips that share it.
+        self.patches = PatchCache(patch_cache_bytes * len(devices))
         self._scheduler = scheduler
         self._writer = writer
         self._complete = complete
@@ -159,7 +161,7 @@ class DeviceStage:
                 images = self._to_device(dev, jobs)  # [B, S, 3, H, W]
                 if self._before_forward is not None:
                     self._before_forward(images)
-                patches = (dev.patches.patches(dev.model, images, [j.frame_keys for j in jobs])
+                patches = (self.patches.patches(dev.model, images, [j.frame_keys for j in jobs])
                            if self._share_patches else None)  # [B, S, h*w, C]
                 # causal: all clips of the batch in one block-causal forward, not frame by frame.
                 # Cast on the device (halves the transfer for 16-bit storage), then to the host.
@@ -232,8 +234,7 @@ class DeviceStage:
                 if dev.busy_since is not None:
                     busy += now - max(dev.busy_since, since)
                 devices.append({"device": dev.name, "batches": dev.batches, "frames": dev.frames,
-                                "busy_fraction": round(min(busy / span, 1.0), 4), "memory": dev.memory(),
-                                "patch_cache": dev.patches.stats()})
+                                "busy_fraction": round(min(busy / span, 1.0), 4), "memory": dev.memory()})
             return {
                 "in_flight": len(self._in_flight),
                 "batches": sum(d["batches"] for d in devices),
@@ -241,9 +242,6 @@ class DeviceStage:
                 "oom_splits": self.oom_splits,
                 "images_per_s": round(self.throughput.total(since) / span, 3),
                 "busy_fraction": round(sum(d["busy_fraction"] for d in devices) / len(devices), 4),
-                # Frames run through DINOv2, and frames a clip took from one embedded before.
-                "patches_embedded": sum(d.patches.embedded for d in self.devices),
-                "patches_reused": sum(d.patches.reused for d in self.devices),
                 "devices": devices,
             }
 

@@ -109,14 +109,15 @@ class Engine:
         # Replicas: a deep copy per extra device (taken before anything is compiled), so every GPU
         # holds the same resident weights.
         models = [loaded.model] + [copy.deepcopy(loaded.model) for _ in devices[1:]]
-        replicas = [Device(name, make_resident(model, torch.device(name), self.weights_dtype, compile),
-                           patch_cache_bytes) for name, model in zip(devices, models)]
+        replicas = [Device(name, make_resident(model, torch.device(name), self.weights_dtype, compile))
+                    for name, model in zip(devices, models)]
         self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0, bulk_queue_batches * max_batch_frames,
                                     hint_queue_batches * max_batch_frames)
         self._decode = DecodeStage(spec, self._scheduler, self._complete, decode_workers, frame_cache_frames)
         self._writer = WriterStage(spec, self._complete, write_workers, 2 * max_batch_frames * len(replicas),
                                    loaded.config.patch_size)
-        self._device = DeviceStage(spec, self._scheduler, replicas, self._writer, self._complete, before_forward)
+        self._device = DeviceStage(spec, self._scheduler, replicas, self._writer, self._complete, before_forward,
+                                   patch_cache_bytes)
         self._lock = threading.Lock()  # the state and unit counts below
         self._state = EngineState.NEW
         self._decode_threads: list[threading.Thread] = []
@@ -247,6 +248,8 @@ class Engine:
             # Frames decoded, and frames a clip took from another clip's decode (overlapping histories).
             "frames_decoded": self._decode.frames.misses,
             "frames_reused": self._decode.frames.hits,
+            # DINOv2 the same way: frames embedded, and frames a clip took from one embedded before.
+            "patch_cache": self._device.patches.stats(),
             "units": units,
             "window_s": STATS_WINDOW_S,
             "max_batch_frames": self.max_batch_frames,
