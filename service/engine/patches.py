@@ -62,7 +62,9 @@ class PatchCache:
             self.embedded += len(first_seen)
             self.reused += len(flat) - len(first_seen)
         if first_seen:
-            frames = images.reshape(B * S, *images.shape[2:])[list(first_seen.values())]  # [M, 3, H, W]
+            # Stacked views, not indexing by a list: that would copy the index to the GPU and wait for it.
+            flat_images = images.flatten(0, 1)  # [B*S, 3, H, W]
+            frames = torch.stack([flat_images[i] for i in first_seen.values()])  # [M, 3, H, W]
             embedded = frame_patches(model, frames)  # [M, h*w, C]
             rows.update(zip(first_seen, embedded))
             self._keep(list(first_seen), embedded)
