@@ -277,7 +277,7 @@ class JobManager:
         failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, MANIFEST_FAILURES)]
         counts = {"total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed}
         return write_manifest(rec.data_root, manifest_record(rec.job_id, state, counts, self.spec, rec.plan,
-                                                             self.model_info, seconds, failures))
+                                                             self.model_info, seconds, failures), self.roots.real)
 
 
 def manifest_record(job_id: str, state: JobState, counts: dict, spec: FeatureSpec, plan: dict | None,
@@ -305,7 +305,7 @@ def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: d
     for f in files or ():  # sample files are read too: they must be inside the roots
         roots.contain(os.path.normpath(os.path.join(data_root, f)), writes_sibling=False)
     scan = scan_data_root(data_root, spec.attention, options.get("data_path"),
-                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files)
+                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files, roots)
     units = shard(scan.units, rank, world_size)
     refused: dict[int, str] = {}
     for idx, unit in enumerate(units):
@@ -315,5 +315,6 @@ def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: d
         except (PathNotAllowed, ValueError) as exc:
             refused[idx] = str(exc)
     allowed = [u for i, u in enumerate(units) if i not in refused]
-    plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), allowed, len(refused), world_size)
+    plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), allowed, len(refused), world_size,
+                    roots.real)
     return Work(scan, units, refused, plan)

@@ -57,6 +57,7 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
     engine = Engine(
         loaded, spec, devices=devices, max_batch_frames=s.max_batch_frames,
         max_wait_ms=s.max_wait_ms, decode_workers=s.decode_workers, write_workers=s.write_workers,
+        roots=roots.real, max_image_bytes=s.max_image_bytes,
     )
     engine.start()
     jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, model_info(loaded, devices, spec), rank, world_size,

@@ -29,6 +29,8 @@ class ServiceSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_items_per_request: int = 512
     max_pending_units: int = 4096
+    # An image file larger than this fails unread (a decoded image is bounded by MAX_PIXELS too).
+    max_image_bytes: int = 256 * 1024 * 1024
 
 
 def parse_devices(device: str) -> list[str]:

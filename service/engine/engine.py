@@ -63,6 +63,9 @@ class Engine:
         so hints are taken while a job keeps the bulk backlog full.
     frame_cache_frames: preprocessed frames kept for reuse by overlapping clips
         (sequence/causal modes only).
+    roots: the allowed roots (real paths): every image, cache file and folder the engine opens must
+        lie inside one when it is opened (None: no containment, e.g. in-process tools).
+    max_image_bytes: image files larger than this fail unread.
     before_forward: called on the device thread with each batch `[B, S, 3, H, W]`
         just before its forward; whatever it raises is handled as the forward's
         error (raise `torch.cuda.OutOfMemoryError` to rehearse the split path,
@@ -85,6 +88,8 @@ class Engine:
         hint_queue_batches: int = 8,
         frame_cache_frames: int = 64,
         before_forward: ForwardHook | None = None,
+        roots: Sequence[str] | None = None,
+        max_image_bytes: int = _DEFAULTS.max_image_bytes,
     ) -> None:
         if not devices:
             raise ValueError("give at least one device")
@@ -101,9 +106,10 @@ class Engine:
         ]
         self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0, bulk_queue_batches * max_batch_frames,
                                     hint_queue_batches * max_batch_frames)
-        self._decode = DecodeStage(spec, self._scheduler, self._complete, decode_workers, frame_cache_frames)
+        self._decode = DecodeStage(spec, self._scheduler, self._complete, decode_workers, frame_cache_frames, roots,
+                                   max_image_bytes)
         self._writer = WriterStage(spec, self._complete, write_workers, 2 * max_batch_frames * len(replicas),
-                                   loaded.config.patch_size)
+                                   loaded.config.patch_size, roots)
         self._device = DeviceStage(spec, self._scheduler, replicas, self._writer, self._complete, before_forward)
         self._lock = threading.Lock()  # the state and unit counts below
         self._state = EngineState.NEW
