@@ -69,8 +69,13 @@ class ServiceRuntime:
     """Loads the model in the background so health probes answer while VGGT-1B is read from disk."""
 
     def __init__(self, settings: ServiceSettings) -> None:
+        """Raises ValueError for settings that cannot be meant (`ServiceSettings.check`); logs the unsafe ones."""
+        settings.check()
         self.settings = settings
         self.roots = AllowedRoots.of(settings.allowed_roots)
+        self.warnings = settings.warnings()
+        for warning in self.warnings:
+            log.warning("%s", warning)
         self.components: Components | None = None
         self.load_error: str | None = None
         self._thread: threading.Thread | None = None
