@@ -8,7 +8,8 @@ dummy images, warms the page cache, then times, on the same files and with the
 same consumption (copy into a preallocated batch buffer, touching every byte):
 
   ours      read_entry(image, spec) as the client calls it (mmap=True): every
-            check of the entry, a stat of the image; also shown with mmap=False
+            check of the entry, a stat of the image; also shown with mmap=False,
+            and with check_crc=True (the tensor's CRC-32, as the service checks it)
   raw       the file's bytes read into a preallocated buffer, torch.frombuffer
             of the tensor's byte count (the physical limit)
   seed      torch.load(path, map_location="cpu")["features"]  (the seed's call; weights_only=True by default)
@@ -90,8 +91,8 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
     def consume(features: torch.Tensor) -> None:
         batch[: features.numel()].view(features.shape).copy_(features)
 
-    def hit(image: str, mmap: bool) -> torch.Tensor:
-        result = read_entry(image, spec, mmap=mmap)
+    def hit(image: str, mmap: bool, check_crc: bool = False) -> torch.Tensor:
+        result = read_entry(image, spec, mmap=mmap, check_crc=check_crc)
         if not result.hit:
             raise RuntimeError(f"{image}: {result.outcome.value}: {result.reason}")
         return result.features
@@ -102,6 +103,9 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
     def ours_copy(image: str, path: str, numel: int) -> None:
         consume(hit(image, mmap=False))
 
+    def ours_crc(image: str, path: str, numel: int) -> None:
+        consume(hit(image, mmap=True, check_crc=True))
+
     def raw(image: str, path: str, numel: int) -> None:
         with open(path, "rb", buffering=0) as f:
             size = f.readinto(raw_buffer)
@@ -111,7 +115,7 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
         consume(torch.load(path, map_location="cpu")["features"])  # the seed's call: weights_only by default
 
     methods: dict[str, Callable[[str, str, int], None]] = {
-        "ours": ours, "ours (mmap=False)": ours_copy, "raw": raw, "seed": seed,
+        "ours": ours, "ours (mmap=False)": ours_copy, "ours (check_crc)": ours_crc, "raw": raw, "seed": seed,
     }
     for fn in methods.values():  # warm the page cache and every code path
         for (image, numel), path in zip(entries, paths):
@@ -143,6 +147,9 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
             ratios = [o / t for o, t in zip(seconds[other], seconds[ours_name])]
             print(f"{ours_name}/{other:<5}= {statistics.median(ratios):.2f} median of rounds "
                   f"(min {min(ratios):.2f}, max {max(ratios):.2f}; goal >= {goal})")
+    cost = [c / o - 1 for c, o in zip(seconds["ours (check_crc)"], seconds["ours"])]
+    print(f"check_crc costs {100 * statistics.median(cost):.0f}% more time per hit, median of rounds "
+          f"(min {100 * min(cost):.0f}%, max {100 * max(cost):.0f}%; FeatureCache checks it only under 15%)")
 
 
 if __name__ == "__main__":
