@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from client.cachefile import is_temp_file
 from client.manifest import write_manifest
+from client.safeopen import check_contained
 from client.spec import FeatureSpec, matching_preset
 from client.wire import EntryStatus
 from service.engine import Engine, EngineStopped, Priority, UnitResult
@@ -231,24 +232,33 @@ class JobManager:
         """Delete the temporary files of entry writes that a killed process left next to the entries to redo.
 
         Only files older than this process: a write in flight elsewhere (another
-        service on shared storage) is younger than a model load and stays.
+        service on shared storage) is younger than a model load and stays. Each folder is
+        listed and cleaned through one descriptor checked inside the roots, so a folder
+        swapped for a symlink meanwhile is left alone.
         """
         removed = 0
         for folder in sorted({os.path.dirname(t) for u in units for t in u.targets}):
             try:
-                entries = list(os.scandir(folder))
+                dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError:
                 continue
-            for entry in entries:
-                name = entry.name
-                if not is_temp_file(name):
-                    continue
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime < self._started_at:
-                        os.unlink(entry.path)
-                        removed += 1
-                except OSError:
-                    continue  # gone already, or not ours to remove
+            try:
+                check_contained(dfd, self.roots.real, folder)
+                entries = list(os.scandir(dfd))
+            except OSError:  # OutsideRoots too
+                entries = []
+            try:
+                for entry in entries:
+                    if not is_temp_file(entry.name):
+                        continue
+                    try:
+                        if entry.stat(follow_symlinks=False).st_mtime < self._started_at:
+                            os.unlink(entry.name, dir_fd=dfd)
+                            removed += 1
+                    except OSError:
+                        continue  # gone already, or not ours to remove
+            finally:
+                os.close(dfd)
         if removed:
             log.info("Job %s: removed %d temporary file(s) left by an interrupted run", job_id, removed)
 
