@@ -46,7 +46,7 @@ def kind_of(mode: int) -> str:
 
 
 def real_path(fd: int) -> str:
-    """Where an open descriptor really is (Linux), whatever names led to it."""
+    """Where an open descriptor really is, whatever names led to it (Linux: needs /proc)."""
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
@@ -74,8 +74,7 @@ def open_regular(path: str, max_bytes: int | None = None, roots: Sequence[str] |
             check_contained(fd, roots, path)
         if max_bytes is not None and st.st_size > max_bytes:
             raise FileTooLarge(f"{path} is {st.st_size} bytes, over the limit of {max_bytes}; not read")
-        os.set_blocking(fd, True)
-        return io.FileIO(fd, "rb", closefd=True)
+        return io.FileIO(fd, "rb", closefd=True)  # O_NONBLOCK changes nothing for a regular file
     except BaseException:
         os.close(fd)
         raise

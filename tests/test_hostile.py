@@ -374,9 +374,9 @@ def serve_exits(root: Path, *args: str, env: dict[str, str] | None = None) -> su
 @pytest.mark.parametrize("args, env, says", [
     ((), {"VGGT_CACHE_API_TOKEN": ""}, "set but empty"),
     (("--api-token", " "), None, "set but empty"),
-    (("--max-pending", "0"), None, "--max-pending"),
-    (("--max-items-per-request", "-1"), None, "--max-items-per-request"),
-    (("--max-image-bytes", "0"), None, "--max-image-bytes"),
+    (("--max-pending", "0"), None, "--max-pending must be a positive integer"),
+    (("--max-items-per-request", "-1"), None, "--max-items-per-request must be a positive integer"),
+    (("--max-image-bytes", "0"), None, "--max-image-bytes must be a positive integer"),
 ], ids=["empty-token-variable", "blank-token", "zero-max-pending", "negative-items", "zero-image-bytes"])
 def test_settings_that_cannot_be_meant_stop_the_start(tmp_path: Path, args: tuple, env: dict | None,
                                                       says: str) -> None:
