@@ -143,7 +143,6 @@ def may_be_entry(dfd: int, name: str) -> str | None:
     return None
 
 
-
 def read_entry(
     image_path: PathLike,
     spec: FeatureSpec | None = None,
