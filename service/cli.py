@@ -84,8 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                        default=int(_env("MAX_IMAGE_BYTES", str(_DEFAULTS.max_image_bytes))),
                        help="image files larger than this fail unread (default: %(default)s)")
     serve.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", str(_DEFAULTS.body_timeout_s))),
-                       help="seconds a request body may send nothing before it is refused (408) and its connection "
-                            "closed (default: %(default)s)")
+                       help="seconds a request body may take to arrive whole; past it the request is refused (408) "
+                            "and its connection closed (default: %(default)s)")
     add_engine_flags(serve)
     add_spec_flags(serve)
 

@@ -32,7 +32,7 @@ class ServiceSettings:
     max_pending_units: int = 4096
     # An image file larger than this fails unread (a decoded image is bounded by MAX_PIXELS too).
     max_image_bytes: int = 256 * 1024 * 1024
-    # A request body that sends nothing for this long is answered 408 and its connection closed.
+    # A request body not received whole this long after its headers is answered 408, its connection closed.
     body_timeout_s: float = 30.0
     # Request bodies buffered at once, all requests together; past it a request is a 503 (memory stays bounded).
     body_buffer_bytes: int = 16 * 1024 * 1024

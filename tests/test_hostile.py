@@ -249,6 +249,20 @@ def test_a_body_that_stalls_is_answered_408_and_its_connection_closed(open_serve
     assert status == 408 and closed and time.monotonic() - t0 < 10, data
 
 
+def test_a_body_dripped_a_byte_at_a_time_is_cut_at_its_deadline(open_server: RunningService) -> None:
+    t0 = time.monotonic()
+    data = b""
+    with connect(open_server.url) as sock:
+        sock.sendall(request_head("/features", "Content-Length: 1000") + b'{"images": [')
+        sock.settimeout(0.2)  # a byte each time the service has not answered for 0.2 s
+        while not data and time.monotonic() - t0 < HANG_S:
+            with contextlib.suppress(OSError):  # closed by the service: its answer is waiting
+                sock.sendall(b" ")
+            with contextlib.suppress(TimeoutError):
+                data = sock.recv(65536)
+    assert data.startswith(b"HTTP/1.1 408") and time.monotonic() - t0 < 10, data
+
+
 # -- 3. only regular files -----------------------------------------------------------------------
 
 

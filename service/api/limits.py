@@ -4,7 +4,8 @@ In this order, each before any byte of the body is read: a request with both Con
 and Transfer-Encoding is a 400 (RFC 9112 section 6.3: its framing is ambiguous); without the
 service's token, a 401 (FastAPI would read and parse the body before a route's dependency
 runs); a declared length over the limit, a 413. Then the body is read here, counting the bytes
-actually received: over the limit, a 413; nothing received for `timeout_s`, a 408; more than
+actually received: over the limit, a 413; not received whole within `timeout_s` (stalled,
+or dripped a byte at a time), a 408; more than
 `buffer_bytes` held by all requests together, a 503. Every refusal closes the connection,
 since the rest of its body is never read. The app gets the body whole.
 """
@@ -47,13 +48,15 @@ class RequestGuard:
             await _refuse(send, 413, f"request body is larger than {self.max_bytes} bytes")
             return
         held = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         try:
             chunks = []
             while True:
                 try:
-                    message = await asyncio.wait_for(receive(), self.timeout_s)
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
                 except TimeoutError:
-                    await _refuse(send, 408, f"request body stalled: nothing received for {self.timeout_s:g} s")
+                    await _refuse(send, 408, f"request body not received whole within {self.timeout_s:g} s")
                     return
                 if message["type"] != "http.request":
                     return  # the client went away
