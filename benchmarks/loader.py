@@ -10,7 +10,8 @@ of the features reads every element):
 
   ours      FeatureCache(spec=...).get(image), as a training dataloader calls it without a
             service: every check of the entry, a stat of the image, the tensor read
-            straight into its own buffer; also read_entry(image, spec, mmap=True)
+            straight into its own buffer; also read_entry(image, spec, mmap=True), and
+            read_entry(..., check_crc=True) (the tensor's CRC-32, as the service checks it)
   seed      torch.load(path, map_location="cpu")["features"]  (the seed's call; weights_only=True by default)
   raw       the file's bytes read into a preallocated buffer, torch.frombuffer of the tensor's
             bytes (the physical limit: one copy from the page cache, no checks)
@@ -106,6 +107,12 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
             raise RuntimeError(f"{image}: {result.outcome.value}: {result.reason}")
         touch(result.features)
 
+    def ours_crc(image: str, path: str, numel: int) -> None:
+        result = read_entry(image, spec, mmap=False, check_crc=True)
+        if not result.hit:
+            raise RuntimeError(f"{image}: {result.outcome.value}: {result.reason}")
+        touch(result.features)
+
     def raw(image: str, path: str, numel: int) -> None:
         with open(path, "rb", buffering=0) as f:
             size = f.readinto(raw_buffer.numpy())
@@ -115,7 +122,7 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
         touch(torch.load(path, map_location="cpu")["features"])  # the seed's call: weights_only by default
 
     methods: dict[str, Callable[[str, str, int], None]] = {
-        "ours": ours, "ours (mmap=True)": ours_mmap, "raw": raw, "seed": seed,
+        "ours": ours, "ours (mmap=True)": ours_mmap, "ours (check_crc)": ours_crc, "raw": raw, "seed": seed,
     }
     for fn in methods.values():  # warm the page cache and every code path
         for (image, numel), path in zip(entries, paths):
@@ -148,6 +155,9 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
             ratios = [o / t for o, t in zip(seconds[other], seconds[ours_name])]
             print(f"{ours_name}/{other:<5}= {statistics.median(ratios):.2f} median of rounds "
                   f"(min {min(ratios):.2f}, max {max(ratios):.2f}; goal >= {goal})")
+    cost = [c / o - 1 for c, o in zip(seconds["ours (check_crc)"], seconds["ours"])]
+    print(f"check_crc costs {100 * statistics.median(cost):.0f}% more time per hit, median of rounds "
+          f"(min {100 * min(cost):.0f}%, max {100 * max(cost):.0f}%; FeatureCache checks it only under 15%)")
 
 
 if __name__ == "__main__":

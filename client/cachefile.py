@@ -18,10 +18,9 @@ changed), so tools that do not know the clip can still verify an entry.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import secrets
+import stat
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -29,7 +28,8 @@ from typing import Any, Sequence
 
 import torch
 
-from client.fastload import load_file
+from client.fastload import MAX_OVERHEAD_BYTES, load_file
+from client.safeopen import atomic_write, existing_kind, kind_of
 from client.spec import Attention, FeatureSpec, canonical_json, short_digest
 
 CACHE_SUFFIX = ".vggt_cache.pt"
@@ -96,11 +96,14 @@ def write_entry(
     grid: Sequence[int],
     source: dict,
     context: dict | None = None,
+    roots: Sequence[str] | None = None,
 ) -> str:
     """Atomically write the entry for `image_path` and return its cache path.
 
     `source` comes from `source_record` taken before the image was decoded, so an
-    image rewritten meanwhile leaves an entry that is already stale.
+    image rewritten meanwhile leaves an entry that is already stale. `roots` (real
+    paths): the folder written must lie inside one when it is opened. What is at the
+    cache path is replaced only if it may be an entry (see `may_be_entry`), else ValueError.
     """
     grid = [int(g) for g in grid]
     features = _storable(features, spec.torch_dtype)
@@ -119,8 +122,25 @@ def write_entry(
         "created": time.time(),
     }
     path = cache_path(image_path)
-    _atomic_save({"features": features, "meta": meta}, path)
+    atomic_write(path, lambda f: torch.save({"features": features, "meta": meta}, f), roots, may_be_entry)
     return path
+
+
+def may_be_entry(dfd: int, name: str) -> str | None:
+    """Why what is at `name` (in folder `dfd`) must not be replaced by an entry, or None.
+
+    Nothing, an empty file, a zip (torch.save's format) or a pickle (its legacy one) may be
+    an entry, damaged or stale; anything else (a symlink, a FIFO, a user's file) is not ours.
+    """
+    found = existing_kind(dfd, name)
+    if found is None:
+        return None
+    mode, head = found
+    if not stat.S_ISREG(mode):
+        return f"is {kind_of(mode)}, not a cache entry"
+    if head and not head.startswith(b"PK\x03\x04") and head[0] != 0x80:
+        return "exists and is not a cache entry"
+    return None
 
 
 def read_entry(
@@ -129,6 +149,8 @@ def read_entry(
     context_frames: Sequence[PathLike] | None = None,
     mmap: bool = True,
     tensor: bool = True,
+    roots: Sequence[str] | None = None,
+    check_crc: bool = False,
 ) -> ReadResult:
     """Read and validate the entry of `image_path`; never raises for a bad file.
 
@@ -142,14 +164,19 @@ def read_entry(
     that is used whole, on NFS (another host's replace can invalidate mapped
     pages) and for tensors kept for long (before Python 3.13 each mapped tensor
     holds a file descriptor).
+
+    The cache file must be a regular file (not a symlink) inside `roots` (real paths) when
+    given, and, with a `spec`, no larger than an entry of that spec can be: else CORRUPT
+    without reading it. `check_crc`: the tensor's bytes must match the zip's CRC-32.
     """
     path = cache_path(image_path)
+    max_bytes = None if spec is None else max_entry_bytes(spec) + MAX_OVERHEAD_BYTES
 
     def result(outcome: Outcome, reason: str, meta: dict | None = None) -> ReadResult:
         return ReadResult(outcome, None, meta, reason, path)
 
     try:
-        data = load_file(path, mmap, meta_only=not tensor)
+        data = load_file(path, mmap, meta_only=not tensor, max_bytes=max_bytes, roots=roots, check_crc=check_crc)
     except FileNotFoundError:
         return result(Outcome.MISSING, "no cache file")
     except Exception as e:  # truncated zip, foreign pickle, refused globals, I/O errors
@@ -216,6 +243,12 @@ def entry_nbytes(spec: FeatureSpec, grid: Sequence[int]) -> int:
     """Bytes of an entry's tensor (the file adds a few KB of records and metadata)."""
     # An architecture without embed_dim (only hand-made specs) is taken as VGGT-1B's: 2 x 1024 channels.
     return math.prod(entry_shape(spec, grid, channels=2048)) * spec.torch_dtype.itemsize
+
+
+def max_entry_bytes(spec: FeatureSpec) -> int:
+    """The largest tensor an entry of `spec` can hold: preprocessing makes no side longer than `spec.size`."""
+    side = spec.size // spec.architecture.get("patch_size", 14)
+    return entry_nbytes(spec, (side, side))
 
 
 def _shape_problem(shape: tuple[int, ...], spec: FeatureSpec, grid: list[int]) -> str | None:
@@ -306,31 +339,3 @@ def _changed_context_frame(target: PathLike, frames: list) -> str | None:
 def is_temp_file(name: str) -> bool:
     """True for the name of a temporary file `write_entry` makes (and removes, unless its process was killed)."""
     return name.startswith(".") and name.endswith(".tmp") and f"{CACHE_SUFFIX}." in name
-
-
-def _atomic_save(obj: dict, path: str) -> None:
-    folder, name = os.path.split(path)
-    folder = folder or "."
-    # Never ends with CACHE_SUFFIX, so scans and globs for entries skip it.
-    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: str) -> None:
-    # Makes the rename durable; some file systems refuse fsync on directories.
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

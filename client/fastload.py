@@ -7,11 +7,15 @@ so they are parsed here from one read (or one mapping) of the whole file: the
 zip directory by hand, `data.pkl` with the C unpickler restricted to five
 globals that resolve to inert values (no torch or user code can run), and the
 tensor as a view of the bytes already in memory. Anything unexpected raises,
-and `load_file` hands the file to torch.load(weights_only=True) instead.
+and `load_file` hands the file to torch.load(weights_only=True) instead, except
+what no reader may accept (`Corrupt`: compressed records, a storage larger than
+its tensor, bytes besides the records, a CRC that does not match), which torch.load
+would inflate or keep pinned.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
 import io
 import math
@@ -20,31 +24,43 @@ import os
 import pickle
 import struct
 import sys
+import zipfile
 import zlib
-from typing import Any, Callable, NamedTuple
+from collections.abc import Sequence
+from typing import Any, BinaryIO, Callable, NamedTuple
 
 import torch
 
+from client.safeopen import open_regular
 
-def load_file(path: str, use_mmap: bool, meta_only: bool = False) -> Any:
+
+def load_file(path: str, use_mmap: bool, meta_only: bool = False, max_bytes: int | None = None,
+              roots: Sequence[str] | None = None, check_crc: bool = False) -> Any:
     """The dict a cache file holds; our own layout is parsed here, any other goes to torch.load(weights_only=True).
 
     `meta_only`: read the zip directory and `data.pkl` alone (a few KB, not the tensor's
     megabytes); `"features"` is then a meta-device tensor of the stored shape and dtype, whose
-    record was checked to hold exactly that many bytes.
+    record was checked to hold exactly that many bytes. The file is opened once, as a regular
+    file of at most `max_bytes` inside `roots` (see `client.safeopen`), and a symlink is not
+    followed. `check_crc`: the tensor's bytes must match the CRC-32 the zip records.
+    Raises `Corrupt` (never handed to torch.load) for a compressed record, a storage larger
+    than its tensor, bytes besides the records, or a CRC that does not match.
     """
-    try:
-        return _load_meta(path) if meta_only else _load_fast(path, use_mmap)
-    except FileNotFoundError:
-        raise
-    except Exception:  # outside the fast path's layout, or damaged: torch.load decides
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
-        if meta_only and isinstance(data, dict) and isinstance(data.get("features"), torch.Tensor):
-            data["features"] = data["features"].to("meta")
-        return data
+    with open_regular(path, max_bytes, roots, follow_symlinks=False) as f:
+        try:
+            return _load_meta(f) if meta_only else _load_fast(f, use_mmap, check_crc)
+        except Corrupt:
+            raise
+        except Exception:  # outside the fast path's layout: torch.load decides, on the same descriptor
+            f.seek(0)
+            return _load_torch(f, meta_only, check_crc)
 
 
 _MAX_PICKLE_BYTES = 1 << 20
+# A file of ours holds, besides the tensor and data.pkl, a few small records, their headers and
+# the directory (with 64-byte alignment padding): a few KB.
+_MAX_OTHER_BYTES = 64 << 10
+MAX_OVERHEAD_BYTES = _MAX_PICKLE_BYTES + _MAX_OTHER_BYTES
 _STORAGE_DTYPES = {
     "BFloat16Storage": torch.bfloat16,
     "HalfStorage": torch.float16,
@@ -75,6 +91,10 @@ class _TensorRef(NamedTuple):
 
 class _Unsupported(Exception):
     """The file is outside the fast path's layout."""
+
+
+class Corrupt(ValueError):
+    """A file no reader may accept: what it holds would cost more than the entry it claims to be."""
 
 
 class _RebuildTensor:
@@ -121,36 +141,57 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _StorageRef(pid[1], pid[2], pid[4])
 
 
-def _load_fast(path: str, use_mmap: bool) -> dict:
-    with open(path, "rb", buffering=0) as f:
-        if use_mmap:
-            # A private (copy-on-write) mapping that the tensor keeps alive. Not
-            # UntypedStorage.from_file: its tensors cannot cross DataLoader worker queues.
-            mapping = mmap_module.mmap(f.fileno(), 0, access=mmap_module.ACCESS_COPY, **_MMAP_OPTIONS)
-            whole = torch.frombuffer(mapping, dtype=torch.uint8)
-        else:
-            whole = torch.empty(os.fstat(f.fileno()).st_size, dtype=torch.uint8)
-            if f.readinto(whole.numpy()) != whole.numel():
-                raise _Unsupported("file changed while reading")
+def _load_fast(f: BinaryIO, use_mmap: bool, check_crc: bool) -> dict:
+    fd = f.fileno()
+    if use_mmap:
+        # A private (copy-on-write) mapping that the tensor keeps alive. Not
+        # UntypedStorage.from_file: its tensors cannot cross DataLoader worker queues.
+        mapping = mmap_module.mmap(fd, 0, access=mmap_module.ACCESS_COPY, **_MMAP_OPTIONS)
+        whole = torch.frombuffer(mapping, dtype=torch.uint8)
+    else:
+        whole = torch.empty(os.fstat(fd).st_size, dtype=torch.uint8)
+        if f.readinto(whole.numpy()) != whole.numel():
+            raise _Unsupported("file changed while reading")
     view = memoryview(whole.numpy())
-    data, (start, length), storage, size = _unpickle(lambda offset, n: view[offset : offset + n], len(view))
+    data, (start, length, crc), storage, size = _unpickle(lambda offset, n: view[offset : offset + n], len(view))
+    if check_crc and zlib.crc32(view[start : start + length]) != crc:
+        raise Corrupt("the tensor's bytes do not match their CRC-32")
     data["features"] = whole[start : start + length].view(storage.dtype).view(size)
     return data
 
 
-def _load_meta(path: str) -> dict:
-    with open(path, "rb", buffering=0) as f:
-        fd = f.fileno()
-        data, _, storage, size = _unpickle(lambda offset, n: os.pread(fd, n, offset), os.fstat(fd).st_size)
+def _load_meta(f: BinaryIO) -> dict:
+    fd = f.fileno()
+    data, _, storage, size = _unpickle(lambda offset, n: os.pread(fd, n, offset), os.fstat(fd).st_size)
     data["features"] = torch.empty(size, dtype=storage.dtype, device="meta")
+    return data
+
+
+def _load_torch(f: BinaryIO, meta_only: bool, check_crc: bool) -> Any:
+    """torch.load(weights_only=True) of a file outside the fast path, refusing what that path refuses."""
+    with contextlib.suppress(zipfile.BadZipFile):  # else the legacy (non-zip) format: torch.load decides
+        with zipfile.ZipFile(f) as archive:
+            if any(i.compress_type != zipfile.ZIP_STORED for i in archive.infolist()):
+                raise Corrupt("compressed zip record")
+            if check_crc and archive.testzip() is not None:
+                raise Corrupt("a record does not match its CRC-32")
+    f.seek(0)
+    data = torch.load(f, map_location="cpu", weights_only=True)
+    features = data.get("features") if isinstance(data, dict) else None
+    if isinstance(features, torch.Tensor):
+        if features.untyped_storage().nbytes() != features.nbytes or features.storage_offset():
+            raise Corrupt(f"tensor storage of {features.untyped_storage().nbytes()} bytes backs a tensor of "
+                          f"{features.nbytes}")
+        if meta_only:
+            data["features"] = features.to("meta")
     return data
 
 
 Reader = Callable[[int, int], "bytes | memoryview"]  # (offset, length) -> the file's bytes there
 
 
-def _unpickle(read: Reader, file_size: int) -> tuple[dict, tuple[int, int], _StorageRef, tuple[int, ...]]:
-    """(data.pkl's dict, (offset, length) of the tensor bytes, their storage, the tensor's size)."""
+def _unpickle(read: Reader, file_size: int) -> tuple[dict, tuple[int, int, int], _StorageRef, tuple[int, ...]]:
+    """(data.pkl's dict, (offset, length, crc32) of the tensor bytes, their storage, the tensor's size)."""
     records = _zip_records(read, file_size)
     if "data.pkl" not in records or copyreg._extension_registry:
         # Pickle extension codes would resolve globals without find_class.
@@ -159,8 +200,10 @@ def _unpickle(read: Reader, file_size: int) -> tuple[dict, tuple[int, int], _Sto
     if length > _MAX_PICKLE_BYTES:
         raise _Unsupported("data.pkl")
     pickled = read(start, length)
-    if len(pickled) != length or zlib.crc32(pickled) != crc:
+    if len(pickled) != length:
         raise _Unsupported("data.pkl")
+    if zlib.crc32(pickled) != crc:
+        raise Corrupt("data.pkl does not match its CRC-32")
     data = _RestrictedUnpickler(io.BytesIO(pickled)).load()
     ref = data.get("features") if isinstance(data, dict) else None
     storage = ref.storage if isinstance(ref, _TensorRef) else None
@@ -173,13 +216,16 @@ def _unpickle(read: Reader, file_size: int) -> tuple[dict, tuple[int, int], _Sto
         and isinstance(ref.size, tuple)
         and all(type(n) is int and n >= 0 for n in ref.size)
         and ref.stride == _contiguous_strides(ref.size)
-        and storage.numel == math.prod(ref.size)
     ):
         raise _Unsupported("features layout")
-    start, length, _ = records.get(f"data/{storage.key}", (0, None, 0))
+    if storage.numel != math.prod(ref.size):
+        raise Corrupt(f"tensor storage of {storage.numel} elements backs a tensor of {math.prod(ref.size)}")
+    start, length, crc = records.get(f"data/{storage.key}", (0, None, 0))
     if length != storage.numel * storage.dtype.itemsize or start % storage.dtype.itemsize:
         raise _Unsupported("features record")
-    return data, (start, length), storage, ref.size
+    if file_size - length - len(pickled) > _MAX_OTHER_BYTES:
+        raise Corrupt(f"{file_size - length - len(pickled)} bytes besides the tensor and its records")
+    return data, (start, length, crc), storage, ref.size
 
 
 def _zip_records(read: Reader, file_size: int) -> dict[str, tuple[int, int, int]]:
@@ -197,8 +243,10 @@ def _zip_records(read: Reader, file_size: int) -> dict[str, tuple[int, int, int]
         fields = _CENTRAL.unpack_from(central, pos)
         signature, method, crc, packed, size = fields[0], fields[4], fields[7], fields[8], fields[9]
         name_len, extra_len, comment_len, header = fields[10], fields[11], fields[12], fields[16]
-        if signature != b"PK\x01\x02" or method != 0 or packed != size:
+        if signature != b"PK\x01\x02":
             raise _Unsupported("zip directory entry")
+        if method != 0 or packed != size:  # torch.save never compresses; inflating could cost any amount
+            raise Corrupt("compressed zip record")
         name = bytes(central[pos + _CENTRAL.size : pos + _CENTRAL.size + name_len]).decode()
         pos += _CENTRAL.size + name_len + extra_len + comment_len
         if header + _LOCAL.size > directory:

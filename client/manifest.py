@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import threading
+from collections.abc import Sequence
+
+from client.safeopen import atomic_write
 
 MANIFEST_NAME = "vggt_cache_manifest.json"
 MANIFEST_VERSION = 1
@@ -29,8 +31,10 @@ def _capped_failures(failures: list) -> tuple[list[dict], int]:
     return listed, max(0, len(failures) - MAX_FAILURES)
 
 
-def write_manifest(data_root: str, record: dict) -> str:
+def write_manifest(data_root: str, record: dict, roots: Sequence[str] | None = None) -> str:
     """Write `record` (counts, spec, model, timing, failures, ...) atomically; return the path.
+
+    `roots` (real paths): the data root must lie inside one when it is opened for the write.
 
     `failures` may hold dicts or (image, reason) pairs; only the first MAX_FAILURES
     are listed and `failures_omitted` counts the rest: of the list given, or of the
@@ -42,18 +46,7 @@ def write_manifest(data_root: str, record: dict) -> str:
     text = json.dumps(body, indent=2, ensure_ascii=False) + "\n"  # before any file is touched
 
     path = manifest_path(data_root)
-    fd, tmp = tempfile.mkstemp(dir=data_root, prefix=f".{MANIFEST_NAME}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the manifest is for every reader
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")), roots)
     return path
 
 

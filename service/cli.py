@@ -88,6 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-pending", type=int, default=int(_env("MAX_PENDING", str(_DEFAULTS.max_pending_units))),
                        help="on-demand units waiting for the device; past it /features answers 429 "
                             "(default: %(default)s)")
+    serve.add_argument("--max-image-bytes", type=int,
+                       default=int(_env("MAX_IMAGE_BYTES", str(_DEFAULTS.max_image_bytes))),
+                       help="image files larger than this fail unread (default: %(default)s)")
+    serve.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", str(_DEFAULTS.body_timeout_s))),
+                       help="seconds a request body may take to arrive whole; past it the request is refused (408) "
+                            "and its connection closed (default: %(default)s)")
     add_engine_flags(serve)
     add_spec_flags(serve)
 

@@ -42,9 +42,14 @@ def serve(args: argparse.Namespace) -> int:
     if not roots:
         log.error("serve needs at least one --allowed-root DIR (the data the service may read and write)")
         return 2
-    settings = _settings(args, host=args.host, port=args.port, allowed_roots=roots, api_token=args.api_token or None,
-                         max_items_per_request=args.max_items_per_request, max_pending_units=args.max_pending)
-    runtime = ServiceRuntime(settings)
+    settings = _settings(args, host=args.host, port=args.port, allowed_roots=roots, api_token=args.api_token,
+                         max_items_per_request=args.max_items_per_request, max_pending_units=args.max_pending,
+                         max_image_bytes=args.max_image_bytes, body_timeout_s=args.body_timeout)
+    try:
+        runtime = ServiceRuntime(settings)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
     app = create_app(runtime)  # its lifespan starts the runtime and, when uvicorn shuts down, stops it
     log.info("Serving on http://%s:%d (allowed roots: %s; auth: %s)", settings.host, settings.port,
              ", ".join(runtime.roots.given), "bearer token" if settings.api_token else "off")

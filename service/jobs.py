@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from client.cachefile import is_temp_file
 from client.manifest import write_manifest
+from client.safeopen import check_contained
 from client.spec import FeatureSpec, matching_preset
 from client.wire import EntryStatus
 from service.engine import Engine, EngineStopped, Priority, UnitResult
@@ -231,24 +232,33 @@ class JobManager:
         """Delete the temporary files of entry writes that a killed process left next to the entries to redo.
 
         Only files older than this process: a write in flight elsewhere (another
-        service on shared storage) is younger than a model load and stays.
+        service on shared storage) is younger than a model load and stays. Each folder is
+        listed and cleaned through one descriptor checked inside the roots, so a folder
+        swapped for a symlink meanwhile is left alone.
         """
         removed = 0
         for folder in sorted({os.path.dirname(t) for u in units for t in u.targets}):
             try:
-                entries = list(os.scandir(folder))
+                dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError:
                 continue
-            for entry in entries:
-                name = entry.name
-                if not is_temp_file(name):
-                    continue
-                try:
-                    if entry.stat(follow_symlinks=False).st_mtime < self._started_at:
-                        os.unlink(entry.path)
-                        removed += 1
-                except OSError:
-                    continue  # gone already, or not ours to remove
+            try:
+                check_contained(dfd, self.roots.real, folder)
+                entries = list(os.scandir(dfd))
+            except OSError:  # OutsideRoots too
+                entries = []
+            try:
+                for entry in entries:
+                    if not is_temp_file(entry.name):
+                        continue
+                    try:
+                        if entry.stat(follow_symlinks=False).st_mtime < self._started_at:
+                            os.unlink(entry.name, dir_fd=dfd)
+                            removed += 1
+                    except OSError:
+                        continue  # gone already, or not ours to remove
+            finally:
+                os.close(dfd)
         if removed:
             log.info("Job %s: removed %d temporary file(s) left by an interrupted run", job_id, removed)
 
@@ -277,7 +287,7 @@ class JobManager:
         failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, MANIFEST_FAILURES)]
         counts = {"total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed}
         return write_manifest(rec.data_root, manifest_record(rec.job_id, state, counts, self.spec, rec.plan,
-                                                             self.model_info, seconds, failures))
+                                                             self.model_info, seconds, failures), self.roots.real)
 
 
 def manifest_record(job_id: str, state: JobState, counts: dict, spec: FeatureSpec, plan: dict | None,
@@ -305,7 +315,7 @@ def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: d
     for f in files or ():  # sample files are read too: they must be inside the roots
         roots.contain(os.path.normpath(os.path.join(data_root, f)), writes_sibling=False)
     scan = scan_data_root(data_root, spec.attention, options.get("data_path"),
-                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files)
+                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files, roots)
     units = shard(scan.units, rank, world_size)
     refused: dict[int, str] = {}
     for idx, unit in enumerate(units):
@@ -315,5 +325,6 @@ def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: d
         except (PathNotAllowed, ValueError) as exc:
             refused[idx] = str(exc)
     allowed = [u for i, u in enumerate(units) if i not in refused]
-    plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), allowed, len(refused), world_size)
+    plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), allowed, len(refused), world_size,
+                    roots.real)
     return Work(scan, units, refused, plan)

@@ -6,6 +6,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from client.safeopen import inside
 from service.errors import UnusableInput
 
 
@@ -27,10 +28,6 @@ def printable(text: str) -> str:
         return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _inside(path: str, roots: Sequence[str]) -> bool:
-    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
 @dataclass(frozen=True)
@@ -64,10 +61,14 @@ class AllowedRoots:
         except UnicodeEncodeError as exc:  # a lone surrogate no file name decodes to
             raise InvalidPath(f"invalid path {printable(path)}: {exc.reason}") from None
         norm = os.path.normpath(path)
-        if not _inside(norm, self.given + self.real):
+        if not inside(norm, self.given + self.real):
             raise PathNotAllowed(f"path is outside the allowed roots: {path}")
-        if not _inside(os.path.realpath(norm), self.real):
+        if not self.holds(norm):
             raise PathNotAllowed(f"path resolves (through a symlink) outside the allowed roots: {path}")
-        if writes_sibling and not _inside(os.path.realpath(os.path.dirname(norm)), self.real):
+        if writes_sibling and not self.holds(os.path.dirname(norm)):
             raise PathNotAllowed(f"folder of {path} resolves outside the allowed roots")
         return norm
+
+    def holds(self, path: str) -> bool:
+        """True when what `path` resolves to (through any symlinks) lies inside a root."""
+        return inside(os.path.realpath(path), self.real)

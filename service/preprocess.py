@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from client.safeopen import open_regular
+from service.settings import ServiceSettings
 
 PATCH_SIZE = 14
 MODES = ("crop", "pad")
@@ -23,34 +27,67 @@ MODES = ("crop", "pad")
 MAX_PIXELS = 64_000_000
 
 
+# The formats decoded; anything else (PostScript, whose plugin runs Ghostscript, ...) is refused unread.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+MAX_IMAGE_BYTES = ServiceSettings.max_image_bytes
+
+
 class ImageError(ValueError):
     """An image that cannot be used; the message names the file."""
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = None) -> Image.Image:
-    """Read and fully decode an image file, or raise `ImageError` naming it."""
+def open_image(path: str | os.PathLike, max_bytes: int | None = MAX_IMAGE_BYTES,
+               roots: Sequence[str] | None = None) -> Image.Image:
+    """The image at `path`, its header read and its pixels not yet decoded, or `ImageError` naming it.
+
+    The file must be a regular file of at most `max_bytes` (inside `roots`, real paths, when
+    given: see `client.safeopen`) in one of IMAGE_FORMATS; it is read into memory whole, once.
+    """
     name = os.fspath(path)
-    limit = MAX_PIXELS if max_pixels is None else max_pixels
     try:
-        with open(name, "rb") as f:
+        with open_regular(name, max_bytes, roots) as f:
             data = f.read()
     except OSError as e:
         raise ImageError(f"cannot read image {name}: {e.strerror or e}") from e
     if not data:
         raise ImageError(f"cannot decode image {name}: the file is empty")
     try:
-        img = Image.open(io.BytesIO(data))
-        width, height = img.size
-        if width * height > limit:
-            raise ImageError(
-                f"refusing image {name}: {width}x{height} = {width * height} pixels "
-                f"exceeds the limit of {limit} (possible decompression bomb)"
-            )
+        img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except UnidentifiedImageError:  # its message names the BytesIO object, not the file
+        raise ImageError(f"cannot decode image {name}: not an image in an accepted format "
+                         f"({', '.join(IMAGE_FORMATS)})") from None
+    except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
+        raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+    img.filename = name  # what preprocess's errors name
+    return img
+
+
+def image_size(path: str | os.PathLike, max_bytes: int | None = MAX_IMAGE_BYTES,
+               roots: Sequence[str] | None = None) -> tuple[int, int]:
+    """(width, height) from the header alone, under `open_image`'s rules; raises OSError or PIL's errors."""
+    with open_regular(os.fspath(path), max_bytes, roots) as f, Image.open(f, formats=IMAGE_FORMATS) as img:
+        return img.size
+
+
+def load_image(path: str | os.PathLike, max_pixels: int | None = None, max_bytes: int | None = MAX_IMAGE_BYTES,
+               roots: Sequence[str] | None = None) -> Image.Image:
+    """Read and fully decode an image file (see `open_image`), or raise `ImageError` naming it."""
+    name = os.fspath(path)
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise ImageError(f"cannot decode image {name}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process, "
+                         "so truncated data would decode as grey; turn it off")
+    img = open_image(name, max_bytes, roots)
+    width, height = img.size
+    if width * height > limit:
+        raise ImageError(
+            f"refusing image {name}: {width}x{height} = {width * height} pixels "
+            f"exceeds the limit of {limit} (possible decompression bomb)"
+        )
+    try:
         # PIL decodes lazily; force it here so truncated data fails now, with the name.
         img.load()
-    except ImageError:
-        raise
-    except Exception as e:  # PIL raises OSError, SyntaxError, EOFError, ValueError, ...
+    except Exception as e:
         raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
     return img
 
@@ -72,10 +109,9 @@ def preprocess(
         raise ValueError(f"size must be a positive multiple of {PATCH_SIZE}, got {size!r}")
     if not isinstance(align, int) or align <= 0:
         raise ValueError(f"align must be a positive integer, got {align!r}")
-    label = "image"
     if not isinstance(image, Image.Image):
-        label = f"image {os.fspath(image)}"
         image = load_image(image)
+    label = f"image {image.filename}" if getattr(image, "filename", "") else "image"
 
     rgb = _to_rgb(image)
     width, height = rgb.size

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from client.spec import FeatureSpec
 from service.engine import Engine
+from service.engine.device import ForwardHook
 from service.jobs import JobManager
 from service.model import LoadedModel, load_aggregator
 from service.model.features import model_spec
@@ -41,8 +42,12 @@ class Components:
     devices: list[str]
 
 
-def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, world_size: int = 1) -> Components:
-    """Load the model once, start the engine on its devices; the job manager is built but not started."""
+def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, world_size: int = 1,
+                     before_forward: ForwardHook | None = None) -> Components:
+    """Load the model once, start the engine on its devices; the job manager is built but not started.
+
+    `before_forward`: the engine's hook (see `Engine`), to hold or fail the device in drills and tests.
+    """
     started_at = time.time()  # before the (long) model load: see JobManager
     devices = parse_devices(s.device)
     log.info("Loading VGGT model from %s onto %s", s.model, ", ".join(devices))
@@ -58,6 +63,7 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
         loaded, spec, devices=devices, max_batch_frames=s.max_batch_frames,
         max_wait_ms=s.max_wait_ms, decode_workers=s.decode_workers, write_workers=s.write_workers,
         patch_cache_bytes=s.patch_cache_mb << 20, fp32_weights=s.fp32_weights, compile=s.compile,
+        roots=roots.real, max_image_bytes=s.max_image_bytes, before_forward=before_forward,
     )
     engine.start()
     jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, model_info(loaded, devices, spec), rank, world_size,
@@ -68,9 +74,15 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
 class ServiceRuntime:
     """Loads the model in the background so health probes answer while VGGT-1B is read from disk."""
 
-    def __init__(self, settings: ServiceSettings) -> None:
+    def __init__(self, settings: ServiceSettings, before_forward: ForwardHook | None = None) -> None:
+        """Raises ValueError for settings that cannot be meant (`ServiceSettings.check`); logs the unsafe ones."""
+        settings.check()
         self.settings = settings
+        self._before_forward = before_forward
         self.roots = AllowedRoots.of(settings.allowed_roots)
+        self.warnings = settings.warnings()
+        for warning in self.warnings:
+            log.warning("%s", warning)
         self.components: Components | None = None
         self.load_error: str | None = None
         self._thread: threading.Thread | None = None
@@ -93,7 +105,7 @@ class ServiceRuntime:
 
     def _load(self) -> None:
         try:
-            components = build_components(self.settings, self.roots)
+            components = build_components(self.settings, self.roots, before_forward=self._before_forward)
             components.jobs.start()
             self.components = components
         except Exception as exc:  # reported by /readyz and /status; the process stays up for inspection

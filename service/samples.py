@@ -25,18 +25,22 @@ temporary files.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 
 from client.cachefile import CACHE_SUFFIX
 from client.manifest import MANIFEST_NAME
+from client.safeopen import open_regular
 from service.errors import UnusableInput
+from service.paths import AllowedRoots
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 DEFAULT_MAX_HISTORY = 8
@@ -114,17 +118,41 @@ def _hidden(name: str) -> bool:
     return name.startswith((".", "~"))
 
 
-def walk_files(root: str) -> Iterator[tuple[str, list[str]]]:
-    """(folder, sorted file names) for every non-hidden folder, sorted, symlink loops cut."""
+def walk_files(root: str, roots: AllowedRoots | None = None) -> Iterator[tuple[str, list[str]]]:
+    """(folder, sorted file names) for every non-hidden folder, top-down and sorted, symlink loops cut.
+
+    Symlinks are followed, except (with `roots`) those leading outside the allowed roots: these
+    are neither followed nor listed, so no name from outside reaches a job or its manifest.
+    """
     seen: set[str] = set()
-    for folder, dirnames, filenames in os.walk(root, followlinks=True):
+    pending = [root]
+    left_out = 0
+    while pending:
+        folder = pending.pop()
         real = os.path.realpath(folder)
         if real in seen:
-            dirnames[:] = []
             continue
         seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not _hidden(d))
-        yield folder, sorted(f for f in filenames if not _hidden(f))
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # vanished or unreadable, as os.walk skips it
+        folders, files = [], []
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            if roots is not None and entry.is_symlink() and not roots.holds(entry.path):
+                left_out += 1
+                continue
+            try:
+                is_folder = entry.is_dir()
+            except OSError:
+                is_folder = False
+            (folders if is_folder else files).append(entry.name)
+        yield folder, sorted(files)
+        pending.extend(os.path.join(folder, name) for name in sorted(folders, reverse=True))
+    if left_out:
+        log.warning("%s: %d symlink(s) leading outside the allowed roots were not followed", root, left_out)
 
 
 def is_image(name: str) -> bool:
@@ -196,9 +224,9 @@ class _Found:
     images: list[str] = field(default_factory=list)
 
 
-def _walk(root: str) -> _Found:
+def _walk(root: str, roots: AllowedRoots | None) -> _Found:
     found = _Found()
-    for folder, names in walk_files(root):
+    for folder, names in walk_files(root, roots):
         steps = [n for n in names if STEP_FRAME.match(n)]
         if steps:
             found.episodes.append((folder, steps))
@@ -217,13 +245,18 @@ def _is_sample_object(value: object) -> bool:
     return isinstance(value, dict) and any(k in value for k in _SAMPLE_KEYS)
 
 
-def _json_samples(path: str) -> list | None:
+def _open_sample_file(path: str, roots: AllowedRoots | None) -> BinaryIO:
+    """A buffered reader of a sample file: regular, and inside `roots` when opened (NotRegularFile, OutsideRoots)."""
+    return io.BufferedReader(open_regular(path, roots=None if roots is None else roots.real))
+
+
+def _json_samples(path: str, roots: AllowedRoots | None) -> list | None:
     """The array a `*.json` sample file holds, or None when the file is not a sample file.
 
     Decides from the first element of the file's head, so a large array of something else is
     never parsed whole.
     """
-    with open(path, "rb") as f:
+    with _open_sample_file(path, roots) as f:
         head = f.read(_HEAD_BYTES).decode("utf-8", "ignore").lstrip("\ufeff \t\r\n")
         if not head.startswith("["):
             return None  # an object, a number, ...: not a sample file
@@ -244,9 +277,9 @@ def _json_samples(path: str) -> list | None:
     return value
 
 
-def _is_sample_jsonl(path: str) -> bool:
+def _is_sample_jsonl(path: str, roots: AllowedRoots | None) -> bool:
     """A `*.jsonl` file is a sample file unless its first parsable line is an object of something else."""
-    with open(path, "rb") as f:
+    with _open_sample_file(path, roots) as f:
         for line in f:
             if not line.strip():
                 continue
@@ -261,8 +294,9 @@ def _is_sample_jsonl(path: str) -> bool:
 class _Reader:
     """Turns sample objects and episode steps into Samples, collecting problems as it goes."""
 
-    def __init__(self, root: str, data_path: str | None, keep_records: bool) -> None:
+    def __init__(self, root: str, data_path: str | None, keep_records: bool, roots: AllowedRoots | None) -> None:
         self.resolver = PathResolver(root, data_path)
+        self.roots = roots
         self.keep_records = keep_records
         self.samples: list[Sample] = []
         self.malformed: list[tuple[str, str]] = []
@@ -288,9 +322,9 @@ class _Reader:
         """Read a `*.jsonl` sample file; False when it is not one (a `named` file always is)."""
         sample_dir = os.path.dirname(path)
         try:
-            if not named and not _is_sample_jsonl(path):
+            if not named and not _is_sample_jsonl(path, self.roots):
                 return False
-            with open(path, "rb") as f:
+            with _open_sample_file(path, self.roots) as f:
                 for lineno, line in enumerate(f, 1):
                     if not line.strip():
                         continue
@@ -308,7 +342,7 @@ class _Reader:
     def read_json(self, path: str, named: bool = False) -> bool:
         """Read a `*.json` sample file; False when it is not one (a problem when the file was `named`)."""
         try:
-            objects = _json_samples(path)
+            objects = _json_samples(path, self.roots)
         except MalformedSample as e:
             self.malformed.append((path, f"malformed sample file: {e}"))
             return True
@@ -342,26 +376,29 @@ class _Reader:
 
 
 def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, data_path: str | None = None,
-                 files: Sequence[str] | None = None, keep_records: bool = False) -> SampleSet:
+                 files: Sequence[str] | None = None, keep_records: bool = False,
+                 roots: AllowedRoots | None = None) -> SampleSet:
     """Every sample under `data_root` (see the module docstring); `files` names sample files instead.
 
     `files` are relative to `data_root` unless absolute. Unreadable or ill-typed samples and
     missing images are `problems`, and the rest are still read; a sample with a missing frame is
     left out whole. `keep_records` keeps each sample's JSON object (the training dataset needs
-    its text; a bulk job only needs the frames).
+    its text; a bulk job only needs the frames). `roots`: the service's allowed roots, which the
+    walk does not leave and every sample file must lie inside when opened; a FIFO or other
+    non-regular sample file is a problem at once, never waited on.
     """
     check_history(max_history_images)
     root = _norm(data_root)
     if not os.path.isdir(root):
         raise UnusableInput(f"data root is not a directory: {root}")
-    reader = _Reader(root, data_path, keep_records)
+    reader = _Reader(root, data_path, keep_records, roots)
     if files:
         found = _Found()
         for f in files:
             path = _norm(os.path.join(root, f))
             (found.jsonl if path.endswith(".jsonl") else found.json).append(path)
     else:
-        found = _walk(root)
+        found = _walk(root, roots)
 
     kinds = []
     named = bool(files)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 
@@ -39,6 +40,48 @@ class ServiceSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_items_per_request: int = 512
     max_pending_units: int = 4096
+    # An image file larger than this fails unread (a decoded image is bounded by MAX_PIXELS too).
+    max_image_bytes: int = 256 * 1024 * 1024
+    # A request body not received whole this long after its headers is answered 408, its connection closed.
+    body_timeout_s: float = 30.0
+    # Request bodies buffered at once, all requests together; past it a request is a 503 (memory stays bounded).
+    body_buffer_bytes: int = 16 * 1024 * 1024
+
+    def check(self) -> None:
+        """Raise ValueError naming the first setting that cannot be meant: checked before the service starts."""
+        if self.api_token is not None and not self.api_token.strip():
+            raise ValueError("the API token (--api-token or its environment variable) is set but empty: give a "
+                             "token, or unset it to run without authentication")
+        for flag, value in (("--max-items-per-request", self.max_items_per_request),
+                            ("--max-pending", self.max_pending_units), ("--max-batch-frames", self.max_batch_frames),
+                            ("--decode-workers", self.decode_workers), ("--write-workers", self.write_workers),
+                            ("--max-image-bytes", self.max_image_bytes), ("max_body_bytes", self.max_body_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if not self.body_timeout_s > 0:
+            raise ValueError(f"--body-timeout must be a positive number of seconds, got {self.body_timeout_s!r}")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be zero or more, got {self.max_wait_ms!r}")
+        if self.body_buffer_bytes < self.max_body_bytes:
+            raise ValueError(f"body_buffer_bytes ({self.body_buffer_bytes}) must hold one body of max_body_bytes "
+                             f"({self.max_body_bytes})")
+
+    def warnings(self) -> list[str]:
+        """What is allowed but unsafe: logged at start and shown on /status."""
+        if self.api_token is None and not is_loopback(self.host):
+            return [f"listening on {self.host}, not a loopback address, without an API token: anyone who can "
+                    "reach the port can read features and start jobs (set --api-token)"]
+        return []
+
+
+def is_loopback(host: str) -> bool:
+    """True for `localhost` and loopback addresses; every other name or address may be reachable from elsewhere."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_devices(device: str) -> list[str]:

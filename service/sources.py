@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from service.samples import DEFAULT_MAX_HISTORY, SampleSet, find_samples
 from client.spec import ATTENTION, Attention
 from service.errors import UnusableInput
+from service.paths import AllowedRoots
 from service.units import Unit
 
 
@@ -57,9 +58,11 @@ class UnitPlanner:
 
 
 def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
-                   max_history_images: int = DEFAULT_MAX_HISTORY, files: Sequence[str] | None = None) -> ScanResult:
+                   max_history_images: int = DEFAULT_MAX_HISTORY, files: Sequence[str] | None = None,
+                   roots: AllowedRoots | None = None) -> ScanResult:
     """The units of work under `data_root` for `attention` mode (samples: `service.samples`; `files`
-    names the sample files to read instead of every one found).
+    names the sample files to read instead of every one found; `roots`: what the walk and the
+    sample files stay inside).
 
     `frame` -> one unit per unique image of any sample; `sequence` -> one per unique clip, all
     its frames targets; `causal` -> one per unique clip, its last frame the target. Loose image
@@ -67,7 +70,7 @@ def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
     """
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
-    found = find_samples(data_root, max_history_images, data_path, files)
+    found = find_samples(data_root, max_history_images, data_path, files, roots=roots)
     if found.source == "images" and attention != Attention.FRAME:
         raise UnusableInput(
             f"{attention} attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> "

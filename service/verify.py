@@ -17,7 +17,7 @@ def verify_data_root(data_root: str, spec: FeatureSpec, data_path: str | None = 
     for unit in scan.units:
         context = spec.context_of(unit.frames)
         for target in unit.targets:
-            result = read_entry(target, spec, context_frames=context, mmap=True)
+            result = read_entry(target, spec, context_frames=context, mmap=True, check_crc=True)
             counts[result.outcome.value] += 1
             if result.outcome is not Outcome.HIT:
                 problems.append({"image": target, "outcome": result.outcome.value, "reason": result.reason})

@@ -125,24 +125,41 @@ def test_pickle_extension_codes_turn_the_fast_path_off(tmp_path, monkeypatch):
     write(image, make_spec())
     monkeypatch.setitem(copyreg._extension_registry, ("some.module", "thing"), 240)
     with pytest.raises(fastload._Unsupported):
-        fastload._load_fast(cache_path(image), True)
+        fast_path(cache_path(image), True)
     assert read_entry(image, make_spec()).hit  # through torch.load
+
+
+def fast_path(path: str, mmap: bool) -> dict:
+    with open(path, "rb", buffering=0) as f:
+        return fastload._load_fast(f, mmap, check_crc=False)
 
 
 @pytest.mark.parametrize("mmap", [True, False])
 def test_other_torch_layouts_fall_back_to_torch_load(tmp_path, mmap):
-    # A valid entry whose tensor is a view into a larger storage: outside the fast path.
+    # A valid entry whose tensor was saved with requires_grad: outside the fast path.
     image = make_image(tmp_path)
     spec = make_spec()
     write(image, spec)
     data = torch.load(cache_path(image), weights_only=True)
-    base = torch.randn(2, 15, 16).bfloat16()
-    data["features"] = base[1]
+    data["features"] = data["features"].clone().requires_grad_(True)
     torch.save(data, cache_path(image))
-    with pytest.raises(Exception):
-        fastload._load_fast(cache_path(image), mmap)
+    with pytest.raises(fastload._Unsupported):
+        fast_path(cache_path(image), mmap)
     res = read_entry(image, spec, mmap=mmap)
-    assert res.hit and torch.equal(res.features, base[1])
+    assert res.hit and torch.equal(res.features, data["features"])
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_a_tensor_viewing_a_larger_storage_is_corrupt_on_every_path(tmp_path, mmap):
+    # torch.save writes the whole storage: the file would pin (and mmap=False read) all of it.
+    image = make_image(tmp_path)
+    spec = make_spec()
+    write(image, spec)
+    data = torch.load(cache_path(image), weights_only=True)
+    data["features"] = torch.randn(2, 15, 16).bfloat16()[1]
+    torch.save(data, cache_path(image))
+    res = read_entry(image, spec, mmap=mmap)
+    assert res.outcome is Outcome.CORRUPT and "storage" in res.reason
 
 
 def test_seed_loader_reads_our_files(tmp_path):
@@ -309,7 +326,7 @@ def test_executable_payload_is_corrupt_and_never_runs(tmp_path, how):
         assert res.outcome is Outcome.CORRUPT and res.features is None
         # The fast path refuses it on its own, before torch.load is asked.
         with pytest.raises(fastload._Unsupported, match="zip" if how == "pickle" else "global"):
-            fastload._load_fast(path, mmap)
+            fast_path(path, mmap)
     assert not marker.exists()
     # The payload is live: an unsafe load would have run it.
     if how == "pickle":
@@ -331,7 +348,7 @@ def test_executable_payload_is_corrupt_and_never_runs(tmp_path, how):
         (lambda d: d["meta"]["spec"].update(tokens="cls"), "invalid spec"),
         (lambda d: d["meta"].update(shape=[15, 15]), "meta shape"),
         (lambda d: d.update(features=d["features"].float()), "dtype"),
-        (lambda d: d.update(features=d["features"][:14]), "shape"),
+        (lambda d: d.update(features=d["features"][:14].clone()), "shape"),
         (lambda d: d["meta"].update(grid=[3, "5"]), "grid"),
         (lambda d: d["meta"].update(context={"frames": []}), "context"),
         (lambda d: d["meta"].update(source={"size": 1}), "source"),

@@ -19,6 +19,7 @@ import yaml
 from packaging.specifiers import SpecifierSet
 
 from service.cli import build_parser
+from service.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -180,6 +181,9 @@ def test_api_token_comes_from_the_env_file_only():
     assert not any("token" in s.lower() for s in strings(compose())), "no token (nor --api-token) in the compose file"
     assert command_args().api_token is None
     assert example_values()["VGGT_CACHE_API_TOKEN"] == "", "the example must not ship a usable token"
+    # ... nor one that silently turns auth off: left empty, the service refuses to start.
+    with pytest.raises(ValueError, match="set but empty"):
+        ServiceSettings(api_token=example_values()["VGGT_CACHE_API_TOKEN"]).check()
 
 
 def test_restarts_unless_stopped():

@@ -195,7 +195,8 @@ def test_skip_existing_reads_valid_entries_and_recomputes_stale_ones(loaded, tmp
         write_image(Path(paths[0]), seed=123)  # rewritten image: its entry is stale
         stat = os.stat(paths[0])
         os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
-        Path(cache_path(paths[1])).write_bytes(b"not a torch file")  # corrupt entry
+        entry = Path(cache_path(paths[1]))
+        entry.write_bytes(entry.read_bytes()[:200])  # a damaged entry (a foreign file would not be replaced)
         third = results(engine.submit(units, return_features=False))
         assert statuses(third) == ["computed", "computed", "cached"]
         assert all(e.features is None for r in third for e in r.entries)

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 from safetensors.torch import load_file
 
 from service import preprocess as pp
@@ -72,6 +72,15 @@ def test_bad_arguments(kwargs):
 def test_extreme_aspect_ratio_is_an_image_error():
     with pytest.raises(ImageError, match="aspect ratio"):
         preprocess(Image.new("RGB", (4000, 3)))
+
+
+def test_truncated_images_fail_even_where_pil_would_fill_them_with_grey(tmp_path, monkeypatch):
+    data = (FIXTURES / "landscape.jpg").read_bytes()
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(data[: len(data) // 2])
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some training code sets it
+    with pytest.raises(ImageError, match="cut.jpg.*LOAD_TRUNCATED_IMAGES"):
+        load_image(path)
 
 
 def test_missing_file(tmp_path):

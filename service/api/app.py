@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
 from service.api.errors import register_errors
-from service.api.limits import BodySizeLimit
+from service.api.limits import RequestGuard
 from service.api.metrics import Metrics
 from service.api.routes import features, jobs, probes, status
 from service.runtime import ServiceRuntime
@@ -28,13 +28,16 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
 
     # With a token, the OpenAPI schema and docs pages would be the only unauthenticated routes besides
     # the probes and the (data-free) status page shell: turn them off.
-    open_docs = runtime.settings.api_token is None
+    settings = runtime.settings
+    open_docs = settings.api_token is None
+    # No trailing-slash redirects: their Location would echo the client's Host header.
     app = FastAPI(title="vggt-cache", version=status.VERSION, lifespan=lifespan,
                   docs_url="/docs" if open_docs else None, redoc_url=None,
-                  openapi_url="/openapi.json" if open_docs else None)
+                  openapi_url="/openapi.json" if open_docs else None, redirect_slashes=False)
     app.state.runtime = runtime
     app.state.metrics = metrics = Metrics(runtime)
-    app.add_middleware(BodySizeLimit, max_bytes=runtime.settings.max_body_bytes)
+    app.add_middleware(RequestGuard, token=settings.api_token, max_bytes=settings.max_body_bytes,
+                       timeout_s=settings.body_timeout_s, buffer_bytes=settings.body_buffer_bytes)
     app.middleware("http")(metrics.observe_request)
     register_errors(app)
     for module in (probes, status, features, jobs):

@@ -1,11 +1,10 @@
-"""Typed dependencies of the routes: the runtime, its loaded components, the bearer-token check."""
+"""Typed dependencies of the routes: the runtime and its loaded components (the token is checked in limits.py)."""
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 
 from service.api.errors import NotReady
 from service.api.metrics import Metrics
@@ -27,18 +26,6 @@ def _components(runtime: Annotated[ServiceRuntime, Depends(_runtime)]) -> Compon
     return runtime.components
 
 
-def authorised(request: Request, runtime: Annotated[ServiceRuntime, Depends(_runtime)]) -> None:
-    """Every route that returns data requires `Authorization: Bearer <token>` when the service has a token."""
-    token = runtime.settings.api_token
-    if token is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), token.encode()):
-        raise HTTPException(401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                            headers={"WWW-Authenticate": "Bearer"})
-
-
 Runtime = Annotated[ServiceRuntime, Depends(_runtime)]
 Ready = Annotated[Components, Depends(_components)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
-AUTH = [Depends(authorised)]

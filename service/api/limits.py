@@ -1,58 +1,103 @@
-"""Request-size limit as plain ASGI middleware: refuses before more than the limit is buffered."""
+"""What is decided before the app sees a request, as plain ASGI middleware: framing, the bearer token, the body.
+
+In this order, each before any byte of the body is read: a request with both Content-Length
+and Transfer-Encoding is a 400 (RFC 9112 section 6.3: its framing is ambiguous); without the
+service's token, a 401 (FastAPI would read and parse the body before a route's dependency
+runs); a declared length over the limit, a 413. Then the body is read here, counting the bytes
+actually received: over the limit, a 413; not received whole within `timeout_s` (stalled,
+or dripped a byte at a time), a 408; more than
+`buffer_bytes` held by all requests together, a 503. Every refusal closes the connection,
+since the rest of its body is never read. The app gets the body whole.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hmac
 import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+PUBLIC_PATHS = frozenset({"/", "/healthz", "/readyz"})  # the probes and the (data-free) status page shell
 
-class BodySizeLimit:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+
+class RequestGuard:
+    def __init__(self, app: ASGIApp, token: str | None, max_bytes: int, timeout_s: float, buffer_bytes: int) -> None:
         self.app = app
+        self.token = token
         self.max_bytes = max_bytes
-
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps({"detail": f"request body is larger than {self.max_bytes} bytes"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        self.timeout_s = timeout_s
+        self.buffer_bytes = buffer_bytes
+        self.buffered = 0  # body bytes held by requests in progress (one event loop: no lock)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        length = dict(scope["headers"]).get(b"content-length")
-        if length is not None:
-            # The server holds the client to its Content-Length, so checking the header is enough.
-            if not length.isdigit() or int(length) > self.max_bytes:
-                await self._reject(send)
-            else:
-                await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        if b"content-length" in headers and b"transfer-encoding" in headers:
+            await _refuse(send, 400, "both Content-Length and Transfer-Encoding given: the body's framing is "
+                                     "ambiguous (RFC 9112 section 6.3)")
             return
-        # No Content-Length (chunked): read the body here, up to the limit, and hand it on whole.
-        # Refusing from inside the app would not work: the framework turns errors while reading
-        # the body into a 400.
-        chunks, received = [], 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            received += len(chunks[-1])
-            if received > self.max_bytes:
-                await self._reject(send)
-                return
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
-        replayed = False
+        if self.token is not None and scope["path"] not in PUBLIC_PATHS and not self._authorised(headers):
+            await _refuse(send, 401, "missing or wrong bearer token (Authorization: Bearer <token>)",
+                          {"WWW-Authenticate": "Bearer"})
+            return
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await _refuse(send, 413, f"request body is larger than {self.max_bytes} bytes")
+            return
+        held = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
+        try:
+            chunks = []
+            while True:
+                try:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+                except TimeoutError:
+                    await _refuse(send, 408, f"request body not received whole within {self.timeout_s:g} s")
+                    return
+                if message["type"] != "http.request":
+                    return  # the client went away
+                chunk = message.get("body", b"")
+                held += len(chunk)
+                self.buffered += len(chunk)
+                if held > self.max_bytes:
+                    await _refuse(send, 413, f"request body is larger than {self.max_bytes} bytes")
+                    return
+                if self.buffered > self.buffer_bytes:
+                    await _refuse(send, 503, "too many request bodies in flight; retry shortly", {"Retry-After": "1"})
+                    return
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+            await self.app(scope, _replay(b"".join(chunks), receive), send)
+        finally:
+            self.buffered -= held
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: wait for the disconnect, as the server would
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    def _authorised(self, headers: dict[bytes, bytes]) -> bool:
+        scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(given, self.token.encode())
 
-        await self.app(scope, replay, send)
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()  # after the body: wait for the disconnect, as the server would
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
+async def _refuse(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close"), *extra]})
+    await send({"type": "http.response.body", "body": body})

@@ -10,7 +10,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 import torch
@@ -81,8 +81,11 @@ class DecodeStage:
     """`workers` threads taking jobs from the scheduler's decode queue, most urgent first."""
 
     def __init__(self, spec: FeatureSpec, scheduler: Scheduler, complete: Complete, workers: int,
-                 frame_cache_frames: int) -> None:
+                 frame_cache_frames: int, roots: Sequence[str] | None, max_image_bytes: int) -> None:
+        """`roots` (real paths): every image and cache file read must lie inside one when opened."""
         self.spec = spec
+        self.roots = roots
+        self.max_image_bytes = max_image_bytes
         self._scheduler = scheduler
         self._complete = complete
         self._workers = workers
@@ -120,9 +123,10 @@ class DecodeStage:
         entries = []
         for target in job.unit.targets:
             # Read whole (no mmap): another NFS client may replace the file while we hold it. Work that
-            # returns no features (bulk jobs) checks the metadata alone: a few KB instead of megabytes.
+            # returns no features (bulk jobs) checks the metadata alone: a few KB instead of megabytes;
+            # features served are checked against their CRC-32 first.
             read = read_entry(target, self.spec, context_frames=self.spec.context_of(job.unit.frames), mmap=False,
-                              tensor=job.return_features)
+                              tensor=job.return_features, roots=self.roots, check_crc=job.return_features)
             if read.outcome is not Outcome.HIT:
                 return None
             entries.append(EntryResult(target, EntryStatus.CACHED, read.features, tuple(read.meta["grid"])))
@@ -149,4 +153,5 @@ class DecodeStage:
     def _load_frame(self, key: FrameKey) -> torch.Tensor:
         spec = self.spec
         return self.frames.get(  # [3, H, W]
-            key, lambda: preprocess(load_image(key[0]), mode=spec.preprocess, size=spec.size, align=spec.align))
+            key, lambda: preprocess(load_image(key[0], max_bytes=self.max_image_bytes, roots=self.roots),
+                                    mode=spec.preprocess, size=spec.size, align=spec.align))

@@ -71,6 +71,9 @@ class Engine:
     fp32_weights: keep float32 weights under bfloat16 autocast on CUDA even when entries are
         stored in 16 bits (default: bfloat16 weights there; see `weights_dtype`).
     compile: `torch.compile` the transformer blocks (the first batches of each shape are slow).
+    roots: the allowed roots (real paths): every image, cache file and folder the engine opens must
+        lie inside one when it is opened (None: no containment, e.g. in-process tools).
+    max_image_bytes: image files larger than this fail unread.
     before_forward: called on the device thread with each batch `[B, S, 3, H, W]`
         just before its forward; whatever it raises is handled as the forward's
         error (raise `torch.cuda.OutOfMemoryError` to rehearse the split path,
@@ -96,6 +99,8 @@ class Engine:
         fp32_weights: bool = _DEFAULTS.fp32_weights,
         compile: bool = _DEFAULTS.compile,
         before_forward: ForwardHook | None = None,
+        roots: Sequence[str] | None = None,
+        max_image_bytes: int = _DEFAULTS.max_image_bytes,
     ) -> None:
         if not devices:
             raise ValueError("give at least one device")
@@ -113,9 +118,10 @@ class Engine:
                     for name, model in zip(devices, models)]
         self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0, bulk_queue_batches * max_batch_frames,
                                     hint_queue_batches * max_batch_frames)
-        self._decode = DecodeStage(spec, self._scheduler, self._complete, decode_workers, frame_cache_frames)
+        self._decode = DecodeStage(spec, self._scheduler, self._complete, decode_workers, frame_cache_frames, roots,
+                                   max_image_bytes)
         self._writer = WriterStage(spec, self._complete, write_workers, 2 * max_batch_frames * len(replicas),
-                                   loaded.config.patch_size)
+                                   loaded.config.patch_size, roots)
         self._device = DeviceStage(spec, self._scheduler, replicas, self._writer, self._complete, before_forward,
                                    patch_cache_bytes)
         self._lock = threading.Lock()  # the state and unit counts below

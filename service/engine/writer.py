@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -20,8 +21,11 @@ class WriterStage:
     """A pool of `workers` threads; at most `slots` units wait for one, so slow storage stalls the device
     instead of filling memory."""
 
-    def __init__(self, spec: FeatureSpec, complete: Complete, workers: int, slots: int, patch_size: int) -> None:
+    def __init__(self, spec: FeatureSpec, complete: Complete, workers: int, slots: int, patch_size: int,
+                 roots: Sequence[str] | None) -> None:
+        """`roots` (real paths): every folder written must lie inside one when it is opened."""
         self.spec = spec
+        self.roots = roots
         self._complete = complete
         self._workers = workers
         self._slots = threading.Semaphore(slots)
@@ -67,7 +71,7 @@ class WriterStage:
                 # Own storage: a result must not pin the whole batch (and write_entry need not copy).
                 entry = features[index].clone()
                 try:
-                    write_entry(target, entry, self.spec, grid, job.sources[i], job.contexts[i])
+                    write_entry(target, entry, self.spec, grid, job.sources[i], job.contexts[i], roots=self.roots)
                     if job.verify:
                         self._verify(target, entry, unit.frames)
                 except Exception as exc:
@@ -86,7 +90,8 @@ class WriterStage:
             self._slots.release()
 
     def _verify(self, target: str, expected: torch.Tensor, frames: tuple[str, ...]) -> None:
-        read = read_entry(target, self.spec, context_frames=self.spec.context_of(frames), mmap=False)
+        read = read_entry(target, self.spec, context_frames=self.spec.context_of(frames), mmap=False,
+                          roots=self.roots, check_crc=True)
         if read.outcome is not Outcome.HIT:
             raise OSError(f"verify failed: entry reads back as {read.outcome.value} ({read.reason})")
         if not torch.equal(read.features, expected):

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 
 from client.spec import FeatureSpec
 from client.wire import encode_features
-from service.api.deps import AUTH, MetricsDep, Ready, Runtime
+from service.api.deps import MetricsDep, Ready, Runtime
 from service.api.schemas import FeaturesRequest
 from service.engine import Priority, UnitResult
 from service.errors import UnusableInput
@@ -22,7 +22,7 @@ MEDIA_TYPE = "application/vnd.vggt-features+safetensors"
 router = APIRouter()
 
 
-@router.post("/features", dependencies=AUTH)
+@router.post("/features")
 async def features(req: FeaturesRequest, c: Ready, runtime: Runtime, metrics: MetricsDep) -> Response:
     limit = runtime.settings.max_items_per_request
     n_frames = len(req.images) + sum(len(clip) for clip in req.clips)

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 
 from client.spec import matching_preset
-from service.api.deps import AUTH, MetricsDep, Runtime
+from service.api.deps import MetricsDep, Runtime
 
 VERSION = "0.1.0"
 
@@ -20,7 +20,7 @@ def status_page() -> str:
     return resources.files("service").joinpath("static/status.html").read_text(encoding="utf-8")
 
 
-@router.get("/status", dependencies=AUTH)
+@router.get("/status")
 def status(runtime: Runtime, metrics: MetricsDep) -> dict:
     c = runtime.components
     body: dict = {
@@ -31,6 +31,7 @@ def status(runtime: Runtime, metrics: MetricsDep) -> dict:
             "uptime_s": round(metrics.uptime(), 1),
             "allowed_roots": list(runtime.roots.given),
             "auth": runtime.settings.api_token is not None,
+            "warnings": runtime.warnings,
         },
         "model": None, "spec": None, "preset": None, "engine": None, "jobs": [],
     }
@@ -43,6 +44,6 @@ def status(runtime: Runtime, metrics: MetricsDep) -> dict:
     return body
 
 
-@router.get("/metrics", dependencies=AUTH)
+@router.get("/metrics")
 def prometheus(metrics: MetricsDep) -> Response:
     return Response(metrics.render(), media_type=metrics.content_type)

@@ -1,0 +1,138 @@
+"""Opening files that someone else may have swapped: regular files only, bounded, checked where they really are.
+
+Containment checked on a path when a request arrives does not hold when the file is opened
+later: a folder can have become a symlink meanwhile. So the check is made on the descriptor
+actually opened (its real path, from `/proc/self/fd`), and writes go through one descriptor
+of the folder (temporary file, fsync, rename, all relative to it). A FIFO, socket or device
+where a file is expected is refused at once: it is opened non-blocking and checked with
+`fstat` before any read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import secrets
+import stat
+from collections.abc import Callable, Sequence
+from typing import BinaryIO
+
+
+class NotRegularFile(OSError):
+    """A FIFO, socket, device or folder where a regular file is expected."""
+
+
+class FileTooLarge(OSError):
+    """A file over the size its reader allows; refused before it is read."""
+
+
+class OutsideRoots(PermissionError):
+    """What was opened lies outside the allowed roots (a folder was swapped for a symlink, say)."""
+
+
+def inside(path: str, roots: Sequence[str]) -> bool:
+    """True when `path` (normalised, absolute) is one of `roots` or below one."""
+    return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+
+def kind_of(mode: int) -> str:
+    """`a FIFO`, `a socket`, ... for an `st_mode` that is not a regular file's."""
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def real_path(fd: int) -> str:
+    """Where an open descriptor really is, whatever names led to it (Linux: needs /proc)."""
+    return os.readlink(f"/proc/self/fd/{fd}")
+
+
+def check_contained(fd: int, roots: Sequence[str], name: str) -> None:
+    """Raise OutsideRoots unless descriptor `fd` (opened as `name`) lies inside one of the real `roots`."""
+    if not inside(real_path(fd), roots):
+        raise OutsideRoots(f"{name} resolves outside the allowed roots when opened (a symlink?); not used")
+
+
+def open_regular(path: str, max_bytes: int | None = None, roots: Sequence[str] | None = None,
+                 follow_symlinks: bool = True) -> BinaryIO:
+    """An unbuffered binary reader of `path` if it is a regular file of at most `max_bytes` bytes.
+
+    Opened non-blocking, so a FIFO without a writer cannot hang the caller; `roots` (real
+    paths): the opened file must lie inside one; `follow_symlinks=False`: a symlink as the last
+    component is refused (ELOOP). Raises NotRegularFile, FileTooLarge, OutsideRoots or OSError.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(f"{path} is {kind_of(st.st_mode)}, not a regular file")
+        if roots is not None:
+            check_contained(fd, roots, path)
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise FileTooLarge(f"{path} is {st.st_size} bytes, over the limit of {max_bytes}; not read")
+        return io.FileIO(fd, "rb", closefd=True)  # O_NONBLOCK changes nothing for a regular file
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def temp_name(name: str) -> str:
+    """The hidden temporary name a write of `name` goes through (unique per process and write)."""
+    return f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+
+
+Replaceable = Callable[[int, str], "str | None"]  # (folder descriptor, name) -> why it must not be replaced
+
+
+def atomic_write(path: str, write: Callable[[BinaryIO], None], roots: Sequence[str] | None = None,
+                 replaceable: Replaceable | None = None) -> None:
+    """Write `path` atomically: a temporary file in its folder, flushed, fsynced and renamed over it.
+
+    Every step is relative to one descriptor of the folder, so the folder checked (`roots`:
+    it must lie inside one) is the folder written, whatever is renamed or swapped meanwhile.
+    `replaceable`: says why what is at `path` must not be replaced (then ValueError), or None.
+    """
+    folder, name = os.path.split(path)
+    dfd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if roots is not None:
+            check_contained(dfd, roots, folder)
+        problem = replaceable(dfd, name) if replaceable is not None else None
+        if problem:
+            raise ValueError(f"{path} {problem}; not replaced")
+        tmp = temp_name(name)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+        # Makes the rename durable; some file systems refuse fsync on directories.
+        with contextlib.suppress(OSError):
+            os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def existing_kind(dfd: int, name: str) -> tuple[int, bytes] | None:
+    """(st_mode, first 4 bytes, or b"" unless a regular file) of what is at `name` in folder `dfd`; None if nothing."""
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return st.st_mode, b""
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        return st.st_mode, os.pread(fd, 4, 0)
+    finally:
+        os.close(fd)
