@@ -12,7 +12,7 @@ DEFAULT_PORT = 8600
 @dataclass
 class ServiceSettings:
     model: str = DEFAULT_MODEL
-    device: str = "cuda"
+    device: str = "auto"  # every visible GPU, else the CPU
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     allowed_roots: list[str] = field(default_factory=list)
@@ -32,10 +32,15 @@ class ServiceSettings:
 
 
 def parse_devices(device: str) -> list[str]:
-    """`cpu`, `cuda` (every visible GPU), `cuda:1` or `cuda:0,1` -> explicit device names."""
+    """`auto` (every visible GPU, else the CPU), `cpu`, `cuda` (every visible GPU), `cuda:1` or `cuda:0,1`
+    -> explicit device names."""
     device = device.strip()
     if device == "cpu":
         return ["cpu"]
+    if device == "auto":
+        import torch
+
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
     if device == "cuda":
         import torch
 
@@ -47,4 +52,4 @@ def parse_devices(device: str) -> list[str]:
         ids = [s.strip() for s in device[len("cuda:"):].split(",") if s.strip()]
         if ids and all(s.isdigit() for s in ids):
             return [f"cuda:{s}" for s in ids]
-    raise ValueError(f"--device must be cpu, cuda, cuda:N or cuda:N,M; got {device!r}")
+    raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or cuda:N,M; got {device!r}")
