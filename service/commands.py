@@ -49,11 +49,11 @@ def _check_device(device: str) -> None:
 
 
 @contextlib.contextmanager
-def _loading_model(source: str) -> Iterator[None]:
-    """A model that cannot be read or does not fit is the user's to fix: one line naming the source."""
+def _loading_model(source: str, *errors: type[Exception]) -> Iterator[None]:
+    """A model that cannot be read or does not fit (`errors`) is the user's to fix: one line naming the source."""
     try:
         yield
-    except (OSError, ValueError) as exc:
+    except errors as exc:
         raise CommandError(f"cannot load the VGGT model {source}: {exc} (check --vggt_model_path / --model)") from exc
 
 
@@ -120,7 +120,7 @@ def precompute(args: argparse.Namespace) -> int:
 
 def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     from service.paths import AllowedRoots
-    from service.runtime import build_components
+    from service.runtime import ModelUnavailable, build_components
 
     if not os.path.isdir(data_root):
         raise _no_folder(data_root)
@@ -138,7 +138,7 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     if args.dry_run:
         return _dry_run_local(args, settings, data_root, roots)
     _check_device(settings.device)
-    with _loading_model(settings.model):
+    with _loading_model(settings.model, ModelUnavailable):
         components = build_components(settings, roots, rank, world)
     engine, jobs = components.engine, components.jobs
     if world > 1:
@@ -170,7 +170,7 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
     from service.model import identify_model
     from service.model.features import model_spec
 
-    with _loading_model(settings.model):
+    with _loading_model(settings.model, OSError, ValueError):  # identifying it reads nothing else
         spec = model_spec(identify_model(settings.model), **settings.spec)
     work = plan_work(data_root, spec, roots, {"skip_existing": args.skip_existing, "data_path": args.data_path,
                                               "max_history_images": args.max_history_images,

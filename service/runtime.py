@@ -32,6 +32,10 @@ def model_info(loaded: LoadedModel, devices: list[str], spec: FeatureSpec) -> di
     }
 
 
+class ModelUnavailable(RuntimeError):
+    """The model source cannot be loaded: missing, unreadable, or not a VGGT aggregator (the message says which)."""
+
+
 @dataclass
 class Components:
     loaded: LoadedModel
@@ -49,7 +53,10 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
         log.info("--device auto: %s", "every visible GPU" if devices != ["cpu"] else "no GPU is visible, using the CPU")
     log.info("Loading VGGT model from %s onto %s", s.model, ", ".join(devices))
     t0 = time.perf_counter()
-    loaded = load_aggregator(s.model, device=devices[0])
+    try:
+        loaded = load_aggregator(s.model, device=devices[0])
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(str(exc)) from exc
     spec = model_spec(loaded, **s.spec)
     log.info(
         "Model ready in %.1fs: %s parameters, fingerprint %s, spec %s (%s attention, layers %s)",

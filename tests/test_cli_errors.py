@@ -79,10 +79,11 @@ def test_verify_without_a_manifest_says_to_pass_server(data_root: Path) -> None:
     one_error(cli("verify", str(data_root)), "no vggt_cache_manifest.json in")
 
 
-def test_a_wrong_model_path_is_one_line(data_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("dry_run", [False, True], ids=["run", "dry-run"])
+def test_a_wrong_model_path_is_one_line(data_root: Path, tmp_path: Path, dry_run: bool) -> None:
     run = cli("precompute", "--data_root", str(data_root), "--vggt_model_path", str(tmp_path / "nope"),
-              "--state-dir", str(tmp_path / "state"))
-    line = one_error(run, f"cannot load the VGGT model {tmp_path / 'nope'}: ")
+              "--state-dir", str(tmp_path / "state"), *(["--dry-run"] if dry_run else []))
+    line = one_error(run, f"cannot load the VGGT model {tmp_path / 'nope'}: model source ")
     assert "check --vggt_model_path" in line
 
 
