@@ -197,7 +197,8 @@ class Attempts:
             self._down.update((url, until) for url in self._order)
         tries = len(self._failures)
         recent = "; ".join(self._failures[-len(self._order):])
-        return ServiceError(f"no vggt-cache service answered after {tries} tries ({recent})")
+        return ServiceError(f"no vggt-cache service answered after {tries} {'try' if tries == 1 else 'tries'} "
+                            f"({recent})")
 
 
 class _BaseTransport(abc.ABC):

@@ -7,15 +7,18 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from client.logs import setup_logging
-from client.service import TOKEN_ENV
+from client.service import TOKEN_ENV, ServiceError
+from service.errors import CommandError
 from service.samples import DEFAULT_MAX_HISTORY, check_history, file_list
 from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings, env_flag
 from service.specflags import ENV_PREFIX, add_spec_flags
 
 log = logging.getLogger("vggt_cache")
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
+DEBUG_ENV = f"{ENV_PREFIX}DEBUG"
 
 
 def _env(name: str, default: str | None = None) -> str | None:
@@ -25,25 +28,66 @@ def _env(name: str, default: str | None = None) -> str | None:
 _DEFAULTS = ServiceSettings()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, with a usage error said in one `[ERROR]` line that points at `--help`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"[ERROR] {message} (see `{self.prog} --help`)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Each option's default, `(required)` where it is; nothing for an option that is off or unset by default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "(default:" in text or not action.option_strings:
+            return text
+        if action.required:
+            return f"{text} (required)"
+        if action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _common_flags() -> argparse.ArgumentParser:
+    # SUPPRESS: a subcommand's copy of a flag must not overwrite the one given before the subcommand.
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug log lines")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
+    return common
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     defaults = _DEFAULTS
     p.add_argument("--max-batch-frames", "--max_batch_frames", type=int,
                    default=int(_env("MAX_BATCH_FRAMES", str(defaults.max_batch_frames))),
-                   help="frames per device batch (default: %(default)s)")
+                   help="frames per device batch")
     p.add_argument("--decode-workers", type=int, default=int(_env("DECODE_WORKERS", str(defaults.decode_workers))),
-                   help="threads decoding and preprocessing images while the device computes (default: %(default)s)")
+                   help="threads decoding and preprocessing images while the device computes")
     p.add_argument("--write-workers", type=int, default=int(_env("WRITE_WORKERS", str(defaults.write_workers))),
-                   help="threads writing cache files (each fsyncs) while the device computes (default: %(default)s)")
+                   help="threads writing cache files (each fsyncs) while the device computes")
     p.add_argument("--patch-cache-mb", type=int, default=int(_env("PATCH_CACHE_MB", str(defaults.patch_cache_mb))),
                    help="per device, MiB for the DINOv2 tokens of recent frames, computed once for every clip "
-                        "that shares the frame (sequence/causal; 0: within a batch only) (default: %(default)s)")
+                        "that shares the frame (sequence/causal; 0: within a batch only)")
     p.add_argument("--fp32-weights", action="store_true", default=env_flag(f"{ENV_PREFIX}FP32_WEIGHTS"),
                    help="on CUDA with 16-bit entries, keep float32 weights under bfloat16 autocast instead of "
                         "resident bfloat16 weights")
     p.add_argument("--compile", action="store_true", default=env_flag(f"{ENV_PREFIX}COMPILE"),
                    help="torch.compile the transformer blocks (slow first batches of each shape)")
     p.add_argument("--state-dir", "--state_dir", default=_env("STATE_DIR", ServiceSettings.state_dir),
-                   help="where job state (SQLite) lives; keep it on local disk (default: %(default)s)")
+                   help="where job state (SQLite) lives; keep it on local disk")
+
+
+def add_device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default=_env("DEVICE", _DEFAULTS.device),
+                   help="auto (every visible GPU, else the CPU), cpu, cuda (all GPUs), cuda:0 or cuda:0,1")
+
+
+def add_server_flags(p: argparse.ArgumentParser, default: str | None, help: str) -> None:
+    p.add_argument("--server", default=default, help=help)
+    p.add_argument("--api-token", "--api_token", default=os.environ.get(TOKEN_ENV),
+                   help=f"bearer token of a service started with --api-token (default: ${TOKEN_ENV})")
 
 
 def _history(text: str) -> int:
@@ -66,55 +110,65 @@ def add_files_flag(p: argparse.ArgumentParser, default_text: str = "(default: ev
                         f"training flag of the same name {default_text}")
 
 
+def _env_roots() -> list[str]:
+    return [r for r in (_env("ALLOWED_ROOT") or "").split(":") if r]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vggt-cache", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    common = _common_flags()
+    parser = _Parser(prog="vggt-cache", description=__doc__, parents=[common], formatter_class=_Help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the feature-cache service (VGGT resident on the device)")
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, parents=[common], formatter_class=_Help)
+
+    serve = command("serve", "run the feature-cache service (VGGT resident on the device)")
     serve.add_argument("--model", default=_env("MODEL", DEFAULT_MODEL),
-                       help="Hugging Face id (from the local HF cache), folder or weights file (default: %(default)s)")
-    serve.add_argument("--device", default=_env("DEVICE", _DEFAULTS.device),
-                       help="cpu, cuda (all GPUs), cuda:0 or cuda:0,1")
-    serve.add_argument("--host", default=_env("HOST", _DEFAULTS.host))
-    serve.add_argument("--port", type=int, default=int(_env("PORT", str(DEFAULT_PORT))))
-    serve.add_argument("--allowed-root", "--allowed_root", action="append", dest="allowed_roots",
-                       default=None, help="folder the service may read and write (repeatable; required)")
+                       help="Hugging Face id (from the local HF cache), folder or weights file")
+    add_device_flag(serve)
+    serve.add_argument("--host", default=_env("HOST", _DEFAULTS.host),
+                       help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=int(_env("PORT", str(DEFAULT_PORT))), help="TCP port")
+    roots = _env_roots()
+    serve.add_argument("--allowed-root", "--allowed_root", action="append", dest="allowed_roots", metavar="DIR",
+                       default=roots or None, required=not roots,
+                       help=f"folder the service may read and write (repeatable; or ${ENV_PREFIX}ALLOWED_ROOT, "
+                            "colon-separated)")
     serve.add_argument("--api-token", "--api_token", default=os.environ.get(TOKEN_ENV),
-                       help="require 'Authorization: Bearer <token>' on every route but the health probes")
+                       help="require 'Authorization: Bearer <token>' on every route but the health probes "
+                            f"(default: ${TOKEN_ENV}, else none)")
     serve.add_argument("--max-items-per-request", type=int,
                        default=int(_env("MAX_ITEMS_PER_REQUEST", str(_DEFAULTS.max_items_per_request))),
-                       help="images per /features request; more is a 413 (default: %(default)s)")
+                       help="images per /features request; more is a 413")
     serve.add_argument("--max-pending", type=int, default=int(_env("MAX_PENDING", str(_DEFAULTS.max_pending_units))),
-                       help="on-demand units waiting for the device; past it /features answers 429 "
-                            "(default: %(default)s)")
+                       help="on-demand units waiting for the device; past it /features answers 429")
     serve.add_argument("--max-image-bytes", type=int,
                        default=int(_env("MAX_IMAGE_BYTES", str(_DEFAULTS.max_image_bytes))),
-                       help="image files larger than this fail unread (default: %(default)s)")
+                       help="image files larger than this fail unread")
     serve.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", str(_DEFAULTS.body_timeout_s))),
                        help="seconds a request body may take to arrive whole; past it the request is refused (408) "
-                            "and its connection closed (default: %(default)s)")
+                            "and its connection closed")
     add_engine_flags(serve)
     add_spec_flags(serve)
 
-    pre = sub.add_parser("precompute", help="compute every feature under a data root (in-process or via --server)")
-    pre.add_argument("--data_root", "--data-root", required=True)
+    pre = command("precompute", "compute every feature under a data root (in-process or via --server)")
+    pre.add_argument("--data_root", "--data-root", required=True, help="folder of the images and sample files")
     pre.add_argument("--vggt_model_path", "--vggt-model-path", "--model", dest="model",
                      default=_env("MODEL", DEFAULT_MODEL), help="VGGT weights: HF id, folder or file")
     pre.add_argument("--model_path", "--model-path", dest="llm_model_path", default=None,
                      help="accepted for compatibility with the seed's script and ignored (VGGT needs no LLM)")
-    pre.add_argument("--server", default=None, help="submit the job to a running service instead of computing here")
-    pre.add_argument("--api-token", "--api_token", default=os.environ.get(TOKEN_ENV))
+    add_server_flags(pre, None, "submit the job to a running service instead of computing here")
     pre.add_argument("--batch_size", "--batch-size", type=int, default=None,
                      help="frames per device batch (alias of --max-batch-frames)")
-    pre.add_argument("--device", default=_env("DEVICE", _DEFAULTS.device))
+    add_device_flag(pre)
     pre.add_argument("--skip_existing", "--skip-existing", action="store_true",
                      help="skip entries that already validate (stale or foreign ones are recomputed)")
     pre.add_argument("--verify", action="store_true", help="re-read every written entry")
     pre.add_argument("--data_path", "--data-path", default=None,
                      help="folder the samples' image paths are relative to (default: the JSONL file's folder)")
     add_files_flag(pre)
-    pre.add_argument("--allowed-root", "--allowed_root", action="append", dest="allowed_roots", default=None,
+    pre.add_argument("--allowed-root", "--allowed_root", action="append", dest="allowed_roots", metavar="DIR",
+                     default=None,
                      help="further folders samples may name images in (repeatable; the data root always is)")
     add_history_flag(pre)
     pre.add_argument("--dry-run", "--dry_run", action="store_true",
@@ -125,36 +179,52 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(pre)
     add_spec_flags(pre)
 
-    ver = sub.add_parser("verify", help="check every cache entry under a data root; exit 1 if any is not valid")
-    ver.add_argument("data_root")
-    ver.add_argument("--server", default=None, help="take the expected spec from this service's /status "
-                                                    "(default: from the data root's manifest)")
-    ver.add_argument("--api-token", "--api_token", default=os.environ.get(TOKEN_ENV))
-    ver.add_argument("--data_path", "--data-path", default=None)
+    ver = command("verify", "check every cache entry under a data root; exit 1 if any is not valid")
+    ver.add_argument("data_root", help="folder of the images and sample files")
+    add_server_flags(ver, None, "take the expected spec from this service's /status "
+                                "(default: from the data root's manifest)")
+    ver.add_argument("--data_path", "--data-path", default=None,
+                     help="folder the samples' image paths are relative to (default: the sample file's folder)")
     add_files_flag(ver, "(default: the manifest's, else every one found)")
     add_history_flag(ver, default=None)
     ver.add_argument("--json", action="store_true", help="print the counts as JSON")
 
-    st = sub.add_parser("status", help="show a running service's model, queues and jobs")
-    st.add_argument("--server", default=os.environ.get("VGGT_SERVICE_URL", DEFAULT_SERVER))
-    st.add_argument("--api-token", "--api_token", default=os.environ.get(TOKEN_ENV))
-    st.add_argument("--json", action="store_true")
+    st = command("status", "show a running service's model, queues and jobs")
+    add_server_flags(st, os.environ.get("VGGT_SERVICE_URL", DEFAULT_SERVER), "the service's URL")
+    st.add_argument("--json", action="store_true", help="print /status as JSON")
 
-    demo = sub.add_parser("demo", help="a first look: a tiny model and data root, end to end, no GPU or downloads")
+    demo = command("demo", "a first look: a tiny model and data root, end to end, no GPU or downloads")
     demo.add_argument("--keep", action="store_true", help="keep the temporary data root")
-    demo.add_argument("--port", type=int, default=0)
+    demo.add_argument("--port", type=int, default=0, help="port of the demo's service (0: a free one)")
     return parser
+
+
+def failure_message(exc: BaseException) -> tuple[str, int]:
+    """What to print for an error that stopped a command, and the exit code."""
+    if isinstance(exc, CommandError):
+        return str(exc), exc.exit_code
+    if isinstance(exc, ServiceError):
+        if exc.status is None:
+            return f"cannot reach the service: {exc}; start `vggt-cache serve` there, or fix --server", 2
+        return f"the service refused: {exc}", 2
+    return (f"{type(exc).__name__}: {exc} (unexpected: rerun with --debug for the traceback, "
+            "and report it if the message does not say what to change)"), 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    setup_logging(getattr(args, "verbose", False))
     from service import commands
 
     try:
         return getattr(commands, args.command)(args)
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # every error ends here: one line, the traceback only when asked for
+        message, code = failure_message(exc)
+        log.error("%s", message, exc_info=exc if debug else None)
+        return code
 
 
 if __name__ == "__main__":

@@ -1,19 +1,28 @@
-"""What each `vggt-cache` subcommand does (argument parsing lives in cli.py)."""
+"""What each `vggt-cache` subcommand does (argument parsing lives in cli.py).
+
+A command that cannot go on raises `CommandError` (what is wrong and what to do); cli.py prints it as
+one `[ERROR]` line.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 
+from service.errors import CommandError
 from service.jobview import JobState, JobView
 from service.progress import follow_job
 from service.samples import DEFAULT_MAX_HISTORY
-from service.settings import ServiceSettings
+from service.settings import ServiceSettings, parse_devices
 from service.specflags import spec_options
 
 log = logging.getLogger("vggt_cache")
@@ -32,24 +41,65 @@ def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
     return s
 
 
+def _check_device(device: str) -> None:
+    """A `--device` this machine cannot give is said before anything is loaded."""
+    try:
+        parse_devices(device)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _loading_model(source: str, *errors: type[Exception]) -> Iterator[None]:
+    """A model that cannot be read or does not fit (`errors`) is the user's to fix: one line naming the source."""
+    try:
+        yield
+    except errors as exc:
+        raise CommandError(f"cannot load the VGGT model {source}: {exc} (check --vggt_model_path / --model)") from exc
+
+
+def _no_folder(path: str) -> CommandError:
+    return CommandError(f"no such folder: {path} (give the data root that holds the images and sample files)")
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port (port 0: a free one); a port in use or a bad host is a CommandError."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise CommandError(f"--host {host}: {exc.strerror}; give an address of this machine "
+                           "(127.0.0.1, or 0.0.0.0 for every interface)") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port at once
+    try:
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CommandError(f"port {port} on {host} is already in use (another vggt-cache serve?): stop that "
+                               "process, or pass --port N") from None
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    return sock
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from service.api import create_app
     from service.runtime import ServiceRuntime
 
-    roots = args.allowed_roots or [r for r in (os.environ.get("VGGT_CACHE_ALLOWED_ROOT") or "").split(":") if r]
-    if not roots:
-        log.error("serve needs at least one --allowed-root DIR (the data the service may read and write)")
-        return 2
-    settings = _settings(args, host=args.host, port=args.port, allowed_roots=roots, api_token=args.api_token,
-                         max_items_per_request=args.max_items_per_request, max_pending_units=args.max_pending,
-                         max_image_bytes=args.max_image_bytes, body_timeout_s=args.body_timeout)
+    settings = _settings(args, host=args.host, port=args.port, allowed_roots=args.allowed_roots,
+                         api_token=args.api_token, max_items_per_request=args.max_items_per_request,
+                         max_pending_units=args.max_pending, max_image_bytes=args.max_image_bytes,
+                         body_timeout_s=args.body_timeout)
+    _check_device(settings.device)
     try:
         runtime = ServiceRuntime(settings)
-    except ValueError as exc:
-        log.error("%s", exc)
-        return 2
+    except ValueError as exc:  # settings that cannot be meant (ServiceSettings.check)
+        raise CommandError(str(exc)) from None
+    sock = listen(settings.host, settings.port)  # before the model loads: a port in use is said at once
+    settings.port = sock.getsockname()[1]
     app = create_app(runtime)  # its lifespan starts the runtime and, when uvicorn shuts down, stops it
     log.info("Serving on http://%s:%d (allowed roots: %s; auth: %s)", settings.host, settings.port,
              ", ".join(runtime.roots.given), "bearer token" if settings.api_token else "off")
@@ -58,7 +108,7 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
     uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                  access_log=False, lifespan="on")).run()
+                                  access_log=False, lifespan="on")).run(sockets=[sock])
     log.info("Stopped")
     return 0
 
@@ -75,23 +125,26 @@ def precompute(args: argparse.Namespace) -> int:
 
 def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     from service.paths import AllowedRoots
-    from service.runtime import build_components
+    from service.runtime import ModelUnavailable, build_components
 
     if not os.path.isdir(data_root):
-        log.error("--data_root is not a folder: %s", data_root)
-        return 2
+        raise _no_folder(data_root)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = args.device
-    if world > 1 and device == "cuda":
-        device = f"cuda:{local_rank}"  # under torchrun each rank drives its own GPU
+    if world > 1 and not args.dry_run:
+        _check_device(device)
+        if device in ("cuda", "auto") and parse_devices(device) != ["cpu"]:
+            device = f"cuda:{local_rank}"  # under torchrun each rank drives its own GPU
     batch = args.batch_size or args.max_batch_frames
     state_dir = os.path.join(os.path.expanduser(args.state_dir), f"rank{rank}" if world > 1 else "")
     settings = _settings(args, device=device, max_batch_frames=batch, state_dir=state_dir)
     roots = AllowedRoots.of([data_root, *(args.allowed_roots or [])])
     if args.dry_run:
         return _dry_run_local(args, settings, data_root, roots)
-    components = build_components(settings, roots, rank, world)
+    _check_device(settings.device)
+    with _loading_model(settings.model, ModelUnavailable):
+        components = build_components(settings, roots, rank, world)
     engine, jobs = components.engine, components.jobs
     if world > 1:
         log.info("Rank %d of %d: taking shard %d", rank, world, rank)
@@ -102,8 +155,8 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
         running = pool.submit(jobs.run, job.job_id)
         try:
             follow_job(lambda: jobs.view(job.job_id), lambda _: running.done(),
-                        lambda: wait([running], timeout=PROGRESS_POLL_S),
-                        f"[rank {rank}] precompute" if world > 1 else "precompute")
+                       lambda: wait([running], timeout=PROGRESS_POLL_S),
+                       f"[rank {rank}] precompute" if world > 1 else "precompute")
             view = running.result() or jobs.view(job.job_id)
         except BaseException:  # Ctrl-C: the job stops after its batches in flight and resumes next time
             jobs.stop()
@@ -122,7 +175,8 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
     from service.model import identify_model
     from service.model.features import model_spec
 
-    spec = model_spec(identify_model(settings.model), **settings.spec)
+    with _loading_model(settings.model, OSError, ValueError):  # identifying it reads nothing else
+        spec = model_spec(identify_model(settings.model), **settings.spec)
     work = plan_work(data_root, spec, roots, {"skip_existing": args.skip_existing, "data_path": args.data_path,
                                               "max_history_images": args.max_history_images,
                                               "data_files": args.data_files})
@@ -169,7 +223,8 @@ def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world:
         # Finished when every rank finished, else the state of the first rank that did not.
         state = next((JobState(p["state"]) for p in parts if p["state"] != JobState.FINISHED), JobState.FINISHED)
         write_manifest(view.data_root, manifest_record(view.job_id, state, total, jobs.spec, plan, jobs.model_info,
-                                                       seconds, failures, ranks=world))
+                                                       seconds, failures, ranks=world,
+                                                       verified=bool(view.options.get("verify"))))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -177,26 +232,31 @@ def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world:
 def _print_summary(view: JobView) -> None:
     log.info("%s: %d total, %d computed, %d skipped, %d failed", view.state.value, view.total, view.computed,
              view.skipped, view.failed)
+    if view.options.get("verify"):
+        log.info("Verified: each of the %d entries computed was read back and validated against the spec "
+                 "(an entry that did not validate counts as failed)", view.computed)
     for f in (view.failures or [])[:20]:
         log.warning("Failed %s: %s", f["image"], f["reason"])
 
 
-class _LostJob(RuntimeError):
-    """The service no longer knows the job being followed."""
+def _client(args: argparse.Namespace, **options: object):
+    """A ServiceClient of `--server`; a URL that is not one is the user's to fix."""
+    from client.service import ServiceClient
+
+    try:
+        return ServiceClient(args.server, args.api_token, **options)
+    except ValueError as exc:
+        raise CommandError(f"--server {args.server}: {exc}") from None
 
 
 def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
-    from client.service import ServiceClient, ServiceError
+    from client.service import ServiceError
 
     options = {"skip_existing": args.skip_existing, "verify": args.verify, "data_path": args.data_path,
                "max_history_images": args.max_history_images, "data_files": args.data_files,
                "dry_run": args.dry_run, "force": args.force}
-    with ServiceClient(args.server, args.api_token, down_s=0) as service:  # keep trying while it restarts
-        try:
-            answer = service.precompute(data_root, timeout=None if args.dry_run else 30.0, **options)
-        except ServiceError as exc:
-            log.error("The service refused the job: %s", exc)
-            return 2
+    with _client(args, down_s=0) as service:  # keep trying while it restarts
+        answer = service.precompute(data_root, timeout=None if args.dry_run else 30.0, **options)
         if args.dry_run:
             _print_plan(answer["plan"], answer["summary"], answer["spec_digest"])
             return 0
@@ -210,40 +270,40 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
                 if exc.status is None or exc.status == 503:  # unreachable, or restarting: it resumes
                     log.warning("Cannot follow job %s at %s (%s); still waiting", job_id, args.server, exc)
                     return None
-                raise _LostJob(f"lost track of job {job_id}: {exc}") from exc
+                raise CommandError(f"lost track of job {job_id}: {exc}") from exc
 
-        try:
-            view = follow_job(poll, lambda v: v is not None and not v.state.active,
-                               lambda: time.sleep(PROGRESS_POLL_S), "precompute")
-        except _LostJob as exc:
-            log.error("%s", exc)
-            return 2
+        view = follow_job(poll, lambda v: v is not None and not v.state.active,
+                          lambda: time.sleep(PROGRESS_POLL_S), "precompute")
     _print_summary(view)
     return 0 if view.state is JobState.FINISHED and not view.failed else 1
 
 
 def verify(args: argparse.Namespace) -> int:
+    from client.manifest import MANIFEST_NAME, read_manifest
     from client.spec import FeatureSpec
     from service.verify import verify_data_root
-    from client.manifest import read_manifest
 
     data_root = os.path.abspath(args.data_root)
+    if not os.path.isdir(data_root):
+        raise _no_folder(data_root)
     history, files = args.max_history_images, args.data_files
     if args.server:
-        from client.service import ServiceClient, ServiceError
+        from client.service import spec_of_status
 
+        with _client(args) as service:
+            body = service.status()
         try:
-            with ServiceClient(args.server, args.api_token) as service:
-                spec = service.spec()
-        except (ServiceError, ValueError) as exc:
-            log.error("Cannot take the spec from %s: %s", args.server, exc)
-            return 2
+            spec = spec_of_status(body)
+        except ValueError as exc:
+            raise CommandError(f"{args.server} gives no spec to verify against: {exc}") from None
     else:
-        manifest = read_manifest(data_root)
+        try:
+            manifest = read_manifest(data_root)
+        except ValueError as exc:
+            raise CommandError(f"{exc}; pass --server URL to take the spec from a service") from None
         if manifest is None:
-            log.error("No vggt_cache_manifest.json in %s: pass --server URL to take the spec from a service",
-                      data_root)
-            return 2
+            raise CommandError(f"no {MANIFEST_NAME} in {data_root} (no job has finished there): pass --server URL "
+                               "to take the spec from a service")
         spec = FeatureSpec.from_dict(manifest["spec"])
         scanned = (manifest.get("plan") or {}).get("source") or {}  # what the job that wrote it read
         history = scanned.get("max_history_images") if history is None else history
@@ -260,27 +320,34 @@ def verify(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
-def status(args: argparse.Namespace) -> int:
-    from client.service import ServiceClient, ServiceError
+def _per_priority(counts: dict | None) -> str:
+    """`{'on_demand': 2, 'bulk': 5}` as `2 on demand, 5 bulk`."""
+    return ", ".join(f"{n} {p.replace('_', ' ')}" for p, n in (counts or {}).items()) or "0"
 
-    try:
-        with ServiceClient(args.server, args.api_token) as service:
-            body = service.status()
-    except ServiceError as exc:
-        log.error("Cannot read %s/status: %s", args.server, exc)
-        return 2
+
+def status(args: argparse.Namespace) -> int:
+    from service.progress import duration
+
+    with _client(args) as service:
+        body = service.status()
     if args.json:
         print(json.dumps(body, indent=2))
         return 0
     svc, model, eng = body["service"], body.get("model"), body.get("engine")
-    print(f"service  {args.server}  state={svc['state']}  uptime={svc['uptime_s']}s")
+    print(f"service  {args.server}  state={svc['state']}  uptime {duration(svc['uptime_s'])}")
+    if svc.get("error"):
+        print(f"error    {svc['error']}")
     if model:
         print(f"model    {model['source']}  {model['fingerprint']}  on {', '.join(model['devices'])}")
     if eng:
-        print(f"engine   queued={eng.get('queued')}  images/s={eng.get('images_per_s')}")
+        print(f"engine   queued {_per_priority(eng.get('queued'))}; {eng.get('images_per_s', 0):g} images/s "
+              f"over the last {eng.get('window_s', 0):g} s")
+        lookups = eng.get("on_demand_lookups")
+        if lookups:
+            print("requests " + ", ".join(f"{k} {v}" for k, v in lookups.items()) + " (on-demand units)")
     for job in body.get("jobs", []):
-        eta = f"  eta {job['eta_s']}s" if job.get("eta_s") else ""
-        print(f"job {job['job_id'][:8]}  {job['state']:9s} {job['progress']*100:5.1f}%  "
+        eta = f"  eta {duration(job['eta_s'])}" if job.get("eta_s") else ""
+        print(f"job {job['job_id']}  {job['state']:9s} {job['progress']*100:5.1f}%  "
               f"{job['computed']} computed {job['skipped']} skipped {job['failed']} failed  {job['data_root']}{eta}")
     return 0
 
@@ -289,4 +356,3 @@ def demo(args: argparse.Namespace) -> int:
     from service.demo import run_demo
 
     return run_demo(keep=args.keep, port=args.port)
-

@@ -15,7 +15,7 @@ from client.manifest import write_manifest
 from client.safeopen import check_contained
 from client.spec import FeatureSpec, matching_preset
 from client.wire import EntryStatus
-from service.engine import Engine, EngineStopped, Priority, UnitResult
+from service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
 from service.jobview import TERMINAL, JobState, JobView
 from service.paths import AllowedRoots, PathNotAllowed
 from service.plan import Plan, plan_job
@@ -32,10 +32,10 @@ VIEW_FAILURES = 100  # failures a job view lists
 
 @dataclass
 class _Rate:
-    """Progress since this process started (or resumed) the job: what rate and ETA are computed from."""
+    """Entries computed since this process started (or resumed) the job: what rate and ETA come from."""
 
     t0: float
-    done0: int
+    computed0: int
 
 
 def target_results(idx: int, unit: Unit, fut: Future) -> list[tuple[int, EntryStatus, str | None, str]]:
@@ -64,7 +64,8 @@ class JobManager:
         self._stopping = threading.Event()
         self._rates: dict[str, _Rate] = {}
         self._enqueued: set[str] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # _enqueued and _submitted
+        self._submitted: dict[str, list[Future]] = {}  # the running job's units in the engine
         self._thread: threading.Thread | None = None
         self._started_at = time.time() if started_at is None else started_at
         # Bulk units submitted per engine call: enough to fill a few batches, small enough to cancel promptly.
@@ -126,7 +127,16 @@ class JobManager:
         if rec is None:
             return None
         self.store.request_cancel(job_id)
+        self._withdraw(job_id)
         return self.view(job_id)
+
+    def _withdraw(self, job_id: str) -> None:
+        """Take a cancelled job's queued units back from the engine: only what is on a device finishes."""
+        with self._lock:
+            futures = list(self._submitted.get(job_id, ()))
+        taken = self.engine.withdraw(futures) if futures else 0
+        if taken:
+            log.info("Job %s: %d queued unit(s) taken back (cancelled); they stay pending", job_id, taken)
 
     def view(self, job_id: str) -> JobView | None:
         rec = self.store.get(job_id)
@@ -140,15 +150,16 @@ class JobManager:
         progress = round(done / rec.total, 4) if rec.total else (1.0 if rec.state is JobState.FINISHED else 0.0)
         rate = self._rates.get(rec.job_id)
         rate_per_s = eta_s = None
+        # Entries computed, not skipped: a skipped entry costs a metadata read, so it would make the rate a lie.
         if rate is not None and rec.state is JobState.RUNNING:
             elapsed = time.monotonic() - rate.t0
-            per_s = (done - rate.done0) / elapsed if elapsed > 0 else 0.0
+            per_s = (rec.computed - rate.computed0) / elapsed if elapsed > 0 else 0.0
             rate_per_s = round(per_s, 2)
             if per_s > 0:
-                eta_s = round((rec.total - done) / per_s, 1)
+                eta_s = round(_left_to_compute(rec) / per_s, 1)
         elif rec.finished_at and rec.started_at and rec.finished_at > rec.started_at:
             # An ended job shows its average over its whole run (restarts included).
-            rate_per_s = round(done / (rec.finished_at - rec.started_at), 2)
+            rate_per_s = round(rec.computed / (rec.finished_at - rec.started_at), 2)
         failures = None
         if rec.failed:
             failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, VIEW_FAILURES)]
@@ -168,7 +179,7 @@ class JobManager:
         if not rec.planned and not self._plan(rec):
             return self.view(job_id)
         rec = self.store.get(job_id)
-        self._rates[job_id] = _Rate(time.monotonic(), rec.done)
+        self._rates[job_id] = _Rate(time.monotonic(), rec.computed)
         options = rec.options
         pending = self.store.pending_units(job_id)
         if interrupted:
@@ -188,25 +199,36 @@ class JobManager:
                 except queue.Empty:
                     break
                 taken += 1
-                if not isinstance(fut.exception(), EngineStopped):  # else it stays pending for the next start
+                # Stopped: it stays pending for the next start; withdrawn (cancelled): pending, as the rest.
+                if not isinstance(fut.exception(), (EngineStopped, Withdrawn)):
                     batch.extend(target_results(idx, unit, fut))
             if batch:
                 self.store.record_results(job_id, batch)
             return taken
 
-        for start in range(0, len(pending), self.chunk_units):
-            if self._stopping.is_set() or self.store.cancel_requested(job_id):
-                break
-            chunk = pending[start:start + self.chunk_units]
-            futures = self.engine.submit([u for _, u in chunk], Priority.BULK,
-                                         skip_existing=options.get("skip_existing", True),
-                                         verify=options.get("verify", False), return_features=False)
-            for (idx, unit), fut in zip(chunk, futures):
-                fut.add_done_callback(lambda f, idx=idx, unit=unit: results.put((idx, unit, f)))
-            submitted += len(chunk)
-            recorded += record(block=False)
-        while recorded < submitted:
-            recorded += record(block=True)
+        with self._lock:
+            in_engine = self._submitted[job_id] = []
+        try:
+            for start in range(0, len(pending), self.chunk_units):
+                if self._stopping.is_set() or self.store.cancel_requested(job_id):
+                    break
+                chunk = pending[start:start + self.chunk_units]
+                futures = self.engine.submit([u for _, u in chunk], Priority.BULK,
+                                             skip_existing=options.get("skip_existing", True),
+                                             verify=options.get("verify", False), return_features=False)
+                with self._lock:
+                    in_engine += futures
+                for (idx, unit), fut in zip(chunk, futures):
+                    fut.add_done_callback(lambda f, idx=idx, unit=unit: results.put((idx, unit, f)))
+                submitted += len(chunk)
+                recorded += record(block=False)
+            if self.store.cancel_requested(job_id):
+                self._withdraw(job_id)  # what was admitted while the cancel came in
+            while recorded < submitted:
+                recorded += record(block=True)
+        finally:
+            with self._lock:
+                del self._submitted[job_id]
 
         rec = self.store.get(job_id)
         if self.store.cancel_requested(job_id):
@@ -287,13 +309,28 @@ class JobManager:
         failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, MANIFEST_FAILURES)]
         counts = {"total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed}
         return write_manifest(rec.data_root, manifest_record(rec.job_id, state, counts, self.spec, rec.plan,
-                                                             self.model_info, seconds, failures), self.roots.real)
+                                                             self.model_info, seconds, failures,
+                                                             verified=bool(rec.options.get("verify"))),
+                              self.roots.real)
+
+
+def _left_to_compute(rec: JobRecord) -> int:
+    """Entries still to compute: the plan's count of those without a valid entry, less those computed."""
+    left = rec.total - rec.done
+    if rec.plan and "to_compute" in rec.plan:
+        left = min(left, max(0, rec.plan["to_compute"] - rec.computed))
+    return left
 
 
 def manifest_record(job_id: str, state: JobState, counts: dict, spec: FeatureSpec, plan: dict | None,
-                    model_info: dict, seconds: float, failures: list[dict], ranks: int = 1) -> dict:
-    """What `vggt_cache_manifest.json` says of a job (one process's, or torchrun's ranks merged)."""
-    return {"job_id": job_id, "state": state.value, "ranks": ranks, **counts, "spec": spec.to_dict(),
+                    model_info: dict, seconds: float, failures: list[dict], ranks: int = 1,
+                    verified: bool = False) -> dict:
+    """What `vggt_cache_manifest.json` says of a job (one process's, or torchrun's ranks merged).
+
+    `verified`: every entry computed was read back and validated (`--verify`); `verified_entries` counts them.
+    """
+    return {"job_id": job_id, "state": state.value, "ranks": ranks, **counts, "verified": verified,
+            "verified_entries": counts["computed"] if verified else 0, "spec": spec.to_dict(),
             "spec_digest": spec.digest, "preset": matching_preset(spec), "plan": plan, "model": model_info,
             "seconds": round(seconds, 2), "failures": failures}
 

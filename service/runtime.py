@@ -33,6 +33,10 @@ def model_info(loaded: LoadedModel, devices: list[str], spec: FeatureSpec) -> di
     }
 
 
+class ModelUnavailable(RuntimeError):
+    """The model source cannot be loaded: missing, unreadable, or not a VGGT aggregator (the message says which)."""
+
+
 @dataclass
 class Components:
     loaded: LoadedModel
@@ -50,9 +54,14 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
     """
     started_at = time.time()  # before the (long) model load: see JobManager
     devices = parse_devices(s.device)
+    if s.device == "auto":
+        log.info("--device auto: %s", "every visible GPU" if devices != ["cpu"] else "no GPU is visible, using the CPU")
     log.info("Loading VGGT model from %s onto %s", s.model, ", ".join(devices))
     t0 = time.perf_counter()
-    loaded = load_aggregator(s.model, device=devices[0])
+    try:
+        loaded = load_aggregator(s.model, device=devices[0])
+    except (OSError, ValueError) as exc:
+        raise ModelUnavailable(str(exc)) from exc
     spec = model_spec(loaded, **s.spec)
     log.info(
         "Model ready in %.1fs: %s parameters, fingerprint %s, spec %s (%s attention, layers %s)",
@@ -71,10 +80,18 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
     return Components(loaded, spec, engine, jobs, devices)
 
 
-class ServiceRuntime:
-    """Loads the model in the background so health probes answer while VGGT-1B is read from disk."""
+FAILED_REMINDER_S = 60.0
 
-    def __init__(self, settings: ServiceSettings, before_forward: ForwardHook | None = None) -> None:
+
+class ServiceRuntime:
+    """Loads the model in the background so health probes answer while VGGT-1B is read from disk.
+
+    A model that fails to load leaves the service up, answering 503 (the probes show why), and
+    logging every `failed_reminder_s` that it serves nothing, so a log reader cannot miss it.
+    """
+
+    def __init__(self, settings: ServiceSettings, before_forward: ForwardHook | None = None,
+                 failed_reminder_s: float = FAILED_REMINDER_S) -> None:
         """Raises ValueError for settings that cannot be meant (`ServiceSettings.check`); logs the unsafe ones."""
         settings.check()
         self.settings = settings
@@ -85,7 +102,9 @@ class ServiceRuntime:
             log.warning("%s", warning)
         self.components: Components | None = None
         self.load_error: str | None = None
+        self.failed_reminder_s = failed_reminder_s
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def state(self) -> str:
@@ -111,8 +130,15 @@ class ServiceRuntime:
         except Exception as exc:  # reported by /readyz and /status; the process stays up for inspection
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.error("Model failed to load: %s", self.load_error)
+            threading.Thread(target=self._remind, name="model-failed", daemon=True).start()
+
+    def _remind(self) -> None:
+        while not self._stopping.wait(self.failed_reminder_s):
+            log.error("Serving nothing: the model failed to load (%s); every request but the probes answers 503. "
+                      "Fix --model and restart the service", self.load_error)
 
     def stop(self) -> None:
+        self._stopping.set()
         c = self.components
         if c is None:
             return

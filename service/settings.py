@@ -19,7 +19,7 @@ def env_flag(name: str) -> bool:
 @dataclass
 class ServiceSettings:
     model: str = DEFAULT_MODEL
-    device: str = "cuda"
+    device: str = "auto"  # every visible GPU, else the CPU
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     allowed_roots: list[str] = field(default_factory=list)
@@ -58,6 +58,8 @@ class ServiceSettings:
                             ("--max-image-bytes", self.max_image_bytes), ("max_body_bytes", self.max_body_bytes)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+        if isinstance(self.patch_cache_mb, bool) or not isinstance(self.patch_cache_mb, int) or self.patch_cache_mb < 0:
+            raise ValueError(f"--patch-cache-mb must be zero or more, got {self.patch_cache_mb!r}")
         if not self.body_timeout_s > 0:
             raise ValueError(f"--body-timeout must be a positive number of seconds, got {self.body_timeout_s!r}")
         if not self.max_wait_ms >= 0:
@@ -85,10 +87,15 @@ def is_loopback(host: str) -> bool:
 
 
 def parse_devices(device: str) -> list[str]:
-    """`cpu`, `cuda` (every visible GPU), `cuda:1` or `cuda:0,1` -> explicit device names."""
+    """`auto` (every visible GPU, else the CPU), `cpu`, `cuda` (every visible GPU), `cuda:1` or `cuda:0,1`
+    -> explicit device names."""
     device = device.strip()
     if device == "cpu":
         return ["cpu"]
+    if device == "auto":
+        import torch
+
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())] or ["cpu"]
     if device == "cuda":
         import torch
 
@@ -100,4 +107,4 @@ def parse_devices(device: str) -> list[str]:
         ids = [s.strip() for s in device[len("cuda:"):].split(",") if s.strip()]
         if ids and all(s.isdigit() for s in ids):
             return [f"cuda:{s}" for s in ids]
-    raise ValueError(f"--device must be cpu, cuda, cuda:N or cuda:N,M; got {device!r}")
+    raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or cuda:N,M; got {device!r}")

@@ -19,5 +19,6 @@ def test_demo_runs_end_to_end(tmp_path):
     assert "read 12 cached features from sibling files" in out
     assert re.search(r"the service filled 3/3 on demand in one request", out)
     assert "[INFO] VGGT feature cache enabled (loading from image directories)" in out
+    assert "\r" not in out and "Traceback" not in out  # piped: plain lines, no bar frames
     caches = list(tmp_path.glob("vggt-cache-demo-*/data/scene*/*.jpg.vggt_cache.pt"))
     assert len(caches) == 12

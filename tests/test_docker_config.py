@@ -224,7 +224,7 @@ def test_env_example_service_settings_are_real_serve_flags_with_valid_values():
     for name, value, comment in settings:
         assert comment, f"{name} in .env.example has no comment line above it"
         flag = "--" + name[len("VGGT_CACHE_"):].lower().replace("_", "-")
-        serve_args([f"{flag}={value}"])
+        serve_args([f"{flag}={value}", "--allowed-root", "/data"])  # serve requires a root
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------
@@ -321,7 +321,7 @@ def test_dockerfile_healthcheck_probes_healthz_with_python():
 def test_entrypoint_and_default_cmd_are_a_valid_serve_command():
     ins = dockerfile_instructions()
     assert json.loads(ins["ENTRYPOINT"][-1]) == ["vggt-cache", "serve"]
-    args = serve_args(json.loads(ins["CMD"][-1]))
+    args = serve_args(json.loads(ins["CMD"][-1]) + ["--allowed-root", "/data"])  # the root: compose's to give
     assert (args.host, args.port, args.state_dir) == ("0.0.0.0", PORT, STATE_DIR)
 
 

@@ -13,7 +13,8 @@ from PIL import Image
 
 from client.cachefile import Outcome, cache_path, read_entry
 from client.spec import FeatureSpec
-from service.engine import Engine, EngineStopped, Priority, UnitResult
+from service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
+from service.engine.stats import History
 from service.model import load_aggregator
 from service.model.features import entry_features
 from service.preprocess import preprocess
@@ -204,6 +205,9 @@ def test_skip_existing_reads_valid_entries_and_recomputes_stale_ones(loaded, tmp
 
         forced = results(engine.submit(units, skip_existing=False))
         assert statuses(forced) == ["computed"] * 3
+        # What each on-demand unit found, as the status page shows it.
+        assert engine.stats()["on_demand_lookups"] == {"hit": 4, "missing": 3, "stale": 1, "corrupt": 1,
+                                                       "spec_mismatch": 0, "recomputed": 3, "failed": 0}
     for p in paths:
         assert read_entry(p, make_spec(loaded)).outcome is Outcome.HIT
 
@@ -329,6 +333,36 @@ def test_stop_finishes_the_batch_in_flight_and_fails_queued_units(loaded, tmp_pa
     assert read_entry(paths[0], make_spec(loaded)).outcome is Outcome.HIT
     with pytest.raises(EngineStopped):
         engine.submit([Unit.frame(paths[1])])
+
+
+def test_withdrawn_units_leave_the_queue_and_only_the_batch_on_the_device_finishes(loaded, tmp_path):
+    paths = images(tmp_path, 6)
+    gate = Gate()
+    with Engine(loaded, make_spec(loaded), max_batch_frames=1, before_forward=gate) as engine:
+        [running] = engine.submit([Unit.frame(paths[0])], Priority.BULK)
+        assert gate.entered.wait(30)
+        queued = engine.submit([Unit.frame(p) for p in paths[1:]], Priority.BULK, block=False)
+        poll(lambda: engine.stats()["decoding"]["bulk"] == 0, 30, "the queued units decoded")
+        assert engine.withdraw([running, *queued]) == 5  # the one on the device is past recall
+        for future in queued:
+            with pytest.raises(Withdrawn, match="its job was cancelled"):
+                future.result(timeout=30)
+        assert engine.pending(Priority.BULK) == 0
+        gate.release.set()
+        assert running.result(timeout=30).entries[0].status == "computed"
+        assert engine.withdraw(queued) == 0
+        assert engine.stats()["batches"] == 1
+    assert [read_entry(p, make_spec(loaded)).outcome for p in paths] == [Outcome.HIT] + [Outcome.MISSING] * 5
+
+
+def test_history_gives_complete_intervals_per_second():
+    history = History(interval_s=5.0, intervals=3)
+    history.add(0.5, 3)
+    history.add(4.9, 2)
+    history.add(7.0, 5)
+    history.add(11.0, 9)  # the interval in progress is not shown
+    assert history.per_second(12.0) == [0.0, 1.0, 1.0]
+    assert history.per_second(30.0) == [0.0, 0.0, 0.0]
 
 
 def episode_clips(folder: Path, steps: int) -> list[tuple[str, ...]]:

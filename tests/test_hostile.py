@@ -391,7 +391,9 @@ def serve_exits(root: Path, *args: str, env: dict[str, str] | None = None) -> su
     (("--max-pending", "0"), None, "--max-pending must be a positive integer"),
     (("--max-items-per-request", "-1"), None, "--max-items-per-request must be a positive integer"),
     (("--max-image-bytes", "0"), None, "--max-image-bytes must be a positive integer"),
-], ids=["empty-token-variable", "blank-token", "zero-max-pending", "negative-items", "zero-image-bytes"])
+    (("--patch-cache-mb", "-1"), None, "--patch-cache-mb must be zero or more"),
+], ids=["empty-token-variable", "blank-token", "zero-max-pending", "negative-items", "zero-image-bytes",
+        "negative-patch-cache"])
 def test_settings_that_cannot_be_meant_stop_the_start(tmp_path: Path, args: tuple, env: dict | None,
                                                       says: str) -> None:
     result = serve_exits(tmp_path, "--state-dir", str(tmp_path / "state"), *args, env=env)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 from pathlib import Path
@@ -141,8 +142,12 @@ def test_refusal_names_only_the_first_few(tmp_path, fixture_config):
 
 def test_hugging_face_cache(tmp_path, monkeypatch, state, fixture_config):
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download facebook/VGGT-1B"):
+    with pytest.raises(FileNotFoundError, match="`hf download facebook/VGGT-1B`"):
         load_aggregator()
+    # The command the message names is one the installed huggingface_hub provides.
+    scripts = {ep.name for ep in importlib.metadata.entry_points(group="console_scripts")
+               if ep.dist is not None and ep.dist.name.replace("-", "_") == "huggingface_hub"}
+    assert "hf" in scripts, scripts
     commit = "0" * 40
     repo = tmp_path / "hub" / "models--someone--tiny-vggt"
     official_folder(repo / "snapshots" / commit, state, fixture_config, "pt")

@@ -77,6 +77,9 @@ def test_bulk_job_over_seed_samples_records_failures_and_writes_valid_entries(
     again = wait_job(http, http.post("/precompute", json={"data_root": str(data)}).json()["job_id"])
     assert again["job_id"] != view["job_id"]
     assert (again["state"], again["computed"], again["skipped"], again["failed"]) == ("finished", 0, 5, 2)
+    assert again["rate_per_s"] == 0  # a rate of entries computed: skipping is not throughput
+    r = http.delete(f"/jobs/{again['job_id']}")
+    assert r.status_code == 409 and r.json()["detail"] == f"job {again['job_id']} already finished: nothing to cancel"
 
 
 def test_resubmitting_an_active_job_returns_it_and_delete_cancels_it(http: httpx.Client, root: Path) -> None:
@@ -96,6 +99,10 @@ def test_resubmitting_an_active_job_returns_it_and_delete_cancels_it(http: httpx
 
     assert view["state"] == "cancelled"
     assert 0 < done(view) < view["total"] == 300
+    # Queued units are taken back: what finishes after the cancel is what was on the device or being
+    # decoded or written (batches of 2 here; 4 decode workers, a chunk being admitted), not the backlog.
+    assert done(view) - done(r.json()) <= 16, (r.json(), view)
+    assert http.delete(f"/jobs/{first['job_id']}").status_code == 409
     assert len(cache_files(data)) == view["computed"]  # what the job counts is what it wrote
     assert json.loads((data / MANIFEST_NAME).read_text())["state"] == "cancelled"
     # A cancelled job is over: the same data root now makes a new one (cancelled too, to free the runner).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import html
 import re
-import shutil
 import subprocess
 
 import httpx
@@ -12,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service_helpers import wait_job
+from browser import CHROMIUM, Browser
+from service_helpers import poll, wait_job, write_images
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed (.ci/run installs it)")
 
 
@@ -62,4 +61,46 @@ def test_status_page_asks_for_the_token_when_auth_is_on(tmp_path, service_server
     assert "/status answered 401" in denied and "#token=" in denied
     allowed = render(service.url + "/#token=s3cret", str(tmp_path / "p2"))
     assert 'id="svc-state">ready<' in allowed
-    assert "answered 401" not in allowed
+    assert '<div id="error"></div>' in allowed
+
+
+def test_the_chart_the_lookup_counts_and_cancel_with_a_token(tmp_path, service_server):
+    root = tmp_path / "data"
+    wanted = write_images(root / "wanted", ["a.png", "b.png"], seed=1)
+    write_images(root / "bulk", [f"{i:03d}.png" for i in range(400)], seed=2)
+    service = service_server(root, "--max-batch-frames", "1", "--api-token", "s3cret")
+    with httpx.Client(base_url=service.url, headers={"Authorization": "Bearer s3cret"}, timeout=60) as http:
+        for _ in range(2):  # missing twice, then hits twice
+            http.post("/features", json={"images": wanted}).raise_for_status()
+        write_images(root / "wanted", ["a.png"], seed=3)  # rewritten: its entry is stale now
+        http.post("/features", json={"images": wanted[:1]}).raise_for_status()
+        job_id = http.post("/precompute", json={"data_root": str(root / "bulk")}).raise_for_status().json()["job_id"]
+        wait_job(http, job_id, until=lambda view: view["computed"] > 0)
+        # The chart shows complete 5 s intervals: wait for one with entries computed in it.
+        poll(lambda: any(http.get("/status").json()["engine"]["history"]["computed_per_s"]), 30,
+             "an interval with entries computed")
+
+        with Browser(str(tmp_path / "profile")) as page:
+            page.page(service.url + "/")
+            page.wait_for("document.getElementById('error').textContent.includes('401')")
+            page.evaluate("document.getElementById('token').value = 's3cret';"
+                          "document.getElementById('token-form').requestSubmit()")
+            page.wait_for("document.getElementById('svc-state')?.textContent === 'ready'")
+            counts = {k: page.evaluate(f"document.getElementById('lookup-{k}').textContent")
+                      for k in ("hit", "miss", "stale")}
+            assert counts == {"hit": "2", "miss": "2", "stale": "1"}
+            points = page.evaluate("document.getElementById('chart-line').getAttribute('points')").split()
+            assert len(points) == 120  # ten minutes of 5 s intervals
+            assert min(float(p.split(",")[1]) for p in points) < 99  # some throughput drawn above the baseline
+            assert float(page.evaluate("document.getElementById('chart').dataset.peak")) > 0
+            assert page.evaluate(f"document.querySelector('tr[data-job=\"{job_id}\"] .job-id').textContent") == job_id
+
+            button = f"document.querySelector('button[data-cancel=\"{job_id}\"]')"
+            page.wait_for(f"!!{button}")
+            page.evaluate(f"{button}.click()")  # arms it: a stray click cancels nothing
+            assert page.evaluate(f"{button}.textContent") == "Really cancel?"
+            assert http.get(f"/jobs/{job_id}").json()["cancel_requested"] is False
+            page.evaluate(f"{button}.click()")
+            assert wait_job(http, job_id)["state"] == "cancelled"
+            page.wait_for(f"document.querySelector('tr[data-job=\"{job_id}\"]').className === 'job state-cancelled'")
+            assert page.evaluate("document.getElementById('error').textContent") == ""

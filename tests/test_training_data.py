@@ -265,7 +265,7 @@ def test_serve_flags_give_the_service_the_training_spec(loaded):
                             "--vggt_dtype", "float16", "--vggt_tokens", "all"])
     spec = feature_spec(loaded, data, cache)
     assert spec.layers == (0, 1) and spec.size == 112 and spec.attention == "causal"
-    args = build_parser().parse_args(["serve", *shlex.split(serve_flags(spec))])
+    args = build_parser().parse_args(["serve", "--allowed-root", "/data", *shlex.split(serve_flags(spec))])
     served = model_spec(loaded, **spec_options(args))
     assert served == spec and served.digest == spec.digest
 

@@ -1,7 +1,7 @@
 """Our error types mapped to HTTP answers, registered once on the app.
 
-Every error body is `{"detail": <message>}`, or for 422 from validation a list of
-`{"loc", "msg", "type"}`. A stray exception (a bug) is a 500, never dressed up as a 4xx.
+Every error body is `{"detail": <message>}`, or for every 422 a list of `{"loc", "msg", "type"}`
+(pydantic's validation, and our `UnusableInput` alike). A stray exception (a bug) is a 500, never dressed up as a 4xx.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def register_errors(app: FastAPI) -> None:
 
     @app.exception_handler(UnusableInput)
     async def unusable(request: Request, exc: UnusableInput) -> JSONResponse:
-        return _error(422, str(exc))
+        return _error(422, [{"loc": list(exc.loc), "msg": printable(str(exc)), "type": "value_error"}])
 
     @app.exception_handler(PathNotAllowed)
     async def not_allowed(request: Request, exc: PathNotAllowed) -> JSONResponse:

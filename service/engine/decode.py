@@ -128,6 +128,7 @@ class DecodeStage:
             read = read_entry(target, self.spec, context_frames=self.spec.context_of(job.unit.frames), mmap=False,
                               tensor=job.return_features, roots=self.roots, check_crc=job.return_features)
             if read.outcome is not Outcome.HIT:
+                job.found = read.outcome.value
                 return None
             entries.append(EntryResult(target, EntryStatus.CACHED, read.features, tuple(read.meta["grid"])))
         return UnitResult(job.unit, entries)

@@ -29,13 +29,15 @@ from typing import Any
 
 import torch
 
+from client.cachefile import Outcome
 from client.spec import Attention, FeatureSpec
 from client.wire import EntryStatus
 from service.engine.decode import DecodeStage
 from service.engine.device import Device, DeviceStage, ForwardHook
 from service.engine.scheduler import Scheduler
-from service.engine.stats import STATS_WINDOW_S
-from service.engine.work import SHUTDOWN_MESSAGE, EngineStopped, Job, Priority, UnitResult, fail_future
+from service.engine.stats import STATS_WINDOW_S, History
+from service.engine.work import (SHUTDOWN_MESSAGE, EngineStopped, Job, Priority, UnitResult, Withdrawn,
+                                 fail_future)
 from service.engine.writer import WriterStage
 from service.model import LoadedModel
 from service.model.resident import make_resident, weights_dtype
@@ -45,6 +47,19 @@ from service.units import Unit
 log = logging.getLogger("vggt_cache")
 
 _DEFAULTS = ServiceSettings()  # the one place engine settings have their defaults
+
+
+# What an on-demand unit found: a valid entry (hit), a read outcome that made it a miss, a forced
+# recompute (skip_existing off), or a failure.
+LOOKUPS = ("hit", *(o.value for o in Outcome if o is not Outcome.HIT), "recomputed", "failed")
+
+
+def _lookup(job: Job, result: UnitResult) -> str:
+    if result.kind is EntryStatus.CACHED:
+        return "hit"
+    if result.kind is EntryStatus.FAILED:
+        return "failed"
+    return job.found or ("missing" if job.skip_existing else "recomputed")
 
 
 class EngineState(str, Enum):
@@ -129,6 +144,8 @@ class Engine:
         self._decode_threads: list[threading.Thread] = []
         self._started_at = time.monotonic()
         self._units = dict.fromkeys(EntryStatus, 0)
+        self._computed = History()  # entries computed per interval: the status page's chart
+        self._lookups: dict[str, int] = dict.fromkeys(LOOKUPS, 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -216,6 +233,14 @@ class Engine:
             fail_future(job.future, EngineStopped(SHUTDOWN_MESSAGE))
         return [job.future for job in jobs]
 
+    def withdraw(self, futures: Iterable[Future]) -> int:
+        """Take back the units of `futures` still queued (not yet decoding or on a device); their futures
+        fail with `Withdrawn`. Returns how many were taken back. Thread-safe."""
+        taken = self._scheduler.withdraw(set(futures))
+        for job in taken:
+            fail_future(job.future, Withdrawn("taken back before it ran: its job was cancelled"))
+        return len(taken)
+
     def pending(self, priority: Priority) -> int:
         """Units of `priority` submitted but not yet taken by a device (decoding or decoded)."""
         return self._scheduler.waiting(Priority(priority))
@@ -235,6 +260,11 @@ class Engine:
                 return
             job.completed = True  # claimed under the lock: a racing path neither counts nor sets it again
             self._units[result.kind] += 1
+            computed = sum(e.status is EntryStatus.COMPUTED for e in result.entries)
+            if computed:
+                self._computed.add(time.monotonic(), computed)
+            if job.priority is Priority.ON_DEMAND:
+                self._lookups[_lookup(job, result)] += 1
         with contextlib.suppress(InvalidStateError):  # callbacks run outside the lock
             job.future.set_result(result)
 
@@ -245,6 +275,8 @@ class Engine:
         span = max(min(STATS_WINDOW_S, now - self._started_at), 1e-3)
         with self._lock:
             units = {status.value: n for status, n in self._units.items()}
+            lookups = dict(self._lookups)
+            computed = self._computed.per_second(now)
         return {
             "state": self._state.value,
             "ready": self.ready,
@@ -257,6 +289,8 @@ class Engine:
             # DINOv2 the same way: frames embedded, and frames a clip took from one embedded before.
             "patch_cache": self._device.patches.stats(),
             "units": units,
+            "on_demand_lookups": lookups,
+            "history": {"interval_s": self._computed.interval_s, "computed_per_s": computed},
             "window_s": STATS_WINDOW_S,
             "max_batch_frames": self.max_batch_frames,
         }

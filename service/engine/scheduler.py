@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from service.engine.work import Job, Priority, QueueFull
@@ -167,20 +168,43 @@ class Scheduler:
         """Refuse further work; returns every job still queued (decode queue and ready groups)."""
         with self._lock:
             self._closed = True
-            dropped: list[Job] = []
-            for p in Priority:
-                dropped += self._decode[p]
-                self._decoding[p] -= len(self._decode[p])
-                self._decode[p].clear()
-                for group in self._ready[p].values():
-                    dropped += group.jobs
-                self._ready[p].clear()
-            for job in dropped:
-                self._waiting[job.priority] -= 1
-                self._waiting_frames[job.priority] -= job.n_frames
+            dropped = self._remove(lambda job: True)
             for cv in (self._decode_cv, self._ready_cv, self._space_cv):
                 cv.notify_all()
             return dropped
+
+    def withdraw(self, futures: Collection[Future]) -> list[Job]:
+        """Take the queued jobs of `futures` out (decode queue and ready groups); returns them.
+
+        Jobs being decoded or on a device are past recall and finish.
+        """
+        with self._lock:
+            taken = self._remove(lambda job: job.future in futures)
+            if taken:
+                self._ready_cv.notify_all()  # fewer jobs decoding can make a forming batch due
+            return taken
+
+    def _remove(self, match: Callable[[Job], bool]) -> list[Job]:
+        removed: list[Job] = []
+        for p in Priority:
+            queued = self._decode[p]
+            taken = [job for job in queued if match(job)]
+            if taken:
+                self._decode[p] = deque(job for job in queued if not match(job))
+                self._decoding[p] -= len(taken)
+                removed += taken
+            for key, group in list(self._ready[p].items()):
+                taken = [job for job in group.jobs if match(job)]
+                if not taken:
+                    continue
+                group.jobs = deque(job for job in group.jobs if not match(job))
+                group.frames -= sum(job.n_frames for job in taken)
+                if not group.jobs:
+                    del self._ready[p][key]
+                removed += taken
+        for job in removed:
+            self._retire(job.priority, 1, job.n_frames)
+        return removed
 
     def counts(self) -> dict[str, dict[str, int]]:
         with self._lock:

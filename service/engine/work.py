@@ -25,6 +25,10 @@ class EngineStopped(RuntimeError):
     """Raised by `submit` on an engine that is not running; set on futures that `stop` dropped."""
 
 
+class Withdrawn(RuntimeError):
+    """Set on the futures of queued units taken back by `Engine.withdraw` (their job was cancelled)."""
+
+
 class QueueFull(RuntimeError):
     """`submit` would exceed the queue limit it was given: nothing was queued (the API answers 429)."""
 
@@ -65,6 +69,7 @@ class Job:
     sources: list[dict] = field(default_factory=list)  # per target, stat-ed before decoding
     contexts: list[dict | None] = field(default_factory=list)
     ready_at: float = 0.0
+    found: str | None = None  # the read outcome (client.cachefile.Outcome) of an entry skip_existing found invalid
     completed: bool = False  # set once, under the engine's lock, by the path that completes it
 
     @property

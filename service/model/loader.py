@@ -124,7 +124,7 @@ def _resolve_hub(repo_id: str) -> tuple[str, str | None]:
     raise FileNotFoundError(
         f"{repo_id!r} is not a file or folder and its weights ({' or '.join(HUB_WEIGHTS)}) are not in the "
         f"local Hugging Face cache ({hf_constants.HF_HUB_CACHE}); fetch them with "
-        f"`huggingface-cli download {repo_id}` or pass a folder or weights file"
+        f"`hf download {repo_id}` (huggingface_hub's CLI) or pass a folder or weights file"
     )
 
 

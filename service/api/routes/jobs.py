@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from service.api.deps import Ready, Runtime
 from service.api.schemas import JobViewModel, PrecomputeRequest
 from service.jobs import plan_work
-from service.jobview import JobView
+from service.jobview import TERMINAL, JobView
 
 router = APIRouter()
 
@@ -36,6 +36,10 @@ def get_job(job_id: str, c: Ready) -> JobViewModel:
 
 @router.delete("/jobs/{job_id}")
 def cancel_job(job_id: str, c: Ready) -> JobViewModel:
+    """Cancel: queued units are taken back at once; only the batches on a device finish (409 once it ended)."""
+    view = _model(job_id, c.jobs.view(job_id))
+    if view.state in TERMINAL:
+        raise HTTPException(409, f"job {job_id} already {view.state.value}: nothing to cancel")
     return _model(job_id, c.jobs.cancel(job_id))
 
 
