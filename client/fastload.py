@@ -3,10 +3,10 @@
 torch.load spends ~140 us per call before touching any data (a pure-Python
 unpickler, fake-tensor and pytree checks): about what copying a 4 MB entry
 costs. The files `client.cachefile.write_entry` makes have one simple layout,
-so they are parsed here from one read (or one mapping) of the whole file: the
-zip directory by hand, `data.pkl` with the C unpickler restricted to five
-globals that resolve to inert values (no torch or user code can run), and the
-tensor as a view of the bytes already in memory. Anything unexpected raises,
+so they are parsed here: the zip directory by hand, `data.pkl` with the C
+unpickler restricted to five globals that resolve to inert values (no torch or
+user code can run), and the tensor's bytes read straight into its own buffer
+(or, mapped, a view of the mapping). Anything unexpected raises,
 and `load_file` hands the file to torch.load(weights_only=True) instead, except
 what no reader may accept (`Corrupt`: compressed records, a storage larger than
 its tensor, bytes besides the records, a CRC that does not match), which torch.load
@@ -148,16 +148,31 @@ def _load_fast(f: BinaryIO, use_mmap: bool, check_crc: bool) -> dict:
         # UntypedStorage.from_file: its tensors cannot cross DataLoader worker queues.
         mapping = mmap_module.mmap(fd, 0, access=mmap_module.ACCESS_COPY, **_MMAP_OPTIONS)
         whole = torch.frombuffer(mapping, dtype=torch.uint8)
+        view = memoryview(whole.numpy())
+        data, (start, length, crc), storage, size = _unpickle(lambda offset, n: view[offset : offset + n], len(view))
+        tensor_bytes = view[start : start + length]
+        features = whole[start : start + length].view(storage.dtype).view(size)
     else:
-        whole = torch.empty(os.fstat(fd).st_size, dtype=torch.uint8)
-        if f.readinto(whole.numpy()) != whole.numel():
-            raise _Unsupported("file changed while reading")
-    view = memoryview(whole.numpy())
-    data, (start, length, crc), storage, size = _unpickle(lambda offset, n: view[offset : offset + n], len(view))
-    if check_crc and zlib.crc32(view[start : start + length]) != crc:
+        # The records and data.pkl (a few KB) first, then the tensor's bytes straight into its own
+        # buffer: one copy from the page cache, and a tensor that holds nothing else.
+        data, (start, length, crc), storage, size = _unpickle(lambda offset, n: os.pread(fd, n, offset),
+                                                              os.fstat(fd).st_size)
+        features = torch.empty(size, dtype=storage.dtype)
+        tensor_bytes = memoryview(features.view(-1).view(torch.uint8).numpy())
+        _read_exactly(fd, tensor_bytes, start)
+    if check_crc and zlib.crc32(tensor_bytes) != crc:
         raise Corrupt("the tensor's bytes do not match their CRC-32")
-    data["features"] = whole[start : start + length].view(storage.dtype).view(size)
+    data["features"] = features
     return data
+
+
+def _read_exactly(fd: int, buffer: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(buffer):
+        n = os.preadv(fd, [buffer[done:]], offset + done)
+        if n == 0:
+            raise _Unsupported("file changed while reading")
+        done += n
 
 
 def _load_meta(f: BinaryIO) -> dict:

@@ -85,6 +85,9 @@ def test_our_files_are_read_without_torch_load(tmp_path, monkeypatch, mmap, dtyp
     res = read_entry(image, spec, mmap=mmap)
     assert res.hit and torch.equal(res.features, original.to(spec.torch_dtype))
     assert res.meta == expected_meta
+    if not mmap:  # read straight into a buffer of its own: no bytes of the file besides the tensor's
+        storage = res.features.untyped_storage()
+        assert res.features.storage_offset() == 0 and storage.nbytes() == res.features.nbytes
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd")
