@@ -20,7 +20,8 @@ from service.store import JobStore
 log = logging.getLogger("vggt_cache")
 
 
-def model_info(loaded: LoadedModel, devices: list[str], spec: FeatureSpec) -> dict:
+def model_info(loaded: LoadedModel, devices: list[str], spec: FeatureSpec, weights: str = "float32") -> dict:
+    """What /status and the manifest say of the model; `weights`: the resident weights' dtype (`Engine.weights_dtype`)."""
     return {
         "source": loaded.source,
         "fingerprint": loaded.fingerprint,
@@ -28,6 +29,7 @@ def model_info(loaded: LoadedModel, devices: list[str], spec: FeatureSpec) -> di
         "devices": devices,
         "compute_dtype": "float32" if devices == ["cpu"] else "bfloat16 (autocast)",
         "storage_dtype": spec.dtype,
+        "weights_dtype": weights,
         "embed_dim": loaded.config.embed_dim,
         "depth": loaded.config.depth,
     }
@@ -75,8 +77,8 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
         roots=roots.real, max_image_bytes=s.max_image_bytes, before_forward=before_forward,
     )
     engine.start()
-    jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, model_info(loaded, devices, spec), rank, world_size,
-                      started_at)
+    info = model_info(loaded, devices, spec, engine.weights_dtype_name)
+    jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, info, rank, world_size, started_at)
     return Components(loaded, spec, engine, jobs, devices)
 
 

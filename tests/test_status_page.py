@@ -49,6 +49,7 @@ def test_status_page_shows_model_queue_and_job_progress(tmp_path, service_server
     assert html.escape(str(root)) in cells
     assert 'id="svc-state">ready<' in dom
     assert status["model"]["fingerprint"][:23] in dom
+    assert status["model"]["weights_dtype"] == "float32"  # resident bfloat16 weights are for CUDA only
     assert "340,864" in dom  # parameters of the fixture model, formatted by the page
     assert "queued (bulk)" in dom and "(process RSS)" in dom
 

@@ -158,8 +158,7 @@ class Engine:
         self._decode_threads = self._decode.start()
         self._device.start()
         log.info("Engine started on %s: batches of up to %d frames, %s attention, %s weights",
-                 ", ".join(self.devices), self.max_batch_frames, self.spec.attention,
-                 str(self.weights_dtype).removeprefix("torch."))
+                 ", ".join(self.devices), self.max_batch_frames, self.spec.attention, self.weights_dtype_name)
 
     def stop(self, timeout: float | None = None) -> bool:
         """Finish the batches in flight and their writes; fail queued futures. True if all threads ended."""
@@ -187,6 +186,10 @@ class Engine:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+    @property
+    def weights_dtype_name(self) -> str:
+        return str(self.weights_dtype).removeprefix("torch.")
 
     @property
     def ready(self) -> bool:
