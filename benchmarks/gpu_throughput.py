@@ -58,7 +58,7 @@ from service.model import DEFAULT_SOURCE, LoadedModel  # noqa: E402
 from client.spec import PRESETS, preset_options  # noqa: E402
 from service.model.features import (compute_features, entry_features, feature_autocast, frame_patches,  # noqa: E402
                                     model_spec)
-from service.model.resident import make_resident, weights_dtype  # noqa: E402
+from service.model.resident import compile_blocks, make_resident, weights_dtype  # noqa: E402
 from service.samples import DEFAULT_MAX_HISTORY  # noqa: E402
 
 H100_BF16_TFLOPS = 989.0
@@ -105,7 +105,8 @@ class Sweep:
 
     def resident(self, dtype: torch.dtype | None = None, compile: bool = False) -> torch.nn.Module:
         """A copy of the model as `make_resident` holds it in the engine."""
-        return make_resident(copy.deepcopy(self.loaded.model), self.device, dtype or self.weights_dtype, compile)
+        model = make_resident(copy.deepcopy(self.loaded.model), self.device, dtype or self.weights_dtype)
+        return compile_blocks(model) if compile else model
 
     def save(self) -> None:
         self.result["elapsed_s"] = round(self.elapsed(), 1)

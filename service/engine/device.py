@@ -29,11 +29,12 @@ ForwardHook = Callable[[torch.Tensor], None]
 class Device:
     """One device with its resident replica of the model and its counters (under the stage's lock)."""
 
-    def __init__(self, name: str, model: torch.nn.Module) -> None:
+    def __init__(self, name: str, model: torch.nn.Module, patch_cache_bytes: int = 0) -> None:
         self.name = name
         self.device = torch.device(name)
         self.model = model
         self.is_cuda = self.device.type == "cuda"
+        self.patches = PatchCache(patch_cache_bytes)
         # Results leave the GPU on their own stream while the next batch computes.
         self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
         self.batches = 0
@@ -74,12 +75,9 @@ class DeviceStage:
     """
 
     def __init__(self, spec: FeatureSpec, scheduler: Scheduler, devices: list[Device], writer: WriterStage,
-                 complete: Complete, before_forward: ForwardHook | None, patch_cache_bytes: int = 0) -> None:
+                 complete: Complete, before_forward: ForwardHook | None) -> None:
         self.spec = spec
         self.devices = devices
-        # One cache for all devices (`patch_cache_bytes` each): a shared frame is embedded once
-        # whichever GPU runs the clips that share it.
-        self.patches = PatchCache(patch_cache_bytes * len(devices))
         self._scheduler = scheduler
         self._writer = writer
         self._complete = complete
@@ -111,15 +109,17 @@ class DeviceStage:
             while (batch := self._scheduler.next_batch()) is not None:
                 with self.lock:
                     self._in_flight.update(batch)
+                handed: set[Job] = set()  # launched: their results are on their way to the writers
                 try:
                     for launched in self._run_batch(dev, batch):
+                        handed.update(launched.jobs)
                         if finishing is None:
                             self._finish(dev, launched)
                         else:
-                            finishing.put(launched)
+                            self._hand_to_finisher(finishing, finisher, launched)
                 except Exception as exc:  # a bug here must fail the batch, not kill the device worker
                     log.exception("Batch on %s failed", dev.name)
-                    self._fail(batch, describe(exc))  # units already with a writer keep their result
+                    self._fail([j for j in batch if j not in handed], describe(exc))
         finally:
             if finisher is not None:
                 finishing.put(None)
@@ -138,6 +138,8 @@ class DeviceStage:
             if error is None:
                 yield launched
                 continue
+            if oom:
+                dev.patches.clear()  # kept tokens must not cost the forward its memory
             if dev.is_cuda:
                 torch.cuda.empty_cache()
             if oom and len(part) > 1:
@@ -161,7 +163,7 @@ class DeviceStage:
                 images = self._to_device(dev, jobs)  # [B, S, 3, H, W]
                 if self._before_forward is not None:
                     self._before_forward(images)
-                patches = (self.patches.patches(dev.model, images, [j.frame_keys for j in jobs])
+                patches = (dev.patches.patches(dev.model, images, [j.frame_keys for j in jobs])
                            if self._share_patches else None)  # [B, S, h*w, C]
                 # causal: all clips of the batch in one block-causal forward, not frame by frame.
                 # Cast on the device (halves the transfer for 16-bit storage), then to the host.
@@ -186,6 +188,17 @@ class DeviceStage:
         torch.stack(frames, out=staging)
         return staging.to(dev.device, non_blocking=True)
 
+    @staticmethod
+    def _hand_to_finisher(finishing: queue.Queue[Launched | None], finisher: threading.Thread,
+                          launched: Launched) -> None:
+        while True:
+            try:
+                finishing.put(launched, timeout=1.0)
+                return
+            except queue.Full:
+                if not finisher.is_alive():  # never block on a thread that is gone
+                    raise RuntimeError("the results thread of this device died") from None
+
     def _finish_loop(self, dev: Device, finishing: queue.Queue[Launched | None]) -> None:
         torch.cuda.set_device(dev.device)
         while (launched := finishing.get()) is not None:
@@ -197,7 +210,11 @@ class DeviceStage:
                     dev.launched.remove(launched)
                 self._fail(launched.jobs, describe(exc))
                 continue
-            self._finish(dev, launched)
+            try:
+                self._finish(dev, launched)
+            except Exception as exc:  # a bug here must fail the batch, not the thread the device waits on
+                log.exception("Results on %s could not be handed on", dev.name)
+                self._fail(launched.jobs, describe(exc))
 
     def _finish(self, dev: Device, launched: Launched) -> None:
         """The batch's results are on the host: count them, hand them to the writers."""
@@ -259,7 +276,7 @@ def _copy_to_host(features: torch.Tensor, stream: torch.cuda.Stream) -> tuple[to
     with torch.cuda.stream(stream):
         host = torch.empty(features.shape, dtype=features.dtype, pin_memory=True)
         host.copy_(features, non_blocking=True)
-        done = torch.cuda.Event()
+        done = torch.cuda.Event(blocking=True)  # the waiting thread sleeps instead of spinning a core
         done.record(stream)
     features.record_stream(stream)  # not reused by the forward stream before the copy has read it
     return host, done

@@ -40,7 +40,7 @@ from service.engine.work import (SHUTDOWN_MESSAGE, EngineStopped, Job, Priority,
                                  fail_future)
 from service.engine.writer import WriterStage
 from service.model import LoadedModel
-from service.model.resident import make_resident, weights_dtype
+from service.model.resident import compile_blocks, make_resident, weights_dtype
 from service.settings import ServiceSettings
 from service.units import Unit
 
@@ -126,19 +126,22 @@ class Engine:
         self.spec = spec
         self.max_batch_frames = max_batch_frames
         self.weights_dtype = weights_dtype(torch.device(devices[0]), spec.torch_dtype, fp32_weights)
-        # Replicas: a deep copy per extra device (taken before anything is compiled), so every GPU
-        # holds the same resident weights.
-        models = [loaded.model] + [copy.deepcopy(loaded.model) for _ in devices[1:]]
-        replicas = [Device(name, make_resident(model, torch.device(name), self.weights_dtype, compile))
-                    for name, model in zip(devices, models)]
+        # Replicas: the first device's resident model copied to each further device in turn (one copy
+        # at a time on the first GPU), compiled once all exist, so every GPU holds the same weights.
+        models = [make_resident(loaded.model, torch.device(devices[0]), self.weights_dtype)]
+        for name in devices[1:]:
+            models.append(make_resident(copy.deepcopy(models[0]), torch.device(name), self.weights_dtype))
+        if compile:
+            for model in models:
+                compile_blocks(model, len(devices))
+        replicas = [Device(name, model, patch_cache_bytes) for name, model in zip(devices, models)]
         self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0, bulk_queue_batches * max_batch_frames,
                                     hint_queue_batches * max_batch_frames)
         self._decode = DecodeStage(spec, self._scheduler, self._complete, decode_workers, frame_cache_frames, roots,
                                    max_image_bytes)
         self._writer = WriterStage(spec, self._complete, write_workers, 2 * max_batch_frames * len(replicas),
                                    loaded.config.patch_size, roots)
-        self._device = DeviceStage(spec, self._scheduler, replicas, self._writer, self._complete, before_forward,
-                                   patch_cache_bytes)
+        self._device = DeviceStage(spec, self._scheduler, replicas, self._writer, self._complete, before_forward)
         self._lock = threading.Lock()  # the state and unit counts below
         self._state = EngineState.NEW
         self._decode_threads: list[threading.Thread] = []
@@ -290,10 +293,18 @@ class Engine:
             "frames_decoded": self._decode.frames.misses,
             "frames_reused": self._decode.frames.hits,
             # DINOv2 the same way: frames embedded, and frames a clip took from one embedded before.
-            "patch_cache": self._device.patches.stats(),
+            "patch_cache": _summed(dev.patches.stats() for dev in self._device.devices),
             "units": units,
             "on_demand_lookups": lookups,
             "history": {"interval_s": self._computed.interval_s, "computed_per_s": computed},
             "window_s": STATS_WINDOW_S,
             "max_batch_frames": self.max_batch_frames,
         }
+
+
+def _summed(counts: Iterable[dict[str, int]]) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for key, value in c.items():
+            total[key] = total.get(key, 0) + value
+    return total

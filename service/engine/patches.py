@@ -3,9 +3,9 @@
 In a JanusVLN-style job a frame is in up to nine samples' clips (its own, as history of the
 later ones, and step 0 in all of its episode's), and a padded history repeats a frame within
 one clip. Its patch tokens depend on the frame alone, so every distinct frame of a batch is
-embedded once and its tokens kept, most recently used first, within a byte budget. The devices
-of an engine share one cache: a batch on one GPU takes the tokens another GPU computed (a
-copy of 8.7 MB a frame at 644 px, against a DINOv2 forward to compute them again).
+embedded once and its tokens kept, most recently used first, within a byte budget. Each device
+has its own cache: a copy from another GPU would run on that GPU's stream, behind its whole
+queued forward, and tie the devices' work together.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from service.model.features import frame_patches
 
 
 class PatchCache:
-    """Patch tokens by frame key, each on the device that computed it; thread-safe.
+    """One device's patch tokens by frame key; thread-safe (the device thread writes, stats read).
 
     `budget_bytes` 0 keeps nothing between batches; a batch's repeated frames are still shared.
     """
@@ -59,8 +59,6 @@ class PatchCache:
                 else:
                     self._items.move_to_end(key)
                     rows[key] = kept
-            self.embedded += len(first_seen)
-            self.reused += len(flat) - len(first_seen)
         if first_seen:
             # Stacked views, not indexing by a list: that would copy the index to the GPU and wait for it.
             flat_images = images.flatten(0, 1)  # [B*S, 3, H, W]
@@ -68,7 +66,10 @@ class PatchCache:
             embedded = frame_patches(model, frames)  # [M, h*w, C]
             rows.update(zip(first_seen, embedded))
             self._keep(list(first_seen), embedded)
-        return torch.stack([_here(rows[key], images.device) for key in flat]).unflatten(0, (B, S))
+        with self._lock:  # counted once the batch's tokens exist (a forward that fails is retried)
+            self.embedded += len(first_seen)
+            self.reused += len(flat) - len(first_seen)
+        return torch.stack([rows[key] for key in flat]).unflatten(0, (B, S))  # [B, S, h*w, C]
 
     def _keep(self, keys: list[FrameKey], embedded: Tensor) -> None:
         if self.budget_bytes == 0:
@@ -77,23 +78,21 @@ class PatchCache:
         rows = [row.clone() for row in embedded]
         with self._lock:
             for key, row in zip(keys, rows):
-                if key not in self._items:  # another device may have embedded it meanwhile
+                if key not in self._items:
                     self._items[key] = row
                     self.nbytes += row.nbytes
             while self.nbytes > self.budget_bytes:
                 _, row = self._items.popitem(last=False)
                 self.nbytes -= row.nbytes
 
+    def clear(self) -> None:
+        """Drop every kept row (the device ran out of memory: the forward needs it more)."""
+        with self._lock:
+            self._items.clear()
+            self.nbytes = 0
+
     def stats(self) -> dict[str, int]:
         with self._lock:
             return {"embedded": self.embedded, "reused": self.reused, "frames": len(self._items),
                     "bytes": self.nbytes, "budget_bytes": self.budget_bytes}
 
-
-def _here(row: Tensor, device: torch.device) -> Tensor:
-    """`row` on `device`: a row another GPU computed is copied over, after the work that made it."""
-    if row.device == device:
-        return row
-    # Its memory must outlive the copy queued on this device's stream, even if it is evicted meanwhile.
-    row.record_stream(torch.cuda.current_stream(device))
-    return row.to(device, non_blocking=True)

@@ -8,33 +8,51 @@ from torch import nn
 from .aggregator import VGGTAggregator
 
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+# Graph variants one compiled block may need: DINOv2, frame and global blocks, each clip length
+# (padded histories are all 9 frames, but on-demand clips vary), per device.
+_VARIANTS_PER_DEVICE = 32
 
 
 def weights_dtype(device: torch.device, storage_dtype: torch.dtype, fp32_weights: bool = False) -> torch.dtype:
     """bfloat16 on CUDA when entries are stored in 16 bits, else float32.
 
     On CUDA the forward runs under bfloat16 autocast (`feature_autocast`), which casts every
-    float32 weight of a matmul again on every forward; resident bfloat16 weights skip that
-    (and halve their memory). Entries stored in float32 keep float32 weights, and so does
-    `fp32_weights` (float32 weights + autocast, the reference VGGT inference setting). The CPU
-    computes in float32 throughout.
+    float32 matmul and convolution weight to bfloat16 again on every forward; holding those
+    weights in bfloat16 skips the casts (and halves their memory) and gives the same results.
+    `fp32_weights` keeps them in float32 (the reference VGGT inference setting), as do entries
+    stored in float32 and the CPU, which computes in float32 throughout.
     """
     if device.type == "cuda" and storage_dtype in _SIXTEEN_BIT and not fp32_weights:
         return torch.bfloat16
     return torch.float32
 
 
-def make_resident(model: VGGTAggregator, device: torch.device, dtype: torch.dtype, compile: bool = False) -> nn.Module:
-    """`model` on `device` with weights in `dtype`, in eval mode; `compile`: every transformer block compiled.
+def make_resident(model: VGGTAggregator, device: torch.device, dtype: torch.dtype) -> VGGTAggregator:
+    """`model` on `device` in eval mode, the weights (and biases) of its linear and conv layers in `dtype`.
 
-    The input normalisation stays in float32 whatever the weights' dtype, so a frame is
-    normalised as the reference does before its first (autocast) convolution.
+    Only what autocast would cast anyway changes dtype: norms, LayerScale, the tokens, the position
+    embedding and the input normalisation stay float32, so the residual streams add in float32 as
+    with float32 weights, and the features are the same.
     """
-    model = model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=torch.float32).eval()
+    if dtype != torch.float32:
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Conv2d)):
+                module.to(dtype)
     model.reset_buffers(device, torch.float32)
-    if compile:
-        # Per block, not the whole model: the blocks of one kind share one compiled graph, and the
-        # clip-length-dependent parts (block-causal chunks, the patch cache) stay in Python.
-        for block in (*model.patch_embed.blocks, *model.frame_blocks, *model.global_blocks):
-            block.compile()
+    return model
+
+
+def compile_blocks(model: VGGTAggregator, devices: int = 1) -> VGGTAggregator:
+    """`torch.compile` every transformer block of `model`, in place.
+
+    Per block, not the whole model: blocks of one kind share one compiled graph (a graph per
+    shape, clip length and device), and the patch cache stays in Python. The recompile limit is
+    raised so those variants are compiled instead of running eagerly past Dynamo's default of 8.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _VARIANTS_PER_DEVICE * devices)
+    for block in (*model.patch_embed.blocks, *model.frame_blocks, *model.global_blocks):
+        block.compile()
     return model
