@@ -68,7 +68,8 @@ def test_status_page_asks_for_the_token_when_auth_is_on(tmp_path, service_server
 def test_the_chart_the_lookup_counts_and_cancel_with_a_token(tmp_path, service_server):
     root = tmp_path / "data"
     wanted = write_images(root / "wanted", ["a.png", "b.png"], seed=1)
-    write_images(root / "bulk", [f"{i:03d}.png" for i in range(400)], seed=2)
+    # Long enough to be still running when the page is up (it is cancelled long before its end).
+    write_images(root / "bulk", [f"{i:04d}.png" for i in range(2000)], seed=2)
     service = service_server(root, "--max-batch-frames", "1", "--api-token", "s3cret")
     with httpx.Client(base_url=service.url, headers={"Authorization": "Bearer s3cret"}, timeout=60) as http:
         for _ in range(2):  # missing twice, then hits twice
