@@ -4,8 +4,8 @@
     python benchmarks/gpu_throughput.py --model facebook/VGGT-1B --out gpu.json
     python benchmarks/gpu_throughput.py --device cpu --tiny --out /tmp/t.json       # smoke test: a minute
 
-Everything runs as the engine runs it: on CUDA resident bfloat16 weights under bfloat16 autocast
-(entries stored in 16 bits; float32 on the CPU), torch.inference_mode. Rows:
+Everything runs as the engine runs it: on CUDA bfloat16 autocast with the matmul and conv weights
+resident in bfloat16 (entries stored in 16 bits; float32 on the CPU), torch.inference_mode. Rows:
 
   batched       frame mode [B, 1, 3, H, W], layers=[-2] (the model stops after 23 of 24 blocks), B in
                 --batches, at each of --sizes
@@ -93,7 +93,7 @@ class Sweep:
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "model": {"weights": weights, "parameters": loaded.num_params, "config": cfg.to_dict()},
-            "compute": "bfloat16 autocast, bfloat16 weights" if self.is_cuda else "float32",
+            "compute": "bfloat16 autocast, bfloat16 matmul/conv weights" if self.is_cuda else "float32",
             "peak_tflops": args.peak_tflops,
             "goal_frames_per_s": args.goal_fps,
             "args": vars(args),
@@ -333,7 +333,7 @@ class Sweep:
             "batched_over_one_by_one": round(batched["frames_per_s"] / loop["frames_per_s"], 3)
             if batched and loop else None,
             "best_over_goal": round(batched["frames_per_s"] / self.args.goal_fps, 3) if batched else None,
-            "janusvln_best": {impl: row for impl, row in clips.items()},
+            "janusvln_best": clips,
             "janusvln_best_any": fastest([r for r in ok if r["variant"].startswith("janusvln")]),
             "chunked_over_mask": round(clips["chunked"]["frames_per_s"] / clips["mask"]["frames_per_s"], 3)
             if clips["chunked"] and clips["mask"] else None,

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 
 from client.spec import Attention, FeatureSpec
+from service.engine.patches import PatchCache
 from service.engine.scheduler import Scheduler
 from service.engine.stats import Window, process_rss
-from service.engine.patches import PatchCache
 from service.engine.work import Complete, Job, describe, failed_result
 from service.engine.writer import WriterStage
 from service.model.features import entry_features

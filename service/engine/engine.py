@@ -83,8 +83,9 @@ class Engine:
         (sequence/causal modes only).
     patch_cache_bytes: per device, memory for the DINOv2 patch tokens of recent frames, reused
         by the clips that share them (sequence/causal modes only; 0: shared within a batch only).
-    fp32_weights: keep float32 weights under bfloat16 autocast on CUDA even when entries are
-        stored in 16 bits (default: bfloat16 weights there; see `weights_dtype`).
+    fp32_weights: keep every weight float32 under bfloat16 autocast on CUDA even when entries are
+        stored in 16 bits (default there: matmul and conv weights held in bfloat16, which autocast
+        casts them to anyway; see `weights_dtype`).
     compile: `torch.compile` the transformer blocks (the first batches of each shape are slow).
     roots: the allowed roots (real paths): every image, cache file and folder the engine opens must
         lie inside one when it is opened (None: no containment, e.g. in-process tools).

@@ -95,4 +95,3 @@ class PatchCache:
         with self._lock:
             return {"embedded": self.embedded, "reused": self.reused, "frames": len(self._items),
                     "bytes": self.nbytes, "budget_bytes": self.budget_bytes}
-
