@@ -16,13 +16,22 @@ of the features reads every element):
   raw       the file's bytes read into a preallocated buffer, torch.frombuffer of the tensor's
             bytes (the physical limit: one copy from the page cache, no checks)
 
-Methods alternate every few files; ratios are medians over rounds.
+Methods alternate every few files, in a rotating order; ratios are medians over rounds.
 Goals: ours/raw >= 0.8, ours/seed >= 1.0.
+
+Under glibc's default policy, the allocator hands freed multi-MB buffers back to the
+system and page-faults fresh ones in, at a cost (here up to half of a hit's time) that
+depends on what the previous calls allocated, not on the reader. So every method runs
+twice, under `default` and under `keep` (freed memory kept for reuse: mallopt
+M_MMAP_THRESHOLD 32 MiB and M_TRIM_THRESHOLD 256 MiB, as the environment variables
+MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 would set them);
+`--allocator` picks one.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import shutil
 import statistics
@@ -46,6 +55,15 @@ VGGT_1B = {"img_size": 518, "patch_size": 14, "embed_dim": 1024, "depth": 24,
 GRIDS = ([28, 37], [37, 37])  # 518x392 crop, 518x518
 CHANNELS = 2 * VGGT_1B["embed_dim"]
 CHUNK = 10
+# glibc's mallopt parameters, and the values the `keep` policy sets.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+KEEP = {M_MMAP_THRESHOLD: 32 << 20, M_TRIM_THRESHOLD: 256 << 20}
+
+
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed buffers for reuse; False where this is not glibc."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    return mallopt is not None and all(mallopt(param, value) == 1 for param, value in KEEP.items())
 
 
 def make_files(folder: Path, n: int, spec: FeatureSpec) -> list[tuple[str, int]]:
@@ -68,6 +86,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (DataLoader workers run with 1)")
+    parser.add_argument("--allocator", choices=["both", "default", "keep"], default="both",
+                        help="glibc's default policy, freed memory kept (see above), or one after the other")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -78,7 +98,16 @@ def main() -> None:
         t0 = time.perf_counter()
         entries = make_files(folder, args.n, spec)
         print(f"wrote {args.n} entries in {time.perf_counter() - t0:.1f}s to {folder}")
-        run(entries, spec, args.rounds)
+        if args.allocator in ("both", "default"):
+            print("\n== allocator: default")
+            run(entries, spec, args.rounds)
+        if args.allocator in ("both", "keep"):
+            # Set once: the default policy cannot be restored afterwards, so it runs first.
+            if keep_freed_memory():
+                print("\n== allocator: keep (freed memory kept for reuse)")
+                run(entries, spec, args.rounds)
+            else:
+                print("\n== allocator: keep is not available here (not glibc)")
     finally:
         if args.dir is None:
             shutil.rmtree(folder, ignore_errors=True)
@@ -128,37 +157,43 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
         for (image, numel), path in zip(entries, paths):
             fn(image, path, numel)
 
-    # Methods alternate every CHUNK files, so a burst of load from other processes
-    # hits all of them alike; ratios are taken per round, then the median.
-    seconds: dict[str, list[float]] = {name: [0.0] * rounds for name in methods}
+    # Methods alternate every CHUNK files and take turns at going first (after whichever
+    # method freed what), so a burst of load from other processes, or the allocator's state,
+    # hits all of them alike. Each ratio compares two methods on the same chunk of files, read
+    # back to back; the figure is the median over every chunk of every round.
+    seconds: dict[str, list[float]] = {name: [] for name in methods}
     items = list(zip(entries, paths))
-    for r in range(rounds):
+    order = list(methods.items())
+    for _ in range(rounds):
         for start in range(0, len(items), CHUNK):
             chunk = items[start : start + CHUNK]
-            for name, fn in methods.items():
+            turn = start // CHUNK % len(methods)
+            for name, fn in order[turn:] + order[:turn]:
                 t0 = time.perf_counter()
                 for (image, numel), path in chunk:
                     fn(image, path, numel)
-                seconds[name][r] += time.perf_counter() - t0
+                seconds[name].append(time.perf_counter() - t0)
                 touched.clear()
 
     n = len(entries)
     mb = file_bytes / n / 1e6
     print(f"{n} files, {mb:.2f} MB each on average, {rounds} rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    print(f"{'method':<20}{'best files/s':>14}{'MB/s':>8}{'median files/s':>16}")
+    print(f"{'method':<20}{'files/s':>9}{'MB/s':>8}")
     for name, times in seconds.items():
-        best = n / min(times)
-        print(f"{name:<20}{best:>14.0f}{best * mb:>8.0f}{n / statistics.median(times):>16.0f}")
+        rate = n * rounds / sum(times)
+        print(f"{name:<20}{rate:>9.0f}{rate * mb:>8.0f}")
+
+    def ratios(slow: str, fast: str) -> str:
+        """Median (and quartiles) over chunks of slow's time / fast's time."""
+        q1, median, q3 = statistics.quantiles([a / b for a, b in zip(seconds[slow], seconds[fast])], n=4)
+        return f"{median:.2f} median of {len(seconds[slow])} chunks (quartiles {q1:.2f}-{q3:.2f}"
+
     for ours_name in ("ours", "ours (mmap=True)"):
         for other, goal in (("raw", 0.8), ("seed", 1.0)):
-            ratios = [o / t for o, t in zip(seconds[other], seconds[ours_name])]
-            print(f"{ours_name}/{other:<5}= {statistics.median(ratios):.2f} median of rounds "
-                  f"(min {min(ratios):.2f}, max {max(ratios):.2f}; goal >= {goal})")
-    cost = [c / o - 1 for c, o in zip(seconds["ours (check_crc)"], seconds["ours"])]
-    print(f"check_crc costs {100 * statistics.median(cost):.0f}% more time per hit, median of rounds "
-          f"(min {100 * min(cost):.0f}%, max {100 * max(cost):.0f}%; FeatureCache checks it only under 15%)")
-
+            print(f"{ours_name}/{other:<5}= {ratios(other, ours_name)}; goal >= {goal})")
+    cost = ratios("ours (check_crc)", "ours")
+    print(f"check_crc: {cost}) the time of a hit without it; FeatureCache would check it only under 1.15")
 
 if __name__ == "__main__":
     main()

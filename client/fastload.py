@@ -57,6 +57,7 @@ def load_file(path: str, use_mmap: bool, meta_only: bool = False, max_bytes: int
 
 
 _MAX_PICKLE_BYTES = 1 << 20
+_WINDOW = 8 << 10
 # A file of ours holds, besides the tensor and data.pkl, a few small records, their headers and
 # the directory (with 64-byte alignment padding): a few KB.
 _MAX_OTHER_BYTES = 64 << 10
@@ -155,8 +156,8 @@ def _load_fast(f: BinaryIO, use_mmap: bool, check_crc: bool) -> dict:
     else:
         # The records and data.pkl (a few KB) first, then the tensor's bytes straight into its own
         # buffer: one copy from the page cache, and a tensor that holds nothing else.
-        data, (start, length, crc), storage, size = _unpickle(lambda offset, n: os.pread(fd, n, offset),
-                                                              os.fstat(fd).st_size)
+        file_size = os.fstat(fd).st_size
+        data, (start, length, crc), storage, size = _unpickle(_windowed_pread(fd, file_size), file_size)
         features = torch.empty(size, dtype=storage.dtype)
         tensor_bytes = memoryview(features.view(-1).view(torch.uint8).numpy())
         _read_exactly(fd, tensor_bytes, start)
@@ -175,9 +176,31 @@ def _read_exactly(fd: int, buffer: memoryview, offset: int) -> None:
         done += n
 
 
+def _windowed_pread(fd: int, file_size: int) -> Reader:
+    """A reader that serves the file's first and last `_WINDOW` bytes from two reads.
+
+    In a file of ours, `data.pkl` and the local headers before the tensor lie in the first few
+    KB, the small records after it and the zip directory in the last: two system calls
+    instead of one per header. Anything else is read where it lies.
+    """
+    tail_start = max(0, file_size - _WINDOW)
+    tail = memoryview(os.pread(fd, file_size - tail_start, tail_start))
+    head = memoryview(os.pread(fd, min(_WINDOW, tail_start), 0))
+
+    def read(offset: int, n: int) -> bytes | memoryview:
+        if offset + n <= len(head):
+            return head[offset : offset + n]
+        if offset >= tail_start and offset + n <= tail_start + len(tail):
+            return tail[offset - tail_start : offset - tail_start + n]
+        return os.pread(fd, n, offset)
+
+    return read
+
+
 def _load_meta(f: BinaryIO) -> dict:
     fd = f.fileno()
-    data, _, storage, size = _unpickle(lambda offset, n: os.pread(fd, n, offset), os.fstat(fd).st_size)
+    file_size = os.fstat(fd).st_size
+    data, _, storage, size = _unpickle(_windowed_pread(fd, file_size), file_size)
     data["features"] = torch.empty(size, dtype=storage.dtype, device="meta")
     return data
 

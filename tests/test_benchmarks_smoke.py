@@ -125,3 +125,14 @@ def test_clip_reports_memory_and_time_of_each_attention_implementation() -> None
     parts = result["clip_at_vggt_1b_depth_s"]
     assert set(parts) == {"decode (9 frames)", "dinov2 (9 frames)", "frame blocks", "global blocks", "write (1 entry)"}
     assert all(v > 0 for v in parts.values())
+
+
+def test_loader_compares_every_way_under_both_allocator_policies() -> None:
+    out = run_benchmark("loader.py", "--n", "4", "--rounds", "2")
+    sections = re.split(r"^== allocator: ", out, flags=re.M)[1:]
+    assert [s.split()[0] for s in sections] == ["default", "keep"], out
+    for section in sections:
+        for name in ("ours/raw", "ours/seed", "ours (mmap=True)/raw", "ours (mmap=True)/seed"):
+            match = re.search(rf"^{re.escape(name)}\s*= (\d+\.\d+) median of 2 chunks", section, re.M)
+            assert match and float(match.group(1)) > 0, section
+        assert re.search(r"^check_crc: \d+\.\d+ median", section, re.M), section

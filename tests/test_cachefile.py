@@ -272,6 +272,18 @@ def test_context(tmp_path):
     assert read_entry(target, spec, context_frames=frames).outcome is Outcome.STALE
 
 
+@pytest.mark.parametrize("mmap", [True, False])
+def test_metadata_past_the_read_windows_is_read_where_it_lies(tmp_path, mmap):
+    # A clip of 300 long-named frames: data.pkl is several times the head window.
+    frames = [make_image(tmp_path, f"{i:04d}_{'x' * 80}.jpg", bytes([i % 256]) * 10) for i in range(300)]
+    spec = make_spec(attention="causal")
+    original = write(frames[-1], spec, context=context_record(frames[-1], frames))
+    assert os.path.getsize(cache_path(frames[-1])) > 4 * fastload._WINDOW
+    res = read_entry(frames[-1], spec, context_frames=frames, mmap=mmap)
+    assert res.hit and torch.equal(res.features, original.to(spec.torch_dtype))
+    assert read_entry(frames[-1], spec, context_frames=frames, tensor=False).hit
+
+
 def test_frame_entry_given_a_clip_is_a_mismatch(tmp_path):
     image = make_image(tmp_path)
     write(image, make_spec())
@@ -490,7 +502,7 @@ def test_a_pickle_cannot_alter_what_the_fast_path_unpickles_with():
 def test_a_metadata_check_reads_a_few_kilobytes_and_judges_like_a_full_read(tmp_path, monkeypatch):
     image = make_image(tmp_path)
     spec = make_spec(dtype="float32")
-    write(image, spec, features=torch.randn(15, 16))
+    write_entry(image, torch.randn(40 * 40, 16), spec, [40, 40], source_record(image))  # 100 KB of tensor
     size = os.path.getsize(cache_path(image))
     read = []
     real_pread = os.pread
@@ -501,8 +513,8 @@ def test_a_metadata_check_reads_a_few_kilobytes_and_judges_like_a_full_read(tmp_
 
     monkeypatch.setattr(fastload.os, "pread", counting_pread)
     res = read_entry(image, spec, tensor=False)
-    assert res.hit and res.features is None and res.meta["shape"] == [15, 16]
-    assert 0 < sum(read) < size - 15 * 16 * 4  # never the tensor's bytes
+    assert res.hit and res.features is None and res.meta["shape"] == [1600, 16]
+    assert len(read) == 2 and sum(read) == 2 * fastload._WINDOW  # the head and the tail, never the tensor
     assert read_entry(image, make_spec(dtype="float16"), tensor=False).outcome is Outcome.SPEC_MISMATCH
     with open(cache_path(image), "r+b") as f:
         f.truncate(size - 100)
