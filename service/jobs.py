@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import TypeVar
 
 from client.cachefile import is_temp_file
 from client.manifest import write_manifest
@@ -24,6 +27,9 @@ from service.sources import ScanResult, scan_data_root, shard
 from service.store import JobRecord, JobStore
 from service.units import Unit
 
+T = TypeVar("T")
+_NONE = object()  # a stretch's end in zip_longest (a unit may be anything)
+
 log = logging.getLogger("vggt_cache")
 
 MANIFEST_FAILURES = 1000
@@ -36,6 +42,24 @@ class _Rate:
 
     t0: float
     computed0: int
+
+
+def lane_chunks(pending: list[T], lanes: int, chunk_units: int) -> Iterator[tuple[list[T], list[int] | None]]:
+    """Submission order, in chunks of `chunk_units`, with each unit's lane (None: one lane).
+
+    With several lanes, `pending` is cut into one contiguous stretch per lane, taken a unit of
+    each in turn: each device works through one stretch of the plan, whose samples share
+    frames, as a torchrun rank would (`shard`), and the bulk backlog holds every lane's next units.
+    """
+    if lanes == 1:
+        order, lane_of = pending, None
+    else:
+        stretches = [shard(pending, lane, lanes) for lane in range(lanes)]
+        turns = [(unit, lane) for turn in itertools.zip_longest(*stretches, fillvalue=_NONE)
+                 for lane, unit in enumerate(turn) if unit is not _NONE]
+        order, lane_of = [unit for unit, _ in turns], [lane for _, lane in turns]
+    for start in range(0, len(order), chunk_units):
+        yield order[start:start + chunk_units], None if lane_of is None else lane_of[start:start + chunk_units]
 
 
 def target_results(idx: int, unit: Unit, fut: Future) -> list[tuple[int, EntryStatus, str | None, str]]:
@@ -209,13 +233,13 @@ class JobManager:
         with self._lock:
             in_engine = self._submitted[job_id] = []
         try:
-            for start in range(0, len(pending), self.chunk_units):
+            for chunk, lanes in lane_chunks(pending, self.engine.lanes, self.chunk_units):
                 if self._stopping.is_set() or self.store.cancel_requested(job_id):
                     break
-                chunk = pending[start:start + self.chunk_units]
                 futures = self.engine.submit([u for _, u in chunk], Priority.BULK,
                                              skip_existing=options.get("skip_existing", True),
-                                             verify=options.get("verify", False), return_features=False)
+                                             verify=options.get("verify", False), return_features=False,
+                                             lanes=lanes)
                 with self._lock:
                     in_engine += futures
                 for (idx, unit), fut in zip(chunk, futures):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from service.samples import DEFAULT_MAX_HISTORY, SampleSet, find_samples
 from client.spec import ATTENTION, Attention
@@ -11,6 +12,7 @@ from service.errors import UnusableInput
 from service.paths import AllowedRoots
 from service.units import Unit
 
+T = TypeVar("T")
 
 @dataclass
 class ScanResult:
@@ -83,11 +85,12 @@ def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
     return ScanResult(planner.units, found.problems, found, planner.conflicts)
 
 
-def shard(units: list[Unit], rank: int, world_size: int) -> list[Unit]:
+def shard(units: list[T], rank: int, world_size: int) -> list[T]:
     """This rank's share: one contiguous run of the units, in order (sizes balanced to within one).
 
     Contiguous, not every `world_size`-th unit: neighbouring samples of an episode share frames,
-    and a rank embeds a shared frame once only if it gets the samples that share it.
+    and a rank (or a device's lane, `service.jobs.lane_chunks`) embeds a shared frame once only
+    if it gets the samples that share it.
     """
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")

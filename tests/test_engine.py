@@ -33,8 +33,8 @@ def loaded():
 
 
 def make_spec(loaded, **overrides) -> FeatureSpec:
-    return FeatureSpec(fingerprint=loaded.fingerprint, architecture=loaded.config.to_dict(),
-                       size=SIZE, **overrides)
+    return FeatureSpec(**{"fingerprint": loaded.fingerprint, "architecture": loaded.config.to_dict(), "size": SIZE,
+                          **overrides})
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (80, 60), black: bool = False) -> str:
@@ -431,6 +431,60 @@ def test_each_device_keeps_its_own_patch_cache(tmp_path, loaded):
         alone = torch.stack([preprocess(p, spec.preprocess, spec.size) for p in clip])[None]
         expected = entry_features(loaded.model, alone, spec)[0, 0]
         torch.testing.assert_close(result.entries[0].features, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+def test_units_in_lanes_on_two_devices_equal_each_clip_computed_alone(tmp_path, loaded):
+    # Two episodes, one a lane, a unit of each in turn as a job runner submits them (routing: test_scheduler.py).
+    clips = {0: episode_clips(tmp_path / "a", 5), 1: episode_clips(tmp_path / "b", 5)}
+    spec = make_spec(loaded, attention="causal", dtype="float32")
+    assert Engine(loaded, make_spec(loaded), devices=["cpu", "cpu"]).lanes == 1  # frame mode shares no frames
+    with Engine(loaded, spec, devices=["cpu", "cpu"], max_batch_frames=9) as engine:
+        assert engine.lanes == 2
+        with pytest.raises(ValueError, match="one lane in 0..1 per unit"):
+            engine.submit([Unit.causal(clips[0][0])], lanes=[2])
+        keys = [(lane, i) for i in range(5) for lane in clips]
+        futures = dict(zip(keys, engine.submit([Unit.causal(clips[lane][i]) for lane, i in keys],
+                                               lanes=[lane for lane, _ in keys])))
+        done = {key: f.result(timeout=60) for key, f in futures.items()}
+        stats = engine.stats()
+    assert sum(d["batches"] for d in stats["devices"]) == 10
+    for (lane, i), result in done.items():
+        clip = clips[lane][i]
+        alone = torch.stack([preprocess(p, spec.preprocess, spec.size) for p in clip])[None]
+        expected = entry_features(loaded.model, alone, spec)[0, 0]
+        torch.testing.assert_close(result.entries[0].features, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+def test_a_bulk_job_on_two_devices_runs_in_lanes_and_writes_every_entry(tmp_path, loaded):
+    from client.spec import preset_options
+    from service.jobs import JobManager
+    from service.paths import AllowedRoots
+    from service.runtime import model_info
+    from service.store import JobStore
+
+    root = tmp_path / "data"
+    for episode, seed in (("ep_a", 0), ("ep_b", 50)):
+        (root / episode).mkdir(parents=True)
+        for i in range(6):
+            write_image(root / episode / f"step_{i}_MOVE_FORWARD.png", seed + i)
+    spec = make_spec(loaded, **{**preset_options("newjanusvln"), "dtype": "float32", "size": SIZE})
+    store = JobStore(str(tmp_path / "state"))
+    with Engine(loaded, spec, devices=["cpu", "cpu"], max_batch_frames=9) as engine:
+        jobs = JobManager(store, engine, spec, AllowedRoots.of([str(root)]), model_info(loaded, ["cpu", "cpu"], spec))
+        view = jobs.run(jobs.submit(str(root)).job_id)
+        stats = engine.stats()
+    store.close()
+    assert (view.state, view.computed, view.failed) == ("finished", 12, 0)
+    assert sum(d["batches"] for d in stats["devices"]) == 12
+    cache = stats["patch_cache"]
+    assert cache["embedded"] + cache["reused"] == 12 * 9
+    # Each device embeds its own episode's 6 frames; the first one done may take the other's last
+    # clips, whose frames it has not seen (6 more at most). Without lanes: 22 here, each device
+    # embedding most frames of both episodes.
+    assert 12 <= cache["embedded"] <= 18
+    for episode in ("ep_a", "ep_b"):
+        last = str(root / episode / "step_5_MOVE_FORWARD.png")
+        assert read_entry(last, spec).hit
 
 
 def test_the_patch_cache_keeps_the_most_recent_frames_within_its_budget(loaded):

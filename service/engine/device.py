@@ -90,12 +90,15 @@ class DeviceStage:
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        self.threads = [threading.Thread(target=self._loop, args=(dev,), name=f"vggt-{dev.name}", daemon=True)
-                        for dev in self.devices]
+        # Device i serves lane i (the scheduler's) when clips share frames and there are lanes to serve.
+        n = len(self.devices)
+        lanes = range(n) if self._share_patches and n > 1 else [None] * n
+        self.threads = [threading.Thread(target=self._loop, args=(dev, lane), name=f"vggt-{dev.name}", daemon=True)
+                        for dev, lane in zip(self.devices, lanes)]
         for t in self.threads:
             t.start()
 
-    def _loop(self, dev: Device) -> None:
+    def _loop(self, dev: Device, lane: int | None) -> None:
         finishing: queue.Queue[Launched | None] | None = None
         finisher = None
         if dev.is_cuda:
@@ -106,7 +109,7 @@ class DeviceStage:
                                         name=f"vggt-{dev.name}-results", daemon=True)
             finisher.start()
         try:
-            while (batch := self._scheduler.next_batch()) is not None:
+            while (batch := self._scheduler.next_batch(lane)) is not None:
                 with self.lock:
                     self._in_flight.update(batch)
                 handed: set[Job] = set()  # launched: their results are on their way to the writers

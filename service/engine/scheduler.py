@@ -1,25 +1,32 @@
-"""Admission, priorities and dynamic batching: the decode queue and the groups ready for a device.
+"""Admission, priorities, lanes and dynamic batching: the decode queue and the groups ready for a device.
 
 Both are served on-demand first, under one lock. Admission decides in that lock too: an
 on-demand submission over its limit and a non-blocking bulk submission into a full backlog
 are refused whole (`QueueFull`), so no check-then-submit race lets a queue grow past its bound.
+
+A job may carry a lane (a device's index): its device takes it, so the clips of one stretch
+of episodes meet the patch cache that holds their frames. A device whose lane has nothing
+left, decoding or decoded, takes any lane's work rather than wait. Jobs without a lane
+(on-demand requests, frame mode) go to whichever device is free.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from service.engine.work import Job, Priority, QueueFull
 
+GroupKey = tuple[tuple[int, ...], "int | None"]  # ([S, 3, H, W] of a job's images, its lane)
+
 
 @dataclass(eq=False)
 class Group:
-    """Decoded jobs of one priority that can share a forward: same [S, 3, H, W]."""
+    """Decoded jobs of one priority and lane that can share a forward: same [S, 3, H, W]."""
 
     jobs: deque[Job] = field(default_factory=deque)
     frames: int = 0
@@ -47,10 +54,11 @@ class Scheduler:
         self._ready_cv = threading.Condition(self._lock)
         self._space_cv = threading.Condition(self._lock)
         self._decode: dict[Priority, deque[Job]] = {p: deque() for p in Priority}
-        self._ready: dict[Priority, dict[tuple[int, ...], Group]] = {p: {} for p in Priority}
+        self._ready: dict[Priority, dict[GroupKey, Group]] = {p: {} for p in Priority}
         self._waiting = {p: 0 for p in Priority}  # units not yet on a device
         self._waiting_frames = {p: 0 for p in Priority}
-        self._decoding = {p: 0 for p in Priority}  # queued for decode or being decoded
+        self._decoding: Counter[tuple[Priority, int | None]] = Counter()  # queued for decode or being decoded
+        self._in_lane: Counter[int | None] = Counter()  # jobs of a lane not yet on a device
         self._closed = False
 
     def admit(self, jobs: Sequence[Job], priority: Priority, block: bool = True,
@@ -83,7 +91,8 @@ class Scheduler:
                 self._decode[priority].append(job)
                 self._waiting[priority] += 1
                 self._waiting_frames[priority] += job.n_frames
-                self._decoding[priority] += 1
+                self._decoding[priority, job.lane] += 1
+                self._in_lane[job.lane] += 1
                 self._decode_cv.notify()
             return []
 
@@ -101,41 +110,42 @@ class Scheduler:
         """Hand a decoded job to the devices (runnable) or retire it; False if closed meanwhile."""
         with self._lock:
             p = job.priority
-            self._decoding[p] -= 1
+            self._decoding[p, job.lane] -= 1
             if runnable and not self._closed:
                 job.ready_at = time.monotonic()
-                key = tuple(job.images.shape)
-                group = self._ready[p].setdefault(key, Group())
+                group = self._ready[p].setdefault((tuple(job.images.shape), job.lane), Group())
                 group.jobs.append(job)
                 group.frames += job.n_frames
                 self._ready_cv.notify_all()
                 return True
+            self._in_lane[job.lane] -= 1
             self._retire(p, 1, job.n_frames)
             # One job fewer decoding can make a forming batch due.
             self._ready_cv.notify_all()
             return not self._closed
 
-    def next_batch(self) -> list[Job] | None:
-        """Block until a batch is due; None once closed.
+    def next_batch(self, lane: int | None = None) -> list[Job] | None:
+        """Block until a batch is due for the device of `lane`; None once closed.
 
         A group is due when it is full, when its oldest job has waited
-        `max_wait_s` for company, or when no job of its priority is still
-        decoding (no company is coming). While on-demand work is forming a
+        `max_wait_s` for company, or when no job of its priority and lane is
+        still decoding (no company is coming). While on-demand work is forming a
         batch, bulk work waits too: starting a bulk batch would delay the
-        on-demand one by a whole forward.
+        on-demand one by a whole forward. The device takes groups without a lane
+        and its own lane's; once its lane has nothing left, any lane's.
         """
         with self._lock:
             while not self._closed:
                 timeout = None
                 for p in Priority:
-                    groups = self._ready[p]
+                    groups = {key: g for key, g in self._ready[p].items() if self._may_take(lane, key[1])}
                     if not groups:
                         continue
                     now = time.monotonic()
-                    idle = self._decoding[p] == 0
                     due = [
                         (key, g) for key, g in groups.items()
-                        if idle or g.frames >= self.max_batch_frames or now >= g.oldest + self.max_wait_s
+                        if self._decoding[p, key[1]] == 0 or g.frames >= self.max_batch_frames
+                        or now >= g.oldest + self.max_wait_s
                     ]
                     if due:
                         key, _ = min(due, key=lambda kg: kg[1].oldest)
@@ -145,7 +155,10 @@ class Scheduler:
                 self._ready_cv.wait(timeout)
             return None
 
-    def _take(self, p: Priority, key: tuple[int, ...]) -> list[Job]:
+    def _may_take(self, lane: int | None, group_lane: int | None) -> bool:
+        return group_lane is None or lane is None or group_lane == lane or self._in_lane[lane] == 0
+
+    def _take(self, p: Priority, key: GroupKey) -> list[Job]:
         group = self._ready[p][key]
         batch = [group.jobs.popleft()]
         frames = batch[0].n_frames
@@ -156,7 +169,10 @@ class Scheduler:
         group.frames -= frames
         if not group.jobs:
             del self._ready[p][key]
+        self._in_lane[key[1]] -= len(batch)
         self._retire(p, len(batch), frames)
+        # A lane just emptied lets its device take other lanes' work.
+        self._ready_cv.notify_all()
         return batch
 
     def _retire(self, p: Priority, units: int, frames: int) -> None:
@@ -191,7 +207,8 @@ class Scheduler:
             taken = [job for job in queued if match(job)]
             if taken:
                 self._decode[p] = deque(job for job in queued if not match(job))
-                self._decoding[p] -= len(taken)
+                for job in taken:
+                    self._decoding[p, job.lane] -= 1
                 removed += taken
             for key, group in list(self._ready[p].items()):
                 taken = [job for job in group.jobs if match(job)]
@@ -203,6 +220,7 @@ class Scheduler:
                     del self._ready[p][key]
                 removed += taken
         for job in removed:
+            self._in_lane[job.lane] -= 1
             self._retire(job.priority, 1, job.n_frames)
         return removed
 
@@ -210,7 +228,8 @@ class Scheduler:
         with self._lock:
             return {
                 "queued": {p.name.lower(): self._waiting[p] for p in Priority},
-                "decoding": {p.name.lower(): self._decoding[p] for p in Priority},
+                "decoding": {p.name.lower(): sum(n for (q, _), n in self._decoding.items() if q is p)
+                             for p in Priority},
             }
 
     def waiting(self, p: Priority) -> int:

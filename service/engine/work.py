@@ -64,6 +64,7 @@ class Job:
     skip_existing: bool
     verify: bool
     return_features: bool
+    lane: int | None = None  # the device that should run it (see Scheduler), or any
     images: torch.Tensor | None = None  # [S, 3, H, W] once decoded
     frame_keys: list[FrameKey] = field(default_factory=list)  # per frame, once decoded
     sources: list[dict] = field(default_factory=list)  # per target, stat-ed before decoding
