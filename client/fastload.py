@@ -185,7 +185,7 @@ def _windowed_pread(fd: int, file_size: int) -> Reader:
     """
     tail_start = max(0, file_size - _WINDOW)
     tail = memoryview(os.pread(fd, file_size - tail_start, tail_start))
-    head = memoryview(os.pread(fd, min(_WINDOW, tail_start), 0))
+    head = memoryview(os.pread(fd, min(_WINDOW, tail_start), 0) if tail_start else b"")
 
     def read(offset: int, n: int) -> bytes | memoryview:
         if offset + n <= len(head):

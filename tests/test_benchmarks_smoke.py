@@ -135,4 +135,4 @@ def test_loader_compares_every_way_under_both_allocator_policies() -> None:
         for name in ("ours/raw", "ours/seed", "ours (mmap=True)/raw", "ours (mmap=True)/seed"):
             match = re.search(rf"^{re.escape(name)}\s*= (\d+\.\d+) median of 2 chunks", section, re.M)
             assert match and float(match.group(1)) > 0, section
-        assert re.search(r"^check_crc: \d+\.\d+ median", section, re.M), section
+        assert re.search(r"^check_crc: \d+\.\d+ median of 2 chunks", section, re.M), section

@@ -272,6 +272,19 @@ def test_context(tmp_path):
     assert read_entry(target, spec, context_frames=frames).outcome is Outcome.STALE
 
 
+@pytest.mark.parametrize("tokens", [120, 200, 340])  # files of about 1.1, 1.7 and 2.8 read windows
+def test_files_around_the_read_windows_size_read_whole(tmp_path, tokens):
+    image = make_image(tmp_path)
+    spec = make_spec(dtype="float32")
+    features = torch.randn(tokens, 16)
+    write_entry(image, features, spec, [1, tokens], source_record(image))
+    assert fastload._WINDOW < os.path.getsize(cache_path(image)) < 3 * fastload._WINDOW
+    for mmap in (True, False):
+        res = read_entry(image, spec, mmap=mmap)
+        assert res.hit and torch.equal(res.features, features)
+    assert read_entry(image, spec, tensor=False).meta["shape"] == [tokens, 16]
+
+
 @pytest.mark.parametrize("mmap", [True, False])
 def test_metadata_past_the_read_windows_is_read_where_it_lies(tmp_path, mmap):
     # A clip of 300 long-named frames: data.pkl is several times the head window.

@@ -438,12 +438,14 @@ def test_units_in_lanes_on_two_devices_equal_each_clip_computed_alone(tmp_path, 
     clips = {0: episode_clips(tmp_path / "a", 5), 1: episode_clips(tmp_path / "b", 5)}
     spec = make_spec(loaded, attention="causal", dtype="float32")
     assert Engine(loaded, make_spec(loaded), devices=["cpu", "cpu"]).lanes == 1  # frame mode shares no frames
+    assert Engine(loaded, spec, devices=["cpu", "cpu"], patch_cache_bytes=0).lanes == 1  # no cache to keep together
     with Engine(loaded, spec, devices=["cpu", "cpu"], max_batch_frames=9) as engine:
         assert engine.lanes == 2
-        with pytest.raises(ValueError, match="one lane in 0..1 per unit"):
-            engine.submit([Unit.causal(clips[0][0])], lanes=[2])
+        for priority, lanes in ((Priority.BULK, [2]), (Priority.ON_DEMAND, [0])):
+            with pytest.raises(ValueError, match="give bulk units one lane each in 0..1"):
+                engine.submit([Unit.causal(clips[0][0])], priority, lanes=lanes)
         keys = [(lane, i) for i in range(5) for lane in clips]
-        futures = dict(zip(keys, engine.submit([Unit.causal(clips[lane][i]) for lane, i in keys],
+        futures = dict(zip(keys, engine.submit([Unit.causal(clips[lane][i]) for lane, i in keys], Priority.BULK,
                                                lanes=[lane for lane, _ in keys])))
         done = {key: f.result(timeout=60) for key, f in futures.items()}
         stats = engine.stats()

@@ -65,8 +65,8 @@ def test_a_device_waits_for_its_own_lane_while_its_work_is_still_decoding():
 
 def test_work_without_a_lane_goes_to_any_device_and_on_demand_first():
     scheduler = Scheduler(max_batch_frames=3, max_wait_s=LONG_WAIT_S, bulk_limit=100)
-    bulk = job("a0", 0)
-    admit_and_decode(scheduler, [bulk])
+    bulk, coming = job("a0", 0), job("b0", 1)
+    admit_and_decode(scheduler, [bulk, coming], keep_decoding={coming})  # lane 1 is not empty
     urgent = Job(Unit.frame("/data/q.png"), Priority.ON_DEMAND, Future(), False, False, True)
     assert scheduler.admit([urgent], Priority.ON_DEMAND) == []
     decoding = scheduler.next_to_decode()

@@ -75,7 +75,7 @@ class DeviceStage:
     """
 
     def __init__(self, spec: FeatureSpec, scheduler: Scheduler, devices: list[Device], writer: WriterStage,
-                 complete: Complete, before_forward: ForwardHook | None) -> None:
+                 complete: Complete, before_forward: ForwardHook | None, lanes: int = 1) -> None:
         self.spec = spec
         self.devices = devices
         self._scheduler = scheduler
@@ -83,6 +83,7 @@ class DeviceStage:
         self._complete = complete
         self._before_forward = before_forward
         self._share_patches = spec.attention != Attention.FRAME  # only clips share frames
+        self._lanes = lanes
         self.lock = threading.Lock()  # the counters below and each device's
         self._in_flight: set[Job] = set()  # taken from the scheduler, results not yet with the writer
         self.oom_splits = 0
@@ -90,9 +91,8 @@ class DeviceStage:
         self.threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        # Device i serves lane i (the scheduler's) when clips share frames and there are lanes to serve.
-        n = len(self.devices)
-        lanes = range(n) if self._share_patches and n > 1 else [None] * n
+        # Device i serves lane i (the scheduler's), when there are lanes.
+        lanes = range(self._lanes) if self._lanes > 1 else [None] * len(self.devices)
         self.threads = [threading.Thread(target=self._loop, args=(dev, lane), name=f"vggt-{dev.name}", daemon=True)
                         for dev, lane in zip(self.devices, lanes)]
         for t in self.threads:

@@ -77,8 +77,8 @@ class Engine:
     max_wait_ms: how long a decoded unit waits for company before its batch runs.
     decode_workers / write_workers: threads that decode images / write entries.
     bulk_queue_batches: bulk work allowed to wait for a device, in batches per device (see `submit`).
-    hint_queue_batches: further room, in batches per device, for non-blocking bulk work (prefetch
-        hints), so hints are taken while a job keeps the bulk backlog full.
+    hint_queue_batches: further room, in batches, for non-blocking bulk work (prefetch hints),
+        so hints are taken while a job keeps the bulk backlog full.
     frame_cache_frames: preprocessed frames kept for reuse by overlapping clips, per lane
         (sequence/causal modes only: each device's lane is a stretch of episodes of its own).
     patch_cache_bytes: per device, memory for the DINOv2 patch tokens of recent frames, reused
@@ -136,16 +136,18 @@ class Engine:
             for model in models:
                 compile_blocks(model, len(devices))
         replicas = [Device(name, model, patch_cache_bytes) for name, model in zip(devices, models)]
-        per_device = max_batch_frames * len(replicas)
-        self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0, bulk_queue_batches * per_device,
-                                    hint_queue_batches * per_device)
-        # Clips share frames: a device per lane keeps one stretch of episodes with its patch cache.
-        self.lanes = len(replicas) if spec.attention != Attention.FRAME else 1
+        # Every device gets its own bulk batches queued; hints (lane-less) do not need more room per device.
+        self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0,
+                                    bulk_queue_batches * max_batch_frames * len(replicas),
+                                    hint_queue_batches * max_batch_frames)
+        # Clips share frames: a lane per device keeps one stretch of episodes with its patch cache.
+        self.lanes = len(replicas) if spec.attention != Attention.FRAME and patch_cache_bytes > 0 else 1
         self._decode = DecodeStage(spec, self._scheduler, self._complete, decode_workers,
                                    frame_cache_frames * self.lanes, roots, max_image_bytes)
         self._writer = WriterStage(spec, self._complete, write_workers, 2 * max_batch_frames * len(replicas),
                                    loaded.config.patch_size, roots)
-        self._device = DeviceStage(spec, self._scheduler, replicas, self._writer, self._complete, before_forward)
+        self._device = DeviceStage(spec, self._scheduler, replicas, self._writer, self._complete, before_forward,
+                                   self.lanes)
         self._lock = threading.Lock()  # the state and unit counts below
         self._state = EngineState.NEW
         self._decode_threads: list[threading.Thread] = []
@@ -231,16 +233,18 @@ class Engine:
         with `QueueFull`. `skip_existing`: a unit whose every target already has a valid
         entry completes as "cached" without compute. `verify`: re-read each written entry and
         fail it unless it validates. `return_features=False` keeps no tensors in the results
-        (bulk jobs only need statuses). `lanes`, one per unit (0 to `lanes` - 1): the device that
-        should run it, so that units sharing frames meet one patch cache; None: any device.
+        (bulk jobs only need statuses). `lanes`, one per bulk unit (0 to `lanes` - 1): the device
+        that should run it, so that units sharing frames meet one patch cache; None: any device.
         """
-        units = list(units)
-        if lanes is not None and (len(lanes) != len(units) or not all(0 <= lane < self.lanes for lane in lanes)):
-            raise ValueError(f"give one lane in 0..{self.lanes - 1} per unit, got {list(lanes)[:8]} "
-                             f"for {len(units)} unit(s)")
         if self._state is not EngineState.RUNNING:
             raise EngineStopped(SHUTDOWN_MESSAGE if self.stopped else "engine not started")
         priority = Priority(priority)
+        units = list(units)
+        if lanes is not None and (priority is not Priority.BULK or len(lanes) != len(units)
+                                  or not all(0 <= lane < self.lanes for lane in lanes)):
+            # An on-demand group with a lane would hold back the other devices' bulk work while it forms.
+            raise ValueError(f"give bulk units one lane each in 0..{self.lanes - 1}, got {list(lanes)[:8]} "
+                             f"for {len(units)} {priority.name.lower()} unit(s)")
         jobs = []
         for i, unit in enumerate(units):
             self._check_unit(unit)
