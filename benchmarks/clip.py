@@ -175,12 +175,13 @@ def host_seconds(embed_dim: int, num_heads: int) -> tuple[float, float]:
         start = time.perf_counter()
         frame = preprocess(image, mode=spec.preprocess, size=spec.size, align=spec.align)
         decode = time.perf_counter() - start
-        grid = [frame.shape[-2] // 14, frame.shape[-1] // 14]
+        patch = spec.architecture["patch_size"]
+        grid = [frame.shape[-2] // patch, frame.shape[-1] // patch]
         features = torch.randn(grid[0] * grid[1], 2 * embed_dim).to(spec.torch_dtype)  # layer -2 patch tokens
         start = time.perf_counter()
-        write_entry(image, features, spec, grid, source_record(image), context_record(image, [image] * 9))
+        written = write_entry(image, features, spec, grid, source_record(image), context_record(image, [image] * 9))
         write = time.perf_counter() - start
-        os.remove(image + ".vggt_cache.pt")
+        os.remove(written)
     return decode, write
 
 
@@ -192,9 +193,6 @@ def scaled_clip(parts: dict[str, float], depth: int, decode_s: float, write_s: f
     return {"decode (9 frames)": 9 * decode_s, "dinov2 (9 frames)": per_block_dino * cfg.patch_embed.depth,
             "frame blocks": parts["frame_block"] * blocks, "global blocks": parts["global_block"] * blocks,
             "write (1 entry)": write_s}
-
-
-
 
 
 if __name__ == "__main__":

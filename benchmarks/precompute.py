@@ -79,7 +79,7 @@ def ours_way(loaded: LoadedModel, spec: FeatureSpec, data_root: str, device: tor
     store = JobStore(state_dir)
     engine.start()
     try:
-        jobs = JobManager(store, engine, spec, AllowedRoots.of([data_root]), model_info(loaded, [str(device)], spec))
+        jobs = JobManager(store, engine, spec, AllowedRoots.of([data_root]), model_info(loaded, engine))
         start = time.perf_counter()
         view = jobs.run(jobs.submit(data_root, skip_existing=True).job_id)
         seconds = time.perf_counter() - start
@@ -241,9 +241,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", help="a model folder, weights file or HF repo id (default: random mid-size)")
     parser.add_argument("--embed-dim", type=int, help="random model: width (default 1024 on cuda, 256 on cpu)")
-    parser.add_argument("--depth", type=int, help="random model: aggregator and DINOv2 depth (24 / 4)")
+    parser.add_argument("--depth", type=int,
+                        help="random model: aggregator and DINOv2 depth (default 24 on cuda; on cpu 4, 2 with --preset)")
     parser.add_argument("--num-heads", type=int, help="random model: attention heads (16 / 4)")
-    parser.add_argument("--size", type=int, help="preprocess size (default 518 on cuda, 224 on cpu)")
+    parser.add_argument("--size", type=int,
+                        help="preprocess size (default: the preset's; else 518 on cuda, 224 on cpu)")
     parser.add_argument("--batch-size", type=int, help="frames per forward (default 32 on cuda; on cpu 8, 9 with --preset)")
     parser.add_argument("--decode-workers", type=int, default=ServiceSettings.decode_workers)
     parser.add_argument("--rounds", type=int, default=3)

@@ -24,7 +24,7 @@ import stat
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -72,10 +72,12 @@ def source_record(image_path: PathLike) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def context_record(target: PathLike, frames: Sequence[PathLike] | None) -> dict | None:
+def context_record(target: PathLike, frames: Sequence[PathLike] | None,
+                   sources: Mapping[str, dict] | None = None) -> dict | None:
     """The clip a `sequence`/`causal` entry was computed with (None for `frame` mode).
 
     Paths are relative to the target's folder, so a dataset tree can move as a whole.
+    `sources`: the frames' `source_record`s already taken, by path (else each frame is stat-ed).
     """
     if frames is None:
         return None
@@ -83,7 +85,8 @@ def context_record(target: PathLike, frames: Sequence[PathLike] | None) -> dict 
         raise ValueError("context frames must be a non-empty sequence of paths")
     folder = os.path.dirname(os.path.abspath(target))
     records = [
-        {"path": os.path.relpath(os.path.abspath(frame), folder), **source_record(frame)}
+        {"path": os.path.relpath(os.path.abspath(frame), folder),
+         **(sources[frame] if sources is not None else source_record(frame))}
         for frame in frames
     ]
     return {"frames": records, "digest": short_digest(records)}

@@ -156,8 +156,7 @@ def _load_fast(f: BinaryIO, use_mmap: bool, check_crc: bool) -> dict:
     else:
         # The records and data.pkl (a few KB) first, then the tensor's bytes straight into its own
         # buffer: one copy from the page cache, and a tensor that holds nothing else.
-        file_size = os.fstat(fd).st_size
-        data, (start, length, crc), storage, size = _unpickle(_windowed_pread(fd, file_size), file_size)
+        data, (start, length, crc), storage, size = _unpickle_fd(fd)
         features = torch.empty(size, dtype=storage.dtype)
         tensor_bytes = memoryview(features.view(-1).view(torch.uint8).numpy())
         _read_exactly(fd, tensor_bytes, start)
@@ -197,10 +196,14 @@ def _windowed_pread(fd: int, file_size: int) -> Reader:
     return read
 
 
-def _load_meta(f: BinaryIO) -> dict:
-    fd = f.fileno()
+def _unpickle_fd(fd: int) -> tuple[dict, tuple[int, int, int], _StorageRef, tuple[int, ...]]:
+    """`_unpickle` of an open file, its records read through the two windows."""
     file_size = os.fstat(fd).st_size
-    data, _, storage, size = _unpickle(_windowed_pread(fd, file_size), file_size)
+    return _unpickle(_windowed_pread(fd, file_size), file_size)
+
+
+def _load_meta(f: BinaryIO) -> dict:
+    data, _, storage, size = _unpickle_fd(f.fileno())
     data["features"] = torch.empty(size, dtype=storage.dtype, device="meta")
     return data
 

@@ -15,7 +15,7 @@ import io
 import os
 import secrets
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO
 
 
@@ -97,10 +97,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], roots: Sequence[s
     `replaceable`: says why what is at `path` must not be replaced (then ValueError), or None.
     """
     folder, name = os.path.split(path)
-    dfd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        if roots is not None:
-            check_contained(dfd, roots, folder)
+    with open_folder(folder or ".", roots) as dfd:
         problem = replaceable(dfd, name) if replaceable is not None else None
         if problem:
             raise ValueError(f"{path} {problem}; not replaced")
@@ -119,6 +116,18 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], roots: Sequence[s
         # Makes the rename durable; some file systems refuse fsync on directories.
         with contextlib.suppress(OSError):
             os.fsync(dfd)
+
+
+@contextlib.contextmanager
+def open_folder(folder: str, roots: Sequence[str] | None = None) -> Iterator[int]:
+    """A descriptor of `folder`, checked inside `roots` (real paths) when given: what is done relative
+    to it happens in the folder checked, whatever is renamed or swapped meanwhile. Raises OSError
+    (OutsideRoots among them)."""
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if roots is not None:
+            check_contained(dfd, roots, folder)
+        yield dfd
     finally:
         os.close(dfd)
 

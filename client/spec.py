@@ -70,13 +70,13 @@ class FeatureSpec:
         arch = _plain_json("architecture", self.architecture)
         if not isinstance(arch, dict):
             raise ValueError(f"architecture must be a dict, got {type(self.architecture).__name__}")
-        depth = _positive_int("architecture['depth']", arch.get("depth"))
-        patch = _positive_int("architecture['patch_size']", arch.get("patch_size", 14))
+        depth = positive_int("architecture['depth']", arch.get("depth"))
+        patch = positive_int("architecture['patch_size']", arch.get("patch_size", 14))
         # Optional here, but cache files derive token counts and widths from them.
         if "embed_dim" in arch:
-            _positive_int("architecture['embed_dim']", arch["embed_dim"])
+            positive_int("architecture['embed_dim']", arch["embed_dim"])
         if arch.get("num_register_tokens", 0) != 0:
-            _positive_int("architecture['num_register_tokens']", arch["num_register_tokens"])
+            positive_int("architecture['num_register_tokens']", arch["num_register_tokens"])
         object.__setattr__(self, "architecture", arch)
         object.__setattr__(self, "layers", normalise_layers(self.layers, depth))
         _choice("tokens", self.tokens, TOKENS)
@@ -87,7 +87,7 @@ class FeatureSpec:
         if self.attention == "frame":
             object.__setattr__(self, "reference_frame", "first")
         for name in ("size", "align"):
-            value = _positive_int(name, getattr(self, name))
+            value = positive_int(name, getattr(self, name))
             if value % patch:
                 raise ValueError(f"{name} must be a multiple of the patch size {patch}, got {value}")
 
@@ -188,7 +188,7 @@ def _plain_json(name: str, value: Any) -> Any:
         raise ValueError(f"{name} must hold plain JSON values: {e}") from e
 
 
-def _positive_int(name: str, value: Any) -> int:
+def positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value

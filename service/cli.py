@@ -67,6 +67,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="threads decoding and preprocessing images while the device computes")
     p.add_argument("--write-workers", type=int, default=int(_env("WRITE_WORKERS", str(defaults.write_workers))),
                    help="threads writing cache files (each fsyncs) while the device computes")
+    p.add_argument("--max-image-bytes", type=int, default=int(_env("MAX_IMAGE_BYTES", str(defaults.max_image_bytes))),
+                   help="image files larger than this fail unread (and are counted unreadable by a plan)")
     p.add_argument("--patch-cache-mb", type=int, default=int(_env("PATCH_CACHE_MB", str(defaults.patch_cache_mb))),
                    help="per device, MiB for the DINOv2 tokens of recent frames, computed once for every clip "
                         "that shares the frame (sequence/causal; 0: within a batch only)")
@@ -142,9 +144,6 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images per /features request; more is a 413")
     serve.add_argument("--max-pending", type=int, default=int(_env("MAX_PENDING", str(_DEFAULTS.max_pending_units))),
                        help="on-demand units waiting for the device; past it /features answers 429")
-    serve.add_argument("--max-image-bytes", type=int,
-                       default=int(_env("MAX_IMAGE_BYTES", str(_DEFAULTS.max_image_bytes))),
-                       help="image files larger than this fail unread")
     serve.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", str(_DEFAULTS.body_timeout_s))),
                        help="seconds a request body may take to arrive whole; past it the request is refused (408) "
                             "and its connection closed")
@@ -213,7 +212,7 @@ def failure_message(exc: BaseException) -> tuple[str, int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    debug = getattr(args, "debug", False) or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    debug = getattr(args, "debug", False) or env_flag(DEBUG_ENV)
     setup_logging(getattr(args, "verbose", False))
     from service import commands
 

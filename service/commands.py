@@ -34,10 +34,14 @@ def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
         model=args.model, device=args.device, state_dir=os.path.expanduser(args.state_dir),
         spec=spec_options(args), max_batch_frames=args.max_batch_frames, decode_workers=args.decode_workers,
         write_workers=args.write_workers, patch_cache_mb=args.patch_cache_mb, fp32_weights=args.fp32_weights,
-        compile=args.compile,
+        compile=args.compile, max_image_bytes=args.max_image_bytes,
     )
     for key, value in overrides.items():
         setattr(s, key, value)
+    try:
+        s.check()  # before any model is loaded
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
     return s
 
 
@@ -91,8 +95,7 @@ def serve(args: argparse.Namespace) -> int:
 
     settings = _settings(args, host=args.host, port=args.port, allowed_roots=args.allowed_roots,
                          api_token=args.api_token, max_items_per_request=args.max_items_per_request,
-                         max_pending_units=args.max_pending, max_image_bytes=args.max_image_bytes,
-                         body_timeout_s=args.body_timeout)
+                         max_pending_units=args.max_pending, body_timeout_s=args.body_timeout)
     _check_device(settings.device)
     try:
         runtime = ServiceRuntime(settings)
@@ -179,7 +182,7 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
         spec = model_spec(identify_model(settings.model), **settings.spec)
     work = plan_work(data_root, spec, roots, {"skip_existing": args.skip_existing, "data_path": args.data_path,
                                               "max_history_images": args.max_history_images,
-                                              "data_files": args.data_files})
+                                              "data_files": args.data_files}, max_image_bytes=settings.max_image_bytes)
     _print_plan(work.plan.to_dict(), work.plan.summary(), spec.digest)
     return 0
 

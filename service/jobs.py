@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import queue
@@ -15,20 +14,20 @@ from typing import TypeVar
 
 from client.cachefile import is_temp_file
 from client.manifest import write_manifest
-from client.safeopen import check_contained
+from client.safeopen import open_folder
 from client.spec import FeatureSpec, matching_preset
 from client.wire import EntryStatus
 from service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
 from service.jobview import TERMINAL, JobState, JobView
 from service.paths import AllowedRoots, PathNotAllowed
 from service.plan import Plan, plan_job
+from service.preprocess import MAX_IMAGE_BYTES
 from service.samples import DEFAULT_MAX_HISTORY, check_history
 from service.sources import ScanResult, scan_data_root, shard
 from service.store import JobRecord, JobStore
 from service.units import Unit
 
 T = TypeVar("T")
-_NONE = object()  # a stretch's end in zip_longest (a unit may be anything)
 
 log = logging.getLogger("vggt_cache")
 
@@ -51,13 +50,15 @@ def lane_chunks(pending: list[T], lanes: int, chunk_units: int) -> Iterator[tupl
     each in turn: each device works through one stretch of the plan, whose samples share
     frames, as a torchrun rank would (`shard`), and the bulk backlog holds every lane's next units.
     """
-    if lanes == 1:
-        order, lane_of = pending, None
-    else:
+    order, lane_of = pending, None
+    if lanes > 1:
         stretches = [shard(pending, lane, lanes) for lane in range(lanes)]
-        turns = [(unit, lane) for turn in itertools.zip_longest(*stretches, fillvalue=_NONE)
-                 for lane, unit in enumerate(turn) if unit is not _NONE]
-        order, lane_of = [unit for unit, _ in turns], [lane for _, lane in turns]
+        order, lane_of = [], []
+        for i in range(max(map(len, stretches))):
+            for lane, stretch in enumerate(stretches):
+                if i < len(stretch):
+                    order.append(stretch[i])
+                    lane_of.append(lane)
     for start in range(0, len(order), chunk_units):
         yield order[start:start + chunk_units], None if lane_of is None else lane_of[start:start + chunk_units]
 
@@ -285,32 +286,25 @@ class JobManager:
         removed = 0
         for folder in sorted({os.path.dirname(t) for u in units for t in u.targets}):
             try:
-                dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError:
+                with open_folder(folder, self.roots.real) as dfd:
+                    for entry in list(os.scandir(dfd)):
+                        if not is_temp_file(entry.name):
+                            continue
+                        try:
+                            if entry.stat(follow_symlinks=False).st_mtime < self._started_at:
+                                os.unlink(entry.name, dir_fd=dfd)
+                                removed += 1
+                        except OSError:
+                            continue  # gone already, or not ours to remove
+            except OSError:  # no such folder, or outside the roots (OutsideRoots): left alone
                 continue
-            try:
-                check_contained(dfd, self.roots.real, folder)
-                entries = list(os.scandir(dfd))
-            except OSError:  # OutsideRoots too
-                entries = []
-            try:
-                for entry in entries:
-                    if not is_temp_file(entry.name):
-                        continue
-                    try:
-                        if entry.stat(follow_symlinks=False).st_mtime < self._started_at:
-                            os.unlink(entry.name, dir_fd=dfd)
-                            removed += 1
-                    except OSError:
-                        continue  # gone already, or not ours to remove
-            finally:
-                os.close(dfd)
         if removed:
             log.info("Job %s: removed %d temporary file(s) left by an interrupted run", job_id, removed)
 
     def _plan(self, rec: JobRecord) -> bool:
         """Scan the data root once; False if the job was refused (its new entries would not fit)."""
-        work = plan_work(rec.data_root, self.spec, self.roots, rec.options, self.rank, self.world_size)
+        work = plan_work(rec.data_root, self.spec, self.roots, rec.options, self.rank, self.world_size,
+                         self.engine.max_image_bytes)
         plan = work.plan
         self.store.record_plan(rec.job_id, plan.to_dict())
         log.info("Job %s plan: %s", rec.job_id, plan.summary())
@@ -370,8 +364,9 @@ class Work:
 
 
 def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: dict, rank: int = 0,
-              world_size: int = 1) -> Work:
-    """Scan `data_root` and plan it (a job's first step, and all that a dry run does)."""
+              world_size: int = 1, max_image_bytes: int = MAX_IMAGE_BYTES) -> Work:
+    """Scan `data_root` and plan it (a job's first step, and all that a dry run does); images over
+    `max_image_bytes` are counted unreadable, as the engine of that limit will fail them."""
     files = options.get("data_files")
     for f in files or ():  # sample files are read too: they must be inside the roots
         roots.contain(os.path.normpath(os.path.join(data_root, f)), writes_sibling=False)
@@ -387,5 +382,5 @@ def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: d
             refused[idx] = str(exc)
     allowed = [u for i, u in enumerate(units) if i not in refused]
     plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), allowed, len(refused), world_size,
-                    roots.real)
+                    roots.real, max_image_bytes)
     return Work(scan, units, refused, plan)

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 
 from client.cachefile import Outcome, cache_path, entry_nbytes, read_entry
 from client.spec import FeatureSpec
-from service.preprocess import image_size, output_size
+from service.preprocess import MAX_IMAGE_BYTES, image_size, output_size
 from service.sources import ScanResult
 from service.units import Unit
 
@@ -96,7 +96,7 @@ class _Target:
 
 
 def _check(target: str, context: Sequence[str] | None, spec: FeatureSpec, skip_existing: bool,
-           sizes: dict[tuple[int, int], int], roots: Sequence[str] | None) -> _Target:
+           sizes: dict[tuple[int, int], int], roots: Sequence[str] | None, max_image_bytes: int) -> _Target:
     folder = os.path.dirname(target)
     try:
         device = os.stat(folder).st_dev
@@ -106,7 +106,7 @@ def _check(target: str, context: Sequence[str] | None, spec: FeatureSpec, skip_e
     if valid and skip_existing:
         return _Target(True, False, 0, False, device, folder)
     try:
-        pixels = image_size(target, roots=roots)
+        pixels = image_size(target, max_image_bytes, roots)
     except Exception:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...: the job fails it
         return _Target(valid, True, 0, True, device, folder)
     if pixels not in sizes:  # a benign race between threads: both compute the same number
@@ -122,10 +122,11 @@ def _check(target: str, context: Sequence[str] | None, spec: FeatureSpec, skip_e
 
 def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing: bool = True,
              units: Sequence[Unit] | None = None, refused: int = 0, ranks: int = 1,
-             roots: Sequence[str] | None = None) -> Plan:
+             roots: Sequence[str] | None = None, max_image_bytes: int = MAX_IMAGE_BYTES) -> Plan:
     """The plan of a job over `scan`, or over `units` (one rank's share of it), reading headers and metadata only.
 
-    `roots` (real paths): files that open outside them are counted unreadable, as the engine will fail them.
+    `roots` (real paths): files that open outside them, and images over `max_image_bytes`, are counted
+    unreadable, as the engine will fail them.
     """
     units = scan.units if units is None else units
     work = [(t, spec.context_of(u.frames)) for u in units for t in u.targets]
@@ -133,7 +134,8 @@ def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing:
     checked: list[_Target] = []
     started = last_report = time.monotonic()
     with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="vggt-plan") as pool:
-        for target in pool.map(lambda tc: _check(tc[0], tc[1], spec, skip_existing, sizes, roots), work):
+        for target in pool.map(lambda tc: _check(tc[0], tc[1], spec, skip_existing, sizes, roots, max_image_bytes),
+                               work):
             checked.append(target)
             if time.monotonic() - last_report > PROGRESS_EVERY_S:
                 last_report = time.monotonic()

@@ -20,8 +20,9 @@ from service.store import JobStore
 log = logging.getLogger("vggt_cache")
 
 
-def model_info(loaded: LoadedModel, devices: list[str], spec: FeatureSpec, weights: str = "float32") -> dict:
-    """What /status and the manifest say of the model; `weights`: the resident weights' dtype (`Engine.weights_dtype`)."""
+def model_info(loaded: LoadedModel, engine: Engine) -> dict:
+    """What /status and the manifest say of the model `engine` holds resident."""
+    devices, spec = engine.devices, engine.spec
     return {
         "source": loaded.source,
         "fingerprint": loaded.fingerprint,
@@ -29,7 +30,7 @@ def model_info(loaded: LoadedModel, devices: list[str], spec: FeatureSpec, weigh
         "devices": devices,
         "compute_dtype": "float32" if devices == ["cpu"] else "bfloat16 (autocast)",
         "storage_dtype": spec.dtype,
-        "weights_dtype": weights,
+        "weights_dtype": engine.weights_dtype_name,
         "embed_dim": loaded.config.embed_dim,
         "depth": loaded.config.depth,
     }
@@ -77,7 +78,7 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
         roots=roots.real, max_image_bytes=s.max_image_bytes, before_forward=before_forward,
     )
     engine.start()
-    info = model_info(loaded, devices, spec, engine.weights_dtype_name)
+    info = model_info(loaded, engine)
     jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, info, rank, world_size, started_at)
     return Components(loaded, spec, engine, jobs, devices)
 

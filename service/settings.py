@@ -6,6 +6,8 @@ import ipaddress
 import os
 from dataclasses import dataclass, field
 
+from client.spec import positive_int
+
 DEFAULT_MODEL = "facebook/VGGT-1B"
 DEFAULT_PORT = 8600
 TRUE_WORDS = ("true", "1", "yes")
@@ -56,8 +58,7 @@ class ServiceSettings:
                             ("--max-pending", self.max_pending_units), ("--max-batch-frames", self.max_batch_frames),
                             ("--decode-workers", self.decode_workers), ("--write-workers", self.write_workers),
                             ("--max-image-bytes", self.max_image_bytes), ("max_body_bytes", self.max_body_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{flag} must be a positive integer, got {value!r}")
+            positive_int(flag, value)
         if isinstance(self.patch_cache_mb, bool) or not isinstance(self.patch_cache_mb, int) or self.patch_cache_mb < 0:
             raise ValueError(f"--patch-cache-mb must be zero or more, got {self.patch_cache_mb!r}")
         if not self.body_timeout_s > 0:

@@ -95,6 +95,16 @@ def test_a_device_this_machine_lacks_is_one_line(data_root: Path, tmp_path: Path
     one_error(cli("serve", "--allowed-root", str(data_root), "--device", "gpu"), "--device must be auto, cpu")
 
 
+def test_precompute_refuses_settings_that_cannot_be_meant_before_loading_the_model(data_root: Path,
+                                                                                  tmp_path: Path) -> None:
+    for flag, value, says in (("--decode-workers", "0", "--decode-workers must be a positive integer, got 0"),
+                              ("--patch-cache-mb", "-1", "--patch-cache-mb must be zero or more, got -1")):
+        run = cli("precompute", "--data_root", str(data_root), "--vggt_model_path", str(TINY_MODEL),
+                  "--device", "cpu", "--state-dir", str(tmp_path), flag, value)
+        one_error(run, says)
+        assert "Loading VGGT model" not in run.stdout
+
+
 def test_usage_errors_are_one_line_pointing_at_help() -> None:
     one_error(cli("serve"), "the following arguments are required: --allowed-root")
     one_error(cli("precompute", "--data_root"), "expected one argument (see `vggt-cache precompute --help`)")

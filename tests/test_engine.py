@@ -472,7 +472,7 @@ def test_a_bulk_job_on_two_devices_runs_in_lanes_and_writes_every_entry(tmp_path
     spec = make_spec(loaded, **{**preset_options("newjanusvln"), "dtype": "float32", "size": SIZE})
     store = JobStore(str(tmp_path / "state"))
     with Engine(loaded, spec, devices=["cpu", "cpu"], max_batch_frames=9) as engine:
-        jobs = JobManager(store, engine, spec, AllowedRoots.of([str(root)]), model_info(loaded, ["cpu", "cpu"], spec))
+        jobs = JobManager(store, engine, spec, AllowedRoots.of([str(root)]), model_info(loaded, engine))
         view = jobs.run(jobs.submit(str(root)).job_id)
         stats = engine.stats()
     store.close()

@@ -80,6 +80,17 @@ def test_dry_run_figures_match_what_the_job_then_writes(tmp_path):
     assert 0 < other_spec["bytes"] <= STEPS * (TENSOR_BYTES + plan.ENTRY_OVERHEAD_BYTES)  # twice the tensor
 
 
+def test_a_dry_run_counts_images_over_max_image_bytes_unreadable(tmp_path):
+    root = episode_root(tmp_path / "data")
+    size = (root / "ep_0001" / "step_0_TURN_LEFT.png").stat().st_size
+    state = ["--state-dir", str(tmp_path / "state")]
+    within = precompute("--data_root", str(root), "--dry-run", "--max-image-bytes", str(100 * size), *state)
+    over = precompute("--data_root", str(root), "--dry-run", "--max-image-bytes", str(size // 2), *state)
+    assert within.returncode == over.returncode == 0, within.stderr + over.stderr
+    assert "unreadable" not in within.stdout, within.stdout  # no problems line at all
+    assert f" {STEPS} unreadable image(s)" in over.stdout, over.stdout
+
+
 def test_a_job_whose_entries_would_not_fit_refuses_to_start_unless_forced(tmp_path, monkeypatch, capsys):
     root = episode_root(tmp_path / "data")
     monkeypatch.setattr(plan, "free_bytes", lambda path: 50_000)  # 12 entries need 98 kB

@@ -55,7 +55,7 @@ class RequestGuard:
             while True:
                 try:
                     message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11
                     await _refuse(send, 408, f"request body not received whole within {self.timeout_s:g} s")
                     return
                 if message["type"] != "http.request":

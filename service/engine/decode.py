@@ -7,7 +7,6 @@ valid (`skip_existing`), or that cannot be prepared, completes here.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -135,21 +134,17 @@ class DecodeStage:
 
     def _decode(self, job: Job) -> None:
         unit = job.unit
-        # Stat before decoding: an image rewritten meanwhile leaves an entry that is already stale.
-        job.sources = [source_record(t) for t in unit.targets]
+        # Each image stat-ed once, before decoding: one rewritten meanwhile leaves an entry already stale.
+        sources = {path: source_record(path) for path in dict.fromkeys([*unit.frames, *unit.targets])}
+        job.sources = [sources[t] for t in unit.targets]
         frames = self.spec.context_of(unit.frames)
-        job.contexts = [context_record(t, frames) for t in unit.targets]
-        job.frame_keys = [self._frame_key(path) for path in unit.frames]
+        job.contexts = [context_record(t, frames, sources) for t in unit.targets]
+        job.frame_keys = [(path, sources[path]["size"], sources[path]["mtime_ns"]) for path in unit.frames]
         images = [self._load_frame(key) for key in job.frame_keys]
         shapes = {tuple(im.shape) for im in images}
         if len(shapes) > 1:
             raise ValueError(f"the frames of a clip must share one size after preprocessing, got {sorted(shapes)}")
         job.images = torch.stack(images)  # [S, 3, H, W]
-
-    @staticmethod
-    def _frame_key(path: str) -> FrameKey:
-        st = os.stat(path)
-        return path, st.st_size, st.st_mtime_ns
 
     def _load_frame(self, key: FrameKey) -> torch.Tensor:
         spec = self.spec

@@ -126,6 +126,7 @@ class Engine:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.spec = spec
         self.max_batch_frames = max_batch_frames
+        self.max_image_bytes = max_image_bytes
         self.weights_dtype = weights_dtype(torch.device(devices[0]), spec.torch_dtype, fp32_weights)
         # Replicas: the first device's resident model copied to each further device in turn (one copy
         # at a time on the first GPU), compiled once all exist, so every GPU holds the same weights.

@@ -23,7 +23,8 @@ def precompute(req: PrecomputeRequest, c: Ready, runtime: Runtime) -> JobViewMod
     options = {"skip_existing": req.skip_existing, "data_path": req.data_path,
                "max_history_images": req.max_history_images, "data_files": req.data_files}
     if req.dry_run:  # the plan alone, computed here (a slow NFS root needs a patient client)
-        plan = plan_work(data_root, c.spec, runtime.roots, options).plan
+        plan = plan_work(data_root, c.spec, runtime.roots, options,
+                         max_image_bytes=runtime.settings.max_image_bytes).plan
         return JSONResponse({"dry_run": True, "spec_digest": c.spec.digest, "plan": plan.to_dict(),
                              "summary": plan.summary()})
     return _model(req.data_root, c.jobs.submit(data_root, verify=req.verify, force=req.force, **options))
