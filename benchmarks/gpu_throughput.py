@@ -58,6 +58,7 @@ from service.model import DEFAULT_SOURCE, LoadedModel  # noqa: E402
 from client.spec import PRESETS, preset_options  # noqa: E402
 from service.model.features import (compute_features, entry_features, feature_autocast, frame_patches,  # noqa: E402
                                     model_spec)
+from service.engine.device import is_out_of_memory  # noqa: E402
 from service.model.resident import compile_blocks, make_resident, weights_dtype  # noqa: E402
 from service.samples import DEFAULT_MAX_HISTORY  # noqa: E402
 
@@ -66,11 +67,6 @@ LAYERS = [-2]
 CLIP_PRESET = "newjanusvln"
 CLIP_FRAMES = DEFAULT_MAX_HISTORY + 1  # a sample's history and its current view
 GOAL_MFU = {"frame": 0.45, "janusvln": 0.35}  # on an H100/H200, frame mode at 518 px / causal clips at 644 px
-
-
-def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
 class Sweep:
@@ -131,6 +127,7 @@ class Sweep:
         model = self.model if model is None else model
         frames = frames or batch
         x = None
+        failure: dict | None = None
         try:
             if step is None:
                 x = torch.rand(batch, 1, 3, size, size, device=self.device)
@@ -141,13 +138,14 @@ class Sweep:
             with torch.inference_mode(), feature_autocast(self.device):
                 seconds = median_seconds(step, self.device, iters, self.args.warmup)
         except Exception as exc:  # the run is unattended: record, free, go on
-            if _is_oom(exc):
-                return self._record(row, status="oom")
-            return self._record(row, status="error", error=f"{type(exc).__name__}: {exc}",
-                                traceback=traceback.format_exc(limit=4))
-        finally:
-            x = None  # drop the input (the step's closure holds the name, not the tensor)
-            self._free()
+            failure = ({"status": "oom"} if is_out_of_memory(exc) else
+                       {"status": "error", "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(limit=4)})
+        # Freed after the except block: the exception's traceback holds the failed forward's activations.
+        x = None  # drop the input (the step's closure holds the name, not the tensor)
+        self._free()
+        if failure is not None:
+            return self._record(row, **failure)
         fps = frames / seconds
         flops = flops_per_frame or clip_flops(cfg, size, size, blocks)
         tflops = flops * fps / 1e12

@@ -22,7 +22,7 @@ from service.errors import CommandError
 from service.jobview import JobState, JobView
 from service.progress import follow_job
 from service.samples import DEFAULT_MAX_HISTORY
-from service.settings import ServiceSettings, parse_devices
+from service.settings import ServiceSettings, parse_devices, rank_device
 from service.specflags import spec_options
 
 log = logging.getLogger("vggt_cache")
@@ -138,7 +138,7 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     if world > 1 and not args.dry_run:
         _check_device(device)
         if device in ("cuda", "auto") and parse_devices(device) != ["cpu"]:
-            device = f"cuda:{local_rank}"  # under torchrun each rank drives its own GPU
+            device = rank_device(device, local_rank)  # under torchrun each rank drives its own GPU
     batch = args.batch_size or args.max_batch_frames
     state_dir = os.path.join(os.path.expanduser(args.state_dir), f"rank{rank}" if world > 1 else "")
     settings = _settings(args, device=device, max_batch_frames=batch, state_dir=state_dir)

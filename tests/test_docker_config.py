@@ -332,6 +332,24 @@ def test_dockerfile_environment():
     assert env["HF_HOME"].startswith("/home/app/")
 
 
+def test_compile_works_in_the_image_for_any_user():
+    # Triton builds its launcher with a C compiler, which a -runtime base lacks; its caches must be
+    # writable whatever --user the container runs as.
+    env = dockerfile_env()
+    install = next(r for r in dockerfile_instructions()["RUN"] if "apt-get install" in r)
+    assert re.search(r"\bgcc\b", install) and "libc6-dev" in install
+    cache = "/var/cache/vggt-cache-compile"
+    assert env["TRITON_CACHE_DIR"].startswith(cache + "/") and env["TORCHINDUCTOR_CACHE_DIR"].startswith(cache + "/")
+    assert f"chmod 1777 {cache}" in install
+    text = DOCKERFILE.read_text()
+    assert text.index("apt-get install") < text.index("USER app"), "installed as root, before the user switch"
+
+
+def test_cuda_allocator_uses_expandable_segments():
+    # Varying batch shapes and the out-of-memory halving fragment the caching allocator otherwise.
+    assert "expandable_segments:True" in dockerfile_env()["PYTORCH_CUDA_ALLOC_CONF"].split(",")
+
+
 # --- .dockerignore -------------------------------------------------------------------------------
 
 def _pattern(pattern: str) -> re.Pattern:

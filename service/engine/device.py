@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -42,6 +43,7 @@ class Device:
         self.busy = Window()
         self.launched: deque[Launched] = deque()  # forwards whose results have not reached the host yet
         self.last_end = 0.0  # when the last result reached the host
+        self.failed: str | None = None  # why the device was given up (a fatal CUDA error): it takes no more work
 
     @property
     def busy_since(self) -> float | None:
@@ -50,9 +52,12 @@ class Device:
 
     def memory(self) -> dict[str, int]:
         if self.is_cuda:
+            # Reserved: what the caching allocator holds (what nvidia-smi shows); peaks since the start.
             return {
                 "allocated_bytes": torch.cuda.memory_allocated(self.device),
                 "max_allocated_bytes": torch.cuda.max_memory_allocated(self.device),
+                "reserved_bytes": torch.cuda.memory_reserved(self.device),
+                "max_reserved_bytes": torch.cuda.max_memory_reserved(self.device),
             }
         return {"rss_bytes": process_rss()}
 
@@ -109,9 +114,12 @@ class DeviceStage:
                                         name=f"vggt-{dev.name}-results", daemon=True)
             finisher.start()
         try:
-            while (batch := self._scheduler.next_batch(lane)) is not None:
+            while dev.failed is None and (batch := self._scheduler.next_batch(lane)) is not None:
                 with self.lock:
                     self._in_flight.update(batch)
+                if dev.failed is not None:  # lost while this thread waited for the batch
+                    self._fail(batch, dev.failed)
+                    break
                 handed: set[Job] = set()  # launched: their results are on their way to the writers
                 try:
                     for launched in self._run_batch(dev, batch):
@@ -125,7 +133,8 @@ class DeviceStage:
                     self._fail([j for j in batch if j not in handed], describe(exc))
         finally:
             if finisher is not None:
-                finishing.put(None)
+                with contextlib.suppress(RuntimeError):  # a dead results thread needs no end marker
+                    self._hand_to_finisher(finishing, finisher, None)
                 finisher.join()
 
     def _run_batch(self, dev: Device, batch: list[Job]) -> Iterator[Launched]:
@@ -133,14 +142,18 @@ class DeviceStage:
         parts = [batch]
         while parts:
             part = parts.pop()
-            oom, error = False, None
+            oom, lost, error = False, False, None
             try:
                 launched = self._launch(dev, part)
             except Exception as exc:  # handled after the except block so its frames (activations) are freed
-                oom, error = _is_oom(exc), describe(exc)
+                oom, lost, error = is_out_of_memory(exc), is_device_lost(exc), describe(exc)
             if error is None:
                 yield launched
                 continue
+            if lost:
+                self._lose(dev, error)
+                self._fail([j for p in (part, *parts) for j in p], error)
+                return
             if oom:
                 dev.patches.clear()  # kept tokens must not cost the forward its memory
             if dev.is_cuda:
@@ -191,9 +204,26 @@ class DeviceStage:
         torch.stack(frames, out=staging)
         return staging.to(dev.device, non_blocking=True)
 
+    def _lose(self, dev: Device, error: str) -> None:
+        """Give `dev` up after a fatal error: it takes no more batches; the others take its lane's work.
+
+        Every later kernel on a device after e.g. an illegal memory access fails, so the device must not
+        look ready. With no device left, queued work fails now rather than waiting for a device forever.
+        """
+        with self.lock:
+            if dev.failed is not None:
+                return
+            dev.failed = f"device lost: {error}"
+            alive = [d for d in self.devices if d.failed is None]
+        log.error("%s is lost and takes no more work (%s); %s", dev.name, error,
+                  f"{len(alive)} device(s) go on" if alive else "no device is left: restart the service")
+        if not alive:
+            for job in self._scheduler.close():
+                self._fail([job], dev.failed)
+
     @staticmethod
     def _hand_to_finisher(finishing: queue.Queue[Launched | None], finisher: threading.Thread,
-                          launched: Launched) -> None:
+                          launched: Launched | None) -> None:
         while True:
             try:
                 finishing.put(launched, timeout=1.0)
@@ -211,6 +241,8 @@ class DeviceStage:
                 log.exception("Batch on %s failed", dev.name)
                 with self.lock:
                     dev.launched.remove(launched)
+                if is_device_lost(exc):
+                    self._lose(dev, describe(exc))
                 self._fail(launched.jobs, describe(exc))
                 continue
             try:
@@ -254,7 +286,8 @@ class DeviceStage:
                 if dev.busy_since is not None:
                     busy += now - max(dev.busy_since, since)
                 devices.append({"device": dev.name, "batches": dev.batches, "frames": dev.frames,
-                                "busy_fraction": round(min(busy / span, 1.0), 4), "memory": dev.memory()})
+                                "busy_fraction": round(min(busy / span, 1.0), 4), "failed": dev.failed,
+                                "memory": {} if dev.failed else dev.memory()})
             return {
                 "in_flight": len(self._in_flight),
                 "batches": sum(d["batches"] for d in devices),
@@ -266,11 +299,24 @@ class DeviceStage:
             }
 
 
-def _is_oom(exc: BaseException) -> bool:
+# Allocation failures that are not torch.cuda.OutOfMemoryError: cuBLAS/cuDNN/cuFFT workspaces, a kernel
+# launch's "CUDA error: out of memory", the CPU allocator's "can't allocate memory".
+_OOM_WORDS = ("out of memory", "alloc_failed", "can't allocate memory")
+# CUDA errors after which the context is unusable: every later kernel on the device fails too.
+_LOST_WORDS = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
+               "illegal instruction", "uncorrectable ecc", "cuda error: unknown error", "device has fallen off")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for an allocation failure, whatever library raised it: the batch may fit in halves."""
     if isinstance(exc, torch.cuda.OutOfMemoryError):
         return True
-    # The CPU allocator reports exhaustion as a plain RuntimeError.
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _OOM_WORDS)
+
+
+def is_device_lost(exc: BaseException) -> bool:
+    """True for a fatal (sticky) CUDA error: the device computes nothing more until the process restarts."""
+    return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _LOST_WORDS)
 
 
 def _copy_to_host(features: torch.Tensor, stream: torch.cuda.Stream) -> tuple[torch.Tensor, torch.cuda.Event]:

@@ -40,7 +40,7 @@ from service.engine.work import (SHUTDOWN_MESSAGE, EngineStopped, Job, Priority,
                                  fail_future)
 from service.engine.writer import WriterStage
 from service.model import LoadedModel
-from service.model.resident import compile_blocks, make_resident, weights_dtype
+from service.model.resident import compile_blocks, compile_counts, make_resident, weights_dtype
 from service.settings import ServiceSettings
 from service.units import Unit
 
@@ -133,6 +133,7 @@ class Engine:
         models = [make_resident(loaded.model, torch.device(devices[0]), self.weights_dtype)]
         for name in devices[1:]:
             models.append(make_resident(copy.deepcopy(models[0]), torch.device(name), self.weights_dtype))
+        self.compiled = compile
         if compile:
             for model in models:
                 compile_blocks(model, len(devices))
@@ -203,8 +204,14 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        """Running, with every device worker alive."""
-        return self._state is EngineState.RUNNING and all(t.is_alive() for t in self._device.threads)
+        """Running, with every device worker alive and no device lost."""
+        return (self._state is EngineState.RUNNING and all(t.is_alive() for t in self._device.threads)
+                and not self.lost_devices)
+
+    @property
+    def lost_devices(self) -> dict[str, str]:
+        """Device name -> why it was given up (a fatal CUDA error), for the probes."""
+        return {d.name: d.failed for d in self._device.devices if d.failed is not None}
 
     @property
     def stopped(self) -> bool:
@@ -315,6 +322,9 @@ class Engine:
             "history": {"interval_s": self._computed.interval_s, "computed_per_s": computed},
             "window_s": STATS_WINDOW_S,
             "max_batch_frames": self.max_batch_frames,
+            # Each new clip length or batch shape compiles anew on the device thread (seconds to a minute for
+            # VGGT-1B): graphs growing while serving explain a slow batch.
+            "compile": compile_counts() if self.compiled else None,
         }
 
 

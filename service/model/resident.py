@@ -52,7 +52,19 @@ def compile_blocks(model: VGGTAggregator, devices: int = 1) -> VGGTAggregator:
     """
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _VARIANTS_PER_DEVICE * devices)
+    # torch < 2.6 names the limit cache_size_limit (later versions keep that name as an alias).
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), _VARIANTS_PER_DEVICE * devices))
     for block in (*model.patch_embed.blocks, *model.frame_blocks, *model.global_blocks):
         block.compile()
     return model
+
+
+def compile_counts() -> dict[str, int]:
+    """Dynamo's counts, process-wide: graphs compiled (one per block kind, shape and device), and frames it
+    could not compile (each falls back to eager)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"],
+            "frames_compiled": counters["frames"]["ok"],
+            "frames_not_compiled": counters["frames"]["total"] - counters["frames"]["ok"]}

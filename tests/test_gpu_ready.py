@@ -1,0 +1,194 @@
+"""What the first run on a GPU node relies on, tested as far as a CPU can (issue 23, issue 19 item 3).
+
+Device counts are faked through `torch.cuda.device_count`; CUDA errors are raised on the CPU by the
+engine's before_forward hook with the messages CUDA gives; `benchmarks/gpu_check.sh --cpu-smoke` runs
+the GPU node's check end to end on the tiny model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import uvicorn
+
+from client.http import wait_until_ready
+from client.spec import resolve_options
+from client.wire import decode_features
+from service.api import create_app
+from service.demo import free_port
+from service.engine.device import is_device_lost, is_out_of_memory
+from service.model import load_aggregator
+from service.runtime import ServiceRuntime
+from service.settings import ServiceSettings, parse_devices, rank_device
+from service_helpers import READY_TIMEOUT_S, REPO, TINY_MODEL, poll, write_images
+from test_cli_errors import cli, one_error
+
+ILLEGAL_ACCESS = ("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+                  "asynchronously reported at some other API call")
+
+
+@pytest.fixture
+def gpus(monkeypatch: pytest.MonkeyPatch):
+    """fake(n): this process sees n CUDA devices."""
+    def fake(n: int) -> None:
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+    return fake
+
+
+# --- devices: one line for a device this machine lacks (issue 19 item 3, issue 23 item 3) -----------------
+
+def test_device_indices_past_the_visible_count_or_named_twice_are_refused(gpus) -> None:
+    gpus(2)
+    assert parse_devices("cuda:1") == ["cuda:1"] and parse_devices("cuda:1,0") == ["cuda:1", "cuda:0"]
+    with pytest.raises(ValueError, match=r"shows 2 CUDA device\(s\), cuda:0 to cuda:1, not cuda:3"):
+        parse_devices("cuda:0,3")
+    with pytest.raises(ValueError, match="names cuda:0 more than once"):
+        parse_devices("cuda:0,0")
+    gpus(0)
+    for device in ("cuda:0", "cuda:3", "cuda"):
+        with pytest.raises(ValueError, match=f"--device {device}: no CUDA device is visible"):
+            parse_devices(device)
+
+
+def test_a_rank_shown_one_gpu_takes_cuda_0(gpus) -> None:
+    # Slurm --gpus-per-task=1: each rank sees its own GPU as cuda:0, whatever its LOCAL_RANK.
+    gpus(1)
+    assert [rank_device("cuda", r) for r in range(3)] == ["cuda:0"] * 3
+    gpus(4)
+    assert [rank_device("auto", r) for r in (0, 3, 5)] == ["cuda:0", "cuda:3", "cuda:1"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("command, device", [("serve", "cuda:0"), ("serve", "cuda:0,0"),
+                                             ("precompute", "cuda:3")])
+def test_a_cuda_index_on_a_machine_without_one_is_one_line_before_serving(command: str, device: str,
+                                                                          tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    write_images(root, ["a.png"])
+    args = (("--allowed-root", str(root), "--model", str(TINY_MODEL), "--port", str(free_port()))
+            if command == "serve" else ("--data_root", str(root), "--vggt_model_path", str(TINY_MODEL)))
+    run = cli(command, *args, "--device", device, "--state-dir", str(tmp_path / "state"))
+    one_error(run, f"--device {device}: no CUDA device is visible (use --device cpu)")
+    assert "Loading VGGT model" not in run.stdout and "Serving on" not in run.stdout
+
+
+# --- out of memory, whoever says it (issue 23 item 4) ----------------------------------------------------
+
+@pytest.mark.parametrize("exc", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    RuntimeError("CUDA error: out of memory"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory"),
+])
+def test_every_allocation_failure_is_out_of_memory(exc: BaseException) -> None:
+    assert is_out_of_memory(exc) and not is_device_lost(exc)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("shape '[2, 3]' is invalid for input of size 5"),
+                                 ValueError("out of memory"), RuntimeError(ILLEGAL_ACCESS)])
+def test_other_errors_are_not_out_of_memory(exc: BaseException) -> None:
+    assert not is_out_of_memory(exc)
+
+
+def test_the_benchmark_and_the_engine_share_the_predicate() -> None:
+    text = (REPO / "benchmarks" / "gpu_throughput.py").read_text()
+    assert "from service.engine.device import is_out_of_memory" in text and "_is_oom" not in text
+
+
+# --- a lost device (issue 23 item 5) ----------------------------------------------------------------------
+
+class LoseDevice:
+    """before_forward: the first forward ends as an illegal memory access does; later ones are counted."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, batch: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 1:
+            raise RuntimeError(ILLEGAL_ACCESS)
+
+
+@contextlib.contextmanager
+def service_in_process(root: Path, state_dir: Path, hook: LoseDevice) -> Iterator[str]:
+    """A real uvicorn server on 127.0.0.1 in this process, so the test can break its device."""
+    port = free_port()
+    settings = ServiceSettings(model=str(TINY_MODEL), device="cpu", port=port, allowed_roots=[str(root)],
+                               state_dir=str(state_dir), spec=resolve_options(None, size=56), max_batch_frames=1)
+    server = uvicorn.Server(uvicorn.Config(create_app(ServiceRuntime(settings, before_forward=hook)),
+                                           host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until_ready(url, READY_TIMEOUT_S, is_alive=thread.is_alive)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        assert not thread.is_alive(), "the service did not stop after its device was lost"
+
+
+def test_a_device_lost_to_a_fatal_cuda_error_is_not_ready_and_says_why(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    images = [str(p) for p in write_images(root, ["a.png", "b.png"])]
+    hook = LoseDevice()
+    with service_in_process(root, tmp_path / "state", hook) as url, httpx.Client(base_url=url, timeout=60) as http:
+        first = http.post("/features", json={"images": images[:1]})
+        item = decode_features(first.content)[0][0]
+        assert item["status"] == "failed" and "illegal memory access" in item["error"], item
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["state"] == "device lost"
+        health = http.get("/healthz")  # the only device: nothing will recover without a restart
+        assert health.status_code == 503 and "cpu: device lost: RuntimeError: CUDA error" in health.json()["error"]
+        device = http.get("/status").json()["engine"]["devices"][0]
+        assert device["failed"].startswith("device lost: RuntimeError: CUDA error: an illegal memory access")
+        second = http.post("/features", json={"images": images[1:]})
+        assert second.status_code == 503, second.text
+    assert hook.calls == 1, "a lost device ran another forward"
+
+
+def test_a_lost_device_hands_later_work_to_the_others(tmp_path: Path) -> None:
+    from service.engine import Engine
+    from service.units import Unit
+    from test_engine import images, make_spec
+
+    loaded = load_aggregator(str(TINY_MODEL))
+    hook = LoseDevice()
+    with Engine(loaded, make_spec(loaded), devices=["cpu", "cpu"], max_batch_frames=1, before_forward=hook) as engine:
+        first = engine.submit([Unit.frame(images(tmp_path / "a", 1)[0])])[0].result(timeout=60)
+        assert first.entries[0].status == "failed"
+        assert not engine.ready and list(engine.lost_devices.values())[0].startswith("device lost")
+        later = [f.result(timeout=60) for f in engine.submit([Unit.frame(p) for p in images(tmp_path / "b", 4)])]
+        assert [r.entries[0].status for r in later] == ["computed"] * 4
+        lost, alive = sorted(engine.stats()["devices"], key=lambda d: d["failed"] is None)
+        assert lost["batches"] == 0 and alive["batches"] == 4
+
+
+# --- the GPU check, rehearsed on the CPU (issue 23 item 7) ------------------------------------------------
+
+@pytest.mark.gpu_check_smoke
+def test_gpu_check_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path: Path) -> None:
+    out = tmp_path / "check"
+    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", str(out)], cwd=REPO,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-4000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] is True, summary
+    assert {s["name"] for s in summary["steps"]} >= {"model", "serve", "precompute", "precompute-rerun",
+                                                     "throughput"}
+    assert all(s["rc"] == 0 for s in summary["steps"]), summary["steps"]
+    assert summary["serve"]["images_per_s"] > 0 and summary["serve"]["entry_status"] == "computed"
+    assert summary["precompute"]["rerun_computed"] == 0 and summary["precompute"]["computed"] > 0
+    assert summary["throughput"]["best_frames_per_s"] > 0
+    for step in summary["steps"]:
+        assert (out / step["log"]).is_file()
