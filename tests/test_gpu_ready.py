@@ -174,6 +174,34 @@ def test_a_lost_device_hands_later_work_to_the_others(tmp_path: Path) -> None:
         assert lost["batches"] == 0 and alive["batches"] == 4
 
 
+# --- what /status says of the device (issue 23 items 2 and 6) ---------------------------------------------
+
+def test_compile_counts_grow_with_each_new_shape() -> None:
+    # Each clip length compiles anew: /status's engine.compile shows it (graphs growing while serving).
+    from service.model.resident import compile_counts
+
+    before = compile_counts()
+    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    for frames in (1, 2, 3):
+        double(torch.zeros(1, frames, 3))
+    after = compile_counts()
+    assert after["graphs"] - before["graphs"] >= 3 and after["frames_not_compiled"] == before["frames_not_compiled"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA memory counters need a GPU (benchmarks/gpu_check.sh)")
+def test_cuda_memory_in_status_has_reserved_and_peaks(tmp_path: Path) -> None:
+    from service.engine import Engine
+    from service.units import Unit
+    from test_engine import images, make_spec
+
+    loaded = load_aggregator(str(TINY_MODEL))
+    with Engine(loaded, make_spec(loaded), devices=["cuda:0"]) as engine:
+        engine.submit([Unit.frame(images(tmp_path, 1)[0])])[0].result(timeout=120)
+        memory = engine.stats()["devices"][0]["memory"]
+    assert memory["max_reserved_bytes"] >= memory["reserved_bytes"] >= memory["allocated_bytes"] > 0
+    assert memory["max_allocated_bytes"] >= memory["allocated_bytes"]
+
+
 # --- the GPU check, rehearsed on the CPU (issue 23 item 7) ------------------------------------------------
 
 @pytest.mark.gpu_check_smoke
