@@ -188,6 +188,25 @@ def test_compile_counts_grow_with_each_new_shape() -> None:
     assert after["graphs"] - before["graphs"] >= 3 and after["frames_not_compiled"] == before["frames_not_compiled"]
 
 
+def test_a_batch_that_compiles_is_logged_with_its_shape(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Stands in for a compiled block meeting a new clip length: the hook compiles once per new shape.
+    from service.engine import Engine
+    from service.units import Unit
+    from test_engine import images, make_spec
+
+    double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
+    loaded = load_aggregator(str(TINY_MODEL))
+    with caplog.at_level("WARNING", logger="vggt_cache"), \
+            Engine(loaded, make_spec(loaded, attention="causal"), max_batch_frames=3,
+                   before_forward=lambda batch: double(batch[:, :, :1, :1, :1])) as engine:
+        frames = images(tmp_path, 3)
+        for clip in ([frames[0]], frames[:2], frames[:2]):  # two new clip lengths, then a known one
+            engine.submit([Unit.causal(clip)])[0].result(timeout=60)
+    compiles = [r.getMessage() for r in caplog.records if "compiled" in r.getMessage()]
+    assert len(compiles) == 2, compiles
+    assert compiles[1].startswith("cpu compiled 1 new graph(s) for a batch of 1 unit(s) of 2 frame(s)")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA memory counters need a GPU (benchmarks/gpu_check.sh)")
 def test_cuda_memory_in_status_has_reserved_and_peaks(tmp_path: Path) -> None:
     from service.engine import Engine

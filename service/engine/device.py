@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import sys
 import threading
 import time
 from collections import deque
@@ -121,6 +122,7 @@ class DeviceStage:
                     self._fail(batch, dev.failed)
                     break
                 handed: set[Job] = set()  # launched: their results are on their way to the writers
+                graphs, started = _compiled_graphs(), time.monotonic()
                 try:
                     for launched in self._run_batch(dev, batch):
                         handed.update(launched.jobs)
@@ -131,6 +133,7 @@ class DeviceStage:
                 except Exception as exc:  # a bug here must fail the batch, not kill the device worker
                     log.exception("Batch on %s failed", dev.name)
                     self._fail([j for j in batch if j not in handed], describe(exc))
+                _log_compiles(dev, batch, _compiled_graphs() - graphs, time.monotonic() - started)
         finally:
             if finisher is not None:
                 with contextlib.suppress(RuntimeError):  # a dead results thread needs no end marker
@@ -317,6 +320,20 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def is_device_lost(exc: BaseException) -> bool:
     """True for a fatal (sticky) CUDA error: the device computes nothing more until the process restarts."""
     return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _LOST_WORDS)
+
+
+def _compiled_graphs() -> int:
+    """Graphs Dynamo compiled so far in this process (0 before anything was compiled: Dynamo not imported)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return utils.counters["stats"]["unique_graphs"] if utils is not None else 0
+
+
+def _log_compiles(dev: Device, batch: list[Job], new: int, seconds: float) -> None:
+    # A compile runs on the device thread and holds the device (tens of seconds for VGGT-1B): say which
+    # shape caused it, so a slow batch in the log is explained and the shapes to warm up are known.
+    if new > 0:
+        log.warning("%s compiled %d new graph(s) for a batch of %d unit(s) of %d frame(s) in %.1f s",
+                    dev.name, new, len(batch), batch[0].n_frames, seconds)
 
 
 def _copy_to_host(features: torch.Tensor, stream: torch.cuda.Stream) -> tuple[torch.Tensor, torch.cuda.Event]:
