@@ -27,7 +27,7 @@ from service.samples import DEFAULT_MAX_HISTORY  # noqa: E402
 
 EPISODE_STEPS = 24
 CLIP_FRAMES = DEFAULT_MAX_HISTORY + 1  # a JanusVLN sample: 8 history frames and the current view
-READY_TIMEOUT_S = 240.0  # VGGT-1B read from local disk onto the GPU
+READY_TIMEOUT_S = 100.0  # VGGT-1B read from local disk onto the GPU (the serve step has 120 s)
 STEPS = ("model", "serve", "precompute", "precompute-rerun", "throughput")
 
 
