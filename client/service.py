@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import stat
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +23,7 @@ from client.wire import decode_features
 
 ENV_PREFIX = "VGGT_CACHE_"  # the service's settings as environment variables: VGGT_CACHE_<FLAG>
 TOKEN_ENV = ENV_PREFIX + "API_TOKEN"
+MAX_TOKEN_FILE_BYTES = 4096
 
 Features = tuple[list[dict], dict[str, torch.Tensor]]  # /features items (each with its "request"), tensors
 
@@ -52,6 +55,21 @@ def spec_of_status(body: Any) -> FeatureSpec:
 def resolve_token(given: str | None = None) -> str | None:
     """The bearer token: `given`, else `$VGGT_CACHE_API_TOKEN`; empty means none."""
     return (given if given is not None else os.environ.get(TOKEN_ENV)) or None
+
+
+def read_token_file(path: str) -> str:
+    """The token in `path` (surrounding whitespace stripped); a file that is not regular, too large or holds no
+    token is a ValueError. A file others may read is allowed (docker secrets are 0444) but logged."""
+    from client.safeopen import open_regular
+
+    with open_regular(path, max_bytes=MAX_TOKEN_FILE_BYTES) as f:
+        mode = os.fstat(f.fileno()).st_mode
+        token = f.read().decode("utf-8").strip()
+    if not token:
+        raise ValueError("the file holds no token (it is empty or blank)")
+    if mode & stat.S_IROTH:
+        logging.getLogger("vggt_cache").warning("the API token file %s is readable by every user: chmod 600 it", path)
+    return token
 
 
 def features_payload(clips: Sequence[Sequence[str]], as_images: bool, wait: bool = True,
@@ -139,4 +157,4 @@ class AsyncServiceClient(_Base):
 
 
 __all__ = ["AsyncServiceClient", "ServiceClient", "ServiceError", "TOKEN_ENV", "as_spec",
-           "features_payload", "resolve_token", "spec_of_status"]
+           "features_payload", "read_token_file", "resolve_token", "spec_of_status"]

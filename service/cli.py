@@ -86,10 +86,18 @@ def add_device_flag(p: argparse.ArgumentParser) -> None:
                    help="auto (every visible GPU, else the CPU), cpu, cuda (all GPUs), cuda:0 or cuda:0,1")
 
 
+def add_token_flags(p: argparse.ArgumentParser, what: str) -> None:
+    # No default from the environment here: commands.api_token tells a token on the command line (seen by
+    # every local user in `ps`) from the safe ways, the file and the variable.
+    p.add_argument("--api-token", "--api_token", default=None,
+                   help=f"{what} (visible to other users in `ps`: prefer --api-token-file or ${TOKEN_ENV})")
+    p.add_argument("--api-token-file", default=_env("API_TOKEN_FILE"), metavar="PATH",
+                   help=f"read the token from this file (or ${ENV_PREFIX}API_TOKEN_FILE); else ${TOKEN_ENV}")
+
+
 def add_server_flags(p: argparse.ArgumentParser, default: str | None, help: str) -> None:
     p.add_argument("--server", default=default, help=help)
-    p.add_argument("--api-token", "--api_token", default=os.environ.get(TOKEN_ENV),
-                   help=f"bearer token of a service started with --api-token (default: ${TOKEN_ENV})")
+    add_token_flags(p, "bearer token of a service started with a token")
 
 
 def _history(text: str) -> int:
@@ -136,9 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                        default=roots or None, required=not roots,
                        help=f"folder the service may read and write (repeatable; or ${ENV_PREFIX}ALLOWED_ROOT, "
                             "colon-separated)")
-    serve.add_argument("--api-token", "--api_token", default=os.environ.get(TOKEN_ENV),
-                       help="require 'Authorization: Bearer <token>' on every route but the health probes "
-                            f"(default: ${TOKEN_ENV}, else none)")
+    add_token_flags(serve, "require 'Authorization: Bearer <token>' on every route but the health probes")
     serve.add_argument("--max-items-per-request", type=int,
                        default=int(_env("MAX_ITEMS_PER_REQUEST", str(_DEFAULTS.max_items_per_request))),
                        help="images per /features request; more is a 413")
@@ -147,6 +153,21 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", str(_DEFAULTS.body_timeout_s))),
                        help="seconds a request body may take to arrive whole; past it the request is refused (408) "
                             "and its connection closed")
+    serve.add_argument("--header-timeout", type=float,
+                       default=float(_env("HEADER_TIMEOUT", str(_DEFAULTS.header_timeout_s))),
+                       help="seconds a connection may go without a request's complete headers (from its opening or "
+                            "its last response); past it the connection is closed")
+    serve.add_argument("--max-connections", type=int,
+                       default=int(_env("MAX_CONNECTIONS", str(_DEFAULTS.max_connections))),
+                       help="open connections at most (lowered to fit the descriptor limit); a new one closes the "
+                            "oldest idle one, or is answered 503")
+    serve.add_argument("--max-plans", type=int, default=int(_env("MAX_PLANS", str(_DEFAULTS.max_plans))),
+                       help="dry runs (plans) computed at once; more are answered 429 with Retry-After")
+    serve.add_argument("--allowed-host", action="append", dest="allowed_hosts", metavar="NAME",
+                       default=[h for h in (_env("ALLOWED_HOST") or "").split(",") if h.strip()],
+                       help="a host name clients address the service by, besides IP addresses, localhost and "
+                            "(with a non-loopback --host) this machine's names (repeatable; or "
+                            f"${ENV_PREFIX}ALLOWED_HOST, comma-separated; '*': any)")
     add_engine_flags(serve)
     add_spec_flags(serve)
 

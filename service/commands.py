@@ -87,20 +87,45 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def api_token(args: argparse.Namespace) -> str | None:
+    """The bearer token: `--api-token-file`, else `--api-token` (with a warning: `ps` shows it), else the variable."""
+    from client.service import TOKEN_ENV, read_token_file
+
+    if args.api_token is not None and args.api_token_file:
+        raise CommandError("give --api-token or --api-token-file, not both")
+    if args.api_token_file:
+        try:
+            return read_token_file(args.api_token_file)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"--api-token-file {args.api_token_file}: {exc}") from None
+    if args.api_token is not None:
+        log.warning("--api-token on the command line can be read by every user of this machine (ps): put it in a "
+                    "file readable by you alone (--api-token-file) or in $%s", TOKEN_ENV)
+        return args.api_token
+    return os.environ.get(TOKEN_ENV)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from service.api import create_app
+    from service.api.connections import ACCEPT_BACKLOG, connection_cap, guarded_protocol, raise_descriptor_limit
     from service.runtime import ServiceRuntime
 
     settings = _settings(args, host=args.host, port=args.port, allowed_roots=args.allowed_roots,
-                         api_token=args.api_token, max_items_per_request=args.max_items_per_request,
-                         max_pending_units=args.max_pending, body_timeout_s=args.body_timeout)
+                         api_token=api_token(args), max_items_per_request=args.max_items_per_request,
+                         max_pending_units=args.max_pending, body_timeout_s=args.body_timeout,
+                         header_timeout_s=args.header_timeout, max_connections=args.max_connections,
+                         max_plans=args.max_plans, allowed_hosts=args.allowed_hosts)
     _check_device(settings.device)
     try:
         runtime = ServiceRuntime(settings)
     except ValueError as exc:  # settings that cannot be meant (ServiceSettings.check)
         raise CommandError(str(exc)) from None
+    # Idle connections must not take the descriptors the engine needs for images and entries.
+    protocol = guarded_protocol(AutoHTTPProtocol, settings.header_timeout_s,
+                                connection_cap(settings.max_connections, raise_descriptor_limit()))
     sock = listen(settings.host, settings.port)  # before the model loads: a port in use is said at once
     settings.port = sock.getsockname()[1]
     app = create_app(runtime)  # its lifespan starts the runtime and, when uvicorn shuts down, stops it
@@ -111,7 +136,8 @@ def serve(args: argparse.Namespace) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
     uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                  access_log=False, lifespan="on")).run(sockets=[sock])
+                                  access_log=False, lifespan="on", http=protocol,
+                                  backlog=ACCEPT_BACKLOG)).run(sockets=[sock])
     log.info("Stopped")
     return 0
 
@@ -247,7 +273,7 @@ def _client(args: argparse.Namespace, **options: object):
     from client.service import ServiceClient
 
     try:
-        return ServiceClient(args.server, args.api_token, **options)
+        return ServiceClient(args.server, api_token(args), **options)
     except ValueError as exc:
         raise CommandError(f"--server {args.server}: {exc}") from None
 

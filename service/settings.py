@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from dataclasses import dataclass, field
 
 from client.spec import positive_int
@@ -48,6 +49,17 @@ class ServiceSettings:
     body_timeout_s: float = 30.0
     # Request bodies buffered at once, all requests together; past it a request is a 503 (memory stays bounded).
     body_buffer_bytes: int = 16 * 1024 * 1024
+    # Connections and admission (issue 18). A connection must deliver a request's headers within this long of
+    # opening or of its last response, else it is closed (uvicorn's keep-alive timer misses a silent connection).
+    header_timeout_s: float = 10.0
+    # Open connections at most (lowered at start to fit the descriptor limit); a new one past it closes the
+    # oldest idle one, or is answered 503 when none is idle.
+    max_connections: int = 1000
+    # Plans (`POST /precompute` with dry_run) computed at once; more are answered 429 with Retry-After.
+    max_plans: int = 2
+    # Host header names accepted besides IP addresses, `localhost` and (bound to a non-loopback address) this
+    # machine's names: a DNS-rebinding page sends its own name. "*": any.
+    allowed_hosts: list[str] = field(default_factory=list)
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot be meant: checked before the service starts."""
@@ -57,12 +69,17 @@ class ServiceSettings:
         for flag, value in (("--max-items-per-request", self.max_items_per_request),
                             ("--max-pending", self.max_pending_units), ("--max-batch-frames", self.max_batch_frames),
                             ("--decode-workers", self.decode_workers), ("--write-workers", self.write_workers),
-                            ("--max-image-bytes", self.max_image_bytes), ("max_body_bytes", self.max_body_bytes)):
+                            ("--max-image-bytes", self.max_image_bytes), ("max_body_bytes", self.max_body_bytes),
+                            ("--max-connections", self.max_connections), ("--max-plans", self.max_plans)):
             positive_int(flag, value)
         if isinstance(self.patch_cache_mb, bool) or not isinstance(self.patch_cache_mb, int) or self.patch_cache_mb < 0:
             raise ValueError(f"--patch-cache-mb must be zero or more, got {self.patch_cache_mb!r}")
         if not self.body_timeout_s > 0:
             raise ValueError(f"--body-timeout must be a positive number of seconds, got {self.body_timeout_s!r}")
+        if not self.header_timeout_s > 0:
+            raise ValueError(f"--header-timeout must be a positive number of seconds, got {self.header_timeout_s!r}")
+        if any(not h.strip() or any(c in h for c in "/:@ ") for h in self.allowed_hosts):
+            raise ValueError(f"--allowed-host takes a host name without port or scheme, got {self.allowed_hosts!r}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be zero or more, got {self.max_wait_ms!r}")
         if self.body_buffer_bytes < self.max_body_bytes:
@@ -75,6 +92,21 @@ class ServiceSettings:
             return [f"listening on {self.host}, not a loopback address, without an API token: anyone who can "
                     "reach the port can read features and start jobs (set --api-token)"]
         return []
+
+
+def host_names(settings: ServiceSettings) -> frozenset[str] | None:
+    """The names a request's Host may give (IP addresses are always accepted); None: any name.
+
+    A page rebound to our address by DNS sends its own name, never an address: names are what to check.
+    Bound to a non-loopback address, the machine's own names are how other hosts reach it.
+    """
+    given = {h.strip().lower().rstrip(".") for h in settings.allowed_hosts}
+    if "*" in given:
+        return None
+    names = {"localhost", settings.host.lower(), *given}
+    if not is_loopback(settings.host):
+        names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
+    return frozenset(names)
 
 
 def is_loopback(host: str) -> bool:

@@ -67,8 +67,11 @@ class RunningService:
         return int(sum(float(value) for labels, value in pattern.findall(text) if f'route="{route}"' in labels))
 
 
-def start_service(root: str | os.PathLike, *extra_args: str, ready_timeout: float = READY_TIMEOUT_S) -> RunningService:
-    """Start `vggt-cache serve` on a free port with `root` allowed, and wait for /readyz."""
+def start_service(root: str | os.PathLike, *extra_args: str, ready_timeout: float = READY_TIMEOUT_S,
+                  preexec_fn: Callable[[], None] | None = None) -> RunningService:
+    """Start `vggt-cache serve` on a free port with `root` allowed, and wait for /readyz.
+
+    `preexec_fn` runs in the child before the service (e.g. to lower its resource limits)."""
     root = os.fspath(root)
     for _ in range(3):  # the free port can be taken between probing and binding
         port = free_port()
@@ -79,7 +82,7 @@ def start_service(root: str | os.PathLike, *extra_args: str, ready_timeout: floa
                "--host", "127.0.0.1", "--port", str(port), "--allowed-root", root,
                "--state-dir", state_dir, "--size", "56", *extra_args]
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=preexec_fn)
         service = RunningService(f"http://127.0.0.1:{port}", proc, root, state_dir, log_path, log)
         if wait_until_ready(service.url, ready_timeout, is_alive=lambda: service.proc.poll() is None):
             return service

@@ -186,7 +186,7 @@ def answer_of(sock: socket.socket, timeout: float = HANG_S) -> tuple[int | None,
 
 
 def request_head(path: str, *headers: str) -> bytes:
-    lines = [f"POST {path} HTTP/1.1", "Host: test", "Content-Type: application/json", *headers]
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json", *headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
+from service.api.connections import AcceptErrors
 from service.api.errors import register_errors
-from service.api.limits import RequestGuard
+from service.api.limits import Admission, RequestGuard
 from service.api.metrics import Metrics
 from service.api.routes import features, jobs, probes, status
 from service.runtime import ServiceRuntime
+from service.settings import host_names
 
 
 def create_app(runtime: ServiceRuntime) -> FastAPI:
@@ -20,6 +23,7 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        asyncio.get_running_loop().set_exception_handler(AcceptErrors())  # a line a minute, not a traceback a try
         runtime.start(background=True)  # probes answer while VGGT-1B is read from disk
         try:
             yield
@@ -36,8 +40,10 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
                   openapi_url="/openapi.json" if open_docs else None, redirect_slashes=False)
     app.state.runtime = runtime
     app.state.metrics = metrics = Metrics(runtime)
+    app.state.plans = Admission(settings.max_plans, "plans (dry runs)")
     app.add_middleware(RequestGuard, token=settings.api_token, max_bytes=settings.max_body_bytes,
-                       timeout_s=settings.body_timeout_s, buffer_bytes=settings.body_buffer_bytes)
+                       timeout_s=settings.body_timeout_s, buffer_bytes=settings.body_buffer_bytes,
+                       hosts=host_names(settings))
     app.middleware("http")(metrics.observe_request)
     register_errors(app)
     for module in (probes, status, features, jobs):

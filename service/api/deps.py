@@ -7,19 +7,25 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from service.api.errors import NotReady
+from service.api.limits import Admission
 from service.api.metrics import Metrics
 from service.runtime import Components, ServiceRuntime
 
 
-def _runtime(request: Request) -> ServiceRuntime:
+# async: FastAPI runs a plain `def` dependency in the thread pool, which a probe must never wait for.
+async def _runtime(request: Request) -> ServiceRuntime:
     return request.app.state.runtime
 
 
-def _metrics(request: Request) -> Metrics:
+async def _metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def _components(runtime: Annotated[ServiceRuntime, Depends(_runtime)]) -> Components:
+async def _plans(request: Request) -> Admission:
+    return request.app.state.plans
+
+
+async def _components(runtime: Annotated[ServiceRuntime, Depends(_runtime)]) -> Components:
     if runtime.components is None:
         raise NotReady(f"model failed to load: {runtime.load_error}" if runtime.load_error
                        else "model is still loading")
@@ -29,3 +35,4 @@ def _components(runtime: Annotated[ServiceRuntime, Depends(_runtime)]) -> Compon
 Runtime = Annotated[ServiceRuntime, Depends(_runtime)]
 Ready = Annotated[Components, Depends(_components)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
+Plans = Annotated[Admission, Depends(_plans)]

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.limits import Busy
 from service.engine import EngineStopped, QueueFull
 from service.errors import UnusableInput
 from service.paths import PathNotAllowed, printable
@@ -46,6 +47,10 @@ def register_errors(app: FastAPI) -> None:
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
         return _error(429, f"{exc}; retry shortly", {"Retry-After": "1"})
+
+    @app.exception_handler(Busy)
+    async def busy(request: Request, exc: Busy) -> JSONResponse:
+        return _error(429, str(exc), {"Retry-After": "5"})
 
     @app.exception_handler(EngineStopped)
     async def stopped(request: Request, exc: EngineStopped) -> JSONResponse:

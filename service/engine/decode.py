@@ -19,7 +19,7 @@ from client.spec import Attention, FeatureSpec
 from client.wire import EntryStatus
 from service.engine.scheduler import Scheduler
 from service.engine.work import (SHUTDOWN_MESSAGE, Complete, EngineStopped, EntryResult, FrameKey, Job, UnitResult,
-                                 describe, fail_future, failed_result)
+                                 describe, fail_future, failed_result, when_descriptors_free)
 from service.preprocess import load_image, preprocess
 
 log = logging.getLogger("vggt_cache")
@@ -107,7 +107,7 @@ class DecodeStage:
             try:
                 result = self._cached_result(job) if job.skip_existing else None
                 if result is None:
-                    self._decode(job)
+                    when_descriptors_free(lambda: self._decode(job), f"decoding {job.unit.targets[-1]}")
             except Exception as exc:  # ImageError, a missing file, ...: this unit only
                 result = failed_result(job.unit, describe(exc))
                 log.warning("Cannot prepare %s: %s", job.unit.targets[-1], result.entries[0].error)

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import errno
+import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import TypeVar
 
 import torch
 
 from client.wire import EntryStatus
 from service.units import Unit
 
+log = logging.getLogger("vggt_cache")
+T = TypeVar("T")
 SHUTDOWN_MESSAGE = "service shutting down"
+# Pauses before each retry of a step that ran out of descriptors (EMFILE/ENFILE): 15.5 s in all, so a
+# passing flood of connections (closed by their header deadline within seconds) fails nothing.
+DESCRIPTOR_PAUSES_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 FrameKey = tuple[str, int, int]  # a decoded frame: path, size, mtime_ns (a rewritten image is another key)
 
 
@@ -96,3 +105,26 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, (ValueError, OSError)):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def out_of_descriptors(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it was raised from, is EMFILE or ENFILE (the process or the system is full)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.EMFILE, errno.ENFILE):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def when_descriptors_free(step: Callable[[], T], what: str) -> T:
+    """`step()`, run again after a pause while it fails for want of descriptors; the last failure is raised."""
+    for pause in DESCRIPTOR_PAUSES_S:
+        try:
+            return step()
+        except Exception as exc:
+            if not out_of_descriptors(exc):
+                raise
+            log.warning("Out of file descriptors %s; retrying in %g s", what, pause)
+        time.sleep(pause)  # a pause, not synchronisation: descriptors come back as connections close
+    return step()

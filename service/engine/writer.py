@@ -12,7 +12,7 @@ import torch
 from client.cachefile import Outcome, read_entry, write_entry
 from client.spec import Attention, FeatureSpec
 from client.wire import EntryStatus
-from service.engine.work import Complete, EntryResult, Job, UnitResult, describe, failed_result
+from service.engine.work import Complete, EntryResult, Job, UnitResult, describe, failed_result, when_descriptors_free
 
 log = logging.getLogger("vggt_cache")
 
@@ -71,7 +71,9 @@ class WriterStage:
                 # Own storage: a result must not pin the whole batch (and write_entry need not copy).
                 entry = features[index].clone()
                 try:
-                    write_entry(target, entry, self.spec, grid, job.sources[i], job.contexts[i], roots=self.roots)
+                    when_descriptors_free(lambda: write_entry(target, entry, self.spec, grid, job.sources[i],
+                                                              job.contexts[i], roots=self.roots),
+                                          f"writing the entry of {target}")
                     if job.verify:
                         self._verify(target, entry, unit.frames)
                 except Exception as exc:

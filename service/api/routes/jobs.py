@@ -5,18 +5,28 @@ from __future__ import annotations
 import os
 
 from fastapi import APIRouter, HTTPException
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from service.api.deps import Ready, Runtime
+from service.api.deps import Plans, Ready, Runtime
 from service.api.schemas import JobViewModel, PrecomputeRequest
 from service.jobs import plan_work
 from service.jobview import TERMINAL, JobView
+from service.runtime import Components, ServiceRuntime
 
 router = APIRouter()
 
 
 @router.post("/precompute", status_code=202, response_model=None)
-def precompute(req: PrecomputeRequest, c: Ready, runtime: Runtime) -> JobViewModel | JSONResponse:
+async def precompute(req: PrecomputeRequest, c: Ready, runtime: Runtime, plans: Plans) -> JobViewModel | JSONResponse:
+    if not req.dry_run:
+        return await run_in_threadpool(_precompute, req, c, runtime)
+    # A plan walks the whole tree: a few at a time, admitted here, so that plans cannot take every worker thread.
+    with plans.admit():
+        return await run_in_threadpool(_precompute, req, c, runtime)
+
+
+def _precompute(req: PrecomputeRequest, c: Components, runtime: ServiceRuntime) -> JobViewModel | JSONResponse:
     data_root = runtime.roots.contain(req.data_root, writes_sibling=False)
     if not os.path.isdir(data_root):
         raise HTTPException(404, f"data_root is not a folder: {req.data_root}")

@@ -1,4 +1,8 @@
-"""`GET /healthz` (the process) and `GET /readyz` (a model loaded and a device worker alive): no auth."""
+"""`GET /healthz` (the process) and `GET /readyz` (a model loaded and a device worker alive): no auth.
+
+Both run on the event loop (async, attribute reads only): a pool of worker threads busy with
+requests must not make an orchestrator think the service is dead.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ router = APIRouter()
 
 
 @router.get("/healthz")
-def healthz(runtime: Runtime) -> JSONResponse:
+async def healthz(runtime: Runtime) -> JSONResponse:
     # A model that failed to load, or every device lost, will not recover by itself: say so, so the
     # orchestrator restarts us.
     lost = _lost(runtime)
@@ -24,7 +28,7 @@ def healthz(runtime: Runtime) -> JSONResponse:
 
 
 @router.get("/readyz")
-def readyz(runtime: Runtime) -> JSONResponse:
+async def readyz(runtime: Runtime) -> JSONResponse:
     c = runtime.components
     if c is not None and not c.engine.ready:  # a device worker died or was lost: requests would fail or wait
         lost = _lost(runtime)
