@@ -48,6 +48,9 @@ class ServiceSettings:
     body_timeout_s: float = 30.0
     # Request bodies buffered at once, all requests together; past it a request is a 503 (memory stays bounded).
     body_buffer_bytes: int = 16 * 1024 * 1024
+    # Shared storage (issue 18): entries and manifests get these permissions whatever the service's umask
+    # (0o644: every user's dataloader reads them; 0o640: the group only).
+    file_mode: int = 0o644
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot be meant: checked before the service starts."""
@@ -65,6 +68,7 @@ class ServiceSettings:
             raise ValueError(f"--body-timeout must be a positive number of seconds, got {self.body_timeout_s!r}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be zero or more, got {self.max_wait_ms!r}")
+        check_file_mode(self.file_mode)
         if self.body_buffer_bytes < self.max_body_bytes:
             raise ValueError(f"body_buffer_bytes ({self.body_buffer_bytes}) must hold one body of max_body_bytes "
                              f"({self.max_body_bytes})")
@@ -75,6 +79,13 @@ class ServiceSettings:
             return [f"listening on {self.host}, not a loopback address, without an API token: anyone who can "
                     "reach the port can read features and start jobs (set --api-token)"]
         return []
+
+
+def check_file_mode(mode: int) -> None:
+    """ValueError unless `mode` is one a cache file may have: read-write for its owner, no execute or special bits."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode & ~0o666 or mode & 0o600 != 0o600:
+        raise ValueError(f"--file-mode must give the owner read and write and nothing beyond 0666 (e.g. 0644, "
+                         f"0640), got {oct(mode) if isinstance(mode, int) else repr(mode)}")
 
 
 def is_loopback(host: str) -> bool:

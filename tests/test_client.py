@@ -96,7 +96,7 @@ def test_spec_comes_from_the_nearest_manifest_and_foreign_entries_are_refused(tm
     good, foreign = make_images(tmp_path / "a" / "b", 2)
     expected = write_local(good, spec)
     write_local(foreign, other)
-    cache = FeatureCache()  # no spec, no service: the manifest two folders up decides
+    cache = FeatureCache(data_root=tmp_path)  # no spec, no service: the manifest two folders up decides
     assert torch.equal(cache.get(good), expected)
     assert cache.get(foreign) is None and cache.get(foreign) is None
     assert cache.stats["spec_mismatch"] == 2 and cache.stats["fallbacks"] == 2
