@@ -8,6 +8,7 @@ user are real: a forked process that drops root for `nobody` before reading.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -34,6 +35,7 @@ from service.verify import verify_data_root
 from service_helpers import REPO, RunningService, service_spec, wait_job, write_images
 
 HANG_S = 30.0  # what "at once" must beat: a reader blocked on a FIFO would wait forever
+START_S = 120.0  # a Python process that imports torch on a loaded 2-core CI machine, plus HANG_S
 OTHER_USER = "nobody"
 
 
@@ -84,6 +86,11 @@ def as_other_user(fn: Callable[[], Any]) -> Any:
             proc.kill()
     assert status == "ok", value
     return value
+
+
+def entry_digests(images: list[str]) -> list[str]:
+    """What each image's entry file holds (a digest: the files are kilobytes)."""
+    return [hashlib.sha256(Path(cache_path(p)).read_bytes()).hexdigest() for p in images]
 
 
 def job_over(http: httpx.Client, root: Path, **options: Any) -> dict:
@@ -167,7 +174,7 @@ def test_a_fifo_manifest_hangs_no_reader_and_one_above_the_data_root_is_not_used
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     readers = subprocess.run([sys.executable, "-c", READERS, image, str(root)], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=HANG_S)
+                             capture_output=True, text=True, timeout=START_S)
     assert readers.returncode == 0, readers.stderr
     seen = json.loads(readers.stdout)
     assert seen["bounded"] and seen["read_cached"] and seen["unbounded"]
@@ -175,7 +182,7 @@ def test_a_fifo_manifest_hangs_no_reader_and_one_above_the_data_root_is_not_used
     assert "FIFO" in readers.stderr  # the FIFO is said once, and ignored
 
     verify = subprocess.run([sys.executable, "-m", "service.cli", "verify", str(root)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=HANG_S)
+                            capture_output=True, text=True, timeout=START_S)
     assert verify.returncode != 0 and "unreadable manifest" in verify.stderr and "FIFO" in verify.stderr
 
     os.unlink(root / MANIFEST_NAME)
@@ -196,19 +203,19 @@ def test_an_on_demand_request_keeps_a_bulk_jobs_entry_and_only_overwrite_replace
         assert (first["state"], first["computed"]) == ("finished", 3)
         spec = service_spec(http)
         nine = tuple([steps[0]] * 8 + steps[:1])  # step 0's sample: 9 frames, padded with step 0
-        before = {p: Path(cache_path(p)).read_bytes() for p in steps}
+        before = entry_digests(steps)
 
         with FeatureCache(service.url) as cache:  # what a dataloader calling get(image) asks: a 1-frame clip
             got = cache.get(steps[0])
         assert got is not None and tuple(got.shape) == tuple(read_entry(steps[0], spec).features.shape)
-        assert {p: Path(cache_path(p)).read_bytes() for p in steps} == before
+        assert entry_digests(steps) == before
         assert read_entry(steps[0], spec, context_frames=nine).outcome is Outcome.HIT
         assert http.get("/status").json()["engine"]["other_context"]["kept"] == 1
 
         kept = job_over(http, root, max_history_images=2)  # 3-frame clips: another context for every step
         assert (kept["state"], kept["skipped"], kept["kept"], kept["computed"], kept["replaced"]) == \
             ("finished", 3, 3, 0, 0)
-        assert {p: Path(cache_path(p)).read_bytes() for p in steps} == before
+        assert entry_digests(steps) == before
 
         replaced = job_over(http, root, max_history_images=2, overwrite=True)
         assert (replaced["state"], replaced["computed"], replaced["replaced"]) == ("finished", 3, 3)
