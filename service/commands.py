@@ -241,6 +241,9 @@ def _print_summary(view: JobView) -> None:
     if view.options.get("verify"):
         log.info("Verified: each of the %d entries computed was read back and validated against the spec "
                  "(an entry that did not validate counts as failed)", view.computed)
+    if view.kept or view.replaced:
+        log.info("Entries computed with another clip: %d kept, %d replaced (--overwrite replaces them)",
+                 view.kept, view.replaced)
     for f in (view.failures or [])[:20]:
         log.warning("Failed %s: %s", f["image"], f["reason"])
 
