@@ -28,10 +28,10 @@ different spec.
 
 **Counters** (`stats`, per process: DataLoader workers count their own): each
 distinct sample read is one of hits, misses (no file), stale, corrupt,
-spec_mismatch or unreadable (a file this user may not read: permission denied); fetched counts entries the service returned, fallbacks the
-Nones returned for lack of a service answer, errors the samples a configured
-service failed; prefetched / prefetch_errors count prefetch hints accepted /
-lost.
+spec_mismatch or unreadable (a file this user may not read: permission denied);
+fetched counts entries the service returned, fallbacks the Nones returned for
+lack of a service answer, errors the samples a configured service failed;
+prefetched / prefetch_errors count prefetch hints accepted / lost.
 """
 
 from __future__ import annotations

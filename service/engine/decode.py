@@ -18,8 +18,8 @@ from client.cachefile import Outcome, context_record, holds_other_context, read_
 from client.spec import Attention, FeatureSpec
 from client.wire import EntryStatus
 from service.engine.scheduler import Scheduler
-from service.engine.work import (KEPT, SHUTDOWN_MESSAGE, Complete, EngineStopped, EntryResult, FrameKey, Job, UnitResult,
-                                 describe, fail_future, failed_result)
+from service.engine.work import (KEPT, SHUTDOWN_MESSAGE, Complete, EngineStopped, EntryResult, FrameKey, Job,
+                                 UnitResult, describe, fail_future, failed_result)
 from service.preprocess import load_image, preprocess
 
 log = logging.getLogger("vggt_cache")
