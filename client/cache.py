@@ -6,8 +6,8 @@
     cache.prefetch(next_clips)             # hint: compute these at bulk priority, do not wait
 
 A hit costs one stat of the image (and of each context frame) and one read of
-`<image>.vggt_cache.pt`. Every miss of one call (missing, stale, corrupt or made
-with another spec) goes to the service in one `POST /features`, and the tensors
+`<image>.vggt_cache.pt`. Every miss of one call (missing, stale, corrupt, unreadable or
+made with another spec) goes to the service in one `POST /features`, and the tensors
 come back in the response, so nothing waits for NFS to show the new files.
 
 **Attention mode** (the expected spec's): `frame`: the last frame's own entry;
@@ -48,14 +48,16 @@ PathLike = Union[str, os.PathLike]
 __all__ = ["ENABLED_MESSAGE", "FALLBACKS", "AsyncFeatureCache", "CacheUnavailable", "FeatureCache", "read_cached"]
 
 
-def read_cached(image_path: PathLike, spec: SpecLike = None, mmap: bool = False) -> torch.Tensor | None:
+def read_cached(image_path: PathLike, spec: SpecLike = None, mmap: bool = False,
+                data_root: PathLike | None = None) -> torch.Tensor | None:
     """The seed's `_load_cached_vggt_features`, validated: the entry's features or None. No service.
 
-    The expected spec is `spec`, else the nearest manifest's; with neither, any
+    The expected spec is `spec`, else the nearest manifest's (at or above the image's folder, up
+    to `data_root`; without it, the image's folder alone); with neither, any
     valid entry is returned. Context frames recorded in a `causal`/`sequence`
     entry are re-checked on disk.
     """
-    expected = as_spec(spec) or nearest_manifest_spec(image_path)
+    expected = as_spec(spec) or nearest_manifest_spec(image_path, data_root)
     result = read_entry(image_path, expected, mmap=mmap)
     warn_unusable(result)
     return result.features
@@ -78,6 +80,8 @@ class _BaseFeatureCache(abc.ABC):
         NFS client replaces can fault (SIGBUS) long after the read; one read is as fast (benchmarks/loader.py).
     max_request_frames: split larger calls into several requests (at most the service's limit; 64 entries
         of VGGT-1B are ~300 MB of response).
+    data_root: the highest folder searched for a manifest when no spec is given or served (None: the
+        image's own folder only); a manifest above it is never read.
     """
 
     def __init__(
@@ -90,9 +94,10 @@ class _BaseFeatureCache(abc.ABC):
         retries: int = 3,
         mmap: bool = False,
         max_request_frames: int = 64,
+        data_root: PathLike | None = None,
     ) -> None:
         self._client = self._client_class(service_url, api_token, timeout, retries)
-        self._core = CacheCore(bool(self._client.urls), spec, fallback, mmap, max_request_frames)
+        self._core = CacheCore(bool(self._client.urls), spec, fallback, mmap, max_request_frames, data_root)
         self._start()
         log.info(ENABLED_MESSAGE)
 

@@ -9,7 +9,7 @@ Reading never unpickles arbitrary objects and never raises for a bad file:
 the outcome says what is wrong. Files in the layout `write_entry` produces are
 parsed by a fast path (`client/fastload.py`); anything else goes to
 `torch.load(weights_only=True)`. The order of checks is
-missing -> corrupt -> spec mismatch -> stale (source, then context).
+missing -> unreadable (permission denied) -> corrupt -> spec mismatch -> stale (source, then context).
 Context rules: a caller that passes `context_frames` to an entry without
 context (a `frame`-mode entry) gets SPEC_MISMATCH; one that passes none to an
 entry with context gets the recorded frames re-checked on disk (STALE if any
@@ -29,7 +29,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from client.fastload import MAX_OVERHEAD_BYTES, load_file
-from client.safeopen import atomic_write, existing_kind, kind_of
+from client.safeopen import DEFAULT_FILE_MODE, OutsideRoots, atomic_write, existing_kind, kind_of, temp_of
 from client.spec import Attention, FeatureSpec, canonical_json, short_digest
 
 CACHE_SUFFIX = ".vggt_cache.pt"
@@ -45,6 +45,7 @@ class Outcome(str, Enum):
     STALE = "stale"
     CORRUPT = "corrupt"
     SPEC_MISMATCH = "spec_mismatch"
+    UNREADABLE = "unreadable"  # a file this process may not read (another user's umask): not damaged
 
 
 @dataclass
@@ -100,6 +101,7 @@ def write_entry(
     source: dict,
     context: dict | None = None,
     roots: Sequence[str] | None = None,
+    mode: int = DEFAULT_FILE_MODE,
 ) -> str:
     """Atomically write the entry for `image_path` and return its cache path.
 
@@ -107,6 +109,7 @@ def write_entry(
     image rewritten meanwhile leaves an entry that is already stale. `roots` (real
     paths): the folder written must lie inside one when it is opened. What is at the
     cache path is replaced only if it may be an entry (see `may_be_entry`), else ValueError.
+    `mode`: the file's permissions, whatever the writer's umask.
     """
     grid = [int(g) for g in grid]
     features = _storable(features, spec.torch_dtype)
@@ -125,7 +128,7 @@ def write_entry(
         "created": time.time(),
     }
     path = cache_path(image_path)
-    atomic_write(path, lambda f: torch.save({"features": features, "meta": meta}, f), roots, may_be_entry)
+    atomic_write(path, lambda f: torch.save({"features": features, "meta": meta}, f), roots, may_be_entry, mode)
     return path
 
 
@@ -182,6 +185,10 @@ def read_entry(
         data = load_file(path, mmap, meta_only=not tensor, max_bytes=max_bytes, roots=roots, check_crc=check_crc)
     except FileNotFoundError:
         return result(Outcome.MISSING, "no cache file")
+    except PermissionError as e:
+        if not isinstance(e, OutsideRoots):  # a symlink out of the roots is a planted file, not a permission
+            return result(Outcome.UNREADABLE, "unreadable: permission denied")
+        return result(Outcome.CORRUPT, f"unreadable: {type(e).__name__}: {e}")
     except Exception as e:  # truncated zip, foreign pickle, refused globals, I/O errors
         return result(Outcome.CORRUPT, f"unreadable: {type(e).__name__}: {e}")
 
@@ -220,6 +227,23 @@ def read_entry(
             return result(Outcome.STALE, f"context frame changed: {changed}", meta)
 
     return ReadResult(Outcome.HIT, features if tensor else None, meta, "", path)
+
+
+def holds_other_context(image_path: PathLike, spec: FeatureSpec, frames: Sequence[PathLike] | None,
+                        roots: Sequence[str] | None = None) -> bool:
+    """True when `image_path`'s entry is valid for `spec` but computed with a clip other than `frames`.
+
+    Such an entry is someone's work (a bulk job's 9-frame history, say), not a stale file: a writer of
+    another clip keeps it unless told to overwrite. Reads the metadata alone (a few KB).
+    """
+    if frames is None:  # frame mode: an entry has no context to differ in
+        return False
+    read = read_entry(image_path, spec, tensor=False, roots=roots)
+    if not read.hit:
+        return False
+    folder = os.path.dirname(os.path.abspath(image_path))
+    ours = [os.path.relpath(os.path.abspath(frame), folder) for frame in frames]
+    return [record["path"] for record in read.meta["context"]["frames"]] != ours
 
 
 def _storable(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -341,4 +365,5 @@ def _changed_context_frame(target: PathLike, frames: list) -> str | None:
 
 def is_temp_file(name: str) -> bool:
     """True for the name of a temporary file `write_entry` makes (and removes, unless its process was killed)."""
-    return name.startswith(".") and name.endswith(".tmp") and f"{CACHE_SUFFIX}." in name
+    base = temp_of(name)
+    return base is not None and base.endswith(CACHE_SUFFIX)

@@ -6,7 +6,8 @@ cache drive it with their own client, so both behave alike by construction.
 
 **Expected spec**: the `spec` argument; else the service's `/status` (fetched
 once, retried at most every `STATUS_RETRY_S` while it fails); else the nearest
-`vggt_cache_manifest.json` in the image's folder or above; else, as a last
+`vggt_cache_manifest.json` in the image's folder or above it up to `data_root` (without
+one, the image's folder alone: a manifest planted in `/tmp` or a parent is never used); else, as a last
 resort, the spec of the first valid entry read (with a warning). Whichever is
 found first is kept for the rest of the process, so one run never mixes two
 specs. An entry made with another spec is never returned.
@@ -26,11 +27,11 @@ when it cannot be reached after every retry and fail-over, refuses the request
 different spec.
 
 **Counters** (`stats`, per process: DataLoader workers count their own): each
-distinct sample read is one of hits, misses (no file), stale, corrupt or
-spec_mismatch; fetched counts entries the service returned, fallbacks the
-Nones returned for lack of a service answer, errors the samples a configured
-service failed; prefetched / prefetch_errors count prefetch hints accepted /
-lost.
+distinct sample read is one of hits, misses (no file), stale, corrupt,
+spec_mismatch or unreadable (a file this user may not read: permission denied);
+fetched counts entries the service returned, fallbacks the Nones returned for
+lack of a service answer, errors the samples a configured service failed;
+prefetched / prefetch_errors count prefetch hints accepted / lost.
 """
 
 from __future__ import annotations
@@ -60,10 +61,11 @@ SpecLike = Union[FeatureSpec, dict, None]
 
 FALLBACKS = ("service", "online", "error")
 STATUS_RETRY_S = 10.0
-STAT_KEYS = ("hits", "misses", "stale", "corrupt", "spec_mismatch", "fetched", "fallbacks", "errors",
+STAT_KEYS = ("hits", "misses", "stale", "corrupt", "spec_mismatch", "unreadable", "fetched", "fallbacks", "errors",
              "prefetched", "prefetch_errors")
 _OUTCOME_STAT = {Outcome.HIT: "hits", Outcome.MISSING: "misses", Outcome.STALE: "stale",
-                 Outcome.CORRUPT: "corrupt", Outcome.SPEC_MISMATCH: "spec_mismatch"}
+                 Outcome.CORRUPT: "corrupt", Outcome.SPEC_MISMATCH: "spec_mismatch",
+                 Outcome.UNREADABLE: "unreadable"}
 START_HINT = (
     "Start the feature service on a GPU node: `vggt-cache serve --model facebook/VGGT-1B --device cuda "
     "--allowed-root <data root>` and pass FeatureCache(service_url='http://<host>:8600'); or precompute "
@@ -87,10 +89,10 @@ def _warn_once(key: str, message: str, *args: Any) -> None:
         log.warning(message, *args)
 
 
-def nearest_manifest_spec(image_path: PathLike) -> FeatureSpec | None:
-    """The spec in the nearest `vggt_cache_manifest.json` at or above the image's folder."""
+def nearest_manifest_spec(image_path: PathLike, data_root: PathLike | None) -> FeatureSpec | None:
+    """The spec in the nearest `vggt_cache_manifest.json` at or above the image's folder, up to `data_root`."""
     try:
-        found = nearest_manifest(image_path)
+        found = nearest_manifest(image_path, data_root)
         return None if found is None else as_spec(found[1]["spec"])
     except (OSError, ValueError, KeyError, TypeError) as exc:
         _warn_once(f"manifest:{exc}", "Ignoring a manifest above %s: %s", image_path, exc)
@@ -103,7 +105,7 @@ def _read_clip(clip: Clip, spec: FeatureSpec | None, mmap: bool) -> ReadResult:
 
 
 def warn_unusable(result: ReadResult) -> None:
-    if result.outcome in (Outcome.CORRUPT, Outcome.SPEC_MISMATCH):
+    if result.outcome in (Outcome.CORRUPT, Outcome.SPEC_MISMATCH, Outcome.UNREADABLE):
         _warn_once(result.path, "Failed to load cache %s: %s", result.path, result.reason)
 
 
@@ -150,7 +152,7 @@ class CacheCore:
     """Everything but the sending: spec resolution, local reads, batching, answers, fallback."""
 
     def __init__(self, has_service: bool, spec: SpecLike, fallback: str, mmap: bool,
-                 max_request_frames: int) -> None:
+                 max_request_frames: int, data_root: PathLike | None = None) -> None:
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
         if max_request_frames < 1:
@@ -160,6 +162,7 @@ class CacheCore:
         self.fallback = fallback
         self.mmap = mmap
         self.max_request_frames = max_request_frames
+        self.data_root = data_root
         self.service_spec: FeatureSpec | None = None
         self.pinned: FeatureSpec | None = None
         self.stats = dict.fromkeys(STAT_KEYS, 0)
@@ -175,7 +178,7 @@ class CacheCore:
     def expected_spec(self, image: str) -> FeatureSpec | None:
         if self.spec is None:
             # The first spec found is kept for the rest of the process: one run never mixes two specs.
-            self.spec = self.service_spec or nearest_manifest_spec(image) or self.pinned
+            self.spec = self.service_spec or nearest_manifest_spec(image, self.data_root) or self.pinned
         return self.spec
 
     # The lookup of one call, as a generator of the requests it needs.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterator, Sequence
@@ -85,16 +86,29 @@ def temp_name(name: str) -> str:
     return f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
 
 
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9]+\.[0-9a-f]{8}\.tmp", re.DOTALL)
+
+
+def temp_of(name: str) -> str | None:
+    """The name whose write `name` is the temporary file of (see `temp_name`), or None if it is not one."""
+    found = _TEMP_NAME.fullmatch(name)
+    return None if found is None else found.group(1)
+
+
+# Entries and manifests are read by every user's dataloader: readable by all, whatever the writer's umask.
+DEFAULT_FILE_MODE = 0o644
+
 Replaceable = Callable[[int, str], "str | None"]  # (folder descriptor, name) -> why it must not be replaced
 
 
 def atomic_write(path: str, write: Callable[[BinaryIO], None], roots: Sequence[str] | None = None,
-                 replaceable: Replaceable | None = None) -> None:
+                 replaceable: Replaceable | None = None, mode: int = DEFAULT_FILE_MODE) -> None:
     """Write `path` atomically: a temporary file in its folder, flushed, fsynced and renamed over it.
 
     Every step is relative to one descriptor of the folder, so the folder checked (`roots`:
     it must lie inside one) is the folder written, whatever is renamed or swapped meanwhile.
     `replaceable`: says why what is at `path` must not be replaced (then ValueError), or None.
+    `mode`: the file's permissions, set on the descriptor before the rename (the umask does not apply).
     """
     folder, name = os.path.split(path)
     with open_folder(folder or ".", roots) as dfd:
@@ -107,6 +121,7 @@ def atomic_write(path: str, write: Callable[[BinaryIO], None], roots: Sequence[s
             with os.fdopen(fd, "wb") as f:
                 write(f)
                 f.flush()
+                os.fchmod(f.fileno(), mode)
                 os.fsync(f.fileno())
             os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:

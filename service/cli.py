@@ -79,6 +79,16 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the transformer blocks (slow first batches of each shape)")
     p.add_argument("--state-dir", "--state_dir", default=_env("STATE_DIR", ServiceSettings.state_dir),
                    help="where job state (SQLite) lives; keep it on local disk")
+    p.add_argument("--file-mode", type=_octal, default=_octal(_env("FILE_MODE", f"{defaults.file_mode:04o}")),
+                   help="permissions of the entries and manifests written, whatever the umask "
+                        "(0644: readable by every user; 0640: by the group only)")
+
+
+def _octal(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an octal mode such as 0644, got {text!r}") from None
 
 
 def add_device_flag(p: argparse.ArgumentParser) -> None:
@@ -196,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "bytes to write, free space")
     pre.add_argument("--force", action="store_true",
                      help="start even if the plan says the new entries will not fit on the file system")
+    pre.add_argument("--overwrite", action="store_true",
+                     help="replace valid entries computed with another clip (another history); without it they "
+                          "are kept and counted")
     add_engine_flags(pre)
     add_spec_flags(pre)
 

@@ -34,7 +34,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
         model=args.model, device=args.device, state_dir=os.path.expanduser(args.state_dir),
         spec=spec_options(args), max_batch_frames=args.max_batch_frames, decode_workers=args.decode_workers,
         write_workers=args.write_workers, patch_cache_mb=args.patch_cache_mb, fp32_weights=args.fp32_weights,
-        compile=args.compile, max_image_bytes=args.max_image_bytes,
+        compile=args.compile, max_image_bytes=args.max_image_bytes, file_mode=args.file_mode,
     )
     for key, value in overrides.items():
         setattr(s, key, value)
@@ -178,7 +178,8 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     if world > 1:
         log.info("Rank %d of %d: taking shard %d", rank, world, rank)
     job = jobs.submit(data_root, skip_existing=args.skip_existing, verify=args.verify, data_path=args.data_path,
-                      max_history_images=args.max_history_images, force=args.force, data_files=args.data_files)
+                      max_history_images=args.max_history_images, force=args.force, data_files=args.data_files,
+                      overwrite=args.overwrite)
     t0 = time.time()
     with ThreadPoolExecutor(1, thread_name_prefix="job") as pool:
         running = pool.submit(jobs.run, job.job_id)
@@ -244,7 +245,8 @@ def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world:
     parts: list[dict | None] = [None] * world
     dist.all_gather_object(parts, view.to_dict())
     if rank == 0:
-        total = {k: sum(p[k] for p in parts) for k in ("total", "computed", "skipped", "failed")}
+        counts = ("total", "computed", "skipped", "failed", "kept", "replaced")
+        total = {k: sum(p.get(k, 0) for p in parts) for k in counts}
         failures = [f for p in parts for f in p.get("failures", [])]
         plans = [p["plan"] for p in parts if p.get("plan")]
         # One plan for the whole root: the samples found (the same on every rank), the counts summed.
@@ -253,7 +255,8 @@ def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world:
         state = next((JobState(p["state"]) for p in parts if p["state"] != JobState.FINISHED), JobState.FINISHED)
         write_manifest(view.data_root, manifest_record(view.job_id, state, total, jobs.spec, plan, jobs.model_info,
                                                        seconds, failures, ranks=world,
-                                                       verified=bool(view.options.get("verify"))))
+                                                       verified=bool(view.options.get("verify"))),
+                       mode=jobs.engine.file_mode)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -264,6 +267,9 @@ def _print_summary(view: JobView) -> None:
     if view.options.get("verify"):
         log.info("Verified: each of the %d entries computed was read back and validated against the spec "
                  "(an entry that did not validate counts as failed)", view.computed)
+    if view.kept or view.replaced:
+        log.info("Entries computed with another clip: %d kept, %d replaced (--overwrite replaces them)",
+                 view.kept, view.replaced)
     for f in (view.failures or [])[:20]:
         log.warning("Failed %s: %s", f["image"], f["reason"])
 
@@ -283,7 +289,7 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
 
     options = {"skip_existing": args.skip_existing, "verify": args.verify, "data_path": args.data_path,
                "max_history_images": args.max_history_images, "data_files": args.data_files,
-               "dry_run": args.dry_run, "force": args.force}
+               "dry_run": args.dry_run, "force": args.force, "overwrite": args.overwrite}
     with _client(args, down_s=0) as service:  # keep trying while it restarts
         answer = service.precompute(data_root, timeout=None if args.dry_run else 30.0, **options)
         if args.dry_run:

@@ -7,13 +7,13 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
 from client.cachefile import is_temp_file
-from client.manifest import write_manifest
+from client.manifest import is_manifest_temp_file, write_manifest
 from client.safeopen import open_folder
 from client.spec import FeatureSpec, matching_preset
 from client.wire import EntryStatus
@@ -63,13 +63,13 @@ def lane_chunks(pending: list[T], lanes: int, chunk_units: int) -> Iterator[tupl
         yield order[start:start + chunk_units], None if lane_of is None else lane_of[start:start + chunk_units]
 
 
-def target_results(idx: int, unit: Unit, fut: Future) -> list[tuple[int, EntryStatus, str | None, str]]:
-    """(idx, outcome, reason, image) for every target of a finished unit, as the store records them."""
+def target_results(idx: int, unit: Unit, fut: Future) -> list[tuple[int, EntryStatus, str | None, str, str | None]]:
+    """(idx, outcome, reason, image, write) for every target of a finished unit, as the store records them."""
     exc = fut.exception()
     if exc is not None:
-        return [(idx, EntryStatus.FAILED, f"{type(exc).__name__}: {exc}", t) for t in unit.targets]
+        return [(idx, EntryStatus.FAILED, f"{type(exc).__name__}: {exc}", t, None) for t in unit.targets]
     result: UnitResult = fut.result()
-    return [(idx, EntryStatus(e.status), e.error, e.image) for e in result.entries]
+    return [(idx, EntryStatus(e.status), e.error, e.image, e.write) for e in result.entries]
 
 
 class JobManager:
@@ -133,15 +133,17 @@ class JobManager:
 
     def submit(self, data_root: str, skip_existing: bool = True, verify: bool = False,
                data_path: str | None = None, max_history_images: int = DEFAULT_MAX_HISTORY,
-               force: bool = False, data_files: list[str] | None = None) -> JobView:
+               force: bool = False, data_files: list[str] | None = None, overwrite: bool = False) -> JobView:
         """Queue a job (or return the active one over the same root and spec).
 
         `force`: start even when the plan says the new entries will not fit on the file system.
+        `overwrite`: replace valid entries computed with another clip (else kept, and counted `kept`).
         `data_files`: the sample files to read (relative to the data root unless absolute), not every one.
         """
         check_history(max_history_images)
         options = {"skip_existing": skip_existing, "verify": verify, "data_path": data_path,
-                   "max_history_images": max_history_images, "force": force, "data_files": data_files}
+                   "max_history_images": max_history_images, "force": force, "data_files": data_files,
+                   "overwrite": overwrite}
         rec = self.store.create_job(data_root, self.spec.digest, self.spec.canonical_json(), options)
         if self._thread is not None:
             self._enqueue(rec.job_id)
@@ -190,7 +192,8 @@ class JobManager:
             failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, VIEW_FAILURES)]
         return JobView(rec.job_id, rec.data_root, rec.state, rec.total, rec.computed, rec.skipped, rec.failed,
                        progress, rate_per_s, eta_s, rec.spec_digest, rec.options, rec.planned, rec.cancel_requested,
-                       rec.created_at, rec.started_at, rec.finished_at, rec.error, rec.plan, failures)
+                       rec.created_at, rec.started_at, rec.finished_at, rec.error, rec.plan, failures,
+                       rec.kept, rec.replaced)
 
     # -- the work -------------------------------------------------------------------------------
     def run(self, job_id: str) -> JobView | None:
@@ -207,8 +210,11 @@ class JobManager:
         self._rates[job_id] = _Rate(time.monotonic(), rec.computed)
         options = rec.options
         pending = self.store.pending_units(job_id)
+        # A manifest write killed by another run (of any service or CLI) over this root leaves its temporary file.
+        self._remove_orphaned_temp_files(job_id, [rec.data_root], is_manifest_temp_file)
         if interrupted:
-            self._remove_orphaned_temp_files(job_id, [u for _, u in pending])
+            self._remove_orphaned_temp_files(job_id, sorted({os.path.dirname(t) for _, u in pending
+                                                             for t in u.targets}), is_temp_file)
         log.info("Job %s: %d units to do (%d entries already done)", job_id, len(pending), rec.done)
 
         results: queue.Queue[tuple[int, Unit, Future]] = queue.Queue()
@@ -240,7 +246,7 @@ class JobManager:
                 futures = self.engine.submit([u for _, u in chunk], Priority.BULK,
                                              skip_existing=options.get("skip_existing", True),
                                              verify=options.get("verify", False), return_features=False,
-                                             lanes=lanes)
+                                             lanes=lanes, overwrite=options.get("overwrite", False))
                 with self._lock:
                     in_engine += futures
                 for (idx, unit), fut in zip(chunk, futures):
@@ -275,8 +281,9 @@ class JobManager:
                  rec.computed, rec.skipped, rec.failed, rec.total)
         return self._view(rec)
 
-    def _remove_orphaned_temp_files(self, job_id: str, units: list[Unit]) -> None:
-        """Delete the temporary files of entry writes that a killed process left next to the entries to redo.
+    def _remove_orphaned_temp_files(self, job_id: str, folders: list[str], ours: Callable[[str], bool]) -> None:
+        """Delete the temporary files (the names `ours` recognises: an entry's, a manifest's) that a killed
+        process left in `folders`.
 
         Only files older than this process: a write in flight elsewhere (another
         service on shared storage) is younger than a model load and stays. Each folder is
@@ -284,11 +291,11 @@ class JobManager:
         swapped for a symlink meanwhile is left alone.
         """
         removed = 0
-        for folder in sorted({os.path.dirname(t) for u in units for t in u.targets}):
+        for folder in folders:
             try:
                 with open_folder(folder, self.roots.real) as dfd:
                     for entry in list(os.scandir(dfd)):
-                        if not is_temp_file(entry.name):
+                        if not ours(entry.name):
                             continue
                         try:
                             if entry.stat(follow_symlinks=False).st_mtime < self._started_at:
@@ -325,11 +332,12 @@ class JobManager:
 
     def write_manifest(self, rec: JobRecord, seconds: float, state: JobState) -> str:
         failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, MANIFEST_FAILURES)]
-        counts = {"total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed}
+        counts = {"total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed,
+                  "kept": rec.kept, "replaced": rec.replaced}
         return write_manifest(rec.data_root, manifest_record(rec.job_id, state, counts, self.spec, rec.plan,
                                                              self.model_info, seconds, failures,
                                                              verified=bool(rec.options.get("verify"))),
-                              self.roots.real)
+                              self.roots.real, self.engine.file_mode)
 
 
 def _left_to_compute(rec: JobRecord) -> int:

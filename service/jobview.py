@@ -1,7 +1,8 @@
 """The job vocabulary: a job's states, how entry outcomes count in it, and the one view of a job.
 
 Store, runner, HTTP API, metrics and CLI all speak it. A job counts each entry as
-`computed`, `skipped` (it already held a valid entry: the engine's `cached`) or `failed`.
+`computed`, `skipped` (it already held a valid entry: the engine's `cached`) or `failed`;
+`kept` and `replaced` count, among those, the entries where another clip's valid entry was found.
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ class JobView:
     error: str | None
     plan: dict | None  # service.plan.Plan.to_dict(): samples found, entries, bytes, free space
     failures: list[dict] | None = None  # the first failures, {"image", "reason"}, when there are any
+    # Targets whose file held another clip's valid entry: kept as it was (counted in skipped, or in
+    # computed when computed anyway), or replaced (the job's `overwrite` option; counted in computed).
+    kept: int = 0
+    replaced: int = 0
 
     @property
     def done(self) -> int:

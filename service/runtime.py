@@ -75,7 +75,7 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
         loaded, spec, devices=devices, max_batch_frames=s.max_batch_frames,
         max_wait_ms=s.max_wait_ms, decode_workers=s.decode_workers, write_workers=s.write_workers,
         patch_cache_bytes=s.patch_cache_mb << 20, fp32_weights=s.fp32_weights, compile=s.compile,
-        roots=roots.real, max_image_bytes=s.max_image_bytes, before_forward=before_forward,
+        roots=roots.real, max_image_bytes=s.max_image_bytes, before_forward=before_forward, file_mode=s.file_mode,
     )
     engine.start()
     info = model_info(loaded, engine)

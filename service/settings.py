@@ -60,6 +60,9 @@ class ServiceSettings:
     # Host header names accepted besides IP addresses, `localhost` and (bound to a non-loopback address) this
     # machine's names: a DNS-rebinding page sends its own name. "*": any.
     allowed_hosts: list[str] = field(default_factory=list)
+    # Shared storage (issue 18): entries and manifests get these permissions whatever the service's umask
+    # (0o644: every user's dataloader reads them; 0o640: the group only).
+    file_mode: int = 0o644
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot be meant: checked before the service starts."""
@@ -82,6 +85,7 @@ class ServiceSettings:
             raise ValueError(f"--allowed-host takes a host name without port or scheme, got {self.allowed_hosts!r}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be zero or more, got {self.max_wait_ms!r}")
+        check_file_mode(self.file_mode)
         if self.body_buffer_bytes < self.max_body_bytes:
             raise ValueError(f"body_buffer_bytes ({self.body_buffer_bytes}) must hold one body of max_body_bytes "
                              f"({self.max_body_bytes})")
@@ -107,6 +111,11 @@ def host_names(settings: ServiceSettings) -> frozenset[str] | None:
     if not is_loopback(settings.host):
         names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
     return frozenset(names)
+def check_file_mode(mode: int) -> None:
+    """ValueError unless `mode` is one a cache file may have: read-write for its owner, no execute or special bits."""
+    if isinstance(mode, bool) or not isinstance(mode, int) or mode & ~0o666 or mode & 0o600 != 0o600:
+        raise ValueError(f"--file-mode must give the owner read and write and nothing beyond 0666 (e.g. 0644, "
+                         f"0640), got {oct(mode) if isinstance(mode, int) else repr(mode)}")
 
 
 def is_loopback(host: str) -> bool:

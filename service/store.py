@@ -74,10 +74,10 @@ CREATE INDEX IF NOT EXISTS failures_by_job ON failures (job_id, id);
 
 _JOB_COLUMNS = (
     "job_id, data_root, spec_digest, spec_json, options_json, state, planned, total, computed, "
-    "skipped, failed, cancel_requested, created_at, started_at, finished_at, error, plan_json"
+    "skipped, failed, cancel_requested, created_at, started_at, finished_at, error, plan_json, kept, replaced"
 )
 # Columns added after the first release, with their types: added to an older database on open.
-_ADDED_COLUMNS = {"plan_json": "TEXT"}
+_ADDED_COLUMNS = {"plan_json": "TEXT", "kept": "INTEGER NOT NULL DEFAULT 0", "replaced": "INTEGER NOT NULL DEFAULT 0"}
 
 
 @dataclass(frozen=True)
@@ -99,6 +99,9 @@ class JobRecord:
     finished_at: float | None
     error: str | None
     plan: dict | None  # service.plan.Plan.to_dict() once planned: samples found, entries, bytes, free space
+    # Targets whose file held another clip's valid entry: kept (of skipped/computed) or replaced (of computed).
+    kept: int = 0
+    replaced: int = 0
 
     @property
     def done(self) -> int:
@@ -107,10 +110,10 @@ class JobRecord:
     @classmethod
     def _from_row(cls, row: tuple) -> JobRecord:
         (job_id, data_root, digest, spec_json, options_json, state, planned, total, computed,
-         skipped, failed, cancel, created, started, finished, error, plan_json) = row
+         skipped, failed, cancel, created, started, finished, error, plan_json, kept, replaced) = row
         return cls(job_id, data_root, digest, spec_json, json.loads(options_json), JobState(state),
                    bool(planned), total, computed, skipped, failed, bool(cancel),
-                   created, started, finished, error, json.loads(plan_json) if plan_json else None)
+                   created, started, finished, error, json.loads(plan_json) if plan_json else None, kept, replaced)
 
 
 class JobStore:
@@ -307,23 +310,26 @@ class JobStore:
         return [(idx, Unit(tuple(json.loads(f)), tuple(json.loads(t)))) for idx, f, t in rows]
 
     def record_results(self, job_id: str,
-                       results: Iterable[tuple[int, EntryStatus | str, str | None, str]]) -> JobRecord:
-        """Record (unit idx, outcome, reason, image) per target, counters in the same transaction.
+                       results: Iterable[tuple]) -> JobRecord:
+        """Record (unit idx, outcome, reason, image[, write]) per target, counters in the same transaction.
+
+        `write`: "kept" or "replaced" when the target's file held a valid entry of another clip (see
+        `service.engine.work.EntryResult`), counted in `kept` / `replaced` besides the outcome's counter.
 
         Pass all targets of a unit in one call: the unit is then done (failed if any
         target failed). Results for a unit already recorded are ignored, so a replay
         after a crash never counts twice.
         """
-        by_unit: dict[int, list[tuple[EntryStatus, str | None, str]]] = {}
-        for idx, outcome, reason, image in results:
+        by_unit: dict[int, list[tuple[EntryStatus, str | None, str, str | None]]] = {}
+        for idx, outcome, reason, image, *write in results:
             try:
                 outcome = EntryStatus(outcome)
             except ValueError:
                 raise ValueError(f"outcome must be one of {'|'.join(s.value for s in EntryStatus)}, "
                                  f"got {outcome!r}") from None
-            by_unit.setdefault(idx, []).append((outcome, reason, image))
+            by_unit.setdefault(idx, []).append((outcome, reason, image, write[0] if write else None))
         with self._write() as db:
-            counts = dict.fromkeys(COUNTER.values(), 0)
+            counts = dict.fromkeys((*COUNTER.values(), "kept", "replaced"), 0)
             failures: list[tuple[str, str, str]] = []
             for idx, entries in by_unit.items():
                 row = db.execute(
@@ -333,20 +339,22 @@ class JobStore:
                     raise KeyError(f"job {job_id!r} has no unit {idx}")
                 if row[0] != "pending":
                     continue
-                unit_failed = any(outcome is EntryStatus.FAILED for outcome, _, _ in entries)
+                unit_failed = any(outcome is EntryStatus.FAILED for outcome, _, _, _ in entries)
                 db.execute(
                     "UPDATE units SET state = ? WHERE job_id = ? AND idx = ?",
                     ("failed" if unit_failed else "done", job_id, idx),
                 )
-                for outcome, reason, image in entries:
+                for outcome, reason, image, write in entries:
                     counts[COUNTER[outcome]] += 1
+                    if write in ("kept", "replaced"):
+                        counts[write] += 1
                     if outcome is EntryStatus.FAILED:
                         failures.append((job_id, printable(image), printable(reason or "unknown error")))
             db.executemany("INSERT INTO failures (job_id, image, reason) VALUES (?, ?, ?)", failures)
             db.execute(
-                "UPDATE jobs SET computed = computed + ?, skipped = skipped + ?, failed = failed + ? "
-                "WHERE job_id = ?",
-                (counts["computed"], counts["skipped"], counts["failed"], job_id),
+                "UPDATE jobs SET computed = computed + ?, skipped = skipped + ?, failed = failed + ?, "
+                "kept = kept + ?, replaced = replaced + ? WHERE job_id = ?",
+                (counts["computed"], counts["skipped"], counts["failed"], counts["kept"], counts["replaced"], job_id),
             )
             return self._job(db, job_id)
 

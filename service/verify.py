@@ -10,7 +10,7 @@ from service.sources import scan_data_root
 
 def verify_data_root(data_root: str, spec: FeatureSpec, data_path: str | None = None,
                      max_history_images: int = DEFAULT_MAX_HISTORY, files: list[str] | None = None) -> dict:
-    """Counts per outcome (hit / missing / stale / corrupt / spec_mismatch) and the problems found."""
+    """Counts per outcome (hit / missing / stale / corrupt / spec_mismatch / unreadable) and the problems found."""
     scan = scan_data_root(data_root, spec.attention, data_path, max_history_images, files)
     counts = {o.value: 0 for o in Outcome}
     problems = []

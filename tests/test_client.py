@@ -96,7 +96,7 @@ def test_spec_comes_from_the_nearest_manifest_and_foreign_entries_are_refused(tm
     good, foreign = make_images(tmp_path / "a" / "b", 2)
     expected = write_local(good, spec)
     write_local(foreign, other)
-    cache = FeatureCache()  # no spec, no service: the manifest two folders up decides
+    cache = FeatureCache(data_root=tmp_path)  # no spec, no service: the manifest two folders up decides
     assert torch.equal(cache.get(good), expected)
     assert cache.get(foreign) is None and cache.get(foreign) is None
     assert cache.stats["spec_mismatch"] == 2 and cache.stats["fallbacks"] == 2
@@ -457,7 +457,8 @@ def test_get_sample_uses_the_clip_as_context(clip_service):
     shorter = cache.get_sample(frames[4:])
     assert cache.stats["stale"] == 1 and not torch.equal(shorter, got[1])
     assert service.requests("/features") == before + 2
-    assert read_entry(frames[-1], cache.spec, context_frames=frames[4:]).outcome is Outcome.HIT
+    # Computed and returned, never written over the valid entry of the other clip (issue 18).
+    assert read_entry(frames[-1], cache.spec, context_frames=second).outcome is Outcome.HIT
 
 
 def test_a_failing_service_is_skipped_for_a_while_instead_of_retried_per_sample(tmp_path):

@@ -207,7 +207,8 @@ def test_skip_existing_reads_valid_entries_and_recomputes_stale_ones(loaded, tmp
         assert statuses(forced) == ["computed"] * 3
         # What each on-demand unit found, as the status page shows it.
         assert engine.stats()["on_demand_lookups"] == {"hit": 4, "missing": 3, "stale": 1, "corrupt": 1,
-                                                       "spec_mismatch": 0, "recomputed": 3, "failed": 0}
+                                                       "spec_mismatch": 0, "unreadable": 0, "recomputed": 3,
+                                                       "failed": 0}
     for p in paths:
         assert read_entry(p, make_spec(loaded)).outcome is Outcome.HIT
 

@@ -28,6 +28,7 @@ class PrecomputeRequest(BaseModel):
     force: bool = Field(False, description="start even if the new entries would not fit on the file system")
     data_files: list[str] | None = Field(None, description="sample files to read (relative to data_root), "
                                                            "instead of every one found")
+    overwrite: bool = Field(False, description="replace valid entries computed with another clip (else kept)")
 
 
 class JobViewModel(BaseModel):

@@ -14,12 +14,12 @@ from concurrent.futures import Future
 
 import torch
 
-from client.cachefile import Outcome, context_record, read_entry, source_record
+from client.cachefile import Outcome, context_record, holds_other_context, read_entry, source_record
 from client.spec import Attention, FeatureSpec
 from client.wire import EntryStatus
 from service.engine.scheduler import Scheduler
-from service.engine.work import (SHUTDOWN_MESSAGE, Complete, EngineStopped, EntryResult, FrameKey, Job, UnitResult,
-                                 describe, fail_future, failed_result, when_descriptors_free)
+from service.engine.work import (KEPT, SHUTDOWN_MESSAGE, Complete, EngineStopped, EntryResult, FrameKey, Job,
+                                 UnitResult, describe, fail_future, failed_result, when_descriptors_free)
 from service.preprocess import load_image, preprocess
 
 log = logging.getLogger("vggt_cache")
@@ -120,12 +120,18 @@ class DecodeStage:
     def _cached_result(self, job: Job) -> UnitResult | None:
         """The unit's result read from disk when every target's entry validates, else None."""
         entries = []
+        frames = self.spec.context_of(job.unit.frames)
         for target in job.unit.targets:
             # Read whole (no mmap): another NFS client may replace the file while we hold it. Work that
             # returns no features (bulk jobs) checks the metadata alone: a few KB instead of megabytes;
             # features served are checked against their CRC-32 first.
-            read = read_entry(target, self.spec, context_frames=self.spec.context_of(job.unit.frames), mmap=False,
+            read = read_entry(target, self.spec, context_frames=frames, mmap=False,
                               tensor=job.return_features, roots=self.roots, check_crc=job.return_features)
+            if (read.outcome is Outcome.STALE and not job.return_features and not job.overwrite
+                    and holds_other_context(target, self.spec, frames, self.roots)):
+                # Another clip's valid entry, kept: computing ours would only be thrown away.
+                entries.append(EntryResult(target, EntryStatus.CACHED, None, tuple(read.meta["grid"]), write=KEPT))
+                continue
             if read.outcome is not Outcome.HIT:
                 job.found = read.outcome.value
                 return None

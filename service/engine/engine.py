@@ -36,7 +36,7 @@ from service.engine.decode import DecodeStage
 from service.engine.device import Device, DeviceStage, ForwardHook
 from service.engine.scheduler import Scheduler
 from service.engine.stats import STATS_WINDOW_S, History
-from service.engine.work import (SHUTDOWN_MESSAGE, EngineStopped, Job, Priority, UnitResult, Withdrawn,
+from service.engine.work import (KEPT, REPLACED, SHUTDOWN_MESSAGE, EngineStopped, Job, Priority, UnitResult, Withdrawn,
                                  fail_future)
 from service.engine.writer import WriterStage
 from service.model import LoadedModel
@@ -90,6 +90,7 @@ class Engine:
     roots: the allowed roots (real paths): every image, cache file and folder the engine opens must
         lie inside one when it is opened (None: no containment, e.g. in-process tools).
     max_image_bytes: image files larger than this fail unread.
+    file_mode: permissions of the entries written, whatever the process's umask.
     before_forward: called on the device thread with each batch `[B, S, 3, H, W]`
         just before its forward; whatever it raises is handled as the forward's
         error (raise `torch.cuda.OutOfMemoryError` to rehearse the split path,
@@ -117,6 +118,7 @@ class Engine:
         before_forward: ForwardHook | None = None,
         roots: Sequence[str] | None = None,
         max_image_bytes: int = _DEFAULTS.max_image_bytes,
+        file_mode: int = _DEFAULTS.file_mode,
     ) -> None:
         if not devices:
             raise ValueError("give at least one device")
@@ -127,6 +129,7 @@ class Engine:
         self.spec = spec
         self.max_batch_frames = max_batch_frames
         self.max_image_bytes = max_image_bytes
+        self.file_mode = file_mode  # of the entries written, and of a job's manifest
         self.weights_dtype = weights_dtype(torch.device(devices[0]), spec.torch_dtype, fp32_weights)
         # Replicas: the first device's resident model copied to each further device in turn (one copy
         # at a time on the first GPU), compiled once all exist, so every GPU holds the same weights.
@@ -147,7 +150,7 @@ class Engine:
         self._decode = DecodeStage(spec, self._scheduler, self._complete, decode_workers,
                                    frame_cache_frames * self.lanes, roots, max_image_bytes)
         self._writer = WriterStage(spec, self._complete, write_workers, 2 * max_batch_frames * len(replicas),
-                                   loaded.config.patch_size, roots)
+                                   loaded.config.patch_size, roots, file_mode)
         self._device = DeviceStage(spec, self._scheduler, replicas, self._writer, self._complete, before_forward,
                                    self.lanes)
         self._lock = threading.Lock()  # the state and unit counts below
@@ -157,6 +160,8 @@ class Engine:
         self._units = dict.fromkeys(EntryStatus, 0)
         self._computed = History()  # entries computed per interval: the status page's chart
         self._lookups: dict[str, int] = dict.fromkeys(LOOKUPS, 0)
+        # Entries of another clip's valid entry: kept (not written) or replaced (overwrite asked).
+        self._other_context: dict[str, int] = dict.fromkeys((KEPT, REPLACED), 0)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -232,6 +237,7 @@ class Engine:
         block: bool = True,
         max_pending: int | None = None,
         lanes: Sequence[int] | None = None,
+        overwrite: bool = False,
     ) -> list[Future[UnitResult]]:
         """Queue units; one future per unit, in order. Thread-safe.
 
@@ -243,6 +249,8 @@ class Engine:
         fail it unless it validates. `return_features=False` keeps no tensors in the results
         (bulk jobs only need statuses). `lanes`, one per bulk unit (0 to `lanes` - 1): the device
         that should run it, so that units sharing frames meet one patch cache; None: any device.
+        `overwrite`: replace a valid entry computed with another clip (else it is kept: a unit that
+        returns no features is not computed for it, one that does is computed and not written).
         """
         if self._state is not EngineState.RUNNING:
             raise EngineStopped(SHUTDOWN_MESSAGE if self.stopped else "engine not started")
@@ -257,7 +265,7 @@ class Engine:
         for i, unit in enumerate(units):
             self._check_unit(unit)
             jobs.append(Job(unit, priority, Future(), skip_existing, verify, return_features,
-                            None if lanes is None else lanes[i]))
+                            None if lanes is None else lanes[i], overwrite))
         for job in self._scheduler.admit(jobs, priority, block=block, max_units=max_pending):
             fail_future(job.future, EngineStopped(SHUTDOWN_MESSAGE))
         return [job.future for job in jobs]
@@ -294,6 +302,9 @@ class Engine:
                 self._computed.add(time.monotonic(), computed)
             if job.priority is Priority.ON_DEMAND:
                 self._lookups[_lookup(job, result)] += 1
+            for entry in result.entries:
+                if entry.write:
+                    self._other_context[entry.write] += 1
         with contextlib.suppress(InvalidStateError):  # callbacks run outside the lock
             job.future.set_result(result)
 
@@ -305,6 +316,7 @@ class Engine:
         with self._lock:
             units = {status.value: n for status, n in self._units.items()}
             lookups = dict(self._lookups)
+            other_context = dict(self._other_context)
             computed = self._computed.per_second(now)
         return {
             "state": self._state.value,
@@ -319,6 +331,7 @@ class Engine:
             "patch_cache": _summed(dev.patches.stats() for dev in self._device.devices),
             "units": units,
             "on_demand_lookups": lookups,
+            "other_context": other_context,
             "history": {"interval_s": self._computed.interval_s, "computed_per_s": computed},
             "window_s": STATS_WINDOW_S,
             "max_batch_frames": self.max_batch_frames,

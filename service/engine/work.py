@@ -49,6 +49,11 @@ class EntryResult:
     features: torch.Tensor | None = None  # None when failed or when return_features=False
     grid: tuple[int, int] | None = None  # [h, w] patches
     error: str | None = None
+    # KEPT: not written, a valid entry of another clip holds the file; REPLACED: written over one (overwrite).
+    write: str | None = None
+
+
+KEPT, REPLACED = "kept", "replaced"
 
 
 @dataclass
@@ -74,6 +79,7 @@ class Job:
     verify: bool
     return_features: bool
     lane: int | None = None  # the device that should run it (see Scheduler), or any
+    overwrite: bool = False  # replace a valid entry of another clip (bulk jobs that ask); else keep it
     images: torch.Tensor | None = None  # [S, 3, H, W] once decoded
     frame_keys: list[FrameKey] = field(default_factory=list)  # per frame, once decoded
     sources: list[dict] = field(default_factory=list)  # per target, stat-ed before decoding

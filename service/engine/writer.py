@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from client.cachefile import Outcome, read_entry, write_entry
+from client.cachefile import Outcome, holds_other_context, read_entry, write_entry
 from client.spec import Attention, FeatureSpec
 from client.wire import EntryStatus
-from service.engine.work import Complete, EntryResult, Job, UnitResult, describe, failed_result, when_descriptors_free
+from service.engine.work import (KEPT, REPLACED, Complete, EntryResult, Job, UnitResult, describe, failed_result,
+                                 when_descriptors_free)
 
 log = logging.getLogger("vggt_cache")
 
@@ -22,10 +23,12 @@ class WriterStage:
     instead of filling memory."""
 
     def __init__(self, spec: FeatureSpec, complete: Complete, workers: int, slots: int, patch_size: int,
-                 roots: Sequence[str] | None) -> None:
-        """`roots` (real paths): every folder written must lie inside one when it is opened."""
+                 roots: Sequence[str] | None, file_mode: int) -> None:
+        """`roots` (real paths): every folder written must lie inside one when it is opened; `file_mode`: the
+        entries' permissions."""
         self.spec = spec
         self.roots = roots
+        self.file_mode = file_mode
         self._complete = complete
         self._workers = workers
         self._slots = threading.Semaphore(slots)
@@ -62,6 +65,7 @@ class WriterStage:
         try:
             unit = job.unit
             entries = []
+            frames = self.spec.context_of(unit.frames)
             for i, target in enumerate(unit.targets):
                 # A frame repeated in a clip (padded history) takes its last position's output, the one
                 # training computes for a clip's current frame.
@@ -70,9 +74,14 @@ class WriterStage:
                     index = len(unit.frames) - 1 - unit.frames[::-1].index(target)
                 # Own storage: a result must not pin the whole batch (and write_entry need not copy).
                 entry = features[index].clone()
+                returned = entry if job.return_features else None
                 try:
+                    write = REPLACED if holds_other_context(target, self.spec, frames, self.roots) else None
+                    if write and not job.overwrite:
+                        entries.append(EntryResult(target, EntryStatus.COMPUTED, returned, grid, write=KEPT))
+                        continue
                     when_descriptors_free(lambda: write_entry(target, entry, self.spec, grid, job.sources[i],
-                                                              job.contexts[i], roots=self.roots),
+                                                              job.contexts[i], roots=self.roots, mode=self.file_mode),
                                           f"writing the entry of {target}")
                     if job.verify:
                         self._verify(target, entry, unit.frames)
@@ -80,8 +89,7 @@ class WriterStage:
                     log.warning("Cannot store the entry of %s: %s", target, describe(exc))
                     entries.append(EntryResult(target, EntryStatus.FAILED, None, grid, describe(exc)))
                     continue
-                entries.append(EntryResult(target, EntryStatus.COMPUTED, entry if job.return_features else None,
-                                           grid))
+                entries.append(EntryResult(target, EntryStatus.COMPUTED, returned, grid, write=write))
             self._complete(job, UnitResult(unit, entries))
         except Exception as exc:  # anything else (e.g. no memory for the clone): fail the unit, never hang it
             log.exception("Storing the entries of %s failed", job.unit.targets[-1])

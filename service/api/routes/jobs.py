@@ -37,7 +37,8 @@ def _precompute(req: PrecomputeRequest, c: Components, runtime: ServiceRuntime) 
                          max_image_bytes=runtime.settings.max_image_bytes).plan
         return JSONResponse({"dry_run": True, "spec_digest": c.spec.digest, "plan": plan.to_dict(),
                              "summary": plan.summary()})
-    return _model(req.data_root, c.jobs.submit(data_root, verify=req.verify, force=req.force, **options))
+    return _model(req.data_root, c.jobs.submit(data_root, verify=req.verify, force=req.force,
+                                               overwrite=req.overwrite, **options))
 
 
 @router.get("/jobs/{job_id}")
