@@ -35,8 +35,8 @@ import torch
 
 from client.http import ServiceError, reset_after_fork
 from client.cachefile import read_entry
-from client.lookup import (FALLBACKS, Answer, CacheCore, CacheUnavailable, Call, Lookup, SpecLike, as_clip, as_paths,
-                           nearest_manifest_spec, step, warn_unusable)
+from client.lookup import (FALLBACKS, NO_SERVICE, Answer, CacheCore, CacheUnavailable, Call, Lookup, SpecLike, as_clip,
+                           as_paths, nearest_manifest_spec, step, warn_unusable)
 from client.service import AsyncServiceClient, ServiceClient, as_spec
 from client.spec import FeatureSpec
 
@@ -78,6 +78,8 @@ class _BaseFeatureCache(abc.ABC):
         NFS client replaces can fault (SIGBUS) long after the read; one read is as fast (benchmarks/loader.py).
     max_request_frames: split larger calls into several requests (at most the service's limit; 64 entries
         of VGGT-1B are ~300 MB of response).
+    no_service_reason: why there is no service_url, named with each miss (e.g. the services given
+        compute another spec and were left out).
     """
 
     def __init__(
@@ -90,9 +92,10 @@ class _BaseFeatureCache(abc.ABC):
         retries: int = 3,
         mmap: bool = False,
         max_request_frames: int = 64,
+        no_service_reason: str = NO_SERVICE,
     ) -> None:
         self._client = self._client_class(service_url, api_token, timeout, retries)
-        self._core = CacheCore(bool(self._client.urls), spec, fallback, mmap, max_request_frames)
+        self._core = CacheCore(bool(self._client.urls), spec, fallback, mmap, max_request_frames, no_service_reason)
         self._start()
         log.info(ENABLED_MESSAGE)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -23,7 +24,7 @@ from service.jobview import JobState, JobView
 from service.progress import follow_job
 from service.samples import DEFAULT_MAX_HISTORY
 from service.settings import ServiceSettings, parse_devices
-from service.specflags import spec_options
+from service.specflags import given_options, serve_flags, spec_options
 
 log = logging.getLogger("vggt_cache")
 PROGRESS_POLL_S = 1.0  # how often a followed job's progress is read (not a test's synchronisation)
@@ -252,6 +253,31 @@ def _client(args: argparse.Namespace, **options: object):
         raise CommandError(f"--server {args.server}: {exc}") from None
 
 
+def _check_server_spec(args: argparse.Namespace, service) -> None:
+    """Spec flags given with `--server` must name the service's spec: it computes with its own, never theirs."""
+    from client.service import spec_of_status
+
+    given = given_options(args)
+    if not given:
+        return
+    body = service.status()
+    try:
+        theirs = spec_of_status(body)
+    except ValueError as exc:  # no model loaded yet: nothing to compare the flags with
+        raise CommandError(f"cannot check the spec flags against {args.server}: {exc}; retry once it is ready, "
+                           "or drop the spec flags") from None
+    try:
+        wanted = dataclasses.replace(theirs, **given)
+    except ValueError as exc:
+        raise CommandError(f"the spec flags do not make a spec: {exc}") from None
+    differ = theirs.differences(wanted)
+    if differ:
+        fields = ", ".join(f"{f} {getattr(wanted, f)} here, {getattr(theirs, f)} there" for f in differ)
+        raise CommandError(f"the service at {args.server} computes another spec than the flags given ({fields}): "
+                           f"drop the spec flags to use its spec, or serve this one with `vggt-cache serve "
+                           f"--model {(body.get('model') or {}).get('source', 'MODEL')} {serve_flags(wanted)} ...`")
+
+
 def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
     from client.service import ServiceError
 
@@ -259,6 +285,7 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
                "max_history_images": args.max_history_images, "data_files": args.data_files,
                "dry_run": args.dry_run, "force": args.force}
     with _client(args, down_s=0) as service:  # keep trying while it restarts
+        _check_server_spec(args, service)
         answer = service.precompute(data_root, timeout=None if args.dry_run else 30.0, **options)
         if args.dry_run:
             _print_plan(answer["plan"], answer["summary"], answer["spec_digest"])

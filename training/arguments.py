@@ -57,8 +57,8 @@ class ModelArguments:
     )
     vggt_model_path: str | None = field(
         default=None,
-        metadata={"help": "VGGT weights: HF id, folder or file (default facebook/VGGT-1B; "
-                          "with --tiny, the repository's test fixture)"},
+        metadata={"help": "VGGT weights: tiny, HF id, folder or file (default facebook/VGGT-1B; "
+                          "with --tiny, the built-in tiny model)"},
     )
     vggt_fusion: str = field(
         default="default",

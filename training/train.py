@@ -12,8 +12,8 @@ many samples took each path. Checkpoints hold Qwen (transformers' format), the m
 and the fusion settings, never the VGGT weights (the spec's fingerprint names them).
 
 ``--tiny`` (or ``VGGT_TRAIN_TINY=1``) builds a tiny random Qwen2.5-VL, a character-level
-tokenizer and the image processor in-process, and defaults to the repository's VGGT
-test fixture: no downloads, for tests and benchmarks.
+tokenizer and the image processor in-process, and defaults to the built-in ``tiny`` VGGT
+(the one ``vggt-cache serve --model tiny`` serves): no downloads, for tests, benchmarks and a CPU.
 
 Limits: DeepSpeed ZeRO-3 is refused (the frozen VGGT must stay whole on every rank).
 DeepSpeed's own engine checkpoints (optimizer state) include the module's weights, and
@@ -46,10 +46,11 @@ from transformers import (
 )
 
 from client.cache import CacheUnavailable, FeatureCache
+from client.lookup import NO_SERVICE
 from client.service import ServiceClient, ServiceError
 from client.logs import setup_logging
 from client.spec import FeatureSpec, matching_preset
-from service.model import DEFAULT_SOURCE, load_aggregator
+from service.model import DEFAULT_SOURCE, TINY_SOURCE, load_aggregator
 from service.settings import DEFAULT_PORT
 from service.sources import UnitPlanner
 from service.specflags import serve_flags
@@ -60,7 +61,6 @@ from training.tiny import tiny_qwen25vl_config
 
 log = logging.getLogger("vggt_cache")
 
-TINY_VGGT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "vggt_tiny"
 SOURCES = ("cache", "service", "online")
 EXIT_NO_FEATURES = 2
 
@@ -104,7 +104,7 @@ def tiny_image_processor(config: Qwen2_5_VLConfig) -> Qwen2VLImageProcessorPil:
 
 
 def vggt_source(model_args: ModelArguments) -> str:
-    return model_args.vggt_model_path or (str(TINY_VGGT) if model_args.tiny else DEFAULT_SOURCE)
+    return model_args.vggt_model_path or (TINY_SOURCE if model_args.tiny else DEFAULT_SOURCE)
 
 
 def build_qwen(model_args: ModelArguments, training_args: TrainingArguments) -> QwenParts:
@@ -169,8 +169,8 @@ class VGGTTrainer(Trainer):
 
 
 def serve_command(spec: FeatureSpec, vggt: str, data_root: str) -> str:
-    """A ``vggt-cache serve`` line whose features this run can use."""
-    return (f"vggt-cache serve --model {vggt} --device cuda --host 0.0.0.0 --port {DEFAULT_PORT} "
+    """A ``vggt-cache serve`` line whose features this run can use, on whatever machine runs it (`--device auto`)."""
+    return (f"vggt-cache serve --model {vggt} --host 0.0.0.0 --port {DEFAULT_PORT} "
             f"--allowed-root {data_root} {serve_flags(spec)}")
 
 
@@ -241,7 +241,11 @@ def open_cache(cache_args: CacheArguments, spec: FeatureSpec, serve: str) -> Fea
         return None
     fallback = cache_args.vggt_cache_fallback
     urls = check_services(cache_args.service_urls, spec, fallback, serve)
-    cache = FeatureCache(urls or None, spec, fallback=fallback)  # logs the seed's "enabled" line
+    left_out = [url for url in cache_args.service_urls if url not in urls]
+    reason = (f"the service at {', '.join(left_out)} computes another spec (see the warning above)" if left_out
+              else NO_SERVICE)
+    # logs the seed's "enabled" line
+    cache = FeatureCache(urls or None, spec, fallback=fallback, no_service_reason=reason)
     log.info("VGGT feature spec %s (%s attention, reference frame %s%s); service: %s; fallback: %s", spec.digest,
              spec.attention, spec.reference_frame, f", preset {matching_preset(spec)}" if matching_preset(spec) else "",
              ", ".join(urls) or "none (read-only cache)", fallback)

@@ -1,0 +1,63 @@
+"""Issue 19, the first hour on a CPU: what a newcomer following the README hit, each as it behaves now.
+
+Real services on 127.0.0.1 and real `vggt-cache` processes (see test_cli_errors.py for the CLI's error style).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from service_helpers import TINY_MODEL, write_images
+from test_cli_errors import cli, one_error
+
+
+def test_tiny_is_the_one_shipped_model_that_every_entry_point_takes(tmp_path: Path) -> None:
+    from service.model import TINY_SOURCE, identify_model
+    from service.model.loader import TINY_DIR
+    from training.arguments import ModelArguments
+    from training.train import vggt_source
+
+    tiny = identify_model(TINY_SOURCE)
+    # The package's own bytes (no download), the very weights the tests' fixture names.
+    assert Path(tiny.source).parent == Path(TINY_DIR) and Path(TINY_DIR).is_relative_to(Path(__file__).parents[1])
+    assert tiny.fingerprint == identify_model(TINY_MODEL).fingerprint
+    assert vggt_source(ModelArguments(tiny=True)) == TINY_SOURCE
+    write_images(tmp_path / "data", ["a.png"])
+    run = cli("precompute", "--data_root", str(tmp_path / "data"), "--vggt_model_path", "tiny", "--device", "cpu",
+              "--size", "56", "--state-dir", str(tmp_path / "state"))
+    assert run.returncode == 0, run.stdout
+    assert "finished: 1 total, 1 computed, 0 skipped, 0 failed" in run.stdout
+
+
+def test_a_service_of_another_spec_is_named_as_the_cause_with_a_command_for_this_machine(
+        tmp_path: Path, service_server, caplog) -> None:
+    from service.model import load_aggregator
+    from training.arguments import CacheArguments, DataArguments, feature_spec
+    from training.train import open_cache, serve_command
+
+    clip = write_images(tmp_path, [f"step_{n}_MOVE_FORWARD.png" for n in range(2)])
+    service = service_server(tmp_path)  # frame attention; training's default is causal (newjanusvln)
+    cache_args = CacheArguments(use_vggt_cache=True, vggt_service_url=service.url, vggt_cache_fallback="online")
+    spec = feature_spec(load_aggregator("tiny"), DataArguments(image_size=56), cache_args)
+    serve = serve_command(spec, "tiny", str(tmp_path))
+    assert "--device" not in serve  # auto: every GPU, else the CPU, whatever machine runs it
+    with caplog.at_level(logging.WARNING, logger="vggt_cache"):
+        cache = open_cache(cache_args, spec, serve)
+        assert cache.get_sample(clip) is None  # computed online
+    text = caplog.text
+    assert f"computes features with another spec than this run (differs in: attention" in text
+    assert f"the service at {service.url} computes another spec" in text
+    assert "no service_url was given" not in text
+
+
+def test_spec_flags_given_with_server_must_name_the_services_spec(tmp_path: Path, service_server) -> None:
+    write_images(tmp_path / "ep_1", ["step_0_STOP.png"])
+    service = service_server(tmp_path, "--preset", "newjanusvln")
+    line = one_error(cli("precompute", "--data_root", str(tmp_path), "--server", service.url, "--preset", "janusvln",
+                         "--dry-run"), f"the service at {service.url} computes another spec than the flags given")
+    assert "preprocess crop here, pad there" in line and "reference_frame first here, last there" in line
+    assert "size 644 here, 56 there" in line and "--preset janusvln" in line
+    same = cli("precompute", "--data_root", str(tmp_path), "--server", service.url, "--preset", "newjanusvln",
+               "--size", "56", "--dry-run")
+    assert same.returncode == 0 and "[ERROR]" not in same.stdout, same.stdout
