@@ -8,6 +8,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pytest
+
 from service_helpers import TINY_MODEL, write_images
 from test_cli_errors import cli, one_error
 
@@ -61,3 +63,20 @@ def test_spec_flags_given_with_server_must_name_the_services_spec(tmp_path: Path
     same = cli("precompute", "--data_root", str(tmp_path), "--server", service.url, "--preset", "newjanusvln",
                "--size", "56", "--dry-run")
     assert same.returncode == 0 and "[ERROR]" not in same.stdout, same.stdout
+
+
+def test_every_unavailable_message_names_the_last_failure(tmp_path: Path) -> None:
+    from client import FeatureCache
+    from client.cache import CacheUnavailable
+    from service.demo import free_port
+    from service.model import identify_model
+    from service.model.features import model_spec
+
+    image = write_images(tmp_path, ["a.png"])[0]
+    dead = f"http://127.0.0.1:{free_port()}"  # bound, then closed: connections are refused
+    cache = FeatureCache(dead, spec=model_spec(identify_model("tiny")), fallback="error", retries=0)
+    for _ in range(3):  # the first call marks the URL down; the later ones are refused without trying
+        with pytest.raises(CacheUnavailable) as refused:
+            cache.get(image)
+        assert f"{dead}: ConnectError" in str(refused.value), refused.value
+    assert "not retrying yet" in str(refused.value)
