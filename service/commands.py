@@ -188,11 +188,17 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
     return 0
 
 
+# What a plan's `source` counts, in words ("3 episode folder(s)", not "3 episodes source(s)").
+_SOURCE_WORDS = {"jsonl": "JSONL file(s)", "json": "JSON sample file(s)", "jsonl+json": "sample file(s)",
+                 "episodes": "episode folder(s)", "images": "image(s) (no sample files)"}
+
+
 def _print_plan(plan: dict, summary: str, digest: str) -> None:
     source = plan["source"]
     history = f", max_history_images {source['max_history_images']}" if source.get("max_history_images") else ""
     log.info("Dry run, spec %s: nothing is computed or written", digest)
-    print(f"samples      {source['samples']} from {source['files']} {source['source']} source(s){history}")
+    kind = _SOURCE_WORDS.get(source["source"], source["source"])
+    print(f"samples      {source['samples']} from {source['files']} {kind}{history}")
     print(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid, "
           f"{plan['to_compute']} to compute")
     if plan["problems"] or plan["refused"] or plan["unreadable"]:

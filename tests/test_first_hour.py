@@ -6,6 +6,7 @@ Real services on 127.0.0.1 and real `vggt-cache` processes (see test_cli_errors.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,24 @@ def test_every_unavailable_message_names_the_last_failure(tmp_path: Path) -> Non
             cache.get(image)
         assert f"{dead}: ConnectError" in str(refused.value), refused.value
     assert "not retrying yet" in str(refused.value)
+
+
+def test_training_help_starts_with_the_ten_flags_a_first_run_needs() -> None:
+    from training.train import FIRST_FLAGS, build_parser
+
+    text = build_parser().format_help()
+    start = text.index("start here: the flags a first run needs:")
+    shown = re.findall(r"^  (--\w+)", text[start:], re.M)
+    assert len(FIRST_FLAGS) == 10 and shown[:10] == list(FIRST_FLAGS)
+    assert text.index("-h, --help") < start < text.index("--learning_rate") and "--lr_scheduler_type" not in text[:start]
+    for group in ("models: Qwen2.5-VL", "data: samples", "VGGT features: the spec", "transformers' TrainingArguments"):
+        assert text.index(group) > start
+
+
+def test_an_allowed_root_that_is_not_a_folder_is_a_warning(tmp_path: Path) -> None:
+    from service.settings import ServiceSettings
+
+    missing = str(tmp_path / "no-such-mount")
+    warnings = ServiceSettings(allowed_roots=[str(tmp_path), missing]).warnings()
+    assert warnings == [f"--allowed-root {missing} is not a folder: nothing under it can be served until it exists "
+                        "(check the path)"]

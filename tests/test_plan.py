@@ -53,7 +53,7 @@ def test_dry_run_figures_match_what_the_job_then_writes(tmp_path):
     before = figures(dry.stdout)
     assert before["samples"] == before["entries"] == before["to_compute"] == STEPS and before["valid"] == 0
     assert before["bytes"] == STEPS * (TENSOR_BYTES + plan.ENTRY_OVERHEAD_BYTES)
-    assert before["free"] > 0 and "episodes source(s), max_history_images 8" in dry.stdout
+    assert before["free"] > 0 and "from 1 episode folder(s), max_history_images 8" in dry.stdout
     assert cache_files(root) == [] and not (root / "vggt_cache_manifest.json").exists()  # nothing written
 
     run = precompute("--data_root", str(root), "--skip_existing", *state)

@@ -215,8 +215,40 @@ def check_services(urls: Sequence[str], spec: FeatureSpec, fallback: str, serve:
     return usable
 
 
+# The flags a first run needs, shown first in --help (the rest: one group per dataclass, then transformers').
+FIRST_FLAGS = ("--data_root", "--output_dir", "--model_name_or_path", "--vggt_model_path", "--tiny",
+               "--use_vggt_cache", "--vggt_service_url", "--vggt_preset", "--per_device_train_batch_size",
+               "--max_steps")
+
+
+def build_parser() -> HfArgumentParser:
+    """The arguments of ``training.train``; ``--help`` starts with :data:`FIRST_FLAGS`, then groups the rest."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, CacheArguments, TrainingArguments),
+                              prog="python -m training.train",
+                              usage="%(prog)s --data_root DIR --output_dir DIR [FLAGS] (or under torchrun)",
+                              description="Fine-tune Qwen2.5-VL + VGGT, VGGT features from the cache or computed "
+                                          "online (see the README's 'Training with the cache').")
+    hf = parser.add_argument_group("transformers' TrainingArguments: the rest of the run (optimiser, precision, "
+                                   "logging, saving, distributed)")
+    _move(parser, [a for a in parser._optionals._group_actions if a.dest != "help"], hf)
+    first = parser.add_argument_group("start here: the flags a first run needs")
+    _move(parser, [parser._option_string_actions[flag] for flag in FIRST_FLAGS], first)
+    parser._action_groups.remove(first)
+    parser._action_groups.insert(parser._action_groups.index(parser._optionals) + 1, first)
+    return parser
+
+
+def _move(parser: HfArgumentParser, actions: list, group) -> None:
+    """Show `actions` under `group` in --help (argparse has no public way to regroup an argument)."""
+    for action in actions:
+        for old in parser._action_groups:
+            if action in old._group_actions:
+                old._group_actions.remove(action)
+        group._group_actions.append(action)
+
+
 def parse_args(argv: Sequence[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, CacheArguments, TrainingArguments))
+    parser = build_parser()
     model_args, data_args, cache_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if not data_args.data_root:
         parser.error("--data_root (or $DATA_ROOT) is required")
