@@ -179,11 +179,18 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
     from service.model import identify_model
     from service.model.features import model_spec
 
-    with _loading_model(settings.model, OSError, ValueError):  # identifying it reads nothing else
-        spec = model_spec(identify_model(settings.model), **settings.spec)
+    with _loading_model(settings.model, OSError, ValueError):  # weights there but unreadable: the user's to fix
+        try:
+            identity = identify_model(settings.model)  # reads nothing else
+        except FileNotFoundError as exc:
+            identity = _unknown_model(settings.model, exc)
+    spec = model_spec(identity, **settings.spec)
     work = plan_work(data_root, spec, roots, {"skip_existing": args.skip_existing, "data_path": args.data_path,
                                               "max_history_images": args.max_history_images,
                                               "data_files": args.data_files}, max_image_bytes=settings.max_image_bytes)
+    if identity.fingerprint == UNKNOWN_FINGERPRINT:
+        print(f"model        {settings.model}: not on this machine, identity unknown (every entry counted to "
+              "compute; the digest below changes once the weights are there)")
     _print_plan(work.plan.to_dict(), work.plan.summary(), spec.digest)
     return 0
 
@@ -193,24 +200,43 @@ _SOURCE_WORDS = {"jsonl": "JSONL file(s)", "json": "JSON sample file(s)", "jsonl
                  "episodes": "episode folder(s)", "images": "image(s) (no sample files)"}
 
 
+# Stands for weights that are not on this machine: no entry on disk carries it, so a plan made with it
+# counts every entry to compute (an upper bound, as a plan errs large).
+UNKNOWN_FINGERPRINT = "sha256:" + "0" * 64
+
+
+def _unknown_model(source: str, missing: FileNotFoundError):
+    """A dry run without the weights: VGGT-1B's architecture (or the config beside them), fingerprint unknown."""
+    from service.model import ModelIdentity
+    from service.model.config import AggregatorConfig
+
+    log.warning("The weights of %s are not on this machine (%s): planning from the spec alone. The model's "
+                "identity is unknown, so entries already written cannot be checked: every entry counts as to "
+                "compute", source, missing)
+    return ModelIdentity(AggregatorConfig(), UNKNOWN_FINGERPRINT, source)
+
+
 def _print_plan(plan: dict, summary: str, digest: str) -> None:
     source = plan["source"]
     history = f", max_history_images {source['max_history_images']}" if source.get("max_history_images") else ""
     log.info("Dry run, spec %s: nothing is computed or written", digest)
     kind = _SOURCE_WORDS.get(source["source"], source["source"])
     print(f"samples      {source['samples']} from {source['files']} {kind}{history}")
-    print(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid, "
+    recomputed = " (recomputed: --no-skip-existing)" if plan["valid"] + plan["to_compute"] > plan["entries"] else ""
+    print(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid{recomputed}, "
           f"{plan['to_compute']} to compute")
     if plan["problems"] or plan["refused"] or plan["unreadable"]:
         print(f"problems     {plan['problems']} malformed sample(s) or missing image(s), {plan['refused']} "
               f"outside the allowed roots, {plan['unreadable']} unreadable image(s)")
-    print(f"to write     {plan['bytes_to_write']:,} bytes")
+    replaced = f", net of {plan['replaced_bytes']:,} bytes they replace" if plan.get("replaced_bytes") else ""
+    print(f"to write     {plan['bytes_to_write']:,} bytes ({plan.get('entry_bytes', 0):,} bytes an entry{replaced})")
     print(f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"
           f" ({'fits' if plan['fits'] else 'DOES NOT FIT'})")
     print(summary)
 
 
-_PLAN_COUNTS = ("units", "entries", "valid", "to_compute", "unreadable", "refused", "bytes_to_write")
+_PLAN_COUNTS = ("units", "entries", "valid", "to_compute", "unreadable", "refused", "bytes_to_write",
+                "replaced_bytes")
 
 
 def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world: int) -> None:

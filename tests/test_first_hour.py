@@ -102,3 +102,32 @@ def test_an_allowed_root_that_is_not_a_folder_is_a_warning(tmp_path: Path) -> No
     warnings = ServiceSettings(allowed_roots=[str(tmp_path), missing]).warnings()
     assert warnings == [f"--allowed-root {missing} is not a folder: nothing under it can be served until it exists "
                         "(check the path)"]
+
+
+def test_a_dry_run_without_the_weights_plans_from_the_spec_alone(tmp_path: Path) -> None:
+    write_images(tmp_path / "data" / "ep_1", [f"step_{n}_STOP.png" for n in range(3)], size=(64, 48))
+    run = cli("precompute", "--data_root", str(tmp_path / "data"), "--preset", "janusvln", "--dry-run",
+              "--state-dir", str(tmp_path / "state"), env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stdout
+    assert "model        facebook/VGGT-1B: not on this machine, identity unknown" in run.stdout
+    assert "entries      3 (3 forward units): 0 valid, 3 to compute" in run.stdout
+    # VGGT-1B at janusvln's crop 644 of a 4:3 frame: 34 x 46 patches of 2048 bfloat16 channels, plus the overhead.
+    assert "6,410,240 bytes an entry" in run.stdout and "Loading VGGT model" not in run.stdout
+
+
+def test_the_dry_run_shows_an_entry_and_the_net_bytes_and_skips_valid_work_by_default(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    write_images(root / "ep_1", [f"step_{n}_STOP.png" for n in range(2)])
+    args = ("--data_root", str(root), "--vggt_model_path", "tiny", "--device", "cpu", "--preset", "newjanusvln",
+            "--size", "56", "--state-dir", str(tmp_path / "state"))
+    first = cli("precompute", *args)
+    assert "finished: 2 total, 2 computed, 0 skipped, 0 failed" in first.stdout, first.stdout
+    again = cli("precompute", *args)  # the default, as the API's: valid work is never recomputed
+    assert "finished: 2 total, 0 computed, 2 skipped, 0 failed" in again.stdout, again.stdout
+    forced = cli("precompute", *args, "--no-skip-existing", "--dry-run")
+    assert "2 valid (recomputed: --no-skip-existing), 2 to compute" in forced.stdout, forced.stdout
+    entry = int(re.search(r"\(([\d,]+) bytes an entry, net of ([\d,]+) bytes they replace\)", forced.stdout)
+                .group(1).replace(",", ""))
+    assert entry > 16 * 128 * 2  # 4 x 4 patches of 128 bfloat16 channels and the metadata: not a difference
+    assert re.search(r"2 to compute of [\d.]+ kB each; [\d.]+ k?B to write \(net of the [\d.]+ kB they replace\)",
+                     forced.stdout), forced.stdout
