@@ -126,12 +126,22 @@ def wait_until_ready(url: str, timeout: float, is_alive: Callable[[], bool] = la
 
 
 def error_detail(response: httpx.Response) -> str:
-    """The service's message: FastAPI's `{"detail": ...}` or the start of the body."""
+    """The service's message in words: FastAPI's `{"detail": ...}` (a 422's list of fields too) or the body's start."""
     try:
         detail = response.json().get("detail")
     except (ValueError, AttributeError):
         detail = None
+    if isinstance(detail, list):
+        return "; ".join(_field_error(item) for item in detail)
     return str(detail) if detail else response.text[:300]
+
+
+def _field_error(item: Any) -> str:
+    """`{"loc": ["body", "data_root"], "msg": "..."}` as `data_root: ...`; the request as a whole has no prefix."""
+    if not isinstance(item, dict):
+        return str(item)
+    loc = [str(part) for part in item.get("loc") or () if part != "body"]
+    return f"{'.'.join(loc)}: {item.get('msg')}" if loc else str(item.get("msg"))
 
 
 @dataclass(frozen=True)

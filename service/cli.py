@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from client.logs import setup_logging
 from client.service import TOKEN_ENV, ServiceError
-from service.errors import CommandError
+from service.errors import CommandError, UnusableInput
 from service.samples import DEFAULT_MAX_HISTORY, check_history, file_list
 from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings, env_flag
 from service.specflags import ENV_PREFIX, add_spec_flags
@@ -206,6 +206,8 @@ def failure_message(exc: BaseException) -> tuple[str, int]:
     """What to print for an error that stopped a command, and the exit code."""
     if isinstance(exc, CommandError):
         return str(exc), exc.exit_code
+    if isinstance(exc, UnusableInput):  # a data root or option that cannot be used: the message says why
+        return str(exc), 2
     if isinstance(exc, ServiceError):
         if exc.status is None:
             return f"cannot reach the service: {exc}; start `vggt-cache serve` there, or fix --server", 2

@@ -266,6 +266,11 @@ def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world:
 
 
 def _print_summary(view: JobView) -> None:
+    if view.state is JobState.FAILED and view.error and not view.total:  # refused before any work: a setup problem
+        raise CommandError(f"job {view.job_id} failed: {view.error}")
+    if view.state is JobState.FINISHED and not view.total:
+        log.warning("Nothing to compute: no samples or images found under %s", view.data_root)
+        return
     log.info("%s: %d total, %d computed, %d skipped, %d failed", view.state.value, view.total, view.computed,
              view.skipped, view.failed)
     if view.options.get("verify"):

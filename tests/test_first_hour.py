@@ -131,3 +131,20 @@ def test_the_dry_run_shows_an_entry_and_the_net_bytes_and_skips_valid_work_by_de
     assert entry > 16 * 128 * 2  # 4 x 4 patches of 128 bfloat16 channels and the metadata: not a difference
     assert re.search(r"2 to compute of [\d.]+ kB each; [\d.]+ k?B to write \(net of the [\d.]+ kB they replace\)",
                      forced.stdout), forced.stdout
+
+
+def test_an_empty_root_is_one_error_line_in_words_or_for_frames_a_warning(tmp_path: Path, service_server) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    service = service_server(tmp_path, "--attention", "causal")
+    looked_for = "causal attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> episode"
+    remote = ("--data_root", str(empty), "--server", service.url)
+    for run in (cli("precompute", *remote, "--dry-run"), cli("precompute", *remote),
+                cli("precompute", "--data_root", str(empty), "--vggt_model_path", "tiny", "--attention", "causal",
+                    "--dry-run", "--state-dir", str(tmp_path / "state"))):
+        line = one_error(run, looked_for)
+        assert "'loc'" not in line and "unexpected" not in line and f"found under {empty}" in line
+    frames = cli("precompute", "--data_root", str(empty), "--vggt_model_path", "tiny", "--device", "cpu",
+                 "--size", "56", "--state-dir", str(tmp_path / "state"))
+    assert frames.returncode == 0, frames.stdout
+    assert f"[WARN] Nothing to compute: no samples or images found under {empty}" in frames.stdout
