@@ -404,8 +404,15 @@ def status(args: argparse.Namespace) -> int:
     print(f"service  {args.server}  state={svc['state']}  uptime {duration(svc['uptime_s'])}")
     if svc.get("error"):
         print(f"error    {svc['error']}")
+    for warning in svc.get("warnings") or []:
+        print(f"warning  {warning}")
     if model:
         print(f"model    {model['source']}  {model['fingerprint']}  on {', '.join(model['devices'])}")
+    spec = body.get("spec")
+    if spec:
+        print(f"spec     {body.get('preset') or 'custom'} ({spec['attention']} attention, {spec['preprocess']} "
+              f"{spec['size']} px, align {spec['align']}, {spec['dtype']}, reference frame "
+              f"{spec.get('reference_frame', 'first')})  digest {spec['digest']}")
     if eng:
         print(f"engine   queued {_per_priority(eng.get('queued'))}; {eng.get('images_per_s', 0):g} images/s "
               f"over the last {eng.get('window_s', 0):g} s")
@@ -416,6 +423,8 @@ def status(args: argparse.Namespace) -> int:
         eta = f"  eta {duration(job['eta_s'])}" if job.get("eta_s") else ""
         print(f"job {job['job_id']}  {job['state']:9s} {job['progress']*100:5.1f}%  "
               f"{job['computed']} computed {job['skipped']} skipped {job['failed']} failed  {job['data_root']}{eta}")
+        if job.get("error"):
+            print(f"    error: {job['error']}")
     return 0
 
 

@@ -148,3 +148,23 @@ def test_an_empty_root_is_one_error_line_in_words_or_for_frames_a_warning(tmp_pa
                  "--size", "56", "--state-dir", str(tmp_path / "state"))
     assert frames.returncode == 0, frames.stdout
     assert f"[WARN] Nothing to compute: no samples or images found under {empty}" in frames.stdout
+
+
+def test_status_names_the_spec_the_warnings_and_why_a_job_failed(tmp_path: Path, service_server) -> None:
+    import httpx
+
+    from service_helpers import wait_job
+
+    (tmp_path / "empty").mkdir()
+    missing = tmp_path / "no-such-mount"
+    service = service_server(tmp_path, "--preset", "newjanusvln", "--size", "644", "--allowed-root", str(missing))
+    with httpx.Client(base_url=service.url, timeout=60) as http:
+        job_id = http.post("/precompute", json={"data_root": str(tmp_path / "empty")}).json()["job_id"]
+        assert wait_job(http, job_id)["state"] == "failed"
+    run = cli("status", "--server", service.url)
+    assert run.returncode == 0, run.stdout
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("spec     newjanusvln (causal attention, pad 644 px, align 14, bfloat16, reference "
+                               "frame last)") for line in lines), run.stdout
+    assert f"warning  --allowed-root {missing} is not a folder" in run.stdout
+    assert any(line.startswith("    error: ") and "causal attention needs clips" in line for line in lines), run.stdout
