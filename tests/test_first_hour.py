@@ -168,3 +168,26 @@ def test_status_names_the_spec_the_warnings_and_why_a_job_failed(tmp_path: Path,
                                "frame last)") for line in lines), run.stdout
     assert f"warning  --allowed-root {missing} is not a folder" in run.stdout
     assert any(line.startswith("    error: ") and "causal attention needs clips" in line for line in lines), run.stdout
+
+
+def test_the_status_page_names_the_preset_the_warnings_and_why_a_job_failed(tmp_path: Path, service_server) -> None:
+    import httpx
+
+    from browser import CHROMIUM
+    from service_helpers import wait_job
+
+    if CHROMIUM is None:
+        pytest.skip("Debian's chromium package is not installed (.ci/run installs it)")
+    from test_status_page import render
+
+    (tmp_path / "empty").mkdir()
+    service = service_server(tmp_path, "--preset", "newjanusvln", "--allowed-root", str(tmp_path / "no-such-mount"))
+    with httpx.Client(base_url=service.url, timeout=60) as http:
+        job_id = http.post("/precompute", json={"data_root": str(tmp_path / "empty")}).json()["job_id"]
+        wait_job(http, job_id)
+    dom = render(service.url + "/", str(tmp_path / "profile"))
+    assert '<span class="k">preset</span> custom' in dom  # newjanusvln at 56 px is no preset
+    assert '<span class="k">preprocessing</span> pad 56 px, align 14' in dom
+    assert '<span class="k">warning</span> --allowed-root' in dom
+    assert re.search(r'<tr class="job-error"><td colspan="9">failed: [^<]*causal attention needs clips', dom), dom
+    assert "connecting…" in (Path(__file__).parents[1] / "service/static/status.html").read_text()
