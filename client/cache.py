@@ -35,8 +35,8 @@ import torch
 
 from client.http import ServiceError, reset_after_fork
 from client.cachefile import read_entry
-from client.lookup import (FALLBACKS, Answer, CacheCore, CacheUnavailable, Call, Lookup, SpecLike, as_clip, as_paths,
-                           nearest_manifest_spec, step, warn_unusable)
+from client.lookup import (FALLBACKS, NO_SERVICE, Answer, CacheCore, CacheUnavailable, Call, Lookup, SpecLike, as_clip,
+                           as_paths, nearest_manifest_spec, step, warn_unusable)
 from client.service import AsyncServiceClient, ServiceClient, as_spec
 from client.spec import FeatureSpec
 
@@ -82,6 +82,8 @@ class _BaseFeatureCache(abc.ABC):
         of VGGT-1B are ~300 MB of response).
     data_root: the highest folder searched for a manifest when no spec is given or served (None: the
         image's own folder only); a manifest above it is never read.
+    no_service_reason: why there is no service_url, named with each miss (e.g. the services given
+        compute another spec and were left out).
     """
 
     def __init__(
@@ -95,9 +97,11 @@ class _BaseFeatureCache(abc.ABC):
         mmap: bool = False,
         max_request_frames: int = 64,
         data_root: PathLike | None = None,
+        no_service_reason: str = NO_SERVICE,
     ) -> None:
         self._client = self._client_class(service_url, api_token, timeout, retries)
-        self._core = CacheCore(bool(self._client.urls), spec, fallback, mmap, max_request_frames, data_root)
+        self._core = CacheCore(bool(self._client.urls), spec, fallback, mmap, max_request_frames, data_root,
+                               no_service_reason)
         self._start()
         log.info(ENABLED_MESSAGE)
 

@@ -126,12 +126,30 @@ def wait_until_ready(url: str, timeout: float, is_alive: Callable[[], bool] = la
 
 
 def error_detail(response: httpx.Response) -> str:
-    """The service's message: FastAPI's `{"detail": ...}` or the start of the body."""
+    """The service's message in words: FastAPI's `{"detail": ...}` (a 422's list of fields too) or the body's start."""
     try:
         detail = response.json().get("detail")
     except (ValueError, AttributeError):
         detail = None
+    if isinstance(detail, list):
+        return "; ".join(_field_error(item) for item in detail)
     return str(detail) if detail else response.text[:300]
+
+
+def _field_error(item: Any) -> str:
+    """`{"loc": ["body", "data_root"], "msg": "..."}` as `data_root: ...`; the request as a whole has no prefix."""
+    if not isinstance(item, dict):
+        return str(item)
+    loc = [str(part) for part in item.get("loc") or () if part != "body"]
+    return f"{'.'.join(loc)}: {item.get('msg')}" if loc else str(item.get("msg"))
+
+
+@dataclass(frozen=True)
+class Down:
+    """A URL skipped until `until` (monotonic), for its last failure `reason`."""
+
+    until: float
+    reason: str
 
 
 class Attempts:
@@ -143,7 +161,7 @@ class Attempts:
     """
 
     def __init__(self, urls: Sequence[str], key: str | None, policy: RetryPolicy, retries: int | None = None,
-                 down: dict[str, float] | None = None, down_s: float = DOWN_S) -> None:
+                 down: dict[str, Down] | None = None, down_s: float = DOWN_S) -> None:
         if not urls:
             raise ServiceError("no service URL configured")
         # A URL that just failed every try is skipped for DOWN_S: a dataloader must not pay the
@@ -151,14 +169,17 @@ class Attempts:
         self._down = {} if down is None else down
         self._down_s = down_s
         now = time.monotonic()
-        self._order = [u for u in ordered_urls(urls, key) if self._down.get(u, 0.0) <= now]
+        self._order = [u for u in ordered_urls(urls, key) if u not in self._down or self._down[u].until <= now]
         if not self._order:
-            raise ServiceError(f"every vggt-cache service failed within the last {down_s:g} s; "
+            # The cause too: a caller may see this message first (its earlier call only marked the URLs down).
+            causes = "; ".join(self._down[u].reason for u in ordered_urls(urls, key))
+            raise ServiceError(f"every vggt-cache service failed within the last {down_s:g} s ({causes}); "
                                "not retrying yet")
         self._policy = policy
         self._rounds = 1 + (policy.retries if retries is None else retries)
         self._retry_after: float | None = None
         self._failures: list[str] = []
+        self._last: dict[str, str] = {}  # URL -> its last failure, kept with it while it is skipped
         self._broken = False  # a transport error or 5xx (not just a full queue): worth skipping for a while
 
     def __iter__(self) -> Iterator[tuple[str, float]]:
@@ -181,20 +202,22 @@ class Attempts:
         if retry_after is not None:
             self._retry_after = max(self._retry_after or 0.0, retry_after)
         self._failures.append(f"{url}: {response.status_code} {detail}")
+        self._last[url] = self._failures[-1]
         return False
 
     def failed(self, url: str, exc: httpx.TransportError) -> None:
         if isinstance(exc, httpx.ReadTimeout):
-            self._down[url] = time.monotonic() + self._down_s
+            self._down[url] = Down(time.monotonic() + self._down_s, f"{url}: did not answer in time ({exc})")
             raise ServiceError(f"{url} did not answer in time ({exc}); raise the client timeout "
                                "or ask for fewer features per call") from exc
         self._broken = True
         self._failures.append(f"{url}: {type(exc).__name__}: {exc}")
+        self._last[url] = self._failures[-1]
 
     def exhausted(self) -> ServiceError:
         if self._broken:
             until = time.monotonic() + self._down_s
-            self._down.update((url, until) for url in self._order)
+            self._down.update((url, Down(until, self._last.get(url, f"{url}: failed"))) for url in self._order)
         tries = len(self._failures)
         recent = "; ".join(self._failures[-len(self._order):])
         return ServiceError(f"no vggt-cache service answered after {tries} {'try' if tries == 1 else 'tries'} "
@@ -220,7 +243,7 @@ class _BaseTransport(abc.ABC):
         self._headers = {"Authorization": f"Bearer {api_token}"} if api_token else {}
         self._pool: Any = None
         self._pool_pid: int | None = None
-        self._down: dict[str, float] = {}  # URL -> monotonic time until which it is skipped
+        self._down: dict[str, Down] = {}  # URL -> until when it is skipped, and why
         reset_after_fork(self)
 
     def _after_fork(self) -> None:

@@ -60,6 +60,7 @@ Clip = tuple[str, ...]
 SpecLike = Union[FeatureSpec, dict, None]
 
 FALLBACKS = ("service", "online", "error")
+NO_SERVICE = "no service_url was given"
 STATUS_RETRY_S = 10.0
 STAT_KEYS = ("hits", "misses", "stale", "corrupt", "spec_mismatch", "unreadable", "fetched", "fallbacks", "errors",
              "prefetched", "prefetch_errors")
@@ -152,12 +153,14 @@ class CacheCore:
     """Everything but the sending: spec resolution, local reads, batching, answers, fallback."""
 
     def __init__(self, has_service: bool, spec: SpecLike, fallback: str, mmap: bool,
-                 max_request_frames: int, data_root: PathLike | None = None) -> None:
+                 max_request_frames: int, data_root: PathLike | None = None,
+                 no_service_reason: str = NO_SERVICE) -> None:
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
         if max_request_frames < 1:
             raise ValueError(f"max_request_frames must be at least 1, got {max_request_frames}")
         self.has_service = has_service
+        self.no_service_reason = no_service_reason
         self.spec = as_spec(spec)
         self.fallback = fallback
         self.mmap = mmap
@@ -227,7 +230,7 @@ class CacheCore:
     def _fetch(self, missing: list[Clip], found: dict) -> Generator[Call, Answer, dict[Clip, str]]:
         """Ask the service for `missing`; fills `found`, returns the reasons of those it could not get."""
         if not self.has_service:
-            return {clip: "no service_url was given" for clip in missing}
+            return dict.fromkeys(missing, self.no_service_reason)
         groups: dict[FeatureSpec | None, list[Clip]] = {}
         for clip in missing:
             groups.setdefault(self.expected_spec(clip[-1]), []).append(clip)
@@ -296,8 +299,8 @@ class CacheCore:
             if self.has_service:
                 self._warn_once("failed", "The VGGT feature service failed; computing online instead: %s", summary)
             else:
-                self._warn_once("no-service", "VGGT features missing from the cache and no service_url was given: "
-                                "returning None so the model computes them online (%s)", summary)
+                self._warn_once("no-service", "VGGT features missing from the cache and %s: returning None so the "
+                                "model computes them online (%s)", self.no_service_reason, summary)
             return
         raise CacheUnavailable(f"{n} VGGT feature(s) are neither cached nor available from the service: "
                                f"{summary}\n{START_HINT}")

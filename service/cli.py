@@ -11,7 +11,7 @@ from typing import NoReturn
 
 from client.logs import setup_logging
 from client.service import TOKEN_ENV, ServiceError
-from service.errors import CommandError
+from service.errors import CommandError, UnusableInput
 from service.samples import DEFAULT_MAX_HISTORY, check_history, file_list
 from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings, env_flag
 from service.specflags import ENV_PREFIX, add_spec_flags
@@ -44,7 +44,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
             return text
         if action.required:
             return f"{text} (required)"
-        if action.default in (None, False, argparse.SUPPRESS):
+        if action.default in (None, False, argparse.SUPPRESS) or action.const is False:  # off, or a --no-X
             return text
         return f"{text} (default: %(default)s)"
 
@@ -191,8 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--batch_size", "--batch-size", type=int, default=None,
                      help="frames per device batch (alias of --max-batch-frames)")
     add_device_flag(pre)
-    pre.add_argument("--skip_existing", "--skip-existing", action="store_true",
-                     help="skip entries that already validate (stale or foreign ones are recomputed)")
+    # One default with the API's: valid work is never recomputed unless asked for.
+    pre.add_argument("--skip_existing", "--skip-existing", action="store_true", default=True,
+                     help="skip entries that already validate (stale or foreign ones are recomputed); the default, "
+                          "accepted for the seed's scripts")
+    pre.add_argument("--no-skip-existing", "--no_skip_existing", dest="skip_existing", action="store_false",
+                     help="recompute every entry, valid ones too")
     pre.add_argument("--verify", action="store_true", help="re-read every written entry")
     pre.add_argument("--data_path", "--data-path", default=None,
                      help="folder the samples' image paths are relative to (default: the JSONL file's folder)")
@@ -236,6 +240,8 @@ def failure_message(exc: BaseException) -> tuple[str, int]:
     """What to print for an error that stopped a command, and the exit code."""
     if isinstance(exc, CommandError):
         return str(exc), exc.exit_code
+    if isinstance(exc, UnusableInput):  # a data root or option that cannot be used: the message says why
+        return str(exc), 2
     if isinstance(exc, ServiceError):
         if exc.status is None:
             return f"cannot reach the service: {exc}; start `vggt-cache serve` there, or fix --server", 2

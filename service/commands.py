@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -23,7 +24,7 @@ from service.jobview import JobState, JobView
 from service.progress import follow_job
 from service.samples import DEFAULT_MAX_HISTORY
 from service.settings import ServiceSettings, parse_devices, rank_device
-from service.specflags import spec_options
+from service.specflags import given_options, serve_flags, spec_options
 
 log = logging.getLogger("vggt_cache")
 PROGRESS_POLL_S = 1.0  # how often a followed job's progress is read (not a test's synchronisation)
@@ -205,32 +206,64 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
     from service.model import identify_model
     from service.model.features import model_spec
 
-    with _loading_model(settings.model, OSError, ValueError):  # identifying it reads nothing else
-        spec = model_spec(identify_model(settings.model), **settings.spec)
+    with _loading_model(settings.model, OSError, ValueError):  # weights there but unreadable: the user's to fix
+        try:
+            identity = identify_model(settings.model)  # reads nothing else
+        except FileNotFoundError as exc:
+            identity = _unknown_model(settings.model, exc)
+    spec = model_spec(identity, **settings.spec)
     work = plan_work(data_root, spec, roots, {"skip_existing": args.skip_existing, "data_path": args.data_path,
                                               "max_history_images": args.max_history_images,
                                               "data_files": args.data_files}, max_image_bytes=settings.max_image_bytes)
+    if identity.fingerprint == UNKNOWN_FINGERPRINT:
+        print(f"model        {settings.model}: not on this machine, identity unknown (every entry counted to "
+              "compute; the digest below changes once the weights are there)")
     _print_plan(work.plan.to_dict(), work.plan.summary(), spec.digest)
     return 0
+
+
+# What a plan's `source` counts, in words ("3 episode folder(s)", not "3 episodes source(s)").
+_SOURCE_WORDS = {"jsonl": "JSONL file(s)", "json": "JSON sample file(s)", "jsonl+json": "sample file(s)",
+                 "episodes": "episode folder(s)", "images": "image(s) (no sample files)"}
+
+
+# Stands for weights that are not on this machine: no entry on disk carries it, so a plan made with it
+# counts every entry to compute (an upper bound, as a plan errs large).
+UNKNOWN_FINGERPRINT = "sha256:" + "0" * 64
+
+
+def _unknown_model(source: str, missing: FileNotFoundError):
+    """A dry run without the weights: VGGT-1B's architecture (or the config beside them), fingerprint unknown."""
+    from service.model import ModelIdentity
+    from service.model.config import AggregatorConfig
+
+    log.warning("The weights of %s are not on this machine (%s): planning from the spec alone. The model's "
+                "identity is unknown, so entries already written cannot be checked: every entry counts as to "
+                "compute", source, missing)
+    return ModelIdentity(AggregatorConfig(), UNKNOWN_FINGERPRINT, source)
 
 
 def _print_plan(plan: dict, summary: str, digest: str) -> None:
     source = plan["source"]
     history = f", max_history_images {source['max_history_images']}" if source.get("max_history_images") else ""
     log.info("Dry run, spec %s: nothing is computed or written", digest)
-    print(f"samples      {source['samples']} from {source['files']} {source['source']} source(s){history}")
-    print(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid, "
+    kind = _SOURCE_WORDS.get(source["source"], source["source"])
+    print(f"samples      {source['samples']} from {source['files']} {kind}{history}")
+    recomputed = " (recomputed: --no-skip-existing)" if plan["valid"] + plan["to_compute"] > plan["entries"] else ""
+    print(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid{recomputed}, "
           f"{plan['to_compute']} to compute")
     if plan["problems"] or plan["refused"] or plan["unreadable"]:
         print(f"problems     {plan['problems']} malformed sample(s) or missing image(s), {plan['refused']} "
               f"outside the allowed roots, {plan['unreadable']} unreadable image(s)")
-    print(f"to write     {plan['bytes_to_write']:,} bytes")
+    replaced = f", net of {plan['replaced_bytes']:,} bytes they replace" if plan.get("replaced_bytes") else ""
+    print(f"to write     {plan['bytes_to_write']:,} bytes ({plan.get('entry_bytes', 0):,} bytes an entry{replaced})")
     print(f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"
           f" ({'fits' if plan['fits'] else 'DOES NOT FIT'})")
     print(summary)
 
 
-_PLAN_COUNTS = ("units", "entries", "valid", "to_compute", "unreadable", "refused", "bytes_to_write")
+_PLAN_COUNTS = ("units", "entries", "valid", "to_compute", "unreadable", "refused", "bytes_to_write",
+                "replaced_bytes")
 
 
 def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world: int) -> None:
@@ -262,6 +295,11 @@ def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world:
 
 
 def _print_summary(view: JobView) -> None:
+    if view.state is JobState.FAILED and view.error and not view.total:  # refused before any work: a setup problem
+        raise CommandError(f"job {view.job_id} failed: {view.error}")
+    if view.state is JobState.FINISHED and not view.total:
+        log.warning("Nothing to compute: no samples or images found under %s", view.data_root)
+        return
     log.info("%s: %d total, %d computed, %d skipped, %d failed", view.state.value, view.total, view.computed,
              view.skipped, view.failed)
     if view.options.get("verify"):
@@ -284,6 +322,31 @@ def _client(args: argparse.Namespace, **options: object):
         raise CommandError(f"--server {args.server}: {exc}") from None
 
 
+def _check_server_spec(args: argparse.Namespace, service) -> None:
+    """Spec flags given with `--server` must name the service's spec: it computes with its own, never theirs."""
+    from client.service import spec_of_status
+
+    given = given_options(args)
+    if not given:
+        return
+    body = service.status()
+    try:
+        theirs = spec_of_status(body)
+    except ValueError as exc:  # no model loaded yet: nothing to compare the flags with
+        raise CommandError(f"cannot check the spec flags against {args.server}: {exc}; retry once it is ready, "
+                           "or drop the spec flags") from None
+    try:
+        wanted = dataclasses.replace(theirs, **given)
+    except ValueError as exc:
+        raise CommandError(f"the spec flags do not make a spec: {exc}") from None
+    differ = theirs.differences(wanted)
+    if differ:
+        fields = ", ".join(f"{f} {getattr(wanted, f)} here, {getattr(theirs, f)} there" for f in differ)
+        raise CommandError(f"the service at {args.server} computes another spec than the flags given ({fields}): "
+                           f"drop the spec flags to use its spec, or serve this one with `vggt-cache serve "
+                           f"--model {(body.get('model') or {}).get('source', 'MODEL')} {serve_flags(wanted)} ...`")
+
+
 def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
     from client.service import ServiceError
 
@@ -291,6 +354,7 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
                "max_history_images": args.max_history_images, "data_files": args.data_files,
                "dry_run": args.dry_run, "force": args.force, "overwrite": args.overwrite}
     with _client(args, down_s=0) as service:  # keep trying while it restarts
+        _check_server_spec(args, service)
         answer = service.precompute(data_root, timeout=None if args.dry_run else 30.0, **options)
         if args.dry_run:
             _print_plan(answer["plan"], answer["summary"], answer["spec_digest"])
@@ -372,8 +436,15 @@ def status(args: argparse.Namespace) -> int:
     print(f"service  {args.server}  state={svc['state']}  uptime {duration(svc['uptime_s'])}")
     if svc.get("error"):
         print(f"error    {svc['error']}")
+    for warning in svc.get("warnings") or []:
+        print(f"warning  {warning}")
     if model:
         print(f"model    {model['source']}  {model['fingerprint']}  on {', '.join(model['devices'])}")
+    spec = body.get("spec")
+    if spec:
+        print(f"spec     {body.get('preset') or 'custom'} ({spec['attention']} attention, {spec['preprocess']} "
+              f"{spec['size']} px, align {spec['align']}, {spec['dtype']}, reference frame "
+              f"{spec.get('reference_frame', 'first')})  digest {spec['digest']}")
     if eng:
         print(f"engine   queued {_per_priority(eng.get('queued'))}; {eng.get('images_per_s', 0):g} images/s "
               f"over the last {eng.get('window_s', 0):g} s")
@@ -384,6 +455,8 @@ def status(args: argparse.Namespace) -> int:
         eta = f"  eta {duration(job['eta_s'])}" if job.get("eta_s") else ""
         print(f"job {job['job_id']}  {job['state']:9s} {job['progress']*100:5.1f}%  "
               f"{job['computed']} computed {job['skipped']} skipped {job['failed']} failed  {job['data_root']}{eta}")
+        if job.get("error"):
+            print(f"    error: {job['error']}")
     return 0
 
 

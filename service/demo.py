@@ -1,6 +1,6 @@
 """`vggt-cache demo`: the whole loop on any machine, no GPU and no downloads.
 
-A tiny aggregator with fixed random weights stands in for VGGT-1B; everything
+The built-in `tiny` aggregator (fixed random weights) stands in for VGGT-1B; everything
 else (service, jobs, sibling files, client) is the real thing.
 """
 
@@ -16,35 +16,15 @@ import tempfile
 import time
 
 import numpy as np
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from client.http import wait_until_ready
+from service.model.loader import TINY_DIR, TINY_SOURCE
 
-# A 2-layer aggregator with VGGT-1B's structure, small enough to run anywhere in seconds.
-DEMO_CONFIG = {
-    "img_size": 56, "patch_size": 14, "embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 4.0,
-    "num_register_tokens": 4, "qk_norm": True, "rope_freq": 100, "init_values": 0.01,
-    "patch_embed": {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 4.0, "init_values": 1.0,
-                    "interpolate_antialias": True, "interpolate_offset": 0.0},
-}
+# The built-in tiny model's architecture (2 layers, VGGT's structure), for benchmarks that want random weights.
+with open(os.path.join(TINY_DIR, "config.json"), encoding="utf-8") as _f:
+    DEMO_CONFIG = json.load(_f)
 DEMO_SIZE = 112
-
-
-def write_demo_model(folder: str, seed: int = 0) -> str:
-    """config.json + state_dict.safetensors of the demo aggregator (same weights for the same seed)."""
-    from service.model import AggregatorConfig, VGGTAggregator
-
-    os.makedirs(folder, exist_ok=True)
-    torch.manual_seed(seed)
-    model = VGGTAggregator(AggregatorConfig.from_dict(DEMO_CONFIG))
-    generator = torch.Generator().manual_seed(seed)
-    state = {k: torch.randn(v.shape, generator=generator) * 0.05 for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(folder, "state_dict.safetensors"))
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(DEMO_CONFIG, f, indent=2)
-    return folder
 
 
 def write_demo_data(root: str, scenes: int = 3, frames: int = 4, seed: int = 0) -> list[list[str]]:
@@ -90,16 +70,15 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
     from service.jobview import JobView
 
     work = tempfile.mkdtemp(prefix="vggt-cache-demo-")
-    data_root, model_dir = os.path.join(work, "data"), os.path.join(work, "model")
+    data_root = os.path.join(work, "data")
     os.makedirs(data_root)
-    write_demo_model(model_dir)
     clips = write_demo_data(data_root)
     images = [p for clip in clips for p in clip]
     _say(f"made {len(images)} images in {len(clips)} scenes and train.jsonl under {data_root}")
 
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", model_dir, "--device", "cpu",
+    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", TINY_SOURCE, "--device", "cpu",
            "--host", "127.0.0.1", "--port", str(port), "--allowed-root", data_root,
            "--state-dir", os.path.join(work, "state"), "--size", str(DEMO_SIZE), "--dtype", "float32"]
     _say("starting: " + " ".join(cmd[2:]))

@@ -50,6 +50,8 @@ class Plan:
     free_bytes: int  # on the file system of the data root
     ranks: int = 1  # torchrun: this plan is one rank's share and must fit in 1/ranks of the free space
     tightest: dict | None = None  # the file system with the least room to spare: path, bytes_to_write, free_bytes
+    entry_bytes: int = 0  # the size of one new entry (the mean over those to compute)
+    replaced_bytes: int = 0  # of the files those entries replace (bytes_to_write is net of them)
 
     @property
     def fits(self) -> bool:
@@ -61,15 +63,16 @@ class Plan:
 
     def summary(self) -> str:
         """One paragraph with the arithmetic, for logs and refusals."""
-        each = self.bytes_to_write / self.to_compute if self.to_compute else 0
         fs = self.tightest or {"path": self.data_root, "bytes_to_write": self.bytes_to_write,
                                "free_bytes": self.free_bytes}
         share = f" (this rank's share of {self.ranks})" if self.ranks > 1 else ""
         where = f" ({_size(fs['bytes_to_write'])} of it)" if fs["bytes_to_write"] != self.bytes_to_write else ""
+        # The entry's own size, then the net bytes: recomputed entries replace files of about their size.
+        net = f" (net of the {_size(self.replaced_bytes)} they replace)" if self.replaced_bytes else ""
         return (f"{self.source['samples']} samples ({self.source['source']}) -> {self.entries} entries: "
-                f"{self.valid} valid, {self.to_compute} to compute x {_size(each)} each = "
-                f"{_size(self.bytes_to_write)} to write{share}; {_size(fs['free_bytes'])} free on the file system "
-                f"of {fs['path']}{where}")
+                f"{self.valid} valid, {self.to_compute} to compute of {_size(self.entry_bytes)} each; "
+                f"{_size(self.bytes_to_write)} to write{net}{share}; {_size(fs['free_bytes'])} free on the file "
+                f"system of {fs['path']}{where}")
 
 
 def _size(n: float) -> str:
@@ -90,6 +93,7 @@ class _Target:
     valid: bool
     compute: bool
     nbytes: int  # new bytes on disk if computed (can be negative: a larger file is replaced)
+    size: int  # the new entry's size
     unreadable: bool
     device: int  # st_dev of the folder the entry goes into
     folder: str
@@ -104,11 +108,11 @@ def _check(target: str, context: Sequence[str] | None, spec: FeatureSpec, skip_e
         device = -1
     valid = read_entry(target, spec, context_frames=context, tensor=False, roots=roots).outcome is Outcome.HIT
     if valid and skip_existing:
-        return _Target(True, False, 0, False, device, folder)
+        return _Target(True, False, 0, 0, False, device, folder)
     try:
         pixels = image_size(target, max_image_bytes, roots)
     except Exception:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...: the job fails it
-        return _Target(valid, True, 0, True, device, folder)
+        return _Target(valid, True, 0, 0, True, device, folder)
     if pixels not in sizes:  # a benign race between threads: both compute the same number
         patch = spec.architecture.get("patch_size", 14)
         height, width = output_size(*pixels, spec.preprocess, spec.size, spec.align)
@@ -117,7 +121,7 @@ def _check(target: str, context: Sequence[str] | None, spec: FeatureSpec, skip_e
         replaced = os.lstat(cache_path(target)).st_size
     except OSError:
         replaced = 0
-    return _Target(valid, True, sizes[pixels] - replaced, False, device, folder)
+    return _Target(valid, True, sizes[pixels] - replaced, sizes[pixels], False, device, folder)
 
 
 def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing: bool = True,
@@ -141,6 +145,7 @@ def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing:
                 last_report = time.monotonic()
                 log.info("Planning %s: %d/%d entries checked (%.0f s)", data_root, len(checked), len(work),
                          last_report - started)
+    new = [t for t in checked if t.compute and not t.unreadable]
     per_device: dict[int, list] = {}  # st_dev -> [a folder on it, bytes]
     for t in checked:
         if t.compute and not t.unreadable:
@@ -154,4 +159,5 @@ def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing:
         data_root, scan.samples.describe(), len(units), len(work), sum(t.valid for t in checked),
         sum(t.compute for t in checked), sum(t.unreadable for t in checked), len(scan.problems), refused,
         max(0, sum(t.nbytes for t in checked if t.compute)), free_bytes(data_root), ranks, tightest,
+        round(sum(t.size for t in new) / len(new)) if new else 0, sum(t.size - t.nbytes for t in new),
     )

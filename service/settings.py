@@ -92,10 +92,14 @@ class ServiceSettings:
 
     def warnings(self) -> list[str]:
         """What is allowed but unsafe: logged at start and shown on /status."""
+        found = []
         if self.api_token is None and not is_loopback(self.host):
-            return [f"listening on {self.host}, not a loopback address, without an API token: anyone who can "
-                    "reach the port can read features and start jobs (set --api-token)"]
-        return []
+            found.append(f"listening on {self.host}, not a loopback address, without an API token: anyone who can "
+                         "reach the port can read features and start jobs (set --api-token)")
+        # Not refused: a mount may come up after the service; until then every request under it fails.
+        found += [f"--allowed-root {root} is not a folder: nothing under it can be served until it exists "
+                  "(check the path)" for root in self.allowed_roots if not os.path.isdir(root)]
+        return found
 
 
 def host_names(settings: ServiceSettings) -> frozenset[str] | None:

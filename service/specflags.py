@@ -113,6 +113,11 @@ def spec_options(args: argparse.Namespace) -> dict:
     return resolve_options(os.environ.get(ENV_PREFIX + "PRESET") or None, **given)
 
 
+def given_options(args: argparse.Namespace) -> dict:
+    """The spec fields the command line itself names (a `--preset`'s and each flag's), variables left aside."""
+    return resolve_options(args.preset, **{row.field: getattr(args, row.field) for row in SPEC_FLAGS})
+
+
 def serve_flags(spec: FeatureSpec) -> str:
     """The `vggt-cache serve` flags that make a service compute features with `spec`."""
     preset = matching_preset(spec)

@@ -53,7 +53,7 @@ def test_dry_run_figures_match_what_the_job_then_writes(tmp_path):
     before = figures(dry.stdout)
     assert before["samples"] == before["entries"] == before["to_compute"] == STEPS and before["valid"] == 0
     assert before["bytes"] == STEPS * (TENSOR_BYTES + plan.ENTRY_OVERHEAD_BYTES)
-    assert before["free"] > 0 and "episodes source(s), max_history_images 8" in dry.stdout
+    assert before["free"] > 0 and "from 1 episode folder(s), max_history_images 8" in dry.stdout
     assert cache_files(root) == [] and not (root / "vggt_cache_manifest.json").exists()  # nothing written
 
     run = precompute("--data_root", str(root), "--skip_existing", *state)
@@ -70,7 +70,7 @@ def test_dry_run_figures_match_what_the_job_then_writes(tmp_path):
 
     after = figures(precompute("--data_root", str(root), "--skip_existing", "--dry-run", *state).stdout)
     assert (after["valid"], after["to_compute"], after["bytes"]) == (STEPS, 0, 0)
-    without_skip = figures(precompute("--data_root", str(root), "--dry-run", *state).stdout)
+    without_skip = figures(precompute("--data_root", str(root), "--no-skip-existing", "--dry-run", *state).stdout)
     assert (without_skip["valid"], without_skip["to_compute"]) == (STEPS, STEPS)
     # Recomputing replaces files of about the same size: only the difference is new, never more than the overhead.
     assert 0 <= without_skip["bytes"] <= STEPS * plan.ENTRY_OVERHEAD_BYTES
@@ -98,7 +98,7 @@ def test_a_job_whose_entries_would_not_fit_refuses_to_start_unless_forced(tmp_pa
             "--preset", "newjanusvln", "--size", "56", "--state-dir", str(tmp_path / "state")]
     assert cli.main(args) == 1
     assert cache_files(root) == []
-    assert "12 to compute x 8.2 kB each = 98.3 kB to write; 50.0 kB free" in capsys.readouterr().err
+    assert "12 to compute of 8.2 kB each; 98.3 kB to write; 50.0 kB free" in capsys.readouterr().err
     assert cli.main([*args, "--force"]) == 0
     assert len(cache_files(root)) == STEPS
 

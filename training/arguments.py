@@ -52,13 +52,14 @@ def _check_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
 
 @dataclass
 class ModelArguments:
+    _argument_group_name = "models: Qwen2.5-VL, VGGT and their fusion"  # HfArgumentParser's --help group
     model_name_or_path: str = field(
         default="Qwen/Qwen2.5-VL-3B-Instruct", metadata={"help": "Qwen2.5-VL checkpoint (HF id or folder)"}
     )
     vggt_model_path: str | None = field(
         default=None,
-        metadata={"help": "VGGT weights: HF id, folder or file (default facebook/VGGT-1B; "
-                          "with --tiny, the repository's test fixture)"},
+        metadata={"help": "VGGT weights: tiny, HF id, folder or file (default facebook/VGGT-1B; "
+                          "with --tiny, the built-in tiny model)"},
     )
     vggt_fusion: str = field(
         default="default",
@@ -79,8 +80,9 @@ class ModelArguments:
     )
     tiny: bool | None = field(
         default=None,
-        metadata={"help": "tests and benchmarks: a tiny random Qwen2.5-VL built in-process (no downloads); "
-                          "default from $VGGT_TRAIN_TINY", "nargs": "?", "const": True},
+        metadata={"help": "try it on a CPU (tests, benchmarks): a tiny random Qwen2.5-VL built in-process and the "
+                          "built-in tiny VGGT, no downloads; default from $VGGT_TRAIN_TINY", "nargs": "?",
+                  "const": True},
     )
 
     def __post_init__(self) -> None:
@@ -99,6 +101,7 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
+    _argument_group_name = "data: samples, images and VGGT's preprocessing"
     data_root: str | None = field(default=None, metadata={"help": "the data root (default $DATA_ROOT)"})
     data_files: str | None = field(
         default=None,
@@ -142,6 +145,8 @@ class DataArguments:
 @dataclass
 class CacheArguments:
     """How VGGT features are made (the spec) and where they come from (cache, service, online)."""
+
+    _argument_group_name = "VGGT features: the spec, the cache and the service"
 
     use_vggt_cache: bool | None = field(
         default=None,

@@ -12,8 +12,8 @@ many samples took each path. Checkpoints hold Qwen (transformers' format), the m
 and the fusion settings, never the VGGT weights (the spec's fingerprint names them).
 
 ``--tiny`` (or ``VGGT_TRAIN_TINY=1``) builds a tiny random Qwen2.5-VL, a character-level
-tokenizer and the image processor in-process, and defaults to the repository's VGGT
-test fixture: no downloads, for tests and benchmarks.
+tokenizer and the image processor in-process, and defaults to the built-in ``tiny`` VGGT
+(the one ``vggt-cache serve --model tiny`` serves): no downloads, for tests, benchmarks and a CPU.
 
 Limits: DeepSpeed ZeRO-3 is refused (the frozen VGGT must stay whole on every rank).
 DeepSpeed's own engine checkpoints (optimizer state) include the module's weights, and
@@ -46,10 +46,11 @@ from transformers import (
 )
 
 from client.cache import CacheUnavailable, FeatureCache
+from client.lookup import NO_SERVICE
 from client.service import ServiceClient, ServiceError
 from client.logs import setup_logging
 from client.spec import FeatureSpec, matching_preset
-from service.model import DEFAULT_SOURCE, load_aggregator
+from service.model import DEFAULT_SOURCE, TINY_SOURCE, load_aggregator
 from service.settings import DEFAULT_PORT
 from service.sources import UnitPlanner
 from service.specflags import serve_flags
@@ -60,7 +61,6 @@ from training.tiny import tiny_qwen25vl_config
 
 log = logging.getLogger("vggt_cache")
 
-TINY_VGGT = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "vggt_tiny"
 SOURCES = ("cache", "service", "online")
 EXIT_NO_FEATURES = 2
 
@@ -104,7 +104,7 @@ def tiny_image_processor(config: Qwen2_5_VLConfig) -> Qwen2VLImageProcessorPil:
 
 
 def vggt_source(model_args: ModelArguments) -> str:
-    return model_args.vggt_model_path or (str(TINY_VGGT) if model_args.tiny else DEFAULT_SOURCE)
+    return model_args.vggt_model_path or (TINY_SOURCE if model_args.tiny else DEFAULT_SOURCE)
 
 
 def build_qwen(model_args: ModelArguments, training_args: TrainingArguments) -> QwenParts:
@@ -169,8 +169,8 @@ class VGGTTrainer(Trainer):
 
 
 def serve_command(spec: FeatureSpec, vggt: str, data_root: str) -> str:
-    """A ``vggt-cache serve`` line whose features this run can use."""
-    return (f"vggt-cache serve --model {vggt} --device cuda --host 0.0.0.0 --port {DEFAULT_PORT} "
+    """A ``vggt-cache serve`` line whose features this run can use, on whatever machine runs it (`--device auto`)."""
+    return (f"vggt-cache serve --model {vggt} --host 0.0.0.0 --port {DEFAULT_PORT} "
             f"--allowed-root {data_root} {serve_flags(spec)}")
 
 
@@ -215,8 +215,40 @@ def check_services(urls: Sequence[str], spec: FeatureSpec, fallback: str, serve:
     return usable
 
 
+# The flags a first run needs, shown first in --help (the rest: one group per dataclass, then transformers').
+FIRST_FLAGS = ("--data_root", "--output_dir", "--model_name_or_path", "--vggt_model_path", "--tiny",
+               "--use_vggt_cache", "--vggt_service_url", "--vggt_preset", "--per_device_train_batch_size",
+               "--max_steps")
+
+
+def build_parser() -> HfArgumentParser:
+    """The arguments of ``training.train``; ``--help`` starts with :data:`FIRST_FLAGS`, then groups the rest."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, CacheArguments, TrainingArguments),
+                              prog="python -m training.train",
+                              usage="%(prog)s --data_root DIR --output_dir DIR [FLAGS] (or under torchrun)",
+                              description="Fine-tune Qwen2.5-VL + VGGT, VGGT features from the cache or computed "
+                                          "online (see the README's 'Training with the cache').")
+    hf = parser.add_argument_group("transformers' TrainingArguments: the rest of the run (optimiser, precision, "
+                                   "logging, saving, distributed)")
+    _move(parser, [a for a in parser._optionals._group_actions if a.dest != "help"], hf)
+    first = parser.add_argument_group("start here: the flags a first run needs")
+    _move(parser, [parser._option_string_actions[flag] for flag in FIRST_FLAGS], first)
+    parser._action_groups.remove(first)
+    parser._action_groups.insert(parser._action_groups.index(parser._optionals) + 1, first)
+    return parser
+
+
+def _move(parser: HfArgumentParser, actions: list, group) -> None:
+    """Show `actions` under `group` in --help (argparse has no public way to regroup an argument)."""
+    for action in actions:
+        for old in parser._action_groups:
+            if action in old._group_actions:
+                old._group_actions.remove(action)
+        group._group_actions.append(action)
+
+
 def parse_args(argv: Sequence[str] | None = None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, CacheArguments, TrainingArguments))
+    parser = build_parser()
     model_args, data_args, cache_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     if not data_args.data_root:
         parser.error("--data_root (or $DATA_ROOT) is required")
@@ -241,7 +273,11 @@ def open_cache(cache_args: CacheArguments, spec: FeatureSpec, serve: str) -> Fea
         return None
     fallback = cache_args.vggt_cache_fallback
     urls = check_services(cache_args.service_urls, spec, fallback, serve)
-    cache = FeatureCache(urls or None, spec, fallback=fallback)  # logs the seed's "enabled" line
+    left_out = [url for url in cache_args.service_urls if url not in urls]
+    reason = (f"the service at {', '.join(left_out)} computes another spec (see the warning above)" if left_out
+              else NO_SERVICE)
+    # logs the seed's "enabled" line
+    cache = FeatureCache(urls or None, spec, fallback=fallback, no_service_reason=reason)
     log.info("VGGT feature spec %s (%s attention, reference frame %s%s); service: %s; fallback: %s", spec.digest,
              spec.attention, spec.reference_frame, f", preset {matching_preset(spec)}" if matching_preset(spec) else "",
              ", ".join(urls) or "none (read-only cache)", fallback)

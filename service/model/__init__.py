@@ -4,7 +4,7 @@ from .aggregator import VGGTAggregator
 from .config import AggregatorConfig, PatchEmbedConfig
 from .fingerprint import file_fingerprint
 from .kv_cache import KVCache
-from .loader import DEFAULT_SOURCE, LoadedModel, ModelIdentity, identify_model, load_aggregator
+from .loader import DEFAULT_SOURCE, TINY_SOURCE, LoadedModel, ModelIdentity, identify_model, load_aggregator
 
 __all__ = [
     "AggregatorConfig",
@@ -13,6 +13,7 @@ __all__ = [
     "LoadedModel",
     "ModelIdentity",
     "PatchEmbedConfig",
+    "TINY_SOURCE",
     "VGGTAggregator",
     "file_fingerprint",
     "identify_model",

@@ -20,6 +20,11 @@ from .config import AggregatorConfig
 from .fingerprint import file_fingerprint
 
 DEFAULT_SOURCE = "facebook/VGGT-1B"
+# The built-in tiny model: VGGT's structure, 2 layers, fixed weights shipped in the package (~1.4 MB), so
+# serve, precompute, the demo and training run on any machine without a download. The name always means it
+# (a local folder called `tiny` is `./tiny`).
+TINY_SOURCE = "tiny"
+TINY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tiny")
 PREFIX = "aggregator."
 HEAD_PREFIXES = ("camera_head.", "depth_head.", "point_head.", "track_head.")
 FOLDER_WEIGHTS = ("model.safetensors", "model.pt", "state_dict.safetensors")
@@ -68,7 +73,7 @@ def load_aggregator(
 ) -> LoadedModel:
     """Frozen, eval-mode aggregator on `device` in `dtype`; head weights in the checkpoint are ignored.
 
-    `source`: a Hugging Face repo id (offline, from the local cache), a folder (`config.json` plus
+    `source`: `tiny` (the built-in tiny model), a Hugging Face repo id (offline, from the local cache), a folder (`config.json` plus
     `model.safetensors` | `model.pt` | `state_dict.safetensors`) or a `.safetensors`/`.pt`/`.pth` file
     (config from a sibling `config.json`, else VGGT-1B). Raises ValueError if the weights do not fit.
     """
@@ -99,8 +104,10 @@ def load_aggregator(
 
 
 def resolve_source(source: str | os.PathLike) -> tuple[str, str | None]:
-    """(weights file, config.json or None) for a repo id, folder or file."""
+    """(weights file, config.json or None) for `tiny`, a repo id, folder or file."""
     path = os.path.expanduser(os.fspath(source))
+    if path == TINY_SOURCE:
+        path = TINY_DIR
     if os.path.isdir(path):
         candidates = (os.path.join(path, name) for name in FOLDER_WEIGHTS)
         weights = next((c for c in candidates if os.path.isfile(c)), None)
@@ -124,7 +131,8 @@ def _resolve_hub(repo_id: str) -> tuple[str, str | None]:
     raise FileNotFoundError(
         f"{repo_id!r} is not a file or folder and its weights ({' or '.join(HUB_WEIGHTS)}) are not in the "
         f"local Hugging Face cache ({hf_constants.HF_HUB_CACHE}); fetch them with "
-        f"`hf download {repo_id}` (huggingface_hub's CLI) or pass a folder or weights file"
+        f"`hf download {repo_id}` (huggingface_hub's CLI), pass a folder or weights file, or try the built-in "
+        f"`{TINY_SOURCE}` model on a CPU"
     )
 
 
