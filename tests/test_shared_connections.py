@@ -57,14 +57,14 @@ def test_a_flood_of_silent_connections_neither_fails_a_job_nor_starves_requests(
     try:
         host, port = service.url.removeprefix("http://").split(":")
         with httpx.Client(base_url=service.url, timeout=30) as http, contextlib.ExitStack() as flood:
-            job_id = http.post("/precompute", json={"data_root": str(tmp_path / "job")}).raise_for_status().json()["job_id"]
+            job = http.post("/precompute", json={"data_root": str(tmp_path / "job")}).raise_for_status().json()
             sockets = [flood.enter_context(socket.create_connection((host, int(port)), timeout=10))
                        for _ in range(FLOOD)]
             t0 = time.monotonic()
             with httpx.Client(base_url=service.url, timeout=30) as fresh:  # a new connection, past the flood
                 assert fresh.get("/healthz").status_code == 200
             answered_s = time.monotonic() - t0
-            view = wait_job(http, job_id, timeout=120)
+            view = wait_job(http, job["job_id"], timeout=120)
             poll(lambda: all(closed_by_peer(s) for s in sockets), 10 * HEADER_TIMEOUT_S + 30,
                  "the service to close every silent connection")
         log = service.log()

@@ -6,9 +6,9 @@ own name); a request with both Content-Length
 and Transfer-Encoding is a 400 (RFC 9112 section 6.3: its framing is ambiguous); without the
 service's token, a 401 (FastAPI would read and parse the body before a route's dependency
 runs); a POST, PUT or PATCH without a JSON content type, a 415 (a cross-origin page can send
-text/plain or form bodies without asking first, never JSON); a declared length over the limit, a 413. Then the body is read here, counting the bytes
-actually received: over the limit, a 413; not received whole within `timeout_s` (stalled,
-or dripped a byte at a time), a 408; more than
+text/plain or form bodies without asking first, never JSON); a declared length over the limit, a
+413. Then the body is read here, counting the bytes actually received: over the limit, a 413;
+not received whole within `timeout_s` (stalled, or dripped a byte at a time), a 408; more than
 `buffer_bytes` held by all requests together, a 503. Every refusal closes the connection,
 since the rest of its body is never read. The app gets the body whole.
 """
