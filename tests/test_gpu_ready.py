@@ -188,6 +188,18 @@ def test_compile_counts_grow_with_each_new_shape() -> None:
     assert after["graphs"] - before["graphs"] >= 3 and after["frames_not_compiled"] == before["frames_not_compiled"]
 
 
+def test_compile_raises_the_limit_under_its_older_name_on_older_torch() -> None:
+    # torch 2.4/2.5 (allowed by pyproject) call it cache_size_limit; recompile_limit does not exist there.
+    import types
+
+    from service.model.resident import raise_recompile_limit
+
+    older, newer = types.SimpleNamespace(cache_size_limit=8), types.SimpleNamespace(recompile_limit=8)
+    raise_recompile_limit(older, 64)
+    raise_recompile_limit(newer, 64)
+    assert vars(older) == {"cache_size_limit": 64} and vars(newer) == {"recompile_limit": 64}
+
+
 def test_a_batch_that_compiles_is_logged_with_its_shape(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Stands in for a compiled block meeting a new clip length: the hook compiles once per new shape.
     from service.engine import Engine
