@@ -52,12 +52,17 @@ def compile_blocks(model: VGGTAggregator, devices: int = 1) -> VGGTAggregator:
     """
     import torch._dynamo.config as dynamo_config
 
-    # torch < 2.6 names the limit cache_size_limit (later versions keep that name as an alias).
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo_config, name, max(getattr(dynamo_config, name), _VARIANTS_PER_DEVICE * devices))
+    raise_recompile_limit(dynamo_config, _VARIANTS_PER_DEVICE * devices)
     for block in (*model.patch_embed.blocks, *model.frame_blocks, *model.global_blocks):
         block.compile()
     return model
+
+
+def raise_recompile_limit(dynamo_config: object, limit: int) -> None:
+    """At least `limit` graphs per code object before Dynamo falls back to eager; torch < 2.6 names the
+    setting cache_size_limit (later versions keep that name as an alias of recompile_limit)."""
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
 
 
 def compile_counts() -> dict[str, int]:
