@@ -205,11 +205,14 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
     from service.jobs import plan_work
     from service.model import identify_model
     from service.model.features import model_spec
+    from service.model.loader import is_hub_id
 
     with _loading_model(settings.model, OSError, ValueError):  # weights there but unreadable: the user's to fix
         try:
             identity = identify_model(settings.model)  # reads nothing else
         except FileNotFoundError as exc:
+            if not is_hub_id(settings.model):  # a path that is not there: a typo, said as one
+                raise
             identity = _unknown_model(settings.model, exc)
     spec = model_spec(identity, **settings.spec)
     work = plan_work(data_root, spec, roots, {"skip_existing": args.skip_existing, "data_path": args.data_path,

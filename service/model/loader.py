@@ -121,6 +121,12 @@ def resolve_source(source: str | os.PathLike) -> tuple[str, str | None]:
     raise FileNotFoundError(f"model source {path!r} is neither a file, a folder nor a Hugging Face repo id")
 
 
+def is_hub_id(source: str | os.PathLike) -> bool:
+    """True when `source` names a Hugging Face repo (not a file or folder here, not `tiny`)."""
+    path = os.path.expanduser(os.fspath(source))
+    return path != TINY_SOURCE and not os.path.exists(path) and bool(_REPO_ID.match(path))
+
+
 def _resolve_hub(repo_id: str) -> tuple[str, str | None]:
     """Files of `repo_id` from the local Hugging Face cache; never touches the network."""
     for name in HUB_WEIGHTS:
