@@ -48,6 +48,10 @@ class ServiceSettings:
     body_timeout_s: float = 30.0
     # Request bodies buffered at once, all requests together; past it a request is a 503 (memory stays bounded).
     body_buffer_bytes: int = 16 * 1024 * 1024
+    # Work one input can make long: a job's sample of more frames fails alone (JanusVLN uses 9, VG-LLM up
+    # to 32); SIGTERM abandons a batch still running this long after it (its unit stays pending).
+    max_frames_per_sample: int = 64
+    shutdown_grace_s: float = 30.0
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot be meant: checked before the service starts."""
@@ -57,12 +61,15 @@ class ServiceSettings:
         for flag, value in (("--max-items-per-request", self.max_items_per_request),
                             ("--max-pending", self.max_pending_units), ("--max-batch-frames", self.max_batch_frames),
                             ("--decode-workers", self.decode_workers), ("--write-workers", self.write_workers),
-                            ("--max-image-bytes", self.max_image_bytes), ("max_body_bytes", self.max_body_bytes)):
+                            ("--max-image-bytes", self.max_image_bytes), ("max_body_bytes", self.max_body_bytes),
+                            ("--max-frames-per-sample", self.max_frames_per_sample)):
             positive_int(flag, value)
         if isinstance(self.patch_cache_mb, bool) or not isinstance(self.patch_cache_mb, int) or self.patch_cache_mb < 0:
             raise ValueError(f"--patch-cache-mb must be zero or more, got {self.patch_cache_mb!r}")
         if not self.body_timeout_s > 0:
             raise ValueError(f"--body-timeout must be a positive number of seconds, got {self.body_timeout_s!r}")
+        if not self.shutdown_grace_s > 0:
+            raise ValueError(f"--shutdown-grace must be a positive number of seconds, got {self.shutdown_grace_s!r}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be zero or more, got {self.max_wait_ms!r}")
         if self.body_buffer_bytes < self.max_body_bytes:

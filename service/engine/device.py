@@ -16,7 +16,7 @@ from client.spec import Attention, FeatureSpec
 from service.engine.patches import PatchCache
 from service.engine.scheduler import Scheduler
 from service.engine.stats import Window, process_rss
-from service.engine.work import Complete, Job, describe, failed_result
+from service.engine.work import Complete, Job, StartHook, describe, failed_result
 from service.engine.writer import WriterStage
 from service.model.features import entry_features
 
@@ -112,6 +112,7 @@ class DeviceStage:
             while (batch := self._scheduler.next_batch(lane)) is not None:
                 with self.lock:
                     self._in_flight.update(batch)
+                _started(batch)
                 handed: set[Job] = set()  # launched: their results are on their way to the writers
                 try:
                     for launched in self._run_batch(dev, batch):
@@ -264,6 +265,19 @@ class DeviceStage:
                 "busy_fraction": round(sum(d["busy_fraction"] for d in devices) / len(devices), 4),
                 "devices": devices,
             }
+
+
+def _started(batch: list[Job]) -> None:
+    """Tell each start hook which of its units go on the device, once per batch."""
+    units: dict[StartHook, list] = {}
+    for job in batch:
+        for hook in job.on_start:
+            units.setdefault(hook, []).append(job.unit)
+    for hook, started in units.items():
+        try:
+            hook(started)
+        except Exception:  # e.g. a failing state dir: the units still run
+            log.exception("Cannot record that %d unit(s) started", len(started))
 
 
 def _is_oom(exc: BaseException) -> bool:

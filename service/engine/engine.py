@@ -41,8 +41,8 @@ from service.engine.decode import DecodeStage
 from service.engine.device import Device, DeviceStage, ForwardHook
 from service.engine.scheduler import Scheduler
 from service.engine.stats import STATS_WINDOW_S, History
-from service.engine.work import (SHUTDOWN_MESSAGE, EngineStopped, Job, Priority, QueueFull, UnitResult,
-                                 Withdrawn, fail_future)
+from service.engine.work import (SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, EngineStopped, Job, Priority, QueueFull,
+                                 StartHook, UnitResult, Withdrawn, fail_future)
 from service.engine.writer import WriterStage
 from service.model import LoadedModel
 from service.model.resident import compile_blocks, make_resident, weights_dtype
@@ -262,6 +262,7 @@ class Engine:
         block: bool = True,
         max_pending: int | None = None,
         lanes: Sequence[int] | None = None,
+        on_start: StartHook | None = None,
     ) -> list[Future[UnitResult]]:
         """Queue units; one future per unit, in order. Thread-safe.
 
@@ -273,6 +274,8 @@ class Engine:
         fail it unless it validates. `return_features=False` keeps no tensors in the results
         (bulk jobs only need statuses). `lanes`, one per bulk unit (0 to `lanes` - 1): the device
         that should run it, so that units sharing frames meet one patch cache; None: any device.
+        `on_start`: called on the device thread with the units of a batch that were submitted with it,
+        just before their forward (a job records its attempts there); what it raises is logged.
         """
         if self._state is not EngineState.RUNNING:
             raise EngineStopped(SHUTDOWN_MESSAGE if self.stopped else "engine not started")
@@ -285,7 +288,7 @@ class Engine:
                              f"for {len(units)} {priority.name.lower()} unit(s)")
         for unit in units:
             self._check_unit(unit)
-        waiters, jobs, joined = self._board(units, priority, skip_existing, verify, return_features, lanes)
+        waiters, jobs, joined = self._board(units, priority, skip_existing, verify, return_features, lanes, on_start)
         try:
             refused = self._scheduler.admit(jobs, priority, block=block, max_units=max_pending)
         except QueueFull:
@@ -296,7 +299,8 @@ class Engine:
         return waiters
 
     def _board(self, units: list[Unit], priority: Priority, skip_existing: bool, verify: bool,
-               return_features: bool, lanes: Sequence[int] | None) -> tuple[list[Future], list[Job], list[Future]]:
+               return_features: bool, lanes: Sequence[int] | None,
+               on_start: StartHook | None) -> tuple[list[Future], list[Job], list[Future]]:
         """A waiter per unit, each joining the unit's flight if one serves it, else a new job's flight.
 
         Returns (waiters in unit order, the new jobs to admit, the waiters that joined earlier flights).
@@ -320,6 +324,8 @@ class Engine:
                     job.future.add_done_callback(lambda _, flight=flight: self._land(flight))
                     jobs.append(job)
                     new.add(job.future)
+                if on_start is not None and on_start not in flight.job.on_start:
+                    flight.job.on_start.append(on_start)
                 flight.waiters.add(waiter)
                 self._flight_of[waiter] = flight
                 waiter.add_done_callback(self._left)
@@ -383,13 +389,13 @@ class Engine:
                     left.append(waiter)
                 else:
                     self._close(flight)
+                    flight.job.withdrawn = True  # one being decoded now is not run (see Scheduler.decoded)
                     alone.add(flight.job.future)
-        message = "taken back before it ran: its job was cancelled"
         for waiter in left:
-            fail_future(waiter, Withdrawn(message))
+            fail_future(waiter, Withdrawn(WITHDRAWN_MESSAGE))
         taken = self._scheduler.withdraw(alone)
         for job in taken:
-            fail_future(job.future, Withdrawn(message))  # its waiter gets it through `_land`
+            fail_future(job.future, Withdrawn(WITHDRAWN_MESSAGE))  # its waiter gets it through `_land`
         return len(left) + len(taken)
 
     def pending(self, priority: Priority) -> int:

@@ -13,7 +13,9 @@ from client.wire import EntryStatus
 from service.units import Unit
 
 SHUTDOWN_MESSAGE = "service shutting down"
+WITHDRAWN_MESSAGE = "taken back before it ran: its job was cancelled"
 FrameKey = tuple[str, int, int]  # a decoded frame: path, size, mtime_ns (a rewritten image is another key)
+StartHook = Callable[[list[Unit]], None]  # told which units go on a device, just before their forward
 
 
 class Priority(IntEnum):
@@ -65,6 +67,8 @@ class Job:
     verify: bool
     return_features: bool
     lane: int | None = None  # the device that should run it (see Scheduler), or any
+    on_start: list[StartHook] = field(default_factory=list)  # each waiter's, told once the unit goes on a device
+    withdrawn: bool = False  # no one waits for it any more: not to be run once decoded
     images: torch.Tensor | None = None  # [S, 3, H, W] once decoded
     frame_keys: list[FrameKey] = field(default_factory=list)  # per frame, once decoded
     sources: list[dict] = field(default_factory=list)  # per target, stat-ed before decoding
