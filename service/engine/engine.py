@@ -342,9 +342,7 @@ class Engine:
     def _land(self, flight: _Flight) -> None:
         """The flight's job ended: every waiter still attached gets its outcome."""
         with self._lock:
-            flight.open = False
-            if self._flights.get(flight.job.unit) is flight:
-                del self._flights[flight.job.unit]
+            self._close(flight)
             waiters = list(flight.waiters)
             flight.waiters.clear()
             for waiter in waiters:
