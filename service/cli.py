@@ -69,6 +69,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="threads writing cache files (each fsyncs) while the device computes")
     p.add_argument("--max-image-bytes", type=int, default=int(_env("MAX_IMAGE_BYTES", str(defaults.max_image_bytes))),
                    help="image files larger than this fail unread (and are counted unreadable by a plan)")
+    p.add_argument("--max-frames-per-sample", type=int,
+                   default=int(_env("MAX_FRAMES_PER_SAMPLE", str(defaults.max_frames_per_sample))),
+                   help="a job's sample (clip) of more frames fails alone, with the reason")
     p.add_argument("--patch-cache-mb", type=int, default=int(_env("PATCH_CACHE_MB", str(defaults.patch_cache_mb))),
                    help="per device, MiB for the DINOv2 tokens of recent frames, computed once for every clip "
                         "that shares the frame (sequence/causal; 0: within a batch only)")
@@ -160,6 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="images per /features request; more is a 413")
     serve.add_argument("--max-pending", type=int, default=int(_env("MAX_PENDING", str(_DEFAULTS.max_pending_units))),
                        help="on-demand units waiting for the device; past it /features answers 429")
+    serve.add_argument("--shutdown-grace", type=float,
+                       default=float(_env("SHUTDOWN_GRACE", str(_DEFAULTS.shutdown_grace_s))),
+                       help="seconds SIGTERM waits for the work in flight before the service exits anyway "
+                            "(an abandoned unit stays pending for the next start)")
     serve.add_argument("--body-timeout", type=float, default=float(_env("BODY_TIMEOUT", str(_DEFAULTS.body_timeout_s))),
                        help="seconds a request body may take to arrive whole; past it the request is refused (408) "
                             "and its connection closed")

@@ -36,6 +36,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
         spec=spec_options(args), max_batch_frames=args.max_batch_frames, decode_workers=args.decode_workers,
         write_workers=args.write_workers, patch_cache_mb=args.patch_cache_mb, fp32_weights=args.fp32_weights,
         compile=args.compile, max_image_bytes=args.max_image_bytes, file_mode=args.file_mode,
+        max_frames_per_sample=args.max_frames_per_sample,
     )
     for key, value in overrides.items():
         setattr(s, key, value)
@@ -118,7 +119,8 @@ def serve(args: argparse.Namespace) -> int:
                          api_token=api_token(args), max_items_per_request=args.max_items_per_request,
                          max_pending_units=args.max_pending, body_timeout_s=args.body_timeout,
                          header_timeout_s=args.header_timeout, max_connections=args.max_connections,
-                         max_plans=args.max_plans, allowed_hosts=args.allowed_hosts)
+                         max_plans=args.max_plans, allowed_hosts=args.allowed_hosts,
+                         shutdown_grace_s=args.shutdown_grace)
     _check_device(settings.device)
     try:
         runtime = ServiceRuntime(settings)
@@ -136,10 +138,21 @@ def serve(args: argparse.Namespace) -> int:
     # it found: take it quietly, so the process exits 0 after the lifespan has stopped jobs and engine.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
-    uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
-                                  access_log=False, lifespan="on", http=protocol,
-                                  backlog=ACCEPT_BACKLOG)).run(sockets=[sock])
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: object) -> None:
+            runtime.begin_shutdown()  # the grace counts from the signal: requests and work share it
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                          lifespan="on", http=protocol, backlog=ACCEPT_BACKLOG,
+                          timeout_graceful_shutdown=settings.shutdown_grace_s)).run(sockets=[sock])
     log.info("Stopped")
+    if not runtime.stopped_cleanly:
+        # A device thread is still inside its forward: leave without waiting for it (or for the interpreter's
+        # exit handlers, which join worker threads).
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
@@ -217,7 +230,8 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
     spec = model_spec(identity, **settings.spec)
     work = plan_work(data_root, spec, roots, {"skip_existing": args.skip_existing, "data_path": args.data_path,
                                               "max_history_images": args.max_history_images,
-                                              "data_files": args.data_files}, max_image_bytes=settings.max_image_bytes)
+                                              "data_files": args.data_files}, max_image_bytes=settings.max_image_bytes,
+                     max_frames=settings.max_frames_per_sample)
     if identity.fingerprint == UNKNOWN_FINGERPRINT:
         print(f"model        {settings.model}: not on this machine, identity unknown (every entry counted to "
               "compute; the digest below changes once the weights are there)")
@@ -257,7 +271,7 @@ def _print_plan(plan: dict, summary: str, digest: str) -> None:
           f"{plan['to_compute']} to compute")
     if plan["problems"] or plan["refused"] or plan["unreadable"]:
         print(f"problems     {plan['problems']} malformed sample(s) or missing image(s), {plan['refused']} "
-              f"outside the allowed roots, {plan['unreadable']} unreadable image(s)")
+              f"refused (outside the allowed roots or too many frames), {plan['unreadable']} unreadable image(s)")
     replaced = f", net of {plan['replaced_bytes']:,} bytes they replace" if plan.get("replaced_bytes") else ""
     print(f"to write     {plan['bytes_to_write']:,} bytes ({plan.get('entry_bytes', 0):,} bytes an entry{replaced})")
     print(f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"

@@ -19,10 +19,11 @@ from client.spec import FeatureSpec, matching_preset
 from client.wire import EntryStatus
 from service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
 from service.jobview import TERMINAL, JobState, JobView
-from service.paths import AllowedRoots, PathNotAllowed
+from service.paths import AllowedRoots, PathNotAllowed, printable
 from service.plan import Plan, plan_job
 from service.preprocess import MAX_IMAGE_BYTES
 from service.samples import DEFAULT_MAX_HISTORY, check_history
+from service.settings import ServiceSettings
 from service.sources import ScanResult, scan_data_root, shard
 from service.store import JobRecord, JobStore
 from service.units import Unit
@@ -31,8 +32,10 @@ T = TypeVar("T")
 
 log = logging.getLogger("vggt_cache")
 
+_DEFAULTS = ServiceSettings()  # the one place job settings have their defaults
 MANIFEST_FAILURES = 1000
 VIEW_FAILURES = 100  # failures a job view lists
+POISON_ATTEMPTS = 2  # a unit on a device at this many deaths of the service is failed, not resumed again
 
 
 @dataclass
@@ -76,15 +79,18 @@ class JobManager:
     """One runner thread takes jobs in order; state lives in SQLite so a restarted service resumes."""
 
     def __init__(self, store: JobStore, engine: Engine, spec: FeatureSpec, roots: AllowedRoots,
-                 model_info: dict, rank: int = 0, world_size: int = 1, started_at: float | None = None) -> None:
+                 model_info: dict, rank: int = 0, world_size: int = 1, started_at: float | None = None,
+                 max_frames_per_sample: int = _DEFAULTS.max_frames_per_sample) -> None:
         """`started_at`: when this process started (before its model load); temporary files older than it
-        are orphans of a killed run, a younger one may be a peer's write in flight."""
+        are orphans of a killed run, a younger one may be a peer's write in flight.
+        `max_frames_per_sample`: a unit of more frames is failed at planning, with the reason."""
         self.store = store
         self.engine = engine
         self.spec = spec
         self.roots = roots
         self.model_info = model_info
         self.rank, self.world_size = rank, world_size
+        self.max_frames_per_sample = max_frames_per_sample
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stopping = threading.Event()
         self._rates: dict[str, _Rate] = {}
@@ -209,6 +215,7 @@ class JobManager:
         rec = self.store.get(job_id)
         self._rates[job_id] = _Rate(time.monotonic(), rec.computed)
         options = rec.options
+        self._fail_poison(job_id)
         pending = self.store.pending_units(job_id)
         # A manifest write killed by another run (of any service or CLI) over this root leaves its temporary file.
         self._remove_orphaned_temp_files(job_id, [rec.data_root], is_manifest_temp_file)
@@ -237,6 +244,13 @@ class JobManager:
                 self.store.record_results(job_id, batch)
             return taken
 
+        idxs_of: dict[Unit, list[int]] = {}
+        for idx, unit in pending:
+            idxs_of.setdefault(unit, []).append(idx)
+
+        def started(units: list[Unit]) -> None:  # on a device thread, before the forward
+            self.store.start_units(job_id, [idx for unit in units for idx in idxs_of.get(unit, ())])
+
         with self._lock:
             in_engine = self._submitted[job_id] = []
         try:
@@ -246,7 +260,8 @@ class JobManager:
                 futures = self.engine.submit([u for _, u in chunk], Priority.BULK,
                                              skip_existing=options.get("skip_existing", True),
                                              verify=options.get("verify", False), return_features=False,
-                                             lanes=lanes, overwrite=options.get("overwrite", False))
+                                             lanes=lanes, overwrite=options.get("overwrite", False),
+                                             on_start=started)
                 with self._lock:
                     in_engine += futures
                 for (idx, unit), fut in zip(chunk, futures):
@@ -281,6 +296,18 @@ class JobManager:
                  rec.computed, rec.skipped, rec.failed, rec.total)
         return self._view(rec)
 
+    def _fail_poison(self, job_id: str) -> None:
+        """Fail the units that were on a device each time the service died: resumed, they would jam it again."""
+        poison = self.store.tried_units(job_id, POISON_ATTEMPTS)
+        if not poison:
+            return
+        why = (f"poison: the service died {POISON_ATTEMPTS} times while this sample was running; not retried "
+               "(check its frames, or precompute it alone)")
+        self.store.record_results(job_id, [(idx, EntryStatus.FAILED, why, t) for idx, unit in poison
+                                           for t in unit.targets])
+        log.error("Job %s: %d unit(s) failed as poison, the service died %d times while they ran: %s", job_id,
+                  len(poison), POISON_ATTEMPTS, printable(poison[0][1].targets[-1]))
+
     def _remove_orphaned_temp_files(self, job_id: str, folders: list[str], ours: Callable[[str], bool]) -> None:
         """Delete the temporary files (the names `ours` recognises: an entry's, a manifest's) that a killed
         process left in `folders`.
@@ -311,7 +338,7 @@ class JobManager:
     def _plan(self, rec: JobRecord) -> bool:
         """Scan the data root once; False if the job was refused (its new entries would not fit)."""
         work = plan_work(rec.data_root, self.spec, self.roots, rec.options, self.rank, self.world_size,
-                         self.engine.max_image_bytes)
+                         self.engine.max_image_bytes, self.max_frames_per_sample)
         plan = work.plan
         self.store.record_plan(rec.job_id, plan.to_dict())
         log.info("Job %s plan: %s", rec.job_id, plan.summary())
@@ -367,14 +394,16 @@ class Work:
 
     scan: ScanResult
     units: list[Unit]
-    refused: dict[int, str]  # unit index -> why (a frame outside the allowed roots): failed before any decode
+    refused: dict[int, str]  # unit index -> why (a frame outside the roots, too many frames): failed before any decode
     plan: Plan
 
 
 def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: dict, rank: int = 0,
-              world_size: int = 1, max_image_bytes: int = MAX_IMAGE_BYTES) -> Work:
+              world_size: int = 1, max_image_bytes: int = MAX_IMAGE_BYTES,
+              max_frames: int = _DEFAULTS.max_frames_per_sample) -> Work:
     """Scan `data_root` and plan it (a job's first step, and all that a dry run does); images over
-    `max_image_bytes` are counted unreadable, as the engine of that limit will fail them."""
+    `max_image_bytes` are counted unreadable, as the engine of that limit will fail them. A unit of
+    more than `max_frames` frames is refused: one sample must not hold the device for everyone."""
     files = options.get("data_files")
     for f in files or ():  # sample files are read too: they must be inside the roots
         roots.contain(os.path.normpath(os.path.join(data_root, f)), writes_sibling=False)
@@ -383,6 +412,10 @@ def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: d
     units = shard(scan.units, rank, world_size)
     refused: dict[int, str] = {}
     for idx, unit in enumerate(units):
+        if len(unit.frames) > max_frames:
+            refused[idx] = (f"a sample of {len(unit.frames)} frames; the limit is {max_frames} per sample "
+                            "(--max-frames-per-sample)")
+            continue
         try:
             for frame in unit.frames:
                 roots.contain(frame)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 
-from client.spec import FeatureSpec
+from client.spec import FeatureSpec, positive_int
 from service.engine import Engine
 from service.engine.device import ForwardHook
 from service.jobs import JobManager
@@ -79,11 +80,31 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
     )
     engine.start()
     info = model_info(loaded, engine)
-    jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, info, rank, world_size, started_at)
+    jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, info, rank, world_size, started_at,
+                      max_frames_per_sample=s.max_frames_per_sample)
     return Components(loaded, spec, engine, jobs, devices)
 
 
 FAILED_REMINDER_S = 60.0
+DRILL_HOLD_ENV = "VGGT_CACHE_DRILL_HOLD_FRAMES"
+
+
+def drill_hook() -> ForwardHook | None:
+    """A drill of a forward that never ends: with VGGT_CACHE_DRILL_HOLD_FRAMES=N, a batch of clips of N frames
+    or more holds its device until the process ends (rehearses poison units, cancel and SIGTERM's grace)."""
+    value = os.environ.get(DRILL_HOLD_ENV)
+    if not value:
+        return None
+    frames = positive_int(DRILL_HOLD_ENV, int(value))
+    log.warning("Drill (%s=%d): a forward of clips of %d frames or more never ends", DRILL_HOLD_ENV, frames, frames)
+
+    def hold(batch) -> None:  # [B, S, 3, H, W]
+        if batch.shape[1] >= frames:
+            log.warning("Drill: holding a forward of %d-frame clips", batch.shape[1])
+            threading.Event().wait()
+
+    return hold
+
 
 
 class ServiceRuntime:
@@ -98,7 +119,7 @@ class ServiceRuntime:
         """Raises ValueError for settings that cannot be meant (`ServiceSettings.check`); logs the unsafe ones."""
         settings.check()
         self.settings = settings
-        self._before_forward = before_forward
+        self._before_forward = before_forward if before_forward is not None else drill_hook()
         self.roots = AllowedRoots.of(settings.allowed_roots)
         self.warnings = settings.warnings()
         for warning in self.warnings:
@@ -108,6 +129,8 @@ class ServiceRuntime:
         self.failed_reminder_s = failed_reminder_s
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._deadline: float | None = None  # set when shutdown begins: the work in flight has until then
+        self.stopped_cleanly = True
 
     @property
     def state(self) -> str:
@@ -140,11 +163,26 @@ class ServiceRuntime:
             log.error("Serving nothing: the model failed to load (%s); every request but the probes answers 503. "
                       "Fix --model and restart the service", self.load_error)
 
+    def begin_shutdown(self) -> None:
+        """Start the grace (`shutdown_grace_s`) that the work in flight has; a second call keeps the first."""
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.settings.shutdown_grace_s
+
+    def _grace_left(self) -> float:
+        return max(0.0, self._deadline - time.monotonic())
+
     def stop(self) -> None:
+        """Stop the job runner and the engine within the grace; a batch still running past it is abandoned
+        (`stopped_cleanly` False), its units pending for the next start."""
+        self.begin_shutdown()
         self._stopping.set()
         c = self.components
         if c is None:
             return
-        log.info("Shutting down: finishing the batch in flight")
-        c.jobs.stop()
-        c.engine.stop()
+        log.info("Shutting down: finishing the batch in flight (grace %gs)", self._grace_left())
+        c.jobs.stop(timeout=0.0)  # no more submissions; the queued units the engine drops stay pending
+        self.stopped_cleanly = c.engine.stop(timeout=self._grace_left())
+        c.jobs.stop(timeout=self._grace_left())  # the runner records what finished
+        if not self.stopped_cleanly:
+            log.warning("Shutting down: the batch in flight did not end within the %gs grace (--shutdown-grace); "
+                        "abandoned, its units stay pending for the next start", self.settings.shutdown_grace_s)

@@ -63,6 +63,10 @@ class ServiceSettings:
     # Shared storage (issue 18): entries and manifests get these permissions whatever the service's umask
     # (0o644: every user's dataloader reads them; 0o640: the group only).
     file_mode: int = 0o644
+    # Work one input can make long: a job's sample of more frames fails alone (JanusVLN uses 9, VG-LLM up
+    # to 32); SIGTERM abandons a batch still running this long after it (its unit stays pending).
+    max_frames_per_sample: int = 64
+    shutdown_grace_s: float = 30.0
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot be meant: checked before the service starts."""
@@ -73,7 +77,8 @@ class ServiceSettings:
                             ("--max-pending", self.max_pending_units), ("--max-batch-frames", self.max_batch_frames),
                             ("--decode-workers", self.decode_workers), ("--write-workers", self.write_workers),
                             ("--max-image-bytes", self.max_image_bytes), ("max_body_bytes", self.max_body_bytes),
-                            ("--max-connections", self.max_connections), ("--max-plans", self.max_plans)):
+                            ("--max-connections", self.max_connections), ("--max-plans", self.max_plans),
+                            ("--max-frames-per-sample", self.max_frames_per_sample)):
             positive_int(flag, value)
         if isinstance(self.patch_cache_mb, bool) or not isinstance(self.patch_cache_mb, int) or self.patch_cache_mb < 0:
             raise ValueError(f"--patch-cache-mb must be zero or more, got {self.patch_cache_mb!r}")
@@ -83,6 +88,8 @@ class ServiceSettings:
             raise ValueError(f"--header-timeout must be a positive number of seconds, got {self.header_timeout_s!r}")
         if any(not h.strip() or any(c in h for c in "/:@ ") for h in self.allowed_hosts):
             raise ValueError(f"--allowed-host takes a host name without port or scheme, got {self.allowed_hosts!r}")
+        if not self.shutdown_grace_s > 0:
+            raise ValueError(f"--shutdown-grace must be a positive number of seconds, got {self.shutdown_grace_s!r}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be zero or more, got {self.max_wait_ms!r}")
         check_file_mode(self.file_mode)

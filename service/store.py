@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS units (
     frames_json TEXT NOT NULL,
     targets_json TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT 'pending' CHECK (state IN ('pending', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS failures (
@@ -76,8 +77,10 @@ _JOB_COLUMNS = (
     "job_id, data_root, spec_digest, spec_json, options_json, state, planned, total, computed, "
     "skipped, failed, cancel_requested, created_at, started_at, finished_at, error, plan_json, kept, replaced"
 )
-# Columns added after the first release, with their types: added to an older database on open.
-_ADDED_COLUMNS = {"plan_json": "TEXT", "kept": "INTEGER NOT NULL DEFAULT 0", "replaced": "INTEGER NOT NULL DEFAULT 0"}
+# Columns added after the first release, per table, with their types: added to an older database on open.
+_ADDED_COLUMNS = {"jobs": {"plan_json": "TEXT", "kept": "INTEGER NOT NULL DEFAULT 0",
+                           "replaced": "INTEGER NOT NULL DEFAULT 0"},
+                  "units": {"attempts": "INTEGER NOT NULL DEFAULT 0"}}
 
 
 @dataclass(frozen=True)
@@ -128,10 +131,11 @@ class JobStore:
         self._all_lock = threading.Lock()
         self._conn().executescript("BEGIN IMMEDIATE;" + _SCHEMA + "COMMIT;")
         with self._write() as db:  # a state dir from an older release: add what it lacks
-            have = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
-            for name, kind in _ADDED_COLUMNS.items():
-                if name not in have:
-                    db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {kind}")
+            for table, columns in _ADDED_COLUMNS.items():
+                have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns.items():
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     # -- connections -----------------------------------------------------------------
 
@@ -306,6 +310,26 @@ class JobStore:
             "SELECT idx, frames_json, targets_json FROM units WHERE job_id = ? AND state = 'pending' "
             "ORDER BY idx",
             (job_id,),
+        ).fetchall()
+        return [(idx, Unit(tuple(json.loads(f)), tuple(json.loads(t)))) for idx, f, t in rows]
+
+    def start_units(self, job_id: str, idxs: Iterable[int]) -> None:
+        """Count an attempt of each pending unit in `idxs`: they go on a device now.
+
+        Committed before the forward, so a restart knows which units were running when the service died.
+        """
+        with self._write() as db:
+            db.executemany(
+                "UPDATE units SET attempts = attempts + 1 WHERE job_id = ? AND idx = ? AND state = 'pending'",
+                ((job_id, idx) for idx in idxs),
+            )
+
+    def tried_units(self, job_id: str, attempts: int) -> list[tuple[int, Unit]]:
+        """Pending units that went on a device at least `attempts` times without a recorded result."""
+        rows = self._conn().execute(
+            "SELECT idx, frames_json, targets_json FROM units WHERE job_id = ? AND state = 'pending' "
+            "AND attempts >= ? ORDER BY idx",
+            (job_id, attempts),
         ).fetchall()
         return [(idx, Unit(tuple(json.loads(f)), tuple(json.loads(t)))) for idx, f, t in rows]
 

@@ -232,8 +232,9 @@ def test_sigkill_mid_write_leaves_counters_equal_to_rows(tmp_path):
 def test_a_state_dir_from_before_job_plans_is_upgraded_in_place(tmp_path):
     from service.store import _SCHEMA
 
-    first_release = _SCHEMA.replace(",\n    plan_json TEXT", "")  # the jobs table without its newer column
-    assert first_release != _SCHEMA
+    # the jobs and units tables without their newer columns
+    first_release = _SCHEMA.replace(",\n    plan_json TEXT", "").replace("\n    attempts INTEGER NOT NULL DEFAULT 0,", "")
+    assert "plan_json" not in first_release and "attempts" not in first_release
     with sqlite3.connect(tmp_path / DB_NAME) as db:
         db.executescript(first_release)
         db.execute("INSERT INTO jobs (job_id, data_root, spec_digest, spec_json, options_json, state, created_at) "
@@ -242,3 +243,8 @@ def test_a_state_dir_from_before_job_plans_is_upgraded_in_place(tmp_path):
     assert store.get("old").plan is None and store.get("old").state == "finished"
     assert store.record_plan("old", {"entries": 3}).plan == {"entries": 3}
     assert JobStore(str(tmp_path)).get("old").plan == {"entries": 3}  # opening it again changes nothing
+    running = store.create_job("/other", "d", SPEC, {})
+    store.set_plan(running.job_id, [Unit.frame("/other/a.png")])
+    store.start_units(running.job_id, [0])
+    store.start_units(running.job_id, [0])
+    assert store.tried_units(running.job_id, 2) == [(0, Unit.frame("/other/a.png"))]

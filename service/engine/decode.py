@@ -18,8 +18,9 @@ from client.cachefile import Outcome, context_record, holds_other_context, read_
 from client.spec import Attention, FeatureSpec
 from client.wire import EntryStatus
 from service.engine.scheduler import Scheduler
-from service.engine.work import (KEPT, SHUTDOWN_MESSAGE, Complete, EngineStopped, EntryResult, FrameKey, Job,
-                                 UnitResult, describe, fail_future, failed_result, when_descriptors_free)
+from service.engine.work import (KEPT, SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, Complete, EngineStopped, EntryResult,
+                                 FrameKey, Job, UnitResult, Withdrawn, describe, fail_future, failed_result,
+                                 when_descriptors_free)
 from service.preprocess import load_image, preprocess
 
 log = logging.getLogger("vggt_cache")
@@ -115,7 +116,8 @@ class DecodeStage:
                 self._scheduler.decoded(job, runnable=False)
                 self._complete(job, result)
             elif not self._scheduler.decoded(job, runnable=True):
-                fail_future(job.future, EngineStopped(SHUTDOWN_MESSAGE))
+                stopped = Withdrawn(WITHDRAWN_MESSAGE) if job.withdrawn else EngineStopped(SHUTDOWN_MESSAGE)
+                fail_future(job.future, stopped)
 
     def _cached_result(self, job: Job) -> UnitResult | None:
         """The unit's result read from disk when every target's entry validates, else None."""

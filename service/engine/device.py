@@ -18,7 +18,7 @@ from client.spec import Attention, FeatureSpec
 from service.engine.patches import PatchCache
 from service.engine.scheduler import Scheduler
 from service.engine.stats import Window, process_rss
-from service.engine.work import Complete, Job, describe, failed_result
+from service.engine.work import Complete, Job, StartHook, describe, failed_result
 from service.engine.writer import WriterStage
 from service.model.features import entry_features
 
@@ -121,6 +121,7 @@ class DeviceStage:
                 if dev.failed is not None:  # lost while this thread waited for the batch
                     self._fail(batch, dev.failed)
                     break
+                _started(batch)
                 handed: set[Job] = set()  # launched: their results are on their way to the writers
                 graphs, started = _compiled_graphs(), time.monotonic()
                 try:
@@ -300,6 +301,19 @@ class DeviceStage:
                 "busy_fraction": round(sum(d["busy_fraction"] for d in devices) / len(devices), 4),
                 "devices": devices,
             }
+
+
+def _started(batch: list[Job]) -> None:
+    """Tell each start hook which of its units go on the device, once per batch."""
+    units: dict[StartHook, list] = {}
+    for job in batch:
+        for hook in job.on_start:
+            units.setdefault(hook, []).append(job.unit)
+    for hook, started in units.items():
+        try:
+            hook(started)
+        except Exception:  # e.g. a failing state dir: the units still run
+            log.exception("Cannot record that %d unit(s) started", len(started))
 
 
 # Allocation failures that are not torch.cuda.OutOfMemoryError: cuBLAS/cuDNN/cuFFT workspaces, a kernel

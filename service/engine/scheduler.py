@@ -107,11 +107,12 @@ class Scheduler:
             return None
 
     def decoded(self, job: Job, runnable: bool) -> bool:
-        """Hand a decoded job to the devices (runnable) or retire it; False if closed meanwhile."""
+        """Hand a decoded job to the devices (runnable) or retire it; True if handed on (False: not runnable,
+        or the scheduler closed or the job was withdrawn while it was decoded)."""
         with self._lock:
             p = job.priority
             self._decoding[p, job.lane] -= 1
-            if runnable and not self._closed:
+            if runnable and not self._closed and not job.withdrawn:
                 job.ready_at = time.monotonic()
                 group = self._ready[p].setdefault((tuple(job.images.shape), job.lane), Group())
                 group.jobs.append(job)
@@ -122,7 +123,7 @@ class Scheduler:
             self._retire(p, 1, job.n_frames)
             # One job fewer decoding can make a forming batch due.
             self._ready_cv.notify_all()
-            return not self._closed
+            return False
 
     def next_batch(self, lane: int | None = None) -> list[Job] | None:
         """Block until a batch is due for the device of `lane`; None once closed.
@@ -192,7 +193,8 @@ class Scheduler:
     def withdraw(self, futures: Collection[Future]) -> list[Job]:
         """Take the queued jobs of `futures` out (decode queue and ready groups); returns them.
 
-        Jobs being decoded or on a device are past recall and finish.
+        Jobs on a device are past recall and finish; one being decoded is not run if flagged `withdrawn`
+        before its decode ends (see `decoded`).
         """
         with self._lock:
             taken = self._remove(lambda job: job.future in futures)

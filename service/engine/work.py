@@ -19,10 +19,12 @@ from service.units import Unit
 log = logging.getLogger("vggt_cache")
 T = TypeVar("T")
 SHUTDOWN_MESSAGE = "service shutting down"
+WITHDRAWN_MESSAGE = "taken back before it ran: its job was cancelled"
 # Pauses before each retry of a step that ran out of descriptors (EMFILE/ENFILE): 15.5 s in all, so a
 # passing flood of connections (closed by their header deadline within seconds) fails nothing.
 DESCRIPTOR_PAUSES_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 FrameKey = tuple[str, int, int]  # a decoded frame: path, size, mtime_ns (a rewritten image is another key)
+StartHook = Callable[[list[Unit]], None]  # told which units go on a device, just before their forward
 
 
 class Priority(IntEnum):
@@ -80,6 +82,8 @@ class Job:
     return_features: bool
     lane: int | None = None  # the device that should run it (see Scheduler), or any
     overwrite: bool = False  # replace a valid entry of another clip (bulk jobs that ask); else keep it
+    on_start: list[StartHook] = field(default_factory=list)  # each waiter's, told once the unit goes on a device
+    withdrawn: bool = False  # no one waits for it any more: not to be run once decoded
     images: torch.Tensor | None = None  # [S, 3, H, W] once decoded
     frame_keys: list[FrameKey] = field(default_factory=list)  # per frame, once decoded
     sources: list[dict] = field(default_factory=list)  # per target, stat-ed before decoding

@@ -59,12 +59,15 @@ def request_units(images: list[str], clips: list[list[str]], roots: AllowedRoots
 def features_body(results: list[UnitResult], spec_digest: str) -> bytes:
     """The safetensors body of a /features answer (client/wire.py): results in request order."""
     items, tensors, requests = [], {}, []
+    packed: set[int] = set()  # a unit asked for twice was computed once: its waiters share one tensor
     for position, result in enumerate(results):
         for e in result.entries:
             name = None
             if e.features is not None:
                 name = str(len(tensors))
-                tensors[name] = e.features
+                shared = id(e.features) in packed
+                tensors[name] = e.features.clone() if shared else e.features  # safetensors refuses aliases
+                packed.add(id(e.features))
             items.append({"image": e.image, "status": e.status, "tensor": name, "error": e.error,
                           "grid": list(e.grid) if e.grid else None})
             requests.append(position)
