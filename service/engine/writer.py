@@ -11,6 +11,7 @@ import torch
 
 from client.cachefile import Outcome, read_entry, write_entry
 from client.spec import Attention, FeatureSpec
+from client.storage import as_stored
 from client.wire import EntryStatus
 from service.engine.work import Complete, EntryResult, Job, UnitResult, describe, failed_result
 
@@ -72,6 +73,7 @@ class WriterStage:
                 entry = features[index].clone()
                 try:
                     write_entry(target, entry, self.spec, grid, job.sources[i], job.contexts[i], roots=self.roots)
+                    entry = as_stored(entry, self.spec.storage)  # what a read of the entry gives (fp8 is lossy)
                     if job.verify:
                         self._verify(target, entry, unit.frames)
                 except Exception as exc:

@@ -1,0 +1,167 @@
+"""Storage kinds (`raw`, `packed`, `fp8`): round trips on every read path, bounded loss, hostile payloads, the service."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+import zstandard
+
+from client import FeatureCache
+from client.cachefile import Outcome, cache_path, read_entry, source_record, write_entry
+from client.spec import FeatureSpec
+from service_helpers import RunningService, service_spec, write_images
+
+ARCH = {"patch_size": 14, "embed_dim": 64, "depth": 4, "num_register_tokens": 4}
+GRID = [3, 5]  # 15 patch tokens of 128 channels
+SHAPE = (15, 128)
+
+
+def make_spec(**kw) -> FeatureSpec:
+    return FeatureSpec(**{"fingerprint": "sha256:" + "0f" * 32, "architecture": ARCH, **kw})
+
+
+def activations(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.Tensor:
+    """Activation-like values: a few large channels over a heavy-tailed bulk, as transformer tokens have."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g) * torch.rand(SHAPE[0], 1, generator=g) * 3
+    x[:, :4] *= 40
+    return x.to(dtype)
+
+
+def entry_for(tmp_path: Path, storage: str, features: torch.Tensor | None = None,
+              dtype: str = "bfloat16") -> tuple[Path, FeatureSpec, torch.Tensor]:
+    tmp_path.mkdir(exist_ok=True)
+    image = tmp_path / "img.png"
+    image.write_bytes(b"pixels")
+    spec = make_spec(storage=storage, dtype=dtype)
+    features = activations(spec.torch_dtype) if features is None else features
+    write_entry(image, features, spec, GRID, source_record(image))
+    return image, spec, features
+
+
+def replace_payload(image: Path, payload: torch.Tensor) -> None:
+    """Rewrite an entry with another payload and its metadata untouched (as a buggy or hostile writer would)."""
+    path = cache_path(image)
+    data = torch.load(path, weights_only=True)
+    data["payload"] = payload
+    torch.save(data, path)
+
+
+def read_paths(image: Path, spec: FeatureSpec) -> dict[str, object]:
+    """Every way the client reads one entry, each giving a ReadResult."""
+    return {f"mmap={m},crc={c}": read_entry(image, spec, mmap=m, check_crc=c) for m in (True, False)
+            for c in (False, True)}
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_packed_entries_read_back_bit_exact_on_every_read_path(tmp_path: Path, dtype: str) -> None:
+    image, spec, features = entry_for(tmp_path, "packed", dtype=dtype)
+    for how, result in read_paths(image, spec).items():
+        assert result.outcome is Outcome.HIT, (how, result.reason)
+        assert result.features.dtype == spec.torch_dtype and torch.equal(result.features, features), how
+    assert read_entry(image, spec, tensor=False).outcome is Outcome.HIT
+    assert torch.equal(read_entry(image).features, features)  # no spec given: the file's own
+
+
+def test_packed_entries_of_activations_are_smaller_than_raw(tmp_path: Path) -> None:
+    raw_image, _, features = entry_for(tmp_path / "raw", "raw")
+    packed_image, _, _ = entry_for(tmp_path / "packed", "packed", features)
+    assert os.path.getsize(cache_path(packed_image)) < 0.9 * os.path.getsize(cache_path(raw_image))
+
+
+def test_fp8_entries_are_half_the_bytes_with_a_bounded_error(tmp_path: Path) -> None:
+    image, spec, features = entry_for(tmp_path, "fp8")
+    for how, result in read_paths(image, spec).items():
+        assert result.outcome is Outcome.HIT, (how, result.reason)
+        x, y = features.float(), result.features.float()
+        scale = x.abs().amax(dim=1, keepdim=True) / 448
+        # e4m3 keeps 3 mantissa bits (relative error <= 1/16), its subnormals an absolute 2^-10 x scale;
+        # the bfloat16 output adds its own rounding (2^-8 relative).
+        assert ((y - x).abs() <= x.abs() / 16 + scale / 1024 + y.abs() / 256).all(), how
+        assert torch.nn.functional.cosine_similarity(x, y, dim=1).min() > 0.998
+    payload = torch.load(cache_path(image), weights_only=True)["payload"]
+    assert payload.numel() == features.numel() + 4 * SHAPE[0]  # a byte a value, a float32 scale a token
+
+
+@pytest.mark.parametrize("storage", ["packed", "fp8"])
+def test_a_loader_that_knows_only_raw_misses_instead_of_reading_a_wrong_tensor(tmp_path: Path, storage: str) -> None:
+    image, spec, _ = entry_for(tmp_path, storage)
+    with pytest.raises(KeyError):  # the seed's loader: try torch.load(path)["features"], warn on failure
+        torch.load(cache_path(image), map_location="cpu")["features"]
+    result = read_entry(image, make_spec())  # a raw spec's reader
+    assert result.outcome is Outcome.SPEC_MISMATCH and "storage" in result.reason
+
+
+def test_raw_specs_keep_their_digest_and_storage_kinds_differ() -> None:
+    assert "storage" not in make_spec().to_dict()
+    digests = {make_spec(storage=s).digest for s in ("raw", "packed", "fp8")}
+    assert len(digests) == 3
+    with pytest.raises(ValueError, match="storage"):
+        make_spec(storage="zip")
+
+
+def test_a_packed_payload_that_claims_more_than_its_entry_is_corrupt_before_inflating(tmp_path: Path) -> None:
+    image, spec, features = entry_for(tmp_path, "packed")
+    bomb = zstandard.ZstdCompressor(write_checksum=True).compress(bytes(1 << 26))  # 64 MiB of zeros in 2 KB
+    assert len(bomb) < features.nbytes  # small enough to pass the payload's size bound
+    replace_payload(image, torch.frombuffer(bytearray(bomb), dtype=torch.uint8))
+    for how, result in read_paths(image, spec).items():
+        assert result.outcome is Outcome.CORRUPT and f"declares {1 << 26} bytes" in result.reason, how
+
+
+def test_a_packed_payload_without_a_declared_size_or_checksum_is_corrupt(tmp_path: Path) -> None:
+    image, spec, features = entry_for(tmp_path, "packed")
+    planes = features.view(-1).view(torch.uint8).view(-1, 2).t().contiguous().numpy().tobytes()
+    for compressor in (zstandard.ZstdCompressor(write_checksum=True, write_content_size=False),
+                       zstandard.ZstdCompressor(write_checksum=False)):
+        replace_payload(image, torch.frombuffer(bytearray(compressor.compress(planes)), dtype=torch.uint8))
+        assert read_entry(image, spec).outcome is Outcome.CORRUPT
+
+
+def test_truncated_flipped_or_padded_packed_payloads_are_corrupt_without_a_crc_check(tmp_path: Path) -> None:
+    image, spec, _ = entry_for(tmp_path, "packed")
+    good = torch.load(cache_path(image), weights_only=True)["payload"]
+    flipped = good.clone()
+    flipped[len(flipped) // 2] ^= 0x10
+    for bad in (good[:-7].clone(), flipped, torch.cat([good, good]), torch.cat([good, torch.zeros(3, dtype=torch.uint8)])):
+        replace_payload(image, bad)
+        result = read_entry(image, spec, check_crc=False)
+        assert result.outcome is Outcome.CORRUPT and "payload" in result.reason
+
+
+def test_fp8_payloads_of_another_length_or_with_nan_codes_or_bad_scales_are_corrupt(tmp_path: Path) -> None:
+    image, spec, _ = entry_for(tmp_path, "fp8")
+    good = torch.load(cache_path(image), weights_only=True)["payload"]
+    nan_code, zero_scale = good.clone(), good.clone()
+    nan_code[-1] = 0x7F
+    zero_scale[:4] = 0
+    for bad in (good[:-1].clone(), torch.cat([good, good[:1]]), nan_code, zero_scale):
+        replace_payload(image, bad)
+        for how, result in read_paths(image, spec).items():
+            assert result.outcome is Outcome.CORRUPT, how
+    replace_payload(image, good[:-1].clone())
+    assert read_entry(image, spec, tensor=False).outcome is Outcome.CORRUPT  # the length alone tells
+
+
+@pytest.mark.parametrize("storage", ["raw", "packed", "fp8"])
+def test_a_truncated_file_of_each_storage_is_corrupt(tmp_path: Path, storage: str) -> None:
+    image, spec, _ = entry_for(tmp_path, storage)
+    path = cache_path(image)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    for how, result in read_paths(image, spec).items():
+        assert result.outcome is Outcome.CORRUPT, how
+
+
+@pytest.mark.parametrize("storage", ["packed", "fp8"])
+def test_a_payload_and_features_together_are_corrupt(tmp_path: Path, storage: str) -> None:
+    image, spec, features = entry_for(tmp_path, storage)
+    path = cache_path(image)
+    data = torch.load(path, weights_only=True)
+    data["features"] = features  # a raw reader would take this tensor, ours the payload: neither may
+    torch.save(data, path)
+    assert read_entry(image, spec).outcome is Outcome.CORRUPT
