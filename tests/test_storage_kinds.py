@@ -13,7 +13,9 @@ import zstandard
 from client import FeatureCache
 from client.cachefile import Outcome, cache_path, read_entry, source_record, write_entry
 from client.spec import FeatureSpec
-from service_helpers import RunningService, service_spec, write_images
+from client.wire import decode_features
+from service.verify import verify_data_root
+from service_helpers import RunningService, service_spec, wait_job, write_images
 
 ARCH = {"patch_size": 14, "embed_dim": 64, "depth": 4, "num_register_tokens": 4}
 GRID = [3, 5]  # 15 patch tokens of 128 channels
@@ -165,3 +167,27 @@ def test_a_payload_and_features_together_are_corrupt(tmp_path: Path, storage: st
     data["features"] = features  # a raw reader would take this tensor, ours the payload: neither may
     torch.save(data, path)
     assert read_entry(image, spec).outcome is Outcome.CORRUPT
+
+
+@pytest.mark.parametrize("storage", ["packed", "fp8"])
+def test_the_service_writes_each_storage_and_every_reader_reads_it_back(service_server, tmp_path: Path,
+                                                                         storage: str) -> None:
+    root = tmp_path / "root"
+    first, second = write_images(root, ["a.png", "b.png"])
+    server: RunningService = service_server(root, "--storage", storage)
+    with FeatureCache(server.url) as cache:
+        answered = cache.get(first)  # a miss: the service computes, writes and answers
+        assert cache.spec.storage == storage
+        assert torch.equal(cache.get(first), answered)  # now read from the file: what the service answered
+        assert cache.stats["hits"] == 1
+    assert "payload" in torch.load(cache_path(first), weights_only=True)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        spec = service_spec(http)
+        job_id = http.post("/precompute", json={"data_root": str(root), "verify": True}).raise_for_status().json()
+        view = wait_job(http, job_id["job_id"])
+        assert (view["state"], view["computed"], view["skipped"], view["failed"]) == ("finished", 1, 1, 0)
+        items, tensors = decode_features(http.post("/features", json={"images": [second]}).raise_for_status().content)
+    assert items[0]["status"] == "cached"
+    assert torch.equal(tensors[items[0]["tensor"]], read_entry(second, spec).features)  # the service read it
+    report = verify_data_root(str(root), spec)  # `vggt-cache verify`, CRC checked
+    assert report["counts"]["hit"] == 2 and report["ok"], report
