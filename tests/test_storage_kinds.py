@@ -1,8 +1,16 @@
-"""Storage kinds (`raw`, `packed`, `fp8`): round trips on every read path, bounded loss, hostile payloads, the service."""
+"""Storage kinds (`raw`, `packed`, `fp8`): round trips on every read path, bounded loss, hostile payloads, tools."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import math
 import os
+import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -11,11 +19,13 @@ import torch
 import zstandard
 
 from client import FeatureCache
-from client.cachefile import Outcome, cache_path, read_entry, source_record, write_entry
+from client.cachefile import PACKED_PLAN_RATIO, Outcome, cache_path, read_entry, source_record, write_entry
 from client.spec import FeatureSpec
 from client.wire import decode_features
+from service.cli import main
+from service.plan import ENTRY_OVERHEAD_BYTES
 from service.verify import verify_data_root
-from service_helpers import RunningService, service_spec, wait_job, write_images
+from service_helpers import REPO, TINY_MODEL, RunningService, service_spec, wait_job, write_images
 
 ARCH = {"patch_size": 14, "embed_dim": 64, "depth": 4, "num_register_tokens": 4}
 GRID = [3, 5]  # 15 patch tokens of 128 channels
@@ -129,7 +139,8 @@ def test_truncated_flipped_or_padded_packed_payloads_are_corrupt_without_a_crc_c
     good = torch.load(cache_path(image), weights_only=True)["payload"]
     flipped = good.clone()
     flipped[len(flipped) // 2] ^= 0x10
-    for bad in (good[:-7].clone(), flipped, torch.cat([good, good]), torch.cat([good, torch.zeros(3, dtype=torch.uint8)])):
+    padded = torch.cat([good, torch.zeros(3, dtype=torch.uint8)])
+    for bad in (good[:-7].clone(), flipped, torch.cat([good, good]), padded):
         replace_payload(image, bad)
         result = read_entry(image, spec, check_crc=False)
         assert result.outcome is Outcome.CORRUPT and "payload" in result.reason
@@ -191,3 +202,83 @@ def test_the_service_writes_each_storage_and_every_reader_reads_it_back(service_
     assert torch.equal(tensors[items[0]["tensor"]], read_entry(second, spec).features)  # the service read it
     report = verify_data_root(str(root), spec)  # `vggt-cache verify`, CRC checked
     assert report["counts"]["hit"] == 2 and report["ok"], report
+
+
+def vggt_cache(*args: str) -> tuple[int, str]:
+    """`vggt-cache ARGS` in this process (the commands the fixture's subprocess does not need): (exit code, stdout)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(list(args))
+    return code, out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def raw_root(tmp_path_factory) -> Path:
+    """A data root of three images with raw entries from an in-process precompute (copy it before changing it)."""
+    root = tmp_path_factory.mktemp("raw") / "root"
+    write_images(root, ["a.png", "b.png", "c.png"])
+    done = subprocess.run([sys.executable, "-m", "service.cli", "precompute", "--data_root", str(root),
+                           "--vggt_model_path", str(TINY_MODEL), "--size", "56"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+def copy_root(root: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy)  # copy2 keeps mtime_ns: the entries stay valid
+    return copy
+
+
+def test_convert_rewrites_valid_raw_entries_as_packed_without_recomputing_and_counts_the_bytes_saved(
+        raw_root: Path, tmp_path: Path) -> None:
+    root = copy_root(raw_root, tmp_path)
+    images = sorted(str(p) for p in root.glob("*.png"))
+    before = {image: read_entry(image).features for image in images}
+    stale = write_images(root, ["d.png"], seed=5)[0]
+    shutil.copy(cache_path(images[0]), cache_path(stale))  # another image's entry: not valid for d.png
+    sizes = sum(os.path.getsize(cache_path(image)) for image in images)
+
+    code, out = vggt_cache("convert", str(root), "--storage", "packed", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert (report["converted"], report["invalid"], report["failed"]) == (3, 1, 0)
+    after = sum(os.path.getsize(cache_path(image)) for image in images)
+    assert (report["bytes_before"], report["bytes_after"], report["bytes_saved"]) == (sizes, after, sizes - after)
+    for image in images:
+        result = read_entry(image, check_crc=True)
+        assert result.meta["spec"]["storage"] == "packed" and torch.equal(result.features, before[image])
+    checked = json.loads(vggt_cache("verify", str(root), "--json")[1])  # the manifest names packed now
+    assert checked["counts"]["hit"] == 3 and [p["image"] for p in checked["problems"]] == [stale]
+    again = json.loads(vggt_cache("convert", str(root), "--json")[1])
+    assert (again["converted"], again["already"]) == (0, 3)
+
+
+def test_estimate_storage_prices_every_storage_and_its_packed_bytes_match_a_conversion(
+        raw_root: Path, tmp_path: Path) -> None:
+    root = copy_root(raw_root, tmp_path)
+    code, out = vggt_cache("verify", str(root), "--estimate-storage", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    rows = report["storages"]
+    assert (report["entries"], report["sampled"]) == (3, 3)
+    assert rows["raw"]["bytes"] == report["bytes_now"] and rows["raw"]["ratio"] == 1.0
+    assert rows["fp8"]["bytes"] < rows["packed"]["bytes"] < rows["raw"]["bytes"]
+    assert rows["fp8"]["error"]["min_cosine"] > 0.99 and 0 < rows["fp8"]["error"]["max_rel"] < 0.07
+    assert vggt_cache("convert", str(root))[0] == 0
+    actual = sum(os.path.getsize(p) for p in root.glob("*.vggt_cache.pt"))
+    assert abs(rows["packed"]["bytes"] - actual) <= 0.02 * actual  # only the metadata's few bytes differ
+
+
+def test_a_dry_run_counts_the_bytes_of_the_chosen_storage(tmp_path: Path) -> None:
+    folder = tmp_path / "new"
+    write_images(folder, ["a.png", "b.png"])
+    written = {}
+    for storage in ("raw", "packed", "fp8"):
+        code, out = vggt_cache("precompute", "--data_root", str(folder), "--vggt_model_path", str(TINY_MODEL),
+                               "--size", "56", "--dry-run", "--storage", storage)
+        assert code == 0, out
+        written[storage] = int(re.search(r"to write\s+([\d,]+) bytes", out).group(1).replace(",", ""))
+    tokens, values = 16, 16 * 128  # a 56x56 image: 4x4 patches of 2 x 64 channels
+    per_entry = {"raw": 2 * values, "packed": math.ceil(2 * values / PACKED_PLAN_RATIO), "fp8": values + 4 * tokens}
+    assert written == {storage: 2 * (n + ENTRY_OVERHEAD_BYTES) for storage, n in per_entry.items()}
