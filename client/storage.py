@@ -5,8 +5,10 @@
 misses, never reads a wrong tensor:
 
 - `packed`: the tensor's bytes split into byte planes (plane i holds byte i of every value),
-  one zstd frame with its content size and checksum. The high plane of bfloat16 activations
-  (sign and exponent) compresses well, the low one barely; bit-exact for every dtype.
+  each one zstd frame with its content size and checksum, after a header of the frames'
+  lengths (uint64 each). The high plane of bfloat16 activations (sign and exponent) compresses
+  about 2.8x, the low one not at all: a frame per plane keeps them apart (1.46x for the whole
+  entry on the JanusVLN fixture's activations, 1.37x as one frame). Bit-exact for every dtype.
 - `fp8`: per token (the last dimension is the channels) a float32 scale, then every value
   divided by it as float8 e4m3: one byte a value, decoded to the spec's dtype.
 
@@ -26,6 +28,7 @@ _ZSTD_LEVEL = 3  # ~the ratio of level 19 on activations (the low plane is noise
 _FP8 = torch.float8_e4m3fn
 _FP8_MAX = torch.finfo(_FP8).max  # 448
 _SCALE_BYTES = 4  # float32
+_LENGTH_BYTES = 8  # a packed payload's header: each plane's frame length, uint64
 _FP8_VALUES = torch.arange(256, dtype=torch.uint8).view(_FP8).float().numpy()  # code -> value
 
 
@@ -36,8 +39,10 @@ class BadPayload(ValueError):
 def encode(features: torch.Tensor, storage: str) -> torch.Tensor:
     """The flat uint8 payload of `features` (contiguous, CPU, in the spec's dtype) for a non-raw storage."""
     if storage == "packed":
-        return _bytes_tensor(zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True)
-                             .compress(_planes(features)))
+        compressor = zstandard.ZstdCompressor(level=_ZSTD_LEVEL, write_checksum=True)
+        frames = [compressor.compress(plane) for plane in _planes(features)]
+        lengths = np.array([len(f) for f in frames], dtype="<u8").tobytes()
+        return _bytes_tensor(b"".join([lengths, *frames]))
     if storage == "fp8":
         scales, codes = _quantise(features)
         return torch.cat([scales.view(torch.uint8), codes.view(-1).view(torch.uint8)])
@@ -75,7 +80,7 @@ def max_payload_bytes(storage: str, shape: tuple[int, ...], dtype: torch.dtype) 
     nbytes = math.prod(shape) * dtype.itemsize
     if storage == "fp8":
         return _fp8_bytes(shape)
-    return nbytes + (nbytes >> 7) + (1 << 10)
+    return nbytes + (nbytes >> 7) + dtype.itemsize * ((1 << 10) + _LENGTH_BYTES)
 
 
 def stored_nbytes(storage: str, shape: tuple[int, ...], dtype: torch.dtype, packed_ratio: float) -> int:
@@ -108,25 +113,34 @@ def _planes(features: torch.Tensor) -> np.ndarray:
 
 def _unpack(payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     width, numel = dtype.itemsize, math.prod(shape)
-    size = width * numel
     data = payload.numpy()
+    header = width * _LENGTH_BYTES
+    lengths = np.frombuffer(data[:header], dtype="<u8") if len(data) >= header else np.zeros(0)
+    if len(lengths) != width or int(lengths.sum()) + header != len(data):
+        raise BadPayload(f"the frame lengths {lengths.tolist()} do not add up to the payload's {len(data)} bytes")
+    out = torch.empty(shape, dtype=dtype)
+    values = out.view(-1).view(torch.uint8).view(numel, width).numpy()
+    offset = header
+    for i, length in enumerate(lengths.tolist()):
+        values[:, i] = np.frombuffer(_inflate(data[offset : offset + length], numel), dtype=np.uint8)
+        offset += length
+    return out
+
+
+def _inflate(frame: np.ndarray, size: int) -> bytes:
+    """One zstd frame that must declare and hold exactly `size` bytes, with its checksum."""
     try:
-        params = zstandard.get_frame_parameters(data)
+        params = zstandard.get_frame_parameters(frame)
         if params.content_size != size or not params.has_checksum:
             raise BadPayload(f"zstd frame declares {params.content_size} bytes (checksum: {params.has_checksum}), "
-                             f"the entry holds {size}")
-        # max_output_size bounds what is inflated whatever the frame says; extra data or frames are refused.
-        raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=size, allow_extra_data=False)
+                             f"the plane holds {size}")
+        # max_output_size bounds what is inflated whatever the frame says; data after the frame is refused.
+        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise BadPayload(f"zstd: {e}") from None
     if len(raw) != size:
-        raise BadPayload(f"payload decodes to {len(raw)} bytes, the entry holds {size}")
-    out = torch.empty(shape, dtype=dtype)
-    values = out.view(-1).view(torch.uint8).view(numel, width).numpy()
-    planes = np.frombuffer(raw, dtype=np.uint8).reshape(width, numel)
-    for i in range(width):
-        values[:, i] = planes[i]
-    return out
+        raise BadPayload(f"a plane decodes to {len(raw)} bytes, not {size}")
+    return raw
 
 
 def _quantise(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -63,6 +63,12 @@ def replace_payload(image: Path, payload: torch.Tensor) -> None:
     torch.save(data, path)
 
 
+def packed_payload(frames: list[bytes]) -> torch.Tensor:
+    """A packed payload of these zstd frames, one per byte plane, after the header of their lengths."""
+    header = b"".join(len(f).to_bytes(8, "little") for f in frames)
+    return torch.frombuffer(bytearray(header + b"".join(frames)), dtype=torch.uint8)
+
+
 def read_paths(image: Path, spec: FeatureSpec) -> dict[str, object]:
     """Every way the client reads one entry, each giving a ReadResult."""
     return {f"mmap={m},crc={c}": read_entry(image, spec, mmap=m, check_crc=c) for m in (True, False)
@@ -118,19 +124,22 @@ def test_raw_specs_keep_their_digest_and_storage_kinds_differ() -> None:
 
 def test_a_packed_payload_that_claims_more_than_its_entry_is_corrupt_before_inflating(tmp_path: Path) -> None:
     image, spec, features = entry_for(tmp_path, "packed")
-    bomb = zstandard.ZstdCompressor(write_checksum=True).compress(bytes(1 << 26))  # 64 MiB of zeros in 2 KB
-    assert len(bomb) < features.nbytes  # small enough to pass the payload's size bound
-    replace_payload(image, torch.frombuffer(bytearray(bomb), dtype=torch.uint8))
+    bomb = zstandard.ZstdCompressor(write_checksum=True).compress(bytes(1 << 24))  # 16 MiB of zeros in 500 bytes
+    assert 2 * len(bomb) < features.nbytes  # small enough to pass the payload's size bound
+    replace_payload(image, packed_payload([bomb, bomb]))
     for how, result in read_paths(image, spec).items():
-        assert result.outcome is Outcome.CORRUPT and f"declares {1 << 26} bytes" in result.reason, how
+        assert result.outcome is Outcome.CORRUPT and f"declares {1 << 24} bytes" in result.reason, how
 
 
 def test_a_packed_payload_without_a_declared_size_or_checksum_is_corrupt(tmp_path: Path) -> None:
     image, spec, features = entry_for(tmp_path, "packed")
-    planes = features.view(-1).view(torch.uint8).view(-1, 2).t().contiguous().numpy().tobytes()
+    planes = features.view(-1).view(torch.uint8).view(-1, 2).t().contiguous().numpy()
+    good = zstandard.ZstdCompressor(write_checksum=True)
+    replace_payload(image, packed_payload([good.compress(plane.tobytes()) for plane in planes]))
+    assert read_entry(image, spec).outcome is Outcome.HIT  # the layout the test builds is the writer's
     for compressor in (zstandard.ZstdCompressor(write_checksum=True, write_content_size=False),
                        zstandard.ZstdCompressor(write_checksum=False)):
-        replace_payload(image, torch.frombuffer(bytearray(compressor.compress(planes)), dtype=torch.uint8))
+        replace_payload(image, packed_payload([compressor.compress(plane.tobytes()) for plane in planes]))
         assert read_entry(image, spec).outcome is Outcome.CORRUPT
 
 
