@@ -176,7 +176,8 @@ def read_entry(
 
     The cache file must be a regular file (not a symlink) inside `roots` (real paths) when
     given, and, with a `spec`, no larger than an entry of that spec can be: else CORRUPT
-    without reading it. `check_crc`: the tensor's bytes must match the zip's CRC-32.
+    without reading it. `check_crc`: the tensor's bytes must match the zip's CRC-32. A `packed`
+    or `fp8` entry's payload is decoded into a fresh tensor (`mmap` then only maps the payload).
     """
     path = cache_path(image_path)
     max_bytes = None if spec is None else max_entry_bytes(spec) + MAX_OVERHEAD_BYTES

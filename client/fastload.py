@@ -4,8 +4,9 @@ torch.load spends ~140 us per call before touching any data (a pure-Python
 unpickler, fake-tensor and pytree checks): about what copying a 4 MB entry
 costs. The files `client.cachefile.write_entry` makes have one simple layout,
 so they are parsed here: the zip directory by hand, `data.pkl` with the C
-unpickler restricted to five globals that resolve to inert values (no torch or
-user code can run), and the tensor's bytes read straight into its own buffer
+unpickler restricted to six globals that resolve to inert values (no torch or
+user code can run), and the tensor's bytes (`features`, or the uint8 `payload` of a
+`packed`/`fp8` entry, which `client.cachefile` decodes) read straight into its own buffer
 (or, mapped, a view of the mapping). Anything unexpected raises,
 and `load_file` hands the file to torch.load(weights_only=True) instead, except
 what no reader may accept (`Corrupt`: compressed records, a storage larger than

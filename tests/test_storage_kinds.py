@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import os
 import re
@@ -20,6 +21,7 @@ import zstandard
 
 from client import FeatureCache
 from client.cachefile import PACKED_PLAN_RATIO, Outcome, cache_path, read_entry, source_record, write_entry
+from client.logs import LOGGER
 from client.spec import FeatureSpec
 from client.wire import decode_features
 from service.cli import main
@@ -214,10 +216,18 @@ def test_the_service_writes_each_storage_and_every_reader_reads_it_back(service_
 
 
 def vggt_cache(*args: str) -> tuple[int, str]:
-    """`vggt-cache ARGS` in this process (the commands the fixture's subprocess does not need): (exit code, stdout)."""
+    """`vggt-cache ARGS` in this process (the commands the fixture's subprocess does not need): (exit code, stdout).
+
+    The CLI sets up our logger for a terminal; it is put back after, for the tests that capture logs.
+    """
+    log = logging.getLogger(LOGGER)
+    saved = (log.handlers[:], log.propagate, log.level)
     out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        code = main(list(args))
+    try:
+        with contextlib.redirect_stdout(out):
+            code = main(list(args))
+    finally:
+        log.handlers[:], log.propagate, log.level = saved[0], saved[1], saved[2]
     return code, out.getvalue()
 
 
