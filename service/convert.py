@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from client.cachefile import CACHE_SUFFIX, Outcome, cache_path, is_temp_file, read_entry, write_entry
-from client.manifest import read_manifest, write_manifest
+from client.cachefile import CACHE_SUFFIX, Outcome, ReadResult, cache_path, is_temp_file, read_entry, write_entry
+from client.manifest import MAX_FAILURES, read_manifest, write_manifest
 from client.spec import STORAGES, FeatureSpec
 from client.storage import decode, encode
 from service.paths import AllowedRoots
@@ -36,6 +36,15 @@ def entry_images(data_root: str, roots: AllowedRoots) -> Iterator[str]:
                 yield os.path.join(folder, name[: -len(CACHE_SUFFIX)])
 
 
+def read_valid(image: str, roots: AllowedRoots, check_crc: bool = False) -> ReadResult:
+    """The entry of `image` read with its own spec: its metadata first, so the file is bounded by that spec's size."""
+    result = read_entry(image, tensor=False, roots=roots.real)
+    if result.outcome is not Outcome.HIT:
+        return result
+    spec = FeatureSpec.from_dict(result.meta["spec"])
+    return read_entry(image, spec, mmap=False, roots=roots.real, check_crc=check_crc)
+
+
 def convert_entries(data_root: str, storage: str) -> dict:
     """Rewrite every valid entry under `data_root` whose storage differs as `storage`; counts and bytes saved."""
     if storage not in STORAGES:
@@ -45,7 +54,7 @@ def convert_entries(data_root: str, storage: str) -> dict:
     before = after = 0
     converted_specs: dict[str, FeatureSpec] = {}
     for image in entry_images(data_root, roots):
-        result = read_entry(image, mmap=False, roots=roots.real, check_crc=True)
+        result = read_valid(image, roots, check_crc=True)
         if result.outcome is not Outcome.HIT:
             counts["invalid"] += 1
             continue
@@ -64,7 +73,8 @@ def convert_entries(data_root: str, storage: str) -> dict:
                         roots=roots.real)
         except (OSError, ValueError) as e:
             counts["failed"] += 1
-            counts.setdefault("failures", []).append({"image": image, "reason": str(e)})
+            if len(counts.setdefault("failures", [])) < MAX_FAILURES:
+                counts["failures"].append({"image": image, "reason": str(e)})
             continue
         counts["converted"] += 1
         before += size
@@ -109,7 +119,7 @@ def estimate_storage(data_root: str, samples: int = ESTIMATE_SAMPLES, seed: int 
     for image in images:
         if len(sampled) == samples:
             break
-        result = read_entry(image, mmap=False, roots=roots.real)
+        result = read_valid(image, roots)
         if result.outcome is Outcome.HIT:
             sampled.append(_sample(cache_path(image), result.features, result.meta))
     report = {"data_root": data_root, "entries": len(images), "bytes_now": total, "sampled": len(sampled),
