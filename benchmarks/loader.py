@@ -16,6 +16,9 @@ of the features reads every element):
   seed      torch.load(path, map_location="cpu")["features"]  (the seed's call; weights_only=True by default)
   raw       the file's bytes read into a preallocated buffer, torch.frombuffer of the tensor's
             bytes (the physical limit: one copy from the page cache, no checks)
+  packed    read_entry(image, spec) of the same features stored `packed` (byte planes + zstd,
+            lossless), and `fp8` (float8 e4m3, a scale per token), each in files of its own
+            (bytes on disk per entry printed for each storage)
 
 Methods alternate every few files, in a shuffled order; ratios are medians over those chunks.
 Goals: ours/raw >= 0.8, ours/seed >= 1.0.
@@ -50,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from client.cache import FeatureCache  # noqa: E402
 from client.cachefile import cache_path, read_entry, source_record, write_entry  # noqa: E402
-from client.spec import FeatureSpec  # noqa: E402
+from client.spec import STORAGES, FeatureSpec  # noqa: E402
 
 VGGT_1B = {"img_size": 518, "patch_size": 14, "embed_dim": 1024, "depth": 24,
            "num_heads": 16, "num_register_tokens": 4}
@@ -68,16 +71,23 @@ def keep_freed_memory() -> bool:
     return mallopt is not None and all(mallopt(param, value) == 1 for param, value in KEEP.items())
 
 
-def make_files(folder: Path, n: int, spec: FeatureSpec) -> list[tuple[str, int]]:
-    """N images with cache entries; returns (image path, number of feature elements)."""
+def stored_as(image: str, storage: str) -> str:
+    """The image whose entry holds `image`'s features in another storage (a folder per storage)."""
+    return image if storage == "raw" else os.path.join(os.path.dirname(image), storage, os.path.basename(image))
+
+
+def make_files(folder: Path, n: int, specs: dict[str, FeatureSpec]) -> list[tuple[str, int]]:
+    """N images with cache entries in every storage; returns (raw entry's image path, number of feature elements)."""
     entries = []
     for i in range(n):
         grid = GRIDS[i % 2]
-        image = folder / f"frame_{i:05d}.jpg"
-        Image.new("RGB", (32, 24), (i % 256, 80, 160)).save(image)
         features = torch.randn(grid[0] * grid[1], CHANNELS).to(torch.bfloat16)
-        write_entry(image, features, spec, grid, source_record(image))
-        entries.append((str(image), features.numel()))
+        for storage, spec in specs.items():
+            image = Path(stored_as(str(folder / f"frame_{i:05d}.jpg"), storage))
+            image.parent.mkdir(exist_ok=True)
+            Image.new("RGB", (32, 24), (i % 256, 80, 160)).save(image)
+            write_entry(image, features, spec, grid, source_record(image))
+        entries.append((str(folder / f"frame_{i:05d}.jpg"), features.numel()))
     return entries
 
 
@@ -97,19 +107,20 @@ def main() -> None:
 
     folder = Path(args.dir or tempfile.mkdtemp(prefix="vggt-loader-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    spec = FeatureSpec(fingerprint="sha256:" + "5a" * 32, architecture=VGGT_1B)
+    specs = {storage: FeatureSpec(fingerprint="sha256:" + "5a" * 32, architecture=VGGT_1B, storage=storage)
+             for storage in STORAGES}
     try:
         t0 = time.perf_counter()
-        entries = make_files(folder, args.n, spec)
+        entries = make_files(folder, args.n, specs)
         print(f"wrote {args.n} entries in {time.perf_counter() - t0:.1f}s to {folder}")
         if args.allocator in ("both", "default"):
             print("\n== allocator: default")
-            run(entries, spec, args.rounds)
+            run(entries, specs, args.rounds)
         if args.allocator in ("both", "keep"):
             # Set once: the default policy cannot be restored afterwards, so it runs first.
             if keep_freed_memory():
                 print("\n== allocator: keep (freed memory kept for reuse)")
-                run(entries, spec, args.rounds)
+                run(entries, specs, args.rounds)
             else:
                 print("\n== allocator: keep is not available here (not glibc)")
     finally:
@@ -117,7 +128,8 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
+def run(entries: list[tuple[str, int]], specs: dict[str, FeatureSpec], rounds: int) -> None:
+    spec = specs["raw"]
     paths = [cache_path(image) for image, _ in entries]
     file_bytes = sum(os.path.getsize(p) for p in paths)
     largest = max(os.path.getsize(p) for p in paths)
@@ -152,6 +164,14 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
             raise RuntimeError(f"{image}: {result.outcome.value}: {result.reason}")
         touch(result.features)
 
+    def stored(storage: str) -> Callable[[str, str, int], None]:
+        def read(image: str, path: str, numel: int) -> None:
+            result = read_entry(stored_as(image, storage), specs[storage], mmap=False)
+            if not result.hit:
+                raise RuntimeError(f"{image}: {result.outcome.value}: {result.reason}")
+            touch(result.features)
+        return read
+
     def raw(image: str, path: str, numel: int) -> None:
         with open(path, "rb", buffering=0) as f:
             size = f.readinto(raw_buffer.numpy())
@@ -162,7 +182,7 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
 
     methods: dict[str, Callable[[str, str, int], None]] = {
         "ours": ours, "ours (mmap=True)": ours_mmap, "read_entry": ours_read_entry, "read_entry (check_crc)": ours_crc,
-        "raw": raw, "seed": seed,
+        "raw": raw, "seed": seed, "packed (read_entry)": stored("packed"), "fp8 (read_entry)": stored("fp8"),
     }
     for fn in methods.values():  # warm the page cache and every code path
         for (image, numel), path in zip(entries, paths):
@@ -191,10 +211,10 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
     mb = file_bytes / n / 1e6
     print(f"{n} files, {mb:.2f} MB each on average, {rounds} rounds, "
           f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
-    print(f"{'method':<20}{'files/s':>9}{'MB/s':>8}")
+    print(f"{'method':<24}{'files/s':>9}{'MB/s':>8}  (MB/s of the raw entries' bytes, as features delivered)")
     for name, times in seconds.items():
         rate = n * rounds / sum(times)
-        print(f"{name:<20}{rate:>9.0f}{rate * mb:>8.0f}")
+        print(f"{name:<24}{rate:>9.0f}{rate * mb:>8.0f}")
 
     def ratios(slow: str, fast: str) -> str:
         """Median (and quartiles) over chunks of slow's time / fast's time."""
@@ -206,6 +226,12 @@ def run(entries: list[tuple[str, int]], spec: FeatureSpec, rounds: int) -> None:
             print(f"{ours_name}/{other:<5}= {ratios(other, ours_name)}; goal >= {goal})")
     cost = ratios("read_entry (check_crc)", "read_entry")
     print(f"check_crc: {cost}) the time of a read without it; FeatureCache would check it only under 1.15")
+    for storage in ("packed", "fp8"):
+        on_disk = sum(os.path.getsize(cache_path(stored_as(image, storage))) for image, _ in entries) / n
+        print(f"{storage}: {on_disk / 1e6:.2f} MB an entry ({mb / (on_disk / 1e6):.2f}x smaller than raw); hits at "
+              f"{ratios('read_entry', f'{storage} (read_entry)')}) of raw's read_entry rate, "
+              f"{ratios('raw', f'{storage} (read_entry)')}) of the raw-read limit; "
+              f"{statistics.median(seconds[f'{storage} (read_entry)']) / CHUNK * 1e3:.1f} ms a sample")
 
 if __name__ == "__main__":
     main()

@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import device_name, get_model, make_images, print_table, synchronize  # noqa: E402
 
-from client.cachefile import CACHE_SUFFIX, cache_path  # noqa: E402
-from client.spec import PRESETS, FeatureSpec, preset_options  # noqa: E402
+from client.cachefile import CACHE_SUFFIX, cache_path, read_entry  # noqa: E402
+from client.spec import PRESETS, STORAGES, FeatureSpec, preset_options  # noqa: E402
 from service.engine import Engine  # noqa: E402
 from service.engine.patches import PatchCache  # noqa: E402
 from service.jobs import JobManager  # noqa: E402
@@ -117,12 +117,15 @@ def clear_outputs(data_root: str) -> None:
         os.remove(manifest_path(data_root))
 
 
-def written_entry(images: list[str]) -> torch.Tensor:
-    """Check every image got its sibling file; returns the first file's features (for shape checks)."""
+def written_entry(images: list[str]) -> tuple[torch.Tensor, float]:
+    """Check every image got its sibling file; returns the first file's features (for shape checks) and mean bytes."""
     missing = [p for p in images if not os.path.exists(cache_path(p))]
     if missing:
         raise RuntimeError(f"{len(missing)} cache file(s) not written, e.g. {missing[0]}")
-    return torch.load(cache_path(images[0]), map_location="cpu", weights_only=True)["features"]
+    mean_bytes = sum(os.path.getsize(cache_path(p)) for p in images) / len(images)
+    result = read_entry(images[0], mmap=False)  # the seed's files have no metadata: torch.load reads them
+    features = result.features if result.hit else torch.load(cache_path(images[0]), weights_only=True)["features"]
+    return features, mean_bytes
 
 
 def run(args: argparse.Namespace, folder: str) -> dict:
@@ -135,7 +138,8 @@ def run(args: argparse.Namespace, folder: str) -> dict:
     config = {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads,
               "patch_embed": {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads}}
     loaded = get_model(args.model, config, str(device))
-    spec = model_spec(loaded, **{**(preset_options(args.preset) if args.preset else {}), "size": args.size})
+    spec = model_spec(loaded, **{**(preset_options(args.preset) if args.preset else {}), "size": args.size,
+                                 "storage": args.storage})
     units = scan_data_root(data_root, spec.attention).units
     targets = [u.targets[-1] for u in units]
     frames = sum(len(u.frames) for u in units)
@@ -155,17 +159,20 @@ def run(args: argparse.Namespace, folder: str) -> dict:
 
     seconds: dict[str, list[float]] = {m: [] for m in METHODS}
     entry_shapes: dict[str, list[int]] = {}  # per method that writes files: they must agree
+    entry_bytes: dict[str, float] = {}
     for r in range(args.rounds):
         start = time.perf_counter()
         seed_way(loaded, spec, units, device)
         seconds["seed"].append(time.perf_counter() - start)
-        entry_shapes["seed"] = list(written_entry(targets).shape)
+        features, entry_bytes["seed"] = written_entry(targets)
+        entry_shapes["seed"] = list(features.shape)
         clear_outputs(data_root)
 
         took, stats = ours_way(loaded, spec, data_root, device, args.batch_size, args.decode_workers,
                                os.path.join(folder, f"state{r}"))
         seconds["ours"].append(took)
-        entry_shapes["ours"] = list(written_entry(targets).shape)
+        features, entry_bytes["ours"] = written_entry(targets)
+        entry_shapes["ours"] = list(features.shape)
         clear_outputs(data_root)
 
         seconds["clips"].append(forward_way(loaded, spec, batches))
@@ -192,8 +199,10 @@ def run(args: argparse.Namespace, folder: str) -> dict:
         "batch_size": args.batch_size,
         "decode_workers": args.decode_workers,
         "spec": {"layers": list(spec.layers), "dtype": spec.dtype, "size": spec.size, "attention": spec.attention,
-                 "preprocess": spec.preprocess, "reference_frame": spec.reference_frame, "preset": args.preset},
+                 "preprocess": spec.preprocess, "reference_frame": spec.reference_frame, "preset": args.preset,
+                 "storage": spec.storage},
         "entry_shape": entry_shapes["ours"],
+        "entry_bytes": {m: round(v) for m, v in entry_bytes.items()},  # the seed's torch.save is always raw
         "rounds": args.rounds,
         "seconds": seconds,
         "images_per_s": {m: round(v, 3) for m, v in rate.items()},  # entries (one per sample) per second
@@ -228,6 +237,9 @@ def report(result: dict) -> None:
     print_table(("method", "seconds", "entries/s", "frames/s"), rows)
     for name, value in result["ratios"].items():
         print(f"{name} = {value:.2f}")
+    sizes = result["entry_bytes"]
+    print(f"disk    {sizes['ours'] / 1e6:.3f} MB an entry stored {sp['storage']} "
+          f"({sizes['seed'] / sizes['ours']:.2f}x smaller than the seed's raw torch.save)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, help="frames per forward (default 32 on cuda; on cpu 8, 9 with --preset)")
     parser.add_argument("--decode-workers", type=int, default=ServiceSettings.decode_workers)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--storage", choices=STORAGES, default="raw",
+                        help="how the bulk job stores entries (the seed's way always writes raw)")
     parser.add_argument("--dir", help="where to make the temporary work folder (removed at the end)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)

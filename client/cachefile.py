@@ -3,7 +3,9 @@
 A file is `torch.save({"features": Tensor, "meta": dict})`, so the seed's
 `torch.load(path, map_location="cpu")["features"]` (weights_only by default) keeps working. `features`
 is `[P, C]` for one layer or `[L, P, C]` for several, in the spec's dtype;
-`meta` holds only plain JSON values (see `write_entry`).
+`meta` holds only plain JSON values (see `write_entry`). A spec whose `storage` is not `raw`
+stores `{"payload": uint8 Tensor, "meta": dict}` instead (`client/storage.py`): `read_entry`
+decodes it to the same `features`, and the seed's loader finds no `"features"` and misses.
 
 Reading never unpickles arbitrary objects and never raises for a bad file:
 the outcome says what is wrong. Files in the layout `write_entry` produces are
@@ -31,9 +33,12 @@ import torch
 from client.fastload import MAX_OVERHEAD_BYTES, load_file
 from client.safeopen import DEFAULT_FILE_MODE, OutsideRoots, atomic_write, existing_kind, kind_of, temp_of
 from client.spec import Attention, FeatureSpec, canonical_json, short_digest
+from client.storage import BadPayload, check_payload_size, decode, encode, max_payload_bytes, stored_nbytes
 
 CACHE_SUFFIX = ".vggt_cache.pt"
 FORMAT_VERSION = 1
+# Packed VGGT activations measured 1.40-1.47x smaller than raw (docs/performance.md): plans assume less, to err large.
+PACKED_PLAN_RATIO = 1.3
 _META_KEYS = ("format_version", "spec", "spec_digest", "grid", "source", "context", "shape", "dtype")
 
 PathLike = str | os.PathLike
@@ -128,7 +133,8 @@ def write_entry(
         "created": time.time(),
     }
     path = cache_path(image_path)
-    atomic_write(path, lambda f: torch.save({"features": features, "meta": meta}, f), roots, may_be_entry, mode)
+    record = {"features": features} if spec.storage == "raw" else {"payload": encode(features, spec.storage)}
+    atomic_write(path, lambda f: torch.save({**record, "meta": meta}, f), roots, may_be_entry, mode)
     return path
 
 
@@ -173,7 +179,8 @@ def read_entry(
 
     The cache file must be a regular file (not a symlink) inside `roots` (real paths) when
     given, and, with a `spec`, no larger than an entry of that spec can be: else CORRUPT
-    without reading it. `check_crc`: the tensor's bytes must match the zip's CRC-32.
+    without reading it. `check_crc`: the tensor's bytes must match the zip's CRC-32. A `packed`
+    or `fp8` entry's payload is decoded into a fresh tensor (`mmap` then only maps the payload).
     """
     path = cache_path(image_path)
     max_bytes = None if spec is None else max_entry_bytes(spec) + MAX_OVERHEAD_BYTES
@@ -272,10 +279,17 @@ def entry_nbytes(spec: FeatureSpec, grid: Sequence[int]) -> int:
     return math.prod(entry_shape(spec, grid, channels=2048)) * spec.torch_dtype.itemsize
 
 
+def stored_entry_bytes(spec: FeatureSpec, grid: Sequence[int]) -> int:
+    """Bytes an entry's tensor or payload takes on disk in the spec's storage (packed: an estimate that errs large)."""
+    return stored_nbytes(spec.storage, entry_shape(spec, grid, channels=2048), spec.torch_dtype, PACKED_PLAN_RATIO)
+
+
 def max_entry_bytes(spec: FeatureSpec) -> int:
-    """The largest tensor an entry of `spec` can hold: preprocessing makes no side longer than `spec.size`."""
+    """The largest tensor or payload of an entry of `spec`: preprocessing makes no side longer than `spec.size`."""
     side = spec.size // spec.architecture.get("patch_size", 14)
-    return entry_nbytes(spec, (side, side))
+    if spec.storage == "raw":
+        return entry_nbytes(spec, (side, side))
+    return max_payload_bytes(spec.storage, entry_shape(spec, (side, side), channels=2048), spec.torch_dtype)
 
 
 def _shape_problem(shape: tuple[int, ...], spec: FeatureSpec, grid: list[int]) -> str | None:
@@ -314,8 +328,8 @@ def _is_frame_record(record: Any) -> bool:
 
 
 def _parse(data: Any, expected: FeatureSpec | None) -> tuple[torch.Tensor, dict, FeatureSpec] | str:
-    """The entry's parts, or why it is not a valid entry."""
-    if not isinstance(data, dict) or not isinstance(data.get("features"), torch.Tensor):
+    """The entry's parts (a non-raw entry's payload decoded), or why it is not a valid entry."""
+    if not isinstance(data, dict) or not any(isinstance(data.get(k), torch.Tensor) for k in ("features", "payload")):
         return "not a cache entry (no 'features' tensor)"
     meta = data.get("meta")
     if not isinstance(meta, dict):
@@ -333,14 +347,18 @@ def _parse(data: Any, expected: FeatureSpec | None) -> tuple[torch.Tensor, dict,
         return f"invalid spec: {e}"
     if meta["spec_digest"] != spec.digest:
         return "spec_digest does not match the spec"
-    features = data["features"]
-    if meta["dtype"] != spec.dtype or features.dtype != spec.torch_dtype:
-        return f"dtype {features.dtype} does not match spec dtype {spec.dtype}"
-    if meta["shape"] != list(features.shape):
-        return f"features shape {list(features.shape)} differs from meta shape {meta['shape']}"
     grid = meta["grid"]
     if not (isinstance(grid, list) and all(type(g) is int for g in grid)):
         return f"invalid grid {grid!r}"
+    if meta["dtype"] != spec.dtype:
+        return f"dtype {meta['dtype']} does not match spec dtype {spec.dtype}"
+    features = _stored_features(data, meta, spec)
+    if isinstance(features, str):
+        return features
+    if features.dtype != spec.torch_dtype:
+        return f"dtype {features.dtype} does not match spec dtype {spec.dtype}"
+    if meta["shape"] != list(features.shape):
+        return f"features shape {list(features.shape)} differs from meta shape {meta['shape']}"
     problem = _shape_problem(tuple(features.shape), spec, grid) or _context_problem(spec, meta["context"])
     if problem:
         return problem
@@ -348,6 +366,32 @@ def _parse(data: Any, expected: FeatureSpec | None) -> tuple[torch.Tensor, dict,
     if not (isinstance(source, dict) and set(source) == {"size", "mtime_ns"}):
         return f"invalid source record {source!r}"
     return features, meta, spec
+
+
+def _stored_features(data: dict, meta: dict, spec: FeatureSpec) -> torch.Tensor | str:
+    """The features as the spec's storage holds them (decoded), or why they cannot be.
+
+    A payload is decoded only once the spec and grid have said what it must decode to, so it
+    never inflates past an entry's size; a meta-device payload (a metadata-only read) gives a
+    meta-device tensor of that shape once the payload's length fits it.
+    """
+    if spec.storage == "raw":
+        features = data.get("features")
+        return features if isinstance(features, torch.Tensor) else "a raw entry needs a 'features' tensor"
+    payload = data.get("payload")
+    if "features" in data or not isinstance(payload, torch.Tensor):
+        return f"a {spec.storage} entry holds a 'payload' tensor and no 'features'"
+    shape = tuple(meta["shape"]) if isinstance(meta["shape"], list) else ()
+    problem = _shape_problem(shape, spec, meta["grid"])
+    if problem:
+        return problem
+    try:
+        if payload.is_meta:
+            check_payload_size(payload, spec.storage, shape, spec.torch_dtype)
+            return torch.empty(shape, dtype=spec.torch_dtype, device="meta")
+        return decode(payload, spec.storage, shape, spec.torch_dtype)
+    except BadPayload as e:
+        return f"bad {spec.storage} payload: {e}"
 
 
 def _changed_context_frame(target: PathLike, frames: list) -> str | None:

@@ -4,8 +4,9 @@ torch.load spends ~140 us per call before touching any data (a pure-Python
 unpickler, fake-tensor and pytree checks): about what copying a 4 MB entry
 costs. The files `client.cachefile.write_entry` makes have one simple layout,
 so they are parsed here: the zip directory by hand, `data.pkl` with the C
-unpickler restricted to five globals that resolve to inert values (no torch or
-user code can run), and the tensor's bytes read straight into its own buffer
+unpickler restricted to six globals that resolve to inert values (no torch or
+user code can run), and the tensor's bytes (`features`, or the uint8 `payload` of a
+`packed`/`fp8` entry, which `client.cachefile` decodes) read straight into its own buffer
 (or, mapped, a view of the mapping). Anything unexpected raises,
 and `load_file` hands the file to torch.load(weights_only=True) instead, except
 what no reader may accept (`Corrupt`: compressed records, a storage larger than
@@ -66,7 +67,10 @@ _STORAGE_DTYPES = {
     "BFloat16Storage": torch.bfloat16,
     "HalfStorage": torch.float16,
     "FloatStorage": torch.float32,
+    "ByteStorage": torch.uint8,  # the payload of a packed or fp8 entry (client/storage.py)
 }
+# The one tensor of an entry: "features" (raw storage) or "payload" (the other storages).
+TENSOR_KEYS = ("features", "payload")
 _END = struct.Struct("<4s4H2LH")  # end of central directory
 _CENTRAL = struct.Struct("<4s6H3L5H2L")  # central directory entry
 _LOCAL = struct.Struct("<4s5H3L2H")  # local file header
@@ -150,19 +154,20 @@ def _load_fast(f: BinaryIO, use_mmap: bool, check_crc: bool) -> dict:
         mapping = mmap_module.mmap(fd, 0, access=mmap_module.ACCESS_COPY, **_MMAP_OPTIONS)
         whole = torch.frombuffer(mapping, dtype=torch.uint8)
         view = memoryview(whole.numpy())
-        data, (start, length, crc), storage, size = _unpickle(lambda offset, n: view[offset : offset + n], len(view))
+        data, key, (start, length, crc), storage, size = _unpickle(lambda offset, n: view[offset : offset + n],
+                                                                   len(view))
         tensor_bytes = view[start : start + length]
         features = whole[start : start + length].view(storage.dtype).view(size)
     else:
         # The records and data.pkl (a few KB) first, then the tensor's bytes straight into its own
         # buffer: one copy from the page cache, and a tensor that holds nothing else.
-        data, (start, length, crc), storage, size = _unpickle_fd(fd)
+        data, key, (start, length, crc), storage, size = _unpickle_fd(fd)
         features = torch.empty(size, dtype=storage.dtype)
         tensor_bytes = memoryview(features.view(-1).view(torch.uint8).numpy())
         _read_exactly(fd, tensor_bytes, start)
     if check_crc and zlib.crc32(tensor_bytes) != crc:
         raise Corrupt("the tensor's bytes do not match their CRC-32")
-    data["features"] = features
+    data[key] = features
     return data
 
 
@@ -196,15 +201,15 @@ def _windowed_pread(fd: int, file_size: int) -> Reader:
     return read
 
 
-def _unpickle_fd(fd: int) -> tuple[dict, tuple[int, int, int], _StorageRef, tuple[int, ...]]:
+def _unpickle_fd(fd: int) -> tuple[dict, str, tuple[int, int, int], _StorageRef, tuple[int, ...]]:
     """`_unpickle` of an open file, its records read through the two windows."""
     file_size = os.fstat(fd).st_size
     return _unpickle(_windowed_pread(fd, file_size), file_size)
 
 
 def _load_meta(f: BinaryIO) -> dict:
-    data, _, storage, size = _unpickle_fd(f.fileno())
-    data["features"] = torch.empty(size, dtype=storage.dtype, device="meta")
+    data, key, _, storage, size = _unpickle_fd(f.fileno())
+    data[key] = torch.empty(size, dtype=storage.dtype, device="meta")
     return data
 
 
@@ -218,21 +223,23 @@ def _load_torch(f: BinaryIO, meta_only: bool, check_crc: bool) -> Any:
                 raise Corrupt("a record does not match its CRC-32")
     f.seek(0)
     data = torch.load(f, map_location="cpu", weights_only=True)
-    features = data.get("features") if isinstance(data, dict) else None
-    if isinstance(features, torch.Tensor):
-        if features.untyped_storage().nbytes() != features.nbytes or features.storage_offset():
-            raise Corrupt(f"tensor storage of {features.untyped_storage().nbytes()} bytes backs a tensor of "
-                          f"{features.nbytes}")
+    for key in TENSOR_KEYS if isinstance(data, dict) else ():
+        tensor = data.get(key)
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        if tensor.untyped_storage().nbytes() != tensor.nbytes or tensor.storage_offset():
+            raise Corrupt(f"tensor storage of {tensor.untyped_storage().nbytes()} bytes backs a tensor of "
+                          f"{tensor.nbytes}")
         if meta_only:
-            data["features"] = features.to("meta")
+            data[key] = tensor.to("meta")
     return data
 
 
 Reader = Callable[[int, int], "bytes | memoryview"]  # (offset, length) -> the file's bytes there
 
 
-def _unpickle(read: Reader, file_size: int) -> tuple[dict, tuple[int, int, int], _StorageRef, tuple[int, ...]]:
-    """(data.pkl's dict, (offset, length, crc32) of the tensor bytes, their storage, the tensor's size)."""
+def _unpickle(read: Reader, file_size: int) -> tuple[dict, str, tuple[int, int, int], _StorageRef, tuple[int, ...]]:
+    """(data.pkl's dict, the tensor's key, (offset, length, crc32) of its bytes, their storage, the tensor's size)."""
     records = _zip_records(read, file_size)
     if "data.pkl" not in records or copyreg._extension_registry:
         # Pickle extension codes would resolve globals without find_class.
@@ -246,7 +253,8 @@ def _unpickle(read: Reader, file_size: int) -> tuple[dict, tuple[int, int, int],
     if zlib.crc32(pickled) != crc:
         raise Corrupt("data.pkl does not match its CRC-32")
     data = _RestrictedUnpickler(io.BytesIO(pickled)).load()
-    ref = data.get("features") if isinstance(data, dict) else None
+    keys = [k for k in TENSOR_KEYS if k in data] if isinstance(data, dict) else []
+    ref = data[keys[0]] if len(keys) == 1 else None
     storage = ref.storage if isinstance(ref, _TensorRef) else None
     if not (
         isinstance(storage, _StorageRef)
@@ -266,7 +274,7 @@ def _unpickle(read: Reader, file_size: int) -> tuple[dict, tuple[int, int, int],
         raise _Unsupported("features record")
     if file_size - length - len(pickled) > _MAX_OTHER_BYTES:
         raise Corrupt(f"{file_size - length - len(pickled)} bytes besides the tensor and its records")
-    return data, (start, length, crc), storage, ref.size
+    return data, keys[0], (start, length, crc), storage, ref.size
 
 
 def _zip_records(read: Reader, file_size: int) -> dict[str, tuple[int, int, int]]:

@@ -32,6 +32,8 @@ ATTENTION = tuple(a.value for a in Attention)
 # Which frame of a clip streams first and gets VGGT's first-frame camera/register tokens:
 # "first" the clip in order, "last" the clip reversed (the current view first; NewJanusVLN).
 REFERENCE_FRAMES = ("first", "last")
+# How an entry's features lie on disk (client/storage.py): the tensor itself, lossless byte planes + zstd, float8.
+STORAGES = ("raw", "packed", "fp8")
 # Specs that reproduce what each project's training computes online (see docs/janusvln.md).
 PRESETS: dict[str, dict[str, Any]] = {
     "janusvln": {"attention": "causal", "preprocess": "crop", "size": 644, "align": 14, "reference_frame": "first",
@@ -49,8 +51,9 @@ class FeatureSpec:
     `layers` is normalised to non-negative indices with `architecture["depth"]`,
     so `(-2,)` and `(22,)` are the same spec for a depth-24 model. `reference_frame`
     means nothing for a single frame, so `frame` attention always records "first".
-    A spec at the default `reference_frame="first"` leaves the field out of its
-    dict and canonical JSON: entries written before the field existed keep their digest.
+    A spec at the default `reference_frame="first"` or `storage="raw"` leaves the field out of
+    its dict and canonical JSON: entries written before the field existed keep their digest.
+    `storage` is part of the spec so that entries of different storage never pass for each other.
     """
 
     fingerprint: str
@@ -63,6 +66,7 @@ class FeatureSpec:
     dtype: str = "bfloat16"
     attention: str = "frame"
     reference_frame: str = "first"
+    storage: str = "raw"
 
     def __post_init__(self) -> None:
         if not isinstance(self.fingerprint, str) or not _FINGERPRINT.fullmatch(self.fingerprint):
@@ -84,6 +88,7 @@ class FeatureSpec:
         _choice("dtype", self.dtype, tuple(DTYPES))
         _choice("attention", self.attention, ATTENTION)
         _choice("reference_frame", self.reference_frame, REFERENCE_FRAMES)
+        _choice("storage", self.storage, STORAGES)
         if self.attention == "frame":
             object.__setattr__(self, "reference_frame", "first")
         for name in ("size", "align"):
@@ -101,6 +106,8 @@ class FeatureSpec:
         d["layers"] = list(self.layers)
         if self.reference_frame == "first":
             del d["reference_frame"]
+        if self.storage == "raw":
+            del d["storage"]
         return d
 
     @classmethod

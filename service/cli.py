@@ -1,4 +1,4 @@
-"""`vggt-cache` command line: serve, precompute, verify, status, demo."""
+"""`vggt-cache` command line: serve, precompute, verify, convert, status, demo."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from typing import NoReturn
 
 from client.logs import setup_logging
 from client.service import TOKEN_ENV, ServiceError
+from client.spec import STORAGES, positive_int
+from service.convert import ESTIMATE_SAMPLES
 from service.errors import CommandError, UnusableInput
 from service.samples import DEFAULT_MAX_HISTORY, check_history, file_list
 from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings, env_flag
@@ -116,6 +118,13 @@ def add_server_flags(p: argparse.ArgumentParser, default: str | None, help: str)
 def _history(text: str) -> int:
     try:
         return check_history(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    try:
+        return positive_int("the value", int(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -232,6 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_files_flag(ver, "(default: the manifest's, else every one found)")
     add_history_flag(ver, default=None)
     ver.add_argument("--json", action="store_true", help="print the counts as JSON")
+    ver.add_argument("--estimate-storage", "--estimate_storage", action="store_true",
+                     help="instead of verifying: sample the entries under the root and print, per storage "
+                          "(raw|packed|fp8), the bytes they would take, the ratio and fp8's error")
+    ver.add_argument("--samples", type=_positive, default=ESTIMATE_SAMPLES,
+                     help="entries --estimate-storage encodes (default: %(default)s)")
+
+    conv = command("convert", "rewrite the valid entries under a data root in another storage, without recomputing")
+    conv.add_argument("data_root", help="folder of the images and their cache entries")
+    conv.add_argument("--storage", choices=STORAGES, default="packed",
+                      help="the storage to write (default: %(default)s); fp8 entries are never converted back")
+    conv.add_argument("--json", action="store_true", help="print the counts as JSON")
 
     st = command("status", "show a running service's model, queues and jobs")
     add_server_flags(st, os.environ.get("VGGT_SERVICE_URL", DEFAULT_SERVER), "the service's URL")

@@ -402,6 +402,8 @@ def verify(args: argparse.Namespace) -> int:
     data_root = os.path.abspath(args.data_root)
     if not os.path.isdir(data_root):
         raise _no_folder(data_root)
+    if args.estimate_storage:
+        return _estimate_storage(data_root, args.samples, args.json)
     history, files = args.max_history_images, args.data_files
     if args.server:
         from client.service import spec_of_status
@@ -434,6 +436,45 @@ def verify(args: argparse.Namespace) -> int:
         for item in report["problems"][:50]:
             print(f"  {item['outcome']:13s} {item['image']}: {item['reason']}")
     return 0 if report["ok"] else 1
+
+
+def _estimate_storage(data_root: str, samples: int, as_json: bool) -> int:
+    from service.convert import estimate_storage
+    from service.plan import human_bytes
+
+    report = estimate_storage(data_root, samples)
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"{data_root}: {report['entries']} entries, {human_bytes(report['bytes_now'])} now; "
+          f"{report['sampled']} valid entries sampled")
+    for storage, row in report["storages"].items():
+        error = row.get("error")
+        shown = (f"; error max {error['max_rel']:.2%} mean {error['mean_rel']:.2%} of the magnitudes, lowest "
+                 f"token cosine {error['min_cosine']:.5f}") if error else ""
+        print(f"  {storage:7s} {human_bytes(row['bytes'])} ({row['ratio']:.2f}x smaller than raw){shown}")
+    return 0
+
+
+def convert(args: argparse.Namespace) -> int:
+    from service.convert import convert_entries
+    from service.plan import human_bytes
+
+    data_root = os.path.abspath(args.data_root)
+    if not os.path.isdir(data_root):
+        raise _no_folder(data_root)
+    report = convert_entries(data_root, args.storage)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"{data_root}: {report['converted']} entries converted to {args.storage}, "
+              f"{human_bytes(report['bytes_saved'])} saved ({human_bytes(report['bytes_before'])} -> "
+              f"{human_bytes(report['bytes_after'])}); "
+              f"{report['already']} already {args.storage}, {report['invalid']} not valid (left alone), "
+              f"{report['lossy_source']} fp8 (not converted), {report['failed']} failed")
+        for item in report.get("failures", [])[:50]:
+            print(f"  failed {item['image']}: {item['reason']}")
+    return 0 if not report["failed"] else 1
 
 
 def _per_priority(counts: dict | None) -> str:

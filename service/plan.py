@@ -4,7 +4,7 @@
 job checks it before computing anything and refuses to start when its new entries would not
 fit (unless forced). Nothing here loads the model: existing entries are checked by their
 metadata alone (`read_entry(..., tensor=False)`), and the size of a new entry follows from
-the image's header (its pixel size), the spec and the grid. An entry replacing an existing
+the image's header (its pixel size), the spec (its storage too) and the grid. An entry replacing an existing
 file only needs the difference. Entries go next to their images, so the bytes are counted per
 file system; under torchrun each of N ranks plans its own share and must fit in 1/N of the
 free space.
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
-from client.cachefile import Outcome, cache_path, entry_nbytes, read_entry
+from client.cachefile import Outcome, cache_path, read_entry, stored_entry_bytes
 from client.spec import FeatureSpec
 from service.preprocess import MAX_IMAGE_BYTES, image_size, output_size
 from service.sources import ScanResult
@@ -66,16 +66,16 @@ class Plan:
         fs = self.tightest or {"path": self.data_root, "bytes_to_write": self.bytes_to_write,
                                "free_bytes": self.free_bytes}
         share = f" (this rank's share of {self.ranks})" if self.ranks > 1 else ""
-        where = f" ({_size(fs['bytes_to_write'])} of it)" if fs["bytes_to_write"] != self.bytes_to_write else ""
+        where = f" ({human_bytes(fs['bytes_to_write'])} of it)" if fs["bytes_to_write"] != self.bytes_to_write else ""
         # The entry's own size, then the net bytes: recomputed entries replace files of about their size.
-        net = f" (net of the {_size(self.replaced_bytes)} they replace)" if self.replaced_bytes else ""
+        net = f" (net of the {human_bytes(self.replaced_bytes)} they replace)" if self.replaced_bytes else ""
         return (f"{self.source['samples']} samples ({self.source['source']}) -> {self.entries} entries: "
-                f"{self.valid} valid, {self.to_compute} to compute of {_size(self.entry_bytes)} each; "
-                f"{_size(self.bytes_to_write)} to write{net}{share}; {_size(fs['free_bytes'])} free on the file "
+                f"{self.valid} valid, {self.to_compute} to compute of {human_bytes(self.entry_bytes)} each; "
+                f"{human_bytes(self.bytes_to_write)} to write{net}{share}; {human_bytes(fs['free_bytes'])} free on the file "
                 f"system of {fs['path']}{where}")
 
 
-def _size(n: float) -> str:
+def human_bytes(n: float) -> str:
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
@@ -116,7 +116,7 @@ def _check(target: str, context: Sequence[str] | None, spec: FeatureSpec, skip_e
     if pixels not in sizes:  # a benign race between threads: both compute the same number
         patch = spec.architecture.get("patch_size", 14)
         height, width = output_size(*pixels, spec.preprocess, spec.size, spec.align)
-        sizes[pixels] = entry_nbytes(spec, (height // patch, width // patch)) + ENTRY_OVERHEAD_BYTES
+        sizes[pixels] = stored_entry_bytes(spec, (height // patch, width // patch)) + ENTRY_OVERHEAD_BYTES
     try:
         replaced = os.lstat(cache_path(target)).st_size
     except OSError:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from client.service import ENV_PREFIX
-from client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, TOKENS, FeatureSpec, \
+from client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, STORAGES, TOKENS, FeatureSpec, \
     matching_preset, resolve_options
 
 
@@ -69,6 +69,9 @@ SPEC_FLAGS = (
     SpecFlag("reference_frame", "--reference-frame", "vggt_reference_frame", str, REFERENCE_FRAMES,
              "first: stream a clip in order; last: reversed, the current view first (NewJanusVLN); causal and "
              "sequence attention only"),
+    SpecFlag("storage", "--storage", "vggt_storage", str, STORAGES,
+             "how entries lie on disk: raw (the seed's torch.load(path)['features']), packed (lossless, ~1.4x "
+             "smaller), fp8 (lossy float8 e4m3 with a scale per token, ~2x smaller; see docs/performance.md)"),
 )
 PRESET_HELP = ("the spec a project's training computes: janusvln (causal, crop, 644, reference first) | newjanusvln "
                "(causal, pad, 644, reference last); both layer -2, bfloat16")

@@ -173,6 +173,7 @@ class CacheArguments:
     vggt_tokens: str | None = train_field("tokens")
     vggt_dtype: str | None = train_field("dtype")
     vggt_reference_frame: str | None = train_field("reference_frame")
+    vggt_storage: str | None = train_field("storage")
 
     def __post_init__(self) -> None:
         if self.use_vggt_cache is None:

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from client.spec import FeatureSpec
+from client.storage import as_stored
 from service.model import LoadedModel
 from service.model.features import entry_features
 from training.merger import NORMS, VGGTMerger
@@ -260,6 +261,7 @@ class Qwen25VLWithVGGT(nn.Module):
         for samples in groups.values():
             images = torch.stack([clips[b] for b in samples]).to(device)  # [B, S, 3, H, W]
             last = entry_features(self.vggt, images, self.spec)[:, -1]  # [B, P, C] | [B, L, P, C]
+            last = as_stored(last, self.spec.storage)  # as a cache hit would give it (fp8 is lossy)
             entries.update(zip(samples, last))
         return entries
 

@@ -11,6 +11,7 @@ import torch
 
 from client.cachefile import Outcome, holds_other_context, read_entry, write_entry
 from client.spec import Attention, FeatureSpec
+from client.storage import as_stored
 from client.wire import EntryStatus
 from service.engine.work import (KEPT, REPLACED, Complete, EntryResult, Job, UnitResult, describe, failed_result,
                                  when_descriptors_free)
@@ -74,7 +75,8 @@ class WriterStage:
                     index = len(unit.frames) - 1 - unit.frames[::-1].index(target)
                 # Own storage: a result must not pin the whole batch (and write_entry need not copy).
                 entry = features[index].clone()
-                returned = entry if job.return_features else None
+                stored = as_stored(entry, self.spec.storage)  # what a read of the entry gives (fp8 is lossy)
+                returned = stored if job.return_features else None
                 try:
                     write = REPLACED if holds_other_context(target, self.spec, frames, self.roots) else None
                     if write and not job.overwrite:
@@ -84,7 +86,7 @@ class WriterStage:
                                                               job.contexts[i], roots=self.roots, mode=self.file_mode),
                                           f"writing the entry of {target}")
                     if job.verify:
-                        self._verify(target, entry, unit.frames)
+                        self._verify(target, stored, unit.frames)
                 except Exception as exc:
                     log.warning("Cannot store the entry of %s: %s", target, describe(exc))
                     entries.append(EntryResult(target, EntryStatus.FAILED, None, grid, describe(exc)))
