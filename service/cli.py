@@ -79,6 +79,11 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the transformer blocks (slow first batches of each shape)")
     p.add_argument("--state-dir", "--state_dir", default=_env("STATE_DIR", ServiceSettings.state_dir),
                    help="where job state (SQLite) lives; keep it on local disk")
+    p.add_argument("--job-retention", type=int, default=int(_env("JOB_RETENTION", str(defaults.job_retention))),
+                   help="ended jobs kept in the state dir (with their failures); older ones are pruned")
+    p.add_argument("--job-retention-days", type=float,
+                   default=float(_env("JOB_RETENTION_DAYS", str(defaults.job_retention_days))),
+                   help="days an ended job is kept in the state dir before it is pruned")
 
 
 def add_device_flag(p: argparse.ArgumentParser) -> None:

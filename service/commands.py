@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 
+from client.text import displayable
 from service.errors import CommandError
 from service.jobview import JobState, JobView
 from service.progress import follow_job
@@ -29,12 +30,23 @@ log = logging.getLogger("vggt_cache")
 PROGRESS_POLL_S = 1.0  # how often a followed job's progress is read (not a test's synchronisation)
 
 
+def _say(line: str) -> None:
+    """One line of a command's output: names in it come from others' files, so it is made `displayable`."""
+    print(displayable(line))
+
+
+def _say_json(body: object) -> None:
+    """`--json` output: ASCII-escaped, so no name in it reaches the terminal as a control character."""
+    print(json.dumps(body, indent=2, ensure_ascii=True))
+
+
 def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
     s = ServiceSettings(
         model=args.model, device=args.device, state_dir=os.path.expanduser(args.state_dir),
         spec=spec_options(args), max_batch_frames=args.max_batch_frames, decode_workers=args.decode_workers,
         write_workers=args.write_workers, patch_cache_mb=args.patch_cache_mb, fp32_weights=args.fp32_weights,
         compile=args.compile, max_image_bytes=args.max_image_bytes,
+        job_retention=args.job_retention, job_retention_days=args.job_retention_days,
     )
     for key, value in overrides.items():
         setattr(s, key, value)
@@ -191,16 +203,16 @@ def _print_plan(plan: dict, summary: str, digest: str) -> None:
     source = plan["source"]
     history = f", max_history_images {source['max_history_images']}" if source.get("max_history_images") else ""
     log.info("Dry run, spec %s: nothing is computed or written", digest)
-    print(f"samples      {source['samples']} from {source['files']} {source['source']} source(s){history}")
-    print(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid, "
+    _say(f"samples      {source['samples']} from {source['files']} {source['source']} source(s){history}")
+    _say(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid, "
           f"{plan['to_compute']} to compute")
     if plan["problems"] or plan["refused"] or plan["unreadable"]:
-        print(f"problems     {plan['problems']} malformed sample(s) or missing image(s), {plan['refused']} "
+        _say(f"problems     {plan['problems']} malformed sample(s) or missing image(s), {plan['refused']} "
               f"outside the allowed roots, {plan['unreadable']} unreadable image(s)")
-    print(f"to write     {plan['bytes_to_write']:,} bytes")
-    print(f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"
+    _say(f"to write     {plan['bytes_to_write']:,} bytes")
+    _say(f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"
           f" ({'fits' if plan['fits'] else 'DOES NOT FIT'})")
-    print(summary)
+    _say(summary)
 
 
 _PLAN_COUNTS = ("units", "entries", "valid", "to_compute", "unreadable", "refused", "bytes_to_write")
@@ -314,12 +326,12 @@ def verify(args: argparse.Namespace) -> int:
     report = verify_data_root(data_root, spec, data_path=args.data_path,
                               max_history_images=DEFAULT_MAX_HISTORY if history is None else history, files=files)
     if args.json:
-        print(json.dumps(report, indent=2))
+        _say_json(report)
     else:
         counts = report["counts"]
-        print(f"{data_root}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        _say(f"{data_root}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         for item in report["problems"][:50]:
-            print(f"  {item['outcome']:13s} {item['image']}: {item['reason']}")
+            _say(f"  {item['outcome']:13s} {item['image']}: {item['reason']}")
     return 0 if report["ok"] else 1
 
 
@@ -334,23 +346,23 @@ def status(args: argparse.Namespace) -> int:
     with _client(args) as service:
         body = service.status()
     if args.json:
-        print(json.dumps(body, indent=2))
+        _say_json(body)
         return 0
     svc, model, eng = body["service"], body.get("model"), body.get("engine")
-    print(f"service  {args.server}  state={svc['state']}  uptime {duration(svc['uptime_s'])}")
+    _say(f"service  {args.server}  state={svc['state']}  uptime {duration(svc['uptime_s'])}")
     if svc.get("error"):
-        print(f"error    {svc['error']}")
+        _say(f"error    {svc['error']}")
     if model:
-        print(f"model    {model['source']}  {model['fingerprint']}  on {', '.join(model['devices'])}")
+        _say(f"model    {model['source']}  {model['fingerprint']}  on {', '.join(model['devices'])}")
     if eng:
-        print(f"engine   queued {_per_priority(eng.get('queued'))}; {eng.get('images_per_s', 0):g} images/s "
+        _say(f"engine   queued {_per_priority(eng.get('queued'))}; {eng.get('images_per_s', 0):g} images/s "
               f"over the last {eng.get('window_s', 0):g} s")
         lookups = eng.get("on_demand_lookups")
         if lookups:
-            print("requests " + ", ".join(f"{k} {v}" for k, v in lookups.items()) + " (on-demand units)")
+            _say("requests " + ", ".join(f"{k} {v}" for k, v in lookups.items()) + " (on-demand units)")
     for job in body.get("jobs", []):
         eta = f"  eta {duration(job['eta_s'])}" if job.get("eta_s") else ""
-        print(f"job {job['job_id']}  {job['state']:9s} {job['progress']*100:5.1f}%  "
+        _say(f"job {job['job_id']}  {job['state']:9s} {job['progress']*100:5.1f}%  "
               f"{job['computed']} computed {job['skipped']} skipped {job['failed']} failed  {job['data_root']}{eta}")
     return 0
 
