@@ -192,7 +192,7 @@ class PathResolver:
     Absolute paths are used as they are. A relative path is joined to `data_root/<data_path>`
     when the sample (first) or the run gives a `data_path`; otherwise it is looked up next to
     the sample file, then under the data root, and the first existing file wins. With `roots`,
-    a candidate outside them is never looked at: whether it exists must not show.
+    a candidate outside them is never looked at: whether such a file exists must not show.
     """
 
     def __init__(self, data_root: str, data_path: str | None, roots: AllowedRoots | None = None) -> None:
@@ -220,18 +220,24 @@ class PathResolver:
         return True
 
     def resolve(self, raw: str, sample_dir: str, data_path: str | None) -> str | None:
+        """The first existing candidate inside the roots; else the first outside them, unlooked at (the plan
+        refuses it, in the same words whether it exists or not); else None."""
         key = (raw, sample_dir, data_path)
         if key not in self._memo:
-            found = [p for p in self.candidates(raw, sample_dir, data_path) if self.allowed(p) and os.path.isfile(p)]
-            self._memo[key] = found[0] if found else None
+            found = outside = None
+            for path in self.candidates(raw, sample_dir, data_path):
+                if not self.allowed(path):
+                    outside = outside or path
+                elif os.path.isfile(path):
+                    found = path
+                    break
+            self._memo[key] = found or outside
         return self._memo[key]
 
     def why_not(self, raw: str, sample_dir: str, data_path: str | None) -> str:
-        """Why `raw` did not resolve: the same words whether or not a file outside the roots exists."""
-        inside = [p for p in self.candidates(raw, sample_dir, data_path) if self.allowed(p)]
-        if not inside:
-            return f"image outside the allowed roots: {shorten(raw)}"
-        return f"image not found: {shorten(raw)} (looked for {', '.join(shorten(p) for p in inside)})"
+        """Why `raw` did not resolve, its paths shortened (a name in a sample file can be of any length)."""
+        looked = ", ".join(shorten(p) for p in self.candidates(raw, sample_dir, data_path))
+        return f"image not found: {shorten(raw)} (looked for {looked})"
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from service.jobview import JobState
 from service.samples import DEFAULT_MAX_HISTORY
@@ -20,7 +20,16 @@ class FeaturesRequest(BaseModel):
 
 
 PATH_MAX = 4096  # Linux's: no longer path can be opened, so none is stored with a job
-Path = Annotated[str, Field(max_length=PATH_MAX)]
+
+
+def _path_length(path: str) -> str:
+    # Checked in Python, not as pydantic's max_length: that one refuses the lone surrogates of non-UTF-8 names.
+    if len(path) > PATH_MAX:
+        raise ValueError(f"a path of {len(path)} characters; the limit is {PATH_MAX}")
+    return path
+
+
+Path = Annotated[str, AfterValidator(_path_length)]
 
 
 class PrecomputeRequest(BaseModel):
