@@ -146,11 +146,12 @@ def test_names_with_newlines_and_escapes_reach_no_terminal_raw_through_status_an
     wait_job(http, answer.json()["job_id"])
     write_images(data, [f"b{FORGED}.png"], seed=1)  # no entry yet: verify lists it
 
-    for out in (_cli("status", "--server", server.url), _cli("verify", str(data), "--server", server.url),
-                _cli("verify", str(data), "--server", server.url, "--json")):
+    status, verify = _cli("status", "--server", server.url), _cli("verify", str(data), "--server", server.url)
+    for out in (status, verify):
         assert "\x1b" not in out, out
         assert not any(line.startswith("[ERROR] forged") for line in _lines(out)), out
-    assert "evil-cli\\n[ERROR] forged\\x1b[2J" in _cli("status", "--server", server.url)
+    assert "evil-cli\\n[ERROR] forged\\x1b[2J" in status
+    assert "b\\n[ERROR] forged\\x1b[2J.png" in verify  # listed, escaped
 
 
 def test_a_sample_outside_the_roots_answers_the_same_whether_it_exists_or_not(server, http, root, tmp_path):
