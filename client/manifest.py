@@ -15,6 +15,7 @@ import threading
 from collections.abc import Sequence
 
 from client.safeopen import DEFAULT_FILE_MODE, atomic_write, open_regular, temp_of
+from client.text import bounded
 
 MANIFEST_NAME = "vggt_cache_manifest.json"
 MANIFEST_VERSION = 1
@@ -28,10 +29,8 @@ def manifest_path(data_root: str) -> str:
 
 
 def _capped_failures(failures: list) -> tuple[list[dict], int]:
-    listed = [
-        f if isinstance(f, dict) else {"image": f[0], "reason": f[1]}
-        for f in failures[:MAX_FAILURES]
-    ]
+    pairs = (f if isinstance(f, dict) else {"image": f[0], "reason": f[1]} for f in failures[:MAX_FAILURES])
+    listed = [{**f, "image": bounded(str(f["image"])), "reason": bounded(str(f["reason"]))} for f in pairs]
     return listed, max(0, len(failures) - MAX_FAILURES)
 
 
@@ -48,7 +47,7 @@ def write_manifest(data_root: str, record: dict, roots: Sequence[str] | None = N
     `mode`: the file's permissions, whatever the writer's umask.
 
     `failures` may hold dicts or (image, reason) pairs; only the first MAX_FAILURES
-    are listed and `failures_omitted` counts the rest: of the list given, or of the
+    are listed, each string `bounded`, and `failures_omitted` counts the rest: of the list given, or of the
     record's `failed` count when the caller passed only the first ones.
     """
     body = {"manifest_version": MANIFEST_VERSION, **record}

@@ -87,6 +87,11 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--file-mode", type=_octal, default=_octal(_env("FILE_MODE", f"{defaults.file_mode:04o}")),
                    help="permissions of the entries and manifests written, whatever the umask "
                         "(0644: readable by every user; 0640: by the group only)")
+    p.add_argument("--job-retention", type=int, default=int(_env("JOB_RETENTION", str(defaults.job_retention))),
+                   help="ended jobs kept in the state dir (with their failures); older ones are pruned")
+    p.add_argument("--job-retention-days", type=float,
+                   default=float(_env("JOB_RETENTION_DAYS", str(defaults.job_retention_days))),
+                   help="days an ended job is kept in the state dir before it is pruned")
 
 
 def _octal(text: str) -> int:

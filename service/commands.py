@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 
+from client.text import displayable
 from service.errors import CommandError
 from service.jobview import JobState, JobView
 from service.progress import follow_job
@@ -30,6 +31,16 @@ log = logging.getLogger("vggt_cache")
 PROGRESS_POLL_S = 1.0  # how often a followed job's progress is read (not a test's synchronisation)
 
 
+def _say(line: str) -> None:
+    """One line of a command's output: names in it come from others' files, so it is made `displayable`."""
+    print(displayable(line))
+
+
+def _say_json(body: object) -> None:
+    """`--json` output: ASCII-escaped, so no name in it reaches the terminal as a control character."""
+    print(json.dumps(body, indent=2, ensure_ascii=True))
+
+
 def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
     s = ServiceSettings(
         model=args.model, device=args.device, state_dir=os.path.expanduser(args.state_dir),
@@ -37,6 +48,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
         write_workers=args.write_workers, patch_cache_mb=args.patch_cache_mb, fp32_weights=args.fp32_weights,
         compile=args.compile, max_image_bytes=args.max_image_bytes, file_mode=args.file_mode,
         max_frames_per_sample=args.max_frames_per_sample,
+        job_retention=args.job_retention, job_retention_days=args.job_retention_days,
     )
     for key, value in overrides.items():
         setattr(s, key, value)
@@ -233,7 +245,7 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
                                               "data_files": args.data_files}, max_image_bytes=settings.max_image_bytes,
                      max_frames=settings.max_frames_per_sample)
     if identity.fingerprint == UNKNOWN_FINGERPRINT:
-        print(f"model        {settings.model}: not on this machine, identity unknown (every entry counted to "
+        _say(f"model        {settings.model}: not on this machine, identity unknown (every entry counted to "
               "compute; the digest below changes once the weights are there)")
     _print_plan(work.plan.to_dict(), work.plan.summary(), spec.digest)
     return 0
@@ -265,18 +277,18 @@ def _print_plan(plan: dict, summary: str, digest: str) -> None:
     history = f", max_history_images {source['max_history_images']}" if source.get("max_history_images") else ""
     log.info("Dry run, spec %s: nothing is computed or written", digest)
     kind = _SOURCE_WORDS.get(source["source"], source["source"])
-    print(f"samples      {source['samples']} from {source['files']} {kind}{history}")
+    _say(f"samples      {source['samples']} from {source['files']} {kind}{history}")
     recomputed = " (recomputed: --no-skip-existing)" if plan["valid"] + plan["to_compute"] > plan["entries"] else ""
-    print(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid{recomputed}, "
+    _say(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid{recomputed}, "
           f"{plan['to_compute']} to compute")
     if plan["problems"] or plan["refused"] or plan["unreadable"]:
-        print(f"problems     {plan['problems']} malformed sample(s) or missing image(s), {plan['refused']} "
+        _say(f"problems     {plan['problems']} malformed sample(s) or missing image(s), {plan['refused']} "
               f"refused (outside the allowed roots or too many frames), {plan['unreadable']} unreadable image(s)")
     replaced = f", net of {plan['replaced_bytes']:,} bytes they replace" if plan.get("replaced_bytes") else ""
-    print(f"to write     {plan['bytes_to_write']:,} bytes ({plan.get('entry_bytes', 0):,} bytes an entry{replaced})")
-    print(f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"
+    _say(f"to write     {plan['bytes_to_write']:,} bytes ({plan.get('entry_bytes', 0):,} bytes an entry{replaced})")
+    _say(f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"
           f" ({'fits' if plan['fits'] else 'DOES NOT FIT'})")
-    print(summary)
+    _say(summary)
 
 
 _PLAN_COUNTS = ("units", "entries", "valid", "to_compute", "unreadable", "refused", "bytes_to_write",
@@ -429,12 +441,12 @@ def verify(args: argparse.Namespace) -> int:
     report = verify_data_root(data_root, spec, data_path=args.data_path,
                               max_history_images=DEFAULT_MAX_HISTORY if history is None else history, files=files)
     if args.json:
-        print(json.dumps(report, indent=2))
+        _say_json(report)
     else:
         counts = report["counts"]
-        print(f"{data_root}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        _say(f"{data_root}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
         for item in report["problems"][:50]:
-            print(f"  {item['outcome']:13s} {item['image']}: {item['reason']}")
+            _say(f"  {item['outcome']:13s} {item['image']}: {item['reason']}")
     return 0 if report["ok"] else 1
 
 
@@ -446,13 +458,13 @@ def _estimate_storage(data_root: str, samples: int, as_json: bool) -> int:
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"{data_root}: {report['entries']} entries, {human_bytes(report['bytes_now'])} now; "
+    _say(f"{data_root}: {report['entries']} entries, {human_bytes(report['bytes_now'])} now; "
           f"{report['sampled']} valid entries sampled")
     for storage, row in report["storages"].items():
         error = row.get("error")
         shown = (f"; error max {error['max_rel']:.2%} mean {error['mean_rel']:.2%} of the magnitudes, lowest "
                  f"token cosine {error['min_cosine']:.5f}") if error else ""
-        print(f"  {storage:7s} {human_bytes(row['bytes'])} ({row['ratio']:.2f}x smaller than raw){shown}")
+        _say(f"  {storage:7s} {human_bytes(row['bytes'])} ({row['ratio']:.2f}x smaller than raw){shown}")
     return 0
 
 
@@ -467,13 +479,13 @@ def convert(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{data_root}: {report['converted']} entries converted to {args.storage}, "
+        _say(f"{data_root}: {report['converted']} entries converted to {args.storage}, "
               f"{human_bytes(report['bytes_saved'])} saved ({human_bytes(report['bytes_before'])} -> "
               f"{human_bytes(report['bytes_after'])}); "
               f"{report['already']} already {args.storage}, {report['invalid']} not valid (left alone), "
               f"{report['lossy_source']} fp8 (not converted), {report['failed']} failed")
         for item in report.get("failures", [])[:50]:
-            print(f"  failed {item['image']}: {item['reason']}")
+            _say(f"  failed {item['image']}: {item['reason']}")
     return 0 if not report["failed"] else 1
 
 
@@ -488,33 +500,33 @@ def status(args: argparse.Namespace) -> int:
     with _client(args) as service:
         body = service.status()
     if args.json:
-        print(json.dumps(body, indent=2))
+        _say_json(body)
         return 0
     svc, model, eng = body["service"], body.get("model"), body.get("engine")
-    print(f"service  {args.server}  state={svc['state']}  uptime {duration(svc['uptime_s'])}")
+    _say(f"service  {args.server}  state={svc['state']}  uptime {duration(svc['uptime_s'])}")
     if svc.get("error"):
-        print(f"error    {svc['error']}")
+        _say(f"error    {svc['error']}")
     for warning in svc.get("warnings") or []:
-        print(f"warning  {warning}")
+        _say(f"warning  {warning}")
     if model:
-        print(f"model    {model['source']}  {model['fingerprint']}  on {', '.join(model['devices'])}")
+        _say(f"model    {model['source']}  {model['fingerprint']}  on {', '.join(model['devices'])}")
     spec = body.get("spec")
     if spec:
-        print(f"spec     {body.get('preset') or 'custom'} ({spec['attention']} attention, {spec['preprocess']} "
+        _say(f"spec     {body.get('preset') or 'custom'} ({spec['attention']} attention, {spec['preprocess']} "
               f"{spec['size']} px, align {spec['align']}, {spec['dtype']}, reference frame "
               f"{spec.get('reference_frame', 'first')})  digest {spec['digest']}")
     if eng:
-        print(f"engine   queued {_per_priority(eng.get('queued'))}; {eng.get('images_per_s', 0):g} images/s "
+        _say(f"engine   queued {_per_priority(eng.get('queued'))}; {eng.get('images_per_s', 0):g} images/s "
               f"over the last {eng.get('window_s', 0):g} s")
         lookups = eng.get("on_demand_lookups")
         if lookups:
-            print("requests " + ", ".join(f"{k} {v}" for k, v in lookups.items()) + " (on-demand units)")
+            _say("requests " + ", ".join(f"{k} {v}" for k, v in lookups.items()) + " (on-demand units)")
     for job in body.get("jobs", []):
         eta = f"  eta {duration(job['eta_s'])}" if job.get("eta_s") else ""
-        print(f"job {job['job_id']}  {job['state']:9s} {job['progress']*100:5.1f}%  "
+        _say(f"job {job['job_id']}  {job['state']:9s} {job['progress']*100:5.1f}%  "
               f"{job['computed']} computed {job['skipped']} skipped {job['failed']} failed  {job['data_root']}{eta}")
         if job.get("error"):
-            print(f"    error: {job['error']}")
+            _say(f"    error: {job['error']}")
     return 0
 
 

@@ -38,6 +38,14 @@ VIEW_FAILURES = 100  # failures a job view lists
 POISON_ATTEMPTS = 2  # a unit on a device at this many deaths of the service is failed, not resumed again
 
 
+@dataclass(frozen=True)
+class Retention:
+    """How many ended jobs (with their units and failures) the store keeps, and for how long."""
+
+    keep: int = 1000
+    days: float = 30.0
+
+
 @dataclass
 class _Rate:
     """Entries computed since this process started (or resumed) the job: what rate and ETA come from."""
@@ -80,10 +88,12 @@ class JobManager:
 
     def __init__(self, store: JobStore, engine: Engine, spec: FeatureSpec, roots: AllowedRoots,
                  model_info: dict, rank: int = 0, world_size: int = 1, started_at: float | None = None,
-                 max_frames_per_sample: int = _DEFAULTS.max_frames_per_sample) -> None:
+                 max_frames_per_sample: int = _DEFAULTS.max_frames_per_sample,
+                 retention: Retention = Retention()) -> None:
         """`started_at`: when this process started (before its model load); temporary files older than it
         are orphans of a killed run, a younger one may be a peer's write in flight.
-        `max_frames_per_sample`: a unit of more frames is failed at planning, with the reason."""
+        `max_frames_per_sample`: a unit of more frames is failed at planning, with the reason.
+        `retention`: ended jobs kept, pruned at start and after each job."""
         self.store = store
         self.engine = engine
         self.spec = spec
@@ -91,6 +101,7 @@ class JobManager:
         self.model_info = model_info
         self.rank, self.world_size = rank, world_size
         self.max_frames_per_sample = max_frames_per_sample
+        self.retention = retention
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stopping = threading.Event()
         self._rates: dict[str, _Rate] = {}
@@ -104,6 +115,7 @@ class JobManager:
 
     # -- service side -------------------------------------------------------------------------
     def start(self) -> None:
+        self.prune()
         for rec in self.store.unfinished_jobs():
             log.info("Resuming job %s over %s (%d/%d done)", rec.job_id, rec.data_root, rec.done, rec.total)
             self._enqueue(rec.job_id)
@@ -136,6 +148,18 @@ class JobManager:
                     self.store.set_state(job_id, JobState.FAILED, error=f"{type(exc).__name__}: {exc}")
                 except Exception:  # already terminal, or the state dir itself is failing
                     log.exception("Cannot record the failure of job %s", job_id)
+            try:
+                self.prune()
+            except Exception:  # the state dir failing: the next job says so again
+                log.exception("Cannot prune old jobs")
+
+    def prune(self) -> int:
+        """Drop ended jobs past the retention (count or age) from the store; returns how many."""
+        pruned = self.store.prune(self.retention.keep, self.retention.days * 86400.0)
+        if pruned:
+            log.info("Pruned %d ended job(s) past the retention (%d jobs, %g days)", pruned,
+                     self.retention.keep, self.retention.days)
+        return pruned
 
     def submit(self, data_root: str, skip_existing: bool = True, verify: bool = False,
                data_path: str | None = None, max_history_images: int = DEFAULT_MAX_HISTORY,
@@ -150,6 +174,7 @@ class JobManager:
         options = {"skip_existing": skip_existing, "verify": verify, "data_path": data_path,
                    "max_history_images": max_history_images, "force": force, "data_files": data_files,
                    "overwrite": overwrite}
+        check_options(data_root, options, self.roots)
         rec = self.store.create_job(data_root, self.spec.digest, self.spec.canonical_json(), options)
         if self._thread is not None:
             self._enqueue(rec.job_id)
@@ -176,9 +201,10 @@ class JobManager:
         return None if rec is None else self._view(rec)
 
     def list_views(self, limit: int = 50) -> list[JobView]:
-        return [self._view(rec) for rec in self.store.list_jobs(limit=limit)]
+        """The newest jobs without their failures (what `/status` summarises)."""
+        return [self._view(rec, with_failures=False) for rec in self.store.list_jobs(limit=limit)]
 
-    def _view(self, rec: JobRecord) -> JobView:
+    def _view(self, rec: JobRecord, with_failures: bool = True) -> JobView:
         done = rec.done
         progress = round(done / rec.total, 4) if rec.total else (1.0 if rec.state is JobState.FINISHED else 0.0)
         rate = self._rates.get(rec.job_id)
@@ -194,7 +220,7 @@ class JobManager:
             # An ended job shows its average over its whole run (restarts included).
             rate_per_s = round(rec.computed / (rec.finished_at - rec.started_at), 2)
         failures = None
-        if rec.failed:
+        if rec.failed and with_failures:
             failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, VIEW_FAILURES)]
         return JobView(rec.job_id, rec.data_root, rec.state, rec.total, rec.computed, rec.skipped, rec.failed,
                        progress, rate_per_s, eta_s, rec.spec_digest, rec.options, rec.planned, rec.cancel_requested,
@@ -388,6 +414,16 @@ def manifest_record(job_id: str, state: JobState, counts: dict, spec: FeatureSpe
             "seconds": round(seconds, 2), "failures": failures}
 
 
+def check_options(data_root: str, options: dict, roots: AllowedRoots) -> None:
+    """The folders a job's options name (its sample files, its `data_path`) are inside the roots
+    (PathNotAllowed): an absolute `data_path` must not take the samples' images out of them."""
+    named = [*(options.get("data_files") or ())]
+    if options.get("data_path") is not None:
+        named.append(options["data_path"])
+    for name in named:
+        roots.contain(os.path.normpath(os.path.join(data_root, name)), writes_sibling=False)
+
+
 @dataclass
 class Work:
     """A data root planned into units: this rank's share, those it may not touch, and the plan."""
@@ -404,9 +440,8 @@ def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: d
     """Scan `data_root` and plan it (a job's first step, and all that a dry run does); images over
     `max_image_bytes` are counted unreadable, as the engine of that limit will fail them. A unit of
     more than `max_frames` frames is refused: one sample must not hold the device for everyone."""
+    check_options(data_root, options, roots)
     files = options.get("data_files")
-    for f in files or ():  # sample files are read too: they must be inside the roots
-        roots.contain(os.path.normpath(os.path.join(data_root, f)), writes_sibling=False)
     scan = scan_data_root(data_root, spec.attention, options.get("data_path"),
                           options.get("max_history_images", DEFAULT_MAX_HISTORY), files, roots)
     units = shard(scan.units, rank, world_size)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from client.text import shorten
 from client.wire import EntryStatus
 
 
@@ -26,6 +27,13 @@ class JobState(str, Enum):
     def active(self) -> bool:
         return self in (JobState.QUEUED, JobState.RUNNING)
 
+
+# What `/status` lists of each job: small whatever the job holds (its options, plan and failures are behind
+# `GET /jobs/{id}`).
+SUMMARY_FIELDS = ("job_id", "data_root", "state", "total", "computed", "skipped", "failed", "progress", "rate_per_s",
+                  "eta_s", "spec_digest", "planned", "cancel_requested", "created_at", "started_at", "finished_at",
+                  "error")
+SUMMARY_TEXT = 256  # characters of a summary's data root and error
 
 ACTIVE = tuple(s for s in JobState if s.active)
 TERMINAL = tuple(s for s in JobState if not s.active)
@@ -71,6 +79,14 @@ class JobView:
         d["state"] = self.state.value
         if self.failures is None:
             del d["failures"]
+        return d
+
+    def summary(self) -> dict[str, Any]:
+        """The job as `/status` lists it: counts and state, its root and error shortened."""
+        d = {name: getattr(self, name) for name in SUMMARY_FIELDS}
+        d["state"] = self.state.value
+        d["data_root"] = shorten(self.data_root, SUMMARY_TEXT)
+        d["error"] = self.error and shorten(self.error, SUMMARY_TEXT)
         return d
 
     @classmethod

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from client.safeopen import inside
+from client.text import printable, shorten
 from service.errors import UnusableInput
 
 
@@ -16,18 +17,6 @@ class PathNotAllowed(PermissionError):
 
 class InvalidPath(UnusableInput):
     """Not a path the service takes: empty, relative, or with a NUL byte."""
-
-
-def printable(text: str) -> str:
-    """`text` with undecodable file-name bytes shown as `\\xNN`: safe to store as UTF-8 (SQLite, JSON).
-
-    Linux file names are bytes; Python carries the non-UTF-8 ones as lone surrogates,
-    which no UTF-8 encoder accepts.
-    """
-    try:
-        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    except UnicodeEncodeError:  # a lone surrogate that no file name decodes to
-        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclass(frozen=True)
@@ -53,20 +42,20 @@ class AllowedRoots:
         so neither `..` nor a symlink can escape.
         """
         if not isinstance(path, str) or not path or "\x00" in path:
-            raise InvalidPath(f"invalid path {path!r}")
+            raise InvalidPath(f"invalid path {shorten(repr(path))}")
         if not os.path.isabs(path):
-            raise InvalidPath(f"path must be absolute: {path!r}")
+            raise InvalidPath(f"path must be absolute: {shorten(repr(path))}")
         try:
             os.fsencode(path)
         except UnicodeEncodeError as exc:  # a lone surrogate no file name decodes to
-            raise InvalidPath(f"invalid path {printable(path)}: {exc.reason}") from None
+            raise InvalidPath(f"invalid path {shorten(printable(path))}: {exc.reason}") from None
         norm = os.path.normpath(path)
         if not inside(norm, self.given + self.real):
-            raise PathNotAllowed(f"path is outside the allowed roots: {path}")
+            raise PathNotAllowed(f"path is outside the allowed roots: {shorten(path)}")
         if not self.holds(norm):
-            raise PathNotAllowed(f"path resolves (through a symlink) outside the allowed roots: {path}")
+            raise PathNotAllowed(f"path resolves (through a symlink) outside the allowed roots: {shorten(path)}")
         if writes_sibling and not self.holds(os.path.dirname(norm)):
-            raise PathNotAllowed(f"folder of {path} resolves outside the allowed roots")
+            raise PathNotAllowed(f"folder of {shorten(path)} resolves outside the allowed roots")
         return norm
 
     def holds(self, path: str) -> bool:

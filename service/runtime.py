@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from client.spec import FeatureSpec, positive_int
 from service.engine import Engine
 from service.engine.device import ForwardHook
-from service.jobs import JobManager
+from service.jobs import JobManager, Retention
 from service.model import LoadedModel, load_aggregator
 from service.model.features import model_spec
 from service.paths import AllowedRoots
@@ -81,7 +81,8 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
     engine.start()
     info = model_info(loaded, engine)
     jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, info, rank, world_size, started_at,
-                      max_frames_per_sample=s.max_frames_per_sample)
+                      max_frames_per_sample=s.max_frames_per_sample,
+                      retention=Retention(s.job_retention, s.job_retention_days))
     return Components(loaded, spec, engine, jobs, devices)
 
 

@@ -39,8 +39,9 @@ import numpy as np
 from client.cachefile import CACHE_SUFFIX
 from client.manifest import MANIFEST_NAME
 from client.safeopen import open_regular
+from client.text import shorten
 from service.errors import UnusableInput
-from service.paths import AllowedRoots
+from service.paths import AllowedRoots, PathNotAllowed
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 DEFAULT_MAX_HISTORY = 8
@@ -190,12 +191,14 @@ class PathResolver:
 
     Absolute paths are used as they are. A relative path is joined to `data_root/<data_path>`
     when the sample (first) or the run gives a `data_path`; otherwise it is looked up next to
-    the sample file, then under the data root, and the first existing file wins.
+    the sample file, then under the data root, and the first existing file wins. With `roots`,
+    a candidate outside them is never looked at: whether such a file exists must not show.
     """
 
-    def __init__(self, data_root: str, data_path: str | None) -> None:
+    def __init__(self, data_root: str, data_path: str | None, roots: AllowedRoots | None = None) -> None:
         self.data_root = data_root
         self.data_path = data_path
+        self.roots = roots
         self._memo: dict[tuple[str, str, str | None], str | None] = {}
 
     def candidates(self, raw: str, sample_dir: str, data_path: str | None) -> list[str]:
@@ -206,12 +209,35 @@ class PathResolver:
             return [_norm(os.path.join(self.data_root, data_path, raw))]
         return list(dict.fromkeys(_norm(os.path.join(base, raw)) for base in (sample_dir, self.data_root)))
 
+    def allowed(self, path: str) -> bool:
+        """True without roots, or when `path` is inside them (decided from the name, before any stat of it)."""
+        if self.roots is None:
+            return True
+        try:
+            self.roots.contain(path)
+        except (PathNotAllowed, ValueError):
+            return False
+        return True
+
     def resolve(self, raw: str, sample_dir: str, data_path: str | None) -> str | None:
+        """The first existing candidate inside the roots; else the first outside them, unlooked at (the plan
+        refuses it, in the same words whether it exists or not); else None."""
         key = (raw, sample_dir, data_path)
         if key not in self._memo:
-            found = [p for p in self.candidates(raw, sample_dir, data_path) if os.path.isfile(p)]
-            self._memo[key] = found[0] if found else None
+            found = outside = None
+            for path in self.candidates(raw, sample_dir, data_path):
+                if not self.allowed(path):
+                    outside = outside or path
+                elif os.path.isfile(path):
+                    found = path
+                    break
+            self._memo[key] = found or outside
         return self._memo[key]
+
+    def why_not(self, raw: str, sample_dir: str, data_path: str | None) -> str:
+        """Why `raw` did not resolve, its paths shortened (a name in a sample file can be of any length)."""
+        looked = ", ".join(shorten(p) for p in self.candidates(raw, sample_dir, data_path))
+        return f"image not found: {shorten(raw)} (looked for {looked})"
 
 
 @dataclass
@@ -295,7 +321,7 @@ class _Reader:
     """Turns sample objects and episode steps into Samples, collecting problems as it goes."""
 
     def __init__(self, root: str, data_path: str | None, keep_records: bool, roots: AllowedRoots | None) -> None:
-        self.resolver = PathResolver(root, data_path)
+        self.resolver = PathResolver(root, data_path, roots)
         self.roots = roots
         self.keep_records = keep_records
         self.samples: list[Sample] = []
@@ -312,8 +338,7 @@ class _Reader:
         for raw in raw_clip:
             resolved = self.resolver.resolve(raw, sample_dir, data_path)
             if resolved is None:
-                looked = ", ".join(self.resolver.candidates(raw, sample_dir, data_path))
-                self.missing.append((where, f"image not found: {raw} (looked for {looked})"))
+                self.missing.append((where, self.resolver.why_not(raw, sample_dir, data_path)))
                 return  # a clip with a hole would give its frames the wrong context
             frames.append(resolved)
         self.samples.append(Sample(tuple(frames), where, obj if self.keep_records else None))

@@ -67,6 +67,9 @@ class ServiceSettings:
     # to 32); SIGTERM abandons a batch still running this long after it (its unit stays pending).
     max_frames_per_sample: int = 64
     shutdown_grace_s: float = 30.0
+    # Ended jobs kept in the state dir (with their units and failures): the newest this many, none older.
+    job_retention: int = 1000
+    job_retention_days: float = 30.0
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot be meant: checked before the service starts."""
@@ -82,6 +85,9 @@ class ServiceSettings:
             positive_int(flag, value)
         if isinstance(self.patch_cache_mb, bool) or not isinstance(self.patch_cache_mb, int) or self.patch_cache_mb < 0:
             raise ValueError(f"--patch-cache-mb must be zero or more, got {self.patch_cache_mb!r}")
+        positive_int("--job-retention", self.job_retention)
+        if not self.job_retention_days > 0:
+            raise ValueError(f"--job-retention-days must be a positive number of days, got {self.job_retention_days!r}")
         if not self.body_timeout_s > 0:
             raise ValueError(f"--body-timeout must be a positive number of seconds, got {self.body_timeout_s!r}")
         if not self.header_timeout_s > 0:

@@ -17,13 +17,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from client.text import bounded, printable
 from client.wire import EntryStatus
 from service.jobview import ACTIVE, COUNTER, JobState
 from service.errors import UnusableInput
-from service.paths import printable
 from service.units import Unit
 
 DB_NAME = "jobs.sqlite3"
+# Failure rows kept per job (each string `bounded`): the counters count every failure, the rows
+# show the first ones, so one job of bad data cannot grow the database without end.
+MAX_FAILURE_ROWS = 10_000
 
 
 def _sql_list(states: Iterable[JobState]) -> str:
@@ -239,7 +242,7 @@ class JobStore:
                 "UPDATE jobs SET state = ?, error = COALESCE(?, error), "
                 "started_at = CASE WHEN ? THEN COALESCE(started_at, ?) ELSE started_at END, "
                 "finished_at = CASE WHEN ? THEN NULL ELSE COALESCE(finished_at, ?) END WHERE job_id = ?",
-                (state.value, error and printable(error), state is JobState.RUNNING, now, state.active, now, job_id),
+                (state.value, error and bounded(error), state is JobState.RUNNING, now, state.active, now, job_id),
             )
             return self._job(db, job_id)
 
@@ -293,10 +296,7 @@ class JobStore:
                 "INSERT INTO units (job_id, idx, frames_json, targets_json) VALUES (?, ?, ?, ?)",
                 ((job_id, i, json.dumps(u.frames), json.dumps(u.targets)) for i, u in enumerate(units)),
             )
-            db.executemany(
-                "INSERT INTO failures (job_id, image, reason) VALUES (?, ?, ?)",
-                ((job_id, printable(where), printable(reason)) for where, reason in problems),
-            )
+            _insert_failures(db, job_id, [(where, reason) for where, reason in problems])
             total = sum(len(u.targets) for u in units) + len(problems)
             db.execute(
                 "UPDATE jobs SET planned = 1, total = ?, failed = failed + ? WHERE job_id = ?",
@@ -354,7 +354,7 @@ class JobStore:
             by_unit.setdefault(idx, []).append((outcome, reason, image, write[0] if write else None))
         with self._write() as db:
             counts = dict.fromkeys((*COUNTER.values(), "kept", "replaced"), 0)
-            failures: list[tuple[str, str, str]] = []
+            failures: list[tuple[str, str]] = []
             for idx, entries in by_unit.items():
                 row = db.execute(
                     "SELECT state FROM units WHERE job_id = ? AND idx = ?", (job_id, idx)
@@ -373,8 +373,8 @@ class JobStore:
                     if write in ("kept", "replaced"):
                         counts[write] += 1
                     if outcome is EntryStatus.FAILED:
-                        failures.append((job_id, printable(image), printable(reason or "unknown error")))
-            db.executemany("INSERT INTO failures (job_id, image, reason) VALUES (?, ?, ?)", failures)
+                        failures.append((image, reason or "unknown error"))
+            _insert_failures(db, job_id, failures)
             db.execute(
                 "UPDATE jobs SET computed = computed + ?, skipped = skipped + ?, failed = failed + ?, "
                 "kept = kept + ?, replaced = replaced + ? WHERE job_id = ?",
@@ -387,3 +387,29 @@ class JobStore:
         return self._conn().execute(
             "SELECT image, reason FROM failures WHERE job_id = ? ORDER BY id LIMIT ?", (job_id, limit)
         ).fetchall()
+
+    # -- retention -------------------------------------------------------------------
+
+    def prune(self, keep: int, max_age_s: float, now: float | None = None) -> int:
+        """Delete ended jobs past the newest `keep` or ended more than `max_age_s` ago, with their units
+        and failures; returns how many. Active jobs are never pruned."""
+        cutoff = (time.time() if now is None else now) - max_age_s
+        with self._write() as db:
+            ended = [row[0] for row in db.execute(
+                f"SELECT job_id FROM jobs WHERE state NOT IN {_ACTIVE_STATES} "
+                "ORDER BY COALESCE(finished_at, created_at) DESC, rowid DESC").fetchall()]
+            old = {row[0] for row in db.execute(
+                f"SELECT job_id FROM jobs WHERE state NOT IN {_ACTIVE_STATES} "
+                "AND COALESCE(finished_at, created_at) < ?", (cutoff,)).fetchall()}
+            doomed = [(job_id,) for i, job_id in enumerate(ended) if i >= keep or job_id in old]
+            for table in ("failures", "units", "jobs"):
+                db.executemany(f"DELETE FROM {table} WHERE job_id = ?", doomed)
+        return len(doomed)
+
+
+def _insert_failures(db: sqlite3.Connection, job_id: str, failures: list[tuple[str, str]]) -> None:
+    """Store (image, reason) rows bounded: each string `bounded`, at most MAX_FAILURE_ROWS per job."""
+    have = db.execute("SELECT COUNT(*) FROM failures WHERE job_id = ?", (job_id,)).fetchone()[0]
+    room = max(0, MAX_FAILURE_ROWS - have)
+    db.executemany("INSERT INTO failures (job_id, image, reason) VALUES (?, ?, ?)",
+                   ((job_id, bounded(image), bounded(reason)) for image, reason in failures[:room]))

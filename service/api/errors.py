@@ -14,7 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.limits import Busy
 from service.engine import EngineStopped, QueueFull
 from service.errors import UnusableInput
-from service.paths import PathNotAllowed, printable
+from client.text import bounded
+from service.paths import PathNotAllowed
 
 
 class NotReady(RuntimeError):
@@ -22,8 +23,8 @@ class NotReady(RuntimeError):
 
 
 def _error(status: int, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
-    # Details name paths: a non-UTF-8 file name would make the JSON unencodable (a 500).
-    return JSONResponse({"detail": printable(detail) if isinstance(detail, str) else detail}, status, headers=headers)
+    # Details name paths: a non-UTF-8 file name would make the JSON unencodable (a 500), a long one a huge body.
+    return JSONResponse({"detail": bounded(detail) if isinstance(detail, str) else detail}, status, headers=headers)
 
 
 def register_errors(app: FastAPI) -> None:
@@ -38,7 +39,7 @@ def register_errors(app: FastAPI) -> None:
 
     @app.exception_handler(UnusableInput)
     async def unusable(request: Request, exc: UnusableInput) -> JSONResponse:
-        return _error(422, [{"loc": list(exc.loc), "msg": printable(str(exc)), "type": "value_error"}])
+        return _error(422, [{"loc": list(exc.loc), "msg": bounded(str(exc)), "type": "value_error"}])
 
     @app.exception_handler(PathNotAllowed)
     async def not_allowed(request: Request, exc: PathNotAllowed) -> JSONResponse:

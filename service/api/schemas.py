@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, Field
 
 from service.jobview import JobState
 from service.samples import DEFAULT_MAX_HISTORY
@@ -17,16 +19,29 @@ class FeaturesRequest(BaseModel):
     wait: bool = Field(True, description="false: queue at bulk priority and return 202 (prefetch)")
 
 
+PATH_MAX = 4096  # Linux's: no longer path can be opened, so none is stored with a job
+
+
+def _path_length(path: str) -> str:
+    # Checked in Python, not as pydantic's max_length: that one refuses the lone surrogates of non-UTF-8 names.
+    if len(path) > PATH_MAX:
+        raise ValueError(f"a path of {len(path)} characters; the limit is {PATH_MAX}")
+    return path
+
+
+Path = Annotated[str, AfterValidator(_path_length)]
+
+
 class PrecomputeRequest(BaseModel):
-    data_root: str
+    data_root: Path
     skip_existing: bool = True
     verify: bool = False
-    data_path: str | None = Field(None, description="folder the samples' image paths are relative to")
+    data_path: Path | None = Field(None, description="folder the samples' image paths are relative to")
     max_history_images: int = Field(DEFAULT_MAX_HISTORY, ge=1, le=1024,
                                     description="history frames per sample of an episode folder (step_<n>_<action>)")
     dry_run: bool = Field(False, description="plan only: samples, entries valid / to compute, bytes, free space")
     force: bool = Field(False, description="start even if the new entries would not fit on the file system")
-    data_files: list[str] | None = Field(None, description="sample files to read (relative to data_root), "
+    data_files: list[Path] | None = Field(None, description="sample files to read (relative to data_root), "
                                                            "instead of every one found")
     overwrite: bool = Field(False, description="replace valid entries computed with another clip (else kept)")
 

@@ -58,7 +58,7 @@ def status(runtime: Runtime, metrics: MetricsDep) -> dict:
         body["spec"] = {**c.spec.to_dict(), "digest": c.spec.digest}
         body["preset"] = matching_preset(c.spec)
         body["engine"] = c.engine.stats()
-        body["jobs"] = [v.to_dict() for v in c.jobs.list_views()]
+        body["jobs"] = [v.summary() for v in c.jobs.list_views()]
     return body
 
 
