@@ -12,7 +12,7 @@ from typing import NoReturn
 from client.logs import setup_logging
 from client.service import TOKEN_ENV, ServiceError
 from service.errors import CommandError
-from service.samples import DEFAULT_MAX_HISTORY, check_history, file_list
+from service.samples import DEFAULT_MAX_HISTORY, check_history, check_sample_bytes, file_list
 from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings, env_flag
 from service.specflags import ENV_PREFIX, add_spec_flags
 
@@ -69,6 +69,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="threads writing cache files (each fsyncs) while the device computes")
     p.add_argument("--max-image-bytes", type=int, default=int(_env("MAX_IMAGE_BYTES", str(defaults.max_image_bytes))),
                    help="image files larger than this fail unread (and are counted unreadable by a plan)")
+    add_sample_bytes_flag(p)
     p.add_argument("--patch-cache-mb", type=int, default=int(_env("PATCH_CACHE_MB", str(defaults.patch_cache_mb))),
                    help="per device, MiB for the DINOv2 tokens of recent frames, computed once for every clip "
                         "that shares the frame (sequence/causal; 0: within a batch only)")
@@ -104,6 +105,19 @@ def add_history_flag(p: argparse.ArgumentParser, default: int | None = DEFAULT_M
     p.add_argument("--max_history_images", "--max-history-images", type=_history, default=default,
                    help="episode folders (step_<n>_<ACTION>.png): history frames per sample, as the training "
                         f"flag of the same name (default: {shown})")
+
+
+def _sample_bytes(text: str) -> int:
+    try:
+        return check_sample_bytes(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_sample_bytes_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-sample-bytes", "--max_sample_bytes", type=_sample_bytes,
+                   default=int(_env("MAX_SAMPLE_BYTES", str(_DEFAULTS.max_sample_bytes))),
+                   help="a sample (jsonl line, JSON array element) larger than this is a problem, not read")
 
 
 def add_files_flag(p: argparse.ArgumentParser, default_text: str = "(default: every one found)") -> None:
@@ -186,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder the samples' image paths are relative to (default: the sample file's folder)")
     add_files_flag(ver, "(default: the manifest's, else every one found)")
     add_history_flag(ver, default=None)
+    add_sample_bytes_flag(ver)
     ver.add_argument("--json", action="store_true", help="print the counts as JSON")
 
     st = command("status", "show a running service's model, queues and jobs")

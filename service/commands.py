@@ -34,7 +34,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
         model=args.model, device=args.device, state_dir=os.path.expanduser(args.state_dir),
         spec=spec_options(args), max_batch_frames=args.max_batch_frames, decode_workers=args.decode_workers,
         write_workers=args.write_workers, patch_cache_mb=args.patch_cache_mb, fp32_weights=args.fp32_weights,
-        compile=args.compile, max_image_bytes=args.max_image_bytes,
+        compile=args.compile, max_image_bytes=args.max_image_bytes, max_sample_bytes=args.max_sample_bytes,
     )
     for key, value in overrides.items():
         setattr(s, key, value)
@@ -182,7 +182,8 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
         spec = model_spec(identify_model(settings.model), **settings.spec)
     work = plan_work(data_root, spec, roots, {"skip_existing": args.skip_existing, "data_path": args.data_path,
                                               "max_history_images": args.max_history_images,
-                                              "data_files": args.data_files}, max_image_bytes=settings.max_image_bytes)
+                                              "data_files": args.data_files}, max_image_bytes=settings.max_image_bytes,
+                      max_sample_bytes=settings.max_sample_bytes)
     _print_plan(work.plan.to_dict(), work.plan.summary(), spec.digest)
     return 0
 
@@ -195,8 +196,11 @@ def _print_plan(plan: dict, summary: str, digest: str) -> None:
     print(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid, "
           f"{plan['to_compute']} to compute")
     if plan["problems"] or plan["refused"] or plan["unreadable"]:
-        print(f"problems     {plan['problems']} malformed sample(s) or missing image(s), {plan['refused']} "
-              f"outside the allowed roots, {plan['unreadable']} unreadable image(s)")
+        print(f"problems     {plan['problems']} malformed sample(s), missing image(s) or unlisted folder(s) "
+              f"({plan.get('unlisted', 0)} of these), {plan['refused']} outside the allowed roots, "
+              f"{plan['unreadable']} unreadable image(s)")
+        for item in plan.get("first_problems", []):
+            print(f"  {item['where']}: {item['reason']}")
     print(f"to write     {plan['bytes_to_write']:,} bytes")
     print(f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"
           f" ({'fits' if plan['fits'] else 'DOES NOT FIT'})")
@@ -312,7 +316,8 @@ def verify(args: argparse.Namespace) -> int:
         history = scanned.get("max_history_images") if history is None else history
         files = scanned.get("sample_files") if files is None else files
     report = verify_data_root(data_root, spec, data_path=args.data_path,
-                              max_history_images=DEFAULT_MAX_HISTORY if history is None else history, files=files)
+                              max_history_images=DEFAULT_MAX_HISTORY if history is None else history, files=files,
+                              max_sample_bytes=args.max_sample_bytes)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -22,7 +22,7 @@ from service.jobview import TERMINAL, JobState, JobView
 from service.paths import AllowedRoots, PathNotAllowed
 from service.plan import Plan, plan_job
 from service.preprocess import MAX_IMAGE_BYTES
-from service.samples import DEFAULT_MAX_HISTORY, check_history
+from service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, check_history
 from service.sources import ScanResult, scan_data_root, shard
 from service.store import JobRecord, JobStore
 from service.units import Unit
@@ -76,15 +76,18 @@ class JobManager:
     """One runner thread takes jobs in order; state lives in SQLite so a restarted service resumes."""
 
     def __init__(self, store: JobStore, engine: Engine, spec: FeatureSpec, roots: AllowedRoots,
-                 model_info: dict, rank: int = 0, world_size: int = 1, started_at: float | None = None) -> None:
+                 model_info: dict, rank: int = 0, world_size: int = 1, started_at: float | None = None,
+                 max_sample_bytes: int = MAX_SAMPLE_BYTES) -> None:
         """`started_at`: when this process started (before its model load); temporary files older than it
-        are orphans of a killed run, a younger one may be a peer's write in flight."""
+        are orphans of a killed run, a younger one may be a peer's write in flight. `max_sample_bytes`:
+        the most a sample of a sample file may take (a larger one is a problem of the plan)."""
         self.store = store
         self.engine = engine
         self.spec = spec
         self.roots = roots
         self.model_info = model_info
         self.rank, self.world_size = rank, world_size
+        self.max_sample_bytes = max_sample_bytes
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stopping = threading.Event()
         self._rates: dict[str, _Rate] = {}
@@ -304,7 +307,7 @@ class JobManager:
     def _plan(self, rec: JobRecord) -> bool:
         """Scan the data root once; False if the job was refused (its new entries would not fit)."""
         work = plan_work(rec.data_root, self.spec, self.roots, rec.options, self.rank, self.world_size,
-                         self.engine.max_image_bytes)
+                         self.engine.max_image_bytes, self.max_sample_bytes)
         plan = work.plan
         self.store.record_plan(rec.job_id, plan.to_dict())
         log.info("Job %s plan: %s", rec.job_id, plan.summary())
@@ -364,14 +367,16 @@ class Work:
 
 
 def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: dict, rank: int = 0,
-              world_size: int = 1, max_image_bytes: int = MAX_IMAGE_BYTES) -> Work:
+              world_size: int = 1, max_image_bytes: int = MAX_IMAGE_BYTES,
+              max_sample_bytes: int = MAX_SAMPLE_BYTES) -> Work:
     """Scan `data_root` and plan it (a job's first step, and all that a dry run does); images over
-    `max_image_bytes` are counted unreadable, as the engine of that limit will fail them."""
+    `max_image_bytes` are counted unreadable, as the engine of that limit will fail them; a sample
+    over `max_sample_bytes` is a problem."""
     files = options.get("data_files")
     for f in files or ():  # sample files are read too: they must be inside the roots
         roots.contain(os.path.normpath(os.path.join(data_root, f)), writes_sibling=False)
     scan = scan_data_root(data_root, spec.attention, options.get("data_path"),
-                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files, roots)
+                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files, roots, max_sample_bytes)
     units = shard(scan.units, rank, world_size)
     refused: dict[int, str] = {}
     for idx, unit in enumerate(units):

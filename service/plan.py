@@ -17,10 +17,11 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from client.cachefile import Outcome, cache_path, entry_nbytes, read_entry
 from client.spec import FeatureSpec
+from service.paths import printable
 from service.preprocess import MAX_IMAGE_BYTES, image_size, output_size
 from service.sources import ScanResult
 from service.units import Unit
@@ -33,6 +34,7 @@ ENTRY_OVERHEAD_BYTES = 4096
 # Metadata reads and header reads wait on the file system (NFS): many at once.
 PLAN_THREADS = 16
 PROGRESS_EVERY_S = 30.0
+PROBLEMS_SHOWN = 5  # a plan names its first problems (a job's failures and verify list them all)
 
 
 @dataclass
@@ -50,6 +52,8 @@ class Plan:
     free_bytes: int  # on the file system of the data root
     ranks: int = 1  # torchrun: this plan is one rank's share and must fit in 1/ranks of the free space
     tightest: dict | None = None  # the file system with the least room to spare: path, bytes_to_write, free_bytes
+    unlisted: int = 0  # of the problems: folders (or entries) the walk could not read, whose samples are unknown
+    first_problems: list[dict] = field(default_factory=list)  # the first PROBLEMS_SHOWN, {"where", "reason"}
 
     @property
     def fits(self) -> bool:
@@ -154,4 +158,6 @@ def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing:
         data_root, scan.samples.describe(), len(units), len(work), sum(t.valid for t in checked),
         sum(t.compute for t in checked), sum(t.unreadable for t in checked), len(scan.problems), refused,
         max(0, sum(t.nbytes for t in checked if t.compute)), free_bytes(data_root), ranks, tightest,
+        len(scan.samples.unlisted),
+        [{"where": printable(where), "reason": printable(why)} for where, why in scan.problems[:PROBLEMS_SHOWN]],
     )

@@ -79,7 +79,8 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
     )
     engine.start()
     info = model_info(loaded, engine)
-    jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, info, rank, world_size, started_at)
+    jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, info, rank, world_size, started_at,
+                      max_sample_bytes=s.max_sample_bytes)
     return Components(loaded, spec, engine, jobs, devices)
 
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass, field
 
 from client.spec import positive_int
+from service.samples import MAX_SAMPLE_BYTES, check_sample_bytes
 
 DEFAULT_MODEL = "facebook/VGGT-1B"
 DEFAULT_PORT = 8600
@@ -48,6 +49,9 @@ class ServiceSettings:
     body_timeout_s: float = 30.0
     # Request bodies buffered at once, all requests together; past it a request is a 503 (memory stays bounded).
     body_buffer_bytes: int = 16 * 1024 * 1024
+    # Sample files are read one sample at a time: a jsonl line or JSON array element larger than this is a
+    # problem of the plan, not read (memory stays bounded whatever a file holds).
+    max_sample_bytes: int = MAX_SAMPLE_BYTES
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot be meant: checked before the service starts."""
@@ -59,6 +63,10 @@ class ServiceSettings:
                             ("--decode-workers", self.decode_workers), ("--write-workers", self.write_workers),
                             ("--max-image-bytes", self.max_image_bytes), ("max_body_bytes", self.max_body_bytes)):
             positive_int(flag, value)
+        try:
+            check_sample_bytes(self.max_sample_bytes)
+        except ValueError as exc:
+            raise ValueError(f"--max-sample-bytes: {exc}") from None
         if isinstance(self.patch_cache_mb, bool) or not isinstance(self.patch_cache_mb, int) or self.patch_cache_mb < 0:
             raise ValueError(f"--patch-cache-mb must be zero or more, got {self.patch_cache_mb!r}")
         if not self.body_timeout_s > 0:
