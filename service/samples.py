@@ -15,6 +15,11 @@ A sample is an ordered clip of frames, its current view last. Three layouts hold
 - **images**: without either, every image file under the root is a sample of one frame
   (clips need samples to say what they are, so only `frame` attention can use these).
 
+Sample files are read one sample at a time (a jsonl line, an element of the JSON array), each
+at most `max_sample_bytes`: a file of any size costs the memory of one sample and of the
+samples found. What cannot be read (bad JSON or UTF-8, nesting too deep, a sample too large, a
+folder the walk cannot list) is a problem, reported where it is, and the rest is read.
+
 A `*.jsonl` or `*.json` file is a sample file when its first sample object has one of the
 sample keys (its frames, `conversations` or `instruction`): a training log next to the data
 is not. Sample files win over episode folders (which are then reported as ignored), which win
@@ -338,16 +343,17 @@ class _ArrayStream:
         while True:
             try:
                 value, end = self._decoder.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                raise MalformedSample("nested too deeply to parse") from None
+            except ValueError as e:  # not valid, or not whole yet
+                if self.eof:
+                    raise MalformedSample(f"not valid JSON: {e}") from None
+            else:
                 if end - self.pos > self.limit:
                     raise MalformedSample(f"a sample of more than {self.limit} bytes (max_sample_bytes)")
                 if end < len(self.buf) or self.eof:  # a number at the buffer's end may go on
                     self.pos = end
                     return value
-            except RecursionError:
-                raise MalformedSample("nested too deeply to parse") from None
-            except ValueError as e:
-                if self.eof:
-                    raise MalformedSample(f"not valid JSON: {e}") from None
             if len(self.buf) - self.pos > self.limit:
                 raise MalformedSample(f"a sample of more than {self.limit} bytes (max_sample_bytes), or not valid JSON")
             # Doubling: an element is parsed O(log) times, and the buffer never holds much more than `limit`.
