@@ -14,7 +14,7 @@ from client.service import TOKEN_ENV, ServiceError
 from client.spec import STORAGES, positive_int
 from service.convert import ESTIMATE_SAMPLES
 from service.errors import CommandError, UnusableInput
-from service.samples import DEFAULT_MAX_HISTORY, check_history, file_list
+from service.samples import DEFAULT_MAX_HISTORY, check_history, check_sample_bytes, file_list
 from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings, env_flag
 from service.specflags import ENV_PREFIX, add_spec_flags
 
@@ -74,6 +74,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-frames-per-sample", type=int,
                    default=int(_env("MAX_FRAMES_PER_SAMPLE", str(defaults.max_frames_per_sample))),
                    help="a job's sample (clip) of more frames fails alone, with the reason")
+    add_sample_bytes_flag(p)
     p.add_argument("--patch-cache-mb", type=int, default=int(_env("PATCH_CACHE_MB", str(defaults.patch_cache_mb))),
                    help="per device, MiB for the DINOv2 tokens of recent frames, computed once for every clip "
                         "that shares the frame (sequence/causal; 0: within a batch only)")
@@ -139,6 +140,19 @@ def add_history_flag(p: argparse.ArgumentParser, default: int | None = DEFAULT_M
     p.add_argument("--max_history_images", "--max-history-images", type=_history, default=default,
                    help="episode folders (step_<n>_<ACTION>.png): history frames per sample, as the training "
                         f"flag of the same name (default: {shown})")
+
+
+def _sample_bytes(text: str) -> int:
+    try:
+        return check_sample_bytes(int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_sample_bytes_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-sample-bytes", "--max_sample_bytes", type=_sample_bytes,
+                   default=int(_env("MAX_SAMPLE_BYTES", str(_DEFAULTS.max_sample_bytes))),
+                   help="a sample (jsonl line, JSON array element) larger than this is a problem, not read")
 
 
 def add_files_flag(p: argparse.ArgumentParser, default_text: str = "(default: every one found)") -> None:
@@ -245,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folder the samples' image paths are relative to (default: the sample file's folder)")
     add_files_flag(ver, "(default: the manifest's, else every one found)")
     add_history_flag(ver, default=None)
+    add_sample_bytes_flag(ver)
     ver.add_argument("--json", action="store_true", help="print the counts as JSON")
     ver.add_argument("--estimate-storage", "--estimate_storage", action="store_true",
                      help="instead of verifying: sample the entries under the root and print, per storage "

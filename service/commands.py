@@ -49,6 +49,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
         compile=args.compile, max_image_bytes=args.max_image_bytes, file_mode=args.file_mode,
         max_frames_per_sample=args.max_frames_per_sample,
         job_retention=args.job_retention, job_retention_days=args.job_retention_days,
+        max_sample_bytes=args.max_sample_bytes,
     )
     for key, value in overrides.items():
         setattr(s, key, value)
@@ -243,7 +244,8 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
     work = plan_work(data_root, spec, roots, {"skip_existing": args.skip_existing, "data_path": args.data_path,
                                               "max_history_images": args.max_history_images,
                                               "data_files": args.data_files}, max_image_bytes=settings.max_image_bytes,
-                     max_frames=settings.max_frames_per_sample)
+                     max_frames=settings.max_frames_per_sample,
+                     max_sample_bytes=settings.max_sample_bytes)
     if identity.fingerprint == UNKNOWN_FINGERPRINT:
         _say(f"model        {settings.model}: not on this machine, identity unknown (every entry counted to "
               "compute; the digest below changes once the weights are there)")
@@ -282,8 +284,11 @@ def _print_plan(plan: dict, summary: str, digest: str) -> None:
     _say(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid{recomputed}, "
           f"{plan['to_compute']} to compute")
     if plan["problems"] or plan["refused"] or plan["unreadable"]:
-        _say(f"problems     {plan['problems']} malformed sample(s) or missing image(s), {plan['refused']} "
-              f"refused (outside the allowed roots or too many frames), {plan['unreadable']} unreadable image(s)")
+        _say(f"problems     {plan['problems']} malformed sample(s), missing image(s) or unlisted folder(s) "
+             f"({plan.get('unlisted', 0)} of these), {plan['refused']} refused (outside the allowed roots or too "
+             f"many frames), {plan['unreadable']} unreadable image(s)")
+        for item in plan.get("first_problems", []):
+            _say(f"  {item['where']}: {item['reason']}")
     replaced = f", net of {plan['replaced_bytes']:,} bytes they replace" if plan.get("replaced_bytes") else ""
     _say(f"to write     {plan['bytes_to_write']:,} bytes ({plan.get('entry_bytes', 0):,} bytes an entry{replaced})")
     _say(f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"
@@ -439,7 +444,8 @@ def verify(args: argparse.Namespace) -> int:
         history = scanned.get("max_history_images") if history is None else history
         files = scanned.get("sample_files") if files is None else files
     report = verify_data_root(data_root, spec, data_path=args.data_path,
-                              max_history_images=DEFAULT_MAX_HISTORY if history is None else history, files=files)
+                              max_history_images=DEFAULT_MAX_HISTORY if history is None else history, files=files,
+                              max_sample_bytes=args.max_sample_bytes)
     if args.json:
         _say_json(report)
     else:

@@ -22,7 +22,7 @@ from service.jobview import TERMINAL, JobState, JobView
 from service.paths import AllowedRoots, PathNotAllowed, printable
 from service.plan import Plan, plan_job
 from service.preprocess import MAX_IMAGE_BYTES
-from service.samples import DEFAULT_MAX_HISTORY, check_history
+from service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, check_history
 from service.settings import ServiceSettings
 from service.sources import ScanResult, scan_data_root, shard
 from service.store import JobRecord, JobStore
@@ -89,11 +89,12 @@ class JobManager:
     def __init__(self, store: JobStore, engine: Engine, spec: FeatureSpec, roots: AllowedRoots,
                  model_info: dict, rank: int = 0, world_size: int = 1, started_at: float | None = None,
                  max_frames_per_sample: int = _DEFAULTS.max_frames_per_sample,
-                 retention: Retention = Retention()) -> None:
+                 retention: Retention = Retention(), max_sample_bytes: int = MAX_SAMPLE_BYTES) -> None:
         """`started_at`: when this process started (before its model load); temporary files older than it
         are orphans of a killed run, a younger one may be a peer's write in flight.
         `max_frames_per_sample`: a unit of more frames is failed at planning, with the reason.
-        `retention`: ended jobs kept, pruned at start and after each job."""
+        `retention`: ended jobs kept, pruned at start and after each job. `max_sample_bytes`: the most a
+        sample of a sample file may take (a larger one is a problem of the plan)."""
         self.store = store
         self.engine = engine
         self.spec = spec
@@ -102,6 +103,7 @@ class JobManager:
         self.rank, self.world_size = rank, world_size
         self.max_frames_per_sample = max_frames_per_sample
         self.retention = retention
+        self.max_sample_bytes = max_sample_bytes
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stopping = threading.Event()
         self._rates: dict[str, _Rate] = {}
@@ -364,7 +366,7 @@ class JobManager:
     def _plan(self, rec: JobRecord) -> bool:
         """Scan the data root once; False if the job was refused (its new entries would not fit)."""
         work = plan_work(rec.data_root, self.spec, self.roots, rec.options, self.rank, self.world_size,
-                         self.engine.max_image_bytes, self.max_frames_per_sample)
+                         self.engine.max_image_bytes, self.max_frames_per_sample, self.max_sample_bytes)
         plan = work.plan
         self.store.record_plan(rec.job_id, plan.to_dict())
         log.info("Job %s plan: %s", rec.job_id, plan.summary())
@@ -436,14 +438,15 @@ class Work:
 
 def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: dict, rank: int = 0,
               world_size: int = 1, max_image_bytes: int = MAX_IMAGE_BYTES,
-              max_frames: int = _DEFAULTS.max_frames_per_sample) -> Work:
+              max_frames: int = _DEFAULTS.max_frames_per_sample, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> Work:
     """Scan `data_root` and plan it (a job's first step, and all that a dry run does); images over
     `max_image_bytes` are counted unreadable, as the engine of that limit will fail them. A unit of
-    more than `max_frames` frames is refused: one sample must not hold the device for everyone."""
+    more than `max_frames` frames is refused: one sample must not hold the device for everyone; a
+    sample over `max_sample_bytes` is a problem."""
     check_options(data_root, options, roots)
     files = options.get("data_files")
     scan = scan_data_root(data_root, spec.attention, options.get("data_path"),
-                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files, roots)
+                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files, roots, max_sample_bytes)
     units = shard(scan.units, rank, world_size)
     refused: dict[int, str] = {}
     for idx, unit in enumerate(units):

@@ -17,10 +17,11 @@ import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from client.cachefile import Outcome, cache_path, read_entry, stored_entry_bytes
 from client.spec import FeatureSpec
+from client.text import bounded
 from service.preprocess import MAX_IMAGE_BYTES, image_size, output_size
 from service.sources import ScanResult
 from service.units import Unit
@@ -33,6 +34,7 @@ ENTRY_OVERHEAD_BYTES = 4096
 # Metadata reads and header reads wait on the file system (NFS): many at once.
 PLAN_THREADS = 16
 PROGRESS_EVERY_S = 30.0
+PROBLEMS_SHOWN = 5  # a plan names its first problems (a job's failures and verify list them all)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class Plan:
     tightest: dict | None = None  # the file system with the least room to spare: path, bytes_to_write, free_bytes
     entry_bytes: int = 0  # the size of one new entry (the mean over those to compute)
     replaced_bytes: int = 0  # of the files those entries replace (bytes_to_write is net of them)
+    unlisted: int = 0  # of the problems: folders (or entries) the walk could not read, whose samples are unknown
+    first_problems: list[dict] = field(default_factory=list)  # the first PROBLEMS_SHOWN, {"where", "reason"}
 
     @property
     def fits(self) -> bool:
@@ -160,4 +164,6 @@ def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing:
         sum(t.compute for t in checked), sum(t.unreadable for t in checked), len(scan.problems), refused,
         max(0, sum(t.nbytes for t in checked if t.compute)), free_bytes(data_root), ranks, tightest,
         round(sum(t.size for t in new) / len(new)) if new else 0, sum(t.size - t.nbytes for t in new),
+        len(scan.samples.unlisted),
+        [{"where": bounded(where), "reason": bounded(why)} for where, why in scan.problems[:PROBLEMS_SHOWN]],
     )

@@ -82,7 +82,7 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
     info = model_info(loaded, engine)
     jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, info, rank, world_size, started_at,
                       max_frames_per_sample=s.max_frames_per_sample,
-                      retention=Retention(s.job_retention, s.job_retention_days))
+                      retention=Retention(s.job_retention, s.job_retention_days), max_sample_bytes=s.max_sample_bytes)
     return Components(loaded, spec, engine, jobs, devices)
 
 

@@ -15,6 +15,11 @@ A sample is an ordered clip of frames, its current view last. Three layouts hold
 - **images**: without either, every image file under the root is a sample of one frame
   (clips need samples to say what they are, so only `frame` attention can use these).
 
+Sample files are read one sample at a time (a jsonl line, an element of the JSON array), each
+at most `max_sample_bytes`: a file of any size costs the memory of one sample and of the
+samples found. What cannot be read (bad JSON or UTF-8, nesting too deep, a sample too large, a
+folder the walk cannot list) is a problem, reported where it is, and the rest is read.
+
 A `*.jsonl` or `*.json` file is a sample file when its first sample object has one of the
 sample keys (its frames, `conversations` or `instruction`): a training log next to the data
 is not. Sample files win over episode folders (which are then reported as ignored), which win
@@ -24,8 +29,10 @@ temporary files.
 
 from __future__ import annotations
 
-import contextlib
+import codecs
+import errno
 import io
+import itertools
 import json
 import logging
 import os
@@ -38,17 +45,24 @@ import numpy as np
 
 from client.cachefile import CACHE_SUFFIX
 from client.manifest import MANIFEST_NAME
-from client.safeopen import open_regular
+from client.safeopen import inside, open_regular
 from client.text import shorten
 from service.errors import UnusableInput
 from service.paths import AllowedRoots, PathNotAllowed
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 DEFAULT_MAX_HISTORY = 8
+# The longest history a sample may ask for: every known recipe fits (JanusVLN 8, VG-LLM up to 32 frames),
+# and a clip of more frames than this is not a sample but a mistake (or memory for nobody else).
+MAX_HISTORY_IMAGES = 64
+# One sample (a jsonl line, an element of a JSON array) is read into memory whole; past this it is a problem.
+MAX_SAMPLE_BYTES = 1 << 20
 STEP_FRAME = re.compile(r"^step_(\d+)_([A-Za-z_]+)\.(png|jpe?g)$", re.IGNORECASE)
 # The keys that make a JSON object a sample (its frames, or a conversation about them).
 _SAMPLE_KEYS = ("images", "image", "current_image", "history_images", "conversations", "instruction")
-_HEAD_BYTES = 1 << 16  # read to tell a sample file from other JSON before parsing it whole
+_CHUNK_BYTES = 1 << 16  # sample files are read this much at a time
+# A folder that vanished (or became a file) while the walk went through its parent hides nothing.
+_GONE = (errno.ENOENT, errno.ENOTDIR)
 
 log = logging.getLogger("vggt_cache")
 
@@ -69,6 +83,7 @@ class SampleSet:
     samples: list[Sample]
     malformed: list[tuple[str, str]]  # unreadable sample files, ill-typed samples, ambiguous episodes
     missing: list[tuple[str, str]]  # samples left out because a frame does not exist
+    unlisted: list[tuple[str, str]]  # folders (or entries) the walk could not read: what they hold is unknown
     source: str  # jsonl | json | jsonl+json | episodes | images
     files: int  # sample files read, or episode folders, or image files
     max_history_images: int | None = None  # the history rule applied (episode folders only)
@@ -77,7 +92,7 @@ class SampleSet:
 
     @property
     def problems(self) -> list[tuple[str, str]]:
-        return self.malformed + self.missing
+        return self.malformed + self.missing + self.unlisted
 
     def describe(self) -> dict:
         """What a job view and a manifest say about where the work came from."""
@@ -96,10 +111,22 @@ def file_list(text: str) -> list[str]:
 
 
 def check_history(max_history: int) -> int:
-    """`max_history` if it is a usable history length (at least one earlier frame), else ValueError."""
-    if isinstance(max_history, bool) or not isinstance(max_history, int) or max_history < 1:
-        raise UnusableInput(f"max_history_images must be an integer of at least 1, got {max_history!r}")
+    """`max_history` if it is a usable history length (1 to MAX_HISTORY_IMAGES earlier frames), else ValueError.
+
+    The one check of every entry point (CLI, API, jobs, verify, training).
+    """
+    if (isinstance(max_history, bool) or not isinstance(max_history, int)
+            or not 1 <= max_history <= MAX_HISTORY_IMAGES):
+        raise UnusableInput(f"max_history_images must be an integer of at least 1 and at most {MAX_HISTORY_IMAGES}, "
+                            f"got {max_history!r}", loc=("body", "max_history_images"))
     return max_history
+
+
+def check_sample_bytes(limit: int) -> int:
+    """`limit` if it is a usable bound on one sample's bytes, else ValueError."""
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1024:
+        raise ValueError(f"max_sample_bytes must be an integer of at least 1024, got {limit!r}")
+    return limit
 
 
 def history_indices(step: int, max_history: int) -> list[int]:
@@ -119,39 +146,49 @@ def _hidden(name: str) -> bool:
     return name.startswith((".", "~"))
 
 
-def walk_files(root: str, roots: AllowedRoots | None = None) -> Iterator[tuple[str, list[str]]]:
+def walk_files(root: str, roots: AllowedRoots | None = None,
+               unlisted: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, list[str]]]:
     """(folder, sorted file names) for every non-hidden folder, top-down and sorted, symlink loops cut.
 
     Symlinks are followed, except (with `roots`) those leading outside the allowed roots: these
     are neither followed nor listed, so no name from outside reaches a job or its manifest.
+    A folder that cannot be listed (permissions, a path past PATH_MAX, out of descriptors) or an
+    entry whose kind cannot be told (a symlink loop) is appended to `unlisted` as (path, reason):
+    what it holds is unknown, which a job must say rather than finish without it.
+    Real paths are carried down the walk: a child that is not a symlink lies in its parent's real
+    folder, so only symlinks are resolved (resolving every folder made a deep tree quadratic or worse).
     """
+    real_root = os.path.realpath(root)
     seen: set[str] = set()
-    pending = [root]
+    pending = [(root, real_root)]
     left_out = 0
     while pending:
-        folder = pending.pop()
-        real = os.path.realpath(folder)
+        folder, real = pending.pop()
         if real in seen:
             continue
         seen.add(real)
         try:
             entries = list(os.scandir(folder))
-        except OSError:
-            continue  # vanished or unreadable, as os.walk skips it
+        except OSError as e:
+            if e.errno not in _GONE and unlisted is not None:
+                unlisted.append((folder, f"cannot list folder: {e.strerror or e}"))
+            continue
         folders, files = [], []
         for entry in entries:
             if _hidden(entry.name):
                 continue
-            if roots is not None and entry.is_symlink() and not roots.holds(entry.path):
-                left_out += 1
-                continue
             try:
-                is_folder = entry.is_dir()
-            except OSError:
-                is_folder = False
-            (folders if is_folder else files).append(entry.name)
-        yield folder, sorted(files)
-        pending.extend(os.path.join(folder, name) for name in sorted(folders, reverse=True))
+                link = entry.is_symlink()
+                entry_real = os.path.realpath(entry.path) if link else os.path.join(real, entry.name)
+                if link and roots is not None and not inside(entry_real, roots.real):
+                    left_out += 1
+                    continue
+                (folders if entry.is_dir() else files).append((entry.name, entry_real))
+            except OSError as e:  # a symlink loop, a name past PATH_MAX, ...
+                if unlisted is not None:
+                    unlisted.append((entry.path, f"cannot tell what this is: {e.strerror or e}"))
+        yield folder, sorted(name for name, _ in files)
+        pending.extend((os.path.join(folder, name), child) for name, child in sorted(folders, reverse=True))
     if left_out:
         log.warning("%s: %d symlink(s) leading outside the allowed roots were not followed", root, left_out)
 
@@ -248,11 +285,12 @@ class _Found:
     json: list[str] = field(default_factory=list)
     episodes: list[tuple[str, list[str]]] = field(default_factory=list)
     images: list[str] = field(default_factory=list)
+    unlisted: list[tuple[str, str]] = field(default_factory=list)
 
 
 def _walk(root: str, roots: AllowedRoots | None) -> _Found:
     found = _Found()
-    for folder, names in walk_files(root, roots):
+    for folder, names in walk_files(root, roots, found.unlisted):
         steps = [n for n in names if STEP_FRAME.match(n)]
         if steps:
             found.episodes.append((folder, steps))
@@ -276,37 +314,104 @@ def _open_sample_file(path: str, roots: AllowedRoots | None) -> BinaryIO:
     return io.BufferedReader(open_regular(path, roots=None if roots is None else roots.real))
 
 
-def _json_samples(path: str, roots: AllowedRoots | None) -> list | None:
-    """The array a `*.json` sample file holds, or None when the file is not a sample file.
+def _lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) for every line of `f`; None for a line over `limit` bytes, skipped unread."""
+    lineno = 0
+    while line := f.readline(limit + 1):
+        lineno += 1
+        if len(line) > limit and not line.endswith(b"\n"):
+            while line and not line.endswith(b"\n"):
+                line = f.readline(_CHUNK_BYTES)
+            yield lineno, None
+        else:
+            yield lineno, line
 
-    Decides from the first element of the file's head, so a large array of something else is
-    never parsed whole.
+
+class _ArrayStream:
+    """The elements of a JSON array, decoded one at a time from a buffer of at most about one element.
+
+    `json.loads` of a whole file costs many times its size in memory; here a file of any size costs
+    one element (at most `limit` bytes, else MalformedSample). Bad JSON, bad UTF-8 and nesting too
+    deep for the parser are MalformedSample, raised where they are met.
     """
-    with _open_sample_file(path, roots) as f:
-        head = f.read(_HEAD_BYTES).decode("utf-8", "ignore").lstrip("\ufeff \t\r\n")
-        if not head.startswith("["):
-            return None  # an object, a number, ...: not a sample file
-        with contextlib.suppress(ValueError):
-            rest = head[1:].lstrip()
-            if rest.startswith("]"):
-                return None  # an empty array holds no samples
-            first, _ = json.JSONDecoder().raw_decode(rest)
-            if not _is_sample_object(first):
-                return None
-        f.seek(0)
+
+    def __init__(self, f: BinaryIO, limit: int) -> None:
+        self.f, self.limit = f, limit
+        self._utf8 = codecs.getincrementaldecoder("utf-8-sig")()
+        self._decoder = json.JSONDecoder()
+        self.buf, self.pos, self.eof, self.read_bytes = "", 0, False, 0
+        self._bad: MalformedSample | None = None
+
+    def _more(self, size: int = _CHUNK_BYTES) -> None:
+        if self._bad is not None:  # the parser needs what lies past bytes that are not UTF-8
+            raise self._bad
+        chunk = self.f.read(size)
+        self.eof = not chunk
         try:
-            value = json.loads(f.read().decode("utf-8-sig"))
-        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-            raise MalformedSample(f"not valid JSON: {e}") from None
-    if not isinstance(value, list) or not value or not _is_sample_object(value[0]):
-        return None
-    return value
+            text = self._utf8.decode(chunk, final=self.eof)
+        except UnicodeDecodeError as e:  # what comes before the bad bytes is still parsed
+            self._bad = MalformedSample(f"not valid UTF-8 near byte {self.read_bytes + e.start}")
+            text, self.eof = chunk[:e.start].decode("utf-8", "ignore"), False
+        self.read_bytes += len(chunk)
+        self.buf = self.buf[self.pos:] + text
+        self.pos = 0
+
+    def _char(self) -> str:
+        """The next character that is not whitespace ('' at the end), left in place."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf) or self.eof:
+                return self.buf[self.pos:self.pos + 1]
+            self._more()
+
+    def _value(self) -> object:
+        while True:
+            try:
+                value, end = self._decoder.raw_decode(self.buf, self.pos)
+            except RecursionError:
+                raise MalformedSample("nested too deeply to parse") from None
+            except ValueError as e:  # not valid, or not whole yet
+                if self.eof:
+                    raise MalformedSample(f"not valid JSON: {e}") from None
+            else:
+                if end - self.pos > self.limit:
+                    raise MalformedSample(f"a sample of more than {self.limit} bytes (max_sample_bytes)")
+                if end < len(self.buf) or self.eof:  # a number at the buffer's end may go on
+                    self.pos = end
+                    return value
+            if len(self.buf) - self.pos > self.limit:
+                raise MalformedSample(f"a sample of more than {self.limit} bytes (max_sample_bytes), or not valid JSON")
+            # Doubling: an element is parsed O(log) times, and the buffer never holds much more than `limit`.
+            self._more(min(max(_CHUNK_BYTES, len(self.buf) - self.pos), self.limit + 1))
+
+    def elements(self) -> Iterator[object] | None:
+        """The array's elements in order, or None when the file does not hold an array."""
+        if self._char() != "[":
+            return None
+        self.pos += 1
+        return self._elements()
+
+    def _elements(self) -> Iterator[object]:
+        if self._char() == "]":
+            return
+        while True:
+            yield self._value()
+            sep = self._char()
+            self.pos += 1
+            if sep == "]":
+                return
+            if sep != ",":
+                raise MalformedSample(f"expected ',' or ']' near byte {self.read_bytes - len(self.buf) + self.pos}")
+            self._char()
 
 
-def _is_sample_jsonl(path: str, roots: AllowedRoots | None) -> bool:
+def _is_sample_jsonl(path: str, roots: AllowedRoots | None, limit: int) -> bool:
     """A `*.jsonl` file is a sample file unless its first parsable line is an object of something else."""
     with _open_sample_file(path, roots) as f:
-        for line in f:
+        for _, line in _lines(f, limit):
+            if line is None:
+                return True  # an oversized line: read it as samples, so it is reported
             if not line.strip():
                 continue
             try:
@@ -320,9 +425,11 @@ def _is_sample_jsonl(path: str, roots: AllowedRoots | None) -> bool:
 class _Reader:
     """Turns sample objects and episode steps into Samples, collecting problems as it goes."""
 
-    def __init__(self, root: str, data_path: str | None, keep_records: bool, roots: AllowedRoots | None) -> None:
+    def __init__(self, root: str, data_path: str | None, keep_records: bool, roots: AllowedRoots | None,
+                 max_sample_bytes: int) -> None:
         self.resolver = PathResolver(root, data_path, roots)
         self.roots = roots
+        self.max_sample_bytes = max_sample_bytes
         self.keep_records = keep_records
         self.samples: list[Sample] = []
         self.malformed: list[tuple[str, str]] = []
@@ -347,17 +454,22 @@ class _Reader:
         """Read a `*.jsonl` sample file; False when it is not one (a `named` file always is)."""
         sample_dir = os.path.dirname(path)
         try:
-            if not named and not _is_sample_jsonl(path, self.roots):
+            if not named and not _is_sample_jsonl(path, self.roots, self.max_sample_bytes):
                 return False
             with _open_sample_file(path, self.roots) as f:
-                for lineno, line in enumerate(f, 1):
+                for lineno, line in _lines(f, self.max_sample_bytes):
+                    where = f"{path}:{lineno}"
+                    if line is None:
+                        self.malformed.append((where, f"malformed sample: a line of more than "
+                                                      f"{self.max_sample_bytes} bytes (max_sample_bytes), not read"))
+                        continue
                     if not line.strip():
                         continue
-                    where = f"{path}:{lineno}"
                     try:
                         obj = json.loads(line)
                     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError too
-                        self.malformed.append((where, f"malformed sample: {e}"))
+                        reason = "nested too deeply to parse" if isinstance(e, RecursionError) else e
+                        self.malformed.append((where, f"malformed sample: {reason}"))
                         continue
                     self.add_object(obj, where, sample_dir)
         except OSError as e:
@@ -365,22 +477,29 @@ class _Reader:
         return True
 
     def read_json(self, path: str, named: bool = False) -> bool:
-        """Read a `*.json` sample file; False when it is not one (a problem when the file was `named`)."""
+        """Read a `*.json` sample file, one element at a time; False when it is not one (a problem when `named`).
+
+        It is one when it holds an array whose first element is a sample object. An element that
+        cannot be read ends the file's reading there: a problem, and the samples before it stay.
+        """
+        read = 0  # elements read: an error is at element `read`
         try:
-            objects = _json_samples(path, self.roots)
+            with _open_sample_file(path, self.roots) as f:
+                elements = _ArrayStream(f, self.max_sample_bytes).elements()
+                first = next(elements, None) if elements is not None else None
+                if not _is_sample_object(first):
+                    if named:
+                        self.malformed.append((path, "not a sample file: a JSON array of sample objects was "
+                                                     "expected"))
+                    return named
+                sample_dir = os.path.dirname(path)
+                for obj in itertools.chain([first], elements):
+                    self.add_object(obj, f"{path}[{read}]", sample_dir)
+                    read += 1
         except MalformedSample as e:
-            self.malformed.append((path, f"malformed sample file: {e}"))
-            return True
+            self.malformed.append((f"{path}[{read}]", f"malformed sample file: {e}; the rest of the file was not read"))
         except OSError as e:
             self.malformed.append((path, f"cannot read sample file: {e.strerror or e}"))
-            return True
-        if objects is None:
-            if named:
-                self.malformed.append((path, "not a sample file: a JSON array of sample objects was expected"))
-            return named
-        sample_dir = os.path.dirname(path)
-        for index, obj in enumerate(objects):
-            self.add_object(obj, f"{path}[{index}]", sample_dir)
         return True
 
     def read_episode(self, folder: str, names: list[str], max_history: int) -> None:
@@ -402,7 +521,7 @@ class _Reader:
 
 def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, data_path: str | None = None,
                  files: Sequence[str] | None = None, keep_records: bool = False,
-                 roots: AllowedRoots | None = None) -> SampleSet:
+                 roots: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> SampleSet:
     """Every sample under `data_root` (see the module docstring); `files` names sample files instead.
 
     `files` are relative to `data_root` unless absolute. Unreadable or ill-typed samples and
@@ -410,13 +529,15 @@ def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, 
     left out whole. `keep_records` keeps each sample's JSON object (the training dataset needs
     its text; a bulk job only needs the frames). `roots`: the service's allowed roots, which the
     walk does not leave and every sample file must lie inside when opened; a FIFO or other
-    non-regular sample file is a problem at once, never waited on.
+    non-regular sample file is a problem at once, never waited on. Sample files are read one
+    sample at a time, each at most `max_sample_bytes`; folders the walk cannot list are problems.
     """
     check_history(max_history_images)
+    check_sample_bytes(max_sample_bytes)
     root = _norm(data_root)
     if not os.path.isdir(root):
         raise UnusableInput(f"data root is not a directory: {root}")
-    reader = _Reader(root, data_path, keep_records, roots)
+    reader = _Reader(root, data_path, keep_records, roots, max_sample_bytes)
     if files:
         found = _Found()
         for f in files:
@@ -438,13 +559,14 @@ def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, 
             log.warning("%s: %d episode folder(s) ignored, because sample files were found (e.g. %s); "
                         "name the sample files to use, or remove them", root, len(found.episodes),
                         found.episodes[0][0])
-        return SampleSet(reader.samples, reader.malformed, reader.missing, "+".join(kinds),
+        return SampleSet(reader.samples, reader.malformed, reader.missing, found.unlisted, "+".join(kinds),
                          jsonl_files + json_files, ignored_episodes=len(found.episodes),
                          named_files=list(files) if files else None)
     if found.episodes:
         for folder, names in found.episodes:
             reader.read_episode(folder, names, max_history_images)
-        return SampleSet(reader.samples, reader.malformed, reader.missing, "episodes", len(found.episodes),
+        return SampleSet(reader.samples, reader.malformed, reader.missing, found.unlisted, "episodes",
+                         len(found.episodes),
                          max_history_images)
     samples = [Sample((_norm(p),), p) for p in found.images]
-    return SampleSet(samples, reader.malformed, reader.missing, "images", len(found.images))
+    return SampleSet(samples, reader.malformed, reader.missing, found.unlisted, "images", len(found.images))

@@ -8,6 +8,7 @@ import socket
 from dataclasses import dataclass, field
 
 from client.spec import positive_int
+from service.samples import MAX_SAMPLE_BYTES, check_sample_bytes
 
 DEFAULT_MODEL = "facebook/VGGT-1B"
 DEFAULT_PORT = 8600
@@ -70,6 +71,9 @@ class ServiceSettings:
     # Ended jobs kept in the state dir (with their units and failures): the newest this many, none older.
     job_retention: int = 1000
     job_retention_days: float = 30.0
+    # Sample files are read one sample at a time: a jsonl line or JSON array element larger than this is a
+    # problem of the plan, not read (memory stays bounded whatever a file holds).
+    max_sample_bytes: int = MAX_SAMPLE_BYTES
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot be meant: checked before the service starts."""
@@ -83,6 +87,10 @@ class ServiceSettings:
                             ("--max-connections", self.max_connections), ("--max-plans", self.max_plans),
                             ("--max-frames-per-sample", self.max_frames_per_sample)):
             positive_int(flag, value)
+        try:
+            check_sample_bytes(self.max_sample_bytes)
+        except ValueError as exc:
+            raise ValueError(f"--max-sample-bytes: {exc}") from None
         if isinstance(self.patch_cache_mb, bool) or not isinstance(self.patch_cache_mb, int) or self.patch_cache_mb < 0:
             raise ValueError(f"--patch-cache-mb must be zero or more, got {self.patch_cache_mb!r}")
         positive_int("--job-retention", self.job_retention)

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from service.samples import DEFAULT_MAX_HISTORY, SampleSet, find_samples
+from service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, SampleSet, find_samples
 from client.spec import ATTENTION, Attention
 from service.errors import UnusableInput
 from service.paths import AllowedRoots
@@ -61,7 +61,7 @@ class UnitPlanner:
 
 def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
                    max_history_images: int = DEFAULT_MAX_HISTORY, files: Sequence[str] | None = None,
-                   roots: AllowedRoots | None = None) -> ScanResult:
+                   roots: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> ScanResult:
     """The units of work under `data_root` for `attention` mode (samples: `service.samples`; `files`
     names the sample files to read instead of every one found; `roots`: what the walk and the
     sample files stay inside).
@@ -72,7 +72,8 @@ def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
     """
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
-    found = find_samples(data_root, max_history_images, data_path, files, roots=roots)
+    found = find_samples(data_root, max_history_images, data_path, files, roots=roots,
+                         max_sample_bytes=max_sample_bytes)
     if found.source == "images" and attention != Attention.FRAME:
         raise UnusableInput(
             f"{attention} attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> "

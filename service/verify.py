@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from client.cachefile import Outcome, read_entry
 from client.spec import FeatureSpec
-from service.samples import DEFAULT_MAX_HISTORY
+from service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES
 from service.sources import scan_data_root
 
 
 def verify_data_root(data_root: str, spec: FeatureSpec, data_path: str | None = None,
-                     max_history_images: int = DEFAULT_MAX_HISTORY, files: list[str] | None = None) -> dict:
-    """Counts per outcome (hit / missing / stale / corrupt / spec_mismatch / unreadable) and the problems found."""
-    scan = scan_data_root(data_root, spec.attention, data_path, max_history_images, files)
+                     max_history_images: int = DEFAULT_MAX_HISTORY, files: list[str] | None = None,
+                     max_sample_bytes: int = MAX_SAMPLE_BYTES) -> dict:
+    """Counts per outcome (hit / missing / stale / corrupt / spec_mismatch / unreadable) and the problems found
+    (malformed samples, missing images, and `unlisted`: what the walk could not read)."""
+    scan = scan_data_root(data_root, spec.attention, data_path, max_history_images, files,
+                          max_sample_bytes=max_sample_bytes)
     counts = {o.value: 0 for o in Outcome}
     problems = []
     for unit in scan.units:
@@ -21,6 +24,8 @@ def verify_data_root(data_root: str, spec: FeatureSpec, data_path: str | None = 
             counts[result.outcome.value] += 1
             if result.outcome is not Outcome.HIT:
                 problems.append({"image": target, "outcome": result.outcome.value, "reason": result.reason})
-    problems += [{"image": where, "outcome": "malformed_sample", "reason": why} for where, why in scan.problems]
+    problems += [{"image": where, "outcome": "malformed_sample", "reason": why}
+                 for where, why in scan.samples.malformed + scan.samples.missing]
+    problems += [{"image": where, "outcome": "unlisted", "reason": why} for where, why in scan.samples.unlisted]
     return {"data_root": data_root, "spec_digest": spec.digest, "counts": counts,
             "problems": problems, "ok": not problems}

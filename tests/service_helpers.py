@@ -68,17 +68,18 @@ class RunningService:
 
 
 def start_service(root: str | os.PathLike, *extra_args: str, ready_timeout: float = READY_TIMEOUT_S,
-                  preexec_fn: Callable[[], None] | None = None) -> RunningService:
+                  preexec_fn: Callable[[], None] | None = None, prefix: Sequence[str] = ()) -> RunningService:
     """Start `vggt-cache serve` on a free port with `root` allowed, and wait for /readyz.
 
-    `preexec_fn` runs in the child before the service (e.g. to lower its resource limits)."""
+    `preexec_fn` runs in the child before the service (e.g. to lower its resource limits); `prefix`: a
+    command the service runs under (e.g. `setpriv` dropping capabilities)."""
     root = os.fspath(root)
     for _ in range(3):  # the free port can be taken between probing and binding
         port = free_port()
         state_dir = tempfile.mkdtemp(prefix="vggt-cache-state-")
         log_path = os.path.join(state_dir, "service.log")
         log = open(log_path, "w")
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(TINY_MODEL), "--device", "cpu",
+        cmd = [*prefix, sys.executable, "-m", "service.cli", "serve", "--model", str(TINY_MODEL), "--device", "cpu",
                "--host", "127.0.0.1", "--port", str(port), "--allowed-root", root,
                "--state-dir", state_dir, "--size", "56", *extra_args]
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,

@@ -118,7 +118,8 @@ def test_json_arrays_are_samples_and_other_json_is_not(tmp_path):
 def test_a_broken_sample_array_is_a_problem_not_a_crash(tmp_path):
     (tmp_path / "train.json").write_text('[{"images": ["a.png"]},')
     found = find_samples(str(tmp_path))
-    assert found.samples == [] and found.malformed[0][0] == str(tmp_path / "train.json")
+    # Read one element at a time: the problem is where the JSON breaks (the element before it was read).
+    assert found.samples == [] and found.malformed[0][0] == f"{tmp_path}/train.json[1]"
     assert "not valid JSON" in found.malformed[0][1]
 
 

@@ -114,9 +114,10 @@ def load_samples(data_root: str, files: Sequence[str] | None = None, data_path: 
                  max_history_images: int = DEFAULT_MAX_HISTORY) -> list[TrainingSample]:
     """Every usable sample under ``data_root``; a malformed one raises, one with a missing image is skipped."""
     found = find_samples(data_root, max_history_images, data_path, files, keep_records=True)
-    if found.malformed:
-        where, why = found.malformed[0]
-        more = f" (and {len(found.malformed) - 1} more)" if len(found.malformed) > 1 else ""
+    unusable = found.malformed + found.unlisted  # a folder the walk could not list may hold samples
+    if unusable:
+        where, why = unusable[0]
+        more = f" (and {len(unusable) - 1} more)" if len(unusable) > 1 else ""
         raise SampleError(f"{where}: {why}{more}")
     if found.missing:
         log.warning("Skipped %d sample(s) with missing images, e.g. %s: %s", len(found.missing), *found.missing[0])

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, field_validator
 
 from service.jobview import JobState
-from service.samples import DEFAULT_MAX_HISTORY
+from service.samples import DEFAULT_MAX_HISTORY, check_history
 
 
 class FeaturesRequest(BaseModel):
@@ -37,13 +37,18 @@ class PrecomputeRequest(BaseModel):
     skip_existing: bool = True
     verify: bool = False
     data_path: Path | None = Field(None, description="folder the samples' image paths are relative to")
-    max_history_images: int = Field(DEFAULT_MAX_HISTORY, ge=1, le=1024,
+    max_history_images: int = Field(DEFAULT_MAX_HISTORY,
                                     description="history frames per sample of an episode folder (step_<n>_<action>)")
     dry_run: bool = Field(False, description="plan only: samples, entries valid / to compute, bytes, free space")
     force: bool = Field(False, description="start even if the new entries would not fit on the file system")
     data_files: list[Path] | None = Field(None, description="sample files to read (relative to data_root), "
                                                            "instead of every one found")
     overwrite: bool = Field(False, description="replace valid entries computed with another clip (else kept)")
+
+    @field_validator("max_history_images")
+    @classmethod
+    def _history(cls, value: int) -> int:
+        return check_history(value)  # the bound every entry point shares
 
 
 class JobViewModel(BaseModel):

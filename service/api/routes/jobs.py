@@ -35,7 +35,8 @@ def _precompute(req: PrecomputeRequest, c: Components, runtime: ServiceRuntime) 
     if req.dry_run:  # the plan alone, computed here (a slow NFS root needs a patient client)
         plan = plan_work(data_root, c.spec, runtime.roots, options,
                          max_image_bytes=runtime.settings.max_image_bytes,
-                         max_frames=runtime.settings.max_frames_per_sample).plan
+                         max_frames=runtime.settings.max_frames_per_sample,
+                         max_sample_bytes=runtime.settings.max_sample_bytes).plan
         return JSONResponse({"dry_run": True, "spec_digest": c.spec.digest, "plan": plan.to_dict(),
                              "summary": plan.summary()})
     return _model(req.data_root, c.jobs.submit(data_root, verify=req.verify, force=req.force,
