@@ -33,9 +33,11 @@ def shorten(text: str, limit: int = MAX_TEXT) -> str:
     """`text` if it has at most `limit` characters, else its head and tail around a marker saying how much went."""
     if len(text) <= limit:
         return text
-    head = limit // 2
-    tail = limit - head
-    return f"{text[:head]}…[{len(text) - limit} characters omitted]…{text[len(text) - tail:]}"
+    # The marker counts within the limit, so a shortened string is never shortened again (idempotent).
+    keep = max(0, limit - len(f"…[{len(text)} characters omitted]…"))
+    head = keep // 2
+    tail = keep - head
+    return f"{text[:head]}…[{len(text) - keep} characters omitted]…{text[len(text) - tail:]}"
 
 
 def bounded(text: str, limit: int = MAX_TEXT) -> str:
