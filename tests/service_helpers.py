@@ -188,3 +188,35 @@ def reference_features(model: torch.nn.Module, frames: Sequence[str], spec: Feat
     per_layer = [out[0, :, start:] for out in outputs]  # each [S, P, C]
     entries = per_layer[0] if len(per_layer) == 1 else torch.stack(per_layer, dim=1)  # [S, (L,) P, C]
     return entries.to(DTYPES[dtype or spec.dtype])
+
+
+@contextlib.contextmanager
+def service_in_process(root: Path, state_dir: Path, before_forward: Callable[[torch.Tensor], None],
+                       on_exit: Callable[[], None] = lambda: None) -> Iterator[str]:
+    """A real uvicorn server on 127.0.0.1 in this process, whose forwards call `before_forward` (a test's hand
+    on the device); `on_exit` runs before the server is stopped (e.g. to release a held device)."""
+    import threading
+
+    import uvicorn
+
+    from client.spec import resolve_options
+    from service.api import create_app
+    from service.runtime import ServiceRuntime
+    from service.settings import ServiceSettings
+
+    port = free_port()
+    settings = ServiceSettings(model=str(TINY_MODEL), device="cpu", port=port, allowed_roots=[str(root)],
+                               state_dir=str(state_dir), spec=resolve_options(None, size=56), max_batch_frames=1)
+    server = uvicorn.Server(uvicorn.Config(create_app(ServiceRuntime(settings, before_forward=before_forward)),
+                                           host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        assert wait_until_ready(url, READY_TIMEOUT_S, is_alive=thread.is_alive)
+        yield url
+    finally:
+        on_exit()
+        server.should_exit = True
+        thread.join(60)
+        assert not thread.is_alive(), "the in-process service did not stop"

@@ -49,7 +49,7 @@ def test_a_service_of_another_spec_is_named_as_the_cause_with_a_command_for_this
         cache = open_cache(cache_args, spec, serve)
         assert cache.get_sample(clip) is None  # computed online
     text = caplog.text
-    assert f"computes features with another spec than this run (differs in: attention" in text
+    assert "computes features with another spec than this run (differs in: attention" in text
     assert f"the service at {service.url} computes another spec" in text
     assert "no service_url was given" not in text
 

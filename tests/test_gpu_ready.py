@@ -7,28 +7,20 @@ the GPU node's check end to end on the tiny model.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
-from client.http import wait_until_ready
-from client.spec import resolve_options
 from client.wire import decode_features
-from service.api import create_app
 from service.demo import free_port
 from service.engine.device import is_device_lost, is_out_of_memory
 from service.model import load_aggregator
-from service.runtime import ServiceRuntime
-from service.settings import ServiceSettings, parse_devices, rank_device
-from service_helpers import READY_TIMEOUT_S, REPO, TINY_MODEL, poll, write_images
+from service.settings import parse_devices, rank_device
+from service_helpers import REPO, TINY_MODEL, service_in_process, write_images
 from test_cli_errors import cli, one_error
 
 ILLEGAL_ACCESS = ("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
@@ -116,26 +108,6 @@ class LoseDevice:
         self.calls += 1
         if self.calls == 1:
             raise RuntimeError(ILLEGAL_ACCESS)
-
-
-@contextlib.contextmanager
-def service_in_process(root: Path, state_dir: Path, hook: LoseDevice) -> Iterator[str]:
-    """A real uvicorn server on 127.0.0.1 in this process, so the test can break its device."""
-    port = free_port()
-    settings = ServiceSettings(model=str(TINY_MODEL), device="cpu", port=port, allowed_roots=[str(root)],
-                               state_dir=str(state_dir), spec=resolve_options(None, size=56), max_batch_frames=1)
-    server = uvicorn.Server(uvicorn.Config(create_app(ServiceRuntime(settings, before_forward=hook)),
-                                           host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_until_ready(url, READY_TIMEOUT_S, is_alive=thread.is_alive)
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        assert not thread.is_alive(), "the service did not stop after its device was lost"
 
 
 def test_a_device_lost_to_a_fatal_cuda_error_is_not_ready_and_says_why(tmp_path: Path) -> None:

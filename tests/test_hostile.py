@@ -22,20 +22,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from PIL import Image
 
 from client import FeatureCache
 from client.cachefile import Outcome, cache_path, read_entry
-from client.http import wait_until_ready
 from client.manifest import manifest_path
-from client.spec import resolve_options
 from client.wire import decode_features
-from service.api import create_app
 from service.demo import free_port
-from service.runtime import ServiceRuntime
-from service.settings import ServiceSettings
-from service_helpers import (READY_TIMEOUT_S, REPO, TINY_MODEL, RunningService, cache_files, poll, service_spec,
+from service_helpers import (REPO, TINY_MODEL, RunningService, cache_files, poll, service_in_process, service_spec,
                              temp_files, wait_job, write_images)
 
 TOKEN = "hostile-test-token"
@@ -90,26 +84,6 @@ class Gate:
         assert self.release.wait(120), "the test never released the device"
 
 
-@contextlib.contextmanager
-def service_in_process(root: Path, state_dir: Path, gate: Gate) -> Iterator[str]:
-    """A real uvicorn server on 127.0.0.1, in this process, so the test holds its device with `gate`."""
-    port = free_port()
-    settings = ServiceSettings(model=str(TINY_MODEL), device="cpu", port=port, allowed_roots=[str(root)],
-                               state_dir=str(state_dir), spec=resolve_options(None, size=56), max_batch_frames=1)
-    server = uvicorn.Server(uvicorn.Config(create_app(ServiceRuntime(settings, before_forward=gate)),
-                                           host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    try:
-        assert wait_until_ready(url, READY_TIMEOUT_S, is_alive=thread.is_alive)
-        yield url
-    finally:
-        gate.release.set()
-        server.should_exit = True
-        thread.join(60)
-
-
 def swap_for_symlink(folder: Path, target: Path) -> None:
     folder.rename(folder.with_name(folder.name + ".orig"))
     folder.symlink_to(target, target_is_directory=True)
@@ -123,7 +97,7 @@ def test_folders_swapped_for_symlinks_after_acceptance_are_neither_read_nor_writ
     queued = write_images(root / "asked", ["0.png", "1.png"], seed=4)
     write_images(outside / "asked", ["0.png", "1.png"], seed=5)
     gate = Gate()
-    with service_in_process(root, tmp_path / "state", gate) as url, \
+    with service_in_process(root, tmp_path / "state", gate, gate.release.set) as url, \
             httpx.Client(base_url=url, timeout=120) as http, ThreadPoolExecutor(1) as pool:
         job_id = http.post("/precompute", json={"data_root": str(root / "job")}).raise_for_status().json()["job_id"]
         assert gate.entered.wait(60)  # the job's first forward holds the device; folder b is not decoded yet

@@ -129,7 +129,7 @@ def test_folders_the_walk_cannot_read_are_plan_problems_shown_everywhere(
     write_images(tmp_path, ["outside.png"], seed=6)
     os.symlink(tmp_path, mid / "out")  # leads out of the roots: neither followed nor a problem
     os.symlink(data, mid / "back")  # a link back up the tree: cut, not walked again
-    past = deep_chain(mid, 15, long_name)  # past PATH_MAX from level ~20: cannot be listed by path
+    deep_chain(mid, 15, long_name)  # past PATH_MAX from level ~20: cannot be listed by path
     os.chmod(locked, 0)
     try:
         plan = dry_run(http, data)
