@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 
 from client.cachefile import CACHE_SUFFIX, Outcome, ReadResult, cache_path, is_temp_file, read_entry, write_entry
-from client.manifest import MAX_FAILURES, read_manifest, write_manifest
+from client.manifest import MAX_FAILURES, manifest_path, read_manifest, write_manifest
 from client.spec import STORAGES, FeatureSpec
 from client.storage import decode, encode
+from client.text import bounded
 from service.paths import AllowedRoots
 from service.samples import walk_files
 
@@ -66,18 +67,18 @@ def convert_entries(data_root: str, storage: str) -> dict:
         if spec.storage == "fp8":
             counts["lossy_source"] += 1
             continue
-        size = os.path.getsize(cache_path(image))
+        st = os.stat(cache_path(image))
         target = dataclasses.replace(spec, storage=storage)
         try:
             write_entry(image, result.features, target, meta["grid"], meta["source"], meta["context"],
-                        roots=roots.real)
+                        roots=roots.real, mode=_kept_mode(st.st_mode))
         except (OSError, ValueError) as e:
             counts["failed"] += 1
             if len(counts.setdefault("failures", [])) < MAX_FAILURES:
-                counts["failures"].append({"image": image, "reason": str(e)})
+                counts["failures"].append({"image": bounded(image), "reason": bounded(str(e))})
             continue
         counts["converted"] += 1
-        before += size
+        before += st.st_size
         after += os.path.getsize(cache_path(image))
         converted_specs[spec.digest] = target
     _update_manifest(data_root, converted_specs, roots)
@@ -91,7 +92,14 @@ def _update_manifest(data_root: str, converted: dict[str, FeatureSpec], roots: A
     if manifest is None or manifest.get("spec_digest") not in converted:
         return
     target = converted[manifest["spec_digest"]]
-    write_manifest(data_root, {**manifest, "spec": target.to_dict(), "spec_digest": target.digest}, roots.real)
+    mode = _kept_mode(os.stat(manifest_path(data_root)).st_mode)
+    write_manifest(data_root, {**manifest, "spec": target.to_dict(), "spec_digest": target.digest}, roots.real,
+                   mode)
+
+
+def _kept_mode(st_mode: int) -> int:
+    """A rewritten file keeps the permissions its writer gave it (`--file-mode`), the owner's read-write at least."""
+    return (st_mode & 0o666) | 0o600
 
 
 @dataclass(frozen=True)

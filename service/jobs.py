@@ -110,6 +110,7 @@ class JobManager:
         self._enqueued: set[str] = set()
         self._lock = threading.Lock()  # _enqueued and _submitted
         self._submitted: dict[str, list[Future]] = {}  # the running job's units in the engine
+        self._on_device: dict[str, set[int]] = {}  # per running job: units started on a device, not yet recorded
         self._thread: threading.Thread | None = None
         self._started_at = time.time() if started_at is None else started_at
         # Bulk units submitted per engine call: enough to fill a few batches, small enough to cancel promptly.
@@ -129,6 +130,14 @@ class JobManager:
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def abandon(self) -> None:
+        """A clean shutdown left batches on a device past its grace: their units' attempts are taken back,
+        so only deaths of the service (a kill, a crash) count towards poison."""
+        with self._lock:
+            running = {job_id: sorted(idxs) for job_id, idxs in self._on_device.items() if idxs}
+        for job_id, idxs in running.items():
+            self.store.start_units(job_id, idxs, step=-1)
 
     def _enqueue(self, job_id: str) -> None:
         with self._lock:
@@ -265,6 +274,8 @@ class JobManager:
                 except queue.Empty:
                     break
                 taken += 1
+                with self._lock:
+                    on_device.discard(idx)
                 # Stopped: it stays pending for the next start; withdrawn (cancelled): pending, as the rest.
                 if not isinstance(fut.exception(), (EngineStopped, Withdrawn)):
                     batch.extend(target_results(idx, unit, fut))
@@ -277,10 +288,14 @@ class JobManager:
             idxs_of.setdefault(unit, []).append(idx)
 
         def started(units: list[Unit]) -> None:  # on a device thread, before the forward
-            self.store.start_units(job_id, [idx for unit in units for idx in idxs_of.get(unit, ())])
+            idxs = [idx for unit in units for idx in idxs_of.get(unit, ())]
+            with self._lock:
+                on_device.update(idxs)
+            self.store.start_units(job_id, idxs)
 
         with self._lock:
             in_engine = self._submitted[job_id] = []
+            on_device = self._on_device[job_id] = set()
         try:
             for chunk, lanes in lane_chunks(pending, self.engine.lanes, self.chunk_units):
                 if self._stopping.is_set() or self.store.cancel_requested(job_id):
@@ -303,12 +318,14 @@ class JobManager:
         finally:
             with self._lock:
                 del self._submitted[job_id]
+                del self._on_device[job_id]
 
         rec = self.store.get(job_id)
         if self.store.cancel_requested(job_id):
             state = JobState.CANCELLED
-        elif self._stopping.is_set() and self.store.pending_units(job_id):
-            log.info("Job %s paused at %d/%d for shutdown; it resumes on the next start", job_id, rec.done, rec.total)
+        elif (self._stopping.is_set() or self._no_device_left()) and self.store.pending_units(job_id):
+            why = "shutdown" if self._stopping.is_set() else "every device was lost"
+            log.info("Job %s paused at %d/%d (%s); it resumes on the next start", job_id, rec.done, rec.total, why)
             return self._view(rec)
         else:
             state = JobState.FINISHED
@@ -323,6 +340,11 @@ class JobManager:
         log.info("Job %s %s: %d computed, %d skipped, %d failed of %d", job_id, rec.state.value,
                  rec.computed, rec.skipped, rec.failed, rec.total)
         return self._view(rec)
+
+    def _no_device_left(self) -> bool:
+        """Every device given up (fatal CUDA errors): what stayed pending waits for a restart, not a verdict."""
+        lost = self.engine.lost_devices
+        return bool(lost) and len(lost) == len(self.engine.devices)
 
     def _fail_poison(self, job_id: str) -> None:
         """Fail the units that were on a device each time the service died: resumed, they would jam it again."""

@@ -185,5 +185,6 @@ class ServiceRuntime:
         self.stopped_cleanly = c.engine.stop(timeout=self._grace_left())
         c.jobs.stop(timeout=self._grace_left())  # the runner records what finished
         if not self.stopped_cleanly:
+            c.jobs.abandon()
             log.warning("Shutting down: the batch in flight did not end within the %gs grace (--shutdown-grace); "
                         "abandoned, its units stay pending for the next start", self.settings.shutdown_grace_s)

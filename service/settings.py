@@ -117,6 +117,13 @@ class ServiceSettings:
         if self.api_token is None and not is_loopback(self.host):
             found.append(f"listening on {self.host}, not a loopback address, without an API token: anyone who can "
                          "reach the port can read features and start jobs (set --api-token)")
+        names = host_names(self)
+        if names is not None and not self.allowed_hosts and not is_loopback(self.host):
+            # Inside a container the machine's name is the container's: clients that use the node's name, a
+            # Service name or a CNAME would be refused 421.
+            found.append(f"listening on {self.host}: requests must address it by an IP address or one of "
+                         f"{', '.join(sorted(names))}; add the names clients use with --allowed-host "
+                         "(VGGT_CACHE_ALLOWED_HOST), or they are refused 421")
         # Not refused: a mount may come up after the service; until then every request under it fails.
         found += [f"--allowed-root {root} is not a folder: nothing under it can be served until it exists "
                   "(check the path)" for root in self.allowed_roots if not os.path.isdir(root)]

@@ -313,15 +313,16 @@ class JobStore:
         ).fetchall()
         return [(idx, Unit(tuple(json.loads(f)), tuple(json.loads(t)))) for idx, f, t in rows]
 
-    def start_units(self, job_id: str, idxs: Iterable[int]) -> None:
-        """Count an attempt of each pending unit in `idxs`: they go on a device now.
+    def start_units(self, job_id: str, idxs: Iterable[int], step: int = 1) -> None:
+        """Count an attempt of each pending unit in `idxs`: they go on a device now (`step` -1: take it
+        back, for a unit a clean shutdown abandoned: the service did not die while it ran).
 
         Committed before the forward, so a restart knows which units were running when the service died.
         """
         with self._write() as db:
             db.executemany(
-                "UPDATE units SET attempts = attempts + 1 WHERE job_id = ? AND idx = ? AND state = 'pending'",
-                ((job_id, idx) for idx in idxs),
+                "UPDATE units SET attempts = MAX(0, attempts + ?) WHERE job_id = ? AND idx = ? AND state = 'pending'",
+                ((step, job_id, idx) for idx in idxs),
             )
 
     def tried_units(self, job_id: str, attempts: int) -> list[tuple[int, Unit]]:

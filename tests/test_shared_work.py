@@ -7,8 +7,10 @@ identical units in flight run once and every waiter gets the result (single-flig
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import sqlite3
 import subprocess
 import threading
 import time
@@ -23,6 +25,7 @@ from client.wire import decode_features
 from service.engine.scheduler import Scheduler
 from service.engine.work import Job, Priority
 from service.runtime import DRILL_HOLD_ENV
+from service.store import DB_NAME
 from service.units import Unit
 from service_helpers import RunningService, poll, wait_job, write_images
 
@@ -132,6 +135,9 @@ def test_sigterm_exits_within_the_grace_while_a_forward_never_ends(
     assert code == 0 and elapsed >= GRACE_S * 0.9, (code, elapsed)
     log = service.log()
     assert "did not end within the 2s grace" in log and log.rstrip().endswith("[INFO] Stopped")
+    # A clean shutdown is no death: the abandoned unit's attempt is taken back, so it cannot become poison.
+    with contextlib.closing(sqlite3.connect(Path(service.state_dir) / DB_NAME)) as db:
+        assert db.execute("SELECT state, attempts FROM units").fetchall() == [("pending", 0)]
 
 
 def test_a_unit_withdrawn_while_it_decodes_is_not_run() -> None:

@@ -75,9 +75,9 @@ class WriterStage:
                     index = len(unit.frames) - 1 - unit.frames[::-1].index(target)
                 # Own storage: a result must not pin the whole batch (and write_entry need not copy).
                 entry = features[index].clone()
-                stored = as_stored(entry, self.spec.storage)  # what a read of the entry gives (fp8 is lossy)
-                returned = stored if job.return_features else None
                 try:
+                    stored = as_stored(entry, self.spec.storage)  # what a read of the entry gives (fp8 is lossy)
+                    returned = stored if job.return_features else None
                     write = REPLACED if holds_other_context(target, self.spec, frames, self.roots) else None
                     if write and not job.overwrite:
                         entries.append(EntryResult(target, EntryStatus.COMPUTED, returned, grid, write=KEPT))
