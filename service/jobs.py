@@ -110,7 +110,7 @@ class JobManager:
         self._enqueued: set[str] = set()
         self._lock = threading.Lock()  # _enqueued and _submitted
         self._submitted: dict[str, list[Future]] = {}  # the running job's units in the engine
-        self._on_device: dict[str, set[int]] = {}  # per running job: units started on a device, not yet recorded
+        self._on_device: dict[str, set[int]] = {}  # per running job: units in a forward now
         self._thread: threading.Thread | None = None
         self._started_at = time.time() if started_at is None else started_at
         # Bulk units submitted per engine call: enough to fill a few batches, small enough to cancel promptly.
@@ -274,8 +274,6 @@ class JobManager:
                 except queue.Empty:
                     break
                 taken += 1
-                with self._lock:
-                    on_device.discard(idx)
                 # Stopped: it stays pending for the next start; withdrawn (cancelled): pending, as the rest.
                 if not isinstance(fut.exception(), (EngineStopped, Withdrawn)):
                     batch.extend(target_results(idx, unit, fut))
@@ -287,11 +285,11 @@ class JobManager:
         for idx, unit in pending:
             idxs_of.setdefault(unit, []).append(idx)
 
-        def started(units: list[Unit]) -> None:  # on a device thread, before the forward
+        def started(units: list[Unit], step: int) -> None:  # on a device thread, before and after the forward
             idxs = [idx for unit in units for idx in idxs_of.get(unit, ())]
             with self._lock:
-                on_device.update(idxs)
-            self.store.start_units(job_id, idxs)
+                (on_device.update if step > 0 else on_device.difference_update)(idxs)
+            self.store.start_units(job_id, idxs, step)
 
         with self._lock:
             in_engine = self._submitted[job_id] = []

@@ -121,7 +121,7 @@ class DeviceStage:
                 if dev.failed is not None:  # lost while this thread waited for the batch
                     self._fail(batch, dev.failed)
                     break
-                _started(batch)
+                _on_device(batch, 1)
                 handed: set[Job] = set()  # launched: their results are on their way to the writers
                 graphs, started = _compiled_graphs(), time.monotonic()
                 try:
@@ -134,6 +134,7 @@ class DeviceStage:
                 except Exception as exc:  # a bug here must fail the batch, not kill the device worker
                     log.exception("Batch on %s failed", dev.name)
                     self._fail([j for j in batch if j not in handed], describe(exc))
+                _on_device(batch, -1)  # its forward is over: a death from here on is not this batch's doing
                 _log_compiles(dev, batch, _compiled_graphs() - graphs, time.monotonic() - started)
         finally:
             if finisher is not None:
@@ -303,17 +304,17 @@ class DeviceStage:
             }
 
 
-def _started(batch: list[Job]) -> None:
-    """Tell each start hook which of its units go on the device, once per batch."""
+def _on_device(batch: list[Job], step: int) -> None:
+    """Tell each start hook which of its units go on the device (`step` 1) or are off it (-1), once per batch."""
     units: dict[StartHook, list] = {}
     for job in batch:
         for hook in job.on_start:
             units.setdefault(hook, []).append(job.unit)
     for hook, started in units.items():
         try:
-            hook(started)
+            hook(started, step)
         except Exception:  # e.g. a failing state dir: the units still run
-            log.exception("Cannot record that %d unit(s) started", len(started))
+            log.exception("Cannot record that %d unit(s) went on or off a device", len(started))
 
 
 # Allocation failures that are not torch.cuda.OutOfMemoryError: cuBLAS/cuDNN/cuFFT workspaces, a kernel

@@ -291,8 +291,9 @@ class Engine:
         that should run it, so that units sharing frames meet one patch cache; None: any device.
         `overwrite`: replace a valid entry computed with another clip (else it is kept: a unit that
         returns no features is not computed for it, one that does is computed and not written).
-        `on_start`: called on the device thread with the units of a batch that were submitted with it,
-        just before their forward (a job records its attempts there); what it raises is logged.
+        `on_start`: called on the device thread with the units of a batch that were submitted with it
+        and 1 just before their forward, -1 once it is over (a job counts the deaths of the service
+        during a unit's forward there); what it raises is logged.
         """
         if self._state is not EngineState.RUNNING:
             raise EngineStopped(SHUTDOWN_MESSAGE if self.stopped else "engine not started")

@@ -24,7 +24,8 @@ WITHDRAWN_MESSAGE = "taken back before it ran: its job was cancelled"
 # passing flood of connections (closed by their header deadline within seconds) fails nothing.
 DESCRIPTOR_PAUSES_S = (0.5, 1.0, 2.0, 4.0, 8.0)
 FrameKey = tuple[str, int, int]  # a decoded frame: path, size, mtime_ns (a rewritten image is another key)
-StartHook = Callable[[list[Unit]], None]  # told which units go on a device, just before their forward
+# Told which units go on a device just before their forward (1), and off it once the forward is over (-1).
+StartHook = Callable[[list[Unit], int], None]
 
 
 class Priority(IntEnum):
