@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Callable, Iterator
 
 import httpx
 import pytest
 
+from client.logs import LOGGER
 from service_helpers import RunningService, start_service
 
 
@@ -35,3 +37,14 @@ def http(server: RunningService) -> Iterator[httpx.Client]:
     """An httpx client of the test module's `server` fixture (each module starts its own service)."""
     with httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
+
+
+@pytest.fixture(autouse=True)
+def our_logger_as_found() -> Iterator[None]:
+    """A test that runs the CLI in-process sets our logger up (a handler on that test's captured stderr, no
+    propagation): put it back, or later tests' `caplog` sees nothing and logging writes to a closed stream."""
+    log = logging.getLogger(LOGGER)
+    handlers, propagate, level = log.handlers[:], log.propagate, log.level
+    yield
+    log.handlers[:] = handlers
+    log.propagate, log.level = propagate, level

@@ -155,8 +155,12 @@ def test_on_demand_goes_ahead_of_a_bulk_backlog(loaded, tmp_path):
                     bulk_queue_batches=2, before_forward=gate)
     engine.start()
     try:
-        bulk_futures: list = []
-        submitter = threading.Thread(target=lambda: bulk_futures.extend(engine.submit(bulk, Priority.BULK)))
+        # The first batch's callbacks are set before it can finish (set later, a finished future's fires at
+        # once and would land after the on-demand unit's).
+        bulk_futures = engine.submit(bulk[:2], Priority.BULK)  # room for them: returns at once
+        for unit, future in zip(bulk, bulk_futures):
+            future.add_done_callback(lambda f, name=unit.targets[0]: order.append(name))
+        submitter = threading.Thread(target=lambda: bulk_futures.extend(engine.submit(bulk[2:], Priority.BULK)))
         submitter.start()
         assert gate.entered.wait(30)  # the first bulk batch holds the device
         # The bounded bulk queue makes the submitter wait: 2 batches of 2 frames, no more.
@@ -167,7 +171,7 @@ def test_on_demand_goes_ahead_of_a_bulk_backlog(loaded, tmp_path):
         poll(lambda: engine.stats()["decoding"]["on_demand"] == 0, 30, "the on-demand unit decoded")
         gate.release.set()
         submitter.join(30)
-        for unit, future in zip(bulk, bulk_futures):
+        for unit, future in zip(bulk[2:], bulk_futures[2:]):  # queued behind the on-demand unit
             future.add_done_callback(lambda f, name=unit.targets[0]: order.append(name))
         results(bulk_futures + [urgent_future])
     finally:
