@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -22,8 +23,7 @@ from client.http import wait_until_ready
 from service.model.loader import TINY_DIR, TINY_SOURCE
 
 # The built-in tiny model's architecture (2 layers, VGGT's structure), for benchmarks that want random weights.
-with open(os.path.join(TINY_DIR, "config.json"), encoding="utf-8") as _f:
-    DEMO_CONFIG = json.load(_f)
+DEMO_CONFIG = json.loads(Path(TINY_DIR, "config.json").read_text(encoding="utf-8"))  # package data, not user input
 DEMO_SIZE = 112
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -46,10 +47,8 @@ def test_the_cpu_section_runs_as_written(tmp_path):
     try:
         out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     finally:
-        try:  # the background service too, whatever happened
+        with contextlib.suppress(ProcessLookupError):  # the background service too, whatever happened
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     assert proc.returncode == 0, out[-4000:]
     assert "finished: 4 total, 4 computed, 0 skipped, 0 failed" in out, out[-4000:]
     assert "VGGT features by source over 4 sample(s): cache=4, service=0, online=0" in out, out[-4000:]
