@@ -111,7 +111,8 @@ def test_fp8_entries_are_half_the_bytes_with_a_bounded_error(tmp_path: Path) -> 
 def test_a_loader_that_knows_only_raw_misses_instead_of_reading_a_wrong_tensor(tmp_path: Path, storage: str) -> None:
     image, spec, _ = entry_for(tmp_path, storage)
     with pytest.raises(KeyError):  # the seed's loader: try torch.load(path)["features"], warn on failure
-        torch.load(cache_path(image), map_location="cpu")["features"]
+        # The seed's plain call; on torch >= 2.6 its default is weights_only=True, said here explicitly.
+        torch.load(cache_path(image), map_location="cpu", weights_only=True)["features"]
     result = read_entry(image, make_spec())  # a raw spec's reader
     assert result.outcome is Outcome.SPEC_MISMATCH and "storage" in result.reason
 
