@@ -109,7 +109,9 @@ def test_a_unit_running_at_two_deaths_of_the_service_is_failed_as_poison(
 
     with httpx.Client(base_url=service.url, timeout=60) as http:
         view = wait_job(http, job_id)
-    assert (view["state"], view["computed"], view["failed"]) == ("finished", 2, 1)
+    # A sample finished just before a SIGKILL may have its entry on disk but not its row in the store:
+    # the resumed job then finds the entry fresh and counts it skipped, not computed.
+    assert (view["state"], view["computed"] + view["skipped"], view["failed"]) == ("finished", 2, 1)
     [failure] = view["failures"]
     assert failure["image"] == targets[1] and failure["reason"].startswith("poison: the service died 2 times")
     assert not held(service)  # the third start never ran it
