@@ -35,12 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import device_name, get_model, make_images, synchronize  # noqa: E402
 
-from client.cachefile import context_record, source_record, write_entry  # noqa: E402
-from client.spec import PRESETS, FeatureSpec, preset_options  # noqa: E402
-from service.model import AggregatorConfig  # noqa: E402
-from service.model.features import entry_features, model_spec  # noqa: E402
-from service.preprocess import preprocess  # noqa: E402
-from service.samples import DEFAULT_MAX_HISTORY  # noqa: E402
+from vggt_cache.client.cachefile import context_record, source_record, write_entry  # noqa: E402
+from vggt_cache.client.spec import PRESETS, FeatureSpec, preset_options  # noqa: E402
+from vggt_cache.service.model import AggregatorConfig  # noqa: E402
+from vggt_cache.service.model.features import entry_features, model_spec  # noqa: E402
+from vggt_cache.service.preprocess import preprocess  # noqa: E402
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY  # noqa: E402
 
 PRESET = "newjanusvln"
 IMPLS = ("mask", "chunked")  # the reference first

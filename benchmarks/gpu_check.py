@@ -20,10 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import make_images, random_model, write_json  # noqa: E402
 
-from client.http import wait_until_ready  # noqa: E402
-from client.wire import decode_features  # noqa: E402
-from service.demo import DEMO_CONFIG  # noqa: E402
-from service.samples import DEFAULT_MAX_HISTORY  # noqa: E402
+from vggt_cache.client.http import wait_until_ready  # noqa: E402
+from vggt_cache.client.wire import decode_features  # noqa: E402
+from vggt_cache.service.demo import DEMO_CONFIG  # noqa: E402
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY  # noqa: E402
 
 EPISODE_STEPS = 24
 CLIP_FRAMES = DEFAULT_MAX_HISTORY + 1  # a JanusVLN sample: 8 history frames and the current view

@@ -58,7 +58,7 @@ export OUT DEVICE PY SPEC
 serve_check() {
   local port
   port=$("$PY" -c "from service.demo import free_port; print(free_port())")
-  "$PY" -m service.cli serve --model "$OUT/model" --device "$DEVICE" $SPEC --allowed-root "$OUT/data" \
+  "$PY" -m vggt_cache.service.cli serve --model "$OUT/model" --device "$DEVICE" $SPEC --allowed-root "$OUT/data" \
     --port "$port" --state-dir "$OUT/state-serve" &
   local pid=$! rc
   "$PY" benchmarks/gpu_check.py probe "$OUT" "http://127.0.0.1:$port"
@@ -70,7 +70,7 @@ serve_check() {
 
 # precompute_run NAME: the episode root through the in-process engine, its manifest kept as NAME.manifest.json.
 precompute_run() {
-  "$PY" -m service.cli precompute --data_root "$OUT/data" --vggt_model_path "$OUT/model" --device "$DEVICE" \
+  "$PY" -m vggt_cache.service.cli precompute --data_root "$OUT/data" --vggt_model_path "$OUT/model" --device "$DEVICE" \
     $SPEC --verify --skip_existing --state-dir "$OUT/state-precompute" || return $?
   cp "$OUT/data/vggt_cache_manifest.json" "$OUT/$1.manifest.json"
 }

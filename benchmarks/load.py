@@ -47,9 +47,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import make_images, print_table, write_json  # noqa: E402
 
-from client.http import ServiceError, Transport, wait_until_ready  # noqa: E402
-from service.demo import free_port  # noqa: E402
-from client.wire import decode_features  # noqa: E402
+from vggt_cache.client.http import ServiceError, Transport, wait_until_ready  # noqa: E402
+from vggt_cache.service.demo import free_port  # noqa: E402
+from vggt_cache.client.wire import decode_features  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
@@ -91,7 +91,7 @@ class Service:
 
 def start_service(args: argparse.Namespace, root: str, log_path: str) -> Service:
     port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", args.model, "--device", args.device,
+    cmd = [sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", args.model, "--device", args.device,
            "--host", "127.0.0.1", "--port", str(port), "--allowed-root", root,
            "--state-dir", os.path.join(root, ".state"), "--size", str(args.size),
            "--max-batch-frames", str(args.batch), "--max-pending", str(args.max_pending)]

@@ -45,21 +45,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import device_name, get_model, make_images, print_table, synchronize  # noqa: E402
 
-from client.cachefile import CACHE_SUFFIX, cache_path, read_entry  # noqa: E402
-from client.spec import PRESETS, STORAGES, FeatureSpec, preset_options  # noqa: E402
-from service.engine import Engine  # noqa: E402
-from service.engine.patches import PatchCache  # noqa: E402
-from service.jobs import JobManager  # noqa: E402
-from client.manifest import manifest_path  # noqa: E402
-from service.model import LoadedModel  # noqa: E402
-from service.model.features import entry_features, model_spec  # noqa: E402
-from service.paths import AllowedRoots  # noqa: E402
-from service.preprocess import preprocess  # noqa: E402
-from service.runtime import model_info  # noqa: E402
-from service.settings import ServiceSettings, parse_devices  # noqa: E402
-from service.sources import scan_data_root  # noqa: E402
-from service.units import Unit  # noqa: E402
-from service.store import JobStore  # noqa: E402
+from vggt_cache.client.cachefile import CACHE_SUFFIX, cache_path, read_entry  # noqa: E402
+from vggt_cache.client.spec import PRESETS, STORAGES, FeatureSpec, preset_options  # noqa: E402
+from vggt_cache.service.engine import Engine  # noqa: E402
+from vggt_cache.service.engine.patches import PatchCache  # noqa: E402
+from vggt_cache.service.jobs import JobManager  # noqa: E402
+from vggt_cache.client.manifest import manifest_path  # noqa: E402
+from vggt_cache.service.model import LoadedModel  # noqa: E402
+from vggt_cache.service.model.features import entry_features, model_spec  # noqa: E402
+from vggt_cache.service.paths import AllowedRoots  # noqa: E402
+from vggt_cache.service.preprocess import preprocess  # noqa: E402
+from vggt_cache.service.runtime import model_info  # noqa: E402
+from vggt_cache.service.settings import ServiceSettings, parse_devices  # noqa: E402
+from vggt_cache.service.sources import scan_data_root  # noqa: E402
+from vggt_cache.service.units import Unit  # noqa: E402
+from vggt_cache.service.store import JobStore  # noqa: E402
 
 METHODS = ("seed", "ours", "clips", "limit")
 

@@ -3,6 +3,6 @@
 Imports neither FastAPI nor uvicorn, so training dataloaders can use it.
 """
 
-from client.cache import AsyncFeatureCache, CacheUnavailable, FeatureCache, read_cached
+from vggt_cache.client.cache import AsyncFeatureCache, CacheUnavailable, FeatureCache, read_cached
 
 __all__ = ["AsyncFeatureCache", "CacheUnavailable", "FeatureCache", "read_cached"]

@@ -30,10 +30,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from client.fastload import MAX_OVERHEAD_BYTES, load_file
-from client.safeopen import DEFAULT_FILE_MODE, OutsideRoots, atomic_write, existing_kind, kind_of, temp_of
-from client.spec import Attention, FeatureSpec, canonical_json, short_digest
-from client.storage import BadPayload, check_payload_size, decode, encode, max_payload_bytes, stored_nbytes
+from vggt_cache.client.fastload import MAX_OVERHEAD_BYTES, load_file
+from vggt_cache.client.safeopen import DEFAULT_FILE_MODE, OutsideRoots, atomic_write, existing_kind, kind_of, temp_of
+from vggt_cache.client.spec import Attention, FeatureSpec, canonical_json, short_digest
+from vggt_cache.client.storage import BadPayload, check_payload_size, decode, encode, max_payload_bytes, stored_nbytes
 
 CACHE_SUFFIX = ".vggt_cache.pt"
 FORMAT_VERSION = 1

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, Callable, NamedTuple
 
 import torch
 
-from client.safeopen import open_regular
+from vggt_cache.client.safeopen import open_regular
 
 
 def load_file(path: str, use_mmap: bool, meta_only: bool = False, max_bytes: int | None = None,

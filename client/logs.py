@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from client.text import displayable
+from vggt_cache.client.text import displayable
 
 LOGGER = "vggt_cache"
 

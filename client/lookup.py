@@ -46,12 +46,12 @@ from typing import Any, Union
 import httpx
 import torch
 
-from client.cachefile import Outcome, ReadResult, read_entry
-from client.http import ServiceError
-from client.manifest import MANIFEST_NAME, nearest_manifest
-from client.service import as_spec, features_payload, spec_of_status
-from client.spec import Attention, FeatureSpec
-from client.wire import decode_features
+from vggt_cache.client.cachefile import Outcome, ReadResult, read_entry
+from vggt_cache.client.http import ServiceError
+from vggt_cache.client.manifest import MANIFEST_NAME, nearest_manifest
+from vggt_cache.client.service import as_spec, features_payload, spec_of_status
+from vggt_cache.client.spec import Attention, FeatureSpec
+from vggt_cache.client.wire import decode_features
 
 log = logging.getLogger("vggt_cache")
 

@@ -14,8 +14,8 @@ import os
 import threading
 from collections.abc import Sequence
 
-from client.safeopen import DEFAULT_FILE_MODE, atomic_write, open_regular, temp_of
-from client.text import bounded
+from vggt_cache.client.safeopen import DEFAULT_FILE_MODE, atomic_write, open_regular, temp_of
+from vggt_cache.client.text import bounded
 
 MANIFEST_NAME = "vggt_cache_manifest.json"
 MANIFEST_VERSION = 1

@@ -17,9 +17,9 @@ from typing import Any
 import httpx
 import torch
 
-from client.http import DEFAULT_TIMEOUT, DOWN_S, AsyncTransport, ServiceError, Transport
-from client.spec import FeatureSpec
-from client.wire import decode_features
+from vggt_cache.client.http import DEFAULT_TIMEOUT, DOWN_S, AsyncTransport, ServiceError, Transport
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.client.wire import decode_features
 
 ENV_PREFIX = "VGGT_CACHE_"  # the service's settings as environment variables: VGGT_CACHE_<FLAG>
 TOKEN_ENV = ENV_PREFIX + "API_TOKEN"
@@ -60,7 +60,7 @@ def resolve_token(given: str | None = None) -> str | None:
 def read_token_file(path: str) -> str:
     """The token in `path` (surrounding whitespace stripped); a file that is not regular, too large or holds no
     token is a ValueError. A file others may read is allowed (docker secrets are 0444) but logged."""
-    from client.safeopen import open_regular
+    from vggt_cache.client.safeopen import open_regular
 
     with open_regular(path, max_bytes=MAX_TOKEN_FILE_BYTES) as f:
         mode = os.fstat(f.fileno()).st_mode

@@ -9,14 +9,14 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from client.logs import setup_logging
-from client.service import TOKEN_ENV, ServiceError
-from client.spec import STORAGES, positive_int
-from service.convert import ESTIMATE_SAMPLES
-from service.errors import CommandError, UnusableInput
-from service.samples import DEFAULT_MAX_HISTORY, check_history, check_sample_bytes, file_list
-from service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings, env_flag
-from service.specflags import ENV_PREFIX, add_spec_flags
+from vggt_cache.client.logs import setup_logging
+from vggt_cache.client.service import TOKEN_ENV, ServiceError
+from vggt_cache.client.spec import STORAGES, positive_int
+from vggt_cache.service.convert import ESTIMATE_SAMPLES
+from vggt_cache.service.errors import CommandError, UnusableInput
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, check_history, check_sample_bytes, file_list
+from vggt_cache.service.settings import DEFAULT_MODEL, DEFAULT_PORT, ServiceSettings, env_flag
+from vggt_cache.service.specflags import ENV_PREFIX, add_spec_flags
 
 log = logging.getLogger("vggt_cache")
 DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
@@ -301,7 +301,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False) or env_flag(DEBUG_ENV)
     setup_logging(getattr(args, "verbose", False))
-    from service import commands
+    from vggt_cache.service import commands
 
     try:
         return getattr(commands, args.command)(args)

@@ -19,13 +19,13 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from client.text import displayable
-from service.errors import CommandError
-from service.jobview import JobState, JobView
-from service.progress import follow_job
-from service.samples import DEFAULT_MAX_HISTORY
-from service.settings import ServiceSettings, parse_devices, rank_device
-from service.specflags import given_options, serve_flags, spec_options
+from vggt_cache.client.text import displayable
+from vggt_cache.service.errors import CommandError
+from vggt_cache.service.jobview import JobState, JobView
+from vggt_cache.service.progress import follow_job
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY
+from vggt_cache.service.settings import ServiceSettings, parse_devices, rank_device
+from vggt_cache.service.specflags import given_options, serve_flags, spec_options
 
 log = logging.getLogger("vggt_cache")
 PROGRESS_POLL_S = 1.0  # how often a followed job's progress is read (not a test's synchronisation)
@@ -104,7 +104,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def api_token(args: argparse.Namespace) -> str | None:
     """The bearer token: `--api-token-file`, else `--api-token` (with a warning: `ps` shows it), else the variable."""
-    from client.service import TOKEN_ENV, read_token_file
+    from vggt_cache.client.service import TOKEN_ENV, read_token_file
 
     if args.api_token is not None and args.api_token_file:
         raise CommandError("give --api-token or --api-token-file, not both")
@@ -124,9 +124,9 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
-    from service.api import create_app
-    from service.api.connections import ACCEPT_BACKLOG, connection_cap, guarded_protocol, raise_descriptor_limit
-    from service.runtime import ServiceRuntime
+    from vggt_cache.service.api import create_app
+    from vggt_cache.service.api.connections import ACCEPT_BACKLOG, connection_cap, guarded_protocol, raise_descriptor_limit
+    from vggt_cache.service.runtime import ServiceRuntime
 
     settings = _settings(args, host=args.host, port=args.port, allowed_roots=args.allowed_roots,
                          api_token=api_token(args), max_items_per_request=args.max_items_per_request,
@@ -180,8 +180,8 @@ def precompute(args: argparse.Namespace) -> int:
 
 
 def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
-    from service.paths import AllowedRoots
-    from service.runtime import ModelUnavailable, build_components
+    from vggt_cache.service.paths import AllowedRoots
+    from vggt_cache.service.runtime import ModelUnavailable, build_components
 
     if not os.path.isdir(data_root):
         raise _no_folder(data_root)
@@ -228,10 +228,10 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
 
 def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root: str, roots) -> int:
     """The plan of a precompute, from the weights' identity alone (the model is not built)."""
-    from service.jobs import plan_work
-    from service.model import identify_model
-    from service.model.features import model_spec
-    from service.model.loader import is_hub_id
+    from vggt_cache.service.jobs import plan_work
+    from vggt_cache.service.model import identify_model
+    from vggt_cache.service.model.features import model_spec
+    from vggt_cache.service.model.loader import is_hub_id
 
     with _loading_model(settings.model, OSError, ValueError):  # weights there but unreadable: the user's to fix
         try:
@@ -265,8 +265,8 @@ UNKNOWN_FINGERPRINT = "sha256:" + "0" * 64
 
 def _unknown_model(source: str, missing: FileNotFoundError):
     """A dry run without the weights: VGGT-1B's architecture (or the config beside them), fingerprint unknown."""
-    from service.model import ModelIdentity
-    from service.model.config import AggregatorConfig
+    from vggt_cache.service.model import ModelIdentity
+    from vggt_cache.service.model.config import AggregatorConfig
 
     log.warning("The weights of %s are not on this machine (%s): planning from the spec alone. The model's "
                 "identity is unknown, so entries already written cannot be checked: every entry counts as to "
@@ -304,8 +304,8 @@ def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world:
     """torchrun: every rank sends its counts to rank 0, which writes the one manifest."""
     import torch.distributed as dist
 
-    from client.manifest import write_manifest
-    from service.jobs import manifest_record
+    from vggt_cache.client.manifest import write_manifest
+    from vggt_cache.service.jobs import manifest_record
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
@@ -348,7 +348,7 @@ def _print_summary(view: JobView) -> None:
 
 def _client(args: argparse.Namespace, **options: object):
     """A ServiceClient of `--server`; a URL that is not one is the user's to fix."""
-    from client.service import ServiceClient
+    from vggt_cache.client.service import ServiceClient
 
     try:
         return ServiceClient(args.server, api_token(args), **options)
@@ -358,7 +358,7 @@ def _client(args: argparse.Namespace, **options: object):
 
 def _check_server_spec(args: argparse.Namespace, service) -> None:
     """Spec flags given with `--server` must name the service's spec: it computes with its own, never theirs."""
-    from client.service import spec_of_status
+    from vggt_cache.client.service import spec_of_status
 
     given = given_options(args)
     if not given:
@@ -382,7 +382,7 @@ def _check_server_spec(args: argparse.Namespace, service) -> None:
 
 
 def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
-    from client.service import ServiceError
+    from vggt_cache.client.service import ServiceError
 
     options = {"skip_existing": args.skip_existing, "verify": args.verify, "data_path": args.data_path,
                "max_history_images": args.max_history_images, "data_files": args.data_files,
@@ -412,9 +412,9 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
 
 
 def verify(args: argparse.Namespace) -> int:
-    from client.manifest import MANIFEST_NAME, read_manifest
-    from client.spec import FeatureSpec
-    from service.verify import verify_data_root
+    from vggt_cache.client.manifest import MANIFEST_NAME, read_manifest
+    from vggt_cache.client.spec import FeatureSpec
+    from vggt_cache.service.verify import verify_data_root
 
     data_root = os.path.abspath(args.data_root)
     if not os.path.isdir(data_root):
@@ -423,7 +423,7 @@ def verify(args: argparse.Namespace) -> int:
         return _estimate_storage(data_root, args.samples, args.json)
     history, files = args.max_history_images, args.data_files
     if args.server:
-        from client.service import spec_of_status
+        from vggt_cache.client.service import spec_of_status
 
         with _client(args) as service:
             body = service.status()
@@ -457,8 +457,8 @@ def verify(args: argparse.Namespace) -> int:
 
 
 def _estimate_storage(data_root: str, samples: int, as_json: bool) -> int:
-    from service.convert import estimate_storage
-    from service.plan import human_bytes
+    from vggt_cache.service.convert import estimate_storage
+    from vggt_cache.service.plan import human_bytes
 
     report = estimate_storage(data_root, samples)
     if as_json:
@@ -475,8 +475,8 @@ def _estimate_storage(data_root: str, samples: int, as_json: bool) -> int:
 
 
 def convert(args: argparse.Namespace) -> int:
-    from service.convert import convert_entries
-    from service.plan import human_bytes
+    from vggt_cache.service.convert import convert_entries
+    from vggt_cache.service.plan import human_bytes
 
     data_root = os.path.abspath(args.data_root)
     if not os.path.isdir(data_root):
@@ -501,7 +501,7 @@ def _per_priority(counts: dict | None) -> str:
 
 
 def status(args: argparse.Namespace) -> int:
-    from service.progress import duration
+    from vggt_cache.service.progress import duration
 
     with _client(args) as service:
         body = service.status()
@@ -537,6 +537,6 @@ def status(args: argparse.Namespace) -> int:
 
 
 def demo(args: argparse.Namespace) -> int:
-    from service.demo import run_demo
+    from vggt_cache.service.demo import run_demo
 
     return run_demo(keep=args.keep, port=args.port)

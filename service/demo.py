@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from client.http import wait_until_ready
-from service.model.loader import TINY_DIR, TINY_SOURCE
+from vggt_cache.client.http import wait_until_ready
+from vggt_cache.service.model.loader import TINY_DIR, TINY_SOURCE
 
 # The built-in tiny model's architecture (2 layers, VGGT's structure), for benchmarks that want random weights.
 DEMO_CONFIG = json.loads(Path(TINY_DIR, "config.json").read_text(encoding="utf-8"))  # package data, not user input
@@ -63,11 +63,11 @@ def _say(text: str) -> None:
 
 
 def run_demo(keep: bool = False, port: int = 0) -> int:
-    from client import FeatureCache
-    from client.cachefile import cache_path
-    from client.service import ServiceClient
-    from service.progress import follow_job
-    from service.jobview import JobView
+    from vggt_cache.client import FeatureCache
+    from vggt_cache.client.cachefile import cache_path
+    from vggt_cache.client.service import ServiceClient
+    from vggt_cache.service.progress import follow_job
+    from vggt_cache.service.jobview import JobView
 
     work = tempfile.mkdtemp(prefix="vggt-cache-demo-")
     data_root = os.path.join(work, "data")
@@ -78,7 +78,7 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
 
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", TINY_SOURCE, "--device", "cpu",
+    cmd = [sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", TINY_SOURCE, "--device", "cpu",
            "--host", "127.0.0.1", "--port", str(port), "--allowed-root", data_root,
            "--state-dir", os.path.join(work, "state"), "--size", str(DEMO_SIZE), "--dtype", "float32"]
     _say("starting: " + " ".join(cmd[2:]))

@@ -12,21 +12,21 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TypeVar
 
-from client.cachefile import is_temp_file
-from client.manifest import is_manifest_temp_file, write_manifest
-from client.safeopen import open_folder
-from client.spec import FeatureSpec, matching_preset
-from client.wire import EntryStatus
-from service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
-from service.jobview import TERMINAL, JobState, JobView
-from service.paths import AllowedRoots, PathNotAllowed, printable
-from service.plan import Plan, plan_job
-from service.preprocess import MAX_IMAGE_BYTES
-from service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, check_history
-from service.settings import ServiceSettings
-from service.sources import ScanResult, scan_data_root, shard
-from service.store import JobRecord, JobStore
-from service.units import Unit
+from vggt_cache.client.cachefile import is_temp_file
+from vggt_cache.client.manifest import is_manifest_temp_file, write_manifest
+from vggt_cache.client.safeopen import open_folder
+from vggt_cache.client.spec import FeatureSpec, matching_preset
+from vggt_cache.client.wire import EntryStatus
+from vggt_cache.service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
+from vggt_cache.service.jobview import TERMINAL, JobState, JobView
+from vggt_cache.service.paths import AllowedRoots, PathNotAllowed, printable
+from vggt_cache.service.plan import Plan, plan_job
+from vggt_cache.service.preprocess import MAX_IMAGE_BYTES
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, check_history
+from vggt_cache.service.settings import ServiceSettings
+from vggt_cache.service.sources import ScanResult, scan_data_root, shard
+from vggt_cache.service.store import JobRecord, JobStore
+from vggt_cache.service.units import Unit
 
 T = TypeVar("T")
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
-from client.text import shorten
-from client.wire import EntryStatus
+from vggt_cache.client.text import shorten
+from vggt_cache.client.wire import EntryStatus
 
 
 class JobState(str, Enum):

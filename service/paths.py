@@ -6,9 +6,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from client.safeopen import inside
-from client.text import printable, shorten
-from service.errors import UnusableInput
+from vggt_cache.client.safeopen import inside
+from vggt_cache.client.text import printable, shorten
+from vggt_cache.service.errors import UnusableInput
 
 
 class PathNotAllowed(PermissionError):

@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from client.cachefile import Outcome, cache_path, read_entry, stored_entry_bytes
-from client.spec import FeatureSpec
-from client.text import bounded
-from service.preprocess import MAX_IMAGE_BYTES, image_size, output_size
-from service.sources import ScanResult
-from service.units import Unit
+from vggt_cache.client.cachefile import Outcome, cache_path, read_entry, stored_entry_bytes
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.client.text import bounded
+from vggt_cache.service.preprocess import MAX_IMAGE_BYTES, image_size, output_size
+from vggt_cache.service.sources import ScanResult
+from vggt_cache.service.units import Unit
 
 log = logging.getLogger("vggt_cache")
 

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from client.safeopen import open_regular
-from service.settings import ServiceSettings
+from vggt_cache.client.safeopen import open_regular
+from vggt_cache.service.settings import ServiceSettings
 
 PATCH_SIZE = 14
 MODES = ("crop", "pad")

@@ -11,8 +11,8 @@ import time
 from collections.abc import Callable
 from typing import TextIO
 
-from client.logs import LOGGER
-from service.jobview import JobView
+from vggt_cache.client.logs import LOGGER
+from vggt_cache.service.jobview import JobView
 
 log = logging.getLogger(LOGGER)
 LOG_EVERY_S = 10.0  # off a terminal: a progress line this often

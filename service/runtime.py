@@ -8,15 +8,15 @@ import threading
 import time
 from dataclasses import dataclass
 
-from client.spec import FeatureSpec, positive_int
-from service.engine import Engine
-from service.engine.device import ForwardHook
-from service.jobs import JobManager, Retention
-from service.model import LoadedModel, load_aggregator
-from service.model.features import model_spec
-from service.paths import AllowedRoots
-from service.settings import ServiceSettings, parse_devices
-from service.store import JobStore
+from vggt_cache.client.spec import FeatureSpec, positive_int
+from vggt_cache.service.engine import Engine
+from vggt_cache.service.engine.device import ForwardHook
+from vggt_cache.service.jobs import JobManager, Retention
+from vggt_cache.service.model import LoadedModel, load_aggregator
+from vggt_cache.service.model.features import model_spec
+from vggt_cache.service.paths import AllowedRoots
+from vggt_cache.service.settings import ServiceSettings, parse_devices
+from vggt_cache.service.store import JobStore
 
 log = logging.getLogger("vggt_cache")
 

@@ -43,12 +43,12 @@ from typing import BinaryIO
 
 import numpy as np
 
-from client.cachefile import CACHE_SUFFIX
-from client.manifest import MANIFEST_NAME
-from client.safeopen import inside, open_regular
-from client.text import shorten
-from service.errors import UnusableInput
-from service.paths import AllowedRoots, PathNotAllowed
+from vggt_cache.client.cachefile import CACHE_SUFFIX
+from vggt_cache.client.manifest import MANIFEST_NAME
+from vggt_cache.client.safeopen import inside, open_regular
+from vggt_cache.client.text import shorten
+from vggt_cache.service.errors import UnusableInput
+from vggt_cache.service.paths import AllowedRoots, PathNotAllowed
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 DEFAULT_MAX_HISTORY = 8

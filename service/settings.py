@@ -7,8 +7,8 @@ import os
 import socket
 from dataclasses import dataclass, field
 
-from client.spec import positive_int
-from service.samples import MAX_SAMPLE_BYTES, check_sample_bytes
+from vggt_cache.client.spec import positive_int
+from vggt_cache.service.samples import MAX_SAMPLE_BYTES, check_sample_bytes
 
 DEFAULT_MODEL = "facebook/VGGT-1B"
 DEFAULT_PORT = 8600

@@ -6,11 +6,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, SampleSet, find_samples
-from client.spec import ATTENTION, Attention
-from service.errors import UnusableInput
-from service.paths import AllowedRoots
-from service.units import Unit
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, SampleSet, find_samples
+from vggt_cache.client.spec import ATTENTION, Attention
+from vggt_cache.service.errors import UnusableInput
+from vggt_cache.service.paths import AllowedRoots
+from vggt_cache.service.units import Unit
 
 T = TypeVar("T")
 

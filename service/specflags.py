@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from client.service import ENV_PREFIX
-from client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, STORAGES, TOKENS, FeatureSpec, \
+from vggt_cache.client.service import ENV_PREFIX
+from vggt_cache.client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, STORAGES, TOKENS, FeatureSpec, \
     matching_preset, resolve_options
 
 

@@ -17,11 +17,11 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from client.text import bounded, printable
-from client.wire import EntryStatus
-from service.jobview import ACTIVE, COUNTER, JobState
-from service.errors import UnusableInput
-from service.units import Unit
+from vggt_cache.client.text import bounded, printable
+from vggt_cache.client.wire import EntryStatus
+from vggt_cache.service.jobview import ACTIVE, COUNTER, JobState
+from vggt_cache.service.errors import UnusableInput
+from vggt_cache.service.units import Unit
 
 DB_NAME = "jobs.sqlite3"
 # Failure rows kept per job (each string `bounded`): the counters count every failure, the rows

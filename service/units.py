@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from client.spec import ATTENTION, Attention
+from vggt_cache.client.spec import ATTENTION, Attention
 
 
 @dataclass(frozen=True)

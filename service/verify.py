@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from client.cachefile import Outcome, read_entry
-from client.spec import FeatureSpec
-from service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES
-from service.sources import scan_data_root
+from vggt_cache.client.cachefile import Outcome, read_entry
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES
+from vggt_cache.service.sources import scan_data_root
 
 
 def verify_data_root(data_root: str, spec: FeatureSpec, data_path: str | None = None,

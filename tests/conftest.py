@@ -9,7 +9,7 @@ from typing import Callable, Iterator
 import httpx
 import pytest
 
-from client.logs import LOGGER
+from vggt_cache.client.logs import LOGGER
 from service_helpers import RunningService, start_service
 
 

@@ -21,12 +21,12 @@ import pytest
 import torch
 from PIL import Image
 
-from client.http import wait_until_ready
-from client.service import spec_of_status
-from client.spec import DTYPES, FeatureSpec
-from service.demo import free_port
-from service.jobview import TERMINAL
-from service.preprocess import preprocess
+from vggt_cache.client.http import wait_until_ready
+from vggt_cache.client.service import spec_of_status
+from vggt_cache.client.spec import DTYPES, FeatureSpec
+from vggt_cache.service.demo import free_port
+from vggt_cache.service.jobview import TERMINAL
+from vggt_cache.service.preprocess import preprocess
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
@@ -79,7 +79,7 @@ def start_service(root: str | os.PathLike, *extra_args: str, ready_timeout: floa
         state_dir = tempfile.mkdtemp(prefix="vggt-cache-state-")
         log_path = os.path.join(state_dir, "service.log")
         log = open(log_path, "w")
-        cmd = [*prefix, sys.executable, "-m", "service.cli", "serve", "--model", str(TINY_MODEL), "--device", "cpu",
+        cmd = [*prefix, sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", str(TINY_MODEL), "--device", "cpu",
                "--host", "127.0.0.1", "--port", str(port), "--allowed-root", root,
                "--state-dir", state_dir, "--size", "56", *extra_args]
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
@@ -199,10 +199,10 @@ def service_in_process(root: Path, state_dir: Path, before_forward: Callable[[to
 
     import uvicorn
 
-    from client.spec import resolve_options
-    from service.api import create_app
-    from service.runtime import ServiceRuntime
-    from service.settings import ServiceSettings
+    from vggt_cache.client.spec import resolve_options
+    from vggt_cache.service.api import create_app
+    from vggt_cache.service.runtime import ServiceRuntime
+    from vggt_cache.service.settings import ServiceSettings
 
     port = free_port()
     settings = ServiceSettings(model=str(TINY_MODEL), device="cpu", port=port, allowed_roots=[str(root)],

@@ -15,9 +15,9 @@ import httpx
 import pytest
 import torch
 
-from client import FeatureCache
-from client.cachefile import Outcome, cache_path, read_entry
-from client.wire import decode_features
+from vggt_cache.client import FeatureCache
+from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
+from vggt_cache.client.wire import decode_features
 from service_helpers import REPO, cache_files, service_spec, temp_files, wait_job, write_images
 
 
@@ -211,7 +211,7 @@ def test_malicious_and_misshapen_cache_files_are_never_trusted(http: httpx.Clien
     reader = FeatureCache(spec=spec, fallback="online")
     assert [t is None for t in reader.get_many(images)] == [True] * 4 + [False]
     assert reader.stats["corrupt"] == 4
-    verify = [sys.executable, "-m", "service.cli", "verify", str(folder), "--server", server.url, "--json"]
+    verify = [sys.executable, "-m", "vggt_cache.service.cli", "verify", str(folder), "--server", server.url, "--json"]
     before = subprocess.run(verify, cwd=REPO, capture_output=True, text=True, timeout=120)
     report = json.loads(before.stdout)
     assert before.returncode == 1 and report["counts"]["corrupt"] == 4 and report["counts"]["hit"] == 1

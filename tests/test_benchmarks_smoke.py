@@ -88,7 +88,7 @@ def test_flop_formula_matches_torch_flop_counter(attention: str, layers: list[in
                                                  height: int, width: int) -> None:
     sys.path.insert(0, str(BENCHMARKS))
     from common import clip_flops, random_model
-    from service.demo import DEMO_CONFIG
+    from vggt_cache.service.demo import DEMO_CONFIG
 
     loaded = random_model(DEMO_CONFIG, "cpu")
     images = torch.rand(1, frames, 3, height, width)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from client import cachefile, fastload
-from client.cachefile import (
+from vggt_cache.client import cachefile, fastload
+from vggt_cache.client.cachefile import (
     CACHE_SUFFIX,
     FORMAT_VERSION,
     Outcome,
@@ -19,7 +19,7 @@ from client.cachefile import (
     source_record,
     write_entry,
 )
-from client.spec import FeatureSpec, short_digest
+from vggt_cache.client.spec import FeatureSpec, short_digest
 
 ARCH = {"patch_size": 14, "embed_dim": 8, "depth": 4, "num_register_tokens": 4}
 GRID = [3, 5]  # 15 patch tokens of 2 * embed_dim = 16 channels

@@ -12,9 +12,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from client.cachefile import Outcome, read_entry
-from client.spec import FeatureSpec
-from client.manifest import MANIFEST_NAME
+from vggt_cache.client.cachefile import Outcome, read_entry
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.client.manifest import MANIFEST_NAME
 from service_helpers import cache_files, done, free_port, wait_job, write_images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,8 +22,8 @@ TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `python -m service.cli ARGS`; stdout and stderr together in `.stdout`."""
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+    """Run `python -m vggt_cache.service.cli ARGS`; stdout and stderr together in `.stdout`."""
+    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
@@ -83,7 +83,7 @@ def test_precompute_under_torchrun_shards_the_work_and_writes_one_manifest(tmp_p
     data_root = tmp_path / "data"
     images = write_images(data_root / "scene", [f"{i:02d}.png" for i in range(9)], size=(28, 42))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "service.cli", "precompute", "--data_root", str(data_root), "--vggt_model_path", str(TINY_MODEL),
+           "-m", "vggt_cache.service.cli", "precompute", "--data_root", str(data_root), "--vggt_model_path", str(TINY_MODEL),
            "--device", "cpu", "--batch_size", "2", "--size", "56", "--state-dir", str(tmp_path / "state")]
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
@@ -152,8 +152,8 @@ def test_a_signal_stops_serve_cleanly_mid_job(service_server, tmp_path: Path, si
 
 
 def test_spec_flags_beat_variables_and_at_each_level_fields_beat_the_preset(monkeypatch) -> None:
-    from service.cli import build_parser
-    from service.specflags import spec_options
+    from vggt_cache.service.cli import build_parser
+    from vggt_cache.service.specflags import spec_options
 
     def options(*argv: str) -> dict:
         return spec_options(build_parser().parse_args(["serve", "--allowed-root", "/data", *argv]))

@@ -16,13 +16,13 @@ import httpx
 import pytest
 import torch
 
-from service.demo import free_port
+from vggt_cache.service.demo import free_port
 from service_helpers import REPO, TINY_MODEL, poll, write_images
 
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
-    """`python -m service.cli ARGS`, stdout and stderr together in `.stdout`."""
-    return subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
+    """`python -m vggt_cache.service.cli ARGS`, stdout and stderr together in `.stdout`."""
+    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=timeout,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
@@ -130,7 +130,7 @@ def test_serve_with_a_model_that_cannot_load_stays_up_at_503_and_says_why(data_r
     port = free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(tmp_path / "nope"),
+        proc = subprocess.Popen([sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", str(tmp_path / "nope"),
                                  "--port", str(port), "--allowed-root", str(data_root), "--state-dir",
                                  str(tmp_path / "state")], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -154,8 +154,8 @@ def test_serve_with_a_model_that_cannot_load_stays_up_at_503_and_says_why(data_r
 
 
 def test_a_failed_model_is_logged_again_every_interval(tmp_path: Path) -> None:
-    from service.runtime import ServiceRuntime
-    from service.settings import ServiceSettings
+    from vggt_cache.service.runtime import ServiceRuntime
+    from vggt_cache.service.settings import ServiceSettings
 
     lines: list[str] = []
 

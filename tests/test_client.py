@@ -17,12 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from client.cache import ENABLED_MESSAGE, AsyncFeatureCache, CacheUnavailable, FeatureCache, read_cached
-from client.cachefile import Outcome, cache_path, read_entry, source_record, write_entry
-from client.http import ordered_urls, parse_retry_after
-from client.manifest import MANIFEST_NAME
-from client.spec import FeatureSpec
-from client.wire import encode_features
+from vggt_cache.client.cache import ENABLED_MESSAGE, AsyncFeatureCache, CacheUnavailable, FeatureCache, read_cached
+from vggt_cache.client.cachefile import Outcome, cache_path, read_entry, source_record, write_entry
+from vggt_cache.client.http import ordered_urls, parse_retry_after
+from vggt_cache.client.manifest import MANIFEST_NAME
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.client.wire import encode_features
 from service_helpers import free_port, poll
 
 GRID = (3, 4)  # 60x80 images at --size 56

@@ -9,6 +9,7 @@ parser. The compose file uses the long syntax for ports and volumes (a
 from __future__ import annotations
 
 import json
+import tomllib
 import re
 import shlex
 from collections.abc import Iterator
@@ -18,8 +19,8 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from service.cli import build_parser
-from service.settings import ServiceSettings
+from vggt_cache.service.cli import build_parser
+from vggt_cache.service.settings import ServiceSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -286,9 +287,8 @@ def test_installs_the_project_from_its_own_files_without_replacing_torch():
     sources = copy_sources()
     assert "." not in sources, "copy only what the package build needs"
     readme = re.search(r'readme\s*=\s*"([^"]+)"', pyproject()).group(1)
-    includes = re.findall(r'"(\w+)\*"', re.search(r"include\s*=\s*\[([^\]]*)\]", pyproject()).group(1))
-    assert includes, "pyproject's packages.find include list not found"
-    assert {"pyproject.toml", readme, *includes} <= set(sources)
+    folders = tomllib.loads(pyproject())["tool"]["setuptools"]["package-dir"].values()
+    assert {"pyproject.toml", readme, *folders} <= set(sources)
     for src in sources:
         assert (ROOT / src).exists(), src
     text = DOCKERFILE.read_text()
@@ -389,3 +389,14 @@ def test_dockerignore_lets_in_everything_the_dockerfile_copies():
         files += [f.relative_to(ROOT).as_posix() for f in found if "__pycache__" not in f.parts]
     assert "service/cli.py" in files and "pyproject.toml" in files
     assert [f for f in files if dockerignored(f)] == []
+
+
+def test_every_folder_of_the_import_package_is_listed_in_pyproject():
+    """A subpackage missing from `packages` would be absent from the wheel (an editable install still finds it)."""
+    setup = tomllib.loads(pyproject())["tool"]["setuptools"]
+    found = set()
+    for package, folder in setup["package-dir"].items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *parts)))
+    assert found == set(setup["packages"])

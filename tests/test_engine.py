@@ -11,15 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from client.cachefile import Outcome, cache_path, read_entry
-from client.spec import FeatureSpec
-from service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
-from service.engine.stats import History
-from service.model import load_aggregator
-from service.model.features import entry_features
-from service.preprocess import preprocess
-from service.settings import ServiceSettings
-from service.units import Unit
+from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
+from vggt_cache.service.engine.stats import History
+from vggt_cache.service.model import load_aggregator
+from vggt_cache.service.model.features import entry_features
+from vggt_cache.service.preprocess import preprocess
+from vggt_cache.service.settings import ServiceSettings
+from vggt_cache.service.units import Unit
 from service_helpers import poll, reference_features
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
@@ -463,11 +463,11 @@ def test_units_in_lanes_on_two_devices_equal_each_clip_computed_alone(tmp_path, 
 
 
 def test_a_bulk_job_on_two_devices_runs_in_lanes_and_writes_every_entry(tmp_path, loaded):
-    from client.spec import preset_options
-    from service.jobs import JobManager
-    from service.paths import AllowedRoots
-    from service.runtime import model_info
-    from service.store import JobStore
+    from vggt_cache.client.spec import preset_options
+    from vggt_cache.service.jobs import JobManager
+    from vggt_cache.service.paths import AllowedRoots
+    from vggt_cache.service.runtime import model_info
+    from vggt_cache.service.store import JobStore
 
     root = tmp_path / "data"
     for episode, seed in (("ep_a", 0), ("ep_b", 50)):
@@ -495,7 +495,7 @@ def test_a_bulk_job_on_two_devices_runs_in_lanes_and_writes_every_entry(tmp_path
 
 
 def test_the_patch_cache_keeps_the_most_recent_frames_within_its_budget(loaded):
-    from service.engine.patches import PatchCache
+    from vggt_cache.service.engine.patches import PatchCache
 
     frames = torch.rand(1, 4, 3, 42, 56)  # [B, S, 3, H, W]
     one_frame = 12 * loaded.config.embed_dim * 4  # a 3x4 grid of float32 tokens
@@ -527,7 +527,7 @@ def test_a_repeated_frame_in_sequence_mode_keeps_its_last_positions_output(tmp_p
 
 
 def test_a_hint_never_waits_it_is_taken_within_its_room_or_refused_whole(tmp_path, loaded):
-    from service.engine import QueueFull
+    from vggt_cache.service.engine import QueueFull
 
     frames = images(tmp_path / "hints", 12)
     gate = Gate()

@@ -23,13 +23,13 @@ import httpx
 import pytest
 import torch
 
-from client import FeatureCache
-from client.cachefile import Outcome, read_entry
-from client.spec import FeatureSpec
-from client.wire import decode_features
-from service.engine import Engine
-from service.model import load_aggregator
-from service.units import Unit
+from vggt_cache.client import FeatureCache
+from vggt_cache.client.cachefile import Outcome, read_entry
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.client.wire import decode_features
+from vggt_cache.service.engine import Engine
+from vggt_cache.service.model import load_aggregator
+from vggt_cache.service.units import Unit
 from service_helpers import (REPO, TERMINAL, TINY_MODEL, RunningService, cache_files, done, poll, service_spec,
                              temp_files, tmpfs, wait_job, write_images)
 
@@ -285,7 +285,7 @@ def test_an_image_rewritten_during_its_forward_gets_a_stale_entry(tmp_path: Path
 
 READER = """
 import json, os, sys
-from client import FeatureCache
+from vggt_cache.client import FeatureCache
 images, spec, stop = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
 cache = FeatureCache(spec=spec, fallback="online", mmap=False)
 shapes, rounds = set(), 0

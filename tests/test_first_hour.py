@@ -16,10 +16,10 @@ from test_cli_errors import cli, one_error
 
 
 def test_tiny_is_the_one_shipped_model_that_every_entry_point_takes(tmp_path: Path) -> None:
-    from service.model import TINY_SOURCE, identify_model
-    from service.model.loader import TINY_DIR
-    from training.arguments import ModelArguments
-    from training.train import vggt_source
+    from vggt_cache.service.model import TINY_SOURCE, identify_model
+    from vggt_cache.service.model.loader import TINY_DIR
+    from vggt_cache.training.arguments import ModelArguments
+    from vggt_cache.training.train import vggt_source
 
     tiny = identify_model(TINY_SOURCE)
     # The package's own bytes (no download), the very weights the tests' fixture names.
@@ -35,9 +35,9 @@ def test_tiny_is_the_one_shipped_model_that_every_entry_point_takes(tmp_path: Pa
 
 def test_a_service_of_another_spec_is_named_as_the_cause_with_a_command_for_this_machine(
         tmp_path: Path, service_server, caplog) -> None:
-    from service.model import load_aggregator
-    from training.arguments import CacheArguments, DataArguments, feature_spec
-    from training.train import open_cache, serve_command
+    from vggt_cache.service.model import load_aggregator
+    from vggt_cache.training.arguments import CacheArguments, DataArguments, feature_spec
+    from vggt_cache.training.train import open_cache, serve_command
 
     clip = write_images(tmp_path, [f"step_{n}_MOVE_FORWARD.png" for n in range(2)])
     service = service_server(tmp_path)  # frame attention; training's default is causal (newjanusvln)
@@ -67,11 +67,11 @@ def test_spec_flags_given_with_server_must_name_the_services_spec(tmp_path: Path
 
 
 def test_every_unavailable_message_names_the_last_failure(tmp_path: Path) -> None:
-    from client import FeatureCache
-    from client.cache import CacheUnavailable
-    from service.demo import free_port
-    from service.model import identify_model
-    from service.model.features import model_spec
+    from vggt_cache.client import FeatureCache
+    from vggt_cache.client.cache import CacheUnavailable
+    from vggt_cache.service.demo import free_port
+    from vggt_cache.service.model import identify_model
+    from vggt_cache.service.model.features import model_spec
 
     image = write_images(tmp_path, ["a.png"])[0]
     dead = f"http://127.0.0.1:{free_port()}"  # bound, then closed: connections are refused
@@ -84,7 +84,7 @@ def test_every_unavailable_message_names_the_last_failure(tmp_path: Path) -> Non
 
 
 def test_training_help_starts_with_the_ten_flags_a_first_run_needs() -> None:
-    from training.train import FIRST_FLAGS, build_parser
+    from vggt_cache.training.train import FIRST_FLAGS, build_parser
 
     text = build_parser().format_help()
     start = text.index("start here: the flags a first run needs:")
@@ -96,7 +96,7 @@ def test_training_help_starts_with_the_ten_flags_a_first_run_needs() -> None:
 
 
 def test_an_allowed_root_that_is_not_a_folder_is_a_warning(tmp_path: Path) -> None:
-    from service.settings import ServiceSettings
+    from vggt_cache.service.settings import ServiceSettings
 
     missing = str(tmp_path / "no-such-mount")
     warnings = ServiceSettings(allowed_roots=[str(tmp_path), missing]).warnings()

@@ -15,11 +15,11 @@ import httpx
 import pytest
 import torch
 
-from client.wire import decode_features
-from service.demo import free_port
-from service.engine.device import is_device_lost, is_out_of_memory
-from service.model import load_aggregator
-from service.settings import parse_devices, rank_device
+from vggt_cache.client.wire import decode_features
+from vggt_cache.service.demo import free_port
+from vggt_cache.service.engine.device import is_device_lost, is_out_of_memory
+from vggt_cache.service.model import load_aggregator
+from vggt_cache.service.settings import parse_devices, rank_device
 from service_helpers import REPO, TINY_MODEL, service_in_process, write_images
 from test_cli_errors import cli, one_error
 
@@ -130,8 +130,8 @@ def test_a_device_lost_to_a_fatal_cuda_error_is_not_ready_and_says_why(tmp_path:
 
 
 def test_a_lost_device_hands_later_work_to_the_others(tmp_path: Path) -> None:
-    from service.engine import Engine
-    from service.units import Unit
+    from vggt_cache.service.engine import Engine
+    from vggt_cache.service.units import Unit
     from test_engine import images, make_spec
 
     loaded = load_aggregator(str(TINY_MODEL))
@@ -150,7 +150,7 @@ def test_a_lost_device_hands_later_work_to_the_others(tmp_path: Path) -> None:
 
 def test_compile_counts_grow_with_each_new_shape() -> None:
     # Each clip length compiles anew: /status's engine.compile shows it (graphs growing while serving).
-    from service.model.resident import compile_counts
+    from vggt_cache.service.model.resident import compile_counts
 
     before = compile_counts()
     double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
@@ -164,7 +164,7 @@ def test_compile_raises_the_limit_under_its_older_name_on_older_torch() -> None:
     # torch 2.4/2.5 (allowed by pyproject) call it cache_size_limit; recompile_limit does not exist there.
     import types
 
-    from service.model.resident import raise_recompile_limit
+    from vggt_cache.service.model.resident import raise_recompile_limit
 
     older, newer = types.SimpleNamespace(cache_size_limit=8), types.SimpleNamespace(recompile_limit=8)
     raise_recompile_limit(older, 64)
@@ -174,8 +174,8 @@ def test_compile_raises_the_limit_under_its_older_name_on_older_torch() -> None:
 
 def test_a_batch_that_compiles_is_logged_with_its_shape(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Stands in for a compiled block meeting a new clip length: the hook compiles once per new shape.
-    from service.engine import Engine
-    from service.units import Unit
+    from vggt_cache.service.engine import Engine
+    from vggt_cache.service.units import Unit
     from test_engine import images, make_spec
 
     double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
@@ -193,8 +193,8 @@ def test_a_batch_that_compiles_is_logged_with_its_shape(tmp_path: Path, caplog: 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA memory counters need a GPU (benchmarks/gpu_check.sh)")
 def test_cuda_memory_in_status_has_reserved_and_peaks(tmp_path: Path) -> None:
-    from service.engine import Engine
-    from service.units import Unit
+    from vggt_cache.service.engine import Engine
+    from vggt_cache.service.units import Unit
     from test_engine import images, make_spec
 
     loaded = load_aggregator(str(TINY_MODEL))

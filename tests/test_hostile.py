@@ -24,11 +24,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from client import FeatureCache
-from client.cachefile import Outcome, cache_path, read_entry
-from client.manifest import manifest_path
-from client.wire import decode_features
-from service.demo import free_port
+from vggt_cache.client import FeatureCache
+from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
+from vggt_cache.client.manifest import manifest_path
+from vggt_cache.client.wire import decode_features
+from vggt_cache.service.demo import free_port
 from service_helpers import (REPO, TINY_MODEL, RunningService, cache_files, poll, service_in_process, service_spec,
                              temp_files, wait_job, write_images)
 
@@ -65,7 +65,7 @@ def features(http: httpx.Client, images: list[str]) -> list[dict]:
 
 
 def verify(folder: Path, server: RunningService) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "service.cli", "verify", str(folder), "--server", server.url,
+    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "verify", str(folder), "--server", server.url,
                            "--api-token", TOKEN, "--json"], cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
 
 
@@ -353,7 +353,7 @@ def test_a_flipped_byte_in_the_features_is_caught_by_its_crc(server: RunningServ
 
 
 def serve_exits(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(TINY_MODEL), "--device", "cpu",
+    cmd = [sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", str(TINY_MODEL), "--device", "cpu",
            "--port", str(free_port()), "--allowed-root", str(root), *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_S,
                           env={**os.environ, **(env or {})})

@@ -19,14 +19,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from client.cache import FeatureCache
-from client.cachefile import Outcome, read_entry
-from client.spec import FeatureSpec, matching_preset
-from service.model import KVCache, load_aggregator
-from service.preprocess import preprocess
-from service.samples import find_samples
+from vggt_cache.client.cache import FeatureCache
+from vggt_cache.client.cachefile import Outcome, read_entry
+from vggt_cache.client.spec import FeatureSpec, matching_preset
+from vggt_cache.service.model import KVCache, load_aggregator
+from vggt_cache.service.preprocess import preprocess
+from vggt_cache.service.samples import find_samples
 from service_helpers import service_spec, wait_job, write_images
-from training.data import load_samples
+from vggt_cache.training.data import load_samples
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 JANUS = FIXTURES / "janusvln"

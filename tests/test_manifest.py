@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from client.manifest import MANIFEST_NAME, MAX_FAILURES, read_manifest, write_manifest
+from vggt_cache.client.manifest import MANIFEST_NAME, MAX_FAILURES, read_manifest, write_manifest
 
 
 def test_missing_manifest_reads_as_none(tmp_path):

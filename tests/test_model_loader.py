@@ -12,8 +12,8 @@ import torch
 from huggingface_hub import constants as hf_constants
 from safetensors.torch import load_file, save_file
 
-import service.model.fingerprint as fingerprint_mod
-from service.model import AggregatorConfig, VGGTAggregator, file_fingerprint, load_aggregator
+import vggt_cache.service.model.fingerprint as fingerprint_mod
+from vggt_cache.service.model import AggregatorConfig, VGGTAggregator, file_fingerprint, load_aggregator
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
 KEYS_1B = Path(__file__).parent / "fixtures" / "vggt1b_checkpoint_keys.json"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from service.model import AggregatorConfig, KVCache, VGGTAggregator
+from vggt_cache.service.model import AggregatorConfig, KVCache, VGGTAggregator
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
 MODES = ("frame", "sequence", "causal")
@@ -255,7 +255,7 @@ def test_patches_embedded_elsewhere_give_the_same_outputs(model32, images, mode)
 def test_compiled_blocks_give_the_eager_features(model32, images):
     import copy
 
-    from service.model.resident import compile_blocks, make_resident
+    from vggt_cache.service.model.resident import compile_blocks, make_resident
 
     compiled = compile_blocks(make_resident(copy.deepcopy(model32), torch.device("cpu"), torch.float32))
     clips = torch.cat([images, images.flip(1)])  # [2, 3, 3, H, W]
@@ -271,7 +271,7 @@ def test_compiled_blocks_give_the_eager_features(model32, images):
 
 
 def test_resident_weights_dtype_follows_the_device_and_the_storage_dtype(model32):
-    from service.model.resident import weights_dtype
+    from vggt_cache.service.model.resident import weights_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert weights_dtype(cuda, torch.bfloat16) == weights_dtype(cuda, torch.float16) == torch.bfloat16
@@ -284,7 +284,7 @@ def test_bfloat16_resident_weights_give_what_autocast_gives_with_float32_weights
     # norms, LayerScale, tokens and the position embedding stay float32 (the residual streams too).
     import copy
 
-    from service.model.resident import make_resident
+    from vggt_cache.service.model.resident import make_resident
 
     resident = make_resident(copy.deepcopy(model32), torch.device("cpu"), torch.bfloat16)
     assert resident.frame_blocks[0].attn.qkv.weight.dtype == torch.bfloat16

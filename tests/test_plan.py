@@ -10,8 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from client.cachefile import CACHE_SUFFIX
-from service import cli, plan
+from vggt_cache.client.cachefile import CACHE_SUFFIX
+from vggt_cache.service import cli, plan
 from service_helpers import cache_files, tmpfs, wait_job, write_images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +27,7 @@ def episode_root(folder: Path) -> Path:
 
 
 def precompute(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "service.cli", "precompute", "--vggt_model_path", str(TINY), "--device", "cpu",
+    cmd = [sys.executable, "-m", "vggt_cache.service.cli", "precompute", "--vggt_model_path", str(TINY), "--device", "cpu",
            "--preset", "newjanusvln", "--size", "56", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
@@ -64,7 +64,7 @@ def test_dry_run_figures_match_what_the_job_then_writes(tmp_path):
     assert all(TENSOR_BYTES < size <= TENSOR_BYTES + plan.ENTRY_OVERHEAD_BYTES for size in sizes), sizes
 
     # verify walks the episode with the history rule the manifest records, and finds every entry.
-    verify = subprocess.run([sys.executable, "-m", "service.cli", "verify", str(root)], cwd=REPO,
+    verify = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "verify", str(root)], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert verify.returncode == 0 and f"hit {STEPS}, missing 0" in verify.stdout, verify.stdout + verify.stderr
 
@@ -116,7 +116,7 @@ def test_the_service_plans_on_request_and_refuses_a_job_that_cannot_fit(tmp_path
             assert body["plan"]["bytes_to_write"] == STEPS * (2116 * 128 * 2 + plan.ENTRY_OVERHEAD_BYTES)
             status = http.get("/status").json()
             assert status["jobs"] == [] and status["preset"] == "newjanusvln"  # a dry run is no job
-            remote = subprocess.run([sys.executable, "-m", "service.cli", "precompute", "--server", service.url,
+            remote = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "precompute", "--server", service.url,
                                      "--data_root", str(root), "--dry-run"], cwd=REPO, capture_output=True,
                                     text=True, timeout=120)
             assert remote.returncode == 0 and "DOES NOT FIT" in remote.stdout, remote.stdout + remote.stderr

@@ -8,8 +8,8 @@ import torch
 from PIL import Image, ImageFile
 from safetensors.torch import load_file
 
-from service import preprocess as pp
-from service.preprocess import ImageError, load_image, output_size, preprocess
+from vggt_cache.service import preprocess as pp
+from vggt_cache.service.preprocess import ImageError, load_image, output_size, preprocess
 
 FIXTURES = Path(__file__).parent / "fixtures" / "vggt_tiny" / "preprocess"
 EXPECTED = load_file(str(FIXTURES / "expected.safetensors"))

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from client.logs import setup_logging
-from service.jobview import JobState, JobView
-from service.progress import follow_job
+from vggt_cache.client.logs import setup_logging
+from vggt_cache.service.jobview import JobState, JobView
+from vggt_cache.service.progress import follow_job
 
 
 class Terminal(io.StringIO):

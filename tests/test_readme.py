@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from service.demo import free_port
+from vggt_cache.service.demo import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 240
@@ -31,7 +31,7 @@ def checkout_bin(folder: Path) -> Path:
     """A `vggt-cache` that runs this checkout (what `pip install -e .` gives), first on PATH."""
     folder.mkdir()
     script = folder / "vggt-cache"
-    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m service.cli "$@"\n')
+    script.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m vggt_cache.service.cli "$@"\n')
     script.chmod(0o755)
     return folder
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.samples import find_samples, history_indices
-from service.sources import scan_data_root
+from vggt_cache.service.samples import find_samples, history_indices
+from vggt_cache.service.sources import scan_data_root
 
 FIXTURE = Path(__file__).resolve().parent / "fixtures" / "janusvln"
 

@@ -7,10 +7,10 @@ from concurrent.futures import Future
 
 import torch
 
-from service.engine.scheduler import Scheduler
-from service.engine.work import Job, Priority
-from service.jobs import lane_chunks
-from service.units import Unit
+from vggt_cache.service.engine.scheduler import Scheduler
+from vggt_cache.service.engine.work import Job, Priority
+from vggt_cache.service.jobs import lane_chunks
+from vggt_cache.service.units import Unit
 from service_helpers import poll
 
 LONG_WAIT_S = 60.0  # a group is due when full or when nothing more of its lane is decoding

@@ -11,9 +11,9 @@ import httpx
 import pytest
 import torch
 
-from client.cachefile import Outcome, read_entry
-from client.wire import decode_features
-from service.model import load_aggregator
+from vggt_cache.client.cachefile import Outcome, read_entry
+from vggt_cache.client.wire import decode_features
+from vggt_cache.service.model import load_aggregator
 from service_helpers import free_port, poll, reference_features, service_spec, write_images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -311,7 +311,7 @@ def test_a_full_on_demand_queue_is_429_with_retry_after(service_server, tmp_path
 
 def test_a_model_that_cannot_load_fails_the_probes_with_the_reason(tmp_path) -> None:
     port = free_port()
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model", str(tmp_path / "no-such-model"),
+    cmd = [sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", str(tmp_path / "no-such-model"),
            "--device", "cpu", "--port", str(port), "--allowed-root", str(tmp_path),
            "--state-dir", str(tmp_path / "state")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

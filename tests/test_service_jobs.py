@@ -10,9 +10,9 @@ import httpx
 import pytest
 import torch
 
-from client.cachefile import Outcome, read_entry
-from client.wire import decode_features
-from client.manifest import MANIFEST_NAME
+from vggt_cache.client.cachefile import Outcome, read_entry
+from vggt_cache.client.wire import decode_features
+from vggt_cache.client.manifest import MANIFEST_NAME
 from service_helpers import cache_files, done, job, service_spec, temp_files, wait_job, write_images
 
 

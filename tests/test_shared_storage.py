@@ -26,12 +26,12 @@ from typing import Any
 import httpx
 import pytest
 
-from client.cache import FeatureCache
-from client.cachefile import Outcome, cache_path, read_entry
-from client.manifest import MANIFEST_NAME, manifest_path, nearest_manifest, read_manifest
-from client.spec import FeatureSpec
-from service.settings import ServiceSettings
-from service.verify import verify_data_root
+from vggt_cache.client.cache import FeatureCache
+from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
+from vggt_cache.client.manifest import MANIFEST_NAME, manifest_path, nearest_manifest, read_manifest
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.service.settings import ServiceSettings
+from vggt_cache.service.verify import verify_data_root
 from service_helpers import REPO, RunningService, service_spec, wait_job, write_images
 
 HANG_S = 30.0  # what "at once" must beat: a reader blocked on a FIFO would wait forever
@@ -152,7 +152,7 @@ def test_an_entry_another_user_cannot_read_is_unreadable_not_corrupt(http, share
 
 READERS = """
 import json, sys
-from client.cache import FeatureCache, read_cached
+from vggt_cache.client.cache import FeatureCache, read_cached
 image, root = sys.argv[1:3]
 bounded = FeatureCache(data_root=root)
 got = bounded.get(image)
@@ -181,7 +181,7 @@ def test_a_fifo_manifest_hangs_no_reader_and_one_above_the_data_root_is_not_used
     assert seen["stats"]["hits"] == 1 and seen["stats"]["spec_mismatch"] == 0
     assert "FIFO" in readers.stderr  # the FIFO is said once, and ignored
 
-    verify = subprocess.run([sys.executable, "-m", "service.cli", "verify", str(root)], cwd=REPO, env=env,
+    verify = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "verify", str(root)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=START_S)
     assert verify.returncode != 0 and "unreadable manifest" in verify.stderr and "FIFO" in verify.stderr
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from client.manifest import manifest_path
-from service.store import DB_NAME, JobStore
+from vggt_cache.client.manifest import manifest_path
+from vggt_cache.service.store import DB_NAME, JobStore
 from service_helpers import REPO, poll, start_service, wait_job, write_images
 
 LONG = 100_000  # characters of each sample's image name (a string in a file: no path limit applies)
@@ -133,7 +133,7 @@ def test_names_with_newlines_and_escapes_forge_no_line_in_the_service_log(server
 
 
 def _cli(*args: str) -> str:
-    run = subprocess.run([sys.executable, "-m", "service.cli", *args], cwd=REPO, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return run.stdout + run.stderr
 

@@ -21,12 +21,12 @@ import httpx
 import pytest
 import torch
 
-from client.wire import decode_features
-from service.engine.scheduler import Scheduler
-from service.engine.work import Job, Priority
-from service.runtime import DRILL_HOLD_ENV
-from service.store import DB_NAME
-from service.units import Unit
+from vggt_cache.client.wire import decode_features
+from vggt_cache.service.engine.scheduler import Scheduler
+from vggt_cache.service.engine.work import Job, Priority
+from vggt_cache.service.runtime import DRILL_HOLD_ENV
+from vggt_cache.service.store import DB_NAME
+from vggt_cache.service.units import Unit
 from service_helpers import RunningService, poll, wait_job, write_images
 
 CLIENTS = 50

@@ -4,8 +4,8 @@ import time
 
 import pytest
 
-from service.sources import ScanResult, scan_data_root, shard
-from service.units import Unit
+from vggt_cache.service.sources import ScanResult, scan_data_root, shard
+from vggt_cache.service.units import Unit
 
 
 def touch(path) -> str:

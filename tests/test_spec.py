@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from client.spec import FeatureSpec, matching_preset, preset_options
+from vggt_cache.client.spec import FeatureSpec, matching_preset, preset_options
 
 ARCH = {"img_size": 518, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16}
 FP = "sha256:" + "ab" * 32

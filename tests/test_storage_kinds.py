@@ -19,14 +19,14 @@ import pytest
 import torch
 import zstandard
 
-from client import FeatureCache
-from client.cachefile import PACKED_PLAN_RATIO, Outcome, cache_path, read_entry, source_record, write_entry
-from client.logs import LOGGER
-from client.spec import FeatureSpec
-from client.wire import decode_features
-from service.cli import main
-from service.plan import ENTRY_OVERHEAD_BYTES
-from service.verify import verify_data_root
+from vggt_cache.client import FeatureCache
+from vggt_cache.client.cachefile import PACKED_PLAN_RATIO, Outcome, cache_path, read_entry, source_record, write_entry
+from vggt_cache.client.logs import LOGGER
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.client.wire import decode_features
+from vggt_cache.service.cli import main
+from vggt_cache.service.plan import ENTRY_OVERHEAD_BYTES
+from vggt_cache.service.verify import verify_data_root
 from service_helpers import REPO, TINY_MODEL, RunningService, service_spec, wait_job, write_images
 
 ARCH = {"patch_size": 14, "embed_dim": 64, "depth": 4, "num_register_tokens": 4}
@@ -237,7 +237,7 @@ def raw_root(tmp_path_factory) -> Path:
     """A data root of three images with raw entries from an in-process precompute (copy it before changing it)."""
     root = tmp_path_factory.mktemp("raw") / "root"
     write_images(root, ["a.png", "b.png", "c.png"])
-    done = subprocess.run([sys.executable, "-m", "service.cli", "precompute", "--data_root", str(root),
+    done = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "precompute", "--data_root", str(root),
                            "--vggt_model_path", str(TINY_MODEL), "--size", "56"], cwd=REPO, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr

@@ -10,8 +10,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from service.store import DB_NAME, JobRecord, JobStore
-from service.units import Unit
+from vggt_cache.service.store import DB_NAME, JobRecord, JobStore
+from vggt_cache.service.units import Unit
 
 SPEC = '{"attention":"frame"}'
 
@@ -176,8 +176,8 @@ def test_planning_a_hundred_thousand_units_is_fast(store):
 
 _RECORDER = r"""
 import sys
-from service.store import JobStore
-from service.units import Unit
+from vggt_cache.service.store import JobStore
+from vggt_cache.service.units import Unit
 
 store = JobStore(sys.argv[1])
 job = store.create_job("/data/kill", "d", "{}", {})
@@ -230,7 +230,7 @@ def test_sigkill_mid_write_leaves_counters_equal_to_rows(tmp_path):
 
 
 def test_a_state_dir_from_before_job_plans_is_upgraded_in_place(tmp_path):
-    from service.store import _SCHEMA
+    from vggt_cache.service.store import _SCHEMA
 
     # the jobs and units tables without their newer columns
     first_release = _SCHEMA.replace(",\n    plan_json TEXT", "").replace("\n    attempts INTEGER NOT NULL DEFAULT 0,", "")

@@ -14,19 +14,19 @@ import torch
 from PIL import Image
 from transformers import HfArgumentParser, Qwen2_5_VLForConditionalGeneration
 
-from client.cache import FeatureCache
-from client.cachefile import context_record, source_record, write_entry
-from service.cli import build_parser
-from service.model import load_aggregator
-from service.model.features import entry_features, model_spec
-from service.preprocess import preprocess
-from service.sources import scan_data_root
-from service.specflags import serve_flags, spec_options, train_options
-from training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec
-from training.data import IGNORE_INDEX, SampleError, VGGTCollator, VLNDataset, chat_turns, load_samples
-from training.model import Fusion, Qwen25VLWithVGGT
-from training.tiny import image_inputs
-from training.train import tiny_config, tiny_image_processor, tiny_tokenizer
+from vggt_cache.client.cache import FeatureCache
+from vggt_cache.client.cachefile import context_record, source_record, write_entry
+from vggt_cache.service.cli import build_parser
+from vggt_cache.service.model import load_aggregator
+from vggt_cache.service.model.features import entry_features, model_spec
+from vggt_cache.service.preprocess import preprocess
+from vggt_cache.service.sources import scan_data_root
+from vggt_cache.service.specflags import serve_flags, spec_options, train_options
+from vggt_cache.training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec
+from vggt_cache.training.data import IGNORE_INDEX, SampleError, VGGTCollator, VLNDataset, chat_turns, load_samples
+from vggt_cache.training.model import Fusion, Qwen25VLWithVGGT
+from vggt_cache.training.tiny import image_inputs
+from vggt_cache.training.train import tiny_config, tiny_image_processor, tiny_tokenizer
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
 
@@ -273,8 +273,8 @@ def test_serve_flags_give_the_service_the_training_spec(loaded):
 def test_images_targeted_by_several_clips_are_reported(caplog, monkeypatch):
     import logging
 
-    from training.data import TrainingSample as Sample
-    from training.train import warn_shared_targets
+    from vggt_cache.training.data import TrainingSample as Sample
+    from vggt_cache.training.train import warn_shared_targets
 
     monkeypatch.setattr(logging.getLogger("vggt_cache"), "propagate", True)  # train.main may have turned it off
 

@@ -1,4 +1,4 @@
-"""Training with the cache, end to end: `python -m training.train --tiny` against a real service on 127.0.0.1.
+"""Training with the cache, end to end: `python -m vggt_cache.training.train --tiny` against a real service on 127.0.0.1.
 
 The service runs the VGGT fixture with the same spec as training (pad, 56 px,
 28-aligned). Features it writes must be the features training would compute itself.
@@ -21,14 +21,14 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import Qwen2_5_VLForConditionalGeneration, TrainingArguments
 
-from client.cache import FeatureCache
-from client.cachefile import Outcome, cache_path, read_entry
-from service.model import load_aggregator
-from service.model.features import entry_features
-from training.arguments import CacheArguments, DataArguments, feature_spec
-from training.data import VGGTCollator, VLNDataset, load_samples
-from training.model import MERGER_FILE, Qwen25VLWithVGGT
-from training.train import VGGTTrainer, parse_args, tiny_config, tiny_image_processor, tiny_tokenizer
+from vggt_cache.client.cache import FeatureCache
+from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
+from vggt_cache.service.model import load_aggregator
+from vggt_cache.service.model.features import entry_features
+from vggt_cache.training.arguments import CacheArguments, DataArguments, feature_spec
+from vggt_cache.training.data import VGGTCollator, VLNDataset, load_samples
+from vggt_cache.training.model import MERGER_FILE, Qwen25VLWithVGGT
+from vggt_cache.training.train import VGGTTrainer, parse_args, tiny_config, tiny_image_processor, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "vggt_tiny"
@@ -74,7 +74,7 @@ def serve_args(attention: str) -> list[str]:
 
 
 def train(data_root: Path, out: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "training.train", "--tiny", "--data_root", str(data_root), "--output_dir", str(out),
+    cmd = [sys.executable, "-m", "vggt_cache.training.train", "--tiny", "--data_root", str(data_root), "--output_dir", str(out),
            "--image_size", "56", "--vggt_attention", "causal", "--max_steps", "2", "--per_device_train_batch_size",
            "2", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
            "--disable_tqdm", "true", *extra]
@@ -227,7 +227,7 @@ def test_launch_scripts_pass_the_environment_to_torchrun(tmp_path, script):
     cmd = shlex.split(run.stdout.strip().splitlines()[-1])
     assert cmd[:12] == ["torchrun", "--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "8",
                         "--master_addr", "10.0.0.1", "--master_port", "29511", "-m"]
-    assert cmd[12] == "training.train" and cmd[-2:] == ["--max_steps", "5"]
+    assert cmd[12] == "vggt_cache.training.train" and cmd[-2:] == ["--max_steps", "5"]
     # Every flag the script passes is one training.train accepts.
     model_args, data_args, cache_args, training_args = parse_args([*cmd[13:], "--use_cpu", "true"])
     assert (model_args.model_name_or_path, model_args.vggt_model_path) == ("/models/qwen", "/models/vggt")

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessorPil
 
-from client.spec import FeatureSpec
-from service.model import load_aggregator
-from service.model.features import compute_features, entry_features, select_features
-from service.preprocess import preprocess
-from training.merger import VGGTMerger, merge_grid
-from training.model import Fusion, Qwen25VLWithVGGT, sample_images
-from training.tiny import image_inputs, tiny_batch, tiny_qwen25vl_config
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.service.model import load_aggregator
+from vggt_cache.service.model.features import compute_features, entry_features, select_features
+from vggt_cache.service.preprocess import preprocess
+from vggt_cache.training.merger import VGGTMerger, merge_grid
+from vggt_cache.training.model import Fusion, Qwen25VLWithVGGT, sample_images
+from vggt_cache.training.tiny import image_inputs, tiny_batch, tiny_qwen25vl_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
 FRAMES = ["landscape.jpg", "portrait.png", "rgba.png", "tall.png"]

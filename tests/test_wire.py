@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from client.wire import META_KEY, decode_features, encode_features
+from vggt_cache.client.wire import META_KEY, decode_features, encode_features
 
 
 def item(image, status="computed", tensor="0", error=None, grid=(3, 5)):

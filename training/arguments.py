@@ -32,15 +32,15 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from client.cache import FALLBACKS
-from client.spec import PRESETS, FeatureSpec, resolve_options
-from service.model import LoadedModel
-from service.model.features import model_spec
-from service.samples import DEFAULT_MAX_HISTORY, check_history, file_list
-from service.settings import env_flag
-from service.specflags import train_field, train_options
-from training.merger import NORMS
-from training.model import ADD_TO, FUSIONS, Fusion
+from vggt_cache.client.cache import FALLBACKS
+from vggt_cache.client.spec import PRESETS, FeatureSpec, resolve_options
+from vggt_cache.service.model import LoadedModel
+from vggt_cache.service.model.features import model_spec
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, check_history, file_list
+from vggt_cache.service.settings import env_flag
+from vggt_cache.service.specflags import train_field, train_options
+from vggt_cache.training.merger import NORMS
+from vggt_cache.training.model import ADD_TO, FUSIONS, Fusion
 
 QWEN_IMAGES = ("all", "current")
 

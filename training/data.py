@@ -39,10 +39,10 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from transformers import Qwen2_5_VLConfig
 
-from client.cache import FeatureCache
-from client.spec import FeatureSpec
-from service.preprocess import preprocess
-from service.samples import DEFAULT_MAX_HISTORY, find_samples
+from vggt_cache.client.cache import FeatureCache
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.service.preprocess import preprocess
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, find_samples
 
 log = logging.getLogger("vggt_cache")
 

@@ -33,11 +33,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from client.spec import FeatureSpec
-from client.storage import as_stored
-from service.model import LoadedModel
-from service.model.features import entry_features
-from training.merger import NORMS, VGGTMerger
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.client.storage import as_stored
+from vggt_cache.service.model import LoadedModel
+from vggt_cache.service.model.features import entry_features
+from vggt_cache.training.merger import NORMS, VGGTMerger
 
 FUSION_FILE = "vggt_fusion.json"
 MERGER_FILE = "vggt_merger.safetensors"

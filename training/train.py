@@ -1,8 +1,8 @@
 """Fine-tune Qwen2.5-VL + VGGT with HF Trainer, VGGT features from the cache or computed online.
 
-    python -m training.train --data_root /data/train --output_dir out --bf16 [TrainingArguments...]
-    torchrun --nproc_per_node 8 -m training.train ...   # what training/scripts/train_h800.sh runs
-    USE_VGGT_CACHE=true VGGT_SERVICE_URL=http://gpu-node:8600 python -m training.train ...
+    python -m vggt_cache.training.train --data_root /data/train --output_dir out --bf16 [TrainingArguments...]
+    torchrun --nproc_per_node 8 -m vggt_cache.training.train ...   # what training/scripts/train_h800.sh runs
+    USE_VGGT_CACHE=true VGGT_SERVICE_URL=http://gpu-node:8600 python -m vggt_cache.training.train ...
 
 With the cache on, every sample's current-frame features are read from
 ``<image>.vggt_cache.pt``; misses go to the feature service, and what it cannot
@@ -45,19 +45,19 @@ from transformers import (
     TrainingArguments,
 )
 
-from client.cache import CacheUnavailable, FeatureCache
-from client.lookup import NO_SERVICE
-from client.service import ServiceClient, ServiceError
-from client.logs import setup_logging
-from client.spec import FeatureSpec, matching_preset
-from service.model import DEFAULT_SOURCE, TINY_SOURCE, load_aggregator
-from service.settings import DEFAULT_PORT
-from service.sources import UnitPlanner
-from service.specflags import serve_flags
-from training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec
-from training.data import VGGTCollator, VLNDataset, load_samples
-from training.model import FUSION_FILE, MERGER_FILE, Qwen25VLWithVGGT
-from training.tiny import tiny_qwen25vl_config
+from vggt_cache.client.cache import CacheUnavailable, FeatureCache
+from vggt_cache.client.lookup import NO_SERVICE
+from vggt_cache.client.service import ServiceClient, ServiceError
+from vggt_cache.client.logs import setup_logging
+from vggt_cache.client.spec import FeatureSpec, matching_preset
+from vggt_cache.service.model import DEFAULT_SOURCE, TINY_SOURCE, load_aggregator
+from vggt_cache.service.settings import DEFAULT_PORT
+from vggt_cache.service.sources import UnitPlanner
+from vggt_cache.service.specflags import serve_flags
+from vggt_cache.training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec
+from vggt_cache.training.data import VGGTCollator, VLNDataset, load_samples
+from vggt_cache.training.model import FUSION_FILE, MERGER_FILE, Qwen25VLWithVGGT
+from vggt_cache.training.tiny import tiny_qwen25vl_config
 
 log = logging.getLogger("vggt_cache")
 
@@ -224,7 +224,7 @@ FIRST_FLAGS = ("--data_root", "--output_dir", "--model_name_or_path", "--vggt_mo
 def build_parser() -> HfArgumentParser:
     """The arguments of ``training.train``; ``--help`` starts with :data:`FIRST_FLAGS`, then groups the rest."""
     parser = HfArgumentParser((ModelArguments, DataArguments, CacheArguments, TrainingArguments),
-                              prog="python -m training.train",
+                              prog="python -m vggt_cache.training.train",
                               usage="%(prog)s --data_root DIR --output_dir DIR [FLAGS] (or under torchrun)",
                               description="Fine-tune Qwen2.5-VL + VGGT, VGGT features from the cache or computed "
                                           "online (see the README's 'Training with the cache').")

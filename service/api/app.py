@@ -9,13 +9,13 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 
-from service.api.connections import AcceptErrors
-from service.api.errors import register_errors
-from service.api.limits import Admission, RequestGuard
-from service.api.metrics import Metrics
-from service.api.routes import features, jobs, probes, status
-from service.runtime import ServiceRuntime
-from service.settings import host_names
+from vggt_cache.service.api.connections import AcceptErrors
+from vggt_cache.service.api.errors import register_errors
+from vggt_cache.service.api.limits import Admission, RequestGuard
+from vggt_cache.service.api.metrics import Metrics
+from vggt_cache.service.api.routes import features, jobs, probes, status
+from vggt_cache.service.runtime import ServiceRuntime
+from vggt_cache.service.settings import host_names
 
 
 def create_app(runtime: ServiceRuntime) -> FastAPI:

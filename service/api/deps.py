@@ -6,10 +6,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from service.api.errors import NotReady
-from service.api.limits import Admission
-from service.api.metrics import Metrics
-from service.runtime import Components, ServiceRuntime
+from vggt_cache.service.api.errors import NotReady
+from vggt_cache.service.api.limits import Admission
+from vggt_cache.service.api.metrics import Metrics
+from vggt_cache.service.runtime import Components, ServiceRuntime
 
 
 # async: FastAPI runs a plain `def` dependency in the thread pool, which a probe must never wait for.

@@ -11,11 +11,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.limits import Busy
-from service.engine import EngineStopped, QueueFull
-from service.errors import UnusableInput
-from client.text import bounded
-from service.paths import PathNotAllowed
+from vggt_cache.service.api.limits import Busy
+from vggt_cache.service.engine import EngineStopped, QueueFull
+from vggt_cache.service.errors import UnusableInput
+from vggt_cache.client.text import bounded
+from vggt_cache.service.paths import PathNotAllowed
 
 
 class NotReady(RuntimeError):

@@ -12,7 +12,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 if TYPE_CHECKING:
-    from service.runtime import ServiceRuntime
+    from vggt_cache.service.runtime import ServiceRuntime
 
 
 class _RuntimeCollector:

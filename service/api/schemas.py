@@ -6,8 +6,8 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
-from service.jobview import JobState
-from service.samples import DEFAULT_MAX_HISTORY, check_history
+from vggt_cache.service.jobview import JobState
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, check_history
 
 
 class FeaturesRequest(BaseModel):

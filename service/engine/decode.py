@@ -14,14 +14,14 @@ from concurrent.futures import Future
 
 import torch
 
-from client.cachefile import Outcome, context_record, holds_other_context, read_entry, source_record
-from client.spec import Attention, FeatureSpec
-from client.wire import EntryStatus
-from service.engine.scheduler import Scheduler
-from service.engine.work import (KEPT, SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, Complete, EngineStopped, EntryResult,
+from vggt_cache.client.cachefile import Outcome, context_record, holds_other_context, read_entry, source_record
+from vggt_cache.client.spec import Attention, FeatureSpec
+from vggt_cache.client.wire import EntryStatus
+from vggt_cache.service.engine.scheduler import Scheduler
+from vggt_cache.service.engine.work import (KEPT, SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, Complete, EngineStopped, EntryResult,
                                  FrameKey, Job, UnitResult, Withdrawn, describe, fail_future, failed_result,
                                  when_descriptors_free)
-from service.preprocess import load_image, preprocess
+from vggt_cache.service.preprocess import load_image, preprocess
 
 log = logging.getLogger("vggt_cache")
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from client.spec import Attention, FeatureSpec
-from service.engine.patches import PatchCache
-from service.engine.scheduler import Scheduler
-from service.engine.stats import Window, process_rss
-from service.engine.work import Complete, Job, StartHook, describe, failed_result
-from service.engine.writer import WriterStage
-from service.model.features import entry_features
+from vggt_cache.client.spec import Attention, FeatureSpec
+from vggt_cache.service.engine.patches import PatchCache
+from vggt_cache.service.engine.scheduler import Scheduler
+from vggt_cache.service.engine.stats import Window, process_rss
+from vggt_cache.service.engine.work import Complete, Job, StartHook, describe, failed_result
+from vggt_cache.service.engine.writer import WriterStage
+from vggt_cache.service.model.features import entry_features
 
 log = logging.getLogger("vggt_cache")
 

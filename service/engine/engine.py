@@ -34,20 +34,20 @@ from typing import Any
 
 import torch
 
-from client.cachefile import Outcome
-from client.spec import Attention, FeatureSpec
-from client.wire import EntryStatus
-from service.engine.decode import DecodeStage
-from service.engine.device import Device, DeviceStage, ForwardHook
-from service.engine.scheduler import Scheduler
-from service.engine.stats import STATS_WINDOW_S, History
-from service.engine.work import (KEPT, REPLACED, SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, EngineStopped, Job, Priority,
+from vggt_cache.client.cachefile import Outcome
+from vggt_cache.client.spec import Attention, FeatureSpec
+from vggt_cache.client.wire import EntryStatus
+from vggt_cache.service.engine.decode import DecodeStage
+from vggt_cache.service.engine.device import Device, DeviceStage, ForwardHook
+from vggt_cache.service.engine.scheduler import Scheduler
+from vggt_cache.service.engine.stats import STATS_WINDOW_S, History
+from vggt_cache.service.engine.work import (KEPT, REPLACED, SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, EngineStopped, Job, Priority,
                                  QueueFull, StartHook, UnitResult, Withdrawn, fail_future)
-from service.engine.writer import WriterStage
-from service.model import LoadedModel
-from service.model.resident import compile_blocks, compile_counts, make_resident, weights_dtype
-from service.settings import ServiceSettings
-from service.units import Unit
+from vggt_cache.service.engine.writer import WriterStage
+from vggt_cache.service.model import LoadedModel
+from vggt_cache.service.model.resident import compile_blocks, compile_counts, make_resident, weights_dtype
+from vggt_cache.service.settings import ServiceSettings
+from vggt_cache.service.units import Unit
 
 log = logging.getLogger("vggt_cache")
 

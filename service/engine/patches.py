@@ -17,8 +17,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from service.engine.work import FrameKey
-from service.model.features import frame_patches
+from vggt_cache.service.engine.work import FrameKey
+from vggt_cache.service.model.features import frame_patches
 
 
 class PatchCache:

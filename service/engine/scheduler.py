@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from service.engine.work import Job, Priority, QueueFull
+from vggt_cache.service.engine.work import Job, Priority, QueueFull
 
 GroupKey = tuple[tuple[int, ...], "int | None"]  # ([S, 3, H, W] of a job's images, its lane)
 

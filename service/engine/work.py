@@ -13,8 +13,8 @@ from typing import TypeVar
 
 import torch
 
-from client.wire import EntryStatus
-from service.units import Unit
+from vggt_cache.client.wire import EntryStatus
+from vggt_cache.service.units import Unit
 
 log = logging.getLogger("vggt_cache")
 T = TypeVar("T")

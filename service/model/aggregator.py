@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from client.spec import ATTENTION, Attention, normalise_layers
+from vggt_cache.client.spec import ATTENTION, Attention, normalise_layers
 
 from .config import AggregatorConfig
 from .dinov2 import DinoV2Encoder

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from client.spec import Attention, FeatureSpec
+from vggt_cache.client.spec import Attention, FeatureSpec
 
 if TYPE_CHECKING:
-    from service.model.loader import LoadedModel, ModelIdentity
+    from vggt_cache.service.model.loader import LoadedModel, ModelIdentity
 
 
 def select_features(outputs: Sequence[Tensor], patch_start_idx: int, spec: FeatureSpec) -> Tensor:

@@ -48,7 +48,7 @@ cmd=(
     "${TORCHRUN:-torchrun}"
     --nnodes "$NNODES" --node_rank "$NODE_RANK" --nproc_per_node "$NPROC_PER_NODE"
     --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT"
-    -m training.train
+    -m vggt_cache.training.train
     --model_name_or_path "$MODEL_PATH"
     --vggt_model_path "$VGGT_MODEL_PATH"
     --data_root "$DATA_ROOT"

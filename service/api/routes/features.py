@@ -8,14 +8,14 @@ from fastapi import APIRouter, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from client.spec import FeatureSpec
-from client.wire import encode_features
-from service.api.deps import MetricsDep, Ready, Runtime
-from service.api.schemas import FeaturesRequest
-from service.engine import Priority, UnitResult
-from service.errors import UnusableInput
-from service.paths import AllowedRoots
-from service.units import Unit
+from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.client.wire import encode_features
+from vggt_cache.service.api.deps import MetricsDep, Ready, Runtime
+from vggt_cache.service.api.schemas import FeaturesRequest
+from vggt_cache.service.engine import Priority, UnitResult
+from vggt_cache.service.errors import UnusableInput
+from vggt_cache.service.paths import AllowedRoots
+from vggt_cache.service.units import Unit
 
 MEDIA_TYPE = "application/vnd.vggt-features+safetensors"
 

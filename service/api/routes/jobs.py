@@ -8,11 +8,11 @@ from fastapi import APIRouter, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from service.api.deps import Plans, Ready, Runtime
-from service.api.schemas import JobViewModel, PrecomputeRequest
-from service.jobs import plan_work
-from service.jobview import TERMINAL, JobView
-from service.runtime import Components, ServiceRuntime
+from vggt_cache.service.api.deps import Plans, Ready, Runtime
+from vggt_cache.service.api.schemas import JobViewModel, PrecomputeRequest
+from vggt_cache.service.jobs import plan_work
+from vggt_cache.service.jobview import TERMINAL, JobView
+from vggt_cache.service.runtime import Components, ServiceRuntime
 
 router = APIRouter()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from service.api.deps import Runtime
+from vggt_cache.service.api.deps import Runtime
 
 router = APIRouter()
 

@@ -11,8 +11,8 @@ from importlib import resources
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse, Response
 
-from client.spec import matching_preset
-from service.api.deps import MetricsDep, Runtime
+from vggt_cache.client.spec import matching_preset
+from vggt_cache.service.api.deps import MetricsDep, Runtime
 
 VERSION = "0.1.0"
 
@@ -23,7 +23,7 @@ router = APIRouter()
 def _page() -> tuple[str, str]:
     """The status page and its Content-Security-Policy: only its own inline script runs, it only talks to
     this origin, and no other page may frame it (clickjacking)."""
-    html = resources.files("service").joinpath("static/status.html").read_text(encoding="utf-8")
+    html = resources.files("vggt_cache.service").joinpath("static/status.html").read_text(encoding="utf-8")
     scripts = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()}'"
                        for block in re.findall(r"<script[^>]*>(.*?)</script>", html, re.S))
     # Styles inline: the job table sets each progress bar's width in a style attribute, which no hash allows.
