@@ -8,7 +8,7 @@ from concurrent.futures import Future
 import torch
 
 from vggt_cache.service.engine.scheduler import Scheduler
-from vggt_cache.service.engine.work import Job, Priority
+from vggt_cache.service.engine.work import Flight, Priority
 from vggt_cache.service.jobs import lane_chunks
 from vggt_cache.service.units import Unit
 from service_helpers import poll
@@ -16,12 +16,12 @@ from service_helpers import poll
 LONG_WAIT_S = 60.0  # a group is due when full or when nothing more of its lane is decoding
 
 
-def job(name: str, lane: int | None, frames: int = 3) -> Job:
-    return Job(Unit.causal([f"/data/{name}_{i}.png" for i in range(frames)]), Priority.BULK, Future(),
+def job(name: str, lane: int | None, frames: int = 3) -> Flight:
+    return Flight(Unit.causal([f"/data/{name}_{i}.png" for i in range(frames)]), Priority.BULK, Future(),
                skip_existing=False, verify=False, return_features=False, lane=lane)
 
 
-def admit_and_decode(scheduler: Scheduler, jobs: list[Job], keep_decoding: set[Job] = frozenset()) -> None:
+def admit_and_decode(scheduler: Scheduler, jobs: list[Flight], keep_decoding: set[Flight] = frozenset()) -> None:
     """Admit `jobs` and hand each decoded one to the devices, except those left decoding."""
     assert scheduler.admit(jobs, Priority.BULK) == []
     for _ in jobs:
@@ -51,7 +51,7 @@ def test_a_device_waits_for_its_own_lane_while_its_work_is_still_decoding():
     scheduler = Scheduler(max_batch_frames=3, max_wait_s=LONG_WAIT_S, bulk_limit=100)
     a0, b0 = job("a0", 0), job("b0", 1)
     admit_and_decode(scheduler, [a0, b0], keep_decoding={b0})
-    taken: list[list[Job] | None] = []
+    taken: list[list[Flight] | None] = []
     device_1 = threading.Thread(target=lambda: taken.append(scheduler.next_batch(lane=1)))
     device_1.start()
     poll(lambda: len(scheduler._ready_cv._waiters) == 1, 30, "device 1 waiting for its lane")
@@ -67,7 +67,7 @@ def test_work_without_a_lane_goes_to_any_device_and_on_demand_first():
     scheduler = Scheduler(max_batch_frames=3, max_wait_s=LONG_WAIT_S, bulk_limit=100)
     bulk, coming = job("a0", 0), job("b0", 1)
     admit_and_decode(scheduler, [bulk, coming], keep_decoding={coming})  # lane 1 is not empty
-    urgent = Job(Unit.frame("/data/q.png"), Priority.ON_DEMAND, Future(), False, False, True)
+    urgent = Flight(Unit.frame("/data/q.png"), Priority.ON_DEMAND, Future(), False, False, True)
     assert scheduler.admit([urgent], Priority.ON_DEMAND) == []
     decoding = scheduler.next_to_decode()
     decoding.images = torch.zeros(1, 3, 14, 14)

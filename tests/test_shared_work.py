@@ -23,7 +23,7 @@ import torch
 
 from vggt_cache.client.wire import decode_features
 from vggt_cache.service.engine.scheduler import Scheduler
-from vggt_cache.service.engine.work import Job, Priority
+from vggt_cache.service.engine.work import Flight, Priority
 from vggt_cache.service.runtime import DRILL_HOLD_ENV
 from vggt_cache.service.store import DB_NAME
 from vggt_cache.service.units import Unit
@@ -144,7 +144,7 @@ def test_sigterm_exits_within_the_grace_while_a_forward_never_ends(
 
 def test_a_unit_withdrawn_while_it_decodes_is_not_run() -> None:
     scheduler = Scheduler(max_batch_frames=4, max_wait_s=0.0, bulk_limit=100)
-    job = Job(Unit.frame("/data/a.png"), Priority.BULK, Future(), skip_existing=False, verify=False,
+    job = Flight(Unit.frame("/data/a.png"), Priority.BULK, Future(), skip_existing=False, verify=False,
               return_features=False)
     assert scheduler.admit([job], Priority.BULK) == []
     decoding = scheduler.next_to_decode()

@@ -19,7 +19,7 @@ from vggt_cache.client.spec import Attention, FeatureSpec
 from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.work import (KEPT, SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, Complete, EngineStopped, EntryResult,
-                                 FrameKey, Job, UnitResult, Withdrawn, describe, fail_future, failed_result,
+                                 FrameKey, Flight, UnitResult, Withdrawn, describe, fail_future, failed_result,
                                  when_descriptors_free)
 from vggt_cache.service.preprocess import load_image, preprocess
 
@@ -78,7 +78,7 @@ class FrameCache:
 
 
 class DecodeStage:
-    """`workers` threads taking jobs from the scheduler's decode queue, most urgent first."""
+    """`workers` threads taking flights from the scheduler's decode queue, most urgent first."""
 
     def __init__(self, spec: FeatureSpec, scheduler: Scheduler, complete: Complete, workers: int,
                  frame_cache_frames: int, roots: Sequence[str] | None, max_image_bytes: int) -> None:
@@ -100,59 +100,59 @@ class DecodeStage:
         return threads
 
     def _loop(self) -> None:
-        while (job := self._scheduler.next_to_decode()) is not None:
-            if not job.future.set_running_or_notify_cancel():
-                self._scheduler.decoded(job, runnable=False)  # cancelled while queued
+        while (flight := self._scheduler.next_to_decode()) is not None:
+            if not flight.future.set_running_or_notify_cancel():
+                self._scheduler.decoded(flight, runnable=False)  # cancelled while queued
                 continue
             result = None
             try:
-                result = self._cached_result(job) if job.skip_existing else None
+                result = self._cached_result(flight) if flight.skip_existing else None
                 if result is None:
-                    when_descriptors_free(lambda: self._decode(job), f"decoding {job.unit.targets[-1]}")
+                    when_descriptors_free(lambda: self._decode(flight), f"decoding {flight.unit.targets[-1]}")
             except Exception as exc:  # ImageError, a missing file, ...: this unit only
-                result = failed_result(job.unit, describe(exc))
-                log.warning("Cannot prepare %s: %s", job.unit.targets[-1], result.entries[0].error)
+                result = failed_result(flight.unit, describe(exc))
+                log.warning("Cannot prepare %s: %s", flight.unit.targets[-1], result.entries[0].error)
             if result is not None:
-                self._scheduler.decoded(job, runnable=False)
-                self._complete(job, result)
-            elif not self._scheduler.decoded(job, runnable=True):
-                stopped = Withdrawn(WITHDRAWN_MESSAGE) if job.withdrawn else EngineStopped(SHUTDOWN_MESSAGE)
-                fail_future(job.future, stopped)
+                self._scheduler.decoded(flight, runnable=False)
+                self._complete(flight, result)
+            elif not self._scheduler.decoded(flight, runnable=True):
+                stopped = Withdrawn(WITHDRAWN_MESSAGE) if flight.withdrawn else EngineStopped(SHUTDOWN_MESSAGE)
+                fail_future(flight.future, stopped)
 
-    def _cached_result(self, job: Job) -> UnitResult | None:
+    def _cached_result(self, flight: Flight) -> UnitResult | None:
         """The unit's result read from disk when every target's entry validates, else None."""
         entries = []
-        frames = self.spec.context_of(job.unit.frames)
-        for target in job.unit.targets:
+        frames = self.spec.context_of(flight.unit.frames)
+        for target in flight.unit.targets:
             # Read whole (no mmap): another NFS client may replace the file while we hold it. Work that
             # returns no features (bulk jobs) checks the metadata alone: a few KB instead of megabytes;
             # features served are checked against their CRC-32 first.
             read = read_entry(target, self.spec, context_frames=frames, mmap=False,
-                              tensor=job.return_features, roots=self.roots, check_crc=job.return_features)
-            if (read.outcome is Outcome.STALE and not job.return_features and not job.overwrite
+                              tensor=flight.return_features, roots=self.roots, check_crc=flight.return_features)
+            if (read.outcome is Outcome.STALE and not flight.return_features and not flight.overwrite
                     and holds_other_context(target, self.spec, frames, self.roots)):
                 # Another clip's valid entry, kept: computing ours would only be thrown away.
                 entries.append(EntryResult(target, EntryStatus.CACHED, None, tuple(read.meta["grid"]), write=KEPT))
                 continue
             if read.outcome is not Outcome.HIT:
-                job.found = read.outcome.value
+                flight.found = read.outcome
                 return None
             entries.append(EntryResult(target, EntryStatus.CACHED, read.features, tuple(read.meta["grid"])))
-        return UnitResult(job.unit, entries)
+        return UnitResult(flight.unit, entries)
 
-    def _decode(self, job: Job) -> None:
-        unit = job.unit
+    def _decode(self, flight: Flight) -> None:
+        unit = flight.unit
         # Each image stat-ed once, before decoding: one rewritten meanwhile leaves an entry already stale.
         sources = {path: source_record(path) for path in dict.fromkeys([*unit.frames, *unit.targets])}
-        job.sources = [sources[t] for t in unit.targets]
+        flight.sources = [sources[t] for t in unit.targets]
         frames = self.spec.context_of(unit.frames)
-        job.contexts = [context_record(t, frames, sources) for t in unit.targets]
-        job.frame_keys = [(path, sources[path]["size"], sources[path]["mtime_ns"]) for path in unit.frames]
-        images = [self._load_frame(key) for key in job.frame_keys]
+        flight.contexts = [context_record(t, frames, sources) for t in unit.targets]
+        flight.frame_keys = [(path, sources[path]["size"], sources[path]["mtime_ns"]) for path in unit.frames]
+        images = [self._load_frame(key) for key in flight.frame_keys]
         shapes = {tuple(im.shape) for im in images}
         if len(shapes) > 1:
             raise ValueError(f"the frames of a clip must share one size after preprocessing, got {sorted(shapes)}")
-        job.images = torch.stack(images)  # [S, 3, H, W]
+        flight.images = torch.stack(images)  # [S, 3, H, W]
 
     def _load_frame(self, key: FrameKey) -> torch.Tensor:
         spec = self.spec

@@ -18,7 +18,7 @@ from vggt_cache.client.spec import Attention, FeatureSpec
 from vggt_cache.service.engine.patches import PatchCache
 from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.stats import Window, process_rss
-from vggt_cache.service.engine.work import Complete, Job, StartHook, describe, failed_result
+from vggt_cache.service.engine.work import Complete, Flight, StartHook, describe, failed_result
 from vggt_cache.service.engine.writer import WriterStage
 from vggt_cache.service.model.features import entry_features
 
@@ -67,7 +67,7 @@ class Device:
 class Launched:
     """A batch whose forward was issued: its results are on the host once `done` (None on the CPU) is."""
 
-    jobs: list[Job]
+    flights: list[Flight]
     started: float
     features: torch.Tensor | None = None  # [B, T, (L,) P, C] on the host
     done: torch.cuda.Event | None = None
@@ -91,7 +91,7 @@ class DeviceStage:
         self._share_patches = spec.attention != Attention.FRAME  # only clips share frames
         self._lanes = lanes
         self.lock = threading.Lock()  # the counters below and each device's
-        self._in_flight: set[Job] = set()  # taken from the scheduler, results not yet with the writer
+        self._in_flight: set[Flight] = set()  # taken from the scheduler, results not yet with the writer
         self.oom_splits = 0
         self.throughput = Window()
         self.threads: list[threading.Thread] = []
@@ -122,11 +122,11 @@ class DeviceStage:
                     self._fail(batch, dev.failed)
                     break
                 _on_device(batch, 1)
-                handed: set[Job] = set()  # launched: their results are on their way to the writers
+                handed: set[Flight] = set()  # launched: their results are on their way to the writers
                 graphs, started = _compiled_graphs(), time.monotonic()
                 try:
                     for launched in self._run_batch(dev, batch):
-                        handed.update(launched.jobs)
+                        handed.update(launched.flights)
                         if finishing is None:
                             self._finish(dev, launched)
                         else:
@@ -142,7 +142,7 @@ class DeviceStage:
                     self._hand_to_finisher(finishing, finisher, None)
                 finisher.join()
 
-    def _run_batch(self, dev: Device, batch: list[Job]) -> Iterator[Launched]:
+    def _run_batch(self, dev: Device, batch: list[Flight]) -> Iterator[Launched]:
         """Issue `batch`'s forward; on out-of-memory, retry each half; a single unit that still fails is failed."""
         parts = [batch]
         while parts:
@@ -174,17 +174,17 @@ class DeviceStage:
             log.warning("Forward failed on %s for %d unit(s): %s", dev.name, len(part), error)
             self._fail(part, error)
 
-    def _launch(self, dev: Device, jobs: list[Job]) -> Launched:
-        """Issue the forward of `jobs` and the copy of its features to the host."""
-        launched = Launched(jobs, time.monotonic())
+    def _launch(self, dev: Device, flights: list[Flight]) -> Launched:
+        """Issue the forward of `flights` and the copy of its features to the host."""
+        launched = Launched(flights, time.monotonic())
         with self.lock:
             dev.launched.append(launched)  # busy from now on, for the stats
         try:
             with torch.inference_mode():
-                images = self._to_device(dev, jobs)  # [B, S, 3, H, W]
+                images = self._to_device(dev, flights)  # [B, S, 3, H, W]
                 if self._before_forward is not None:
                     self._before_forward(images)
-                patches = (dev.patches.patches(dev.model, images, [j.frame_keys for j in jobs])
+                patches = (dev.patches.patches(dev.model, images, [j.frame_keys for j in flights])
                            if self._share_patches else None)  # [B, S, h*w, C]
                 # causal: all clips of the batch in one block-causal forward, not frame by frame.
                 # Cast on the device (halves the transfer for 16-bit storage), then to the host.
@@ -199,8 +199,8 @@ class DeviceStage:
         return launched
 
     @staticmethod
-    def _to_device(dev: Device, jobs: list[Job]) -> torch.Tensor:
-        frames = [j.images for j in jobs]
+    def _to_device(dev: Device, flights: list[Flight]) -> torch.Tensor:
+        frames = [j.images for j in flights]
         if not dev.is_cuda:
             return torch.stack(frames)
         # Through page-locked memory, so the copy runs asynchronously (the allocator keeps the buffer
@@ -223,8 +223,8 @@ class DeviceStage:
         log.error("%s is lost and takes no more work (%s); %s", dev.name, error,
                   f"{len(alive)} device(s) go on" if alive else "no device is left: restart the service")
         if not alive:
-            for job in self._scheduler.close():
-                self._fail([job], dev.failed)
+            for flight in self._scheduler.close():
+                self._fail([flight], dev.failed)
 
     @staticmethod
     def _hand_to_finisher(finishing: queue.Queue[Launched | None], finisher: threading.Thread,
@@ -248,18 +248,18 @@ class DeviceStage:
                     dev.launched.remove(launched)
                 if is_device_lost(exc):
                     self._lose(dev, describe(exc))
-                self._fail(launched.jobs, describe(exc))
+                self._fail(launched.flights, describe(exc))
                 continue
             try:
                 self._finish(dev, launched)
             except Exception as exc:  # a bug here must fail the batch, not the thread the device waits on
                 log.exception("Results on %s could not be handed on", dev.name)
-                self._fail(launched.jobs, describe(exc))
+                self._fail(launched.flights, describe(exc))
 
     def _finish(self, dev: Device, launched: Launched) -> None:
         """The batch's results are on the host: count them, hand them to the writers."""
         end = time.monotonic()
-        frames = sum(j.n_frames for j in launched.jobs)
+        frames = sum(j.n_frames for j in launched.flights)
         with self.lock:
             dev.launched.remove(launched)
             dev.busy.add(max(launched.started, dev.last_end), end, 0.0)
@@ -268,19 +268,19 @@ class DeviceStage:
             dev.frames += frames
             self.throughput.add(end, end, frames)
         try:
-            self._writer.store(launched.jobs, launched.features)
+            self._writer.store(launched.flights, launched.features)
         except Exception as exc:  # e.g. the writer pool shut down by an unclean stop
             log.exception("Results on %s could not be stored", dev.name)
-            self._fail(launched.jobs, describe(exc))
+            self._fail(launched.flights, describe(exc))
         finally:
             with self.lock:
-                self._in_flight.difference_update(launched.jobs)
+                self._in_flight.difference_update(launched.flights)
 
-    def _fail(self, jobs: list[Job], message: str) -> None:
-        for job in jobs:
-            self._complete(job, failed_result(job.unit, message))
+    def _fail(self, flights: list[Flight], message: str) -> None:
+        for flight in flights:
+            self._complete(flight, failed_result(flight.unit, message))
         with self.lock:
-            self._in_flight.difference_update(jobs)
+            self._in_flight.difference_update(flights)
 
     def stats(self, now: float, since: float, span: float) -> dict:
         """Per device batches, frames, busy fraction and memory; throughput over the window."""
@@ -304,12 +304,12 @@ class DeviceStage:
             }
 
 
-def _on_device(batch: list[Job], step: int) -> None:
+def _on_device(batch: list[Flight], step: int) -> None:
     """Tell each start hook which of its units go on the device (`step` 1) or are off it (-1), once per batch."""
     units: dict[StartHook, list] = {}
-    for job in batch:
-        for hook in job.on_start:
-            units.setdefault(hook, []).append(job.unit)
+    for flight in batch:
+        for hook in flight.on_start:
+            units.setdefault(hook, []).append(flight.unit)
     for hook, started in units.items():
         try:
             hook(started, step)
@@ -343,7 +343,7 @@ def _compiled_graphs() -> int:
     return utils.counters["stats"]["unique_graphs"] if utils is not None else 0
 
 
-def _log_compiles(dev: Device, batch: list[Job], new: int, seconds: float) -> None:
+def _log_compiles(dev: Device, batch: list[Flight], new: int, seconds: float) -> None:
     # A compile runs on the device thread and holds the device (tens of seconds for VGGT-1B): say which
     # shape caused it, so a slow batch in the log is explained and the shapes to warm up are known.
     if new > 0:

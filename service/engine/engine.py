@@ -9,9 +9,9 @@ A pipeline, each stage on its own threads so that the device never waits for dis
            -> writer stage (write_entry, optional verify)                        writer.py
            -> Engine.complete -> the unit's Future -> every waiter's Future
 
-Identical work runs once (single-flight): a unit submitted while the same unit is in flight
-(same frames and targets; the spec is the engine's) joins it when that flight serves it, and
-every waiter gets the one result. Withdrawing or cancelling one waiter leaves the others theirs.
+Identical work runs once (single-flight, singleflight.py): a unit submitted while the same unit is
+in flight (same frames and targets; the spec is the engine's) joins it when that flight serves it,
+and every waiter gets the one result. Withdrawing or cancelling one waiter leaves the others theirs.
 
 Work that fails (an undecodable image, a forward that runs out of memory on a
 single unit, a write error) completes its future with `failed` entries; only an
@@ -28,7 +28,6 @@ import threading
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -40,9 +39,10 @@ from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.engine.decode import DecodeStage
 from vggt_cache.service.engine.device import Device, DeviceStage, ForwardHook
 from vggt_cache.service.engine.scheduler import Scheduler
+from vggt_cache.service.engine.singleflight import SingleFlight
 from vggt_cache.service.engine.stats import STATS_WINDOW_S, History
-from vggt_cache.service.engine.work import (KEPT, REPLACED, SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, EngineStopped, Job, Priority,
-                                 QueueFull, StartHook, UnitResult, Withdrawn, fail_future)
+from vggt_cache.service.engine.work import (KEPT, REPLACED, SHUTDOWN_MESSAGE, EngineStopped, Flight, Priority, QueueFull,
+                                            StartHook, UnitResult, fail_future)
 from vggt_cache.service.engine.writer import WriterStage
 from vggt_cache.service.model import LoadedModel
 from vggt_cache.service.model.resident import compile_blocks, compile_counts, make_resident, weights_dtype
@@ -54,48 +54,21 @@ log = logging.getLogger("vggt_cache")
 _DEFAULTS = ServiceSettings()  # the one place engine settings have their defaults
 
 
-# What an on-demand unit found: a valid entry (hit), a read outcome that made it a miss, a forced
-# recompute (skip_existing off), or a failure.
-LOOKUPS = ("hit", *(o.value for o in Outcome if o is not Outcome.HIT), "recomputed", "failed")
+# What an on-demand unit found: the read outcome (client.cachefile.Outcome, the one vocabulary for what a read
+# found; `FeatureCache.stats` names the same outcomes in its own keys), a forced recompute (skip_existing off),
+# or a failure.
+RECOMPUTED = "recomputed"
+LOOKUPS = (*(o.value for o in Outcome), RECOMPUTED, EntryStatus.FAILED.value)
 
 
-def _lookup(job: Job, result: UnitResult) -> str:
+def _lookup(flight: Flight, result: UnitResult) -> str:
     if result.kind is EntryStatus.CACHED:
-        return "hit"
+        return Outcome.HIT.value
     if result.kind is EntryStatus.FAILED:
-        return "failed"
-    return job.found or ("missing" if job.skip_existing else "recomputed")
-
-
-@dataclass(eq=False)
-class _Flight:
-    """A unit in the engine and the futures waiting for its result (each submission has its own)."""
-
-    job: Job
-    waiters: set[Future] = field(default_factory=set)
-    open: bool = True  # new submissions may join; closed once landed or being withdrawn
-
-    def serves(self, priority: Priority, skip_existing: bool, verify: bool, return_features: bool,
-               overwrite: bool) -> bool:
-        """Whether this flight's result is what such a submission would get, at least as soon.
-
-        An on-demand waiter does not join bulk work (it would wait behind the bulk backlog): it
-        runs on its own, at its priority.
-        """
-        job = self.job
-        return (self.open and job.priority <= priority and job.skip_existing == skip_existing
-                and job.verify >= verify and job.return_features >= return_features
-                and job.overwrite == overwrite)
-
-
-def _settle(waiter: Future, done: Future) -> None:
-    """Give `waiter` the outcome of its flight's `done` future (unless its caller cancelled it)."""
-    exc = None if not done.cancelled() else Withdrawn("cancelled before it ran")
-    exc = exc or done.exception()
-    if exc is not None:
-        fail_future(waiter, exc)
-    elif waiter.set_running_or_notify_cancel():
-        waiter.set_result(done.result())
+        return EntryStatus.FAILED.value
+    if flight.found is not None:
+        return flight.found.value
+    return Outcome.MISSING.value if flight.skip_existing else RECOMPUTED
 
 
 class EngineState(str, Enum):
@@ -198,9 +171,7 @@ class Engine:
         self._lookups: dict[str, int] = dict.fromkeys(LOOKUPS, 0)
         # Entries of another clip's valid entry: kept (not written) or replaced (overwrite asked).
         self._other_context: dict[str, int] = dict.fromkeys((KEPT, REPLACED), 0)
-        self._flights: dict[Unit, _Flight] = {}  # the open flight of each unit in the engine
-        self._flight_of: dict[Future, _Flight] = {}  # each waiter's flight, until it is settled
-        self._joined = 0  # submissions that joined a flight instead of running again
+        self._single = SingleFlight()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -223,8 +194,8 @@ class Engine:
         if not was_running:
             return True
         dropped = self._scheduler.close()
-        for job in dropped:
-            fail_future(job.future, EngineStopped(SHUTDOWN_MESSAGE))
+        for flight in dropped:
+            fail_future(flight.future, EngineStopped(SHUTDOWN_MESSAGE))
         if dropped:
             log.info("Engine stopping: %d queued unit(s) dropped", len(dropped))
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -306,144 +277,51 @@ class Engine:
                              f"for {len(units)} {priority.name.lower()} unit(s)")
         for unit in units:
             self._check_unit(unit)
-        waiters, jobs, joined = self._board(units, priority, skip_existing, verify, return_features, overwrite,
-                                            lanes, on_start)
+        boarded = self._single.board(units, priority, skip_existing, verify, return_features, overwrite, lanes,
+                                     on_start)
         try:
-            refused = self._scheduler.admit(jobs, priority, block=block, max_units=max_pending)
+            refused = self._scheduler.admit(boarded.new, priority, block=block, max_units=max_pending)
         except QueueFull:
-            self._unboard(jobs, joined)
+            self._single.unboard(boarded)
             raise
-        for job in refused:
-            fail_future(job.future, EngineStopped(SHUTDOWN_MESSAGE))
-        return waiters
-
-    def _board(self, units: list[Unit], priority: Priority, skip_existing: bool, verify: bool,
-               return_features: bool, overwrite: bool, lanes: Sequence[int] | None,
-               on_start: StartHook | None) -> tuple[list[Future], list[Job], list[Future]]:
-        """A waiter per unit, each joining the unit's flight if one serves it, else a new job's flight.
-
-        Returns (waiters in unit order, the new jobs to admit, the waiters that joined earlier flights).
-        """
-        waiters: list[Future] = []
-        jobs: list[Job] = []
-        joined: list[Future] = []
-        new: set[Future] = set()
-        with self._lock:
-            for i, unit in enumerate(units):
-                waiter: Future = Future()
-                flight = self._flights.get(unit)
-                if flight is not None and flight.serves(priority, skip_existing, verify, return_features, overwrite):
-                    if flight.job.future not in new:
-                        joined.append(waiter)
-                    self._joined += 1
-                else:
-                    job = Job(unit, priority, Future(), skip_existing, verify, return_features,
-                              None if lanes is None else lanes[i], overwrite)
-                    flight = self._flights[unit] = _Flight(job)
-                    job.future.add_done_callback(lambda _, flight=flight: self._land(flight))
-                    jobs.append(job)
-                    new.add(job.future)
-                if on_start is not None and on_start not in flight.job.on_start:
-                    flight.job.on_start.append(on_start)
-                flight.waiters.add(waiter)
-                self._flight_of[waiter] = flight
-                waiter.add_done_callback(self._left)
-                waiters.append(waiter)
-        return waiters, jobs, joined
-
-    def _unboard(self, jobs: list[Job], joined: list[Future]) -> None:
-        """Undo a refused submission: its new jobs fail (with whoever joined them meanwhile), its joins leave."""
-        for waiter in joined:
-            waiter.cancel()  # never running: `_left` takes it off its flight
-        for job in jobs:
-            fail_future(job.future, QueueFull("refused with the submission it belonged to"))
-
-    def _land(self, flight: _Flight) -> None:
-        """The flight's job ended: every waiter still attached gets its outcome."""
-        with self._lock:
-            self._close(flight)
-            waiters = list(flight.waiters)
-            flight.waiters.clear()
-            for waiter in waiters:
-                self._flight_of.pop(waiter, None)
-        for waiter in waiters:
-            _settle(waiter, flight.job.future)
-
-    def _left(self, waiter: Future) -> None:
-        """A waiter's caller cancelled it (a client gone): the job is cancelled too once no one waits for it."""
-        if not waiter.cancelled():
-            return
-        with self._lock:
-            flight = self._flight_of.pop(waiter, None)
-            if flight is None:
-                return
-            flight.waiters.discard(waiter)
-            if flight.waiters:
-                return
-            self._close(flight)
-        flight.job.future.cancel()  # only while queued: a job being decoded or run finishes
-
-    def _close(self, flight: _Flight) -> None:
-        """No one may join `flight` any more (under the lock)."""
-        flight.open = False
-        if self._flights.get(flight.job.unit) is flight:
-            del self._flights[flight.job.unit]
+        for flight in refused:
+            fail_future(flight.future, EngineStopped(SHUTDOWN_MESSAGE))
+        return boarded.waiters
 
     def withdraw(self, futures: Iterable[Future]) -> int:
         """Take back the units of `futures` still queued (not yet decoding or on a device); their futures
         fail with `Withdrawn`. A future whose unit others also wait for leaves it at once, whatever its
         stage; the unit goes on for them. Returns how many futures were taken back. Thread-safe."""
-        left: list[Future] = []
-        alone: set[Future] = set()  # jobs that only the withdrawn futures wait for
-        with self._lock:
-            for waiter in set(futures):
-                flight = self._flight_of.get(waiter)
-                if flight is None:
-                    continue
-                if flight.waiters - {waiter}:
-                    flight.waiters.discard(waiter)
-                    del self._flight_of[waiter]
-                    left.append(waiter)
-                else:
-                    self._close(flight)
-                    flight.job.withdrawn = True  # one being decoded now is not run (see Scheduler.decoded)
-                    alone.add(flight.job.future)
-        for waiter in left:
-            fail_future(waiter, Withdrawn(WITHDRAWN_MESSAGE))
-        taken = self._scheduler.withdraw(alone)
-        for job in taken:
-            fail_future(job.future, Withdrawn(WITHDRAWN_MESSAGE))  # its waiter gets it through `_land`
-        return len(left) + len(taken)
+        return self._single.withdraw(futures, self._scheduler.withdraw)
 
     def pending(self, priority: Priority) -> int:
         """Units of `priority` submitted but not yet taken by a device (decoding or decoded)."""
         return self._scheduler.waiting(Priority(priority))
 
     def _check_unit(self, unit: Unit) -> None:
-        mode = self.spec.attention
-        if mode == Attention.FRAME and len(unit.frames) != 1:
-            raise ValueError(f"frame attention takes one frame per unit, got {len(unit.frames)}")
-        if mode == Attention.CAUSAL and unit.targets != unit.frames[-1:]:
-            raise ValueError("a causal unit has one target, its last frame")
+        """The unit must be the one its clip makes in the spec's attention mode (`Unit.for_clip` says which)."""
+        if Unit.for_clip(self.spec.attention, unit.frames) != unit:
+            raise ValueError(f"a {Attention(self.spec.attention).value} clip of these {len(unit.frames)} frames has other targets "
+                             f"than the unit's {len(unit.targets)}")
 
     # -- results and stats ----------------------------------------------------------------------
-    def _complete(self, job: Job, result: UnitResult) -> None:
+    def _complete(self, flight: Flight, result: UnitResult) -> None:
         """Every stage ends a unit here: its future gets the result (the first one, if two paths race)."""
         with self._lock:
-            if job.completed or job.future.done():
+            if flight.completed or flight.future.done():
                 return
-            job.completed = True  # claimed under the lock: a racing path neither counts nor sets it again
+            flight.completed = True  # claimed under the lock: a racing path neither counts nor sets it again
             self._units[result.kind] += 1
             computed = sum(e.status is EntryStatus.COMPUTED for e in result.entries)
             if computed:
                 self._computed.add(time.monotonic(), computed)
-            if job.priority is Priority.ON_DEMAND:
-                self._lookups[_lookup(job, result)] += 1
+            if flight.priority is Priority.ON_DEMAND:
+                self._lookups[_lookup(flight, result)] += 1
             for entry in result.entries:
                 if entry.write:
                     self._other_context[entry.write] += 1
         with contextlib.suppress(InvalidStateError):  # callbacks run outside the lock
-            job.future.set_result(result)
+            flight.future.set_result(result)
 
     def stats(self) -> dict[str, Any]:
         """Queue depths, work done, recent throughput, device memory and busy fraction."""
@@ -454,7 +332,6 @@ class Engine:
             units = {status.value: n for status, n in self._units.items()}
             lookups = dict(self._lookups)
             other_context = dict(self._other_context)
-            joined = self._joined
             computed = self._computed.per_second(now)
         return {
             "state": self._state.value,
@@ -468,7 +345,7 @@ class Engine:
             # DINOv2 the same way: frames embedded, and frames a clip took from one embedded before.
             "patch_cache": _summed(dev.patches.stats() for dev in self._device.devices),
             "units": units,
-            "coalesced": joined,  # submissions that joined identical work in flight instead of running it again
+            "coalesced": self._single.joined,  # submissions that joined identical work in flight instead of running it again
             "on_demand_lookups": lookups,
             "other_context": other_context,
             "history": {"interval_s": self._computed.interval_s, "computed_per_s": computed},

@@ -1,4 +1,4 @@
-"""What flows through the engine: a unit's job, its result, the priorities, the engine's errors."""
+"""What flows through the engine: a unit in flight, its result, the priorities, the engine's errors."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from typing import TypeVar
 
 import torch
 
+from vggt_cache.client.cachefile import Outcome
 from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.units import Unit
 
@@ -72,8 +73,8 @@ class UnitResult:
 
 
 @dataclass(eq=False)
-class Job:
-    """One unit on its way through the stages."""
+class Flight:
+    """One unit in flight through the stages (a bulk job's many units are each a flight of their own)."""
 
     unit: Unit
     priority: Priority
@@ -90,7 +91,7 @@ class Job:
     sources: list[dict] = field(default_factory=list)  # per target, stat-ed before decoding
     contexts: list[dict | None] = field(default_factory=list)
     ready_at: float = 0.0
-    found: str | None = None  # the read outcome (client.cachefile.Outcome) of an entry skip_existing found invalid
+    found: Outcome | None = None  # what the read of an entry that skip_existing found invalid said
     completed: bool = False  # set once, under the engine's lock, by the path that completes it
 
     @property
@@ -98,7 +99,7 @@ class Job:
         return len(self.unit.frames)
 
 
-Complete = Callable[[Job, UnitResult], None]  # how a stage hands a unit's result back to the engine
+Complete = Callable[[Flight, UnitResult], None]  # how a stage hands a unit's result back to the engine
 
 
 def failed_result(unit: Unit, message: str) -> UnitResult:

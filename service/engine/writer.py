@@ -13,7 +13,7 @@ from vggt_cache.client.cachefile import Outcome, holds_other_context, read_entry
 from vggt_cache.client.spec import Attention, FeatureSpec
 from vggt_cache.client.storage import as_stored
 from vggt_cache.client.wire import EntryStatus
-from vggt_cache.service.engine.work import (KEPT, REPLACED, Complete, EntryResult, Job, UnitResult, describe, failed_result,
+from vggt_cache.service.engine.work import (KEPT, REPLACED, Complete, EntryResult, Flight, UnitResult, describe, failed_result,
                                  when_descriptors_free)
 
 log = logging.getLogger("vggt_cache")
@@ -45,26 +45,26 @@ class WriterStage:
         assert self._pool is not None
         self._pool.shutdown(wait=wait)
 
-    def store(self, jobs: list[Job], features: torch.Tensor) -> None:
-        """Hand a batch's results to the writers: `features` is `[B, T, (L,) P, C]`, one row per job."""
-        grid = (jobs[0].images.shape[-2] // self._patch_size, jobs[0].images.shape[-1] // self._patch_size)
+    def store(self, flights: list[Flight], features: torch.Tensor) -> None:
+        """Hand a batch's results to the writers: `features` is `[B, T, (L,) P, C]`, one row per flight."""
+        grid = (flights[0].images.shape[-2] // self._patch_size, flights[0].images.shape[-1] // self._patch_size)
         assert self._pool is not None
-        for job, unit_features in zip(jobs, features):
+        for flight, unit_features in zip(flights, features):
             self._slots.acquire()
             with self._lock:
                 self.writing += 1
             try:
-                self._pool.submit(self._write_unit, job, unit_features, grid)
+                self._pool.submit(self._write_unit, flight, unit_features, grid)
             except BaseException:  # the pool is shut down (an unclean stop): give the slot back
                 with self._lock:
                     self.writing -= 1
                 self._slots.release()
                 raise
 
-    def _write_unit(self, job: Job, features: torch.Tensor, grid: tuple[int, int]) -> None:
+    def _write_unit(self, flight: Flight, features: torch.Tensor, grid: tuple[int, int]) -> None:
         """Write every target's entry of one unit. features: [T, (L,) P, C]."""
         try:
-            unit = job.unit
+            unit = flight.unit
             entries = []
             frames = self.spec.context_of(unit.frames)
             for i, target in enumerate(unit.targets):
@@ -77,25 +77,25 @@ class WriterStage:
                 entry = features[index].clone()
                 try:
                     stored = as_stored(entry, self.spec.storage)  # what a read of the entry gives (fp8 is lossy)
-                    returned = stored if job.return_features else None
+                    returned = stored if flight.return_features else None
                     write = REPLACED if holds_other_context(target, self.spec, frames, self.roots) else None
-                    if write and not job.overwrite:
+                    if write and not flight.overwrite:
                         entries.append(EntryResult(target, EntryStatus.COMPUTED, returned, grid, write=KEPT))
                         continue
-                    when_descriptors_free(lambda: write_entry(target, entry, self.spec, grid, job.sources[i],
-                                                              job.contexts[i], roots=self.roots, mode=self.file_mode),
+                    when_descriptors_free(lambda: write_entry(target, entry, self.spec, grid, flight.sources[i],
+                                                              flight.contexts[i], roots=self.roots, mode=self.file_mode),
                                           f"writing the entry of {target}")
-                    if job.verify:
+                    if flight.verify:
                         self._verify(target, stored, unit.frames)
                 except Exception as exc:
                     log.warning("Cannot store the entry of %s: %s", target, describe(exc))
                     entries.append(EntryResult(target, EntryStatus.FAILED, None, grid, describe(exc)))
                     continue
                 entries.append(EntryResult(target, EntryStatus.COMPUTED, returned, grid, write=write))
-            self._complete(job, UnitResult(unit, entries))
+            self._complete(flight, UnitResult(unit, entries))
         except Exception as exc:  # anything else (e.g. no memory for the clone): fail the unit, never hang it
-            log.exception("Storing the entries of %s failed", job.unit.targets[-1])
-            self._complete(job, failed_result(job.unit, describe(exc)))
+            log.exception("Storing the entries of %s failed", flight.unit.targets[-1])
+            self._complete(flight, failed_result(flight.unit, describe(exc)))
         finally:
             with self._lock:
                 self.writing -= 1
