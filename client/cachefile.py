@@ -9,8 +9,8 @@ decodes it to the same `features`, and the seed's loader finds no `"features"` a
 
 Reading never unpickles arbitrary objects and never raises for a bad file:
 the outcome says what is wrong. Files in the layout `write_entry` produces are
-parsed by a fast path (`client/fastload.py`); anything else goes to
-`torch.load(weights_only=True)`. The order of checks is
+loaded by a fast path (`client/fastload.py`); anything else goes to
+`torch.load(weights_only=True)`; what was loaded is checked by `client/entryformat.py`. The order of checks is
 missing -> unreadable (permission denied) -> corrupt -> spec mismatch -> stale (source, then context).
 Context rules: a caller that passes `context_frames` to an entry without
 context (a `frame`-mode entry) gets SPEC_MISMATCH; one that passes none to an
@@ -20,26 +20,22 @@ changed), so tools that do not know the clip can still verify an entry.
 
 from __future__ import annotations
 
-import math
 import os
 import stat
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
 from vggt_cache.client.fastload import MAX_OVERHEAD_BYTES, load_file
+from vggt_cache.client.entryformat import FORMAT_VERSION, context_problem, max_entry_bytes, parse_entry, shape_problem
 from vggt_cache.client.safeopen import DEFAULT_FILE_MODE, OutsideRoots, atomic_write, existing_kind, kind_of, temp_of
-from vggt_cache.client.spec import Attention, FeatureSpec, canonical_json, short_digest
-from vggt_cache.client.storage import BadPayload, check_payload_size, decode, encode, max_payload_bytes, stored_nbytes
+from vggt_cache.client.spec import FeatureSpec, short_digest
+from vggt_cache.client.storage import encode
 
 CACHE_SUFFIX = ".vggt_cache.pt"
-FORMAT_VERSION = 1
-# Packed VGGT activations measured 1.40-1.47x smaller than raw (docs/performance.md): plans assume less, to err large.
-PACKED_PLAN_RATIO = 1.3
-_META_KEYS = ("format_version", "spec", "spec_digest", "grid", "source", "context", "shape", "dtype")
 
 PathLike = str | os.PathLike
 
@@ -118,7 +114,7 @@ def write_entry(
     """
     grid = [int(g) for g in grid]
     features = _storable(features, spec.torch_dtype)
-    problem = _shape_problem(tuple(features.shape), spec, grid) or _context_problem(spec, context)
+    problem = shape_problem(tuple(features.shape), spec, grid) or context_problem(spec, context)
     if problem:
         raise ValueError(f"cannot write cache entry for {os.fspath(image_path)}: {problem}")
     meta = {
@@ -200,7 +196,7 @@ def read_entry(
         return result(Outcome.CORRUPT, f"unreadable: {type(e).__name__}: {e}")
 
     try:
-        parsed = _parse(data, spec)
+        parsed = parse_entry(data, spec)
     except Exception as e:  # odd values in a foreign file must not escape as errors
         parsed = f"invalid structure: {type(e).__name__}: {e}"
     if isinstance(parsed, str):
@@ -261,137 +257,6 @@ def _storable(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if out.storage_offset() != 0 or out.untyped_storage().nbytes() != out.nbytes:
         out = out.clone()
     return out
-
-
-def entry_shape(spec: FeatureSpec, grid: Sequence[int], channels: int | None = None) -> tuple[int, ...]:
-    """The `features` shape of an entry of `spec` for a `grid` = [h, w] of patches."""
-    arch = spec.architecture
-    tokens = grid[0] * grid[1]
-    if spec.tokens == "all":  # camera + register tokens come first
-        tokens += 1 + arch.get("num_register_tokens", 4)
-    channels = 2 * arch["embed_dim"] if "embed_dim" in arch else channels
-    return (tokens, channels) if len(spec.layers) == 1 else (len(spec.layers), tokens, channels)
-
-
-def entry_nbytes(spec: FeatureSpec, grid: Sequence[int]) -> int:
-    """Bytes of an entry's tensor (the file adds a few KB of records and metadata)."""
-    # An architecture without embed_dim (only hand-made specs) is taken as VGGT-1B's: 2 x 1024 channels.
-    return math.prod(entry_shape(spec, grid, channels=2048)) * spec.torch_dtype.itemsize
-
-
-def stored_entry_bytes(spec: FeatureSpec, grid: Sequence[int]) -> int:
-    """Bytes an entry's tensor or payload takes on disk in the spec's storage (packed: an estimate that errs large)."""
-    return stored_nbytes(spec.storage, entry_shape(spec, grid, channels=2048), spec.torch_dtype, PACKED_PLAN_RATIO)
-
-
-def max_entry_bytes(spec: FeatureSpec) -> int:
-    """The largest tensor or payload of an entry of `spec`: preprocessing makes no side longer than `spec.size`."""
-    side = spec.size // spec.architecture.get("patch_size", 14)
-    if spec.storage == "raw":
-        return entry_nbytes(spec, (side, side))
-    return max_payload_bytes(spec.storage, entry_shape(spec, (side, side), channels=2048), spec.torch_dtype)
-
-
-def _shape_problem(shape: tuple[int, ...], spec: FeatureSpec, grid: list[int]) -> str | None:
-    if len(grid) != 2 or min(grid) <= 0:
-        return f"grid must be two positive integers, got {grid}"
-    expected = entry_shape(spec, grid, channels=shape[-1] if shape else -1)
-    if shape != expected:
-        return f"features shape {list(shape)} does not match spec and grid {grid}: expected {list(expected)}"
-    return None
-
-
-def _context_problem(spec: FeatureSpec, context: Any) -> str | None:
-    if spec.attention == Attention.FRAME:
-        return None if context is None else "attention 'frame' takes no context"
-    if not (
-        isinstance(context, dict)
-        and isinstance(context.get("frames"), list)
-        and context["frames"]
-        and all(_is_frame_record(r) for r in context["frames"])
-        and isinstance(context.get("digest"), str)
-    ):
-        return f"attention {spec.attention!r} needs a context record (see context_record)"
-    if context["digest"] != short_digest(context["frames"]):
-        return "context digest does not match its frames"
-    return None
-
-
-def _is_frame_record(record: Any) -> bool:
-    return (
-        isinstance(record, dict)
-        and isinstance(record.get("path"), str)
-        and "\x00" not in record["path"]
-        and type(record.get("size")) is int
-        and type(record.get("mtime_ns")) is int
-    )
-
-
-def _parse(data: Any, expected: FeatureSpec | None) -> tuple[torch.Tensor, dict, FeatureSpec] | str:
-    """The entry's parts (a non-raw entry's payload decoded), or why it is not a valid entry."""
-    if not isinstance(data, dict) or not any(isinstance(data.get(k), torch.Tensor) for k in ("features", "payload")):
-        return "not a cache entry (no 'features' tensor)"
-    meta = data.get("meta")
-    if not isinstance(meta, dict):
-        return "not a cache entry (no 'meta' dict)"
-    missing = [k for k in _META_KEYS if k not in meta]
-    if missing:
-        return f"meta lacks {', '.join(missing)}"
-    if meta["format_version"] != FORMAT_VERSION or isinstance(meta["format_version"], bool):
-        return f"unsupported format_version {meta['format_version']!r}"
-    try:
-        # The common case, the expected spec itself, skips building and validating a new one.
-        same = expected is not None and canonical_json(meta["spec"]) == expected.canonical_json()
-        spec = expected if same else FeatureSpec.from_dict(meta["spec"])
-    except (TypeError, ValueError) as e:
-        return f"invalid spec: {e}"
-    if meta["spec_digest"] != spec.digest:
-        return "spec_digest does not match the spec"
-    grid = meta["grid"]
-    if not (isinstance(grid, list) and all(type(g) is int for g in grid)):
-        return f"invalid grid {grid!r}"
-    if meta["dtype"] != spec.dtype:
-        return f"dtype {meta['dtype']} does not match spec dtype {spec.dtype}"
-    features = _stored_features(data, meta, spec)
-    if isinstance(features, str):
-        return features
-    if features.dtype != spec.torch_dtype:
-        return f"dtype {features.dtype} does not match spec dtype {spec.dtype}"
-    if meta["shape"] != list(features.shape):
-        return f"features shape {list(features.shape)} differs from meta shape {meta['shape']}"
-    problem = _shape_problem(tuple(features.shape), spec, grid) or _context_problem(spec, meta["context"])
-    if problem:
-        return problem
-    source = meta["source"]
-    if not (isinstance(source, dict) and set(source) == {"size", "mtime_ns"}):
-        return f"invalid source record {source!r}"
-    return features, meta, spec
-
-
-def _stored_features(data: dict, meta: dict, spec: FeatureSpec) -> torch.Tensor | str:
-    """The features as the spec's storage holds them (decoded), or why they cannot be.
-
-    A payload is decoded only once the spec and grid have said what it must decode to, so it
-    never inflates past an entry's size; a meta-device payload (a metadata-only read) gives a
-    meta-device tensor of that shape once the payload's length fits it.
-    """
-    if spec.storage == "raw":
-        features = data.get("features")
-        return features if isinstance(features, torch.Tensor) else "a raw entry needs a 'features' tensor"
-    payload = data.get("payload")
-    if "features" in data or not isinstance(payload, torch.Tensor):
-        return f"a {spec.storage} entry holds a 'payload' tensor and no 'features'"
-    shape = tuple(meta["shape"]) if isinstance(meta["shape"], list) else ()
-    problem = _shape_problem(shape, spec, meta["grid"])
-    if problem:
-        return problem
-    try:
-        if payload.is_meta:
-            check_payload_size(payload, spec.storage, shape, spec.torch_dtype)
-            return torch.empty(shape, dtype=spec.torch_dtype, device="meta")
-        return decode(payload, spec.storage, shape, spec.torch_dtype)
-    except BadPayload as e:
-        return f"bad {spec.storage} payload: {e}"
 
 
 def _changed_context_frame(target: PathLike, frames: list) -> str | None:

@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from vggt_cache.client.cachefile import Outcome, cache_path, read_entry, stored_entry_bytes
+from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
+from vggt_cache.client.entryformat import stored_entry_bytes
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.text import bounded
 from vggt_cache.service.preprocess import MAX_IMAGE_BYTES, image_size, output_size

@@ -20,7 +20,8 @@ import torch
 import zstandard
 
 from vggt_cache.client import FeatureCache
-from vggt_cache.client.cachefile import PACKED_PLAN_RATIO, Outcome, cache_path, read_entry, source_record, write_entry
+from vggt_cache.client.cachefile import Outcome, cache_path, read_entry, source_record, write_entry
+from vggt_cache.client.entryformat import PACKED_PLAN_RATIO
 from vggt_cache.client.logs import LOGGER
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.wire import decode_features
