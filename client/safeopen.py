@@ -29,7 +29,11 @@ class FileTooLarge(OSError):
 
 
 class OutsideRoots(PermissionError):
-    """What was opened lies outside the allowed roots (a folder was swapped for a symlink, say)."""
+    """A path, or what was opened (a folder swapped for a symlink, say), lies outside every allowed root.
+
+    The one error for it: raised here when a descriptor is checked, and by the service's
+    `AllowedRoots.contain` when a request names a path (the API answers 403).
+    """
 
 
 def inside(path: str, roots: Sequence[str]) -> bool:

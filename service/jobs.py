@@ -14,12 +14,12 @@ from typing import TypeVar
 
 from vggt_cache.client.cachefile import is_temp_file
 from vggt_cache.client.manifest import is_manifest_temp_file, write_manifest
-from vggt_cache.client.safeopen import open_folder
+from vggt_cache.client.safeopen import OutsideRoots, open_folder
 from vggt_cache.client.spec import FeatureSpec, matching_preset
 from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
 from vggt_cache.service.jobview import TERMINAL, JobState, JobView
-from vggt_cache.service.paths import AllowedRoots, PathNotAllowed, printable
+from vggt_cache.service.paths import AllowedRoots, printable
 from vggt_cache.service.plan import Plan, plan_job
 from vggt_cache.service.preprocess import MAX_IMAGE_BYTES
 from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, check_history
@@ -438,7 +438,7 @@ def manifest_record(job_id: str, state: JobState, counts: dict, spec: FeatureSpe
 
 def check_options(data_root: str, options: dict, roots: AllowedRoots) -> None:
     """The folders a job's options name (its sample files, its `data_path`) are inside the roots
-    (PathNotAllowed): an absolute `data_path` must not take the samples' images out of them."""
+    (OutsideRoots): an absolute `data_path` must not take the samples' images out of them."""
     named = [*(options.get("data_files") or ())]
     if options.get("data_path") is not None:
         named.append(options["data_path"])
@@ -477,7 +477,7 @@ def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: d
         try:
             for frame in unit.frames:
                 roots.contain(frame)
-        except (PathNotAllowed, ValueError) as exc:
+        except (OutsideRoots, ValueError) as exc:
             refused[idx] = str(exc)
     allowed = [u for i, u in enumerate(units) if i not in refused]
     plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), allowed, len(refused), world_size,

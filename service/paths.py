@@ -6,13 +6,9 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vggt_cache.client.safeopen import inside
+from vggt_cache.client.safeopen import OutsideRoots, inside
 from vggt_cache.client.text import printable, shorten
 from vggt_cache.service.errors import UnusableInput
-
-
-class PathNotAllowed(PermissionError):
-    """A path (or what its symlinks lead to) lies outside every allowed root."""
 
 
 class InvalidPath(UnusableInput):
@@ -51,11 +47,11 @@ class AllowedRoots:
             raise InvalidPath(f"invalid path {shorten(printable(path))}: {exc.reason}") from None
         norm = os.path.normpath(path)
         if not inside(norm, self.given + self.real):
-            raise PathNotAllowed(f"path is outside the allowed roots: {shorten(path)}")
+            raise OutsideRoots(f"path is outside the allowed roots: {shorten(path)}")
         if not self.holds(norm):
-            raise PathNotAllowed(f"path resolves (through a symlink) outside the allowed roots: {shorten(path)}")
+            raise OutsideRoots(f"path resolves (through a symlink) outside the allowed roots: {shorten(path)}")
         if writes_sibling and not self.holds(os.path.dirname(norm)):
-            raise PathNotAllowed(f"folder of {shorten(path)} resolves outside the allowed roots")
+            raise OutsideRoots(f"folder of {shorten(path)} resolves outside the allowed roots")
         return norm
 
     def holds(self, path: str) -> bool:

@@ -45,10 +45,10 @@ import numpy as np
 
 from vggt_cache.client.cachefile import CACHE_SUFFIX
 from vggt_cache.client.manifest import MANIFEST_NAME
-from vggt_cache.client.safeopen import inside, open_regular
+from vggt_cache.client.safeopen import OutsideRoots, inside, open_regular
 from vggt_cache.client.text import shorten
 from vggt_cache.service.errors import UnusableInput
-from vggt_cache.service.paths import AllowedRoots, PathNotAllowed
+from vggt_cache.service.paths import AllowedRoots
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 DEFAULT_MAX_HISTORY = 8
@@ -252,7 +252,7 @@ class PathResolver:
             return True
         try:
             self.roots.contain(path)
-        except (PathNotAllowed, ValueError):
+        except (OutsideRoots, ValueError):
             return False
         return True
 

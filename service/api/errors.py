@@ -14,8 +14,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vggt_cache.service.api.limits import Busy
 from vggt_cache.service.engine import EngineStopped, QueueFull
 from vggt_cache.service.errors import UnusableInput
+from vggt_cache.client.safeopen import OutsideRoots
 from vggt_cache.client.text import bounded
-from vggt_cache.service.paths import PathNotAllowed
 
 
 class NotReady(RuntimeError):
@@ -41,8 +41,8 @@ def register_errors(app: FastAPI) -> None:
     async def unusable(request: Request, exc: UnusableInput) -> JSONResponse:
         return _error(422, [{"loc": list(exc.loc), "msg": bounded(str(exc)), "type": "value_error"}])
 
-    @app.exception_handler(PathNotAllowed)
-    async def not_allowed(request: Request, exc: PathNotAllowed) -> JSONResponse:
+    @app.exception_handler(OutsideRoots)
+    async def not_allowed(request: Request, exc: OutsideRoots) -> JSONResponse:
         return _error(403, str(exc))
 
     @app.exception_handler(QueueFull)
