@@ -29,11 +29,12 @@ from typing import Mapping, Sequence
 
 import torch
 
-from vggt_cache.client.fastload import MAX_OVERHEAD_BYTES, load_file
 from vggt_cache.client.entryformat import FORMAT_VERSION, context_problem, max_entry_bytes, parse_entry, shape_problem
+from vggt_cache.client.fastload import MAX_OVERHEAD_BYTES, load_file
 from vggt_cache.client.safeopen import DEFAULT_FILE_MODE, OutsideRoots, atomic_write, existing_kind, kind_of, temp_of
 from vggt_cache.client.spec import FeatureSpec, short_digest
 from vggt_cache.client.storage import encode
+from vggt_cache.client.text import error_text
 
 CACHE_SUFFIX = ".vggt_cache.pt"
 
@@ -191,14 +192,14 @@ def read_entry(
     except PermissionError as e:
         if not isinstance(e, OutsideRoots):  # a symlink out of the roots is a planted file, not a permission
             return result(Outcome.UNREADABLE, "unreadable: permission denied")
-        return result(Outcome.CORRUPT, f"unreadable: {type(e).__name__}: {e}")
+        return result(Outcome.CORRUPT, f"unreadable: {error_text(e)}")
     except Exception as e:  # truncated zip, foreign pickle, refused globals, I/O errors
-        return result(Outcome.CORRUPT, f"unreadable: {type(e).__name__}: {e}")
+        return result(Outcome.CORRUPT, f"unreadable: {error_text(e)}")
 
     try:
         parsed = parse_entry(data, spec)
     except Exception as e:  # odd values in a foreign file must not escape as errors
-        parsed = f"invalid structure: {type(e).__name__}: {e}"
+        parsed = f"invalid structure: {error_text(e)}"
     if isinstance(parsed, str):
         return result(Outcome.CORRUPT, parsed)
     features, meta, file_spec = parsed

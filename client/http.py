@@ -33,6 +33,8 @@ from typing import Any
 
 import httpx
 
+from vggt_cache.client.text import error_text
+
 RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 CONNECT_TIMEOUT_S = 5.0
 DOWN_S = 30.0  # how long a URL that failed every try (unreachable or 5xx) is skipped
@@ -211,7 +213,7 @@ class Attempts:
             raise ServiceError(f"{url} did not answer in time ({exc}); raise the client timeout "
                                "or ask for fewer features per call") from exc
         self._broken = True
-        self._failures.append(f"{url}: {type(exc).__name__}: {exc}")
+        self._failures.append(f"{url}: {error_text(exc)}")
         self._last[url] = self._failures[-1]
 
     def exhausted(self) -> ServiceError:

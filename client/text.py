@@ -3,7 +3,7 @@
 Names come from other people's files: of any length, with bytes that are not UTF-8, newlines
 or terminal escape sequences. `printable` makes one storable as UTF-8, `shorten` bounds it,
 `bounded` does both (what the store and the HTTP errors keep), and `displayable` makes it one
-inert line for a log or a terminal.
+inert line for a log or a terminal. `error_text` is the one way an exception becomes text.
 """
 
 from __future__ import annotations
@@ -56,3 +56,14 @@ def displayable(text: str) -> str:
     A file name with a newline cannot forge a log line, nor one with `ESC [` rewrite a terminal.
     """
     return _UNSAFE.sub(_escape, printable(text))
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as text: `Type: message`, or its message alone where that already says what failed.
+
+    OSError messages carry their errno and file, and ValueError is how our own checks say why an
+    input is unusable (`ImageError` names its image): the type would only be noise there.
+    """
+    if isinstance(exc, (ValueError, OSError)):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"

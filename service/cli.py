@@ -12,6 +12,7 @@ from typing import NoReturn
 from vggt_cache.client.logs import setup_logging
 from vggt_cache.client.service import TOKEN_ENV, ServiceError
 from vggt_cache.client.spec import STORAGES, positive_int
+from vggt_cache.client.text import error_text
 from vggt_cache.service.convert import ESTIMATE_SAMPLES
 from vggt_cache.service.errors import CommandError, UnusableInput
 from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, check_history, check_sample_bytes, file_list
@@ -293,7 +294,7 @@ def failure_message(exc: BaseException) -> tuple[str, int]:
         if exc.status is None:
             return f"cannot reach the service: {exc}; start `vggt-cache serve` there, or fix --server", 2
         return f"the service refused: {exc}", 2
-    return (f"{type(exc).__name__}: {exc} (unexpected: rerun with --debug for the traceback, "
+    return (f"{error_text(exc)} (unexpected: rerun with --debug for the traceback, "
             "and report it if the message does not say what to change)"), 1
 
 

@@ -16,6 +16,7 @@ from vggt_cache.client.cachefile import is_temp_file
 from vggt_cache.client.manifest import is_manifest_temp_file, write_manifest
 from vggt_cache.client.safeopen import OutsideRoots, open_folder
 from vggt_cache.client.spec import FeatureSpec, matching_preset
+from vggt_cache.client.text import error_text
 from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
 from vggt_cache.service.jobview import TERMINAL, JobState, JobView
@@ -78,7 +79,7 @@ def target_results(idx: int, unit: Unit, fut: Future) -> list[tuple[int, EntrySt
     """(idx, outcome, reason, image, write) for every target of a finished unit, as the store records them."""
     exc = fut.exception()
     if exc is not None:
-        return [(idx, EntryStatus.FAILED, f"{type(exc).__name__}: {exc}", t, None) for t in unit.targets]
+        return [(idx, EntryStatus.FAILED, error_text(exc), t, None) for t in unit.targets]
     result: UnitResult = fut.result()
     return [(idx, EntryStatus(e.status), e.error, e.image, e.write) for e in result.entries]
 
@@ -156,7 +157,7 @@ class JobManager:
             except Exception as exc:  # a broken job must not take the runner down with it
                 log.exception("Job %s failed", job_id)
                 try:
-                    self.store.set_state(job_id, JobState.FAILED, error=f"{type(exc).__name__}: {exc}")
+                    self.store.set_state(job_id, JobState.FAILED, error=error_text(exc))
                 except Exception:  # already terminal, or the state dir itself is failing
                     log.exception("Cannot record the failure of job %s", job_id)
             try:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from vggt_cache.client.safeopen import open_regular
+from vggt_cache.client.text import error_text
 from vggt_cache.service.settings import ServiceSettings
 
 PATCH_SIZE = 14
@@ -57,7 +58,7 @@ def open_image(path: str | os.PathLike, max_bytes: int | None = MAX_IMAGE_BYTES,
         raise ImageError(f"cannot decode image {name}: not an image in an accepted format "
                          f"({', '.join(IMAGE_FORMATS)})") from None
     except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
-        raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+        raise ImageError(f"cannot decode image {name}: {error_text(e)}") from e
     img.filename = name  # what preprocess's errors name
     return img
 
@@ -88,7 +89,7 @@ def load_image(path: str | os.PathLike, max_pixels: int | None = None, max_bytes
         # PIL decodes lazily; force it here so truncated data fails now, with the name.
         img.load()
     except Exception as e:
-        raise ImageError(f"cannot decode image {name}: {type(e).__name__}: {e}") from e
+        raise ImageError(f"cannot decode image {name}: {error_text(e)}") from e
     return img
 
 

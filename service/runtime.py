@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass
 
 from vggt_cache.client.spec import FeatureSpec, positive_int
+from vggt_cache.client.text import error_text
 from vggt_cache.service.engine import Engine
 from vggt_cache.service.engine.device import ForwardHook
 from vggt_cache.service.jobs import JobManager, Retention
@@ -155,7 +156,7 @@ class ServiceRuntime:
             components.jobs.start()
             self.components = components
         except Exception as exc:  # reported by /readyz and /status; the process stays up for inspection
-            self.load_error = f"{type(exc).__name__}: {exc}"
+            self.load_error = error_text(exc)
             log.error("Model failed to load: %s", self.load_error)
             threading.Thread(target=self._remind, name="model-failed", daemon=True).start()
 

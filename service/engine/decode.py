@@ -16,10 +16,11 @@ import torch
 
 from vggt_cache.client.cachefile import Outcome, context_record, holds_other_context, read_entry, source_record
 from vggt_cache.client.spec import Attention, FeatureSpec
+from vggt_cache.client.text import error_text
 from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.work import (KEPT, SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, Complete, EngineStopped, EntryResult,
-                                 FrameKey, Flight, UnitResult, Withdrawn, describe, fail_future, failed_result,
+                                 FrameKey, Flight, UnitResult, Withdrawn, fail_future, failed_result,
                                  when_descriptors_free)
 from vggt_cache.service.preprocess import load_image, preprocess
 
@@ -110,7 +111,7 @@ class DecodeStage:
                 if result is None:
                     when_descriptors_free(lambda: self._decode(flight), f"decoding {flight.unit.targets[-1]}")
             except Exception as exc:  # ImageError, a missing file, ...: this unit only
-                result = failed_result(flight.unit, describe(exc))
+                result = failed_result(flight.unit, error_text(exc))
                 log.warning("Cannot prepare %s: %s", flight.unit.targets[-1], result.entries[0].error)
             if result is not None:
                 self._scheduler.decoded(flight, runnable=False)

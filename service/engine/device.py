@@ -15,10 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from vggt_cache.client.spec import Attention, FeatureSpec
+from vggt_cache.client.text import error_text
 from vggt_cache.service.engine.patches import PatchCache
 from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.stats import Window, process_rss
-from vggt_cache.service.engine.work import Complete, Flight, StartHook, describe, failed_result
+from vggt_cache.service.engine.work import Complete, Flight, StartHook, failed_result
 from vggt_cache.service.engine.writer import WriterStage
 from vggt_cache.service.model.features import entry_features
 
@@ -133,7 +134,7 @@ class DeviceStage:
                             self._hand_to_finisher(finishing, finisher, launched)
                 except Exception as exc:  # a bug here must fail the batch, not kill the device worker
                     log.exception("Batch on %s failed", dev.name)
-                    self._fail([j for j in batch if j not in handed], describe(exc))
+                    self._fail([j for j in batch if j not in handed], error_text(exc))
                 _on_device(batch, -1)  # its forward is over: a death from here on is not this batch's doing
                 _log_compiles(dev, batch, _compiled_graphs() - graphs, time.monotonic() - started)
         finally:
@@ -151,7 +152,7 @@ class DeviceStage:
             try:
                 launched = self._launch(dev, part)
             except Exception as exc:  # handled after the except block so its frames (activations) are freed
-                oom, lost, error = is_out_of_memory(exc), is_device_lost(exc), describe(exc)
+                oom, lost, error = is_out_of_memory(exc), is_device_lost(exc), error_text(exc)
             if error is None:
                 yield launched
                 continue
@@ -247,14 +248,14 @@ class DeviceStage:
                 with self.lock:
                     dev.launched.remove(launched)
                 if is_device_lost(exc):
-                    self._lose(dev, describe(exc))
-                self._fail(launched.flights, describe(exc))
+                    self._lose(dev, error_text(exc))
+                self._fail(launched.flights, error_text(exc))
                 continue
             try:
                 self._finish(dev, launched)
             except Exception as exc:  # a bug here must fail the batch, not the thread the device waits on
                 log.exception("Results on %s could not be handed on", dev.name)
-                self._fail(launched.flights, describe(exc))
+                self._fail(launched.flights, error_text(exc))
 
     def _finish(self, dev: Device, launched: Launched) -> None:
         """The batch's results are on the host: count them, hand them to the writers."""
@@ -271,7 +272,7 @@ class DeviceStage:
             self._writer.store(launched.flights, launched.features)
         except Exception as exc:  # e.g. the writer pool shut down by an unclean stop
             log.exception("Results on %s could not be stored", dev.name)
-            self._fail(launched.flights, describe(exc))
+            self._fail(launched.flights, error_text(exc))
         finally:
             with self.lock:
                 self._in_flight.difference_update(launched.flights)

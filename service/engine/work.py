@@ -112,13 +112,6 @@ def fail_future(future: Future, exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-def describe(exc: BaseException) -> str:
-    # ImageError and OSError messages already name the file; others get their type for context.
-    if isinstance(exc, (ValueError, OSError)):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
 def out_of_descriptors(exc: BaseException) -> bool:
     """Whether `exc`, or an error it was raised from, is EMFILE or ENFILE (the process or the system is full)."""
     seen: BaseException | None = exc

@@ -12,8 +12,9 @@ import torch
 from vggt_cache.client.cachefile import Outcome, holds_other_context, read_entry, write_entry
 from vggt_cache.client.spec import Attention, FeatureSpec
 from vggt_cache.client.storage import as_stored
+from vggt_cache.client.text import error_text
 from vggt_cache.client.wire import EntryStatus
-from vggt_cache.service.engine.work import (KEPT, REPLACED, Complete, EntryResult, Flight, UnitResult, describe, failed_result,
+from vggt_cache.service.engine.work import (KEPT, REPLACED, Complete, EntryResult, Flight, UnitResult, failed_result,
                                  when_descriptors_free)
 
 log = logging.getLogger("vggt_cache")
@@ -88,14 +89,14 @@ class WriterStage:
                     if flight.verify:
                         self._verify(target, stored, unit.frames)
                 except Exception as exc:
-                    log.warning("Cannot store the entry of %s: %s", target, describe(exc))
-                    entries.append(EntryResult(target, EntryStatus.FAILED, None, grid, describe(exc)))
+                    log.warning("Cannot store the entry of %s: %s", target, error_text(exc))
+                    entries.append(EntryResult(target, EntryStatus.FAILED, None, grid, error_text(exc)))
                     continue
                 entries.append(EntryResult(target, EntryStatus.COMPUTED, returned, grid, write=write))
             self._complete(flight, UnitResult(unit, entries))
         except Exception as exc:  # anything else (e.g. no memory for the clone): fail the unit, never hang it
             log.exception("Storing the entries of %s failed", flight.unit.targets[-1])
-            self._complete(flight, failed_result(flight.unit, describe(exc)))
+            self._complete(flight, failed_result(flight.unit, error_text(exc)))
         finally:
             with self._lock:
                 self.writing -= 1
