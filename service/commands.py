@@ -146,7 +146,7 @@ def serve(args: argparse.Namespace) -> int:
     settings.port = sock.getsockname()[1]
     app = create_app(runtime)  # its lifespan starts the runtime and, when uvicorn shuts down, stops it
     log.info("Serving on http://%s:%d (allowed roots: %s; auth: %s)", settings.host, settings.port,
-             ", ".join(runtime.roots.given), "bearer token" if settings.api_token else "off")
+             ", ".join(runtime.allowed.given), "bearer token" if settings.api_token else "off")
     # uvicorn shuts down gracefully on SIGTERM or SIGINT, then raises the signal again for the handler
     # it found: take it quietly, so the process exits 0 after the lifespan has stopped jobs and engine.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -195,12 +195,12 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     batch = args.batch_size or args.max_batch_frames
     state_dir = os.path.join(os.path.expanduser(args.state_dir), f"rank{rank}" if world > 1 else "")
     settings = _settings(args, device=device, max_batch_frames=batch, state_dir=state_dir)
-    roots = AllowedRoots.of([data_root, *(args.allowed_roots or [])])
+    allowed = AllowedRoots.of([data_root, *(args.allowed_roots or [])])
     if args.dry_run:
-        return _dry_run_local(args, settings, data_root, roots)
+        return _dry_run_local(args, settings, data_root, allowed)
     _check_device(settings.device)
     with _loading_model(settings.model, ModelUnavailable):
-        components = build_components(settings, roots, rank, world)
+        components = build_components(settings, allowed, rank, world)
     engine, jobs = components.engine, components.jobs
     if world > 1:
         log.info("Rank %d of %d: taking shard %d", rank, world, rank)
@@ -226,7 +226,7 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     return 0 if view.state is JobState.FINISHED and not view.failed else 1
 
 
-def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root: str, roots) -> int:
+def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root: str, allowed) -> int:
     """The plan of a precompute, from the weights' identity alone (the model is not built)."""
     from vggt_cache.service.jobs import plan_work
     from vggt_cache.service.model import identify_model
@@ -241,7 +241,7 @@ def _dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_roo
                 raise
             identity = _unknown_model(settings.model, exc)
     spec = model_spec(identity, **settings.spec)
-    work = plan_work(data_root, spec, roots, {"skip_existing": args.skip_existing, "data_path": args.data_path,
+    work = plan_work(data_root, spec, allowed, {"skip_existing": args.skip_existing, "data_path": args.data_path,
                                               "max_history_images": args.max_history_images,
                                               "data_files": args.data_files}, max_image_bytes=settings.max_image_bytes,
                      max_frames=settings.max_frames_per_sample,

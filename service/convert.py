@@ -29,33 +29,33 @@ from vggt_cache.service.samples import walk_files
 ESTIMATE_SAMPLES = 32
 
 
-def entry_images(data_root: str, roots: AllowedRoots) -> Iterator[str]:
+def entry_images(data_root: str, allowed: AllowedRoots) -> Iterator[str]:
     """The image path of every cache file under `data_root` (the image itself need not exist)."""
-    for folder, names in walk_files(data_root, roots):
+    for folder, names in walk_files(data_root, allowed):
         for name in names:
             if name.endswith(CACHE_SUFFIX) and not is_temp_file(name):
                 yield os.path.join(folder, name[: -len(CACHE_SUFFIX)])
 
 
-def read_valid(image: str, roots: AllowedRoots, check_crc: bool = False) -> ReadResult:
+def read_valid(image: str, allowed: AllowedRoots, check_crc: bool = False) -> ReadResult:
     """The entry of `image` read with its own spec: its metadata first, so the file is bounded by that spec's size."""
-    result = read_entry(image, tensor=False, roots=roots.real)
+    result = read_entry(image, tensor=False, roots=allowed.real)
     if result.outcome is not Outcome.HIT:
         return result
     spec = FeatureSpec.from_dict(result.meta["spec"])
-    return read_entry(image, spec, mmap=False, roots=roots.real, check_crc=check_crc)
+    return read_entry(image, spec, mmap=False, roots=allowed.real, check_crc=check_crc)
 
 
 def convert_entries(data_root: str, storage: str) -> dict:
     """Rewrite every valid entry under `data_root` whose storage differs as `storage`; counts and bytes saved."""
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {'|'.join(STORAGES)}, got {storage!r}")
-    roots = AllowedRoots.of([data_root])
+    allowed = AllowedRoots.of([data_root])
     counts = {"converted": 0, "already": 0, "invalid": 0, "lossy_source": 0, "failed": 0}
     before = after = 0
     converted_specs: dict[str, FeatureSpec] = {}
-    for image in entry_images(data_root, roots):
-        result = read_valid(image, roots, check_crc=True)
+    for image in entry_images(data_root, allowed):
+        result = read_valid(image, allowed, check_crc=True)
         if result.outcome is not Outcome.HIT:
             counts["invalid"] += 1
             continue
@@ -71,7 +71,7 @@ def convert_entries(data_root: str, storage: str) -> dict:
         target = dataclasses.replace(spec, storage=storage)
         try:
             write_entry(image, result.features, target, meta["grid"], meta["source"], meta["context"],
-                        roots=roots.real, mode=_kept_mode(st.st_mode))
+                        roots=allowed.real, mode=_kept_mode(st.st_mode))
         except (OSError, ValueError) as e:
             counts["failed"] += 1
             if len(counts.setdefault("failures", [])) < MAX_FAILURES:
@@ -81,19 +81,19 @@ def convert_entries(data_root: str, storage: str) -> dict:
         before += st.st_size
         after += os.path.getsize(cache_path(image))
         converted_specs[spec.digest] = target
-    _update_manifest(data_root, converted_specs, roots)
+    _update_manifest(data_root, converted_specs, allowed)
     return {"data_root": data_root, "storage": storage, **counts, "bytes_before": before, "bytes_after": after,
             "bytes_saved": before - after}
 
 
-def _update_manifest(data_root: str, converted: dict[str, FeatureSpec], roots: AllowedRoots) -> None:
+def _update_manifest(data_root: str, converted: dict[str, FeatureSpec], allowed: AllowedRoots) -> None:
     """The manifest names the storage its entries now have, so `verify` and clients expect it."""
     manifest = read_manifest(data_root)
     if manifest is None or manifest.get("spec_digest") not in converted:
         return
     target = converted[manifest["spec_digest"]]
     mode = _kept_mode(os.stat(manifest_path(data_root)).st_mode)
-    write_manifest(data_root, {**manifest, "spec": target.to_dict(), "spec_digest": target.digest}, roots.real,
+    write_manifest(data_root, {**manifest, "spec": target.to_dict(), "spec_digest": target.digest}, allowed.real,
                    mode)
 
 
@@ -119,15 +119,15 @@ def estimate_storage(data_root: str, samples: int = ESTIMATE_SAMPLES, seed: int 
     Each sampled entry is encoded in every storage; the root's total in a storage is the bytes
     its cache files take now times the sampled files' ratio of that storage's bytes to theirs.
     """
-    roots = AllowedRoots.of([data_root])
-    images = list(entry_images(data_root, roots))
+    allowed = AllowedRoots.of([data_root])
+    images = list(entry_images(data_root, allowed))
     total = sum(_size(cache_path(image)) for image in images)
     random.Random(seed).shuffle(images)
     sampled: list[_Sampled] = []
     for image in images:
         if len(sampled) == samples:
             break
-        result = read_valid(image, roots)
+        result = read_valid(image, allowed)
         if result.outcome is Outcome.HIT:
             sampled.append(_sample(cache_path(image), result.features, result.meta))
     report = {"data_root": data_root, "entries": len(images), "bytes_now": total, "sampled": len(sampled),

@@ -87,7 +87,7 @@ def target_results(idx: int, unit: Unit, fut: Future) -> list[tuple[int, EntrySt
 class JobManager:
     """One runner thread takes jobs in order; state lives in SQLite so a restarted service resumes."""
 
-    def __init__(self, store: JobStore, engine: Engine, spec: FeatureSpec, roots: AllowedRoots,
+    def __init__(self, store: JobStore, engine: Engine, spec: FeatureSpec, allowed: AllowedRoots,
                  model_info: dict, rank: int = 0, world_size: int = 1, started_at: float | None = None,
                  max_frames_per_sample: int = _DEFAULTS.max_frames_per_sample,
                  retention: Retention = Retention(), max_sample_bytes: int = MAX_SAMPLE_BYTES) -> None:
@@ -99,7 +99,7 @@ class JobManager:
         self.store = store
         self.engine = engine
         self.spec = spec
-        self.roots = roots
+        self.allowed = allowed
         self.model_info = model_info
         self.rank, self.world_size = rank, world_size
         self.max_frames_per_sample = max_frames_per_sample
@@ -186,7 +186,7 @@ class JobManager:
         options = {"skip_existing": skip_existing, "verify": verify, "data_path": data_path,
                    "max_history_images": max_history_images, "force": force, "data_files": data_files,
                    "overwrite": overwrite}
-        check_options(data_root, options, self.roots)
+        check_options(data_root, options, self.allowed)
         rec = self.store.create_job(data_root, self.spec.digest, self.spec.canonical_json(), options)
         if self._thread is not None:
             self._enqueue(rec.job_id)
@@ -369,7 +369,7 @@ class JobManager:
         removed = 0
         for folder in folders:
             try:
-                with open_folder(folder, self.roots.real) as dfd:
+                with open_folder(folder, self.allowed.real) as dfd:
                     for entry in list(os.scandir(dfd)):
                         if not ours(entry.name):
                             continue
@@ -386,7 +386,7 @@ class JobManager:
 
     def _plan(self, rec: JobRecord) -> bool:
         """Scan the data root once; False if the job was refused (its new entries would not fit)."""
-        work = plan_work(rec.data_root, self.spec, self.roots, rec.options, self.rank, self.world_size,
+        work = plan_work(rec.data_root, self.spec, self.allowed, rec.options, self.rank, self.world_size,
                          self.engine.max_image_bytes, self.max_frames_per_sample, self.max_sample_bytes)
         plan = work.plan
         self.store.record_plan(rec.job_id, plan.to_dict())
@@ -413,7 +413,7 @@ class JobManager:
         return write_manifest(rec.data_root, manifest_record(rec.job_id, state, counts, self.spec, rec.plan,
                                                              self.model_info, seconds, failures,
                                                              verified=bool(rec.options.get("verify"))),
-                              self.roots.real, self.engine.file_mode)
+                              self.allowed.real, self.engine.file_mode)
 
 
 def _left_to_compute(rec: JobRecord) -> int:
@@ -437,14 +437,14 @@ def manifest_record(job_id: str, state: JobState, counts: dict, spec: FeatureSpe
             "seconds": round(seconds, 2), "failures": failures}
 
 
-def check_options(data_root: str, options: dict, roots: AllowedRoots) -> None:
+def check_options(data_root: str, options: dict, allowed: AllowedRoots) -> None:
     """The folders a job's options name (its sample files, its `data_path`) are inside the roots
     (OutsideRoots): an absolute `data_path` must not take the samples' images out of them."""
     named = [*(options.get("data_files") or ())]
     if options.get("data_path") is not None:
         named.append(options["data_path"])
     for name in named:
-        roots.contain(os.path.normpath(os.path.join(data_root, name)), writes_sibling=False)
+        allowed.contain(os.path.normpath(os.path.join(data_root, name)), writes_sibling=False)
 
 
 @dataclass
@@ -457,17 +457,17 @@ class Work:
     plan: Plan
 
 
-def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: dict, rank: int = 0,
+def plan_work(data_root: str, spec: FeatureSpec, allowed: AllowedRoots, options: dict, rank: int = 0,
               world_size: int = 1, max_image_bytes: int = MAX_IMAGE_BYTES,
               max_frames: int = _DEFAULTS.max_frames_per_sample, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> Work:
     """Scan `data_root` and plan it (a job's first step, and all that a dry run does); images over
     `max_image_bytes` are counted unreadable, as the engine of that limit will fail them. A unit of
     more than `max_frames` frames is refused: one sample must not hold the device for everyone; a
     sample over `max_sample_bytes` is a problem."""
-    check_options(data_root, options, roots)
+    check_options(data_root, options, allowed)
     files = options.get("data_files")
     scan = scan_data_root(data_root, spec.attention, options.get("data_path"),
-                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files, roots, max_sample_bytes)
+                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files, allowed, max_sample_bytes)
     units = shard(scan.units, rank, world_size)
     refused: dict[int, str] = {}
     for idx, unit in enumerate(units):
@@ -477,10 +477,10 @@ def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: d
             continue
         try:
             for frame in unit.frames:
-                roots.contain(frame)
+                allowed.contain(frame)
         except (OutsideRoots, ValueError) as exc:
             refused[idx] = str(exc)
     allowed = [u for i, u in enumerate(units) if i not in refused]
     plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), allowed, len(refused), world_size,
-                    roots.real, max_image_bytes)
+                    allowed.real, max_image_bytes)
     return Work(scan, units, refused, plan)

@@ -1,4 +1,9 @@
-"""Path containment: every path the service touches must stay inside an allowed root."""
+"""Path containment: every path the service touches must stay inside an allowed root.
+
+Two names, two types, everywhere: `allowed` is an `AllowedRoots` (checks a name when a request
+arrives); `roots` is a sequence of real paths, `AllowedRoots.real`, what `client.safeopen` checks
+each descriptor against when it is opened (None: no containment).
+"""
 
 from __future__ import annotations
 
@@ -23,10 +28,10 @@ class AllowedRoots:
     real: tuple[str, ...]
 
     @classmethod
-    def of(cls, roots: Sequence[str]) -> "AllowedRoots":
-        if not roots:
+    def of(cls, written: Sequence[str]) -> "AllowedRoots":
+        if not written:
             raise ValueError("at least one --allowed-root is required")
-        given = tuple(os.path.normpath(os.path.abspath(os.path.expanduser(r))) for r in roots)
+        given = tuple(os.path.normpath(os.path.abspath(os.path.expanduser(r))) for r in written)
         return cls(given=given, real=tuple(os.path.realpath(r) for r in given))
 
     def contain(self, path: str, writes_sibling: bool = True) -> str:

@@ -51,7 +51,7 @@ class Components:
     devices: list[str]
 
 
-def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, world_size: int = 1,
+def build_components(s: ServiceSettings, allowed: AllowedRoots, rank: int = 0, world_size: int = 1,
                      before_forward: ForwardHook | None = None) -> Components:
     """Load the model once, start the engine on its devices; the job manager is built but not started.
 
@@ -77,11 +77,11 @@ def build_components(s: ServiceSettings, roots: AllowedRoots, rank: int = 0, wor
         loaded, spec, devices=devices, max_batch_frames=s.max_batch_frames,
         max_wait_ms=s.max_wait_ms, decode_workers=s.decode_workers, write_workers=s.write_workers,
         patch_cache_bytes=s.patch_cache_mb << 20, fp32_weights=s.fp32_weights, compile=s.compile,
-        roots=roots.real, max_image_bytes=s.max_image_bytes, before_forward=before_forward, file_mode=s.file_mode,
+        roots=allowed.real, max_image_bytes=s.max_image_bytes, before_forward=before_forward, file_mode=s.file_mode,
     )
     engine.start()
     info = model_info(loaded, engine)
-    jobs = JobManager(JobStore(s.state_dir), engine, spec, roots, info, rank, world_size, started_at,
+    jobs = JobManager(JobStore(s.state_dir), engine, spec, allowed, info, rank, world_size, started_at,
                       max_frames_per_sample=s.max_frames_per_sample,
                       retention=Retention(s.job_retention, s.job_retention_days), max_sample_bytes=s.max_sample_bytes)
     return Components(loaded, spec, engine, jobs, devices)
@@ -122,7 +122,7 @@ class ServiceRuntime:
         settings.check()
         self.settings = settings
         self._before_forward = before_forward if before_forward is not None else drill_hook()
-        self.roots = AllowedRoots.of(settings.allowed_roots)
+        self.allowed = AllowedRoots.of(settings.allowed_roots)
         self.warnings = settings.warnings()
         for warning in self.warnings:
             log.warning("%s", warning)
@@ -152,7 +152,7 @@ class ServiceRuntime:
 
     def _load(self) -> None:
         try:
-            components = build_components(self.settings, self.roots, before_forward=self._before_forward)
+            components = build_components(self.settings, self.allowed, before_forward=self._before_forward)
             components.jobs.start()
             self.components = components
         except Exception as exc:  # reported by /readyz and /status; the process stays up for inspection

@@ -146,11 +146,11 @@ def _hidden(name: str) -> bool:
     return name.startswith((".", "~"))
 
 
-def walk_files(root: str, roots: AllowedRoots | None = None,
+def walk_files(root: str, allowed: AllowedRoots | None = None,
                unlisted: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, list[str]]]:
     """(folder, sorted file names) for every non-hidden folder, top-down and sorted, symlink loops cut.
 
-    Symlinks are followed, except (with `roots`) those leading outside the allowed roots: these
+    Symlinks are followed, except (with `allowed`) those leading outside the allowed roots: these
     are neither followed nor listed, so no name from outside reaches a job or its manifest.
     A folder that cannot be listed (permissions, a path past PATH_MAX, out of descriptors) or an
     entry whose kind cannot be told (a symlink loop) is appended to `unlisted` as (path, reason):
@@ -180,7 +180,7 @@ def walk_files(root: str, roots: AllowedRoots | None = None,
             try:
                 link = entry.is_symlink()
                 entry_real = os.path.realpath(entry.path) if link else os.path.join(real, entry.name)
-                if link and roots is not None and not inside(entry_real, roots.real):
+                if link and allowed is not None and not inside(entry_real, allowed.real):
                     left_out += 1
                     continue
                 (folders if entry.is_dir() else files).append((entry.name, entry_real))
@@ -228,14 +228,14 @@ class PathResolver:
 
     Absolute paths are used as they are. A relative path is joined to `data_root/<data_path>`
     when the sample (first) or the run gives a `data_path`; otherwise it is looked up next to
-    the sample file, then under the data root, and the first existing file wins. With `roots`,
+    the sample file, then under the data root, and the first existing file wins. With `allowed`,
     a candidate outside them is never looked at: whether such a file exists must not show.
     """
 
-    def __init__(self, data_root: str, data_path: str | None, roots: AllowedRoots | None = None) -> None:
+    def __init__(self, data_root: str, data_path: str | None, allowed: AllowedRoots | None = None) -> None:
         self.data_root = data_root
         self.data_path = data_path
-        self.roots = roots
+        self.allowed = allowed
         self._memo: dict[tuple[str, str, str | None], str | None] = {}
 
     def candidates(self, raw: str, sample_dir: str, data_path: str | None) -> list[str]:
@@ -248,10 +248,10 @@ class PathResolver:
 
     def allowed(self, path: str) -> bool:
         """True without roots, or when `path` is inside them (decided from the name, before any stat of it)."""
-        if self.roots is None:
+        if self.allowed is None:
             return True
         try:
-            self.roots.contain(path)
+            self.allowed.contain(path)
         except (OutsideRoots, ValueError):
             return False
         return True
@@ -288,9 +288,9 @@ class _Found:
     unlisted: list[tuple[str, str]] = field(default_factory=list)
 
 
-def _walk(root: str, roots: AllowedRoots | None) -> _Found:
+def _walk(root: str, allowed: AllowedRoots | None) -> _Found:
     found = _Found()
-    for folder, names in walk_files(root, roots, found.unlisted):
+    for folder, names in walk_files(root, allowed, found.unlisted):
         steps = [n for n in names if STEP_FRAME.match(n)]
         if steps:
             found.episodes.append((folder, steps))
@@ -309,9 +309,9 @@ def _is_sample_object(value: object) -> bool:
     return isinstance(value, dict) and any(k in value for k in _SAMPLE_KEYS)
 
 
-def _open_sample_file(path: str, roots: AllowedRoots | None) -> BinaryIO:
-    """A buffered reader of a sample file: regular, and inside `roots` when opened (NotRegularFile, OutsideRoots)."""
-    return io.BufferedReader(open_regular(path, roots=None if roots is None else roots.real))
+def _open_sample_file(path: str, allowed: AllowedRoots | None) -> BinaryIO:
+    """A buffered reader of a sample file: regular, and inside `allowed` when opened (NotRegularFile, OutsideRoots)."""
+    return io.BufferedReader(open_regular(path, roots=None if allowed is None else allowed.real))
 
 
 def _lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
@@ -406,9 +406,9 @@ class _ArrayStream:
             self._char()
 
 
-def _is_sample_jsonl(path: str, roots: AllowedRoots | None, limit: int) -> bool:
+def _is_sample_jsonl(path: str, allowed: AllowedRoots | None, limit: int) -> bool:
     """A `*.jsonl` file is a sample file unless its first parsable line is an object of something else."""
-    with _open_sample_file(path, roots) as f:
+    with _open_sample_file(path, allowed) as f:
         for _, line in _lines(f, limit):
             if line is None:
                 return True  # an oversized line: read it as samples, so it is reported
@@ -425,10 +425,10 @@ def _is_sample_jsonl(path: str, roots: AllowedRoots | None, limit: int) -> bool:
 class _Reader:
     """Turns sample objects and episode steps into Samples, collecting problems as it goes."""
 
-    def __init__(self, root: str, data_path: str | None, keep_records: bool, roots: AllowedRoots | None,
+    def __init__(self, root: str, data_path: str | None, keep_records: bool, allowed: AllowedRoots | None,
                  max_sample_bytes: int) -> None:
-        self.resolver = PathResolver(root, data_path, roots)
-        self.roots = roots
+        self.resolver = PathResolver(root, data_path, allowed)
+        self.allowed = allowed
         self.max_sample_bytes = max_sample_bytes
         self.keep_records = keep_records
         self.samples: list[Sample] = []
@@ -454,9 +454,9 @@ class _Reader:
         """Read a `*.jsonl` sample file; False when it is not one (a `named` file always is)."""
         sample_dir = os.path.dirname(path)
         try:
-            if not named and not _is_sample_jsonl(path, self.roots, self.max_sample_bytes):
+            if not named and not _is_sample_jsonl(path, self.allowed, self.max_sample_bytes):
                 return False
-            with _open_sample_file(path, self.roots) as f:
+            with _open_sample_file(path, self.allowed) as f:
                 for lineno, line in _lines(f, self.max_sample_bytes):
                     where = f"{path}:{lineno}"
                     if line is None:
@@ -484,7 +484,7 @@ class _Reader:
         """
         read = 0  # elements read: an error is at element `read`
         try:
-            with _open_sample_file(path, self.roots) as f:
+            with _open_sample_file(path, self.allowed) as f:
                 elements = _ArrayStream(f, self.max_sample_bytes).elements()
                 first = next(elements, None) if elements is not None else None
                 if not _is_sample_object(first):
@@ -521,13 +521,13 @@ class _Reader:
 
 def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, data_path: str | None = None,
                  files: Sequence[str] | None = None, keep_records: bool = False,
-                 roots: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> SampleSet:
+                 allowed: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> SampleSet:
     """Every sample under `data_root` (see the module docstring); `files` names sample files instead.
 
     `files` are relative to `data_root` unless absolute. Unreadable or ill-typed samples and
     missing images are `problems`, and the rest are still read; a sample with a missing frame is
     left out whole. `keep_records` keeps each sample's JSON object (the training dataset needs
-    its text; a bulk job only needs the frames). `roots`: the service's allowed roots, which the
+    its text; a bulk job only needs the frames). `allowed`: the service's allowed roots, which the
     walk does not leave and every sample file must lie inside when opened; a FIFO or other
     non-regular sample file is a problem at once, never waited on. Sample files are read one
     sample at a time, each at most `max_sample_bytes`; folders the walk cannot list are problems.
@@ -537,14 +537,14 @@ def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, 
     root = _norm(data_root)
     if not os.path.isdir(root):
         raise UnusableInput(f"data root is not a directory: {root}")
-    reader = _Reader(root, data_path, keep_records, roots, max_sample_bytes)
+    reader = _Reader(root, data_path, keep_records, allowed, max_sample_bytes)
     if files:
         found = _Found()
         for f in files:
             path = _norm(os.path.join(root, f))
             (found.jsonl if path.endswith(".jsonl") else found.json).append(path)
     else:
-        found = _walk(root, roots)
+        found = _walk(root, allowed)
 
     kinds = []
     named = bool(files)

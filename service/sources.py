@@ -61,9 +61,9 @@ class UnitPlanner:
 
 def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
                    max_history_images: int = DEFAULT_MAX_HISTORY, files: Sequence[str] | None = None,
-                   roots: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> ScanResult:
+                   allowed: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> ScanResult:
     """The units of work under `data_root` for `attention` mode (samples: `service.samples`; `files`
-    names the sample files to read instead of every one found; `roots`: what the walk and the
+    names the sample files to read instead of every one found; `allowed`: what the walk and the
     sample files stay inside).
 
     `frame` -> one unit per unique image of any sample; `sequence` -> one per unique clip, all
@@ -72,7 +72,7 @@ def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
     """
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
-    found = find_samples(data_root, max_history_images, data_path, files, roots=roots,
+    found = find_samples(data_root, max_history_images, data_path, files, allowed=allowed,
                          max_sample_bytes=max_sample_bytes)
     if found.source == "images" and attention != Attention.FRAME:
         raise UnusableInput(

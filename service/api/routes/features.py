@@ -31,7 +31,7 @@ async def features(req: FeaturesRequest, c: Ready, runtime: Runtime, metrics: Me
     if n_frames > limit:
         raise HTTPException(413, f"{n_frames} images in one request; the limit is {limit} (split the request)")
     # realpath() on every frame touches the file system (NFS): off the event loop.
-    units = await run_in_threadpool(request_units, req.images, req.clips, runtime.roots, c.spec)
+    units = await run_in_threadpool(request_units, req.images, req.clips, runtime.allowed, c.spec)
     if not req.wait:
         # A hint: bulk priority, and refused (429) rather than waited for when the bulk queue is full.
         c.engine.submit(units, Priority.BULK, skip_existing=req.skip_existing, return_features=False, block=False)
@@ -44,7 +44,7 @@ async def features(req: FeaturesRequest, c: Ready, runtime: Runtime, metrics: Me
     return Response(await run_in_threadpool(features_body, results, c.spec.digest), media_type=MEDIA_TYPE)
 
 
-def request_units(images: list[str], clips: list[list[str]], roots: AllowedRoots, spec: FeatureSpec) -> list[Unit]:
+def request_units(images: list[str], clips: list[list[str]], allowed: AllowedRoots, spec: FeatureSpec) -> list[Unit]:
     """The request's units in its order (images, then clips), every path contained.
 
     An image is a clip of one; a clip's entry is computed from the frames its spec needs
@@ -52,7 +52,7 @@ def request_units(images: list[str], clips: list[list[str]], roots: AllowedRoots
     """
     if any(not clip for clip in clips):
         raise UnusableInput("a clip needs at least one frame")
-    return [Unit.for_clip(spec.attention, spec.frames_of([roots.contain(p) for p in clip]))
+    return [Unit.for_clip(spec.attention, spec.frames_of([allowed.contain(p) for p in clip]))
             for clip in [[image] for image in images] + clips]
 
 

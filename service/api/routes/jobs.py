@@ -27,13 +27,13 @@ async def precompute(req: PrecomputeRequest, c: Ready, runtime: Runtime, plans: 
 
 
 def _precompute(req: PrecomputeRequest, c: Components, runtime: ServiceRuntime) -> JobViewModel | JSONResponse:
-    data_root = runtime.roots.contain(req.data_root, writes_sibling=False)
+    data_root = runtime.allowed.contain(req.data_root, writes_sibling=False)
     if not os.path.isdir(data_root):
         raise HTTPException(404, f"data_root is not a folder: {req.data_root}")
     options = {"skip_existing": req.skip_existing, "data_path": req.data_path,
                "max_history_images": req.max_history_images, "data_files": req.data_files}
     if req.dry_run:  # the plan alone, computed here (a slow NFS root needs a patient client)
-        plan = plan_work(data_root, c.spec, runtime.roots, options,
+        plan = plan_work(data_root, c.spec, runtime.allowed, options,
                          max_image_bytes=runtime.settings.max_image_bytes,
                          max_frames=runtime.settings.max_frames_per_sample,
                          max_sample_bytes=runtime.settings.max_sample_bytes).plan

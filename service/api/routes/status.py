@@ -47,7 +47,7 @@ def status(runtime: Runtime, metrics: MetricsDep) -> dict:
             "state": runtime.state,
             "error": runtime.load_error,
             "uptime_s": round(metrics.uptime(), 1),
-            "allowed_roots": list(runtime.roots.given),
+            "allowed_roots": list(runtime.allowed.given),
             "auth": runtime.settings.api_token is not None,
             "warnings": runtime.warnings,
         },
