@@ -480,7 +480,7 @@ def plan_work(data_root: str, spec: FeatureSpec, allowed: AllowedRoots, options:
                 allowed.contain(frame)
         except (OutsideRoots, ValueError) as exc:
             refused[idx] = str(exc)
-    allowed = [u for i, u in enumerate(units) if i not in refused]
-    plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), allowed, len(refused), world_size,
+    admitted = [u for i, u in enumerate(units) if i not in refused]
+    plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), admitted, len(refused), world_size,
                     allowed.real, max_image_bytes)
     return Work(scan, units, refused, plan)

@@ -246,7 +246,7 @@ class PathResolver:
             return [_norm(os.path.join(self.data_root, data_path, raw))]
         return list(dict.fromkeys(_norm(os.path.join(base, raw)) for base in (sample_dir, self.data_root)))
 
-    def allowed(self, path: str) -> bool:
+    def permits(self, path: str) -> bool:
         """True without roots, or when `path` is inside them (decided from the name, before any stat of it)."""
         if self.allowed is None:
             return True
@@ -263,7 +263,7 @@ class PathResolver:
         if key not in self._memo:
             found = outside = None
             for path in self.candidates(raw, sample_dir, data_path):
-                if not self.allowed(path):
+                if not self.permits(path):
                     outside = outside or path
                 elif os.path.isfile(path):
                     found = path
