@@ -62,11 +62,10 @@ SpecLike = Union[FeatureSpec, dict, None]
 FALLBACKS = ("service", "online", "error")
 NO_SERVICE = "no service_url was given"
 STATUS_RETRY_S = 10.0
-STAT_KEYS = ("hits", "misses", "stale", "corrupt", "spec_mismatch", "unreadable", "fetched", "fallbacks", "errors",
-             "prefetched", "prefetch_errors")
-_OUTCOME_STAT = {Outcome.HIT: "hits", Outcome.MISSING: "misses", Outcome.STALE: "stale",
-                 Outcome.CORRUPT: "corrupt", Outcome.SPEC_MISMATCH: "spec_mismatch",
-                 Outcome.UNREADABLE: "unreadable"}
+# Read outcomes are counted in `Outcome`'s vocabulary (the service's /status uses its values as they are); the
+# stats contract has always said "hits" and "misses" for HIT and MISSING: that renaming is made here alone.
+_OUTCOME_STAT = {o: {Outcome.HIT: "hits", Outcome.MISSING: "misses"}.get(o, o.value) for o in Outcome}
+STAT_KEYS = (*_OUTCOME_STAT.values(), "fetched", "fallbacks", "errors", "prefetched", "prefetch_errors")
 START_HINT = (
     "Start the feature service on a GPU node: `vggt-cache serve --model facebook/VGGT-1B --device cuda "
     "--allowed-root <data root>` and pass FeatureCache(service_url='http://<host>:8600'); or precompute "
