@@ -41,8 +41,8 @@ from vggt_cache.service.engine.device import Device, DeviceStage, ForwardHook
 from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.singleflight import SingleFlight
 from vggt_cache.service.engine.stats import STATS_WINDOW_S, History
-from vggt_cache.service.engine.work import (KEPT, REPLACED, SHUTDOWN_MESSAGE, EngineStopped, Flight, Priority, QueueFull,
-                                            StartHook, UnitResult, fail_future)
+from vggt_cache.service.engine.work import (KEPT, REPLACED, SHUTDOWN_MESSAGE, EngineStopped, Flight, Priority,
+                                            QueueFull, StartHook, UnitResult, fail_future)
 from vggt_cache.service.engine.writer import WriterStage
 from vggt_cache.service.model import LoadedModel
 from vggt_cache.service.model.resident import compile_blocks, compile_counts, make_resident, weights_dtype
@@ -301,8 +301,9 @@ class Engine:
     def _check_unit(self, unit: Unit) -> None:
         """The unit must be the one its clip makes in the spec's attention mode (`Unit.for_clip` says which)."""
         if Unit.for_clip(self.spec.attention, unit.frames) != unit:
-            raise ValueError(f"a {Attention(self.spec.attention).value} clip of these {len(unit.frames)} frames has other targets "
-                             f"than the unit's {len(unit.targets)}")
+            mode = Attention(self.spec.attention).value
+            raise ValueError(f"a {mode} clip of these {len(unit.frames)} frames has other targets than the unit's "
+                             f"{len(unit.targets)}")
 
     # -- results and stats ----------------------------------------------------------------------
     def _complete(self, flight: Flight, result: UnitResult) -> None:
@@ -345,7 +346,8 @@ class Engine:
             # DINOv2 the same way: frames embedded, and frames a clip took from one embedded before.
             "patch_cache": _summed(dev.patches.stats() for dev in self._device.devices),
             "units": units,
-            "coalesced": self._single.joined,  # submissions that joined identical work in flight instead of running it again
+            # Submissions that joined identical work in flight instead of running it again.
+            "coalesced": self._single.joined,
             "on_demand_lookups": lookups,
             "other_context": other_context,
             "history": {"interval_s": self._computed.interval_s, "computed_per_s": computed},

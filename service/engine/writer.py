@@ -15,7 +15,7 @@ from vggt_cache.client.storage import as_stored
 from vggt_cache.client.text import error_text
 from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.engine.work import (KEPT, REPLACED, Complete, EntryResult, Flight, UnitResult, failed_result,
-                                 when_descriptors_free)
+                                            when_descriptors_free)
 
 log = logging.getLogger("vggt_cache")
 
@@ -84,7 +84,8 @@ class WriterStage:
                         entries.append(EntryResult(target, EntryStatus.COMPUTED, returned, grid, write=KEPT))
                         continue
                     when_descriptors_free(lambda: write_entry(target, entry, self.spec, grid, flight.sources[i],
-                                                              flight.contexts[i], roots=self.roots, mode=self.file_mode),
+                                                              flight.contexts[i], roots=self.roots,
+                                                              mode=self.file_mode),
                                           f"writing the entry of {target}")
                     if flight.verify:
                         self._verify(target, stored, unit.frames)
