@@ -55,7 +55,7 @@ def test_the_warm_up_set_is_batches_of_one_and_two_of_each_clip_length(loaded) -
     causal = warmup_shapes(make_spec(loaded, attention="causal", size=644), 8, 9)
     assert [(s.batch, s.frames) for s in causal] == [(1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3), (1, 4),
                                                      (2, 4), *((1, n) for n in range(5, 10))]
-    assert {(s.height, s.width) for s in causal} == {(476, 644)}  # 640x480 at 644 px, as the reference rounds
+    assert {(s.height, s.width) for s in causal} == {(490, 644)}  # 640x480 at 644 px, as the reference rounds (34.5 up)
     pad = warmup_shapes(make_spec(loaded, attention="sequence", preprocess="pad"), 32, 9)
     assert {(s.height, s.width) for s in pad} == {(SIZE, SIZE)}
     # Every warm-up graph (and about as many met later) fits under the recompile limit of the one code object.
@@ -77,7 +77,8 @@ def test_after_the_warm_up_its_shapes_compile_nothing(loaded, tmp_path: Path) ->
         assert all(e.status == "computed" for r in done for e in r.entries)
         assert compiled_graphs() == before, "a shape of the warm-up set compiled again"
         assert compile_counts()["frames_not_compiled"] == counts["frames_not_compiled"]
-        # The counter does move: a clip length outside the set compiles its graph when first met.
+        # The counter does move: a clip length outside the set compiles its graph when first met, on the
+        # device thread, past Dynamo's default limit of 8 (its settings are per thread on newer torch).
         longer = write_images(tmp_path / "ep4", 4, 99)
         engine.submit([Unit.causal(longer)], Priority.ON_DEMAND)[0].result(timeout=120)
         assert compiled_graphs() > before

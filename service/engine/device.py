@@ -21,6 +21,7 @@ from vggt_cache.service.engine.stats import Window, process_rss
 from vggt_cache.service.engine.work import Complete, FrameKey, Job, StartHook, describe, failed_result
 from vggt_cache.service.engine.writer import WriterStage
 from vggt_cache.service.model.features import entry_features
+from vggt_cache.service.model.resident import use_recompile_limit
 from vggt_cache.service.preprocess import UNIT_VALUES, as_float
 
 log = logging.getLogger("vggt_cache")
@@ -109,6 +110,7 @@ class DeviceStage:
             t.start()
 
     def _loop(self, dev: Device, lane: int | None) -> None:
+        use_recompile_limit()
         finishing: queue.Queue[Launched | None] | None = None
         finisher = None
         if dev.is_cuda:

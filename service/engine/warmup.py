@@ -25,6 +25,7 @@ from vggt_cache.client.spec import Attention, FeatureSpec
 from vggt_cache.service.engine.device import Device, DeviceStage, compiled_graphs, is_out_of_memory
 from vggt_cache.service.engine.patches import PatchCache
 from vggt_cache.service.engine.work import describe
+from vggt_cache.service.model.resident import use_recompile_limit
 from vggt_cache.service.preprocess import output_size
 
 log = logging.getLogger("vggt_cache")
@@ -80,6 +81,7 @@ def warm_up(stage: DeviceStage, shapes: Sequence[WarmupShape], budget_s: float,
     done = [0] * len(stage.devices)
 
     def run(i: int, dev: Device) -> None:
+        use_recompile_limit()
         if dev.is_cuda:
             torch.cuda.set_device(dev.device)
         patches = PatchCache(0)  # the device's own cache keeps only real frames

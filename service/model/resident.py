@@ -54,10 +54,28 @@ def compile_blocks(model: VGGTAggregator, devices: int = 1, backend: str = "indu
     """
     import torch._dynamo.config as dynamo_config
 
-    raise_recompile_limit(dynamo_config, VARIANTS_PER_DEVICE * devices)
+    global _recompile_limit
+    _recompile_limit = max(_recompile_limit, VARIANTS_PER_DEVICE * devices)
+    use_recompile_limit()
     for block in (*model.patch_embed.blocks, *model.frame_blocks, *model.global_blocks):
         block.compile(backend=backend)
     return model
+
+
+_recompile_limit = 0  # what compile_blocks asked for, process-wide (0: nothing compiled)
+
+
+def use_recompile_limit() -> None:
+    """Raise Dynamo's recompile limit in the calling thread to what `compile_blocks` asked for (if anything).
+
+    On newer torch (2.13 here) Dynamo's settings are context variables: a value set in the thread that
+    compiled the model is not seen by the device threads that run it, which then fall back to eager
+    after 8 graphs. Every thread that runs compiled blocks calls this first.
+    """
+    if _recompile_limit:
+        import torch._dynamo.config as dynamo_config
+
+        raise_recompile_limit(dynamo_config, _recompile_limit)
 
 
 def raise_recompile_limit(dynamo_config: object, limit: int) -> None:
