@@ -336,16 +336,17 @@ class JobManager:
             for chunk, lanes in lane_chunks(pending, self.engine.lanes, self.chunk_units):
                 if self._stopping.is_set() or self.store.cancel_requested(job_id):
                     break
-                futures = self.engine.submit([u for _, u in chunk], Priority.BULK,
-                                             skip_existing=options.get("skip_existing", True),
+                # A unit at a time: `submit` blocks while the backlog is full, and each future must have its
+                # callback (to the recorder) as soon as it is admitted, not once the whole chunk is.
+                for i, (idx, unit) in enumerate(chunk):
+                    fut = self.engine.submit([unit], Priority.BULK, skip_existing=options.get("skip_existing", True),
                                              verify=options.get("verify", False), return_features=False,
-                                             lanes=lanes, overwrite=options.get("overwrite", False),
-                                             on_start=started)
-                with self._lock:
-                    in_engine += futures
-                for (idx, unit), fut in zip(chunk, futures):
+                                             lanes=None if lanes is None else lanes[i:i + 1],
+                                             overwrite=options.get("overwrite", False), on_start=started)[0]
+                    with self._lock:
+                        in_engine.append(fut)
                     fut.add_done_callback(lambda f, idx=idx, unit=unit: results.put((idx, unit, f)))
-                submitted += len(chunk)
+                    submitted += 1
             if self.store.cancel_requested(job_id):
                 self._withdraw(job_id)  # what was admitted while the cancel came in
             recorder.finish(submitted)
