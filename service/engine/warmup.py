@@ -8,7 +8,8 @@ warm-up forwards, on every device, batches of 1 and 2 clips of each clip length 
 forms (1 in frame mode; 1 to the default history + 1 in sequence/causal mode, which covers the
 padded histories of bulk jobs and shorter on-demand clips), at the frame size the spec gives a 4:3
 landscape image (every image in pad mode). A clip length or image shape outside that set still
-compiles when first met, as before (logged, and counted in `/status`).
+compiles when first met, as before (logged, and counted in `/status`). The warm-up's batches go
+through the device stage's forward, its `before_forward` hook included.
 """
 
 from __future__ import annotations
