@@ -84,6 +84,10 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
                         "resident bfloat16 weights")
     p.add_argument("--compile", action="store_true", default=env_flag(f"{ENV_PREFIX}COMPILE"),
                    help="torch.compile the transformer blocks (slow first batches of each shape)")
+    p.add_argument("--compile-warmup", type=float,
+                   default=float(_env("COMPILE_WARMUP", str(defaults.compile_warmup_s))),
+                   help="with --compile, seconds to compile the shapes the spec implies before the service "
+                        "reports ready (0: none; the rest compile when first met)")
     p.add_argument("--state-dir", "--state_dir", default=_env("STATE_DIR", ServiceSettings.state_dir),
                    help="where job state (SQLite) lives; keep it on local disk")
     p.add_argument("--file-mode", type=_octal, default=_octal(_env("FILE_MODE", f"{defaults.file_mode:04o}")),

@@ -46,7 +46,7 @@ def _settings(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
         model=args.model, device=args.device, state_dir=os.path.expanduser(args.state_dir),
         spec=spec_options(args), max_batch_frames=args.max_batch_frames, decode_workers=args.decode_workers,
         write_workers=args.write_workers, patch_cache_mb=args.patch_cache_mb, fp32_weights=args.fp32_weights,
-        compile=args.compile, max_image_bytes=args.max_image_bytes, file_mode=args.file_mode,
+        compile=args.compile, compile_warmup_s=args.compile_warmup, max_image_bytes=args.max_image_bytes, file_mode=args.file_mode,
         max_frames_per_sample=args.max_frames_per_sample,
         job_retention=args.job_retention, job_retention_days=args.job_retention_days,
         max_sample_bytes=args.max_sample_bytes,

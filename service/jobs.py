@@ -55,6 +55,41 @@ class _Rate:
     computed0: int
 
 
+class _Recorder:
+    """A thread calling `record(block=True)` (which returns the units it took) until `finish`'s count is in."""
+
+    def __init__(self, record: Callable[[bool], int]) -> None:
+        self._record = record
+        self._expected: int | None = None
+        self._recorded = 0
+        self._stopped = threading.Event()
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, name: str) -> None:
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        try:  # record() waits at most a second for a result, so the flags are seen
+            while not self._stopped.is_set() and (self._expected is None or self._recorded < self._expected):
+                self._recorded += self._record(True)
+        except BaseException as exc:  # raised again on the runner's thread
+            self._error = exc
+
+    def finish(self, submitted: int) -> None:
+        """Wait until the results of all `submitted` units are recorded; raise what recording raised."""
+        self._expected = submitted
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def stop(self) -> None:
+        """Stop recording (after `finish`, or when submitting failed) and wait for the thread."""
+        self._stopped.set()
+        self._thread.join()
+
+
 def lane_chunks(pending: list[T], lanes: int, chunk_units: int) -> Iterator[tuple[list[T], list[int] | None]]:
     """Submission order, in chunks of `chunk_units`, with each unit's lane (None: one lane).
 
@@ -264,7 +299,6 @@ class JobManager:
 
         results: queue.Queue[tuple[int, Unit, Future]] = queue.Queue()
         submitted = 0
-        recorded = 0
 
         def record(block: bool) -> int:
             """Store what has finished; returns how many units were taken off the results queue."""
@@ -295,26 +329,30 @@ class JobManager:
         with self._lock:
             in_engine = self._submitted[job_id] = []
             on_device = self._on_device[job_id] = set()
+        # Results are recorded as they land, on a thread of their own: the runner blocks in `submit` while
+        # the bulk backlog is full, and the job's counts must move meanwhile (the status page's row).
+        recorder = _Recorder(record)
+        recorder.start(f"job-recorder-{job_id}")
         try:
             for chunk, lanes in lane_chunks(pending, self.engine.lanes, self.chunk_units):
                 if self._stopping.is_set() or self.store.cancel_requested(job_id):
                     break
-                futures = self.engine.submit([u for _, u in chunk], Priority.BULK,
-                                             skip_existing=options.get("skip_existing", True),
+                # A unit at a time: `submit` blocks while the backlog is full, and each future must have its
+                # callback (to the recorder) as soon as it is admitted, not once the whole chunk is.
+                for i, (idx, unit) in enumerate(chunk):
+                    fut = self.engine.submit([unit], Priority.BULK, skip_existing=options.get("skip_existing", True),
                                              verify=options.get("verify", False), return_features=False,
-                                             lanes=lanes, overwrite=options.get("overwrite", False),
-                                             on_start=started)
-                with self._lock:
-                    in_engine += futures
-                for (idx, unit), fut in zip(chunk, futures):
+                                             lanes=None if lanes is None else lanes[i:i + 1],
+                                             overwrite=options.get("overwrite", False), on_start=started)[0]
+                    with self._lock:
+                        in_engine.append(fut)
                     fut.add_done_callback(lambda f, idx=idx, unit=unit: results.put((idx, unit, f)))
-                submitted += len(chunk)
-                recorded += record(block=False)
+                    submitted += 1
             if self.store.cancel_requested(job_id):
                 self._withdraw(job_id)  # what was admitted while the cancel came in
-            while recorded < submitted:
-                recorded += record(block=True)
+            recorder.finish(submitted)
         finally:
+            recorder.stop()
             with self._lock:
                 del self._submitted[job_id]
                 del self._on_device[job_id]

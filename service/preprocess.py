@@ -104,6 +104,20 @@ def preprocess(
     `align`: when a side is not a multiple of it, the image is resized
     (bilinear) down to the largest multiple; the default 14 changes nothing.
     """
+    return as_float(preprocess_pixels(image, mode, size, align))
+
+
+def preprocess_pixels(
+    image: Image.Image | str | os.PathLike,
+    mode: str = "crop",
+    size: int = 518,
+    align: int = PATCH_SIZE,
+) -> torch.Tensor:
+    """`preprocess`'s result before its scaling to [0, 1]: uint8 `[3, H, W]`, a quarter of the bytes.
+
+    An image that `align` resizes is interpolated in float, so it comes back float32 in [0, 1]
+    already. `as_float` (or `UNIT_VALUES` on a device) of the result is `preprocess`'s, bit for bit.
+    """
     if mode not in MODES:
         raise ValueError(f"preprocess mode must be one of {MODES}, got {mode!r}")
     if not isinstance(size, int) or size <= 0 or size % PATCH_SIZE:
@@ -131,8 +145,22 @@ def preprocess(
         pixels = F.pad(
             pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=255
         )
-    out = pixels.contiguous().to(torch.float32).div(255)
-    return _align(out, output_size(width, height, mode, size, align))
+    pixels = pixels.contiguous()
+    target = output_size(width, height, mode, size, align)
+    if target == tuple(pixels.shape[-2:]):
+        return pixels
+    return _align(as_float(pixels), target)
+
+
+def as_float(pixels: torch.Tensor) -> torch.Tensor:
+    """`preprocess_pixels`'s result as the model input: uint8 scaled to float32 [0, 1] as the reference does
+    (a float result is that already)."""
+    return pixels if pixels.is_floating_point() else pixels.to(torch.float32).div(255)
+
+
+# as_float of each byte value: a device converts uint8 pixels by looking them up here, so its result is
+# this CPU division's bit for bit (CUDA divides by a scalar as a multiplication by its reciprocal).
+UNIT_VALUES = as_float(torch.arange(256, dtype=torch.uint8))
 
 
 def output_size(width: int, height: int, mode: str = "crop", size: int = 518,

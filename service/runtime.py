@@ -77,6 +77,7 @@ def build_components(s: ServiceSettings, allowed: AllowedRoots, rank: int = 0, w
         loaded, spec, devices=devices, max_batch_frames=s.max_batch_frames,
         max_wait_ms=s.max_wait_ms, decode_workers=s.decode_workers, write_workers=s.write_workers,
         patch_cache_bytes=s.patch_cache_mb << 20, fp32_weights=s.fp32_weights, compile=s.compile,
+        compile_backend=s.compile_backend,
         roots=allowed.real, max_image_bytes=s.max_image_bytes, before_forward=before_forward, file_mode=s.file_mode,
     )
     engine.start()
@@ -132,13 +133,16 @@ class ServiceRuntime:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._deadline: float | None = None  # set when shutdown begins: the work in flight has until then
+        self._warming = False  # compiling the spec's shapes (--compile): not ready yet
         self.stopped_cleanly = True
 
     @property
     def state(self) -> str:
         if self.components is not None:
             return "ready"
-        return "failed" if self.load_error else "loading"
+        if self.load_error:
+            return "failed"
+        return "warming up" if self._warming else "loading"
 
     def start(self, background: bool = True) -> None:
         """Load the model and start the engine and the job runner, once (a second call does nothing)."""
@@ -153,6 +157,14 @@ class ServiceRuntime:
     def _load(self) -> None:
         try:
             components = build_components(self.settings, self.allowed, before_forward=self._before_forward)
+            self._warming = True
+            try:  # before any request or job: a compile on the device thread would stall them
+                components.engine.warm_up(self.settings.compile_warmup_s, stopping=self._stopping.is_set)
+            finally:
+                self._warming = False
+            if self._stopping.is_set():  # stopped while warming up: nothing was served
+                components.engine.stop(timeout=self._grace_left())
+                return
             components.jobs.start()
             self.components = components
         except Exception as exc:  # reported by /readyz and /status; the process stays up for inspection

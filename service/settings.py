@@ -40,6 +40,10 @@ class ServiceSettings:
     patch_cache_mb: int = 4096
     fp32_weights: bool = False  # CUDA with 16-bit entries: keep float32 weights under autocast
     compile: bool = False  # torch.compile the transformer blocks
+    # With compile: seconds the shapes the spec implies may take to compile before the service reports
+    # ready (0: none; shapes left compile when first met). compile_backend: Dynamo's ("eager": tests).
+    compile_warmup_s: float = 900.0
+    compile_backend: str = "inductor"
     # Request limits: a body or item count past these is a 413, a deeper on-demand queue a 429.
     max_body_bytes: int = 4 * 1024 * 1024
     max_items_per_request: int = 512
@@ -104,6 +108,8 @@ class ServiceSettings:
             raise ValueError(f"--allowed-host takes a host name without port or scheme, got {self.allowed_hosts!r}")
         if not self.shutdown_grace_s > 0:
             raise ValueError(f"--shutdown-grace must be a positive number of seconds, got {self.shutdown_grace_s!r}")
+        if not self.compile_warmup_s >= 0:
+            raise ValueError(f"--compile-warmup must be zero or more seconds, got {self.compile_warmup_s!r}")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be zero or more, got {self.max_wait_ms!r}")
         check_file_mode(self.file_mode)

@@ -93,7 +93,7 @@ def test_other_errors_are_not_out_of_memory(exc: BaseException) -> None:
 
 def test_the_benchmark_and_the_engine_share_the_predicate() -> None:
     text = (REPO / "benchmarks" / "gpu_throughput.py").read_text()
-    assert "from service.engine.device import is_out_of_memory" in text and "_is_oom" not in text
+    assert "from vggt_cache.service.engine.device import is_out_of_memory" in text and "_is_oom" not in text
 
 
 # --- a lost device (issue 23 item 5) ----------------------------------------------------------------------

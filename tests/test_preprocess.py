@@ -164,3 +164,26 @@ def test_the_reference_float_rounding_at_644():
     assert output_size(640, 480, "crop", 644) == (490, 644)
     assert output_size(640, 480, "pad", 644) == (644, 644)
     assert tuple(preprocess(Image.new("RGB", (640, 480)), "crop", 644).shape) == (3, 490, 644)
+
+
+# --- frames as uint8 to the device (issue 23 item 6) ---------------------------------------------------
+
+@pytest.mark.parametrize("key", sorted(EXPECTED))
+def test_pixels_are_uint8_and_scale_to_preprocess_bit_for_bit(key):
+    name, mode = key.rsplit(".", 1)
+    pixels = pp.preprocess_pixels(FIXTURES / name, mode=mode)
+    assert pixels.dtype == torch.uint8 and torch.equal(pixels, EXPECTED[key].to(torch.uint8))
+    out = preprocess(FIXTURES / name, mode=mode)
+    assert torch.equal(pp.as_float(pixels), out)
+    assert torch.equal(pp.UNIT_VALUES[pixels.int()], out)  # the device's conversion
+
+
+def test_every_byte_value_scales_as_the_reference():
+    values = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(pp.UNIT_VALUES, values.to(torch.float32) / 255)
+
+
+def test_a_frame_resized_to_its_alignment_comes_back_float():
+    pixels = pp.preprocess_pixels(FIXTURES / "landscape.jpg", mode="crop", align=28)
+    assert pixels.dtype == torch.float32
+    assert torch.equal(pixels, preprocess(FIXTURES / "landscape.jpg", mode="crop", align=28))

@@ -22,7 +22,7 @@ from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.work import (KEPT, SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, Complete, EngineStopped,
                                             EntryResult, Flight, FrameKey, UnitResult, Withdrawn, fail_future,
                                             failed_result, when_descriptors_free)
-from vggt_cache.service.preprocess import load_image, preprocess
+from vggt_cache.service.preprocess import as_float, load_image, preprocess_pixels
 
 log = logging.getLogger("vggt_cache")
 
@@ -153,10 +153,12 @@ class DecodeStage:
         shapes = {tuple(im.shape) for im in images}
         if len(shapes) > 1:
             raise ValueError(f"the frames of a clip must share one size after preprocessing, got {sorted(shapes)}")
-        flight.images = torch.stack(images)  # [S, 3, H, W]
+        if len({im.dtype for im in images}) > 1:  # some frames resized to the alignment: float already
+            images = [as_float(im) for im in images]
+        flight.images = torch.stack(images)  # [S, 3, H, W], uint8 (scaled on the device) or float32
 
     def _load_frame(self, key: FrameKey) -> torch.Tensor:
         spec = self.spec
         return self.frames.get(  # [3, H, W]
-            key, lambda: preprocess(load_image(key[0], max_bytes=self.max_image_bytes, roots=self.roots),
-                                    mode=spec.preprocess, size=spec.size, align=spec.align))
+            key, lambda: preprocess_pixels(load_image(key[0], max_bytes=self.max_image_bytes, roots=self.roots),
+                                           mode=spec.preprocess, size=spec.size, align=spec.align))

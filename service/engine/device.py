@@ -19,9 +19,11 @@ from vggt_cache.client.text import error_text
 from vggt_cache.service.engine.patches import PatchCache
 from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.stats import Window, process_rss
-from vggt_cache.service.engine.work import Complete, Flight, StartHook, failed_result
+from vggt_cache.service.engine.work import Complete, Flight, FrameKey, StartHook, failed_result
 from vggt_cache.service.engine.writer import WriterStage
 from vggt_cache.service.model.features import entry_features
+from vggt_cache.service.model.resident import use_recompile_limit
+from vggt_cache.service.preprocess import UNIT_VALUES, as_float
 
 log = logging.getLogger("vggt_cache")
 
@@ -38,8 +40,11 @@ class Device:
         self.model = model
         self.is_cuda = self.device.type == "cuda"
         self.patches = PatchCache(patch_cache_bytes)
-        # Results leave the GPU on their own stream while the next batch computes.
+        # Results leave the GPU on their own stream while the next batch computes; frames arrive on another
+        # (on the first, they would wait behind the copy of the results, which waits for the forward).
         self.copy_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self.upload_stream = torch.cuda.Stream(self.device) if self.is_cuda else None
+        self.unit_values = UNIT_VALUES.to(self.device)  # uint8 pixels -> [0, 1], as the CPU scales them
         self.batches = 0
         self.frames = 0
         self.busy = Window()
@@ -106,6 +111,7 @@ class DeviceStage:
             t.start()
 
     def _loop(self, dev: Device, lane: int | None) -> None:
+        use_recompile_limit()
         finishing: queue.Queue[Launched | None] | None = None
         finisher = None
         if dev.is_cuda:
@@ -124,7 +130,7 @@ class DeviceStage:
                     break
                 _on_device(batch, 1)
                 handed: set[Flight] = set()  # launched: their results are on their way to the writers
-                graphs, started = _compiled_graphs(), time.monotonic()
+                graphs, started = compiled_graphs(), time.monotonic()
                 try:
                     for launched in self._run_batch(dev, batch):
                         handed.update(launched.flights)
@@ -136,7 +142,7 @@ class DeviceStage:
                     log.exception("Batch on %s failed", dev.name)
                     self._fail([j for j in batch if j not in handed], error_text(exc))
                 _on_device(batch, -1)  # its forward is over: a death from here on is not this batch's doing
-                _log_compiles(dev, batch, _compiled_graphs() - graphs, time.monotonic() - started)
+                _log_compiles(dev, batch, compiled_graphs() - graphs, time.monotonic() - started)
         finally:
             if finisher is not None:
                 with contextlib.suppress(RuntimeError):  # a dead results thread needs no end marker
@@ -183,13 +189,7 @@ class DeviceStage:
         try:
             with torch.inference_mode():
                 images = self._to_device(dev, flights)  # [B, S, 3, H, W]
-                if self._before_forward is not None:
-                    self._before_forward(images)
-                patches = (dev.patches.patches(dev.model, images, [j.frame_keys for j in flights])
-                           if self._share_patches else None)  # [B, S, h*w, C]
-                # causal: all clips of the batch in one block-causal forward, not frame by frame.
-                # Cast on the device (halves the transfer for 16-bit storage), then to the host.
-                features = entry_features(dev.model, images, self.spec, patches)  # [B, T, (L,) P, C], T = S or 1
+                features = self.forward(dev, images, [j.frame_keys for j in flights], dev.patches)
                 if dev.is_cuda:
                     features, launched.done = _copy_to_host(features, dev.copy_stream)
                 launched.features = features
@@ -199,16 +199,35 @@ class DeviceStage:
             raise
         return launched
 
+    def forward(self, dev: Device, images: torch.Tensor, keys: list[list[FrameKey]],
+                patches: PatchCache) -> torch.Tensor:
+        """The entries [B, T, (L,) P, C] (T = S or 1) of clips `images` [B, S, 3, H, W] on `dev` (frame (b, s)
+        keyed `keys[b][s]` in `patches`), still on the device, in the storage dtype (halves the transfer)."""
+        if self._before_forward is not None:
+            self._before_forward(images)
+        tokens = patches.patches(dev.model, images, keys) if self._share_patches else None  # [B, S, h*w, C]
+        # causal: all clips of the batch in one block-causal forward, not frame by frame.
+        return entry_features(dev.model, images, self.spec, tokens)
+
     @staticmethod
     def _to_device(dev: Device, flights: list[Flight]) -> torch.Tensor:
+        """The batch's frames on the device as float32 in [0, 1]; sent as uint8 (a quarter of the bytes of
+        float32) and scaled there, unless a frame was resized to its alignment (float already)."""
         frames = [j.images for j in flights]
+        if len({f.dtype for f in frames}) > 1:
+            frames = [as_float(f) for f in frames]
         if not dev.is_cuda:
-            return torch.stack(frames)
+            return _scaled(torch.stack(frames), dev.unit_values)
         # Through page-locked memory, so the copy runs asynchronously (the allocator keeps the buffer
-        # until the copy is done).
+        # until the copy is done), on the upload stream: it overlaps the forward still running.
         staging = torch.empty((len(frames), *frames[0].shape), dtype=frames[0].dtype, pin_memory=True)
         torch.stack(frames, out=staging)
-        return staging.to(dev.device, non_blocking=True)
+        compute = torch.cuda.current_stream(dev.device)
+        with torch.cuda.stream(dev.upload_stream):
+            pixels = staging.to(dev.device, non_blocking=True)
+        compute.wait_stream(dev.upload_stream)
+        pixels.record_stream(compute)  # its memory is not reused before the forward's stream has read it
+        return _scaled(pixels, dev.unit_values)
 
     def _lose(self, dev: Device, error: str) -> None:
         """Give `dev` up after a fatal error: it takes no more batches; the others take its lane's work.
@@ -305,6 +324,11 @@ class DeviceStage:
             }
 
 
+def _scaled(pixels: torch.Tensor, unit_values: torch.Tensor) -> torch.Tensor:
+    """uint8 `pixels` as float32 in [0, 1], by lookup (bit for bit `preprocess`'s on any device); float as is."""
+    return pixels if pixels.is_floating_point() else unit_values[pixels.int()]
+
+
 def _on_device(batch: list[Flight], step: int) -> None:
     """Tell each start hook which of its units go on the device (`step` 1) or are off it (-1), once per batch."""
     units: dict[StartHook, list] = {}
@@ -338,7 +362,7 @@ def is_device_lost(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(w in str(exc).lower() for w in _LOST_WORDS)
 
 
-def _compiled_graphs() -> int:
+def compiled_graphs() -> int:
     """Graphs Dynamo compiled so far in this process (0 before anything was compiled: Dynamo not imported)."""
     utils = sys.modules.get("torch._dynamo.utils")
     return utils.counters["stats"]["unique_graphs"] if utils is not None else 0

@@ -26,7 +26,7 @@ import copy
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from enum import Enum
 from typing import Any
@@ -43,9 +43,11 @@ from vggt_cache.service.engine.singleflight import SingleFlight
 from vggt_cache.service.engine.stats import STATS_WINDOW_S, History
 from vggt_cache.service.engine.work import (KEPT, REPLACED, SHUTDOWN_MESSAGE, EngineStopped, Flight, Priority,
                                             QueueFull, StartHook, UnitResult, fail_future)
+from vggt_cache.service.engine.warmup import WarmupReport, warm_up, warmup_shapes
 from vggt_cache.service.engine.writer import WriterStage
 from vggt_cache.service.model import LoadedModel
 from vggt_cache.service.model.resident import compile_blocks, compile_counts, make_resident, weights_dtype
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY
 from vggt_cache.service.settings import ServiceSettings
 from vggt_cache.service.units import Unit
 
@@ -95,7 +97,8 @@ class Engine:
     fp32_weights: keep every weight float32 under bfloat16 autocast on CUDA even when entries are
         stored in 16 bits (default there: matmul and conv weights held in bfloat16, which autocast
         casts them to anyway; see `weights_dtype`).
-    compile: `torch.compile` the transformer blocks (the first batches of each shape are slow).
+    compile: `torch.compile` the transformer blocks (the first batches of each shape are slow: see
+        `warm_up`); compile_backend: Dynamo's backend for it.
     roots: the allowed roots (real paths): every image, cache file and folder the engine opens must
         lie inside one when it is opened (None: no containment, e.g. in-process tools).
     max_image_bytes: image files larger than this fail unread.
@@ -124,6 +127,7 @@ class Engine:
         patch_cache_bytes: int = _DEFAULTS.patch_cache_mb << 20,
         fp32_weights: bool = _DEFAULTS.fp32_weights,
         compile: bool = _DEFAULTS.compile,
+        compile_backend: str = _DEFAULTS.compile_backend,
         before_forward: ForwardHook | None = None,
         roots: Sequence[str] | None = None,
         max_image_bytes: int = _DEFAULTS.max_image_bytes,
@@ -148,7 +152,7 @@ class Engine:
         self.compiled = compile
         if compile:
             for model in models:
-                compile_blocks(model, len(devices))
+                compile_blocks(model, len(devices), compile_backend)
         replicas = [Device(name, model, patch_cache_bytes) for name, model in zip(devices, models)]
         # Every device gets its own bulk batches queued; hints (lane-less) do not need more room per device.
         self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0,
@@ -172,6 +176,7 @@ class Engine:
         # Entries of another clip's valid entry: kept (not written) or replaced (overwrite asked).
         self._other_context: dict[str, int] = dict.fromkeys((KEPT, REPLACED), 0)
         self._single = SingleFlight()
+        self._warmup: WarmupReport | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -185,6 +190,17 @@ class Engine:
         self._device.start()
         log.info("Engine started on %s: batches of up to %d frames, %s attention, %s weights",
                  ", ".join(self.devices), self.max_batch_frames, self.spec.attention, self.weights_dtype_name)
+
+    def warm_up(self, budget_s: float, max_frames: int = DEFAULT_MAX_HISTORY + 1,
+                stopping: Callable[[], bool] = lambda: False) -> WarmupReport | None:
+        """With `compile`, compile the batch shapes the spec implies (`warmup_shapes`, clips of up to
+        `max_frames` frames) on every device, within `budget_s` seconds; None without `compile`."""
+        if not self.compiled:
+            return None
+        shapes = warmup_shapes(self.spec, self.max_batch_frames, max_frames)
+        log.info("Compile warm-up: %d shape(s) on %s, within %g s", len(shapes), ", ".join(self.devices), budget_s)
+        self._warmup = warm_up(self._device, shapes, budget_s, stopping)
+        return self._warmup
 
     def stop(self, timeout: float | None = None) -> bool:
         """Finish the batches in flight and their writes; fail queued futures. True if all threads ended."""
@@ -355,7 +371,8 @@ class Engine:
             "max_batch_frames": self.max_batch_frames,
             # Each new clip length or batch shape compiles anew on the device thread (seconds to a minute for
             # VGGT-1B): graphs growing while serving explain a slow batch.
-            "compile": compile_counts() if self.compiled else None,
+            "compile": ({**compile_counts(), "warmup": self._warmup and self._warmup.as_dict()}
+                        if self.compiled else None),
         }
 
 

@@ -8,9 +8,10 @@ from torch import nn
 from .aggregator import VGGTAggregator
 
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
-# Graph variants one compiled block may need: DINOv2, frame and global blocks, each clip length
-# (padded histories are all 9 frames, but on-demand clips vary), per device.
-_VARIANTS_PER_DEVICE = 32
+# Graph variants one compiled block may need (every block kind runs one code object, Block.forward, so
+# they share one limit): the warm-up's (about two per clip length, see engine/warmup.py), and room for
+# the clip lengths and image sizes met later, per device.
+VARIANTS_PER_DEVICE = 48
 
 
 def weights_dtype(device: torch.device, storage_dtype: torch.dtype, fp32_weights: bool = False) -> torch.dtype:
@@ -43,19 +44,38 @@ def make_resident(model: VGGTAggregator, device: torch.device, dtype: torch.dtyp
     return model
 
 
-def compile_blocks(model: VGGTAggregator, devices: int = 1) -> VGGTAggregator:
+def compile_blocks(model: VGGTAggregator, devices: int = 1, backend: str = "inductor") -> VGGTAggregator:
     """`torch.compile` every transformer block of `model`, in place.
 
     Per block, not the whole model: blocks of one kind share one compiled graph (a graph per
     shape, clip length and device), and the patch cache stays in Python. The recompile limit is
     raised so those variants are compiled instead of running eagerly past Dynamo's default of 8.
+    `backend`: Dynamo's backend ("eager" traces and guards alike without generating code: tests).
     """
     import torch._dynamo.config as dynamo_config
 
-    raise_recompile_limit(dynamo_config, _VARIANTS_PER_DEVICE * devices)
+    global _recompile_limit
+    _recompile_limit = max(_recompile_limit, VARIANTS_PER_DEVICE * devices)
+    use_recompile_limit()
     for block in (*model.patch_embed.blocks, *model.frame_blocks, *model.global_blocks):
-        block.compile()
+        block.compile(backend=backend)
     return model
+
+
+_recompile_limit = 0  # what compile_blocks asked for, process-wide (0: nothing compiled)
+
+
+def use_recompile_limit() -> None:
+    """Raise Dynamo's recompile limit in the calling thread to what `compile_blocks` asked for (if anything).
+
+    On newer torch (2.13 here) Dynamo's settings are context variables: a value set in the thread that
+    compiled the model is not seen by the device threads that run it, which then fall back to eager
+    after 8 graphs. Every thread that runs compiled blocks calls this first.
+    """
+    if _recompile_limit:
+        import torch._dynamo.config as dynamo_config
+
+        raise_recompile_limit(dynamo_config, _recompile_limit)
 
 
 def raise_recompile_limit(dynamo_config: object, limit: int) -> None:
