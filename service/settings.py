@@ -33,7 +33,7 @@ def read_variable(name: str) -> str | None:
 
 def env_flag(name: str) -> bool:
     """The seed's convention: ``true``, ``1`` or ``yes`` (any case) switch a feature on."""
-    return is_true(os.environ.get(name))
+    return is_true(read_variable(name))
 
 
 def is_true(text: str | None) -> bool:

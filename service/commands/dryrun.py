@@ -34,7 +34,7 @@ def dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root
                      max_sample_bytes=settings.max_sample_bytes)
     if identity.fingerprint == UNKNOWN_FINGERPRINT:
         say(f"model        {settings.model}: not on this machine, identity unknown (every entry counted to "
-              "compute; the digest below changes once the weights are there)")
+            "compute; the digest below changes once the weights are there)")
     print_plan(work.plan.to_dict(), work.plan.summary(), spec.digest)
     return 0
 
@@ -69,16 +69,16 @@ def print_plan(plan: dict, summary: str, digest: str) -> None:
     say(f"samples      {source['samples']} from {source['files']} {kind}{history}")
     recomputed = " (recomputed: --no-skip-existing)" if plan["valid"] + plan["to_compute"] > plan["entries"] else ""
     say(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid{recomputed}, "
-          f"{plan['to_compute']} to compute")
+        f"{plan['to_compute']} to compute")
     if plan["problems"] or plan["refused"] or plan["unreadable"]:
         say(f"problems     {plan['problems']} malformed sample(s), missing image(s) or unlisted folder(s) "
-             f"({plan.get('unlisted', 0)} of these), {plan['refused']} refused (outside the allowed roots or too "
-             f"many frames), {plan['unreadable']} unreadable image(s)")
+            f"({plan.get('unlisted', 0)} of these), {plan['refused']} refused (outside the allowed roots or too "
+            f"many frames), {plan['unreadable']} unreadable image(s)")
         for item in plan.get("first_problems", []):
             say(f"  {item['where']}: {item['reason']}")
     replaced = f", net of {plan['replaced_bytes']:,} bytes they replace" if plan.get("replaced_bytes") else ""
     say(f"to write     {plan['bytes_to_write']:,} bytes ({plan.get('entry_bytes', 0):,} bytes an entry{replaced})")
     say(f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"
-          f" ({'fits' if plan['fits'] else 'DOES NOT FIT'})")
+        f" ({'fits' if plan['fits'] else 'DOES NOT FIT'})")
     say(summary)
 

@@ -65,7 +65,7 @@ def _estimate_storage(data_root: str, samples: int, as_json: bool) -> int:
         print(json.dumps(report, indent=2))
         return 0
     say(f"{data_root}: {report['entries']} entries, {human_bytes(report['bytes_now'])} now; "
-          f"{report['sampled']} valid entries sampled")
+        f"{report['sampled']} valid entries sampled")
     for storage, row in report["storages"].items():
         error = row.get("error")
         shown = (f"; error max {error['max_rel']:.2%} mean {error['mean_rel']:.2%} of the magnitudes, lowest "
@@ -86,10 +86,10 @@ def convert(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
     else:
         say(f"{data_root}: {report['converted']} entries converted to {args.storage}, "
-              f"{human_bytes(report['bytes_saved'])} saved ({human_bytes(report['bytes_before'])} -> "
-              f"{human_bytes(report['bytes_after'])}); "
-              f"{report['already']} already {args.storage}, {report['invalid']} not valid (left alone), "
-              f"{report['lossy_source']} fp8 (not converted), {report['failed']} failed")
+            f"{human_bytes(report['bytes_saved'])} saved ({human_bytes(report['bytes_before'])} -> "
+            f"{human_bytes(report['bytes_after'])}); "
+            f"{report['already']} already {args.storage}, {report['invalid']} not valid (left alone), "
+            f"{report['lossy_source']} fp8 (not converted), {report['failed']} failed")
         for item in report.get("failures", [])[:50]:
             say(f"  failed {item['image']}: {item['reason']}")
     return 0 if not report["failed"] else 1

@@ -15,7 +15,7 @@ from vggt_cache.service.commands.dryrun import dry_run_local, print_plan
 from vggt_cache.service.errors import CommandError
 from vggt_cache.service.jobview import JobState, JobView
 from vggt_cache.service.progress import follow_job
-from vggt_cache.service.settings import parse_devices, rank_device
+from vggt_cache.service.settings import parse_devices, rank_device, read_variable
 from vggt_cache.service.specflags import given_options, serve_flags
 
 log = logging.getLogger("vggt_cache")
@@ -37,8 +37,9 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
 
     if not os.path.isdir(data_root):
         raise no_folder(data_root)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # torchrun's variables: which shard this process takes, and which GPU
+    rank, world = int(read_variable("RANK") or "0"), int(read_variable("WORLD_SIZE") or "1")
+    local_rank = int(read_variable("LOCAL_RANK") or "0")
     device = args.device
     if world > 1 and not args.dry_run:
         check_device(device)
