@@ -28,20 +28,20 @@ def add_setting(p: argparse.ArgumentParser, name: str, spellings: Sequence[str] 
     default = ServiceSettings.__dataclass_fields__[name].default
     variable = read_variable(s.env)
     flags = spellings or (s.flag, *s.aliases)
-    common = {"dest": name, "help": (help or s.help).format(env=f"${s.env}")}
+    text = (help or s.help).format(env=f"${s.env}")
     if isinstance(default, bool):
         p.add_argument(*flags, action="store_true", default=is_true(variable) if variable is not None else default,
-                       **common)
+                       dest=name, help=text)
     elif s.separator is not None:
         listed = [v for v in (variable or "").split(s.separator) if v.strip()]
         p.add_argument(*flags, action="append", metavar=s.metavar, default=listed or None,
-                       required=s.required and not listed, **common)
+                       required=s.required and not listed, dest=name, help=text)
     else:
         # A string default is parsed as the flag's text would be: a bad variable is a usage error naming the flag.
         parse = s.parse or type(default)
         p.add_argument(*flags, type=parse if parse in (int, float, str) else argparse_type(parse),
                        metavar=s.metavar or s.flag[2:].upper().replace("-", "_"),
-                       default=variable if variable is not None else s.text(default), **common)
+                       default=variable if variable is not None else s.text(default), dest=name, help=text)
 
 
 # The settings each command takes, in the order its --help lists them.
