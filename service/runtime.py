@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -16,7 +15,7 @@ from vggt_cache.service.jobs import JobManager, Retention
 from vggt_cache.service.model import LoadedModel, load_aggregator
 from vggt_cache.service.model.features import model_spec
 from vggt_cache.service.paths import AllowedRoots
-from vggt_cache.service.settings import ServiceSettings, parse_devices
+from vggt_cache.service.settings import ServiceSettings, parse_devices, read_variable
 from vggt_cache.service.store import JobStore
 
 log = logging.getLogger("vggt_cache")
@@ -76,8 +75,9 @@ def build_components(s: ServiceSettings, allowed: AllowedRoots, rank: int = 0, w
     engine = Engine(
         loaded, spec, devices=devices, max_batch_frames=s.max_batch_frames,
         max_wait_ms=s.max_wait_ms, decode_workers=s.decode_workers, write_workers=s.write_workers,
-        patch_cache_bytes=s.patch_cache_mb << 20, fp32_weights=s.fp32_weights, compile=s.compile,
-        compile_backend=s.compile_backend,
+        bulk_queue_batches=s.bulk_queue_batches, hint_queue_batches=s.hint_queue_batches,
+        frame_cache_frames=s.frame_cache_frames, patch_cache_bytes=s.patch_cache_mb << 20,
+        fp32_weights=s.fp32_weights, compile=s.compile, compile_backend=s.compile_backend,
         roots=allowed.real, max_image_bytes=s.max_image_bytes, before_forward=before_forward, file_mode=s.file_mode,
     )
     engine.start()
@@ -95,7 +95,7 @@ DRILL_HOLD_ENV = "VGGT_CACHE_DRILL_HOLD_FRAMES"
 def drill_hook() -> ForwardHook | None:
     """A drill of a forward that never ends: with VGGT_CACHE_DRILL_HOLD_FRAMES=N, a batch of clips of N frames
     or more holds its device until the process ends (rehearses poison units, cancel and SIGTERM's grace)."""
-    value = os.environ.get(DRILL_HOLD_ENV)
+    value = read_variable(DRILL_HOLD_ENV)
     if not value:
         return None
     frames = positive_int(DRILL_HOLD_ENV, int(value))

@@ -1,12 +1,23 @@
-"""Service settings: one dataclass built from CLI flags (or env vars), shared by serve and precompute."""
+"""Service settings: one typed definition per setting, from which every view of it derives.
+
+Each `ServiceSettings` field carries a `Setting` in its metadata: its flag, help, parser and bounds.
+From that table come the `vggt-cache` flags (`settingflags.add_settings`), their `VGGT_CACHE_<FLAG>` variables
+(`read_variable`, the one reader of the service's environment), `ServiceSettings.check` and the
+`/status` view (`ServiceSettings.view`).
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import ipaddress
 import os
 import socket
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from vggt_cache.client.service import ENV_PREFIX
 from vggt_cache.client.spec import positive_int
 from vggt_cache.service.samples import MAX_SAMPLE_BYTES, check_sample_bytes
 
@@ -15,107 +26,243 @@ DEFAULT_PORT = 8600
 TRUE_WORDS = ("true", "1", "yes")
 
 
+def read_variable(name: str) -> str | None:
+    """The environment variable `name`, or None: the one place the service's settings and commands read it."""
+    return os.environ.get(name)
+
+
 def env_flag(name: str) -> bool:
     """The seed's convention: ``true``, ``1`` or ``yes`` (any case) switch a feature on."""
-    return os.environ.get(name, "").strip().lower() in TRUE_WORDS
+    return is_true(read_variable(name))
 
 
-@dataclass
+def is_true(text: str | None) -> bool:
+    return (text or "").strip().lower() in TRUE_WORDS
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How a `ServiceSettings` field appears outside the code (see `setting`)."""
+
+    flag: str | None  # its `vggt-cache` flag, whose name gives the variable; None: set in code only
+    help: str  # `{env}` stands for its variable
+    parse: Callable[[str], Any] | None  # the text of its flag or variable -> the value; None: the field's type
+    check: Callable[[str, Any], None] | None  # ValueError naming the setting, for a value that cannot be meant
+    aliases: tuple[str, ...]  # further spellings of the flag (the seed's underscores)
+    separator: str | None  # a repeatable flag, whose variable lists its values split by this
+    required: bool  # a flag the command requires unless its variable is set
+    metavar: str | None
+    shown: bool  # on /status (not: a secret, or what /status shows elsewhere)
+    text: Callable[[Any], Any]  # the value as --help and /status show it
+
+    @property
+    def env(self) -> str | None:
+        return None if self.flag is None else ENV_PREFIX + self.flag[2:].upper().replace("-", "_")
+
+
+def setting(default: Any, flag: str | None = None, help: str = "", *, parse: Callable[[str], Any] | None = None,
+            check: Callable[[str, Any], None] | None = None, aliases: tuple[str, ...] = (),
+            separator: str | None = None, required: bool = False, metavar: str | None = None, shown: bool = True,
+            text: Callable[[Any], Any] = lambda value: value) -> Any:
+    """A `ServiceSettings` field with its `Setting`."""
+    meta = {"setting": Setting(flag, help, parse, check, aliases, separator, required, metavar, shown, text)}
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# Bounds: each raises ValueError naming the setting (its flag, else its field) and the value refused.
+def _positive(name: str, value: Any) -> None:
+    positive_int(name, value)
+
+
+def _count(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be zero or more, got {value!r}")
+
+
+def _not_negative(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ValueError(f"{name} must be zero or more, got {value!r}")
+
+
+def _positive_number(unit: str) -> Callable[[str, Any], None]:
+    def check(name: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number of {unit}, got {value!r}")
+    return check
+
+
+def _sample_bytes(name: str, value: Any) -> None:
+    try:
+        check_sample_bytes(value)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def _token(name: str, value: Any) -> None:
+    if value is not None and not value.strip():
+        raise ValueError("the API token (--api-token or its environment variable) is set but empty: give a "
+                         "token, or unset it to run without authentication")
+
+
+def _host_names(name: str, value: Any) -> None:
+    if any(not h.strip() or any(c in h for c in "/:@ ") for h in value):
+        raise ValueError(f"{name} takes a host name without port or scheme, got {list(value)!r}")
+
+
+def _file_mode(name: str, value: Any) -> None:
+    check_file_mode(value)
+
+
+def parse_octal(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise ValueError(f"expected an octal mode such as 0644, got {text!r}") from None
+
+
+def parse_sample_bytes(text: str) -> int:
+    return check_sample_bytes(int(text))
+
+
+_SECONDS = _positive_number("seconds")
+
+
+@dataclass(frozen=True)
 class ServiceSettings:
-    model: str = DEFAULT_MODEL
-    device: str = "auto"  # every visible GPU, else the CPU
-    host: str = "127.0.0.1"
-    port: int = DEFAULT_PORT
-    allowed_roots: list[str] = field(default_factory=list)
-    state_dir: str = os.path.expanduser("~/.local/state/vggt-cache")
-    api_token: str | None = None
-    # FeatureSpec fields other than the model's (layers, tokens, preprocess, size, align, dtype, attention);
-    # unset ones take FeatureSpec's defaults.
-    spec: dict = field(default_factory=dict)
-    max_batch_frames: int = 32
-    max_wait_ms: float = 5.0
-    decode_workers: int = 4
-    write_workers: int = 4
+    """What a service (or an in-process precompute) runs with; `check` before use."""
+
+    model: str = setting(DEFAULT_MODEL, "--model", "Hugging Face id (from the local HF cache), folder or weights file")
+    device: str = setting("auto", "--device",
+                          "auto (every visible GPU, else the CPU), cpu, cuda (all GPUs), cuda:0 or cuda:0,1")
+    host: str = setting("127.0.0.1", "--host", "address to listen on (0.0.0.0: every interface)")
+    port: int = setting(DEFAULT_PORT, "--port", "TCP port")
+    allowed_roots: tuple[str, ...] = setting(
+        (), "--allowed-root", "folder the service may read and write (repeatable; or {env}, colon-separated)",
+        aliases=("--allowed_root",), separator=":", required=True, metavar="DIR")
+    state_dir: str = setting(os.path.expanduser("~/.local/state/vggt-cache"), "--state-dir",
+                             "where job state (SQLite) lives; keep it on local disk", aliases=("--state_dir",),
+                             parse=os.path.expanduser)
+    # Given by the token flags, a file or TOKEN_ENV (commands.common.api_token); /status says only whether it is set.
+    api_token: str | None = setting(None, check=_token, shown=False)
+    # FeatureSpec fields other than the model's, from the spec flags (specflags.py; /status shows the spec).
+    spec: dict = setting({}, shown=False)
+    # The engine (service/engine).
+    max_batch_frames: int = setting(32, "--max-batch-frames", "frames per device batch",
+                                    aliases=("--max_batch_frames",), check=_positive)
+    max_wait_ms: float = setting(5.0, check=_not_negative)  # a decoded unit's wait for company in its batch
+    decode_workers: int = setting(4, "--decode-workers",
+                                  "threads decoding and preprocessing images while the device computes",
+                                  check=_positive)
+    write_workers: int = setting(4, "--write-workers",
+                                 "threads writing cache files (each fsyncs) while the device computes", check=_positive)
     # Per device: DINOv2 tokens of recent frames (8.7 MB a frame at 644 px), for the clips that share them.
-    patch_cache_mb: int = 4096
-    fp32_weights: bool = False  # CUDA with 16-bit entries: keep float32 weights under autocast
-    compile: bool = False  # torch.compile the transformer blocks
-    # With compile: seconds the shapes the spec implies may take to compile before the service reports
-    # ready (0: none; shapes left compile when first met). compile_backend: Dynamo's ("eager": tests).
-    compile_warmup_s: float = 900.0
-    compile_backend: str = "inductor"
-    # Request limits: a body or item count past these is a 413, a deeper on-demand queue a 429.
-    max_body_bytes: int = 4 * 1024 * 1024
-    max_items_per_request: int = 512
-    max_pending_units: int = 4096
+    patch_cache_mb: int = setting(4096, "--patch-cache-mb",
+                                  "per device, MiB for the DINOv2 tokens of recent frames, computed once for every "
+                                  "clip that shares the frame (sequence/causal; 0: within a batch only)", check=_count)
+    fp32_weights: bool = setting(False, "--fp32-weights",
+                                 "on CUDA with 16-bit entries, keep float32 weights under bfloat16 autocast instead "
+                                 "of resident bfloat16 weights")
+    compile: bool = setting(False, "--compile",
+                            "torch.compile the transformer blocks (slow first batches of each shape)")
+    # With compile: the shapes the spec implies compile before the service reports ready (0: none; shapes
+    # left compile when first met). compile_backend: Dynamo's ("eager" in tests: inductor takes minutes a shape).
+    compile_warmup_s: float = setting(900.0, "--compile-warmup",
+                                      "with --compile, seconds to compile the shapes the spec implies before the "
+                                      "service reports ready (0: none; the rest compile when first met)",
+                                      check=_not_negative)
+    compile_backend: str = setting("inductor")
+    # The bulk backlog is the back-pressure on a job's runner; hints (non-blocking bulk requests) get room above it.
+    bulk_queue_batches: int = setting(2, "--bulk-queue-batches",
+                                      "a job's units queued for the devices, in batches per device; the job waits "
+                                      "past it", check=_positive)
+    hint_queue_batches: int = setting(8, "--hint-queue-batches",
+                                      "further room, in batches, for prefetch hints (requests with \"wait\": false) "
+                                      "while a job keeps its backlog full; past it they are refused (429)",
+                                      check=_count)
+    frame_cache_frames: int = setting(64, "--frame-cache-frames",
+                                      "preprocessed frames kept per device lane, decoded once for the clips that "
+                                      "share them (sequence/causal)", check=_count)
+    # Requests: a body or item count past these is a 413, a deeper on-demand queue a 429.
+    max_body_bytes: int = setting(4 * 1024 * 1024, check=_positive)
+    max_items_per_request: int = setting(512, "--max-items-per-request",
+                                         "images per /features request; more is a 413", check=_positive)
+    max_pending_units: int = setting(4096, "--max-pending",
+                                     "on-demand units waiting for the device; past it /features answers 429",
+                                     check=_positive)
     # An image file larger than this fails unread (a decoded image is bounded by MAX_PIXELS too).
-    max_image_bytes: int = 256 * 1024 * 1024
-    # A request body not received whole this long after its headers is answered 408, its connection closed.
-    body_timeout_s: float = 30.0
+    max_image_bytes: int = setting(256 * 1024 * 1024, "--max-image-bytes",
+                                   "image files larger than this fail unread (and are counted unreadable by a plan)",
+                                   check=_positive)
+    body_timeout_s: float = setting(30.0, "--body-timeout",
+                                    "seconds a request body may take to arrive whole; past it the request is refused "
+                                    "(408) and its connection closed", check=_SECONDS)
     # Request bodies buffered at once, all requests together; past it a request is a 503 (memory stays bounded).
-    body_buffer_bytes: int = 16 * 1024 * 1024
-    # Connections and admission (issue 18). A connection must deliver a request's headers within this long of
-    # opening or of its last response, else it is closed (uvicorn's keep-alive timer misses a silent connection).
-    header_timeout_s: float = 10.0
-    # Open connections at most (lowered at start to fit the descriptor limit); a new one past it closes the
-    # oldest idle one, or is answered 503 when none is idle.
-    max_connections: int = 1000
-    # Plans (`POST /precompute` with dry_run) computed at once; more are answered 429 with Retry-After.
-    max_plans: int = 2
+    body_buffer_bytes: int = setting(16 * 1024 * 1024, check=_positive)
+    # Connections and admission (issue 18); uvicorn's keep-alive timer misses a silent connection.
+    header_timeout_s: float = setting(10.0, "--header-timeout",
+                                      "seconds a connection may go without a request's complete headers (from its "
+                                      "opening or its last response); past it the connection is closed",
+                                      check=_SECONDS)
+    max_connections: int = setting(1000, "--max-connections",
+                                   "open connections at most (lowered to fit the descriptor limit); a new one closes "
+                                   "the oldest idle one, or is answered 503", check=_positive)
+    max_plans: int = setting(2, "--max-plans", "dry runs (plans) computed at once; more are answered 429 with "
+                                               "Retry-After", check=_positive)
     # Host header names accepted besides IP addresses, `localhost` and (bound to a non-loopback address) this
     # machine's names: a DNS-rebinding page sends its own name. "*": any.
-    allowed_hosts: list[str] = field(default_factory=list)
-    # Shared storage (issue 18): entries and manifests get these permissions whatever the service's umask
-    # (0o644: every user's dataloader reads them; 0o640: the group only).
-    file_mode: int = 0o644
-    # Work one input can make long: a job's sample of more frames fails alone (JanusVLN uses 9, VG-LLM up
-    # to 32); SIGTERM abandons a batch still running this long after it (its unit stays pending).
-    max_frames_per_sample: int = 64
-    shutdown_grace_s: float = 30.0
-    # Ended jobs kept in the state dir (with their units and failures): the newest this many, none older.
-    job_retention: int = 1000
-    job_retention_days: float = 30.0
-    # Sample files are read one sample at a time: a jsonl line or JSON array element larger than this is a
-    # problem of the plan, not read (memory stays bounded whatever a file holds).
-    max_sample_bytes: int = MAX_SAMPLE_BYTES
+    allowed_hosts: tuple[str, ...] = setting(
+        (), "--allowed-host", "a host name clients address the service by, besides IP addresses, localhost and "
+        "(with a non-loopback --host) this machine's names (repeatable; or {env}, comma-separated; '*': any)",
+        separator=",", metavar="NAME", check=_host_names)
+    # Shared storage (issue 18): every user's dataloader reads 0644 entries, the group only 0640 ones.
+    file_mode: int = setting(0o644, "--file-mode",
+                             "permissions of the entries and manifests written, whatever the umask (0644: readable "
+                             "by every user; 0640: by the group only)", parse=parse_octal, check=_file_mode,
+                             text=lambda mode: f"{mode:04o}")
+    # Work one input can make long (JanusVLN uses 9 frames a sample, VG-LLM up to 32).
+    max_frames_per_sample: int = setting(64, "--max-frames-per-sample",
+                                         "a job's sample (clip) of more frames fails alone, with the reason",
+                                         check=_positive)
+    shutdown_grace_s: float = setting(30.0, "--shutdown-grace",
+                                      "seconds SIGTERM waits for the work in flight before the service exits anyway "
+                                      "(an abandoned unit stays pending for the next start)", check=_SECONDS)
+    job_retention: int = setting(1000, "--job-retention",
+                                 "ended jobs kept in the state dir (with their failures); older ones are pruned",
+                                 check=_positive)
+    job_retention_days: float = setting(30.0, "--job-retention-days",
+                                        "days an ended job is kept in the state dir before it is pruned",
+                                        check=_positive_number("days"))
+    # Sample files are read one sample at a time, so memory stays bounded whatever a file holds.
+    max_sample_bytes: int = setting(MAX_SAMPLE_BYTES, "--max-sample-bytes",
+                                    "a sample (jsonl line, JSON array element) larger than this is a problem, not read",
+                                    aliases=("--max_sample_bytes",), parse=parse_sample_bytes, check=_sample_bytes)
+
+    def __post_init__(self) -> None:
+        for name in ("allowed_roots", "allowed_hosts"):  # lists welcome; held as tuples
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> ServiceSettings:
+        """The settings of a command line: each flag `add_settings` added (None: not given), then `overrides`."""
+        given = {f.name: getattr(args, f.name) for f in _flagged() if getattr(args, f.name, None) is not None}
+        return cls(**{**given, **overrides})
 
     def check(self) -> None:
         """Raise ValueError naming the first setting that cannot be meant: checked before the service starts."""
-        if self.api_token is not None and not self.api_token.strip():
-            raise ValueError("the API token (--api-token or its environment variable) is set but empty: give a "
-                             "token, or unset it to run without authentication")
-        for flag, value in (("--max-items-per-request", self.max_items_per_request),
-                            ("--max-pending", self.max_pending_units), ("--max-batch-frames", self.max_batch_frames),
-                            ("--decode-workers", self.decode_workers), ("--write-workers", self.write_workers),
-                            ("--max-image-bytes", self.max_image_bytes), ("max_body_bytes", self.max_body_bytes),
-                            ("--max-connections", self.max_connections), ("--max-plans", self.max_plans),
-                            ("--max-frames-per-sample", self.max_frames_per_sample)):
-            positive_int(flag, value)
-        try:
-            check_sample_bytes(self.max_sample_bytes)
-        except ValueError as exc:
-            raise ValueError(f"--max-sample-bytes: {exc}") from None
-        if isinstance(self.patch_cache_mb, bool) or not isinstance(self.patch_cache_mb, int) or self.patch_cache_mb < 0:
-            raise ValueError(f"--patch-cache-mb must be zero or more, got {self.patch_cache_mb!r}")
-        positive_int("--job-retention", self.job_retention)
-        if not self.job_retention_days > 0:
-            raise ValueError(f"--job-retention-days must be a positive number of days, got {self.job_retention_days!r}")
-        if not self.body_timeout_s > 0:
-            raise ValueError(f"--body-timeout must be a positive number of seconds, got {self.body_timeout_s!r}")
-        if not self.header_timeout_s > 0:
-            raise ValueError(f"--header-timeout must be a positive number of seconds, got {self.header_timeout_s!r}")
-        if any(not h.strip() or any(c in h for c in "/:@ ") for h in self.allowed_hosts):
-            raise ValueError(f"--allowed-host takes a host name without port or scheme, got {self.allowed_hosts!r}")
-        if not self.shutdown_grace_s > 0:
-            raise ValueError(f"--shutdown-grace must be a positive number of seconds, got {self.shutdown_grace_s!r}")
-        if not self.compile_warmup_s >= 0:
-            raise ValueError(f"--compile-warmup must be zero or more seconds, got {self.compile_warmup_s!r}")
-        if not self.max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms must be zero or more, got {self.max_wait_ms!r}")
-        check_file_mode(self.file_mode)
+        for f in dataclasses.fields(self):
+            s = f.metadata["setting"]
+            if s.check is not None:
+                s.check(s.flag or f.name, getattr(self, f.name))
         if self.body_buffer_bytes < self.max_body_bytes:
             raise ValueError(f"body_buffer_bytes ({self.body_buffer_bytes}) must hold one body of max_body_bytes "
                              f"({self.max_body_bytes})")
+
+    def view(self) -> dict[str, Any]:
+        """The settings as `/status` shows them (`service.settings`): the token and the spec left out."""
+        return {f.name: _json(f.metadata["setting"].text(getattr(self, f.name))) for f in dataclasses.fields(self)
+                if f.metadata["setting"].shown}
 
     def warnings(self) -> list[str]:
         """What is allowed but unsafe: logged at start and shown on /status."""
@@ -136,6 +283,17 @@ class ServiceSettings:
         return found
 
 
+def _json(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _flagged() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(ServiceSettings) if f.metadata["setting"].flag is not None]
+
+
+SETTINGS: Mapping[str, Setting] = {f.name: f.metadata["setting"] for f in dataclasses.fields(ServiceSettings)}
+
+
 def host_names(settings: ServiceSettings) -> frozenset[str] | None:
     """The names a request's Host may give (IP addresses are always accepted); None: any name.
 
@@ -149,6 +307,8 @@ def host_names(settings: ServiceSettings) -> frozenset[str] | None:
     if not is_loopback(settings.host):
         names |= {socket.gethostname().lower(), socket.getfqdn().lower()}
     return frozenset(names)
+
+
 def check_file_mode(mode: int) -> None:
     """ValueError unless `mode` is one a cache file may have: read-write for its owner, no execute or special bits."""
     if isinstance(mode, bool) or not isinstance(mode, int) or mode & ~0o666 or mode & 0o600 != 0o600:

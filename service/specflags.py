@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 from vggt_cache.client.service import ENV_PREFIX
 from vggt_cache.client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, STORAGES, TOKENS, FeatureSpec, \
     matching_preset, resolve_options
+from vggt_cache.service.settings import read_variable
 
 
 
@@ -81,7 +81,7 @@ def _shown(value: Any) -> str:
     return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
-def _argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     def convert(text: str) -> Any:
         try:
             return parse(text)
@@ -97,7 +97,7 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
                    help=f"{PRESET_HELP} (default: ${ENV_PREFIX}PRESET, else none)")
     for row in SPEC_FLAGS:
         spellings = [row.flag] + ([f"--{row.field}"] if f"--{row.field}" != row.flag else [])
-        g.add_argument(*spellings, dest=row.field, type=_argparse_type(row.parse), choices=row.choices,
+        g.add_argument(*spellings, dest=row.field, type=argparse_type(row.parse), choices=row.choices,
                        default=None, help=f"{row.help} (default: ${row.env}, else {_shown(row.default)})")
 
 
@@ -111,9 +111,13 @@ def spec_options(args: argparse.Namespace) -> dict:
     flags = {row.field: getattr(args, row.field) for row in SPEC_FLAGS}
     if args.preset is not None:
         return resolve_options(args.preset, **flags)
-    variables = {row.field: row.parse(os.environ[row.env]) for row in SPEC_FLAGS if row.env in os.environ}
+    variables = {}
+    for row in SPEC_FLAGS:
+        text = read_variable(row.env)
+        if text is not None:
+            variables[row.field] = row.parse(text)
     given = {**variables, **{k: v for k, v in flags.items() if v is not None}}
-    return resolve_options(os.environ.get(ENV_PREFIX + "PRESET") or None, **given)
+    return resolve_options(read_variable(ENV_PREFIX + "PRESET") or None, **given)
 
 
 def given_options(args: argparse.Namespace) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -175,3 +176,50 @@ def test_spec_flags_beat_variables_and_at_each_level_fields_beat_the_preset(monk
     assert options("--size", "518")["size"] == 518
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--allowed-root", "/data", "--reference-frame", "middle"])
+
+
+def other_value(name: str, default: object) -> tuple[str, object]:
+    """A variable's text for setting `name` that is not its default, and the value it stands for."""
+    if name == "file_mode":
+        return "0640", 0o640
+    if isinstance(default, bool):
+        return "yes", True
+    if isinstance(default, int):
+        return str(default + 1), default + 1
+    if isinstance(default, float):
+        return str(default * 2), default * 2
+    if isinstance(default, tuple):
+        return ("/a:/b", ("/a", "/b")) if name == "allowed_roots" else ("a,b", ("a", "b"))
+    return "other", "other"
+
+
+def test_each_setting_is_one_flag_one_variable_one_check_and_one_status_entry(monkeypatch, capsys) -> None:
+    from vggt_cache.service.cli import build_parser
+    from vggt_cache.service.settings import SETTINGS, ServiceSettings
+
+    flagged = {name: s for name, s in SETTINGS.items() if s.flag is not None}
+    assert {"bulk_queue_batches", "hint_queue_batches", "frame_cache_frames"} <= set(flagged)  # once the engine's own
+    expected = {}
+    for name, s in flagged.items():
+        text, expected[name] = other_value(name, getattr(ServiceSettings(), name))
+        monkeypatch.setenv(s.env, text)
+    settings = ServiceSettings.from_args(build_parser().parse_args(["serve"]))  # the variables alone: no flag
+    assert {name: getattr(settings, name) for name in flagged} == expected
+    settings.check()
+    view = settings.view()
+    assert view["file_mode"] == "0640" and view["allowed_roots"] == ["/a", "/b"] and "api_token" not in view
+    flags = ServiceSettings.from_args(build_parser().parse_args(["serve", "--max-pending", "7", "--allowed-root", "/c"]))
+    assert flags.max_pending_units == 7 and flags.max_batch_frames == expected["max_batch_frames"]  # a flag wins
+
+    monkeypatch.setenv("VGGT_CACHE_HINT_QUEUE_BATCHES", "many")
+    with pytest.raises(SystemExit) as stop:
+        build_parser().parse_args(["serve"])
+    assert stop.value.code == 2 and "--hint-queue-batches: invalid int value: 'many'" in capsys.readouterr().err
+    for name, value, says in (("bulk_queue_batches", 0, "--bulk-queue-batches must be a positive integer, got 0"),
+                              ("frame_cache_frames", -1, "--frame-cache-frames must be zero or more, got -1"),
+                              ("shutdown_grace_s", 0.0, "--shutdown-grace must be a positive number of seconds"),
+                              ("max_wait_ms", -1.0, "max_wait_ms must be zero or more, got -1.0")):
+        with pytest.raises(ValueError, match=says):
+            ServiceSettings(**{name: value}).check()
+    readme = (REPO / "README.md").read_text()
+    assert [s.flag for s in flagged.values() if not re.search(rf"{s.flag}(?![-\w])", readme)] == []  # documented

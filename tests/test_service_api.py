@@ -181,7 +181,8 @@ def test_routes_need_the_token(secured, root: Path, headers: dict) -> None:
 def test_the_right_token_is_let_through(secured, root: Path) -> None:
     image = write_images(root / "auth-ok", ["a.png"])[0]
     with httpx.Client(base_url=secured.url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-        assert http.get("/status").json()["service"]["auth"] is True
+        status = http.get("/status")
+        assert status.json()["service"]["auth"] is True and TOKEN not in status.text  # the settings shown, not it
         assert features_of(http.post("/features", json={"images": [image]}))[image][0]["status"] == "computed"
         assert http.get("/jobs/0123").status_code == 404
         assert http.get("/metrics").status_code == 200
@@ -298,6 +299,8 @@ def test_a_full_on_demand_queue_is_429_with_retry_after(service_server, tmp_path
     extra = write_images(root, ["x.png", "y.png"], seed=1)
     service = service_server(root, "--max-pending", "4", "--max-batch-frames", "1")
     with httpx.Client(base_url=service.url, timeout=120) as http:
+        settings = http.get("/status").json()["service"]["settings"]  # the flags, as the service took them
+        assert (settings["max_pending_units"], settings["max_batch_frames"]) == (4, 1)
         # An empty queue admits any request, however large: it fills the queue far past the limit.
         first = threading.Thread(target=lambda: http.post("/features", json={"images": backlog}))
         first.start()

@@ -50,6 +50,7 @@ def status(runtime: Runtime, metrics: MetricsDep) -> dict:
             "allowed_roots": list(runtime.allowed.given),
             "auth": runtime.settings.api_token is not None,
             "warnings": runtime.warnings,
+            "settings": runtime.settings.view(),
         },
         "model": None, "spec": None, "preset": None, "engine": None, "jobs": [],
     }
