@@ -10,11 +10,11 @@ from torch import Tensor, nn
 
 from vggt_cache.client.spec import ATTENTION, Attention, normalise_layers
 
-from .config import AggregatorConfig
-from .dinov2 import DinoV2Encoder
-from .kv_cache import KVCache
-from .layers import Block
-from .rope import patch_positions, rope_tables
+from vggt_cache.service.model.config import AggregatorConfig
+from vggt_cache.service.model.dinov2 import DinoV2Encoder
+from vggt_cache.service.model.kv_cache import KVCache
+from vggt_cache.service.model.layers import Block
+from vggt_cache.service.model.rope import patch_positions, rope_tables
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -15,9 +15,9 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 from torch import Tensor
 
-from .aggregator import VGGTAggregator
-from .config import AggregatorConfig
-from .fingerprint import file_fingerprint
+from vggt_cache.service.model.aggregator import VGGTAggregator
+from vggt_cache.service.model.config import AggregatorConfig
+from vggt_cache.service.model.fingerprint import file_fingerprint
 
 DEFAULT_SOURCE = "facebook/VGGT-1B"
 # The built-in tiny model: VGGT's structure, 2 layers, fixed weights shipped in the package (~1.4 MB), so
