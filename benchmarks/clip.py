@@ -33,14 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_name, get_model, make_images, synchronize  # noqa: E402
+from vggt_cache.client.cachefile import context_record, source_record, write_entry
+from vggt_cache.client.spec import PRESETS, FeatureSpec, preset_options
+from vggt_cache.service.model import AggregatorConfig
+from vggt_cache.service.model.features import entry_features, model_spec
+from vggt_cache.service.preprocess import preprocess
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY
 
-from vggt_cache.client.cachefile import context_record, source_record, write_entry  # noqa: E402
-from vggt_cache.client.spec import PRESETS, FeatureSpec, preset_options  # noqa: E402
-from vggt_cache.service.model import AggregatorConfig  # noqa: E402
-from vggt_cache.service.model.features import entry_features, model_spec  # noqa: E402
-from vggt_cache.service.preprocess import preprocess  # noqa: E402
-from vggt_cache.service.samples import DEFAULT_MAX_HISTORY  # noqa: E402
+from common import device_name, get_model, make_images, synchronize
 
 PRESET = "newjanusvln"
 IMPLS = ("mask", "chunked")  # the reference first

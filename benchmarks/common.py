@@ -18,7 +18,7 @@ from PIL import Image
 # Runnable from a plain checkout (`python benchmarks/x.py`), installed or not.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vggt_cache.service.model import AggregatorConfig, LoadedModel, VGGTAggregator, load_aggregator  # noqa: E402
+from vggt_cache.service.model import AggregatorConfig, LoadedModel, VGGTAggregator, load_aggregator
 
 
 def make_images(folder: str | os.PathLike, n: int, width: int = 640, height: int = 480, seed: int = 0,

@@ -45,11 +45,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import make_images, print_table, write_json  # noqa: E402
+from vggt_cache.client.http import ServiceError, Transport, wait_until_ready
+from vggt_cache.client.wire import decode_features
+from vggt_cache.service.demo import free_port
 
-from vggt_cache.client.http import ServiceError, Transport, wait_until_ready  # noqa: E402
-from vggt_cache.service.demo import free_port  # noqa: E402
-from vggt_cache.client.wire import decode_features  # noqa: E402
+from common import make_images, print_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"

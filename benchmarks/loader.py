@@ -43,17 +43,17 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vggt_cache.client.cache import FeatureCache  # noqa: E402
-from vggt_cache.client.cachefile import cache_path, read_entry, source_record, write_entry  # noqa: E402
-from vggt_cache.client.spec import STORAGES, FeatureSpec  # noqa: E402
+from vggt_cache.client.cache import FeatureCache
+from vggt_cache.client.cachefile import cache_path, read_entry, source_record, write_entry
+from vggt_cache.client.spec import STORAGES, FeatureSpec
 
 VGGT_1B = {"img_size": 518, "patch_size": 14, "embed_dim": 1024, "depth": 24,
            "num_heads": 16, "num_register_tokens": 4}

@@ -43,23 +43,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_name, get_model, make_images, print_table, synchronize  # noqa: E402
+from vggt_cache.client.cachefile import CACHE_SUFFIX, cache_path, read_entry
+from vggt_cache.client.manifest import manifest_path
+from vggt_cache.client.spec import PRESETS, STORAGES, FeatureSpec, preset_options
+from vggt_cache.service.engine import Engine
+from vggt_cache.service.engine.patches import PatchCache
+from vggt_cache.service.jobs import JobManager
+from vggt_cache.service.model import LoadedModel
+from vggt_cache.service.model.features import entry_features, model_spec
+from vggt_cache.service.paths import AllowedRoots
+from vggt_cache.service.preprocess import preprocess
+from vggt_cache.service.runtime import model_info
+from vggt_cache.service.settings import ServiceSettings, parse_devices
+from vggt_cache.service.sources import scan_data_root
+from vggt_cache.service.store import JobStore
+from vggt_cache.service.units import Unit
 
-from vggt_cache.client.cachefile import CACHE_SUFFIX, cache_path, read_entry  # noqa: E402
-from vggt_cache.client.spec import PRESETS, STORAGES, FeatureSpec, preset_options  # noqa: E402
-from vggt_cache.service.engine import Engine  # noqa: E402
-from vggt_cache.service.engine.patches import PatchCache  # noqa: E402
-from vggt_cache.service.jobs import JobManager  # noqa: E402
-from vggt_cache.client.manifest import manifest_path  # noqa: E402
-from vggt_cache.service.model import LoadedModel  # noqa: E402
-from vggt_cache.service.model.features import entry_features, model_spec  # noqa: E402
-from vggt_cache.service.paths import AllowedRoots  # noqa: E402
-from vggt_cache.service.preprocess import preprocess  # noqa: E402
-from vggt_cache.service.runtime import model_info  # noqa: E402
-from vggt_cache.service.settings import ServiceSettings, parse_devices  # noqa: E402
-from vggt_cache.service.sources import scan_data_root  # noqa: E402
-from vggt_cache.service.units import Unit  # noqa: E402
-from vggt_cache.service.store import JobStore  # noqa: E402
+from common import device_name, get_model, make_images, print_table, synchronize
 
 METHODS = ("seed", "ours", "clips", "limit")
 

@@ -33,10 +33,23 @@ from typing import Union
 
 import torch
 
-from vggt_cache.client.http import ServiceError, reset_after_fork
 from vggt_cache.client.cachefile import read_entry
-from vggt_cache.client.lookup import (FALLBACKS, NO_SERVICE, Answer, CacheCore, CacheUnavailable, Call, Lookup, SpecLike, as_clip,
-                           as_paths, nearest_manifest_spec, step, warn_unusable)
+from vggt_cache.client.http import ServiceError, reset_after_fork
+from vggt_cache.client.lookup import (
+    FALLBACKS,
+    NO_SERVICE,
+    Answer,
+    CacheCore,
+    CacheUnavailable,
+    Call,
+    Lookup,
+    SpecLike,
+    as_clip,
+    as_paths,
+    nearest_manifest_spec,
+    step,
+    warn_unusable,
+)
 from vggt_cache.client.service import AsyncServiceClient, ServiceClient, as_spec
 from vggt_cache.client.spec import FeatureSpec
 

@@ -24,9 +24,10 @@ import math
 import os
 import stat
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 

@@ -27,8 +27,8 @@ import struct
 import sys
 import zipfile
 import zlib
-from collections.abc import Sequence
-from typing import Any, BinaryIO, Callable, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 

@@ -14,8 +14,9 @@ release still decodes the body.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from enum import Enum
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load as _st_load

@@ -125,7 +125,12 @@ def serve(args: argparse.Namespace) -> int:
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from vggt_cache.service.api import create_app
-    from vggt_cache.service.api.connections import ACCEPT_BACKLOG, connection_cap, guarded_protocol, raise_descriptor_limit
+    from vggt_cache.service.api.connections import (
+        ACCEPT_BACKLOG,
+        connection_cap,
+        guarded_protocol,
+        raise_descriptor_limit,
+    )
     from vggt_cache.service.runtime import ServiceRuntime
 
     settings = _settings(args, host=args.host, port=args.port, allowed_roots=args.allowed_roots,

@@ -27,7 +27,7 @@ class AllowedRoots:
     real: tuple[str, ...]
 
     @classmethod
-    def of(cls, roots: Sequence[str]) -> "AllowedRoots":
+    def of(cls, roots: Sequence[str]) -> AllowedRoots:
         if not roots:
             raise ValueError("at least one --allowed-root is required")
         given = tuple(os.path.normpath(os.path.abspath(os.path.expanduser(r))) for r in roots)

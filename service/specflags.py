@@ -16,9 +16,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from vggt_cache.client.service import ENV_PREFIX
-from vggt_cache.client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, STORAGES, TOKENS, FeatureSpec, \
-    matching_preset, resolve_options
-
+from vggt_cache.client.spec import (
+    ATTENTION,
+    DTYPES,
+    PREPROCESS,
+    PRESETS,
+    REFERENCE_FRAMES,
+    STORAGES,
+    TOKENS,
+    FeatureSpec,
+    matching_preset,
+    resolve_options,
+)
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from vggt_cache.client.text import bounded, printable
 from vggt_cache.client.wire import EntryStatus
-from vggt_cache.service.jobview import ACTIVE, COUNTER, JobState
 from vggt_cache.service.errors import UnusableInput
+from vggt_cache.service.jobview import ACTIVE, COUNTER, JobState
 from vggt_cache.service.units import Unit
 
 DB_NAME = "jobs.sqlite3"

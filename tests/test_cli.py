@@ -13,8 +13,9 @@ import httpx
 import pytest
 
 from vggt_cache.client.cachefile import Outcome, read_entry
-from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.manifest import MANIFEST_NAME
+from vggt_cache.client.spec import FeatureSpec
+
 from service_helpers import cache_files, done, free_port, wait_job, write_images
 
 REPO = Path(__file__).resolve().parent.parent

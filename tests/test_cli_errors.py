@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from vggt_cache.service.demo import free_port
+
 from service_helpers import REPO, TINY_MODEL, poll, write_images
 
 

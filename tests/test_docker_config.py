@@ -9,13 +9,13 @@ parser. The compose file uses the long syntax for ports and volumes (a
 from __future__ import annotations
 
 import json
-import tomllib
 import re
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.specifiers import SpecifierSet
 

@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
+from test_cli_errors import cli, one_error
 
 from service_helpers import TINY_MODEL, write_images
-from test_cli_errors import cli, one_error
 
 
 def test_tiny_is_the_one_shipped_model_that_every_entry_point_takes(tmp_path: Path) -> None:

@@ -25,8 +25,9 @@ from vggt_cache.client.spec import FeatureSpec, matching_preset
 from vggt_cache.service.model import KVCache, load_aggregator
 from vggt_cache.service.preprocess import preprocess
 from vggt_cache.service.samples import find_samples
-from service_helpers import service_spec, wait_job, write_images
 from vggt_cache.training.data import load_samples
+
+from service_helpers import service_spec, wait_job, write_images
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 JANUS = FIXTURES / "janusvln"

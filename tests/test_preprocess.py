@@ -42,7 +42,7 @@ def test_other_pixel_modes_become_rgb(mode):
 def test_align_28_resizes_down_to_multiples():
     out = preprocess(FIXTURES / "landscape.jpg", mode="pad", align=28)
     assert out.shape == (3, 504, 504)
-    assert 0.0 <= out.min() and out.max() <= 1.0
+    assert out.min() >= 0.0 and out.max() <= 1.0
     # Crop output 392x518: only the width changes.
     assert preprocess(FIXTURES / "landscape.jpg", mode="crop", align=28).shape == (3, 392, 504)
 

@@ -17,6 +17,7 @@ import pytest
 
 from vggt_cache.client.manifest import manifest_path
 from vggt_cache.service.store import DB_NAME, JobStore
+
 from service_helpers import REPO, poll, start_service, wait_job, write_images
 
 LONG = 100_000  # characters of each sample's image name (a string in a file: no path limit applies)

@@ -46,9 +46,9 @@ from transformers import (
 )
 
 from vggt_cache.client.cache import CacheUnavailable, FeatureCache
+from vggt_cache.client.logs import setup_logging
 from vggt_cache.client.lookup import NO_SERVICE
 from vggt_cache.client.service import ServiceClient, ServiceError
-from vggt_cache.client.logs import setup_logging
 from vggt_cache.client.spec import FeatureSpec, matching_preset
 from vggt_cache.service.model import DEFAULT_SOURCE, TINY_SOURCE, load_aggregator
 from vggt_cache.service.settings import DEFAULT_PORT

@@ -18,9 +18,22 @@ from vggt_cache.client.cachefile import Outcome, context_record, holds_other_con
 from vggt_cache.client.spec import Attention, FeatureSpec
 from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.engine.scheduler import Scheduler
-from vggt_cache.service.engine.work import (KEPT, SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, Complete, EngineStopped, EntryResult,
-                                 FrameKey, Job, UnitResult, Withdrawn, describe, fail_future, failed_result,
-                                 when_descriptors_free)
+from vggt_cache.service.engine.work import (
+    KEPT,
+    SHUTDOWN_MESSAGE,
+    WITHDRAWN_MESSAGE,
+    Complete,
+    EngineStopped,
+    EntryResult,
+    FrameKey,
+    Job,
+    UnitResult,
+    Withdrawn,
+    describe,
+    fail_future,
+    failed_result,
+    when_descriptors_free,
+)
 from vggt_cache.service.preprocess import load_image, preprocess
 
 log = logging.getLogger("vggt_cache")

@@ -41,8 +41,20 @@ from vggt_cache.service.engine.decode import DecodeStage
 from vggt_cache.service.engine.device import Device, DeviceStage, ForwardHook
 from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.stats import STATS_WINDOW_S, History
-from vggt_cache.service.engine.work import (KEPT, REPLACED, SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, EngineStopped, Job, Priority,
-                                 QueueFull, StartHook, UnitResult, Withdrawn, fail_future)
+from vggt_cache.service.engine.work import (
+    KEPT,
+    REPLACED,
+    SHUTDOWN_MESSAGE,
+    WITHDRAWN_MESSAGE,
+    EngineStopped,
+    Job,
+    Priority,
+    QueueFull,
+    StartHook,
+    UnitResult,
+    Withdrawn,
+    fail_future,
+)
 from vggt_cache.service.engine.writer import WriterStage
 from vggt_cache.service.model import LoadedModel
 from vggt_cache.service.model.resident import compile_blocks, compile_counts, make_resident, weights_dtype

@@ -13,8 +13,17 @@ from vggt_cache.client.cachefile import Outcome, holds_other_context, read_entry
 from vggt_cache.client.spec import Attention, FeatureSpec
 from vggt_cache.client.storage import as_stored
 from vggt_cache.client.wire import EntryStatus
-from vggt_cache.service.engine.work import (KEPT, REPLACED, Complete, EntryResult, Job, UnitResult, describe, failed_result,
-                                 when_descriptors_free)
+from vggt_cache.service.engine.work import (
+    KEPT,
+    REPLACED,
+    Complete,
+    EntryResult,
+    Job,
+    UnitResult,
+    describe,
+    failed_result,
+    when_descriptors_free,
+)
 
 log = logging.getLogger("vggt_cache")
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from vggt_cache.client.spec import ATTENTION, Attention, normalise_layers
-
 from vggt_cache.service.model.config import AggregatorConfig
 from vggt_cache.service.model.dinov2 import DinoV2Encoder
 from vggt_cache.service.model.kv_cache import KVCache
