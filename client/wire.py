@@ -72,7 +72,7 @@ def decode_features(
     _check(items, set(tensors), spec_digest)
     if expected_digest is not None and spec_digest != expected_digest:
         raise ValueError(f"features body is for spec {spec_digest}, expected {expected_digest}")
-    for item, request in zip(items, _requests(payload.get("requests"), len(items))):
+    for item, request in zip(items, _requests(payload.get("requests"), len(items)), strict=True):
         item["request"] = request
     return items, tensors
 

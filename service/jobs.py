@@ -305,7 +305,7 @@ class JobManager:
                                              on_start=started)
                 with self._lock:
                     in_engine += futures
-                for (idx, unit), fut in zip(chunk, futures):
+                for (idx, unit), fut in zip(chunk, futures, strict=True):
                     fut.add_done_callback(lambda f, idx=idx, unit=unit: results.put((idx, unit, f)))
                 submitted += len(chunk)
                 recorded += record(block=False)

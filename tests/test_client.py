@@ -76,7 +76,7 @@ def test_hits_are_read_from_sibling_files_without_a_service(tmp_path):
     expected = [write_local(p, spec, seed=i) for i, p in enumerate(images)]
     cache = FeatureCache(spec=spec)
     got = cache.get_many(images)
-    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
     assert torch.equal(cache.get(images[1]), expected[1])
     assert torch.equal(cache.get_sample(images), expected[2])  # frame mode: the last frame's own entry
     assert cache.stats["hits"] == 5 and cache.stats["misses"] == 0 and cache.stats["fetched"] == 0
@@ -278,13 +278,13 @@ def test_misses_go_in_one_request_and_hits_need_none(frame_service, folder):
     before = frame_service.requests("/features")
     got = cache.get_many(images)
     assert frame_service.requests("/features") == before + 1
-    for image, tensor in zip(images, got):
+    for image, tensor in zip(images, got, strict=True):
         entry = read_entry(image, cache.spec)
         assert entry.outcome is Outcome.HIT and torch.equal(entry.features, tensor)
     assert cache.stats["misses"] == 6 and cache.stats["fetched"] == 6
     again = cache.get_many(images)
     assert frame_service.requests("/features") == before + 1
-    assert all(torch.equal(a, b) for a, b in zip(again, got)) and cache.stats["hits"] == 6
+    assert all(torch.equal(a, b) for a, b in zip(again, got, strict=True)) and cache.stats["hits"] == 6
 
 
 def test_spec_comes_from_the_service_status(frame_service, folder):
@@ -449,7 +449,7 @@ def test_get_sample_uses_the_clip_as_context(clip_service):
     got = cache.get_samples([first, second])
     assert service.requests("/features") == before + 1  # both clips in one request
     assert cache.spec.attention == attention
-    for clip, tensor in zip((first, second), got):
+    for clip, tensor in zip((first, second), got, strict=True):
         entry = read_entry(clip[-1], cache.spec, context_frames=clip)
         assert entry.outcome is Outcome.HIT and torch.equal(entry.features, tensor)
         assert len(entry.meta["context"]["frames"]) == 3

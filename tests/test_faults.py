@@ -348,7 +348,7 @@ def two_services_with_readers(service_server: Callable[..., RunningService], dat
         try:
             assert reader.stdout.readline() == "ready\n"  # torch imported: it reads while the jobs run
             job_ids = [h.post("/precompute", json={"data_root": str(data_root)}).json()["job_id"] for h in https]
-            views = [wait_job(h, j, timeout=timeout) for h, j in zip(https, job_ids)]
+            views = [wait_job(h, j, timeout=timeout) for h, j in zip(https, job_ids, strict=True)]
         finally:
             stop.set()
             stop_file.touch()

@@ -87,7 +87,7 @@ def test_the_service_computes_what_janusvln_training_computes(tmp_path, service_
 
     model = load_aggregator(str(JANUS / "model")).model
     against_ground_truth = 0
-    for clip, sample in zip(clips, samples):
+    for clip, sample in zip(clips, samples, strict=True):
         entry = read_entry(clip[-1], spec, context_frames=clip, mmap=False)  # filed under the current view
         assert entry.outcome is Outcome.HIT, entry.reason
         assert entry.meta["grid"] == ([46, 46] if layout == "new" else [35, 46])  # 644x644 pad, 490x644 crop

@@ -86,7 +86,7 @@ def sources(run: subprocess.CompletedProcess) -> dict[str, int]:
     found = re.search(r"VGGT features by source over \d+ sample\(s\): cache=(\d+), service=(\d+), online=(\d+)",
                       run.stderr)
     assert found, run.stdout[-2000:] + run.stderr[-4000:]
-    return dict(zip(("cache", "service", "online"), map(int, found.groups())))
+    return dict(zip(("cache", "service", "online"), map(int, found.groups()), strict=True))
 
 
 @pytest.mark.slow
@@ -167,7 +167,7 @@ def test_features_written_by_the_service_equal_features_computed_in_training(
     assert [i["vggt_source"] for i in served] == ["service"] * 4
     assert [i["vggt_source"] for i in cached] == ["cache"] * 4
 
-    for s, c, o in zip(served, cached, online):
+    for s, c, o in zip(served, cached, online, strict=True):
         expected = entry_features(loaded.model, o["images_vggt"][None], spec)[0, -1]  # [16, 128]
         assert o["images_vggt"].shape[0] == (1 if attention == "frame" else len(o["image_grid_thw"]))
         assert c["vggt_features"].dtype == spec.torch_dtype == torch.bfloat16

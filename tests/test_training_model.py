@@ -125,7 +125,7 @@ def test_qwen_tokens_and_merged_vggt_grid_have_the_same_count(loaded, clips):
     assert vision["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 6]]
     embeds = model.qwen.model.get_image_features(**vision, return_dict=True).pooler_output
     assert [e.shape[0] for e in embeds] == [4, 6]
-    for image, e in zip(images, embeds):
+    for image, e in zip(images, embeds, strict=True):
         outputs, start = loaded.model(image[None, None], attention="frame", layers=[-1])
         patches = outputs[0][0, :, start:]  # [1, h*w, 128]
         grid = (image.shape[1] // 14, image.shape[2] // 14)
@@ -325,7 +325,7 @@ def test_janusvln_fusion_adds_the_merged_features_to_every_frame_with_an_rmsnorm
     fused = janus._add_vggt(list(embeds), batch["input_ids"], batch["image_grid_thw"], None, [clips[0]], None)
     entry = entry_features(loaded.model, clips[0][None], spec)[0, -1]
     merged = janus.merger(entry[None].to(janus.merger.dtype), (4, 4))[0]
-    for before, after in zip(embeds, fused):
+    for before, after in zip(embeds, fused, strict=True):
         assert torch.equal(after, before + 0.2 * merged)
     current_only = make_model(loaded, spec, vggt_weight=0.2, merger_hidden_dim=4096, merger_norm="rmsnorm")
     fused = current_only._add_vggt(list(embeds), batch["input_ids"], batch["image_grid_thw"], None, [clips[0]], None)

@@ -96,7 +96,7 @@ def tiny_batch(
     input_ids = torch.full((len(rows), width), PAD)
     labels = torch.full((len(rows), width), IGNORE_INDEX)
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, (ids, lab) in enumerate(zip(rows, label_rows)):
+    for b, (ids, lab) in enumerate(zip(rows, label_rows, strict=True)):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         labels[b, : len(lab)] = torch.tensor(lab)
         attention_mask[b, : len(ids)] = 1

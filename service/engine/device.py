@@ -100,7 +100,7 @@ class DeviceStage:
         # Device i serves lane i (the scheduler's), when there are lanes.
         lanes = range(self._lanes) if self._lanes > 1 else [None] * len(self.devices)
         self.threads = [threading.Thread(target=self._loop, args=(dev, lane), name=f"vggt-{dev.name}", daemon=True)
-                        for dev, lane in zip(self.devices, lanes)]
+                        for dev, lane in zip(self.devices, lanes, strict=True)]
         for t in self.threads:
             t.start()
 

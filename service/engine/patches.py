@@ -64,7 +64,7 @@ class PatchCache:
             flat_images = images.flatten(0, 1)  # [B*S, 3, H, W]
             frames = torch.stack([flat_images[i] for i in first_seen.values()])  # [M, 3, H, W]
             embedded = frame_patches(model, frames)  # [M, h*w, C]
-            rows.update(zip(first_seen, embedded))
+            rows.update(zip(first_seen, embedded, strict=True))
             self._keep(list(first_seen), embedded)
         with self._lock:  # counted once the batch's tokens exist (a forward that fails is retried)
             self.embedded += len(first_seen)
@@ -77,7 +77,7 @@ class PatchCache:
         # Copies, so an evicted row frees its memory instead of pinning the batch's tensor.
         rows = [row.clone() for row in embedded]
         with self._lock:
-            for key, row in zip(keys, rows):
+            for key, row in zip(keys, rows, strict=True):
                 if key not in self._items:
                     self._items[key] = row
                     self.nbytes += row.nbytes

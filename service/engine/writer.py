@@ -58,7 +58,7 @@ class WriterStage:
         """Hand a batch's results to the writers: `features` is `[B, T, (L,) P, C]`, one row per job."""
         grid = (jobs[0].images.shape[-2] // self._patch_size, jobs[0].images.shape[-1] // self._patch_size)
         assert self._pool is not None
-        for job, unit_features in zip(jobs, features):
+        for job, unit_features in zip(jobs, features, strict=True):
             self._slots.acquire()
             with self._lock:
                 self.writing += 1
