@@ -95,9 +95,9 @@ def start_service(args: argparse.Namespace, root: str, log_path: str) -> Service
            "--host", "127.0.0.1", "--port", str(port), "--allowed-root", root,
            "--state-dir", os.path.join(root, ".state"), "--size", str(args.size),
            "--max-batch-frames", str(args.batch), "--max-pending", str(args.max_pending)]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     service = Service(f"http://127.0.0.1:{port}", proc.pid, proc)
     if wait_until_ready(service.url, 300, is_alive=lambda: proc.poll() is None):
         return service

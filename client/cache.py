@@ -29,7 +29,6 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 
@@ -56,7 +55,7 @@ from vggt_cache.client.spec import FeatureSpec
 log = logging.getLogger("vggt_cache")
 
 ENABLED_MESSAGE = "VGGT feature cache enabled (loading from image directories)"
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 __all__ = ["ENABLED_MESSAGE", "FALLBACKS", "AsyncFeatureCache", "CacheUnavailable", "FeatureCache", "read_cached"]
 

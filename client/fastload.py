@@ -28,7 +28,7 @@ import sys
 import zipfile
 import zlib
 from collections.abc import Callable, Sequence
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, BinaryIO, ClassVar, NamedTuple
 
 import torch
 
@@ -121,7 +121,7 @@ class _RebuildTensor:
 class _RestrictedUnpickler(pickle.Unpickler):
     # Every global resolves to something a pickle cannot alter: a slot-less callable that refuses
     # BUILD, the dict type (immutable), dtypes (not callable, no attributes to set).
-    _GLOBALS = {
+    _GLOBALS: ClassVar[dict[tuple[str, str], Any]] = {
         ("torch._utils", "_rebuild_tensor_v2"): _RebuildTensor(),
         ("collections", "OrderedDict"): dict,
         **{("torch", name): dtype for name, dtype in _STORAGE_DTYPES.items()},
@@ -215,12 +215,12 @@ def _load_meta(f: BinaryIO) -> dict:
 
 def _load_torch(f: BinaryIO, meta_only: bool, check_crc: bool) -> Any:
     """torch.load(weights_only=True) of a file outside the fast path, refusing what that path refuses."""
-    with contextlib.suppress(zipfile.BadZipFile):  # else the legacy (non-zip) format: torch.load decides
-        with zipfile.ZipFile(f) as archive:
-            if any(i.compress_type != zipfile.ZIP_STORED for i in archive.infolist()):
-                raise Corrupt("compressed zip record")
-            if check_crc and archive.testzip() is not None:
-                raise Corrupt("a record does not match its CRC-32")
+    # BadZipFile: the legacy (non-zip) format, which torch.load decides on.
+    with contextlib.suppress(zipfile.BadZipFile), zipfile.ZipFile(f) as archive:
+        if any(i.compress_type != zipfile.ZIP_STORED for i in archive.infolist()):
+            raise Corrupt("compressed zip record")
+        if check_crc and archive.testzip() is not None:
+            raise Corrupt("a record does not match its CRC-32")
     f.seek(0)
     data = torch.load(f, map_location="cpu", weights_only=True)
     for key in TENSOR_KEYS if isinstance(data, dict) else ():

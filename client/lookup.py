@@ -41,7 +41,7 @@ import os
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import httpx
 import torch
@@ -55,9 +55,9 @@ from vggt_cache.client.wire import decode_features
 
 log = logging.getLogger("vggt_cache")
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 Clip = tuple[str, ...]
-SpecLike = Union[FeatureSpec, dict, None]
+SpecLike = FeatureSpec | dict | None
 
 FALLBACKS = ("service", "online", "error")
 NO_SERVICE = "no service_url was given"
@@ -137,7 +137,7 @@ class Call:
     retries: int | None = None
 
 
-Answer = Union[httpx.Response, ServiceError]
+Answer = httpx.Response | ServiceError
 Lookup = Generator[Call, Answer, list]
 
 

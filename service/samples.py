@@ -216,7 +216,7 @@ def sample_images(sample: object) -> tuple[list[str], str | None]:
         current = sample.get("current_image")
         if not isinstance(current, str) or not current:
             raise MalformedSample("'current_image' must be a non-empty string")
-        return _string_list(sample.get("history_images", []), "history_images") + [current], data_path
+        return [*_string_list(sample.get("history_images", []), "history_images"), current], data_path
     for key in ("images", "image"):
         if key in sample:
             return _string_list(sample[key], key), data_path

@@ -346,7 +346,7 @@ def test_refusal_is_final_and_not_retried(frame_service, tmp_path):
     outside = make_images(tmp_path, 1)[0]  # not under the service's allowed root
     cache = FeatureCache(frame_service.url, retries=3)
     before = frame_service.requests("/features")
-    with pytest.raises(CacheUnavailable, match="403.*outside the allowed roots"):
+    with pytest.raises(CacheUnavailable, match=r"403.*outside the allowed roots"):
         cache.get(outside)
     assert frame_service.requests("/features") == before + 1
 
@@ -375,7 +375,7 @@ def test_large_calls_are_split_at_the_request_limit(frame_service, folder):
 def test_api_token(service_server, tmp_path, monkeypatch):
     service = service_server(tmp_path, "--api-token", "s3cret")
     image = make_images(tmp_path / "scene", 1)[0]
-    with pytest.raises(CacheUnavailable, match="401.*bearer token"):
+    with pytest.raises(CacheUnavailable, match=r"401.*bearer token"):
         FeatureCache(service.url, spec=local_spec(), api_token="wrong").get(image)
     monkeypatch.setenv("VGGT_CACHE_API_TOKEN", "s3cret")
     cache = FeatureCache(service.url)

@@ -448,7 +448,7 @@ def test_units_in_lanes_on_two_devices_equal_each_clip_computed_alone(tmp_path, 
     with Engine(loaded, spec, devices=["cpu", "cpu"], max_batch_frames=9) as engine:
         assert engine.lanes == 2
         for priority, lanes in ((Priority.BULK, [2]), (Priority.ON_DEMAND, [0])):
-            with pytest.raises(ValueError, match="give bulk units one lane each in 0..1"):
+            with pytest.raises(ValueError, match=r"give bulk units one lane each in 0\.\.1"):
                 engine.submit([Unit.causal(clips[0][0])], priority, lanes=lanes)
         keys = [(lane, i) for i in range(5) for lane in clips]
         futures = dict(zip(keys, engine.submit([Unit.causal(clips[lane][i]) for lane, i in keys], Priority.BULK,

@@ -173,7 +173,7 @@ def test_wrong_vggt_inputs_are_refused_with_a_clear_error(tmp_path, loaded, clip
         model(**batch, vggt_features=[good, good.float()])
     with pytest.raises(ValueError, match="sample 1 has neither vggt_features nor images_vggt"):
         model(**batch, vggt_features=[good, None])
-    with pytest.raises(ValueError, match="sample 0: the VGGT grid 2x4 does not hold Qwen's 4x4 .*same image"):
+    with pytest.raises(ValueError, match=r"sample 0: the VGGT grid 2x4 does not hold Qwen's 4x4 .*same image"):
         model(**batch, images_vggt=[torch.rand(2, 3, 28, 56), clips[1]])
     with pytest.raises(ValueError, match=r"sample 0: vggt_grid \[5, 4\] but images_vggt frames give \[4, 4\]"):
         model(**batch, images_vggt=clips, vggt_grid=[(5, 4), None])
@@ -206,7 +206,7 @@ def test_merge_grid_follows_qwens_patch_order():
 def test_merger_refuses_odd_grids_and_wrong_widths():
     merger = VGGTMerger(vggt_dim=8, llm_dim=16)
     assert merger(torch.zeros(2, 16, 8), (4, 4)).shape == (2, 4, 16)
-    with pytest.raises(ValueError, match="37x37 is not divisible by the spatial merge 2; cut it to Qwen2.5-VL's even grid first"):
+    with pytest.raises(ValueError, match=r"37x37 is not divisible by the spatial merge 2; cut it to Qwen2\.5-VL's even grid first"):
         merger(torch.zeros(1, 37 * 37, 8), (37, 37))
     with pytest.raises(ValueError, match="expected 4x4=16 patch tokens, got 15"):
         merger(torch.zeros(1, 15, 8), (4, 4))
@@ -243,7 +243,7 @@ def test_save_and_reload_give_the_same_model(tmp_path, loaded, clips):
 
 def test_vggt_weights_must_be_the_specs(loaded):
     spec = dataclasses.replace(make_spec(loaded), fingerprint="sha256:" + "0" * 64)
-    with pytest.raises(ValueError, match="VGGT weights sha256:.* are not the spec's sha256:0000"):
+    with pytest.raises(ValueError, match=r"VGGT weights sha256:.* are not the spec's sha256:0000"):
         make_model(loaded, spec)
 
 

@@ -89,7 +89,7 @@ class ModelArguments:
         if self.tiny is None:
             self.tiny = env_flag("VGGT_TRAIN_TINY")
         _check_choice("vggt_fusion", self.vggt_fusion, tuple(FUSIONS))
-        self.fusion  # fail while parsing, not after the models have loaded
+        self.fusion  # noqa: B018 -- fail while parsing, not after the models have loaded
 
     @property
     def fusion(self) -> Fusion:

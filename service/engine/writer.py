@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
@@ -91,8 +92,8 @@ class WriterStage:
                     if write and not job.overwrite:
                         entries.append(EntryResult(target, EntryStatus.COMPUTED, returned, grid, write=KEPT))
                         continue
-                    when_descriptors_free(lambda: write_entry(target, entry, self.spec, grid, job.sources[i],
-                                                              job.contexts[i], roots=self.roots, mode=self.file_mode),
+                    when_descriptors_free(partial(write_entry, target, entry, self.spec, grid, job.sources[i],
+                                                  job.contexts[i], roots=self.roots, mode=self.file_mode),
                                           f"writing the entry of {target}")
                     if job.verify:
                         self._verify(target, stored, unit.frames)

@@ -152,7 +152,7 @@ def _open_weights(path: str, device: torch.device) -> Iterator[tuple[Shapes, Cal
     """(shapes of every tensor, reader of one tensor onto `device`) without loading the file."""
     if path.endswith(".safetensors"):
         with safe_open(path, framework="pt", device=str(device)) as f:
-            yield {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}, f.get_tensor
+            yield {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}, f.get_tensor  # noqa: SIM118 (safe_open has no __iter__)
         return
     # mmap: tensors are paged in from the file one at a time (on CPU, like safetensors, they stay
     # file-backed rather than being copied).
