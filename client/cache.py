@@ -302,7 +302,7 @@ class _Prefetcher:
 
     def put(self, payload: dict) -> None:
         with self._lock:
-            if self._pid != os.getpid() or self._thread is None:
+            if self._pid != os.getpid() or self._thread is None or self._queue is None:
                 self._queue = queue.Queue(self._max_pending)
                 self._thread = threading.Thread(target=self._loop, args=(self._queue,),
                                                 name="vggt-cache-prefetch", daemon=True)
@@ -323,7 +323,7 @@ class _Prefetcher:
 
     def close(self) -> None:
         with self._lock:
-            if self._thread is not None and self._pid == os.getpid():
+            if self._thread is not None and self._queue is not None and self._pid == os.getpid():
                 with contextlib.suppress(queue.Full):  # a daemon thread; it ends with the process
                     self._queue.put_nowait(None)
             self._queue, self._thread, self._pid = None, None, None

@@ -27,7 +27,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -56,7 +56,7 @@ class Outcome(str, Enum):
 
 @dataclass
 class ReadResult:
-    """`features` (unless read with `tensor=False`) and `meta` are set on HIT; `meta` also when the file was readable."""
+    """`features` (unless read with `tensor=False`) and `meta` are set on HIT; `meta` also if the file was readable."""
 
     outcome: Outcome
     features: torch.Tensor | None
@@ -79,6 +79,10 @@ def source_record(image_path: PathLike) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+@overload
+def context_record(target: PathLike, frames: None, sources: Mapping[str, dict] | None = None) -> None: ...
+@overload
+def context_record(target: PathLike, frames: Sequence[PathLike], sources: Mapping[str, dict] | None = None) -> dict: ...
 def context_record(target: PathLike, frames: Sequence[PathLike] | None,
                    sources: Mapping[str, dict] | None = None) -> dict | None:
     """The clip a `sequence`/`causal` entry was computed with (None for `frame` mode).
@@ -93,7 +97,7 @@ def context_record(target: PathLike, frames: Sequence[PathLike] | None,
     folder = os.path.dirname(os.path.abspath(target))
     records = [
         {"path": os.path.relpath(os.path.abspath(frame), folder),
-         **(sources[frame] if sources is not None else source_record(frame))}
+         **(sources[os.fspath(frame)] if sources is not None else source_record(frame))}
         for frame in frames
     ]
     return {"frames": records, "digest": short_digest(records)}
@@ -247,7 +251,7 @@ def holds_other_context(image_path: PathLike, spec: FeatureSpec, frames: Sequenc
     if frames is None:  # frame mode: an entry has no context to differ in
         return False
     read = read_entry(image_path, spec, tensor=False, roots=roots)
-    if not read.hit:
+    if not read.hit or read.meta is None:
         return False
     folder = os.path.dirname(os.path.abspath(image_path))
     ours = [os.path.relpath(os.path.abspath(frame), folder) for frame in frames]
@@ -264,7 +268,7 @@ def _storable(features: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def entry_shape(spec: FeatureSpec, grid: Sequence[int], channels: int | None = None) -> tuple[int, ...]:
+def entry_shape(spec: FeatureSpec, grid: Sequence[int], channels: int) -> tuple[int, ...]:
     """The `features` shape of an entry of `spec` for a `grid` = [h, w] of patches."""
     arch = spec.architecture
     tokens = grid[0] * grid[1]
@@ -342,8 +346,10 @@ def _parse(data: Any, expected: FeatureSpec | None) -> tuple[torch.Tensor, dict,
         return f"unsupported format_version {meta['format_version']!r}"
     try:
         # The common case, the expected spec itself, skips building and validating a new one.
-        same = expected is not None and canonical_json(meta["spec"]) == expected.canonical_json()
-        spec = expected if same else FeatureSpec.from_dict(meta["spec"])
+        if expected is not None and canonical_json(meta["spec"]) == expected.canonical_json():
+            spec = expected
+        else:
+            spec = FeatureSpec.from_dict(meta["spec"])
     except (TypeError, ValueError) as e:
         return f"invalid spec: {e}"
     if meta["spec_digest"] != spec.digest:

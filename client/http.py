@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -270,6 +270,7 @@ class _BaseTransport(abc.ABC):
             return {}
         if seconds is None:  # wait as long as it takes (a dry run over a large root)
             return {"timeout": httpx.Timeout(None, connect=CONNECT_TIMEOUT_S)}
+        seconds = cast(float, seconds)  # neither marker above
         return {"timeout": httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_S))}
 
     def _attempts(self, key: str | None, retries: int | None) -> Attempts:

@@ -101,7 +101,7 @@ DEFAULT_FILE_MODE = 0o644
 Replaceable = Callable[[int, str], "str | None"]  # (folder descriptor, name) -> why it must not be replaced
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None], roots: Sequence[str] | None = None,
+def atomic_write(path: str, write: Callable[[BinaryIO], object], roots: Sequence[str] | None = None,
                  replaceable: Replaceable | None = None, mode: int = DEFAULT_FILE_MODE) -> None:
     """Write `path` atomically: a temporary file in its folder, flushed, fsynced and renamed over it.
 

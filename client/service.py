@@ -12,7 +12,7 @@ import logging
 import os
 import stat
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import httpx
 import torch
@@ -28,6 +28,10 @@ MAX_TOKEN_FILE_BYTES = 4096
 Features = tuple[list[dict], dict[str, torch.Tensor]]  # /features items (each with its "request"), tensors
 
 
+@overload
+def as_spec(spec: FeatureSpec | dict) -> FeatureSpec: ...
+@overload
+def as_spec(spec: None) -> None: ...
 def as_spec(spec: FeatureSpec | dict | None) -> FeatureSpec | None:
     """A FeatureSpec from a spec, its `to_dict()`, or `/status`'s spec (with its "digest")."""
     if spec is None or isinstance(spec, FeatureSpec):
