@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, overload
 
 from vggt_cache.client.logs import setup_logging
 from vggt_cache.client.service import TOKEN_ENV, ServiceError
@@ -23,6 +23,10 @@ DEFAULT_SERVER = f"http://127.0.0.1:{DEFAULT_PORT}"
 DEBUG_ENV = f"{ENV_PREFIX}DEBUG"
 
 
+@overload
+def _env(name: str, default: str) -> str: ...
+@overload
+def _env(name: str, default: None = None) -> str | None: ...
 def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"{ENV_PREFIX}{name}", default)
 
@@ -51,7 +55,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _common_flags() -> argparse.ArgumentParser:
+def _common_flags() -> _Parser:
     # SUPPRESS: a subcommand's copy of a flag must not overwrite the one given before the subcommand.
     common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug log lines")

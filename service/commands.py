@@ -18,6 +18,8 @@ import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from types import FrameType
+from typing import Any
 
 from vggt_cache.client.text import displayable
 from vggt_cache.service.errors import CommandError
@@ -158,13 +160,14 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, frame: None)
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: object) -> None:
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             runtime.begin_shutdown()  # the grace counts from the signal: requests and work share it
             super().handle_exit(sig, frame)
 
     Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                           lifespan="on", http=protocol, backlog=ACCEPT_BACKLOG,
-                          timeout_graceful_shutdown=settings.shutdown_grace_s)).run(sockets=[sock])
+                          # uvicorn annotates an int; it waits with asyncio, so a float works.
+                          timeout_graceful_shutdown=settings.shutdown_grace_s)).run(sockets=[sock])  # type: ignore[arg-type]
     log.info("Stopped")
     if not runtime.stopped_cleanly:
         # A device thread is still inside its forward: leave without waiting for it (or for the interpreter's
@@ -225,6 +228,7 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
             raise
         finally:
             engine.stop()
+    assert view is not None  # the job was submitted above
     if world > 1:
         _merge_rank_manifests(jobs, view, time.time() - t0, rank, world)
     _print_summary(view)
@@ -314,7 +318,7 @@ def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    parts: list[dict | None] = [None] * world
+    parts: list[Any] = [None] * world  # every rank's view.to_dict(), once gathered
     dist.all_gather_object(parts, view.to_dict())
     if rank == 0:
         counts = ("total", "computed", "skipped", "failed", "kept", "replaced")
@@ -351,7 +355,7 @@ def _print_summary(view: JobView) -> None:
         log.warning("Failed %s: %s", f["image"], f["reason"])
 
 
-def _client(args: argparse.Namespace, **options: object):
+def _client(args: argparse.Namespace, **options: Any):
     """A ServiceClient of `--server`; a URL that is not one is the user's to fix."""
     from vggt_cache.client.service import ServiceClient
 
@@ -412,6 +416,7 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
 
         view = follow_job(poll, lambda v: v is not None and not v.state.active,
                           lambda: time.sleep(PROGRESS_POLL_S), "precompute")
+    assert view is not None  # done() above holds for a view only
     _print_summary(view)
     return 0 if view.state is JobState.FINISHED and not view.failed else 1
 

@@ -15,6 +15,7 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,7 +49,7 @@ def entry_images(data_root: str, roots: AllowedRoots) -> Iterator[str]:
 def read_valid(image: str, roots: AllowedRoots, check_crc: bool = False) -> ReadResult:
     """The entry of `image` read with its own spec: its metadata first, so the file is bounded by that spec's size."""
     result = read_entry(image, tensor=False, roots=roots.real)
-    if result.outcome is not Outcome.HIT:
+    if result.outcome is not Outcome.HIT or result.meta is None:
         return result
     spec = FeatureSpec.from_dict(result.meta["spec"])
     return read_entry(image, spec, mmap=False, roots=roots.real, check_crc=check_crc)
@@ -59,12 +60,12 @@ def convert_entries(data_root: str, storage: str) -> dict:
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {'|'.join(STORAGES)}, got {storage!r}")
     roots = AllowedRoots.of([data_root])
-    counts = {"converted": 0, "already": 0, "invalid": 0, "lossy_source": 0, "failed": 0}
+    counts: dict[str, Any] = {"converted": 0, "already": 0, "invalid": 0, "lossy_source": 0, "failed": 0}
     before = after = 0
     converted_specs: dict[str, FeatureSpec] = {}
     for image in entry_images(data_root, roots):
         result = read_valid(image, roots, check_crc=True)
-        if result.outcome is not Outcome.HIT:
+        if result.outcome is not Outcome.HIT or result.meta is None or result.features is None:
             counts["invalid"] += 1
             continue
         meta = result.meta
@@ -136,10 +137,10 @@ def estimate_storage(data_root: str, samples: int = ESTIMATE_SAMPLES, seed: int 
         if len(sampled) == samples:
             break
         result = read_valid(image, roots)
-        if result.outcome is Outcome.HIT:
+        if result.outcome is Outcome.HIT and result.features is not None and result.meta is not None:
             sampled.append(_sample(cache_path(image), result.features, result.meta))
-    report = {"data_root": data_root, "entries": len(images), "bytes_now": total, "sampled": len(sampled),
-              "storages": {}}
+    report: dict[str, Any] = {"data_root": data_root, "entries": len(images), "bytes_now": total,
+                              "sampled": len(sampled), "storages": {}}
     if not sampled:
         return report
     now = sum(s.file_bytes for s in sampled)

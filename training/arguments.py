@@ -69,7 +69,8 @@ class ModelArguments:
     vggt_weight: float | None = field(
         default=None, metadata={"help": "scale of the merged VGGT tokens added to Qwen's (default: the recipe's)"})
     merger_hidden_dim: int | None = field(
-        default=None, metadata={"help": "VGGT merger MLP width (default: the recipe's; default recipe: its input width)"})
+        default=None,
+        metadata={"help": "VGGT merger MLP width (default: the recipe's; default recipe: its input width)"})
     vggt_merger_norm: str | None = field(
         default=None, metadata={"help": f"{' | '.join(NORMS)} on each VGGT token (default: the recipe's)"})
     vggt_add_to: str | None = field(

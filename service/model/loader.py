@@ -73,9 +73,10 @@ def load_aggregator(
 ) -> LoadedModel:
     """Frozen, eval-mode aggregator on `device` in `dtype`; head weights in the checkpoint are ignored.
 
-    `source`: `tiny` (the built-in tiny model), a Hugging Face repo id (offline, from the local cache), a folder (`config.json` plus
-    `model.safetensors` | `model.pt` | `state_dict.safetensors`) or a `.safetensors`/`.pt`/`.pth` file
-    (config from a sibling `config.json`, else VGGT-1B). Raises ValueError if the weights do not fit.
+    `source`: `tiny` (the built-in tiny model), a Hugging Face repo id (offline, from the local cache), a folder
+    (`config.json` plus `model.safetensors` | `model.pt` | `state_dict.safetensors`) or a
+    `.safetensors`/`.pt`/`.pth` file (config from a sibling `config.json`, else VGGT-1B). Raises ValueError if the
+    weights do not fit.
     """
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
