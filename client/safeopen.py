@@ -58,7 +58,7 @@ def check_contained(fd: int, roots: Sequence[str], name: str) -> None:
 
 
 def open_regular(path: str, max_bytes: int | None = None, roots: Sequence[str] | None = None,
-                 follow_symlinks: bool = True) -> BinaryIO:
+                 follow_symlinks: bool = True) -> io.FileIO:
     """An unbuffered binary reader of `path` if it is a regular file of at most `max_bytes` bytes.
 
     Opened non-blocking, so a FIFO without a writer cannot hang the caller; `roots` (real
