@@ -65,7 +65,7 @@ class FrameCache:
                 return tensor
             pending = self._loading.get(key)
             owner = pending is None
-            if owner:
+            if pending is None:
                 pending = self._loading[key] = Future()
                 self.misses += 1
             else:
@@ -142,12 +142,12 @@ class DecodeStage:
             # features served are checked against their CRC-32 first.
             read = read_entry(target, self.spec, context_frames=frames, mmap=False,
                               tensor=job.return_features, roots=self.roots, check_crc=job.return_features)
-            if (read.outcome is Outcome.STALE and not job.return_features and not job.overwrite
-                    and holds_other_context(target, self.spec, frames, self.roots)):
+            if (read.outcome is Outcome.STALE and read.meta is not None and not job.return_features
+                    and not job.overwrite and holds_other_context(target, self.spec, frames, self.roots)):
                 # Another clip's valid entry, kept: computing ours would only be thrown away.
                 entries.append(EntryResult(target, EntryStatus.CACHED, None, tuple(read.meta["grid"]), write=KEPT))
                 continue
-            if read.outcome is not Outcome.HIT:
+            if read.outcome is not Outcome.HIT or read.meta is None:
                 job.found = read.outcome.value
                 return None
             entries.append(EntryResult(target, EntryStatus.CACHED, read.features, tuple(read.meta["grid"])))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from vggt_cache.service.engine.work import FrameKey
+from vggt_cache.service.model.aggregator import VGGTAggregator
 from vggt_cache.service.model.features import frame_patches
 
 
@@ -41,7 +42,7 @@ class PatchCache:
         with self._lock:
             return len(self._items)
 
-    def patches(self, model: torch.nn.Module, images: Tensor, keys: Sequence[Sequence[FrameKey]]) -> Tensor:
+    def patches(self, model: VGGTAggregator, images: Tensor, keys: Sequence[Sequence[FrameKey]]) -> Tensor:
         """Patch tokens [B, S, h*w, C] of images [B, S, 3, H, W], whose frame (b, s) has key keys[b][s]."""
         B, S = images.shape[:2]
         flat = [key for clip in keys for key in clip]

@@ -22,6 +22,9 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 class VGGTAggregator(nn.Module):
     """The VGGT aggregator; ``state_dict()`` keys are the official ones without ``aggregator.``."""
 
+    _resnet_mean: Tensor  # buffers, made by reset_buffers
+    _resnet_std: Tensor
+
     def __init__(self, config: AggregatorConfig) -> None:
         super().__init__()
         self.config = config
