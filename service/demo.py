@@ -90,8 +90,8 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
         with ServiceClient(url) as service:
             _say(f"service ready at {url} (status page: {url}/)")
             job_id = service.precompute(data_root)["job_id"]
-            job = follow_job(lambda: JobView.from_dict(service.job(job_id)), lambda v: v is not None and not v.state.active,
-                             lambda: time.sleep(0.2), "precompute")
+            job = follow_job(lambda: JobView.from_dict(service.job(job_id)),
+                             lambda v: v is not None and not v.state.active, lambda: time.sleep(0.2), "precompute")
             assert job is not None  # done() above holds for a view only
             _say(f"job {job.state.value}: {job.computed} computed, {job.skipped} skipped, {job.failed} failed")
 
