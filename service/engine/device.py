@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -20,6 +21,7 @@ from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.stats import Window, process_rss
 from vggt_cache.service.engine.work import Complete, Job, StartHook, describe, failed_result
 from vggt_cache.service.engine.writer import WriterStage
+from vggt_cache.service.model.aggregator import VGGTAggregator
 from vggt_cache.service.model.features import entry_features
 
 log = logging.getLogger("vggt_cache")
@@ -31,7 +33,7 @@ ForwardHook = Callable[[torch.Tensor], None]
 class Device:
     """One device with its resident replica of the model and its counters (under the stage's lock)."""
 
-    def __init__(self, name: str, model: torch.nn.Module, patch_cache_bytes: int = 0) -> None:
+    def __init__(self, name: str, model: VGGTAggregator, patch_cache_bytes: int = 0) -> None:
         self.name = name
         self.device = torch.device(name)
         self.model = model
@@ -127,7 +129,7 @@ class DeviceStage:
                 try:
                     for launched in self._run_batch(dev, batch):
                         handed.update(launched.jobs)
-                        if finishing is None:
+                        if finishing is None or finisher is None:
                             self._finish(dev, launched)
                         else:
                             self._hand_to_finisher(finishing, finisher, launched)
@@ -137,7 +139,7 @@ class DeviceStage:
                 _on_device(batch, -1)  # its forward is over: a death from here on is not this batch's doing
                 _log_compiles(dev, batch, _compiled_graphs() - graphs, time.monotonic() - started)
         finally:
-            if finisher is not None:
+            if finishing is not None and finisher is not None:
                 with contextlib.suppress(RuntimeError):  # a dead results thread needs no end marker
                     self._hand_to_finisher(finishing, finisher, None)
                 finisher.join()
@@ -189,7 +191,7 @@ class DeviceStage:
                 # causal: all clips of the batch in one block-causal forward, not frame by frame.
                 # Cast on the device (halves the transfer for 16-bit storage), then to the host.
                 features = entry_features(dev.model, images, self.spec, patches)  # [B, T, (L,) P, C], T = S or 1
-                if dev.is_cuda:
+                if dev.copy_stream is not None:  # CUDA
                     features, launched.done = _copy_to_host(features, dev.copy_stream)
                 launched.features = features
         except BaseException:
@@ -200,7 +202,7 @@ class DeviceStage:
 
     @staticmethod
     def _to_device(dev: Device, jobs: list[Job]) -> torch.Tensor:
-        frames = [j.images for j in jobs]
+        frames = cast(list[torch.Tensor], [j.images for j in jobs])  # decoded before they were scheduled
         if not dev.is_cuda:
             return torch.stack(frames)
         # Through page-locked memory, so the copy runs asynchronously (the allocator keeps the buffer
@@ -241,6 +243,7 @@ class DeviceStage:
         torch.cuda.set_device(dev.device)
         while (launched := finishing.get()) is not None:
             try:
+                assert launched.done is not None  # set on CUDA
                 launched.done.synchronize()  # an asynchronous CUDA error surfaces here
             except Exception as exc:
                 log.exception("Batch on %s failed", dev.name)
@@ -268,6 +271,7 @@ class DeviceStage:
             dev.frames += frames
             self.throughput.add(end, end, frames)
         try:
+            assert launched.features is not None  # set by the launch
             self._writer.store(launched.jobs, launched.features)
         except Exception as exc:  # e.g. the writer pool shut down by an unclean stop
             log.exception("Results on %s could not be stored", dev.name)
@@ -285,7 +289,7 @@ class DeviceStage:
     def stats(self, now: float, since: float, span: float) -> dict:
         """Per device batches, frames, busy fraction and memory; throughput over the window."""
         with self.lock:
-            devices = []
+            devices: list[dict[str, Any]] = []
             for dev in self.devices:
                 busy = dev.busy.overlap(since)
                 if dev.busy_since is not None:

@@ -113,6 +113,7 @@ class Scheduler:
             p = job.priority
             self._decoding[p, job.lane] -= 1
             if runnable and not self._closed and not job.withdrawn:
+                assert job.images is not None  # decoded: runnable
                 job.ready_at = time.monotonic()
                 group = self._ready[p].setdefault((tuple(job.images.shape), job.lane), Group())
                 group.jobs.append(job)

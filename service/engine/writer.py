@@ -57,7 +57,9 @@ class WriterStage:
 
     def store(self, jobs: list[Job], features: torch.Tensor) -> None:
         """Hand a batch's results to the writers: `features` is `[B, T, (L,) P, C]`, one row per job."""
-        grid = (jobs[0].images.shape[-2] // self._patch_size, jobs[0].images.shape[-1] // self._patch_size)
+        images = jobs[0].images
+        assert images is not None  # decoded before the forward
+        grid = (images.shape[-2] // self._patch_size, images.shape[-1] // self._patch_size)
         assert self._pool is not None
         for job, unit_features in zip(jobs, features, strict=True):
             self._slots.acquire()
