@@ -6,6 +6,8 @@ Every error body is `{"detail": <message>}`, or for every 422 a list of `{"loc",
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,7 +24,7 @@ class NotReady(RuntimeError):
     """No model to serve with: still loading, or it failed to load (the message says which)."""
 
 
-def _error(status: int, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status: int, detail: object, headers: Mapping[str, str] | None = None) -> JSONResponse:
     # Details name paths: a non-UTF-8 file name would make the JSON unencodable (a 500), a long one a huge body.
     return JSONResponse({"detail": bounded(detail) if isinstance(detail, str) else detail}, status, headers=headers)
 

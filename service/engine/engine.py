@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import torch
@@ -102,7 +103,7 @@ class _Flight:
 
 def _settle(waiter: Future, done: Future) -> None:
     """Give `waiter` the outcome of its flight's `done` future (unless its caller cancelled it)."""
-    exc = None if not done.cancelled() else Withdrawn("cancelled before it ran")
+    exc: BaseException | None = None if not done.cancelled() else Withdrawn("cancelled before it ran")
     exc = exc or done.exception()
     if exc is not None:
         fail_future(waiter, exc)
@@ -352,7 +353,7 @@ class Engine:
                     job = Job(unit, priority, Future(), skip_existing, verify, return_features,
                               None if lanes is None else lanes[i], overwrite)
                     flight = self._flights[unit] = _Flight(job)
-                    job.future.add_done_callback(lambda _, flight=flight: self._land(flight))
+                    job.future.add_done_callback(partial(self._land, flight))
                     jobs.append(job)
                     new.add(job.future)
                 if on_start is not None and on_start not in flight.job.on_start:
@@ -370,8 +371,8 @@ class Engine:
         for job in jobs:
             fail_future(job.future, QueueFull("refused with the submission it belonged to"))
 
-    def _land(self, flight: _Flight) -> None:
-        """The flight's job ended: every waiter still attached gets its outcome."""
+    def _land(self, flight: _Flight, _done: Future) -> None:
+        """The flight's job ended (`_done`, its future): every waiter still attached gets its outcome."""
         with self._lock:
             self._close(flight)
             waiters = list(flight.waiters)
