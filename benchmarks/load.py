@@ -285,7 +285,8 @@ def run(args: argparse.Namespace, root: str) -> dict:
         "elapsed_s": round(elapsed, 2),
         "kinds": kinds,
         "throughput": {"requests_per_s": round(requests / elapsed, 1),
-                       "on_demand_images_per_s": round((kinds["hit"]["images"] + kinds["miss"]["images"]) / elapsed, 1)},
+                       "on_demand_images_per_s":
+                           round((kinds["hit"]["images"] + kinds["miss"]["images"]) / elapsed, 1)},
         "errors": sum(tally.errors.values()) + sum(warmup.errors.values()),
         "error_examples": warmup.examples + tally.examples,
         "answered_429": count_429,

@@ -233,7 +233,8 @@ def report(result: dict) -> None:
     rows = [(name, f"{min(result['seconds'][key]):.2f}", f"{result['images_per_s'][key]:.2f}",
              f"{result['frames_per_s'][key]:.1f}")
             for key, name in (("seed", "seed (one by one)"), ("ours", "ours (bulk job)"),
-                              ("clips", "clips (forward, every clip's frames)"), ("limit", "limit (forward, frames once)"))]
+                              ("clips", "clips (forward, every clip's frames)"),
+                              ("limit", "limit (forward, frames once)"))]
     print_table(("method", "seconds", "entries/s", "frames/s"), rows)
     for name, value in result["ratios"].items():
         print(f"{name} = {value:.2f}")
@@ -254,11 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="a model folder, weights file or HF repo id (default: random mid-size)")
     parser.add_argument("--embed-dim", type=int, help="random model: width (default 1024 on cuda, 256 on cpu)")
     parser.add_argument("--depth", type=int,
-                        help="random model: aggregator and DINOv2 depth (default 24 on cuda; on cpu 4, 2 with --preset)")
+                        help="random model: aggregator and DINOv2 depth "
+                             "(default 24 on cuda; on cpu 4, 2 with --preset)")
     parser.add_argument("--num-heads", type=int, help="random model: attention heads (16 / 4)")
     parser.add_argument("--size", type=int,
                         help="preprocess size (default: the preset's; else 518 on cuda, 224 on cpu)")
-    parser.add_argument("--batch-size", type=int, help="frames per forward (default 32 on cuda; on cpu 8, 9 with --preset)")
+    parser.add_argument("--batch-size", type=int,
+                        help="frames per forward (default 32 on cuda; on cpu 8, 9 with --preset)")
     parser.add_argument("--decode-workers", type=int, default=ServiceSettings.decode_workers)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--storage", choices=STORAGES, default="raw",

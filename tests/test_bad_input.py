@@ -40,7 +40,7 @@ def post_json(http: httpx.Client, route: str, body: object) -> httpx.Response:
 def features(http: httpx.Client, images: list[str]) -> list[dict]:
     r = post_json(http, "/features", {"images": images})
     assert r.status_code == 200, r.text
-    items, tensors = decode_features(r.content)
+    items, _tensors = decode_features(r.content)
     for item in items:
         assert (item["tensor"] is not None) == (item["status"] != "failed"), item
     return items

@@ -354,7 +354,7 @@ def test_refusal_is_final_and_not_retried(frame_service, tmp_path):
 def test_prefetch_computes_in_the_background(frame_service, folder):
     images = make_images(folder, 4)
     cache = FeatureCache(frame_service.url)
-    cache.prefetch(images[:2] + [images[2:]])  # two images and a clip (its last frame in frame mode)
+    cache.prefetch([*images[:2], images[2:]])  # two images and a clip (its last frame in frame mode)
     wanted = images[:2] + images[3:]
     poll(lambda: all(os.path.exists(cache_path(p)) for p in wanted), 30, "prefetched entries")
     poll(lambda: cache.stats["prefetched"] == 3, 30, "both prefetch requests to be accepted")

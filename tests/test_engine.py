@@ -159,7 +159,7 @@ def test_on_demand_goes_ahead_of_a_bulk_backlog(loaded, tmp_path):
         # The first batch's callbacks are set before it can finish (set later, a finished future's fires at
         # once and would land after the on-demand unit's).
         bulk_futures = engine.submit(bulk[:2], Priority.BULK)  # room for them: returns at once
-        for unit, future in zip(bulk, bulk_futures, strict=True):
+        for unit, future in zip(bulk[:2], bulk_futures, strict=True):
             future.add_done_callback(lambda f, name=unit.targets[0]: order.append(name))
         submitter = threading.Thread(target=lambda: bulk_futures.extend(engine.submit(bulk[2:], Priority.BULK)))
         submitter.start()
@@ -174,7 +174,7 @@ def test_on_demand_goes_ahead_of_a_bulk_backlog(loaded, tmp_path):
         submitter.join(30)
         for unit, future in zip(bulk[2:], bulk_futures[2:], strict=True):  # queued behind the on-demand unit
             future.add_done_callback(lambda f, name=unit.targets[0]: order.append(name))
-        results(bulk_futures + [urgent_future])
+        results([*bulk_futures, urgent_future])
     finally:
         gate.release.set()
         engine.stop()

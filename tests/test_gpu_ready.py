@@ -141,7 +141,7 @@ def test_a_lost_device_hands_later_work_to_the_others(tmp_path: Path) -> None:
     with Engine(loaded, make_spec(loaded), devices=["cpu", "cpu"], max_batch_frames=1, before_forward=hook) as engine:
         first = engine.submit([Unit.frame(images(tmp_path / "a", 1)[0])])[0].result(timeout=60)
         assert first.entries[0].status == "failed"
-        assert not engine.ready and list(engine.lost_devices.values())[0].startswith("device lost")
+        assert not engine.ready and next(iter(engine.lost_devices.values())).startswith("device lost")
         later = [f.result(timeout=60) for f in engine.submit([Unit.frame(p) for p in images(tmp_path / "b", 4)])]
         assert [r.entries[0].status for r in later] == ["computed"] * 4
         lost, alive = sorted(engine.stats()["devices"], key=lambda d: d["failed"] is None)

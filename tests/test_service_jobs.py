@@ -124,7 +124,7 @@ def test_on_demand_requests_overtake_a_running_bulk_job(http: httpx.Client, root
     at_answer = job(http, job_id)
 
     assert r.status_code == 200, r.text
-    items, tensors = decode_features(r.content)
+    items, _tensors = decode_features(r.content)
     assert [i["status"] for i in items] == ["computed", "computed"]
     assert at_answer["state"] == "running" and done(at_answer) < at_answer["total"]
     http.delete(f"/jobs/{job_id}")

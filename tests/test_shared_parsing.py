@@ -53,7 +53,8 @@ def run_job(http: httpx.Client, data_root: Path) -> dict:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True,
+                          text=True,
                           timeout=120)
 
 

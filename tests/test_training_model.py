@@ -86,7 +86,8 @@ def test_cached_and_online_features_give_the_same_loss_and_gradients(tmp_path, l
 
     loss_cached, grads_cached = loss_and_grads(model, batch, vggt_features=cached)
     loss_online, grads_online = loss_and_grads(model, batch, images_vggt=clips)
-    loss_mixed, grads_mixed = loss_and_grads(model, batch, vggt_features=[cached[0], None], images_vggt=[None, clips[1]])
+    loss_mixed, grads_mixed = loss_and_grads(model, batch, vggt_features=[cached[0], None], images_vggt=[None,
+                                                                                                         clips[1]])
 
     assert torch.isfinite(loss_cached)
     assert torch.equal(loss_cached, loss_online) and torch.equal(loss_cached, loss_mixed)
@@ -206,7 +207,8 @@ def test_merge_grid_follows_qwens_patch_order():
 def test_merger_refuses_odd_grids_and_wrong_widths():
     merger = VGGTMerger(vggt_dim=8, llm_dim=16)
     assert merger(torch.zeros(2, 16, 8), (4, 4)).shape == (2, 4, 16)
-    with pytest.raises(ValueError, match=r"37x37 is not divisible by the spatial merge 2; cut it to Qwen2\.5-VL's even grid first"):
+    with pytest.raises(ValueError,
+                       match=r"37x37 is not divisible by the spatial merge 2; cut it to Qwen2\.5-VL's even grid first"):
         merger(torch.zeros(1, 37 * 37, 8), (37, 37))
     with pytest.raises(ValueError, match="expected 4x4=16 patch tokens, got 15"):
         merger(torch.zeros(1, 15, 8), (4, 4))
@@ -329,4 +331,5 @@ def test_janusvln_fusion_adds_the_merged_features_to_every_frame_with_an_rmsnorm
         assert torch.equal(after, before + 0.2 * merged)
     current_only = make_model(loaded, spec, vggt_weight=0.2, merger_hidden_dim=4096, merger_norm="rmsnorm")
     fused = current_only._add_vggt(list(embeds), batch["input_ids"], batch["image_grid_thw"], None, [clips[0]], None)
-    assert torch.equal(fused[0], embeds[0]) and torch.equal(fused[1], embeds[1]) and not torch.equal(fused[2], embeds[2])
+    assert torch.equal(fused[0], embeds[0]) and torch.equal(fused[1], embeds[1]) and not torch.equal(fused[2],
+                                                                                                     embeds[2])
