@@ -33,14 +33,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_name, get_model, make_images, synchronize  # noqa: E402
+from vggt_cache.client.cachefile import context_record, source_record, write_entry
+from vggt_cache.client.spec import PRESETS, FeatureSpec, preset_options
+from vggt_cache.service.model import AggregatorConfig
+from vggt_cache.service.model.features import entry_features, model_spec
+from vggt_cache.service.preprocess import preprocess
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY
 
-from vggt_cache.client.cachefile import context_record, source_record, write_entry  # noqa: E402
-from vggt_cache.client.spec import PRESETS, FeatureSpec, preset_options  # noqa: E402
-from vggt_cache.service.model import AggregatorConfig  # noqa: E402
-from vggt_cache.service.model.features import entry_features, model_spec  # noqa: E402
-from vggt_cache.service.preprocess import preprocess  # noqa: E402
-from vggt_cache.service.samples import DEFAULT_MAX_HISTORY  # noqa: E402
+from common import device_name, get_model, make_images, synchronize
 
 PRESET = "newjanusvln"
 IMPLS = ("mask", "chunked")  # the reference first
@@ -126,14 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     for impl in IMPLS:
         child = [sys.executable, __file__, "--impl", impl, "--device", args.device, "--embed-dim",
                  str(args.embed_dim), "--depth", str(args.depth), "--num-heads", str(args.num_heads),
-                 "--threads", str(args.threads), "--size", str(args.size)] + (["--model", args.model] if args.model else [])
+                 "--threads", str(args.threads), "--size", str(args.size),
+                 *(["--model", args.model] if args.model else [])]
         done = subprocess.run(child, capture_output=True, text=True)
         if done.returncode != 0:
             results[impl] = {"impl": impl, "error": done.stderr.strip().splitlines()[-1:]}
             continue
         results[impl] = json.loads(done.stdout.strip().splitlines()[-1])
     ok = all("peak_bytes" in r for r in results.values())
-    per_clip = scaled_clip(results["chunked"]["parts_s"], args.depth, *host_seconds(args.embed_dim, args.num_heads)) if ok else None
+    host = host_seconds(args.embed_dim, args.num_heads)
+    per_clip = scaled_clip(results["chunked"]["parts_s"], args.depth, *host) if ok else None
     summary = {
         "preset": PRESET, "size": args.size, "frames": DEFAULT_MAX_HISTORY + 1,
         "results": results,

@@ -18,7 +18,7 @@ from PIL import Image
 # Runnable from a plain checkout (`python benchmarks/x.py`), installed or not.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vggt_cache.service.model import AggregatorConfig, LoadedModel, VGGTAggregator, load_aggregator  # noqa: E402
+from vggt_cache.service.model import AggregatorConfig, LoadedModel, VGGTAggregator, load_aggregator
 
 
 def make_images(folder: str | os.PathLike, n: int, width: int = 640, height: int = 480, seed: int = 0,
@@ -116,7 +116,7 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]], file=N
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
     for r in cells:
-        line = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:])]
+        line = [r[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(r[1:], widths[1:], strict=True)]
         print("  ".join(line), file=file)
 
 

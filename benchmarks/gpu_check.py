@@ -18,12 +18,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import make_images, random_model, write_json  # noqa: E402
+from vggt_cache.client.http import wait_until_ready
+from vggt_cache.client.wire import decode_features
+from vggt_cache.service.demo import DEMO_CONFIG
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY
 
-from vggt_cache.client.http import wait_until_ready  # noqa: E402
-from vggt_cache.client.wire import decode_features  # noqa: E402
-from vggt_cache.service.demo import DEMO_CONFIG  # noqa: E402
-from vggt_cache.service.samples import DEFAULT_MAX_HISTORY  # noqa: E402
+from common import make_images, random_model, write_json
 
 EPISODE_STEPS = 24
 CLIP_FRAMES = DEFAULT_MAX_HISTORY + 1  # a JanusVLN sample: 8 history frames and the current view

@@ -50,17 +50,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (clip_flops, device_name, get_model, median_seconds, print_table, random_model,  # noqa: E402
-                    write_json)
+from vggt_cache.client.spec import PRESETS, preset_options
+from vggt_cache.service.demo import DEMO_CONFIG
+from vggt_cache.service.engine.device import is_out_of_memory
+from vggt_cache.service.model import DEFAULT_SOURCE, LoadedModel
+from vggt_cache.service.model.features import (
+    compute_features,
+    entry_features,
+    feature_autocast,
+    frame_patches,
+    model_spec,
+)
+from vggt_cache.service.model.resident import compile_blocks, make_resident, weights_dtype
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY
 
-from vggt_cache.service.demo import DEMO_CONFIG  # noqa: E402
-from vggt_cache.service.model import DEFAULT_SOURCE, LoadedModel  # noqa: E402
-from vggt_cache.client.spec import PRESETS, preset_options  # noqa: E402
-from vggt_cache.service.model.features import (compute_features, entry_features, feature_autocast, frame_patches,  # noqa: E402
-                                    model_spec)
-from vggt_cache.service.engine.device import is_out_of_memory  # noqa: E402
-from vggt_cache.service.model.resident import compile_blocks, make_resident, weights_dtype  # noqa: E402
-from vggt_cache.service.samples import DEFAULT_MAX_HISTORY  # noqa: E402
+from common import clip_flops, device_name, get_model, median_seconds, print_table, random_model, write_json
 
 H100_BF16_TFLOPS = 989.0
 LAYERS = [-2]

@@ -45,11 +45,11 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import make_images, print_table, write_json  # noqa: E402
+from vggt_cache.client.http import ServiceError, Transport, wait_until_ready
+from vggt_cache.client.wire import decode_features
+from vggt_cache.service.demo import free_port
 
-from vggt_cache.client.http import ServiceError, Transport, wait_until_ready  # noqa: E402
-from vggt_cache.service.demo import free_port  # noqa: E402
-from vggt_cache.client.wire import decode_features  # noqa: E402
+from common import make_images, print_table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
@@ -95,9 +95,9 @@ def start_service(args: argparse.Namespace, root: str, log_path: str) -> Service
            "--host", "127.0.0.1", "--port", str(port), "--allowed-root", root,
            "--state-dir", os.path.join(root, ".state"), "--size", str(args.size),
            "--max-batch-frames", str(args.batch), "--max-pending", str(args.max_pending)]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    with open(log_path, "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     service = Service(f"http://127.0.0.1:{port}", proc.pid, proc)
     if wait_until_ready(service.url, 300, is_alive=lambda: proc.poll() is None):
         return service
@@ -285,7 +285,8 @@ def run(args: argparse.Namespace, root: str) -> dict:
         "elapsed_s": round(elapsed, 2),
         "kinds": kinds,
         "throughput": {"requests_per_s": round(requests / elapsed, 1),
-                       "on_demand_images_per_s": round((kinds["hit"]["images"] + kinds["miss"]["images"]) / elapsed, 1)},
+                       "on_demand_images_per_s":
+                           round((kinds["hit"]["images"] + kinds["miss"]["images"]) / elapsed, 1)},
         "errors": sum(tally.errors.values()) + sum(warmup.errors.values()),
         "error_examples": warmup.examples + tally.examples,
         "answered_429": count_429,

@@ -43,17 +43,17 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vggt_cache.client.cache import FeatureCache  # noqa: E402
-from vggt_cache.client.cachefile import cache_path, read_entry, source_record, write_entry  # noqa: E402
-from vggt_cache.client.spec import STORAGES, FeatureSpec  # noqa: E402
+from vggt_cache.client.cache import FeatureCache
+from vggt_cache.client.cachefile import cache_path, read_entry, source_record, write_entry
+from vggt_cache.client.spec import STORAGES, FeatureSpec
 
 VGGT_1B = {"img_size": 518, "patch_size": 14, "embed_dim": 1024, "depth": 24,
            "num_heads": 16, "num_register_tokens": 4}
@@ -185,7 +185,7 @@ def run(entries: list[tuple[str, int]], specs: dict[str, FeatureSpec], rounds: i
         "raw": raw, "seed": seed, "packed (read_entry)": stored("packed"), "fp8 (read_entry)": stored("fp8"),
     }
     for fn in methods.values():  # warm the page cache and every code path
-        for (image, numel), path in zip(entries, paths):
+        for (image, numel), path in zip(entries, paths, strict=True):
             fn(image, path, numel)
 
     # Methods alternate every CHUNK files in a shuffled order (each follows every other, after
@@ -193,7 +193,7 @@ def run(entries: list[tuple[str, int]], specs: dict[str, FeatureSpec], rounds: i
     # hits all of them alike. Each ratio compares two methods on the same chunk of files, read
     # back to back; the figure is the median over every chunk of every round.
     seconds: dict[str, list[float]] = {name: [] for name in methods}
-    items = list(zip(entries, paths))
+    items = list(zip(entries, paths, strict=True))
     order = list(methods.items())
     shuffle = random.Random(0).shuffle
     for _ in range(rounds):
@@ -218,7 +218,7 @@ def run(entries: list[tuple[str, int]], specs: dict[str, FeatureSpec], rounds: i
 
     def ratios(slow: str, fast: str) -> str:
         """Median (and quartiles) over chunks of slow's time / fast's time."""
-        q1, median, q3 = statistics.quantiles([a / b for a, b in zip(seconds[slow], seconds[fast])], n=4)
+        q1, median, q3 = statistics.quantiles([a / b for a, b in zip(seconds[slow], seconds[fast], strict=True)], n=4)
         return f"{median:.2f} median of {len(seconds[slow])} chunks (quartiles {q1:.2f}-{q3:.2f}"
 
     for ours_name in ("ours", "ours (mmap=True)"):

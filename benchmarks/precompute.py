@@ -43,23 +43,23 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_name, get_model, make_images, print_table, synchronize  # noqa: E402
+from vggt_cache.client.cachefile import CACHE_SUFFIX, cache_path, read_entry
+from vggt_cache.client.manifest import manifest_path
+from vggt_cache.client.spec import PRESETS, STORAGES, FeatureSpec, preset_options
+from vggt_cache.service.engine import Engine
+from vggt_cache.service.engine.patches import PatchCache
+from vggt_cache.service.jobs import JobManager
+from vggt_cache.service.model import LoadedModel
+from vggt_cache.service.model.features import entry_features, model_spec
+from vggt_cache.service.paths import AllowedRoots
+from vggt_cache.service.preprocess import preprocess
+from vggt_cache.service.runtime import model_info
+from vggt_cache.service.settings import ServiceSettings, parse_devices
+from vggt_cache.service.sources import scan_data_root
+from vggt_cache.service.store import JobStore
+from vggt_cache.service.units import Unit
 
-from vggt_cache.client.cachefile import CACHE_SUFFIX, cache_path, read_entry  # noqa: E402
-from vggt_cache.client.spec import PRESETS, STORAGES, FeatureSpec, preset_options  # noqa: E402
-from vggt_cache.service.engine import Engine  # noqa: E402
-from vggt_cache.service.engine.patches import PatchCache  # noqa: E402
-from vggt_cache.service.jobs import JobManager  # noqa: E402
-from vggt_cache.client.manifest import manifest_path  # noqa: E402
-from vggt_cache.service.model import LoadedModel  # noqa: E402
-from vggt_cache.service.model.features import entry_features, model_spec  # noqa: E402
-from vggt_cache.service.paths import AllowedRoots  # noqa: E402
-from vggt_cache.service.preprocess import preprocess  # noqa: E402
-from vggt_cache.service.runtime import model_info  # noqa: E402
-from vggt_cache.service.settings import ServiceSettings, parse_devices  # noqa: E402
-from vggt_cache.service.sources import scan_data_root  # noqa: E402
-from vggt_cache.service.units import Unit  # noqa: E402
-from vggt_cache.service.store import JobStore  # noqa: E402
+from common import device_name, get_model, make_images, print_table, synchronize
 
 METHODS = ("seed", "ours", "clips", "limit")
 
@@ -233,7 +233,8 @@ def report(result: dict) -> None:
     rows = [(name, f"{min(result['seconds'][key]):.2f}", f"{result['images_per_s'][key]:.2f}",
              f"{result['frames_per_s'][key]:.1f}")
             for key, name in (("seed", "seed (one by one)"), ("ours", "ours (bulk job)"),
-                              ("clips", "clips (forward, every clip's frames)"), ("limit", "limit (forward, frames once)"))]
+                              ("clips", "clips (forward, every clip's frames)"),
+                              ("limit", "limit (forward, frames once)"))]
     print_table(("method", "seconds", "entries/s", "frames/s"), rows)
     for name, value in result["ratios"].items():
         print(f"{name} = {value:.2f}")
@@ -254,11 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="a model folder, weights file or HF repo id (default: random mid-size)")
     parser.add_argument("--embed-dim", type=int, help="random model: width (default 1024 on cuda, 256 on cpu)")
     parser.add_argument("--depth", type=int,
-                        help="random model: aggregator and DINOv2 depth (default 24 on cuda; on cpu 4, 2 with --preset)")
+                        help="random model: aggregator and DINOv2 depth "
+                             "(default 24 on cuda; on cpu 4, 2 with --preset)")
     parser.add_argument("--num-heads", type=int, help="random model: attention heads (16 / 4)")
     parser.add_argument("--size", type=int,
                         help="preprocess size (default: the preset's; else 518 on cuda, 224 on cpu)")
-    parser.add_argument("--batch-size", type=int, help="frames per forward (default 32 on cuda; on cpu 8, 9 with --preset)")
+    parser.add_argument("--batch-size", type=int,
+                        help="frames per forward (default 32 on cuda; on cpu 8, 9 with --preset)")
     parser.add_argument("--decode-workers", type=int, default=ServiceSettings.decode_workers)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--storage", choices=STORAGES, default="raw",

@@ -40,16 +40,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import device_name, get_model, make_images, synchronize  # noqa: E402
+from vggt_cache.client.cache import FeatureCache
+from vggt_cache.client.cachefile import context_record, source_record, write_entry
+from vggt_cache.service.model.features import entry_features
+from vggt_cache.service.preprocess import preprocess
+from vggt_cache.training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec
+from vggt_cache.training.data import VGGTCollator, VLNDataset, load_samples
+from vggt_cache.training.model import Qwen25VLWithVGGT
+from vggt_cache.training.train import build_qwen
 
-from vggt_cache.client.cache import FeatureCache  # noqa: E402
-from vggt_cache.client.cachefile import context_record, source_record, write_entry  # noqa: E402
-from vggt_cache.service.model.features import entry_features  # noqa: E402
-from vggt_cache.service.preprocess import preprocess  # noqa: E402
-from vggt_cache.training.arguments import CacheArguments, DataArguments, ModelArguments, feature_spec  # noqa: E402
-from vggt_cache.training.data import VGGTCollator, VLNDataset, load_samples  # noqa: E402
-from vggt_cache.training.model import Qwen25VLWithVGGT  # noqa: E402
-from vggt_cache.training.train import build_qwen  # noqa: E402
+from common import device_name, get_model, make_images, synchronize
 
 VGGT_CONFIGS = {
     "mid": {"img_size": 518, "patch_size": 14, "embed_dim": 384, "depth": 6, "num_heads": 6,

@@ -29,21 +29,33 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 
-from vggt_cache.client.http import ServiceError, reset_after_fork
 from vggt_cache.client.cachefile import read_entry
-from vggt_cache.client.lookup import (FALLBACKS, NO_SERVICE, Answer, CacheCore, CacheUnavailable, Call, Lookup, SpecLike, as_clip,
-                           as_paths, nearest_manifest_spec, step, warn_unusable)
+from vggt_cache.client.http import ServiceError, reset_after_fork
+from vggt_cache.client.lookup import (
+    FALLBACKS,
+    NO_SERVICE,
+    Answer,
+    CacheCore,
+    CacheUnavailable,
+    Call,
+    Lookup,
+    SpecLike,
+    as_clip,
+    as_paths,
+    nearest_manifest_spec,
+    step,
+    warn_unusable,
+)
 from vggt_cache.client.service import AsyncServiceClient, ServiceClient, as_spec
 from vggt_cache.client.spec import FeatureSpec
 
 log = logging.getLogger("vggt_cache")
 
 ENABLED_MESSAGE = "VGGT feature cache enabled (loading from image directories)"
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 
 __all__ = ["ENABLED_MESSAGE", "FALLBACKS", "AsyncFeatureCache", "CacheUnavailable", "FeatureCache", "read_cached"]
 
@@ -290,7 +302,7 @@ class _Prefetcher:
 
     def put(self, payload: dict) -> None:
         with self._lock:
-            if self._pid != os.getpid() or self._thread is None:
+            if self._pid != os.getpid() or self._thread is None or self._queue is None:
                 self._queue = queue.Queue(self._max_pending)
                 self._thread = threading.Thread(target=self._loop, args=(self._queue,),
                                                 name="vggt-cache-prefetch", daemon=True)
@@ -311,7 +323,7 @@ class _Prefetcher:
 
     def close(self) -> None:
         with self._lock:
-            if self._thread is not None and self._pid == os.getpid():
+            if self._thread is not None and self._queue is not None and self._pid == os.getpid():
                 with contextlib.suppress(queue.Full):  # a daemon thread; it ends with the process
                     self._queue.put_nowait(None)
             self._queue, self._thread, self._pid = None, None, None

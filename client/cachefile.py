@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Mapping, Sequence
@@ -52,7 +53,7 @@ class Outcome(str, Enum):
 
 @dataclass
 class ReadResult:
-    """`features` (unless read with `tensor=False`) and `meta` are set on HIT; `meta` also when the file was readable."""
+    """`features` (unless read with `tensor=False`) and `meta` are set on HIT; `meta` also if the file was readable."""
 
     outcome: Outcome
     features: torch.Tensor | None
@@ -75,6 +76,10 @@ def source_record(image_path: PathLike) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+@overload
+def context_record(target: PathLike, frames: None, sources: Mapping[str, dict] | None = None) -> None: ...
+@overload
+def context_record(target: PathLike, frames: Sequence[PathLike], sources: Mapping[str, dict] | None = None) -> dict: ...
 def context_record(target: PathLike, frames: Sequence[PathLike] | None,
                    sources: Mapping[str, dict] | None = None) -> dict | None:
     """The clip a `sequence`/`causal` entry was computed with (None for `frame` mode).
@@ -89,7 +94,7 @@ def context_record(target: PathLike, frames: Sequence[PathLike] | None,
     folder = os.path.dirname(os.path.abspath(target))
     records = [
         {"path": os.path.relpath(os.path.abspath(frame), folder),
-         **(sources[frame] if sources is not None else source_record(frame))}
+         **(sources[os.fspath(frame)] if sources is not None else source_record(frame))}
         for frame in frames
     ]
     return {"frames": records, "digest": short_digest(records)}
@@ -243,7 +248,7 @@ def holds_other_context(image_path: PathLike, spec: FeatureSpec, frames: Sequenc
     if frames is None:  # frame mode: an entry has no context to differ in
         return False
     read = read_entry(image_path, spec, tensor=False, roots=roots)
-    if not read.hit:
+    if not read.hit or read.meta is None:
         return False
     folder = os.path.dirname(os.path.abspath(image_path))
     ours = [os.path.relpath(os.path.abspath(frame), folder) for frame in frames]

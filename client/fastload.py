@@ -27,8 +27,8 @@ import struct
 import sys
 import zipfile
 import zlib
-from collections.abc import Sequence
-from typing import Any, BinaryIO, Callable, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, BinaryIO, ClassVar, NamedTuple
 
 import torch
 
@@ -121,7 +121,7 @@ class _RebuildTensor:
 class _RestrictedUnpickler(pickle.Unpickler):
     # Every global resolves to something a pickle cannot alter: a slot-less callable that refuses
     # BUILD, the dict type (immutable), dtypes (not callable, no attributes to set).
-    _GLOBALS = {
+    _GLOBALS: ClassVar[dict[tuple[str, str], Any]] = {
         ("torch._utils", "_rebuild_tensor_v2"): _RebuildTensor(),
         ("collections", "OrderedDict"): dict,
         **{("torch", name): dtype for name, dtype in _STORAGE_DTYPES.items()},
@@ -153,7 +153,7 @@ def _load_fast(f: BinaryIO, use_mmap: bool, check_crc: bool) -> dict:
         # UntypedStorage.from_file: its tensors cannot cross DataLoader worker queues.
         mapping = mmap_module.mmap(fd, 0, access=mmap_module.ACCESS_COPY, **_MMAP_OPTIONS)
         whole = torch.frombuffer(mapping, dtype=torch.uint8)
-        view = memoryview(whole.numpy())
+        view = whole.numpy().data
         data, key, (start, length, crc), storage, size = _unpickle(lambda offset, n: view[offset : offset + n],
                                                                    len(view))
         tensor_bytes = view[start : start + length]
@@ -163,7 +163,7 @@ def _load_fast(f: BinaryIO, use_mmap: bool, check_crc: bool) -> dict:
         # buffer: one copy from the page cache, and a tensor that holds nothing else.
         data, key, (start, length, crc), storage, size = _unpickle_fd(fd)
         features = torch.empty(size, dtype=storage.dtype)
-        tensor_bytes = memoryview(features.view(-1).view(torch.uint8).numpy())
+        tensor_bytes = features.view(-1).view(torch.uint8).numpy().data
         _read_exactly(fd, tensor_bytes, start)
     if check_crc and zlib.crc32(tensor_bytes) != crc:
         raise Corrupt("the tensor's bytes do not match their CRC-32")
@@ -215,12 +215,12 @@ def _load_meta(f: BinaryIO) -> dict:
 
 def _load_torch(f: BinaryIO, meta_only: bool, check_crc: bool) -> Any:
     """torch.load(weights_only=True) of a file outside the fast path, refusing what that path refuses."""
-    with contextlib.suppress(zipfile.BadZipFile):  # else the legacy (non-zip) format: torch.load decides
-        with zipfile.ZipFile(f) as archive:
-            if any(i.compress_type != zipfile.ZIP_STORED for i in archive.infolist()):
-                raise Corrupt("compressed zip record")
-            if check_crc and archive.testzip() is not None:
-                raise Corrupt("a record does not match its CRC-32")
+    # BadZipFile: the legacy (non-zip) format, which torch.load decides on.
+    with contextlib.suppress(zipfile.BadZipFile), zipfile.ZipFile(f) as archive:
+        if any(i.compress_type != zipfile.ZIP_STORED for i in archive.infolist()):
+            raise Corrupt("compressed zip record")
+        if check_crc and archive.testzip() is not None:
+            raise Corrupt("a record does not match its CRC-32")
     f.seek(0)
     data = torch.load(f, map_location="cpu", weights_only=True)
     for key in TENSOR_KEYS if isinstance(data, dict) else ():
@@ -241,7 +241,7 @@ Reader = Callable[[int, int], "bytes | memoryview"]  # (offset, length) -> the f
 def _unpickle(read: Reader, file_size: int) -> tuple[dict, str, tuple[int, int, int], _StorageRef, tuple[int, ...]]:
     """(data.pkl's dict, the tensor's key, (offset, length, crc32) of its bytes, their storage, the tensor's size)."""
     records = _zip_records(read, file_size)
-    if "data.pkl" not in records or copyreg._extension_registry:
+    if "data.pkl" not in records or copyreg._extension_registry:  # type: ignore[attr-defined]  # not in typeshed
         # Pickle extension codes would resolve globals without find_class.
         raise _Unsupported("data.pkl")
     start, length, crc = records["data.pkl"]
@@ -255,9 +255,9 @@ def _unpickle(read: Reader, file_size: int) -> tuple[dict, str, tuple[int, int, 
     data = _RestrictedUnpickler(io.BytesIO(pickled)).load()
     keys = [k for k in TENSOR_KEYS if k in data] if isinstance(data, dict) else []
     ref = data[keys[0]] if len(keys) == 1 else None
-    storage = ref.storage if isinstance(ref, _TensorRef) else None
     if not (
-        isinstance(storage, _StorageRef)
+        isinstance(ref, _TensorRef)
+        and isinstance(ref.storage, _StorageRef)
         and ref.offset == 0
         and ref.requires_grad is False
         and ref.hooks == {}
@@ -267,9 +267,13 @@ def _unpickle(read: Reader, file_size: int) -> tuple[dict, str, tuple[int, int, 
         and ref.stride == _contiguous_strides(ref.size)
     ):
         raise _Unsupported("features layout")
+    storage = ref.storage
     if storage.numel != math.prod(ref.size):
         raise Corrupt(f"tensor storage of {storage.numel} elements backs a tensor of {math.prod(ref.size)}")
-    start, length, crc = records.get(f"data/{storage.key}", (0, None, 0))
+    record = records.get(f"data/{storage.key}")
+    if record is None:
+        raise _Unsupported("features record")
+    start, length, crc = record
     if length != storage.numel * storage.dtype.itemsize or start % storage.dtype.itemsize:
         raise _Unsupported("features record")
     if file_size - length - len(pickled) > _MAX_OTHER_BYTES:

@@ -29,7 +29,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httpx
 
@@ -267,11 +267,12 @@ class _BaseTransport(abc.ABC):
         """A new httpx client (sync or async) for this process."""
 
     @staticmethod
-    def _timeout(seconds: float | None | object) -> dict:
+    def _timeout(seconds: float | object | None) -> dict:
         if seconds is DEFAULT_TIMEOUT:
             return {}
         if seconds is None:  # wait as long as it takes (a dry run over a large root)
             return {"timeout": httpx.Timeout(None, connect=CONNECT_TIMEOUT_S)}
+        seconds = cast(float, seconds)  # neither marker above
         return {"timeout": httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT_S))}
 
     def _attempts(self, key: str | None, retries: int | None) -> Attempts:
@@ -292,7 +293,7 @@ class Transport(_BaseTransport):
         return httpx.Client(timeout=self.timeout, headers=self._headers)
 
     def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                retries: int | None = None, timeout: float | None | object = DEFAULT_TIMEOUT) -> httpx.Response:
+                retries: int | None = None, timeout: float | object | None = DEFAULT_TIMEOUT) -> httpx.Response:
         """Send to the URL `key` picks, failing over and retrying; returns the first 2xx response.
 
         `timeout` replaces the transport's for this request (None: no limit, for a long dry run)."""
@@ -322,7 +323,7 @@ class AsyncTransport(_BaseTransport):
         return httpx.AsyncClient(timeout=self.timeout, headers=self._headers)
 
     async def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                      retries: int | None = None, timeout: float | None | object = DEFAULT_TIMEOUT) -> httpx.Response:
+                      retries: int | None = None, timeout: float | object | None = DEFAULT_TIMEOUT) -> httpx.Response:
         attempts = self._attempts(key, retries)
         for url, wait in attempts:
             if wait:

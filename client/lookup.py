@@ -41,7 +41,7 @@ import os
 import time
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import httpx
 import torch
@@ -55,9 +55,9 @@ from vggt_cache.client.wire import decode_features
 
 log = logging.getLogger("vggt_cache")
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 Clip = tuple[str, ...]
-SpecLike = Union[FeatureSpec, dict, None]
+SpecLike = FeatureSpec | dict | None
 
 FALLBACKS = ("service", "online", "error")
 NO_SERVICE = "no service_url was given"
@@ -136,14 +136,14 @@ class Call:
     retries: int | None = None
 
 
-Answer = Union[httpx.Response, ServiceError]
+Answer = httpx.Response | ServiceError
 Lookup = Generator[Call, Answer, list]
 
 
 def step(work: Lookup, outcome: Answer | None = None) -> tuple[bool, Any]:
     """Advance a lookup: (False, next Call) or (True, its result)."""
     try:
-        return False, work.send(outcome)
+        return False, next(work) if outcome is None else work.send(outcome)
     except StopIteration as done:
         return True, done.value
 
@@ -216,11 +216,11 @@ class CacheCore:
     def _read(self, clip: Clip) -> torch.Tensor | None:
         spec = self.expected_spec(clip[-1])
         result = _read_clip(clip, spec, self.mmap)
-        if spec is None and result.hit:
-            self.pinned = as_spec(result.meta["spec"])
+        if spec is None and result.hit and result.meta is not None:
+            self.pinned = pinned = as_spec(result.meta["spec"])
             self._warn_once("pinned", "No expected VGGT feature spec (pass spec=, service_url= or keep %s in "
                             "the data root): accepting entries made like the first one read, spec %s (%s attention)",
-                            MANIFEST_NAME, self.pinned.digest, self.pinned.attention)
+                            MANIFEST_NAME, pinned.digest, pinned.attention)
             return self._read(clip)
         self.stats[_OUTCOME_STAT[result.outcome]] += 1
         warn_unusable(result)
@@ -239,6 +239,7 @@ class CacheCore:
                 groups.setdefault(self.service_spec, []).append(clip)
         failures = {clip: self._status_error for clip in groups.pop(None, [])}
         for spec, clips in groups.items():
+            assert spec is not None  # popped above
             as_images = spec.attention == Attention.FRAME
             for chunk in self._chunks(clips, as_images):
                 outcome = yield Call("POST", "/features", key=chunk[0][-1],
@@ -309,7 +310,7 @@ class CacheCore:
         if isinstance(items, (str, bytes, os.PathLike)):
             items = [items]
         clips = [as_clip(item) for item in items]
-        singles = [c for c in clips if len(c) == 1]
+        singles: list[Clip] = [c for c in clips if len(c) == 1]
         longer = [c for c in clips if len(c) > 1]
         return ([features_payload(chunk, True, wait=False) for chunk in self._chunks(singles, True)]
                 + [features_payload(chunk, False, wait=False) for chunk in self._chunks(longer, False)])

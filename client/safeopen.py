@@ -62,7 +62,7 @@ def check_contained(fd: int, roots: Sequence[str], name: str) -> None:
 
 
 def open_regular(path: str, max_bytes: int | None = None, roots: Sequence[str] | None = None,
-                 follow_symlinks: bool = True) -> BinaryIO:
+                 follow_symlinks: bool = True) -> io.FileIO:
     """An unbuffered binary reader of `path` if it is a regular file of at most `max_bytes` bytes.
 
     Opened non-blocking, so a FIFO without a writer cannot hang the caller; `roots` (real
@@ -105,7 +105,7 @@ DEFAULT_FILE_MODE = 0o644
 Replaceable = Callable[[int, str], "str | None"]  # (folder descriptor, name) -> why it must not be replaced
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], None], roots: Sequence[str] | None = None,
+def atomic_write(path: str, write: Callable[[BinaryIO], object], roots: Sequence[str] | None = None,
                  replaceable: Replaceable | None = None, mode: int = DEFAULT_FILE_MODE) -> None:
     """Write `path` atomically: a temporary file in its folder, flushed, fsynced and renamed over it.
 

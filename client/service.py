@@ -12,7 +12,7 @@ import logging
 import os
 import stat
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, overload
 
 import httpx
 import torch
@@ -28,6 +28,10 @@ MAX_TOKEN_FILE_BYTES = 4096
 Features = tuple[list[dict], dict[str, torch.Tensor]]  # /features items (each with its "request"), tensors
 
 
+@overload
+def as_spec(spec: FeatureSpec | dict) -> FeatureSpec: ...
+@overload
+def as_spec(spec: None) -> None: ...
 def as_spec(spec: FeatureSpec | dict | None) -> FeatureSpec | None:
     """A FeatureSpec from a spec, its `to_dict()`, or `/status`'s spec (with its "digest")."""
     if spec is None or isinstance(spec, FeatureSpec):
@@ -100,7 +104,7 @@ class ServiceClient(_Base):
     """Blocking calls; `with ServiceClient(url) as service: service.status()`."""
 
     def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                retries: int | None = None, timeout: float | None | object = DEFAULT_TIMEOUT) -> httpx.Response:
+                retries: int | None = None, timeout: float | object | None = DEFAULT_TIMEOUT) -> httpx.Response:
         """One call, failing over between URLs and retrying; ServiceError when none answers 2xx."""
         return self._transport.request(method, path, key=key, json=json, retries=retries, timeout=timeout)
 
@@ -113,7 +117,7 @@ class ServiceClient(_Base):
     def features(self, payload: dict, expected_digest: str | None = None, key: str | None = None) -> Features:
         return self._features(self.request("POST", "/features", key=key, json=payload), expected_digest)
 
-    def precompute(self, data_root: str, timeout: float | None | object = DEFAULT_TIMEOUT, **options: Any) -> dict:
+    def precompute(self, data_root: str, timeout: float | object | None = DEFAULT_TIMEOUT, **options: Any) -> dict:
         """A job view (`202`), or the plan of a dry run (`"dry_run": True`, which may take long: `timeout`)."""
         return self.request("POST", "/precompute", json={"data_root": data_root, **options}, retries=0,
                             timeout=timeout).json()
@@ -140,7 +144,7 @@ class AsyncServiceClient(_Base):
     _transport_class = AsyncTransport
 
     async def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                      retries: int | None = None, timeout: float | None | object = DEFAULT_TIMEOUT) -> httpx.Response:
+                      retries: int | None = None, timeout: float | object | None = DEFAULT_TIMEOUT) -> httpx.Response:
         return await self._transport.request(method, path, key=key, json=json, retries=retries, timeout=timeout)
 
     async def status(self) -> dict:
@@ -156,5 +160,14 @@ class AsyncServiceClient(_Base):
         await self._transport.aclose()
 
 
-__all__ = ["AsyncServiceClient", "ServiceClient", "ServiceError", "TOKEN_ENV", "as_spec",
-           "features_payload", "read_token_file", "resolve_token", "spec_of_status"]
+__all__ = [
+    "TOKEN_ENV",
+    "AsyncServiceClient",
+    "ServiceClient",
+    "ServiceError",
+    "as_spec",
+    "features_payload",
+    "read_token_file",
+    "resolve_token",
+    "spec_of_status",
+]

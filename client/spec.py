@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import Enum
 from functools import cached_property
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import torch
 
@@ -141,7 +141,7 @@ class FeatureSpec:
 
     def frames_of(self, clip: S) -> S:
         """The frames (paths or a tensor's rows) a clip's entry is computed from: the last one alone in `frame`."""
-        return clip[-1:] if self.attention == Attention.FRAME else clip
+        return cast(S, clip[-1:]) if self.attention == Attention.FRAME else clip  # a slice keeps its type
 
     def context_of(self, clip: S) -> S | None:
         """The frames a clip's entry records as its context: none in `frame` attention, else the whole clip."""

@@ -134,12 +134,12 @@ def _unpack(payload: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -
 def _inflate(frame: np.ndarray, size: int) -> bytes:
     """One zstd frame that must declare and hold exactly `size` bytes, with its checksum."""
     try:
-        params = zstandard.get_frame_parameters(frame)
+        params = zstandard.get_frame_parameters(frame.data)
         if params.content_size != size or not params.has_checksum:
             raise BadPayload(f"zstd frame declares {params.content_size} bytes (checksum: {params.has_checksum}), "
                              f"the plane holds {size}")
         # max_output_size bounds what is inflated whatever the frame says; data after the frame is refused.
-        raw = zstandard.ZstdDecompressor().decompress(frame, max_output_size=size, allow_extra_data=False)
+        raw = zstandard.ZstdDecompressor().decompress(frame.data, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as e:
         raise BadPayload(f"zstd: {e}") from None
     if len(raw) != size:

@@ -14,8 +14,9 @@ release still decodes the body.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from enum import Enum
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load as _st_load
@@ -71,7 +72,7 @@ def decode_features(
     _check(items, set(tensors), spec_digest)
     if expected_digest is not None and spec_digest != expected_digest:
         raise ValueError(f"features body is for spec {spec_digest}, expected {expected_digest}")
-    for item, request in zip(items, _requests(payload.get("requests"), len(items))):
+    for item, request in zip(items, _requests(payload.get("requests"), len(items)), strict=True):
         item["request"] = request
     return items, tensors
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, overload
 
 from vggt_cache.client.logs import setup_logging
 from vggt_cache.client.service import TOKEN_ENV, ServiceError
@@ -47,7 +47,7 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-def _common_flags() -> argparse.ArgumentParser:
+def _common_flags() -> _Parser:
     # SUPPRESS: a subcommand's copy of a flag must not overwrite the one given before the subcommand.
     common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug log lines")

@@ -15,10 +15,19 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from vggt_cache.client.cachefile import CACHE_SUFFIX, Outcome, ReadResult, cache_path, is_temp_file, read_entry, write_entry
+from vggt_cache.client.cachefile import (
+    CACHE_SUFFIX,
+    Outcome,
+    ReadResult,
+    cache_path,
+    is_temp_file,
+    read_entry,
+    write_entry,
+)
 from vggt_cache.client.manifest import MAX_FAILURES, manifest_path, read_manifest, write_manifest
 from vggt_cache.client.spec import STORAGES, FeatureSpec
 from vggt_cache.client.storage import decode, encode
@@ -130,8 +139,8 @@ def estimate_storage(data_root: str, samples: int = ESTIMATE_SAMPLES, seed: int 
         result = read_valid(image, allowed)
         if result.outcome is Outcome.HIT:
             sampled.append(_sample(cache_path(image), result.features, result.meta))
-    report = {"data_root": data_root, "entries": len(images), "bytes_now": total, "sampled": len(sampled),
-              "storages": {}}
+    report: dict[str, Any] = {"data_root": data_root, "entries": len(images), "bytes_now": total,
+                              "sampled": len(sampled), "storages": {}}
     if not sampled:
         return report
     now = sum(s.file_bytes for s in sampled)

@@ -66,8 +66,8 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
     from vggt_cache.client import FeatureCache
     from vggt_cache.client.cachefile import cache_path
     from vggt_cache.client.service import ServiceClient
-    from vggt_cache.service.progress import follow_job
     from vggt_cache.service.jobview import JobView
+    from vggt_cache.service.progress import follow_job
 
     work = tempfile.mkdtemp(prefix="vggt-cache-demo-")
     data_root = os.path.join(work, "data")
@@ -90,12 +90,14 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
         with ServiceClient(url) as service:
             _say(f"service ready at {url} (status page: {url}/)")
             job_id = service.precompute(data_root)["job_id"]
-            job = follow_job(lambda: JobView.from_dict(service.job(job_id)), lambda v: not v.state.active,
-                             lambda: time.sleep(0.2), "precompute")
+            job = follow_job(lambda: JobView.from_dict(service.job(job_id)),
+                             lambda v: v is not None and not v.state.active, lambda: time.sleep(0.2), "precompute")
+            assert job is not None  # done() above holds for a view only
             _say(f"job {job.state.value}: {job.computed} computed, {job.skipped} skipped, {job.failed} failed")
 
             cache = FeatureCache(service_url=url)
             feats = cache.get_many(images)
+            assert feats[0] is not None  # the job above computed every image's entry
             _say(f"read {sum(f is not None for f in feats)} cached features from sibling files, "
                  f"shape {tuple(feats[0].shape)} each")
             removed = images[::5]

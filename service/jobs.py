@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
 from typing import TypeVar
 
 from vggt_cache.client.cachefile import is_temp_file
@@ -286,6 +287,7 @@ class JobManager:
         if not rec.planned and not self._plan(rec):
             return self.view(job_id)
         rec = self.store.get(job_id)
+        assert rec is not None  # the job was read above, and jobs are pruned only when ended
         self._rates[job_id] = _Rate(time.monotonic(), rec.computed)
         options = rec.options
         self._fail_poison(job_id)
@@ -298,6 +300,9 @@ class JobManager:
         log.info("Job %s: %d units to do (%d entries already done)", job_id, len(pending), rec.done)
 
         results: queue.Queue[tuple[int, Unit, Future]] = queue.Queue()
+
+        def landed(idx: int, unit: Unit, fut: Future) -> None:
+            results.put((idx, unit, fut))
         submitted = 0
 
         def record(block: bool) -> int:
@@ -358,6 +363,7 @@ class JobManager:
                 del self._on_device[job_id]
 
         rec = self.store.get(job_id)
+        assert rec is not None  # a running job is never pruned
         if self.store.cancel_requested(job_id):
             state = JobState.CANCELLED
         elif (self._stopping.is_set() or self._no_device_left()) and self.store.pending_units(job_id):

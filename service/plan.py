@@ -76,8 +76,8 @@ class Plan:
         net = f" (net of the {human_bytes(self.replaced_bytes)} they replace)" if self.replaced_bytes else ""
         return (f"{self.source['samples']} samples ({self.source['source']}) -> {self.entries} entries: "
                 f"{self.valid} valid, {self.to_compute} to compute of {human_bytes(self.entry_bytes)} each; "
-                f"{human_bytes(self.bytes_to_write)} to write{net}{share}; {human_bytes(fs['free_bytes'])} free on the file "
-                f"system of {fs['path']}{where}")
+                f"{human_bytes(self.bytes_to_write)} to write{net}{share}; "
+                f"{human_bytes(fs['free_bytes'])} free on the file system of {fs['path']}{where}")
 
 
 def human_bytes(n: float) -> str:

@@ -126,7 +126,8 @@ def preprocess_pixels(
         raise ValueError(f"align must be a positive integer, got {align!r}")
     if not isinstance(image, Image.Image):
         image = load_image(image)
-    label = f"image {image.filename}" if getattr(image, "filename", "") else "image"
+    filename = getattr(image, "filename", "")  # set on images read from a file
+    label = f"image {filename}" if filename else "image"
 
     rgb = _to_rgb(image)
     width, height = rgb.size

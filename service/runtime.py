@@ -183,6 +183,7 @@ class ServiceRuntime:
             self._deadline = time.monotonic() + self.settings.shutdown_grace_s
 
     def _grace_left(self) -> float:
+        assert self._deadline is not None  # asked once the shutdown began
         return max(0.0, self._deadline - time.monotonic())
 
     def stop(self) -> None:

@@ -173,7 +173,8 @@ def walk_files(root: str, allowed: AllowedRoots | None = None,
             if e.errno not in _GONE and unlisted is not None:
                 unlisted.append((folder, f"cannot list folder: {e.strerror or e}"))
             continue
-        folders, files = [], []
+        folders: list[tuple[str, str]] = []
+        files: list[tuple[str, str]] = []
         for entry in entries:
             if _hidden(entry.name):
                 continue
@@ -205,6 +206,12 @@ def _string_list(value: object, key: str) -> list[str]:
     return value
 
 
+def _step_frame(name: str) -> re.Match[str]:
+    found = STEP_FRAME.match(name)
+    assert found is not None, name  # an episode's names are those STEP_FRAME matched
+    return found
+
+
 def sample_images(sample: object) -> tuple[list[str], str | None]:
     """The clip a sample object asks for (raw paths, in order) and its own data_path."""
     if not isinstance(sample, dict):
@@ -216,7 +223,7 @@ def sample_images(sample: object) -> tuple[list[str], str | None]:
         current = sample.get("current_image")
         if not isinstance(current, str) or not current:
             raise MalformedSample("'current_image' must be a non-empty string")
-        return _string_list(sample.get("history_images", []), "history_images") + [current], data_path
+        return [*_string_list(sample.get("history_images", []), "history_images"), current], data_path
     for key in ("images", "image"):
         if key in sample:
             return _string_list(sample[key], key), data_path
@@ -448,7 +455,8 @@ class _Reader:
                 self.missing.append((where, self.resolver.why_not(raw, sample_dir, data_path)))
                 return  # a clip with a hole would give its frames the wrong context
             frames.append(resolved)
-        self.samples.append(Sample(tuple(frames), where, obj if self.keep_records else None))
+        record = obj if self.keep_records and isinstance(obj, dict) else None  # sample_images took a dict
+        self.samples.append(Sample(tuple(frames), where, record))
 
     def read_jsonl(self, path: str, named: bool = False) -> bool:
         """Read a `*.jsonl` sample file; False when it is not one (a `named` file always is)."""
@@ -487,7 +495,7 @@ class _Reader:
             with _open_sample_file(path, self.allowed) as f:
                 elements = _ArrayStream(f, self.max_sample_bytes).elements()
                 first = next(elements, None) if elements is not None else None
-                if not _is_sample_object(first):
+                if elements is None or not _is_sample_object(first):
                     if named:
                         self.malformed.append((path, "not a sample file: a JSON array of sample objects was "
                                                      "expected"))
@@ -503,7 +511,7 @@ class _Reader:
         return True
 
     def read_episode(self, folder: str, names: list[str], max_history: int) -> None:
-        steps = sorted((int(STEP_FRAME.match(n).group(1)), n) for n in names)
+        steps = sorted((int(_step_frame(n).group(1)), n) for n in names)
         numbers = [n for n, _ in steps]
         if len(set(numbers)) != len(numbers):
             twice = sorted({n for n in numbers if numbers.count(n) > 1})
@@ -514,7 +522,7 @@ class _Reader:
             clip = tuple(frames[i] for i in history_indices(j, max_history))
             record = None
             if self.keep_records:
-                record = {"episode": folder, "step": number, "action": STEP_FRAME.match(name).group(2).upper(),
+                record = {"episode": folder, "step": number, "action": _step_frame(name).group(2).upper(),
                           "image": frames[j]}
             self.samples.append(Sample(clip, frames[j], record))
 

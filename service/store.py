@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from vggt_cache.client.text import bounded, printable
 from vggt_cache.client.wire import EntryStatus
-from vggt_cache.service.jobview import ACTIVE, COUNTER, JobState
 from vggt_cache.service.errors import UnusableInput
+from vggt_cache.service.jobview import ACTIVE, COUNTER, JobState
 from vggt_cache.service.units import Unit
 
 DB_NAME = "jobs.sqlite3"
@@ -346,13 +346,13 @@ class JobStore:
         after a crash never counts twice.
         """
         by_unit: dict[int, list[tuple[EntryStatus, str | None, str, str | None]]] = {}
-        for idx, outcome, reason, image, *write in results:
+        for idx, outcome, reason, image, *extra in results:
             try:
                 outcome = EntryStatus(outcome)
             except ValueError:
                 raise ValueError(f"outcome must be one of {'|'.join(s.value for s in EntryStatus)}, "
                                  f"got {outcome!r}") from None
-            by_unit.setdefault(idx, []).append((outcome, reason, image, write[0] if write else None))
+            by_unit.setdefault(idx, []).append((outcome, reason, image, extra[0] if extra else None))
         with self._write() as db:
             counts = dict.fromkeys((*COUNTER.values(), "kept", "replaced"), 0)
             failures: list[tuple[str, str]] = []

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
 from vggt_cache.client.logs import LOGGER
+
 from service_helpers import RunningService, start_service
 
 

@@ -78,14 +78,15 @@ def start_service(root: str | os.PathLike, *extra_args: str, ready_timeout: floa
         port = free_port()
         state_dir = tempfile.mkdtemp(prefix="vggt-cache-state-")
         log_path = os.path.join(state_dir, "service.log")
-        log = open(log_path, "w")
-        cmd = [*prefix, sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", str(TINY_MODEL), "--device", "cpu",
-               "--host", "127.0.0.1", "--port", str(port), "--allowed-root", root,
+        log = open(log_path, "w")  # noqa: SIM115 -- the service's log: RunningService.stop closes it
+        cmd = [*prefix, sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", str(TINY_MODEL),
+               "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--allowed-root", root,
                "--state-dir", state_dir, "--size", "56", *extra_args]
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=preexec_fn)
         service = RunningService(f"http://127.0.0.1:{port}", proc, root, state_dir, log_path, log)
-        if wait_until_ready(service.url, ready_timeout, is_alive=lambda: service.proc.poll() is None):
+        # B023 is wrong here: wait_until_ready calls the lambda before the loop moves on.
+        if wait_until_ready(service.url, ready_timeout, is_alive=lambda: service.proc.poll() is None):  # noqa: B023
             return service
         text = service.log()
         service.stop()

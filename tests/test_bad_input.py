@@ -18,6 +18,7 @@ import torch
 from vggt_cache.client import FeatureCache
 from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
 from vggt_cache.client.wire import decode_features
+
 from service_helpers import REPO, cache_files, service_spec, temp_files, wait_job, write_images
 
 
@@ -39,7 +40,7 @@ def post_json(http: httpx.Client, route: str, body: object) -> httpx.Response:
 def features(http: httpx.Client, images: list[str]) -> list[dict]:
     r = post_json(http, "/features", {"images": images})
     assert r.status_code == 200, r.text
-    items, tensors = decode_features(r.content)
+    items, _tensors = decode_features(r.content)
     for item in items:
         assert (item["tensor"] is not None) == (item["status"] != "failed"), item
     return items

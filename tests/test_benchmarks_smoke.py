@@ -87,8 +87,9 @@ def test_gpu_throughput_runs_tiny_on_cpu_and_writes_json(tmp_path: Path) -> None
 def test_flop_formula_matches_torch_flop_counter(attention: str, layers: list[int] | None, frames: int,
                                                  height: int, width: int) -> None:
     sys.path.insert(0, str(BENCHMARKS))
-    from common import clip_flops, random_model
     from vggt_cache.service.demo import DEMO_CONFIG
+
+    from common import clip_flops, random_model
 
     loaded = random_model(DEMO_CONFIG, "cpu")
     images = torch.rand(1, frames, 3, height, width)

@@ -120,7 +120,7 @@ def test_read_tensors_cross_dataloader_workers(tmp_path, mmap):
         _Entries(images, mmap), batch_size=None, num_workers=2,
         multiprocessing_context="fork", timeout=60,
     )
-    assert all(torch.equal(got, want) for got, want in zip(loader, written))
+    assert all(torch.equal(got, want) for got, want in zip(loader, written, strict=True))
 
 
 def test_pickle_extension_codes_turn_the_fast_path_off(tmp_path, monkeypatch):

@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from vggt_cache.client.cachefile import Outcome, read_entry
-from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.manifest import MANIFEST_NAME
+from vggt_cache.client.spec import FeatureSpec
+
 from service_helpers import cache_files, done, free_port, wait_job, write_images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,8 +85,9 @@ def test_precompute_under_torchrun_shards_the_work_and_writes_one_manifest(tmp_p
     data_root = tmp_path / "data"
     images = write_images(data_root / "scene", [f"{i:02d}.png" for i in range(9)], size=(28, 42))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "vggt_cache.service.cli", "precompute", "--data_root", str(data_root), "--vggt_model_path", str(TINY_MODEL),
-           "--device", "cpu", "--batch_size", "2", "--size", "56", "--state-dir", str(tmp_path / "state")]
+           "-m", "vggt_cache.service.cli", "precompute", "--data_root", str(data_root),
+           "--vggt_model_path", str(TINY_MODEL), "--device", "cpu", "--batch_size", "2", "--size", "56",
+           "--state-dir", str(tmp_path / "state")]
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:]

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from vggt_cache.service.demo import free_port
+
 from service_helpers import REPO, TINY_MODEL, poll, write_images
 
 
@@ -130,7 +131,8 @@ def test_serve_with_a_model_that_cannot_load_stays_up_at_503_and_says_why(data_r
     port = free_port()
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", str(tmp_path / "nope"),
+        proc = subprocess.Popen([sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model",
+                                 str(tmp_path / "nope"),
                                  "--port", str(port), "--allowed-root", str(data_root), "--state-dir",
                                  str(tmp_path / "state")], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -23,6 +23,7 @@ from vggt_cache.client.http import ordered_urls, parse_retry_after
 from vggt_cache.client.manifest import MANIFEST_NAME
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.wire import encode_features
+
 from service_helpers import free_port, poll
 
 GRID = (3, 4)  # 60x80 images at --size 56
@@ -75,7 +76,7 @@ def test_hits_are_read_from_sibling_files_without_a_service(tmp_path):
     expected = [write_local(p, spec, seed=i) for i, p in enumerate(images)]
     cache = FeatureCache(spec=spec)
     got = cache.get_many(images)
-    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
     assert torch.equal(cache.get(images[1]), expected[1])
     assert torch.equal(cache.get_sample(images), expected[2])  # frame mode: the last frame's own entry
     assert cache.stats["hits"] == 5 and cache.stats["misses"] == 0 and cache.stats["fetched"] == 0
@@ -277,13 +278,13 @@ def test_misses_go_in_one_request_and_hits_need_none(frame_service, folder):
     before = frame_service.requests("/features")
     got = cache.get_many(images)
     assert frame_service.requests("/features") == before + 1
-    for image, tensor in zip(images, got):
+    for image, tensor in zip(images, got, strict=True):
         entry = read_entry(image, cache.spec)
         assert entry.outcome is Outcome.HIT and torch.equal(entry.features, tensor)
     assert cache.stats["misses"] == 6 and cache.stats["fetched"] == 6
     again = cache.get_many(images)
     assert frame_service.requests("/features") == before + 1
-    assert all(torch.equal(a, b) for a, b in zip(again, got)) and cache.stats["hits"] == 6
+    assert all(torch.equal(a, b) for a, b in zip(again, got, strict=True)) and cache.stats["hits"] == 6
 
 
 def test_spec_comes_from_the_service_status(frame_service, folder):
@@ -345,7 +346,7 @@ def test_refusal_is_final_and_not_retried(frame_service, tmp_path):
     outside = make_images(tmp_path, 1)[0]  # not under the service's allowed root
     cache = FeatureCache(frame_service.url, retries=3)
     before = frame_service.requests("/features")
-    with pytest.raises(CacheUnavailable, match="403.*outside the allowed roots"):
+    with pytest.raises(CacheUnavailable, match=r"403.*outside the allowed roots"):
         cache.get(outside)
     assert frame_service.requests("/features") == before + 1
 
@@ -353,7 +354,7 @@ def test_refusal_is_final_and_not_retried(frame_service, tmp_path):
 def test_prefetch_computes_in_the_background(frame_service, folder):
     images = make_images(folder, 4)
     cache = FeatureCache(frame_service.url)
-    cache.prefetch(images[:2] + [images[2:]])  # two images and a clip (its last frame in frame mode)
+    cache.prefetch([*images[:2], images[2:]])  # two images and a clip (its last frame in frame mode)
     wanted = images[:2] + images[3:]
     poll(lambda: all(os.path.exists(cache_path(p)) for p in wanted), 30, "prefetched entries")
     poll(lambda: cache.stats["prefetched"] == 3, 30, "both prefetch requests to be accepted")
@@ -374,7 +375,7 @@ def test_large_calls_are_split_at_the_request_limit(frame_service, folder):
 def test_api_token(service_server, tmp_path, monkeypatch):
     service = service_server(tmp_path, "--api-token", "s3cret")
     image = make_images(tmp_path / "scene", 1)[0]
-    with pytest.raises(CacheUnavailable, match="401.*bearer token"):
+    with pytest.raises(CacheUnavailable, match=r"401.*bearer token"):
         FeatureCache(service.url, spec=local_spec(), api_token="wrong").get(image)
     monkeypatch.setenv("VGGT_CACHE_API_TOKEN", "s3cret")
     cache = FeatureCache(service.url)
@@ -448,7 +449,7 @@ def test_get_sample_uses_the_clip_as_context(clip_service):
     got = cache.get_samples([first, second])
     assert service.requests("/features") == before + 1  # both clips in one request
     assert cache.spec.attention == attention
-    for clip, tensor in zip((first, second), got):
+    for clip, tensor in zip((first, second), got, strict=True):
         entry = read_entry(clip[-1], cache.spec, context_frames=clip)
         assert entry.outcome is Outcome.HIT and torch.equal(entry.features, tensor)
         assert len(entry.meta["context"]["frames"]) == 3

@@ -9,13 +9,13 @@ parser. The compose file uses the long syntax for ports and volumes (a
 from __future__ import annotations
 
 import json
-import tomllib
 import re
 import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from packaging.specifiers import SpecifierSet
 
@@ -321,7 +321,7 @@ def test_dockerfile_healthcheck_probes_healthz_with_python():
 def test_entrypoint_and_default_cmd_are_a_valid_serve_command():
     ins = dockerfile_instructions()
     assert json.loads(ins["ENTRYPOINT"][-1]) == ["vggt-cache", "serve"]
-    args = serve_args(json.loads(ins["CMD"][-1]) + ["--allowed-root", "/data"])  # the root: compose's to give
+    args = serve_args([*json.loads(ins["CMD"][-1]), "--allowed-root", "/data"])  # the root: compose's to give
     assert (args.host, args.port, args.state_dir) == ("0.0.0.0", PORT, STATE_DIR)
 
 

@@ -20,6 +20,7 @@ from vggt_cache.service.model.features import entry_features
 from vggt_cache.service.preprocess import preprocess
 from vggt_cache.service.settings import ServiceSettings
 from vggt_cache.service.units import Unit
+
 from service_helpers import poll, reference_features
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
@@ -98,7 +99,7 @@ def test_entries_equal_the_models_direct_output(loaded, tmp_path, attention, ove
     with Engine(loaded, spec, max_batch_frames=8, max_wait_ms=LONG_WAIT_MS) as engine:
         done = results(engine.submit(units, Priority.ON_DEMAND, verify=True))
         assert engine.stats()["batches"] == 1
-    for clip, unit, result in zip(clips, units, done):
+    for clip, unit, result in zip(clips, units, done, strict=True):
         expected = reference_features(loaded.model, clip, spec, "float32")
         assert [e.image for e in result.entries] == list(unit.targets)
         for entry in result.entries:
@@ -127,7 +128,7 @@ def test_overlapping_causal_clips_follow_a_rewritten_frame(loaded, tmp_path):
         os.utime(frames[1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
         done = results(engine.submit(units))
     assert statuses(done) == ["computed", "computed"]  # both contexts are stale now
-    for clip, result in zip(clips, done):
+    for clip, result in zip(clips, done, strict=True):
         expected = reference_features(loaded.model, clip, spec, "float32")[-1]
         assert_matches(result.entries[0].features, expected, spec.torch_dtype)
 
@@ -158,7 +159,7 @@ def test_on_demand_goes_ahead_of_a_bulk_backlog(loaded, tmp_path):
         # The first batch's callbacks are set before it can finish (set later, a finished future's fires at
         # once and would land after the on-demand unit's).
         bulk_futures = engine.submit(bulk[:2], Priority.BULK)  # room for them: returns at once
-        for unit, future in zip(bulk, bulk_futures):
+        for unit, future in zip(bulk[:2], bulk_futures, strict=True):
             future.add_done_callback(lambda f, name=unit.targets[0]: order.append(name))
         submitter = threading.Thread(target=lambda: bulk_futures.extend(engine.submit(bulk[2:], Priority.BULK)))
         submitter.start()
@@ -171,9 +172,9 @@ def test_on_demand_goes_ahead_of_a_bulk_backlog(loaded, tmp_path):
         poll(lambda: engine.stats()["decoding"]["on_demand"] == 0, 30, "the on-demand unit decoded")
         gate.release.set()
         submitter.join(30)
-        for unit, future in zip(bulk[2:], bulk_futures[2:]):  # queued behind the on-demand unit
+        for unit, future in zip(bulk[2:], bulk_futures[2:], strict=True):  # queued behind the on-demand unit
             future.add_done_callback(lambda f, name=unit.targets[0]: order.append(name))
-        results(bulk_futures + [urgent_future])
+        results([*bulk_futures, urgent_future])
     finally:
         gate.release.set()
         engine.stop()
@@ -193,7 +194,7 @@ def test_skip_existing_reads_valid_entries_and_recomputes_stale_ones(loaded, tmp
         again = results(engine.submit(units))
         assert statuses(again) == ["cached"] * 3
         assert engine.stats()["batches"] == 1  # no compute for cached units
-        for a, b in zip(first, again):
+        for a, b in zip(first, again, strict=True):
             assert torch.equal(a.entries[0].features, b.entries[0].features)
             assert b.entries[0].grid == (3, 4)
 
@@ -254,7 +255,7 @@ def test_out_of_memory_splits_the_batch_until_it_fits(loaded, tmp_path):
     assert statuses(done) == ["computed"] * 5
     assert stats["oom_splits"] == 4  # 5 -> 2 + 3, 2 -> 1 + 1, 3 -> 1 + 2, 2 -> 1 + 1
     assert stats["batches"] == 5
-    for p, r in zip(paths, done):
+    for p, r in zip(paths, done, strict=True):
         expected = reference_features(loaded.model, [p], spec, "float32")[0]
         assert_matches(r.entries[0].features, expected, spec.torch_dtype)
 
@@ -401,7 +402,7 @@ def test_a_frame_is_embedded_once_for_every_clip_that_shares_it(tmp_path, loaded
     cache = stats["patch_cache"]
     assert (cache["embedded"], cache["reused"]) == (embedded, 108 - embedded)
     assert cache["frames"] == (12 if budget_frames is None else 0)
-    for clip, result in zip(clips, done):  # equal to each clip computed alone, from its own pixels
+    for clip, result in zip(clips, done, strict=True):  # equal to each clip computed alone, from its own pixels
         alone = torch.stack([preprocess(p, spec.preprocess, spec.size) for p in clip])[None]
         expected = entry_features(loaded.model, alone, spec)[0, 0]
         torch.testing.assert_close(result.entries[0].features, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
@@ -432,7 +433,7 @@ def test_each_device_keeps_its_own_patch_cache(tmp_path, loaded):
     assert [d["batches"] for d in stats["devices"]] == [1, 1]
     assert (stats["patch_cache"]["embedded"], stats["patch_cache"]["reused"]) == (3, 15)
     assert stats["patch_cache"]["budget_bytes"] == 2 * (ServiceSettings.patch_cache_mb << 20)
-    for clip, result in zip(clips, done):
+    for clip, result in zip(clips, done, strict=True):
         alone = torch.stack([preprocess(p, spec.preprocess, spec.size) for p in clip])[None]
         expected = entry_features(loaded.model, alone, spec)[0, 0]
         torch.testing.assert_close(result.entries[0].features, expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
@@ -447,11 +448,11 @@ def test_units_in_lanes_on_two_devices_equal_each_clip_computed_alone(tmp_path, 
     with Engine(loaded, spec, devices=["cpu", "cpu"], max_batch_frames=9) as engine:
         assert engine.lanes == 2
         for priority, lanes in ((Priority.BULK, [2]), (Priority.ON_DEMAND, [0])):
-            with pytest.raises(ValueError, match="give bulk units one lane each in 0..1"):
+            with pytest.raises(ValueError, match=r"give bulk units one lane each in 0\.\.1"):
                 engine.submit([Unit.causal(clips[0][0])], priority, lanes=lanes)
         keys = [(lane, i) for i in range(5) for lane in clips]
         futures = dict(zip(keys, engine.submit([Unit.causal(clips[lane][i]) for lane, i in keys], Priority.BULK,
-                                               lanes=[lane for lane, _ in keys])))
+                                               lanes=[lane for lane, _ in keys]), strict=True))
         done = {key: f.result(timeout=60) for key, f in futures.items()}
         stats = engine.stats()
     assert sum(d["batches"] for d in stats["devices"]) == 10

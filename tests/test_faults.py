@@ -30,8 +30,21 @@ from vggt_cache.client.wire import decode_features
 from vggt_cache.service.engine import Engine
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.units import Unit
-from service_helpers import (REPO, TERMINAL, TINY_MODEL, RunningService, cache_files, done, poll, service_spec,
-                             temp_files, tmpfs, wait_job, write_images)
+
+from service_helpers import (
+    REPO,
+    TERMINAL,
+    TINY_MODEL,
+    RunningService,
+    cache_files,
+    done,
+    poll,
+    service_spec,
+    temp_files,
+    tmpfs,
+    wait_job,
+    write_images,
+)
 
 ENTRY_SHAPE = (16, 128)  # 56x56 images at --size 56: a 4x4 patch grid, 2 x 64 channels
 SEED = int(os.environ.get("VGGT_FAULT_SEED", "20261201"))  # fixed: a failure reruns the same; vary it to explore
@@ -73,7 +86,8 @@ def kill_and_resume(service_server: Callable[..., RunningService], data_root: Pa
     points = sorted(rng.sample(range(1, int(total * 0.8)), kills))
     for n, point in enumerate(points):
         with httpx.Client(base_url=service.url, timeout=30) as http:
-            at_kill = wait_job(http, job_id, until=lambda v: done(v) >= point or v["state"] in TERMINAL)
+            # B023 is wrong here: wait_job calls the lambda before the loop moves on.
+            at_kill = wait_job(http, job_id, until=lambda v: done(v) >= point or v["state"] in TERMINAL)  # noqa: B023
         if at_kill["state"] != "running":
             # Progress is recorded in steps: a fast restart can finish between two polls. The later
             # kills are then moot, but at least one must have hit the running job.
@@ -197,7 +211,7 @@ def test_a_full_disk_fails_entries_cleanly_and_the_job_resumes_when_space_return
                                                               "force": True}).json()["job_id"])
         items_on_full = http.post("/features", json={"images": images})
 
-        assert first["state"] == "finished" and 0 < first["computed"] and first["failed"] > 0
+        assert first["state"] == "finished" and first["computed"] > 0 and first["failed"] > 0
         assert first["computed"] + first["failed"] == 40
         assert {f["reason"] for f in first["failures"]} == {"[Errno 28] No space left on device"}
         assert len(cache_files(data)) == first["computed"]
@@ -335,7 +349,7 @@ def two_services_with_readers(service_server: Callable[..., RunningService], dat
         try:
             assert reader.stdout.readline() == "ready\n"  # torch imported: it reads while the jobs run
             job_ids = [h.post("/precompute", json={"data_root": str(data_root)}).json()["job_id"] for h in https]
-            views = [wait_job(h, j, timeout=timeout) for h, j in zip(https, job_ids)]
+            views = [wait_job(h, j, timeout=timeout) for h, j in zip(https, job_ids, strict=True)]
         finally:
             stop.set()
             stop_file.touch()

@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
+from test_cli_errors import cli, one_error
 
 from service_helpers import TINY_MODEL, write_images
-from test_cli_errors import cli, one_error
 
 
 def test_tiny_is_the_one_shipped_model_that_every_entry_point_takes(tmp_path: Path) -> None:
@@ -90,7 +90,8 @@ def test_training_help_starts_with_the_ten_flags_a_first_run_needs() -> None:
     start = text.index("start here: the flags a first run needs:")
     shown = re.findall(r"^  (--\w+)", text[start:], re.M)
     assert len(FIRST_FLAGS) == 10 and shown[:10] == list(FIRST_FLAGS)
-    assert text.index("-h, --help") < start < text.index("--learning_rate") and "--lr_scheduler_type" not in text[:start]
+    assert text.index("-h, --help") < start < text.index("--learning_rate")
+    assert "--lr_scheduler_type" not in text[:start]
     for group in ("models: Qwen2.5-VL", "data: samples", "VGGT features: the spec", "transformers' TrainingArguments"):
         assert text.index(group) > start
 

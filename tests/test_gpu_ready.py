@@ -14,14 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from test_cli_errors import cli, one_error
 
 from vggt_cache.client.wire import decode_features
 from vggt_cache.service.demo import free_port
 from vggt_cache.service.engine.device import is_device_lost, is_out_of_memory
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.settings import parse_devices, rank_device
+
 from service_helpers import REPO, TINY_MODEL, service_in_process, write_images
-from test_cli_errors import cli, one_error
 
 ILLEGAL_ACCESS = ("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
                   "asynchronously reported at some other API call")
@@ -130,16 +131,17 @@ def test_a_device_lost_to_a_fatal_cuda_error_is_not_ready_and_says_why(tmp_path:
 
 
 def test_a_lost_device_hands_later_work_to_the_others(tmp_path: Path) -> None:
+    from test_engine import images, make_spec
+
     from vggt_cache.service.engine import Engine
     from vggt_cache.service.units import Unit
-    from test_engine import images, make_spec
 
     loaded = load_aggregator(str(TINY_MODEL))
     hook = LoseDevice()
     with Engine(loaded, make_spec(loaded), devices=["cpu", "cpu"], max_batch_frames=1, before_forward=hook) as engine:
         first = engine.submit([Unit.frame(images(tmp_path / "a", 1)[0])])[0].result(timeout=60)
         assert first.entries[0].status == "failed"
-        assert not engine.ready and list(engine.lost_devices.values())[0].startswith("device lost")
+        assert not engine.ready and next(iter(engine.lost_devices.values())).startswith("device lost")
         later = [f.result(timeout=60) for f in engine.submit([Unit.frame(p) for p in images(tmp_path / "b", 4)])]
         assert [r.entries[0].status for r in later] == ["computed"] * 4
         lost, alive = sorted(engine.stats()["devices"], key=lambda d: d["failed"] is None)
@@ -174,9 +176,10 @@ def test_compile_raises_the_limit_under_its_older_name_on_older_torch() -> None:
 
 def test_a_batch_that_compiles_is_logged_with_its_shape(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Stands in for a compiled block meeting a new clip length: the hook compiles once per new shape.
+    from test_engine import images, make_spec
+
     from vggt_cache.service.engine import Engine
     from vggt_cache.service.units import Unit
-    from test_engine import images, make_spec
 
     double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
     loaded = load_aggregator(str(TINY_MODEL))
@@ -193,9 +196,10 @@ def test_a_batch_that_compiles_is_logged_with_its_shape(tmp_path: Path, caplog: 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA memory counters need a GPU (benchmarks/gpu_check.sh)")
 def test_cuda_memory_in_status_has_reserved_and_peaks(tmp_path: Path) -> None:
+    from test_engine import images, make_spec
+
     from vggt_cache.service.engine import Engine
     from vggt_cache.service.units import Unit
-    from test_engine import images, make_spec
 
     loaded = load_aggregator(str(TINY_MODEL))
     with Engine(loaded, make_spec(loaded), devices=["cuda:0"]) as engine:

@@ -29,8 +29,19 @@ from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
 from vggt_cache.client.manifest import manifest_path
 from vggt_cache.client.wire import decode_features
 from vggt_cache.service.demo import free_port
-from service_helpers import (REPO, TINY_MODEL, RunningService, cache_files, poll, service_in_process, service_spec,
-                             temp_files, wait_job, write_images)
+
+from service_helpers import (
+    REPO,
+    TINY_MODEL,
+    RunningService,
+    cache_files,
+    poll,
+    service_in_process,
+    service_spec,
+    temp_files,
+    wait_job,
+    write_images,
+)
 
 TOKEN = "hostile-test-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -65,7 +76,8 @@ def features(http: httpx.Client, images: list[str]) -> list[dict]:
 
 
 def verify(folder: Path, server: RunningService) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "verify", str(folder), "--server", server.url,
+    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "verify", str(folder), "--server",
+                           server.url,
                            "--api-token", TOKEN, "--json"], cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
 
 
@@ -335,7 +347,7 @@ def test_a_flipped_byte_in_the_features_is_caught_by_its_crc(server: RunningServ
                                                             root: Path) -> None:
     folder = root / "bitrot"
     image = write_images(folder, ["a.png"], seed=12)[0]
-    [first] = features(http, [image])
+    [_first] = features(http, [image])
     entry = Path(cache_path(image))
     data = bytearray(entry.read_bytes())
     data[tensor_offset(str(entry)) + 5] ^= 0x40

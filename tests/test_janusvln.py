@@ -25,8 +25,9 @@ from vggt_cache.client.spec import FeatureSpec, matching_preset
 from vggt_cache.service.model import KVCache, load_aggregator
 from vggt_cache.service.preprocess import preprocess
 from vggt_cache.service.samples import find_samples
-from service_helpers import service_spec, wait_job, write_images
 from vggt_cache.training.data import load_samples
+
+from service_helpers import service_spec, wait_job, write_images
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 JANUS = FIXTURES / "janusvln"
@@ -86,7 +87,7 @@ def test_the_service_computes_what_janusvln_training_computes(tmp_path, service_
 
     model = load_aggregator(str(JANUS / "model")).model
     against_ground_truth = 0
-    for clip, sample in zip(clips, samples):
+    for clip, sample in zip(clips, samples, strict=True):
         entry = read_entry(clip[-1], spec, context_frames=clip, mmap=False)  # filed under the current view
         assert entry.outcome is Outcome.HIT, entry.reason
         assert entry.meta["grid"] == ([46, 46] if layout == "new" else [35, 46])  # 644x644 pad, 490x644 crop

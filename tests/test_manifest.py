@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -23,7 +24,7 @@ def test_manifest_round_trips_and_replaces_the_previous_one(tmp_path):
     path = write_manifest(str(tmp_path), record)
     assert path == os.path.join(tmp_path, MANIFEST_NAME)
     body = read_manifest(str(tmp_path))
-    assert body == json.loads(open(path).read())
+    assert body == json.loads(Path(path).read_text())
     assert body["counts"] == record["counts"] and body["spec"] == record["spec"]
     assert body["failures"] == [{"image": "/d/x.jpg", "reason": "ImageError: truncated"}]
     assert body["failures_omitted"] == 0 and body["manifest_version"] == 1

@@ -235,7 +235,7 @@ def test_config_from_dict_and_to_dict(fixture_config):
 
 
 def test_config_rejects_inconsistent_values():
-    with pytest.raises(ValueError, match="patch_embed.embed_dim"):
+    with pytest.raises(ValueError, match=r"patch_embed\.embed_dim"):
         AggregatorConfig.from_dict({"embed_dim": 64, "num_heads": 4, "patch_embed": {"embed_dim": 128}})
     with pytest.raises(ValueError, match="multiple of num_heads"):
         AggregatorConfig.from_dict({"num_heads": 7})

@@ -83,7 +83,7 @@ def test_frame_mode_is_each_frame_alone(model64, images):
     together, _ = model64(images.double(), attention="frame")
     for s in range(images.shape[1]):
         alone, _ = model64(images[:, s : s + 1].double(), attention="sequence")
-        for a, t in zip(alone, together):
+        for a, t in zip(alone, together, strict=True):
             assert rel_err(t[:, s : s + 1], a) < TOL64
 
 
@@ -123,7 +123,7 @@ def test_layer_selection(model32, images, expected):
     for layers, names in (([-1], ["1"]), ([0], ["0"]), ([0, -1], ["0", "1"]), ([1, 0], ["1", "0"])):
         outputs, _ = model32(images, attention="sequence", layers=layers)
         assert len(outputs) == len(names)
-        for out, name in zip(outputs, names):
+        for out, name in zip(outputs, names, strict=True):
             assert rel_err(out, expected[f"sequence.{name}"]) < TOL32
 
 
@@ -229,7 +229,7 @@ def test_chunked_block_causal_attention_equals_the_dense_mask(model32, images, c
             results[impl] = [torch.cat([o[layer] for o in outs], dim=1) for layer in range(len(outs[0]))]
         finally:
             model32.causal_impl = "chunked"
-    for dense, chunked in zip(results["mask"], results["chunked"]):
+    for dense, chunked in zip(results["mask"], results["chunked"], strict=True):
         assert rel_err(chunked, dense) < 1e-5
     assert not torch.equal(results["chunked"][0][0], results["chunked"][0][1])  # the two clips differ
 
@@ -246,7 +246,7 @@ def test_patches_embedded_elsewhere_give_the_same_outputs(model32, images, mode)
     patches = tokens[[order[i] for i in (0, 1, 2, 0, 0, 2)]].unflatten(0, (B, S))  # [2, 3, h*w, C]
     own, _ = model32(clips, attention=mode)
     given, _ = model32(clips, attention=mode, patches=patches)
-    for a, b in zip(own, given):
+    for a, b in zip(own, given, strict=True):
         assert rel_err(b, a) < 1e-5
     with pytest.raises(ValueError, match="patches must be"):
         model32(clips, attention=mode, patches=patches[:, :2])

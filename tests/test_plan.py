@@ -12,6 +12,7 @@ import httpx
 
 from vggt_cache.client.cachefile import CACHE_SUFFIX
 from vggt_cache.service import cli, plan
+
 from service_helpers import cache_files, tmpfs, wait_job, write_images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -27,7 +28,8 @@ def episode_root(folder: Path) -> Path:
 
 
 def precompute(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "vggt_cache.service.cli", "precompute", "--vggt_model_path", str(TINY), "--device", "cpu",
+    cmd = [sys.executable, "-m", "vggt_cache.service.cli", "precompute", "--vggt_model_path", str(TINY), "--device",
+           "cpu",
            "--preset", "newjanusvln", "--size", "56", *args]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
@@ -116,7 +118,8 @@ def test_the_service_plans_on_request_and_refuses_a_job_that_cannot_fit(tmp_path
             assert body["plan"]["bytes_to_write"] == STEPS * (2116 * 128 * 2 + plan.ENTRY_OVERHEAD_BYTES)
             status = http.get("/status").json()
             assert status["jobs"] == [] and status["preset"] == "newjanusvln"  # a dry run is no job
-            remote = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "precompute", "--server", service.url,
+            remote = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "precompute", "--server",
+                                     service.url,
                                      "--data_root", str(root), "--dry-run"], cwd=REPO, capture_output=True,
                                     text=True, timeout=120)
             assert remote.returncode == 0 and "DOES NOT FIT" in remote.stdout, remote.stdout + remote.stderr

@@ -68,7 +68,7 @@ def test_episode_steps_sort_numerically_and_every_step_is_a_sample(tmp_path):
     assert len(ep) == 12 and [c[-1] for c in ep] == frames  # each step is the current view of one sample
     assert ep[0] == (frames[0],) * 9
     assert ep[6] == (frames[0],) * 2 + tuple(frames[:7])  # steps 0..7: frame 0 repeated in front
-    assert ep[7] == (frames[0],) + tuple(frames[:8])
+    assert ep[7] == (frames[0], *frames[:8])
     assert ep[8] == tuple(frames[:9])
     assert ep[11] == tuple(frames[i] for i in (0, 1, 2, 4, 5, 6, 8, 9, 11))  # linspace(0, 11, 9)
     records = find_samples(str(tmp_path), keep_records=True).samples

@@ -14,6 +14,7 @@ import torch
 from vggt_cache.client.cachefile import Outcome, read_entry
 from vggt_cache.client.wire import decode_features
 from vggt_cache.service.model import load_aggregator
+
 from service_helpers import free_port, poll, reference_features, service_spec, write_images
 
 REPO = Path(__file__).resolve().parent.parent

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from vggt_cache.client.cachefile import Outcome, read_entry
-from vggt_cache.client.wire import decode_features
 from vggt_cache.client.manifest import MANIFEST_NAME
+from vggt_cache.client.wire import decode_features
+
 from service_helpers import cache_files, done, job, service_spec, temp_files, wait_job, write_images
 
 
@@ -32,7 +33,7 @@ def server(service_server, root: Path):
 def test_bulk_job_over_seed_samples_records_failures_and_writes_valid_entries(
         http: httpx.Client, root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     data = root / "seed"
-    images = dict(zip("abcde", write_images(data / "imgs", [f"{n}.png" for n in "abcde"], size=(28, 42))))
+    images = dict(zip("abcde", write_images(data / "imgs", [f"{n}.png" for n in "abcde"], size=(28, 42)), strict=True))
     (data / "imgs" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     outside = tmp_path_factory.mktemp("outside")
     write_images(outside, ["secret.png"])
@@ -123,7 +124,7 @@ def test_on_demand_requests_overtake_a_running_bulk_job(http: httpx.Client, root
     at_answer = job(http, job_id)
 
     assert r.status_code == 200, r.text
-    items, tensors = decode_features(r.content)
+    items, _tensors = decode_features(r.content)
     assert [i["status"] for i in items] == ["computed", "computed"]
     assert at_answer["state"] == "running" and done(at_answer) < at_answer["total"]
     http.delete(f"/jobs/{job_id}")

@@ -19,8 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service_helpers import REPO, TINY_MODEL, RunningService, poll, start_service, wait_job, write_images
 from vggt_cache.service.demo import free_port
+
+from service_helpers import REPO, TINY_MODEL, RunningService, poll, start_service, wait_job, write_images
 
 TOKEN = "shared-node-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -31,7 +32,8 @@ PROBE_S = 2.0  # what a probe must beat while the service is busy (docker's heal
 
 
 def cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True,
+                          text=True,
                           timeout=timeout)
 
 

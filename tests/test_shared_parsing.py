@@ -20,6 +20,7 @@ import pytest
 from vggt_cache.client.manifest import read_manifest
 from vggt_cache.client.text import MAX_TEXT
 from vggt_cache.service.samples import MAX_HISTORY_IMAGES
+
 from service_helpers import REPO, TINY_MODEL, RunningService, start_service, wait_job, write_images
 
 SAMPLE_LIMIT = 64 * 1024  # the service's --max-sample-bytes here
@@ -52,7 +53,8 @@ def run_job(http: httpx.Client, data_root: Path) -> dict:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True,
+                          text=True,
                           timeout=120)
 
 

@@ -17,6 +17,7 @@ import pytest
 
 from vggt_cache.client.manifest import manifest_path
 from vggt_cache.service.store import DB_NAME, JobStore
+
 from service_helpers import REPO, poll, start_service, wait_job, write_images
 
 LONG = 100_000  # characters of each sample's image name (a string in a file: no path limit applies)
@@ -133,7 +134,8 @@ def test_names_with_newlines_and_escapes_forge_no_line_in_the_service_log(server
 
 
 def _cli(*args: str) -> str:
-    run = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True,
+                         text=True,
                          timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     return run.stdout + run.stderr
 
@@ -163,7 +165,8 @@ def test_a_sample_outside_the_roots_answers_the_same_whether_it_exists_or_not(se
     (data / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
 
     dry = http.post("/precompute", json={"data_root": str(data), "dry_run": True}).raise_for_status().json()
-    assert (dry["plan"]["problems"], dry["plan"]["refused"]) == (0, 2)  # refused (the climb is `exists`), none "not found"
+    # refused (the climb is `exists`), none "not found"
+    assert (dry["plan"]["problems"], dry["plan"]["refused"]) == (0, 2)
     answer = http.post("/precompute", json={"data_root": str(data)}).raise_for_status()
     view = wait_job(http, answer.json()["job_id"])
     by_image = {}

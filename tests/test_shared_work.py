@@ -27,6 +27,7 @@ from vggt_cache.service.engine.work import Flight, Priority
 from vggt_cache.service.runtime import DRILL_HOLD_ENV
 from vggt_cache.service.store import DB_NAME
 from vggt_cache.service.units import Unit
+
 from service_helpers import RunningService, poll, wait_job, write_images
 
 CLIENTS = 50
@@ -102,7 +103,8 @@ def test_a_unit_running_at_two_deaths_of_the_service_is_failed_as_poison(
     service = service_server(data, *args)
     job_id = start_job(service, data)
     for death in range(2):
-        poll(lambda: held(service), 60, f"the {HELD}-frame forward to hold the device (run {death + 1})")
+        # B023 is wrong here: poll calls the lambda before the loop moves on.
+        poll(lambda: held(service), 60, f"the {HELD}-frame forward to hold the device (run {death + 1})")  # noqa: B023
         service.proc.send_signal(signal.SIGKILL)
         service.proc.wait(30)
         service = service_server(data, *args)  # resumes the job

@@ -116,10 +116,10 @@ def test_validation(kw, message):
 
 def test_from_dict_rejects_unknown_and_missing_fields():
     d = make().to_dict()
-    with pytest.raises(ValueError, match="unknown.*colour"):
+    with pytest.raises(ValueError, match=r"unknown.*colour"):
         FeatureSpec.from_dict({**d, "colour": "red"})
     del d["architecture"]
-    with pytest.raises(ValueError, match="lacks.*architecture"):
+    with pytest.raises(ValueError, match=r"lacks.*architecture"):
         FeatureSpec.from_dict(d)
     with pytest.raises(ValueError, match="must be a dict"):
         FeatureSpec.from_dict([1])
@@ -145,7 +145,7 @@ def test_reference_frame_last_is_another_spec_and_means_nothing_for_one_frame():
     assert FeatureSpec.from_dict(json.loads(last.canonical_json())) == last
     assert last.differences(make(attention="causal")) == ["reference_frame"]
     assert make(attention="frame", reference_frame="last") == make()  # a single frame is its own first
-    with pytest.raises(ValueError, match="reference_frame must be one of first|last"):
+    with pytest.raises(ValueError, match=r"reference_frame must be one of first\|last"):
         make(attention="causal", reference_frame="middle")
 
 
@@ -160,5 +160,5 @@ def test_presets_give_each_projects_training_spec_and_are_recognised_however_giv
     assert matching_preset(make(attention="causal", preprocess="pad", size=644, reference_frame="last",
                                 layers=[22])) == "newjanusvln"
     assert matching_preset(dataclasses.replace(new, dtype="float32")) is None and matching_preset(make()) is None
-    with pytest.raises(ValueError, match="preset must be one of janusvln|newjanusvln"):
+    with pytest.raises(ValueError, match=r"preset must be one of janusvln\|newjanusvln"):
         preset_options("janus")

@@ -14,7 +14,8 @@ from PIL import Image
 from browser import CHROMIUM, Browser
 from service_helpers import poll, wait_job, write_images
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium package is not installed (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(CHROMIUM is None,
+                                reason="Debian's chromium package is not installed (.ci/run installs it)")
 
 
 def render(url: str, profile: str) -> str:

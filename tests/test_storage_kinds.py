@@ -28,6 +28,7 @@ from vggt_cache.client.wire import decode_features
 from vggt_cache.service.cli import main
 from vggt_cache.service.plan import ENTRY_OVERHEAD_BYTES
 from vggt_cache.service.verify import verify_data_root
+
 from service_helpers import REPO, TINY_MODEL, RunningService, service_spec, wait_job, write_images
 
 ARCH = {"patch_size": 14, "embed_dim": 64, "depth": 4, "num_register_tokens": 4}
@@ -110,7 +111,7 @@ def test_fp8_entries_are_half_the_bytes_with_a_bounded_error(tmp_path: Path) -> 
 
 @pytest.mark.parametrize("storage", ["packed", "fp8"])
 def test_a_loader_that_knows_only_raw_misses_instead_of_reading_a_wrong_tensor(tmp_path: Path, storage: str) -> None:
-    image, spec, _ = entry_for(tmp_path, storage)
+    image, _spec, _ = entry_for(tmp_path, storage)
     with pytest.raises(KeyError):  # the seed's loader: try torch.load(path)["features"], warn on failure
         # The seed's plain call; on torch >= 2.6 its default is weights_only=True, said here explicitly.
         torch.load(cache_path(image), map_location="cpu", weights_only=True)["features"]

@@ -74,7 +74,7 @@ def test_racing_creators_get_the_same_job(tmp_path):
 
 def test_results_update_counters_failures_and_pending_units(store):
     job = store.create_job("/data", "d", SPEC, {})
-    units = frame_units(3) + [Unit.sequence(("/data/s0.jpg", "/data/s1.jpg"))]
+    units = [*frame_units(3), Unit.sequence(("/data/s0.jpg", "/data/s1.jpg"))]
     planned = store.set_plan(job.job_id, units, problems=[("/data/s.jsonl:7", "malformed sample")])
     assert planned.planned and planned.total == 3 + 2 + 1 and planned.failed == 1
     assert store.pending_units(job.job_id) == list(enumerate(units))
@@ -233,7 +233,8 @@ def test_a_state_dir_from_before_job_plans_is_upgraded_in_place(tmp_path):
     from vggt_cache.service.store import _SCHEMA
 
     # the jobs and units tables without their newer columns
-    first_release = _SCHEMA.replace(",\n    plan_json TEXT", "").replace("\n    attempts INTEGER NOT NULL DEFAULT 0,", "")
+    first_release = (_SCHEMA.replace(",\n    plan_json TEXT", "")
+                     .replace("\n    attempts INTEGER NOT NULL DEFAULT 0,", ""))
     assert "plan_json" not in first_release and "attempts" not in first_release
     with sqlite3.connect(tmp_path / DB_NAME) as db:
         db.executescript(first_release)

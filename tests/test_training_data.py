@@ -250,11 +250,11 @@ def test_arguments_take_the_seeds_environment_and_flags_override_it(monkeypatch)
     assert parse(["--use_vggt_cache"])[2].use_vggt_cache is True
     _, data, cache = parse(["--vggt_layers=4,-1", "--data_files", "a.jsonl, b/c.jsonl", "--vggt_attention", "causal"])
     assert train_options(cache)["layers"] == (4, -1) and data.sample_files == ["a.jsonl", "b/c.jsonl"]
-    with pytest.raises(ValueError, match="--vggt_attention must be one of frame|sequence|causal"):
+    with pytest.raises(ValueError, match=r"--vggt_attention must be one of frame\|sequence\|causal"):
         parse(["--vggt_attention", "bidirectional"])
     with pytest.raises(ValueError, match="max_history_images must be an integer of at least 1"):
         parse(["--max_history_images", "0"])
-    with pytest.raises(ValueError, match="--vggt_preset must be one of janusvln|newjanusvln|none"):
+    with pytest.raises(ValueError, match=r"--vggt_preset must be one of janusvln\|newjanusvln\|none"):
         parse(["--vggt_preset", "janus"])
     with pytest.raises(ValueError, match="--vggt_layers takes comma-separated integers"):
         parse(["--vggt_layers", "last"])
@@ -303,7 +303,7 @@ def test_training_defaults_to_the_newjanusvln_spec_and_takes_the_janusvln_recipe
     assert model.fusion == Fusion(vggt_weight=0.2, merger_hidden_dim=4096, merger_norm="rmsnorm", add_to="all_frames")
     model, _, _ = parse(["--vggt_fusion", "janusvln", "--vggt_weight", "0.5", "--vggt_add_to", "current"])
     assert (model.fusion.vggt_weight, model.fusion.add_to, model.fusion.merger_norm) == (0.5, "current", "rmsnorm")
-    with pytest.raises(ValueError, match="add_to must be one of current|all_frames"):
+    with pytest.raises(ValueError, match=r"add_to must be one of current\|all_frames"):
         parse(["--vggt_add_to", "every"])
 
 
@@ -324,6 +324,6 @@ def test_episode_folders_train_on_the_clips_a_job_computes_with_their_descriptio
     item = make_dataset(tok, loaded, samples[:1])[0]
     assert item["images_vggt"].shape == (9, 3, 56, 56)  # step 0: nine copies of its one frame
     assert item["image_grid_thw"].tolist() == [[1, 4, 4]] * 9 and item["vggt_grid"] == (4, 4)
-    with pytest.raises(ValueError, match="no samples under .*loose images carry no text"):
+    with pytest.raises(ValueError, match=r"no samples under .*loose images carry no text"):
         write_image(tmp_path / "other" / "x.png", 0)
         load_samples(str(tmp_path / "other"))

@@ -1,4 +1,5 @@
-"""Training with the cache, end to end: `python -m vggt_cache.training.train --tiny` against a real service on 127.0.0.1.
+"""Training with the cache, end to end: `python -m vggt_cache.training.train --tiny` against a real service on
+127.0.0.1.
 
 The service runs the VGGT fixture with the same spec as training (pad, 56 px,
 28-aligned). Features it writes must be the features training would compute itself.
@@ -74,7 +75,8 @@ def serve_args(attention: str) -> list[str]:
 
 
 def train(data_root: Path, out: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "vggt_cache.training.train", "--tiny", "--data_root", str(data_root), "--output_dir", str(out),
+    cmd = [sys.executable, "-m", "vggt_cache.training.train", "--tiny", "--data_root", str(data_root), "--output_dir",
+           str(out),
            "--image_size", "56", "--vggt_attention", "causal", "--max_steps", "2", "--per_device_train_batch_size",
            "2", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
            "--disable_tqdm", "true", *extra]
@@ -86,7 +88,7 @@ def sources(run: subprocess.CompletedProcess) -> dict[str, int]:
     found = re.search(r"VGGT features by source over \d+ sample\(s\): cache=(\d+), service=(\d+), online=(\d+)",
                       run.stderr)
     assert found, run.stdout[-2000:] + run.stderr[-4000:]
-    return dict(zip(("cache", "service", "online"), map(int, found.groups())))
+    return dict(zip(("cache", "service", "online"), map(int, found.groups()), strict=True))
 
 
 @pytest.mark.slow
@@ -111,9 +113,9 @@ def test_training_fills_the_cache_from_the_service_then_falls_back_when_it_is_go
     # The checkpoint holds Qwen and the merger, not the VGGT weights.
     saved = tmp_path / "out1"
     with safe_open(saved / "model.safetensors", "pt") as f:
-        assert not any("vggt" in k or "aggregator" in k or "frame_blocks" in k for k in f.keys())
+        assert not any("vggt" in k or "aggregator" in k or "frame_blocks" in k for k in f.keys())  # noqa: SIM118
     with safe_open(saved / MERGER_FILE, "pt") as f:
-        assert all(k.startswith(("norm.", "mlp.")) for k in f.keys())
+        assert all(k.startswith(("norm.", "mlp.")) for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
 
     # 2. Service stopped, one entry gone: the rest are read from disk, the miss is computed online.
     service.stop()
@@ -167,7 +169,7 @@ def test_features_written_by_the_service_equal_features_computed_in_training(
     assert [i["vggt_source"] for i in served] == ["service"] * 4
     assert [i["vggt_source"] for i in cached] == ["cache"] * 4
 
-    for s, c, o in zip(served, cached, online):
+    for s, c, o in zip(served, cached, online, strict=True):
         expected = entry_features(loaded.model, o["images_vggt"][None], spec)[0, -1]  # [16, 128]
         assert o["images_vggt"].shape[0] == (1 if attention == "frame" else len(o["image_grid_thw"]))
         assert c["vggt_features"].dtype == spec.torch_dtype == torch.bfloat16

@@ -86,7 +86,8 @@ def test_cached_and_online_features_give_the_same_loss_and_gradients(tmp_path, l
 
     loss_cached, grads_cached = loss_and_grads(model, batch, vggt_features=cached)
     loss_online, grads_online = loss_and_grads(model, batch, images_vggt=clips)
-    loss_mixed, grads_mixed = loss_and_grads(model, batch, vggt_features=[cached[0], None], images_vggt=[None, clips[1]])
+    loss_mixed, grads_mixed = loss_and_grads(model, batch, vggt_features=[cached[0], None], images_vggt=[None,
+                                                                                                         clips[1]])
 
     assert torch.isfinite(loss_cached)
     assert torch.equal(loss_cached, loss_online) and torch.equal(loss_cached, loss_mixed)
@@ -125,7 +126,7 @@ def test_qwen_tokens_and_merged_vggt_grid_have_the_same_count(loaded, clips):
     assert vision["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 6]]
     embeds = model.qwen.model.get_image_features(**vision, return_dict=True).pooler_output
     assert [e.shape[0] for e in embeds] == [4, 6]
-    for image, e in zip(images, embeds):
+    for image, e in zip(images, embeds, strict=True):
         outputs, start = loaded.model(image[None, None], attention="frame", layers=[-1])
         patches = outputs[0][0, :, start:]  # [1, h*w, 128]
         grid = (image.shape[1] // 14, image.shape[2] // 14)
@@ -173,7 +174,7 @@ def test_wrong_vggt_inputs_are_refused_with_a_clear_error(tmp_path, loaded, clip
         model(**batch, vggt_features=[good, good.float()])
     with pytest.raises(ValueError, match="sample 1 has neither vggt_features nor images_vggt"):
         model(**batch, vggt_features=[good, None])
-    with pytest.raises(ValueError, match="sample 0: the VGGT grid 2x4 does not hold Qwen's 4x4 .*same image"):
+    with pytest.raises(ValueError, match=r"sample 0: the VGGT grid 2x4 does not hold Qwen's 4x4 .*same image"):
         model(**batch, images_vggt=[torch.rand(2, 3, 28, 56), clips[1]])
     with pytest.raises(ValueError, match=r"sample 0: vggt_grid \[5, 4\] but images_vggt frames give \[4, 4\]"):
         model(**batch, images_vggt=clips, vggt_grid=[(5, 4), None])
@@ -206,7 +207,8 @@ def test_merge_grid_follows_qwens_patch_order():
 def test_merger_refuses_odd_grids_and_wrong_widths():
     merger = VGGTMerger(vggt_dim=8, llm_dim=16)
     assert merger(torch.zeros(2, 16, 8), (4, 4)).shape == (2, 4, 16)
-    with pytest.raises(ValueError, match="37x37 is not divisible by the spatial merge 2; cut it to Qwen2.5-VL's even grid first"):
+    with pytest.raises(ValueError,
+                       match=r"37x37 is not divisible by the spatial merge 2; cut it to Qwen2\.5-VL's even grid first"):
         merger(torch.zeros(1, 37 * 37, 8), (37, 37))
     with pytest.raises(ValueError, match="expected 4x4=16 patch tokens, got 15"):
         merger(torch.zeros(1, 15, 8), (4, 4))
@@ -243,7 +245,7 @@ def test_save_and_reload_give_the_same_model(tmp_path, loaded, clips):
 
 def test_vggt_weights_must_be_the_specs(loaded):
     spec = dataclasses.replace(make_spec(loaded), fingerprint="sha256:" + "0" * 64)
-    with pytest.raises(ValueError, match="VGGT weights sha256:.* are not the spec's sha256:0000"):
+    with pytest.raises(ValueError, match=r"VGGT weights sha256:.* are not the spec's sha256:0000"):
         make_model(loaded, spec)
 
 
@@ -325,8 +327,9 @@ def test_janusvln_fusion_adds_the_merged_features_to_every_frame_with_an_rmsnorm
     fused = janus._add_vggt(list(embeds), batch["input_ids"], batch["image_grid_thw"], None, [clips[0]], None)
     entry = entry_features(loaded.model, clips[0][None], spec)[0, -1]
     merged = janus.merger(entry[None].to(janus.merger.dtype), (4, 4))[0]
-    for before, after in zip(embeds, fused):
+    for before, after in zip(embeds, fused, strict=True):
         assert torch.equal(after, before + 0.2 * merged)
     current_only = make_model(loaded, spec, vggt_weight=0.2, merger_hidden_dim=4096, merger_norm="rmsnorm")
     fused = current_only._add_vggt(list(embeds), batch["input_ids"], batch["image_grid_thw"], None, [clips[0]], None)
-    assert torch.equal(fused[0], embeds[0]) and torch.equal(fused[1], embeds[1]) and not torch.equal(fused[2], embeds[2])
+    assert torch.equal(fused[0], embeds[0]) and torch.equal(fused[1], embeds[1]) and not torch.equal(fused[2],
+                                                                                                     embeds[2])

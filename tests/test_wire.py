@@ -30,7 +30,7 @@ def test_round_trip(dtype):
     body = encode_features(items, tensors, "0123456789abcdef", [0, 1, 1])
     assert isinstance(body, bytes)
     got_items, got = decode_features(body, expected_digest="0123456789abcdef")
-    assert got_items == [{**i, "request": r} for i, r in zip(items, [0, 1, 1])]
+    assert got_items == [{**i, "request": r} for i, r in zip(items, [0, 1, 1], strict=True)]
     assert set(got) == {"0", "1"}
     for name in got:
         assert got[name].dtype == dtype and torch.equal(got[name], tensors[name])

@@ -69,7 +69,8 @@ class ModelArguments:
     vggt_weight: float | None = field(
         default=None, metadata={"help": "scale of the merged VGGT tokens added to Qwen's (default: the recipe's)"})
     merger_hidden_dim: int | None = field(
-        default=None, metadata={"help": "VGGT merger MLP width (default: the recipe's; default recipe: its input width)"})
+        default=None,
+        metadata={"help": "VGGT merger MLP width (default: the recipe's; default recipe: its input width)"})
     vggt_merger_norm: str | None = field(
         default=None, metadata={"help": f"{' | '.join(NORMS)} on each VGGT token (default: the recipe's)"})
     vggt_add_to: str | None = field(
@@ -89,7 +90,7 @@ class ModelArguments:
         if self.tiny is None:
             self.tiny = env_flag("VGGT_TRAIN_TINY")
         _check_choice("vggt_fusion", self.vggt_fusion, tuple(FUSIONS))
-        self.fusion  # fail while parsing, not after the models have loaded
+        self.fusion  # noqa: B018 -- fail while parsing, not after the models have loaded
 
     @property
     def fusion(self) -> Fusion:

@@ -262,7 +262,7 @@ class Qwen25VLWithVGGT(nn.Module):
             images = torch.stack([clips[b] for b in samples]).to(device)  # [B, S, 3, H, W]
             last = entry_features(self.vggt, images, self.spec)[:, -1]  # [B, P, C] | [B, L, P, C]
             last = as_stored(last, self.spec.storage)  # as a cache hit would give it (fp8 is lossy)
-            entries.update(zip(samples, last))
+            entries.update(zip(samples, last, strict=True))
         return entries
 
     def _entry_to_patches(self, b: int, entry: Tensor, grid: tuple[int, int], qwen: tuple[int, int]) -> Tensor:

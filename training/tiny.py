@@ -89,14 +89,15 @@ def tiny_batch(
         answer = (torch.randint(0, words, (answer_len,), generator=g) + 3).tolist()
         ids = [BOS, *prompt]
         for _ in sample:
-            ids += [config.vision_start_token_id, *[config.image_token_id] * next(image_tokens), config.vision_end_token_id]
+            image = [config.image_token_id] * next(image_tokens)
+            ids += [config.vision_start_token_id, *image, config.vision_end_token_id]
         rows.append(ids + answer + [EOS])
         label_rows.append([IGNORE_INDEX] * len(ids) + answer + [EOS])
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), PAD)
     labels = torch.full((len(rows), width), IGNORE_INDEX)
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for b, (ids, lab) in enumerate(zip(rows, label_rows)):
+    for b, (ids, lab) in enumerate(zip(rows, label_rows, strict=True)):
         input_ids[b, : len(ids)] = torch.tensor(ids)
         labels[b, : len(lab)] = torch.tensor(lab)
         attention_mask[b, : len(ids)] = 1

@@ -46,9 +46,9 @@ from transformers import (
 )
 
 from vggt_cache.client.cache import CacheUnavailable, FeatureCache
+from vggt_cache.client.logs import setup_logging
 from vggt_cache.client.lookup import NO_SERVICE
 from vggt_cache.client.service import ServiceClient, ServiceError
-from vggt_cache.client.logs import setup_logging
 from vggt_cache.client.spec import FeatureSpec, matching_preset
 from vggt_cache.service.model import DEFAULT_SOURCE, TINY_SOURCE, load_aggregator
 from vggt_cache.service.settings import DEFAULT_PORT
@@ -142,7 +142,7 @@ class VGGTTrainer(Trainer):
     def vggt_source_totals(self) -> dict[str, int]:
         """Samples per feature source over every rank."""
         counts = torch.tensor([self.vggt_sources[s] for s in SOURCES], device=self.args.device)
-        return dict(zip(SOURCES, self.accelerator.reduce(counts, reduction="sum").tolist()))
+        return dict(zip(SOURCES, self.accelerator.reduce(counts, reduction="sum").tolist(), strict=True))
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # The model saves Qwen + merger + fusion settings itself; whatever state_dict the

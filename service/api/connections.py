@@ -15,7 +15,7 @@ import errno
 import logging
 import resource
 import time
-from typing import Any
+from typing import Any, cast
 
 log = logging.getLogger("vggt_cache")
 # Descriptors kept for the engine (images, entries, SQLite, libraries) when the cap must fit the limit.
@@ -47,7 +47,7 @@ def guarded_protocol(base: type[asyncio.Protocol], header_timeout_s: float,
             held[self] = None
             if len(held) > max_connections and not _close_oldest_idle(held, self):
                 del held[self]
-                transport.write(BUSY_RESPONSE)
+                cast(asyncio.Transport, transport).write(BUSY_RESPONSE)  # a stream's transport
                 transport.close()
                 return
             self._arm()

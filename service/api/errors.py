@@ -6,11 +6,14 @@ Every error body is `{"detail": <message>}`, or for every 422 a list of `{"loc",
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vggt_cache.client.text import bounded
 from vggt_cache.service.api.limits import Busy
 from vggt_cache.service.engine import EngineStopped, QueueFull
 from vggt_cache.service.errors import UnusableInput
@@ -22,7 +25,7 @@ class NotReady(RuntimeError):
     """No model to serve with: still loading, or it failed to load (the message says which)."""
 
 
-def _error(status: int, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(status: int, detail: object, headers: Mapping[str, str] | None = None) -> JSONResponse:
     # Details name paths: a non-UTF-8 file name would make the JSON unencodable (a 500), a long one a huge body.
     return JSONResponse({"detail": bounded(detail) if isinstance(detail, str) else detail}, status, headers=headers)
 

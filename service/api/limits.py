@@ -117,6 +117,7 @@ class RequestGuard:
             self.buffered -= held
 
     def _authorised(self, headers: dict[bytes, bytes]) -> bool:
+        assert self.token is not None  # asked only when a token is set
         scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
         return scheme.lower() == b"bearer" and hmac.compare_digest(given, self.token.encode())
 

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 
 class _RuntimeCollector:
-    def __init__(self, runtime: "ServiceRuntime") -> None:
+    def __init__(self, runtime: ServiceRuntime) -> None:
         self.runtime = runtime
 
     def collect(self) -> Iterable[Metric]:
@@ -43,7 +43,7 @@ class _RuntimeCollector:
 class Metrics:
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, runtime: "ServiceRuntime") -> None:
+    def __init__(self, runtime: ServiceRuntime) -> None:
         self._started = time.monotonic()
         self.registry = CollectorRegistry()
         self.requests = Counter("vggt_cache_http_requests", "HTTP requests", ["route", "status"],

@@ -53,7 +53,7 @@ class FrameCache:
                 return tensor
             pending = self._loading.get(key)
             owner = pending is None
-            if owner:
+            if pending is None:
                 pending = self._loading[key] = Future()
                 self.misses += 1
             else:

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 
@@ -21,6 +22,7 @@ from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.stats import Window, process_rss
 from vggt_cache.service.engine.work import Complete, Flight, FrameKey, StartHook, failed_result
 from vggt_cache.service.engine.writer import WriterStage
+from vggt_cache.service.model.aggregator import VGGTAggregator
 from vggt_cache.service.model.features import entry_features
 from vggt_cache.service.model.resident import use_recompile_limit
 from vggt_cache.service.preprocess import UNIT_VALUES, as_float
@@ -34,7 +36,7 @@ ForwardHook = Callable[[torch.Tensor], None]
 class Device:
     """One device with its resident replica of the model and its counters (under the stage's lock)."""
 
-    def __init__(self, name: str, model: torch.nn.Module, patch_cache_bytes: int = 0) -> None:
+    def __init__(self, name: str, model: VGGTAggregator, patch_cache_bytes: int = 0) -> None:
         self.name = name
         self.device = torch.device(name)
         self.model = model
@@ -106,7 +108,7 @@ class DeviceStage:
         # Device i serves lane i (the scheduler's), when there are lanes.
         lanes = range(self._lanes) if self._lanes > 1 else [None] * len(self.devices)
         self.threads = [threading.Thread(target=self._loop, args=(dev, lane), name=f"vggt-{dev.name}", daemon=True)
-                        for dev, lane in zip(self.devices, lanes)]
+                        for dev, lane in zip(self.devices, lanes, strict=True)]
         for t in self.threads:
             t.start()
 
@@ -144,7 +146,7 @@ class DeviceStage:
                 _on_device(batch, -1)  # its forward is over: a death from here on is not this batch's doing
                 _log_compiles(dev, batch, compiled_graphs() - graphs, time.monotonic() - started)
         finally:
-            if finisher is not None:
+            if finishing is not None and finisher is not None:
                 with contextlib.suppress(RuntimeError):  # a dead results thread needs no end marker
                     self._hand_to_finisher(finishing, finisher, None)
                 finisher.join()
@@ -261,6 +263,7 @@ class DeviceStage:
         torch.cuda.set_device(dev.device)
         while (launched := finishing.get()) is not None:
             try:
+                assert launched.done is not None  # set on CUDA
                 launched.done.synchronize()  # an asynchronous CUDA error surfaces here
             except Exception as exc:
                 log.exception("Batch on %s failed", dev.name)
@@ -305,7 +308,7 @@ class DeviceStage:
     def stats(self, now: float, since: float, span: float) -> dict:
         """Per device batches, frames, busy fraction and memory; throughput over the window."""
         with self.lock:
-            devices = []
+            devices: list[dict[str, Any]] = []
             for dev in self.devices:
                 busy = dev.busy.overlap(since)
                 if dev.busy_since is not None:

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import torch

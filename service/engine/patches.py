@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from vggt_cache.service.engine.work import FrameKey
+from vggt_cache.service.model.aggregator import VGGTAggregator
 from vggt_cache.service.model.features import frame_patches
 
 
@@ -41,7 +42,7 @@ class PatchCache:
         with self._lock:
             return len(self._items)
 
-    def patches(self, model: torch.nn.Module, images: Tensor, keys: Sequence[Sequence[FrameKey]]) -> Tensor:
+    def patches(self, model: VGGTAggregator, images: Tensor, keys: Sequence[Sequence[FrameKey]]) -> Tensor:
         """Patch tokens [B, S, h*w, C] of images [B, S, 3, H, W], whose frame (b, s) has key keys[b][s]."""
         B, S = images.shape[:2]
         flat = [key for clip in keys for key in clip]
@@ -64,7 +65,7 @@ class PatchCache:
             flat_images = images.flatten(0, 1)  # [B*S, 3, H, W]
             frames = torch.stack([flat_images[i] for i in first_seen.values()])  # [M, 3, H, W]
             embedded = frame_patches(model, frames)  # [M, h*w, C]
-            rows.update(zip(first_seen, embedded))
+            rows.update(zip(first_seen, embedded, strict=True))
             self._keep(list(first_seen), embedded)
         with self._lock:  # counted once the batch's tokens exist (a forward that fails is retried)
             self.embedded += len(first_seen)
@@ -77,7 +78,7 @@ class PatchCache:
         # Copies, so an evicted row frees its memory instead of pinning the batch's tensor.
         rows = [row.clone() for row in embedded]
         with self._lock:
-            for key, row in zip(keys, rows):
+            for key, row in zip(keys, rows, strict=True):
                 if key not in self._items:
                     self._items[key] = row
                     self.nbytes += row.nbytes

@@ -6,6 +6,7 @@ import logging
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
@@ -106,7 +107,7 @@ class WriterStage:
     def _verify(self, target: str, expected: torch.Tensor, frames: tuple[str, ...]) -> None:
         read = read_entry(target, self.spec, context_frames=self.spec.context_of(frames), mmap=False,
                           roots=self.roots, check_crc=True)
-        if read.outcome is not Outcome.HIT:
+        if read.outcome is not Outcome.HIT or read.features is None:
             raise OSError(f"verify failed: entry reads back as {read.outcome.value} ({read.reason})")
         if not torch.equal(read.features, expected):
             raise OSError("verify failed: entry reads back with different features")

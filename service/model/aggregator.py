@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
-from typing import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from vggt_cache.client.spec import ATTENTION, Attention, normalise_layers
-
-from .config import AggregatorConfig
-from .dinov2 import DinoV2Encoder
-from .kv_cache import KVCache
-from .layers import Block
-from .rope import patch_positions, rope_tables
+from vggt_cache.service.model.config import AggregatorConfig
+from vggt_cache.service.model.dinov2 import DinoV2Encoder
+from vggt_cache.service.model.kv_cache import KVCache
+from vggt_cache.service.model.layers import Block
+from vggt_cache.service.model.rope import patch_positions, rope_tables
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,6 +21,9 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 class VGGTAggregator(nn.Module):
     """The VGGT aggregator; ``state_dict()`` keys are the official ones without ``aggregator.``."""
+
+    _resnet_mean: Tensor  # buffers, made by reset_buffers
+    _resnet_std: Tensor
 
     def __init__(self, config: AggregatorConfig) -> None:
         super().__init__()

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import PatchEmbedConfig
-from .layers import Block
+from vggt_cache.service.model.config import PatchEmbedConfig
+from vggt_cache.service.model.layers import Block
 
 
 class PatchEmbed(nn.Module):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -12,6 +12,7 @@ from torch import Tensor
 from vggt_cache.client.spec import Attention, FeatureSpec
 
 if TYPE_CHECKING:
+    from vggt_cache.service.model.aggregator import VGGTAggregator
     from vggt_cache.service.model.loader import LoadedModel, ModelIdentity
 
 
@@ -38,7 +39,7 @@ def select_features(outputs: Sequence[Tensor], patch_start_idx: int, spec: Featu
     return torch.stack(layers, dim=2).to(spec.torch_dtype)  # [B, S, L, P, C]
 
 
-def model_spec(loaded: LoadedModel | ModelIdentity, **options: object) -> FeatureSpec:
+def model_spec(loaded: LoadedModel | ModelIdentity, **options: Any) -> FeatureSpec:
     """The spec of the features `loaded` computes; `options` are FeatureSpec's other fields (layers, dtype, ...)."""
     return FeatureSpec(fingerprint=loaded.fingerprint, architecture=loaded.config.to_dict(), **options)
 
@@ -72,7 +73,7 @@ def streams_reversed(spec: FeatureSpec) -> bool:
     return spec.reference_frame == "last"  # FeatureSpec records "first" for frame attention
 
 
-def frame_patches(aggregator: torch.nn.Module, frames: Tensor) -> Tensor:
+def frame_patches(aggregator: VGGTAggregator, frames: Tensor) -> Tensor:
     """DINOv2 patch tokens ``[N, h*w, C]`` of frames ``[N, 3, H, W]``, in the precision of a forward.
 
     What :func:`entry_features` takes as ``patches``: a frame's tokens depend on it alone, so

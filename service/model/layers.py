@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .rope import apply_rope
+from vggt_cache.service.model.rope import apply_rope
 
 # Receives a block's new keys and values [B, heads, N, head_dim]; returns the ones to attend to
 # (earlier frames' keys/values prepended when streaming).

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from huggingface_hub import constants as hf_constants
@@ -15,9 +15,9 @@ from huggingface_hub import try_to_load_from_cache
 from safetensors import safe_open
 from torch import Tensor
 
-from .aggregator import VGGTAggregator
-from .config import AggregatorConfig
-from .fingerprint import file_fingerprint
+from vggt_cache.service.model.aggregator import VGGTAggregator
+from vggt_cache.service.model.config import AggregatorConfig
+from vggt_cache.service.model.fingerprint import file_fingerprint
 
 DEFAULT_SOURCE = "facebook/VGGT-1B"
 # The built-in tiny model: VGGT's structure, 2 layers, fixed weights shipped in the package (~1.4 MB), so
@@ -73,9 +73,10 @@ def load_aggregator(
 ) -> LoadedModel:
     """Frozen, eval-mode aggregator on `device` in `dtype`; head weights in the checkpoint are ignored.
 
-    `source`: `tiny` (the built-in tiny model), a Hugging Face repo id (offline, from the local cache), a folder (`config.json` plus
-    `model.safetensors` | `model.pt` | `state_dict.safetensors`) or a `.safetensors`/`.pt`/`.pth` file
-    (config from a sibling `config.json`, else VGGT-1B). Raises ValueError if the weights do not fit.
+    `source`: `tiny` (the built-in tiny model), a Hugging Face repo id (offline, from the local cache), a folder
+    (`config.json` plus `model.safetensors` | `model.pt` | `state_dict.safetensors`) or a
+    `.safetensors`/`.pt`/`.pth` file (config from a sibling `config.json`, else VGGT-1B). Raises ValueError if the
+    weights do not fit.
     """
     if not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating-point type, got {dtype}")
@@ -152,7 +153,7 @@ def _open_weights(path: str, device: torch.device) -> Iterator[tuple[Shapes, Cal
     """(shapes of every tensor, reader of one tensor onto `device`) without loading the file."""
     if path.endswith(".safetensors"):
         with safe_open(path, framework="pt", device=str(device)) as f:
-            yield {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}, f.get_tensor
+            yield {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}, f.get_tensor  # noqa: SIM118 (safe_open has no __iter__)
         return
     # mmap: tensors are paged in from the file one at a time (on CPU, like safetensors, they stay
     # file-backed rather than being copied).

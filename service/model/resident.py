@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .aggregator import VGGTAggregator
+from vggt_cache.service.model.aggregator import VGGTAggregator
 
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 # Graph variants one compiled block may need (every block kind runs one code object, Block.forward, so

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import torch
 from fastapi import APIRouter, HTTPException
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
@@ -58,7 +59,9 @@ def request_units(images: list[str], clips: list[list[str]], allowed: AllowedRoo
 
 def features_body(results: list[UnitResult], spec_digest: str) -> bytes:
     """The safetensors body of a /features answer (client/wire.py): results in request order."""
-    items, tensors, requests = [], {}, []
+    items: list[dict] = []
+    tensors: dict[str, torch.Tensor] = {}
+    requests: list[int] = []
     packed: set[int] = set()  # a unit asked for twice was computed once: its waiters share one tensor
     for position, result in enumerate(results):
         for e in result.entries:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from fastapi import APIRouter, HTTPException
 from fastapi.concurrency import run_in_threadpool
@@ -30,7 +31,7 @@ def _precompute(req: PrecomputeRequest, c: Components, runtime: ServiceRuntime) 
     data_root = runtime.allowed.contain(req.data_root, writes_sibling=False)
     if not os.path.isdir(data_root):
         raise HTTPException(404, f"data_root is not a folder: {req.data_root}")
-    options = {"skip_existing": req.skip_existing, "data_path": req.data_path,
+    options: dict[str, Any] = {"skip_existing": req.skip_existing, "data_path": req.data_path,
                "max_history_images": req.max_history_images, "data_files": req.data_files}
     if req.dry_run:  # the plan alone, computed here (a slow NFS root needs a patient client)
         plan = plan_work(data_root, c.spec, runtime.allowed, options,

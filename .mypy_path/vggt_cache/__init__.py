@@ -1,0 +1,1 @@
+../../vggt_cache/__init__.py
