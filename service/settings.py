@@ -147,7 +147,7 @@ class ServiceSettings:
     # Given by the token flags, a file or TOKEN_ENV (commands.common.api_token); /status says only whether it is set.
     api_token: str | None = setting(None, check=_token, shown=False)
     # FeatureSpec fields other than the model's, from the spec flags (specflags.py; /status shows the spec).
-    spec: dict = setting({}, shown=False)
+    spec: dict = setting({}, shown=False)  # noqa: RUF009 (setting() gives a dict default a default_factory)
     # The engine (service/engine).
     max_batch_frames: int = setting(32, "--max-batch-frames", "frames per device batch",
                                     aliases=("--max_batch_frames",), check=_positive)

@@ -13,7 +13,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vggt_cache.client.text import bounded
 from vggt_cache.service.api.limits import Busy
 from vggt_cache.service.engine import EngineStopped, QueueFull
 from vggt_cache.service.errors import UnusableInput

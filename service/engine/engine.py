@@ -154,7 +154,7 @@ class Engine:
         if compile:
             for model in models:
                 compile_blocks(model, len(devices), compile_backend)
-        replicas = [Device(name, model, patch_cache_bytes) for name, model in zip(devices, models)]
+        replicas = [Device(name, model, patch_cache_bytes) for name, model in zip(devices, models, strict=True)]
         # Every device gets its own bulk batches queued; hints (lane-less) do not need more room per device.
         self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0,
                                     bulk_queue_batches * max_batch_frames * len(replicas),

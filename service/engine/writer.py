@@ -51,7 +51,7 @@ class WriterStage:
         """Hand a batch's results to the writers: `features` is `[B, T, (L,) P, C]`, one row per flight."""
         grid = (flights[0].images.shape[-2] // self._patch_size, flights[0].images.shape[-1] // self._patch_size)
         assert self._pool is not None
-        for flight, unit_features in zip(flights, features):
+        for flight, unit_features in zip(flights, features, strict=True):
             self._slots.acquire()
             with self._lock:
                 self.writing += 1
@@ -84,9 +84,8 @@ class WriterStage:
                     if write and not flight.overwrite:
                         entries.append(EntryResult(target, EntryStatus.COMPUTED, returned, grid, write=KEPT))
                         continue
-                    when_descriptors_free(lambda: write_entry(target, entry, self.spec, grid, flight.sources[i],
-                                                              flight.contexts[i], roots=self.roots,
-                                                              mode=self.file_mode),
+                    when_descriptors_free(partial(write_entry, target, entry, self.spec, grid, flight.sources[i],
+                                                  flight.contexts[i], roots=self.roots, mode=self.file_mode),
                                           f"writing the entry of {target}")
                     if flight.verify:
                         self._verify(target, stored, unit.frames)
