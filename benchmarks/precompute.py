@@ -49,7 +49,7 @@ from vggt_cache.client.cachefile import CACHE_SUFFIX, cache_path, read_entry  # 
 from vggt_cache.client.spec import PRESETS, STORAGES, FeatureSpec, preset_options  # noqa: E402
 from vggt_cache.service.engine import Engine  # noqa: E402
 from vggt_cache.service.engine.patches import PatchCache  # noqa: E402
-from vggt_cache.service.jobs import JobManager  # noqa: E402
+from vggt_cache.service.jobs.runner import JobManager  # noqa: E402
 from vggt_cache.client.manifest import manifest_path  # noqa: E402
 from vggt_cache.service.model import LoadedModel  # noqa: E402
 from vggt_cache.service.model.features import entry_features, model_spec  # noqa: E402
@@ -59,7 +59,7 @@ from vggt_cache.service.runtime import model_info  # noqa: E402
 from vggt_cache.service.settings import ServiceSettings, parse_devices  # noqa: E402
 from vggt_cache.service.sources import scan_data_root  # noqa: E402
 from vggt_cache.service.units import Unit  # noqa: E402
-from vggt_cache.service.store import JobStore  # noqa: E402
+from vggt_cache.service.jobs.store import JobStore  # noqa: E402
 
 METHODS = ("seed", "ours", "clips", "limit")
 
@@ -81,7 +81,7 @@ def ours_way(loaded: LoadedModel, spec: FeatureSpec, data_root: str, device: tor
     try:
         jobs = JobManager(store, engine, spec, AllowedRoots.of([data_root]), model_info(loaded, engine))
         start = time.perf_counter()
-        view = jobs.run(jobs.submit(data_root, skip_existing=True).job_id)
+        view = jobs.run(jobs.submit(data_root).job_id)
         seconds = time.perf_counter() - start
         stats = engine.stats()
     finally:
