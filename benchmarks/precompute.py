@@ -48,7 +48,7 @@ from vggt_cache.client.manifest import manifest_path
 from vggt_cache.client.spec import PRESETS, STORAGES, FeatureSpec, preset_options
 from vggt_cache.service.engine import Engine
 from vggt_cache.service.engine.patches import PatchCache
-from vggt_cache.service.jobs import JobManager
+from vggt_cache.service.jobs.runner import JobManager
 from vggt_cache.service.model import LoadedModel
 from vggt_cache.service.model.features import entry_features, model_spec
 from vggt_cache.service.paths import AllowedRoots
@@ -56,7 +56,7 @@ from vggt_cache.service.preprocess import preprocess
 from vggt_cache.service.runtime import model_info
 from vggt_cache.service.settings import ServiceSettings, parse_devices
 from vggt_cache.service.sources import scan_data_root
-from vggt_cache.service.store import JobStore
+from vggt_cache.service.jobs.store import JobStore
 from vggt_cache.service.units import Unit
 
 from common import device_name, get_model, make_images, print_table, synchronize
@@ -81,7 +81,7 @@ def ours_way(loaded: LoadedModel, spec: FeatureSpec, data_root: str, device: tor
     try:
         jobs = JobManager(store, engine, spec, AllowedRoots.of([data_root]), model_info(loaded, engine))
         start = time.perf_counter()
-        view = jobs.run(jobs.submit(data_root, skip_existing=True).job_id)
+        view = jobs.run(jobs.submit(data_root).job_id)
         seconds = time.perf_counter() - start
         stats = engine.stats()
     finally:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import TextIO
 
 from vggt_cache.client.logs import LOGGER
-from vggt_cache.service.jobview import JobView
+from vggt_cache.service.jobs.view import JobView
 
 log = logging.getLogger(LOGGER)
 LOG_EVERY_S = 10.0  # off a terminal: a progress line this often

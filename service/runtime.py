@@ -11,12 +11,13 @@ from vggt_cache.client.spec import FeatureSpec, positive_int
 from vggt_cache.client.text import error_text
 from vggt_cache.service.engine import Engine
 from vggt_cache.service.engine.device import ForwardHook
-from vggt_cache.service.jobs import JobManager, Retention
+from vggt_cache.service.jobs.options import JobLimits
+from vggt_cache.service.jobs.runner import JobManager
+from vggt_cache.service.jobs.store import JobStore
 from vggt_cache.service.model import LoadedModel, load_aggregator
 from vggt_cache.service.model.features import model_spec
 from vggt_cache.service.paths import AllowedRoots
 from vggt_cache.service.settings import ServiceSettings, parse_devices, read_variable
-from vggt_cache.service.store import JobStore
 
 log = logging.getLogger("vggt_cache")
 
@@ -83,8 +84,7 @@ def build_components(s: ServiceSettings, allowed: AllowedRoots, rank: int = 0, w
     engine.start()
     info = model_info(loaded, engine)
     jobs = JobManager(JobStore(s.state_dir), engine, spec, allowed, info, rank, world_size, started_at,
-                      max_frames_per_sample=s.max_frames_per_sample,
-                      retention=Retention(s.job_retention, s.job_retention_days), max_sample_bytes=s.max_sample_bytes)
+                      JobLimits.of(s))
     return Components(loaded, spec, engine, jobs, devices)
 
 

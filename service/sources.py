@@ -90,7 +90,7 @@ def shard(units: list[T], rank: int, world_size: int) -> list[T]:
     """This rank's share: one contiguous run of the units, in order (sizes balanced to within one).
 
     Contiguous, not every `world_size`-th unit: neighbouring samples of an episode share frames,
-    and a rank (or a device's lane, `service.jobs.lane_chunks`) embeds a shared frame once only
+    and a rank (or a device's lane, `service.jobs.runner.lane_chunks`) embeds a shared frame once only
     if it gets the samples that share it.
     """
     if world_size < 1 or not 0 <= rank < world_size:

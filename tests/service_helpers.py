@@ -25,7 +25,7 @@ from vggt_cache.client.http import wait_until_ready
 from vggt_cache.client.service import spec_of_status
 from vggt_cache.client.spec import DTYPES, FeatureSpec
 from vggt_cache.service.demo import free_port
-from vggt_cache.service.jobview import TERMINAL
+from vggt_cache.service.jobs.view import TERMINAL
 from vggt_cache.service.preprocess import preprocess
 
 REPO = Path(__file__).resolve().parent.parent

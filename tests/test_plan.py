@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 
 from vggt_cache.client.cachefile import CACHE_SUFFIX
-from vggt_cache.service import cli, plan
-
+from vggt_cache.service import cli
+from vggt_cache.service.jobs import plan
 from service_helpers import cache_files, tmpfs, wait_job, write_images
 
 REPO = Path(__file__).resolve().parent.parent

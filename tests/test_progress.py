@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from vggt_cache.client.logs import setup_logging
-from vggt_cache.service.jobview import JobState, JobView
+from vggt_cache.service.jobs.view import JobState, JobView
 from vggt_cache.service.progress import follow_job
 
 

@@ -9,7 +9,7 @@ import torch
 
 from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.work import Flight, Priority
-from vggt_cache.service.jobs import lane_chunks
+from vggt_cache.service.jobs.runner import lane_chunks
 from vggt_cache.service.units import Unit
 
 from service_helpers import poll

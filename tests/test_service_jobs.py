@@ -75,9 +75,14 @@ def test_bulk_job_over_seed_samples_records_failures_and_writes_valid_entries(
         assert entry.features.shape == (16, 128) and entry.features.dtype == torch.bfloat16
         assert entry.meta["grid"] == [4, 4]
 
+    engine_units = http.get("/status").json()["engine"]["units"]
     again = wait_job(http, http.post("/precompute", json={"data_root": str(data)}).json()["job_id"])
     assert again["job_id"] != view["job_id"]
     assert (again["state"], again["computed"], again["skipped"], again["failed"]) == ("finished", 0, 5, 2)
+    # The plan found the five entries valid: skipped there, not read again by the engine (bad.png still goes).
+    after = http.get("/status").json()["engine"]["units"]
+    assert after.get("cached", 0) == engine_units.get("cached", 0)
+    assert after.get("failed", 0) == engine_units.get("failed", 0) + 1
     assert again["rate_per_s"] == 0  # a rate of entries computed: skipping is not throughput
     r = http.delete(f"/jobs/{again['job_id']}")
     assert r.status_code == 409 and r.json()["detail"] == f"job {again['job_id']} already finished: nothing to cancel"

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from vggt_cache.client.manifest import manifest_path
-from vggt_cache.service.store import DB_NAME, JobStore
-
+from vggt_cache.service.jobs.options import JobOptions
+from vggt_cache.service.jobs.store import DB_NAME, JobStore
 from service_helpers import REPO, poll, start_service, wait_job, write_images
 
 LONG = 100_000  # characters of each sample's image name (a string in a file: no path limit applies)
@@ -106,9 +106,9 @@ def test_ended_jobs_past_the_retention_count_are_pruned_with_their_failures(serv
 
 def test_ended_jobs_older_than_the_retention_days_are_pruned(tmp_path):
     store = JobStore(str(tmp_path))
-    old = store.create_job("/data/a", "d", "{}", {})
-    store.set_state(old.job_id, "finished")
-    active = store.create_job("/data/b", "d", "{}", {})
+    old = store.create("/data/a", "d", "{}", JobOptions())
+    store.finish(old.job_id, "finished")
+    active = store.create("/data/b", "d", "{}", JobOptions())
     later = old.created_at + 3 * 86400
     assert store.prune(keep=100, max_age_s=2 * 86400, now=later) == 1
     assert store.get(old.job_id) is None and store.get(active.job_id) is not None

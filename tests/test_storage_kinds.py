@@ -26,7 +26,7 @@ from vggt_cache.client.logs import LOGGER
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.wire import decode_features
 from vggt_cache.service.cli import main
-from vggt_cache.service.plan import ENTRY_OVERHEAD_BYTES
+from vggt_cache.service.jobs.plan import ENTRY_OVERHEAD_BYTES
 from vggt_cache.service.verify import verify_data_root
 
 from service_helpers import REPO, TINY_MODEL, RunningService, service_spec, wait_job, write_images

@@ -10,10 +10,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from vggt_cache.service.store import DB_NAME, JobRecord, JobStore
+from vggt_cache.client.wire import EntryStatus
+from vggt_cache.service.jobs.options import JobOptions
+from vggt_cache.service.jobs.store import DB_NAME, JobRecord, JobStore
 from vggt_cache.service.units import Unit
 
 SPEC = '{"attention":"frame"}'
+OPTIONS = JobOptions()
+PLAN = {"entries": 0}
 
 
 @pytest.fixture
@@ -28,12 +32,12 @@ def frame_units(n: int) -> list[Unit]:
 
 
 def test_a_created_job_round_trips_as_a_record(store, tmp_path):
-    job = store.create_job(str(tmp_path / "root") + "/", "d1", SPEC, {"skip_existing": True, "verify": False})
+    job = store.create(str(tmp_path / "root") + "/", "d1", SPEC, JobOptions(verify=True, data_files=["a.jsonl"]))
     assert isinstance(job, JobRecord)
     assert len(job.job_id) == 32 and int(job.job_id, 16) >= 0
     assert job.data_root == str(tmp_path / "root")  # normalised: no trailing slash
     assert (job.state, job.planned, job.total, job.done) == ("queued", False, 0, 0)
-    assert job.options == {"skip_existing": True, "verify": False}
+    assert job.options == JobOptions(verify=True, data_files=("a.jsonl",))
     assert job.started_at is None and job.finished_at is None and not job.cancel_requested
     assert store.get(job.job_id) == job
     assert store.get("0" * 32) is None
@@ -44,14 +48,14 @@ def test_a_created_job_round_trips_as_a_record(store, tmp_path):
 
 
 def test_an_active_job_is_reused_until_it_ends(store):
-    first = store.create_job("/data/a", "d1", SPEC, {})
-    assert store.create_job("/data/a", "d1", SPEC, {"verify": True}).job_id == first.job_id
-    assert store.create_job("/data/a", "d2", SPEC, {}).job_id != first.job_id
-    assert store.create_job("/data/b", "d1", SPEC, {}).job_id != first.job_id
-    store.set_state(first.job_id, "running")
-    assert store.create_job("/data/a", "d1", SPEC, {}).job_id == first.job_id
-    store.set_state(first.job_id, "finished")
-    again = store.create_job("/data/a", "d1", SPEC, {})
+    first = store.create("/data/a", "d1", SPEC, OPTIONS)
+    assert store.create("/data/a", "d1", SPEC, JobOptions(verify=True)).job_id == first.job_id
+    assert store.create("/data/a", "d2", SPEC, OPTIONS).job_id != first.job_id
+    assert store.create("/data/b", "d1", SPEC, OPTIONS).job_id != first.job_id
+    store.start(first.job_id)
+    assert store.create("/data/a", "d1", SPEC, OPTIONS).job_id == first.job_id
+    store.finish(first.job_id, "finished")
+    again = store.create("/data/a", "d1", SPEC, OPTIONS)
     assert again.job_id != first.job_id and again.state == "queued"
 
 
@@ -62,7 +66,7 @@ def test_racing_creators_get_the_same_job(tmp_path):
 
     def create(i: int) -> str:
         barrier.wait()
-        return stores[i % 4].create_job("/data/race", "d", SPEC, {"n": i}).job_id
+        return stores[i % 4].create("/data/race", "d", SPEC, JobOptions(max_history_images=1 + i % 4)).job_id
 
     with ThreadPoolExecutor(16) as pool:
         ids = set(pool.map(create, range(16)))
@@ -73,10 +77,10 @@ def test_racing_creators_get_the_same_job(tmp_path):
 
 
 def test_results_update_counters_failures_and_pending_units(store):
-    job = store.create_job("/data", "d", SPEC, {})
-    units = [*frame_units(3), Unit.sequence(("/data/s0.jpg", "/data/s1.jpg"))]
-    planned = store.set_plan(job.job_id, units, problems=[("/data/s.jsonl:7", "malformed sample")])
-    assert planned.planned and planned.total == 3 + 2 + 1 and planned.failed == 1
+    job = store.create("/data", "d", SPEC, OPTIONS)
+    units = frame_units(3) + [Unit.sequence(("/data/s0.jpg", "/data/s1.jpg"))]
+    planned = store.record_plan(job.job_id, PLAN, units, problems=[("/data/s.jsonl:7", "malformed sample")])
+    assert planned.planned and planned.total == 3 + 2 + 1 and planned.failed == 1 and planned.plan == PLAN
     assert store.pending_units(job.job_id) == list(enumerate(units))
 
     store.record_results(job.job_id, [(0, "computed", None, "/data/000000.jpg"),
@@ -97,8 +101,8 @@ def test_results_update_counters_failures_and_pending_units(store):
 
 
 def test_bad_results_are_refused_without_partial_writes(store):
-    job = store.create_job("/data", "d", SPEC, {})
-    store.set_plan(job.job_id, frame_units(2))
+    job = store.create("/data", "d", SPEC, OPTIONS)
+    store.record_plan(job.job_id, PLAN, frame_units(2))
     with pytest.raises(ValueError, match="outcome"):
         store.record_results(job.job_id, [(0, "computed", None, "a"), (1, "exploded", None, "b")])
     with pytest.raises(KeyError):
@@ -106,50 +110,78 @@ def test_bad_results_are_refused_without_partial_writes(store):
     assert store.get(job.job_id).done == 0
     assert len(store.pending_units(job.job_id)) == 2
     with pytest.raises(ValueError, match="already planned"):
-        store.set_plan(job.job_id, frame_units(1))
+        store.record_plan(job.job_id, PLAN, frame_units(1))
     with pytest.raises(KeyError):
-        store.set_plan("f" * 32, frame_units(1))
+        store.record_plan("f" * 32, PLAN, frame_units(1))
+    with pytest.raises(ValueError, match="outcome"):  # a plan with a bad result leaves the job unplanned
+        store.record_plan(store.create("/other", "d", SPEC, OPTIONS).job_id, PLAN, frame_units(1),
+                          results=[(0, "exploded", None, "a")])
+    assert not store.list_jobs(limit=1)[0].planned and store.list_jobs(limit=1)[0].plan is None
+
+
+def test_a_plan_records_its_units_and_the_results_known_before_any_decode(store):
+    job = store.create("/data", "d", SPEC, OPTIONS)
+    units = frame_units(4)
+    planned = store.record_plan(job.job_id, PLAN, units, results=[
+        (0, EntryStatus.FAILED, "a sample of 99 frames", "/data/000000.jpg"),
+        (2, EntryStatus.CACHED, None, "/data/000002.jpg")])
+    assert (planned.total, planned.skipped, planned.failed, planned.computed) == (4, 1, 1, 0)
+    assert store.pending_units(job.job_id) == [(1, units[1]), (3, units[3])]
+    assert store.failures(job.job_id) == [("/data/000000.jpg", "a sample of 99 frames")]
 
 
 def test_state_changes_stamp_times_and_terminal_states_are_final(store):
-    job = store.create_job("/data", "d", SPEC, {})
-    running = store.set_state(job.job_id, "running")
+    job = store.create("/data", "d", SPEC, OPTIONS)
+    running = store.start(job.job_id)
     assert running.started_at is not None and running.finished_at is None
-    failed = store.set_state(job.job_id, "failed", error="CUDA out of memory")
+    with pytest.raises(ValueError, match="a job ends"):
+        store.finish(job.job_id, "running")
+    failed = store.finish(job.job_id, "failed", error="CUDA out of memory")
     assert failed.error == "CUDA out of memory" and failed.finished_at >= running.started_at
     with pytest.raises(ValueError, match="already failed"):
-        store.set_state(job.job_id, "running")
-    with pytest.raises(ValueError):
-        store.set_state(job.job_id, "paused")
+        store.start(job.job_id)
+    with pytest.raises(ValueError, match="already failed"):
+        store.finish(job.job_id, "finished")
+    with pytest.raises(ValueError, match="state must be"):
+        store.finish(job.job_id, "paused")
+
+
+def test_a_refused_plan_fails_the_job_and_keeps_the_plan(store):
+    job = store.create("/data", "d", SPEC, OPTIONS)
+    store.start(job.job_id)
+    refused = store.refuse(job.job_id, {"entries": 9, "fits": False}, "not enough free space")
+    assert (refused.state, refused.error, refused.plan, refused.planned) == (
+        "failed", "not enough free space", {"entries": 9, "fits": False}, False)
+    assert refused.finished_at is not None
 
 
 def test_cancel_is_immediate_when_queued_and_a_flag_when_running(store):
-    queued = store.create_job("/data/q", "d", SPEC, {})
-    cancelled = store.request_cancel(queued.job_id)
+    queued = store.create("/data/q", "d", SPEC, OPTIONS)
+    cancelled = store.cancel(queued.job_id)
     assert cancelled.state == "cancelled" and cancelled.finished_at is not None
 
-    running = store.create_job("/data/r", "d", SPEC, {})
-    store.set_state(running.job_id, "running")
+    running = store.create("/data/r", "d", SPEC, OPTIONS)
+    store.start(running.job_id)
     assert not store.cancel_requested(running.job_id)
-    flagged = store.request_cancel(running.job_id)
+    flagged = store.cancel(running.job_id)
     assert flagged.state == "running" and store.cancel_requested(running.job_id)
-    assert store.set_state(running.job_id, "cancelled").state == "cancelled"
+    assert store.finish(running.job_id, "cancelled").state == "cancelled"
 
-    done = store.create_job("/data/f", "d", SPEC, {})
-    store.set_state(done.job_id, "finished")
-    assert store.request_cancel(done.job_id).state == "finished"
+    done = store.create("/data/f", "d", SPEC, OPTIONS)
+    store.finish(done.job_id, "finished")
+    assert store.cancel(done.job_id).state == "finished"
     with pytest.raises(KeyError):
         store.cancel_requested("0" * 32)
 
 
 def test_a_reopened_store_resumes_exactly_the_pending_units(tmp_path):
     first = JobStore(str(tmp_path))
-    job = first.create_job("/data", "d", SPEC, {})
-    other = first.create_job("/data/done", "d", SPEC, {})
-    first.set_state(other.job_id, "finished")
-    first.set_state(job.job_id, "running")
+    job = first.create("/data", "d", SPEC, OPTIONS)
+    other = first.create("/data/done", "d", SPEC, OPTIONS)
+    first.finish(other.job_id, "finished")
+    first.start(job.job_id)
     units = frame_units(10)
-    first.set_plan(job.job_id, units)
+    first.record_plan(job.job_id, PLAN, units)
     first.record_results(job.job_id, [(i, "computed", None, units[i].frames[0]) for i in (0, 1, 2, 5)])
     first.close()
 
@@ -163,11 +195,11 @@ def test_a_reopened_store_resumes_exactly_the_pending_units(tmp_path):
 
 
 def test_planning_a_hundred_thousand_units_is_fast(store):
-    job = store.create_job("/data", "d", SPEC, {})
+    job = store.create("/data", "d", SPEC, OPTIONS)
     units = [Unit.causal(tuple(f"/data/ep/{j:06d}.jpg" for j in range(max(0, i - 7), i + 1)))
              for i in range(100_000)]
     start = time.perf_counter()
-    store.set_plan(job.job_id, units)
+    store.record_plan(job.job_id, PLAN, units)
     pending = store.pending_units(job.job_id)
     elapsed = time.perf_counter() - start
     assert len(pending) == 100_000 and pending[-1] == (99_999, units[-1])
@@ -176,14 +208,15 @@ def test_planning_a_hundred_thousand_units_is_fast(store):
 
 _RECORDER = r"""
 import sys
-from vggt_cache.service.store import JobStore
+from vggt_cache.service.jobs.options import JobOptions
+from vggt_cache.service.jobs.store import JobStore
 from vggt_cache.service.units import Unit
 
 store = JobStore(sys.argv[1])
-job = store.create_job("/data/kill", "d", "{}", {})
-store.set_state(job.job_id, "running")
+job = store.create("/data/kill", "d", "{}", JobOptions())
+store.start(job.job_id)
 if not store.get(job.job_id).planned:
-    store.set_plan(job.job_id, [Unit.sequence((f"/d/{i}a.jpg", f"/d/{i}b.jpg")) for i in range(100000)])
+    store.record_plan(job.job_id, {}, [Unit.sequence((f"/d/{i}a.jpg", f"/d/{i}b.jpg")) for i in range(100000)])
 print(job.job_id, flush=True)
 for idx, unit in store.pending_units(job.job_id):
     a, b = unit.targets
@@ -230,22 +263,24 @@ def test_sigkill_mid_write_leaves_counters_equal_to_rows(tmp_path):
 
 
 def test_a_state_dir_from_before_job_plans_is_upgraded_in_place(tmp_path):
-    from vggt_cache.service.store import _SCHEMA
+    from vggt_cache.service.jobs.schema import SCHEMA
 
     # the jobs and units tables without their newer columns
-    first_release = (_SCHEMA.replace(",\n    plan_json TEXT", "")
-                     .replace("\n    attempts INTEGER NOT NULL DEFAULT 0,", ""))
+    first_release = SCHEMA.replace(",\n    plan_json TEXT", "").replace("\n    attempts INTEGER NOT NULL DEFAULT 0,", "")
     assert "plan_json" not in first_release and "attempts" not in first_release
     with sqlite3.connect(tmp_path / DB_NAME) as db:
         db.executescript(first_release)
         db.execute("INSERT INTO jobs (job_id, data_root, spec_digest, spec_json, options_json, state, created_at) "
                    "VALUES ('old', '/data', 'd', '{}', '{}', 'finished', 1.0)")
     store = JobStore(str(tmp_path))
-    assert store.get("old").plan is None and store.get("old").state == "finished"
-    assert store.record_plan("old", {"entries": 3}).plan == {"entries": 3}
-    assert JobStore(str(tmp_path)).get("old").plan == {"entries": 3}  # opening it again changes nothing
-    running = store.create_job("/other", "d", SPEC, {})
-    store.set_plan(running.job_id, [Unit.frame("/other/a.png")])
+    old = store.get("old")
+    assert old.plan is None and old.state == "finished" and old.options == JobOptions()  # '{}': the defaults
+    assert JobStore(str(tmp_path)).get("old") == old  # opening it again changes nothing
+    running = store.create("/other", "d", SPEC, OPTIONS)
+    assert store.record_plan(running.job_id, {"entries": 1}, [Unit.frame("/other/a.png")]).plan == {"entries": 1}
     store.start_units(running.job_id, [0])
+    assert store.fail_tried(running.job_id, 2, "poison") == []
     store.start_units(running.job_id, [0])
-    assert store.tried_units(running.job_id, 2) == [(0, Unit.frame("/other/a.png"))]
+    assert store.fail_tried(running.job_id, 2, "poison") == [(0, Unit.frame("/other/a.png"))]
+    assert store.pending_units(running.job_id) == []
+    assert store.failures(running.job_id) == [("/other/a.png", "poison")] and store.get(running.job_id).failed == 1

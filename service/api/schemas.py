@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, Field, field_validator
 
-from vggt_cache.service.jobview import JobState
+from vggt_cache.service.jobs.view import JobState
 from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, check_history
 
 
@@ -52,7 +52,7 @@ class PrecomputeRequest(BaseModel):
 
 
 class JobViewModel(BaseModel):
-    """service.jobview.JobView at the HTTP edge."""
+    """service.jobs.view.JobView at the HTTP edge."""
 
     job_id: str
     data_root: str

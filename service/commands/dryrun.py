@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from vggt_cache.service.commands.common import loading_model, say
+from vggt_cache.service.commands.common import job_options, loading_model, say
+from vggt_cache.service.jobs.options import JobLimits
 from vggt_cache.service.paths import AllowedRoots
 from vggt_cache.service.settings import ServiceSettings
 
@@ -14,7 +15,7 @@ log = logging.getLogger("vggt_cache")
 
 def dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root: str, allowed: AllowedRoots) -> int:
     """The plan of a precompute, from the weights' identity alone (the model is not built)."""
-    from vggt_cache.service.jobs import plan_work
+    from vggt_cache.service.jobs.planning import plan_work
     from vggt_cache.service.model import identify_model
     from vggt_cache.service.model.features import model_spec
     from vggt_cache.service.model.loader import is_hub_id
@@ -27,11 +28,7 @@ def dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root
                 raise
             identity = _unknown_model(settings.model, exc)
     spec = model_spec(identity, **settings.spec)
-    work = plan_work(data_root, spec, allowed, {"skip_existing": args.skip_existing, "data_path": args.data_path,
-                                              "max_history_images": args.max_history_images,
-                                              "data_files": args.data_files}, max_image_bytes=settings.max_image_bytes,
-                     max_frames=settings.max_frames_per_sample,
-                     max_sample_bytes=settings.max_sample_bytes)
+    work = plan_work(data_root, spec, allowed, job_options(args), JobLimits.of(settings))
     if identity.fingerprint == UNKNOWN_FINGERPRINT:
         say(f"model        {settings.model}: not on this machine, identity unknown (every entry counted to "
             "compute; the digest below changes once the weights are there)")

@@ -58,7 +58,7 @@ def verify(args: argparse.Namespace) -> int:
 
 def _estimate_storage(data_root: str, samples: int, as_json: bool) -> int:
     from vggt_cache.service.convert import estimate_storage
-    from vggt_cache.service.plan import human_bytes
+    from vggt_cache.service.jobs.plan import human_bytes
 
     report = estimate_storage(data_root, samples)
     if as_json:
@@ -76,7 +76,7 @@ def _estimate_storage(data_root: str, samples: int, as_json: bool) -> int:
 
 def convert(args: argparse.Namespace) -> int:
     from vggt_cache.service.convert import convert_entries
-    from vggt_cache.service.plan import human_bytes
+    from vggt_cache.service.jobs.plan import human_bytes
 
     data_root = os.path.abspath(args.data_root)
     if not os.path.isdir(data_root):

@@ -9,11 +9,11 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from vggt_cache.service.commands.common import PROGRESS_POLL_S, check_device, client, loading_model, no_folder, \
-    settings_of
+from vggt_cache.service.commands.common import PROGRESS_POLL_S, check_device, client, job_options, loading_model, \
+    no_folder, settings_of
 from vggt_cache.service.commands.dryrun import dry_run_local, print_plan
 from vggt_cache.service.errors import CommandError
-from vggt_cache.service.jobview import JobState, JobView
+from vggt_cache.service.jobs.view import JobState, JobView
 from vggt_cache.service.progress import follow_job
 from vggt_cache.service.settings import parse_devices, rank_device, read_variable
 from vggt_cache.service.specflags import given_options, serve_flags
@@ -57,9 +57,7 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     engine, jobs = components.engine, components.jobs
     if world > 1:
         log.info("Rank %d of %d: taking shard %d", rank, world, rank)
-    job = jobs.submit(data_root, skip_existing=args.skip_existing, verify=args.verify, data_path=args.data_path,
-                      max_history_images=args.max_history_images, force=args.force, data_files=args.data_files,
-                      overwrite=args.overwrite)
+    job = jobs.submit(data_root, job_options(args))
     t0 = time.time()
     with ThreadPoolExecutor(1, thread_name_prefix="job") as pool:
         running = pool.submit(jobs.run, job.job_id)
@@ -81,34 +79,19 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
 
 
 
-_PLAN_COUNTS = ("units", "entries", "valid", "to_compute", "unreadable", "refused", "bytes_to_write",
-                "replaced_bytes")
-
-
 def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world: int) -> None:
-    """torchrun: every rank sends its counts to rank 0, which writes the one manifest."""
+    """torchrun: every rank sends its view to rank 0, which writes the one manifest."""
     import torch.distributed as dist
 
-    from vggt_cache.client.manifest import write_manifest
-    from vggt_cache.service.jobs import manifest_record
+    from vggt_cache.service.jobs.manifest import merged_report, write_job_manifest
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     parts: list[dict | None] = [None] * world
     dist.all_gather_object(parts, view.to_dict())
     if rank == 0:
-        counts = ("total", "computed", "skipped", "failed", "kept", "replaced")
-        total = {k: sum(p.get(k, 0) for p in parts) for k in counts}
-        failures = [f for p in parts for f in p.get("failures", [])]
-        plans = [p["plan"] for p in parts if p.get("plan")]
-        # One plan for the whole root: the samples found (the same on every rank), the counts summed.
-        plan = {**plans[0], **{k: sum(p[k] for p in plans) for k in _PLAN_COUNTS}} if plans else None
-        # Finished when every rank finished, else the state of the first rank that did not.
-        state = next((JobState(p["state"]) for p in parts if p["state"] != JobState.FINISHED), JobState.FINISHED)
-        write_manifest(view.data_root, manifest_record(view.job_id, state, total, jobs.spec, plan, jobs.model_info,
-                                                       seconds, failures, ranks=world,
-                                                       verified=bool(view.options.get("verify"))),
-                       mode=jobs.engine.file_mode)
+        report = merged_report([JobView.from_dict(p) for p in parts], seconds)
+        write_job_manifest(view.data_root, report, jobs.spec, jobs.model_info, jobs.allowed, jobs.engine.file_mode)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -121,7 +104,7 @@ def _print_summary(view: JobView) -> None:
         return
     log.info("%s: %d total, %d computed, %d skipped, %d failed", view.state.value, view.total, view.computed,
              view.skipped, view.failed)
-    if view.options.get("verify"):
+    if view.options.verify:
         log.info("Verified: each of the %d entries computed was read back and validated against the spec "
                  "(an entry that did not validate counts as failed)", view.computed)
     if view.kept or view.replaced:
@@ -160,9 +143,7 @@ def _check_server_spec(args: argparse.Namespace, service) -> None:
 def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
     from vggt_cache.client.service import ServiceError
 
-    options = {"skip_existing": args.skip_existing, "verify": args.verify, "data_path": args.data_path,
-               "max_history_images": args.max_history_images, "data_files": args.data_files,
-               "dry_run": args.dry_run, "force": args.force, "overwrite": args.overwrite}
+    options = {**job_options(args).to_dict(), "dry_run": args.dry_run}
     with client(args, down_s=0) as service:  # keep trying while it restarts
         _check_server_spec(args, service)
         answer = service.precompute(data_root, timeout=None if args.dry_run else 30.0, **options)

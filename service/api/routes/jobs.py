@@ -11,8 +11,9 @@ from fastapi.responses import JSONResponse
 
 from vggt_cache.service.api.deps import Plans, Ready, Runtime
 from vggt_cache.service.api.schemas import JobViewModel, PrecomputeRequest
-from vggt_cache.service.jobs import plan_work
-from vggt_cache.service.jobview import TERMINAL, JobView
+from vggt_cache.service.jobs.options import JobLimits, JobOptions
+from vggt_cache.service.jobs.planning import plan_work
+from vggt_cache.service.jobs.view import TERMINAL, JobView
 from vggt_cache.service.runtime import Components, ServiceRuntime
 
 router = APIRouter()
@@ -31,17 +32,14 @@ def _precompute(req: PrecomputeRequest, c: Components, runtime: ServiceRuntime) 
     data_root = runtime.allowed.contain(req.data_root, writes_sibling=False)
     if not os.path.isdir(data_root):
         raise HTTPException(404, f"data_root is not a folder: {req.data_root}")
-    options: dict[str, Any] = {"skip_existing": req.skip_existing, "data_path": req.data_path,
-               "max_history_images": req.max_history_images, "data_files": req.data_files}
+    options = JobOptions(skip_existing=req.skip_existing, verify=req.verify, data_path=req.data_path,
+                         max_history_images=req.max_history_images, force=req.force, data_files=req.data_files,
+                         overwrite=req.overwrite)
     if req.dry_run:  # the plan alone, computed here (a slow NFS root needs a patient client)
-        plan = plan_work(data_root, c.spec, runtime.allowed, options,
-                         max_image_bytes=runtime.settings.max_image_bytes,
-                         max_frames=runtime.settings.max_frames_per_sample,
-                         max_sample_bytes=runtime.settings.max_sample_bytes).plan
+        plan = plan_work(data_root, c.spec, runtime.allowed, options, JobLimits.of(runtime.settings)).plan
         return JSONResponse({"dry_run": True, "spec_digest": c.spec.digest, "plan": plan.to_dict(),
                              "summary": plan.summary()})
-    return _model(req.data_root, c.jobs.submit(data_root, verify=req.verify, force=req.force,
-                                               overwrite=req.overwrite, **options))
+    return _model(req.data_root, c.jobs.submit(data_root, options))
 
 
 @router.get("/jobs/{job_id}")

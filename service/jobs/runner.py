@@ -1,7 +1,8 @@
-"""Bulk precompute jobs: plan a data root into units, feed them to the engine at bulk priority, record progress."""
+"""The job runner: takes planned jobs in order, feeds their units to the engine at bulk priority, records results."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
@@ -9,86 +10,32 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
 from functools import partial
 from typing import TypeVar
 
 from vggt_cache.client.cachefile import is_temp_file
-from vggt_cache.client.manifest import is_manifest_temp_file, write_manifest
-from vggt_cache.client.safeopen import OutsideRoots, open_folder
-from vggt_cache.client.spec import FeatureSpec, matching_preset
+from vggt_cache.client.manifest import MAX_FAILURES, is_manifest_temp_file
+from vggt_cache.client.safeopen import open_folder
+from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.text import error_text
 from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
-from vggt_cache.service.jobview import TERMINAL, JobState, JobView
+from vggt_cache.service.jobs.manifest import JobReport, write_job_manifest
+from vggt_cache.service.jobs.options import JobLimits, JobOptions
+from vggt_cache.service.jobs.planning import plan_work
+from vggt_cache.service.jobs.recorder import Recorder
+from vggt_cache.service.jobs.store import JobRecord, JobStore, TargetResult
+from vggt_cache.service.jobs.view import TERMINAL, JobState, JobView, Rate, job_view
 from vggt_cache.service.paths import AllowedRoots, printable
-from vggt_cache.service.plan import Plan, plan_job
-from vggt_cache.service.preprocess import MAX_IMAGE_BYTES
-from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, check_history
-from vggt_cache.service.settings import ServiceSettings
-from vggt_cache.service.sources import ScanResult, scan_data_root, shard
-from vggt_cache.service.store import JobRecord, JobStore
+from vggt_cache.service.sources import shard
 from vggt_cache.service.units import Unit
 
 T = TypeVar("T")
 
 log = logging.getLogger("vggt_cache")
 
-_DEFAULTS = ServiceSettings()  # the one place job settings have their defaults
-MANIFEST_FAILURES = 1000
 VIEW_FAILURES = 100  # failures a job view lists
 POISON_ATTEMPTS = 2  # a unit on a device at this many deaths of the service is failed, not resumed again
-
-
-@dataclass(frozen=True)
-class Retention:
-    """How many ended jobs (with their units and failures) the store keeps, and for how long."""
-
-    keep: int = 1000
-    days: float = 30.0
-
-
-@dataclass
-class _Rate:
-    """Entries computed since this process started (or resumed) the job: what rate and ETA come from."""
-
-    t0: float
-    computed0: int
-
-
-class _Recorder:
-    """A thread calling `record(block=True)` (which returns the units it took) until `finish`'s count is in."""
-
-    def __init__(self, record: Callable[[bool], int]) -> None:
-        self._record = record
-        self._expected: int | None = None
-        self._recorded = 0
-        self._stopped = threading.Event()
-        self._error: BaseException | None = None
-        self._thread: threading.Thread | None = None
-
-    def start(self, name: str) -> None:
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        try:  # record() waits at most a second for a result, so the flags are seen
-            while not self._stopped.is_set() and (self._expected is None or self._recorded < self._expected):
-                self._recorded += self._record(True)
-        except BaseException as exc:  # raised again on the runner's thread
-            self._error = exc
-
-    def finish(self, submitted: int) -> None:
-        """Wait until the results of all `submitted` units are recorded; raise what recording raised."""
-        self._expected = submitted
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-
-    def stop(self) -> None:
-        """Stop recording (after `finish`, or when submitting failed) and wait for the thread."""
-        self._stopped.set()
-        self._thread.join()
 
 
 def lane_chunks(pending: list[T], lanes: int, chunk_units: int) -> Iterator[tuple[list[T], list[int] | None]]:
@@ -111,13 +58,13 @@ def lane_chunks(pending: list[T], lanes: int, chunk_units: int) -> Iterator[tupl
         yield order[start:start + chunk_units], None if lane_of is None else lane_of[start:start + chunk_units]
 
 
-def target_results(idx: int, unit: Unit, fut: Future) -> list[tuple[int, EntryStatus, str | None, str, str | None]]:
-    """(idx, outcome, reason, image, write) for every target of a finished unit, as the store records them."""
+def target_results(idx: int, unit: Unit, fut: Future) -> list[TargetResult]:
+    """The result of every target of a finished unit, as the store records them."""
     exc = fut.exception()
     if exc is not None:
-        return [(idx, EntryStatus.FAILED, error_text(exc), t, None) for t in unit.targets]
+        return [TargetResult(idx, EntryStatus.FAILED, error_text(exc), t) for t in unit.targets]
     result: UnitResult = fut.result()
-    return [(idx, EntryStatus(e.status), e.error, e.image, e.write) for e in result.entries]
+    return [TargetResult(idx, EntryStatus(e.status), e.error, e.image, e.write) for e in result.entries]
 
 
 class JobManager:
@@ -125,25 +72,20 @@ class JobManager:
 
     def __init__(self, store: JobStore, engine: Engine, spec: FeatureSpec, allowed: AllowedRoots,
                  model_info: dict, rank: int = 0, world_size: int = 1, started_at: float | None = None,
-                 max_frames_per_sample: int = _DEFAULTS.max_frames_per_sample,
-                 retention: Retention = Retention(), max_sample_bytes: int = MAX_SAMPLE_BYTES) -> None:
+                 limits: JobLimits = JobLimits()) -> None:
         """`started_at`: when this process started (before its model load); temporary files older than it
-        are orphans of a killed run, a younger one may be a peer's write in flight.
-        `max_frames_per_sample`: a unit of more frames is failed at planning, with the reason.
-        `retention`: ended jobs kept, pruned at start and after each job. `max_sample_bytes`: the most a
-        sample of a sample file may take (a larger one is a problem of the plan)."""
+        are orphans of a killed run, a younger one may be a peer's write in flight."""
         self.store = store
         self.engine = engine
         self.spec = spec
         self.allowed = allowed
         self.model_info = model_info
         self.rank, self.world_size = rank, world_size
-        self.max_frames_per_sample = max_frames_per_sample
-        self.retention = retention
-        self.max_sample_bytes = max_sample_bytes
+        # The engine's image limit is the one that fails an image: a plan counts by it.
+        self.limits = dataclasses.replace(limits, max_image_bytes=engine.max_image_bytes)
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._stopping = threading.Event()
-        self._rates: dict[str, _Rate] = {}
+        self._rates: dict[str, Rate] = {}
         self._enqueued: set[str] = set()
         self._lock = threading.Lock()  # _enqueued and _submitted
         self._submitted: dict[str, list[Future]] = {}  # the running job's units in the engine
@@ -193,7 +135,7 @@ class JobManager:
             except Exception as exc:  # a broken job must not take the runner down with it
                 log.exception("Job %s failed", job_id)
                 try:
-                    self.store.set_state(job_id, JobState.FAILED, error=error_text(exc))
+                    self.store.finish(job_id, JobState.FAILED, error=error_text(exc))
                 except Exception:  # already terminal, or the state dir itself is failing
                     log.exception("Cannot record the failure of job %s", job_id)
             try:
@@ -203,27 +145,17 @@ class JobManager:
 
     def prune(self) -> int:
         """Drop ended jobs past the retention (count or age) from the store; returns how many."""
-        pruned = self.store.prune(self.retention.keep, self.retention.days * 86400.0)
+        retention = self.limits.retention
+        pruned = self.store.prune(retention.keep, retention.days * 86400.0)
         if pruned:
             log.info("Pruned %d ended job(s) past the retention (%d jobs, %g days)", pruned,
-                     self.retention.keep, self.retention.days)
+                     retention.keep, retention.days)
         return pruned
 
-    def submit(self, data_root: str, skip_existing: bool = True, verify: bool = False,
-               data_path: str | None = None, max_history_images: int = DEFAULT_MAX_HISTORY,
-               force: bool = False, data_files: list[str] | None = None, overwrite: bool = False) -> JobView:
-        """Queue a job (or return the active one over the same root and spec).
-
-        `force`: start even when the plan says the new entries will not fit on the file system.
-        `overwrite`: replace valid entries computed with another clip (else kept, and counted `kept`).
-        `data_files`: the sample files to read (relative to the data root unless absolute), not every one.
-        """
-        check_history(max_history_images)
-        options = {"skip_existing": skip_existing, "verify": verify, "data_path": data_path,
-                   "max_history_images": max_history_images, "force": force, "data_files": data_files,
-                   "overwrite": overwrite}
-        check_options(data_root, options, self.allowed)
-        rec = self.store.create_job(data_root, self.spec.digest, self.spec.canonical_json(), options)
+    def submit(self, data_root: str, options: JobOptions = JobOptions()) -> JobView:
+        """Queue a job (or return the active one over the same root and spec)."""
+        options.contain(data_root, self.allowed)
+        rec = self.store.create(data_root, self.spec.digest, self.spec.canonical_json(), options)
         if self._thread is not None:
             self._enqueue(rec.job_id)
         return self._view(rec)
@@ -232,7 +164,7 @@ class JobManager:
         rec = self.store.get(job_id)
         if rec is None:
             return None
-        self.store.request_cancel(job_id)
+        self.store.cancel(job_id)
         self._withdraw(job_id)
         return self.view(job_id)
 
@@ -253,27 +185,10 @@ class JobManager:
         return [self._view(rec, with_failures=False) for rec in self.store.list_jobs(limit=limit)]
 
     def _view(self, rec: JobRecord, with_failures: bool = True) -> JobView:
-        done = rec.done
-        progress = round(done / rec.total, 4) if rec.total else (1.0 if rec.state is JobState.FINISHED else 0.0)
-        rate = self._rates.get(rec.job_id)
-        rate_per_s = eta_s = None
-        # Entries computed, not skipped: a skipped entry costs a metadata read, so it would make the rate a lie.
-        if rate is not None and rec.state is JobState.RUNNING:
-            elapsed = time.monotonic() - rate.t0
-            per_s = (rec.computed - rate.computed0) / elapsed if elapsed > 0 else 0.0
-            rate_per_s = round(per_s, 2)
-            if per_s > 0:
-                eta_s = round(_left_to_compute(rec) / per_s, 1)
-        elif rec.finished_at and rec.started_at and rec.finished_at > rec.started_at:
-            # An ended job shows its average over its whole run (restarts included).
-            rate_per_s = round(rec.computed / (rec.finished_at - rec.started_at), 2)
         failures = None
         if rec.failed and with_failures:
             failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, VIEW_FAILURES)]
-        return JobView(rec.job_id, rec.data_root, rec.state, rec.total, rec.computed, rec.skipped, rec.failed,
-                       progress, rate_per_s, eta_s, rec.spec_digest, rec.options, rec.planned, rec.cancel_requested,
-                       rec.created_at, rec.started_at, rec.finished_at, rec.error, rec.plan, failures,
-                       rec.kept, rec.replaced)
+        return job_view(rec, self._rates.get(rec.job_id), failures)
 
     # -- the work -------------------------------------------------------------------------------
     def run(self, job_id: str) -> JobView | None:
@@ -283,12 +198,12 @@ class JobManager:
             return self.view(job_id)
         t_start = time.time()
         interrupted = rec.state is JobState.RUNNING  # a process running it died (or was killed) mid-job
-        self.store.set_state(job_id, JobState.RUNNING)
-        if not rec.planned and not self._plan(rec):
-            return self.view(job_id)
-        rec = self.store.get(job_id)
-        assert rec is not None  # the job was read above, and jobs are pruned only when ended
-        self._rates[job_id] = _Rate(time.monotonic(), rec.computed)
+        rec = self.store.start(job_id)
+        if not rec.planned:
+            rec = self._plan(rec)
+            if rec.state is JobState.FAILED:
+                return self._view(rec)
+        self._rates[job_id] = Rate(time.monotonic(), rec.computed)
         options = rec.options
         self._fail_poison(job_id)
         pending = self.store.pending_units(job_id)
@@ -336,7 +251,7 @@ class JobManager:
             on_device = self._on_device[job_id] = set()
         # Results are recorded as they land, on a thread of their own: the runner blocks in `submit` while
         # the bulk backlog is full, and the job's counts must move meanwhile (the status page's row).
-        recorder = _Recorder(record)
+        recorder = Recorder(record)
         recorder.start(f"job-recorder-{job_id}")
         try:
             for chunk, lanes in lane_chunks(pending, self.engine.lanes, self.chunk_units):
@@ -345,13 +260,13 @@ class JobManager:
                 # A unit at a time: `submit` blocks while the backlog is full, and each future must have its
                 # callback (to the recorder) as soon as it is admitted, not once the whole chunk is.
                 for i, (idx, unit) in enumerate(chunk):
-                    fut = self.engine.submit([unit], Priority.BULK, skip_existing=options.get("skip_existing", True),
-                                             verify=options.get("verify", False), return_features=False,
+                    fut = self.engine.submit([unit], Priority.BULK, skip_existing=options.skip_existing,
+                                             verify=options.verify, return_features=False,
                                              lanes=None if lanes is None else lanes[i:i + 1],
-                                             overwrite=options.get("overwrite", False), on_start=started)[0]
+                                             overwrite=options.overwrite, on_start=started)[0]
                     with self._lock:
                         in_engine.append(fut)
-                    fut.add_done_callback(lambda f, idx=idx, unit=unit: results.put((idx, unit, f)))
+                    fut.add_done_callback(partial(landed, idx, unit))
                     submitted += 1
             if self.store.cancel_requested(job_id):
                 self._withdraw(job_id)  # what was admitted while the cancel came in
@@ -379,7 +294,7 @@ class JobManager:
                 self.write_manifest(rec, time.time() - t_start, state)
             except OSError as exc:  # a full disk or a vanished data root; the job's record is in SQLite
                 log.warning("Job %s: cannot write the manifest in %s: %s", job_id, rec.data_root, exc)
-        rec = self.store.set_state(job_id, state)
+        rec = self.store.finish(job_id, state)
         log.info("Job %s %s: %d computed, %d skipped, %d failed of %d", job_id, rec.state.value,
                  rec.computed, rec.skipped, rec.failed, rec.total)
         return self._view(rec)
@@ -391,13 +306,11 @@ class JobManager:
 
     def _fail_poison(self, job_id: str) -> None:
         """Fail the units that were on a device each time the service died: resumed, they would jam it again."""
-        poison = self.store.tried_units(job_id, POISON_ATTEMPTS)
-        if not poison:
-            return
         why = (f"poison: the service died {POISON_ATTEMPTS} times while this sample was running; not retried "
                "(check its frames, or precompute it alone)")
-        self.store.record_results(job_id, [(idx, EntryStatus.FAILED, why, t) for idx, unit in poison
-                                           for t in unit.targets])
+        poison = self.store.fail_tried(job_id, POISON_ATTEMPTS, why)
+        if not poison:
+            return
         log.error("Job %s: %d unit(s) failed as poison, the service died %d times while they ran: %s", job_id,
                   len(poison), POISON_ATTEMPTS, printable(poison[0][1].targets[-1]))
 
@@ -428,103 +341,31 @@ class JobManager:
         if removed:
             log.info("Job %s: removed %d temporary file(s) left by an interrupted run", job_id, removed)
 
-    def _plan(self, rec: JobRecord) -> bool:
-        """Scan the data root once; False if the job was refused (its new entries would not fit)."""
-        work = plan_work(rec.data_root, self.spec, self.allowed, rec.options, self.rank, self.world_size,
-                         self.engine.max_image_bytes, self.max_frames_per_sample, self.max_sample_bytes)
+    def _plan(self, rec: JobRecord) -> JobRecord:
+        """Scan the data root once and record the plan; the job fails if its new entries would not fit."""
+        work = plan_work(rec.data_root, self.spec, self.allowed, rec.options, self.limits, self.rank, self.world_size)
         plan = work.plan
-        self.store.record_plan(rec.job_id, plan.to_dict())
         log.info("Job %s plan: %s", rec.job_id, plan.summary())
-        if not plan.fits and not rec.options.get("force"):
-            self.store.set_state(rec.job_id, JobState.FAILED, error=f"not enough free space: {plan.summary()}; "
-                                                              "free some, or force the job (--force)")
+        if not plan.fits and not rec.options.force:
             log.error("Job %s refused, its entries would not fit: %s", rec.job_id, plan.summary())
-            return False
+            return self.store.refuse(rec.job_id, plan.to_dict(), f"not enough free space: {plan.summary()}; "
+                                                                 "free some, or force the job (--force)")
+        # Refused units fail untouched; units found valid are skipped here, not read again by the engine.
+        known = [TargetResult(i, EntryStatus.FAILED, why, t) for i, why in work.refused.items()
+                 for t in work.units[i].targets]
+        known += [TargetResult(i, EntryStatus.CACHED, None, t) for i in work.valid for t in work.units[i].targets]
         # Every rank scans the whole root; its problems are recorded once, by rank 0.
-        self.store.set_plan(rec.job_id, work.units, work.scan.problems if self.rank == 0 else [])
-        if work.refused:
-            self.store.record_results(rec.job_id, [(i, EntryStatus.FAILED, why, t) for i, why in work.refused.items()
-                                                   for t in work.units[i].targets])
-        log.info("Job %s planned: %d units from %d samples (%s; %d refused, %d malformed samples)", rec.job_id,
-                 len(work.units), work.scan.num_samples, work.scan.source_kind, len(work.refused),
-                 len(work.scan.problems))
-        return True
+        rec = self.store.record_plan(rec.job_id, plan.to_dict(), work.units,
+                                     work.scan.problems if self.rank == 0 else [], known)
+        log.info("Job %s planned: %d units from %d samples (%s; %d refused, %d already valid, %d malformed "
+                 "samples)", rec.job_id, len(work.units), work.scan.num_samples, work.scan.source_kind,
+                 len(work.refused), len(work.valid), len(work.scan.problems))
+        return rec
 
     def write_manifest(self, rec: JobRecord, seconds: float, state: JobState) -> str:
-        failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, MANIFEST_FAILURES)]
+        failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, MAX_FAILURES)]
         counts = {"total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed,
                   "kept": rec.kept, "replaced": rec.replaced}
-        return write_manifest(rec.data_root, manifest_record(rec.job_id, state, counts, self.spec, rec.plan,
-                                                             self.model_info, seconds, failures,
-                                                             verified=bool(rec.options.get("verify"))),
-                              self.allowed.real, self.engine.file_mode)
-
-
-def _left_to_compute(rec: JobRecord) -> int:
-    """Entries still to compute: the plan's count of those without a valid entry, less those computed."""
-    left = rec.total - rec.done
-    if rec.plan and "to_compute" in rec.plan:
-        left = min(left, max(0, rec.plan["to_compute"] - rec.computed))
-    return left
-
-
-def manifest_record(job_id: str, state: JobState, counts: dict, spec: FeatureSpec, plan: dict | None,
-                    model_info: dict, seconds: float, failures: list[dict], ranks: int = 1,
-                    verified: bool = False) -> dict:
-    """What `vggt_cache_manifest.json` says of a job (one process's, or torchrun's ranks merged).
-
-    `verified`: every entry computed was read back and validated (`--verify`); `verified_entries` counts them.
-    """
-    return {"job_id": job_id, "state": state.value, "ranks": ranks, **counts, "verified": verified,
-            "verified_entries": counts["computed"] if verified else 0, "spec": spec.to_dict(),
-            "spec_digest": spec.digest, "preset": matching_preset(spec), "plan": plan, "model": model_info,
-            "seconds": round(seconds, 2), "failures": failures}
-
-
-def check_options(data_root: str, options: dict, allowed: AllowedRoots) -> None:
-    """The folders a job's options name (its sample files, its `data_path`) are inside the roots
-    (OutsideRoots): an absolute `data_path` must not take the samples' images out of them."""
-    named = [*(options.get("data_files") or ())]
-    if options.get("data_path") is not None:
-        named.append(options["data_path"])
-    for name in named:
-        allowed.contain(os.path.normpath(os.path.join(data_root, name)), writes_sibling=False)
-
-
-@dataclass
-class Work:
-    """A data root planned into units: this rank's share, those it may not touch, and the plan."""
-
-    scan: ScanResult
-    units: list[Unit]
-    refused: dict[int, str]  # unit index -> why (a frame outside the roots, too many frames): failed before any decode
-    plan: Plan
-
-
-def plan_work(data_root: str, spec: FeatureSpec, allowed: AllowedRoots, options: dict, rank: int = 0,
-              world_size: int = 1, max_image_bytes: int = MAX_IMAGE_BYTES,
-              max_frames: int = _DEFAULTS.max_frames_per_sample, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> Work:
-    """Scan `data_root` and plan it (a job's first step, and all that a dry run does); images over
-    `max_image_bytes` are counted unreadable, as the engine of that limit will fail them. A unit of
-    more than `max_frames` frames is refused: one sample must not hold the device for everyone; a
-    sample over `max_sample_bytes` is a problem."""
-    check_options(data_root, options, allowed)
-    files = options.get("data_files")
-    scan = scan_data_root(data_root, spec.attention, options.get("data_path"),
-                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files, allowed, max_sample_bytes)
-    units = shard(scan.units, rank, world_size)
-    refused: dict[int, str] = {}
-    for idx, unit in enumerate(units):
-        if len(unit.frames) > max_frames:
-            refused[idx] = (f"a sample of {len(unit.frames)} frames; the limit is {max_frames} per sample "
-                            "(--max-frames-per-sample)")
-            continue
-        try:
-            for frame in unit.frames:
-                allowed.contain(frame)
-        except (OutsideRoots, ValueError) as exc:
-            refused[idx] = str(exc)
-    admitted = [u for i, u in enumerate(units) if i not in refused]
-    plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), admitted, len(refused), world_size,
-                    allowed.real, max_image_bytes)
-    return Work(scan, units, refused, plan)
+        report = JobReport(rec.job_id, state, counts, rec.plan, seconds, failures, rec.options.verify)
+        return write_job_manifest(rec.data_root, report, self.spec, self.model_info, self.allowed,
+                                  self.engine.file_mode)

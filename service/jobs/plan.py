@@ -131,8 +131,10 @@ def _check(target: str, context: Sequence[str] | None, spec: FeatureSpec, skip_e
 
 def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing: bool = True,
              units: Sequence[Unit] | None = None, refused: int = 0, ranks: int = 1,
-             roots: Sequence[str] | None = None, max_image_bytes: int = MAX_IMAGE_BYTES) -> Plan:
-    """The plan of a job over `scan`, or over `units` (one rank's share of it), reading headers and metadata only.
+             roots: Sequence[str] | None = None,
+             max_image_bytes: int = MAX_IMAGE_BYTES) -> tuple[Plan, frozenset[str]]:
+    """The plan of a job over `scan`, or over `units` (one rank's share of it), reading headers and metadata
+    only, and the targets found to hold a valid entry (so the job need not read them again).
 
     `roots` (real paths): files that open outside them, and images over `max_image_bytes`, are counted
     unreadable, as the engine will fail them.
@@ -160,6 +162,7 @@ def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing:
     tightest = min(file_systems, key=lambda fs: fs["free_bytes"] - fs["bytes_to_write"] * ranks, default=None)
     if tightest is not None and len(file_systems) == 1 and os.stat(data_root).st_dev in per_device:
         tightest = None  # one file system, the data root's: the top-level figures say it all
+    valid = frozenset(target for (target, _), t in zip(work, checked) if t.valid)
     return Plan(
         data_root, scan.samples.describe(), len(units), len(work), sum(t.valid for t in checked),
         sum(t.compute for t in checked), sum(t.unreadable for t in checked), len(scan.problems), refused,
@@ -167,4 +170,4 @@ def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing:
         round(sum(t.size for t in new) / len(new)) if new else 0, sum(t.size - t.nbytes for t in new),
         len(scan.samples.unlisted),
         [{"where": bounded(where), "reason": bounded(why)} for where, why in scan.problems[:PROBLEMS_SHOWN]],
-    )
+    ), valid

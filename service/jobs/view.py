@@ -1,4 +1,5 @@
-"""The job vocabulary: a job's states, how entry outcomes count in it, and the one view of a job.
+"""The job vocabulary: a job's states, how entry outcomes count in it, and the one view of a job (with its
+rate and ETA).
 
 Store, runner, HTTP API, metrics and CLI all speak it. A job counts each entry as
 `computed`, `skipped` (it already held a valid entry: the engine's `cached`) or `failed`;
@@ -8,12 +9,17 @@ Store, runner, HTTP API, metrics and CLI all speak it. A job counts each entry a
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vggt_cache.client.text import shorten
 from vggt_cache.client.wire import EntryStatus
+from vggt_cache.service.jobs.options import JobOptions
+
+if TYPE_CHECKING:
+    from vggt_cache.service.jobs.store import JobRecord
 
 
 class JobState(str, Enum):
@@ -56,14 +62,14 @@ class JobView:
     rate_per_s: float | None  # entries a second: since this process took the job up, or over the whole run
     eta_s: float | None
     spec_digest: str
-    options: dict
+    options: JobOptions
     planned: bool
     cancel_requested: bool
     created_at: float
     started_at: float | None
     finished_at: float | None
     error: str | None
-    plan: dict | None  # service.plan.Plan.to_dict(): samples found, entries, bytes, free space
+    plan: dict | None  # jobs.plan.Plan.to_dict(): samples found, entries, bytes, free space
     failures: list[dict] | None = None  # the first failures, {"image", "reason"}, when there are any
     # Targets whose file held another clip's valid entry: kept as it was (counted in skipped, or in
     # computed when computed anyway), or replaced (the job's `overwrite` option; counted in computed).
@@ -77,6 +83,7 @@ class JobView:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["state"] = self.state.value
+        d["options"] = self.options.to_dict()
         if self.failures is None:
             del d["failures"]
         return d
@@ -93,4 +100,41 @@ class JobView:
     def from_dict(cls, d: dict[str, Any]) -> JobView:
         """A view as `GET /jobs/{id}` answers it."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{**{k: v for k, v in d.items() if k in names}, "state": JobState(d["state"])})
+        return cls(**{**{k: v for k, v in d.items() if k in names}, "state": JobState(d["state"]),
+                      "options": JobOptions.from_dict(d.get("options") or {})})
+
+
+@dataclass(frozen=True)
+class Rate:
+    """Entries computed since this process started (or resumed) the job: what rate and ETA come from."""
+
+    t0: float  # time.monotonic()
+    computed0: int
+
+
+def job_view(rec: JobRecord, rate: Rate | None = None, failures: list[dict] | None = None) -> JobView:
+    """The view of a stored job; `rate`: this process runs it (rate and ETA since it took it up)."""
+    progress = round(rec.done / rec.total, 4) if rec.total else (1.0 if rec.state is JobState.FINISHED else 0.0)
+    rate_per_s = eta_s = None
+    # Entries computed, not skipped: a skipped entry costs a metadata read, so it would make the rate a lie.
+    if rate is not None and rec.state is JobState.RUNNING:
+        elapsed = time.monotonic() - rate.t0
+        per_s = (rec.computed - rate.computed0) / elapsed if elapsed > 0 else 0.0
+        rate_per_s = round(per_s, 2)
+        if per_s > 0:
+            eta_s = round(_left_to_compute(rec) / per_s, 1)
+    elif rec.finished_at and rec.started_at and rec.finished_at > rec.started_at:
+        # An ended job shows its average over its whole run (restarts included).
+        rate_per_s = round(rec.computed / (rec.finished_at - rec.started_at), 2)
+    return JobView(rec.job_id, rec.data_root, rec.state, rec.total, rec.computed, rec.skipped, rec.failed,
+                   progress, rate_per_s, eta_s, rec.spec_digest, rec.options, rec.planned, rec.cancel_requested,
+                   rec.created_at, rec.started_at, rec.finished_at, rec.error, rec.plan, failures,
+                   rec.kept, rec.replaced)
+
+
+def _left_to_compute(rec: JobRecord) -> int:
+    """Entries still to compute: the plan's count of those without a valid entry, less those computed."""
+    left = rec.total - rec.done
+    if rec.plan and "to_compute" in rec.plan:
+        left = min(left, max(0, rec.plan["to_compute"] - rec.computed))
+    return left
