@@ -39,6 +39,12 @@ def http(server: RunningService) -> Iterator[httpx.Client]:
         yield client
 
 
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """The event loop of the async tests (`pytest.mark.anyio`): asyncio, the one uvicorn runs the app on."""
+    return "asyncio"
+
+
 @pytest.fixture(autouse=True)
 def our_logger_as_found() -> Iterator[None]:
     """A test that runs the CLI in-process sets our logger up (a handler on that test's captured stderr, no

@@ -225,15 +225,16 @@ def service_in_process(root: Path, state_dir: Path, before_forward: Callable[[to
 
 
 @contextlib.asynccontextmanager
-async def app_in_process(root: str | os.PathLike, state_dir: str | os.PathLike, *, attention: str = "frame",
-                         before_forward: Callable[[torch.Tensor], None] | None = None, ready: bool = True,
-                         **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+async def app_in_process(root: str | os.PathLike, state_dir: str | os.PathLike, *, preset: str | None = None,
+                         spec: dict[str, Any] | None = None, before_forward: Callable[[torch.Tensor], None] | None = None,
+                         ready: bool = True, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
     """The service's ASGI app in this process, its lifespan running, behind an `httpx.AsyncClient` over
     `httpx.ASGITransport`: no socket, no subprocess. For tests of what the API answers; the transport,
     signals and socket limits need a real server (`start_service`, `service_in_process`).
 
-    `settings`: `ServiceSettings` fields over the defaults `start_service` uses; `before_forward` is the
-    engine's hook on the device; `ready=False` does not wait for the model (one that fails to load)."""
+    `preset` and `spec` (FeatureSpec fields) as the spec flags give them, over `start_service`'s `--size 56`;
+    `settings`: other `ServiceSettings` fields; `before_forward`: the engine's hook on the device;
+    `ready=False` does not wait for the model (one that fails to load)."""
     from vggt_cache.client.spec import resolve_options
     from vggt_cache.service.api import create_app
     from vggt_cache.service.runtime import ServiceRuntime
@@ -241,7 +242,7 @@ async def app_in_process(root: str | os.PathLike, state_dir: str | os.PathLike, 
 
     config = ServiceSettings(**{"model": str(TINY_MODEL), "device": "cpu", "allowed_roots": [os.fspath(root)],
                                 "state_dir": os.fspath(state_dir),
-                                "spec": resolve_options(None, attention=attention, size=56), **settings})
+                                "spec": resolve_options(preset, **{"size": 56, **(spec or {})}), **settings})
     app = create_app(ServiceRuntime(config, before_forward=before_forward))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

@@ -34,11 +34,6 @@ def server(service_server, root: Path):
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def app(root: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
     """The module's app in-process, frame attention, no token."""
     async with app_in_process(root, tmp_path_factory.mktemp("api-state")) as http:
@@ -95,7 +90,7 @@ async def test_frame_features_equal_the_models_output(app: httpx.AsyncClient, ro
 async def test_clip_features_equal_the_models_output(tmp_path_factory, model, attention: str) -> None:
     root = tmp_path_factory.mktemp(f"parity-{attention}")
     clip = write_images(root, ["t0.png", "t1.png", "t2.png"], seed=11)
-    async with app_in_process(root, tmp_path_factory.mktemp("state"), attention=attention) as http:
+    async with app_in_process(root, tmp_path_factory.mktemp("state"), spec={"attention": attention}) as http:
         spec = await service_spec(http)
         served = features_of(await http.post("/features", json={"clips": [clip]}))
     direct = reference_features(model, clip, spec)  # [3, P, C]
