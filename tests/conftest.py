@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests: real vggt-cache services on 127.0.0.1 (helpers live in service_helpers.py)."""
+"""Fixtures shared by the tests: real vggt-cache services on 127.0.0.1 (helpers live in helpers/)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from vggt_cache.client.logs import LOGGER
-from service_helpers import RunningService, start_service
+from helpers.service import RunningService, start_service
 
 
 @pytest.fixture(scope="session")

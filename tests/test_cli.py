@@ -15,7 +15,7 @@ import pytest
 from vggt_cache.client.cachefile import Outcome, read_entry
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.manifest import MANIFEST_NAME
-from service_helpers import cache_files, done, free_port, wait_job, write_images
+from helpers.service import cache_files, done, free_port, wait_job, write_images
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"

@@ -20,7 +20,7 @@ from vggt_cache.service.model.features import entry_features
 from vggt_cache.service.preprocess import preprocess
 from vggt_cache.service.settings import ServiceSettings
 from vggt_cache.service.units import Unit
-from service_helpers import poll, reference_features
+from helpers.service import poll, reference_features
 
 FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
 SIZE = 56  # 80x60 images crop to 42x56: a 3x4 patch grid

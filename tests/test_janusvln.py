@@ -26,7 +26,7 @@ from vggt_cache.service.model import KVCache, load_aggregator
 from vggt_cache.service.preprocess import preprocess
 from vggt_cache.service.jobview import TERMINAL
 from vggt_cache.service.samples import find_samples
-from service_helpers import apoll, app_in_process, spec_of_status, write_images
+from helpers.service import apoll, app_in_process, spec_of_status, write_images
 from vggt_cache.training.data import load_samples
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"

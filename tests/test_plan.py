@@ -12,7 +12,7 @@ import httpx
 
 from vggt_cache.client.cachefile import CACHE_SUFFIX
 from vggt_cache.service import cli, plan
-from service_helpers import cache_files, tmpfs, wait_job, write_images
+from helpers.service import cache_files, tmpfs, wait_job, write_images
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "tests" / "fixtures" / "vggt_tiny"

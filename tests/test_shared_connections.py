@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service_helpers import REPO, TINY_MODEL, RunningService, poll, start_service, wait_job, write_images
+from helpers.service import REPO, TINY_MODEL, RunningService, poll, start_service, wait_job, write_images
 from vggt_cache.service.demo import free_port
 
 TOKEN = "shared-node-token"

@@ -30,8 +30,9 @@ from vggt_cache.service.demo import free_port
 from vggt_cache.service.jobview import TERMINAL
 from vggt_cache.service.preprocess import preprocess
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures"
+TINY_MODEL = FIXTURES / "vggt_tiny"
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
