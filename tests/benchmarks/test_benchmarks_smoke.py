@@ -13,10 +13,9 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from helpers.service import REPO, TINY_MODEL
 
-REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
-TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
 RUN_TIMEOUT_S = 180
 RATIO = r"= (\d+\.\d+)$"
 

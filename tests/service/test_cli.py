@@ -15,10 +15,8 @@ import pytest
 from vggt_cache.client.cachefile import Outcome, read_entry
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.manifest import MANIFEST_NAME
-from helpers.service import cache_files, done, free_port, wait_job, write_images
+from helpers.service import REPO, TINY_MODEL, cache_files, done, free_port, wait_job, write_images
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -26,10 +26,9 @@ from vggt_cache.service.model import KVCache, load_aggregator
 from vggt_cache.service.preprocess import preprocess
 from vggt_cache.service.jobview import TERMINAL
 from vggt_cache.service.samples import find_samples
-from helpers.service import apoll, app_in_process, spec_of_status, write_images
+from helpers.service import FIXTURES, apoll, app_in_process, spec_of_status, write_images
 from vggt_cache.training.data import load_samples
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 JANUS = FIXTURES / "janusvln"
 TINY = FIXTURES / "vggt_tiny"
 
