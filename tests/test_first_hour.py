@@ -1,6 +1,6 @@
 """Issue 19, the first hour on a CPU: what a newcomer following the README hit, each as it behaves now.
 
-Real services on 127.0.0.1 and real `vggt-cache` processes (see test_cli_errors.py for the CLI's error style).
+Real services on 127.0.0.1 and real `vggt-cache` processes (see service/test_cli_errors.py for the CLI's error style).
 """
 
 from __future__ import annotations
