@@ -1,4 +1,4 @@
-"""Fixtures shared by the tests: real vggt-cache services on 127.0.0.1 (helpers live in service_helpers.py)."""
+"""Fixtures shared by the tests: real vggt-cache services on 127.0.0.1 (helpers live in helpers/)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import httpx
 import pytest
 
 from vggt_cache.client.logs import LOGGER
-
-from service_helpers import RunningService, start_service
+from helpers.service import RunningService, start_service
 
 
 @pytest.fixture(scope="session")
@@ -38,6 +37,12 @@ def http(server: RunningService) -> Iterator[httpx.Client]:
     """An httpx client of the test module's `server` fixture (each module starts its own service)."""
     with httpx.Client(base_url=server.url, timeout=60) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """The event loop of the async tests (`pytest.mark.anyio`): asyncio, the one uvicorn runs the app on."""
+    return "asyncio"
 
 
 @pytest.fixture(autouse=True)

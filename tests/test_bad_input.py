@@ -18,8 +18,7 @@ import torch
 from vggt_cache.client import FeatureCache
 from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
 from vggt_cache.client.wire import decode_features
-
-from service_helpers import REPO, cache_files, service_spec, temp_files, wait_job, write_images
+from helpers.service import REPO, cache_files, service_spec, temp_files, wait_job, write_images
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +164,7 @@ def test_non_utf8_names_in_refused_requests_get_a_4xx_never_a_500(http: httpx.Cl
     assert cache_files(folder) == []
 
 
-# Basic malformed bodies (bad JSON, wrong types, relative paths, 513 items) are in test_service_api.py;
+# Basic malformed bodies (bad JSON, wrong types, relative paths, 513 items) are in service/api/test_api.py;
 # these are the ones whose error used to be a 500: input that JSON cannot echo back.
 @pytest.mark.parametrize("body, status, says", [
     (b'{"images": NaN}', 422, "valid list"),

@@ -1,6 +1,6 @@
 """Issue 19, the first hour on a CPU: what a newcomer following the README hit, each as it behaves now.
 
-Real services on 127.0.0.1 and real `vggt-cache` processes (see test_cli_errors.py for the CLI's error style).
+Real services on 127.0.0.1 and real `vggt-cache` processes (see service/test_cli_errors.py for the CLI's error style).
 """
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import re
 from pathlib import Path
 
 import pytest
-from test_cli_errors import cli, one_error
 
-from service_helpers import TINY_MODEL, write_images
+from helpers.service import TINY_MODEL, write_images
+from helpers.cli import cli, one_error
 
 
 def test_tiny_is_the_one_shipped_model_that_every_entry_point_takes(tmp_path: Path) -> None:
@@ -154,7 +154,7 @@ def test_an_empty_root_is_one_error_line_in_words_or_for_frames_a_warning(tmp_pa
 def test_status_names_the_spec_the_warnings_and_why_a_job_failed(tmp_path: Path, service_server) -> None:
     import httpx
 
-    from service_helpers import wait_job
+    from helpers.service import wait_job
 
     (tmp_path / "empty").mkdir()
     missing = tmp_path / "no-such-mount"
@@ -174,8 +174,8 @@ def test_status_names_the_spec_the_warnings_and_why_a_job_failed(tmp_path: Path,
 def test_the_status_page_names_the_preset_the_warnings_and_why_a_job_failed(tmp_path: Path, service_server) -> None:
     import httpx
 
-    from browser import CHROMIUM
-    from service_helpers import wait_job
+    from helpers.browser import CHROMIUM
+    from helpers.service import wait_job
 
     if CHROMIUM is None:
         pytest.skip("Debian's chromium package is not installed (.ci/run installs it)")

@@ -14,15 +14,14 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from test_cli_errors import cli, one_error
 
 from vggt_cache.client.wire import decode_features
 from vggt_cache.service.demo import free_port
 from vggt_cache.service.engine.device import is_device_lost, is_out_of_memory
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.settings import parse_devices, rank_device
-
-from service_helpers import REPO, TINY_MODEL, service_in_process, write_images
+from helpers.service import REPO, TINY_MODEL, service_in_process, write_images
+from helpers.cli import cli, one_error
 
 ILLEGAL_ACCESS = ("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
                   "asynchronously reported at some other API call")

@@ -27,8 +27,7 @@ from vggt_cache.service.engine.work import Flight, Priority
 from vggt_cache.service.runtime import DRILL_HOLD_ENV
 from vggt_cache.service.jobs.store import DB_NAME
 from vggt_cache.service.units import Unit
-
-from service_helpers import RunningService, poll, wait_job, write_images
+from helpers.service import RunningService, poll, wait_job, write_images
 
 CLIENTS = 50
 HELD = 12  # frames of the sample whose forward never ends (the drill hook) in the tests below

@@ -59,6 +59,7 @@ class Scheduler:
         self._waiting_frames = {p: 0 for p in Priority}
         self._decoding: Counter[tuple[Priority, int | None]] = Counter()  # queued for decode or being decoded
         self._in_lane: Counter[int | None] = Counter()  # flights of a lane not yet on a device
+        self._idle_devices = 0  # devices blocked in next_batch, nothing due for them
         self._closed = False
 
     def admit(self, flights: Sequence[Flight], priority: Priority, block: bool = True,
@@ -153,7 +154,11 @@ class Scheduler:
                         return self._take(p, key)
                     timeout = min(g.oldest for g in groups.values()) + self.max_wait_s - now
                     break
-                self._ready_cv.wait(timeout)
+                self._idle_devices += 1
+                try:
+                    self._ready_cv.wait(timeout)
+                finally:
+                    self._idle_devices -= 1
             return None
 
     def _may_take(self, lane: int | None, group_lane: int | None) -> bool:
@@ -233,6 +238,11 @@ class Scheduler:
                 "decoding": {p.name.lower(): sum(n for (q, _), n in self._decoding.items() if q is p)
                              for p in Priority},
             }
+
+    def idle_devices(self) -> int:
+        """Devices waiting in `next_batch` with nothing due for them."""
+        with self._lock:
+            return self._idle_devices
 
     def waiting(self, p: Priority) -> int:
         with self._lock:

@@ -1,6 +1,5 @@
 import struct
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,15 +9,16 @@ from safetensors.torch import load_file
 
 from vggt_cache.service import preprocess as pp
 from vggt_cache.service.preprocess import ImageError, load_image, output_size, preprocess
+from helpers.service import TINY_MODEL
 
-FIXTURES = Path(__file__).parent / "fixtures" / "vggt_tiny" / "preprocess"
-EXPECTED = load_file(str(FIXTURES / "expected.safetensors"))
+PREPROCESS = TINY_MODEL / "preprocess"
+EXPECTED = load_file(str(PREPROCESS / "expected.safetensors"))
 
 
 @pytest.mark.parametrize("key", sorted(EXPECTED))
 def test_matches_reference_exactly(key):
     name, mode = key.rsplit(".", 1)
-    out = preprocess(FIXTURES / name, mode=mode)
+    out = preprocess(PREPROCESS / name, mode=mode)
     expected = EXPECTED[key]
     assert out.dtype == torch.float32
     assert out.shape == expected.shape
@@ -26,7 +26,7 @@ def test_matches_reference_exactly(key):
 
 
 def test_pil_image_and_path_agree():
-    path = FIXTURES / "rgba.png"
+    path = PREPROCESS / "rgba.png"
     assert torch.equal(preprocess(Image.open(path), mode="pad"), preprocess(str(path), mode="pad"))
 
 
@@ -40,16 +40,16 @@ def test_other_pixel_modes_become_rgb(mode):
 
 
 def test_align_28_resizes_down_to_multiples():
-    out = preprocess(FIXTURES / "landscape.jpg", mode="pad", align=28)
+    out = preprocess(PREPROCESS / "landscape.jpg", mode="pad", align=28)
     assert out.shape == (3, 504, 504)
     assert out.min() >= 0.0 and out.max() <= 1.0
     # Crop output 392x518: only the width changes.
-    assert preprocess(FIXTURES / "landscape.jpg", mode="crop", align=28).shape == (3, 392, 504)
+    assert preprocess(PREPROCESS / "landscape.jpg", mode="crop", align=28).shape == (3, 392, 504)
 
 
 def test_align_14_is_a_no_op():
-    base = preprocess(FIXTURES / "portrait.png", mode="crop")
-    assert torch.equal(preprocess(FIXTURES / "portrait.png", mode="crop", align=14), base)
+    base = preprocess(PREPROCESS / "portrait.png", mode="crop")
+    assert torch.equal(preprocess(PREPROCESS / "portrait.png", mode="crop", align=14), base)
 
 
 def test_exif_orientation_is_ignored_like_the_reference(tmp_path):
@@ -66,7 +66,7 @@ def test_exif_orientation_is_ignored_like_the_reference(tmp_path):
 )
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
-        preprocess(FIXTURES / "rgba.png", **kwargs)
+        preprocess(PREPROCESS / "rgba.png", **kwargs)
 
 
 def test_extreme_aspect_ratio_is_an_image_error():
@@ -75,7 +75,7 @@ def test_extreme_aspect_ratio_is_an_image_error():
 
 
 def test_truncated_images_fail_even_where_pil_would_fill_them_with_grey(tmp_path, monkeypatch):
-    data = (FIXTURES / "landscape.jpg").read_bytes()
+    data = (PREPROCESS / "landscape.jpg").read_bytes()
     path = tmp_path / "cut.jpg"
     path.write_bytes(data[: len(data) // 2])
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)  # as some training code sets it
@@ -104,7 +104,7 @@ def test_text_file(tmp_path):
 
 
 def test_truncated_jpeg_fails_at_load_not_later(tmp_path):
-    data = (FIXTURES / "landscape.jpg").read_bytes()
+    data = (PREPROCESS / "landscape.jpg").read_bytes()
     path = tmp_path / "cut.jpg"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ImageError, match=r"cut\.jpg"):
@@ -136,7 +136,7 @@ def test_decompression_bomb_is_refused(tmp_path, dims, message):
 
 
 def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
-    path = FIXTURES / "rgba.png"  # 200x100
+    path = PREPROCESS / "rgba.png"  # 200x100
     with pytest.raises(ImageError, match="exceeds the limit of 10000"):
         load_image(path, max_pixels=10_000)
     monkeypatch.setattr(pp, "MAX_PIXELS", 19_999)
@@ -146,7 +146,7 @@ def test_pixel_limit_is_configurable(tmp_path, monkeypatch):
 
 
 def test_load_image_returns_decoded_pixels():
-    img = load_image(FIXTURES / "landscape.jpg")
+    img = load_image(PREPROCESS / "landscape.jpg")
     assert img.size == (640, 480)
     assert np.asarray(img).shape == (480, 640, 3)
 
@@ -171,9 +171,9 @@ def test_the_reference_float_rounding_at_644():
 @pytest.mark.parametrize("key", sorted(EXPECTED))
 def test_pixels_are_uint8_and_scale_to_preprocess_bit_for_bit(key):
     name, mode = key.rsplit(".", 1)
-    pixels = pp.preprocess_pixels(FIXTURES / name, mode=mode)
+    pixels = pp.preprocess_pixels(PREPROCESS / name, mode=mode)
     assert pixels.dtype == torch.uint8 and torch.equal(pixels, EXPECTED[key].to(torch.uint8))
-    out = preprocess(FIXTURES / name, mode=mode)
+    out = preprocess(PREPROCESS / name, mode=mode)
     assert torch.equal(pp.as_float(pixels), out)
     assert torch.equal(pp.UNIT_VALUES[pixels.int()], out)  # the device's conversion
 
@@ -184,6 +184,6 @@ def test_every_byte_value_scales_as_the_reference():
 
 
 def test_a_frame_resized_to_its_alignment_comes_back_float():
-    pixels = pp.preprocess_pixels(FIXTURES / "landscape.jpg", mode="crop", align=28)
+    pixels = pp.preprocess_pixels(PREPROCESS / "landscape.jpg", mode="crop", align=28)
     assert pixels.dtype == torch.float32
-    assert torch.equal(pixels, preprocess(FIXTURES / "landscape.jpg", mode="crop", align=28))
+    assert torch.equal(pixels, preprocess(PREPROCESS / "landscape.jpg", mode="crop", align=28))

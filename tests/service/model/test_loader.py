@@ -14,9 +14,10 @@ from safetensors.torch import load_file, save_file
 
 import vggt_cache.service.model.fingerprint as fingerprint_mod
 from vggt_cache.service.model import AggregatorConfig, VGGTAggregator, file_fingerprint, load_aggregator
+from helpers.service import FIXTURES, TINY_MODEL
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
-KEYS_1B = Path(__file__).parent / "fixtures" / "vggt1b_checkpoint_keys.json"
+FIXTURE = TINY_MODEL
+KEYS_1B = FIXTURES / "vggt1b_checkpoint_keys.json"
 HEADS = {"camera_head.x": torch.ones(3), "depth_head.y": torch.zeros(2, 2), "track_head.z.weight": torch.ones(1)}
 
 

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -34,7 +35,7 @@ def frame_units(n: int) -> list[Unit]:
 def test_a_created_job_round_trips_as_a_record(store, tmp_path):
     job = store.create(str(tmp_path / "root") + "/", "d1", SPEC, JobOptions(verify=True, data_files=["a.jsonl"]))
     assert isinstance(job, JobRecord)
-    assert len(job.job_id) == 32 and int(job.job_id, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{32}", job.job_id), job.job_id
     assert job.data_root == str(tmp_path / "root")  # normalised: no trailing slash
     assert (job.state, job.planned, job.total, job.done) == ("queued", False, 0, 0)
     assert job.options == JobOptions(verify=True, data_files=("a.jsonl",))

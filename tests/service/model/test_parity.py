@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from vggt_cache.service.model import AggregatorConfig, KVCache, VGGTAggregator
+from helpers.service import TINY_MODEL
 
-FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
+FIXTURE = TINY_MODEL
 MODES = ("frame", "sequence", "causal")
 TOL32 = 1e-4  # x max|expected|, float32 against the float64 reference
 # The fixture stores its float64 results as float32, so float64 can only be checked down to that rounding

@@ -13,10 +13,9 @@ import httpx
 from vggt_cache.client.cachefile import CACHE_SUFFIX
 from vggt_cache.service import cli
 from vggt_cache.service.jobs import plan
-from service_helpers import cache_files, tmpfs, wait_job, write_images
+from helpers.service import REPO, TINY_MODEL, cache_files, tmpfs, wait_job, write_images
 
-REPO = Path(__file__).resolve().parent.parent
-TINY = REPO / "tests" / "fixtures" / "vggt_tiny"
+TINY = TINY_MODEL
 STEPS = 12
 # The tiny model's entry at --size 56: 4x4 patches x 128 channels (2 x embed 64) x 2 bytes (bfloat16).
 TENSOR_BYTES = 16 * 128 * 2

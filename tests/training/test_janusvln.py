@@ -1,9 +1,10 @@
-"""JanusVLN-family fidelity: what the real service writes for their data is what their training computes online.
+"""JanusVLN-family fidelity: what the service writes for their data is what their training computes online.
 
 Ground truth: `fixtures/janusvln` (JanusVLN's own aggregator and preprocessing, run as its
 training loop runs VGGT: frame by frame with a fresh key/value cache, 644 px, reversed for
 `reference_frame="last"`). Our own streamed computation (`streamed` below) covers the
-combinations the fixture does not (each layout with each reference frame).
+combinations the fixture does not (each layout with each reference frame). The service's app runs
+in-process (`app_in_process`): what is tested is what it computes, not its transport.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import shutil
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,12 +24,11 @@ from vggt_cache.client.cachefile import Outcome, read_entry
 from vggt_cache.client.spec import FeatureSpec, matching_preset
 from vggt_cache.service.model import KVCache, load_aggregator
 from vggt_cache.service.preprocess import preprocess
+from vggt_cache.service.jobs.view import TERMINAL
 from vggt_cache.service.samples import find_samples
+from helpers.service import FIXTURES, apoll, app_in_process, spec_of_status, write_images
 from vggt_cache.training.data import load_samples
 
-from service_helpers import service_spec, wait_job, write_images
-
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
 JANUS = FIXTURES / "janusvln"
 TINY = FIXTURES / "vggt_tiny"
 
@@ -52,25 +51,31 @@ def assert_close(got: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     assert error <= 1e-4 * scale, f"{what}: max error {error:.3g} > 1e-4 x {scale:.3g}"
 
 
-def run_job(service, data_root: Path, **options) -> dict:
-    with httpx.Client(base_url=service.url, timeout=30) as http:
-        r = http.post("/precompute", json={"data_root": str(data_root), **options})
-        assert r.status_code == 202, r.text
-        view = wait_job(http, r.json()["job_id"], timeout=240)
-        return {**view, "spec": service_spec(http)}
+async def run_job(http, data_root: Path, **options) -> dict:
+    """A `/precompute` job of `data_root`, run to its end: its view, with the service's spec."""
+    r = await http.post("/precompute", json={"data_root": str(data_root), **options})
+    assert r.status_code == 202, r.text
+
+    async def ended() -> dict | None:
+        view = (await http.get(f"/jobs/{r.json()['job_id']}")).raise_for_status().json()
+        return view if view["state"] in TERMINAL else None
+
+    view = await apoll(ended, 240, f"job {r.json()['job_id']} to end")
+    return {**view, "spec": spec_of_status((await http.get("/status")).raise_for_status().json())}
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("layout, preset", [("new", "newjanusvln"), ("orig", "janusvln")])
-def test_the_service_computes_what_janusvln_training_computes(tmp_path, service_server, layout, preset):
+async def test_the_service_computes_what_janusvln_training_computes(tmp_path, tmp_path_factory, layout, preset):
     root = tmp_path / layout
     shutil.copytree(JANUS / layout, root)
     expected = load_file(JANUS / "expected.safetensors")
     samples = json.loads((JANUS / "samples.json").read_text())[layout]
     clips = [tuple(str(root / p) for p in sample) for sample in samples]
 
-    service = service_server(tmp_path, "--model", str(JANUS / "model"), "--preset", preset, "--size", "644",
-                             "--dtype", "float32")
-    view = run_job(service, root)
+    async with app_in_process(tmp_path, tmp_path_factory.mktemp("state"), model=str(JANUS / "model"), preset=preset,
+                              spec={"size": 644, "dtype": "float32"}) as http:
+        view = await run_job(http, root)
     spec = view["spec"]
     assert spec.attention == "causal" and spec.size == 644
     assert spec.reference_frame == ("last" if layout == "new" else "first")
@@ -83,7 +88,6 @@ def test_the_service_computes_what_janusvln_training_computes(tmp_path, service_
     assert manifest["plan"]["source"] == view["plan"]["source"]
     # The preset with one field overridden (float32 storage, for the comparison) is no longer the preset.
     assert manifest["preset"] is None and matching_preset(dataclasses.replace(spec, dtype="bfloat16")) == preset
-    service.stop()
 
     model = load_aggregator(str(JANUS / "model")).model
     against_ground_truth = 0
@@ -130,15 +134,17 @@ def make_layouts(root: Path, steps: int = 12) -> dict[str, list[tuple[str, ...]]
     return {"new": new_clips, "orig": orig_clips}
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("reference", ["first", "last"])
-def test_every_sample_of_both_layouts_equals_its_streamed_computation(tmp_path, service_server, reference):
+async def test_every_sample_of_both_layouts_equals_its_streamed_computation(tmp_path, tmp_path_factory, reference):
     layouts = make_layouts(tmp_path)
-    service = service_server(tmp_path, "--attention", "causal", "--reference-frame", reference, "--preprocess",
-                             "pad", "--dtype", "float32")
+    options = {"attention": "causal", "reference_frame": reference, "preprocess": "pad", "dtype": "float32"}
+    async with app_in_process(tmp_path, tmp_path_factory.mktemp("state"), spec=options) as http:
+        views = {layout: await run_job(http, tmp_path / layout) for layout in layouts}
     model = load_aggregator(str(TINY)).model
     for layout, clips in layouts.items():
         assert [s.frames for s in find_samples(str(tmp_path / layout)).samples] == list(clips)
-        view = run_job(service, tmp_path / layout)
+        view = views[layout]
         spec = view["spec"]
         assert spec.reference_frame == reference
         assert (view["state"], view["computed"], view["failed"]) == ("finished", 12, 0)

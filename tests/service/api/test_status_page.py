@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from browser import CHROMIUM, Browser
-from service_helpers import poll, wait_job, write_images
+from helpers.browser import CHROMIUM, Browser
+from helpers.service import poll, wait_job, write_images
 
 pytestmark = pytest.mark.skipif(CHROMIUM is None,
                                 reason="Debian's chromium package is not installed (.ci/run installs it)")

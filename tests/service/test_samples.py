@@ -10,8 +10,9 @@ import pytest
 
 from vggt_cache.service.samples import find_samples, history_indices
 from vggt_cache.service.sources import scan_data_root
+from helpers.service import FIXTURES
 
-FIXTURE = Path(__file__).resolve().parent / "fixtures" / "janusvln"
+FIXTURE = FIXTURES / "janusvln"
 
 
 def touch(path: Path, content: bytes = b"img") -> Path:

@@ -20,10 +20,9 @@ from vggt_cache.service.model.features import entry_features
 from vggt_cache.service.preprocess import preprocess
 from vggt_cache.service.settings import ServiceSettings
 from vggt_cache.service.units import Unit
+from helpers.service import TINY_MODEL, poll, reference_features
 
-from service_helpers import poll, reference_features
-
-FIXTURE = Path(__file__).parent / "fixtures" / "vggt_tiny"
+FIXTURE = TINY_MODEL
 SIZE = 56  # 80x60 images crop to 42x56: a 3x4 patch grid
 LONG_WAIT_MS = 60_000  # batches then run when full or when nothing more is decoding: deterministic sizes
 

@@ -1,10 +1,11 @@
-"""The HTTP API of a real `vggt-cache serve` on 127.0.0.1: features, auth, limits, errors, metrics."""
+"""The HTTP API: features, auth, limits, errors, metrics. The app runs in-process (`app_in_process`); the
+body limits, read off the socket, against a real `vggt-cache serve` on 127.0.0.1."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import asyncio
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -14,12 +15,10 @@ import torch
 from vggt_cache.client.cachefile import Outcome, read_entry
 from vggt_cache.client.wire import decode_features
 from vggt_cache.service.model import load_aggregator
+from helpers.service import TINY_MODEL, app_in_process, apoll, poll, reference_features, spec_of_status, write_images
 
-from service_helpers import free_port, poll, reference_features, service_spec, write_images
-
-REPO = Path(__file__).resolve().parent.parent
-TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
 TOKEN = "s3cret-token"
+pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +31,17 @@ def server(service_server, root: Path):
     server = service_server(root)
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+async def app(root: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
+    """The module's app in-process, frame attention, no token."""
+    async with app_in_process(root, tmp_path_factory.mktemp("api-state")) as http:
+        yield http
+
+
+async def service_spec(http: httpx.AsyncClient):
+    return spec_of_status((await http.get("/status")).raise_for_status().json())
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +65,11 @@ def assert_same_entry(served: torch.Tensor, direct: torch.Tensor) -> None:
 # -- features equal the model's own output, in every attention mode ------------------------------
 
 
-def test_frame_features_equal_the_models_output(http: httpx.Client, root: Path, model) -> None:
+async def test_frame_features_equal_the_models_output(app: httpx.AsyncClient, root: Path, model) -> None:
+    http = app
     images = write_images(root / "parity-frame", ["a.png", "b.png"], size=(28, 42), seed=10)
-    spec = service_spec(http)
-    served = features_of(http.post("/features", json={"images": images}))
+    spec = await service_spec(http)
+    served = features_of(await http.post("/features", json={"images": images}))
 
     for image in images:
         item, tensor = served[image]
@@ -67,23 +78,21 @@ def test_frame_features_equal_the_models_output(http: httpx.Client, root: Path, 
         entry = read_entry(image, spec)
         assert entry.outcome is Outcome.HIT and torch.equal(entry.features, tensor)
 
-    again = features_of(http.post("/features", json={"images": images}))
+    again = features_of(await http.post("/features", json={"images": images}))
     assert [item["status"] for item, _ in again.values()] == ["cached", "cached"]
     assert all(torch.equal(again[i][1], served[i][1]) for i in images)
     # In frame mode a clip asks for its current (last) frame alone.
-    as_clip = features_of(http.post("/features", json={"clips": [images]}))
+    as_clip = features_of(await http.post("/features", json={"clips": [images]}))
     assert list(as_clip) == [images[-1]] and torch.equal(as_clip[images[-1]][1], served[images[-1]][1])
 
 
 @pytest.mark.parametrize("attention", ["sequence", "causal"])
-def test_clip_features_equal_the_models_output(service_server, tmp_path_factory, model, attention: str) -> None:
+async def test_clip_features_equal_the_models_output(tmp_path_factory, model, attention: str) -> None:
     root = tmp_path_factory.mktemp(f"parity-{attention}")
     clip = write_images(root, ["t0.png", "t1.png", "t2.png"], seed=11)
-    server = service_server(root, "--attention", attention)
-    with httpx.Client(base_url=server.url, timeout=30) as http:
-        spec = service_spec(http)
-        served = features_of(http.post("/features", json={"clips": [clip]}))
-    server.stop()
+    async with app_in_process(root, tmp_path_factory.mktemp("state"), spec={"attention": attention}) as http:
+        spec = await service_spec(http)
+        served = features_of(await http.post("/features", json={"clips": [clip]}))
     direct = reference_features(model, clip, spec)  # [3, P, C]
 
     targets = clip if attention == "sequence" else clip[-1:]
@@ -103,39 +112,27 @@ def test_clip_features_equal_the_models_output(service_server, tmp_path_factory,
     assert close == (attention == "causal")
 
 
-def test_prefetch_without_waiting_queues_the_work(http: httpx.Client, root: Path) -> None:
+async def test_prefetch_without_waiting_queues_the_work(app: httpx.AsyncClient, root: Path) -> None:
     images = write_images(root / "prefetch", ["p.png", "q.png"], seed=13)
-    r = http.post("/features", json={"images": images, "wait": False})
+    r = await app.post("/features", json={"images": images, "wait": False})
     assert r.status_code == 202 and r.json() == {"queued": 2}
-    spec = service_spec(http)
+    spec = await service_spec(app)
     poll(lambda: all(read_entry(p, spec).hit for p in images), 30, "the prefetched entries")
 
 
 # -- concurrency ---------------------------------------------------------------------------------
 
 
-def test_concurrent_clients_get_consistent_features(http: httpx.Client, server, root: Path) -> None:
+async def test_concurrent_clients_get_consistent_features(app: httpx.AsyncClient, root: Path) -> None:
     images = write_images(root / "concurrent", [f"c{i}.png" for i in range(6)], seed=12)
-    spec = service_spec(http)
-    start = threading.Barrier(8)
-    results: list[dict | BaseException] = [None] * 8  # type: ignore[list-item]
+    spec = await service_spec(app)
 
-    def client(i: int) -> None:
+    async def client(i: int) -> dict:
         wanted = [images[(i + k) % len(images)] for k in range(3)]
-        try:
-            with httpx.Client(base_url=server.url, timeout=60) as own:
-                start.wait(10)
-                results[i] = features_of(own.post("/features", json={"images": wanted}))
-        except BaseException as exc:  # reported below, on the test's thread
-            results[i] = exc
+        return features_of(await app.post("/features", json={"images": wanted}))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    results = await asyncio.gather(*(client(i) for i in range(8)))  # 8 requests in flight at once
 
-    assert not any(isinstance(r, BaseException) for r in results), results
     by_image: dict[str, list[torch.Tensor]] = {}
     for served in results:
         assert len(served) == 3
@@ -153,40 +150,40 @@ def test_concurrent_clients_get_consistent_features(http: httpx.Client, server, 
 
 
 @pytest.fixture(scope="module")
-def secured(service_server, root: Path):
-    server = service_server(root, "--api-token", TOKEN)
-    yield server
-    server.stop()
+async def secured(root: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with `TOKEN` required; requests carry no token unless a test gives one."""
+    async with app_in_process(root, tmp_path_factory.mktemp("secured-state"), api_token=TOKEN) as http:
+        yield http
 
 
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}],
                          ids=["none", "wrong", "no-scheme"])
-def test_routes_need_the_token(secured, root: Path, headers: dict) -> None:
+async def test_routes_need_the_token(secured: httpx.AsyncClient, root: Path, headers: dict) -> None:
     image = write_images(root / "auth", ["a.png"])[0]
-    with httpx.Client(base_url=secured.url, timeout=30, headers=headers) as http:
-        responses = [
-            http.get("/status"),
-            http.post("/features", json={"images": [image]}),
-            http.post("/precompute", json={"data_root": str(root / "auth")}),
-            http.get("/jobs/0123"),
-            http.delete("/jobs/0123"),
-            http.get("/metrics"),
-        ]
-        assert [r.status_code for r in responses] == [401] * len(responses)
-        assert all(r.headers["www-authenticate"] == "Bearer" and r.json()["detail"] for r in responses)
-        assert http.get("/healthz").status_code == 200
-        assert http.get("/readyz").status_code == 200
+    responses = [
+        await secured.get("/status", headers=headers),
+        await secured.post("/features", json={"images": [image]}, headers=headers),
+        await secured.post("/precompute", json={"data_root": str(root / "auth")}, headers=headers),
+        await secured.get("/jobs/0123", headers=headers),
+        await secured.delete("/jobs/0123", headers=headers),
+        await secured.get("/metrics", headers=headers),
+    ]
+    assert [r.status_code for r in responses] == [401] * len(responses)
+    assert all(r.headers["www-authenticate"] == "Bearer" and r.json()["detail"] for r in responses)
+    assert (await secured.get("/healthz", headers=headers)).status_code == 200
+    assert (await secured.get("/readyz", headers=headers)).status_code == 200
     assert not Path(image + ".vggt_cache.pt").exists()
 
 
-def test_the_right_token_is_let_through(secured, root: Path) -> None:
+async def test_the_right_token_is_let_through(secured: httpx.AsyncClient, root: Path) -> None:
     image = write_images(root / "auth-ok", ["a.png"])[0]
-    with httpx.Client(base_url=secured.url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
-        status = http.get("/status")
-        assert status.json()["service"]["auth"] is True and TOKEN not in status.text  # the settings shown, not it
-        assert features_of(http.post("/features", json={"images": [image]}))[image][0]["status"] == "computed"
-        assert http.get("/jobs/0123").status_code == 404
-        assert http.get("/metrics").status_code == 200
+    token = {"Authorization": f"Bearer {TOKEN}"}
+    status = await secured.get("/status", headers=token)
+    assert status.json()["service"]["auth"] is True and TOKEN not in status.text  # the settings shown, not it
+    served = features_of(await secured.post("/features", json={"images": [image]}, headers=token))
+    assert served[image][0]["status"] == "computed"
+    assert (await secured.get("/jobs/0123", headers=token)).status_code == 404
+    assert (await secured.get("/metrics", headers=token)).status_code == 200
 
 
 # -- malformed and refused requests -------------------------------------------------------------
@@ -208,25 +205,25 @@ def test_the_right_token_is_let_through(secured, root: Path) -> None:
     ("/precompute", b'{"data_root": "relative/dir"}'),
     ("/precompute", b'{"data_root": ""}'),
 ], ids=lambda v: v if isinstance(v, str) else v.decode()[:30])
-def test_malformed_requests_are_422_with_a_message(http: httpx.Client, route: str, body: bytes) -> None:
-    r = http.post(route, content=body, headers={"Content-Type": "application/json"})
+async def test_malformed_requests_are_422_with_a_message(app: httpx.AsyncClient, route: str, body: bytes) -> None:
+    r = await app.post(route, content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]  # the documented shape, whichever check refused it
     assert isinstance(detail, list) and detail, r.text
     assert all(set(e) == {"loc", "msg", "type"} and e["msg"] and isinstance(e["loc"], list) for e in detail), r.text
 
 
-def test_paths_escaping_the_root_are_403(http: httpx.Client, root: Path, tmp_path_factory) -> None:
+async def test_paths_escaping_the_root_are_403(app: httpx.AsyncClient, root: Path, tmp_path_factory) -> None:
     outside = write_images(tmp_path_factory.mktemp("api-outside"), ["x.png"])[0]
     inside = write_images(root / "escape", ["a.png"])[0]
     (root / "escape" / "link.png").symlink_to(outside)
     dotdot = f"{root}/escape/../../{Path(outside).parent.name}/x.png"
     for body in ({"images": [dotdot]}, {"images": [str(root / "escape" / "link.png")]},
                  {"images": [inside], "clips": [[inside, outside]]}, {"images": [outside]}):
-        r = http.post("/features", json=body)
+        r = await app.post("/features", json=body)
         assert r.status_code == 403, (body, r.text)
         assert "outside the allowed roots" in r.json()["detail"]
-    r = http.post("/precompute", json={"data_root": f"{root}/.."})
+    r = await app.post("/precompute", json={"data_root": f"{root}/.."})
     assert r.status_code == 403 and r.json()["detail"]
     assert not Path(outside + ".vggt_cache.pt").exists() and not Path(inside + ".vggt_cache.pt").exists()
 
@@ -254,26 +251,26 @@ def test_a_chunked_body_is_read_up_to_the_limit(http: httpx.Client, root: Path) 
     assert features_of(r)[image][0]["status"] == "computed"
 
 
-def test_too_many_items_is_413(http: httpx.Client, root: Path) -> None:
-    r = http.post("/features", json={"images": [f"{root}/i{i}.png" for i in range(513)]})
+async def test_too_many_items_is_413(app: httpx.AsyncClient, root: Path) -> None:
+    r = await app.post("/features", json={"images": [f"{root}/i{i}.png" for i in range(513)]})
     assert r.status_code == 413 and "limit is 512" in r.json()["detail"]
-    r = http.post("/features", json={"clips": [[f"{root}/i{i}.png" for i in range(300)]] * 2})
+    r = await app.post("/features", json={"clips": [[f"{root}/i{i}.png" for i in range(300)]] * 2})
     assert r.status_code == 413
 
 
-def test_unknown_jobs_and_missing_data_roots_are_404(http: httpx.Client, root: Path) -> None:
-    assert http.get("/jobs/no-such-job").status_code == 404
-    assert http.delete("/jobs/no-such-job").status_code == 404
+async def test_unknown_jobs_and_missing_data_roots_are_404(app: httpx.AsyncClient, root: Path) -> None:
+    assert (await app.get("/jobs/no-such-job")).status_code == 404
+    assert (await app.delete("/jobs/no-such-job")).status_code == 404
     (root / "a-file.txt").write_text("not a folder")
     for data_root in (root / "no-such-folder", root / "a-file.txt"):
-        r = http.post("/precompute", json={"data_root": str(data_root)})
+        r = await app.post("/precompute", json={"data_root": str(data_root)})
         assert r.status_code == 404 and "not a folder" in r.json()["detail"]
 
 
-def test_a_missing_image_fails_alone(http: httpx.Client, root: Path) -> None:
+async def test_a_missing_image_fails_alone(app: httpx.AsyncClient, root: Path) -> None:
     good = write_images(root / "missing", ["good.png"])[0]
     gone = str(root / "missing" / "gone.png")
-    served = features_of(http.post("/features", json={"images": [gone, good]}))
+    served = features_of(await app.post("/features", json={"images": [gone, good]}))
     assert served[good][0]["status"] == "computed" and served[good][1] is not None
     item, tensor = served[gone]
     assert item["status"] == "failed" and tensor is None and "gone.png" in item["error"]
@@ -282,58 +279,54 @@ def test_a_missing_image_fails_alone(http: httpx.Client, root: Path) -> None:
 # -- probes and metrics --------------------------------------------------------------------------
 
 
-def test_probes_status_and_metrics(http: httpx.Client) -> None:
-    assert http.get("/healthz").json()["status"] == "ok"
-    assert http.get("/readyz").json()["ready"] is True
-    status = http.get("/status").json()
+async def test_probes_status_and_metrics(app: httpx.AsyncClient) -> None:
+    assert (await app.get("/healthz")).json()["status"] == "ok"
+    assert (await app.get("/readyz")).json()["ready"] is True
+    status = (await app.get("/status")).json()
     assert status["service"]["state"] == "ready" and status["spec"]["attention"] == "frame"
-    assert status["spec"]["digest"] == service_spec(http).digest
-    r = http.get("/metrics")
+    assert status["spec"]["digest"] == (await service_spec(app)).digest
+    r = await app.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     assert 'vggt_cache_http_requests_total{route="/status",status="200"}' in r.text
     assert "\nvggt_cache_ready 1.0\n" in r.text
 
 
-def test_a_full_on_demand_queue_is_429_with_retry_after(service_server, tmp_path_factory) -> None:
+async def test_a_full_on_demand_queue_is_429_with_retry_after(tmp_path_factory) -> None:
     root = tmp_path_factory.mktemp("queue")
-    backlog = write_images(root, [f"b{i:03d}.png" for i in range(300)])
+    backlog = write_images(root, [f"b{i:03d}.png" for i in range(12)])
     extra = write_images(root, ["x.png", "y.png"], seed=1)
-    service = service_server(root, "--max-pending", "4", "--max-batch-frames", "1")
-    with httpx.Client(base_url=service.url, timeout=120) as http:
-        settings = http.get("/status").json()["service"]["settings"]  # the flags, as the service took them
+    device = threading.Event()  # held: the backlog stays queued until the test lets it run
+    async with app_in_process(root, tmp_path_factory.mktemp("state"), max_pending_units=4, max_batch_frames=1,
+                              before_forward=lambda batch: device.wait(60)) as http:
+        settings = (await http.get("/status")).json()["service"]["settings"]  # the flags, as the service took them
         assert (settings["max_pending_units"], settings["max_batch_frames"]) == (4, 1)
-        # An empty queue admits any request, however large: it fills the queue far past the limit.
-        first = threading.Thread(target=lambda: http.post("/features", json={"images": backlog}))
-        first.start()
-        poll(lambda: http.get("/status").json()["engine"]["queued"]["on_demand"] > 4, 60, "a backlog")
-        refused = http.post("/features", json={"images": extra})
-        first.join()
+        try:
+            # An empty queue admits any request, however large: it fills the queue far past the limit.
+            first = asyncio.create_task(http.post("/features", json={"images": backlog}))
+            await apoll(lambda: queued(http), 60, "a backlog")
+            refused = await http.post("/features", json={"images": extra})
+        finally:
+            device.set()
+        assert (await first).status_code == 200
         assert refused.status_code == 429
         assert refused.headers["retry-after"] == "1" and "queue is full" in refused.json()["detail"]
-        assert http.post("/features", json={"images": extra}).status_code == 200  # queue drained
+        assert (await http.post("/features", json={"images": extra})).status_code == 200  # queue drained
 
 
-def test_a_model_that_cannot_load_fails_the_probes_with_the_reason(tmp_path) -> None:
-    port = free_port()
-    cmd = [sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", str(tmp_path / "no-such-model"),
-           "--device", "cpu", "--port", str(port), "--allowed-root", str(tmp_path),
-           "--state-dir", str(tmp_path / "state")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            def failed_probe() -> httpx.Response | None:
-                try:
-                    r = http.get("/healthz")
-                except httpx.TransportError:
-                    return None
-                return r if r.status_code == 503 else None
+async def queued(http: httpx.AsyncClient) -> bool:
+    return (await http.get("/status")).json()["engine"]["queued"]["on_demand"] > 4
 
-            health = poll(failed_probe, 60, "/healthz to report the failed load")
-            assert health.json()["status"] == "failed" and "no-such-model" in health.json()["error"]
-            ready = http.get("/readyz")
-            assert ready.status_code == 503 and "no-such-model" in ready.json()["error"]
-            refused = http.post("/features", json={"images": [str(tmp_path / "x.png")]})
-            assert refused.status_code == 503 and "failed to load" in refused.json()["detail"]
-    finally:
-        proc.terminate()
-        proc.wait(30)
+
+async def test_a_model_that_cannot_load_fails_the_probes_with_the_reason(tmp_path) -> None:
+    async with app_in_process(tmp_path, tmp_path / "state", model=str(tmp_path / "no-such-model"),
+                              ready=False) as http:
+        async def failed_probe() -> httpx.Response | None:
+            r = await http.get("/healthz")
+            return r if r.status_code == 503 else None
+
+        health = await apoll(failed_probe, 60, "/healthz to report the failed load")
+        assert health.json()["status"] == "failed" and "no-such-model" in health.json()["error"]
+        ready = await http.get("/readyz")
+        assert ready.status_code == 503 and "no-such-model" in ready.json()["error"]
+        refused = await http.post("/features", json={"images": [str(tmp_path / "x.png")]})
+        assert refused.status_code == 503 and "failed to load" in refused.json()["detail"]

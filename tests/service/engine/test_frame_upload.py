@@ -13,9 +13,10 @@ from vggt_cache.service.engine.work import Flight, Priority
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.preprocess import preprocess, preprocess_pixels
 from vggt_cache.service.units import Unit
-from service_helpers import TINY_MODEL
+from helpers.service import FIXTURES as TEST_FIXTURES
+from helpers.service import TINY_MODEL
 
-FIXTURES = Path(__file__).parent / "fixtures" / "vggt_tiny" / "preprocess"
+FIXTURES = TEST_FIXTURES / "vggt_tiny" / "preprocess"
 IMAGES = [FIXTURES / "landscape.jpg", FIXTURES / "portrait.png"]
 
 

@@ -14,7 +14,7 @@ from vggt_cache.client.cachefile import Outcome, read_entry
 from vggt_cache.client.manifest import MANIFEST_NAME
 from vggt_cache.client.wire import decode_features
 
-from service_helpers import cache_files, done, job, service_spec, temp_files, wait_job, write_images
+from helpers.service import cache_files, done, job, service_spec, temp_files, wait_job, write_images
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,9 @@
-"""Helpers shared by the tests: a real service to start, tiny images, polling with a deadline, reference features."""
+"""Helpers shared by the tests: a real service to start, the app in-process, tiny images, polling with a deadline,
+reference features."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -10,10 +12,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO, Any, TypeVar
 
 import httpx
 import numpy as np
@@ -28,8 +30,9 @@ from vggt_cache.service.demo import free_port
 from vggt_cache.service.jobs.view import TERMINAL
 from vggt_cache.service.preprocess import preprocess
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
+REPO = Path(__file__).resolve().parents[2]
+FIXTURES = REPO / "tests" / "fixtures"
+TINY_MODEL = FIXTURES / "vggt_tiny"
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 
@@ -221,3 +224,44 @@ def service_in_process(root: Path, state_dir: Path, before_forward: Callable[[to
         server.should_exit = True
         thread.join(60)
         assert not thread.is_alive(), "the in-process service did not stop"
+
+
+@contextlib.asynccontextmanager
+async def app_in_process(root: str | os.PathLike, state_dir: str | os.PathLike, *, preset: str | None = None,
+                         spec: dict[str, Any] | None = None, before_forward: Callable[[torch.Tensor], None] | None = None,
+                         ready: bool = True, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """The service's ASGI app in this process, its lifespan running, behind an `httpx.AsyncClient` over
+    `httpx.ASGITransport`: no socket, no subprocess. For tests of what the API answers; the transport,
+    signals and socket limits need a real server (`start_service`, `service_in_process`).
+
+    `preset` and `spec` (FeatureSpec fields) as the spec flags give them, over `start_service`'s `--size 56`;
+    `settings`: other `ServiceSettings` fields; `before_forward`: the engine's hook on the device;
+    `ready=False` does not wait for the model (one that fails to load)."""
+    from vggt_cache.client.spec import resolve_options
+    from vggt_cache.service.api import create_app
+    from vggt_cache.service.runtime import ServiceRuntime
+    from vggt_cache.service.settings import ServiceSettings
+
+    config = ServiceSettings(**{"model": str(TINY_MODEL), "device": "cpu", "allowed_roots": [os.fspath(root)],
+                                "state_dir": os.fspath(state_dir),
+                                "spec": resolve_options(preset, **{"size": 56, **(spec or {})}), **settings})
+    app = create_app(ServiceRuntime(config, before_forward=before_forward))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=60) as http:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while ready and (await http.get("/readyz")).status_code != 200:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"the in-process app was not ready after {READY_TIMEOUT_S}s")
+                await asyncio.sleep(POLL_S)  # polling the model's load, with a deadline
+            yield http
+
+
+async def apoll(fn: Callable[[], Any], timeout: float, what: str) -> Any:
+    """`poll` for a coroutine function: await `fn()` until it returns something truthy."""
+    deadline = time.monotonic() + timeout
+    while not (value := await fn()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(POLL_S)  # polling with a deadline, not synchronising
+    return value

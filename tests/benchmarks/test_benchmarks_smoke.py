@@ -13,10 +13,9 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+from helpers.service import REPO, TINY_MODEL
 
-REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "benchmarks"
-TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
 RUN_TIMEOUT_S = 180
 RATIO = r"= (\d+\.\d+)$"
 
@@ -121,7 +120,8 @@ def test_clip_reports_memory_and_time_of_each_attention_implementation() -> None
                         "--json")
     result = json.loads(out)
     assert set(result["results"]) == {"mask", "chunked"} and result["frames"] == 9
-    assert all(r["peak_bytes"] >= 0 and r["seconds"] > 0 for r in result["results"].values())
+    for impl, r in result["results"].items():
+        assert r["impl"] == impl and r["input"] == [1, 9, 3, 56, 56] and r["seconds"] > 0, r
     assert result["peak_mask_over_chunked"] is not None and result["time_mask_over_chunked"] > 0
     parts = result["clip_at_vggt_1b_depth_s"]
     assert set(parts) == {"decode (9 frames)", "dinov2 (9 frames)", "frame blocks", "global blocks", "write (1 entry)"}

@@ -17,10 +17,8 @@ from vggt_cache.client.cachefile import Outcome, read_entry
 from vggt_cache.client.manifest import MANIFEST_NAME
 from vggt_cache.client.spec import FeatureSpec
 
-from service_helpers import cache_files, done, free_port, wait_job, write_images
+from helpers.service import REPO, TINY_MODEL, cache_files, done, free_port, wait_job, write_images
 
-REPO = Path(__file__).resolve().parent.parent
-TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -11,8 +11,7 @@ from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.work import Flight, Priority
 from vggt_cache.service.jobs.runner import lane_chunks
 from vggt_cache.service.units import Unit
-
-from service_helpers import poll
+from helpers.service import poll
 
 LONG_WAIT_S = 60.0  # a group is due when full or when nothing more of its lane is decoding
 
@@ -55,7 +54,7 @@ def test_a_device_waits_for_its_own_lane_while_its_work_is_still_decoding():
     taken: list[list[Flight] | None] = []
     device_1 = threading.Thread(target=lambda: taken.append(scheduler.next_batch(lane=1)))
     device_1.start()
-    poll(lambda: len(scheduler._ready_cv._waiters) == 1, 30, "device 1 waiting for its lane")
+    poll(lambda: scheduler.idle_devices() == 1, 30, "device 1 waiting for its lane")
     assert taken == []  # a0 was due all along, but lane 1 still had b0 coming
     b0.images = torch.zeros(3, 3, 14, 14)
     scheduler.decoded(b0, runnable=True)

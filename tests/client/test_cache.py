@@ -19,12 +19,11 @@ from PIL import Image
 
 from vggt_cache.client.cache import ENABLED_MESSAGE, AsyncFeatureCache, CacheUnavailable, FeatureCache, read_cached
 from vggt_cache.client.cachefile import Outcome, cache_path, read_entry, source_record, write_entry
-from vggt_cache.client.http import ordered_urls, parse_retry_after
+from vggt_cache.client.http import RetryPolicy, ordered_urls, parse_retry_after
 from vggt_cache.client.manifest import MANIFEST_NAME
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.wire import encode_features
-
-from service_helpers import free_port, poll
+from helpers.service import free_port, poll
 
 GRID = (3, 4)  # 60x80 images at --size 56
 
@@ -176,6 +175,19 @@ def test_retry_after_parsing():
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
     date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
     assert 25 < parse_retry_after(date) <= 31
+
+
+def test_retry_delays_double_up_to_a_cap_and_honour_retry_after(monkeypatch):
+    policy = RetryPolicy(backoff_s=0.25, max_backoff_s=8.0, max_retry_after_s=60.0)
+    for bound, pick in (("low", lambda a, b: a), ("high", lambda a, b: b)):
+        monkeypatch.setattr("vggt_cache.client.http.random.uniform", pick)  # the jitter's two ends
+        backoff = [policy.delay(round_index, None) for round_index in range(1, 8)]
+        retry_after = [policy.delay(1, 0.0), policy.delay(3, 2.0), policy.delay(1, 3600.0)]
+        if bound == "low":  # half the ceiling; Retry-After as asked, cut to max_retry_after_s
+            assert backoff == [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 4.0] and retry_after == [0.0, 2.0, 60.0]
+        else:  # the ceiling; Retry-After at most 10 % later
+            assert backoff == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 8.0]
+            assert retry_after == pytest.approx([0.0, 2.2, 66.0])
 
 
 # -- retries against a small real HTTP server ------------------------------------------------------

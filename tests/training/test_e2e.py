@@ -30,9 +30,9 @@ from vggt_cache.training.arguments import CacheArguments, DataArguments, feature
 from vggt_cache.training.data import VGGTCollator, VLNDataset, load_samples
 from vggt_cache.training.model import MERGER_FILE, Qwen25VLWithVGGT
 from vggt_cache.training.train import VGGTTrainer, parse_args, tiny_config, tiny_image_processor, tiny_tokenizer
+from helpers.service import REPO, TINY_MODEL
 
-REPO = Path(__file__).resolve().parent.parent
-FIXTURE = REPO / "tests" / "fixtures" / "vggt_tiny"
+FIXTURE = TINY_MODEL
 SCRIPTS = REPO / "training" / "scripts"
 ENABLED = "[INFO] VGGT feature cache enabled (loading from image directories)"
 TRAIN_TIMEOUT_S = 240

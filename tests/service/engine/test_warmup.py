@@ -23,7 +23,7 @@ from vggt_cache.service.engine.warmup import WarmupShape, warmup_shapes
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.model.resident import VARIANTS_PER_DEVICE, compile_counts
 from vggt_cache.service.units import Unit
-from service_helpers import TINY_MODEL, poll
+from helpers.service import TINY_MODEL, poll
 
 SIZE = 56  # 80x60 images (4:3, as the warm-up assumes) crop to 42x56
 

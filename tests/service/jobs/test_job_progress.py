@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from service_helpers import poll, service_in_process, wait_job, write_images
+from helpers.service import poll, service_in_process, wait_job, write_images
 
 
 class Gate:
