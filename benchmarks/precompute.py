@@ -49,6 +49,7 @@ from vggt_cache.client.spec import PRESETS, STORAGES, FeatureSpec, preset_option
 from vggt_cache.service.engine import Engine
 from vggt_cache.service.engine.patches import PatchCache
 from vggt_cache.service.jobs.runner import JobManager
+from vggt_cache.service.jobs.store import JobStore
 from vggt_cache.service.model import LoadedModel
 from vggt_cache.service.model.features import entry_features, model_spec
 from vggt_cache.service.paths import AllowedRoots
@@ -56,7 +57,6 @@ from vggt_cache.service.preprocess import preprocess
 from vggt_cache.service.runtime import model_info
 from vggt_cache.service.settings import ServiceSettings, parse_devices
 from vggt_cache.service.sources import scan_data_root
-from vggt_cache.service.jobs.store import JobStore
 from vggt_cache.service.units import Unit
 
 from common import device_name, get_model, make_images, print_table, synchronize

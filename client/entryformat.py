@@ -9,7 +9,8 @@ writes with the same `shape_problem` and `context_problem`, so a file it wrote a
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from typing import NoReturn, overload
+from typing import NoReturn
 
 from vggt_cache.client.logs import setup_logging
 from vggt_cache.client.service import TOKEN_ENV, ServiceError

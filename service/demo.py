@@ -66,8 +66,8 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
     from vggt_cache.client import FeatureCache
     from vggt_cache.client.cachefile import cache_path
     from vggt_cache.client.service import ServiceClient
-    from vggt_cache.service.progress import follow_job
     from vggt_cache.service.jobs.view import JobView
+    from vggt_cache.service.progress import follow_job
 
     work = tempfile.mkdtemp(prefix="vggt-cache-demo-")
     data_root = os.path.join(work, "data")

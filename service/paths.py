@@ -28,7 +28,7 @@ class AllowedRoots:
     real: tuple[str, ...]
 
     @classmethod
-    def of(cls, written: Sequence[str]) -> "AllowedRoots":
+    def of(cls, written: Sequence[str]) -> AllowedRoots:
         if not written:
             raise ValueError("at least one --allowed-root is required")
         given = tuple(os.path.normpath(os.path.abspath(os.path.expanduser(r))) for r in written)

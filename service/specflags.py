@@ -15,10 +15,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from vggt_cache.client.service import ENV_PREFIX
-from vggt_cache.client.spec import ATTENTION, DTYPES, PREPROCESS, PRESETS, REFERENCE_FRAMES, STORAGES, TOKENS, FeatureSpec, \
-    matching_preset, resolve_options
+from vggt_cache.client.spec import (
+    ATTENTION,
+    DTYPES,
+    PREPROCESS,
+    PRESETS,
+    REFERENCE_FRAMES,
+    STORAGES,
+    TOKENS,
+    FeatureSpec,
+    matching_preset,
+    resolve_options,
+)
 from vggt_cache.service.settings import read_variable
-
 
 
 def parse_layers(text: str) -> tuple[int, ...]:

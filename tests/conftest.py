@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from vggt_cache.client.logs import LOGGER
+
 from helpers.service import RunningService, start_service
 
 

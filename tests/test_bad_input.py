@@ -18,6 +18,7 @@ import torch
 from vggt_cache.client import FeatureCache
 from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
 from vggt_cache.client.wire import decode_features
+
 from helpers.service import REPO, cache_files, service_spec, temp_files, wait_job, write_images
 
 

@@ -30,8 +30,21 @@ from vggt_cache.client.wire import decode_features
 from vggt_cache.service.engine import Engine
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.units import Unit
-from helpers.service import (REPO, TERMINAL, TINY_MODEL, RunningService, cache_files, done, poll, service_spec,
-                             temp_files, tmpfs, wait_job, write_images)
+
+from helpers.service import (
+    REPO,
+    TERMINAL,
+    TINY_MODEL,
+    RunningService,
+    cache_files,
+    done,
+    poll,
+    service_spec,
+    temp_files,
+    tmpfs,
+    wait_job,
+    write_images,
+)
 
 ENTRY_SHAPE = (16, 128)  # 56x56 images at --size 56: a 4x4 patch grid, 2 x 64 channels
 SEED = int(os.environ.get("VGGT_FAULT_SEED", "20261201"))  # fixed: a failure reruns the same; vary it to explore

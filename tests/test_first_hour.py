@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers.service import TINY_MODEL, write_images
 from helpers.cli import cli, one_error
+from helpers.service import TINY_MODEL, write_images
 
 
 def test_tiny_is_the_one_shipped_model_that_every_entry_point_takes(tmp_path: Path) -> None:

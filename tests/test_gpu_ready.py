@@ -20,8 +20,9 @@ from vggt_cache.service.demo import free_port
 from vggt_cache.service.engine.device import is_device_lost, is_out_of_memory
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.settings import parse_devices, rank_device
-from helpers.service import REPO, TINY_MODEL, service_in_process, write_images
+
 from helpers.cli import cli, one_error
+from helpers.service import REPO, TINY_MODEL, service_in_process, write_images
 
 ILLEGAL_ACCESS = ("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
                   "asynchronously reported at some other API call")

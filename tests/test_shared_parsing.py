@@ -20,6 +20,7 @@ import pytest
 from vggt_cache.client.manifest import read_manifest
 from vggt_cache.client.text import MAX_TEXT
 from vggt_cache.service.samples import MAX_HISTORY_IMAGES
+
 from helpers.service import REPO, TINY_MODEL, RunningService, start_service, wait_job, write_images
 
 SAMPLE_LIMIT = 64 * 1024  # the service's --max-sample-bytes here

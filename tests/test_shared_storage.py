@@ -32,6 +32,7 @@ from vggt_cache.client.manifest import MANIFEST_NAME, manifest_path, nearest_man
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.service.settings import ServiceSettings
 from vggt_cache.service.verify import verify_data_root
+
 from helpers.service import REPO, RunningService, service_spec, wait_job, write_images
 
 HANG_S = 30.0  # what "at once" must beat: a reader blocked on a FIFO would wait forever

@@ -18,6 +18,7 @@ import pytest
 from vggt_cache.client.manifest import manifest_path
 from vggt_cache.service.jobs.options import JobOptions
 from vggt_cache.service.jobs.store import DB_NAME, JobStore
+
 from helpers.service import REPO, poll, start_service, wait_job, write_images
 
 LONG = 100_000  # characters of each sample's image name (a string in a file: no path limit applies)

@@ -24,9 +24,10 @@ import torch
 from vggt_cache.client.wire import decode_features
 from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.work import Flight, Priority
-from vggt_cache.service.runtime import DRILL_HOLD_ENV
 from vggt_cache.service.jobs.store import DB_NAME
+from vggt_cache.service.runtime import DRILL_HOLD_ENV
 from vggt_cache.service.units import Unit
+
 from helpers.service import RunningService, poll, wait_job, write_images
 
 CLIENTS = 50

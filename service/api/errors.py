@@ -13,11 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from vggt_cache.client.safeopen import OutsideRoots
+from vggt_cache.client.text import bounded
 from vggt_cache.service.api.limits import Busy
 from vggt_cache.service.engine import EngineStopped, QueueFull
 from vggt_cache.service.errors import UnusableInput
-from vggt_cache.client.safeopen import OutsideRoots
-from vggt_cache.client.text import bounded
 
 
 class NotReady(RuntimeError):

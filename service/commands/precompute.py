@@ -9,8 +9,15 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 
-from vggt_cache.service.commands.common import PROGRESS_POLL_S, check_device, client, job_options, loading_model, \
-    no_folder, settings_of
+from vggt_cache.service.commands.common import (
+    PROGRESS_POLL_S,
+    check_device,
+    client,
+    job_options,
+    loading_model,
+    no_folder,
+    settings_of,
+)
 from vggt_cache.service.commands.dryrun import dry_run_local, print_plan
 from vggt_cache.service.errors import CommandError
 from vggt_cache.service.jobs.view import JobState, JobView

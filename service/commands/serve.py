@@ -42,7 +42,12 @@ def serve(args: argparse.Namespace) -> int:
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
     from vggt_cache.service.api import create_app
-    from vggt_cache.service.api.connections import ACCEPT_BACKLOG, connection_cap, guarded_protocol, raise_descriptor_limit
+    from vggt_cache.service.api.connections import (
+        ACCEPT_BACKLOG,
+        connection_cap,
+        guarded_protocol,
+        raise_descriptor_limit,
+    )
     from vggt_cache.service.runtime import ServiceRuntime
 
     settings = settings_of(args, api_token=api_token(args))

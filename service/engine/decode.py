@@ -19,9 +19,21 @@ from vggt_cache.client.spec import Attention, FeatureSpec
 from vggt_cache.client.text import error_text
 from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.engine.scheduler import Scheduler
-from vggt_cache.service.engine.work import (KEPT, SHUTDOWN_MESSAGE, WITHDRAWN_MESSAGE, Complete, EngineStopped,
-                                            EntryResult, Flight, FrameKey, UnitResult, Withdrawn, fail_future,
-                                            failed_result, when_descriptors_free)
+from vggt_cache.service.engine.work import (
+    KEPT,
+    SHUTDOWN_MESSAGE,
+    WITHDRAWN_MESSAGE,
+    Complete,
+    EngineStopped,
+    EntryResult,
+    Flight,
+    FrameKey,
+    UnitResult,
+    Withdrawn,
+    fail_future,
+    failed_result,
+    when_descriptors_free,
+)
 from vggt_cache.service.preprocess import as_float, load_image, preprocess_pixels
 
 log = logging.getLogger("vggt_cache")

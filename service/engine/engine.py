@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, InvalidStateError
 from enum import Enum
-from functools import partial
 from typing import Any
 
 import torch
@@ -42,9 +41,19 @@ from vggt_cache.service.engine.device import Device, DeviceStage, ForwardHook
 from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.singleflight import SingleFlight
 from vggt_cache.service.engine.stats import STATS_WINDOW_S, History
-from vggt_cache.service.engine.work import (KEPT, REPLACED, SHUTDOWN_MESSAGE, EngineStopped, Flight, Priority,
-                                            QueueFull, StartHook, UnitResult, fail_future)
 from vggt_cache.service.engine.warmup import WarmupReport, warm_up, warmup_shapes
+from vggt_cache.service.engine.work import (
+    KEPT,
+    REPLACED,
+    SHUTDOWN_MESSAGE,
+    EngineStopped,
+    Flight,
+    Priority,
+    QueueFull,
+    StartHook,
+    UnitResult,
+    fail_future,
+)
 from vggt_cache.service.engine.writer import WriterStage
 from vggt_cache.service.model import LoadedModel
 from vggt_cache.service.model.resident import compile_blocks, compile_counts, make_resident, weights_dtype

@@ -83,7 +83,7 @@ class Scheduler:
                 raise QueueFull(f"bulk queue is full ({frames} frames waiting)")
             for i, flight in enumerate(flights):
                 if wait_for_room:
-                    while not self._closed and 0 < self._waiting_frames[priority] and (
+                    while not self._closed and self._waiting_frames[priority] > 0 and (
                         self._waiting_frames[priority] + flight.n_frames > self.bulk_limit
                     ):
                         self._space_cv.wait()

@@ -13,8 +13,15 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from vggt_cache.service.engine.work import (WITHDRAWN_MESSAGE, Flight, Priority, QueueFull, StartHook, Withdrawn,
-                                            fail_future)
+from vggt_cache.service.engine.work import (
+    WITHDRAWN_MESSAGE,
+    Flight,
+    Priority,
+    QueueFull,
+    StartHook,
+    Withdrawn,
+    fail_future,
+)
 from vggt_cache.service.units import Unit
 
 

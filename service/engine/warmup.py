@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from vggt_cache.client.spec import Attention, FeatureSpec
+from vggt_cache.client.text import error_text
 from vggt_cache.service.engine.device import Device, DeviceStage, compiled_graphs, is_out_of_memory
 from vggt_cache.service.engine.patches import PatchCache
-from vggt_cache.client.text import error_text
 from vggt_cache.service.model.resident import use_recompile_limit
 from vggt_cache.service.preprocess import output_size
 

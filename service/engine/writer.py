@@ -15,8 +15,16 @@ from vggt_cache.client.spec import Attention, FeatureSpec
 from vggt_cache.client.storage import as_stored
 from vggt_cache.client.text import error_text
 from vggt_cache.client.wire import EntryStatus
-from vggt_cache.service.engine.work import (KEPT, REPLACED, Complete, EntryResult, Flight, UnitResult, failed_result,
-                                            when_descriptors_free)
+from vggt_cache.service.engine.work import (
+    KEPT,
+    REPLACED,
+    Complete,
+    EntryResult,
+    Flight,
+    UnitResult,
+    failed_result,
+    when_descriptors_free,
+)
 
 log = logging.getLogger("vggt_cache")
 

@@ -162,7 +162,7 @@ def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing:
     tightest = min(file_systems, key=lambda fs: fs["free_bytes"] - fs["bytes_to_write"] * ranks, default=None)
     if tightest is not None and len(file_systems) == 1 and os.stat(data_root).st_dev in per_device:
         tightest = None  # one file system, the data root's: the top-level figures say it all
-    valid = frozenset(target for (target, _), t in zip(work, checked) if t.valid)
+    valid = frozenset(target for (target, _), t in zip(work, checked, strict=True) if t.valid)
     return Plan(
         data_root, scan.samples.describe(), len(units), len(work), sum(t.valid for t in checked),
         sum(t.compute for t in checked), sum(t.unreadable for t in checked), len(scan.problems), refused,

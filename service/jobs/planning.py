@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vggt_cache.client.safeopen import OutsideRoots
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.service.jobs.options import JobLimits, JobOptions
 from vggt_cache.service.jobs.plan import Plan, plan_job
-from vggt_cache.client.safeopen import OutsideRoots
 from vggt_cache.service.paths import AllowedRoots
 from vggt_cache.service.sources import ScanResult, scan_data_root, shard
 from vggt_cache.service.units import Unit

@@ -52,7 +52,6 @@ def compile_blocks(model: VGGTAggregator, devices: int = 1, backend: str = "indu
     raised so those variants are compiled instead of running eagerly past Dynamo's default of 8.
     `backend`: Dynamo's backend ("eager" traces and guards alike without generating code: tests).
     """
-    import torch._dynamo.config as dynamo_config
 
     global _recompile_limit
     _recompile_limit = max(_recompile_limit, VARIANTS_PER_DEVICE * devices)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
 from helpers.service import REPO, TINY_MODEL
 
 BENCHMARKS = REPO / "benchmarks"

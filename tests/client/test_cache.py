@@ -23,6 +23,7 @@ from vggt_cache.client.http import RetryPolicy, ordered_urls, parse_retry_after
 from vggt_cache.client.manifest import MANIFEST_NAME
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.wire import encode_features
+
 from helpers.service import free_port, poll
 
 GRID = (3, 4)  # 60x80 images at --size 56

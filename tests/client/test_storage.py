@@ -28,6 +28,7 @@ from vggt_cache.client.wire import decode_features
 from vggt_cache.service.cli import main
 from vggt_cache.service.jobs.plan import ENTRY_OVERHEAD_BYTES
 from vggt_cache.service.verify import verify_data_root
+
 from helpers.service import REPO, TINY_MODEL, RunningService, service_spec, wait_job, write_images
 
 ARCH = {"patch_size": 14, "embed_dim": 64, "depth": 4, "num_register_tokens": 4}

@@ -20,7 +20,6 @@ from vggt_cache.client.spec import FeatureSpec
 from helpers.service import REPO, TINY_MODEL, cache_files, done, free_port, wait_job, write_images
 
 
-
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `python -m vggt_cache.service.cli ARGS`; stdout and stderr together in `.stdout`."""
     return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, stdout=subprocess.PIPE,

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from vggt_cache.service.demo import free_port
+
 from helpers.cli import cli, one_error
 from helpers.service import REPO, TINY_MODEL, poll, write_images
 

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from vggt_cache.service import preprocess as pp
 from vggt_cache.service.preprocess import ImageError, load_image, output_size, preprocess
+
 from helpers.service import TINY_MODEL
 
 PREPROCESS = TINY_MODEL / "preprocess"

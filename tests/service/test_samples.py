@@ -10,6 +10,7 @@ import pytest
 
 from vggt_cache.service.samples import find_samples, history_indices
 from vggt_cache.service.sources import scan_data_root
+
 from helpers.service import FIXTURES
 
 FIXTURE = FIXTURES / "janusvln"

@@ -17,10 +17,9 @@ if os.environ.get("VGGT_SOAK") != "1":
 import httpx
 from test_faults import SEED, abandon_request, assert_all_valid, engine_idle, kill_and_resume, two_services_with_readers
 
-from vggt_cache.client.cachefile import Outcome  # noqa: E402
-from helpers.service import service_spec, temp_files, write_images  # noqa: E402
-from test_faults import (SEED, abandon_request, assert_all_valid, engine_idle, kill_and_resume,  # noqa: E402
-                         two_services_with_readers)
+from vggt_cache.client.cachefile import Outcome
+
+from helpers.service import service_spec, temp_files, write_images
 
 IMAGES = 1000
 

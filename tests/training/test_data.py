@@ -27,6 +27,7 @@ from vggt_cache.training.data import IGNORE_INDEX, SampleError, VGGTCollator, VL
 from vggt_cache.training.model import Fusion, Qwen25VLWithVGGT
 from vggt_cache.training.tiny import image_inputs
 from vggt_cache.training.train import tiny_config, tiny_image_processor, tiny_tokenizer
+
 from helpers.service import TINY_MODEL
 
 FIXTURE = TINY_MODEL

@@ -30,6 +30,7 @@ from vggt_cache.training.arguments import CacheArguments, DataArguments, feature
 from vggt_cache.training.data import VGGTCollator, VLNDataset, load_samples
 from vggt_cache.training.model import MERGER_FILE, Qwen25VLWithVGGT
 from vggt_cache.training.train import VGGTTrainer, parse_args, tiny_config, tiny_image_processor, tiny_tokenizer
+
 from helpers.service import REPO, TINY_MODEL
 
 FIXTURE = TINY_MODEL

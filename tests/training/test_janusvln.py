@@ -22,12 +22,13 @@ from safetensors.torch import load_file
 from vggt_cache.client.cache import FeatureCache
 from vggt_cache.client.cachefile import Outcome, read_entry
 from vggt_cache.client.spec import FeatureSpec, matching_preset
+from vggt_cache.service.jobs.view import TERMINAL
 from vggt_cache.service.model import KVCache, load_aggregator
 from vggt_cache.service.preprocess import preprocess
-from vggt_cache.service.jobs.view import TERMINAL
 from vggt_cache.service.samples import find_samples
-from helpers.service import FIXTURES, apoll, app_in_process, spec_of_status, write_images
 from vggt_cache.training.data import load_samples
+
+from helpers.service import FIXTURES, apoll, app_in_process, spec_of_status, write_images
 
 JANUS = FIXTURES / "janusvln"
 TINY = FIXTURES / "vggt_tiny"

@@ -17,6 +17,7 @@ from vggt_cache.service.preprocess import preprocess
 from vggt_cache.training.merger import VGGTMerger, merge_grid
 from vggt_cache.training.model import Fusion, Qwen25VLWithVGGT, sample_images
 from vggt_cache.training.tiny import image_inputs, tiny_batch, tiny_qwen25vl_config
+
 from helpers.service import TINY_MODEL
 
 FIXTURE = TINY_MODEL

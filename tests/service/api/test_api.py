@@ -15,7 +15,8 @@ import torch
 from vggt_cache.client.cachefile import Outcome, read_entry
 from vggt_cache.client.wire import decode_features
 from vggt_cache.service.model import load_aggregator
-from helpers.service import TINY_MODEL, app_in_process, apoll, poll, reference_features, spec_of_status, write_images
+
+from helpers.service import TINY_MODEL, apoll, app_in_process, poll, reference_features, spec_of_status, write_images
 
 TOKEN = "s3cret-token"
 pytestmark = pytest.mark.anyio

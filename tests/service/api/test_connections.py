@@ -19,9 +19,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from helpers.service import REPO, TINY_MODEL, RunningService, poll, start_service, wait_job, write_images
 from vggt_cache.service.demo import free_port
 
+from helpers.service import REPO, TINY_MODEL, RunningService, poll, start_service, wait_job, write_images
 
 TOKEN = "shared-node-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -20,6 +20,7 @@ from vggt_cache.service.model.features import entry_features
 from vggt_cache.service.preprocess import preprocess
 from vggt_cache.service.settings import ServiceSettings
 from vggt_cache.service.units import Unit
+
 from helpers.service import TINY_MODEL, poll, reference_features
 
 FIXTURE = TINY_MODEL
@@ -465,9 +466,9 @@ def test_units_in_lanes_on_two_devices_equal_each_clip_computed_alone(tmp_path, 
 def test_a_bulk_job_on_two_devices_runs_in_lanes_and_writes_every_entry(tmp_path, loaded):
     from vggt_cache.client.spec import preset_options
     from vggt_cache.service.jobs.runner import JobManager
+    from vggt_cache.service.jobs.store import JobStore
     from vggt_cache.service.paths import AllowedRoots
     from vggt_cache.service.runtime import model_info
-    from vggt_cache.service.jobs.store import JobStore
 
     root = tmp_path / "data"
     for episode, seed in (("ep_a", 0), ("ep_b", 50)):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from concurrent.futures import Future
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +12,7 @@ from vggt_cache.service.engine.work import Flight, Priority
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.preprocess import preprocess, preprocess_pixels
 from vggt_cache.service.units import Unit
+
 from helpers.service import FIXTURES as TEST_FIXTURES
 from helpers.service import TINY_MODEL
 

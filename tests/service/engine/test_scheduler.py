@@ -11,6 +11,7 @@ from vggt_cache.service.engine.scheduler import Scheduler
 from vggt_cache.service.engine.work import Flight, Priority
 from vggt_cache.service.jobs.runner import lane_chunks
 from vggt_cache.service.units import Unit
+
 from helpers.service import poll
 
 LONG_WAIT_S = 60.0  # a group is due when full or when nothing more of its lane is decoding

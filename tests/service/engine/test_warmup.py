@@ -23,6 +23,7 @@ from vggt_cache.service.engine.warmup import WarmupShape, warmup_shapes
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.model.resident import VARIANTS_PER_DEVICE, compile_counts
 from vggt_cache.service.units import Unit
+
 from helpers.service import TINY_MODEL, poll
 
 SIZE = 56  # 80x60 images (4:3, as the warm-up assumes) crop to 42x56
@@ -85,9 +86,9 @@ def test_after_the_warm_up_its_shapes_compile_nothing(loaded, tmp_path: Path) ->
 
 
 def test_the_warm_up_stops_at_its_budget(loaded, caplog: pytest.LogCaptureFixture) -> None:
-    with Engine(loaded, make_spec(loaded), compile=True, compile_backend="eager") as engine:
-        with caplog.at_level(logging.INFO, logger="vggt_cache"):
-            report = engine.warm_up(0.0)
+    with (Engine(loaded, make_spec(loaded), compile=True, compile_backend="eager") as engine,
+          caplog.at_level(logging.INFO, logger="vggt_cache")):
+        report = engine.warm_up(0.0)
     assert report is not None and report.done == 0 and not report.finished
     assert any("Compile warm-up stopped after 0 of 2" in r.getMessage() for r in caplog.records)
     with Engine(loaded, make_spec(loaded)) as eager:

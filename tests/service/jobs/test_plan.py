@@ -13,6 +13,7 @@ import httpx
 from vggt_cache.client.cachefile import CACHE_SUFFIX
 from vggt_cache.service import cli
 from vggt_cache.service.jobs import plan
+
 from helpers.service import REPO, TINY_MODEL, cache_files, tmpfs, wait_job, write_images
 
 TINY = TINY_MODEL

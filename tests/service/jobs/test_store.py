@@ -79,7 +79,7 @@ def test_racing_creators_get_the_same_job(tmp_path):
 
 def test_results_update_counters_failures_and_pending_units(store):
     job = store.create("/data", "d", SPEC, OPTIONS)
-    units = frame_units(3) + [Unit.sequence(("/data/s0.jpg", "/data/s1.jpg"))]
+    units = [*frame_units(3), Unit.sequence(("/data/s0.jpg", "/data/s1.jpg"))]
     planned = store.record_plan(job.job_id, PLAN, units, problems=[("/data/s.jsonl:7", "malformed sample")])
     assert planned.planned and planned.total == 3 + 2 + 1 and planned.failed == 1 and planned.plan == PLAN
     assert store.pending_units(job.job_id) == list(enumerate(units))

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import vggt_cache.service.model.fingerprint as fingerprint_mod
 from vggt_cache.service.model import AggregatorConfig, VGGTAggregator, file_fingerprint, load_aggregator
+
 from helpers.service import FIXTURES, TINY_MODEL
 
 FIXTURE = TINY_MODEL

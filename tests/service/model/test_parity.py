@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from vggt_cache.service.model import AggregatorConfig, KVCache, VGGTAggregator
+
 from helpers.service import TINY_MODEL
 
 FIXTURE = TINY_MODEL
