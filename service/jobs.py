@@ -18,6 +18,7 @@ from vggt_cache.client.safeopen import open_folder
 from vggt_cache.client.spec import FeatureSpec, matching_preset
 from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
+from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.jobview import TERMINAL, JobState, JobView
 from vggt_cache.service.paths import AllowedRoots, PathNotAllowed, printable
 from vggt_cache.service.plan import Plan, plan_job
@@ -465,8 +466,10 @@ def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: d
     sample over `max_sample_bytes` is a problem."""
     check_options(data_root, options, roots)
     files = options.get("data_files")
+    table = FrameTable(roots)  # each frame looked at once, however many samples name it
     scan = scan_data_root(data_root, spec.attention, options.get("data_path"),
-                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files, roots, max_sample_bytes)
+                          options.get("max_history_images", DEFAULT_MAX_HISTORY), files, roots, max_sample_bytes,
+                          table)
     units = shard(scan.units, rank, world_size)
     refused: dict[int, str] = {}
     for idx, unit in enumerate(units):
@@ -476,10 +479,10 @@ def plan_work(data_root: str, spec: FeatureSpec, roots: AllowedRoots, options: d
             continue
         try:
             for frame in unit.frames:
-                roots.contain(frame)
+                table.contain(frame)
         except (PathNotAllowed, ValueError) as exc:
             refused[idx] = str(exc)
     allowed = [u for i, u in enumerate(units) if i not in refused]
     plan = plan_job(scan, spec, data_root, options.get("skip_existing", True), allowed, len(refused), world_size,
-                    roots.real, max_image_bytes)
+                    roots.real, max_image_bytes, table)
     return Work(scan, units, refused, plan)

@@ -42,6 +42,7 @@ import numpy as np
 from vggt_cache.client.safeopen import open_regular
 from vggt_cache.client.text import shorten
 from vggt_cache.service.errors import UnusableInput
+from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.jsonstream import ArrayStream, MalformedSample, lines
 from vggt_cache.service.paths import AllowedRoots, PathNotAllowed
 from vggt_cache.service.walk import STEP_FRAME, Found, walk_root
@@ -164,10 +165,12 @@ class PathResolver:
     a candidate outside them is never looked at: whether such a file exists must not show.
     """
 
-    def __init__(self, data_root: str, data_path: str | None, roots: AllowedRoots | None = None) -> None:
+    def __init__(self, data_root: str, data_path: str | None, roots: AllowedRoots | None = None,
+                 table: FrameTable | None = None) -> None:
         self.data_root = data_root
         self.data_path = data_path
         self.roots = roots
+        self.table = FrameTable(roots) if table is None else table
         self._memo: dict[tuple[str, str, str | None], str | None] = {}
 
     def candidates(self, raw: str, sample_dir: str, data_path: str | None) -> list[str]:
@@ -183,7 +186,7 @@ class PathResolver:
         if self.roots is None:
             return True
         try:
-            self.roots.contain(path)
+            self.table.contain(path)
         except (PathNotAllowed, ValueError):
             return False
         return True
@@ -197,7 +200,7 @@ class PathResolver:
             for path in self.candidates(raw, sample_dir, data_path):
                 if not self.allowed(path):
                     outside = outside or path
-                elif os.path.isfile(path):
+                elif self.table.is_file(path):
                     found = path
                     break
             self._memo[key] = found or outside
@@ -238,8 +241,8 @@ class _Reader:
     """Turns sample objects and episode steps into Samples, collecting problems as it goes."""
 
     def __init__(self, root: str, data_path: str | None, keep_records: bool, roots: AllowedRoots | None,
-                 max_sample_bytes: int) -> None:
-        self.resolver = PathResolver(root, data_path, roots)
+                 max_sample_bytes: int, table: FrameTable | None) -> None:
+        self.resolver = PathResolver(root, data_path, roots, table)
         self.roots = roots
         self.max_sample_bytes = max_sample_bytes
         self.keep_records = keep_records
@@ -333,7 +336,8 @@ class _Reader:
 
 def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, data_path: str | None = None,
                  files: Sequence[str] | None = None, keep_records: bool = False,
-                 roots: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> SampleSet:
+                 roots: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES,
+                 table: FrameTable | None = None) -> SampleSet:
     """Every sample under `data_root` (see the module docstring); `files` names sample files instead.
 
     `files` are relative to `data_root` unless absolute. Unreadable or ill-typed samples and
@@ -343,13 +347,14 @@ def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, 
     walk does not leave and every sample file must lie inside when opened; a FIFO or other
     non-regular sample file is a problem at once, never waited on. Sample files are read one
     sample at a time, each at most `max_sample_bytes`; folders the walk cannot list are problems.
+    `table`: the plan's frame table (`service.frametable`), so a frame found here is not stat-ed again.
     """
     check_history(max_history_images)
     check_sample_bytes(max_sample_bytes)
     root = _norm(data_root)
     if not os.path.isdir(root):
         raise UnusableInput(f"data root is not a directory: {root}")
-    reader = _Reader(root, data_path, keep_records, roots, max_sample_bytes)
+    reader = _Reader(root, data_path, keep_records, roots, max_sample_bytes, table)
     if files:
         found = Found()
         for f in files:
