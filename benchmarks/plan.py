@@ -129,17 +129,25 @@ def _strace_total(path: str) -> int:
     raise ValueError(f"no total in {path}")
 
 
-def measure(n: int, layout: str, scratch: str, strace: bool) -> dict:
+def baseline(scratch: str, strace: bool) -> dict:
+    """A child that imports what the others do and does nothing: their start-up calls and memory."""
+    base = _run_child("none", scratch, scratch, False)
+    if strace:
+        base["calls"] = _run_child("none", scratch, scratch, True)["calls"]
+    return base
+
+
+def measure(n: int, layout: str, scratch: str, strace: bool, base: dict) -> dict:
     root = os.path.join(scratch, f"{layout}_{n}")
     t0 = time.perf_counter()
     build_root(root, n, layout)
     built = time.perf_counter() - t0
-    runs = {task: _run_child(task, root, scratch, False) for task in ("none", "walk", "plan")}
+    runs = {task: _run_child(task, root, scratch, False) for task in ("walk", "plan")}
     if strace:
-        for task in ("none", "walk", "plan"):
+        for task in ("walk", "plan"):
             runs[task]["calls"] = _run_child(task, root, scratch, True)["calls"]
     shutil.rmtree(root)
-    base, walk, plan = runs["none"], runs["walk"], runs["plan"]
+    walk, plan = runs["walk"], runs["plan"]
     row = {"n": n, "layout": layout, "build_s": built, "samples": plan["samples"], "entries": plan["entries"],
            "ours_s": plan["seconds"], "ours_cpu_us": 1e6 * plan["cpu_seconds"] / n,
            "floor_s": walk["seconds"], "floor_cpu_us": 1e6 * walk["cpu_seconds"] / n,
@@ -168,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     strace = not args.no_strace and shutil.which("strace") is not None
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="vggt-plan-bench-") as scratch:
-        rows = [measure(n, layout, scratch, strace) for n in args.n for layout in args.layout]
+        base = baseline(scratch, strace)
+        rows = [measure(n, layout, scratch, strace, base) for n in args.n for layout in args.layout]
     if args.json:
         print(json.dumps({"strace": strace, "rows": rows}, indent=2))
         return 0

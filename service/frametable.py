@@ -38,6 +38,7 @@ class FrameTable(Mapping[str, dict]):
         self.roots = roots
         self._files: dict[str, _Look] = {}
         self._folders: dict[str, str] = {}  # folder as named -> its real path
+        self._contained: dict[str, str] = {}  # path -> its normalised form, inside the roots
         self._refused: dict[str, str] = {}  # path -> why it is not allowed
         self._devices: dict[str, int] = {}  # folder -> st_dev (-1: cannot stat)
 
@@ -98,6 +99,9 @@ class FrameTable(Mapping[str, dict]):
         location inside the roots, else PathNotAllowed (or InvalidPath); the normalised path if so."""
         if self.roots is None:
             raise ValueError("a frame table without roots contains nothing")
+        norm = self._contained.get(path)
+        if norm is not None:
+            return norm
         why = self._refused.get(path)
         if why is not None:
             raise PathNotAllowed(why)
@@ -113,6 +117,7 @@ class FrameTable(Mapping[str, dict]):
         except PathNotAllowed as exc:
             self._refused[path] = str(exc)
             raise
+        self._contained[path] = norm
         return norm
 
     def device(self, folder: str) -> int:

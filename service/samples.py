@@ -29,6 +29,7 @@ temporary files.
 
 from __future__ import annotations
 
+import functools
 import io
 import itertools
 import json
@@ -120,9 +121,14 @@ def check_sample_bytes(limit: int) -> int:
 def history_indices(step: int, max_history: int) -> list[int]:
     """Positions (in step order) of the frames of episode sample `step`, its own last (the rule above)."""
     check_history(max_history)
+    return list(_history_indices(step, max_history))
+
+
+@functools.lru_cache(maxsize=1 << 14)  # every episode asks the same (step, history) pairs: numpy once each
+def _history_indices(step: int, max_history: int) -> tuple[int, ...]:
     if step <= max_history:
-        return [0] * (max_history - step) + list(range(step + 1))
-    return np.linspace(0, step, max_history + 1, dtype=int).tolist()
+        return (0,) * (max_history - step) + tuple(range(step + 1))
+    return tuple(np.linspace(0, step, max_history + 1, dtype=int).tolist())
 
 
 def _norm(path: str) -> str:
@@ -326,7 +332,7 @@ class _Reader:
                                           "(frames of one step are taken in name order)"))
         frames = [_norm(os.path.join(folder, name)) for _, name in steps]
         for j, (number, name) in enumerate(steps):
-            clip = tuple(frames[i] for i in history_indices(j, max_history))
+            clip = tuple(frames[i] for i in _history_indices(j, max_history))
             record = None
             if self.keep_records:
                 record = {"episode": folder, "step": number, "action": STEP_FRAME.match(name).group(2).upper(),
