@@ -187,12 +187,12 @@ def main(argv: list[str] | None = None) -> int:
     calls = ("calls/sample ours", "floor") if strace else ()
     print_table(("root", "samples", "ours s", "floor s", "CPU us/sample ours", "floor", *calls,
                  "first entry s", "state B/unit", "RSS B/sample"),
-                [(f"{r['layout']} {r['n']}", r["samples"], f"{r['ours_s']:.2f}", f"{r['floor_s']:.2f}",
+                [(f"{r['layout']} {r['n']}", r["samples"], f"{r['ours_s']:.3f}", f"{r['floor_s']:.3f}",
                   f"{r['ours_cpu_us']:.0f}", f"{r['floor_cpu_us']:.0f}",
                   *((f"{r['ours_calls']:.2f}", f"{r['floor_calls']:.2f}") if strace else ()),
                   f"{r['first_entry_s']:.2f}", f"{r['state_bytes_per_unit']:.0f}",
                   f"{r['rss_bytes_per_sample']:.0f}") for r in rows])
-    print("(file-system calls: strace not found, not counted)" if not strace else "")
+    print("" if strace else "(file-system calls not counted: --no-strace, or no strace here)")
     for r in rows:
         print(f"{r['layout']} {r['n']} ours/floor wall = {r['ours_s'] / r['floor_s']:.2f}")
         if strace:
