@@ -10,12 +10,7 @@ from vggt_cache.client.spec import ATTENTION, Attention
 from vggt_cache.service.errors import UnusableInput
 from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.paths import AllowedRoots
-from vggt_cache.service.samples import (
-    DEFAULT_MAX_HISTORY,
-    MAX_SAMPLE_BYTES,
-    SampleSet,
-    find_samples,
-)
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, SampleSet, find_samples
 from vggt_cache.service.units import Unit
 
 T = TypeVar("T")
