@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
 STEPS = 35  # an R2R-CE episode's mean length: 612,492 samples in ~17,500 folders
 HISTORY = 8
+LINKS_PER_IMAGE = 60_000  # ext4 allows 65,000 links to one inode
 TRACED = "%file,%stat,readlink"
 LAYOUTS = ("episodes", "json")
 
@@ -45,16 +46,20 @@ def _image(path: str) -> None:
 def build_root(folder: str, n: int, layout: str) -> None:
     """`n` samples under `folder` (episode folders, or one JSON array over frame folders)."""
     os.makedirs(folder)
-    one = os.path.join(folder, ".one.jpg")  # hidden: the walk skips it
-    _image(one)
-    samples = []
+    first = os.path.join(folder, ".one_0.jpg")  # hidden: the walk skips it
+    _image(first)
+    samples, linked = [], 0
     for episode in range((n + STEPS - 1) // STEPS):
         sub = f"ep_{episode:06d}"
         os.mkdir(os.path.join(folder, sub))
         steps = min(STEPS, n - episode * STEPS)
         names = [f"step_{s}_MOVE_FORWARD.jpg" if layout == "episodes" else f"rgb_{s}.jpg" for s in range(steps)]
         for name in names:
+            one = os.path.join(folder, f".one_{linked // LINKS_PER_IMAGE}.jpg")
+            if not os.path.exists(one):
+                shutil.copyfile(first, one)
             os.link(one, os.path.join(folder, sub, name))
+            linked += 1
         if layout == "json":
             from vggt_cache.service.samples import history_indices
 
