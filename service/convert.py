@@ -17,21 +17,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from vggt_cache.client.cachefile import (
-    CACHE_SUFFIX,
-    Outcome,
-    ReadResult,
-    cache_path,
-    is_temp_file,
-    read_entry,
-    write_entry,
-)
-from vggt_cache.client.manifest import (
-    MAX_FAILURES,
-    manifest_path,
-    read_manifest,
-    write_manifest,
-)
+
+from vggt_cache.client.cachefile import CACHE_SUFFIX, Outcome, ReadResult, cache_path, is_temp_file, read_entry, write_entry
+from vggt_cache.client.manifest import MAX_FAILURES, manifest_path, read_manifest, write_manifest
 from vggt_cache.client.spec import STORAGES, FeatureSpec
 from vggt_cache.client.storage import decode, encode
 from vggt_cache.client.text import bounded
