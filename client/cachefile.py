@@ -165,6 +165,7 @@ def read_entry(
     tensor: bool = True,
     roots: Sequence[str] | None = None,
     check_crc: bool = False,
+    sources: Mapping[str, dict] | None = None,
 ) -> ReadResult:
     """Read and validate the entry of `image_path`; never raises for a bad file.
 
@@ -183,6 +184,8 @@ def read_entry(
     given, and, with a `spec`, no larger than an entry of that spec can be: else CORRUPT
     without reading it. `check_crc`: the tensor's bytes must match the zip's CRC-32. A `packed`
     or `fp8` entry's payload is decoded into a fresh tensor (`mmap` then only maps the payload).
+    `sources`: the `source_record`s of the image and its context frames already taken, by path (a plan's
+    frame table: each file stat-ed once for every entry that names it); a lookup may raise OSError.
     """
     path = cache_path(image_path)
     max_bytes = None if spec is None else max_entry_bytes(spec) + MAX_OVERHEAD_BYTES
@@ -214,7 +217,7 @@ def read_entry(
         return result(Outcome.SPEC_MISMATCH, f"spec differs in: {fields}", meta)
 
     try:
-        current = source_record(image_path)
+        current = source_record(image_path) if sources is None else sources[os.fspath(image_path)]
     except OSError as e:
         return result(Outcome.STALE, f"image not readable: {e.strerror or e}", meta)
     if current != meta["source"]:
@@ -225,7 +228,7 @@ def read_entry(
         if stored is None:
             return result(Outcome.SPEC_MISMATCH, "entry has no context (frame mode) but a clip was given", meta)
         try:
-            expected = context_record(image_path, context_frames)
+            expected = context_record(image_path, context_frames, sources)
         except OSError as e:
             return result(Outcome.STALE, f"context frame not readable: {e.filename}", meta)
         if expected["digest"] != stored["digest"]:

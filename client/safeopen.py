@@ -62,15 +62,17 @@ def check_contained(fd: int, roots: Sequence[str], name: str) -> None:
 
 
 def open_regular(path: str, max_bytes: int | None = None, roots: Sequence[str] | None = None,
-                 follow_symlinks: bool = True) -> io.FileIO:
+                 follow_symlinks: bool = True, dir_fd: int | None = None) -> BinaryIO:
     """An unbuffered binary reader of `path` if it is a regular file of at most `max_bytes` bytes.
 
     Opened non-blocking, so a FIFO without a writer cannot hang the caller; `roots` (real
     paths): the opened file must lie inside one; `follow_symlinks=False`: a symlink as the last
-    component is refused (ELOOP). Raises NotRegularFile, FileTooLarge, OutsideRoots or OSError.
+    component is refused (ELOOP). `dir_fd`: `path` is a name in that folder's descriptor (one
+    checked once for all its files: with `follow_symlinks=False` what opens lies in it, so no
+    `roots` check per file is needed). Raises NotRegularFile, FileTooLarge, OutsideRoots or OSError.
     """
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
+    fd = os.open(path, flags, dir_fd=dir_fd)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

@@ -33,7 +33,7 @@ from vggt_cache.client.spec import STORAGES, FeatureSpec
 from vggt_cache.client.storage import decode, encode
 from vggt_cache.client.text import bounded
 from vggt_cache.service.paths import AllowedRoots
-from vggt_cache.service.samples import walk_files
+from vggt_cache.service.walk import walk_files
 
 ESTIMATE_SAMPLES = 32
 

@@ -42,6 +42,22 @@ class AllowedRoots:
         real folder a sibling cache file is written into must all be inside a root,
         so neither `..` nor a symlink can escape.
         """
+        norm = self.named(path)
+        if not self.holds(norm):
+            raise OutsideRoots(f"path resolves (through a symlink) outside the allowed roots: {shorten(path)}")
+        if writes_sibling and not self.holds(os.path.dirname(norm)):
+            raise OutsideRoots(f"folder of {shorten(path)} resolves outside the allowed roots")
+        return norm
+
+    def holds(self, path: str) -> bool:
+        """True when what `path` resolves to (through any symlinks) lies inside a root."""
+        return inside(os.path.realpath(path), self.real)
+
+    def named(self, path: str) -> str:
+        """The normalised absolute `path` if its name (as written, nothing resolved) lies inside a root.
+
+        Raises InvalidPath (empty, relative, a NUL byte, not encodable) or OutsideRoots.
+        """
         if not isinstance(path, str) or not path or "\x00" in path:
             raise InvalidPath(f"invalid path {shorten(repr(path))}")
         if not os.path.isabs(path):
@@ -53,12 +69,4 @@ class AllowedRoots:
         norm = os.path.normpath(path)
         if not inside(norm, self.given + self.real):
             raise OutsideRoots(f"path is outside the allowed roots: {shorten(path)}")
-        if not self.holds(norm):
-            raise OutsideRoots(f"path resolves (through a symlink) outside the allowed roots: {shorten(path)}")
-        if writes_sibling and not self.holds(os.path.dirname(norm)):
-            raise OutsideRoots(f"folder of {shorten(path)} resolves outside the allowed roots")
         return norm
-
-    def holds(self, path: str) -> bool:
-        """True when what `path` resolves to (through any symlinks) lies inside a root."""
-        return inside(os.path.realpath(path), self.real)

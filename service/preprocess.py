@@ -64,9 +64,15 @@ def open_image(path: str | os.PathLike, max_bytes: int | None = MAX_IMAGE_BYTES,
 
 
 def image_size(path: str | os.PathLike, max_bytes: int | None = MAX_IMAGE_BYTES,
-               roots: Sequence[str] | None = None) -> tuple[int, int]:
-    """(width, height) from the header alone, under `open_image`'s rules; raises OSError or PIL's errors."""
-    with open_regular(os.fspath(path), max_bytes, roots) as f, Image.open(f, formats=IMAGE_FORMATS) as img:
+               roots: Sequence[str] | None = None, dir_fd: int | None = None) -> tuple[int, int]:
+    """(width, height) from the header alone, under `open_image`'s rules; raises OSError or PIL's errors.
+
+    `dir_fd`: `path` is a name in that (checked) folder, and a symlink there is refused (`open_regular`).
+    """
+    # Buffered: PIL walks a JPEG's markers a few bytes a read, a system call each on the bare descriptor.
+    with (io.BufferedReader(open_regular(os.fspath(path), max_bytes, roots, follow_symlinks=dir_fd is None,
+                                         dir_fd=dir_fd)) as f,
+          Image.open(f, formats=IMAGE_FORMATS) as img):
         return img.size
 
 

@@ -29,40 +29,35 @@ temporary files.
 
 from __future__ import annotations
 
-import codecs
-import errno
+import functools
 import io
 import itertools
 import json
 import logging
 import os
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
 
-from vggt_cache.client.cachefile import CACHE_SUFFIX
-from vggt_cache.client.manifest import MANIFEST_NAME
-from vggt_cache.client.safeopen import OutsideRoots, inside, open_regular
+from vggt_cache.client.safeopen import OutsideRoots, open_regular
 from vggt_cache.client.text import shorten
 from vggt_cache.service.errors import UnusableInput
+from vggt_cache.service.frametable import FrameTable
+from vggt_cache.service.jsonstream import ArrayStream, MalformedSample, lines
 from vggt_cache.service.paths import AllowedRoots
+from vggt_cache.service.walk import STEP_FRAME, Found, walk_root
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 DEFAULT_MAX_HISTORY = 8
 # The longest history a sample may ask for: every known recipe fits (JanusVLN 8, VG-LLM up to 32 frames),
 # and a clip of more frames than this is not a sample but a mistake (or memory for nobody else).
 MAX_HISTORY_IMAGES = 64
 # One sample (a jsonl line, an element of a JSON array) is read into memory whole; past this it is a problem.
 MAX_SAMPLE_BYTES = 1 << 20
-STEP_FRAME = re.compile(r"^step_(\d+)_([A-Za-z_]+)\.(png|jpe?g)$", re.IGNORECASE)
 # The keys that make a JSON object a sample (its frames, or a conversation about them).
 _SAMPLE_KEYS = ("images", "image", "current_image", "history_images", "conversations", "instruction")
-_CHUNK_BYTES = 1 << 16  # sample files are read this much at a time
-# A folder that vanished (or became a file) while the walk went through its parent hides nothing.
-_GONE = (errno.ENOENT, errno.ENOTDIR)
 
 log = logging.getLogger("vggt_cache")
 
@@ -101,10 +96,6 @@ class SampleSet:
                 "sample_files": self.named_files}
 
 
-class MalformedSample(ValueError):
-    """A sample object that is not one of the shapes above."""
-
-
 def file_list(text: str) -> list[str]:
     """`a.jsonl, b/c.json` -> the sample files named (the `--data_files` flags of precompute and training)."""
     return [f.strip() for f in text.split(",") if f.strip()]
@@ -132,70 +123,19 @@ def check_sample_bytes(limit: int) -> int:
 def history_indices(step: int, max_history: int) -> list[int]:
     """Positions (in step order) of the frames of episode sample `step`, its own last (the rule above)."""
     check_history(max_history)
+    return list(_history_indices(step, max_history))
+
+
+@functools.lru_cache(maxsize=1 << 14)  # every episode asks the same (step, history) pairs: numpy once each
+def _history_indices(step: int, max_history: int) -> tuple[int, ...]:
     if step <= max_history:
-        return [0] * (max_history - step) + list(range(step + 1))
-    return np.linspace(0, step, max_history + 1, dtype=int).tolist()
+        return (0,) * (max_history - step) + tuple(range(step + 1))
+    return tuple(np.linspace(0, step, max_history + 1, dtype=int).tolist())
 
 
 def _norm(path: str) -> str:
     # Symlinks are kept as written: containment is checked where paths are opened.
     return os.path.normpath(os.path.abspath(path))
-
-
-def _hidden(name: str) -> bool:
-    return name.startswith((".", "~"))
-
-
-def walk_files(root: str, allowed: AllowedRoots | None = None,
-               unlisted: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, list[str]]]:
-    """(folder, sorted file names) for every non-hidden folder, top-down and sorted, symlink loops cut.
-
-    Symlinks are followed, except (with `allowed`) those leading outside the allowed roots: these
-    are neither followed nor listed, so no name from outside reaches a job or its manifest.
-    A folder that cannot be listed (permissions, a path past PATH_MAX, out of descriptors) or an
-    entry whose kind cannot be told (a symlink loop) is appended to `unlisted` as (path, reason):
-    what it holds is unknown, which a job must say rather than finish without it.
-    Real paths are carried down the walk: a child that is not a symlink lies in its parent's real
-    folder, so only symlinks are resolved (resolving every folder made a deep tree quadratic or worse).
-    """
-    real_root = os.path.realpath(root)
-    seen: set[str] = set()
-    pending = [(root, real_root)]
-    left_out = 0
-    while pending:
-        folder, real = pending.pop()
-        if real in seen:
-            continue
-        seen.add(real)
-        try:
-            entries = list(os.scandir(folder))
-        except OSError as e:
-            if e.errno not in _GONE and unlisted is not None:
-                unlisted.append((folder, f"cannot list folder: {e.strerror or e}"))
-            continue
-        folders: list[tuple[str, str]] = []
-        files: list[tuple[str, str]] = []
-        for entry in entries:
-            if _hidden(entry.name):
-                continue
-            try:
-                link = entry.is_symlink()
-                entry_real = os.path.realpath(entry.path) if link else os.path.join(real, entry.name)
-                if link and allowed is not None and not inside(entry_real, allowed.real):
-                    left_out += 1
-                    continue
-                (folders if entry.is_dir() else files).append((entry.name, entry_real))
-            except OSError as e:  # a symlink loop, a name past PATH_MAX, ...
-                if unlisted is not None:
-                    unlisted.append((entry.path, f"cannot tell what this is: {e.strerror or e}"))
-        yield folder, sorted(name for name, _ in files)
-        pending.extend((os.path.join(folder, name), child) for name, child in sorted(folders, reverse=True))
-    if left_out:
-        log.warning("%s: %d symlink(s) leading outside the allowed roots were not followed", root, left_out)
-
-
-def is_image(name: str) -> bool:
-    return CACHE_SUFFIX not in name and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def _string_list(value: object, key: str) -> list[str]:
@@ -239,10 +179,12 @@ class PathResolver:
     a candidate outside them is never looked at: whether such a file exists must not show.
     """
 
-    def __init__(self, data_root: str, data_path: str | None, allowed: AllowedRoots | None = None) -> None:
+    def __init__(self, data_root: str, data_path: str | None, allowed: AllowedRoots | None = None,
+                 table: FrameTable | None = None) -> None:
         self.data_root = data_root
         self.data_path = data_path
         self.allowed = allowed
+        self.table = FrameTable(allowed) if table is None else table
         self._memo: dict[tuple[str, str, str | None], str | None] = {}
 
     def candidates(self, raw: str, sample_dir: str, data_path: str | None) -> list[str]:
@@ -258,7 +200,7 @@ class PathResolver:
         if self.allowed is None:
             return True
         try:
-            self.allowed.contain(path)
+            self.table.contain(path)
         except (OutsideRoots, ValueError):
             return False
         return True
@@ -272,7 +214,7 @@ class PathResolver:
             for path in self.candidates(raw, sample_dir, data_path):
                 if not self.permits(path):
                     outside = outside or path
-                elif os.path.isfile(path):
+                elif self.table.is_file(path):
                     found = path
                     break
             self._memo[key] = found or outside
@@ -284,34 +226,6 @@ class PathResolver:
         return f"image not found: {shorten(raw)} (looked for {looked})"
 
 
-@dataclass
-class _Found:
-    """What the walk saw: sample files, episode folders with their step frames, loose images."""
-
-    jsonl: list[str] = field(default_factory=list)
-    json: list[str] = field(default_factory=list)
-    episodes: list[tuple[str, list[str]]] = field(default_factory=list)
-    images: list[str] = field(default_factory=list)
-    unlisted: list[tuple[str, str]] = field(default_factory=list)
-
-
-def _walk(root: str, allowed: AllowedRoots | None) -> _Found:
-    found = _Found()
-    for folder, names in walk_files(root, allowed, found.unlisted):
-        steps = [n for n in names if STEP_FRAME.match(n)]
-        if steps:
-            found.episodes.append((folder, steps))
-        for name in names:
-            path = os.path.join(folder, name)
-            if name.endswith(".jsonl"):
-                found.jsonl.append(path)
-            elif name.endswith(".json") and not steps and name != MANIFEST_NAME:
-                found.json.append(path)
-            elif is_image(name):
-                found.images.append(path)
-    return found
-
-
 def _is_sample_object(value: object) -> bool:
     return isinstance(value, dict) and any(k in value for k in _SAMPLE_KEYS)
 
@@ -321,102 +235,10 @@ def _open_sample_file(path: str, allowed: AllowedRoots | None) -> BinaryIO:
     return io.BufferedReader(open_regular(path, roots=None if allowed is None else allowed.real))
 
 
-def _lines(f: BinaryIO, limit: int) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, line) for every line of `f`; None for a line over `limit` bytes, skipped unread."""
-    lineno = 0
-    while line := f.readline(limit + 1):
-        lineno += 1
-        if len(line) > limit and not line.endswith(b"\n"):
-            while line and not line.endswith(b"\n"):
-                line = f.readline(_CHUNK_BYTES)
-            yield lineno, None
-        else:
-            yield lineno, line
-
-
-class _ArrayStream:
-    """The elements of a JSON array, decoded one at a time from a buffer of at most about one element.
-
-    `json.loads` of a whole file costs many times its size in memory; here a file of any size costs
-    one element (at most `limit` bytes, else MalformedSample). Bad JSON, bad UTF-8 and nesting too
-    deep for the parser are MalformedSample, raised where they are met.
-    """
-
-    def __init__(self, f: BinaryIO, limit: int) -> None:
-        self.f, self.limit = f, limit
-        self._utf8 = codecs.getincrementaldecoder("utf-8-sig")()
-        self._decoder = json.JSONDecoder()
-        self.buf, self.pos, self.eof, self.read_bytes = "", 0, False, 0
-        self._bad: MalformedSample | None = None
-
-    def _more(self, size: int = _CHUNK_BYTES) -> None:
-        if self._bad is not None:  # the parser needs what lies past bytes that are not UTF-8
-            raise self._bad
-        chunk = self.f.read(size)
-        self.eof = not chunk
-        try:
-            text = self._utf8.decode(chunk, final=self.eof)
-        except UnicodeDecodeError as e:  # what comes before the bad bytes is still parsed
-            self._bad = MalformedSample(f"not valid UTF-8 near byte {self.read_bytes + e.start}")
-            text, self.eof = chunk[:e.start].decode("utf-8", "ignore"), False
-        self.read_bytes += len(chunk)
-        self.buf = self.buf[self.pos:] + text
-        self.pos = 0
-
-    def _char(self) -> str:
-        """The next character that is not whitespace ('' at the end), left in place."""
-        while True:
-            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
-                self.pos += 1
-            if self.pos < len(self.buf) or self.eof:
-                return self.buf[self.pos:self.pos + 1]
-            self._more()
-
-    def _value(self) -> object:
-        while True:
-            try:
-                value, end = self._decoder.raw_decode(self.buf, self.pos)
-            except RecursionError:
-                raise MalformedSample("nested too deeply to parse") from None
-            except ValueError as e:  # not valid, or not whole yet
-                if self.eof:
-                    raise MalformedSample(f"not valid JSON: {e}") from None
-            else:
-                if end - self.pos > self.limit:
-                    raise MalformedSample(f"a sample of more than {self.limit} bytes (max_sample_bytes)")
-                if end < len(self.buf) or self.eof:  # a number at the buffer's end may go on
-                    self.pos = end
-                    return value
-            if len(self.buf) - self.pos > self.limit:
-                raise MalformedSample(f"a sample of more than {self.limit} bytes (max_sample_bytes), or not valid JSON")
-            # Doubling: an element is parsed O(log) times, and the buffer never holds much more than `limit`.
-            self._more(min(max(_CHUNK_BYTES, len(self.buf) - self.pos), self.limit + 1))
-
-    def elements(self) -> Iterator[object] | None:
-        """The array's elements in order, or None when the file does not hold an array."""
-        if self._char() != "[":
-            return None
-        self.pos += 1
-        return self._elements()
-
-    def _elements(self) -> Iterator[object]:
-        if self._char() == "]":
-            return
-        while True:
-            yield self._value()
-            sep = self._char()
-            self.pos += 1
-            if sep == "]":
-                return
-            if sep != ",":
-                raise MalformedSample(f"expected ',' or ']' near byte {self.read_bytes - len(self.buf) + self.pos}")
-            self._char()
-
-
 def _is_sample_jsonl(path: str, allowed: AllowedRoots | None, limit: int) -> bool:
     """A `*.jsonl` file is a sample file unless its first parsable line is an object of something else."""
     with _open_sample_file(path, allowed) as f:
-        for _, line in _lines(f, limit):
+        for _, line in lines(f, limit):
             if line is None:
                 return True  # an oversized line: read it as samples, so it is reported
             if not line.strip():
@@ -433,8 +255,8 @@ class _Reader:
     """Turns sample objects and episode steps into Samples, collecting problems as it goes."""
 
     def __init__(self, root: str, data_path: str | None, keep_records: bool, allowed: AllowedRoots | None,
-                 max_sample_bytes: int) -> None:
-        self.resolver = PathResolver(root, data_path, allowed)
+                 max_sample_bytes: int, table: FrameTable | None) -> None:
+        self.resolver = PathResolver(root, data_path, allowed, table)
         self.allowed = allowed
         self.max_sample_bytes = max_sample_bytes
         self.keep_records = keep_records
@@ -465,7 +287,7 @@ class _Reader:
             if not named and not _is_sample_jsonl(path, self.allowed, self.max_sample_bytes):
                 return False
             with _open_sample_file(path, self.allowed) as f:
-                for lineno, line in _lines(f, self.max_sample_bytes):
+                for lineno, line in lines(f, self.max_sample_bytes):
                     where = f"{path}:{lineno}"
                     if line is None:
                         self.malformed.append((where, f"malformed sample: a line of more than "
@@ -493,7 +315,7 @@ class _Reader:
         read = 0  # elements read: an error is at element `read`
         try:
             with _open_sample_file(path, self.allowed) as f:
-                elements = _ArrayStream(f, self.max_sample_bytes).elements()
+                elements = ArrayStream(f, self.max_sample_bytes).elements()
                 first = next(elements, None) if elements is not None else None
                 if elements is None or not _is_sample_object(first):
                     if named:
@@ -519,7 +341,7 @@ class _Reader:
                                           "(frames of one step are taken in name order)"))
         frames = [_norm(os.path.join(folder, name)) for _, name in steps]
         for j, (number, name) in enumerate(steps):
-            clip = tuple(frames[i] for i in history_indices(j, max_history))
+            clip = tuple(frames[i] for i in _history_indices(j, max_history))
             record = None
             if self.keep_records:
                 record = {"episode": folder, "step": number, "action": _step_frame(name).group(2).upper(),
@@ -529,7 +351,8 @@ class _Reader:
 
 def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, data_path: str | None = None,
                  files: Sequence[str] | None = None, keep_records: bool = False,
-                 allowed: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> SampleSet:
+                 allowed: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES,
+                 table: FrameTable | None = None) -> SampleSet:
     """Every sample under `data_root` (see the module docstring); `files` names sample files instead.
 
     `files` are relative to `data_root` unless absolute. Unreadable or ill-typed samples and
@@ -539,20 +362,21 @@ def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, 
     walk does not leave and every sample file must lie inside when opened; a FIFO or other
     non-regular sample file is a problem at once, never waited on. Sample files are read one
     sample at a time, each at most `max_sample_bytes`; folders the walk cannot list are problems.
+    `table`: the plan's frame table (`service.frametable`), so a frame found here is not stat-ed again.
     """
     check_history(max_history_images)
     check_sample_bytes(max_sample_bytes)
     root = _norm(data_root)
     if not os.path.isdir(root):
         raise UnusableInput(f"data root is not a directory: {root}")
-    reader = _Reader(root, data_path, keep_records, allowed, max_sample_bytes)
+    reader = _Reader(root, data_path, keep_records, allowed, max_sample_bytes, table)
     if files:
-        found = _Found()
+        found = Found()
         for f in files:
             path = _norm(os.path.join(root, f))
             (found.jsonl if path.endswith(".jsonl") else found.json).append(path)
     else:
-        found = _walk(root, allowed)
+        found = walk_root(root, allowed)
 
     kinds = []
     named = bool(files)

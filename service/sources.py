@@ -8,6 +8,7 @@ from typing import TypeVar
 
 from vggt_cache.client.spec import ATTENTION, Attention
 from vggt_cache.service.errors import UnusableInput
+from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.paths import AllowedRoots
 from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, SampleSet, find_samples
 from vggt_cache.service.units import Unit
@@ -61,10 +62,11 @@ class UnitPlanner:
 
 def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
                    max_history_images: int = DEFAULT_MAX_HISTORY, files: Sequence[str] | None = None,
-                   allowed: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES) -> ScanResult:
+                   allowed: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES,
+                   table: FrameTable | None = None) -> ScanResult:
     """The units of work under `data_root` for `attention` mode (samples: `service.samples`; `files`
     names the sample files to read instead of every one found; `allowed`: what the walk and the
-    sample files stay inside).
+    sample files stay inside; `table`: the plan's frame table, see `service.frametable`).
 
     `frame` -> one unit per unique image of any sample; `sequence` -> one per unique clip, all
     its frames targets; `causal` -> one per unique clip, its last frame the target. Loose image
@@ -73,7 +75,7 @@ def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
     found = find_samples(data_root, max_history_images, data_path, files, allowed=allowed,
-                         max_sample_bytes=max_sample_bytes)
+                         max_sample_bytes=max_sample_bytes, table=table)
     if found.source == "images" and attention != Attention.FRAME:
         raise UnusableInput(
             f"{attention} attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from vggt_cache.client.cachefile import Outcome, read_entry
 from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES
 from vggt_cache.service.sources import scan_data_root
 
@@ -13,14 +14,15 @@ def verify_data_root(data_root: str, spec: FeatureSpec, data_path: str | None = 
                      max_sample_bytes: int = MAX_SAMPLE_BYTES) -> dict:
     """Counts per outcome (hit / missing / stale / corrupt / spec_mismatch / unreadable) and the problems found
     (malformed samples, missing images, and `unlisted`: what the walk could not read)."""
+    table = FrameTable()  # a frame is in up to nine clips: stat-ed once for all of them
     scan = scan_data_root(data_root, spec.attention, data_path, max_history_images, files,
-                          max_sample_bytes=max_sample_bytes)
+                          max_sample_bytes=max_sample_bytes, table=table)
     counts = {o.value: 0 for o in Outcome}
     problems = []
     for unit in scan.units:
         context = spec.context_of(unit.frames)
         for target in unit.targets:
-            result = read_entry(target, spec, context_frames=context, mmap=True, check_crc=True)
+            result = read_entry(target, spec, context_frames=context, mmap=True, check_crc=True, sources=table)
             counts[result.outcome.value] += 1
             if result.outcome is not Outcome.HIT:
                 problems.append({"image": target, "outcome": result.outcome.value, "reason": result.reason})

@@ -12,6 +12,8 @@ free space.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import os
 import time
@@ -21,8 +23,10 @@ from dataclasses import asdict, dataclass, field
 
 from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
 from vggt_cache.client.entryformat import stored_entry_bytes
+from vggt_cache.client.safeopen import open_folder
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.text import bounded
+from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.preprocess import MAX_IMAGE_BYTES, image_size, output_size
 from vggt_cache.service.sources import ScanResult
 from vggt_cache.service.units import Unit
@@ -104,18 +108,40 @@ class _Target:
     folder: str
 
 
-def _check(target: str, context: Sequence[str] | None, spec: FeatureSpec, skip_existing: bool,
-           sizes: dict[tuple[int, int], int], roots: Sequence[str] | None, max_image_bytes: int) -> _Target:
-    folder = os.path.dirname(target)
-    try:
-        device = os.stat(folder).st_dev
-    except OSError:
-        device = -1
-    valid = read_entry(target, spec, context_frames=context, tensor=False, roots=roots).outcome is Outcome.HIT
-    if valid and skip_existing:
+@dataclass(frozen=True)
+class _Checks:
+    """What every target's check shares."""
+
+    spec: FeatureSpec
+    skip_existing: bool
+    sizes: dict[tuple[int, int], int]  # pixels -> entry bytes
+    table: FrameTable
+    roots: Sequence[str] | None
+    max_image_bytes: int
+
+
+def _check_folder(folder: str, work: list[tuple[str, Sequence[str] | None]], checks: _Checks) -> list[_Target]:
+    """The targets of one folder, its descriptor opened (and checked inside the roots) once for all their headers."""
+    with contextlib.ExitStack() as stack:
+        try:
+            dfd = stack.enter_context(open_folder(folder, checks.roots))
+        except OSError:  # each header is then opened by its path, and fails as the engine will
+            dfd = None
+        device = checks.table.device(folder)
+        return [_check(target, context, checks, dfd, device) for target, context in work]
+
+
+def _check(target: str, context: Sequence[str] | None, checks: _Checks, dfd: int | None, device: int) -> _Target:
+    spec, sizes, folder = checks.spec, checks.sizes, os.path.dirname(target)
+    read = read_entry(target, spec, context_frames=context, tensor=False, roots=checks.roots, sources=checks.table)
+    valid = read.outcome is Outcome.HIT
+    if valid and checks.skip_existing:
         return _Target(True, False, 0, 0, False, device, folder)
     try:
-        pixels = image_size(target, max_image_bytes, roots)
+        if dfd is not None and not checks.table.is_symlink(target):  # a symlink is followed, and checked, by path
+            pixels = image_size(os.path.basename(target), checks.max_image_bytes, dir_fd=dfd)
+        else:
+            pixels = image_size(target, checks.max_image_bytes, checks.roots)
     except Exception:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...: the job fails it
         return _Target(valid, True, 0, 0, True, device, folder)
     if pixels not in sizes:  # a benign race between threads: both compute the same number
@@ -123,7 +149,7 @@ def _check(target: str, context: Sequence[str] | None, spec: FeatureSpec, skip_e
         height, width = output_size(*pixels, spec.preprocess, spec.size, spec.align)
         sizes[pixels] = stored_entry_bytes(spec, (height // patch, width // patch)) + ENTRY_OVERHEAD_BYTES
     try:
-        replaced = os.lstat(cache_path(target)).st_size
+        replaced = 0 if read.outcome is Outcome.MISSING else os.lstat(cache_path(target)).st_size
     except OSError:
         replaced = 0
     return _Target(valid, True, sizes[pixels] - replaced, sizes[pixels], False, device, folder)
@@ -131,23 +157,24 @@ def _check(target: str, context: Sequence[str] | None, spec: FeatureSpec, skip_e
 
 def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing: bool = True,
              units: Sequence[Unit] | None = None, refused: int = 0, ranks: int = 1,
-             roots: Sequence[str] | None = None,
-             max_image_bytes: int = MAX_IMAGE_BYTES) -> tuple[Plan, frozenset[str]]:
+             roots: Sequence[str] | None = None, max_image_bytes: int = MAX_IMAGE_BYTES,
+             table: FrameTable | None = None) -> tuple[Plan, frozenset[str]]:
     """The plan of a job over `scan`, or over `units` (one rank's share of it), reading headers and metadata
     only, and the targets found to hold a valid entry (so the job need not read them again).
 
     `roots` (real paths): files that open outside them, and images over `max_image_bytes`, are counted
-    unreadable, as the engine will fail them.
+    unreadable, as the engine will fail them. `table`: the frames already looked at (`plan_work`'s
+    containment), so each file is stat-ed once however many entries name it.
     """
     units = scan.units if units is None else units
     work = [(t, spec.context_of(u.frames)) for u in units for t in u.targets]
-    sizes: dict[tuple[int, int], int] = {}
+    checks = _Checks(spec, skip_existing, {}, FrameTable() if table is None else table, roots, max_image_bytes)
+    folders = [(folder, list(group)) for folder, group in itertools.groupby(work, lambda tc: os.path.dirname(tc[0]))]
     checked: list[_Target] = []
     started = last_report = time.monotonic()
     with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="vggt-plan") as pool:
-        for target in pool.map(lambda tc: _check(tc[0], tc[1], spec, skip_existing, sizes, roots, max_image_bytes),
-                               work):
-            checked.append(target)
+        for targets in pool.map(lambda group: _check_folder(*group, checks), folders):
+            checked.extend(targets)
             if time.monotonic() - last_report > PROGRESS_EVERY_S:
                 last_report = time.monotonic()
                 log.info("Planning %s: %d/%d entries checked (%.0f s)", data_root, len(checked), len(work),

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from vggt_cache.client.safeopen import OutsideRoots
 from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.jobs.options import JobLimits, JobOptions
 from vggt_cache.service.jobs.plan import Plan, plan_job
 from vggt_cache.service.paths import AllowedRoots
@@ -31,8 +32,9 @@ def plan_work(data_root: str, spec: FeatureSpec, allowed: AllowedRoots, options:
     """Scan `data_root` and plan this rank's share of it. A unit of more than `limits.max_frames_per_sample`
     frames is refused: one sample must not hold the device for everyone."""
     options.contain(data_root, allowed)
+    table = FrameTable(allowed)  # each frame looked at once, however many samples name it
     scan = scan_data_root(data_root, spec.attention, options.data_path, options.max_history_images,
-                          options.data_files, allowed, limits.max_sample_bytes)
+                          options.data_files, allowed, limits.max_sample_bytes, table)
     units = shard(scan.units, rank, world_size)
     max_frames = limits.max_frames_per_sample
     refused: dict[int, str] = {}
@@ -43,12 +45,12 @@ def plan_work(data_root: str, spec: FeatureSpec, allowed: AllowedRoots, options:
             continue
         try:
             for frame in unit.frames:
-                allowed.contain(frame)
+                table.contain(frame)
         except (OutsideRoots, ValueError) as exc:
             refused[idx] = str(exc)
     admitted = [u for i, u in enumerate(units) if i not in refused]
     plan, valid_targets = plan_job(scan, spec, data_root, options.skip_existing, admitted, len(refused), world_size,
-                                   allowed.real, limits.max_image_bytes)
+                                   allowed.real, limits.max_image_bytes, table)
     valid = []
     if options.skip_existing:
         valid = [i for i, u in enumerate(units)

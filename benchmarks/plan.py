@@ -1,0 +1,210 @@
+"""What a plan costs as a data root grows: ours against a bare walk + stat of the same root (the floor).
+
+Builds NewJanusVLN-style episode roots (`step_<n>_<ACTION>.jpg`, 35 steps an episode) and
+JanusVLN-style JSON roots (one JSON array, 9-frame clips) of N samples, every image a hard link
+to one small JPEG (quick to build), and measures in child processes, side by side:
+
+- `ours`: `plan_work` (what `precompute --dry-run` and a job's plan do) with the tiny model's
+  `newjanusvln` spec: wall and CPU time, file-system calls per sample (`strace -c -f`, start-up
+  subtracted, when strace is installed), first-entry latency (a job submits its first unit once
+  its plan is made), state bytes per unit (the job store's SQLite files after `set_plan`) and
+  peak RSS per sample (over a child that only imports the same modules);
+- `floor`: `os.walk` + one `os.stat` per file of the same root.
+
+`python benchmarks/plan.py` runs N = 10k; `--n 10000 100000 612492` the issue's sizes (the
+612k root needs ~5 GB of inodes-only disk and minutes). `--json` prints the results as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_MODEL = REPO / "tests" / "fixtures" / "vggt_tiny"
+STEPS = 35  # an R2R-CE episode's mean length: 612,492 samples in ~17,500 folders
+HISTORY = 8
+LINKS_PER_IMAGE = 60_000  # ext4 allows 65,000 links to one inode
+TRACED = "%file,%stat,readlink"
+LAYOUTS = ("episodes", "json")
+
+
+def _image(path: str) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (90, 120, 150)).save(path, quality=90)
+
+
+def build_root(folder: str, n: int, layout: str) -> None:
+    """`n` samples under `folder` (episode folders, or one JSON array over frame folders)."""
+    os.makedirs(folder)
+    first = os.path.join(folder, ".one_0.jpg")  # hidden: the walk skips it
+    _image(first)
+    samples, linked = [], 0
+    for episode in range((n + STEPS - 1) // STEPS):
+        sub = f"ep_{episode:06d}"
+        os.mkdir(os.path.join(folder, sub))
+        steps = min(STEPS, n - episode * STEPS)
+        names = [f"step_{s}_MOVE_FORWARD.jpg" if layout == "episodes" else f"rgb_{s}.jpg" for s in range(steps)]
+        for name in names:
+            one = os.path.join(folder, f".one_{linked // LINKS_PER_IMAGE}.jpg")
+            if not os.path.exists(one):
+                shutil.copyfile(first, one)
+            os.link(one, os.path.join(folder, sub, name))
+            linked += 1
+        if layout == "json":
+            from vggt_cache.service.samples import history_indices
+
+            samples += [{"images": [f"{sub}/{names[i]}" for i in history_indices(j, HISTORY)],
+                         "conversations": [{"from": "human", "value": "<image>"}]} for j in range(steps)]
+    if layout == "json":
+        with open(os.path.join(folder, "train.json"), "w") as f:
+            json.dump(samples, f)
+
+
+def _rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def child(task: str, root: str, state_dir: str) -> dict:
+    """One measurement in this process: `none` (imports only), `walk` (the floor) or `plan` (ours)."""
+    from vggt_cache.client.spec import resolve_options
+    from vggt_cache.service.jobs.options import JobOptions
+    from vggt_cache.service.jobs.planning import plan_work
+    from vggt_cache.service.jobs.store import JobStore
+    from vggt_cache.service.model import identify_model
+    from vggt_cache.service.model.features import model_spec
+    from vggt_cache.service.paths import AllowedRoots
+
+    wall, cpu = time.perf_counter(), time.process_time()
+    out: dict = {}
+    if task == "walk":
+        files = 0
+        for folder, _, names in os.walk(root):
+            for name in names:
+                os.stat(os.path.join(folder, name))
+                files += 1
+        out["files"] = files
+    elif task == "plan":
+        spec = model_spec(identify_model(str(TINY_MODEL)), **resolve_options("newjanusvln"))
+        wall, cpu = time.perf_counter(), time.process_time()
+        work = plan_work(root, spec, AllowedRoots.of([root]), JobOptions(max_history_images=HISTORY))
+        out["first_entry_s"] = time.perf_counter() - wall  # a job submits its first unit once planned
+        out["samples"], out["entries"] = work.plan.source["samples"], work.plan.entries
+        out["seconds"], out["cpu_seconds"] = time.perf_counter() - wall, time.process_time() - cpu
+        store = JobStore(state_dir)
+        job = store.create(root, spec.digest, spec.canonical_json(), JobOptions(max_history_images=HISTORY))
+        store.record_plan(job.job_id, work.plan.to_dict(), work.units)
+        store.close()
+        out["state_bytes"] = sum(p.stat().st_size for p in Path(state_dir).iterdir())
+        out["units"] = len(work.units)
+    out.setdefault("seconds", time.perf_counter() - wall)
+    out.setdefault("cpu_seconds", time.process_time() - cpu)
+    out["rss_bytes"] = _rss_bytes()
+    return out
+
+
+def _run_child(task: str, root: str, scratch: str, traced: bool) -> dict:
+    state_dir = tempfile.mkdtemp(dir=scratch)
+    cmd = [sys.executable, __file__, "--child", task, "--root", root, "--state-dir", state_dir]
+    counts = os.path.join(scratch, "strace.txt")
+    if traced:
+        cmd = ["strace", "-f", "-c", "-e", f"trace={TRACED}", "-o", counts, *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    shutil.rmtree(state_dir)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if traced:
+        result["calls"] = _strace_total(counts)
+    return result
+
+
+def _strace_total(path: str) -> int:
+    """The `total` calls of an `strace -c` summary."""
+    with open(path) as f:
+        for line in f:
+            if line.rstrip().endswith("total"):
+                return int(line.split()[3])  # % time, seconds, usecs/call, calls[, errors], total
+    raise ValueError(f"no total in {path}")
+
+
+def baseline(scratch: str, strace: bool) -> dict:
+    """A child that imports what the others do and does nothing: their start-up calls and memory."""
+    base = _run_child("none", scratch, scratch, False)
+    if strace:
+        base["calls"] = _run_child("none", scratch, scratch, True)["calls"]
+    return base
+
+
+def measure(n: int, layout: str, scratch: str, strace: bool, base: dict) -> dict:
+    root = os.path.join(scratch, f"{layout}_{n}")
+    t0 = time.perf_counter()
+    build_root(root, n, layout)
+    built = time.perf_counter() - t0
+    runs = {task: _run_child(task, root, scratch, False) for task in ("walk", "plan")}
+    if strace:
+        for task in ("walk", "plan"):
+            runs[task]["calls"] = _run_child(task, root, scratch, True)["calls"]
+    shutil.rmtree(root)
+    walk, plan = runs["walk"], runs["plan"]
+    row = {"n": n, "layout": layout, "build_s": built, "samples": plan["samples"], "entries": plan["entries"],
+           "ours_s": plan["seconds"], "ours_cpu_us": 1e6 * plan["cpu_seconds"] / n,
+           "floor_s": walk["seconds"], "floor_cpu_us": 1e6 * walk["cpu_seconds"] / n,
+           "first_entry_s": plan["first_entry_s"], "state_bytes_per_unit": plan["state_bytes"] / plan["units"],
+           "rss_bytes_per_sample": max(0, plan["rss_bytes"] - base["rss_bytes"]) / n}
+    if strace:
+        row["ours_calls"] = (plan["calls"] - base["calls"]) / n
+        row["floor_calls"] = (walk["calls"] - base["calls"]) / n
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[10_000], help="samples per root (default 10000)")
+    parser.add_argument("--layout", choices=LAYOUTS, nargs="+", default=list(LAYOUTS))
+    parser.add_argument("--dir", default=None, help="where the roots are built (default: a temporary folder)")
+    parser.add_argument("--no-strace", action="store_true", help="do not count file-system calls")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--child", choices=("none", "walk", "plan"), help=argparse.SUPPRESS)
+    parser.add_argument("--root", help=argparse.SUPPRESS)
+    parser.add_argument("--state-dir", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    if args.child:
+        print(json.dumps(child(args.child, args.root, args.state_dir)))
+        return 0
+    strace = not args.no_strace and shutil.which("strace") is not None
+    with tempfile.TemporaryDirectory(dir=args.dir, prefix="vggt-plan-bench-") as scratch:
+        base = baseline(scratch, strace)
+        rows = [measure(n, layout, scratch, strace, base) for n in args.n for layout in args.layout]
+    if args.json:
+        print(json.dumps({"strace": strace, "rows": rows}, indent=2))
+        return 0
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from common import print_table
+
+    calls = ("calls/sample ours", "floor") if strace else ()
+    print_table(("root", "samples", "ours s", "floor s", "CPU us/sample ours", "floor", *calls,
+                 "first entry s", "state B/unit", "RSS B/sample"),
+                [(f"{r['layout']} {r['n']}", r["samples"], f"{r['ours_s']:.3f}", f"{r['floor_s']:.3f}",
+                  f"{r['ours_cpu_us']:.0f}", f"{r['floor_cpu_us']:.0f}",
+                  *((f"{r['ours_calls']:.2f}", f"{r['floor_calls']:.2f}") if strace else ()),
+                  f"{r['first_entry_s']:.2f}", f"{r['state_bytes_per_unit']:.0f}",
+                  f"{r['rss_bytes_per_sample']:.0f}") for r in rows])
+    print("" if strace else "(file-system calls not counted: --no-strace, or no strace here)")
+    for r in rows:
+        print(f"{r['layout']} {r['n']} ours/floor wall = {r['ours_s'] / r['floor_s']:.2f}")
+        if strace:
+            print(f"{r['layout']} {r['n']} ours/floor calls = {r['ours_calls'] / max(r['floor_calls'], 1e-9):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""What a plan knows of the files its samples name: each file stat-ed once, each folder resolved once.
+
+A data root of 612k samples names every frame in up to nine clips, and on NFS every stat,
+open or readlink is a round trip. So a plan (a dry run, a job's plan, `verify`) asks this table:
+a folder's real path is resolved once (one `lstat` a folder, its parent's real path carried
+down, instead of `realpath` walking every component of every frame), and a file is `lstat`-ed
+once; that one call says whether it is a symlink (only those are resolved) and, for a regular
+file, is its source record (size, mtime_ns) for every entry whose context names it.
+
+What the table says holds for the plan only. What is opened at compute time is checked again
+on its descriptor (`client.safeopen`), so a file replaced by a symlink out of the roots, or
+deleted, after the plan fails then, as it always did.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator, Mapping
+
+from vggt_cache.client.safeopen import OutsideRoots, inside
+from vggt_cache.client.text import shorten
+from vggt_cache.service.paths import AllowedRoots
+
+# (size, mtime_ns, is a symlink, is (or leads to) a regular file, errno of the stat that failed or 0) of a file.
+_Look = tuple[int, int, bool, bool, int]
+
+
+class FrameTable(Mapping[str, dict]):
+    """Source records by path (a Mapping for `read_entry(sources=...)`), and containment of frames.
+
+    A lookup of a file that cannot be stat-ed raises that OSError (FileNotFoundError for a deleted one).
+    Safe to share between threads: a race at worst stats a file twice.
+    """
+
+    def __init__(self, allowed: AllowedRoots | None = None) -> None:
+        self.allowed = allowed
+        self._files: dict[str, _Look] = {}
+        self._folders: dict[str, str] = {}  # folder as named -> its real path
+        self._contained: dict[str, str] = {}  # path -> its normalised form, inside the roots
+        self._refused: dict[str, str] = {}  # path -> why it is not allowed
+        self._devices: dict[str, int] = {}  # folder -> st_dev (-1: cannot stat)
+
+    def _look(self, path: str) -> _Look:
+        look = self._files.get(path)
+        if look is None:
+            link = False
+            try:
+                st = os.lstat(path)
+                link = stat.S_ISLNK(st.st_mode)
+                if link:
+                    st = os.stat(path)
+                look = (st.st_size, st.st_mtime_ns, link, stat.S_ISREG(st.st_mode), 0)
+            except OSError as e:
+                look = (0, 0, link, False, e.errno or errno.EIO)
+            self._files[path] = look
+        return look
+
+    def __getitem__(self, path: str) -> dict:
+        size, mtime_ns, _, _, err = self._look(path)
+        if err:
+            raise OSError(err, os.strerror(err), path)  # FileNotFoundError for ENOENT
+        return {"size": size, "mtime_ns": mtime_ns}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._files))
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def is_symlink(self, path: str) -> bool:
+        return self._look(path)[2]
+
+    def is_file(self, path: str) -> bool:
+        """`os.path.isfile(path)`, from the table."""
+        return self._look(path)[3]
+
+    def real_folder(self, folder: str) -> str:
+        """`os.path.realpath(folder)` for a normalised absolute `folder`, one `lstat` per folder ever asked."""
+        real = self._folders.get(folder)
+        if real is not None:
+            return real
+        parent, name = os.path.split(folder)
+        if not name or parent == folder:
+            real = os.path.realpath(folder)
+        else:
+            parent_real = self.real_folder(parent)
+            try:
+                link = stat.S_ISLNK(os.lstat(folder).st_mode)
+            except OSError:
+                link = False  # realpath keeps a missing component as it is
+            real = os.path.realpath(folder) if link else os.path.join(parent_real, name)
+        self._folders[folder] = real
+        return real
+
+    def contain(self, path: str) -> str:
+        """`AllowedRoots.contain(path)` from the table: the name, its real location and its folder's real
+        location inside the roots, else OutsideRoots (or InvalidPath); the normalised path if so."""
+        if self.allowed is None:
+            raise ValueError("a frame table without roots contains nothing")
+        norm = self._contained.get(path)
+        if norm is not None:
+            return norm
+        why = self._refused.get(path)
+        if why is not None:
+            raise OutsideRoots(why)
+        try:
+            norm = self.allowed.named(path)
+            folder, name = os.path.split(norm)
+            real_folder = self.real_folder(folder)
+            real = os.path.realpath(norm) if self.is_symlink(norm) else os.path.join(real_folder, name)
+            if not inside(real, self.allowed.real):
+                raise OutsideRoots(f"path resolves (through a symlink) outside the allowed roots: {shorten(path)}")
+            if not inside(real_folder, self.allowed.real):
+                raise OutsideRoots(f"folder of {shorten(path)} resolves outside the allowed roots")
+        except OutsideRoots as exc:
+            self._refused[path] = str(exc)
+            raise
+        self._contained[path] = norm
+        return norm
+
+    def device(self, folder: str) -> int:
+        """st_dev of `folder` (-1 if it cannot be stat-ed), one stat per folder."""
+        dev = self._devices.get(folder)
+        if dev is None:
+            try:
+                dev = os.stat(folder).st_dev
+            except OSError:
+                dev = -1
+            self._devices[folder] = dev
+        return dev

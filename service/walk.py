@@ -1,0 +1,106 @@
+"""The walk of a data root: every folder's files, symlinks out of the allowed roots left out, and what it found."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from vggt_cache.client.cachefile import CACHE_SUFFIX
+from vggt_cache.client.manifest import MANIFEST_NAME
+from vggt_cache.client.safeopen import inside
+from vggt_cache.service.paths import AllowedRoots
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+STEP_FRAME = re.compile(r"^step_(\d+)_([A-Za-z_]+)\.(png|jpe?g)$", re.IGNORECASE)
+# A folder that vanished (or became a file) while the walk went through its parent hides nothing.
+_GONE = (errno.ENOENT, errno.ENOTDIR)
+
+log = logging.getLogger("vggt_cache")
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith((".", "~"))
+
+
+def walk_files(root: str, allowed: AllowedRoots | None = None,
+               unlisted: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, list[str]]]:
+    """(folder, sorted file names) for every non-hidden folder, top-down and sorted, symlink loops cut.
+
+    Symlinks are followed, except (with `allowed`) those leading outside the allowed roots: these
+    are neither followed nor listed, so no name from outside reaches a job or its manifest.
+    A folder that cannot be listed (permissions, a path past PATH_MAX, out of descriptors) or an
+    entry whose kind cannot be told (a symlink loop) is appended to `unlisted` as (path, reason):
+    what it holds is unknown, which a job must say rather than finish without it.
+    Real paths are carried down the walk: a child that is not a symlink lies in its parent's real
+    folder, so only symlinks are resolved (resolving every folder made a deep tree quadratic or worse).
+    """
+    real_root = os.path.realpath(root)
+    seen: set[str] = set()
+    pending = [(root, real_root)]
+    left_out = 0
+    while pending:
+        folder, real = pending.pop()
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            if e.errno not in _GONE and unlisted is not None:
+                unlisted.append((folder, f"cannot list folder: {e.strerror or e}"))
+            continue
+        folders, files = [], []
+        for entry in entries:
+            if _hidden(entry.name):
+                continue
+            try:
+                link = entry.is_symlink()
+                entry_real = os.path.realpath(entry.path) if link else os.path.join(real, entry.name)
+                if link and allowed is not None and not inside(entry_real, allowed.real):
+                    left_out += 1
+                    continue
+                (folders if entry.is_dir() else files).append((entry.name, entry_real))
+            except OSError as e:  # a symlink loop, a name past PATH_MAX, ...
+                if unlisted is not None:
+                    unlisted.append((entry.path, f"cannot tell what this is: {e.strerror or e}"))
+        yield folder, sorted(name for name, _ in files)
+        pending.extend((os.path.join(folder, name), child) for name, child in sorted(folders, reverse=True))
+    if left_out:
+        log.warning("%s: %d symlink(s) leading outside the allowed roots were not followed", root, left_out)
+
+
+def is_image(name: str) -> bool:
+    return CACHE_SUFFIX not in name and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+@dataclass
+class Found:
+    """What the walk saw: sample files, episode folders with their step frames, loose images."""
+
+    jsonl: list[str] = field(default_factory=list)
+    json: list[str] = field(default_factory=list)
+    episodes: list[tuple[str, list[str]]] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)
+    unlisted: list[tuple[str, str]] = field(default_factory=list)
+
+
+def walk_root(root: str, allowed: AllowedRoots | None) -> Found:
+    found = Found()
+    for folder, names in walk_files(root, allowed, found.unlisted):
+        steps = [n for n in names if STEP_FRAME.match(n)]
+        if steps:
+            found.episodes.append((folder, steps))
+        for name in names:
+            path = os.path.join(folder, name)
+            if name.endswith(".jsonl"):
+                found.jsonl.append(path)
+            elif name.endswith(".json") and not steps and name != MANIFEST_NAME:
+                found.json.append(path)
+            elif is_image(name):
+                found.images.append(path)
+    return found
+

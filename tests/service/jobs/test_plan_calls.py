@@ -1,0 +1,139 @@
+"""A plan at the file-system floor: each file stat-ed once, each folder resolved once; and what it saw is
+checked again when the units are computed (a root whose files change between plan and compute)."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from vggt_cache.client.cachefile import CACHE_SUFFIX, Outcome, read_entry
+from vggt_cache.client.safeopen import OutsideRoots
+from vggt_cache.client.spec import FeatureSpec, resolve_options
+from vggt_cache.service.engine import Engine, Priority
+from vggt_cache.service.frametable import FrameTable
+from vggt_cache.service.jobs.options import JobOptions
+from vggt_cache.service.jobs.planning import plan_work
+from vggt_cache.service.model import load_aggregator
+from vggt_cache.service.paths import AllowedRoots
+from vggt_cache.service.verify import verify_data_root
+
+from helpers.service import TINY_MODEL, write_images
+
+EPISODES, STEPS = 4, 15
+# Per sample: the current image's lstat, its entry's open, its header's open and fstat. Start-up
+# (the folders, the roots, free space) comes on top, a few calls a folder.
+CALLS_PER_SAMPLE = 4
+
+
+def episode_root(folder: Path, episodes: int = EPISODES, steps: int = STEPS) -> Path:
+    for e in range(episodes):
+        write_images(folder / f"ep_{e}", [f"step_{n}_MOVE_FORWARD.png" for n in range(steps)], size=(32, 24),
+                     seed=e)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_aggregator(str(TINY_MODEL))
+
+
+def tiny_spec(loaded) -> FeatureSpec:
+    return FeatureSpec(fingerprint=loaded.fingerprint, architecture=loaded.config.to_dict(),
+                       **{**resolve_options("newjanusvln"), "size": 56})
+
+
+class CallCounter:
+    """Counts the stat/open/readlink calls made through `os` (what strace counts, from Python; the fstat
+    that `io.FileIO` makes itself on a descriptor it wraps is not seen: strace counts 5.2 a sample)."""
+
+    NAMES = ("stat", "lstat", "fstat", "open", "readlink", "scandir", "statvfs")
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        for name in self.NAMES:
+            real = getattr(os, name)
+            monkeypatch.setattr(os, name, self._counting(real))
+
+    def _counting(self, real):
+        def call(*args, **kwargs):
+            self.calls += 1
+            return real(*args, **kwargs)
+        return call
+
+
+def test_a_dry_run_makes_at_most_four_calls_a_sample(tmp_path, loaded, monkeypatch):
+    root = episode_root(tmp_path / "data")
+    counter = CallCounter(monkeypatch)
+    work = plan_work(str(root), tiny_spec(loaded), AllowedRoots.of([str(root)]), JobOptions(max_history_images=8))
+    samples = EPISODES * STEPS
+    assert work.plan.entries == work.plan.to_compute == samples and work.plan.unreadable == 0
+    start_up = 8 * EPISODES + 16  # per folder: list, resolve, open and check, st_dev; the roots, free space
+    assert counter.calls <= CALLS_PER_SAMPLE * samples + start_up, counter.calls  # was ~90 a sample
+
+
+def test_verify_reads_each_frame_once(tmp_path, loaded, monkeypatch):
+    root = episode_root(tmp_path / "data", episodes=1)
+    spec = tiny_spec(loaded)
+    units = plan_work(str(root), spec, AllowedRoots.of([str(root)]), JobOptions(max_history_images=8)).units
+    with Engine(loaded, spec, roots=[str(root)]) as engine:
+        results = [f.result(120) for f in engine.submit(units, Priority.BULK)]
+    assert {r.kind.value for r in results} == {"computed"}
+    counter = CallCounter(monkeypatch)
+    report = verify_data_root(str(root), spec, max_history_images=8)
+    assert report["ok"] and report["counts"]["hit"] == STEPS
+    # Per entry: its open and fstat, and one lstat of its image (each context frame is another's image).
+    assert counter.calls <= 3 * STEPS + 8, counter.calls  # was 12 an entry (every context frame stat-ed)
+
+
+def test_the_table_contains_as_allowed_roots_do(tmp_path):
+    root = episode_root(tmp_path / "data", episodes=1, steps=2)
+    outside = write_images(tmp_path / "outside", ["secret.png"])[0]
+    (root / "ep_0" / "step_2_STOP.png").symlink_to(outside)
+    (root / "linked").symlink_to(tmp_path / "outside")
+    roots = AllowedRoots.of([str(root)])
+    table = FrameTable(roots)
+    for path in (root / "ep_0" / "step_0_MOVE_FORWARD.png", root / "ep_0" / "step_2_STOP.png",
+                 root / "linked" / "secret.png", tmp_path / "outside" / "secret.png", root / "ep_0" / "gone.png"):
+        try:
+            expected = roots.contain(str(path))
+        except OutsideRoots as exc:
+            with pytest.raises(OutsideRoots, match=re.escape(str(exc).split(":")[0])):
+                table.contain(str(path))
+            with pytest.raises(OutsideRoots):  # a refusal is remembered, as it was said
+                table.contain(str(path))
+        else:
+            assert table.contain(str(path)) == expected
+    assert table.real_folder(str(root / "linked")) == os.path.realpath(root / "linked")
+
+
+def test_files_changed_between_plan_and_compute_are_checked_when_opened(tmp_path, loaded):
+    root = episode_root(tmp_path / "data", episodes=2, steps=6)
+    outside = Path(write_images(tmp_path / "outside", ["secret.png"], size=(32, 24), seed=9)[0])
+    spec = tiny_spec(loaded)
+    roots = AllowedRoots.of([str(root)])
+    work = plan_work(str(root), spec, roots, JobOptions(max_history_images=8))
+    assert work.plan.to_compute == 12 and not work.refused  # every frame was inside when planned
+
+    swapped = root / "ep_0" / "step_3_MOVE_FORWARD.png"  # the current image of step 3, history of steps 4-5
+    swapped.unlink()
+    swapped.symlink_to(outside)
+    deleted = root / "ep_1" / "step_5_MOVE_FORWARD.png"
+    deleted.unlink()
+
+    with Engine(loaded, spec, roots=roots.real) as engine:
+        results = {r.unit.targets[0]: r for r in (f.result(120) for f in engine.submit(work.units, Priority.BULK))}
+    failed = {Path(t).name if Path(t).parent.name == "ep_1" else f"ep_0/{Path(t).name}"
+              for t, r in results.items() if r.kind.value == "failed"}
+    # ep_0's steps 3-5 name the swapped frame; ep_1's step 5 is gone. Everything else is computed.
+    assert failed == {"ep_0/step_3_MOVE_FORWARD.png", "ep_0/step_4_MOVE_FORWARD.png",
+                      "ep_0/step_5_MOVE_FORWARD.png", "step_5_MOVE_FORWARD.png"}, failed
+    swapped_error = results[str(swapped)].entries[0].error
+    assert "outside the allowed roots" in swapped_error, swapped_error
+    assert not list(outside.parent.glob(f"*{CACHE_SUFFIX}"))  # nothing written beside the outside image
+    assert not os.path.exists(f"{swapped}{CACHE_SUFFIX}") and not os.path.exists(f"{deleted}{CACHE_SUFFIX}")
+    kept = root / "ep_0" / "step_2_MOVE_FORWARD.png"
+    assert read_entry(kept, spec, context_frames=[str(root / "ep_0" / "step_0_MOVE_FORWARD.png")] * 6
+                      + [str(root / "ep_0" / f"step_{n}_MOVE_FORWARD.png") for n in range(3)]).outcome is Outcome.HIT
