@@ -75,8 +75,12 @@ def measure(args: argparse.Namespace) -> dict:
     """In this process: one forward with `args.impl`; peak memory above the level before it, time of its parts."""
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    config = {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads,
-              "patch_embed": {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads}}
+    config = {
+        "embed_dim": args.embed_dim,
+        "depth": args.depth,
+        "num_heads": args.num_heads,
+        "patch_embed": {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads},
+    }
     loaded = get_model(args.model, config, str(device))
     loaded.model.causal_impl = args.impl
     spec = model_spec(loaded, **{**preset_options(PRESET), "size": args.size})
@@ -98,11 +102,15 @@ def measure(args: argparse.Namespace) -> dict:
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     cfg = loaded.config
-    return {"impl": args.impl, "peak_bytes": peak, "seconds": round(seconds, 3), "device": device_name(device),
-            "parts_s": {name: sum(times) / len(times) for name, times in parts.items()},  # one call of each
-            "model": {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads,
-                      "source": loaded.source},
-            "input": list(x.shape)}
+    return {
+        "impl": args.impl,
+        "peak_bytes": peak,
+        "seconds": round(seconds, 3),
+        "device": device_name(device),
+        "parts_s": {name: sum(times) / len(times) for name, times in parts.items()},  # one call of each
+        "model": {"embed_dim": cfg.embed_dim, "depth": cfg.depth, "num_heads": cfg.num_heads, "source": loaded.source},
+        "input": list(x.shape),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,10 +132,25 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     for impl in IMPLS:
-        child = [sys.executable, __file__, "--impl", impl, "--device", args.device, "--embed-dim",
-                 str(args.embed_dim), "--depth", str(args.depth), "--num-heads", str(args.num_heads),
-                 "--threads", str(args.threads), "--size", str(args.size),
-                 *(["--model", args.model] if args.model else [])]
+        child = [
+            sys.executable,
+            __file__,
+            "--impl",
+            impl,
+            "--device",
+            args.device,
+            "--embed-dim",
+            str(args.embed_dim),
+            "--depth",
+            str(args.depth),
+            "--num-heads",
+            str(args.num_heads),
+            "--threads",
+            str(args.threads),
+            "--size",
+            str(args.size),
+            *(["--model", args.model] if args.model else []),
+        ]
         done = subprocess.run(child, capture_output=True, text=True)
         if done.returncode != 0:
             results[impl] = {"impl": impl, "error": done.stderr.strip().splitlines()[-1:]}
@@ -137,10 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     host = host_seconds(args.embed_dim, args.num_heads)
     per_clip = scaled_clip(results["chunked"]["parts_s"], args.depth, *host) if ok else None
     summary = {
-        "preset": PRESET, "size": args.size, "frames": DEFAULT_MAX_HISTORY + 1,
+        "preset": PRESET,
+        "size": args.size,
+        "frames": DEFAULT_MAX_HISTORY + 1,
         "results": results,
         "peak_mask_over_chunked": round(results["mask"]["peak_bytes"] / max(results["chunked"]["peak_bytes"], 1), 2)
-        if ok else None,
+        if ok
+        else None,
         "time_mask_over_chunked": round(results["mask"]["seconds"] / results["chunked"]["seconds"], 2) if ok else None,
         "clip_at_vggt_1b_depth_s": per_clip,
     }
@@ -150,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     first = next((r for r in results.values() if "model" in r), None)
     if first:
         m = first["model"]
-        print(f"{first['device']}: one clip {first['input']} ({PRESET}), embed {m['embed_dim']}, depth {m['depth']}, "
-              f"{m['num_heads']} heads, {m['source']}")
+        print(
+            f"{first['device']}: one clip {first['input']} ({PRESET}), embed {m['embed_dim']}, depth {m['depth']}, "
+            f"{m['num_heads']} heads, {m['source']}"
+        )
     for impl, r in results.items():
         if "error" in r:
             print(f"{impl:<8} failed: {r['error']}")
@@ -192,9 +220,13 @@ def scaled_clip(parts: dict[str, float], depth: int, decode_s: float, write_s: f
     cfg = AggregatorConfig()
     blocks = cfg.depth - 1  # layer -2: the forward stops after 23 of 24 block pairs
     per_block_dino = parts["dinov2"] / depth  # the measured encoder's blocks (its conv and norm are small)
-    return {"decode (9 frames)": 9 * decode_s, "dinov2 (9 frames)": per_block_dino * cfg.patch_embed.depth,
-            "frame blocks": parts["frame_block"] * blocks, "global blocks": parts["global_block"] * blocks,
-            "write (1 entry)": write_s}
+    return {
+        "decode (9 frames)": 9 * decode_s,
+        "dinov2 (9 frames)": per_block_dino * cfg.patch_embed.depth,
+        "frame blocks": parts["frame_block"] * blocks,
+        "global blocks": parts["global_block"] * blocks,
+        "write (1 entry)": write_s,
+    }
 
 
 if __name__ == "__main__":

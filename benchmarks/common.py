@@ -21,8 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vggt_cache.service.model import AggregatorConfig, LoadedModel, VGGTAggregator, load_aggregator
 
 
-def make_images(folder: str | os.PathLike, n: int, width: int = 640, height: int = 480, seed: int = 0,
-                name: str = "frame_{i:05d}.jpg") -> list[str]:
+def make_images(
+    folder: str | os.PathLike,
+    n: int,
+    width: int = 640,
+    height: int = 480,
+    seed: int = 0,
+    name: str = "frame_{i:05d}.jpg",
+) -> list[str]:
     """N JPEGs (quality 90) of smooth gradients plus mild noise: photo-like sizes and decode cost.
 
     `name` formats each file's name from its index `i` (e.g. "step_{i}_MOVE_FORWARD.jpg" for an episode).
@@ -48,8 +54,13 @@ def random_model(config: dict, device: str, seed: int = 0) -> LoadedModel:
         model = VGGTAggregator(cfg)
     model.eval().requires_grad_(False)
     digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
-    return LoadedModel(model=model, config=cfg, fingerprint=f"sha256:{digest}", source=f"random weights (seed {seed})",
-                       num_params=sum(p.numel() for p in model.parameters()))
+    return LoadedModel(
+        model=model,
+        config=cfg,
+        fingerprint=f"sha256:{digest}",
+        source=f"random weights (seed {seed})",
+        num_params=sum(p.numel() for p in model.parameters()),
+    )
 
 
 def get_model(source: str | None, config: dict, device: str) -> LoadedModel:
@@ -64,8 +75,15 @@ def block_flops(tokens: int, dim: int, hidden: int, pairs: float) -> float:
     return 2.0 * tokens * dim * (4 * dim + 2 * hidden) + 4.0 * pairs * dim
 
 
-def clip_flops(cfg: AggregatorConfig, height: int, width: int, blocks: int, frames: int = 1,
-               attention: str = "causal", embedded: int | None = None) -> float:
+def clip_flops(
+    cfg: AggregatorConfig,
+    height: int,
+    width: int,
+    blocks: int,
+    frames: int = 1,
+    attention: str = "causal",
+    embedded: int | None = None,
+) -> float:
     """FLOPs of one clip of `frames` frames (1 in frame mode) through `blocks` frame+global block pairs.
 
     Global attention over the clip is block-causal ("causal") or full ("sequence"); `embedded`

@@ -1,8 +1,8 @@
 """The Python steps of benchmarks/gpu_check.sh (run that, not this): setup, the service probe, the summary.
 
-    python benchmarks/gpu_check.py setup OUT [--tiny] [--device cuda:0]
-    python benchmarks/gpu_check.py probe OUT URL
-    python benchmarks/gpu_check.py summary OUT
+python benchmarks/gpu_check.py setup OUT [--tiny] [--device cuda:0]
+python benchmarks/gpu_check.py probe OUT URL
+python benchmarks/gpu_check.py summary OUT
 """
 
 from __future__ import annotations
@@ -41,16 +41,25 @@ def setup(out: Path, tiny: bool, device: str) -> None:
     model_dir.mkdir(parents=True, exist_ok=True)
     loaded = random_model(DEMO_CONFIG if tiny else {}, device)
     # bfloat16 on disk halves VGGT-1B's 3.6 GB; the loader casts to float32 as it does a real checkpoint.
-    state = {k: (v.bfloat16() if v.is_floating_point() and not tiny else v).detach().cpu().contiguous()
-             for k, v in loaded.model.state_dict().items()}
+    state = {
+        k: (v.bfloat16() if v.is_floating_point() and not tiny else v).detach().cpu().contiguous()
+        for k, v in loaded.model.state_dict().items()
+    }
     save_file(state, str(model_dir / "state_dict.safetensors"))
     (model_dir / "config.json").write_text(json.dumps(loaded.config.to_dict(), indent=2))
     episode = out / "data" / "ep_0001"
     episode.mkdir(parents=True, exist_ok=True)
     width, height = (80, 60) if tiny else (640, 480)
     make_images(episode, EPISODE_STEPS, width, height, name="step_{i}_MOVE_FORWARD.jpg")
-    write_json(out / "model.json", {"parameters": loaded.num_params, "tiny": tiny, "episode_steps": EPISODE_STEPS,
-                                    "seconds": round(time.monotonic() - start, 1)})
+    write_json(
+        out / "model.json",
+        {
+            "parameters": loaded.num_params,
+            "tiny": tiny,
+            "episode_steps": EPISODE_STEPS,
+            "seconds": round(time.monotonic() - start, 1),
+        },
+    )
 
 
 def probe(out: Path, url: str) -> None:
@@ -67,10 +76,19 @@ def probe(out: Path, url: str) -> None:
         items, _ = decode_features(r.content)
         status = http.get("/status").raise_for_status().json()
     engine = status["engine"]
-    write_json(out / "serve.json", {
-        "request_s": round(seconds, 3), "entry_status": items[0]["status"], "error": items[0].get("error"),
-        "images_per_s": round(CLIP_FRAMES / seconds, 2), "oom_splits": engine["oom_splits"],
-        "devices": engine["devices"], "compile": engine.get("compile"), "status": status})
+    write_json(
+        out / "serve.json",
+        {
+            "request_s": round(seconds, 3),
+            "entry_status": items[0]["status"],
+            "error": items[0].get("error"),
+            "images_per_s": round(CLIP_FRAMES / seconds, 2),
+            "oom_splits": engine["oom_splits"],
+            "devices": engine["devices"],
+            "compile": engine.get("compile"),
+            "status": status,
+        },
+    )
 
 
 def _json(path: Path) -> dict | None:
@@ -94,24 +112,51 @@ def summary(out: Path) -> dict:
     device = (serve.get("devices") or [{}])[0]
     result = {
         "steps": steps,
-        "device": throughput.get("device"), "torch": throughput.get("torch"),
-        "serve": {k: serve.get(k) for k in ("entry_status", "error", "request_s", "images_per_s", "oom_splits",
-                                            "compile")} | {"memory": device.get("memory"),
-                                                           "failed": device.get("failed")},
-        "precompute": {"computed": runs[0].get("computed"), "failed": runs[0].get("failed"),
-                       "verified_entries": runs[0].get("verified_entries"), "seconds": runs[0].get("seconds"),
-                       "rerun_computed": runs[1].get("computed"), "rerun_skipped": runs[1].get("skipped")},
-        "throughput": {"best_frames_per_s": best.get("frames_per_s"), "best_row": best,
-                       "best_mfu": max((r["mfu"] for r in ok_rows if r.get("mfu") is not None), default=None),
-                       "peak_memory_gib": max((r["peak_memory_gib"] for r in ok_rows if "peak_memory_gib" in r),
-                                              default=None),
-                       "rows": [{k: r.get(k) for k in ("variant", "size", "batch", "status", "frames_per_s", "mfu",
-                                                       "peak_memory_gib", "compile_s")}
-                                for r in throughput.get("rows", [])]},
+        "device": throughput.get("device"),
+        "torch": throughput.get("torch"),
+        "serve": {
+            k: serve.get(k) for k in ("entry_status", "error", "request_s", "images_per_s", "oom_splits", "compile")
+        }
+        | {"memory": device.get("memory"), "failed": device.get("failed")},
+        "precompute": {
+            "computed": runs[0].get("computed"),
+            "failed": runs[0].get("failed"),
+            "verified_entries": runs[0].get("verified_entries"),
+            "seconds": runs[0].get("seconds"),
+            "rerun_computed": runs[1].get("computed"),
+            "rerun_skipped": runs[1].get("skipped"),
+        },
+        "throughput": {
+            "best_frames_per_s": best.get("frames_per_s"),
+            "best_row": best,
+            "best_mfu": max((r["mfu"] for r in ok_rows if r.get("mfu") is not None), default=None),
+            "peak_memory_gib": max((r["peak_memory_gib"] for r in ok_rows if "peak_memory_gib" in r), default=None),
+            "rows": [
+                {
+                    k: r.get(k)
+                    for k in (
+                        "variant",
+                        "size",
+                        "batch",
+                        "status",
+                        "frames_per_s",
+                        "mfu",
+                        "peak_memory_gib",
+                        "compile_s",
+                    )
+                }
+                for r in throughput.get("rows", [])
+            ],
+        },
     }
-    result["ok"] = (all(s["rc"] == 0 for s in steps) and serve.get("entry_status") == "computed"
-                    and bool(runs[0].get("computed")) and not runs[0].get("failed")
-                    and runs[1].get("computed") == 0 and bool(best))
+    result["ok"] = (
+        all(s["rc"] == 0 for s in steps)
+        and serve.get("entry_status") == "computed"
+        and bool(runs[0].get("computed"))
+        and not runs[0].get("failed")
+        and runs[1].get("computed") == 0
+        and bool(best)
+    )
     write_json(out / "summary.json", result)
     return result
 
@@ -137,8 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         result = summary(args.out)
         print(json.dumps({k: result[k] for k in ("ok", "serve", "precompute")}, indent=2))
         t = result["throughput"]
-        print(f"throughput: best {t['best_frames_per_s']} frames/s, best MFU {t['best_mfu']}, "
-              f"peak {t['peak_memory_gib']} GiB")
+        print(
+            f"throughput: best {t['best_frames_per_s']} frames/s, best MFU {t['best_mfu']}, "
+            f"peak {t['peak_memory_gib']} GiB"
+        )
         return 0 if result["ok"] else 1
     return 0
 

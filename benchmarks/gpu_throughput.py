@@ -113,10 +113,19 @@ class Sweep:
         if self.args.out:
             write_json(self.args.out, self.result)
 
-    def row(self, variant: str, size: int, batch: int, layers: list[int] | None,
-            model: torch.nn.Module | None = None, step: Callable[[], object] | None = None,
-            frames: int | None = None, forwards: int = 1, flops_per_frame: float | None = None,
-            **extra: object) -> dict:
+    def row(
+        self,
+        variant: str,
+        size: int,
+        batch: int,
+        layers: list[int] | None,
+        model: torch.nn.Module | None = None,
+        step: Callable[[], object] | None = None,
+        frames: int | None = None,
+        forwards: int = 1,
+        flops_per_frame: float | None = None,
+        **extra: object,
+    ) -> dict:
         """Time `step` (default: a frame-mode forward of a random [batch, 1, 3, size, size] input).
 
         `frames`: frames a step forwards (default `batch`), in `forwards` forwards; `flops_per_frame`
@@ -124,8 +133,14 @@ class Sweep:
         """
         cfg = self.loaded.config
         blocks = cfg.depth if layers is None else max(layer % cfg.depth for layer in layers) + 1
-        row: dict = {"variant": variant, "size": size, "batch": batch,
-                     "layers": "all" if layers is None else layers, "blocks": blocks, **extra}
+        row: dict = {
+            "variant": variant,
+            "size": size,
+            "batch": batch,
+            "layers": "all" if layers is None else layers,
+            "blocks": blocks,
+            **extra,
+        }
         if self.elapsed() > self.args.budget_s:
             return self._record(row, status="skipped (time budget)")
         model = self.model if model is None else model
@@ -142,9 +157,15 @@ class Sweep:
             with torch.inference_mode(), feature_autocast(self.device):
                 seconds = median_seconds(step, self.device, iters, self.args.warmup)
         except Exception as exc:  # the run is unattended: record, free, go on
-            failure = ({"status": "oom"} if is_out_of_memory(exc) else
-                       {"status": "error", "error": f"{type(exc).__name__}: {exc}",
-                        "traceback": traceback.format_exc(limit=4)})
+            failure = (
+                {"status": "oom"}
+                if is_out_of_memory(exc)
+                else {
+                    "status": "error",
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(limit=4),
+                }
+            )
         # Freed after the except block: the exception's traceback holds the failed forward's activations.
         x = None  # drop the input (the step's closure holds the name, not the tensor)
         self._free()
@@ -153,9 +174,13 @@ class Sweep:
         fps = frames / seconds
         flops = flops_per_frame or clip_flops(cfg, size, size, blocks)
         tflops = flops * fps / 1e12
-        row.update(ms_per_forward=round(seconds * 1e3 / forwards, 3), frames_per_s=round(fps, 2),
-                   gflop_per_frame=round(flops / 1e9, 1), tflops=round(tflops, 2),
-                   mfu=round(tflops / self.args.peak_tflops, 4) if self.args.peak_tflops else None)
+        row.update(
+            ms_per_forward=round(seconds * 1e3 / forwards, 3),
+            frames_per_s=round(fps, 2),
+            gflop_per_frame=round(flops / 1e9, 1),
+            tflops=round(tflops, 2),
+            mfu=round(tflops / self.args.peak_tflops, 4) if self.args.peak_tflops else None,
+        )
         if self.is_cuda:
             row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 2)
         return self._record(row, status="ok")
@@ -179,9 +204,11 @@ class Sweep:
         for i, batch in enumerate(self.args.batches):
             row = self.row("batched", size, batch, LAYERS)
             if row["status"] == "oom":
-                for bigger in self.args.batches[i + 1:]:
-                    self._record({"variant": "batched", "size": size, "batch": bigger, "layers": LAYERS},
-                                 status="skipped (oom at a smaller batch)")
+                for bigger in self.args.batches[i + 1 :]:
+                    self._record(
+                        {"variant": "batched", "size": size, "batch": bigger, "layers": LAYERS},
+                        status="skipped (oom at a smaller batch)",
+                    )
                 break
             if row["status"] == "ok" and (best is None or row["frames_per_s"] > best["frames_per_s"]):
                 best = row
@@ -195,8 +222,9 @@ class Sweep:
             for image in host:
                 compute_features(self.loaded.model, image[None, None].to(self.device), spec)[0, 0].cpu()
 
-        return self.row("one-by-one", size, 1, LAYERS, step=step, frames=self.args.loop_images,
-                        forwards=self.args.loop_images)
+        return self.row(
+            "one-by-one", size, 1, LAYERS, step=step, frames=self.args.loop_images, forwards=self.args.loop_images
+        )
 
     def fp32_weights(self, size: int, batch: int) -> dict:
         model = self.resident(torch.float32)
@@ -215,8 +243,12 @@ class Sweep:
                 warm(model)
         except Exception as exc:
             self._free()
-            self._record(row, status="error", error=f"compile failed: {type(exc).__name__}: {exc}",
-                         traceback=traceback.format_exc(limit=4))
+            self._record(
+                row,
+                status="error",
+                error=f"compile failed: {type(exc).__name__}: {exc}",
+                traceback=traceback.format_exc(limit=4),
+            )
             return None
         row["compile_s"] = round(time.monotonic() - start, 1)
         return model
@@ -226,8 +258,9 @@ class Sweep:
         if self.elapsed() > self.args.budget_s:
             return self._record(row, status="skipped (time budget)")
         # The warm-up input lives only inside the call, so nothing holds it once compiled.
-        model = self.compiled_model(row, lambda m: m(torch.rand(batch, 1, 3, size, size, device=self.device),
-                                                     attention="frame", layers=LAYERS))
+        model = self.compiled_model(
+            row, lambda m: m(torch.rand(batch, 1, 3, size, size, device=self.device), attention="frame", layers=LAYERS)
+        )
         if model is None:
             return None
         try:
@@ -237,8 +270,15 @@ class Sweep:
             self._free()
 
     # -- JanusVLN: 9-frame block-causal clips at 644 px -------------------------------------------------
-    def clip_row(self, variant: str, batch: int, model: torch.nn.Module | None = None, impl: str = "chunked",
-                 patches_once: bool = False, **extra: object) -> dict:
+    def clip_row(
+        self,
+        variant: str,
+        batch: int,
+        model: torch.nn.Module | None = None,
+        impl: str = "chunked",
+        patches_once: bool = False,
+        **extra: object,
+    ) -> dict:
         """B clips of the preset's sample through `entry_features`; with `patches_once`, one frame embedded a clip."""
         model = self.model if model is None else model
         spec = self.clip_spec
@@ -264,9 +304,19 @@ class Sweep:
 
         flops = clip_flops(cfg, size, size, blocks, frames, "causal", embedded=1 if patches_once else None)
         try:
-            return self.row(variant, size, batch, list(spec.layers), model=model, step=step,
-                            frames=batch * frames, flops_per_frame=flops / frames, attention_impl=impl,
-                            clip_frames=frames, **extra)
+            return self.row(
+                variant,
+                size,
+                batch,
+                list(spec.layers),
+                model=model,
+                step=step,
+                frames=batch * frames,
+                flops_per_frame=flops / frames,
+                attention_impl=impl,
+                clip_frames=frames,
+                **extra,
+            )
         finally:
             x = tokens = None
             self._free()
@@ -278,9 +328,16 @@ class Sweep:
             for i, batch in enumerate(self.args.clip_batches):
                 row = self.clip_row("janusvln", batch, impl=impl)
                 if row["status"] == "oom":
-                    for bigger in self.args.clip_batches[i + 1:]:
-                        self._record({"variant": "janusvln", "size": self.clip_spec.size, "batch": bigger,
-                                      "attention_impl": impl}, status="skipped (oom at a smaller batch)")
+                    for bigger in self.args.clip_batches[i + 1 :]:
+                        self._record(
+                            {
+                                "variant": "janusvln",
+                                "size": self.clip_spec.size,
+                                "batch": bigger,
+                                "attention_impl": impl,
+                            },
+                            status="skipped (oom at a smaller batch)",
+                        )
                     break
                 if row["status"] == "ok" and (impl not in best or row["frames_per_s"] > best[impl]["frames_per_s"]):
                     best[impl] = row
@@ -328,17 +385,23 @@ class Sweep:
 
         batched = fastest([r for r in ok if r["variant"] == "batched" and r["size"] == self.args.sizes[0]])
         loop = fastest([r for r in ok if r["variant"] == "one-by-one"])
-        clips = {impl: fastest([r for r in ok if r["variant"] == "janusvln" and r["attention_impl"] == impl])
-                 for impl in ("chunked", "mask")}
+        clips = {
+            impl: fastest([r for r in ok if r["variant"] == "janusvln" and r["attention_impl"] == impl])
+            for impl in ("chunked", "mask")
+        }
         return {
-            "best_batched": batched, "one_by_one": loop, "best_any": fastest(ok),
+            "best_batched": batched,
+            "one_by_one": loop,
+            "best_any": fastest(ok),
             "batched_over_one_by_one": round(batched["frames_per_s"] / loop["frames_per_s"], 3)
-            if batched and loop else None,
+            if batched and loop
+            else None,
             "best_over_goal": round(batched["frames_per_s"] / self.args.goal_fps, 3) if batched else None,
             "janusvln_best": clips,
             "janusvln_best_any": fastest([r for r in ok if r["variant"].startswith("janusvln")]),
             "chunked_over_mask": round(clips["chunked"]["frames_per_s"] / clips["mask"]["frames_per_s"], 3)
-            if clips["chunked"] and clips["mask"] else None,
+            if clips["chunked"] and clips["mask"]
+            else None,
             "goal_mfu": GOAL_MFU,
         }
 
@@ -360,12 +423,25 @@ def report(result: dict) -> None:
             continue
         mfu = f"{r['mfu'] * 100:.1f}%" if r.get("mfu") is not None else "-"
         mem = f"{r['peak_memory_gib']:.1f}" if "peak_memory_gib" in r else "-"
-        rows.append((_name(r), r["size"], r["batch"], str(r["layers"]), f"{r['ms_per_forward']:.1f}",
-                     f"{r['frames_per_s']:.1f}", f"{r['tflops']:.1f}", mfu, mem))
+        rows.append(
+            (
+                _name(r),
+                r["size"],
+                r["batch"],
+                str(r["layers"]),
+                f"{r['ms_per_forward']:.1f}",
+                f"{r['frames_per_s']:.1f}",
+                f"{r['tflops']:.1f}",
+                mfu,
+                mem,
+            )
+        )
     print()
-    print(f"{result['device']}, torch {result['torch']} (CUDA {result['cuda']}), {result['compute']}; "
-          f"model: {result['model']['weights']}, {result['model']['parameters'] / 1e6:.0f}M parameters; "
-          f"peak assumed {result['peak_tflops']} TFLOP/s")
+    print(
+        f"{result['device']}, torch {result['torch']} (CUDA {result['cuda']}), {result['compute']}; "
+        f"model: {result['model']['weights']}, {result['model']['parameters'] / 1e6:.0f}M parameters; "
+        f"peak assumed {result['peak_tflops']} TFLOP/s"
+    )
     print_table(("variant", "size", "batch", "layers", "ms/forward", "frames/s", "TFLOP/s", "MFU", "GiB"), rows)
     s = result["summary"]
     goal = result["goal_frames_per_s"]
@@ -377,16 +453,20 @@ def report(result: dict) -> None:
     if s["best_batched"]:
         b = s["best_batched"]
         verdict = "met" if b["frames_per_s"] >= goal else "NOT met"
-        print(f"best batched (the engine's setting): {b['frames_per_s']:.1f} frames/s at batch {b['batch']} "
-              f"({b['size']}px, layers [-2]); goal >= {goal:g} frames/s in frame mode: {verdict}")
+        print(
+            f"best batched (the engine's setting): {b['frames_per_s']:.1f} frames/s at batch {b['batch']} "
+            f"({b['size']}px, layers [-2]); goal >= {goal:g} frames/s in frame mode: {verdict}"
+        )
         print(f"best/goal = {s['best_over_goal']:.2f}")
     if s["batched_over_one_by_one"] is not None:
         print(f"batched/one-by-one = {s['batched_over_one_by_one']:.2f}")
     for name, row in (("frame mode", s["best_batched"]), ("janusvln clips", s["janusvln_best_any"])):
         if row and row.get("mfu") is not None:
             goal = s["goal_mfu"]["frame" if name == "frame mode" else "janusvln"]
-            print(f"MFU {name}: {row['mfu'] * 100:.1f}% ({_name(row)}, batch {row['batch']}, {row['size']}px); "
-                  f"goal >= {goal * 100:.0f}% on an H100/H200: {'met' if row['mfu'] >= goal else 'NOT met'}")
+            print(
+                f"MFU {name}: {row['mfu'] * 100:.1f}% ({_name(row)}, batch {row['batch']}, {row['size']}px); "
+                f"goal >= {goal * 100:.0f}% on an H100/H200: {'met' if row['mfu'] >= goal else 'NOT met'}"
+            )
     if s["chunked_over_mask"] is not None:
         print(f"janusvln chunked/mask = {s['chunked_over_mask']:.2f}")
 
@@ -419,26 +499,41 @@ def load(args: argparse.Namespace) -> tuple[LoadedModel, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=DEFAULT_SOURCE, help="HF repo id, folder or weights file")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="build VGGT-1B with random weights directly on the device (no checkpoint needed)")
+    parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build VGGT-1B with random weights directly on the device (no checkpoint needed)",
+    )
     parser.add_argument("--tiny", action="store_true", help="a tiny random model and small sizes (smoke test)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--sizes", type=_ints, help="square input sizes (default 518,504; tiny: 56,42)")
     parser.add_argument("--batches", type=_ints, default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--clip-batches", type=_ints, default=[1, 2, 4, 8],
-                        help=f"clips of {CLIP_FRAMES} frames per forward in the JanusVLN rows")
-    parser.add_argument("--clip-size", type=int,
-                        help=f"JanusVLN rows' input size (default the {CLIP_PRESET} preset's "
-                             f"{PRESETS[CLIP_PRESET]['size']}; tiny: 56)")
+    parser.add_argument(
+        "--clip-batches",
+        type=_ints,
+        default=[1, 2, 4, 8],
+        help=f"clips of {CLIP_FRAMES} frames per forward in the JanusVLN rows",
+    )
+    parser.add_argument(
+        "--clip-size",
+        type=int,
+        help=f"JanusVLN rows' input size (default the {CLIP_PRESET} preset's {PRESETS[CLIP_PRESET]['size']}; tiny: 56)",
+    )
     parser.add_argument("--iters", type=int, default=10, help="timed steps per row (more if needed for --min-frames)")
     parser.add_argument("--min-frames", type=int, default=32, help="frames timed per row at least")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--loop-images", type=int, default=16, help="images per step of the one-by-one loop")
-    parser.add_argument("--peak-tflops", type=float,
-                        help=f"device peak for MFU (default {H100_BF16_TFLOPS:g} on cuda: H100 SXM dense bf16)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help=f"device peak for MFU (default {H100_BF16_TFLOPS:g} on cuda: H100 SXM dense bf16)",
+    )
     parser.add_argument("--goal-fps", type=float, default=100.0)
-    parser.add_argument("--compile", action="store_true",
-                        help="also time the engine's --compile (every block compiled) at the best batches")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time the engine's --compile (every block compiled) at the best batches",
+    )
     parser.add_argument("--budget-s", type=float, default=480.0, help="skip rows that would start after this")
     parser.add_argument("--out", help="JSON results, rewritten after every row")
     args = parser.parse_args(argv)
@@ -451,8 +546,11 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.monotonic()
     loaded, weights = load(args)
-    print(f"model ready in {time.monotonic() - start:.1f}s: {weights}, {loaded.num_params / 1e6:.0f}M parameters "
-          f"on {device_name(args.device)}", flush=True)
+    print(
+        f"model ready in {time.monotonic() - start:.1f}s: {weights}, {loaded.num_params / 1e6:.0f}M parameters "
+        f"on {device_name(args.device)}",
+        flush=True,
+    )
     sweep = Sweep(args, loaded, weights)
     sweep.run()
     report(sweep.result)

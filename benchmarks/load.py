@@ -91,13 +91,34 @@ class Service:
 
 def start_service(args: argparse.Namespace, root: str, log_path: str) -> Service:
     port = free_port()
-    cmd = [sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", args.model, "--device", args.device,
-           "--host", "127.0.0.1", "--port", str(port), "--allowed-root", root,
-           "--state-dir", os.path.join(root, ".state"), "--size", str(args.size),
-           "--max-batch-frames", str(args.batch), "--max-pending", str(args.max_pending)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vggt_cache.service.cli",
+        "serve",
+        "--model",
+        args.model,
+        "--device",
+        args.device,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--allowed-root",
+        root,
+        "--state-dir",
+        os.path.join(root, ".state"),
+        "--size",
+        str(args.size),
+        "--max-batch-frames",
+        str(args.batch),
+        "--max-pending",
+        str(args.max_pending),
+    ]
     with open(log_path, "w") as log:  # the child keeps its own descriptor
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
     service = Service(f"http://127.0.0.1:{port}", proc.pid, proc)
     if wait_until_ready(service.url, 300, is_alive=lambda: proc.poll() is None):
         return service
@@ -107,9 +128,14 @@ def start_service(args: argparse.Namespace, root: str, log_path: str) -> Service
 
 def requests_with_status(http: httpx.Client, route: str, status: str) -> int:
     text = http.get("/metrics").text
-    pattern = re.compile(r'^vggt_cache_http_requests_total\{(.*)\} ([0-9.e+]+)$', re.M)
-    return int(sum(float(v) for labels, v in pattern.findall(text)
-                   if f'route="{route}"' in labels and f'status="{status}"' in labels))
+    pattern = re.compile(r"^vggt_cache_http_requests_total\{(.*)\} ([0-9.e+]+)$", re.M)
+    return int(
+        sum(
+            float(v)
+            for labels, v in pattern.findall(text)
+            if f'route="{route}"' in labels and f'status="{status}"' in labels
+        )
+    )
 
 
 # -- the clients ------------------------------------------------------------------------------------
@@ -140,8 +166,16 @@ class Tally:
 class Client:
     """One training-like client: a loop of weighted operations until `deadline`."""
 
-    def __init__(self, index: int, transport: Transport, args: argparse.Namespace, hits: list[str],
-                 miss_root: str, job_id: str, tally: Tally) -> None:
+    def __init__(
+        self,
+        index: int,
+        transport: Transport,
+        args: argparse.Namespace,
+        hits: list[str],
+        miss_root: str,
+        job_id: str,
+        tally: Tally,
+    ) -> None:
         self.index = index
         self.transport = transport
         self.args = args
@@ -228,13 +262,16 @@ def run(args: argparse.Namespace, root: str) -> dict:
     images_in(os.path.join(root, "bulk"), args.bulk, args, seed=2)
     miss_root = os.path.join(root, "misses")
     os.makedirs(miss_root)
-    service = (Service(args.server.rstrip("/"), None) if args.server
-               else start_service(args, root, os.path.join(root, "service.log")))
+    service = (
+        Service(args.server.rstrip("/"), None)
+        if args.server
+        else start_service(args, root, os.path.join(root, "service.log"))
+    )
     try:
         with httpx.Client(base_url=service.url, timeout=300) as http:
             status = http.get("/status").raise_for_status().json()
             for start in range(0, len(hits), 64):  # the hit set's entries
-                http.post("/features", json={"images": hits[start:start + 64]}).raise_for_status()
+                http.post("/features", json={"images": hits[start : start + 64]}).raise_for_status()
             job = http.post("/precompute", json={"data_root": os.path.join(root, "bulk")}).raise_for_status().json()
             job_id = job["job_id"]
 
@@ -268,7 +305,9 @@ def run(args: argparse.Namespace, root: str) -> dict:
     for kind in KINDS:
         lat = tally.latencies.get(kind, [])
         kinds[kind] = {
-            "requests": len(lat), "errors": tally.errors[kind], "images": tally.images[kind],
+            "requests": len(lat),
+            "errors": tally.errors[kind],
+            "images": tally.images[kind],
             "p50_ms": round(1000 * statistics.median(lat), 1) if lat else None,
             "p99_ms": round(1000 * percentile(lat, 99), 1) if lat else None,
             "max_ms": round(1000 * max(lat), 1) if lat else None,
@@ -278,46 +317,65 @@ def run(args: argparse.Namespace, root: str) -> dict:
     return {
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "service": {"url": service.url, "started_here": args.server is None, "model": status["model"]},
-        "settings": {"clients": args.clients, "duration_s": args.duration, "warmup_s": args.warmup,
-                     "per_request": args.per_request,
-                     "mix": args.mix, "hits": args.hits, "bulk": args.bulk, "image": [args.width, args.height],
-                     "retries": args.retries},
+        "settings": {
+            "clients": args.clients,
+            "duration_s": args.duration,
+            "warmup_s": args.warmup,
+            "per_request": args.per_request,
+            "mix": args.mix,
+            "hits": args.hits,
+            "bulk": args.bulk,
+            "image": [args.width, args.height],
+            "retries": args.retries,
+        },
         "elapsed_s": round(elapsed, 2),
         "kinds": kinds,
-        "throughput": {"requests_per_s": round(requests / elapsed, 1),
-                       "on_demand_images_per_s":
-                           round((kinds["hit"]["images"] + kinds["miss"]["images"]) / elapsed, 1)},
+        "throughput": {
+            "requests_per_s": round(requests / elapsed, 1),
+            "on_demand_images_per_s": round((kinds["hit"]["images"] + kinds["miss"]["images"]) / elapsed, 1),
+        },
         "errors": sum(tally.errors.values()) + sum(warmup.errors.values()),
         "error_examples": warmup.examples + tally.examples,
         "answered_429": count_429,
         "bulk_job": {k: job_view[k] for k in ("state", "total", "computed", "skipped", "failed")},
-        "rss_mib": {"after_warmup": rss_before and round(rss_before / mib, 1),
-                    "half_time": round(samples[len(samples) // 2] / mib, 1) if samples else None,
-                    "peak": round(max(samples) / mib, 1) if samples else None,
-                    "end": rss_after and round(rss_after / mib, 1),
-                    "every_second": [round(x / mib, 1) for x in samples]},
+        "rss_mib": {
+            "after_warmup": rss_before and round(rss_before / mib, 1),
+            "half_time": round(samples[len(samples) // 2] / mib, 1) if samples else None,
+            "peak": round(max(samples) / mib, 1) if samples else None,
+            "end": rss_after and round(rss_after / mib, 1),
+            "every_second": [round(x / mib, 1) for x in samples],
+        },
     }
 
 
 def report(result: dict) -> None:
     s, m = result["settings"], result["service"]["model"]
-    print(f"service  {result['service']['url']}  model {m['source']} ({m['parameters']:,} parameters) "
-          f"on {', '.join(m['devices'])}; machine {result['machine']['cpus']} CPUs")
-    print(f"load     {s['clients']} clients x {result['elapsed_s']} s after {s['warmup_s']} s of warm-up, "
-          f"{s['per_request']} images per /features, "
-          f"mix {s['mix']}, bulk job over {s['bulk']} images")
-    rows = [(kind, k["requests"], k["errors"], k["p50_ms"], k["p99_ms"], k["max_ms"])
-            for kind, k in result["kinds"].items()]
+    print(
+        f"service  {result['service']['url']}  model {m['source']} ({m['parameters']:,} parameters) "
+        f"on {', '.join(m['devices'])}; machine {result['machine']['cpus']} CPUs"
+    )
+    print(
+        f"load     {s['clients']} clients x {result['elapsed_s']} s after {s['warmup_s']} s of warm-up, "
+        f"{s['per_request']} images per /features, "
+        f"mix {s['mix']}, bulk job over {s['bulk']} images"
+    )
+    rows = [
+        (kind, k["requests"], k["errors"], k["p50_ms"], k["p99_ms"], k["max_ms"]) for kind, k in result["kinds"].items()
+    ]
     print_table(("kind", "requests", "errors", "p50 ms", "p99 ms", "max ms"), rows)
     t, b, r = result["throughput"], result["bulk_job"], result["rss_mib"]
     print(f"throughput  {t['requests_per_s']} requests/s, {t['on_demand_images_per_s']} on-demand images/s")
     print(f"errors      {result['errors']} seen by clients; {result['answered_429']} answers were 429 (retried)")
     for example in result["error_examples"]:
         print(f"  {example}")
-    print(f"bulk job    {b['state']}: {b['computed'] + b['skipped'] + b['failed']}/{b['total']} done by the end"
-          + ("  (it ended early: raise --bulk to keep it running throughout)" if b["state"] == "finished" else ""))
-    print(f"service RSS {r['after_warmup']} MiB after the warm-up, {r['half_time']} MiB at half time, "
-          f"{r['peak']} MiB peak, {r['end']} MiB at the end")
+    print(
+        f"bulk job    {b['state']}: {b['computed'] + b['skipped'] + b['failed']}/{b['total']} done by the end"
+        + ("  (it ended early: raise --bulk to keep it running throughout)" if b["state"] == "finished" else "")
+    )
+    print(
+        f"service RSS {r['after_warmup']} MiB after the warm-up, {r['half_time']} MiB at half time, "
+        f"{r['peak']} MiB peak, {r['end']} MiB at the end"
+    )
 
 
 def parse_mix(text: str) -> dict[str, float]:
@@ -347,8 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="started service: device")
     parser.add_argument("--size", type=int, default=56, help="started service: preprocess size")
     parser.add_argument("--batch", type=int, default=32, help="started service: frames per batch")
-    parser.add_argument("--max-pending", type=int, default=4096,
-                        help="started service: on-demand units waiting before it answers 429 (small: exercise 429s)")
+    parser.add_argument(
+        "--max-pending",
+        type=int,
+        default=4096,
+        help="started service: on-demand units waiting before it answers 429 (small: exercise 429s)",
+    )
     parser.add_argument("--dir", help="where to make the temporary data root (removed at the end)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)

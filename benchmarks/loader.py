@@ -55,8 +55,7 @@ from vggt_cache.client.cache import FeatureCache
 from vggt_cache.client.cachefile import cache_path, read_entry, source_record, write_entry
 from vggt_cache.client.spec import STORAGES, FeatureSpec
 
-VGGT_1B = {"img_size": 518, "patch_size": 14, "embed_dim": 1024, "depth": 24,
-           "num_heads": 16, "num_register_tokens": 4}
+VGGT_1B = {"img_size": 518, "patch_size": 14, "embed_dim": 1024, "depth": 24, "num_heads": 16, "num_register_tokens": 4}
 GRIDS = ([28, 37], [37, 37])  # 518x392 crop, 518x518
 CHANNELS = 2 * VGGT_1B["embed_dim"]
 CHUNK = 10
@@ -96,10 +95,13 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200, help="number of cache files")
     parser.add_argument("--dir", help="folder for the files (default: a temporary one, removed)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (DataLoader workers run with 1)")
-    parser.add_argument("--allocator", choices=["both", "default", "keep"], default="both",
-                        help="glibc's default policy, freed memory kept (see above), or one after the other")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (DataLoader workers run with 1)")
+    parser.add_argument(
+        "--allocator",
+        choices=["both", "default", "keep"],
+        default="both",
+        help="glibc's default policy, freed memory kept (see above), or one after the other",
+    )
     args = parser.parse_args()
     if args.rounds * -(-args.n // CHUNK) < 2:
         parser.error(f"need two chunks of files at least: --n above {CHUNK} or --rounds 2")
@@ -107,8 +109,10 @@ def main() -> None:
 
     folder = Path(args.dir or tempfile.mkdtemp(prefix="vggt-loader-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
-    specs = {storage: FeatureSpec(fingerprint="sha256:" + "5a" * 32, architecture=VGGT_1B, storage=storage)
-             for storage in STORAGES}
+    specs = {
+        storage: FeatureSpec(fingerprint="sha256:" + "5a" * 32, architecture=VGGT_1B, storage=storage)
+        for storage in STORAGES
+    }
     try:
         t0 = time.perf_counter()
         entries = make_files(folder, args.n, specs)
@@ -170,6 +174,7 @@ def run(entries: list[tuple[str, int]], specs: dict[str, FeatureSpec], rounds: i
             if not result.hit:
                 raise RuntimeError(f"{image}: {result.outcome.value}: {result.reason}")
             touch(result.features)
+
         return read
 
     def raw(image: str, path: str, numel: int) -> None:
@@ -181,8 +186,14 @@ def run(entries: list[tuple[str, int]], specs: dict[str, FeatureSpec], rounds: i
         touch(torch.load(path, map_location="cpu")["features"])  # the seed's call: weights_only by default
 
     methods: dict[str, Callable[[str, str, int], None]] = {
-        "ours": ours, "ours (mmap=True)": ours_mmap, "read_entry": ours_read_entry, "read_entry (check_crc)": ours_crc,
-        "raw": raw, "seed": seed, "packed (read_entry)": stored("packed"), "fp8 (read_entry)": stored("fp8"),
+        "ours": ours,
+        "ours (mmap=True)": ours_mmap,
+        "read_entry": ours_read_entry,
+        "read_entry (check_crc)": ours_crc,
+        "raw": raw,
+        "seed": seed,
+        "packed (read_entry)": stored("packed"),
+        "fp8 (read_entry)": stored("fp8"),
     }
     for fn in methods.values():  # warm the page cache and every code path
         for (image, numel), path in zip(entries, paths, strict=True):
@@ -209,8 +220,10 @@ def run(entries: list[tuple[str, int]], specs: dict[str, FeatureSpec], rounds: i
 
     n = len(entries)
     mb = file_bytes / n / 1e6
-    print(f"{n} files, {mb:.2f} MB each on average, {rounds} rounds, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    print(
+        f"{n} files, {mb:.2f} MB each on average, {rounds} rounds, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    )
     print(f"{'method':<24}{'files/s':>9}{'MB/s':>8}  (MB/s of the raw entries' bytes, as features delivered)")
     for name, times in seconds.items():
         rate = n * rounds / sum(times)
@@ -228,10 +241,13 @@ def run(entries: list[tuple[str, int]], specs: dict[str, FeatureSpec], rounds: i
     print(f"check_crc: {cost}) the time of a read without it; FeatureCache would check it only under 1.15")
     for storage in ("packed", "fp8"):
         on_disk = sum(os.path.getsize(cache_path(stored_as(image, storage))) for image, _ in entries) / n
-        print(f"{storage}: {on_disk / 1e6:.2f} MB an entry ({mb / (on_disk / 1e6):.2f}x smaller than raw); hits at "
-              f"{ratios('read_entry', f'{storage} (read_entry)')}) of raw's read_entry rate, "
-              f"{ratios('raw', f'{storage} (read_entry)')}) of the raw-read limit; "
-              f"{statistics.median(seconds[f'{storage} (read_entry)']) / CHUNK * 1e3:.1f} ms a sample")
+        print(
+            f"{storage}: {on_disk / 1e6:.2f} MB an entry ({mb / (on_disk / 1e6):.2f}x smaller than raw); hits at "
+            f"{ratios('read_entry', f'{storage} (read_entry)')}) of raw's read_entry rate, "
+            f"{ratios('raw', f'{storage} (read_entry)')}) of the raw-read limit; "
+            f"{statistics.median(seconds[f'{storage} (read_entry)']) / CHUNK * 1e3:.1f} ms a sample"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -63,8 +63,13 @@ def build_root(folder: str, n: int, layout: str) -> None:
         if layout == "json":
             from vggt_cache.service.samples import history_indices
 
-            samples += [{"images": [f"{sub}/{names[i]}" for i in history_indices(j, HISTORY)],
-                         "conversations": [{"from": "human", "value": "<image>"}]} for j in range(steps)]
+            samples += [
+                {
+                    "images": [f"{sub}/{names[i]}" for i in history_indices(j, HISTORY)],
+                    "conversations": [{"from": "human", "value": "<image>"}],
+                }
+                for j in range(steps)
+            ]
     if layout == "json":
         with open(os.path.join(folder, "train.json"), "w") as f:
             json.dump(samples, f)
@@ -154,11 +159,20 @@ def measure(n: int, layout: str, scratch: str, strace: bool, base: dict) -> dict
             runs[task]["calls"] = _run_child(task, root, scratch, True)["calls"]
     shutil.rmtree(root)
     walk, plan = runs["walk"], runs["plan"]
-    row = {"n": n, "layout": layout, "build_s": built, "samples": plan["samples"], "entries": plan["entries"],
-           "ours_s": plan["seconds"], "ours_cpu_us": 1e6 * plan["cpu_seconds"] / n,
-           "floor_s": walk["seconds"], "floor_cpu_us": 1e6 * walk["cpu_seconds"] / n,
-           "first_entry_s": plan["first_entry_s"], "state_bytes_per_unit": plan["state_bytes"] / plan["units"],
-           "rss_bytes_per_sample": max(0, plan["rss_bytes"] - base["rss_bytes"]) / n}
+    row = {
+        "n": n,
+        "layout": layout,
+        "build_s": built,
+        "samples": plan["samples"],
+        "entries": plan["entries"],
+        "ours_s": plan["seconds"],
+        "ours_cpu_us": 1e6 * plan["cpu_seconds"] / n,
+        "floor_s": walk["seconds"],
+        "floor_cpu_us": 1e6 * walk["cpu_seconds"] / n,
+        "first_entry_s": plan["first_entry_s"],
+        "state_bytes_per_unit": plan["state_bytes"] / plan["units"],
+        "rss_bytes_per_sample": max(0, plan["rss_bytes"] - base["rss_bytes"]) / n,
+    }
     if strace:
         row["ours_calls"] = (plan["calls"] - base["calls"]) / n
         row["floor_calls"] = (walk["calls"] - base["calls"]) / n
@@ -191,13 +205,35 @@ def main(argv: list[str] | None = None) -> int:
     from common import print_table
 
     calls = ("calls/sample ours", "floor") if strace else ()
-    print_table(("root", "samples", "ours s", "floor s", "CPU us/sample ours", "floor", *calls,
-                 "first entry s", "state B/unit", "RSS B/sample"),
-                [(f"{r['layout']} {r['n']}", r["samples"], f"{r['ours_s']:.3f}", f"{r['floor_s']:.3f}",
-                  f"{r['ours_cpu_us']:.0f}", f"{r['floor_cpu_us']:.0f}",
-                  *((f"{r['ours_calls']:.2f}", f"{r['floor_calls']:.2f}") if strace else ()),
-                  f"{r['first_entry_s']:.2f}", f"{r['state_bytes_per_unit']:.0f}",
-                  f"{r['rss_bytes_per_sample']:.0f}") for r in rows])
+    print_table(
+        (
+            "root",
+            "samples",
+            "ours s",
+            "floor s",
+            "CPU us/sample ours",
+            "floor",
+            *calls,
+            "first entry s",
+            "state B/unit",
+            "RSS B/sample",
+        ),
+        [
+            (
+                f"{r['layout']} {r['n']}",
+                r["samples"],
+                f"{r['ours_s']:.3f}",
+                f"{r['floor_s']:.3f}",
+                f"{r['ours_cpu_us']:.0f}",
+                f"{r['floor_cpu_us']:.0f}",
+                *((f"{r['ours_calls']:.2f}", f"{r['floor_calls']:.2f}") if strace else ()),
+                f"{r['first_entry_s']:.2f}",
+                f"{r['state_bytes_per_unit']:.0f}",
+                f"{r['rss_bytes_per_sample']:.0f}",
+            )
+            for r in rows
+        ],
+    )
     print("" if strace else "(file-system calls not counted: --no-strace, or no strace here)")
     for r in rows:
         print(f"{r['layout']} {r['n']} ours/floor wall = {r['ours_s'] / r['floor_s']:.2f}")

@@ -72,8 +72,15 @@ def seed_way(loaded: LoadedModel, spec: FeatureSpec, units: list[Unit], device: 
         torch.save({"features": features[0, 0].cpu().clone()}, cache_path(unit.targets[-1]))
 
 
-def ours_way(loaded: LoadedModel, spec: FeatureSpec, data_root: str, device: torch.device, batch: int,
-             decode_workers: int, state_dir: str) -> tuple[float, dict]:
+def ours_way(
+    loaded: LoadedModel,
+    spec: FeatureSpec,
+    data_root: str,
+    device: torch.device,
+    batch: int,
+    decode_workers: int,
+    state_dir: str,
+) -> tuple[float, dict]:
     """Seconds of one bulk job over `data_root` (the engine is up before, as in a running service), engine stats."""
     engine = Engine(loaded, spec, devices=[str(device)], max_batch_frames=batch, decode_workers=decode_workers)
     store = JobStore(state_dir)
@@ -92,8 +99,9 @@ def ours_way(loaded: LoadedModel, spec: FeatureSpec, data_root: str, device: tor
     return seconds, stats
 
 
-def forward_way(loaded: LoadedModel, spec: FeatureSpec, batches: list[torch.Tensor],
-                keys: list[list[list[str]]] | None = None) -> float:
+def forward_way(
+    loaded: LoadedModel, spec: FeatureSpec, batches: list[torch.Tensor], keys: list[list[list[str]]] | None = None
+) -> float:
     """Seconds of the forwards alone over `batches` ([B, S, 3, H, W] each, already on the device).
 
     With `keys` (per batch, per clip, per frame), each distinct frame's patch tokens are computed once.
@@ -133,24 +141,36 @@ def run(args: argparse.Namespace, folder: str) -> dict:
     data_root = os.path.join(folder, "data")
     images_dir = os.path.join(data_root, "ep_0001") if args.preset else data_root
     os.makedirs(images_dir)
-    make_images(images_dir, args.n, args.width, args.height,
-                name="step_{i}_MOVE_FORWARD.jpg" if args.preset else "frame_{i:05d}.jpg")
-    config = {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads,
-              "patch_embed": {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads}}
+    make_images(
+        images_dir,
+        args.n,
+        args.width,
+        args.height,
+        name="step_{i}_MOVE_FORWARD.jpg" if args.preset else "frame_{i:05d}.jpg",
+    )
+    config = {
+        "embed_dim": args.embed_dim,
+        "depth": args.depth,
+        "num_heads": args.num_heads,
+        "patch_embed": {"embed_dim": args.embed_dim, "depth": args.depth, "num_heads": args.num_heads},
+    }
     loaded = get_model(args.model, config, str(device))
-    spec = model_spec(loaded, **{**(preset_options(args.preset) if args.preset else {}), "size": args.size,
-                                 "storage": args.storage})
+    spec = model_spec(
+        loaded, **{**(preset_options(args.preset) if args.preset else {}), "size": args.size, "storage": args.storage}
+    )
     units = scan_data_root(data_root, spec.attention).units
     targets = [u.targets[-1] for u in units]
     frames = sum(len(u.frames) for u in units)
 
     # Pre-decoded, pre-batched input of the forward-only ways; also the shapes the others work on.
-    decoded = {p: preprocess(p, mode=spec.preprocess, size=spec.size, align=spec.align) for p in set(
-        f for u in units for f in u.frames)}
+    decoded = {
+        p: preprocess(p, mode=spec.preprocess, size=spec.size, align=spec.align)
+        for p in set(f for u in units for f in u.frames)
+    }
     clips = torch.stack([torch.stack([decoded[f] for f in u.frames]) for u in units])  # [N, S, 3, H, W]
     per_batch = max(1, args.batch_size // clips.shape[1])  # clips per forward, as the engine packs them
-    batches = [clips[i:i + per_batch].to(device) for i in range(0, len(units), per_batch)]
-    keys = [[list(u.frames) for u in units[i:i + per_batch]] for i in range(0, len(units), per_batch)]
+    batches = [clips[i : i + per_batch].to(device) for i in range(0, len(units), per_batch)]
+    keys = [[list(u.frames) for u in units[i : i + per_batch]] for i in range(0, len(units), per_batch)]
     # Warm-up (allocator, kernels, lazy initialisation, first torch.save) at both batch sizes used below.
     forward_way(loaded, spec, [batches[0][:1], batches[0]])
     forward_way(loaded, spec, batches[:1], keys[:1])
@@ -168,8 +188,9 @@ def run(args: argparse.Namespace, folder: str) -> dict:
         entry_shapes["seed"] = list(features.shape)
         clear_outputs(data_root)
 
-        took, stats = ours_way(loaded, spec, data_root, device, args.batch_size, args.decode_workers,
-                               os.path.join(folder, f"state{r}"))
+        took, stats = ours_way(
+            loaded, spec, data_root, device, args.batch_size, args.decode_workers, os.path.join(folder, f"state{r}")
+        )
         seconds["ours"].append(took)
         features, entry_bytes["ours"] = written_entry(targets)
         entry_shapes["ours"] = list(features.shape)
@@ -183,89 +204,136 @@ def run(args: argparse.Namespace, folder: str) -> dict:
     rate = {m: len(units) / min(seconds[m]) for m in METHODS}
     cfg = loaded.config
     return {
-        "model": {"source": loaded.source, "parameters": loaded.num_params, "embed_dim": cfg.embed_dim,
-                  "depth": cfg.depth, "patch_embed_depth": cfg.patch_embed.depth},
+        "model": {
+            "source": loaded.source,
+            "parameters": loaded.num_params,
+            "embed_dim": cfg.embed_dim,
+            "depth": cfg.depth,
+            "patch_embed_depth": cfg.patch_embed.depth,
+        },
         "device": device_name(device),
         "torch": torch.__version__,
-        "images": {"n": args.n, "width": args.width, "height": args.height,
-                   "model_input": list(clips.shape[2:])},
+        "images": {"n": args.n, "width": args.width, "height": args.height, "model_input": list(clips.shape[2:])},
         "samples": len(units),
         "frames_per_sample": clips.shape[1],
         # Frames every sample needs decoded vs what the bulk job decoded (the rest it reused).
         "decodes": {"seed": frames, "ours": stats["frames_decoded"], "ours_reused": stats["frames_reused"]},
         # The same for DINOv2: frames embedded, and frames that took the tokens of one embedded before.
-        "patch_embeds": {"seed": frames, "ours": stats["patch_cache"]["embedded"],
-                         "ours_reused": stats["patch_cache"]["reused"]},
+        "patch_embeds": {
+            "seed": frames,
+            "ours": stats["patch_cache"]["embedded"],
+            "ours_reused": stats["patch_cache"]["reused"],
+        },
         "batch_size": args.batch_size,
         "decode_workers": args.decode_workers,
-        "spec": {"layers": list(spec.layers), "dtype": spec.dtype, "size": spec.size, "attention": spec.attention,
-                 "preprocess": spec.preprocess, "reference_frame": spec.reference_frame, "preset": args.preset,
-                 "storage": spec.storage},
+        "spec": {
+            "layers": list(spec.layers),
+            "dtype": spec.dtype,
+            "size": spec.size,
+            "attention": spec.attention,
+            "preprocess": spec.preprocess,
+            "reference_frame": spec.reference_frame,
+            "preset": args.preset,
+            "storage": spec.storage,
+        },
         "entry_shape": entry_shapes["ours"],
         "entry_bytes": {m: round(v) for m, v in entry_bytes.items()},  # the seed's torch.save is always raw
         "rounds": args.rounds,
         "seconds": seconds,
         "images_per_s": {m: round(v, 3) for m, v in rate.items()},  # entries (one per sample) per second
         "frames_per_s": {m: round(v * clips.shape[1], 3) for m, v in rate.items()},
-        "ratios": {"ours/seed": round(rate["ours"] / rate["seed"], 3),
-                   "ours/clips": round(rate["ours"] / rate["clips"], 3),
-                   "ours/limit": round(rate["ours"] / rate["limit"], 3)},
+        "ratios": {
+            "ours/seed": round(rate["ours"] / rate["seed"], 3),
+            "ours/clips": round(rate["ours"] / rate["clips"], 3),
+            "ours/limit": round(rate["ours"] / rate["limit"], 3),
+        },
     }
 
 
 def report(result: dict) -> None:
     m, im = result["model"], result["images"]
-    print(f"model   {m['source']}: {m['parameters'] / 1e6:.1f}M parameters "
-          f"(embed {m['embed_dim']}, depth {m['depth']}, DINOv2 depth {m['patch_embed_depth']})")
+    print(
+        f"model   {m['source']}: {m['parameters'] / 1e6:.1f}M parameters "
+        f"(embed {m['embed_dim']}, depth {m['depth']}, DINOv2 depth {m['patch_embed_depth']})"
+    )
     print(f"device  {result['device']}, torch {result['torch']}")
     sp = result["spec"]
-    print(f"work    {im['n']} JPEGs {im['width']}x{im['height']} -> {im['model_input']}, {result['samples']} samples "
-          f"of {result['frames_per_sample']} frame(s) ({sp['attention']} attention, {sp['preprocess']}, reference "
-          f"frame {sp['reference_frame']}{', preset ' + sp['preset'] if sp['preset'] else ''}), "
-          f"layer {sp['layers']} patch tokens {result['entry_shape']} {sp['dtype']}, "
-          f"batch {result['batch_size']} frames, best of {result['rounds']} round(s)")
+    print(
+        f"work    {im['n']} JPEGs {im['width']}x{im['height']} -> {im['model_input']}, {result['samples']} samples "
+        f"of {result['frames_per_sample']} frame(s) ({sp['attention']} attention, {sp['preprocess']}, reference "
+        f"frame {sp['reference_frame']}{', preset ' + sp['preset'] if sp['preset'] else ''}), "
+        f"layer {sp['layers']} patch tokens {result['entry_shape']} {sp['dtype']}, "
+        f"batch {result['batch_size']} frames, best of {result['rounds']} round(s)"
+    )
     decodes = result["decodes"]
     embeds = result["patch_embeds"]
-    print(f"decode  one by one: {decodes['seed']} frames decoded; bulk job: {decodes['ours']} decoded, "
-          f"{decodes['ours_reused']} reused from overlapping samples (last round)")
-    print(f"embed   one by one: {embeds['seed']} frames through DINOv2; bulk job: {embeds['ours']}, "
-          f"{embeds['ours_reused']} reused (last round)")
-    rows = [(name, f"{min(result['seconds'][key]):.2f}", f"{result['images_per_s'][key]:.2f}",
-             f"{result['frames_per_s'][key]:.1f}")
-            for key, name in (("seed", "seed (one by one)"), ("ours", "ours (bulk job)"),
-                              ("clips", "clips (forward, every clip's frames)"),
-                              ("limit", "limit (forward, frames once)"))]
+    print(
+        f"decode  one by one: {decodes['seed']} frames decoded; bulk job: {decodes['ours']} decoded, "
+        f"{decodes['ours_reused']} reused from overlapping samples (last round)"
+    )
+    print(
+        f"embed   one by one: {embeds['seed']} frames through DINOv2; bulk job: {embeds['ours']}, "
+        f"{embeds['ours_reused']} reused (last round)"
+    )
+    rows = [
+        (
+            name,
+            f"{min(result['seconds'][key]):.2f}",
+            f"{result['images_per_s'][key]:.2f}",
+            f"{result['frames_per_s'][key]:.1f}",
+        )
+        for key, name in (
+            ("seed", "seed (one by one)"),
+            ("ours", "ours (bulk job)"),
+            ("clips", "clips (forward, every clip's frames)"),
+            ("limit", "limit (forward, frames once)"),
+        )
+    ]
     print_table(("method", "seconds", "entries/s", "frames/s"), rows)
     for name, value in result["ratios"].items():
         print(f"{name} = {value:.2f}")
     sizes = result["entry_bytes"]
-    print(f"disk    {sizes['ours'] / 1e6:.3f} MB an entry stored {sp['storage']} "
-          f"({sizes['seed'] / sizes['ours']:.2f}x smaller than the seed's raw torch.save)")
+    print(
+        f"disk    {sizes['ours'] / 1e6:.3f} MB an entry stored {sp['storage']} "
+        f"({sizes['seed'] / sizes['ours']:.2f}x smaller than the seed's raw torch.save)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, help="number of images: steps of one episode with --preset "
-                                                "(default 128; 24 with --preset)")
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="JanusVLN-family work: 9-frame causal samples of an episode folder at the preset's size")
+    parser.add_argument(
+        "--n", type=int, help="number of images: steps of one episode with --preset (default 128; 24 with --preset)"
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="JanusVLN-family work: 9-frame causal samples of an episode folder at the preset's size",
+    )
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--model", help="a model folder, weights file or HF repo id (default: random mid-size)")
     parser.add_argument("--embed-dim", type=int, help="random model: width (default 1024 on cuda, 256 on cpu)")
-    parser.add_argument("--depth", type=int,
-                        help="random model: aggregator and DINOv2 depth "
-                             "(default 24 on cuda; on cpu 4, 2 with --preset)")
+    parser.add_argument(
+        "--depth",
+        type=int,
+        help="random model: aggregator and DINOv2 depth (default 24 on cuda; on cpu 4, 2 with --preset)",
+    )
     parser.add_argument("--num-heads", type=int, help="random model: attention heads (16 / 4)")
-    parser.add_argument("--size", type=int,
-                        help="preprocess size (default: the preset's; else 518 on cuda, 224 on cpu)")
-    parser.add_argument("--batch-size", type=int,
-                        help="frames per forward (default 32 on cuda; on cpu 8, 9 with --preset)")
+    parser.add_argument(
+        "--size", type=int, help="preprocess size (default: the preset's; else 518 on cuda, 224 on cpu)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, help="frames per forward (default 32 on cuda; on cpu 8, 9 with --preset)"
+    )
     parser.add_argument("--decode-workers", type=int, default=ServiceSettings.decode_workers)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--storage", choices=STORAGES, default="raw",
-                        help="how the bulk job stores entries (the seed's way always writes raw)")
+    parser.add_argument(
+        "--storage",
+        choices=STORAGES,
+        default="raw",
+        help="how the bulk job stores entries (the seed's way always writes raw)",
+    )
     parser.add_argument("--dir", help="where to make the temporary work folder (removed at the end)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
     args = parser.parse_args(argv)

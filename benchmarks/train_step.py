@@ -52,8 +52,14 @@ from vggt_cache.training.train import build_qwen
 from common import device_name, get_model, make_images, synchronize
 
 VGGT_CONFIGS = {
-    "mid": {"img_size": 518, "patch_size": 14, "embed_dim": 384, "depth": 6, "num_heads": 6,
-            "patch_embed": {"embed_dim": 384, "depth": 6, "num_heads": 6}},
+    "mid": {
+        "img_size": 518,
+        "patch_size": 14,
+        "embed_dim": 384,
+        "depth": 6,
+        "num_heads": 6,
+        "patch_embed": {"embed_dim": 384, "depth": 6, "num_heads": 6},
+    },
     "1b": {},  # VGGT-1B's shape (random weights)
 }
 
@@ -65,9 +71,16 @@ def write_data(root: Path, clips: int, frames: int) -> None:
         scene = root / f"scene{c:04d}"
         scene.mkdir(parents=True)
         rel = [os.path.relpath(p, root) for p in make_images(scene, frames, seed=c)]
-        lines.append(json.dumps({"history_images": rel[:-1], "current_image": rel[-1],
-                                 "instruction": "Walk past the sofa and stop at the door.",
-                                 "answer": "The next action is move forward 25 cm."}))
+        lines.append(
+            json.dumps(
+                {
+                    "history_images": rel[:-1],
+                    "current_image": rel[-1],
+                    "instruction": "Walk past the sofa and stop at the door.",
+                    "answer": "The next action is move forward 25 cm.",
+                }
+            )
+        )
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -90,9 +103,14 @@ def step(model, optimizer, dataset, collate, indices, device: str) -> float:
     t0 = time.perf_counter()
     batch = collate([dataset[i] for i in indices])
     batch.pop("vggt_source")
-    batch = {k: v.to(device) if torch.is_tensor(v) else
-             [x.to(device) if torch.is_tensor(x) else x for x in v] if isinstance(v, list) else v
-             for k, v in batch.items()}
+    batch = {
+        k: v.to(device)
+        if torch.is_tensor(v)
+        else [x.to(device) if torch.is_tensor(x) else x for x in v]
+        if isinstance(v, list)
+        else v
+        for k, v in batch.items()
+    }
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
         loss = model(**batch).loss
     loss.backward()
@@ -147,34 +165,42 @@ def run(args: argparse.Namespace, work: Path) -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     samples = load_samples(str(data_root))
     precompute(samples, loaded, spec, args.device)
-    print(f"setup {time.perf_counter() - t0:.1f}s: {clips} clips x {args.frames} frames at {args.size}px, "
-          f"VGGT {loaded.num_params / 1e6:.1f}M params ({loaded.source}), Qwen {args.qwen} "
-          f"{sum(p.numel() for p in qwen.model.parameters()) / 1e6:.1f}M, {args.attention} attention, "
-          f"{device_name(args.device)}, batch {args.batch}, Qwen sees {args.qwen_images} frames")
+    print(
+        f"setup {time.perf_counter() - t0:.1f}s: {clips} clips x {args.frames} frames at {args.size}px, "
+        f"VGGT {loaded.num_params / 1e6:.1f}M params ({loaded.source}), Qwen {args.qwen} "
+        f"{sum(p.numel() for p in qwen.model.parameters()) / 1e6:.1f}M, {args.attention} attention, "
+        f"{device_name(args.device)}, batch {args.batch}, Qwen sees {args.qwen_images} frames"
+    )
 
     collate = VGGTCollator(qwen.tokenizer.pad_token_id)
     cache = FeatureCache(None, spec, fallback="error")
     datasets = {
-        "cached": VLNDataset(samples, qwen.tokenizer, qwen.image_processor, qwen.model.config, spec, cache,
-                             args.qwen_images),
-        "online": VLNDataset(samples, qwen.tokenizer, qwen.image_processor, qwen.model.config, spec, None,
-                             args.qwen_images),
+        "cached": VLNDataset(
+            samples, qwen.tokenizer, qwen.image_processor, qwen.model.config, spec, cache, args.qwen_images
+        ),
+        "online": VLNDataset(
+            samples, qwen.tokenizer, qwen.image_processor, qwen.model.config, spec, None, args.qwen_images
+        ),
     }
     times: dict[str, list[float]] = {mode: [] for mode in datasets}
     for r in range(rounds):
         indices = list(range(r * args.batch, (r + 1) * args.batch))
         # Alternate which mode goes first, so neither always runs on a warmer machine.
-        for mode in (("cached", "online") if r % 2 == 0 else ("online", "cached")):
+        for mode in ("cached", "online") if r % 2 == 0 else ("online", "cached"):
             seconds = step(model, optimizer, datasets[mode], collate, indices, args.device)
             if r >= args.warmup:
                 times[mode].append(seconds)
     assert cache.stats["hits"] == clips and cache.stats["misses"] == 0, cache.stats
 
     cached, online = (statistics.median(times[m]) for m in ("cached", "online"))
-    print(f"median step time over {args.steps} steps: cached {cached:.3f}s, online {online:.3f}s, "
-          f"online/cached = {online / cached:.2f}x")
-    print(f"  all steps (s): cached {[round(t, 3) for t in times['cached']]}, "
-          f"online {[round(t, 3) for t in times['online']]}")
+    print(
+        f"median step time over {args.steps} steps: cached {cached:.3f}s, online {online:.3f}s, "
+        f"online/cached = {online / cached:.2f}x"
+    )
+    print(
+        f"  all steps (s): cached {[round(t, 3) for t in times['cached']]}, "
+        f"online {[round(t, 3) for t in times['online']]}"
+    )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ PathLike = str | os.PathLike
 __all__ = ["ENABLED_MESSAGE", "FALLBACKS", "AsyncFeatureCache", "CacheUnavailable", "FeatureCache", "read_cached"]
 
 
-def read_cached(image_path: PathLike, spec: SpecLike = None, mmap: bool = False,
-                data_root: PathLike | None = None) -> torch.Tensor | None:
+def read_cached(
+    image_path: PathLike, spec: SpecLike = None, mmap: bool = False, data_root: PathLike | None = None
+) -> torch.Tensor | None:
     """The seed's `_load_cached_vggt_features`, validated: the entry's features or None. No service.
 
     The expected spec is `spec`, else the nearest manifest's (at or above the image's folder, up
@@ -76,6 +77,7 @@ def read_cached(image_path: PathLike, spec: SpecLike = None, mmap: bool = False,
 
 
 # -- the public caches ---------------------------------------------------------------------------
+
 
 class _BaseFeatureCache(abc.ABC):
     """Arguments, counters and prefetch bookkeeping common to both caches.
@@ -112,8 +114,9 @@ class _BaseFeatureCache(abc.ABC):
         no_service_reason: str = NO_SERVICE,
     ) -> None:
         self._client = self._client_class(service_url, api_token, timeout, retries)
-        self._core = CacheCore(bool(self._client.urls), spec, fallback, mmap, max_request_frames, data_root,
-                               no_service_reason)
+        self._core = CacheCore(
+            bool(self._client.urls), spec, fallback, mmap, max_request_frames, data_root, no_service_reason
+        )
         self._start()
         log.info(ENABLED_MESSAGE)
 
@@ -268,8 +271,9 @@ class AsyncFeatureCache(_BaseFeatureCache):
 
     async def _send(self, call: Call) -> Answer:
         try:
-            return await self._client.request(call.method, call.path, key=call.key, json=call.json,
-                                              retries=call.retries)
+            return await self._client.request(
+                call.method, call.path, key=call.key, json=call.json, retries=call.retries
+            )
         except ServiceError as exc:
             return exc
 
@@ -304,8 +308,9 @@ class _Prefetcher:
         with self._lock:
             if self._pid != os.getpid() or self._thread is None or self._queue is None:
                 self._queue = queue.Queue(self._max_pending)
-                self._thread = threading.Thread(target=self._loop, args=(self._queue,),
-                                                name="vggt-cache-prefetch", daemon=True)
+                self._thread = threading.Thread(
+                    target=self._loop, args=(self._queue,), name="vggt-cache-prefetch", daemon=True
+                )
                 self._thread.start()
                 self._pid = os.getpid()
             q = self._queue

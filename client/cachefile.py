@@ -80,8 +80,9 @@ def source_record(image_path: PathLike) -> dict:
 def context_record(target: PathLike, frames: None, sources: Mapping[str, dict] | None = None) -> None: ...
 @overload
 def context_record(target: PathLike, frames: Sequence[PathLike], sources: Mapping[str, dict] | None = None) -> dict: ...
-def context_record(target: PathLike, frames: Sequence[PathLike] | None,
-                   sources: Mapping[str, dict] | None = None) -> dict | None:
+def context_record(
+    target: PathLike, frames: Sequence[PathLike] | None, sources: Mapping[str, dict] | None = None
+) -> dict | None:
     """The clip a `sequence`/`causal` entry was computed with (None for `frame` mode).
 
     Paths are relative to the target's folder, so a dataset tree can move as a whole.
@@ -93,8 +94,10 @@ def context_record(target: PathLike, frames: Sequence[PathLike] | None,
         raise ValueError("context frames must be a non-empty sequence of paths")
     folder = os.path.dirname(os.path.abspath(target))
     records = [
-        {"path": os.path.relpath(os.path.abspath(frame), folder),
-         **(sources[os.fspath(frame)] if sources is not None else source_record(frame))}
+        {
+            "path": os.path.relpath(os.path.abspath(frame), folder),
+            **(sources[os.fspath(frame)] if sources is not None else source_record(frame)),
+        }
         for frame in frames
     ]
     return {"frames": records, "digest": short_digest(records)}
@@ -241,8 +244,9 @@ def read_entry(
     return ReadResult(Outcome.HIT, features if tensor else None, meta, "", path)
 
 
-def holds_other_context(image_path: PathLike, spec: FeatureSpec, frames: Sequence[PathLike] | None,
-                        roots: Sequence[str] | None = None) -> bool:
+def holds_other_context(
+    image_path: PathLike, spec: FeatureSpec, frames: Sequence[PathLike] | None, roots: Sequence[str] | None = None
+) -> bool:
     """True when `image_path`'s entry is valid for `spec` but computed with a clip other than `frames`.
 
     Such an entry is someone's work (a bulk job's 9-frame history, say), not a stale file: a writer of

@@ -35,8 +35,14 @@ import torch
 from vggt_cache.client.safeopen import open_regular
 
 
-def load_file(path: str, use_mmap: bool, meta_only: bool = False, max_bytes: int | None = None,
-              roots: Sequence[str] | None = None, check_crc: bool = False) -> Any:
+def load_file(
+    path: str,
+    use_mmap: bool,
+    meta_only: bool = False,
+    max_bytes: int | None = None,
+    roots: Sequence[str] | None = None,
+    check_crc: bool = False,
+) -> Any:
     """The dict a cache file holds; our own layout is parsed here, any other goes to torch.load(weights_only=True).
 
     `meta_only`: read the zip directory and `data.pkl` alone (a few KB, not the tensor's
@@ -154,8 +160,9 @@ def _load_fast(f: BinaryIO, use_mmap: bool, check_crc: bool) -> dict:
         mapping = mmap_module.mmap(fd, 0, access=mmap_module.ACCESS_COPY, **_MMAP_OPTIONS)
         whole = torch.frombuffer(mapping, dtype=torch.uint8)
         view = whole.numpy().data
-        data, key, (start, length, crc), storage, size = _unpickle(lambda offset, n: view[offset : offset + n],
-                                                                   len(view))
+        data, key, (start, length, crc), storage, size = _unpickle(
+            lambda offset, n: view[offset : offset + n], len(view)
+        )
         tensor_bytes = view[start : start + length]
         features = whole[start : start + length].view(storage.dtype).view(size)
     else:
@@ -228,8 +235,9 @@ def _load_torch(f: BinaryIO, meta_only: bool, check_crc: bool) -> Any:
         if not isinstance(tensor, torch.Tensor):
             continue
         if tensor.untyped_storage().nbytes() != tensor.nbytes or tensor.storage_offset():
-            raise Corrupt(f"tensor storage of {tensor.untyped_storage().nbytes()} bytes backs a tensor of "
-                          f"{tensor.nbytes}")
+            raise Corrupt(
+                f"tensor storage of {tensor.untyped_storage().nbytes()} bytes backs a tensor of {tensor.nbytes}"
+            )
         if meta_only:
             data[key] = tensor.to("meta")
     return data

@@ -114,8 +114,9 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def wait_until_ready(url: str, timeout: float, is_alive: Callable[[], bool] = lambda: True,
-                     interval: float = 0.1) -> bool:
+def wait_until_ready(
+    url: str, timeout: float, is_alive: Callable[[], bool] = lambda: True, interval: float = 0.1
+) -> bool:
     """Poll `url`/readyz until it answers 200 (True), `timeout` passes or `is_alive()` turns False."""
     deadline = time.monotonic() + timeout
     with httpx.Client(timeout=5) as http:
@@ -162,8 +163,15 @@ class Attempts:
     iteration ends without an answer, raise `exhausted()`.
     """
 
-    def __init__(self, urls: Sequence[str], key: str | None, policy: RetryPolicy, retries: int | None = None,
-                 down: dict[str, Down] | None = None, down_s: float = DOWN_S) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        key: str | None,
+        policy: RetryPolicy,
+        retries: int | None = None,
+        down: dict[str, Down] | None = None,
+        down_s: float = DOWN_S,
+    ) -> None:
         if not urls:
             raise ServiceError("no service URL configured")
         # A URL that just failed every try is skipped for DOWN_S: a dataloader must not pay the
@@ -175,8 +183,9 @@ class Attempts:
         if not self._order:
             # The cause too: a caller may see this message first (its earlier call only marked the URLs down).
             causes = "; ".join(self._down[u].reason for u in ordered_urls(urls, key))
-            raise ServiceError(f"every vggt-cache service failed within the last {down_s:g} s ({causes}); "
-                               "not retrying yet")
+            raise ServiceError(
+                f"every vggt-cache service failed within the last {down_s:g} s ({causes}); not retrying yet"
+            )
         self._policy = policy
         self._rounds = 1 + (policy.retries if retries is None else retries)
         self._retry_after: float | None = None
@@ -210,8 +219,9 @@ class Attempts:
     def failed(self, url: str, exc: httpx.TransportError) -> None:
         if isinstance(exc, httpx.ReadTimeout):
             self._down[url] = Down(time.monotonic() + self._down_s, f"{url}: did not answer in time ({exc})")
-            raise ServiceError(f"{url} did not answer in time ({exc}); raise the client timeout "
-                               "or ask for fewer features per call") from exc
+            raise ServiceError(
+                f"{url} did not answer in time ({exc}); raise the client timeout or ask for fewer features per call"
+            ) from exc
         self._broken = True
         self._failures.append(f"{url}: {error_text(exc)}")
         self._last[url] = self._failures[-1]
@@ -221,9 +231,10 @@ class Attempts:
             until = time.monotonic() + self._down_s
             self._down.update((url, Down(until, self._last.get(url, f"{url}: failed"))) for url in self._order)
         tries = len(self._failures)
-        recent = "; ".join(self._failures[-len(self._order):])
-        return ServiceError(f"no vggt-cache service answered after {tries} {'try' if tries == 1 else 'tries'} "
-                            f"({recent})")
+        recent = "; ".join(self._failures[-len(self._order) :])
+        return ServiceError(
+            f"no vggt-cache service answered after {tries} {'try' if tries == 1 else 'tries'} ({recent})"
+        )
 
 
 class _BaseTransport(abc.ABC):
@@ -292,8 +303,15 @@ class Transport(_BaseTransport):
     def _new_pool(self) -> httpx.Client:
         return httpx.Client(timeout=self.timeout, headers=self._headers)
 
-    def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                retries: int | None = None, timeout: float | object | None = DEFAULT_TIMEOUT) -> httpx.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        key: str | None = None,
+        json: Any = None,
+        retries: int | None = None,
+        timeout: float | object | None = DEFAULT_TIMEOUT,
+    ) -> httpx.Response:
         """Send to the URL `key` picks, failing over and retrying; returns the first 2xx response.
 
         `timeout` replaces the transport's for this request (None: no limit, for a long dry run)."""
@@ -322,15 +340,21 @@ class AsyncTransport(_BaseTransport):
     def _new_pool(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(timeout=self.timeout, headers=self._headers)
 
-    async def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                      retries: int | None = None, timeout: float | object | None = DEFAULT_TIMEOUT) -> httpx.Response:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        key: str | None = None,
+        json: Any = None,
+        retries: int | None = None,
+        timeout: float | object | None = DEFAULT_TIMEOUT,
+    ) -> httpx.Response:
         attempts = self._attempts(key, retries)
         for url, wait in attempts:
             if wait:
                 await asyncio.sleep(wait)
             try:
-                response = await self._current_pool().request(method, url + path, json=json,
-                                                              **self._timeout(timeout))
+                response = await self._current_pool().request(method, url + path, json=json, **self._timeout(timeout))
             except httpx.TransportError as exc:
                 attempts.failed(url, exc)
                 continue

@@ -125,6 +125,7 @@ def as_paths(paths: Sequence[PathLike]) -> list[Clip]:
 
 # -- the logic shared by the blocking and the asyncio cache -------------------------------------
 
+
 @dataclass(frozen=True)
 class Call:
     """A request the lookup needs sent; the driver sends back an httpx.Response or a ServiceError."""
@@ -151,9 +152,16 @@ def step(work: Lookup, outcome: Answer | None = None) -> tuple[bool, Any]:
 class CacheCore:
     """Everything but the sending: spec resolution, local reads, batching, answers, fallback."""
 
-    def __init__(self, has_service: bool, spec: SpecLike, fallback: str, mmap: bool,
-                 max_request_frames: int, data_root: PathLike | None = None,
-                 no_service_reason: str = NO_SERVICE) -> None:
+    def __init__(
+        self,
+        has_service: bool,
+        spec: SpecLike,
+        fallback: str,
+        mmap: bool,
+        max_request_frames: int,
+        data_root: PathLike | None = None,
+        no_service_reason: str = NO_SERVICE,
+    ) -> None:
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
         if max_request_frames < 1:
@@ -218,9 +226,14 @@ class CacheCore:
         result = _read_clip(clip, spec, self.mmap)
         if spec is None and result.hit and result.meta is not None:
             self.pinned = pinned = as_spec(result.meta["spec"])
-            self._warn_once("pinned", "No expected VGGT feature spec (pass spec=, service_url= or keep %s in "
-                            "the data root): accepting entries made like the first one read, spec %s (%s attention)",
-                            MANIFEST_NAME, pinned.digest, pinned.attention)
+            self._warn_once(
+                "pinned",
+                "No expected VGGT feature spec (pass spec=, service_url= or keep %s in "
+                "the data root): accepting entries made like the first one read, spec %s (%s attention)",
+                MANIFEST_NAME,
+                pinned.digest,
+                pinned.attention,
+            )
             return self._read(clip)
         self.stats[_OUTCOME_STAT[result.outcome]] += 1
         warn_unusable(result)
@@ -242,8 +255,9 @@ class CacheCore:
             assert spec is not None  # popped above
             as_images = spec.attention == Attention.FRAME
             for chunk in self._chunks(clips, as_images):
-                outcome = yield Call("POST", "/features", key=chunk[0][-1],
-                                      json=features_payload(chunk, as_images, wait=True))
+                outcome = yield Call(
+                    "POST", "/features", key=chunk[0][-1], json=features_payload(chunk, as_images, wait=True)
+                )
                 if isinstance(outcome, ServiceError):
                     failures.update(dict.fromkeys(chunk, str(outcome)))
                 else:
@@ -299,11 +313,17 @@ class CacheCore:
             if self.has_service:
                 self._warn_once("failed", "The VGGT feature service failed; computing online instead: %s", summary)
             else:
-                self._warn_once("no-service", "VGGT features missing from the cache and %s: returning None so the "
-                                "model computes them online (%s)", self.no_service_reason, summary)
+                self._warn_once(
+                    "no-service",
+                    "VGGT features missing from the cache and %s: returning None so the "
+                    "model computes them online (%s)",
+                    self.no_service_reason,
+                    summary,
+                )
             return
-        raise CacheUnavailable(f"{n} VGGT feature(s) are neither cached nor available from the service: "
-                               f"{summary}\n{START_HINT}")
+        raise CacheUnavailable(
+            f"{n} VGGT feature(s) are neither cached nor available from the service: {summary}\n{START_HINT}"
+        )
 
     def prefetch_payloads(self, items: Sequence[PathLike | Sequence[PathLike]]) -> list[dict]:
         """The bulk-priority requests for a prefetch hint: single images as images, longer clips as clips."""
@@ -312,5 +332,6 @@ class CacheCore:
         clips = [as_clip(item) for item in items]
         singles: list[Clip] = [c for c in clips if len(c) == 1]
         longer = [c for c in clips if len(c) > 1]
-        return ([features_payload(chunk, True, wait=False) for chunk in self._chunks(singles, True)]
-                + [features_payload(chunk, False, wait=False) for chunk in self._chunks(longer, False)])
+        return [features_payload(chunk, True, wait=False) for chunk in self._chunks(singles, True)] + [
+            features_payload(chunk, False, wait=False) for chunk in self._chunks(longer, False)
+        ]

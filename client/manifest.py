@@ -39,8 +39,9 @@ def is_manifest_temp_file(name: str) -> bool:
     return temp_of(name) == MANIFEST_NAME
 
 
-def write_manifest(data_root: str, record: dict, roots: Sequence[str] | None = None,
-                   mode: int = DEFAULT_FILE_MODE) -> str:
+def write_manifest(
+    data_root: str, record: dict, roots: Sequence[str] | None = None, mode: int = DEFAULT_FILE_MODE
+) -> str:
     """Write `record` (counts, spec, model, timing, failures, ...) atomically; return the path.
 
     `roots` (real paths): the data root must lie inside one when it is opened for the write.

@@ -43,8 +43,14 @@ def inside(path: str, roots: Sequence[str]) -> bool:
 
 def kind_of(mode: int) -> str:
     """`a FIFO`, `a socket`, ... for an `st_mode` that is not a regular file's."""
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device"), (stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symlink")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+        (stat.S_ISLNK, "a symlink"),
+    ):
         if test(mode):
             return name
     return "not a regular file"
@@ -61,8 +67,13 @@ def check_contained(fd: int, roots: Sequence[str], name: str) -> None:
         raise OutsideRoots(f"{name} resolves outside the allowed roots when opened (a symlink?); not used")
 
 
-def open_regular(path: str, max_bytes: int | None = None, roots: Sequence[str] | None = None,
-                 follow_symlinks: bool = True, dir_fd: int | None = None) -> BinaryIO:
+def open_regular(
+    path: str,
+    max_bytes: int | None = None,
+    roots: Sequence[str] | None = None,
+    follow_symlinks: bool = True,
+    dir_fd: int | None = None,
+) -> BinaryIO:
     """An unbuffered binary reader of `path` if it is a regular file of at most `max_bytes` bytes.
 
     Opened non-blocking, so a FIFO without a writer cannot hang the caller; `roots` (real
@@ -107,8 +118,13 @@ DEFAULT_FILE_MODE = 0o644
 Replaceable = Callable[[int, str], "str | None"]  # (folder descriptor, name) -> why it must not be replaced
 
 
-def atomic_write(path: str, write: Callable[[BinaryIO], object], roots: Sequence[str] | None = None,
-                 replaceable: Replaceable | None = None, mode: int = DEFAULT_FILE_MODE) -> None:
+def atomic_write(
+    path: str,
+    write: Callable[[BinaryIO], object],
+    roots: Sequence[str] | None = None,
+    replaceable: Replaceable | None = None,
+    mode: int = DEFAULT_FILE_MODE,
+) -> None:
     """Write `path` atomically: a temporary file in its folder, flushed, fsynced and renamed over it.
 
     Every step is relative to one descriptor of the folder, so the folder checked (`roots`:

@@ -76,8 +76,9 @@ def read_token_file(path: str) -> str:
     return token
 
 
-def features_payload(clips: Sequence[Sequence[str]], as_images: bool, wait: bool = True,
-                     skip_existing: bool = True) -> dict:
+def features_payload(
+    clips: Sequence[Sequence[str]], as_images: bool, wait: bool = True, skip_existing: bool = True
+) -> dict:
     """`POST /features` body: the clips' last frames as images (frame mode), or the clips themselves."""
     if as_images:
         return {"images": [c[-1] for c in clips], "skip_existing": skip_existing, "wait": wait}
@@ -85,8 +86,14 @@ def features_payload(clips: Sequence[Sequence[str]], as_images: bool, wait: bool
 
 
 class _Base:
-    def __init__(self, service_url: str | Sequence[str] | None, api_token: str | None = None, timeout: float = 30.0,
-                 retries: int = 3, down_s: float = DOWN_S) -> None:
+    def __init__(
+        self,
+        service_url: str | Sequence[str] | None,
+        api_token: str | None = None,
+        timeout: float = 30.0,
+        retries: int = 3,
+        down_s: float = DOWN_S,
+    ) -> None:
         self._transport = self._transport_class(service_url, resolve_token(api_token), timeout, retries, down_s)
 
     _transport_class: type = Transport
@@ -103,8 +110,15 @@ class _Base:
 class ServiceClient(_Base):
     """Blocking calls; `with ServiceClient(url) as service: service.status()`."""
 
-    def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                retries: int | None = None, timeout: float | object | None = DEFAULT_TIMEOUT) -> httpx.Response:
+    def request(
+        self,
+        method: str,
+        path: str,
+        key: str | None = None,
+        json: Any = None,
+        retries: int | None = None,
+        timeout: float | object | None = DEFAULT_TIMEOUT,
+    ) -> httpx.Response:
         """One call, failing over between URLs and retrying; ServiceError when none answers 2xx."""
         return self._transport.request(method, path, key=key, json=json, retries=retries, timeout=timeout)
 
@@ -119,8 +133,9 @@ class ServiceClient(_Base):
 
     def precompute(self, data_root: str, timeout: float | object | None = DEFAULT_TIMEOUT, **options: Any) -> dict:
         """A job view (`202`), or the plan of a dry run (`"dry_run": True`, which may take long: `timeout`)."""
-        return self.request("POST", "/precompute", json={"data_root": data_root, **options}, retries=0,
-                            timeout=timeout).json()
+        return self.request(
+            "POST", "/precompute", json={"data_root": data_root, **options}, retries=0, timeout=timeout
+        ).json()
 
     def job(self, job_id: str) -> dict:
         return self.request("GET", f"/jobs/{job_id}", retries=0).json()
@@ -143,8 +158,15 @@ class AsyncServiceClient(_Base):
 
     _transport_class = AsyncTransport
 
-    async def request(self, method: str, path: str, key: str | None = None, json: Any = None,
-                      retries: int | None = None, timeout: float | object | None = DEFAULT_TIMEOUT) -> httpx.Response:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        key: str | None = None,
+        json: Any = None,
+        retries: int | None = None,
+        timeout: float | object | None = DEFAULT_TIMEOUT,
+    ) -> httpx.Response:
         return await self._transport.request(method, path, key=key, json=json, retries=retries, timeout=timeout)
 
     async def status(self) -> dict:

@@ -36,10 +36,26 @@ REFERENCE_FRAMES = ("first", "last")
 STORAGES = ("raw", "packed", "fp8")
 # Specs that reproduce what each project's training computes online (see docs/janusvln.md).
 PRESETS: dict[str, dict[str, Any]] = {
-    "janusvln": {"attention": "causal", "preprocess": "crop", "size": 644, "align": 14, "reference_frame": "first",
-                 "layers": (-2,), "tokens": "patch", "dtype": "bfloat16"},
-    "newjanusvln": {"attention": "causal", "preprocess": "pad", "size": 644, "align": 14, "reference_frame": "last",
-                    "layers": (-2,), "tokens": "patch", "dtype": "bfloat16"},
+    "janusvln": {
+        "attention": "causal",
+        "preprocess": "crop",
+        "size": 644,
+        "align": 14,
+        "reference_frame": "first",
+        "layers": (-2,),
+        "tokens": "patch",
+        "dtype": "bfloat16",
+    },
+    "newjanusvln": {
+        "attention": "causal",
+        "preprocess": "pad",
+        "size": 644,
+        "align": 14,
+        "reference_frame": "last",
+        "layers": (-2,),
+        "tokens": "patch",
+        "dtype": "bfloat16",
+    },
 }
 _FINGERPRINT = re.compile(r"sha256:[0-9a-f]+")
 

@@ -136,8 +136,10 @@ def _inflate(frame: np.ndarray, size: int) -> bytes:
     try:
         params = zstandard.get_frame_parameters(frame.data)
         if params.content_size != size or not params.has_checksum:
-            raise BadPayload(f"zstd frame declares {params.content_size} bytes (checksum: {params.has_checksum}), "
-                             f"the plane holds {size}")
+            raise BadPayload(
+                f"zstd frame declares {params.content_size} bytes (checksum: {params.has_checksum}), "
+                f"the plane holds {size}"
+            )
         # max_output_size bounds what is inflated whatever the frame says; data after the frame is refused.
         raw = zstandard.ZstdDecompressor().decompress(frame.data, max_output_size=size, allow_extra_data=False)
     except zstandard.ZstdError as e:

@@ -37,7 +37,7 @@ def shorten(text: str, limit: int = MAX_TEXT) -> str:
     keep = max(0, limit - len(f"…[{len(text)} characters omitted]…"))
     head = keep // 2
     tail = keep - head
-    return f"{text[:head]}…[{len(text) - keep} characters omitted]…{text[len(text) - tail:]}"
+    return f"{text[:head]}…[{len(text) - keep} characters omitted]…{text[len(text) - tail :]}"
 
 
 def bounded(text: str, limit: int = MAX_TEXT) -> str:

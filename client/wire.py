@@ -38,7 +38,9 @@ _ITEM_KEYS = ("image", "status", "tensor", "error", "grid")
 
 
 def encode_features(
-    items: Sequence[Mapping[str, Any]], tensors: Mapping[str, torch.Tensor], spec_digest: str,
+    items: Sequence[Mapping[str, Any]],
+    tensors: Mapping[str, torch.Tensor],
+    spec_digest: str,
     requests: Sequence[int],
 ) -> bytes:
     """Serialise a response; raises ValueError when items, tensors and request positions disagree."""
@@ -51,9 +53,7 @@ def encode_features(
     return _st_save(tensors, metadata={META_KEY: meta})
 
 
-def decode_features(
-    body: bytes, expected_digest: str | None = None
-) -> tuple[list[dict], dict[str, torch.Tensor]]:
+def decode_features(body: bytes, expected_digest: str | None = None) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Parse a response into (items, tensors by name); malformed bodies raise ValueError.
 
     With `expected_digest`, a body made for another spec is refused too.
@@ -78,10 +78,13 @@ def decode_features(
 
 
 def _requests(requests: Any, n_items: int) -> list[int]:
-    if not (isinstance(requests, list) and len(requests) == n_items
-            and all(type(r) is int and r >= 0 for r in requests)):
-        raise ValueError(f"malformed features body: 'requests' must list {n_items} non-negative integers "
-                         "(a service older than this client does not send them)")
+    if not (
+        isinstance(requests, list) and len(requests) == n_items and all(type(r) is int and r >= 0 for r in requests)
+    ):
+        raise ValueError(
+            f"malformed features body: 'requests' must list {n_items} non-negative integers "
+            "(a service older than this client does not send them)"
+        )
     return requests
 
 

@@ -51,18 +51,30 @@ def _common_flags() -> _Parser:
     # SUPPRESS: a subcommand's copy of a flag must not overwrite the one given before the subcommand.
     common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug log lines")
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                        help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help=f"show the traceback of an error (or set {DEBUG_ENV}=1)",
+    )
     return common
 
 
 def add_token_flags(p: argparse.ArgumentParser, what: str) -> None:
     # No default from the environment here: commands.common.api_token tells a token on the command line (seen by
     # every local user in `ps`) from the safe ways, the file and the variable.
-    p.add_argument("--api-token", "--api_token", default=None,
-                   help=f"{what} (visible to other users in `ps`: prefer --api-token-file or ${TOKEN_ENV})")
-    p.add_argument("--api-token-file", default=read_variable(TOKEN_FILE_ENV), metavar="PATH",
-                   help=f"read the token from this file (or ${TOKEN_FILE_ENV}); else ${TOKEN_ENV}")
+    p.add_argument(
+        "--api-token",
+        "--api_token",
+        default=None,
+        help=f"{what} (visible to other users in `ps`: prefer --api-token-file or ${TOKEN_ENV})",
+    )
+    p.add_argument(
+        "--api-token-file",
+        default=read_variable(TOKEN_FILE_ENV),
+        metavar="PATH",
+        help=f"read the token from this file (or ${TOKEN_FILE_ENV}); else ${TOKEN_ENV}",
+    )
 
 
 def add_server_flags(p: argparse.ArgumentParser, default: str | None, help: str) -> None:
@@ -86,15 +98,25 @@ def _positive(text: str) -> int:
 
 def add_history_flag(p: argparse.ArgumentParser, default: int | None = DEFAULT_MAX_HISTORY) -> None:
     shown = default if default is not None else f"the manifest's, else {DEFAULT_MAX_HISTORY}"
-    p.add_argument("--max_history_images", "--max-history-images", type=_history, default=default,
-                   help="episode folders (step_<n>_<ACTION>.png): history frames per sample, as the training "
-                        f"flag of the same name (default: {shown})")
+    p.add_argument(
+        "--max_history_images",
+        "--max-history-images",
+        type=_history,
+        default=default,
+        help="episode folders (step_<n>_<ACTION>.png): history frames per sample, as the training "
+        f"flag of the same name (default: {shown})",
+    )
 
 
 def add_files_flag(p: argparse.ArgumentParser, default_text: str = "(default: every one found)") -> None:
-    p.add_argument("--data_files", "--data-files", type=file_list, default=None,
-                   help="comma-separated sample files, relative to the data root unless absolute, as the "
-                        f"training flag of the same name {default_text}")
+    p.add_argument(
+        "--data_files",
+        "--data-files",
+        type=file_list,
+        default=None,
+        help="comma-separated sample files, relative to the data root unless absolute, as the "
+        f"training flag of the same name {default_text}",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -113,59 +135,116 @@ def build_parser() -> argparse.ArgumentParser:
 
     pre = command("precompute", "compute every feature under a data root (in-process or via --server)")
     pre.add_argument("--data_root", "--data-root", required=True, help="folder of the images and sample files")
-    add_setting(pre, "model", ("--vggt_model_path", "--vggt-model-path", "--model"),
-                "VGGT weights: HF id, folder or file")
-    pre.add_argument("--model_path", "--model-path", dest="llm_model_path", default=None,
-                     help="accepted for compatibility with the seed's script and ignored (VGGT needs no LLM)")
+    add_setting(
+        pre, "model", ("--vggt_model_path", "--vggt-model-path", "--model"), "VGGT weights: HF id, folder or file"
+    )
+    pre.add_argument(
+        "--model_path",
+        "--model-path",
+        dest="llm_model_path",
+        default=None,
+        help="accepted for compatibility with the seed's script and ignored (VGGT needs no LLM)",
+    )
     add_server_flags(pre, None, "submit the job to a running service instead of computing here")
-    pre.add_argument("--batch_size", "--batch-size", type=int, default=None,
-                     help="frames per device batch (alias of --max-batch-frames)")
+    pre.add_argument(
+        "--batch_size",
+        "--batch-size",
+        type=int,
+        default=None,
+        help="frames per device batch (alias of --max-batch-frames)",
+    )
     add_settings(pre, "device")
     # One default with the API's: valid work is never recomputed unless asked for.
-    pre.add_argument("--skip_existing", "--skip-existing", action="store_true", default=True,
-                     help="skip entries that already validate (stale or foreign ones are recomputed); the default, "
-                          "accepted for the seed's scripts")
-    pre.add_argument("--no-skip-existing", "--no_skip_existing", dest="skip_existing", action="store_false",
-                     help="recompute every entry, valid ones too")
+    pre.add_argument(
+        "--skip_existing",
+        "--skip-existing",
+        action="store_true",
+        default=True,
+        help="skip entries that already validate (stale or foreign ones are recomputed); the default, "
+        "accepted for the seed's scripts",
+    )
+    pre.add_argument(
+        "--no-skip-existing",
+        "--no_skip_existing",
+        dest="skip_existing",
+        action="store_false",
+        help="recompute every entry, valid ones too",
+    )
     pre.add_argument("--verify", action="store_true", help="re-read every written entry")
-    pre.add_argument("--data_path", "--data-path", default=None,
-                     help="folder the samples' image paths are relative to (default: the JSONL file's folder)")
+    pre.add_argument(
+        "--data_path",
+        "--data-path",
+        default=None,
+        help="folder the samples' image paths are relative to (default: the JSONL file's folder)",
+    )
     add_files_flag(pre)
-    pre.add_argument("--allowed-root", "--allowed_root", action="append", dest="allowed_roots", metavar="DIR",
-                     default=None,
-                     help="further folders samples may name images in (repeatable; the data root always is)")
+    pre.add_argument(
+        "--allowed-root",
+        "--allowed_root",
+        action="append",
+        dest="allowed_roots",
+        metavar="DIR",
+        default=None,
+        help="further folders samples may name images in (repeatable; the data root always is)",
+    )
     add_history_flag(pre)
-    pre.add_argument("--dry-run", "--dry_run", action="store_true",
-                     help="plan only, without loading the model: samples found, entries valid / to compute, "
-                          "bytes to write, free space")
-    pre.add_argument("--force", action="store_true",
-                     help="start even if the plan says the new entries will not fit on the file system")
-    pre.add_argument("--overwrite", action="store_true",
-                     help="replace valid entries computed with another clip (another history); without it they "
-                          "are kept and counted")
+    pre.add_argument(
+        "--dry-run",
+        "--dry_run",
+        action="store_true",
+        help="plan only, without loading the model: samples found, entries valid / to compute, "
+        "bytes to write, free space",
+    )
+    pre.add_argument(
+        "--force",
+        action="store_true",
+        help="start even if the plan says the new entries will not fit on the file system",
+    )
+    pre.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace valid entries computed with another clip (another history); without it they are kept and counted",
+    )
     add_settings(pre, *ENGINE)
     add_spec_flags(pre)
 
     ver = command("verify", "check every cache entry under a data root; exit 1 if any is not valid")
     ver.add_argument("data_root", help="folder of the images and sample files")
-    add_server_flags(ver, None, "take the expected spec from this service's /status "
-                                "(default: from the data root's manifest)")
-    ver.add_argument("--data_path", "--data-path", default=None,
-                     help="folder the samples' image paths are relative to (default: the sample file's folder)")
+    add_server_flags(
+        ver, None, "take the expected spec from this service's /status (default: from the data root's manifest)"
+    )
+    ver.add_argument(
+        "--data_path",
+        "--data-path",
+        default=None,
+        help="folder the samples' image paths are relative to (default: the sample file's folder)",
+    )
     add_files_flag(ver, "(default: the manifest's, else every one found)")
     add_history_flag(ver, default=None)
     add_settings(ver, "max_sample_bytes")
     ver.add_argument("--json", action="store_true", help="print the counts as JSON")
-    ver.add_argument("--estimate-storage", "--estimate_storage", action="store_true",
-                     help="instead of verifying: sample the entries under the root and print, per storage "
-                          "(raw|packed|fp8), the bytes they would take, the ratio and fp8's error")
-    ver.add_argument("--samples", type=_positive, default=ESTIMATE_SAMPLES,
-                     help="entries --estimate-storage encodes (default: %(default)s)")
+    ver.add_argument(
+        "--estimate-storage",
+        "--estimate_storage",
+        action="store_true",
+        help="instead of verifying: sample the entries under the root and print, per storage "
+        "(raw|packed|fp8), the bytes they would take, the ratio and fp8's error",
+    )
+    ver.add_argument(
+        "--samples",
+        type=_positive,
+        default=ESTIMATE_SAMPLES,
+        help="entries --estimate-storage encodes (default: %(default)s)",
+    )
 
     conv = command("convert", "rewrite the valid entries under a data root in another storage, without recomputing")
     conv.add_argument("data_root", help="folder of the images and their cache entries")
-    conv.add_argument("--storage", choices=STORAGES, default="packed",
-                      help="the storage to write (default: %(default)s); fp8 entries are never converted back")
+    conv.add_argument(
+        "--storage",
+        choices=STORAGES,
+        default="packed",
+        help="the storage to write (default: %(default)s); fp8 entries are never converted back",
+    )
     conv.add_argument("--json", action="store_true", help="print the counts as JSON")
 
     st = command("status", "show a running service's model, queues and jobs")
@@ -188,8 +267,10 @@ def failure_message(exc: BaseException) -> tuple[str, int]:
         if exc.status is None:
             return f"cannot reach the service: {exc}; start `vggt-cache serve` there, or fix --server", 2
         return f"the service refused: {exc}", 2
-    return (f"{error_text(exc)} (unexpected: rerun with --debug for the traceback, "
-            "and report it if the message does not say what to change)"), 1
+    return (
+        f"{error_text(exc)} (unexpected: rerun with --debug for the traceback, "
+        "and report it if the message does not say what to change)"
+    ), 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -79,8 +79,16 @@ def convert_entries(data_root: str, storage: str) -> dict:
         st = os.stat(cache_path(image))
         target = dataclasses.replace(spec, storage=storage)
         try:
-            write_entry(image, result.features, target, meta["grid"], meta["source"], meta["context"],
-                        roots=allowed.real, mode=_kept_mode(st.st_mode))
+            write_entry(
+                image,
+                result.features,
+                target,
+                meta["grid"],
+                meta["source"],
+                meta["context"],
+                roots=allowed.real,
+                mode=_kept_mode(st.st_mode),
+            )
         except (OSError, ValueError) as e:
             counts["failed"] += 1
             if len(counts.setdefault("failures", [])) < MAX_FAILURES:
@@ -91,8 +99,14 @@ def convert_entries(data_root: str, storage: str) -> dict:
         after += os.path.getsize(cache_path(image))
         converted_specs[spec.digest] = target
     _update_manifest(data_root, converted_specs, allowed)
-    return {"data_root": data_root, "storage": storage, **counts, "bytes_before": before, "bytes_after": after,
-            "bytes_saved": before - after}
+    return {
+        "data_root": data_root,
+        "storage": storage,
+        **counts,
+        "bytes_before": before,
+        "bytes_after": after,
+        "bytes_saved": before - after,
+    }
 
 
 def _update_manifest(data_root: str, converted: dict[str, FeatureSpec], allowed: AllowedRoots) -> None:
@@ -102,8 +116,7 @@ def _update_manifest(data_root: str, converted: dict[str, FeatureSpec], allowed:
         return
     target = converted[manifest["spec_digest"]]
     mode = _kept_mode(os.stat(manifest_path(data_root)).st_mode)
-    write_manifest(data_root, {**manifest, "spec": target.to_dict(), "spec_digest": target.digest}, allowed.real,
-                   mode)
+    write_manifest(data_root, {**manifest, "spec": target.to_dict(), "spec_digest": target.digest}, allowed.real, mode)
 
 
 def _kept_mode(st_mode: int) -> int:
@@ -139,8 +152,13 @@ def estimate_storage(data_root: str, samples: int = ESTIMATE_SAMPLES, seed: int 
         result = read_valid(image, allowed)
         if result.outcome is Outcome.HIT:
             sampled.append(_sample(cache_path(image), result.features, result.meta))
-    report: dict[str, Any] = {"data_root": data_root, "entries": len(images), "bytes_now": total,
-                              "sampled": len(sampled), "storages": {}}
+    report: dict[str, Any] = {
+        "data_root": data_root,
+        "entries": len(images),
+        "bytes_now": total,
+        "sampled": len(sampled),
+        "storages": {},
+    }
     if not sampled:
         return report
     now = sum(s.file_bytes for s in sampled)
@@ -149,9 +167,11 @@ def estimate_storage(data_root: str, samples: int = ESTIMATE_SAMPLES, seed: int 
         stored = sum(s.file_bytes_in(storage) for s in sampled)
         report["storages"][storage] = {"bytes": math.ceil(total * stored / now), "ratio": round(as_raw / stored, 3)}
     errors = [s.fp8_error for s in sampled]
-    report["storages"]["fp8"]["error"] = {"max_rel": max(e[0] for e in errors),
-                                          "mean_rel": sum(e[1] for e in errors) / len(errors),
-                                          "min_cosine": min(e[2] for e in errors)}
+    report["storages"]["fp8"]["error"] = {
+        "max_rel": max(e[0] for e in errors),
+        "mean_rel": sum(e[1] for e in errors) / len(errors),
+        "min_cosine": min(e[2] for e in errors),
+    }
     return report
 
 
@@ -170,7 +190,10 @@ def _sample(path: str, features: torch.Tensor, meta: dict) -> _Sampled:
     diff, size = (y - x).abs(), x.abs()
     channels = x.shape[-1]
     cosine = torch.nn.functional.cosine_similarity(x.reshape(-1, channels), y.reshape(-1, channels), dim=1)
-    error = ((diff.max() / size.max().clamp_min(1e-30)).item(), (diff.mean() / size.mean().clamp_min(1e-30)).item(),
-             cosine.min().item())
+    error = (
+        (diff.max() / size.max().clamp_min(1e-30)).item(),
+        (diff.mean() / size.mean().clamp_min(1e-30)).item(),
+        cosine.min().item(),
+    )
     current = FeatureSpec.from_dict(meta["spec"]).storage
     return _Sampled(_size(path), stored[current], stored, error)

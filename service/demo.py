@@ -38,16 +38,26 @@ def write_demo_data(root: str, scenes: int = 3, frames: int = 4, seed: int = 0) 
             paths = []
             for t in range(frames):
                 y, x = np.mgrid[0:96, 0:128]
-                img = np.stack([(x * 2 + 40 * t) % 256, (y * 2 + 60 * s) % 256,
-                                rng.integers(0, 256, size=x.shape)], -1).astype(np.uint8)
+                img = np.stack(
+                    [(x * 2 + 40 * t) % 256, (y * 2 + 60 * s) % 256, rng.integers(0, 256, size=x.shape)], -1
+                ).astype(np.uint8)
                 path = os.path.join(scene, f"img_{t:04d}.jpg")
                 Image.fromarray(img).save(path, quality=90)
                 paths.append(path)
             clips.append(paths)
             for t in range(1, frames):
                 rel = [os.path.relpath(p, root) for p in paths[: t + 1]]
-                samples.write(json.dumps({"history_images": rel[:-1], "current_image": rel[-1],
-                                          "instruction": "walk to the door", "answer": "forward"}) + "\n")
+                samples.write(
+                    json.dumps(
+                        {
+                            "history_images": rel[:-1],
+                            "current_image": rel[-1],
+                            "instruction": "walk to the door",
+                            "answer": "forward",
+                        }
+                    )
+                    + "\n"
+                )
     return clips
 
 
@@ -78,9 +88,28 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
 
     port = port or free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", TINY_SOURCE, "--device", "cpu",
-           "--host", "127.0.0.1", "--port", str(port), "--allowed-root", data_root,
-           "--state-dir", os.path.join(work, "state"), "--size", str(DEMO_SIZE), "--dtype", "float32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vggt_cache.service.cli",
+        "serve",
+        "--model",
+        TINY_SOURCE,
+        "--device",
+        "cpu",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--allowed-root",
+        data_root,
+        "--state-dir",
+        os.path.join(work, "state"),
+        "--size",
+        str(DEMO_SIZE),
+        "--dtype",
+        "float32",
+    ]
     _say("starting: " + " ".join(cmd[2:]))
     server = subprocess.Popen(cmd)
     try:
@@ -90,24 +119,31 @@ def run_demo(keep: bool = False, port: int = 0) -> int:
         with ServiceClient(url) as service:
             _say(f"service ready at {url} (status page: {url}/)")
             job_id = service.precompute(data_root)["job_id"]
-            job = follow_job(lambda: JobView.from_dict(service.job(job_id)),
-                             lambda v: v is not None and not v.state.active, lambda: time.sleep(0.2), "precompute")
+            job = follow_job(
+                lambda: JobView.from_dict(service.job(job_id)),
+                lambda v: v is not None and not v.state.active,
+                lambda: time.sleep(0.2),
+                "precompute",
+            )
             assert job is not None  # done() above holds for a view only
             _say(f"job {job.state.value}: {job.computed} computed, {job.skipped} skipped, {job.failed} failed")
 
             cache = FeatureCache(service_url=url)
             feats = cache.get_many(images)
             assert feats[0] is not None  # the job above computed every image's entry
-            _say(f"read {sum(f is not None for f in feats)} cached features from sibling files, "
-                 f"shape {tuple(feats[0].shape)} each")
+            _say(
+                f"read {sum(f is not None for f in feats)} cached features from sibling files, "
+                f"shape {tuple(feats[0].shape)} each"
+            )
             removed = images[::5]
             for p in removed:
                 os.remove(cache_path(p))
             _say(f"deleted {len(removed)} cache files; asking again ...")
             feats = cache.get_many(images)
             refilled = sum(os.path.exists(cache_path(p)) for p in removed)
-            _say(f"the service filled {refilled}/{len(removed)} on demand in one request; "
-                 f"client counters: {cache.stats}")
+            _say(
+                f"the service filled {refilled}/{len(removed)} on demand in one request; client counters: {cache.stats}"
+            )
             _say(f"example: {images[0]}  ->  {cache_path(images[0])}")
     finally:
         server.terminate()

@@ -51,9 +51,9 @@ class ArrayStream:
             text = self._utf8.decode(chunk, final=self.eof)
         except UnicodeDecodeError as e:  # what comes before the bad bytes is still parsed
             self._bad = MalformedSample(f"not valid UTF-8 near byte {self.read_bytes + e.start}")
-            text, self.eof = chunk[:e.start].decode("utf-8", "ignore"), False
+            text, self.eof = chunk[: e.start].decode("utf-8", "ignore"), False
         self.read_bytes += len(chunk)
-        self.buf = self.buf[self.pos:] + text
+        self.buf = self.buf[self.pos :] + text
         self.pos = 0
 
     def _char(self) -> str:
@@ -62,7 +62,7 @@ class ArrayStream:
             while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
                 self.pos += 1
             if self.pos < len(self.buf) or self.eof:
-                return self.buf[self.pos:self.pos + 1]
+                return self.buf[self.pos : self.pos + 1]
             self._more()
 
     def _value(self) -> object:
@@ -104,5 +104,3 @@ class ArrayStream:
             if sep != ",":
                 raise MalformedSample(f"expected ',' or ']' near byte {self.read_bytes - len(self.buf) + self.pos}")
             self._char()
-
-

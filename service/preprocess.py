@@ -37,8 +37,9 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file."""
 
 
-def open_image(path: str | os.PathLike, max_bytes: int | None = MAX_IMAGE_BYTES,
-               roots: Sequence[str] | None = None) -> Image.Image:
+def open_image(
+    path: str | os.PathLike, max_bytes: int | None = MAX_IMAGE_BYTES, roots: Sequence[str] | None = None
+) -> Image.Image:
     """The image at `path`, its header read and its pixels not yet decoded, or `ImageError` naming it.
 
     The file must be a regular file of at most `max_bytes` (inside `roots`, real paths, when
@@ -55,35 +56,49 @@ def open_image(path: str | os.PathLike, max_bytes: int | None = MAX_IMAGE_BYTES,
     try:
         img = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except UnidentifiedImageError:  # its message names the BytesIO object, not the file
-        raise ImageError(f"cannot decode image {name}: not an image in an accepted format "
-                         f"({', '.join(IMAGE_FORMATS)})") from None
+        raise ImageError(
+            f"cannot decode image {name}: not an image in an accepted format ({', '.join(IMAGE_FORMATS)})"
+        ) from None
     except Exception as e:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...
         raise ImageError(f"cannot decode image {name}: {error_text(e)}") from e
     img.filename = name  # what preprocess's errors name
     return img
 
 
-def image_size(path: str | os.PathLike, max_bytes: int | None = MAX_IMAGE_BYTES,
-               roots: Sequence[str] | None = None, dir_fd: int | None = None) -> tuple[int, int]:
+def image_size(
+    path: str | os.PathLike,
+    max_bytes: int | None = MAX_IMAGE_BYTES,
+    roots: Sequence[str] | None = None,
+    dir_fd: int | None = None,
+) -> tuple[int, int]:
     """(width, height) from the header alone, under `open_image`'s rules; raises OSError or PIL's errors.
 
     `dir_fd`: `path` is a name in that (checked) folder, and a symlink there is refused (`open_regular`).
     """
     # Buffered: PIL walks a JPEG's markers a few bytes a read, a system call each on the bare descriptor.
-    with (io.BufferedReader(open_regular(os.fspath(path), max_bytes, roots, follow_symlinks=dir_fd is None,
-                                         dir_fd=dir_fd)) as f,
-          Image.open(f, formats=IMAGE_FORMATS) as img):
+    with (
+        io.BufferedReader(
+            open_regular(os.fspath(path), max_bytes, roots, follow_symlinks=dir_fd is None, dir_fd=dir_fd)
+        ) as f,
+        Image.open(f, formats=IMAGE_FORMATS) as img,
+    ):
         return img.size
 
 
-def load_image(path: str | os.PathLike, max_pixels: int | None = None, max_bytes: int | None = MAX_IMAGE_BYTES,
-               roots: Sequence[str] | None = None) -> Image.Image:
+def load_image(
+    path: str | os.PathLike,
+    max_pixels: int | None = None,
+    max_bytes: int | None = MAX_IMAGE_BYTES,
+    roots: Sequence[str] | None = None,
+) -> Image.Image:
     """Read and fully decode an image file (see `open_image`), or raise `ImageError` naming it."""
     name = os.fspath(path)
     limit = MAX_PIXELS if max_pixels is None else max_pixels
     if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise ImageError(f"cannot decode image {name}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process, "
-                         "so truncated data would decode as grey; turn it off")
+        raise ImageError(
+            f"cannot decode image {name}: PIL.ImageFile.LOAD_TRUNCATED_IMAGES is on in this process, "
+            "so truncated data would decode as grey; turn it off"
+        )
     img = open_image(name, max_bytes, roots)
     width, height = img.size
     if width * height > limit:
@@ -149,9 +164,7 @@ def preprocess_pixels(
     elif mode == "pad":
         pad_h, pad_w = size - new_height, size - new_width
         # Odd differences put the extra pixel at the bottom/right, as the reference does.
-        pixels = F.pad(
-            pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=255
-        )
+        pixels = F.pad(pixels, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=255)
     pixels = pixels.contiguous()
     target = output_size(width, height, mode, size, align)
     if target == tuple(pixels.shape[-2:]):
@@ -170,8 +183,9 @@ def as_float(pixels: torch.Tensor) -> torch.Tensor:
 UNIT_VALUES = as_float(torch.arange(256, dtype=torch.uint8))
 
 
-def output_size(width: int, height: int, mode: str = "crop", size: int = 518,
-                align: int = PATCH_SIZE) -> tuple[int, int]:
+def output_size(
+    width: int, height: int, mode: str = "crop", size: int = 518, align: int = PATCH_SIZE
+) -> tuple[int, int]:
     """(H, W) of the model input `preprocess` makes from a `width` x `height` image (no pixels read)."""
     new_width, new_height = _resized_size(width, height, mode, size)
     if mode == "pad":

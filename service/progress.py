@@ -44,9 +44,14 @@ def progress_line(view: JobView) -> str:
     return f"{view.done}/{view.total or '?'}{pct}: {counts_text(view)}"
 
 
-def follow_job(poll: Callable[[], JobView | None], done: Callable[[JobView | None], bool],
-               pause: Callable[[], object], desc: str, stream: TextIO | None = None,
-               log_every_s: float = LOG_EVERY_S) -> JobView | None:
+def follow_job(
+    poll: Callable[[], JobView | None],
+    done: Callable[[JobView | None], bool],
+    pause: Callable[[], object],
+    desc: str,
+    stream: TextIO | None = None,
+    log_every_s: float = LOG_EVERY_S,
+) -> JobView | None:
     """Show a job's progress on `stream` (stderr) until `done(view)`; returns the last view.
 
     `poll` gives the job's view now (None while it cannot be had); `pause` waits before the next poll.
@@ -58,14 +63,22 @@ def follow_job(poll: Callable[[], JobView | None], done: Callable[[JobView | Non
     return follow(poll, done, pause, desc, stream, log_every_s)
 
 
-def _follow_with_bar(poll: Callable[[], JobView | None], done: Callable[[JobView | None], bool],
-                     pause: Callable[[], object], desc: str, stream: TextIO, log_every_s: float) -> JobView | None:
+def _follow_with_bar(
+    poll: Callable[[], JobView | None],
+    done: Callable[[JobView | None], bool],
+    pause: Callable[[], object],
+    desc: str,
+    stream: TextIO,
+    log_every_s: float,
+) -> JobView | None:
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     view = poll()
-    with logging_redirect_tqdm(loggers=[log]), tqdm(total=None, unit="img", desc=desc, file=stream,
-                                                     bar_format=BAR_FORMAT) as bar:
+    with (
+        logging_redirect_tqdm(loggers=[log]),
+        tqdm(total=None, unit="img", desc=desc, file=stream, bar_format=BAR_FORMAT) as bar,
+    ):
         while not done(view):
             pause()
             view = poll() or view
@@ -77,8 +90,14 @@ def _follow_with_bar(poll: Callable[[], JobView | None], done: Callable[[JobView
     return view
 
 
-def _follow_with_lines(poll: Callable[[], JobView | None], done: Callable[[JobView | None], bool],
-                       pause: Callable[[], object], desc: str, stream: TextIO, log_every_s: float) -> JobView | None:
+def _follow_with_lines(
+    poll: Callable[[], JobView | None],
+    done: Callable[[JobView | None], bool],
+    pause: Callable[[], object],
+    desc: str,
+    stream: TextIO,
+    log_every_s: float,
+) -> JobView | None:
     view, last = poll(), time.monotonic()
     while not done(view):
         pause()

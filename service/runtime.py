@@ -51,8 +51,13 @@ class Components:
     devices: list[str]
 
 
-def build_components(s: ServiceSettings, allowed: AllowedRoots, rank: int = 0, world_size: int = 1,
-                     before_forward: ForwardHook | None = None) -> Components:
+def build_components(
+    s: ServiceSettings,
+    allowed: AllowedRoots,
+    rank: int = 0,
+    world_size: int = 1,
+    before_forward: ForwardHook | None = None,
+) -> Components:
     """Load the model once, start the engine on its devices; the job manager is built but not started.
 
     `before_forward`: the engine's hook (see `Engine`), to hold or fail the device in drills and tests.
@@ -70,21 +75,36 @@ def build_components(s: ServiceSettings, allowed: AllowedRoots, rank: int = 0, w
     spec = model_spec(loaded, **s.spec)
     log.info(
         "Model ready in %.1fs: %s parameters, fingerprint %s, spec %s (%s attention, layers %s)",
-        time.perf_counter() - t0, f"{loaded.num_params:,}", loaded.fingerprint, spec.digest,
-        spec.attention, list(spec.layers),
+        time.perf_counter() - t0,
+        f"{loaded.num_params:,}",
+        loaded.fingerprint,
+        spec.digest,
+        spec.attention,
+        list(spec.layers),
     )
     engine = Engine(
-        loaded, spec, devices=devices, max_batch_frames=s.max_batch_frames,
-        max_wait_ms=s.max_wait_ms, decode_workers=s.decode_workers, write_workers=s.write_workers,
-        bulk_queue_batches=s.bulk_queue_batches, hint_queue_batches=s.hint_queue_batches,
-        frame_cache_frames=s.frame_cache_frames, patch_cache_bytes=s.patch_cache_mb << 20,
-        fp32_weights=s.fp32_weights, compile=s.compile, compile_backend=s.compile_backend,
-        roots=allowed.real, max_image_bytes=s.max_image_bytes, before_forward=before_forward, file_mode=s.file_mode,
+        loaded,
+        spec,
+        devices=devices,
+        max_batch_frames=s.max_batch_frames,
+        max_wait_ms=s.max_wait_ms,
+        decode_workers=s.decode_workers,
+        write_workers=s.write_workers,
+        bulk_queue_batches=s.bulk_queue_batches,
+        hint_queue_batches=s.hint_queue_batches,
+        frame_cache_frames=s.frame_cache_frames,
+        patch_cache_bytes=s.patch_cache_mb << 20,
+        fp32_weights=s.fp32_weights,
+        compile=s.compile,
+        compile_backend=s.compile_backend,
+        roots=allowed.real,
+        max_image_bytes=s.max_image_bytes,
+        before_forward=before_forward,
+        file_mode=s.file_mode,
     )
     engine.start()
     info = model_info(loaded, engine)
-    jobs = JobManager(JobStore(s.state_dir), engine, spec, allowed, info, rank, world_size, started_at,
-                      JobLimits.of(s))
+    jobs = JobManager(JobStore(s.state_dir), engine, spec, allowed, info, rank, world_size, started_at, JobLimits.of(s))
     return Components(loaded, spec, engine, jobs, devices)
 
 
@@ -109,7 +129,6 @@ def drill_hook() -> ForwardHook | None:
     return hold
 
 
-
 class ServiceRuntime:
     """Loads the model in the background so health probes answer while VGGT-1B is read from disk.
 
@@ -117,8 +136,12 @@ class ServiceRuntime:
     logging every `failed_reminder_s` that it serves nothing, so a log reader cannot miss it.
     """
 
-    def __init__(self, settings: ServiceSettings, before_forward: ForwardHook | None = None,
-                 failed_reminder_s: float = FAILED_REMINDER_S) -> None:
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        before_forward: ForwardHook | None = None,
+        failed_reminder_s: float = FAILED_REMINDER_S,
+    ) -> None:
         """Raises ValueError for settings that cannot be meant (`ServiceSettings.check`); logs the unsafe ones."""
         settings.check()
         self.settings = settings
@@ -174,8 +197,11 @@ class ServiceRuntime:
 
     def _remind(self) -> None:
         while not self._stopping.wait(self.failed_reminder_s):
-            log.error("Serving nothing: the model failed to load (%s); every request but the probes answers 503. "
-                      "Fix --model and restart the service", self.load_error)
+            log.error(
+                "Serving nothing: the model failed to load (%s); every request but the probes answers 503. "
+                "Fix --model and restart the service",
+                self.load_error,
+            )
 
     def begin_shutdown(self) -> None:
         """Start the grace (`shutdown_grace_s`) that the work in flight has; a second call keeps the first."""
@@ -200,5 +226,8 @@ class ServiceRuntime:
         c.jobs.stop(timeout=self._grace_left())  # the runner records what finished
         if not self.stopped_cleanly:
             c.jobs.abandon()
-            log.warning("Shutting down: the batch in flight did not end within the %gs grace (--shutdown-grace); "
-                        "abandoned, its units stay pending for the next start", self.settings.shutdown_grace_s)
+            log.warning(
+                "Shutting down: the batch in flight did not end within the %gs grace (--shutdown-grace); "
+                "abandoned, its units stay pending for the next start",
+                self.settings.shutdown_grace_s,
+            )

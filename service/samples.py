@@ -91,9 +91,14 @@ class SampleSet:
 
     def describe(self) -> dict:
         """What a job view and a manifest say about where the work came from."""
-        return {"source": self.source, "files": self.files, "samples": len(self.samples),
-                "max_history_images": self.max_history_images, "ignored_episode_folders": self.ignored_episodes,
-                "sample_files": self.named_files}
+        return {
+            "source": self.source,
+            "files": self.files,
+            "samples": len(self.samples),
+            "max_history_images": self.max_history_images,
+            "ignored_episode_folders": self.ignored_episodes,
+            "sample_files": self.named_files,
+        }
 
 
 def file_list(text: str) -> list[str]:
@@ -106,10 +111,12 @@ def check_history(max_history: int) -> int:
 
     The one check of every entry point (CLI, API, jobs, verify, training).
     """
-    if (isinstance(max_history, bool) or not isinstance(max_history, int)
-            or not 1 <= max_history <= MAX_HISTORY_IMAGES):
-        raise UnusableInput(f"max_history_images must be an integer of at least 1 and at most {MAX_HISTORY_IMAGES}, "
-                            f"got {max_history!r}", loc=("body", "max_history_images"))
+    if isinstance(max_history, bool) or not isinstance(max_history, int) or not 1 <= max_history <= MAX_HISTORY_IMAGES:
+        raise UnusableInput(
+            f"max_history_images must be an integer of at least 1 and at most {MAX_HISTORY_IMAGES}, "
+            f"got {max_history!r}",
+            loc=("body", "max_history_images"),
+        )
     return max_history
 
 
@@ -179,8 +186,13 @@ class PathResolver:
     a candidate outside them is never looked at: whether such a file exists must not show.
     """
 
-    def __init__(self, data_root: str, data_path: str | None, allowed: AllowedRoots | None = None,
-                 table: FrameTable | None = None) -> None:
+    def __init__(
+        self,
+        data_root: str,
+        data_path: str | None,
+        allowed: AllowedRoots | None = None,
+        table: FrameTable | None = None,
+    ) -> None:
         self.data_root = data_root
         self.data_path = data_path
         self.allowed = allowed
@@ -254,8 +266,15 @@ def _is_sample_jsonl(path: str, allowed: AllowedRoots | None, limit: int) -> boo
 class _Reader:
     """Turns sample objects and episode steps into Samples, collecting problems as it goes."""
 
-    def __init__(self, root: str, data_path: str | None, keep_records: bool, allowed: AllowedRoots | None,
-                 max_sample_bytes: int, table: FrameTable | None) -> None:
+    def __init__(
+        self,
+        root: str,
+        data_path: str | None,
+        keep_records: bool,
+        allowed: AllowedRoots | None,
+        max_sample_bytes: int,
+        table: FrameTable | None,
+    ) -> None:
         self.resolver = PathResolver(root, data_path, allowed, table)
         self.allowed = allowed
         self.max_sample_bytes = max_sample_bytes
@@ -290,8 +309,13 @@ class _Reader:
                 for lineno, line in lines(f, self.max_sample_bytes):
                     where = f"{path}:{lineno}"
                     if line is None:
-                        self.malformed.append((where, f"malformed sample: a line of more than "
-                                                      f"{self.max_sample_bytes} bytes (max_sample_bytes), not read"))
+                        self.malformed.append(
+                            (
+                                where,
+                                f"malformed sample: a line of more than "
+                                f"{self.max_sample_bytes} bytes (max_sample_bytes), not read",
+                            )
+                        )
                         continue
                     if not line.strip():
                         continue
@@ -319,8 +343,7 @@ class _Reader:
                 first = next(elements, None) if elements is not None else None
                 if elements is None or not _is_sample_object(first):
                     if named:
-                        self.malformed.append((path, "not a sample file: a JSON array of sample objects was "
-                                                     "expected"))
+                        self.malformed.append((path, "not a sample file: a JSON array of sample objects was expected"))
                     return named
                 sample_dir = os.path.dirname(path)
                 for obj in itertools.chain([first], elements):
@@ -337,22 +360,37 @@ class _Reader:
         numbers = [n for n, _ in steps]
         if len(set(numbers)) != len(numbers):
             twice = sorted({n for n in numbers if numbers.count(n) > 1})
-            self.malformed.append((folder, f"more than one frame for step(s) {twice[:5]}: step order is ambiguous "
-                                          "(frames of one step are taken in name order)"))
+            self.malformed.append(
+                (
+                    folder,
+                    f"more than one frame for step(s) {twice[:5]}: step order is ambiguous "
+                    "(frames of one step are taken in name order)",
+                )
+            )
         frames = [_norm(os.path.join(folder, name)) for _, name in steps]
         for j, (number, name) in enumerate(steps):
             clip = tuple(frames[i] for i in _history_indices(j, max_history))
             record = None
             if self.keep_records:
-                record = {"episode": folder, "step": number, "action": _step_frame(name).group(2).upper(),
-                          "image": frames[j]}
+                record = {
+                    "episode": folder,
+                    "step": number,
+                    "action": _step_frame(name).group(2).upper(),
+                    "image": frames[j],
+                }
             self.samples.append(Sample(clip, frames[j], record))
 
 
-def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, data_path: str | None = None,
-                 files: Sequence[str] | None = None, keep_records: bool = False,
-                 allowed: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES,
-                 table: FrameTable | None = None) -> SampleSet:
+def find_samples(
+    data_root: str,
+    max_history_images: int = DEFAULT_MAX_HISTORY,
+    data_path: str | None = None,
+    files: Sequence[str] | None = None,
+    keep_records: bool = False,
+    allowed: AllowedRoots | None = None,
+    max_sample_bytes: int = MAX_SAMPLE_BYTES,
+    table: FrameTable | None = None,
+) -> SampleSet:
     """Every sample under `data_root` (see the module docstring); `files` names sample files instead.
 
     `files` are relative to `data_root` unless absolute. Unreadable or ill-typed samples and
@@ -388,17 +426,34 @@ def find_samples(data_root: str, max_history_images: int = DEFAULT_MAX_HISTORY, 
         kinds.append("json")
     if kinds:
         if found.episodes:
-            log.warning("%s: %d episode folder(s) ignored, because sample files were found (e.g. %s); "
-                        "name the sample files to use, or remove them", root, len(found.episodes),
-                        found.episodes[0][0])
-        return SampleSet(reader.samples, reader.malformed, reader.missing, found.unlisted, "+".join(kinds),
-                         jsonl_files + json_files, ignored_episodes=len(found.episodes),
-                         named_files=list(files) if files else None)
+            log.warning(
+                "%s: %d episode folder(s) ignored, because sample files were found (e.g. %s); "
+                "name the sample files to use, or remove them",
+                root,
+                len(found.episodes),
+                found.episodes[0][0],
+            )
+        return SampleSet(
+            reader.samples,
+            reader.malformed,
+            reader.missing,
+            found.unlisted,
+            "+".join(kinds),
+            jsonl_files + json_files,
+            ignored_episodes=len(found.episodes),
+            named_files=list(files) if files else None,
+        )
     if found.episodes:
         for folder, names in found.episodes:
             reader.read_episode(folder, names, max_history_images)
-        return SampleSet(reader.samples, reader.malformed, reader.missing, found.unlisted, "episodes",
-                         len(found.episodes),
-                         max_history_images)
+        return SampleSet(
+            reader.samples,
+            reader.malformed,
+            reader.missing,
+            found.unlisted,
+            "episodes",
+            len(found.episodes),
+            max_history_images,
+        )
     samples = [Sample((_norm(p),), p) for p in found.images]
     return SampleSet(samples, reader.malformed, reader.missing, found.unlisted, "images", len(found.images))

@@ -60,10 +60,20 @@ class Setting:
         return None if self.flag is None else ENV_PREFIX + self.flag[2:].upper().replace("-", "_")
 
 
-def setting(default: Any, flag: str | None = None, help: str = "", *, parse: Callable[[str], Any] | None = None,
-            check: Callable[[str, Any], None] | None = None, aliases: tuple[str, ...] = (),
-            separator: str | None = None, required: bool = False, metavar: str | None = None, shown: bool = True,
-            text: Callable[[Any], Any] = lambda value: value) -> Any:
+def setting(
+    default: Any,
+    flag: str | None = None,
+    help: str = "",
+    *,
+    parse: Callable[[str], Any] | None = None,
+    check: Callable[[str, Any], None] | None = None,
+    aliases: tuple[str, ...] = (),
+    separator: str | None = None,
+    required: bool = False,
+    metavar: str | None = None,
+    shown: bool = True,
+    text: Callable[[Any], Any] = lambda value: value,
+) -> Any:
     """A `ServiceSettings` field with its `Setting`."""
     meta = {"setting": Setting(flag, help, parse, check, aliases, separator, required, metavar, shown, text)}
     if isinstance(default, dict):
@@ -90,6 +100,7 @@ def _positive_number(unit: str) -> Callable[[str, Any], None]:
     def check(name: str, value: Any) -> None:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise ValueError(f"{name} must be a positive number of {unit}, got {value!r}")
+
     return check
 
 
@@ -102,8 +113,10 @@ def _sample_bytes(name: str, value: Any) -> None:
 
 def _token(name: str, value: Any) -> None:
     if value is not None and not value.strip():
-        raise ValueError("the API token (--api-token or its environment variable) is set but empty: give a "
-                         "token, or unset it to run without authentication")
+        raise ValueError(
+            "the API token (--api-token or its environment variable) is set but empty: give a "
+            "token, or unset it to run without authentication"
+        )
 
 
 def _host_names(name: str, value: Any) -> None:
@@ -134,110 +147,187 @@ class ServiceSettings:
     """What a service (or an in-process precompute) runs with; `check` before use."""
 
     model: str = setting(DEFAULT_MODEL, "--model", "Hugging Face id (from the local HF cache), folder or weights file")
-    device: str = setting("auto", "--device",
-                          "auto (every visible GPU, else the CPU), cpu, cuda (all GPUs), cuda:0 or cuda:0,1")
+    device: str = setting(
+        "auto", "--device", "auto (every visible GPU, else the CPU), cpu, cuda (all GPUs), cuda:0 or cuda:0,1"
+    )
     host: str = setting("127.0.0.1", "--host", "address to listen on (0.0.0.0: every interface)")
     port: int = setting(DEFAULT_PORT, "--port", "TCP port")
     allowed_roots: tuple[str, ...] = setting(
-        (), "--allowed-root", "folder the service may read and write (repeatable; or {env}, colon-separated)",
-        aliases=("--allowed_root",), separator=":", required=True, metavar="DIR")
-    state_dir: str = setting(os.path.expanduser("~/.local/state/vggt-cache"), "--state-dir",
-                             "where job state (SQLite) lives; keep it on local disk", aliases=("--state_dir",),
-                             parse=os.path.expanduser)
+        (),
+        "--allowed-root",
+        "folder the service may read and write (repeatable; or {env}, colon-separated)",
+        aliases=("--allowed_root",),
+        separator=":",
+        required=True,
+        metavar="DIR",
+    )
+    state_dir: str = setting(
+        os.path.expanduser("~/.local/state/vggt-cache"),
+        "--state-dir",
+        "where job state (SQLite) lives; keep it on local disk",
+        aliases=("--state_dir",),
+        parse=os.path.expanduser,
+    )
     # Given by the token flags, a file or TOKEN_ENV (commands.common.api_token); /status says only whether it is set.
     api_token: str | None = setting(None, check=_token, shown=False)
     # FeatureSpec fields other than the model's, from the spec flags (specflags.py; /status shows the spec).
     spec: dict = setting({}, shown=False)  # noqa: RUF009 (setting() gives a dict default a default_factory)
     # The engine (service/engine).
-    max_batch_frames: int = setting(32, "--max-batch-frames", "frames per device batch",
-                                    aliases=("--max_batch_frames",), check=_positive)
+    max_batch_frames: int = setting(
+        32, "--max-batch-frames", "frames per device batch", aliases=("--max_batch_frames",), check=_positive
+    )
     max_wait_ms: float = setting(5.0, check=_not_negative)  # a decoded unit's wait for company in its batch
-    decode_workers: int = setting(4, "--decode-workers",
-                                  "threads decoding and preprocessing images while the device computes",
-                                  check=_positive)
-    write_workers: int = setting(4, "--write-workers",
-                                 "threads writing cache files (each fsyncs) while the device computes", check=_positive)
+    decode_workers: int = setting(
+        4, "--decode-workers", "threads decoding and preprocessing images while the device computes", check=_positive
+    )
+    write_workers: int = setting(
+        4, "--write-workers", "threads writing cache files (each fsyncs) while the device computes", check=_positive
+    )
     # Per device: DINOv2 tokens of recent frames (8.7 MB a frame at 644 px), for the clips that share them.
-    patch_cache_mb: int = setting(4096, "--patch-cache-mb",
-                                  "per device, MiB for the DINOv2 tokens of recent frames, computed once for every "
-                                  "clip that shares the frame (sequence/causal; 0: within a batch only)", check=_count)
-    fp32_weights: bool = setting(False, "--fp32-weights",
-                                 "on CUDA with 16-bit entries, keep float32 weights under bfloat16 autocast instead "
-                                 "of resident bfloat16 weights")
-    compile: bool = setting(False, "--compile",
-                            "torch.compile the transformer blocks (slow first batches of each shape)")
+    patch_cache_mb: int = setting(
+        4096,
+        "--patch-cache-mb",
+        "per device, MiB for the DINOv2 tokens of recent frames, computed once for every "
+        "clip that shares the frame (sequence/causal; 0: within a batch only)",
+        check=_count,
+    )
+    fp32_weights: bool = setting(
+        False,
+        "--fp32-weights",
+        "on CUDA with 16-bit entries, keep float32 weights under bfloat16 autocast instead "
+        "of resident bfloat16 weights",
+    )
+    compile: bool = setting(
+        False, "--compile", "torch.compile the transformer blocks (slow first batches of each shape)"
+    )
     # With compile: the shapes the spec implies compile before the service reports ready (0: none; shapes
     # left compile when first met). compile_backend: Dynamo's ("eager" in tests: inductor takes minutes a shape).
-    compile_warmup_s: float = setting(900.0, "--compile-warmup",
-                                      "with --compile, seconds to compile the shapes the spec implies before the "
-                                      "service reports ready (0: none; the rest compile when first met)",
-                                      check=_not_negative)
+    compile_warmup_s: float = setting(
+        900.0,
+        "--compile-warmup",
+        "with --compile, seconds to compile the shapes the spec implies before the "
+        "service reports ready (0: none; the rest compile when first met)",
+        check=_not_negative,
+    )
     compile_backend: str = setting("inductor")
     # The bulk backlog is the back-pressure on a job's runner; hints (non-blocking bulk requests) get room above it.
-    bulk_queue_batches: int = setting(2, "--bulk-queue-batches",
-                                      "a job's units queued for the devices, in batches per device; the job waits "
-                                      "past it", check=_positive)
-    hint_queue_batches: int = setting(8, "--hint-queue-batches",
-                                      "further room, in batches, for prefetch hints (requests with \"wait\": false) "
-                                      "while a job keeps its backlog full; past it they are refused (429)",
-                                      check=_count)
-    frame_cache_frames: int = setting(64, "--frame-cache-frames",
-                                      "preprocessed frames kept per device lane, decoded once for the clips that "
-                                      "share them (sequence/causal)", check=_count)
+    bulk_queue_batches: int = setting(
+        2,
+        "--bulk-queue-batches",
+        "a job's units queued for the devices, in batches per device; the job waits past it",
+        check=_positive,
+    )
+    hint_queue_batches: int = setting(
+        8,
+        "--hint-queue-batches",
+        'further room, in batches, for prefetch hints (requests with "wait": false) '
+        "while a job keeps its backlog full; past it they are refused (429)",
+        check=_count,
+    )
+    frame_cache_frames: int = setting(
+        64,
+        "--frame-cache-frames",
+        "preprocessed frames kept per device lane, decoded once for the clips that share them (sequence/causal)",
+        check=_count,
+    )
     # Requests: a body or item count past these is a 413, a deeper on-demand queue a 429.
     max_body_bytes: int = setting(4 * 1024 * 1024, check=_positive)
-    max_items_per_request: int = setting(512, "--max-items-per-request",
-                                         "images per /features request; more is a 413", check=_positive)
-    max_pending_units: int = setting(4096, "--max-pending",
-                                     "on-demand units waiting for the device; past it /features answers 429",
-                                     check=_positive)
+    max_items_per_request: int = setting(
+        512, "--max-items-per-request", "images per /features request; more is a 413", check=_positive
+    )
+    max_pending_units: int = setting(
+        4096, "--max-pending", "on-demand units waiting for the device; past it /features answers 429", check=_positive
+    )
     # An image file larger than this fails unread (a decoded image is bounded by MAX_PIXELS too).
-    max_image_bytes: int = setting(256 * 1024 * 1024, "--max-image-bytes",
-                                   "image files larger than this fail unread (and are counted unreadable by a plan)",
-                                   check=_positive)
-    body_timeout_s: float = setting(30.0, "--body-timeout",
-                                    "seconds a request body may take to arrive whole; past it the request is refused "
-                                    "(408) and its connection closed", check=_SECONDS)
+    max_image_bytes: int = setting(
+        256 * 1024 * 1024,
+        "--max-image-bytes",
+        "image files larger than this fail unread (and are counted unreadable by a plan)",
+        check=_positive,
+    )
+    body_timeout_s: float = setting(
+        30.0,
+        "--body-timeout",
+        "seconds a request body may take to arrive whole; past it the request is refused "
+        "(408) and its connection closed",
+        check=_SECONDS,
+    )
     # Request bodies buffered at once, all requests together; past it a request is a 503 (memory stays bounded).
     body_buffer_bytes: int = setting(16 * 1024 * 1024, check=_positive)
     # Connections and admission (issue 18); uvicorn's keep-alive timer misses a silent connection.
-    header_timeout_s: float = setting(10.0, "--header-timeout",
-                                      "seconds a connection may go without a request's complete headers (from its "
-                                      "opening or its last response); past it the connection is closed",
-                                      check=_SECONDS)
-    max_connections: int = setting(1000, "--max-connections",
-                                   "open connections at most (lowered to fit the descriptor limit); a new one closes "
-                                   "the oldest idle one, or is answered 503", check=_positive)
-    max_plans: int = setting(2, "--max-plans", "dry runs (plans) computed at once; more are answered 429 with "
-                                               "Retry-After", check=_positive)
+    header_timeout_s: float = setting(
+        10.0,
+        "--header-timeout",
+        "seconds a connection may go without a request's complete headers (from its "
+        "opening or its last response); past it the connection is closed",
+        check=_SECONDS,
+    )
+    max_connections: int = setting(
+        1000,
+        "--max-connections",
+        "open connections at most (lowered to fit the descriptor limit); a new one closes "
+        "the oldest idle one, or is answered 503",
+        check=_positive,
+    )
+    max_plans: int = setting(
+        2, "--max-plans", "dry runs (plans) computed at once; more are answered 429 with Retry-After", check=_positive
+    )
     # Host header names accepted besides IP addresses, `localhost` and (bound to a non-loopback address) this
     # machine's names: a DNS-rebinding page sends its own name. "*": any.
     allowed_hosts: tuple[str, ...] = setting(
-        (), "--allowed-host", "a host name clients address the service by, besides IP addresses, localhost and "
+        (),
+        "--allowed-host",
+        "a host name clients address the service by, besides IP addresses, localhost and "
         "(with a non-loopback --host) this machine's names (repeatable; or {env}, comma-separated; '*': any)",
-        separator=",", metavar="NAME", check=_host_names)
+        separator=",",
+        metavar="NAME",
+        check=_host_names,
+    )
     # Shared storage (issue 18): every user's dataloader reads 0644 entries, the group only 0640 ones.
-    file_mode: int = setting(0o644, "--file-mode",
-                             "permissions of the entries and manifests written, whatever the umask (0644: readable "
-                             "by every user; 0640: by the group only)", parse=parse_octal, check=_file_mode,
-                             text=lambda mode: f"{mode:04o}")
+    file_mode: int = setting(
+        0o644,
+        "--file-mode",
+        "permissions of the entries and manifests written, whatever the umask (0644: readable "
+        "by every user; 0640: by the group only)",
+        parse=parse_octal,
+        check=_file_mode,
+        text=lambda mode: f"{mode:04o}",
+    )
     # Work one input can make long (JanusVLN uses 9 frames a sample, VG-LLM up to 32).
-    max_frames_per_sample: int = setting(64, "--max-frames-per-sample",
-                                         "a job's sample (clip) of more frames fails alone, with the reason",
-                                         check=_positive)
-    shutdown_grace_s: float = setting(30.0, "--shutdown-grace",
-                                      "seconds SIGTERM waits for the work in flight before the service exits anyway "
-                                      "(an abandoned unit stays pending for the next start)", check=_SECONDS)
-    job_retention: int = setting(1000, "--job-retention",
-                                 "ended jobs kept in the state dir (with their failures); older ones are pruned",
-                                 check=_positive)
-    job_retention_days: float = setting(30.0, "--job-retention-days",
-                                        "days an ended job is kept in the state dir before it is pruned",
-                                        check=_positive_number("days"))
+    max_frames_per_sample: int = setting(
+        64,
+        "--max-frames-per-sample",
+        "a job's sample (clip) of more frames fails alone, with the reason",
+        check=_positive,
+    )
+    shutdown_grace_s: float = setting(
+        30.0,
+        "--shutdown-grace",
+        "seconds SIGTERM waits for the work in flight before the service exits anyway "
+        "(an abandoned unit stays pending for the next start)",
+        check=_SECONDS,
+    )
+    job_retention: int = setting(
+        1000,
+        "--job-retention",
+        "ended jobs kept in the state dir (with their failures); older ones are pruned",
+        check=_positive,
+    )
+    job_retention_days: float = setting(
+        30.0,
+        "--job-retention-days",
+        "days an ended job is kept in the state dir before it is pruned",
+        check=_positive_number("days"),
+    )
     # Sample files are read one sample at a time, so memory stays bounded whatever a file holds.
-    max_sample_bytes: int = setting(MAX_SAMPLE_BYTES, "--max-sample-bytes",
-                                    "a sample (jsonl line, JSON array element) larger than this is a problem, not read",
-                                    aliases=("--max_sample_bytes",), parse=parse_sample_bytes, check=_sample_bytes)
+    max_sample_bytes: int = setting(
+        MAX_SAMPLE_BYTES,
+        "--max-sample-bytes",
+        "a sample (jsonl line, JSON array element) larger than this is a problem, not read",
+        aliases=("--max_sample_bytes",),
+        parse=parse_sample_bytes,
+        check=_sample_bytes,
+    )
 
     def __post_init__(self) -> None:
         for name in ("allowed_roots", "allowed_hosts"):  # lists welcome; held as tuples
@@ -256,30 +346,42 @@ class ServiceSettings:
             if s.check is not None:
                 s.check(s.flag or f.name, getattr(self, f.name))
         if self.body_buffer_bytes < self.max_body_bytes:
-            raise ValueError(f"body_buffer_bytes ({self.body_buffer_bytes}) must hold one body of max_body_bytes "
-                             f"({self.max_body_bytes})")
+            raise ValueError(
+                f"body_buffer_bytes ({self.body_buffer_bytes}) must hold one body of max_body_bytes "
+                f"({self.max_body_bytes})"
+            )
 
     def view(self) -> dict[str, Any]:
         """The settings as `/status` shows them (`service.settings`): the token and the spec left out."""
-        return {f.name: _json(f.metadata["setting"].text(getattr(self, f.name))) for f in dataclasses.fields(self)
-                if f.metadata["setting"].shown}
+        return {
+            f.name: _json(f.metadata["setting"].text(getattr(self, f.name)))
+            for f in dataclasses.fields(self)
+            if f.metadata["setting"].shown
+        }
 
     def warnings(self) -> list[str]:
         """What is allowed but unsafe: logged at start and shown on /status."""
         found = []
         if self.api_token is None and not is_loopback(self.host):
-            found.append(f"listening on {self.host}, not a loopback address, without an API token: anyone who can "
-                         "reach the port can read features and start jobs (set --api-token)")
+            found.append(
+                f"listening on {self.host}, not a loopback address, without an API token: anyone who can "
+                "reach the port can read features and start jobs (set --api-token)"
+            )
         names = host_names(self)
         if names is not None and not self.allowed_hosts and not is_loopback(self.host):
             # Inside a container the machine's name is the container's: clients that use the node's name, a
             # Service name or a CNAME would be refused 421.
-            found.append(f"listening on {self.host}: requests must address it by an IP address or one of "
-                         f"{', '.join(sorted(names))}; add the names clients use with --allowed-host "
-                         "(VGGT_CACHE_ALLOWED_HOST), or they are refused 421")
+            found.append(
+                f"listening on {self.host}: requests must address it by an IP address or one of "
+                f"{', '.join(sorted(names))}; add the names clients use with --allowed-host "
+                "(VGGT_CACHE_ALLOWED_HOST), or they are refused 421"
+            )
         # Not refused: a mount may come up after the service; until then every request under it fails.
-        found += [f"--allowed-root {root} is not a folder: nothing under it can be served until it exists "
-                  "(check the path)" for root in self.allowed_roots if not os.path.isdir(root)]
+        found += [
+            f"--allowed-root {root} is not a folder: nothing under it can be served until it exists (check the path)"
+            for root in self.allowed_roots
+            if not os.path.isdir(root)
+        ]
         return found
 
 
@@ -312,8 +414,10 @@ def host_names(settings: ServiceSettings) -> frozenset[str] | None:
 def check_file_mode(mode: int) -> None:
     """ValueError unless `mode` is one a cache file may have: read-write for its owner, no execute or special bits."""
     if isinstance(mode, bool) or not isinstance(mode, int) or mode & ~0o666 or mode & 0o600 != 0o600:
-        raise ValueError(f"--file-mode must give the owner read and write and nothing beyond 0666 (e.g. 0644, "
-                         f"0640), got {oct(mode) if isinstance(mode, int) else repr(mode)}")
+        raise ValueError(
+            f"--file-mode must give the owner read and write and nothing beyond 0666 (e.g. 0644, "
+            f"0640), got {oct(mode) if isinstance(mode, int) else repr(mode)}"
+        )
 
 
 def is_loopback(host: str) -> bool:
@@ -337,7 +441,7 @@ def parse_devices(device: str) -> list[str]:
     if device == "cuda":
         return [f"cuda:{i}" for i in range(_visible(device))]
     if device.startswith("cuda:"):
-        ids = [s.strip() for s in device[len("cuda:"):].split(",") if s.strip()]
+        ids = [s.strip() for s in device[len("cuda:") :].split(",") if s.strip()]
         if ids and all(s.isdigit() for s in ids):
             return _explicit(device, [int(s) for s in ids])
     raise ValueError(f"--device must be auto, cpu, cuda, cuda:N or cuda:N,M; got {device!r}")
@@ -366,10 +470,14 @@ def _explicit(device: str, ids: list[int]) -> list[str]:
     n = _visible(device)
     if len(set(ids)) != len(ids):
         twice = sorted({i for i in ids if ids.count(i) > 1})
-        raise ValueError(f"--device {device} names {', '.join(f'cuda:{i}' for i in twice)} more than once: "
-                         "give each GPU once (one replica per GPU)")
+        raise ValueError(
+            f"--device {device} names {', '.join(f'cuda:{i}' for i in twice)} more than once: "
+            "give each GPU once (one replica per GPU)"
+        )
     past = [i for i in ids if i >= n]
     if past:
-        raise ValueError(f"--device {device}: this machine shows {n} CUDA device(s), cuda:0 to cuda:{n - 1}, "
-                         f"not cuda:{past[0]} (nvidia-smi and CUDA_VISIBLE_DEVICES say which)")
+        raise ValueError(
+            f"--device {device}: this machine shows {n} CUDA device(s), cuda:0 to cuda:{n - 1}, "
+            f"not cuda:{past[0]} (nvidia-smi and CUDA_VISIBLE_DEVICES say which)"
+        )
     return [f"cuda:{i}" for i in ids]

@@ -15,6 +15,7 @@ from vggt_cache.service.units import Unit
 
 T = TypeVar("T")
 
+
 @dataclass
 class ScanResult:
     units: list[Unit]
@@ -60,10 +61,16 @@ class UnitPlanner:
         return len(self._conflicted)
 
 
-def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
-                   max_history_images: int = DEFAULT_MAX_HISTORY, files: Sequence[str] | None = None,
-                   allowed: AllowedRoots | None = None, max_sample_bytes: int = MAX_SAMPLE_BYTES,
-                   table: FrameTable | None = None) -> ScanResult:
+def scan_data_root(
+    data_root: str,
+    attention: str,
+    data_path: str | None = None,
+    max_history_images: int = DEFAULT_MAX_HISTORY,
+    files: Sequence[str] | None = None,
+    allowed: AllowedRoots | None = None,
+    max_sample_bytes: int = MAX_SAMPLE_BYTES,
+    table: FrameTable | None = None,
+) -> ScanResult:
     """The units of work under `data_root` for `attention` mode (samples: `service.samples`; `files`
     names the sample files to read instead of every one found; `allowed`: what the walk and the
     sample files stay inside; `table`: the plan's frame table, see `service.frametable`).
@@ -74,8 +81,9 @@ def scan_data_root(data_root: str, attention: str, data_path: str | None = None,
     """
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
-    found = find_samples(data_root, max_history_images, data_path, files, allowed=allowed,
-                         max_sample_bytes=max_sample_bytes, table=table)
+    found = find_samples(
+        data_root, max_history_images, data_path, files, allowed=allowed, max_sample_bytes=max_sample_bytes, table=table
+    )
     if found.source == "images" and attention != Attention.FRAME:
         raise UnusableInput(
             f"{attention} attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> "
@@ -98,4 +106,4 @@ def shard(units: list[T], rank: int, world_size: int) -> list[T]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
     n = len(units)
-    return units[rank * n // world_size:(rank + 1) * n // world_size]
+    return units[rank * n // world_size : (rank + 1) * n // world_size]

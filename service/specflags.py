@@ -60,30 +60,74 @@ class SpecFlag:
 
 
 SPEC_FLAGS = (
-    SpecFlag("attention", "--attention", "vggt_attention", str, ATTENTION,
-             "frame: each image alone (the seed's behaviour); sequence: bidirectional over a clip; "
-             "causal: frame t sees frames <= t"),
-    SpecFlag("layers", "--layers", "vggt_layers", parse_layers, None,
-             "aggregator layer(s), negative from the end (-2: the seed's aggregated_tokens[-2]); several as "
-             "--layers=-4,-1"),
-    SpecFlag("tokens", "--tokens", "vggt_tokens", str, TOKENS,
-             "patch tokens only, or all (camera and register tokens first)"),
-    SpecFlag("preprocess", "--preprocess", "image_preprocess", str, PREPROCESS,
-             "VGGT's reference preprocessing: crop (width to the size) or pad (square)"),
-    SpecFlag("size", "--size", "image_size", int, None,
-             "preprocess target size (a multiple of 14; JanusVLN-family training uses 644)"),
-    SpecFlag("align", "--align", "image_align", int, None,
-             "resize each side down to a multiple of this (28 with pad gives 504x504)"),
+    SpecFlag(
+        "attention",
+        "--attention",
+        "vggt_attention",
+        str,
+        ATTENTION,
+        "frame: each image alone (the seed's behaviour); sequence: bidirectional over a clip; "
+        "causal: frame t sees frames <= t",
+    ),
+    SpecFlag(
+        "layers",
+        "--layers",
+        "vggt_layers",
+        parse_layers,
+        None,
+        "aggregator layer(s), negative from the end (-2: the seed's aggregated_tokens[-2]); several as --layers=-4,-1",
+    ),
+    SpecFlag(
+        "tokens", "--tokens", "vggt_tokens", str, TOKENS, "patch tokens only, or all (camera and register tokens first)"
+    ),
+    SpecFlag(
+        "preprocess",
+        "--preprocess",
+        "image_preprocess",
+        str,
+        PREPROCESS,
+        "VGGT's reference preprocessing: crop (width to the size) or pad (square)",
+    ),
+    SpecFlag(
+        "size",
+        "--size",
+        "image_size",
+        int,
+        None,
+        "preprocess target size (a multiple of 14; JanusVLN-family training uses 644)",
+    ),
+    SpecFlag(
+        "align",
+        "--align",
+        "image_align",
+        int,
+        None,
+        "resize each side down to a multiple of this (28 with pad gives 504x504)",
+    ),
     SpecFlag("dtype", "--dtype", "vggt_dtype", str, tuple(DTYPES), "storage dtype of cached features"),
-    SpecFlag("reference_frame", "--reference-frame", "vggt_reference_frame", str, REFERENCE_FRAMES,
-             "first: stream a clip in order; last: reversed, the current view first (NewJanusVLN); causal and "
-             "sequence attention only"),
-    SpecFlag("storage", "--storage", "vggt_storage", str, STORAGES,
-             "how entries lie on disk: raw (the seed's torch.load(path)['features']), packed (lossless, ~1.4x "
-             "smaller), fp8 (lossy float8 e4m3 with a scale per token, ~2x smaller; see docs/performance.md)"),
+    SpecFlag(
+        "reference_frame",
+        "--reference-frame",
+        "vggt_reference_frame",
+        str,
+        REFERENCE_FRAMES,
+        "first: stream a clip in order; last: reversed, the current view first (NewJanusVLN); causal and "
+        "sequence attention only",
+    ),
+    SpecFlag(
+        "storage",
+        "--storage",
+        "vggt_storage",
+        str,
+        STORAGES,
+        "how entries lie on disk: raw (the seed's torch.load(path)['features']), packed (lossless, ~1.4x "
+        "smaller), fp8 (lossy float8 e4m3 with a scale per token, ~2x smaller; see docs/performance.md)",
+    ),
 )
-PRESET_HELP = ("the spec a project's training computes: janusvln (causal, crop, 644, reference first) | newjanusvln "
-               "(causal, pad, 644, reference last); both layer -2, bfloat16")
+PRESET_HELP = (
+    "the spec a project's training computes: janusvln (causal, crop, 644, reference first) | newjanusvln "
+    "(causal, pad, 644, reference last); both layer -2, bfloat16"
+)
 
 
 def _shown(value: Any) -> str:
@@ -96,18 +140,30 @@ def argparse_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
             return parse(text)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
+
     return convert
 
 
 def add_spec_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("feature spec (recorded in every cache entry; flags beat VGGT_CACHE_* variables, "
-                             "and spec fields beat a preset)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help=f"{PRESET_HELP} (default: ${ENV_PREFIX}PRESET, else none)")
+    g = p.add_argument_group(
+        "feature spec (recorded in every cache entry; flags beat VGGT_CACHE_* variables, and spec fields beat a preset)"
+    )
+    g.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help=f"{PRESET_HELP} (default: ${ENV_PREFIX}PRESET, else none)",
+    )
     for row in SPEC_FLAGS:
         spellings = [row.flag] + ([f"--{row.field}"] if f"--{row.field}" != row.flag else [])
-        g.add_argument(*spellings, dest=row.field, type=argparse_type(row.parse), choices=row.choices,
-                       default=None, help=f"{row.help} (default: ${row.env}, else {_shown(row.default)})")
+        g.add_argument(
+            *spellings,
+            dest=row.field,
+            type=argparse_type(row.parse),
+            choices=row.choices,
+            default=None,
+            help=f"{row.help} (default: ${row.env}, else {_shown(row.default)})",
+        )
 
 
 def spec_options(args: argparse.Namespace) -> dict:
@@ -140,11 +196,15 @@ def serve_flags(spec: FeatureSpec) -> str:
     if preset is not None:
         return f"--preset {preset}"
     depth = spec.architecture["depth"]
-    values = {**{row.field: getattr(spec, row.field) for row in SPEC_FLAGS},
-              # Negative layer indices read the same for any depth, as the seed's -2 does.
-              "layers": ",".join(str(layer - depth) for layer in spec.layers)}
-    return " ".join(f"{row.flag}={values[row.field]}" if row.field == "layers" else f"{row.flag} {values[row.field]}"
-                    for row in SPEC_FLAGS)
+    values = {
+        **{row.field: getattr(spec, row.field) for row in SPEC_FLAGS},
+        # Negative layer indices read the same for any depth, as the seed's -2 does.
+        "layers": ",".join(str(layer - depth) for layer in spec.layers),
+    }
+    return " ".join(
+        f"{row.flag}={values[row.field]}" if row.field == "layers" else f"{row.flag} {values[row.field]}"
+        for row in SPEC_FLAGS
+    )
 
 
 def train_field(spec_field: str) -> Any:

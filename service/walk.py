@@ -26,8 +26,9 @@ def _hidden(name: str) -> bool:
     return name.startswith((".", "~"))
 
 
-def walk_files(root: str, allowed: AllowedRoots | None = None,
-               unlisted: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, list[str]]]:
+def walk_files(
+    root: str, allowed: AllowedRoots | None = None, unlisted: list[tuple[str, str]] | None = None
+) -> Iterator[tuple[str, list[str]]]:
     """(folder, sorted file names) for every non-hidden folder, top-down and sorted, symlink loops cut.
 
     Symlinks are followed, except (with `allowed`) those leading outside the allowed roots: these
@@ -103,4 +104,3 @@ def walk_root(root: str, allowed: AllowedRoots | None) -> Found:
             elif is_image(name):
                 found.images.append(path)
     return found
-

@@ -48,8 +48,10 @@ def features(http: httpx.Client, images: list[str]) -> list[dict]:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A well-formed PNG header claiming `width` x `height` pixels, with almost no pixel data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -63,8 +65,13 @@ def bad_image_files(folder: Path) -> dict[str, str]:
     (folder / "empty.png").write_bytes(b"")
     (folder / "huge.png").write_bytes(png_claiming(100_000, 100_000))
     (folder / "large.png").write_bytes(png_claiming(10_000, 10_000))  # past our limit, under PIL's
-    return {"truncated.png": "truncated", "text.jpg": "cannot decode", "empty.png": "empty",
-            "huge.png": "decompression bomb", "large.png": "decompression bomb"}
+    return {
+        "truncated.png": "truncated",
+        "text.jpg": "cannot decode",
+        "empty.png": "empty",
+        "huge.png": "decompression bomb",
+        "large.png": "decompression bomb",
+    }
 
 
 def test_bad_image_files_fail_alone_on_demand_and_in_a_job(http: httpx.Client, root: Path) -> None:
@@ -94,7 +101,8 @@ def test_bad_image_files_fail_alone_on_demand_and_in_a_job(http: httpx.Client, r
 
 
 def test_paths_leaving_the_root_are_refused_and_nothing_is_written(
-        http: httpx.Client, root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    http: httpx.Client, root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     folder = root / "escape"
     good = write_images(folder, ["good.png"])[0]
     outside = tmp_path_factory.mktemp("outside-bad-input")
@@ -153,8 +161,9 @@ def test_non_utf8_names_in_refused_requests_get_a_4xx_never_a_500(http: httpx.Cl
     assert outside.status_code == 403 and outside.json()["detail"].endswith("/etc/\\xff.png")
     not_a_name = post_json(http, "/features", {"images": [f"{folder}/\ud800.png", plain]})
     assert not_a_name.status_code == 422 and "surrogates not allowed" in not_a_name.json()["detail"][0]["msg"]
-    raw_bytes = http.post("/features", content=b'{"images": ["/x/\xff.png"]}',
-                          headers={"content-type": "application/json"})
+    raw_bytes = http.post(
+        "/features", content=b'{"images": ["/x/\xff.png"]}', headers={"content-type": "application/json"}
+    )
     assert raw_bytes.status_code == 400 and raw_bytes.json()["detail"]
     a_file = post_json(http, "/precompute", {"data_root": good})
     assert a_file.status_code == 404 and "\\xff" in a_file.json()["detail"]
@@ -167,15 +176,18 @@ def test_non_utf8_names_in_refused_requests_get_a_4xx_never_a_500(http: httpx.Cl
 
 # Basic malformed bodies (bad JSON, wrong types, relative paths, 513 items) are in service/api/test_api.py;
 # these are the ones whose error used to be a 500: input that JSON cannot echo back.
-@pytest.mark.parametrize("body, status, says", [
-    (b'{"images": NaN}', 422, "valid list"),
-    (b'{"images": ["/a.png"], "skip_existing": Infinity}', 422, "skip_existing"),
-    (b'{"images": ["\\udcff"], "wait": "\\udcff"}', 422, "wait"),
-    (b'{"images": ["/a\\u0000.png"]}', 422, "invalid path"),
-    (json.dumps({"images": ["/a.png"] * 5000}).encode(), 413, "5000 images"),
-], ids=["nan", "infinity", "surrogate-for-bool", "nul", "thousands-of-items"])
-def test_malformed_requests_get_a_4xx_with_a_message(http: httpx.Client, body: bytes, status: int,
-                                                     says: str) -> None:
+@pytest.mark.parametrize(
+    "body, status, says",
+    [
+        (b'{"images": NaN}', 422, "valid list"),
+        (b'{"images": ["/a.png"], "skip_existing": Infinity}', 422, "skip_existing"),
+        (b'{"images": ["\\udcff"], "wait": "\\udcff"}', 422, "wait"),
+        (b'{"images": ["/a\\u0000.png"]}', 422, "invalid path"),
+        (json.dumps({"images": ["/a.png"] * 5000}).encode(), 413, "5000 images"),
+    ],
+    ids=["nan", "infinity", "surrogate-for-bool", "nul", "thousands-of-items"],
+)
+def test_malformed_requests_get_a_4xx_with_a_message(http: httpx.Client, body: bytes, status: int, says: str) -> None:
     r = http.post("/features", content=body, headers={"content-type": "application/json"})
     assert r.status_code == status, r.text
     assert says in json.dumps(r.json()["detail"]), r.text
@@ -192,8 +204,7 @@ class _Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def test_malicious_and_misshapen_cache_files_are_never_trusted(http: httpx.Client, root: Path,
-                                                                server) -> None:
+def test_malicious_and_misshapen_cache_files_are_never_trusted(http: httpx.Client, root: Path, server) -> None:
     folder = root / "poisoned"
     images = write_images(folder, [f"im{i}.png" for i in range(5)], seed=6)
     marker = root / "pwned"
@@ -204,8 +215,13 @@ def test_malicious_and_misshapen_cache_files_are_never_trusted(http: httpx.Clien
     Path(cache_path(images[0])).write_bytes(pickle.dumps({"features": _Payload(marker)}, protocol=2))
     torch.save({"features": _Payload(marker), "meta": valid["meta"]}, cache_path(images[1]))
     torch.save({"features": torch.zeros(3, 3, dtype=torch.bfloat16), "meta": valid["meta"]}, cache_path(images[2]))
-    torch.save({"features": valid["features"][:-1].clone(),
-                "meta": {**valid["meta"], "shape": list(valid["features"][:-1].shape)}}, cache_path(images[3]))
+    torch.save(
+        {
+            "features": valid["features"][:-1].clone(),
+            "meta": {**valid["meta"], "shape": list(valid["features"][:-1].shape)},
+        },
+        cache_path(images[3]),
+    )
 
     for image in images[:4]:
         assert read_entry(image, spec).outcome is Outcome.CORRUPT

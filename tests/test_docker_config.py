@@ -37,6 +37,7 @@ ASSIGNMENT_RE = re.compile(r"^(#\s*)?([A-Z][A-Z0-9_]*)=(.*)$")
 
 # --- .env.example --------------------------------------------------------------------------------
 
+
 def env_example() -> list[tuple[str, str, bool, str]]:
     """(name, value, active, comment line above) for every assignment, commented out or not."""
     lines = ENV_EXAMPLE.read_text().splitlines()
@@ -55,6 +56,7 @@ def example_values() -> dict[str, str]:
 
 
 # --- docker-compose.yml --------------------------------------------------------------------------
+
 
 def compose() -> dict:
     return yaml.safe_load(COMPOSE_FILE.read_text())
@@ -224,11 +226,12 @@ def test_env_example_service_settings_are_real_serve_flags_with_valid_values():
     assert "VGGT_CACHE_API_TOKEN" in [n for n, _, _ in settings]
     for name, value, comment in settings:
         assert comment, f"{name} in .env.example has no comment line above it"
-        flag = "--" + name[len("VGGT_CACHE_"):].lower().replace("_", "-")
+        flag = "--" + name[len("VGGT_CACHE_") :].lower().replace("_", "-")
         serve_args([f"{flag}={value}", "--allowed-root", "/data"])  # serve requires a root
 
 
 # --- Dockerfile ----------------------------------------------------------------------------------
+
 
 def dockerfile_instructions() -> dict[str, list[str]]:
     """Instruction keyword -> its argument strings in order (continuations joined, comments dropped)."""
@@ -352,6 +355,7 @@ def test_cuda_allocator_uses_expandable_segments():
 
 # --- .dockerignore -------------------------------------------------------------------------------
 
+
 def _pattern(pattern: str) -> re.Pattern:
     pieces = {"**/": "(?:.*/)?", "**": ".*", "*": "[^/]*", "?": "[^/]"}
     parts = re.split(r"(\*\*/|\*\*|\*|\?)", pattern.strip("/"))
@@ -372,11 +376,22 @@ def dockerignored(rel: str) -> bool:
     return excluded
 
 
-@pytest.mark.parametrize("rel", [
-    ".venv/bin/python", ".venv-ci/bin/python", ".git/HEAD", "tests/fixtures/vggt_tiny/config.json",
-    "tests/test_docker_config.py", ".env", "docker/.env", "service/.env", "a.jpg.vggt_cache.pt",
-    "training/scripts/frames/0001.jpg.vggt_cache.pt", "service/__pycache__/cli.cpython-311.pyc",
-])
+@pytest.mark.parametrize(
+    "rel",
+    [
+        ".venv/bin/python",
+        ".venv-ci/bin/python",
+        ".git/HEAD",
+        "tests/fixtures/vggt_tiny/config.json",
+        "tests/test_docker_config.py",
+        ".env",
+        "docker/.env",
+        "service/.env",
+        "a.jpg.vggt_cache.pt",
+        "training/scripts/frames/0001.jpg.vggt_cache.pt",
+        "service/__pycache__/cli.cpython-311.pyc",
+    ],
+)
 def test_dockerignore_keeps_out(rel):
     assert dockerignored(rel)
 

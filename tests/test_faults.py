@@ -74,8 +74,14 @@ def plant_temp_file(folder: Path, name: str, age_s: float) -> Path:
     return path
 
 
-def kill_and_resume(service_server: Callable[..., RunningService], data_root: Path, state_dir: Path,
-                    kills: int, rng: random.Random, *args: str) -> tuple[dict, RunningService]:
+def kill_and_resume(
+    service_server: Callable[..., RunningService],
+    data_root: Path,
+    state_dir: Path,
+    kills: int,
+    rng: random.Random,
+    *args: str,
+) -> tuple[dict, RunningService]:
     """Run a bulk job over `data_root`, SIGKILL the service `kills` times at random progress points,
     restarting it after each; returns the job's final view and the last service."""
     service = service_server(data_root, "--state-dir", str(state_dir), *args)
@@ -155,11 +161,15 @@ def abandon_request(url: str, http: httpx.Client, images: list[str], kill_after:
     """A client process asks for `images` and is SIGKILLed while the service works on them,
     once `kill_after` more units are computed; returns when the service has finished the work."""
     start = units_computed(http)
-    client = subprocess.Popen([sys.executable, "-c", CLIENT, url, json.dumps(images)],
-                              stdout=subprocess.PIPE, text=True)
+    client = subprocess.Popen(
+        [sys.executable, "-c", CLIENT, url, json.dumps(images)], stdout=subprocess.PIPE, text=True
+    )
     try:
-        poll(lambda: not engine_idle(http) and units_computed(http) >= start + kill_after, 60,
-             "the service to work on the client's request")
+        poll(
+            lambda: not engine_idle(http) and units_computed(http) >= start + kill_after,
+            60,
+            "the service to work on the client's request",
+        )
         assert client.poll() is None, "the request was answered before the kill"
     finally:
         client.kill()
@@ -168,8 +178,9 @@ def abandon_request(url: str, http: httpx.Client, images: list[str], kill_after:
     poll(lambda: engine_idle(http), 60, "the abandoned work to drain")
 
 
-def test_a_client_killed_mid_request_leaves_the_service_healthy(http: httpx.Client, server: RunningService,
-                                                                 root: Path) -> None:
+def test_a_client_killed_mid_request_leaves_the_service_healthy(
+    http: httpx.Client, server: RunningService, root: Path
+) -> None:
     images = write_images(root / "abandoned", [f"a{i:03d}.png" for i in range(240)], seed=11)
     before = http.get("/status").json()["engine"]["units"]
 
@@ -199,7 +210,8 @@ def fill_disk(folder: Path, leave_bytes: int) -> Path:
 
 
 def test_a_full_disk_fails_entries_cleanly_and_the_job_resumes_when_space_returns(
-        http: httpx.Client, server: RunningService, root: Path) -> None:
+    http: httpx.Client, server: RunningService, root: Path
+) -> None:
     with tmpfs(root / "disk", "2m") as disk:
         data = disk / "data"
         images = write_images(data, [f"d{i:02d}.png" for i in range(40)], seed=13)
@@ -207,8 +219,7 @@ def test_a_full_disk_fails_entries_cleanly_and_the_job_resumes_when_space_return
         spec = service_spec(http)
 
         # Forced: the plan knows the entries cannot all fit; this is about the disk filling up mid-job.
-        first = wait_job(http, http.post("/precompute", json={"data_root": str(data),
-                                                              "force": True}).json()["job_id"])
+        first = wait_job(http, http.post("/precompute", json={"data_root": str(data), "force": True}).json()["job_id"])
         items_on_full = http.post("/features", json={"images": images})
 
         assert first["state"] == "finished" and first["computed"] > 0 and first["failed"] > 0
@@ -223,8 +234,9 @@ def test_a_full_disk_fails_entries_cleanly_and_the_job_resumes_when_space_return
         assert http.get("/healthz").json()["status"] == "ok"
 
         filler.unlink()
-        again = wait_job(http, http.post("/precompute", json={"data_root": str(data),
-                                                               "skip_existing": True}).json()["job_id"])
+        again = wait_job(
+            http, http.post("/precompute", json={"data_root": str(data), "skip_existing": True}).json()["job_id"]
+        )
 
         assert (again["state"], again["failed"]) == ("finished", 0)
         assert again["skipped"] == 40 - len(failed) and again["computed"] == len(failed)
@@ -236,8 +248,7 @@ def test_a_full_disk_fails_entries_cleanly_and_the_job_resumes_when_space_return
 # -- a data root that disappears -----------------------------------------------------------------------
 
 
-def test_a_data_root_renamed_away_mid_job_ends_the_job_and_not_the_service(
-        http: httpx.Client, root: Path) -> None:
+def test_a_data_root_renamed_away_mid_job_ends_the_job_and_not_the_service(http: httpx.Client, root: Path) -> None:
     data = root / "vanishing"
     write_images(data, [f"v{i:03d}.png" for i in range(200)], seed=14)
     job_id = http.post("/precompute", json={"data_root": str(data)}).json()["job_id"]
@@ -249,8 +260,9 @@ def test_a_data_root_renamed_away_mid_job_ends_the_job_and_not_the_service(
 
     assert view["state"] == "finished" and view["failed"] > 0, view
     assert view["computed"] + view["failed"] == 200
-    assert all("No such file or directory" in f["reason"] and f["image"].startswith(str(data))
-               for f in view["failures"])
+    assert all(
+        "No such file or directory" in f["reason"] and f["image"].startswith(str(data)) for f in view["failures"]
+    )
     spec = service_spec(http)
     assert_all_valid([str(p)[: -len(".vggt_cache.pt")] for p in cache_files(moved)], spec)
     assert len(cache_files(moved)) == view["computed"]  # what the job counts is what it wrote
@@ -311,8 +323,7 @@ print(json.dumps({"stats": cache.stats, "shapes": sorted(shapes), "rounds": roun
 """
 
 
-def read_while(images: list[str], spec: FeatureSpec, stop: threading.Event, mmap: bool,
-               seen: Counter) -> None:
+def read_while(images: list[str], spec: FeatureSpec, stop: threading.Event, mmap: bool, seen: Counter) -> None:
     while not stop.is_set():
         for image in images:
             entry = read_entry(image, spec, mmap=mmap)
@@ -324,12 +335,13 @@ def read_while(images: list[str], spec: FeatureSpec, stop: threading.Event, mmap
 def fetch_while(cache: FeatureCache, images: list[str], stop: threading.Event, seen: Counter) -> None:
     while not stop.is_set():
         for start in range(0, len(images), 16):
-            for tensor in cache.get_many(images[start:start + 16]):
+            for tensor in cache.get_many(images[start : start + 16]):
                 seen["fetched" if tensor is not None and tuple(tensor.shape) == ENTRY_SHAPE else "bad"] += 1
 
 
-def two_services_with_readers(service_server: Callable[..., RunningService], data_root: Path,
-                              n_images: int, stop_file: Path, timeout: float = 120) -> dict:
+def two_services_with_readers(
+    service_server: Callable[..., RunningService], data_root: Path, n_images: int, stop_file: Path, timeout: float = 120
+) -> dict:
     """Two services (own state dirs) precompute `data_root` at once while threads and a process read it."""
     images = write_images(data_root, [f"c{i:04d}.png" for i in range(n_images)], seed=18)
     services = [service_server(data_root, "--max-batch-frames", "8") for _ in range(2)]
@@ -339,11 +351,17 @@ def two_services_with_readers(service_server: Callable[..., RunningService], dat
         stop = threading.Event()
         seen = {"mmap": Counter(), "copy": Counter(), "fetch": Counter()}
         fetcher = FeatureCache([s.url for s in services], spec=spec)
-        threads = [threading.Thread(target=read_while, args=(images, spec, stop, True, seen["mmap"])),
-                   threading.Thread(target=read_while, args=(images[::-1], spec, stop, False, seen["copy"])),
-                   threading.Thread(target=fetch_while, args=(fetcher, images[::7], stop, seen["fetch"]))]
-        reader = subprocess.Popen([sys.executable, "-c", READER, json.dumps(images), json.dumps(spec.to_dict()),
-                                   str(stop_file)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        threads = [
+            threading.Thread(target=read_while, args=(images, spec, stop, True, seen["mmap"])),
+            threading.Thread(target=read_while, args=(images[::-1], spec, stop, False, seen["copy"])),
+            threading.Thread(target=fetch_while, args=(fetcher, images[::7], stop, seen["fetch"])),
+        ]
+        reader = subprocess.Popen(
+            [sys.executable, "-c", READER, json.dumps(images), json.dumps(spec.to_dict()), str(stop_file)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         for t in threads:
             t.start()
         try:

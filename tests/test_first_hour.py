@@ -27,14 +27,26 @@ def test_tiny_is_the_one_shipped_model_that_every_entry_point_takes(tmp_path: Pa
     assert tiny.fingerprint == identify_model(TINY_MODEL).fingerprint
     assert vggt_source(ModelArguments(tiny=True)) == TINY_SOURCE
     write_images(tmp_path / "data", ["a.png"])
-    run = cli("precompute", "--data_root", str(tmp_path / "data"), "--vggt_model_path", "tiny", "--device", "cpu",
-              "--size", "56", "--state-dir", str(tmp_path / "state"))
+    run = cli(
+        "precompute",
+        "--data_root",
+        str(tmp_path / "data"),
+        "--vggt_model_path",
+        "tiny",
+        "--device",
+        "cpu",
+        "--size",
+        "56",
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
     assert run.returncode == 0, run.stdout
     assert "finished: 1 total, 1 computed, 0 skipped, 0 failed" in run.stdout
 
 
 def test_a_service_of_another_spec_is_named_as_the_cause_with_a_command_for_this_machine(
-        tmp_path: Path, service_server, caplog) -> None:
+    tmp_path: Path, service_server, caplog
+) -> None:
     from vggt_cache.service.model import load_aggregator
     from vggt_cache.training.arguments import CacheArguments, DataArguments, feature_spec
     from vggt_cache.training.train import open_cache, serve_command
@@ -57,12 +69,24 @@ def test_a_service_of_another_spec_is_named_as_the_cause_with_a_command_for_this
 def test_spec_flags_given_with_server_must_name_the_services_spec(tmp_path: Path, service_server) -> None:
     write_images(tmp_path / "ep_1", ["step_0_STOP.png"])
     service = service_server(tmp_path, "--preset", "newjanusvln")
-    line = one_error(cli("precompute", "--data_root", str(tmp_path), "--server", service.url, "--preset", "janusvln",
-                         "--dry-run"), f"the service at {service.url} computes another spec than the flags given")
+    line = one_error(
+        cli("precompute", "--data_root", str(tmp_path), "--server", service.url, "--preset", "janusvln", "--dry-run"),
+        f"the service at {service.url} computes another spec than the flags given",
+    )
     assert "preprocess crop here, pad there" in line and "reference_frame first here, last there" in line
     assert "size 644 here, 56 there" in line and "--preset janusvln" in line
-    same = cli("precompute", "--data_root", str(tmp_path), "--server", service.url, "--preset", "newjanusvln",
-               "--size", "56", "--dry-run")
+    same = cli(
+        "precompute",
+        "--data_root",
+        str(tmp_path),
+        "--server",
+        service.url,
+        "--preset",
+        "newjanusvln",
+        "--size",
+        "56",
+        "--dry-run",
+    )
     assert same.returncode == 0 and "[ERROR]" not in same.stdout, same.stdout
 
 
@@ -101,14 +125,24 @@ def test_an_allowed_root_that_is_not_a_folder_is_a_warning(tmp_path: Path) -> No
 
     missing = str(tmp_path / "no-such-mount")
     warnings = ServiceSettings(allowed_roots=[str(tmp_path), missing]).warnings()
-    assert warnings == [f"--allowed-root {missing} is not a folder: nothing under it can be served until it exists "
-                        "(check the path)"]
+    assert warnings == [
+        f"--allowed-root {missing} is not a folder: nothing under it can be served until it exists (check the path)"
+    ]
 
 
 def test_a_dry_run_without_the_weights_plans_from_the_spec_alone(tmp_path: Path) -> None:
     write_images(tmp_path / "data" / "ep_1", [f"step_{n}_STOP.png" for n in range(3)], size=(64, 48))
-    run = cli("precompute", "--data_root", str(tmp_path / "data"), "--preset", "janusvln", "--dry-run",
-              "--state-dir", str(tmp_path / "state"), env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"})
+    run = cli(
+        "precompute",
+        "--data_root",
+        str(tmp_path / "data"),
+        "--preset",
+        "janusvln",
+        "--dry-run",
+        "--state-dir",
+        str(tmp_path / "state"),
+        env={"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"},
+    )
     assert run.returncode == 0, run.stdout
     assert "model        facebook/VGGT-1B: not on this machine, identity unknown" in run.stdout
     assert "entries      3 (3 forward units): 0 valid, 3 to compute" in run.stdout
@@ -119,19 +153,35 @@ def test_a_dry_run_without_the_weights_plans_from_the_spec_alone(tmp_path: Path)
 def test_the_dry_run_shows_an_entry_and_the_net_bytes_and_skips_valid_work_by_default(tmp_path: Path) -> None:
     root = tmp_path / "data"
     write_images(root / "ep_1", [f"step_{n}_STOP.png" for n in range(2)])
-    args = ("--data_root", str(root), "--vggt_model_path", "tiny", "--device", "cpu", "--preset", "newjanusvln",
-            "--size", "56", "--state-dir", str(tmp_path / "state"))
+    args = (
+        "--data_root",
+        str(root),
+        "--vggt_model_path",
+        "tiny",
+        "--device",
+        "cpu",
+        "--preset",
+        "newjanusvln",
+        "--size",
+        "56",
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
     first = cli("precompute", *args)
     assert "finished: 2 total, 2 computed, 0 skipped, 0 failed" in first.stdout, first.stdout
     again = cli("precompute", *args)  # the default, as the API's: valid work is never recomputed
     assert "finished: 2 total, 0 computed, 2 skipped, 0 failed" in again.stdout, again.stdout
     forced = cli("precompute", *args, "--no-skip-existing", "--dry-run")
     assert "2 valid (recomputed: --no-skip-existing), 2 to compute" in forced.stdout, forced.stdout
-    entry = int(re.search(r"\(([\d,]+) bytes an entry, net of ([\d,]+) bytes they replace\)", forced.stdout)
-                .group(1).replace(",", ""))
+    entry = int(
+        re.search(r"\(([\d,]+) bytes an entry, net of ([\d,]+) bytes they replace\)", forced.stdout)
+        .group(1)
+        .replace(",", "")
+    )
     assert entry > 16 * 128 * 2  # 4 x 4 patches of 128 bfloat16 channels and the metadata: not a difference
-    assert re.search(r"2 to compute of [\d.]+ kB each; [\d.]+ k?B to write \(net of the [\d.]+ kB they replace\)",
-                     forced.stdout), forced.stdout
+    assert re.search(
+        r"2 to compute of [\d.]+ kB each; [\d.]+ k?B to write \(net of the [\d.]+ kB they replace\)", forced.stdout
+    ), forced.stdout
 
 
 def test_an_empty_root_is_one_error_line_in_words_or_for_frames_a_warning(tmp_path: Path, service_server) -> None:
@@ -140,13 +190,37 @@ def test_an_empty_root_is_one_error_line_in_words_or_for_frames_a_warning(tmp_pa
     service = service_server(tmp_path, "--attention", "causal")
     looked_for = "causal attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> episode"
     remote = ("--data_root", str(empty), "--server", service.url)
-    for run in (cli("precompute", *remote, "--dry-run"), cli("precompute", *remote),
-                cli("precompute", "--data_root", str(empty), "--vggt_model_path", "tiny", "--attention", "causal",
-                    "--dry-run", "--state-dir", str(tmp_path / "state"))):
+    for run in (
+        cli("precompute", *remote, "--dry-run"),
+        cli("precompute", *remote),
+        cli(
+            "precompute",
+            "--data_root",
+            str(empty),
+            "--vggt_model_path",
+            "tiny",
+            "--attention",
+            "causal",
+            "--dry-run",
+            "--state-dir",
+            str(tmp_path / "state"),
+        ),
+    ):
         line = one_error(run, looked_for)
         assert "'loc'" not in line and "unexpected" not in line and f"found under {empty}" in line
-    frames = cli("precompute", "--data_root", str(empty), "--vggt_model_path", "tiny", "--device", "cpu",
-                 "--size", "56", "--state-dir", str(tmp_path / "state"))
+    frames = cli(
+        "precompute",
+        "--data_root",
+        str(empty),
+        "--vggt_model_path",
+        "tiny",
+        "--device",
+        "cpu",
+        "--size",
+        "56",
+        "--state-dir",
+        str(tmp_path / "state"),
+    )
     assert frames.returncode == 0, frames.stdout
     assert f"[WARN] Nothing to compute: no samples or images found under {empty}" in frames.stdout
 
@@ -165,8 +239,10 @@ def test_status_names_the_spec_the_warnings_and_why_a_job_failed(tmp_path: Path,
     run = cli("status", "--server", service.url)
     assert run.returncode == 0, run.stdout
     lines = run.stdout.splitlines()
-    assert any(line.startswith("spec     newjanusvln (causal attention, pad 644 px, align 14, bfloat16, reference "
-                               "frame last)") for line in lines), run.stdout
+    assert any(
+        line.startswith("spec     newjanusvln (causal attention, pad 644 px, align 14, bfloat16, reference frame last)")
+        for line in lines
+    ), run.stdout
     assert f"warning  --allowed-root {missing} is not a folder" in run.stdout
     assert any(line.startswith("    error: ") and "causal attention needs clips" in line for line in lines), run.stdout
 

@@ -24,19 +24,24 @@ from vggt_cache.service.settings import parse_devices, rank_device
 from helpers.cli import cli, one_error
 from helpers.service import REPO, TINY_MODEL, service_in_process, write_images
 
-ILLEGAL_ACCESS = ("CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
-                  "asynchronously reported at some other API call")
+ILLEGAL_ACCESS = (
+    "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "
+    "asynchronously reported at some other API call"
+)
 
 
 @pytest.fixture
 def gpus(monkeypatch: pytest.MonkeyPatch):
     """fake(n): this process sees n CUDA devices."""
+
     def fake(n: int) -> None:
         monkeypatch.setattr(torch.cuda, "device_count", lambda: n)
+
     return fake
 
 
 # --- devices: one line for a device this machine lacks (issue 19 item 3, issue 23 item 3) -----------------
+
 
 def test_device_indices_past_the_visible_count_or_named_twice_are_refused(gpus) -> None:
     gpus(2)
@@ -60,14 +65,17 @@ def test_a_rank_shown_one_gpu_takes_cuda_0(gpus) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-@pytest.mark.parametrize("command, device", [("serve", "cuda:0"), ("serve", "cuda:0,0"),
-                                             ("precompute", "cuda:3")])
-def test_a_cuda_index_on_a_machine_without_one_is_one_line_before_serving(command: str, device: str,
-                                                                          tmp_path: Path) -> None:
+@pytest.mark.parametrize("command, device", [("serve", "cuda:0"), ("serve", "cuda:0,0"), ("precompute", "cuda:3")])
+def test_a_cuda_index_on_a_machine_without_one_is_one_line_before_serving(
+    command: str, device: str, tmp_path: Path
+) -> None:
     root = tmp_path / "root"
     write_images(root, ["a.png"])
-    args = (("--allowed-root", str(root), "--model", str(TINY_MODEL), "--port", str(free_port()))
-            if command == "serve" else ("--data_root", str(root), "--vggt_model_path", str(TINY_MODEL)))
+    args = (
+        ("--allowed-root", str(root), "--model", str(TINY_MODEL), "--port", str(free_port()))
+        if command == "serve"
+        else ("--data_root", str(root), "--vggt_model_path", str(TINY_MODEL))
+    )
     run = cli(command, *args, "--device", device, "--state-dir", str(tmp_path / "state"))
     one_error(run, f"--device {device}: no CUDA device is visible (use --device cpu)")
     assert "Loading VGGT model" not in run.stdout and "Serving on" not in run.stdout
@@ -75,19 +83,29 @@ def test_a_cuda_index_on_a_machine_without_one_is_one_line_before_serving(comman
 
 # --- out of memory, whoever says it (issue 23 item 4) ----------------------------------------------------
 
-@pytest.mark.parametrize("exc", [
-    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
-    RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
-    RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
-    RuntimeError("CUDA error: out of memory"),
-    RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory"),
-])
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+        RuntimeError("CUDA error: out of memory"),
+        RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory"),
+    ],
+)
 def test_every_allocation_failure_is_out_of_memory(exc: BaseException) -> None:
     assert is_out_of_memory(exc) and not is_device_lost(exc)
 
 
-@pytest.mark.parametrize("exc", [RuntimeError("shape '[2, 3]' is invalid for input of size 5"),
-                                 ValueError("out of memory"), RuntimeError(ILLEGAL_ACCESS)])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("shape '[2, 3]' is invalid for input of size 5"),
+        ValueError("out of memory"),
+        RuntimeError(ILLEGAL_ACCESS),
+    ],
+)
 def test_other_errors_are_not_out_of_memory(exc: BaseException) -> None:
     assert not is_out_of_memory(exc)
 
@@ -98,6 +116,7 @@ def test_the_benchmark_and_the_engine_share_the_predicate() -> None:
 
 
 # --- a lost device (issue 23 item 5) ----------------------------------------------------------------------
+
 
 class LoseDevice:
     """before_forward: the first forward ends as an illegal memory access does; later ones are counted."""
@@ -150,6 +169,7 @@ def test_a_lost_device_hands_later_work_to_the_others(tmp_path: Path) -> None:
 
 # --- what /status says of the device (issue 23 items 2 and 6) ---------------------------------------------
 
+
 def test_compile_counts_grow_with_each_new_shape() -> None:
     # Each clip length compiles anew: /status's engine.compile shows it (graphs growing while serving).
     from vggt_cache.service.model.resident import compile_counts
@@ -183,9 +203,15 @@ def test_a_batch_that_compiles_is_logged_with_its_shape(tmp_path: Path, caplog: 
 
     double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
     loaded = load_aggregator(str(TINY_MODEL))
-    with caplog.at_level("WARNING", logger="vggt_cache"), \
-            Engine(loaded, make_spec(loaded, attention="causal"), max_batch_frames=3,
-                   before_forward=lambda batch: double(batch[:, :, :1, :1, :1])) as engine:
+    with (
+        caplog.at_level("WARNING", logger="vggt_cache"),
+        Engine(
+            loaded,
+            make_spec(loaded, attention="causal"),
+            max_batch_frames=3,
+            before_forward=lambda batch: double(batch[:, :, :1, :1, :1]),
+        ) as engine,
+    ):
         frames = images(tmp_path, 3)
         for clip in ([frames[0]], frames[:2], frames[:2]):  # two new clip lengths, then a known one
             engine.submit([Unit.causal(clip)])[0].result(timeout=60)
@@ -211,17 +237,23 @@ def test_cuda_memory_in_status_has_reserved_and_peaks(tmp_path: Path) -> None:
 
 # --- the GPU check, rehearsed on the CPU (issue 23 item 7) ------------------------------------------------
 
+
 @pytest.mark.gpu_check_smoke
 @pytest.mark.timeout(450)  # ~70 s alone on 2 cores; busy neighbours have tripled it
 def test_gpu_check_cpu_smoke_runs_every_step_and_writes_the_summary(tmp_path: Path) -> None:
     out = tmp_path / "check"
-    run = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", str(out)], cwd=REPO,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=420)
+    run = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--cpu-smoke", str(out)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=420,
+    )
     assert run.returncode == 0, run.stdout[-4000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] is True, summary
-    assert {s["name"] for s in summary["steps"]} >= {"model", "serve", "precompute", "precompute-rerun",
-                                                     "throughput"}
+    assert {s["name"] for s in summary["steps"]} >= {"model", "serve", "precompute", "precompute-rerun", "throughput"}
     assert all(s["rc"] == 0 for s in summary["steps"]), summary["steps"]
     assert summary["serve"]["images_per_s"] > 0 and summary["serve"]["entry_status"] == "computed"
     assert summary["precompute"]["rerun_computed"] == 0 and summary["precompute"]["computed"] > 0

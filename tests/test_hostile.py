@@ -76,9 +76,24 @@ def features(http: httpx.Client, images: list[str]) -> list[dict]:
 
 
 def verify(folder: Path, server: RunningService) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "verify", str(folder), "--server",
-                           server.url,
-                           "--api-token", TOKEN, "--json"], cwd=REPO, capture_output=True, text=True, timeout=HANG_S)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vggt_cache.service.cli",
+            "verify",
+            str(folder),
+            "--server",
+            server.url,
+            "--api-token",
+            TOKEN,
+            "--json",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=HANG_S,
+    )
 
 
 # -- 1. containment when the file is opened ------------------------------------------------------
@@ -109,13 +124,19 @@ def test_folders_swapped_for_symlinks_after_acceptance_are_neither_read_nor_writ
     queued = write_images(root / "asked", ["0.png", "1.png"], seed=4)
     write_images(outside / "asked", ["0.png", "1.png"], seed=5)
     gate = Gate()
-    with service_in_process(root, tmp_path / "state", gate, gate.release.set) as url, \
-            httpx.Client(base_url=url, timeout=120) as http, ThreadPoolExecutor(1) as pool:
+    with (
+        service_in_process(root, tmp_path / "state", gate, gate.release.set) as url,
+        httpx.Client(base_url=url, timeout=120) as http,
+        ThreadPoolExecutor(1) as pool,
+    ):
         job_id = http.post("/precompute", json={"data_root": str(root / "job")}).raise_for_status().json()["job_id"]
         assert gate.entered.wait(60)  # the job's first forward holds the device; folder b is not decoded yet
         answer = pool.submit(http.post, "/features", json={"images": queued})
-        poll(lambda: http.get("/status").json()["engine"]["queued"]["on_demand"] >= 2, 60,
-             "the on-demand request to be accepted and queued")
+        poll(
+            lambda: http.get("/status").json()["engine"]["queued"]["on_demand"] >= 2,
+            60,
+            "the on-demand request to be accepted and queued",
+        )
         swap_for_symlink(root / "job" / "b", outside / "b")
         swap_for_symlink(root / "asked", outside / "asked")
         gate.release.set()
@@ -182,8 +203,12 @@ def chunked(body: bytes) -> bytes:
 
 def test_content_length_with_transfer_encoding_is_a_400_and_closes(server: RunningService) -> None:
     with connect(server.url) as sock:
-        sock.sendall(request_head("/features", f"Authorization: Bearer {TOKEN}", "Content-Length: 5",
-                                  "Transfer-Encoding: chunked") + chunked(b'{"images": []}'))
+        sock.sendall(
+            request_head(
+                "/features", f"Authorization: Bearer {TOKEN}", "Content-Length: 5", "Transfer-Encoding: chunked"
+            )
+            + chunked(b'{"images": []}')
+        )
         status, data, closed = answer_of(sock)
     assert status == 400 and b"Transfer-Encoding" in data and closed
 
@@ -200,8 +225,7 @@ def rss_bytes(pid: int) -> int:
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
 
 
-def test_a_flood_of_oversized_and_slow_bodies_keeps_memory_bounded(server: RunningService,
-                                                                   http: httpx.Client) -> None:
+def test_a_flood_of_oversized_and_slow_bodies_keeps_memory_bounded(server: RunningService, http: httpx.Client) -> None:
     idle = rss_bytes(server.proc.pid)
     piece = b"x" * 65536
     chunk = b"%x\r\n" % len(piece) + piece + b"\r\n"
@@ -252,8 +276,9 @@ def test_a_body_dripped_a_byte_at_a_time_is_cut_at_its_deadline(open_server: Run
 # -- 3. only regular files -----------------------------------------------------------------------
 
 
-def test_fifos_where_files_are_expected_fail_their_item_at_once(server: RunningService, http: httpx.Client,
-                                                               root: Path) -> None:
+def test_fifos_where_files_are_expected_fail_their_item_at_once(
+    server: RunningService, http: httpx.Client, root: Path
+) -> None:
     folder = root / "fifos"
     good = write_images(folder, ["good.png"], seed=7)[0]
     fifos = [str(folder / f"pipe{i}.png") for i in range(6)]  # more than the decode workers
@@ -343,8 +368,9 @@ def tensor_offset(entry: str) -> int:
     return info.header_offset + 30 + name_len + extra_len
 
 
-def test_a_flipped_byte_in_the_features_is_caught_by_its_crc(server: RunningService, http: httpx.Client,
-                                                            root: Path) -> None:
+def test_a_flipped_byte_in_the_features_is_caught_by_its_crc(
+    server: RunningService, http: httpx.Client, root: Path
+) -> None:
     folder = root / "bitrot"
     image = write_images(folder, ["a.png"], seed=12)[0]
     [_first] = features(http, [image])
@@ -365,23 +391,46 @@ def test_a_flipped_byte_in_the_features_is_caught_by_its_crc(server: RunningServ
 
 
 def serve_exits(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", str(TINY_MODEL), "--device", "cpu",
-           "--port", str(free_port()), "--allowed-root", str(root), *args]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_S,
-                          env={**os.environ, **(env or {})})
+    cmd = [
+        sys.executable,
+        "-m",
+        "vggt_cache.service.cli",
+        "serve",
+        "--model",
+        str(TINY_MODEL),
+        "--device",
+        "cpu",
+        "--port",
+        str(free_port()),
+        "--allowed-root",
+        str(root),
+        *args,
+    ]
+    return subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=HANG_S, env={**os.environ, **(env or {})}
+    )
 
 
-@pytest.mark.parametrize("args, env, says", [
-    ((), {"VGGT_CACHE_API_TOKEN": ""}, "set but empty"),
-    (("--api-token", " "), None, "set but empty"),
-    (("--max-pending", "0"), None, "--max-pending must be a positive integer"),
-    (("--max-items-per-request", "-1"), None, "--max-items-per-request must be a positive integer"),
-    (("--max-image-bytes", "0"), None, "--max-image-bytes must be a positive integer"),
-    (("--patch-cache-mb", "-1"), None, "--patch-cache-mb must be zero or more"),
-], ids=["empty-token-variable", "blank-token", "zero-max-pending", "negative-items", "zero-image-bytes",
-        "negative-patch-cache"])
-def test_settings_that_cannot_be_meant_stop_the_start(tmp_path: Path, args: tuple, env: dict | None,
-                                                      says: str) -> None:
+@pytest.mark.parametrize(
+    "args, env, says",
+    [
+        ((), {"VGGT_CACHE_API_TOKEN": ""}, "set but empty"),
+        (("--api-token", " "), None, "set but empty"),
+        (("--max-pending", "0"), None, "--max-pending must be a positive integer"),
+        (("--max-items-per-request", "-1"), None, "--max-items-per-request must be a positive integer"),
+        (("--max-image-bytes", "0"), None, "--max-image-bytes must be a positive integer"),
+        (("--patch-cache-mb", "-1"), None, "--patch-cache-mb must be zero or more"),
+    ],
+    ids=[
+        "empty-token-variable",
+        "blank-token",
+        "zero-max-pending",
+        "negative-items",
+        "zero-image-bytes",
+        "negative-patch-cache",
+    ],
+)
+def test_settings_that_cannot_be_meant_stop_the_start(tmp_path: Path, args: tuple, env: dict | None, says: str) -> None:
     result = serve_exits(tmp_path, "--state-dir", str(tmp_path / "state"), *args, env=env)
     assert result.returncode == 2 and says in result.stderr + result.stdout, result.stderr[-2000:]
 
@@ -436,8 +485,9 @@ def test_only_allowlisted_image_formats_are_decoded(http: httpx.Client, root: Pa
 # -- 8. messages ---------------------------------------------------------------------------------
 
 
-def test_errors_name_the_file_and_redirects_do_not_echo_the_host(server: RunningService, http: httpx.Client,
-                                                                 root: Path) -> None:
+def test_errors_name_the_file_and_redirects_do_not_echo_the_host(
+    server: RunningService, http: httpx.Client, root: Path
+) -> None:
     folder = root / "messages"
     text = folder / "text.png"
     folder.mkdir()

@@ -21,7 +21,7 @@ RUN_TIMEOUT_S = 240
 def readme_block(heading: str) -> str:
     """The first ```bash block after `heading` in the README."""
     text = (REPO / "README.md").read_text()
-    section = text[text.index(f"\n{heading}\n"):]
+    section = text[text.index(f"\n{heading}\n") :]
     found = re.search(r"```bash\n(.*?)```", section, re.S)
     assert found, f"no bash block under {heading}"
     return found.group(1)
@@ -40,10 +40,23 @@ def checkout_bin(folder: Path) -> Path:
 def test_the_cpu_section_runs_as_written(tmp_path):
     block = readme_block("## Try it on a CPU")
     path = f"{checkout_bin(tmp_path / 'bin')}:{Path(sys.executable).parent}:/usr/bin:/bin"
-    env = {**os.environ, "PATH": path, "PYTHONPATH": str(REPO), "PORT": str(free_port()),
-           "TRY": str(tmp_path / "try"), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(["bash", "-e", "-c", block], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    env = {
+        **os.environ,
+        "PATH": path,
+        "PYTHONPATH": str(REPO),
+        "PORT": str(free_port()),
+        "TRY": str(tmp_path / "try"),
+        "PYTHONUNBUFFERED": "1",
+    }
+    proc = subprocess.Popen(
+        ["bash", "-e", "-c", block],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     finally:

@@ -26,8 +26,11 @@ from helpers.service import REPO, TINY_MODEL, RunningService, start_service, wai
 SAMPLE_LIMIT = 64 * 1024  # the service's --max-sample-bytes here
 # The service runs without the capabilities that let root read any folder, so a mode-000 folder is
 # unreadable to it as to any service account (the tests run as root in CI).
-NO_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search",
-          "--bounding-set=-dac_override,-dac_read_search"] if os.geteuid() == 0 else []
+NO_DAC = (
+    ["setpriv", "--inh-caps=-dac_override,-dac_read_search", "--bounding-set=-dac_override,-dac_read_search"]
+    if os.geteuid() == 0
+    else []
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +56,14 @@ def run_job(http: httpx.Client, data_root: Path) -> dict:
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True,
-                          text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_malformed_and_oversized_sample_files_are_plan_problems_and_the_rest_is_computed(
-        http: httpx.Client, root: Path) -> None:
+    http: httpx.Client, root: Path
+) -> None:
     data = root / "samples"
     write_images(data, ["a.png", "b.png", "c.png"], seed=1)
     (data / "good.jsonl").write_text(json.dumps({"image": "a.png"}) + "\n")
@@ -97,8 +101,10 @@ def test_one_bound_on_the_history_length_in_every_entry_point(http: httpx.Client
     response = http.post("/precompute", json={"data_root": str(data), "max_history_images": too_long})
     assert response.status_code == 422 and f"at most {MAX_HISTORY_IMAGES}" in response.text, response.text
     assert dry_run(http, data, max_history_images=MAX_HISTORY_IMAGES)["entries"] == 2
-    for command in (["precompute", "--data_root", str(data), "--dry-run", "--vggt_model_path", str(TINY_MODEL)],
-                    ["verify", str(data)]):
+    for command in (
+        ["precompute", "--data_root", str(data), "--dry-run", "--vggt_model_path", str(TINY_MODEL)],
+        ["verify", str(data)],
+    ):
         result = cli(*command, "--max_history_images", "1000000000")
         assert result.returncode == 2 and f"at most {MAX_HISTORY_IMAGES}" in result.stderr, result.stderr
         assert "MemoryError" not in result.stderr and "Traceback" not in result.stderr
@@ -119,7 +125,8 @@ def deep_chain(top: Path, levels: int, name: str) -> Path:
 
 
 def test_folders_the_walk_cannot_read_are_plan_problems_shown_everywhere(
-        http: httpx.Client, root: Path, tmp_path: Path) -> None:
+    http: httpx.Client, root: Path, tmp_path: Path
+) -> None:
     data = root / "walk"
     write_images(data / "open", ["a.png"], seed=3)
     locked = data / "locked"
@@ -144,7 +151,7 @@ def test_folders_the_walk_cannot_read_are_plan_problems_shown_everywhere(
     assert "Permission denied" in reasons[str(locked)] and "symbolic links" in reasons[str(data / "loop")]
     too_long = [w for w in reasons if "too long" in reasons[w]]
     # Its path (over 4,000 characters) is stored and shown bounded: head and tail around a marker.
-    assert len(too_long) == 1 and len(too_long[0]) <= MAX_TEXT and too_long[0].startswith(str(mid)[:MAX_TEXT // 4])
+    assert len(too_long) == 1 and len(too_long[0]) <= MAX_TEXT and too_long[0].startswith(str(mid)[: MAX_TEXT // 4])
     assert plan["source"]["samples"] == 2 and plan["entries"] == 2  # open/a.png, the deep one; nothing outside
 
     assert view["state"] == "finished" and view["computed"] == 2 and view["failed"] == 3, view

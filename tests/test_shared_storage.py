@@ -136,8 +136,14 @@ def test_an_entry_another_user_cannot_read_is_unreadable_not_corrupt(http, share
         logging.getLogger("vggt_cache").addHandler(handler)
         result = read_entry(image, spec)
         cache = FeatureCache(spec=spec, fallback="online")
-        return {"outcome": result.outcome.value, "reason": result.reason, "got": cache.get(image) is not None,
-                "stats": cache.stats, "verify": verify_data_root(str(root), spec)["counts"], "log": messages}
+        return {
+            "outcome": result.outcome.value,
+            "reason": result.reason,
+            "got": cache.get(image) is not None,
+            "stats": cache.stats,
+            "verify": verify_data_root(str(root), spec)["counts"],
+            "log": messages,
+        }
 
     seen = as_other_user(read)
     assert (seen["outcome"], seen["reason"]) == (Outcome.UNREADABLE.value, "unreadable: permission denied")
@@ -174,16 +180,28 @@ def test_a_fifo_manifest_hangs_no_reader_and_one_above_the_data_root_is_not_used
     os.mkfifo(root / MANIFEST_NAME)
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    readers = subprocess.run([sys.executable, "-c", READERS, image, str(root)], cwd=REPO, env=env,
-                             capture_output=True, text=True, timeout=START_S)
+    readers = subprocess.run(
+        [sys.executable, "-c", READERS, image, str(root)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=START_S,
+    )
     assert readers.returncode == 0, readers.stderr
     seen = json.loads(readers.stdout)
     assert seen["bounded"] and seen["read_cached"] and seen["unbounded"]
     assert seen["stats"]["hits"] == 1 and seen["stats"]["spec_mismatch"] == 0
     assert "FIFO" in readers.stderr  # the FIFO is said once, and ignored
 
-    verify = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "verify", str(root)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=START_S)
+    verify = subprocess.run(
+        [sys.executable, "-m", "vggt_cache.service.cli", "verify", str(root)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=START_S,
+    )
     assert verify.returncode != 0 and "unreadable manifest" in verify.stderr and "FIFO" in verify.stderr
 
     os.unlink(root / MANIFEST_NAME)
@@ -194,8 +212,9 @@ def test_a_fifo_manifest_hangs_no_reader_and_one_above_the_data_root_is_not_used
 # -- item 10: on-demand requests overwrite precomputed work -----------------------------------------
 
 
-def test_an_on_demand_request_keeps_a_bulk_jobs_entry_and_only_overwrite_replaces_it(service_server,
-                                                                                     shared: Path) -> None:
+def test_an_on_demand_request_keeps_a_bulk_jobs_entry_and_only_overwrite_replaces_it(
+    service_server, shared: Path
+) -> None:
     root = shared / "causal"
     steps = write_images(root / "ep_0001", [f"step_{n}_MOVE_FORWARD.png" for n in range(3)], seed=4)
     service = service_server(shared, "--attention", "causal")
@@ -214,8 +233,13 @@ def test_an_on_demand_request_keeps_a_bulk_jobs_entry_and_only_overwrite_replace
         assert http.get("/status").json()["engine"]["other_context"]["kept"] == 1
 
         kept = job_over(http, root, max_history_images=2)  # 3-frame clips: another context for every step
-        assert (kept["state"], kept["skipped"], kept["kept"], kept["computed"], kept["replaced"]) == \
-            ("finished", 3, 3, 0, 0)
+        assert (kept["state"], kept["skipped"], kept["kept"], kept["computed"], kept["replaced"]) == (
+            "finished",
+            3,
+            3,
+            0,
+            0,
+        )
         assert entry_digests(steps) == before
 
         replaced = job_over(http, root, max_history_images=2, overwrite=True)

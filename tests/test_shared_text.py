@@ -48,8 +48,9 @@ def test_long_sample_paths_keep_status_jobs_sqlite_and_manifest_small(server, ht
         for i in range(100):
             f.write(json.dumps({"image": f"{i:03d}" + "n" * LONG}) + "\n")
     missing_files = ["d/" * 1990 + f"{i}.jsonl" for i in range(100)]  # 4 kB names, each a sample file problem
-    answer = http.post("/precompute", json={"data_root": str(data),
-                                             "data_files": ["train.jsonl", *missing_files]}).raise_for_status()
+    answer = http.post(
+        "/precompute", json={"data_root": str(data), "data_files": ["train.jsonl", *missing_files]}
+    ).raise_for_status()
     view = wait_job(http, answer.json()["job_id"])
     assert view["state"] == "finished" and view["failed"] == 200
 
@@ -135,9 +136,14 @@ def test_names_with_newlines_and_escapes_forge_no_line_in_the_service_log(server
 
 
 def _cli(*args: str) -> str:
-    run = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True,
-                         text=True,
-                         timeout=120, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    run = subprocess.run(
+        [sys.executable, "-m", "vggt_cache.service.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     return run.stdout + run.stderr
 
 
@@ -190,8 +196,7 @@ def test_an_absolute_data_path_must_stay_inside_the_roots(http, root, tmp_path):
     data.mkdir()
     (data / "train.jsonl").write_text(json.dumps({"image": "exists.png"}) + "\n")
     for dry_run in (True, False):
-        answer = http.post("/precompute", json={"data_root": str(data), "data_path": str(outside),
-                                                 "dry_run": dry_run})
+        answer = http.post("/precompute", json={"data_root": str(data), "data_path": str(outside), "dry_run": dry_run})
         assert answer.status_code == 403, answer.text
         assert "outside the allowed roots" in answer.json()["detail"]
     inside = http.post("/precompute", json={"data_root": str(data), "data_path": ".", "dry_run": True})

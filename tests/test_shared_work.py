@@ -78,8 +78,9 @@ def held(service: RunningService) -> bool:
     return "Drill: holding a forward" in service.log()
 
 
-def test_a_sample_over_the_frame_limit_fails_alone_with_the_reason(server: RunningService, http: httpx.Client,
-                                                                   root: Path) -> None:
+def test_a_sample_over_the_frame_limit_fails_alone_with_the_reason(
+    server: RunningService, http: httpx.Client, root: Path
+) -> None:
     data = root / "long"
     targets = write_samples(data, [3, 20, 3, 2])
     frames0, _ = engine_counts(http)
@@ -95,7 +96,8 @@ def test_a_sample_over_the_frame_limit_fails_alone_with_the_reason(server: Runni
 
 
 def test_a_unit_running_at_two_deaths_of_the_service_is_failed_as_poison(
-        service_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    service_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(DRILL_HOLD_ENV, str(HELD))
     data, state = tmp_path / "data", tmp_path / "state"
     targets = write_samples(data, [3, HELD, 2])
@@ -120,7 +122,8 @@ def test_a_unit_running_at_two_deaths_of_the_service_is_failed_as_poison(
 
 
 def test_sigterm_exits_within_the_grace_while_a_forward_never_ends(
-        service_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    service_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv(DRILL_HOLD_ENV, str(HELD))
     data = tmp_path / "data"
     write_samples(data, [HELD])
@@ -146,8 +149,9 @@ def test_sigterm_exits_within_the_grace_while_a_forward_never_ends(
 
 def test_a_unit_withdrawn_while_it_decodes_is_not_run() -> None:
     scheduler = Scheduler(max_batch_frames=4, max_wait_s=0.0, bulk_limit=100)
-    job = Flight(Unit.frame("/data/a.png"), Priority.BULK, Future(), skip_existing=False, verify=False,
-              return_features=False)
+    job = Flight(
+        Unit.frame("/data/a.png"), Priority.BULK, Future(), skip_existing=False, verify=False, return_features=False
+    )
     assert scheduler.admit([job], Priority.BULK) == []
     decoding = scheduler.next_to_decode()
     assert scheduler.withdraw({job.future}) == []  # being decoded: not in any queue
@@ -161,8 +165,9 @@ def test_a_unit_withdrawn_while_it_decodes_is_not_run() -> None:
 # -- 4. identical work is coalesced -------------------------------------------------------------------
 
 
-def test_fifty_clients_asking_for_one_uncached_image_cost_one_forward(server: RunningService, http: httpx.Client,
-                                                                     root: Path) -> None:
+def test_fifty_clients_asking_for_one_uncached_image_cost_one_forward(
+    server: RunningService, http: httpx.Client, root: Path
+) -> None:
     [image] = write_images(root / "fifty", ["0.png"], seed=40)
     frames0, computed0 = engine_counts(http)
     start = threading.Barrier(CLIENTS)

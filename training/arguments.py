@@ -58,32 +58,43 @@ class ModelArguments:
     )
     vggt_model_path: str | None = field(
         default=None,
-        metadata={"help": "VGGT weights: tiny, HF id, folder or file (default facebook/VGGT-1B; "
-                          "with --tiny, the built-in tiny model)"},
+        metadata={
+            "help": "VGGT weights: tiny, HF id, folder or file (default facebook/VGGT-1B; "
+            "with --tiny, the built-in tiny model)"
+        },
     )
     vggt_fusion: str = field(
         default="default",
-        metadata={"help": f"fusion recipe: {' | '.join(FUSIONS)} (janusvln: RMSNorm merger, hidden 4096, weight 0.2, "
-                          "all frames)"},
+        metadata={
+            "help": f"fusion recipe: {' | '.join(FUSIONS)} (janusvln: RMSNorm merger, hidden 4096, weight 0.2, "
+            "all frames)"
+        },
     )
     vggt_weight: float | None = field(
-        default=None, metadata={"help": "scale of the merged VGGT tokens added to Qwen's (default: the recipe's)"})
+        default=None, metadata={"help": "scale of the merged VGGT tokens added to Qwen's (default: the recipe's)"}
+    )
     merger_hidden_dim: int | None = field(
         default=None,
-        metadata={"help": "VGGT merger MLP width (default: the recipe's; default recipe: its input width)"})
+        metadata={"help": "VGGT merger MLP width (default: the recipe's; default recipe: its input width)"},
+    )
     vggt_merger_norm: str | None = field(
-        default=None, metadata={"help": f"{' | '.join(NORMS)} on each VGGT token (default: the recipe's)"})
+        default=None, metadata={"help": f"{' | '.join(NORMS)} on each VGGT token (default: the recipe's)"}
+    )
     vggt_add_to: str | None = field(
-        default=None, metadata={"help": f"{' | '.join(ADD_TO)}: the frames the merged tokens are added to "
-                                        "(default: the recipe's)"})
+        default=None,
+        metadata={"help": f"{' | '.join(ADD_TO)}: the frames the merged tokens are added to (default: the recipe's)"},
+    )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Qwen attention kernel, e.g. flash_attention_2 or sdpa"}
     )
     tiny: bool | None = field(
         default=None,
-        metadata={"help": "try it on a CPU (tests, benchmarks): a tiny random Qwen2.5-VL built in-process and the "
-                          "built-in tiny VGGT, no downloads; default from $VGGT_TRAIN_TINY", "nargs": "?",
-                  "const": True},
+        metadata={
+            "help": "try it on a CPU (tests, benchmarks): a tiny random Qwen2.5-VL built in-process and the "
+            "built-in tiny VGGT, no downloads; default from $VGGT_TRAIN_TINY",
+            "nargs": "?",
+            "const": True,
+        },
     )
 
     def __post_init__(self) -> None:
@@ -95,8 +106,12 @@ class ModelArguments:
     @property
     def fusion(self) -> Fusion:
         """The recipe with every argument given on top of it."""
-        given = {"vggt_weight": self.vggt_weight, "merger_hidden_dim": self.merger_hidden_dim,
-                 "merger_norm": self.vggt_merger_norm, "add_to": self.vggt_add_to}
+        given = {
+            "vggt_weight": self.vggt_weight,
+            "merger_hidden_dim": self.merger_hidden_dim,
+            "merger_norm": self.vggt_merger_norm,
+            "add_to": self.vggt_add_to,
+        }
         return dataclasses.replace(FUSIONS[self.vggt_fusion], **{k: v for k, v in given.items() if v is not None})
 
 
@@ -106,26 +121,34 @@ class DataArguments:
     data_root: str | None = field(default=None, metadata={"help": "the data root (default $DATA_ROOT)"})
     data_files: str | None = field(
         default=None,
-        metadata={"help": "comma-separated JSONL sample files, relative to data_root unless absolute "
-                          "(default: every *.jsonl under data_root, as `vggt-cache precompute` scans it)"},
+        metadata={
+            "help": "comma-separated JSONL sample files, relative to data_root unless absolute "
+            "(default: every *.jsonl under data_root, as `vggt-cache precompute` scans it)"
+        },
     )
     data_path: str | None = field(
         default=None,
-        metadata={"help": "folder (relative to data_root) that relative image paths are joined to; "
-                          "the same as `vggt-cache precompute --data_path`"},
+        metadata={
+            "help": "folder (relative to data_root) that relative image paths are joined to; "
+            "the same as `vggt-cache precompute --data_path`"
+        },
     )
     image_preprocess: str | None = train_field("preprocess")
     image_size: int | None = train_field("size")
     image_align: int | None = train_field("align")
     max_history_images: int = field(
         default=DEFAULT_MAX_HISTORY,
-        metadata={"help": "episode folders (step_<n>_<ACTION>.png): history frames per sample, as "
-                          "`vggt-cache precompute --max_history_images`"},
+        metadata={
+            "help": "episode folders (step_<n>_<ACTION>.png): history frames per sample, as "
+            "`vggt-cache precompute --max_history_images`"
+        },
     )
     qwen_images: str = field(
         default="all",
-        metadata={"help": "images Qwen sees: all (the clip's frames) | current (the last frame only); "
-                          "VGGT features are always added to the current frame"},
+        metadata={
+            "help": "images Qwen sees: all (the clip's frames) | current (the last frame only); "
+            "VGGT features are always added to the current frame"
+        },
     )
     system_prompt: str = field(default="You are a helpful assistant.")
 
@@ -151,23 +174,33 @@ class CacheArguments:
 
     use_vggt_cache: bool | None = field(
         default=None,
-        metadata={"help": "read features from <image>.vggt_cache.pt and ask the service for misses; "
-                          "default from $USE_VGGT_CACHE (true|1|yes)", "nargs": "?", "const": True},
+        metadata={
+            "help": "read features from <image>.vggt_cache.pt and ask the service for misses; "
+            "default from $USE_VGGT_CACHE (true|1|yes)",
+            "nargs": "?",
+            "const": True,
+        },
     )
     vggt_service_url: str | None = field(
         default=None,
-        metadata={"help": "feature service URL(s), comma-separated (default $VGGT_SERVICE_URL); "
-                          "without one the cache is read-only"},
+        metadata={
+            "help": "feature service URL(s), comma-separated (default $VGGT_SERVICE_URL); "
+            "without one the cache is read-only"
+        },
     )
     vggt_cache_fallback: str = field(
         default="online",
-        metadata={"help": "features neither cached nor served: online (the model computes them) | "
-                          "error (stop the run) | service (error only when a service is configured)"},
+        metadata={
+            "help": "features neither cached nor served: online (the model computes them) | "
+            "error (stop the run) | service (error only when a service is configured)"
+        },
     )
     vggt_preset: str = field(
         default="newjanusvln",
-        metadata={"help": f"the feature spec to start from: {' | '.join(PRESETS)} | none (FeatureSpec's defaults); "
-                          "the arguments below override it"},
+        metadata={
+            "help": f"the feature spec to start from: {' | '.join(PRESETS)} | none (FeatureSpec's defaults); "
+            "the arguments below override it"
+        },
     )
     vggt_attention: str | None = train_field("attention")
     vggt_layers: str | None = train_field("layers")

@@ -102,16 +102,24 @@ def episode_turns(step: dict) -> tuple[tuple[str, str], ...]:
     """The exchange of one episode step (``service.samples`` step record): task in, descriptions and action out."""
     instruction = _json_object(os.path.join(step["episode"], "milestones_result.json")).get("instruction_text", "")
     described = _json_object(os.path.splitext(step["image"])[0] + ".json")
-    prompt = (f"{IMAGE_PLACEHOLDER}Your task is to {instruction or 'follow the route'}.\n"
-              "Choose one action: MOVE_FORWARD, TURN_LEFT, TURN_RIGHT or STOP.")
-    lines = [f"{label}: {described[key]}" for label, key in (("2D_DESCRIPTION", "landmark_description"),
-                                                             ("3D_DESCRIPTION", "spatial_description"))
-             if isinstance(described.get(key), str) and described[key]]
+    prompt = (
+        f"{IMAGE_PLACEHOLDER}Your task is to {instruction or 'follow the route'}.\n"
+        "Choose one action: MOVE_FORWARD, TURN_LEFT, TURN_RIGHT or STOP."
+    )
+    lines = [
+        f"{label}: {described[key]}"
+        for label, key in (("2D_DESCRIPTION", "landmark_description"), ("3D_DESCRIPTION", "spatial_description"))
+        if isinstance(described.get(key), str) and described[key]
+    ]
     return (("user", prompt), ("assistant", "\n".join([*lines, f"ACTION: {step['action']}"])))
 
 
-def load_samples(data_root: str, files: Sequence[str] | None = None, data_path: str | None = None,
-                 max_history_images: int = DEFAULT_MAX_HISTORY) -> list[TrainingSample]:
+def load_samples(
+    data_root: str,
+    files: Sequence[str] | None = None,
+    data_path: str | None = None,
+    max_history_images: int = DEFAULT_MAX_HISTORY,
+) -> list[TrainingSample]:
     """Every usable sample under ``data_root``; a malformed one raises, one with a missing image is skipped."""
     found = find_samples(data_root, max_history_images, data_path, files, keep_records=True)
     unusable = found.malformed + found.unlisted  # a folder the walk could not list may hold samples
@@ -122,8 +130,10 @@ def load_samples(data_root: str, files: Sequence[str] | None = None, data_path: 
     if found.missing:
         log.warning("Skipped %d sample(s) with missing images, e.g. %s: %s", len(found.missing), *found.missing[0])
     if found.source == "images":
-        raise ValueError(f"no samples under {data_root}: no *.jsonl, *.json sample arrays or step_<n>_<ACTION> "
-                         "episode folders (loose images carry no text to train on)")
+        raise ValueError(
+            f"no samples under {data_root}: no *.jsonl, *.json sample arrays or step_<n>_<ACTION> "
+            "episode folders (loose images carry no text to train on)"
+        )
     samples = []
     for sample in found.samples:
         try:
@@ -187,8 +197,16 @@ class VLNDataset(Dataset):
         sample = self.samples[index]
         if not sample.clip:
             ids, labels = self._tokens(sample.turns, [])
-            return {"input_ids": ids, "labels": labels, "pixel_values": None, "image_grid_thw": None,
-                    "vggt_features": None, "images_vggt": None, "vggt_grid": None, "vggt_source": None}
+            return {
+                "input_ids": ids,
+                "labels": labels,
+                "pixel_values": None,
+                "image_grid_thw": None,
+                "vggt_features": None,
+                "images_vggt": None,
+                "vggt_grid": None,
+                "vggt_source": None,
+            }
         features, source = self._cached_features(sample.clip)
         frames: dict[str, Tensor] = {}
         qwen_clip = sample.clip if self.qwen_images == "all" else sample.clip[-1:]
@@ -203,12 +221,22 @@ class VLNDataset(Dataset):
         if features is None:
             clip = [self._frame(p, frames) for p in self.spec.frames_of(sample.clip)]
             if len({tuple(f.shape) for f in clip}) > 1:
-                raise ValueError(f"{sample.where}: the clip's frames preprocess to different sizes "
-                                 f"{sorted({tuple(f.shape[1:]) for f in clip})}; VGGT needs one size per clip "
-                                 "(use --image_preprocess pad)")
+                raise ValueError(
+                    f"{sample.where}: the clip's frames preprocess to different sizes "
+                    f"{sorted({tuple(f.shape[1:]) for f in clip})}; VGGT needs one size per clip "
+                    "(use --image_preprocess pad)"
+                )
             images_vggt = torch.stack(clip)  # [S, 3, H, W]
-        return {"input_ids": ids, "labels": labels, "pixel_values": vision["pixel_values"], "image_grid_thw": grid,
-                "vggt_features": features, "images_vggt": images_vggt, "vggt_grid": vggt_grid, "vggt_source": source}
+        return {
+            "input_ids": ids,
+            "labels": labels,
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": grid,
+            "vggt_features": features,
+            "images_vggt": images_vggt,
+            "vggt_grid": vggt_grid,
+            "vggt_source": source,
+        }
 
     def _cached_features(self, clip: tuple[str, ...]) -> tuple[Tensor | None, str]:
         if self.cache is None:
@@ -231,8 +259,11 @@ class VLNDataset(Dataset):
         labels: list[int] = []
 
         def add(text_or_ids: str | list[int], learn: bool = False) -> None:
-            new = (self.tokenizer.encode(text_or_ids, add_special_tokens=False)
-                   if isinstance(text_or_ids, str) else text_or_ids)
+            new = (
+                self.tokenizer.encode(text_or_ids, add_special_tokens=False)
+                if isinstance(text_or_ids, str)
+                else text_or_ids
+            )
             ids.extend(new)
             labels.extend(new if learn else [IGNORE_INDEX] * len(new))
 

@@ -222,8 +222,10 @@ class Qwen25VLWithVGGT(nn.Module):
             fused = images[b] if self.fusion.add_to == "all_frames" else images[b][-1:]
             for i in fused:
                 if embeds[i].shape[0] != merged.shape[0]:
-                    raise ValueError(f"sample {b}: image {i} has {embeds[i].shape[0]} tokens, the current frame "
-                                     f"{merged.shape[0]}; add_to='all_frames' needs frames of one size")
+                    raise ValueError(
+                        f"sample {b}: image {i} has {embeds[i].shape[0]} tokens, the current frame "
+                        f"{merged.shape[0]}; add_to='all_frames' needs frames of one size"
+                    )
                 embeds[i] = embeds[i] + self.fusion.vggt_weight * merged.to(embeds[i].dtype)
         return tuple(embeds)
 
@@ -233,8 +235,9 @@ class Qwen25VLWithVGGT(nn.Module):
         # Frame attention makes the context irrelevant: only the current frame is computed.
         return self.spec.frames_of(frames)
 
-    def _vggt_grid(self, b: int, given: tuple[int, int] | None, frames: Tensor | None,
-                   qwen: tuple[int, int]) -> tuple[int, int]:
+    def _vggt_grid(
+        self, b: int, given: tuple[int, int] | None, frames: Tensor | None, qwen: tuple[int, int]
+    ) -> tuple[int, int]:
         """The entry's patch grid; Qwen's grid must be its even part (both saw the same pixels)."""
         patch = self.vggt.patch_size
         grid = tuple(given) if given is not None else qwen
@@ -280,9 +283,7 @@ class Qwen25VLWithVGGT(nn.Module):
                 f"for a {h}x{w} patch grid (layers={list(self.spec.layers)}, tokens={self.spec.tokens!r})"
             )
         if entry.dtype != self.spec.torch_dtype:
-            raise ValueError(
-                f"sample {b}: VGGT features are {entry.dtype}, the spec stores {self.spec.torch_dtype}"
-            )
+            raise ValueError(f"sample {b}: VGGT features are {entry.dtype}, the spec stores {self.spec.torch_dtype}")
         entry = entry.to(self.merger.norm.weight.device)
         patches = entry[start:] if layers == 1 else entry[:, start:].permute(1, 0, 2)  # [h*w, (L,) C]
         patches = patches.reshape(h, w, layers * self.feature_dim)[: qwen[0], : qwen[1]]

@@ -89,8 +89,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     specials = [t for t in head + tail if t != "<unk>"]
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<|endoftext|>", eos_token="<|im_end|>",
-                                   unk_token="<unk>", additional_special_tokens=specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<|endoftext|>",
+        eos_token="<|im_end|>",
+        unk_token="<unk>",
+        additional_special_tokens=specials,
+    )
 
 
 def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
@@ -99,8 +104,11 @@ def tiny_config(tokenizer: PreTrainedTokenizerFast) -> Qwen2_5_VLConfig:
 
 def tiny_image_processor(config: Qwen2_5_VLConfig) -> Qwen2VLImageProcessorPil:
     vision = config.vision_config
-    return Qwen2VLImageProcessorPil(patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
-                                    merge_size=vision.spatial_merge_size)
+    return Qwen2VLImageProcessorPil(
+        patch_size=vision.patch_size,
+        temporal_patch_size=vision.temporal_patch_size,
+        merge_size=vision.spatial_merge_size,
+    )
 
 
 def vggt_source(model_args: ModelArguments) -> str:
@@ -117,8 +125,11 @@ def build_qwen(model_args: ModelArguments, training_args: TrainingArguments) -> 
     dtype = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else torch.float32
     extra = {"attn_implementation": model_args.attn_implementation} if model_args.attn_implementation else {}
     qwen = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_args.model_name_or_path, dtype=dtype, **extra)
-    return QwenParts(qwen, AutoTokenizer.from_pretrained(model_args.model_name_or_path),
-                     Qwen2VLImageProcessorPil.from_pretrained(model_args.model_name_or_path))
+    return QwenParts(
+        qwen,
+        AutoTokenizer.from_pretrained(model_args.model_name_or_path),
+        Qwen2VLImageProcessorPil.from_pretrained(model_args.model_name_or_path),
+    )
 
 
 class VGGTTrainer(Trainer):
@@ -161,8 +172,10 @@ class VGGTTrainer(Trainer):
         ckpt = Path(resume_from_checkpoint)
         saved_spec = json.loads((ckpt / FUSION_FILE).read_text())["spec"]
         if saved_spec != model.spec.to_dict():
-            raise ValueError(f"checkpoint {ckpt} was trained with another VGGT feature spec "
-                             f"(differs in: {', '.join(model.spec.differences(FeatureSpec.from_dict(saved_spec)))})")
+            raise ValueError(
+                f"checkpoint {ckpt} was trained with another VGGT feature spec "
+                f"(differs in: {', '.join(model.spec.differences(FeatureSpec.from_dict(saved_spec)))})"
+            )
         saved = Qwen2_5_VLForConditionalGeneration.from_pretrained(ckpt, dtype=model.qwen.dtype)
         model.qwen.load_state_dict(saved.state_dict())
         model.merger.load_state_dict(load_file(ckpt / MERGER_FILE))
@@ -170,20 +183,24 @@ class VGGTTrainer(Trainer):
 
 def serve_command(spec: FeatureSpec, vggt: str, data_root: str) -> str:
     """A ``vggt-cache serve`` line whose features this run can use, on whatever machine runs it (`--device auto`)."""
-    return (f"vggt-cache serve --model {vggt} --host 0.0.0.0 --port {DEFAULT_PORT} "
-            f"--allowed-root {data_root} {serve_flags(spec)}")
+    return (
+        f"vggt-cache serve --model {vggt} --host 0.0.0.0 --port {DEFAULT_PORT} "
+        f"--allowed-root {data_root} {serve_flags(spec)}"
+    )
 
 
 def missing_features_help(spec: FeatureSpec, vggt: str, data: DataArguments) -> str:
     root = os.path.abspath(data.data_root)
     data_path = f" --data_path {data.data_path}" if data.data_path else ""
-    return (f"Start a feature service with this run's spec and point VGGT_SERVICE_URL at it:\n"
-            f"  {serve_command(spec, vggt, root)}\n"
-            f"  export VGGT_SERVICE_URL=http://<service host>:{DEFAULT_PORT}\n"
-            f"or precompute every feature first:\n"
-            f"  vggt-cache precompute --data_root {root} --vggt_model_path {vggt}{data_path} --skip_existing "
-            f"{serve_flags(spec)}\n"
-            f"or pass --vggt_cache_fallback online to compute missing features during training.")
+    return (
+        f"Start a feature service with this run's spec and point VGGT_SERVICE_URL at it:\n"
+        f"  {serve_command(spec, vggt, root)}\n"
+        f"  export VGGT_SERVICE_URL=http://<service host>:{DEFAULT_PORT}\n"
+        f"or precompute every feature first:\n"
+        f"  vggt-cache precompute --data_root {root} --vggt_model_path {vggt}{data_path} --skip_existing "
+        f"{serve_flags(spec)}\n"
+        f"or pass --vggt_cache_fallback online to compute missing features during training."
+    )
 
 
 def check_services(urls: Sequence[str], spec: FeatureSpec, fallback: str, serve: str) -> list[str]:
@@ -199,14 +216,17 @@ def check_services(urls: Sequence[str], spec: FeatureSpec, fallback: str, serve:
             with ServiceClient(url, timeout=10) as service:
                 theirs = service.spec()
         except (ServiceError, ValueError, TypeError) as exc:  # unreachable, or no model loaded yet
-            log.warning("Cannot read the VGGT feature service's spec at %s (%s); fallback for misses: %s",
-                        url, exc, fallback)
+            log.warning(
+                "Cannot read the VGGT feature service's spec at %s (%s); fallback for misses: %s", url, exc, fallback
+            )
             usable.append(url)
             continue
         if theirs.digest != spec.digest:
-            message = (f"The VGGT feature service at {url} computes features with another spec than this run "
-                       f"(differs in: {', '.join(spec.differences(theirs))}); none of its features can be used. "
-                       f"Start it with this run's spec: {serve}")
+            message = (
+                f"The VGGT feature service at {url} computes features with another spec than this run "
+                f"(differs in: {', '.join(spec.differences(theirs))}); none of its features can be used. "
+                f"Start it with this run's spec: {serve}"
+            )
             if fallback != "online":
                 raise CacheUnavailable(message)
             log.warning("%s. Meanwhile missing features are computed online.", message)
@@ -216,20 +236,32 @@ def check_services(urls: Sequence[str], spec: FeatureSpec, fallback: str, serve:
 
 
 # The flags a first run needs, shown first in --help (the rest: one group per dataclass, then transformers').
-FIRST_FLAGS = ("--data_root", "--output_dir", "--model_name_or_path", "--vggt_model_path", "--tiny",
-               "--use_vggt_cache", "--vggt_service_url", "--vggt_preset", "--per_device_train_batch_size",
-               "--max_steps")
+FIRST_FLAGS = (
+    "--data_root",
+    "--output_dir",
+    "--model_name_or_path",
+    "--vggt_model_path",
+    "--tiny",
+    "--use_vggt_cache",
+    "--vggt_service_url",
+    "--vggt_preset",
+    "--per_device_train_batch_size",
+    "--max_steps",
+)
 
 
 def build_parser() -> HfArgumentParser:
     """The arguments of ``training.train``; ``--help`` starts with :data:`FIRST_FLAGS`, then groups the rest."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, CacheArguments, TrainingArguments),
-                              prog="python -m vggt_cache.training.train",
-                              usage="%(prog)s --data_root DIR --output_dir DIR [FLAGS] (or under torchrun)",
-                              description="Fine-tune Qwen2.5-VL + VGGT, VGGT features from the cache or computed "
-                                          "online (see the README's 'Training with the cache').")
-    hf = parser.add_argument_group("transformers' TrainingArguments: the rest of the run (optimiser, precision, "
-                                   "logging, saving, distributed)")
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, CacheArguments, TrainingArguments),
+        prog="python -m vggt_cache.training.train",
+        usage="%(prog)s --data_root DIR --output_dir DIR [FLAGS] (or under torchrun)",
+        description="Fine-tune Qwen2.5-VL + VGGT, VGGT features from the cache or computed "
+        "online (see the README's 'Training with the cache').",
+    )
+    hf = parser.add_argument_group(
+        "transformers' TrainingArguments: the rest of the run (optimiser, precision, logging, saving, distributed)"
+    )
     _move(parser, [a for a in parser._optionals._group_actions if a.dest != "help"], hf)
     first = parser.add_argument_group("start here: the flags a first run needs")
     _move(parser, [parser._option_string_actions[flag] for flag in FIRST_FLAGS], first)
@@ -262,8 +294,9 @@ def _refuse_zero3(deepspeed: str | dict | None) -> None:
         return
     config = deepspeed if isinstance(deepspeed, dict) else json.loads(Path(deepspeed).read_text())
     if config.get("zero_optimization", {}).get("stage") == 3:
-        raise ValueError("DeepSpeed ZeRO-3 would shard the frozen VGGT, which computes features on every rank; "
-                         "use ZeRO-2 (or none)")
+        raise ValueError(
+            "DeepSpeed ZeRO-3 would shard the frozen VGGT, which computes features on every rank; use ZeRO-2 (or none)"
+        )
 
 
 def open_cache(cache_args: CacheArguments, spec: FeatureSpec, serve: str) -> FeatureCache | None:
@@ -274,13 +307,22 @@ def open_cache(cache_args: CacheArguments, spec: FeatureSpec, serve: str) -> Fea
     fallback = cache_args.vggt_cache_fallback
     urls = check_services(cache_args.service_urls, spec, fallback, serve)
     left_out = [url for url in cache_args.service_urls if url not in urls]
-    reason = (f"the service at {', '.join(left_out)} computes another spec (see the warning above)" if left_out
-              else NO_SERVICE)
+    reason = (
+        f"the service at {', '.join(left_out)} computes another spec (see the warning above)"
+        if left_out
+        else NO_SERVICE
+    )
     # logs the seed's "enabled" line
     cache = FeatureCache(urls or None, spec, fallback=fallback, no_service_reason=reason)
-    log.info("VGGT feature spec %s (%s attention, reference frame %s%s); service: %s; fallback: %s", spec.digest,
-             spec.attention, spec.reference_frame, f", preset {matching_preset(spec)}" if matching_preset(spec) else "",
-             ", ".join(urls) or "none (read-only cache)", fallback)
+    log.info(
+        "VGGT feature spec %s (%s attention, reference frame %s%s); service: %s; fallback: %s",
+        spec.digest,
+        spec.attention,
+        spec.reference_frame,
+        f", preset {matching_preset(spec)}" if matching_preset(spec) else "",
+        ", ".join(urls) or "none (read-only cache)",
+        fallback,
+    )
     return cache
 
 
@@ -290,8 +332,12 @@ def warn_shared_targets(samples: Sequence, attention: str) -> None:
     for sample in samples:
         planner.add_clip(list(sample.clip))
     if planner.conflicts:
-        log.warning("%d image(s) get a %s entry from more than one clip; a cache file holds one context, "
-                    "so those are recomputed whenever another clip asks for them", planner.conflicts, attention)
+        log.warning(
+            "%d image(s) get a %s entry from more than one clip; a cache file holds one context, "
+            "so those are recomputed whenever another clip asks for them",
+            planner.conflicts,
+            attention,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -302,27 +348,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Float32 weights, as the service loads them; Trainer moves them to the device.
     vggt = load_aggregator(vggt_path)
     spec = feature_spec(vggt, data_args, cache_args)
-    samples = load_samples(data_args.data_root, data_args.sample_files, data_args.data_path,
-                           data_args.max_history_images)
+    samples = load_samples(
+        data_args.data_root, data_args.sample_files, data_args.data_path, data_args.max_history_images
+    )
     if cache_args.use_vggt_cache:
         warn_shared_targets(samples, spec.attention)
     try:
         cache = open_cache(cache_args, spec, serve_command(spec, vggt_path, os.path.abspath(data_args.data_root)))
         qwen = build_qwen(model_args, training_args)
         model = Qwen25VLWithVGGT(qwen.model, vggt, spec, model_args.fusion)
-        dataset = VLNDataset(samples, qwen.tokenizer, qwen.image_processor, qwen.model.config, spec, cache,
-                             data_args.qwen_images, data_args.system_prompt)
-        trainer = VGGTTrainer(model=model, args=training_args, train_dataset=dataset,
-                              data_collator=VGGTCollator(qwen.tokenizer.pad_token_id),
-                              processing_class=qwen.tokenizer, image_processor=qwen.image_processor)
+        dataset = VLNDataset(
+            samples,
+            qwen.tokenizer,
+            qwen.image_processor,
+            qwen.model.config,
+            spec,
+            cache,
+            data_args.qwen_images,
+            data_args.system_prompt,
+        )
+        trainer = VGGTTrainer(
+            model=model,
+            args=training_args,
+            train_dataset=dataset,
+            data_collator=VGGTCollator(qwen.tokenizer.pad_token_id),
+            processing_class=qwen.tokenizer,
+            image_processor=qwen.image_processor,
+        )
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     except CacheUnavailable as exc:
         log.error("%s\n%s", exc, missing_features_help(spec, vggt_path, data_args))
         return EXIT_NO_FEATURES
     trainer.save_model()
     totals = trainer.vggt_source_totals()
-    log.info("VGGT features by source over %d sample(s): %s", sum(totals.values()),
-             ", ".join(f"{k}={v}" for k, v in totals.items()))
+    log.info(
+        "VGGT features by source over %d sample(s): %s",
+        sum(totals.values()),
+        ", ".join(f"{k}={v}" for k, v in totals.items()),
+    )
     return 0
 
 

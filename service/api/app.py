@@ -35,15 +35,26 @@ def create_app(runtime: ServiceRuntime) -> FastAPI:
     settings = runtime.settings
     open_docs = settings.api_token is None
     # No trailing-slash redirects: their Location would echo the client's Host header.
-    app = FastAPI(title="vggt-cache", version=status.VERSION, lifespan=lifespan,
-                  docs_url="/docs" if open_docs else None, redoc_url=None,
-                  openapi_url="/openapi.json" if open_docs else None, redirect_slashes=False)
+    app = FastAPI(
+        title="vggt-cache",
+        version=status.VERSION,
+        lifespan=lifespan,
+        docs_url="/docs" if open_docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if open_docs else None,
+        redirect_slashes=False,
+    )
     app.state.runtime = runtime
     app.state.metrics = metrics = Metrics(runtime)
     app.state.plans = Admission(settings.max_plans, "plans (dry runs)")
-    app.add_middleware(RequestGuard, token=settings.api_token, max_bytes=settings.max_body_bytes,
-                       timeout_s=settings.body_timeout_s, buffer_bytes=settings.body_buffer_bytes,
-                       hosts=host_names(settings))
+    app.add_middleware(
+        RequestGuard,
+        token=settings.api_token,
+        max_bytes=settings.max_body_bytes,
+        timeout_s=settings.body_timeout_s,
+        buffer_bytes=settings.body_buffer_bytes,
+        hosts=host_names(settings),
+    )
     app.middleware("http")(metrics.observe_request)
     register_errors(app)
     for module in (probes, status, features, jobs):

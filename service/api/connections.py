@@ -25,12 +25,15 @@ DESCRIPTOR_RESERVE = 128
 ACCEPT_BACKLOG = 64
 ACCEPT_REPORT_S = 60.0
 _BUSY_BODY = b'{"detail": "too many connections in progress; retry shortly"}'
-BUSY_RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
-                 b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY))
+BUSY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+    b"connection: close\r\ncontent-length: %d\r\n\r\n%s" % (len(_BUSY_BODY), _BUSY_BODY)
+)
 
 
-def guarded_protocol(base: type[asyncio.Protocol], header_timeout_s: float,
-                     max_connections: int) -> type[asyncio.Protocol]:
+def guarded_protocol(
+    base: type[asyncio.Protocol], header_timeout_s: float, max_connections: int
+) -> type[asyncio.Protocol]:
     """`base` (uvicorn's h11 or httptools protocol) with a header deadline and a cap on open connections.
 
     Relies on what both of uvicorn's HTTP/1.1 protocols have: `loop`, `transport`, `cycle` (the
@@ -120,8 +123,12 @@ def connection_cap(max_connections: int, descriptors: int) -> int:
     """`max_connections`, lowered to leave the engine its descriptors (logged when lowered)."""
     room = max(1, descriptors - max(DESCRIPTOR_RESERVE, descriptors // 4) - ACCEPT_BACKLOG)
     if room < max_connections:
-        log.warning("At most %d open connections (--max-connections %d does not fit a descriptor limit of %d)",
-                    room, max_connections, descriptors)
+        log.warning(
+            "At most %d open connections (--max-connections %d does not fit a descriptor limit of %d)",
+            room,
+            max_connections,
+            descriptors,
+        )
         return room
     return max_connections
 
@@ -145,7 +152,11 @@ class AcceptErrors:
         self.count += 1
         now = time.monotonic()
         if now - self._last >= self.interval_s:
-            log.error("Cannot accept connections: %s (%d times since the last report; said at most once every "
-                      "%g s)", exc.strerror, self.count, self.interval_s)
+            log.error(
+                "Cannot accept connections: %s (%d times since the last report; said at most once every %g s)",
+                exc.strerror,
+                self.count,
+                self.interval_s,
+            )
             self.count = 0
             self._last = now

@@ -27,8 +27,9 @@ async def _plans(request: Request) -> Admission:
 
 async def _components(runtime: Annotated[ServiceRuntime, Depends(_runtime)]) -> Components:
     if runtime.components is None:
-        raise NotReady(f"model failed to load: {runtime.load_error}" if runtime.load_error
-                       else "model is still loading")
+        raise NotReady(
+            f"model failed to load: {runtime.load_error}" if runtime.load_error else "model is still loading"
+        )
     return runtime.components
 
 

@@ -52,8 +52,15 @@ class Admission:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, token: str | None, max_bytes: int, timeout_s: float, buffer_bytes: int,
-                 hosts: frozenset[str] | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        token: str | None,
+        max_bytes: int,
+        timeout_s: float,
+        buffer_bytes: int,
+        hosts: frozenset[str] | None = None,
+    ) -> None:
         self.app = app
         self.hosts = hosts  # None: any Host
         self.token = token
@@ -69,16 +76,28 @@ class RequestGuard:
         headers = dict(scope["headers"])
         host = headers.get(b"host")
         if self.hosts is not None and host is not None and not host_allowed(host, self.hosts):
-            await _refuse(send, 421, "this service does not answer to the host name in the request's Host header "
-                                     "(the operator may allow it with --allowed-host)")
+            await _refuse(
+                send,
+                421,
+                "this service does not answer to the host name in the request's Host header "
+                "(the operator may allow it with --allowed-host)",
+            )
             return
         if b"content-length" in headers and b"transfer-encoding" in headers:
-            await _refuse(send, 400, "both Content-Length and Transfer-Encoding given: the body's framing is "
-                                     "ambiguous (RFC 9112 section 6.3)")
+            await _refuse(
+                send,
+                400,
+                "both Content-Length and Transfer-Encoding given: the body's framing is "
+                "ambiguous (RFC 9112 section 6.3)",
+            )
             return
         if self.token is not None and scope["path"] not in PUBLIC_PATHS and not self._authorised(headers):
-            await _refuse(send, 401, "missing or wrong bearer token (Authorization: Bearer <token>)",
-                          {"WWW-Authenticate": "Bearer"})
+            await _refuse(
+                send,
+                401,
+                "missing or wrong bearer token (Authorization: Bearer <token>)",
+                {"WWW-Authenticate": "Bearer"},
+            )
             return
         if scope["method"] in BODY_METHODS and not _is_json(headers.get(b"content-type", b"")):
             await _refuse(send, 415, "send the body as JSON, with Content-Type: application/json")
@@ -163,7 +182,16 @@ def _replay(body: bytes, receive: Receive) -> Receive:
 async def _refuse(send: Send, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
     body = json.dumps({"detail": detail}).encode()
     extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close"), *extra]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+                *extra,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

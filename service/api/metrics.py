@@ -46,20 +46,25 @@ class Metrics:
     def __init__(self, runtime: ServiceRuntime) -> None:
         self._started = time.monotonic()
         self.registry = CollectorRegistry()
-        self.requests = Counter("vggt_cache_http_requests", "HTTP requests", ["route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("vggt_cache_http_request_seconds", "HTTP request latency", ["route"],
-                                 registry=self.registry,
-                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.entries = Counter("vggt_cache_feature_entries", "entries served by /features", ["status"],
-                               registry=self.registry)
+        self.requests = Counter(
+            "vggt_cache_http_requests", "HTTP requests", ["route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "vggt_cache_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.entries = Counter(
+            "vggt_cache_feature_entries", "entries served by /features", ["status"], registry=self.registry
+        )
         self.registry.register(_RuntimeCollector(runtime))
 
     def uptime(self) -> float:
         return time.monotonic() - self._started
 
-    async def observe_request(self, request: Request,
-                              call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    async def observe_request(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         t0 = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")

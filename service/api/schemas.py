@@ -37,12 +37,14 @@ class PrecomputeRequest(BaseModel):
     skip_existing: bool = True
     verify: bool = False
     data_path: Path | None = Field(None, description="folder the samples' image paths are relative to")
-    max_history_images: int = Field(DEFAULT_MAX_HISTORY,
-                                    description="history frames per sample of an episode folder (step_<n>_<action>)")
+    max_history_images: int = Field(
+        DEFAULT_MAX_HISTORY, description="history frames per sample of an episode folder (step_<n>_<action>)"
+    )
     dry_run: bool = Field(False, description="plan only: samples, entries valid / to compute, bytes, free space")
     force: bool = Field(False, description="start even if the new entries would not fit on the file system")
-    data_files: list[Path] | None = Field(None, description="sample files to read (relative to data_root), "
-                                                           "instead of every one found")
+    data_files: list[Path] | None = Field(
+        None, description="sample files to read (relative to data_root), instead of every one found"
+    )
     overwrite: bool = Field(False, description="replace valid entries computed with another clip (else kept)")
 
     @field_validator("max_history_images")

@@ -31,9 +31,15 @@ def say_json(body: object) -> None:
 
 def job_options(args: argparse.Namespace) -> JobOptions:
     """`vggt-cache precompute`'s flags as a job's options (local, dry run, or the body sent to a service)."""
-    return JobOptions(skip_existing=args.skip_existing, verify=args.verify, data_path=args.data_path,
-                      max_history_images=args.max_history_images, force=args.force, data_files=args.data_files,
-                      overwrite=args.overwrite)
+    return JobOptions(
+        skip_existing=args.skip_existing,
+        verify=args.verify,
+        data_path=args.data_path,
+        max_history_images=args.max_history_images,
+        force=args.force,
+        data_files=args.data_files,
+        overwrite=args.overwrite,
+    )
 
 
 def settings_of(args: argparse.Namespace, **overrides: object) -> ServiceSettings:
@@ -79,8 +85,11 @@ def api_token(args: argparse.Namespace) -> str | None:
         except (OSError, ValueError) as exc:
             raise CommandError(f"--api-token-file {args.api_token_file}: {exc}") from None
     if args.api_token is not None:
-        log.warning("--api-token on the command line can be read by every user of this machine (ps): put it in a "
-                    "file readable by you alone (--api-token-file) or in $%s", TOKEN_ENV)
+        log.warning(
+            "--api-token on the command line can be read by every user of this machine (ps): put it in a "
+            "file readable by you alone (--api-token-file) or in $%s",
+            TOKEN_ENV,
+        )
         return args.api_token
     return read_variable(TOKEN_ENV)
 

@@ -30,15 +30,22 @@ def dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root
     spec = model_spec(identity, **settings.spec)
     work = plan_work(data_root, spec, allowed, job_options(args), JobLimits.of(settings))
     if identity.fingerprint == UNKNOWN_FINGERPRINT:
-        say(f"model        {settings.model}: not on this machine, identity unknown (every entry counted to "
-            "compute; the digest below changes once the weights are there)")
+        say(
+            f"model        {settings.model}: not on this machine, identity unknown (every entry counted to "
+            "compute; the digest below changes once the weights are there)"
+        )
     print_plan(work.plan.to_dict(), work.plan.summary(), spec.digest)
     return 0
 
 
 # What a plan's `source` counts, in words ("3 episode folder(s)", not "3 episodes source(s)").
-_SOURCE_WORDS = {"jsonl": "JSONL file(s)", "json": "JSON sample file(s)", "jsonl+json": "sample file(s)",
-                 "episodes": "episode folder(s)", "images": "image(s) (no sample files)"}
+_SOURCE_WORDS = {
+    "jsonl": "JSONL file(s)",
+    "json": "JSON sample file(s)",
+    "jsonl+json": "sample file(s)",
+    "episodes": "episode folder(s)",
+    "images": "image(s) (no sample files)",
+}
 
 
 # Stands for weights that are not on this machine: no entry on disk carries it, so a plan made with it
@@ -51,9 +58,13 @@ def _unknown_model(source: str, missing: FileNotFoundError):
     from vggt_cache.service.model import ModelIdentity
     from vggt_cache.service.model.config import AggregatorConfig
 
-    log.warning("The weights of %s are not on this machine (%s): planning from the spec alone. The model's "
-                "identity is unknown, so entries already written cannot be checked: every entry counts as to "
-                "compute", source, missing)
+    log.warning(
+        "The weights of %s are not on this machine (%s): planning from the spec alone. The model's "
+        "identity is unknown, so entries already written cannot be checked: every entry counts as to "
+        "compute",
+        source,
+        missing,
+    )
     return ModelIdentity(AggregatorConfig(), UNKNOWN_FINGERPRINT, source)
 
 
@@ -65,17 +76,22 @@ def print_plan(plan: dict, summary: str, digest: str) -> None:
     kind = _SOURCE_WORDS.get(source["source"], source["source"])
     say(f"samples      {source['samples']} from {source['files']} {kind}{history}")
     recomputed = " (recomputed: --no-skip-existing)" if plan["valid"] + plan["to_compute"] > plan["entries"] else ""
-    say(f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid{recomputed}, "
-        f"{plan['to_compute']} to compute")
+    say(
+        f"entries      {plan['entries']} ({plan['units']} forward units): {plan['valid']} valid{recomputed}, "
+        f"{plan['to_compute']} to compute"
+    )
     if plan["problems"] or plan["refused"] or plan["unreadable"]:
-        say(f"problems     {plan['problems']} malformed sample(s), missing image(s) or unlisted folder(s) "
+        say(
+            f"problems     {plan['problems']} malformed sample(s), missing image(s) or unlisted folder(s) "
             f"({plan.get('unlisted', 0)} of these), {plan['refused']} refused (outside the allowed roots or too "
-            f"many frames), {plan['unreadable']} unreadable image(s)")
+            f"many frames), {plan['unreadable']} unreadable image(s)"
+        )
         for item in plan.get("first_problems", []):
             say(f"  {item['where']}: {item['reason']}")
     replaced = f", net of {plan['replaced_bytes']:,} bytes they replace" if plan.get("replaced_bytes") else ""
     say(f"to write     {plan['bytes_to_write']:,} bytes ({plan.get('entry_bytes', 0):,} bytes an entry{replaced})")
-    say(f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"
-        f" ({'fits' if plan['fits'] else 'DOES NOT FIT'})")
+    say(
+        f"free         {plan['free_bytes']:,} bytes on the file system of {plan['data_root']}"
+        f" ({'fits' if plan['fits'] else 'DOES NOT FIT'})"
+    )
     say(summary)
-

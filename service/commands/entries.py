@@ -37,15 +37,22 @@ def verify(args: argparse.Namespace) -> int:
         except ValueError as exc:
             raise CommandError(f"{exc}; pass --server URL to take the spec from a service") from None
         if manifest is None:
-            raise CommandError(f"no {MANIFEST_NAME} in {data_root} (no job has finished there): pass --server URL "
-                               "to take the spec from a service")
+            raise CommandError(
+                f"no {MANIFEST_NAME} in {data_root} (no job has finished there): pass --server URL "
+                "to take the spec from a service"
+            )
         spec = FeatureSpec.from_dict(manifest["spec"])
         scanned = (manifest.get("plan") or {}).get("source") or {}  # what the job that wrote it read
         history = scanned.get("max_history_images") if history is None else history
         files = scanned.get("sample_files") if files is None else files
-    report = verify_data_root(data_root, spec, data_path=args.data_path,
-                              max_history_images=DEFAULT_MAX_HISTORY if history is None else history, files=files,
-                              max_sample_bytes=args.max_sample_bytes)
+    report = verify_data_root(
+        data_root,
+        spec,
+        data_path=args.data_path,
+        max_history_images=DEFAULT_MAX_HISTORY if history is None else history,
+        files=files,
+        max_sample_bytes=args.max_sample_bytes,
+    )
     if args.json:
         say_json(report)
     else:
@@ -64,12 +71,20 @@ def _estimate_storage(data_root: str, samples: int, as_json: bool) -> int:
     if as_json:
         print(json.dumps(report, indent=2))
         return 0
-    say(f"{data_root}: {report['entries']} entries, {human_bytes(report['bytes_now'])} now; "
-        f"{report['sampled']} valid entries sampled")
+    say(
+        f"{data_root}: {report['entries']} entries, {human_bytes(report['bytes_now'])} now; "
+        f"{report['sampled']} valid entries sampled"
+    )
     for storage, row in report["storages"].items():
         error = row.get("error")
-        shown = (f"; error max {error['max_rel']:.2%} mean {error['mean_rel']:.2%} of the magnitudes, lowest "
-                 f"token cosine {error['min_cosine']:.5f}") if error else ""
+        shown = (
+            (
+                f"; error max {error['max_rel']:.2%} mean {error['mean_rel']:.2%} of the magnitudes, lowest "
+                f"token cosine {error['min_cosine']:.5f}"
+            )
+            if error
+            else ""
+        )
         say(f"  {storage:7s} {human_bytes(row['bytes'])} ({row['ratio']:.2f}x smaller than raw){shown}")
     return 0
 
@@ -85,11 +100,13 @@ def convert(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        say(f"{data_root}: {report['converted']} entries converted to {args.storage}, "
+        say(
+            f"{data_root}: {report['converted']} entries converted to {args.storage}, "
             f"{human_bytes(report['bytes_saved'])} saved ({human_bytes(report['bytes_before'])} -> "
             f"{human_bytes(report['bytes_after'])}); "
             f"{report['already']} already {args.storage}, {report['invalid']} not valid (left alone), "
-            f"{report['lossy_source']} fp8 (not converted), {report['failed']} failed")
+            f"{report['lossy_source']} fp8 (not converted), {report['failed']} failed"
+        )
         for item in report.get("failures", [])[:50]:
             say(f"  failed {item['image']}: {item['reason']}")
     return 0 if not report["failed"] else 1

@@ -30,8 +30,7 @@ log = logging.getLogger("vggt_cache")
 
 def precompute(args: argparse.Namespace) -> int:
     if args.llm_model_path:
-        log.info("--model_path %s is not needed (VGGT features do not depend on the LLM); ignored",
-                 args.llm_model_path)
+        log.info("--model_path %s is not needed (VGGT features do not depend on the LLM); ignored", args.llm_model_path)
     data_root = os.path.abspath(args.data_root)
     if args.server:
         return _precompute_remote(args, data_root)
@@ -55,7 +54,9 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     batch = args.batch_size or args.max_batch_frames
     state_dir = os.path.join(args.state_dir, f"rank{rank}" if world > 1 else "")
     allowed = AllowedRoots.of([data_root, *(args.allowed_roots or [])])
-    settings = settings_of(args, device=device, max_batch_frames=batch, state_dir=state_dir, allowed_roots=allowed.given)
+    settings = settings_of(
+        args, device=device, max_batch_frames=batch, state_dir=state_dir, allowed_roots=allowed.given
+    )
     if args.dry_run:
         return dry_run_local(args, settings, data_root, allowed)
     check_device(settings.device)
@@ -69,9 +70,12 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     with ThreadPoolExecutor(1, thread_name_prefix="job") as pool:
         running = pool.submit(jobs.run, job.job_id)
         try:
-            follow_job(lambda: jobs.view(job.job_id), lambda _: running.done(),
-                       lambda: wait([running], timeout=PROGRESS_POLL_S),
-                       f"[rank {rank}] precompute" if world > 1 else "precompute")
+            follow_job(
+                lambda: jobs.view(job.job_id),
+                lambda _: running.done(),
+                lambda: wait([running], timeout=PROGRESS_POLL_S),
+                f"[rank {rank}] precompute" if world > 1 else "precompute",
+            )
             view = running.result() or jobs.view(job.job_id)
         except BaseException:  # Ctrl-C: the job stops after its batches in flight and resumes next time
             jobs.stop()
@@ -82,8 +86,6 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
         _merge_rank_manifests(jobs, view, time.time() - t0, rank, world)
     _print_summary(view)
     return 0 if view.state is JobState.FINISHED and not view.failed else 1
-
-
 
 
 def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world: int) -> None:
@@ -109,17 +111,28 @@ def _print_summary(view: JobView) -> None:
     if view.state is JobState.FINISHED and not view.total:
         log.warning("Nothing to compute: no samples or images found under %s", view.data_root)
         return
-    log.info("%s: %d total, %d computed, %d skipped, %d failed", view.state.value, view.total, view.computed,
-             view.skipped, view.failed)
+    log.info(
+        "%s: %d total, %d computed, %d skipped, %d failed",
+        view.state.value,
+        view.total,
+        view.computed,
+        view.skipped,
+        view.failed,
+    )
     if view.options.verify:
-        log.info("Verified: each of the %d entries computed was read back and validated against the spec "
-                 "(an entry that did not validate counts as failed)", view.computed)
+        log.info(
+            "Verified: each of the %d entries computed was read back and validated against the spec "
+            "(an entry that did not validate counts as failed)",
+            view.computed,
+        )
     if view.kept or view.replaced:
-        log.info("Entries computed with another clip: %d kept, %d replaced (--overwrite replaces them)",
-                 view.kept, view.replaced)
+        log.info(
+            "Entries computed with another clip: %d kept, %d replaced (--overwrite replaces them)",
+            view.kept,
+            view.replaced,
+        )
     for f in (view.failures or [])[:20]:
         log.warning("Failed %s: %s", f["image"], f["reason"])
-
 
 
 def _check_server_spec(args: argparse.Namespace, service) -> None:
@@ -133,8 +146,9 @@ def _check_server_spec(args: argparse.Namespace, service) -> None:
     try:
         theirs = spec_of_status(body)
     except ValueError as exc:  # no model loaded yet: nothing to compare the flags with
-        raise CommandError(f"cannot check the spec flags against {args.server}: {exc}; retry once it is ready, "
-                           "or drop the spec flags") from None
+        raise CommandError(
+            f"cannot check the spec flags against {args.server}: {exc}; retry once it is ready, or drop the spec flags"
+        ) from None
     try:
         wanted = dataclasses.replace(theirs, **given)
     except ValueError as exc:
@@ -142,9 +156,11 @@ def _check_server_spec(args: argparse.Namespace, service) -> None:
     differ = theirs.differences(wanted)
     if differ:
         fields = ", ".join(f"{f} {getattr(wanted, f)} here, {getattr(theirs, f)} there" for f in differ)
-        raise CommandError(f"the service at {args.server} computes another spec than the flags given ({fields}): "
-                           f"drop the spec flags to use its spec, or serve this one with `vggt-cache serve "
-                           f"--model {(body.get('model') or {}).get('source', 'MODEL')} {serve_flags(wanted)} ...`")
+        raise CommandError(
+            f"the service at {args.server} computes another spec than the flags given ({fields}): "
+            f"drop the spec flags to use its spec, or serve this one with `vggt-cache serve "
+            f"--model {(body.get('model') or {}).get('source', 'MODEL')} {serve_flags(wanted)} ...`"
+        )
 
 
 def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
@@ -169,7 +185,8 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
                     return None
                 raise CommandError(f"lost track of job {job_id}: {exc}") from exc
 
-        view = follow_job(poll, lambda v: v is not None and not v.state.active,
-                          lambda: time.sleep(PROGRESS_POLL_S), "precompute")
+        view = follow_job(
+            poll, lambda v: v is not None and not v.state.active, lambda: time.sleep(PROGRESS_POLL_S), "precompute"
+        )
     _print_summary(view)
     return 0 if view.state is JobState.FINISHED and not view.failed else 1

@@ -21,8 +21,10 @@ def listen(host: str, port: int) -> socket.socket:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as exc:
-        raise CommandError(f"--host {host}: {exc.strerror}; give an address of this machine "
-                           "(127.0.0.1, or 0.0.0.0 for every interface)") from None
+        raise CommandError(
+            f"--host {host}: {exc.strerror}; give an address of this machine "
+            "(127.0.0.1, or 0.0.0.0 for every interface)"
+        ) from None
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart reuses the port at once
     try:
@@ -31,8 +33,10 @@ def listen(host: str, port: int) -> socket.socket:
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:
-            raise CommandError(f"port {port} on {host} is already in use (another vggt-cache serve?): stop that "
-                               "process, or pass --port N") from None
+            raise CommandError(
+                f"port {port} on {host} is already in use (another vggt-cache serve?): stop that "
+                "process, or pass --port N"
+            ) from None
         raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
     return sock
 
@@ -53,14 +57,20 @@ def serve(args: argparse.Namespace) -> int:
     settings = settings_of(args, api_token=api_token(args))
     check_device(settings.device)
     # Idle connections must not take the descriptors the engine needs for images and entries.
-    protocol = guarded_protocol(AutoHTTPProtocol, settings.header_timeout_s,
-                                connection_cap(settings.max_connections, raise_descriptor_limit()))
+    protocol = guarded_protocol(
+        AutoHTTPProtocol, settings.header_timeout_s, connection_cap(settings.max_connections, raise_descriptor_limit())
+    )
     sock = listen(settings.host, settings.port)  # before the model loads: a port in use is said at once
     settings = dataclasses.replace(settings, port=sock.getsockname()[1])  # --port 0: the one given
     runtime = ServiceRuntime(settings)  # settings_of has checked them
     app = create_app(runtime)  # its lifespan starts the runtime and, when uvicorn shuts down, stops it
-    log.info("Serving on http://%s:%d (allowed roots: %s; auth: %s)", settings.host, settings.port,
-             ", ".join(runtime.allowed.given), "bearer token" if settings.api_token else "off")
+    log.info(
+        "Serving on http://%s:%d (allowed roots: %s; auth: %s)",
+        settings.host,
+        settings.port,
+        ", ".join(runtime.allowed.given),
+        "bearer token" if settings.api_token else "off",
+    )
     # uvicorn shuts down gracefully on SIGTERM or SIGINT, then raises the signal again for the handler
     # it found: take it quietly, so the process exits 0 after the lifespan has stopped jobs and engine.
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -71,9 +81,19 @@ def serve(args: argparse.Namespace) -> int:
             runtime.begin_shutdown()  # the grace counts from the signal: requests and work share it
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                          lifespan="on", http=protocol, backlog=ACCEPT_BACKLOG,
-                          timeout_graceful_shutdown=settings.shutdown_grace_s)).run(sockets=[sock])
+    Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            http=protocol,
+            backlog=ACCEPT_BACKLOG,
+            timeout_graceful_shutdown=settings.shutdown_grace_s,
+        )
+    ).run(sockets=[sock])
     log.info("Stopped")
     if not runtime.stopped_cleanly:
         # A device thread is still inside its forward: leave without waiting for it (or for the interpreter's

@@ -30,19 +30,25 @@ def status(args: argparse.Namespace) -> int:
         say(f"model    {model['source']}  {model['fingerprint']}  on {', '.join(model['devices'])}")
     spec = body.get("spec")
     if spec:
-        say(f"spec     {body.get('preset') or 'custom'} ({spec['attention']} attention, {spec['preprocess']} "
+        say(
+            f"spec     {body.get('preset') or 'custom'} ({spec['attention']} attention, {spec['preprocess']} "
             f"{spec['size']} px, align {spec['align']}, {spec['dtype']}, reference frame "
-            f"{spec.get('reference_frame', 'first')})  digest {spec['digest']}")
+            f"{spec.get('reference_frame', 'first')})  digest {spec['digest']}"
+        )
     if eng:
-        say(f"engine   queued {_per_priority(eng.get('queued'))}; {eng.get('images_per_s', 0):g} images/s "
-            f"over the last {eng.get('window_s', 0):g} s")
+        say(
+            f"engine   queued {_per_priority(eng.get('queued'))}; {eng.get('images_per_s', 0):g} images/s "
+            f"over the last {eng.get('window_s', 0):g} s"
+        )
         lookups = eng.get("on_demand_lookups")
         if lookups:
             say("requests " + ", ".join(f"{k} {v}" for k, v in lookups.items()) + " (on-demand units)")
     for job in body.get("jobs", []):
         eta = f"  eta {duration(job['eta_s'])}" if job.get("eta_s") else ""
-        say(f"job {job['job_id']}  {job['state']:9s} {job['progress']*100:5.1f}%  "
-            f"{job['computed']} computed {job['skipped']} skipped {job['failed']} failed  {job['data_root']}{eta}")
+        say(
+            f"job {job['job_id']}  {job['state']:9s} {job['progress'] * 100:5.1f}%  "
+            f"{job['computed']} computed {job['skipped']} skipped {job['failed']} failed  {job['data_root']}{eta}"
+        )
         if job.get("error"):
             say(f"    error: {job['error']}")
     return 0

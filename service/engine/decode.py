@@ -89,12 +89,19 @@ class FrameCache:
         return tensor
 
 
-
 class DecodeStage:
     """`workers` threads taking flights from the scheduler's decode queue, most urgent first."""
 
-    def __init__(self, spec: FeatureSpec, scheduler: Scheduler, complete: Complete, workers: int,
-                 frame_cache_frames: int, roots: Sequence[str] | None, max_image_bytes: int) -> None:
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        scheduler: Scheduler,
+        complete: Complete,
+        workers: int,
+        frame_cache_frames: int,
+        roots: Sequence[str] | None,
+        max_image_bytes: int,
+    ) -> None:
         """`roots` (real paths): every image and cache file read must lie inside one when opened."""
         self.spec = spec
         self.roots = roots
@@ -106,8 +113,9 @@ class DecodeStage:
         self.frames = FrameCache(frame_cache_frames if spec.attention != Attention.FRAME else 0)
 
     def start(self) -> list[threading.Thread]:
-        threads = [threading.Thread(target=self._loop, name=f"vggt-decode-{i}", daemon=True)
-                   for i in range(self._workers)]
+        threads = [
+            threading.Thread(target=self._loop, name=f"vggt-decode-{i}", daemon=True) for i in range(self._workers)
+        ]
         for t in threads:
             t.start()
         return threads
@@ -140,10 +148,21 @@ class DecodeStage:
             # Read whole (no mmap): another NFS client may replace the file while we hold it. Work that
             # returns no features (bulk jobs) checks the metadata alone: a few KB instead of megabytes;
             # features served are checked against their CRC-32 first.
-            read = read_entry(target, self.spec, context_frames=frames, mmap=False,
-                              tensor=flight.return_features, roots=self.roots, check_crc=flight.return_features)
-            if (read.outcome is Outcome.STALE and not flight.return_features and not flight.overwrite
-                    and holds_other_context(target, self.spec, frames, self.roots)):
+            read = read_entry(
+                target,
+                self.spec,
+                context_frames=frames,
+                mmap=False,
+                tensor=flight.return_features,
+                roots=self.roots,
+                check_crc=flight.return_features,
+            )
+            if (
+                read.outcome is Outcome.STALE
+                and not flight.return_features
+                and not flight.overwrite
+                and holds_other_context(target, self.spec, frames, self.roots)
+            ):
                 # Another clip's valid entry, kept: computing ours would only be thrown away.
                 entries.append(EntryResult(target, EntryStatus.CACHED, None, tuple(read.meta["grid"]), write=KEPT))
                 continue
@@ -172,5 +191,11 @@ class DecodeStage:
     def _load_frame(self, key: FrameKey) -> torch.Tensor:
         spec = self.spec
         return self.frames.get(  # [3, H, W]
-            key, lambda: preprocess_pixels(load_image(key[0], max_bytes=self.max_image_bytes, roots=self.roots),
-                                           mode=spec.preprocess, size=spec.size, align=spec.align))
+            key,
+            lambda: preprocess_pixels(
+                load_image(key[0], max_bytes=self.max_image_bytes, roots=self.roots),
+                mode=spec.preprocess,
+                size=spec.size,
+                align=spec.align,
+            ),
+        )

@@ -88,8 +88,16 @@ class DeviceStage:
     them on, so the device thread issues the next forward while the last one's copy is in flight.
     """
 
-    def __init__(self, spec: FeatureSpec, scheduler: Scheduler, devices: list[Device], writer: WriterStage,
-                 complete: Complete, before_forward: ForwardHook | None, lanes: int = 1) -> None:
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        scheduler: Scheduler,
+        devices: list[Device],
+        writer: WriterStage,
+        complete: Complete,
+        before_forward: ForwardHook | None,
+        lanes: int = 1,
+    ) -> None:
         self.spec = spec
         self.devices = devices
         self._scheduler = scheduler
@@ -107,8 +115,10 @@ class DeviceStage:
     def start(self) -> None:
         # Device i serves lane i (the scheduler's), when there are lanes.
         lanes = range(self._lanes) if self._lanes > 1 else [None] * len(self.devices)
-        self.threads = [threading.Thread(target=self._loop, args=(dev, lane), name=f"vggt-{dev.name}", daemon=True)
-                        for dev, lane in zip(self.devices, lanes, strict=True)]
+        self.threads = [
+            threading.Thread(target=self._loop, args=(dev, lane), name=f"vggt-{dev.name}", daemon=True)
+            for dev, lane in zip(self.devices, lanes, strict=True)
+        ]
         for t in self.threads:
             t.start()
 
@@ -120,8 +130,9 @@ class DeviceStage:
             torch.cuda.set_device(dev.device)
             # One batch's results may wait for the host while the next computes; a second waits here.
             finishing = queue.Queue(maxsize=1)
-            finisher = threading.Thread(target=self._finish_loop, args=(dev, finishing),
-                                        name=f"vggt-{dev.name}-results", daemon=True)
+            finisher = threading.Thread(
+                target=self._finish_loop, args=(dev, finishing), name=f"vggt-{dev.name}-results", daemon=True
+            )
             finisher.start()
         try:
             while dev.failed is None and (batch := self._scheduler.next_batch(lane)) is not None:
@@ -176,8 +187,12 @@ class DeviceStage:
                 half = len(part) // 2
                 with self.lock:
                     self.oom_splits += 1
-                log.warning("Out of memory on %s with %d units (%d frames): retrying in halves", dev.name,
-                            len(part), sum(j.n_frames for j in part))
+                log.warning(
+                    "Out of memory on %s with %d units (%d frames): retrying in halves",
+                    dev.name,
+                    len(part),
+                    sum(j.n_frames for j in part),
+                )
                 parts += [part[half:], part[:half]]  # first half runs first
                 continue
             log.warning("Forward failed on %s for %d unit(s): %s", dev.name, len(part), error)
@@ -201,8 +216,9 @@ class DeviceStage:
             raise
         return launched
 
-    def forward(self, dev: Device, images: torch.Tensor, keys: list[list[FrameKey]],
-                patches: PatchCache) -> torch.Tensor:
+    def forward(
+        self, dev: Device, images: torch.Tensor, keys: list[list[FrameKey]], patches: PatchCache
+    ) -> torch.Tensor:
         """The entries [B, T, (L,) P, C] (T = S or 1) of clips `images` [B, S, 3, H, W] on `dev` (frame (b, s)
         keyed `keys[b][s]` in `patches`), still on the device, in the storage dtype (halves the transfer)."""
         if self._before_forward is not None:
@@ -242,15 +258,20 @@ class DeviceStage:
                 return
             dev.failed = f"device lost: {error}"
             alive = [d for d in self.devices if d.failed is None]
-        log.error("%s is lost and takes no more work (%s); %s", dev.name, error,
-                  f"{len(alive)} device(s) go on" if alive else "no device is left: restart the service")
+        log.error(
+            "%s is lost and takes no more work (%s); %s",
+            dev.name,
+            error,
+            f"{len(alive)} device(s) go on" if alive else "no device is left: restart the service",
+        )
         if not alive:
             for flight in self._scheduler.close():
                 self._fail([flight], dev.failed)
 
     @staticmethod
-    def _hand_to_finisher(finishing: queue.Queue[Launched | None], finisher: threading.Thread,
-                          launched: Launched | None) -> None:
+    def _hand_to_finisher(
+        finishing: queue.Queue[Launched | None], finisher: threading.Thread, launched: Launched | None
+    ) -> None:
         while True:
             try:
                 finishing.put(launched, timeout=1.0)
@@ -313,9 +334,16 @@ class DeviceStage:
                 busy = dev.busy.overlap(since)
                 if dev.busy_since is not None:
                     busy += now - max(dev.busy_since, since)
-                devices.append({"device": dev.name, "batches": dev.batches, "frames": dev.frames,
-                                "busy_fraction": round(min(busy / span, 1.0), 4), "failed": dev.failed,
-                                "memory": {} if dev.failed else dev.memory()})
+                devices.append(
+                    {
+                        "device": dev.name,
+                        "batches": dev.batches,
+                        "frames": dev.frames,
+                        "busy_fraction": round(min(busy / span, 1.0), 4),
+                        "failed": dev.failed,
+                        "memory": {} if dev.failed else dev.memory(),
+                    }
+                )
             return {
                 "in_flight": len(self._in_flight),
                 "batches": sum(d["batches"] for d in devices),
@@ -349,8 +377,16 @@ def _on_device(batch: list[Flight], step: int) -> None:
 # launch's "CUDA error: out of memory", the CPU allocator's "can't allocate memory".
 _OOM_WORDS = ("out of memory", "alloc_failed", "can't allocate memory")
 # CUDA errors after which the context is unusable: every later kernel on the device fails too.
-_LOST_WORDS = ("illegal memory access", "device-side assert", "unspecified launch failure", "misaligned address",
-               "illegal instruction", "uncorrectable ecc", "cuda error: unknown error", "device has fallen off")
+_LOST_WORDS = (
+    "illegal memory access",
+    "device-side assert",
+    "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "uncorrectable ecc",
+    "cuda error: unknown error",
+    "device has fallen off",
+)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -375,8 +411,14 @@ def _log_compiles(dev: Device, batch: list[Flight], new: int, seconds: float) ->
     # A compile runs on the device thread and holds the device (tens of seconds for VGGT-1B): say which
     # shape caused it, so a slow batch in the log is explained and the shapes to warm up are known.
     if new > 0:
-        log.warning("%s compiled %d new graph(s) for a batch of %d unit(s) of %d frame(s) in %.1f s",
-                    dev.name, new, len(batch), batch[0].n_frames, seconds)
+        log.warning(
+            "%s compiled %d new graph(s) for a batch of %d unit(s) of %d frame(s) in %.1f s",
+            dev.name,
+            new,
+            len(batch),
+            batch[0].n_frames,
+            seconds,
+        )
 
 
 def _copy_to_host(features: torch.Tensor, stream: torch.cuda.Stream) -> tuple[torch.Tensor, torch.cuda.Event]:

@@ -145,8 +145,12 @@ class Engine:
     ) -> None:
         if not devices:
             raise ValueError("give at least one device")
-        for name, value in (("max_batch_frames", max_batch_frames), ("decode_workers", decode_workers),
-                            ("write_workers", write_workers), ("bulk_queue_batches", bulk_queue_batches)):
+        for name, value in (
+            ("max_batch_frames", max_batch_frames),
+            ("decode_workers", decode_workers),
+            ("write_workers", write_workers),
+            ("bulk_queue_batches", bulk_queue_batches),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.spec = spec
@@ -165,17 +169,35 @@ class Engine:
                 compile_blocks(model, len(devices), compile_backend)
         replicas = [Device(name, model, patch_cache_bytes) for name, model in zip(devices, models, strict=True)]
         # Every device gets its own bulk batches queued; hints (lane-less) do not need more room per device.
-        self._scheduler = Scheduler(max_batch_frames, max_wait_ms / 1000.0,
-                                    bulk_queue_batches * max_batch_frames * len(replicas),
-                                    hint_queue_batches * max_batch_frames)
+        self._scheduler = Scheduler(
+            max_batch_frames,
+            max_wait_ms / 1000.0,
+            bulk_queue_batches * max_batch_frames * len(replicas),
+            hint_queue_batches * max_batch_frames,
+        )
         # Clips share frames: a lane per device keeps one stretch of episodes with its patch cache.
         self.lanes = len(replicas) if spec.attention != Attention.FRAME and patch_cache_bytes > 0 else 1
-        self._decode = DecodeStage(spec, self._scheduler, self._complete, decode_workers,
-                                   frame_cache_frames * self.lanes, roots, max_image_bytes)
-        self._writer = WriterStage(spec, self._complete, write_workers, 2 * max_batch_frames * len(replicas),
-                                   loaded.config.patch_size, roots, file_mode)
-        self._device = DeviceStage(spec, self._scheduler, replicas, self._writer, self._complete, before_forward,
-                                   self.lanes)
+        self._decode = DecodeStage(
+            spec,
+            self._scheduler,
+            self._complete,
+            decode_workers,
+            frame_cache_frames * self.lanes,
+            roots,
+            max_image_bytes,
+        )
+        self._writer = WriterStage(
+            spec,
+            self._complete,
+            write_workers,
+            2 * max_batch_frames * len(replicas),
+            loaded.config.patch_size,
+            roots,
+            file_mode,
+        )
+        self._device = DeviceStage(
+            spec, self._scheduler, replicas, self._writer, self._complete, before_forward, self.lanes
+        )
         self._lock = threading.Lock()  # the state and unit counts below
         self._state = EngineState.NEW
         self._decode_threads: list[threading.Thread] = []
@@ -198,11 +220,17 @@ class Engine:
         self._writer.start()
         self._decode_threads = self._decode.start()
         self._device.start()
-        log.info("Engine started on %s: batches of up to %d frames, %s attention, %s weights",
-                 ", ".join(self.devices), self.max_batch_frames, self.spec.attention, self.weights_dtype_name)
+        log.info(
+            "Engine started on %s: batches of up to %d frames, %s attention, %s weights",
+            ", ".join(self.devices),
+            self.max_batch_frames,
+            self.spec.attention,
+            self.weights_dtype_name,
+        )
 
-    def warm_up(self, budget_s: float, max_frames: int = DEFAULT_MAX_HISTORY + 1,
-                stopping: Callable[[], bool] = lambda: False) -> WarmupReport | None:
+    def warm_up(
+        self, budget_s: float, max_frames: int = DEFAULT_MAX_HISTORY + 1, stopping: Callable[[], bool] = lambda: False
+    ) -> WarmupReport | None:
         """With `compile`, compile the batch shapes the spec implies (`warmup_shapes`, clips of up to
         `max_frames` frames) on every device, within `budget_s` seconds; None without `compile`."""
         if not self.compiled:
@@ -246,8 +274,11 @@ class Engine:
     @property
     def ready(self) -> bool:
         """Running, with every device worker alive and no device lost."""
-        return (self._state is EngineState.RUNNING and all(t.is_alive() for t in self._device.threads)
-                and not self.lost_devices)
+        return (
+            self._state is EngineState.RUNNING
+            and all(t.is_alive() for t in self._device.threads)
+            and not self.lost_devices
+        )
 
     @property
     def lost_devices(self) -> dict[str, str]:
@@ -296,15 +327,21 @@ class Engine:
             raise EngineStopped(SHUTDOWN_MESSAGE if self.stopped else "engine not started")
         priority = Priority(priority)
         units = list(units)
-        if lanes is not None and (priority is not Priority.BULK or len(lanes) != len(units)
-                                  or not all(0 <= lane < self.lanes for lane in lanes)):
+        if lanes is not None and (
+            priority is not Priority.BULK
+            or len(lanes) != len(units)
+            or not all(0 <= lane < self.lanes for lane in lanes)
+        ):
             # An on-demand group with a lane would hold back the other devices' bulk work while it forms.
-            raise ValueError(f"give bulk units one lane each in 0..{self.lanes - 1}, got {list(lanes)[:8]} "
-                             f"for {len(units)} {priority.name.lower()} unit(s)")
+            raise ValueError(
+                f"give bulk units one lane each in 0..{self.lanes - 1}, got {list(lanes)[:8]} "
+                f"for {len(units)} {priority.name.lower()} unit(s)"
+            )
         for unit in units:
             self._check_unit(unit)
-        boarded = self._single.board(units, priority, skip_existing, verify, return_features, overwrite, lanes,
-                                     on_start)
+        boarded = self._single.board(
+            units, priority, skip_existing, verify, return_features, overwrite, lanes, on_start
+        )
         try:
             refused = self._scheduler.admit(boarded.new, priority, block=block, max_units=max_pending)
         except QueueFull:
@@ -328,8 +365,10 @@ class Engine:
         """The unit must be the one its clip makes in the spec's attention mode (`Unit.for_clip` says which)."""
         if Unit.for_clip(self.spec.attention, unit.frames) != unit:
             mode = Attention(self.spec.attention).value
-            raise ValueError(f"a {mode} clip of these {len(unit.frames)} frames has other targets than the unit's "
-                             f"{len(unit.targets)}")
+            raise ValueError(
+                f"a {mode} clip of these {len(unit.frames)} frames has other targets than the unit's "
+                f"{len(unit.targets)}"
+            )
 
     # -- results and stats ----------------------------------------------------------------------
     def _complete(self, flight: Flight, result: UnitResult) -> None:
@@ -381,8 +420,9 @@ class Engine:
             "max_batch_frames": self.max_batch_frames,
             # Each new clip length or batch shape compiles anew on the device thread (seconds to a minute for
             # VGGT-1B): graphs growing while serving explain a slow batch.
-            "compile": ({**compile_counts(), "warmup": self._warmup and self._warmup.as_dict()}
-                        if self.compiled else None),
+            "compile": (
+                {**compile_counts(), "warmup": self._warmup and self._warmup.as_dict()} if self.compiled else None
+            ),
         }
 
 

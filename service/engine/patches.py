@@ -94,5 +94,10 @@ class PatchCache:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"embedded": self.embedded, "reused": self.reused, "frames": len(self._items),
-                    "bytes": self.nbytes, "budget_bytes": self.budget_bytes}
+            return {
+                "embedded": self.embedded,
+                "reused": self.reused,
+                "frames": len(self._items),
+                "bytes": self.nbytes,
+                "budget_bytes": self.budget_bytes,
+            }

@@ -62,8 +62,9 @@ class Scheduler:
         self._idle_devices = 0  # devices blocked in next_batch, nothing due for them
         self._closed = False
 
-    def admit(self, flights: Sequence[Flight], priority: Priority, block: bool = True,
-              max_units: int | None = None) -> list[Flight]:
+    def admit(
+        self, flights: Sequence[Flight], priority: Priority, block: bool = True, max_units: int | None = None
+    ) -> list[Flight]:
         """Queue flights for decoding; returns those refused because the scheduler closed.
 
         Bulk work waits (`block`, a job runner) while `bulk_limit` frames of bulk work are
@@ -78,13 +79,19 @@ class Scheduler:
             if max_units is not None and waiting and waiting + len(flights) > max_units:
                 raise QueueFull(f"{priority.name.lower()} queue is full ({waiting} units waiting)")
             wait_for_room = priority is Priority.BULK and block
-            if priority is Priority.BULK and not block and frames and (
-                    frames + sum(j.n_frames for j in flights) > self.bulk_limit + self.hint_limit):
+            if (
+                priority is Priority.BULK
+                and not block
+                and frames
+                and (frames + sum(j.n_frames for j in flights) > self.bulk_limit + self.hint_limit)
+            ):
                 raise QueueFull(f"bulk queue is full ({frames} frames waiting)")
             for i, flight in enumerate(flights):
                 if wait_for_room:
-                    while not self._closed and self._waiting_frames[priority] > 0 and (
-                        self._waiting_frames[priority] + flight.n_frames > self.bulk_limit
+                    while (
+                        not self._closed
+                        and self._waiting_frames[priority] > 0
+                        and (self._waiting_frames[priority] + flight.n_frames > self.bulk_limit)
                     ):
                         self._space_cv.wait()
                 if self._closed:
@@ -145,8 +152,10 @@ class Scheduler:
                         continue
                     now = time.monotonic()
                     due = [
-                        (key, g) for key, g in groups.items()
-                        if self._decoding[p, key[1]] == 0 or g.frames >= self.max_batch_frames
+                        (key, g)
+                        for key, g in groups.items()
+                        if self._decoding[p, key[1]] == 0
+                        or g.frames >= self.max_batch_frames
                         or now >= g.oldest + self.max_wait_s
                     ]
                     if due:
@@ -235,8 +244,9 @@ class Scheduler:
         with self._lock:
             return {
                 "queued": {p.name.lower(): self._waiting[p] for p in Priority},
-                "decoding": {p.name.lower(): sum(n for (q, _), n in self._decoding.items() if q is p)
-                             for p in Priority},
+                "decoding": {
+                    p.name.lower(): sum(n for (q, _), n in self._decoding.items() if q is p) for p in Priority
+                },
             }
 
     def idle_devices(self) -> int:

@@ -33,17 +33,23 @@ class Boarding:
     waiters: set[Future] = field(default_factory=set)
     open: bool = True  # new submissions may board; closed once landed or being withdrawn
 
-    def serves(self, priority: Priority, skip_existing: bool, verify: bool, return_features: bool,
-               overwrite: bool) -> bool:
+    def serves(
+        self, priority: Priority, skip_existing: bool, verify: bool, return_features: bool, overwrite: bool
+    ) -> bool:
         """Whether this flight's result is what such a submission would get, at least as soon.
 
         An on-demand waiter does not board bulk work (it would wait behind the bulk backlog): it
         runs on its own, at its priority.
         """
         flight = self.flight
-        return (self.open and flight.priority <= priority and flight.skip_existing == skip_existing
-                and flight.verify >= verify and flight.return_features >= return_features
-                and flight.overwrite == overwrite)
+        return (
+            self.open
+            and flight.priority <= priority
+            and flight.skip_existing == skip_existing
+            and flight.verify >= verify
+            and flight.return_features >= return_features
+            and flight.overwrite == overwrite
+        )
 
 
 def _settle(waiter: Future, done: Future) -> None:
@@ -79,9 +85,17 @@ class SingleFlight:
         with self._lock:
             return self._joined
 
-    def board(self, units: list[Unit], priority: Priority, skip_existing: bool, verify: bool,
-              return_features: bool, overwrite: bool, lanes: Sequence[int] | None,
-              on_start: StartHook | None) -> Boarded:
+    def board(
+        self,
+        units: list[Unit],
+        priority: Priority,
+        skip_existing: bool,
+        verify: bool,
+        return_features: bool,
+        overwrite: bool,
+        lanes: Sequence[int] | None,
+        on_start: StartHook | None,
+    ) -> Boarded:
         """A waiter per unit, each boarding the unit's flight if one serves it, else a new flight."""
         boarded = Boarded([], [], [])
         new: set[Future] = set()
@@ -89,14 +103,23 @@ class SingleFlight:
             for i, unit in enumerate(units):
                 waiter: Future = Future()
                 boarding = self._open.get(unit)
-                if boarding is not None and boarding.serves(priority, skip_existing, verify, return_features,
-                                                            overwrite):
+                if boarding is not None and boarding.serves(
+                    priority, skip_existing, verify, return_features, overwrite
+                ):
                     if boarding.flight.future not in new:
                         boarded.joined.append(waiter)
                     self._joined += 1
                 else:
-                    flight = Flight(unit, priority, Future(), skip_existing, verify, return_features,
-                                    None if lanes is None else lanes[i], overwrite)
+                    flight = Flight(
+                        unit,
+                        priority,
+                        Future(),
+                        skip_existing,
+                        verify,
+                        return_features,
+                        None if lanes is None else lanes[i],
+                        overwrite,
+                    )
                     boarding = self._open[unit] = Boarding(flight)
                     flight.future.add_done_callback(lambda _, boarding=boarding: self._land(boarding))
                     boarded.new.append(flight)

@@ -59,8 +59,13 @@ class WarmupReport:
     finished: bool  # every shape on every device, within the budget
 
     def as_dict(self) -> dict[str, object]:
-        return {"shapes": self.shapes, "done": self.done, "graphs": self.graphs, "seconds": self.seconds,
-                "finished": self.finished}
+        return {
+            "shapes": self.shapes,
+            "done": self.done,
+            "graphs": self.graphs,
+            "seconds": self.seconds,
+            "finished": self.finished,
+        }
 
 
 def warmup_shapes(spec: FeatureSpec, max_batch_frames: int, max_frames: int) -> list[WarmupShape]:
@@ -68,12 +73,17 @@ def warmup_shapes(spec: FeatureSpec, max_batch_frames: int, max_frames: int) -> 
     length up to `max_frames` (1 in frame mode), shortest first."""
     height, width = output_size(*WARMUP_IMAGE, spec.preprocess, spec.size, spec.align)
     lengths = [1] if spec.attention == Attention.FRAME else range(1, max_frames + 1)
-    return [WarmupShape(batch, frames, height, width) for frames in lengths for batch in WARMUP_BATCHES
-            if batch == 1 or batch * frames <= max_batch_frames]
+    return [
+        WarmupShape(batch, frames, height, width)
+        for frames in lengths
+        for batch in WARMUP_BATCHES
+        if batch == 1 or batch * frames <= max_batch_frames
+    ]
 
 
-def warm_up(stage: DeviceStage, shapes: Sequence[WarmupShape], budget_s: float,
-            stopping: Callable[[], bool] = lambda: False) -> WarmupReport:
+def warm_up(
+    stage: DeviceStage, shapes: Sequence[WarmupShape], budget_s: float, stopping: Callable[[], bool] = lambda: False
+) -> WarmupReport:
     """Forward random batches of `shapes` on every device of `stage` at once, until done, `budget_s`
     seconds have passed (checked before each shape) or `stopping()`; a shape that fails is logged and skipped."""
     started = time.monotonic()
@@ -93,29 +103,50 @@ def warm_up(stage: DeviceStage, shapes: Sequence[WarmupShape], budget_s: float,
             try:
                 _forward(stage, dev, shape, patches)
             except Exception as exc:  # e.g. out of memory for the larger batch: the service still starts
-                log.warning("Warm-up on %s: %s failed (%s)", dev.name, shape,
-                            "out of memory" if is_out_of_memory(exc) else error_text(exc))
+                log.warning(
+                    "Warm-up on %s: %s failed (%s)",
+                    dev.name,
+                    shape,
+                    "out of memory" if is_out_of_memory(exc) else error_text(exc),
+                )
                 if dev.is_cuda:
                     torch.cuda.empty_cache()
                 continue
             done[i] += 1
             log.info("Warm-up on %s: %s in %.1f s", dev.name, shape, time.monotonic() - t0)
 
-    threads = [threading.Thread(target=run, args=(i, dev), name=f"vggt-warmup-{dev.name}", daemon=True)
-               for i, dev in enumerate(stage.devices)]
+    threads = [
+        threading.Thread(target=run, args=(i, dev), name=f"vggt-warmup-{dev.name}", daemon=True)
+        for i, dev in enumerate(stage.devices)
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    report = WarmupReport(len(shapes), sum(done), compiled_graphs() - graphs,
-                          round(time.monotonic() - started, 1), sum(done) == len(shapes) * len(stage.devices))
+    report = WarmupReport(
+        len(shapes),
+        sum(done),
+        compiled_graphs() - graphs,
+        round(time.monotonic() - started, 1),
+        sum(done) == len(shapes) * len(stage.devices),
+    )
     if report.finished:
-        log.info("Compile warm-up done: %d shape(s) on %d device(s), %d graph(s) compiled in %.1f s",
-                 report.shapes, len(stage.devices), report.graphs, report.seconds)
+        log.info(
+            "Compile warm-up done: %d shape(s) on %d device(s), %d graph(s) compiled in %.1f s",
+            report.shapes,
+            len(stage.devices),
+            report.graphs,
+            report.seconds,
+        )
     else:
-        log.warning("Compile warm-up stopped after %d of %d shape-device(s) in %.1f s (budget %g s, "
-                    "--compile-warmup): the rest compile when a batch first meets them",
-                    report.done, report.shapes * len(stage.devices), report.seconds, budget_s)
+        log.warning(
+            "Compile warm-up stopped after %d of %d shape-device(s) in %.1f s (budget %g s, "
+            "--compile-warmup): the rest compile when a batch first meets them",
+            report.done,
+            report.shapes * len(stage.devices),
+            report.seconds,
+            budget_s,
+        )
     return report
 
 

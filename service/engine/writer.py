@@ -33,8 +33,16 @@ class WriterStage:
     """A pool of `workers` threads; at most `slots` units wait for one, so slow storage stalls the device
     instead of filling memory."""
 
-    def __init__(self, spec: FeatureSpec, complete: Complete, workers: int, slots: int, patch_size: int,
-                 roots: Sequence[str] | None, file_mode: int) -> None:
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        complete: Complete,
+        workers: int,
+        slots: int,
+        patch_size: int,
+        roots: Sequence[str] | None,
+        file_mode: int,
+    ) -> None:
         """`roots` (real paths): every folder written must lie inside one when it is opened; `file_mode`: the
         entries' permissions."""
         self.spec = spec
@@ -92,9 +100,20 @@ class WriterStage:
                     if write and not flight.overwrite:
                         entries.append(EntryResult(target, EntryStatus.COMPUTED, returned, grid, write=KEPT))
                         continue
-                    when_descriptors_free(partial(write_entry, target, entry, self.spec, grid, flight.sources[i],
-                                                  flight.contexts[i], roots=self.roots, mode=self.file_mode),
-                                          f"writing the entry of {target}")
+                    when_descriptors_free(
+                        partial(
+                            write_entry,
+                            target,
+                            entry,
+                            self.spec,
+                            grid,
+                            flight.sources[i],
+                            flight.contexts[i],
+                            roots=self.roots,
+                            mode=self.file_mode,
+                        ),
+                        f"writing the entry of {target}",
+                    )
                     if flight.verify:
                         self._verify(target, stored, unit.frames)
                 except Exception as exc:
@@ -112,8 +131,9 @@ class WriterStage:
             self._slots.release()
 
     def _verify(self, target: str, expected: torch.Tensor, frames: tuple[str, ...]) -> None:
-        read = read_entry(target, self.spec, context_frames=self.spec.context_of(frames), mmap=False,
-                          roots=self.roots, check_crc=True)
+        read = read_entry(
+            target, self.spec, context_frames=self.spec.context_of(frames), mmap=False, roots=self.roots, check_crc=True
+        )
         if read.outcome is not Outcome.HIT or read.features is None:
             raise OSError(f"verify failed: entry reads back as {read.outcome.value} ({read.reason})")
         if not torch.equal(read.features, expected):

@@ -12,8 +12,7 @@ from vggt_cache.service.paths import AllowedRoots
 
 COUNTS = ("total", "computed", "skipped", "failed", "kept", "replaced")
 # A plan's figures that torchrun's ranks each count of their own share (the samples found are the same on each).
-PLAN_COUNTS = ("units", "entries", "valid", "to_compute", "unreadable", "refused", "bytes_to_write",
-               "replaced_bytes")
+PLAN_COUNTS = ("units", "entries", "valid", "to_compute", "unreadable", "refused", "bytes_to_write", "replaced_bytes")
 
 
 @dataclass(frozen=True)
@@ -46,13 +45,25 @@ def merged_report(views: list[JobView], seconds: float) -> JobReport:
 def manifest_record(report: JobReport, spec: FeatureSpec, model_info: dict) -> dict[str, Any]:
     """The manifest's body."""
     counts = {k: report.counts.get(k, 0) for k in COUNTS}
-    return {"job_id": report.job_id, "state": report.state.value, "ranks": report.ranks, **counts,
-            "verified": report.verified, "verified_entries": counts["computed"] if report.verified else 0,
-            "spec": spec.to_dict(), "spec_digest": spec.digest, "preset": matching_preset(spec), "plan": report.plan,
-            "model": model_info, "seconds": round(report.seconds, 2), "failures": report.failures}
+    return {
+        "job_id": report.job_id,
+        "state": report.state.value,
+        "ranks": report.ranks,
+        **counts,
+        "verified": report.verified,
+        "verified_entries": counts["computed"] if report.verified else 0,
+        "spec": spec.to_dict(),
+        "spec_digest": spec.digest,
+        "preset": matching_preset(spec),
+        "plan": report.plan,
+        "model": model_info,
+        "seconds": round(report.seconds, 2),
+        "failures": report.failures,
+    }
 
 
-def write_job_manifest(data_root: str, report: JobReport, spec: FeatureSpec, model_info: dict,
-                       allowed: AllowedRoots, mode: int | None) -> str:
+def write_job_manifest(
+    data_root: str, report: JobReport, spec: FeatureSpec, model_info: dict, allowed: AllowedRoots, mode: int | None
+) -> str:
     """Write the manifest atomically into `data_root`, opened inside the allowed roots; returns its path."""
     return write_manifest(data_root, manifest_record(report, spec, model_info), allowed.real, mode)

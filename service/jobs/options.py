@@ -79,5 +79,9 @@ class JobLimits:
 
     @classmethod
     def of(cls, settings: ServiceSettings) -> JobLimits:
-        return cls(settings.max_frames_per_sample, settings.max_sample_bytes, settings.max_image_bytes,
-                   Retention(settings.job_retention, settings.job_retention_days))
+        return cls(
+            settings.max_frames_per_sample,
+            settings.max_sample_bytes,
+            settings.max_image_bytes,
+            Retention(settings.job_retention, settings.job_retention_days),
+        )

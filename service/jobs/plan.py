@@ -72,16 +72,21 @@ class Plan:
 
     def summary(self) -> str:
         """One paragraph with the arithmetic, for logs and refusals."""
-        fs = self.tightest or {"path": self.data_root, "bytes_to_write": self.bytes_to_write,
-                               "free_bytes": self.free_bytes}
+        fs = self.tightest or {
+            "path": self.data_root,
+            "bytes_to_write": self.bytes_to_write,
+            "free_bytes": self.free_bytes,
+        }
         share = f" (this rank's share of {self.ranks})" if self.ranks > 1 else ""
         where = f" ({human_bytes(fs['bytes_to_write'])} of it)" if fs["bytes_to_write"] != self.bytes_to_write else ""
         # The entry's own size, then the net bytes: recomputed entries replace files of about their size.
         net = f" (net of the {human_bytes(self.replaced_bytes)} they replace)" if self.replaced_bytes else ""
-        return (f"{self.source['samples']} samples ({self.source['source']}) -> {self.entries} entries: "
-                f"{self.valid} valid, {self.to_compute} to compute of {human_bytes(self.entry_bytes)} each; "
-                f"{human_bytes(self.bytes_to_write)} to write{net}{share}; "
-                f"{human_bytes(fs['free_bytes'])} free on the file system of {fs['path']}{where}")
+        return (
+            f"{self.source['samples']} samples ({self.source['source']}) -> {self.entries} entries: "
+            f"{self.valid} valid, {self.to_compute} to compute of {human_bytes(self.entry_bytes)} each; "
+            f"{human_bytes(self.bytes_to_write)} to write{net}{share}; "
+            f"{human_bytes(fs['free_bytes'])} free on the file system of {fs['path']}{where}"
+        )
 
 
 def human_bytes(n: float) -> str:
@@ -155,10 +160,18 @@ def _check(target: str, context: Sequence[str] | None, checks: _Checks, dfd: int
     return _Target(valid, True, sizes[pixels] - replaced, sizes[pixels], False, device, folder)
 
 
-def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing: bool = True,
-             units: Sequence[Unit] | None = None, refused: int = 0, ranks: int = 1,
-             roots: Sequence[str] | None = None, max_image_bytes: int = MAX_IMAGE_BYTES,
-             table: FrameTable | None = None) -> tuple[Plan, frozenset[str]]:
+def plan_job(
+    scan: ScanResult,
+    spec: FeatureSpec,
+    data_root: str,
+    skip_existing: bool = True,
+    units: Sequence[Unit] | None = None,
+    refused: int = 0,
+    ranks: int = 1,
+    roots: Sequence[str] | None = None,
+    max_image_bytes: int = MAX_IMAGE_BYTES,
+    table: FrameTable | None = None,
+) -> tuple[Plan, frozenset[str]]:
     """The plan of a job over `scan`, or over `units` (one rank's share of it), reading headers and metadata
     only, and the targets found to hold a valid entry (so the job need not read them again).
 
@@ -177,24 +190,43 @@ def plan_job(scan: ScanResult, spec: FeatureSpec, data_root: str, skip_existing:
             checked.extend(targets)
             if time.monotonic() - last_report > PROGRESS_EVERY_S:
                 last_report = time.monotonic()
-                log.info("Planning %s: %d/%d entries checked (%.0f s)", data_root, len(checked), len(work),
-                         last_report - started)
+                log.info(
+                    "Planning %s: %d/%d entries checked (%.0f s)",
+                    data_root,
+                    len(checked),
+                    len(work),
+                    last_report - started,
+                )
     new = [t for t in checked if t.compute and not t.unreadable]
     per_device: dict[int, list] = {}  # st_dev -> [a folder on it, bytes]
     for t in checked:
         if t.compute and not t.unreadable:
             per_device.setdefault(t.device, [t.folder, 0])[1] += t.nbytes
-    file_systems = [{"path": folder, "bytes_to_write": max(0, nbytes), "free_bytes": free_bytes(folder)}
-                    for device, (folder, nbytes) in per_device.items() if device != -1]
+    file_systems = [
+        {"path": folder, "bytes_to_write": max(0, nbytes), "free_bytes": free_bytes(folder)}
+        for device, (folder, nbytes) in per_device.items()
+        if device != -1
+    ]
     tightest = min(file_systems, key=lambda fs: fs["free_bytes"] - fs["bytes_to_write"] * ranks, default=None)
     if tightest is not None and len(file_systems) == 1 and os.stat(data_root).st_dev in per_device:
         tightest = None  # one file system, the data root's: the top-level figures say it all
     valid = frozenset(target for (target, _), t in zip(work, checked, strict=True) if t.valid)
     return Plan(
-        data_root, scan.samples.describe(), len(units), len(work), sum(t.valid for t in checked),
-        sum(t.compute for t in checked), sum(t.unreadable for t in checked), len(scan.problems), refused,
-        max(0, sum(t.nbytes for t in checked if t.compute)), free_bytes(data_root), ranks, tightest,
-        round(sum(t.size for t in new) / len(new)) if new else 0, sum(t.size - t.nbytes for t in new),
+        data_root,
+        scan.samples.describe(),
+        len(units),
+        len(work),
+        sum(t.valid for t in checked),
+        sum(t.compute for t in checked),
+        sum(t.unreadable for t in checked),
+        len(scan.problems),
+        refused,
+        max(0, sum(t.nbytes for t in checked if t.compute)),
+        free_bytes(data_root),
+        ranks,
+        tightest,
+        round(sum(t.size for t in new) / len(new)) if new else 0,
+        sum(t.size - t.nbytes for t in new),
         len(scan.samples.unlisted),
         [{"where": bounded(where), "reason": bounded(why)} for where, why in scan.problems[:PROBLEMS_SHOWN]],
     ), valid

@@ -55,7 +55,7 @@ def lane_chunks(pending: list[T], lanes: int, chunk_units: int) -> Iterator[tupl
                     order.append(stretch[i])
                     lane_of.append(lane)
     for start in range(0, len(order), chunk_units):
-        yield order[start:start + chunk_units], None if lane_of is None else lane_of[start:start + chunk_units]
+        yield order[start : start + chunk_units], None if lane_of is None else lane_of[start : start + chunk_units]
 
 
 def target_results(idx: int, unit: Unit, fut: Future) -> list[TargetResult]:
@@ -70,9 +70,18 @@ def target_results(idx: int, unit: Unit, fut: Future) -> list[TargetResult]:
 class JobManager:
     """One runner thread takes jobs in order; state lives in SQLite so a restarted service resumes."""
 
-    def __init__(self, store: JobStore, engine: Engine, spec: FeatureSpec, allowed: AllowedRoots,
-                 model_info: dict, rank: int = 0, world_size: int = 1, started_at: float | None = None,
-                 limits: JobLimits = JobLimits()) -> None:
+    def __init__(
+        self,
+        store: JobStore,
+        engine: Engine,
+        spec: FeatureSpec,
+        allowed: AllowedRoots,
+        model_info: dict,
+        rank: int = 0,
+        world_size: int = 1,
+        started_at: float | None = None,
+        limits: JobLimits = JobLimits(),
+    ) -> None:
         """`started_at`: when this process started (before its model load); temporary files older than it
         are orphans of a killed run, a younger one may be a peer's write in flight."""
         self.store = store
@@ -148,8 +157,9 @@ class JobManager:
         retention = self.limits.retention
         pruned = self.store.prune(retention.keep, retention.days * 86400.0)
         if pruned:
-            log.info("Pruned %d ended job(s) past the retention (%d jobs, %g days)", pruned,
-                     retention.keep, retention.days)
+            log.info(
+                "Pruned %d ended job(s) past the retention (%d jobs, %g days)", pruned, retention.keep, retention.days
+            )
         return pruned
 
     def submit(self, data_root: str, options: JobOptions = JobOptions()) -> JobView:
@@ -210,14 +220,16 @@ class JobManager:
         # A manifest write killed by another run (of any service or CLI) over this root leaves its temporary file.
         self._remove_orphaned_temp_files(job_id, [rec.data_root], is_manifest_temp_file)
         if interrupted:
-            self._remove_orphaned_temp_files(job_id, sorted({os.path.dirname(t) for _, u in pending
-                                                             for t in u.targets}), is_temp_file)
+            self._remove_orphaned_temp_files(
+                job_id, sorted({os.path.dirname(t) for _, u in pending for t in u.targets}), is_temp_file
+            )
         log.info("Job %s: %d units to do (%d entries already done)", job_id, len(pending), rec.done)
 
         results: queue.Queue[tuple[int, Unit, Future]] = queue.Queue()
 
         def landed(idx: int, unit: Unit, fut: Future) -> None:
             results.put((idx, unit, fut))
+
         submitted = 0
 
         def record(block: bool) -> int:
@@ -260,10 +272,16 @@ class JobManager:
                 # A unit at a time: `submit` blocks while the backlog is full, and each future must have its
                 # callback (to the recorder) as soon as it is admitted, not once the whole chunk is.
                 for i, (idx, unit) in enumerate(chunk):
-                    fut = self.engine.submit([unit], Priority.BULK, skip_existing=options.skip_existing,
-                                             verify=options.verify, return_features=False,
-                                             lanes=None if lanes is None else lanes[i:i + 1],
-                                             overwrite=options.overwrite, on_start=started)[0]
+                    fut = self.engine.submit(
+                        [unit],
+                        Priority.BULK,
+                        skip_existing=options.skip_existing,
+                        verify=options.verify,
+                        return_features=False,
+                        lanes=None if lanes is None else lanes[i : i + 1],
+                        overwrite=options.overwrite,
+                        on_start=started,
+                    )[0]
                     with self._lock:
                         in_engine.append(fut)
                     fut.add_done_callback(partial(landed, idx, unit))
@@ -295,8 +313,15 @@ class JobManager:
             except OSError as exc:  # a full disk or a vanished data root; the job's record is in SQLite
                 log.warning("Job %s: cannot write the manifest in %s: %s", job_id, rec.data_root, exc)
         rec = self.store.finish(job_id, state)
-        log.info("Job %s %s: %d computed, %d skipped, %d failed of %d", job_id, rec.state.value,
-                 rec.computed, rec.skipped, rec.failed, rec.total)
+        log.info(
+            "Job %s %s: %d computed, %d skipped, %d failed of %d",
+            job_id,
+            rec.state.value,
+            rec.computed,
+            rec.skipped,
+            rec.failed,
+            rec.total,
+        )
         return self._view(rec)
 
     def _no_device_left(self) -> bool:
@@ -306,13 +331,20 @@ class JobManager:
 
     def _fail_poison(self, job_id: str) -> None:
         """Fail the units that were on a device each time the service died: resumed, they would jam it again."""
-        why = (f"poison: the service died {POISON_ATTEMPTS} times while this sample was running; not retried "
-               "(check its frames, or precompute it alone)")
+        why = (
+            f"poison: the service died {POISON_ATTEMPTS} times while this sample was running; not retried "
+            "(check its frames, or precompute it alone)"
+        )
         poison = self.store.fail_tried(job_id, POISON_ATTEMPTS, why)
         if not poison:
             return
-        log.error("Job %s: %d unit(s) failed as poison, the service died %d times while they ran: %s", job_id,
-                  len(poison), POISON_ATTEMPTS, printable(poison[0][1].targets[-1]))
+        log.error(
+            "Job %s: %d unit(s) failed as poison, the service died %d times while they ran: %s",
+            job_id,
+            len(poison),
+            POISON_ATTEMPTS,
+            printable(poison[0][1].targets[-1]),
+        )
 
     def _remove_orphaned_temp_files(self, job_id: str, folders: list[str], ours: Callable[[str], bool]) -> None:
         """Delete the temporary files (the names `ours` recognises: an entry's, a manifest's) that a killed
@@ -348,24 +380,45 @@ class JobManager:
         log.info("Job %s plan: %s", rec.job_id, plan.summary())
         if not plan.fits and not rec.options.force:
             log.error("Job %s refused, its entries would not fit: %s", rec.job_id, plan.summary())
-            return self.store.refuse(rec.job_id, plan.to_dict(), f"not enough free space: {plan.summary()}; "
-                                                                 "free some, or force the job (--force)")
+            return self.store.refuse(
+                rec.job_id,
+                plan.to_dict(),
+                f"not enough free space: {plan.summary()}; free some, or force the job (--force)",
+            )
         # Refused units fail untouched; units found valid are skipped here, not read again by the engine.
-        known = [TargetResult(i, EntryStatus.FAILED, why, t) for i, why in work.refused.items()
-                 for t in work.units[i].targets]
+        known = [
+            TargetResult(i, EntryStatus.FAILED, why, t)
+            for i, why in work.refused.items()
+            for t in work.units[i].targets
+        ]
         known += [TargetResult(i, EntryStatus.CACHED, None, t) for i in work.valid for t in work.units[i].targets]
         # Every rank scans the whole root; its problems are recorded once, by rank 0.
-        rec = self.store.record_plan(rec.job_id, plan.to_dict(), work.units,
-                                     work.scan.problems if self.rank == 0 else [], known)
-        log.info("Job %s planned: %d units from %d samples (%s; %d refused, %d already valid, %d malformed "
-                 "samples)", rec.job_id, len(work.units), work.scan.num_samples, work.scan.source_kind,
-                 len(work.refused), len(work.valid), len(work.scan.problems))
+        rec = self.store.record_plan(
+            rec.job_id, plan.to_dict(), work.units, work.scan.problems if self.rank == 0 else [], known
+        )
+        log.info(
+            "Job %s planned: %d units from %d samples (%s; %d refused, %d already valid, %d malformed samples)",
+            rec.job_id,
+            len(work.units),
+            work.scan.num_samples,
+            work.scan.source_kind,
+            len(work.refused),
+            len(work.valid),
+            len(work.scan.problems),
+        )
         return rec
 
     def write_manifest(self, rec: JobRecord, seconds: float, state: JobState) -> str:
         failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, MAX_FAILURES)]
-        counts = {"total": rec.total, "computed": rec.computed, "skipped": rec.skipped, "failed": rec.failed,
-                  "kept": rec.kept, "replaced": rec.replaced}
+        counts = {
+            "total": rec.total,
+            "computed": rec.computed,
+            "skipped": rec.skipped,
+            "failed": rec.failed,
+            "kept": rec.kept,
+            "replaced": rec.replaced,
+        }
         report = JobReport(rec.job_id, state, counts, rec.plan, seconds, failures, rec.options.verify)
-        return write_job_manifest(rec.data_root, report, self.spec, self.model_info, self.allowed,
-                                  self.engine.file_mode)
+        return write_job_manifest(
+            rec.data_root, report, self.spec, self.model_info, self.allowed, self.engine.file_mode
+        )

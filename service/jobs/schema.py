@@ -69,9 +69,10 @@ JOB_COLUMNS = (
     "skipped, failed, cancel_requested, created_at, started_at, finished_at, error, plan_json, kept, replaced"
 )
 # Columns added after the first release, per table, with their types: added to an older database on open.
-ADDED_COLUMNS = {"jobs": {"plan_json": "TEXT", "kept": "INTEGER NOT NULL DEFAULT 0",
-                          "replaced": "INTEGER NOT NULL DEFAULT 0"},
-                 "units": {"attempts": "INTEGER NOT NULL DEFAULT 0"}}
+ADDED_COLUMNS = {
+    "jobs": {"plan_json": "TEXT", "kept": "INTEGER NOT NULL DEFAULT 0", "replaced": "INTEGER NOT NULL DEFAULT 0"},
+    "units": {"attempts": "INTEGER NOT NULL DEFAULT 0"},
+}
 
 
 def create_or_upgrade(db: sqlite3.Connection) -> None:

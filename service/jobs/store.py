@@ -72,12 +72,48 @@ class JobRecord:
 
     @classmethod
     def _from_row(cls, row: tuple) -> JobRecord:
-        (job_id, data_root, digest, spec_json, options_json, state, planned, total, computed,
-         skipped, failed, cancel, created, started, finished, error, plan_json, kept, replaced) = row
-        return cls(job_id, data_root, digest, spec_json, JobOptions.from_dict(json.loads(options_json)),
-                   JobState(state),
-                   bool(planned), total, computed, skipped, failed, bool(cancel),
-                   created, started, finished, error, json.loads(plan_json) if plan_json else None, kept, replaced)
+        (
+            job_id,
+            data_root,
+            digest,
+            spec_json,
+            options_json,
+            state,
+            planned,
+            total,
+            computed,
+            skipped,
+            failed,
+            cancel,
+            created,
+            started,
+            finished,
+            error,
+            plan_json,
+            kept,
+            replaced,
+        ) = row
+        return cls(
+            job_id,
+            data_root,
+            digest,
+            spec_json,
+            JobOptions.from_dict(json.loads(options_json)),
+            JobState(state),
+            bool(planned),
+            total,
+            computed,
+            skipped,
+            failed,
+            bool(cancel),
+            created,
+            started,
+            finished,
+            error,
+            json.loads(plan_json) if plan_json else None,
+            kept,
+            replaced,
+        )
 
 
 class JobStore:
@@ -98,8 +134,7 @@ class JobStore:
         db = getattr(self._local, "db", None)
         if db is None:
             # Autocommit mode: transactions are opened explicitly, so nothing is left half-open.
-            db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None,
-                                 check_same_thread=False)
+            db = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False)
             db.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout_s * 1000)}")
             db.execute("PRAGMA journal_mode = WAL")
             db.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL: durable against process kills
@@ -143,8 +178,7 @@ class JobStore:
             raise UnusableInput(f"data_root {printable(data_root)} is not valid UTF-8; rename the folder")
         with self._write() as db:
             row = db.execute(
-                f"SELECT {JOB_COLUMNS} FROM jobs WHERE data_root = ? AND spec_digest = ? "
-                f"AND state IN {ACTIVE_STATES}",
+                f"SELECT {JOB_COLUMNS} FROM jobs WHERE data_root = ? AND spec_digest = ? AND state IN {ACTIVE_STATES}",
                 (data_root, spec_digest),
             ).fetchone()
             if row is not None:
@@ -153,8 +187,15 @@ class JobStore:
             db.execute(
                 "INSERT INTO jobs (job_id, data_root, spec_digest, spec_json, options_json, state, "
                 "created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, data_root, spec_digest, spec_json, json.dumps(options.to_dict(), sort_keys=True),
-                 JobState.QUEUED.value, time.time()),
+                (
+                    job_id,
+                    data_root,
+                    spec_digest,
+                    spec_json,
+                    json.dumps(options.to_dict(), sort_keys=True),
+                    JobState.QUEUED.value,
+                    time.time(),
+                ),
             )
             return self._job(db, job_id)
 
@@ -166,17 +207,20 @@ class JobStore:
 
     def list_jobs(self, limit: int = 100) -> list[JobRecord]:
         """Newest first."""
-        rows = self._conn().execute(
-            f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,)
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,))
+            .fetchall()
+        )
         return [JobRecord._from_row(r) for r in rows]
 
     def unfinished_jobs(self) -> list[JobRecord]:
         """Queued or running jobs, oldest first: what a restarted service resumes."""
-        rows = self._conn().execute(
-            f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN {ACTIVE_STATES} "
-            "ORDER BY created_at, rowid"
-        ).fetchall()
+        rows = (
+            self._conn()
+            .execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN {ACTIVE_STATES} ORDER BY created_at, rowid")
+            .fetchall()
+        )
         return [JobRecord._from_row(r) for r in rows]
 
     def count_by_state(self) -> dict[JobState, int]:
@@ -224,17 +268,21 @@ class JobStore:
             return self._job(db, job_id)
 
     def cancel_requested(self, job_id: str) -> bool:
-        row = self._conn().execute(
-            "SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,)
-        ).fetchone()
+        row = self._conn().execute("SELECT cancel_requested FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         if row is None:
             raise KeyError(f"unknown job {job_id!r}")
         return bool(row[0])
 
     # -- units and results -----------------------------------------------------------
 
-    def record_plan(self, job_id: str, plan: dict, units: Sequence[Unit],
-                    problems: Iterable[tuple[str, str]] = (), results: Iterable[TargetResult] = ()) -> JobRecord:
+    def record_plan(
+        self,
+        job_id: str,
+        plan: dict,
+        units: Sequence[Unit],
+        problems: Iterable[tuple[str, str]] = (),
+        results: Iterable[TargetResult] = (),
+    ) -> JobRecord:
         """Record a job's plan (`Plan.to_dict()`), its units (indexed 0..n-1), its scan problems and the results
         known before any decode (units refused, entries found valid), once, in one transaction.
 
@@ -286,8 +334,11 @@ class JobStore:
         recorded result (poison: resumed, they would jam it again); returns them."""
         with self._write() as db:
             tried = _units(db, job_id, attempts)
-            _record_results(db, job_id, [TargetResult(idx, EntryStatus.FAILED, reason, t)
-                                         for idx, unit in tried for t in unit.targets])
+            _record_results(
+                db,
+                job_id,
+                [TargetResult(idx, EntryStatus.FAILED, reason, t) for idx, unit in tried for t in unit.targets],
+            )
             return tried
 
     def record_results(self, job_id: str, results: Iterable[TargetResult]) -> JobRecord:
@@ -303,9 +354,11 @@ class JobStore:
 
     def failures(self, job_id: str, limit: int = 100) -> list[tuple[str, str]]:
         """(image or "file:line", reason), in the order they were recorded."""
-        return self._conn().execute(
-            "SELECT image, reason FROM failures WHERE job_id = ? ORDER BY id LIMIT ?", (job_id, limit)
-        ).fetchall()
+        return (
+            self._conn()
+            .execute("SELECT image, reason FROM failures WHERE job_id = ? ORDER BY id LIMIT ?", (job_id, limit))
+            .fetchall()
+        )
 
     # -- retention -------------------------------------------------------------------
 
@@ -314,12 +367,21 @@ class JobStore:
         and failures; returns how many. Active jobs are never pruned."""
         cutoff = (time.time() if now is None else now) - max_age_s
         with self._write() as db:
-            ended = [row[0] for row in db.execute(
-                f"SELECT job_id FROM jobs WHERE state NOT IN {ACTIVE_STATES} "
-                "ORDER BY COALESCE(finished_at, created_at) DESC, rowid DESC").fetchall()]
-            old = {row[0] for row in db.execute(
-                f"SELECT job_id FROM jobs WHERE state NOT IN {ACTIVE_STATES} "
-                "AND COALESCE(finished_at, created_at) < ?", (cutoff,)).fetchall()}
+            ended = [
+                row[0]
+                for row in db.execute(
+                    f"SELECT job_id FROM jobs WHERE state NOT IN {ACTIVE_STATES} "
+                    "ORDER BY COALESCE(finished_at, created_at) DESC, rowid DESC"
+                ).fetchall()
+            ]
+            old = {
+                row[0]
+                for row in db.execute(
+                    f"SELECT job_id FROM jobs WHERE state NOT IN {ACTIVE_STATES} "
+                    "AND COALESCE(finished_at, created_at) < ?",
+                    (cutoff,),
+                ).fetchall()
+            }
             doomed = [(job_id,) for i, job_id in enumerate(ended) if i >= keep or job_id in old]
             for table in ("failures", "units", "jobs"):
                 db.executemany(f"DELETE FROM {table} WHERE job_id = ?", doomed)
@@ -351,8 +413,9 @@ def _record_results(db: sqlite3.Connection, job_id: str, results: Iterable[Targe
         try:
             status = EntryStatus(result.status)
         except ValueError:
-            raise ValueError(f"outcome must be one of {'|'.join(s.value for s in EntryStatus)}, "
-                             f"got {result.status!r}") from None
+            raise ValueError(
+                f"outcome must be one of {'|'.join(s.value for s in EntryStatus)}, got {result.status!r}"
+            ) from None
         by_unit.setdefault(result.idx, []).append(result._replace(status=status))
     counts = dict.fromkeys((*COUNTER.values(), "kept", "replaced"), 0)
     failures: list[tuple[str, str]] = []
@@ -363,8 +426,10 @@ def _record_results(db: sqlite3.Connection, job_id: str, results: Iterable[Targe
         if UnitState(row[0]) is not UnitState.PENDING:
             continue
         unit_failed = any(r.status is EntryStatus.FAILED for r in entries)
-        db.execute("UPDATE units SET state = ? WHERE job_id = ? AND idx = ?",
-                   ((UnitState.FAILED if unit_failed else UnitState.DONE).value, job_id, idx))
+        db.execute(
+            "UPDATE units SET state = ? WHERE job_id = ? AND idx = ?",
+            ((UnitState.FAILED if unit_failed else UnitState.DONE).value, job_id, idx),
+        )
         for r in entries:
             counts[COUNTER[r.status]] += 1
             if r.write in ("kept", "replaced"):
@@ -383,5 +448,7 @@ def _insert_failures(db: sqlite3.Connection, job_id: str, failures: list[tuple[s
     """Store (image, reason) rows bounded: each string `bounded`, at most MAX_FAILURE_ROWS per job."""
     have = db.execute("SELECT COUNT(*) FROM failures WHERE job_id = ?", (job_id,)).fetchone()[0]
     room = max(0, MAX_FAILURE_ROWS - have)
-    db.executemany("INSERT INTO failures (job_id, image, reason) VALUES (?, ?, ?)",
-                   ((job_id, bounded(image), bounded(reason)) for image, reason in failures[:room]))
+    db.executemany(
+        "INSERT INTO failures (job_id, image, reason) VALUES (?, ?, ?)",
+        ((job_id, bounded(image), bounded(reason)) for image, reason in failures[:room]),
+    )

@@ -36,9 +36,25 @@ class JobState(str, Enum):
 
 # What `/status` lists of each job: small whatever the job holds (its options, plan and failures are behind
 # `GET /jobs/{id}`).
-SUMMARY_FIELDS = ("job_id", "data_root", "state", "total", "computed", "skipped", "failed", "progress", "rate_per_s",
-                  "eta_s", "spec_digest", "planned", "cancel_requested", "created_at", "started_at", "finished_at",
-                  "error")
+SUMMARY_FIELDS = (
+    "job_id",
+    "data_root",
+    "state",
+    "total",
+    "computed",
+    "skipped",
+    "failed",
+    "progress",
+    "rate_per_s",
+    "eta_s",
+    "spec_digest",
+    "planned",
+    "cancel_requested",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "error",
+)
 SUMMARY_TEXT = 256  # characters of a summary's data root and error
 
 ACTIVE = tuple(s for s in JobState if s.active)
@@ -100,8 +116,13 @@ class JobView:
     def from_dict(cls, d: dict[str, Any]) -> JobView:
         """A view as `GET /jobs/{id}` answers it."""
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{**{k: v for k, v in d.items() if k in names}, "state": JobState(d["state"]),
-                      "options": JobOptions.from_dict(d.get("options") or {})})
+        return cls(
+            **{
+                **{k: v for k, v in d.items() if k in names},
+                "state": JobState(d["state"]),
+                "options": JobOptions.from_dict(d.get("options") or {}),
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -126,10 +147,30 @@ def job_view(rec: JobRecord, rate: Rate | None = None, failures: list[dict] | No
     elif rec.finished_at and rec.started_at and rec.finished_at > rec.started_at:
         # An ended job shows its average over its whole run (restarts included).
         rate_per_s = round(rec.computed / (rec.finished_at - rec.started_at), 2)
-    return JobView(rec.job_id, rec.data_root, rec.state, rec.total, rec.computed, rec.skipped, rec.failed,
-                   progress, rate_per_s, eta_s, rec.spec_digest, rec.options, rec.planned, rec.cancel_requested,
-                   rec.created_at, rec.started_at, rec.finished_at, rec.error, rec.plan, failures,
-                   rec.kept, rec.replaced)
+    return JobView(
+        rec.job_id,
+        rec.data_root,
+        rec.state,
+        rec.total,
+        rec.computed,
+        rec.skipped,
+        rec.failed,
+        progress,
+        rate_per_s,
+        eta_s,
+        rec.spec_digest,
+        rec.options,
+        rec.planned,
+        rec.cancel_requested,
+        rec.created_at,
+        rec.started_at,
+        rec.finished_at,
+        rec.error,
+        rec.plan,
+        failures,
+        rec.kept,
+        rec.replaced,
+    )
 
 
 def _left_to_compute(rec: JobRecord) -> int:

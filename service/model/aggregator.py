@@ -90,21 +90,25 @@ class VGGTAggregator(nn.Module):
             raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch_size}")
         grid_tokens = (H // self.patch_size) * (W // self.patch_size)
         if patches is not None and tuple(patches.shape) != (B, S, grid_tokens, self.config.embed_dim):
-            raise ValueError(f"patches must be {[B, S, grid_tokens, self.config.embed_dim]} for these images, "
-                             f"got {list(patches.shape)}")
+            raise ValueError(
+                f"patches must be {[B, S, grid_tokens, self.config.embed_dim]} for these images, "
+                f"got {list(patches.shape)}"
+            )
         wanted = list(range(self.config.depth)) if layers is None else list(normalise_layers(layers, self.config.depth))
         if attention == Attention.FRAME:
             # A clip of one frame: global attention over it is frame attention with the global weights.
             if patches is not None:
                 patches = patches.reshape(B * S, 1, grid_tokens, -1)
-            outputs = self._aggregate(images.reshape(B * S, 1, 3, H, W), wanted, causal=False, kv_cache=None,
-                                      patches=patches)
+            outputs = self._aggregate(
+                images.reshape(B * S, 1, 3, H, W), wanted, causal=False, kv_cache=None, patches=patches
+            )
             return [out.view(B, S, *out.shape[2:]) for out in outputs], self.patch_start_idx
         causal = attention == Attention.CAUSAL
         return self._aggregate(images, wanted, causal, kv_cache, patches), self.patch_start_idx
 
-    def _aggregate(self, images: Tensor, wanted: list[int], causal: bool, kv_cache: KVCache | None,
-                   patches: Tensor | None = None) -> list[Tensor]:
+    def _aggregate(
+        self, images: Tensor, wanted: list[int], causal: bool, kv_cache: KVCache | None, patches: Tensor | None = None
+    ) -> list[Tensor]:
         B, S, _, H, W = images.shape
         h, w = H // self.patch_size, W // self.patch_size
         P = self.patch_start_idx + h * w
@@ -138,7 +142,10 @@ class VGGTAggregator(nn.Module):
             frame_out = tokens.view(B, S, P, C)
             kv_update = None if kv_cache is None else partial(kv_cache.append, i)
             tokens = self.global_blocks[i](
-                tokens.view(B, S * P, C), rope=global_rope, attn_mask=mask, kv_update=kv_update,
+                tokens.view(B, S * P, C),
+                rope=global_rope,
+                attn_mask=mask,
+                kv_update=kv_update,
                 frame_tokens=frame_tokens,
             )
             if i in wanted:

@@ -83,8 +83,9 @@ def frame_patches(aggregator: VGGTAggregator, frames: Tensor) -> Tensor:
         return aggregator.embed_patches(frames)
 
 
-def entry_features(aggregator: torch.nn.Module, images: Tensor, spec: FeatureSpec,
-                   patches: Tensor | None = None) -> Tensor:
+def entry_features(
+    aggregator: torch.nn.Module, images: Tensor, spec: FeatureSpec, patches: Tensor | None = None
+) -> Tensor:
     """The cache entries of clips ``[B, S, 3, H, W]`` (frames in sample order, the current view last).
 
     frame/causal: ``[B, 1, ...]``, the entry filed under each clip's last frame: the output of
@@ -99,8 +100,9 @@ def entry_features(aggregator: torch.nn.Module, images: Tensor, spec: FeatureSpe
         images = images.flip(1)  # [B, S, 3, H, W], the current view first
         patches = None if patches is None else patches.flip(1)
     with torch.no_grad(), feature_autocast(images.device):
-        outputs, patch_start_idx = aggregator(images, attention=spec.attention, layers=list(spec.layers),
-                                              patches=patches)
+        outputs, patch_start_idx = aggregator(
+            images, attention=spec.attention, layers=list(spec.layers), patches=patches
+        )
         if spec.attention != Attention.SEQUENCE:
             # Only the last streamed frame has an entry: slice before the cast and the copy to the host.
             outputs = [o[:, -1:] for o in outputs]  # each [B, 1, P_all, C]

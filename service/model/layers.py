@@ -50,12 +50,17 @@ class Attention(nn.Module):
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         else:
             past = k.shape[2] - N  # keys of frames fed before this call
-            x = torch.cat([
-                F.scaled_dot_product_attention(q[:, :, start:start + frame_tokens],
-                                               k[:, :, :past + start + frame_tokens],
-                                               v[:, :, :past + start + frame_tokens])
-                for start in range(0, N, frame_tokens)
-            ], dim=2)  # [B, heads, N, head_dim]
+            x = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        q[:, :, start : start + frame_tokens],
+                        k[:, :, : past + start + frame_tokens],
+                        v[:, :, : past + start + frame_tokens],
+                    )
+                    for start in range(0, N, frame_tokens)
+                ],
+                dim=2,
+            )  # [B, heads, N, head_dim]
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -107,6 +112,7 @@ class Block(nn.Module):
         kv_update: KVUpdate | None = None,
         frame_tokens: int | None = None,
     ) -> Tensor:
-        x = x + self.ls1(self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, kv_update=kv_update,
-                                   frame_tokens=frame_tokens))
+        x = x + self.ls1(
+            self.attn(self.norm1(x), rope=rope, attn_mask=attn_mask, kv_update=kv_update, frame_tokens=frame_tokens)
+        )
         return x + self.ls2(self.mlp(self.norm2(x)))

@@ -89,6 +89,8 @@ def compile_counts() -> dict[str, int]:
     could not compile (each falls back to eager)."""
     from torch._dynamo.utils import counters
 
-    return {"graphs": counters["stats"]["unique_graphs"],
-            "frames_compiled": counters["frames"]["ok"],
-            "frames_not_compiled": counters["frames"]["total"] - counters["frames"]["ok"]}
+    return {
+        "graphs": counters["stats"]["unique_graphs"],
+        "frames_compiled": counters["frames"]["ok"],
+        "frames_not_compiled": counters["frames"]["total"] - counters["frames"]["ok"],
+    }

@@ -22,16 +22,40 @@ RATIO = r"= (\d+\.\d+)$"
 
 
 def run_benchmark(script: str, *args: str) -> str:
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT_S, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT_S,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout
 
 
 def test_precompute_prints_its_ratios_and_cleans_up(tmp_path: Path) -> None:
-    out = run_benchmark("precompute.py", "--model", str(TINY_MODEL), "--n", "5", "--batch-size", "2",
-                        "--size", "56", "--width", "64", "--height", "48", "--rounds", "1", "--device", "cpu",
-                        "--dir", str(tmp_path))
+    out = run_benchmark(
+        "precompute.py",
+        "--model",
+        str(TINY_MODEL),
+        "--n",
+        "5",
+        "--batch-size",
+        "2",
+        "--size",
+        "56",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--rounds",
+        "1",
+        "--device",
+        "cpu",
+        "--dir",
+        str(tmp_path),
+    )
     for name in ("ours/seed", "ours/limit"):
         match = re.search(rf"^{re.escape(name)} {RATIO}", out, re.M)
         assert match and float(match.group(1)) > 0, out
@@ -41,9 +65,30 @@ def test_precompute_prints_its_ratios_and_cleans_up(tmp_path: Path) -> None:
 
 
 def test_precompute_json_with_a_random_model() -> None:
-    out = run_benchmark("precompute.py", "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--n", "3",
-                        "--batch-size", "2", "--size", "28", "--width", "56", "--height", "30", "--rounds", "2",
-                        "--device", "cpu", "--json")
+    out = run_benchmark(
+        "precompute.py",
+        "--embed-dim",
+        "32",
+        "--depth",
+        "2",
+        "--num-heads",
+        "2",
+        "--n",
+        "3",
+        "--batch-size",
+        "2",
+        "--size",
+        "28",
+        "--width",
+        "56",
+        "--height",
+        "30",
+        "--rounds",
+        "2",
+        "--device",
+        "cpu",
+        "--json",
+    )
     result = json.loads(out)
     # 56x30 cropped at 28: width 28, height round(30 * 28 / 56 / 14) * 14 = 14.
     assert result["images"]["model_input"] == [3, 14, 28]
@@ -58,16 +103,41 @@ def test_precompute_json_with_a_random_model() -> None:
 
 def test_gpu_throughput_runs_tiny_on_cpu_and_writes_json(tmp_path: Path) -> None:
     out_path = tmp_path / "gpu.json"
-    out = run_benchmark("gpu_throughput.py", "--device", "cpu", "--tiny", "--sizes", "56", "--batches", "1,2",
-                        "--clip-batches", "1", "--iters", "1", "--warmup", "0", "--min-frames", "0",
-                        "--loop-images", "2", "--out", str(out_path))
+    out = run_benchmark(
+        "gpu_throughput.py",
+        "--device",
+        "cpu",
+        "--tiny",
+        "--sizes",
+        "56",
+        "--batches",
+        "1,2",
+        "--clip-batches",
+        "1",
+        "--iters",
+        "1",
+        "--warmup",
+        "0",
+        "--min-frames",
+        "0",
+        "--loop-images",
+        "2",
+        "--out",
+        str(out_path),
+    )
     for name in ("batched/one-by-one", "best/goal"):
         match = re.search(rf"^{re.escape(name)} {RATIO}", out, re.M)
         assert match and float(match.group(1)) > 0, out
     result = json.loads(out_path.read_text())
     rows = {(r["variant"], r["batch"], str(r["layers"])): r for r in result["rows"]}
-    assert {key[0] for key in rows} == {"batched", "one-by-one", "all-layers", "fp32-weights", "janusvln",
-                                        "janusvln-patches-once"}
+    assert {key[0] for key in rows} == {
+        "batched",
+        "one-by-one",
+        "all-layers",
+        "fp32-weights",
+        "janusvln",
+        "janusvln-patches-once",
+    }
     assert all(r["status"] == "ok" for r in result["rows"]), result["rows"]
     clips = [r for r in result["rows"] if r["variant"] == "janusvln"]
     assert sorted(r["attention_impl"] for r in clips) == ["chunked", "mask"]
@@ -78,14 +148,18 @@ def test_gpu_throughput_runs_tiny_on_cpu_and_writes_json(tmp_path: Path) -> None
     assert result["peak_tflops"] is None  # no peak is assumed for a CPU
 
 
-@pytest.mark.parametrize("attention, layers, frames, height, width", [
-    ("frame", [-2], 1, 56, 56),
-    ("frame", None, 1, 42, 70),
-    ("sequence", None, 3, 42, 70),  # global attention over S*P tokens
-    ("causal", [-2], 3, 56, 56),  # each frame against its prefix
-])
-def test_flop_formula_matches_torch_flop_counter(attention: str, layers: list[int] | None, frames: int,
-                                                 height: int, width: int) -> None:
+@pytest.mark.parametrize(
+    "attention, layers, frames, height, width",
+    [
+        ("frame", [-2], 1, 56, 56),
+        ("frame", None, 1, 42, 70),
+        ("sequence", None, 3, 42, 70),  # global attention over S*P tokens
+        ("causal", [-2], 3, 56, 56),  # each frame against its prefix
+    ],
+)
+def test_flop_formula_matches_torch_flop_counter(
+    attention: str, layers: list[int] | None, frames: int, height: int, width: int
+) -> None:
     sys.path.insert(0, str(BENCHMARKS))
     from vggt_cache.service.demo import DEMO_CONFIG
 
@@ -104,9 +178,28 @@ def test_flop_formula_matches_torch_flop_counter(attention: str, layers: list[in
 
 
 def test_precompute_runs_janusvln_samples_and_reports_decode_reuse() -> None:
-    out = run_benchmark("precompute.py", "--model", str(TINY_MODEL), "--preset", "newjanusvln", "--n", "10",
-                        "--batch-size", "18", "--size", "56", "--width", "64", "--height", "48", "--rounds", "1",
-                        "--device", "cpu", "--json")
+    out = run_benchmark(
+        "precompute.py",
+        "--model",
+        str(TINY_MODEL),
+        "--preset",
+        "newjanusvln",
+        "--n",
+        "10",
+        "--batch-size",
+        "18",
+        "--size",
+        "56",
+        "--width",
+        "64",
+        "--height",
+        "48",
+        "--rounds",
+        "1",
+        "--device",
+        "cpu",
+        "--json",
+    )
     result = json.loads(out)
     assert (result["samples"], result["frames_per_sample"]) == (10, 9)
     assert result["spec"]["preset"] == "newjanusvln" and result["spec"]["reference_frame"] == "last"
@@ -117,8 +210,7 @@ def test_precompute_runs_janusvln_samples_and_reports_decode_reuse() -> None:
 
 
 def test_clip_reports_memory_and_time_of_each_attention_implementation() -> None:
-    out = run_benchmark("clip.py", "--device", "cpu", "--embed-dim", "32", "--num-heads", "2", "--size", "56",
-                        "--json")
+    out = run_benchmark("clip.py", "--device", "cpu", "--embed-dim", "32", "--num-heads", "2", "--size", "56", "--json")
     result = json.loads(out)
     assert set(result["results"]) == {"mask", "chunked"} and result["frames"] == 9
     for impl, r in result["results"].items():
@@ -143,7 +235,9 @@ def test_loader_compares_every_way_under_both_allocator_policies() -> None:
 def test_plan_compares_a_plan_with_the_bare_walk_of_the_same_roots(tmp_path: Path) -> None:
     out = run_benchmark("plan.py", "--n", "40", "--no-strace", "--dir", str(tmp_path))
     for layout in ("episodes", "json"):
-        row = re.search(rf"^{layout} 40\s+40\s+(\d+\.\d+)\s+(\d+\.\d+)\s+\d+\s+\d+\s+\d+\.\d+\s+(\d+)\s+\d+$", out, re.M)
+        row = re.search(
+            rf"^{layout} 40\s+40\s+(\d+\.\d+)\s+(\d+\.\d+)\s+\d+\s+\d+\s+\d+\.\d+\s+(\d+)\s+\d+$", out, re.M
+        )
         assert row and float(row.group(1)) > 0 and float(row.group(2)) >= 0 and int(row.group(3)) > 0, out
         ratio = re.search(rf"^{layout} 40 ours/floor wall {RATIO}", out, re.M)
         assert ratio and float(ratio.group(1)) > 0, out

@@ -30,8 +30,13 @@ GRID = (3, 4)  # 60x80 images at --size 56
 
 
 def local_spec(**overrides) -> FeatureSpec:
-    fields = dict(fingerprint="sha256:" + "ab" * 32, architecture={"depth": 2, "embed_dim": 8, "patch_size": 14},
-                  layers=(-1,), size=56, dtype="float32")
+    fields = dict(
+        fingerprint="sha256:" + "ab" * 32,
+        architecture={"depth": 2, "embed_dim": 8, "patch_size": 14},
+        layers=(-1,),
+        size=56,
+        dtype="float32",
+    )
     return FeatureSpec(**{**fields, **overrides})
 
 
@@ -64,11 +69,15 @@ def dead_url() -> str:
 
 
 def warnings_about(caplog, path: str) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.levelno == logging.WARNING
-            and r.getMessage().startswith(f"Failed to load cache {path}")]
+    return [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.getMessage().startswith(f"Failed to load cache {path}")
+    ]
 
 
 # -- without a service ---------------------------------------------------------------------------
+
 
 def test_hits_are_read_from_sibling_files_without_a_service(tmp_path):
     spec = local_spec()
@@ -193,6 +202,7 @@ def test_retry_delays_double_up_to_a_cap_and_honour_retry_after(monkeypatch):
 
 # -- retries against a small real HTTP server ------------------------------------------------------
 
+
 class ScriptedService:
     """Answers POST /features with scripted error statuses, then with real wire bodies."""
 
@@ -227,8 +237,10 @@ class ScriptedService:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def answer(self, images: list[str]) -> bytes:
-        items = [{"image": p, "status": "computed", "tensor": str(i), "error": None, "grid": list(GRID)}
-                 for i, p in enumerate(images)]
+        items = [
+            {"image": p, "status": "computed", "tensor": str(i), "error": None, "grid": list(GRID)}
+            for i, p in enumerate(images)
+        ]
         tensors = {str(i): self.features(p) for i, p in enumerate(images)}
         return encode_features(items, tensors, self.spec.digest, list(range(len(images))))
 
@@ -272,6 +284,7 @@ def test_exhausted_retries_raise_or_fall_back(tmp_path):
 
 
 # -- against the real service (frame attention) ----------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def frame_service(service_server, tmp_path_factory):
@@ -412,8 +425,9 @@ def test_dataloader_workers_each_get_their_own_pool(frame_service, folder):
     images = make_images(folder, 8)
     cache = FeatureCache(frame_service.url)
     assert cache.get(images[0]) is not None  # the parent's pool now holds a connection
-    loader = torch.utils.data.DataLoader(CachedFrames(cache, images), batch_size=None, num_workers=2,
-                                         multiprocessing_context="fork")
+    loader = torch.utils.data.DataLoader(
+        CachedFrames(cache, images), batch_size=None, num_workers=2, multiprocessing_context="fork"
+    )
     rows = list(loader)
     assert sorted(i for i, *_ in rows) == list(range(8))
     worker_pids = {pid for _, _, pid, _ in rows}
@@ -444,6 +458,7 @@ def test_async_cache_batches_misses_and_reads_hits(frame_service, folder):
 
 
 # -- clips: causal and sequence attention -----------------------------------------------------------
+
 
 @pytest.fixture(scope="module", params=["causal", "sequence"])
 def clip_service(request, service_server, tmp_path_factory):

@@ -117,8 +117,11 @@ def test_read_tensors_cross_dataloader_workers(tmp_path, mmap):
     images = [make_image(tmp_path, f"{i}.jpg") for i in range(4)]
     written = [write(image, make_spec()).bfloat16() for image in images]
     loader = torch.utils.data.DataLoader(
-        _Entries(images, mmap), batch_size=None, num_workers=2,
-        multiprocessing_context="fork", timeout=60,
+        _Entries(images, mmap),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context="fork",
+        timeout=60,
     )
     assert all(torch.equal(got, want) for got, want in zip(loader, written, strict=True))
 
@@ -172,9 +175,7 @@ def test_seed_loader_reads_our_files(tmp_path):
     assert path == f"{image}.vggt_cache.pt"
     seed_read = torch.load(path, map_location="cpu")  # the seed's exact call; weights_only by default
     assert torch.equal(seed_read["features"], original.bfloat16())
-    assert torch.equal(
-        torch.load(path, map_location="cpu", weights_only=True)["features"], original.bfloat16()
-    )
+    assert torch.equal(torch.load(path, map_location="cpu", weights_only=True)["features"], original.bfloat16())
 
 
 def test_a_view_is_stored_without_its_base(tmp_path):
@@ -433,7 +434,7 @@ def test_temp_file_naming_and_cleanup(tmp_path, monkeypatch):
     monkeypatch.setattr(cachefile.os, "replace", failing_replace)
     with pytest.raises(OSError, match="simulated"):
         write(image, make_spec())
-    (tmp_name, dst), = seen
+    ((tmp_name, dst),) = seen
     assert dst == os.path.basename(cache_path(image))
     assert not tmp_name.endswith(CACHE_SUFFIX)
     assert list(tmp_path.iterdir()) == [image]  # temp file removed, nothing published
@@ -505,7 +506,7 @@ def test_a_pickle_cannot_alter_what_the_fast_path_unpickles_with():
     import io
 
     # GLOBAL torch._utils._rebuild_tensor_v2, then BUILD (None, {"storage": 0}) on it.
-    payload = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}\x8c\x07storageK\x00s\x86b.")
+    payload = b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}\x8c\x07storageK\x00s\x86b."
     field = fastload._TensorRef.storage
     with pytest.raises(fastload._Unsupported):
         fastload._RestrictedUnpickler(io.BytesIO(payload)).load()

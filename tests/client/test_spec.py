@@ -153,12 +153,24 @@ def test_presets_give_each_projects_training_spec_and_are_recognised_however_giv
     janus = make(**preset_options("janusvln"))
     new = make(**preset_options("newjanusvln"))
     assert (janus.attention, janus.preprocess, janus.size, janus.reference_frame, janus.layers) == (
-        "causal", "crop", 644, "first", (22,))
+        "causal",
+        "crop",
+        644,
+        "first",
+        (22,),
+    )
     assert (new.attention, new.preprocess, new.size, new.reference_frame, new.dtype) == (
-        "causal", "pad", 644, "last", "bfloat16")
+        "causal",
+        "pad",
+        644,
+        "last",
+        "bfloat16",
+    )
     assert matching_preset(new) == "newjanusvln" and matching_preset(janus) == "janusvln"
-    assert matching_preset(make(attention="causal", preprocess="pad", size=644, reference_frame="last",
-                                layers=[22])) == "newjanusvln"
+    assert (
+        matching_preset(make(attention="causal", preprocess="pad", size=644, reference_frame="last", layers=[22]))
+        == "newjanusvln"
+    )
     assert matching_preset(dataclasses.replace(new, dtype="float32")) is None and matching_preset(make()) is None
     with pytest.raises(ValueError, match=r"preset must be one of janusvln\|newjanusvln"):
         preset_options("janus")

@@ -48,8 +48,9 @@ def activations(dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> torch.Ten
     return x.to(dtype)
 
 
-def entry_for(tmp_path: Path, storage: str, features: torch.Tensor | None = None,
-              dtype: str = "bfloat16") -> tuple[Path, FeatureSpec, torch.Tensor]:
+def entry_for(
+    tmp_path: Path, storage: str, features: torch.Tensor | None = None, dtype: str = "bfloat16"
+) -> tuple[Path, FeatureSpec, torch.Tensor]:
     tmp_path.mkdir(exist_ok=True)
     image = tmp_path / "img.png"
     image.write_bytes(b"pixels")
@@ -75,8 +76,9 @@ def packed_payload(frames: list[bytes]) -> torch.Tensor:
 
 def read_paths(image: Path, spec: FeatureSpec) -> dict[str, object]:
     """Every way the client reads one entry, each giving a ReadResult."""
-    return {f"mmap={m},crc={c}": read_entry(image, spec, mmap=m, check_crc=c) for m in (True, False)
-            for c in (False, True)}
+    return {
+        f"mmap={m},crc={c}": read_entry(image, spec, mmap=m, check_crc=c) for m in (True, False) for c in (False, True)
+    }
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
@@ -142,8 +144,10 @@ def test_a_packed_payload_without_a_declared_size_or_checksum_is_corrupt(tmp_pat
     good = zstandard.ZstdCompressor(write_checksum=True)
     replace_payload(image, packed_payload([good.compress(plane.tobytes()) for plane in planes]))
     assert read_entry(image, spec).outcome is Outcome.HIT  # the layout the test builds is the writer's
-    for compressor in (zstandard.ZstdCompressor(write_checksum=True, write_content_size=False),
-                       zstandard.ZstdCompressor(write_checksum=False)):
+    for compressor in (
+        zstandard.ZstdCompressor(write_checksum=True, write_content_size=False),
+        zstandard.ZstdCompressor(write_checksum=False),
+    ):
         replace_payload(image, packed_payload([compressor.compress(plane.tobytes()) for plane in planes]))
         assert read_entry(image, spec).outcome is Outcome.CORRUPT
 
@@ -195,8 +199,9 @@ def test_a_payload_and_features_together_are_corrupt(tmp_path: Path, storage: st
 
 
 @pytest.mark.parametrize("storage", ["packed", "fp8"])
-def test_the_service_writes_each_storage_and_every_reader_reads_it_back(service_server, tmp_path: Path,
-                                                                         storage: str) -> None:
+def test_the_service_writes_each_storage_and_every_reader_reads_it_back(
+    service_server, tmp_path: Path, storage: str
+) -> None:
     root = tmp_path / "root"
     first, second = write_images(root, ["a.png", "b.png"])
     server: RunningService = service_server(root, "--storage", storage)
@@ -239,9 +244,24 @@ def raw_root(tmp_path_factory) -> Path:
     """A data root of three images with raw entries from an in-process precompute (copy it before changing it)."""
     root = tmp_path_factory.mktemp("raw") / "root"
     write_images(root, ["a.png", "b.png", "c.png"])
-    done = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "precompute", "--data_root", str(root),
-                           "--vggt_model_path", str(TINY_MODEL), "--size", "56"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "vggt_cache.service.cli",
+            "precompute",
+            "--data_root",
+            str(root),
+            "--vggt_model_path",
+            str(TINY_MODEL),
+            "--size",
+            "56",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     return root
 
@@ -253,7 +273,8 @@ def copy_root(root: Path, tmp_path: Path) -> Path:
 
 
 def test_convert_rewrites_valid_raw_entries_as_packed_without_recomputing_and_counts_the_bytes_saved(
-        raw_root: Path, tmp_path: Path) -> None:
+    raw_root: Path, tmp_path: Path
+) -> None:
     root = copy_root(raw_root, tmp_path)
     images = sorted(str(p) for p in root.glob("*.png"))
     before = {image: read_entry(image).features for image in images}
@@ -277,7 +298,8 @@ def test_convert_rewrites_valid_raw_entries_as_packed_without_recomputing_and_co
 
 
 def test_estimate_storage_prices_every_storage_and_its_packed_bytes_match_a_conversion(
-        raw_root: Path, tmp_path: Path) -> None:
+    raw_root: Path, tmp_path: Path
+) -> None:
     root = copy_root(raw_root, tmp_path)
     code, out = vggt_cache("verify", str(root), "--estimate-storage", "--json")
     assert code == 0, out
@@ -297,8 +319,18 @@ def test_a_dry_run_counts_the_bytes_of_the_chosen_storage(tmp_path: Path) -> Non
     write_images(folder, ["a.png", "b.png"])
     written = {}
     for storage in ("raw", "packed", "fp8"):
-        code, out = vggt_cache("precompute", "--data_root", str(folder), "--vggt_model_path", str(TINY_MODEL),
-                               "--size", "56", "--dry-run", "--storage", storage)
+        code, out = vggt_cache(
+            "precompute",
+            "--data_root",
+            str(folder),
+            "--vggt_model_path",
+            str(TINY_MODEL),
+            "--size",
+            "56",
+            "--dry-run",
+            "--storage",
+            storage,
+        )
         assert code == 0, out
         written[storage] = int(re.search(r"to write\s+([\d,]+) bytes", out).group(1).replace(",", ""))
     tokens, values = 16, 16 * 128  # a 56x56 image: 4x4 patches of 2 x 64 channels

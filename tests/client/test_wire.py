@@ -8,8 +8,7 @@ from vggt_cache.client.wire import META_KEY, decode_features, encode_features
 
 
 def item(image, status="computed", tensor="0", error=None, grid=(3, 5)):
-    return {"image": image, "status": status, "tensor": tensor, "error": error,
-            "grid": list(grid) if grid else None}
+    return {"image": image, "status": status, "tensor": tensor, "error": error, "grid": list(grid) if grid else None}
 
 
 def sample():
@@ -84,8 +83,9 @@ def test_encode_rejects_a_bad_digest_and_bad_request_positions():
 
 def test_a_body_without_request_positions_is_refused_by_name():
     # What a service of the first release sends: the items alone.
-    body = _body_with_meta({META_KEY: json.dumps({"items": [item("a")], "spec_digest": "d"})},
-                           {"0": torch.zeros(15, 16)})
+    body = _body_with_meta(
+        {META_KEY: json.dumps({"items": [item("a")], "spec_digest": "d"})}, {"0": torch.zeros(15, 16)}
+    )
     with pytest.raises(ValueError, match="older than this client"):
         decode_features(body)
 

@@ -11,9 +11,15 @@ from helpers.service import REPO
 
 def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """`python -m vggt_cache.service.cli ARGS`, stdout and stderr together in `.stdout`."""
-    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "vggt_cache.service.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
 
 
 def one_error(run: subprocess.CompletedProcess, says: str, code: int = 2) -> str:

@@ -66,12 +66,17 @@ class RunningService:
     def requests(self, route: str) -> int:
         """Requests the service counted for `route` (all statuses), from its /metrics."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).raise_for_status().text
-        pattern = re.compile(r'^vggt_cache_http_requests_total\{(.*)\} ([0-9.e+]+)$', re.M)
+        pattern = re.compile(r"^vggt_cache_http_requests_total\{(.*)\} ([0-9.e+]+)$", re.M)
         return int(sum(float(value) for labels, value in pattern.findall(text) if f'route="{route}"' in labels))
 
 
-def start_service(root: str | os.PathLike, *extra_args: str, ready_timeout: float = READY_TIMEOUT_S,
-                  preexec_fn: Callable[[], None] | None = None, prefix: Sequence[str] = ()) -> RunningService:
+def start_service(
+    root: str | os.PathLike,
+    *extra_args: str,
+    ready_timeout: float = READY_TIMEOUT_S,
+    preexec_fn: Callable[[], None] | None = None,
+    prefix: Sequence[str] = (),
+) -> RunningService:
     """Start `vggt-cache serve` on a free port with `root` allowed, and wait for /readyz.
 
     `preexec_fn` runs in the child before the service (e.g. to lower its resource limits); `prefix`: a
@@ -82,11 +87,36 @@ def start_service(root: str | os.PathLike, *extra_args: str, ready_timeout: floa
         state_dir = tempfile.mkdtemp(prefix="vggt-cache-state-")
         log_path = os.path.join(state_dir, "service.log")
         log = open(log_path, "w")  # noqa: SIM115 -- the service's log: RunningService.stop closes it
-        cmd = [*prefix, sys.executable, "-m", "vggt_cache.service.cli", "serve", "--model", str(TINY_MODEL),
-               "--device", "cpu", "--host", "127.0.0.1", "--port", str(port), "--allowed-root", root,
-               "--state-dir", state_dir, "--size", "56", *extra_args]
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, preexec_fn=preexec_fn)
+        cmd = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "vggt_cache.service.cli",
+            "serve",
+            "--model",
+            str(TINY_MODEL),
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--allowed-root",
+            root,
+            "--state-dir",
+            state_dir,
+            "--size",
+            "56",
+            *extra_args,
+        ]
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=preexec_fn,
+        )
         service = RunningService(f"http://127.0.0.1:{port}", proc, root, state_dir, log_path, log)
         # B023 is wrong here: wait_until_ready calls the lambda before the loop moves on.
         if wait_until_ready(service.url, ready_timeout, is_alive=lambda: service.proc.poll() is None):  # noqa: B023
@@ -102,8 +132,9 @@ T = TypeVar("T")
 POLL_S = 0.02
 
 
-def write_images(folder: str | os.PathLike, names: Sequence[str], size: tuple[int, int] = (56, 56),
-                 seed: int = 0) -> list[str]:
+def write_images(
+    folder: str | os.PathLike, names: Sequence[str], size: tuple[int, int] = (56, 56), seed: int = 0
+) -> list[str]:
     """Random RGB PNGs (width, height = `size`) under `folder`; returns their absolute paths."""
     rng = np.random.default_rng(seed)
     paths = []
@@ -132,8 +163,9 @@ def job(http: httpx.Client, job_id: str) -> dict:
     return http.get(f"/jobs/{job_id}").raise_for_status().json()
 
 
-def wait_job(http: httpx.Client, job_id: str, until: Callable[[dict], bool] | None = None,
-             timeout: float = 60.0) -> dict:
+def wait_job(
+    http: httpx.Client, job_id: str, until: Callable[[dict], bool] | None = None, timeout: float = 60.0
+) -> dict:
     """Poll `/jobs/{id}` until `until(view)` (default: a terminal state); returns that view."""
     until = until or (lambda view: view["state"] in TERMINAL)
 
@@ -158,8 +190,12 @@ def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
     """A small file system of its own at `mount_point` (skips the test where mounting is not allowed)."""
     mount_point.mkdir(parents=True)
     try:
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         pytest.skip(f"cannot mount a small tmpfs ({exc}); needs root outside a sandbox")
     if result.returncode != 0:
@@ -178,8 +214,9 @@ def temp_files(folder: str | os.PathLike) -> list[Path]:
     return sorted(p for p in Path(folder).rglob("*") if p.name.endswith(".tmp"))
 
 
-def reference_features(model: torch.nn.Module, frames: Sequence[str], spec: FeatureSpec,
-                       dtype: str | None = None) -> torch.Tensor:
+def reference_features(
+    model: torch.nn.Module, frames: Sequence[str], spec: FeatureSpec, dtype: str | None = None
+) -> torch.Tensor:
     """Every frame's entry for one clip, `[S, (L,) P, C]`, straight from the model's outputs.
 
     Its own token and layer slicing (not the service's `select_features`), in the spec's
@@ -195,8 +232,12 @@ def reference_features(model: torch.nn.Module, frames: Sequence[str], spec: Feat
 
 
 @contextlib.contextmanager
-def service_in_process(root: Path, state_dir: Path, before_forward: Callable[[torch.Tensor], None],
-                       on_exit: Callable[[], None] = lambda: None) -> Iterator[str]:
+def service_in_process(
+    root: Path,
+    state_dir: Path,
+    before_forward: Callable[[torch.Tensor], None],
+    on_exit: Callable[[], None] = lambda: None,
+) -> Iterator[str]:
     """A real uvicorn server on 127.0.0.1 in this process, whose forwards call `before_forward` (a test's hand
     on the device); `on_exit` runs before the server is stopped (e.g. to release a held device)."""
     import threading
@@ -209,10 +250,24 @@ def service_in_process(root: Path, state_dir: Path, before_forward: Callable[[to
     from vggt_cache.service.settings import ServiceSettings
 
     port = free_port()
-    settings = ServiceSettings(model=str(TINY_MODEL), device="cpu", port=port, allowed_roots=[str(root)],
-                               state_dir=str(state_dir), spec=resolve_options(None, size=56), max_batch_frames=1)
-    server = uvicorn.Server(uvicorn.Config(create_app(ServiceRuntime(settings, before_forward=before_forward)),
-                                           host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    settings = ServiceSettings(
+        model=str(TINY_MODEL),
+        device="cpu",
+        port=port,
+        allowed_roots=[str(root)],
+        state_dir=str(state_dir),
+        spec=resolve_options(None, size=56),
+        max_batch_frames=1,
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(ServiceRuntime(settings, before_forward=before_forward)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+        )
+    )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -227,9 +282,16 @@ def service_in_process(root: Path, state_dir: Path, before_forward: Callable[[to
 
 
 @contextlib.asynccontextmanager
-async def app_in_process(root: str | os.PathLike, state_dir: str | os.PathLike, *, preset: str | None = None,
-                         spec: dict[str, Any] | None = None, before_forward: Callable[[torch.Tensor], None] | None = None,
-                         ready: bool = True, **settings: Any) -> AsyncIterator[httpx.AsyncClient]:
+async def app_in_process(
+    root: str | os.PathLike,
+    state_dir: str | os.PathLike,
+    *,
+    preset: str | None = None,
+    spec: dict[str, Any] | None = None,
+    before_forward: Callable[[torch.Tensor], None] | None = None,
+    ready: bool = True,
+    **settings: Any,
+) -> AsyncIterator[httpx.AsyncClient]:
     """The service's ASGI app in this process, its lifespan running, behind an `httpx.AsyncClient` over
     `httpx.ASGITransport`: no socket, no subprocess. For tests of what the API answers; the transport,
     signals and socket limits need a real server (`start_service`, `service_in_process`).
@@ -242,9 +304,16 @@ async def app_in_process(root: str | os.PathLike, state_dir: str | os.PathLike, 
     from vggt_cache.service.runtime import ServiceRuntime
     from vggt_cache.service.settings import ServiceSettings
 
-    config = ServiceSettings(**{"model": str(TINY_MODEL), "device": "cpu", "allowed_roots": [os.fspath(root)],
-                                "state_dir": os.fspath(state_dir),
-                                "spec": resolve_options(preset, **{"size": 56, **(spec or {})}), **settings})
+    config = ServiceSettings(
+        **{
+            "model": str(TINY_MODEL),
+            "device": "cpu",
+            "allowed_roots": [os.fspath(root)],
+            "state_dir": os.fspath(state_dir),
+            "spec": resolve_options(preset, **{"size": 56, **(spec or {})}),
+            **settings,
+        }
+    )
     app = create_app(ServiceRuntime(config, before_forward=before_forward))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)

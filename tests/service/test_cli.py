@@ -22,16 +22,25 @@ from helpers.service import REPO, TINY_MODEL, cache_files, done, free_port, wait
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `python -m vggt_cache.service.cli ARGS`; stdout and stderr together in `.stdout`."""
-    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [sys.executable, "-m", "vggt_cache.service.cli", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def make_data_root(folder: Path) -> list[str]:
     """Seed-style samples over five tiny images; returns the images."""
     images = write_images(folder / "images", [f"{n}.png" for n in "abcde"], size=(28, 42))
-    samples = [{"images": ["images/a.png", "images/b.png"]}, {"image": "images/c.png"},
-               {"history_images": ["images/d.png"], "current_image": "images/e.png"}]
+    samples = [
+        {"images": ["images/a.png", "images/b.png"]},
+        {"image": "images/c.png"},
+        {"history_images": ["images/d.png"], "current_image": "images/e.png"},
+    ]
     (folder / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
     return images
 
@@ -45,8 +54,21 @@ def test_precompute_in_process_then_skip_existing(tmp_path: Path) -> None:
     data_root, state_dir = tmp_path / "data", tmp_path / "state"
     images = make_data_root(data_root)
     # No --device: auto, which is the CPU here unless a GPU is visible.
-    args = ("precompute", "--data_root", str(data_root), "--vggt_model_path", str(TINY_MODEL),
-            "--batch_size", "4", "--skip_existing", "--verify", "--size", "56", "--state-dir", str(state_dir))
+    args = (
+        "precompute",
+        "--data_root",
+        str(data_root),
+        "--vggt_model_path",
+        str(TINY_MODEL),
+        "--batch_size",
+        "4",
+        "--skip_existing",
+        "--verify",
+        "--size",
+        "56",
+        "--state-dir",
+        str(state_dir),
+    )
 
     first = cli(*args)
     assert first.returncode == 0, first.stdout
@@ -81,12 +103,39 @@ def served(service_server, tmp_path_factory: pytest.TempPathFactory):
 def test_precompute_under_torchrun_shards_the_work_and_writes_one_manifest(tmp_path: Path) -> None:
     data_root = tmp_path / "data"
     images = write_images(data_root / "scene", [f"{i:02d}.png" for i in range(9)], size=(28, 42))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "vggt_cache.service.cli", "precompute", "--data_root", str(data_root),
-           "--vggt_model_path", str(TINY_MODEL), "--device", "cpu", "--batch_size", "2", "--size", "56",
-           "--state-dir", str(tmp_path / "state")]
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "vggt_cache.service.cli",
+        "precompute",
+        "--data_root",
+        str(data_root),
+        "--vggt_model_path",
+        str(TINY_MODEL),
+        "--device",
+        "cpu",
+        "--batch_size",
+        "2",
+        "--size",
+        "56",
+        "--state-dir",
+        str(tmp_path / "state"),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
     assert "Rank 0 of 2" in proc.stdout and "Rank 1 of 2" in proc.stdout
     manifest, spec = manifest_spec(data_root)
@@ -161,9 +210,16 @@ def test_spec_flags_beat_variables_and_at_each_level_fields_beat_the_preset(monk
     for name in ("ATTENTION", "SIZE", "PRESET", "REFERENCE_FRAME", "PREPROCESS"):
         monkeypatch.delenv(f"VGGT_CACHE_{name}", raising=False)
     assert options() == {}
-    assert options("--preset", "newjanusvln") == {"attention": "causal", "preprocess": "pad", "size": 644, "align": 14,
-                                                  "reference_frame": "last", "layers": (-2,), "tokens": "patch",
-                                                  "dtype": "bfloat16"}
+    assert options("--preset", "newjanusvln") == {
+        "attention": "causal",
+        "preprocess": "pad",
+        "size": 644,
+        "align": 14,
+        "reference_frame": "last",
+        "layers": (-2,),
+        "tokens": "patch",
+        "dtype": "bfloat16",
+    }
     assert options("--preset", "janusvln", "--size", "518")["size"] == 518
     monkeypatch.setenv("VGGT_CACHE_SIZE", "504")
     monkeypatch.setenv("VGGT_CACHE_REFERENCE_FRAME", "last")
@@ -207,17 +263,21 @@ def test_each_setting_is_one_flag_one_variable_one_check_and_one_status_entry(mo
     settings.check()
     view = settings.view()
     assert view["file_mode"] == "0640" and view["allowed_roots"] == ["/a", "/b"] and "api_token" not in view
-    flags = ServiceSettings.from_args(build_parser().parse_args(["serve", "--max-pending", "7", "--allowed-root", "/c"]))
+    flags = ServiceSettings.from_args(
+        build_parser().parse_args(["serve", "--max-pending", "7", "--allowed-root", "/c"])
+    )
     assert flags.max_pending_units == 7 and flags.max_batch_frames == expected["max_batch_frames"]  # a flag wins
 
     monkeypatch.setenv("VGGT_CACHE_HINT_QUEUE_BATCHES", "many")
     with pytest.raises(SystemExit) as stop:
         build_parser().parse_args(["serve"])
     assert stop.value.code == 2 and "--hint-queue-batches: invalid int value: 'many'" in capsys.readouterr().err
-    for name, value, says in (("bulk_queue_batches", 0, "--bulk-queue-batches must be a positive integer, got 0"),
-                              ("frame_cache_frames", -1, "--frame-cache-frames must be zero or more, got -1"),
-                              ("shutdown_grace_s", 0.0, "--shutdown-grace must be a positive number of seconds"),
-                              ("max_wait_ms", -1.0, "max_wait_ms must be zero or more, got -1.0")):
+    for name, value, says in (
+        ("bulk_queue_batches", 0, "--bulk-queue-batches must be a positive integer, got 0"),
+        ("frame_cache_frames", -1, "--frame-cache-frames must be zero or more, got -1"),
+        ("shutdown_grace_s", 0.0, "--shutdown-grace must be a positive number of seconds"),
+        ("max_wait_ms", -1.0, "max_wait_ms must be zero or more, got -1.0"),
+    ):
         with pytest.raises(ValueError, match=says):
             ServiceSettings(**{name: value}).check()
     readme = (REPO / "README.md").read_text()

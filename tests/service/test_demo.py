@@ -11,8 +11,14 @@ from pathlib import Path
 def test_demo_runs_end_to_end(tmp_path):
     # The installed console script, from a folder outside the checkout: what a newcomer runs.
     script = Path(sys.executable).parent / "vggt-cache"
-    proc = subprocess.run([str(script), "demo", "--keep"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=240, env={"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [str(script), "demo", "--keep"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert re.search(r"job finished: 12 computed, 0 skipped, 0 failed", out), out[-3000:]

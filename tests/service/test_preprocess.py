@@ -62,9 +62,7 @@ def test_exif_orientation_is_ignored_like_the_reference(tmp_path):
     assert preprocess(path, mode="crop").shape == (3, 252, 518)
 
 
-@pytest.mark.parametrize(
-    "kwargs", [{"mode": "stretch"}, {"size": 500}, {"size": 0}, {"align": 0}]
-)
+@pytest.mark.parametrize("kwargs", [{"mode": "stretch"}, {"size": 500}, {"size": 0}, {"align": 0}])
 def test_bad_arguments(kwargs):
     with pytest.raises(ValueError):
         preprocess(PREPROCESS / "rgba.png", **kwargs)
@@ -168,6 +166,7 @@ def test_the_reference_float_rounding_at_644():
 
 
 # --- frames as uint8 to the device (issue 23 item 6) ---------------------------------------------------
+
 
 @pytest.mark.parametrize("key", sorted(EXPECTED))
 def test_pixels_are_uint8_and_scale_to_preprocess_bit_for_bit(key):

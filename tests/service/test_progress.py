@@ -20,8 +20,27 @@ class Terminal(io.StringIO):
 
 
 def view(computed: int, skipped: int, state: JobState = JobState.RUNNING) -> JobView:
-    return JobView("j1", "/data", state, 10, computed, skipped, 0, (computed + skipped) / 10, 1.5, 4.0, "d", {},
-                   True, False, 0.0, 0.0, None, None, None)
+    return JobView(
+        "j1",
+        "/data",
+        state,
+        10,
+        computed,
+        skipped,
+        0,
+        (computed + skipped) / 10,
+        1.5,
+        4.0,
+        "d",
+        {},
+        True,
+        False,
+        0.0,
+        0.0,
+        None,
+        None,
+        None,
+    )
 
 
 def views() -> Iterator[JobView]:
@@ -43,8 +62,12 @@ def stderr(monkeypatch: pytest.MonkeyPatch, out: io.StringIO) -> io.StringIO:
 def test_on_a_terminal_a_bar_with_the_jobs_counts_and_log_lines_above_it(monkeypatch: pytest.MonkeyPatch) -> None:
     stream = stderr(monkeypatch, Terminal())
     seen = views()
-    last = follow_job(lambda: next(seen), lambda v: not v.state.active,
-                      lambda: logging.getLogger("vggt_cache").info("a line while the bar is drawn"), "precompute")
+    last = follow_job(
+        lambda: next(seen),
+        lambda v: not v.state.active,
+        lambda: logging.getLogger("vggt_cache").info("a line while the bar is drawn"),
+        "precompute",
+    )
     text = stream.getvalue()
     assert last.computed == 8
     assert "computed 2, skipped 1, failed 0, 1.5 img/s computed, eta 4s" in text

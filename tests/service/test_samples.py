@@ -37,7 +37,7 @@ def test_both_janusvln_layouts_give_the_samples_their_training_builds(layout):
     expected = json.loads((FIXTURE / "samples.json").read_text())[layout]
     found = find_samples(str(FIXTURE / layout))
     root = str(FIXTURE / layout)
-    assert [[p[len(root) + 1:] for p in s.frames] for s in found.samples] == expected
+    assert [[p[len(root) + 1 :] for p in s.frames] for s in found.samples] == expected
     assert found.problems == []
     assert found.source == {"new": "episodes", "orig": "json"}[layout]  # orig's meta.json is not a sample file
     assert found.describe()["samples"] == len(expected)
@@ -74,8 +74,12 @@ def test_episode_steps_sort_numerically_and_every_step_is_a_sample(tmp_path):
     assert ep[8] == tuple(frames[:9])
     assert ep[11] == tuple(frames[i] for i in (0, 1, 2, 4, 5, 6, 8, 9, 11))  # linspace(0, 11, 9)
     records = find_samples(str(tmp_path), keep_records=True).samples
-    assert records[2 + 10].record == {"episode": str(tmp_path / "ep_b"), "step": 10, "action": "TURN_LEFT",
-                                      "image": frames[10]}
+    assert records[2 + 10].record == {
+        "episode": str(tmp_path / "ep_b"),
+        "step": 10,
+        "action": "TURN_LEFT",
+        "image": frames[10],
+    }
     assert [len(s.frames) for s in find_samples(str(tmp_path), max_history_images=3).samples][2:] == [4] * 12
 
 
@@ -92,19 +96,30 @@ def test_a_step_recorded_twice_is_a_problem_and_name_order_decides(tmp_path):
     touch(tmp_path / "ep" / "step_1_MOVE_FORWARD.png")
     found = find_samples(str(tmp_path))
     assert [s.frames[-1].rsplit("/", 1)[1] for s in found.samples] == [
-        "step_0_STOP.png", "step_1_MOVE_FORWARD.png", "step_1_TURN_LEFT.png"]
+        "step_0_STOP.png",
+        "step_1_MOVE_FORWARD.png",
+        "step_1_TURN_LEFT.png",
+    ]
     assert len(found.malformed) == 1 and "more than one frame for step(s) [1]" in found.malformed[0][1]
 
 
 def test_json_arrays_are_samples_and_other_json_is_not(tmp_path):
     a, b = touch(tmp_path / "imgs" / "a.png"), touch(tmp_path / "imgs" / "b.png")
     (tmp_path / "ann").mkdir()
-    (tmp_path / "ann" / "train.json").write_text(json.dumps([
-        {"id": "x", "conversations": [], "images": ["../imgs/a.png", "../imgs/b.png"]},  # next to the file first
-        {"id": "y", "images": ["imgs/b.png"]},  # then under the data root
-        {"id": "z", "images": ["imgs/gone.png"]},
-        "not an object",
-    ]))
+    (tmp_path / "ann" / "train.json").write_text(
+        json.dumps(
+            [
+                {
+                    "id": "x",
+                    "conversations": [],
+                    "images": ["../imgs/a.png", "../imgs/b.png"],
+                },  # next to the file first
+                {"id": "y", "images": ["imgs/b.png"]},  # then under the data root
+                {"id": "z", "images": ["imgs/gone.png"]},
+                "not an object",
+            ]
+        )
+    )
     (tmp_path / "ann" / "meta.json").write_text('{"note": "an object"}')
     (tmp_path / "episodes.json").write_text(json.dumps([{"video": "v", "actions": [1, 2]}]))  # not sample objects
     (tmp_path / "numbers.json").write_text("[1, 2, 3]")
@@ -141,8 +156,9 @@ def test_sample_files_beat_episode_folders_which_beat_loose_images(tmp_path, cap
     assert found.source == "jsonl+json" and found.files == 2 and len(found.samples) == 2
     assert found.describe()["ignored_episode_folders"] == 1 and "1 episode folder(s) ignored" in caplog.text
     named = find_samples(str(tmp_path), files=["stats.json", "train_log.jsonl"])
-    assert named.malformed == [(str(tmp_path / "stats.json"), "not a sample file: a JSON array of sample "
-                                                             "objects was expected")]
+    assert named.malformed == [
+        (str(tmp_path / "stats.json"), "not a sample file: a JSON array of sample objects was expected")
+    ]
 
 
 def test_a_clip_keeps_its_repeated_frames_and_units_follow_the_attention_mode(tmp_path):

@@ -22,13 +22,16 @@ def write_jsonl(path, lines) -> str:
 
 def test_frame_mode_reads_every_sample_shape_and_dedups_in_first_seen_order(tmp_path):
     a, b, c, d = (touch(tmp_path / "imgs" / f"{n}.jpg") for n in "abcd")
-    write_jsonl(tmp_path / "train.jsonl", [
-        {"images": ["imgs/b.jpg", "imgs/a.jpg"]},
-        {"images": "imgs/c.jpg"},
-        {"image": "imgs/a.jpg"},
-        {"history_images": ["imgs/d.jpg", "imgs/b.jpg"], "current_image": "imgs/c.jpg"},
-        {"conversations": [{"from": "human", "value": "text only"}]},
-    ])
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"images": ["imgs/b.jpg", "imgs/a.jpg"]},
+            {"images": "imgs/c.jpg"},
+            {"image": "imgs/a.jpg"},
+            {"history_images": ["imgs/d.jpg", "imgs/b.jpg"], "current_image": "imgs/c.jpg"},
+            {"conversations": [{"from": "human", "value": "text only"}]},
+        ],
+    )
     result = scan_data_root(str(tmp_path), "frame")
     assert isinstance(result, ScanResult)
     assert result.source_kind == "jsonl"
@@ -39,12 +42,15 @@ def test_frame_mode_reads_every_sample_shape_and_dedups_in_first_seen_order(tmp_
 
 def test_sequence_and_causal_make_one_unit_per_unique_clip(tmp_path):
     f = [touch(tmp_path / "ep" / f"{i}.png") for i in range(4)]
-    write_jsonl(tmp_path / "samples.jsonl", [
-        {"history_images": ["ep/0.png", "ep/1.png"], "current_image": "ep/2.png"},
-        {"images": ["ep/0.png", "ep/1.png", "ep/2.png"]},  # the same clip again
-        {"history_images": [], "current_image": "ep/3.png"},
-        {"images": ["ep/1.png", "ep/3.png"]},
-    ])
+    write_jsonl(
+        tmp_path / "samples.jsonl",
+        [
+            {"history_images": ["ep/0.png", "ep/1.png"], "current_image": "ep/2.png"},
+            {"images": ["ep/0.png", "ep/1.png", "ep/2.png"]},  # the same clip again
+            {"history_images": [], "current_image": "ep/3.png"},
+            {"images": ["ep/1.png", "ep/3.png"]},
+        ],
+    )
     seq = scan_data_root(str(tmp_path), "sequence")
     assert seq.units == [
         Unit((f[0], f[1], f[2]), (f[0], f[1], f[2])),
@@ -77,15 +83,18 @@ def test_data_path_from_argument_or_sample_is_the_only_base(tmp_path):
     in_media = touch(tmp_path / "media" / "x.jpg")
     elsewhere = touch(tmp_path / "other" / "y.jpg")
     outside = touch(tmp_path.parent / f"{tmp_path.name}_abs" / "z.jpg")
-    write_jsonl(tmp_path / "s.jsonl", [
-        {"image": "x.jpg"},
-        {"image": "y.jpg", "data_path": "other"},   # the sample's own data_path wins
-        {"image": outside},                          # absolute: used as it is
-        {"image": "missing_in_media.jpg"},
-    ])
+    write_jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {"image": "x.jpg"},
+            {"image": "y.jpg", "data_path": "other"},  # the sample's own data_path wins
+            {"image": outside},  # absolute: used as it is
+            {"image": "missing_in_media.jpg"},
+        ],
+    )
     result = scan_data_root(str(tmp_path), "frame", data_path="media")
     assert [u.frames[0] for u in result.units] == [in_media, elsewhere, outside]
-    (where, reason), = result.problems
+    ((where, reason),) = result.problems
     assert where == f"{tmp_path / 's.jsonl'}:4"
     assert "missing_in_media.jpg" in reason and os.path.join("media", "missing_in_media.jpg") in reason
 
@@ -94,16 +103,21 @@ def test_malformed_lines_and_missing_images_are_problems_and_the_scan_goes_on(tm
     good = touch(tmp_path / "good.jpg")
     touch(tmp_path / "h.jpg")
     path = tmp_path / "s.jsonl"
-    path.write_bytes(b"\n".join([
-        b'{"images": ["good.jpg"',                        # 1: truncated JSON
-        b"[1, 2]",                                       # 2: not an object
-        b'{"images": [3]}',                              # 3: wrong type
-        b'{"history_images": ["h.jpg"]}',                # 4: no current_image
-        b"",                                             # 5: blank, ignored
-        b'{"image": "\xff\xfe"}',                        # 6: not UTF-8
-        b'{"images": ["h.jpg", "gone.jpg"]}',            # 7: missing image drops the clip
-        b'{"image": "good.jpg"}',                        # 8: fine
-    ]) + b"\n")
+    path.write_bytes(
+        b"\n".join(
+            [
+                b'{"images": ["good.jpg"',  # 1: truncated JSON
+                b"[1, 2]",  # 2: not an object
+                b'{"images": [3]}',  # 3: wrong type
+                b'{"history_images": ["h.jpg"]}',  # 4: no current_image
+                b"",  # 5: blank, ignored
+                b'{"image": "\xff\xfe"}',  # 6: not UTF-8
+                b'{"images": ["h.jpg", "gone.jpg"]}',  # 7: missing image drops the clip
+                b'{"image": "good.jpg"}',  # 8: fine
+            ]
+        )
+        + b"\n"
+    )
     result = scan_data_root(str(tmp_path), "sequence")
     assert [w for w, _ in result.problems] == [f"{path}:{n}" for n in (1, 2, 3, 4, 6, 7)]
     reasons = dict(result.problems)
@@ -129,8 +143,15 @@ def test_image_folder_walk_is_recursive_sorted_and_skips_caches_temps_and_hidden
         touch(tmp_path / "b" / "e.bmp"),
         touch(tmp_path / "b" / "f.tiff"),
     ]
-    for name in ("x.jpg.vggt_cache.pt", "x.jpg.vggt_cache.pt.tmp", ".x.jpg", "~x.jpg",
-                 "notes.txt", ".hidden/y.jpg", "a/.cache/z.png"):
+    for name in (
+        "x.jpg.vggt_cache.pt",
+        "x.jpg.vggt_cache.pt.tmp",
+        ".x.jpg",
+        "~x.jpg",
+        "notes.txt",
+        ".hidden/y.jpg",
+        "a/.cache/z.png",
+    ):
         touch(tmp_path / name)
     result = scan_data_root(str(tmp_path), "frame")
     assert result.source_kind == "images"
@@ -159,9 +180,12 @@ def test_jsonl_in_hidden_folders_is_ignored_and_any_jsonl_beats_loose_images(tmp
 def test_paths_are_absolute_and_normalised_but_symlinks_are_kept(tmp_path, monkeypatch):
     real = touch(tmp_path / "real" / "a.jpg")
     os.symlink(tmp_path / "real", tmp_path / "link")
-    write_jsonl(tmp_path / "s.jsonl", [
-        {"images": ["real/../real/./a.jpg", "link/a.jpg"]},
-    ])
+    write_jsonl(
+        tmp_path / "s.jsonl",
+        [
+            {"images": ["real/../real/./a.jpg", "link/a.jpg"]},
+        ],
+    )
     monkeypatch.chdir(tmp_path.parent)
     result = scan_data_root(tmp_path.name, "frame")  # a relative data root
     assert [u.frames[0] for u in result.units] == [real, str(tmp_path / "link" / "a.jpg")]

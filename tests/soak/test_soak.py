@@ -1,6 +1,6 @@
 """Long runs of the fault scenarios of test_faults.py: many kills, bigger data roots, many abandoned clients.
 
-    VGGT_SOAK=1 pytest tests/soak -q        # minutes; VGGT_FAULT_SEED=N replays a run's random points
+VGGT_SOAK=1 pytest tests/soak -q        # minutes; VGGT_FAULT_SEED=N replays a run's random points
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ def test_a_large_job_survives_ten_sigkills(service_server, tmp_path: Path) -> No
     data_root = tmp_path / "data"
     images = write_images(data_root, [f"f{i:04d}/{i:05d}.png" for i in range(IMAGES)], seed=SEED % 1000)
 
-    view, service = kill_and_resume(service_server, data_root, tmp_path / "state", 10, rng,
-                                    "--max-batch-frames", "4")
+    view, service = kill_and_resume(service_server, data_root, tmp_path / "state", 10, rng, "--max-batch-frames", "4")
 
     with httpx.Client(base_url=service.url, timeout=30) as http:
         spec = service_spec(http)
@@ -45,8 +44,7 @@ def test_twenty_clients_killed_at_random_points(service_server, tmp_path: Path) 
     with httpx.Client(base_url=server.url, timeout=60) as http:
         spec = service_spec(http)
         for round_ in range(20):
-            images = write_images(tmp_path / f"round{round_:02d}", [f"{i:03d}.png" for i in range(100)],
-                                  seed=round_)
+            images = write_images(tmp_path / f"round{round_:02d}", [f"{i:03d}.png" for i in range(100)], seed=round_)
             abandon_request(server.url, http, images, kill_after=rng.randrange(0, 60))
             assert http.get("/healthz").json()["status"] == "ok" and engine_idle(http)
             assert_all_valid(images, spec)

@@ -44,8 +44,9 @@ def tok():
 
 
 def make_spec(loaded, attention: str = "causal"):
-    return feature_spec(loaded, DataArguments(image_size=56), CacheArguments(vggt_attention=attention,
-                                                                             use_vggt_cache=False))
+    return feature_spec(
+        loaded, DataArguments(image_size=56), CacheArguments(vggt_attention=attention, use_vggt_cache=False)
+    )
 
 
 def write_image(path: Path, seed: int, size=(64, 48)) -> str:
@@ -62,17 +63,26 @@ def write_jsonl(path: Path, samples: list) -> None:
 
 def make_dataset(tok, loaded, samples, attention="causal", cache=None, qwen_images="all") -> VLNDataset:
     config = tiny_config(tok)
-    return VLNDataset(samples, tok, tiny_image_processor(config), config, make_spec(loaded, attention), cache,
-                      qwen_images)
+    return VLNDataset(
+        samples, tok, tiny_image_processor(config), config, make_spec(loaded, attention), cache, qwen_images
+    )
 
 
 @pytest.fixture
 def scene(tmp_path) -> tuple[Path, list[str]]:
     """A data root with one 3-frame clip and a sample in the seed's shape."""
     frames = [write_image(tmp_path / "scene0" / f"img_{t:04d}.png", t) for t in range(3)]
-    write_jsonl(tmp_path / "train.jsonl", [{"history_images": ["scene0/img_0000.png", "scene0/img_0001.png"],
-                                            "current_image": "scene0/img_0002.png",
-                                            "instruction": "Walk to the door.", "answer": "forward"}])
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {
+                "history_images": ["scene0/img_0000.png", "scene0/img_0001.png"],
+                "current_image": "scene0/img_0002.png",
+                "instruction": "Walk to the door.",
+                "answer": "forward",
+            }
+        ],
+    )
     return tmp_path, frames
 
 
@@ -82,13 +92,16 @@ def test_samples_resolve_to_the_clips_precompute_scans(tmp_path):
     write_image(tmp_path / "sub" / "local.png", 7)
     write_image(tmp_path / "shared" / "imgs" / "e.png", 8)
     qa = {"instruction": "where?", "answer": "here"}
-    write_jsonl(tmp_path / "train.jsonl", [
-        {"history_images": ["imgs/a.png", "imgs/b.png"], "current_image": "imgs/c.png", **qa},
-        {"images": ["imgs/d.png", "imgs/a.png"], **qa},
-        {"image": "imgs/b.png", **qa},
-        {"images": ["imgs/e.png"], "data_path": "shared", **qa},
-        {"conversations": [{"from": "human", "value": "text only"}, {"from": "gpt", "value": "ok"}]},
-    ])
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"history_images": ["imgs/a.png", "imgs/b.png"], "current_image": "imgs/c.png", **qa},
+            {"images": ["imgs/d.png", "imgs/a.png"], **qa},
+            {"image": "imgs/b.png", **qa},
+            {"images": ["imgs/e.png"], "data_path": "shared", **qa},
+            {"conversations": [{"from": "human", "value": "text only"}, {"from": "gpt", "value": "ok"}]},
+        ],
+    )
     write_jsonl(tmp_path / "sub" / "more.jsonl", [{"image": "local.png", **qa}])
 
     samples = load_samples(str(tmp_path))
@@ -104,8 +117,13 @@ def test_samples_resolve_to_the_clips_precompute_scans(tmp_path):
 
 def test_malformed_samples_name_their_line_and_missing_images_are_skipped(tmp_path, caplog):
     write_image(tmp_path / "a.png", 1)
-    write_jsonl(tmp_path / "train.jsonl", [{"image": "a.png", "instruction": "x", "answer": "y"},
-                                           {"image": "gone.png", "instruction": "x", "answer": "y"}])
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"image": "a.png", "instruction": "x", "answer": "y"},
+            {"image": "gone.png", "instruction": "x", "answer": "y"},
+        ],
+    )
     with caplog.at_level(logging.WARNING, logger="vggt_cache"):
         assert len(load_samples(str(tmp_path))) == 1
     assert "Skipped 1 sample(s) with missing images" in caplog.text and "gone.png" in caplog.text
@@ -154,9 +172,20 @@ def test_frame_attention_needs_only_the_current_frame_and_qwen_can_see_only_it(s
 
 def test_conversations_put_images_at_the_placeholder_and_learn_every_reply(tmp_path, tok, loaded):
     write_image(tmp_path / "a.png", 1)
-    write_jsonl(tmp_path / "train.jsonl", [{"image": "a.png", "conversations": [
-        {"from": "human", "value": "Look: <image> now."}, {"from": "gpt", "value": "ok"},
-        {"from": "human", "value": "And?"}, {"from": "gpt", "value": "stop"}]}])
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {
+                "image": "a.png",
+                "conversations": [
+                    {"from": "human", "value": "Look: <image> now."},
+                    {"from": "gpt", "value": "ok"},
+                    {"from": "human", "value": "And?"},
+                    {"from": "gpt", "value": "stop"},
+                ],
+            }
+        ],
+    )
     item = make_dataset(tok, loaded, load_samples(str(tmp_path)))[0]
     image = "<|vision_start|>" + "<|image_pad|>" * 4 + "<|vision_end|>"
     text = tok.decode(item["input_ids"])
@@ -199,11 +228,14 @@ def test_a_cached_entry_replaces_the_frames_and_history_is_not_decoded(scene, to
 def test_the_collated_batch_trains_the_fused_model(tmp_path, tok, loaded):
     write_image(tmp_path / "a.png", 1)
     write_image(tmp_path / "b.png", 2, size=(48, 96))
-    write_jsonl(tmp_path / "train.jsonl", [
-        {"images": ["a.png", "b.png"], "instruction": "go", "answer": "left"},
-        {"conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "hi"}]},
-        {"image": "b.png", "instruction": "and now?", "answer": "stop here"},
-    ])
+    write_jsonl(
+        tmp_path / "train.jsonl",
+        [
+            {"images": ["a.png", "b.png"], "instruction": "go", "answer": "left"},
+            {"conversations": [{"from": "human", "value": "hello there"}, {"from": "gpt", "value": "hi"}]},
+            {"image": "b.png", "instruction": "and now?", "answer": "stop here"},
+        ],
+    )
     dataset = make_dataset(tok, loaded, load_samples(str(tmp_path)))
     items = [dataset[i] for i in range(3)]
     batch = VGGTCollator(tok.pad_token_id)(items)
@@ -236,8 +268,7 @@ def test_arguments_take_the_seeds_environment_and_flags_override_it(monkeypatch)
     monkeypatch.delenv("VGGT_SERVICE_URL", raising=False)
     model, data, cache = parse([])
     assert (model.model_name_or_path, model.vggt_model_path, model.tiny) == ("Qwen/Qwen2.5-VL-3B-Instruct", None, False)
-    assert (data.image_preprocess, data.image_size, data.image_align, data.max_history_images) == (None, None,
-                                                                                                  None, 8)
+    assert (data.image_preprocess, data.image_size, data.image_align, data.max_history_images) == (None, None, None, 8)
     assert (cache.vggt_preset, model.fusion) == ("newjanusvln", Fusion())
     assert (cache.use_vggt_cache, cache.service_urls, cache.vggt_cache_fallback) == (False, [], "online")
 
@@ -263,8 +294,19 @@ def test_arguments_take_the_seeds_environment_and_flags_override_it(monkeypatch)
 
 
 def test_serve_flags_give_the_service_the_training_spec(loaded):
-    _, data, cache = parse(["--image_size", "112", "--vggt_attention", "causal", "--vggt_layers=0,-1",
-                            "--vggt_dtype", "float16", "--vggt_tokens", "all"])
+    _, data, cache = parse(
+        [
+            "--image_size",
+            "112",
+            "--vggt_attention",
+            "causal",
+            "--vggt_layers=0,-1",
+            "--vggt_dtype",
+            "float16",
+            "--vggt_tokens",
+            "all",
+        ]
+    )
     spec = feature_spec(loaded, data, cache)
     assert spec.layers == (0, 1) and spec.size == 112 and spec.attention == "causal"
     args = build_parser().parse_args(["serve", "--allowed-root", "/data", *shlex.split(serve_flags(spec))])
@@ -280,8 +322,11 @@ def test_images_targeted_by_several_clips_are_reported(caplog, monkeypatch):
 
     monkeypatch.setattr(logging.getLogger("vggt_cache"), "propagate", True)  # train.main may have turned it off
 
-    samples = [Sample(("/d/a.jpg", "/d/b.jpg"), (), "x:1"), Sample(("/d/c.jpg", "/d/b.jpg"), (), "x:2"),
-               Sample(("/d/b.jpg", "/d/e.jpg"), (), "x:3")]
+    samples = [
+        Sample(("/d/a.jpg", "/d/b.jpg"), (), "x:1"),
+        Sample(("/d/c.jpg", "/d/b.jpg"), (), "x:2"),
+        Sample(("/d/b.jpg", "/d/e.jpg"), (), "x:3"),
+    ]
     with caplog.at_level("WARNING", logger="vggt_cache"):
         warn_shared_targets(samples, "causal")
     assert "1 image(s) get a causal entry from more than one clip" in caplog.text
@@ -295,7 +340,12 @@ def test_training_defaults_to_the_newjanusvln_spec_and_takes_the_janusvln_recipe
     model, data, cache = parse([])
     spec = feature_spec(loaded, data, cache)
     assert (spec.attention, spec.preprocess, spec.size, spec.reference_frame, spec.layers) == (
-        "causal", "pad", 644, "last", (loaded.config.depth - 2,))
+        "causal",
+        "pad",
+        644,
+        "last",
+        (loaded.config.depth - 2,),
+    )
     _, data, cache = parse(["--vggt_preset", "janusvln", "--image_size", "56", "--vggt_dtype", "float32"])
     spec = feature_spec(loaded, data, cache)
     assert (spec.preprocess, spec.size, spec.reference_frame, spec.dtype) == ("crop", 56, "first", "float32")
@@ -313,16 +363,20 @@ def test_episode_folders_train_on_the_clips_a_job_computes_with_their_descriptio
     episode = tmp_path / "ep_0001"
     for n, action in enumerate(["MOVE_FORWARD", "TURN_LEFT", "STOP"] * 4):
         write_image(episode / f"step_{n}_{action}.png", n)
-        (episode / f"step_{n}_{action}.json").write_text(json.dumps(
-            {"landmark_description": f"door {n}", "spatial_description": "ahead"}))
+        (episode / f"step_{n}_{action}.json").write_text(
+            json.dumps({"landmark_description": f"door {n}", "spatial_description": "ahead"})
+        )
     (episode / "milestones_result.json").write_text(json.dumps({"instruction_text": "walk to the door"}))
     samples = load_samples(str(tmp_path), max_history_images=8)
     units = scan_data_root(str(tmp_path), "causal", max_history_images=8).units
     assert [s.clip for s in samples] == [u.frames for u in units] and len(samples) == 12
     assert samples[11].turns == (
-        ("user", "<image>Your task is to walk to the door.\nChoose one action: MOVE_FORWARD, TURN_LEFT, "
-                 "TURN_RIGHT or STOP."),
-        ("assistant", "2D_DESCRIPTION: door 11\n3D_DESCRIPTION: ahead\nACTION: STOP"))
+        (
+            "user",
+            "<image>Your task is to walk to the door.\nChoose one action: MOVE_FORWARD, TURN_LEFT, TURN_RIGHT or STOP.",
+        ),
+        ("assistant", "2D_DESCRIPTION: door 11\n3D_DESCRIPTION: ahead\nACTION: STOP"),
+    )
     item = make_dataset(tok, loaded, samples[:1])[0]
     assert item["images_vggt"].shape == (9, 3, 56, 56)  # step 0: nine copies of its one frame
     assert item["image_grid_thw"].tolist() == [[1, 4, 4]] * 9 and item["vggt_grid"] == (4, 4)

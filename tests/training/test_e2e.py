@@ -59,15 +59,24 @@ def make_data_root(root: Path, clips: int = 4, frames: int = 3) -> list[list[str
             paths.append(str(path))
         out.append(paths)
         rel = [os.path.relpath(p, root) for p in paths]
-        lines.append(json.dumps({"history_images": rel[:-1], "current_image": rel[-1],
-                                 "instruction": f"Go to room {c}.", "answer": "forward 25 cm"}))
+        lines.append(
+            json.dumps(
+                {
+                    "history_images": rel[:-1],
+                    "current_image": rel[-1],
+                    "instruction": f"Go to room {c}.",
+                    "answer": "forward 25 cm",
+                }
+            )
+        )
     (root / "train.jsonl").write_text("\n".join(lines) + "\n")
     return out
 
 
 def spec_for(loaded, attention: str):
-    return feature_spec(loaded, DataArguments(image_size=56),
-                        CacheArguments(vggt_attention=attention, use_vggt_cache=False))
+    return feature_spec(
+        loaded, DataArguments(image_size=56), CacheArguments(vggt_attention=attention, use_vggt_cache=False)
+    )
 
 
 def serve_args(attention: str) -> list[str]:
@@ -76,18 +85,49 @@ def serve_args(attention: str) -> list[str]:
 
 
 def train(data_root: Path, out: Path, env: dict, *extra: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "vggt_cache.training.train", "--tiny", "--data_root", str(data_root), "--output_dir",
-           str(out),
-           "--image_size", "56", "--vggt_attention", "causal", "--max_steps", "2", "--per_device_train_batch_size",
-           "2", "--use_cpu", "true", "--report_to", "none", "--save_strategy", "no", "--logging_steps", "1",
-           "--disable_tqdm", "true", *extra]
-    return subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1", **env}, capture_output=True,
-                          text=True, timeout=TRAIN_TIMEOUT_S)
+    cmd = [
+        sys.executable,
+        "-m",
+        "vggt_cache.training.train",
+        "--tiny",
+        "--data_root",
+        str(data_root),
+        "--output_dir",
+        str(out),
+        "--image_size",
+        "56",
+        "--vggt_attention",
+        "causal",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--use_cpu",
+        "true",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--logging_steps",
+        "1",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **env},
+        capture_output=True,
+        text=True,
+        timeout=TRAIN_TIMEOUT_S,
+    )
 
 
 def sources(run: subprocess.CompletedProcess) -> dict[str, int]:
-    found = re.search(r"VGGT features by source over \d+ sample\(s\): cache=(\d+), service=(\d+), online=(\d+)",
-                      run.stderr)
+    found = re.search(
+        r"VGGT features by source over \d+ sample\(s\): cache=(\d+), service=(\d+), online=(\d+)", run.stderr
+    )
     assert found, run.stdout[-2000:] + run.stderr[-4000:]
     return dict(zip(("cache", "service", "online"), map(int, found.groups()), strict=True))
 
@@ -140,8 +180,13 @@ def test_a_service_with_another_spec_is_refused_before_training(tmp_path, servic
     data_root = tmp_path / "data"
     make_data_root(data_root, clips=2)
     service = service_server(data_root, *serve_args("frame"))
-    run = train(data_root, tmp_path / "out", {"USE_VGGT_CACHE": "1", "VGGT_SERVICE_URL": service.url},
-                "--vggt_cache_fallback", "error")
+    run = train(
+        data_root,
+        tmp_path / "out",
+        {"USE_VGGT_CACHE": "1", "VGGT_SERVICE_URL": service.url},
+        "--vggt_cache_fallback",
+        "error",
+    )
     assert run.returncode == 2
     assert f"The VGGT feature service at {service.url} computes features with another spec" in run.stderr
     assert "differs in: attention, reference_frame" in run.stderr  # frame attention has no reference frame
@@ -150,7 +195,8 @@ def test_a_service_with_another_spec_is_refused_before_training(tmp_path, servic
 
 @pytest.mark.parametrize("attention", ["frame", "causal"])
 def test_features_written_by_the_service_equal_features_computed_in_training(
-        tmp_path, loaded, service_server, attention):
+    tmp_path, loaded, service_server, attention
+):
     data_root = tmp_path / "data"
     make_data_root(data_root)
     spec = spec_for(loaded, attention)
@@ -162,8 +208,10 @@ def test_features_written_by_the_service_equal_features_computed_in_training(
     def dataset(cache):
         return VLNDataset(samples, tok, tiny_image_processor(config), config, spec, cache)
 
-    with FeatureCache(service.url, spec, fallback="error") as served_cache, \
-            FeatureCache(None, spec, fallback="error") as file_cache:
+    with (
+        FeatureCache(service.url, spec, fallback="error") as served_cache,
+        FeatureCache(None, spec, fallback="error") as file_cache,
+    ):
         served = [dataset(served_cache)[i] for i in range(len(samples))]
         cached = [dataset(file_cache)[i] for i in range(len(samples))]
     online = [dataset(None)[i] for i in range(len(samples))]
@@ -219,17 +267,39 @@ def test_a_checkpoint_restores_qwen_and_the_merger(tmp_path, loaded):
 def test_launch_scripts_pass_the_environment_to_torchrun(tmp_path, script):
     path = SCRIPTS / script
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
-    env = {"PATH": os.environ["PATH"], "DRY_RUN": "1", "USE_VGGT_CACHE": "TRUE",
-           "VGGT_SERVICE_URL": "http://gpu-a:8600,http://gpu-b:8600", "NNODES": "2", "NODE_RANK": "1",
-           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29511", "MODEL_PATH": "/models/qwen",
-           "VGGT_MODEL_PATH": "/models/vggt", "DATA_ROOT": str(tmp_path / "data"),
-           "OUTPUT_DIR": str(tmp_path / "out"), "VGGT_ATTENTION": "causal"}
+    env = {
+        "PATH": os.environ["PATH"],
+        "DRY_RUN": "1",
+        "USE_VGGT_CACHE": "TRUE",
+        "VGGT_SERVICE_URL": "http://gpu-a:8600,http://gpu-b:8600",
+        "NNODES": "2",
+        "NODE_RANK": "1",
+        "MASTER_ADDR": "10.0.0.1",
+        "MASTER_PORT": "29511",
+        "MODEL_PATH": "/models/qwen",
+        "VGGT_MODEL_PATH": "/models/vggt",
+        "DATA_ROOT": str(tmp_path / "data"),
+        "OUTPUT_DIR": str(tmp_path / "out"),
+        "VGGT_ATTENTION": "causal",
+    }
     run = subprocess.run(["bash", str(path), "--max_steps", "5"], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert ENABLED in run.stdout
     cmd = shlex.split(run.stdout.strip().splitlines()[-1])
-    assert cmd[:12] == ["torchrun", "--nnodes", "2", "--node_rank", "1", "--nproc_per_node", "8",
-                        "--master_addr", "10.0.0.1", "--master_port", "29511", "-m"]
+    assert cmd[:12] == [
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--node_rank",
+        "1",
+        "--nproc_per_node",
+        "8",
+        "--master_addr",
+        "10.0.0.1",
+        "--master_port",
+        "29511",
+        "-m",
+    ]
     assert cmd[12] == "vggt_cache.training.train" and cmd[-2:] == ["--max_steps", "5"]
     # Every flag the script passes is one training.train accepts.
     model_args, data_args, cache_args, training_args = parse_args([*cmd[13:], "--use_cpu", "true"])
@@ -256,9 +326,28 @@ def test_the_two_node_script_needs_the_master_and_the_node_rank(tmp_path):
 
 
 def test_the_train_step_benchmark_runs_at_its_smallest_settings():
-    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train_step.py"), "--vggt", str(FIXTURE),
-                          "--size", "56", "--frames", "2", "--batch", "1", "--steps", "1", "--warmup", "0"],
-                         cwd=REPO, capture_output=True, text=True, timeout=TRAIN_TIMEOUT_S)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "benchmarks" / "train_step.py"),
+            "--vggt",
+            str(FIXTURE),
+            "--size",
+            "56",
+            "--frames",
+            "2",
+            "--batch",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=TRAIN_TIMEOUT_S,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     found = re.search(r"cached (\d+\.\d+)s, online (\d+\.\d+)s, online/cached = (\d+\.\d+)x", run.stdout)
     assert found and all(float(x) > 0 for x in found.groups()), run.stdout

@@ -74,17 +74,27 @@ async def test_the_service_computes_what_janusvln_training_computes(tmp_path, tm
     samples = json.loads((JANUS / "samples.json").read_text())[layout]
     clips = [tuple(str(root / p) for p in sample) for sample in samples]
 
-    async with app_in_process(tmp_path, tmp_path_factory.mktemp("state"), model=str(JANUS / "model"), preset=preset,
-                              spec={"size": 644, "dtype": "float32"}) as http:
+    async with app_in_process(
+        tmp_path,
+        tmp_path_factory.mktemp("state"),
+        model=str(JANUS / "model"),
+        preset=preset,
+        spec={"size": 644, "dtype": "float32"},
+    ) as http:
         view = await run_job(http, root)
     spec = view["spec"]
     assert spec.attention == "causal" and spec.size == 644
     assert spec.reference_frame == ("last" if layout == "new" else "first")
     assert spec.preprocess == ("pad" if layout == "new" else "crop")
     assert (view["state"], view["computed"], view["failed"]) == ("finished", len(samples), 0)
-    assert view["plan"]["source"] == {"source": "episodes" if layout == "new" else "json", "files": 1,
-                                      "samples": len(samples), "max_history_images": 8 if layout == "new" else None,
-                                      "ignored_episode_folders": 0, "sample_files": None}
+    assert view["plan"]["source"] == {
+        "source": "episodes" if layout == "new" else "json",
+        "files": 1,
+        "samples": len(samples),
+        "max_history_images": 8 if layout == "new" else None,
+        "ignored_episode_folders": 0,
+        "sample_files": None,
+    }
     manifest = json.loads((root / "vggt_cache_manifest.json").read_text())
     assert manifest["plan"]["source"] == view["plan"]["source"]
     # The preset with one field overridden (float32 storage, for the comparison) is no longer the preset.
@@ -115,10 +125,12 @@ async def test_the_service_computes_what_janusvln_training_computes(tmp_path, tm
 
 def make_layouts(root: Path, steps: int = 12) -> dict[str, list[tuple[str, ...]]]:
     """Both layouts over the same 12 frames: NewJanusVLN episode folder and a JanusVLN JSON array."""
-    frames = write_images(root / "new" / "ep_0001", [f"step_{n}_MOVE_FORWARD.png" for n in range(steps)],
-                          size=(64, 48), seed=3)
-    orig = write_images(root / "orig" / "traj" / "7", [f"{n:03d}_turn_left.png" for n in range(steps)],
-                        size=(64, 48), seed=3)
+    frames = write_images(
+        root / "new" / "ep_0001", [f"step_{n}_MOVE_FORWARD.png" for n in range(steps)], size=(64, 48), seed=3
+    )
+    orig = write_images(
+        root / "orig" / "traj" / "7", [f"{n:03d}_turn_left.png" for n in range(steps)], size=(64, 48), seed=3
+    )
     new_clips, orig_clips = [], []
     for j in range(steps):  # the rule written out again, independently of service.samples
         if j <= 8:
@@ -128,9 +140,14 @@ def make_layouts(root: Path, steps: int = 12) -> dict[str, list[tuple[str, ...]]
             picks = np.linspace(0, j, 9, dtype=int)
             new_clips.append(tuple(frames[i] for i in picks))
             orig_clips.append(tuple(orig[i] for i in picks))
-    annotations = [{"id": f"7/{Path(c[-1]).name}", "conversations": [{"from": "human", "value": "<image> go"},
-                                                                     {"from": "gpt", "value": "STOP"}],
-                    "images": [str(Path(p).relative_to(root / "orig")) for p in c]} for c in orig_clips]
+    annotations = [
+        {
+            "id": f"7/{Path(c[-1]).name}",
+            "conversations": [{"from": "human", "value": "<image> go"}, {"from": "gpt", "value": "STOP"}],
+            "images": [str(Path(p).relative_to(root / "orig")) for p in c],
+        }
+        for c in orig_clips
+    ]
     (root / "orig" / "train.json").write_text(json.dumps(annotations))
     return {"new": new_clips, "orig": orig_clips}
 

@@ -37,17 +37,19 @@ def clips() -> list[torch.Tensor]:
 
 
 def make_spec(loaded, attention: str = "frame", dtype: str = "bfloat16", **kw) -> FeatureSpec:
-    return FeatureSpec(**{
-        "fingerprint": loaded.fingerprint,
-        "architecture": loaded.config.to_dict(),
-        "layers": (-1,),
-        "preprocess": "pad",
-        "size": 56,
-        "align": 28,
-        "dtype": dtype,
-        "attention": attention,
-        **kw,
-    })
+    return FeatureSpec(
+        **{
+            "fingerprint": loaded.fingerprint,
+            "architecture": loaded.config.to_dict(),
+            "layers": (-1,),
+            "preprocess": "pad",
+            "size": 56,
+            "align": 28,
+            "dtype": dtype,
+            "attention": attention,
+            **kw,
+        }
+    )
 
 
 def make_model(loaded, spec: FeatureSpec, vggt_weight: float = 1.0, **fusion) -> Qwen25VLWithVGGT:
@@ -88,8 +90,9 @@ def test_cached_and_online_features_give_the_same_loss_and_gradients(tmp_path, l
 
     loss_cached, grads_cached = loss_and_grads(model, batch, vggt_features=cached)
     loss_online, grads_online = loss_and_grads(model, batch, images_vggt=clips)
-    loss_mixed, grads_mixed = loss_and_grads(model, batch, vggt_features=[cached[0], None], images_vggt=[None,
-                                                                                                         clips[1]])
+    loss_mixed, grads_mixed = loss_and_grads(
+        model, batch, vggt_features=[cached[0], None], images_vggt=[None, clips[1]]
+    )
 
     assert torch.isfinite(loss_cached)
     assert torch.equal(loss_cached, loss_online) and torch.equal(loss_cached, loss_mixed)
@@ -144,7 +147,10 @@ def test_non_square_images_several_images_per_sample_and_text_only_samples(loade
     # Sample 0 shows Qwen a history image, then its current frame; sample 1 is text only.
     batch = tiny_batch(model.config, [[square[0], wide[-1]], [], [square[-1]]])
     assert sample_images(batch["input_ids"], batch["image_grid_thw"], 2, model.config.image_token_id) == [
-        [0, 1], [], [2]]
+        [0, 1],
+        [],
+        [2],
+    ]
     cached = [compute_features(loaded.model, clip[None], spec)[0, -1] for clip in (wide, square)]
     loss_cached, _ = loss_and_grads(model, batch, vggt_features=[cached[0], None, cached[1]])
     loss_online, _ = loss_and_grads(model, batch, images_vggt=[wide, None, square])
@@ -199,8 +205,9 @@ def test_merge_grid_follows_qwens_patch_order():
     ids = torch.arange(h * w, dtype=torch.float32)
     # An image whose 14-px patch k is filled with the value k, row-major.
     image = ids.view(h, w).repeat_interleave(p, 0).repeat_interleave(p, 1).expand(3, -1, -1) / 255
-    out = Qwen2VLImageProcessorPil()(images=[image], do_resize=False, do_rescale=False, do_normalize=False,
-                                     return_tensors="pt")
+    out = Qwen2VLImageProcessorPil()(
+        images=[image], do_resize=False, do_rescale=False, do_normalize=False, return_tensors="pt"
+    )
     qwen_order = (out["pixel_values"][:, 0] * 255).round()  # patch id of each row, in Qwen's order
     merged = merge_grid(ids.view(1, h * w, 1), (h, w))  # [1, 6, 4]
     assert torch.equal(merged.flatten(), qwen_order)
@@ -209,8 +216,9 @@ def test_merge_grid_follows_qwens_patch_order():
 def test_merger_refuses_odd_grids_and_wrong_widths():
     merger = VGGTMerger(vggt_dim=8, llm_dim=16)
     assert merger(torch.zeros(2, 16, 8), (4, 4)).shape == (2, 4, 16)
-    with pytest.raises(ValueError,
-                       match=r"37x37 is not divisible by the spatial merge 2; cut it to Qwen2\.5-VL's even grid first"):
+    with pytest.raises(
+        ValueError, match=r"37x37 is not divisible by the spatial merge 2; cut it to Qwen2\.5-VL's even grid first"
+    ):
         merger(torch.zeros(1, 37 * 37, 8), (37, 37))
     with pytest.raises(ValueError, match="expected 4x4=16 patch tokens, got 15"):
         merger(torch.zeros(1, 15, 8), (4, 4))
@@ -277,8 +285,15 @@ def test_hf_trainer_trains_the_merger_and_llm_on_a_mixed_batch(tmp_path, loaded,
         return out
 
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2, learning_rate=1e-3,
-        save_strategy="no", report_to=[], use_cpu=True, remove_unused_columns=False, activation_checkpointing=True,
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=2,
+        max_steps=2,
+        learning_rate=1e-3,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        remove_unused_columns=False,
+        activation_checkpointing=True,
     )
     merger_before = model.merger.mlp[0].weight.detach().clone()
     llm_before = model.qwen.lm_head.weight.detach().clone()
@@ -316,16 +331,18 @@ def test_janusvln_crop_geometry_odd_vggt_grids_merge_onto_qwens_cut(loaded):
 
 def test_janusvln_fusion_adds_the_merged_features_to_every_frame_with_an_rmsnorm_merger(loaded, clips):
     spec = make_spec(loaded, "causal", reference_frame="last")
-    janus = make_model(loaded, spec, vggt_weight=0.2, merger_hidden_dim=4096, merger_norm="rmsnorm",
-                       add_to="all_frames")
+    janus = make_model(
+        loaded, spec, vggt_weight=0.2, merger_hidden_dim=4096, merger_norm="rmsnorm", add_to="all_frames"
+    )
     assert janus.merger.hidden_dim == 4096 and janus.merger.mlp[0].out_features == 4096
     x = torch.randn(1, 16, 128)
     norm = janus.merger.norm
     assert torch.allclose(norm(x), x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6), atol=1e-6)
     sample = list(clips[0])  # Qwen sees all three frames of the clip
     batch = tiny_batch(janus.config, [sample])
-    embeds = janus.qwen.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
-                                                 return_dict=True).pooler_output
+    embeds = janus.qwen.model.get_image_features(
+        batch["pixel_values"], batch["image_grid_thw"], return_dict=True
+    ).pooler_output
     fused = janus._add_vggt(list(embeds), batch["input_ids"], batch["image_grid_thw"], None, [clips[0]], None)
     entry = entry_features(loaded.model, clips[0][None], spec)[0, -1]
     merged = janus.merger(entry[None].to(janus.merger.dtype), (4, 4))[0]
@@ -333,5 +350,6 @@ def test_janusvln_fusion_adds_the_merged_features_to_every_frame_with_an_rmsnorm
         assert torch.equal(after, before + 0.2 * merged)
     current_only = make_model(loaded, spec, vggt_weight=0.2, merger_hidden_dim=4096, merger_norm="rmsnorm")
     fused = current_only._add_vggt(list(embeds), batch["input_ids"], batch["image_grid_thw"], None, [clips[0]], None)
-    assert torch.equal(fused[0], embeds[0]) and torch.equal(fused[1], embeds[1]) and not torch.equal(fused[2],
-                                                                                                     embeds[2])
+    assert (
+        torch.equal(fused[0], embeds[0]) and torch.equal(fused[1], embeds[1]) and not torch.equal(fused[2], embeds[2])
+    )

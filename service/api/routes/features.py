@@ -37,8 +37,9 @@ async def features(req: FeaturesRequest, c: Ready, runtime: Runtime, metrics: Me
         # A hint: bulk priority, and refused (429) rather than waited for when the bulk queue is full.
         c.engine.submit(units, Priority.BULK, skip_existing=req.skip_existing, return_features=False, block=False)
         return JSONResponse({"queued": len(units)}, status_code=202)
-    futures = c.engine.submit(units, Priority.ON_DEMAND, skip_existing=req.skip_existing,
-                              max_pending=runtime.settings.max_pending_units)
+    futures = c.engine.submit(
+        units, Priority.ON_DEMAND, skip_existing=req.skip_existing, max_pending=runtime.settings.max_pending_units
+    )
     results = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
     metrics.count_entries(e for r in results for e in r.entries)
     # Copies every tensor into one body (hundreds of MB for VGGT-1B): off the event loop.
@@ -53,8 +54,10 @@ def request_units(images: list[str], clips: list[list[str]], allowed: AllowedRoo
     """
     if any(not clip for clip in clips):
         raise UnusableInput("a clip needs at least one frame")
-    return [Unit.for_clip(spec.attention, spec.frames_of([allowed.contain(p) for p in clip]))
-            for clip in [[image] for image in images] + clips]
+    return [
+        Unit.for_clip(spec.attention, spec.frames_of([allowed.contain(p) for p in clip]))
+        for clip in [[image] for image in images] + clips
+    ]
 
 
 def features_body(results: list[UnitResult], spec_digest: str) -> bytes:
@@ -71,7 +74,14 @@ def features_body(results: list[UnitResult], spec_digest: str) -> bytes:
                 shared = id(e.features) in packed
                 tensors[name] = e.features.clone() if shared else e.features  # safetensors refuses aliases
                 packed.add(id(e.features))
-            items.append({"image": e.image, "status": e.status, "tensor": name, "error": e.error,
-                          "grid": list(e.grid) if e.grid else None})
+            items.append(
+                {
+                    "image": e.image,
+                    "status": e.status,
+                    "tensor": name,
+                    "error": e.error,
+                    "grid": list(e.grid) if e.grid else None,
+                }
+            )
             requests.append(position)
     return encode_features(items, tensors, spec_digest, requests)

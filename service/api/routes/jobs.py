@@ -31,13 +31,20 @@ def _precompute(req: PrecomputeRequest, c: Components, runtime: ServiceRuntime) 
     data_root = runtime.allowed.contain(req.data_root, writes_sibling=False)
     if not os.path.isdir(data_root):
         raise HTTPException(404, f"data_root is not a folder: {req.data_root}")
-    options = JobOptions(skip_existing=req.skip_existing, verify=req.verify, data_path=req.data_path,
-                         max_history_images=req.max_history_images, force=req.force, data_files=req.data_files,
-                         overwrite=req.overwrite)
+    options = JobOptions(
+        skip_existing=req.skip_existing,
+        verify=req.verify,
+        data_path=req.data_path,
+        max_history_images=req.max_history_images,
+        force=req.force,
+        data_files=req.data_files,
+        overwrite=req.overwrite,
+    )
     if req.dry_run:  # the plan alone, computed here (a slow NFS root needs a patient client)
         plan = plan_work(data_root, c.spec, runtime.allowed, options, JobLimits.of(runtime.settings)).plan
-        return JSONResponse({"dry_run": True, "spec_digest": c.spec.digest, "plan": plan.to_dict(),
-                             "summary": plan.summary()})
+        return JSONResponse(
+            {"dry_run": True, "spec_digest": c.spec.digest, "plan": plan.to_dict(), "summary": plan.summary()}
+        )
     return _model(req.data_root, c.jobs.submit(data_root, options))
 
 

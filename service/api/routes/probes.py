@@ -23,8 +23,15 @@ async def healthz(runtime: Runtime) -> JSONResponse:
     dead = c is not None and len(lost) == len(c.engine.devices)
     failed = runtime.load_error is not None or dead
     error = runtime.load_error or _reasons(lost)
-    return JSONResponse({"status": "failed" if failed else "degraded" if lost else "ok", "state": runtime.state,
-                         "error": error, "lost_devices": lost}, 503 if failed else 200)
+    return JSONResponse(
+        {
+            "status": "failed" if failed else "degraded" if lost else "ok",
+            "state": runtime.state,
+            "error": error,
+            "lost_devices": lost,
+        },
+        503 if failed else 200,
+    )
 
 
 @router.get("/readyz")
@@ -32,8 +39,14 @@ async def readyz(runtime: Runtime) -> JSONResponse:
     c = runtime.components
     if c is not None and not c.engine.ready:  # a device worker died or was lost: requests would fail or wait
         lost = _lost(runtime)
-        return JSONResponse({"ready": False, "state": "device lost" if lost else "engine stopped",
-                             "error": _reasons(lost) or runtime.load_error}, 503)
+        return JSONResponse(
+            {
+                "ready": False,
+                "state": "device lost" if lost else "engine stopped",
+                "error": _reasons(lost) or runtime.load_error,
+            },
+            503,
+        )
     code = 200 if c is not None else 503
     return JSONResponse({"ready": code == 200, "state": runtime.state, "error": runtime.load_error}, code)
 

@@ -24,11 +24,15 @@ def _page() -> tuple[str, str]:
     """The status page and its Content-Security-Policy: only its own inline script runs, it only talks to
     this origin, and no other page may frame it (clickjacking)."""
     html = resources.files("vggt_cache.service").joinpath("static/status.html").read_text(encoding="utf-8")
-    scripts = " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()}'"
-                       for block in re.findall(r"<script[^>]*>(.*?)</script>", html, re.S))
+    scripts = " ".join(
+        f"'sha256-{base64.b64encode(hashlib.sha256(block.encode()).digest()).decode()}'"
+        for block in re.findall(r"<script[^>]*>(.*?)</script>", html, re.S)
+    )
     # Styles inline: the job table sets each progress bar's width in a style attribute, which no hash allows.
-    policy = (f"default-src 'none'; script-src {scripts}; style-src 'unsafe-inline'; connect-src 'self'; "
-              "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+    policy = (
+        f"default-src 'none'; script-src {scripts}; style-src 'unsafe-inline'; connect-src 'self'; "
+        "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    )
     return html, policy
 
 
@@ -52,7 +56,11 @@ def status(runtime: Runtime, metrics: MetricsDep) -> dict:
             "warnings": runtime.warnings,
             "settings": runtime.settings.view(),
         },
-        "model": None, "spec": None, "preset": None, "engine": None, "jobs": [],
+        "model": None,
+        "spec": None,
+        "preset": None,
+        "engine": None,
+        "jobs": [],
     }
     if c is not None:
         body["model"] = c.jobs.model_info

@@ -60,7 +60,7 @@ def features_of(response: httpx.Response) -> dict[str, tuple[dict, torch.Tensor 
 def assert_same_entry(served: torch.Tensor, direct: torch.Tensor) -> None:
     assert served.shape == direct.shape and served.dtype == direct.dtype == torch.bfloat16
     # Both are float32 results rounded to bfloat16: at most one storage ulp apart.
-    torch.testing.assert_close(served.float(), direct.float(), rtol=2 ** -7, atol=1e-5)
+    torch.testing.assert_close(served.float(), direct.float(), rtol=2**-7, atol=1e-5)
 
 
 # -- features equal the model's own output, in every attention mode ------------------------------
@@ -109,7 +109,7 @@ async def test_clip_features_equal_the_models_output(tmp_path_factory, model, at
         assert not Path(clip[0] + ".vggt_cache.pt").exists()  # context frames get no entry of their own
     # The first frame's causal features do not depend on later frames; its bidirectional ones do.
     first_alone = reference_features(model, clip[:1], spec)[0]
-    close = torch.allclose(direct[0].float(), first_alone.float(), rtol=2 ** -7, atol=1e-5)
+    close = torch.allclose(direct[0].float(), first_alone.float(), rtol=2**-7, atol=1e-5)
     assert close == (attention == "causal")
 
 
@@ -157,8 +157,9 @@ async def secured(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Async
         yield http
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}],
-                         ids=["none", "wrong", "no-scheme"])
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}], ids=["none", "wrong", "no-scheme"]
+)
 async def test_routes_need_the_token(secured: httpx.AsyncClient, root: Path, headers: dict) -> None:
     image = write_images(root / "auth", ["a.png"])[0]
     responses = [
@@ -190,22 +191,26 @@ async def test_the_right_token_is_let_through(secured: httpx.AsyncClient, root: 
 # -- malformed and refused requests -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("route, body", [
-    ("/features", b"{not json"),
-    ("/features", b'{"images": "/a.png"}'),
-    ("/features", b'{"images": [1, 2]}'),
-    ("/features", b'{"clips": ["/a.png"]}'),
-    ("/features", b'{"images": ["/a.png"], "skip_existing": "maybe"}'),
-    ("/features", b"{}"),
-    ("/features", b'{"images": [], "clips": []}'),
-    ("/features", b'{"clips": [[]]}'),
-    ("/features", b'{"images": ["relative/a.png"]}'),
-    ("/features", b'[]'),
-    ("/precompute", b"{}"),
-    ("/precompute", b'{"data_root": 5}'),
-    ("/precompute", b'{"data_root": "relative/dir"}'),
-    ("/precompute", b'{"data_root": ""}'),
-], ids=lambda v: v if isinstance(v, str) else v.decode()[:30])
+@pytest.mark.parametrize(
+    "route, body",
+    [
+        ("/features", b"{not json"),
+        ("/features", b'{"images": "/a.png"}'),
+        ("/features", b'{"images": [1, 2]}'),
+        ("/features", b'{"clips": ["/a.png"]}'),
+        ("/features", b'{"images": ["/a.png"], "skip_existing": "maybe"}'),
+        ("/features", b"{}"),
+        ("/features", b'{"images": [], "clips": []}'),
+        ("/features", b'{"clips": [[]]}'),
+        ("/features", b'{"images": ["relative/a.png"]}'),
+        ("/features", b"[]"),
+        ("/precompute", b"{}"),
+        ("/precompute", b'{"data_root": 5}'),
+        ("/precompute", b'{"data_root": "relative/dir"}'),
+        ("/precompute", b'{"data_root": ""}'),
+    ],
+    ids=lambda v: v if isinstance(v, str) else v.decode()[:30],
+)
 async def test_malformed_requests_are_422_with_a_message(app: httpx.AsyncClient, route: str, body: bytes) -> None:
     r = await app.post(route, content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 422, r.text
@@ -219,8 +224,12 @@ async def test_paths_escaping_the_root_are_403(app: httpx.AsyncClient, root: Pat
     inside = write_images(root / "escape", ["a.png"])[0]
     (root / "escape" / "link.png").symlink_to(outside)
     dotdot = f"{root}/escape/../../{Path(outside).parent.name}/x.png"
-    for body in ({"images": [dotdot]}, {"images": [str(root / "escape" / "link.png")]},
-                 {"images": [inside], "clips": [[inside, outside]]}, {"images": [outside]}):
+    for body in (
+        {"images": [dotdot]},
+        {"images": [str(root / "escape" / "link.png")]},
+        {"images": [inside], "clips": [[inside, outside]]},
+        {"images": [outside]},
+    ):
         r = await app.post("/features", json=body)
         assert r.status_code == 403, (body, r.text)
         assert "outside the allowed roots" in r.json()["detail"]
@@ -297,8 +306,13 @@ async def test_a_full_on_demand_queue_is_429_with_retry_after(tmp_path_factory) 
     backlog = write_images(root, [f"b{i:03d}.png" for i in range(12)])
     extra = write_images(root, ["x.png", "y.png"], seed=1)
     device = threading.Event()  # held: the backlog stays queued until the test lets it run
-    async with app_in_process(root, tmp_path_factory.mktemp("state"), max_pending_units=4, max_batch_frames=1,
-                              before_forward=lambda batch: device.wait(60)) as http:
+    async with app_in_process(
+        root,
+        tmp_path_factory.mktemp("state"),
+        max_pending_units=4,
+        max_batch_frames=1,
+        before_forward=lambda batch: device.wait(60),
+    ) as http:
         settings = (await http.get("/status")).json()["service"]["settings"]  # the flags, as the service took them
         assert (settings["max_pending_units"], settings["max_batch_frames"]) == (4, 1)
         try:
@@ -319,8 +333,8 @@ async def queued(http: httpx.AsyncClient) -> bool:
 
 
 async def test_a_model_that_cannot_load_fails_the_probes_with_the_reason(tmp_path) -> None:
-    async with app_in_process(tmp_path, tmp_path / "state", model=str(tmp_path / "no-such-model"),
-                              ready=False) as http:
+    async with app_in_process(tmp_path, tmp_path / "state", model=str(tmp_path / "no-such-model"), ready=False) as http:
+
         async def failed_probe() -> httpx.Response | None:
             r = await http.get("/healthz")
             return r if r.status_code == 503 else None

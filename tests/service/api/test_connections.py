@@ -32,9 +32,13 @@ PROBE_S = 2.0  # what a probe must beat while the service is busy (docker's heal
 
 
 def cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", *args], cwd=REPO, capture_output=True,
-                          text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "vggt_cache.service.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # -- 1. idle connections and descriptors ----------------------------------------------------------
@@ -60,15 +64,19 @@ def test_a_flood_of_silent_connections_neither_fails_a_job_nor_starves_requests(
         host, port = service.url.removeprefix("http://").split(":")
         with httpx.Client(base_url=service.url, timeout=30) as http, contextlib.ExitStack() as flood:
             job = http.post("/precompute", json={"data_root": str(tmp_path / "job")}).raise_for_status().json()
-            sockets = [flood.enter_context(socket.create_connection((host, int(port)), timeout=10))
-                       for _ in range(FLOOD)]
+            sockets = [
+                flood.enter_context(socket.create_connection((host, int(port)), timeout=10)) for _ in range(FLOOD)
+            ]
             t0 = time.monotonic()
             with httpx.Client(base_url=service.url, timeout=30) as fresh:  # a new connection, past the flood
                 assert fresh.get("/healthz").status_code == 200
             answered_s = time.monotonic() - t0
             view = wait_job(http, job["job_id"], timeout=120)
-            poll(lambda: all(closed_by_peer(s) for s in sockets), 10 * HEADER_TIMEOUT_S + 30,
-                 "the service to close every silent connection")
+            poll(
+                lambda: all(closed_by_peer(s) for s in sockets),
+                10 * HEADER_TIMEOUT_S + 30,
+                "the service to close every silent connection",
+            )
         log = service.log()
     finally:
         service.stop()
@@ -116,12 +124,20 @@ def test_probes_answer_at_once_while_plans_are_refused_past_their_limit(tmp_path
 @pytest.fixture(scope="module")
 def public_server(service_server, tmp_path_factory: pytest.TempPathFactory) -> RunningService:
     """Bound to every address, with a token given on the command line and one extra allowed name."""
-    return service_server(tmp_path_factory.mktemp("public"), "--host", "0.0.0.0", "--api-token", TOKEN,
-                          "--allowed-host", "gpu-node.example")
+    return service_server(
+        tmp_path_factory.mktemp("public"),
+        "--host",
+        "0.0.0.0",
+        "--api-token",
+        TOKEN,
+        "--allowed-host",
+        "gpu-node.example",
+    )
 
 
 def test_foreign_hosts_and_non_json_bodies_are_refused_and_the_page_cannot_be_framed(
-        public_server: RunningService, tmp_path: Path) -> None:
+    public_server: RunningService, tmp_path: Path
+) -> None:
     port = public_server.url.rsplit(":", 1)[1]
     url = f"http://127.0.0.1:{port}"
 
@@ -136,8 +152,15 @@ def test_foreign_hosts_and_non_json_bodies_are_refused_and_the_page_cannot_be_fr
         assert get("/status", host, AUTH).status_code == 421
         assert get("/healthz", host).status_code == 421
     assert get("/status", "evil.example").status_code == 421  # before auth: no 401 to tell it apart
-    for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "10.1.2.3", "gpu-node.example",
-                 f"GPU-Node.example.:{port}", socket.gethostname()):
+    for host in (
+        f"127.0.0.1:{port}",
+        f"localhost:{port}",
+        f"[::1]:{port}",
+        "10.1.2.3",
+        "gpu-node.example",
+        f"GPU-Node.example.:{port}",
+        socket.gethostname(),
+    ):
         assert get("/status", host, AUTH).status_code == 200, host
 
     json_body = b'{"data_root": "%s", "dry_run": true}' % public_server.root.encode()
@@ -161,7 +184,8 @@ def test_foreign_hosts_and_non_json_bodies_are_refused_and_the_page_cannot_be_fr
 
 
 def test_the_token_comes_from_a_file_and_one_on_the_command_line_is_warned_about(
-        tmp_path: Path, service_server, public_server: RunningService) -> None:
+    tmp_path: Path, service_server, public_server: RunningService
+) -> None:
     token_file = tmp_path / "token"
     token_file.write_text(f"  {TOKEN}\n")
     token_file.chmod(0o600)
@@ -172,9 +196,22 @@ def test_the_token_comes_from_a_file_and_one_on_the_command_line_is_warned_about
     assert httpx.get(f"{server.url}/status", headers=AUTH, timeout=30).status_code == 200
     assert httpx.get(f"{server.url}/status", timeout=30).status_code == 401
     status = cli("status", "--server", server.url, "--api-token-file", str(token_file))
-    refused = cli("serve", "--model", str(TINY_MODEL), "--device", "cpu", "--port", str(free_port()),
-                  "--allowed-root", str(tmp_path), "--state-dir", str(tmp_path / "state"),
-                  "--api-token-file", str(empty), timeout=60)
+    refused = cli(
+        "serve",
+        "--model",
+        str(TINY_MODEL),
+        "--device",
+        "cpu",
+        "--port",
+        str(free_port()),
+        "--allowed-root",
+        str(tmp_path),
+        "--state-dir",
+        str(tmp_path / "state"),
+        "--api-token-file",
+        str(empty),
+        timeout=60,
+    )
 
     assert status.returncode == 0, status.stderr[-2000:]
     assert "can be read by every user" not in server.log() + status.stderr

@@ -14,15 +14,28 @@ from PIL import Image
 from helpers.browser import CHROMIUM, Browser
 from helpers.service import poll, wait_job, write_images
 
-pytestmark = pytest.mark.skipif(CHROMIUM is None,
-                                reason="Debian's chromium package is not installed (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None, reason="Debian's chromium package is not installed (.ci/run installs it)"
+)
 
 
 def render(url: str, profile: str) -> str:
     """The DOM after the page's scripts ran (virtual time lets its fetch and timers complete)."""
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", url]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        url,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
 
 
@@ -39,7 +52,7 @@ def test_status_page_shows_model_queue_and_job_progress(tmp_path, service_server
 
     dom = render(service.url + "/", str(tmp_path / "profile"))
     status = httpx.get(f"{service.url}/status").json()
-    body = dom[dom.index('<tbody id="jobs">'):]
+    body = dom[dom.index('<tbody id="jobs">') :]
     rows = re.findall(r'<tr class="job state-(\w+)" data-job="(\w+)">(.*?)</tr>', body, re.S)
     assert [r[1] for r in rows] == [job["job_id"]]
     state, _, cells = rows[0]
@@ -80,17 +93,23 @@ def test_the_chart_the_lookup_counts_and_cancel_with_a_token(tmp_path, service_s
         job_id = http.post("/precompute", json={"data_root": str(root / "bulk")}).raise_for_status().json()["job_id"]
         wait_job(http, job_id, until=lambda view: view["computed"] > 0)
         # The chart shows complete 5 s intervals: wait for one with entries computed in it.
-        poll(lambda: any(http.get("/status").json()["engine"]["history"]["computed_per_s"]), 30,
-             "an interval with entries computed")
+        poll(
+            lambda: any(http.get("/status").json()["engine"]["history"]["computed_per_s"]),
+            30,
+            "an interval with entries computed",
+        )
 
         with Browser(str(tmp_path / "profile")) as page:
             page.page(service.url + "/")
             page.wait_for("document.getElementById('error').textContent.includes('401')")
-            page.evaluate("document.getElementById('token').value = 's3cret';"
-                          "document.getElementById('token-form').requestSubmit()")
+            page.evaluate(
+                "document.getElementById('token').value = 's3cret';"
+                "document.getElementById('token-form').requestSubmit()"
+            )
             page.wait_for("document.getElementById('svc-state')?.textContent === 'ready'")
-            counts = {k: page.evaluate(f"document.getElementById('lookup-{k}').textContent")
-                      for k in ("hit", "miss", "stale")}
+            counts = {
+                k: page.evaluate(f"document.getElementById('lookup-{k}').textContent") for k in ("hit", "miss", "stale")
+            }
             assert counts == {"hit": "2", "miss": "2", "stale": "1"}
             points = page.evaluate("document.getElementById('chart-line').getAttribute('points')").split()
             assert len(points) == 120  # ten minutes of 5 s intervals

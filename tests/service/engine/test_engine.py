@@ -34,8 +34,9 @@ def loaded():
 
 
 def make_spec(loaded, **overrides) -> FeatureSpec:
-    return FeatureSpec(**{"fingerprint": loaded.fingerprint, "architecture": loaded.config.to_dict(), "size": SIZE,
-                          **overrides})
+    return FeatureSpec(
+        **{"fingerprint": loaded.fingerprint, "architecture": loaded.config.to_dict(), "size": SIZE, **overrides}
+    )
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (80, 60), black: bool = False) -> str:
@@ -77,8 +78,9 @@ def assert_matches(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dt
     assert actual.dtype == dtype
     # Storage-dtype precision: at most about one rounding step of the stored dtype apart.
     rtol = max(torch.finfo(dtype).eps, 1e-5)
-    torch.testing.assert_close(actual.float(), expected.to(dtype).float(), rtol=rtol,
-                               atol=1e-5 * expected.abs().max().item())
+    torch.testing.assert_close(
+        actual.float(), expected.to(dtype).float(), rtol=rtol, atol=1e-5 * expected.abs().max().item()
+    )
 
 
 @pytest.mark.parametrize(
@@ -152,8 +154,15 @@ def test_on_demand_goes_ahead_of_a_bulk_backlog(loaded, tmp_path):
     urgent = Unit.frame(write_image(tmp_path / "urgent.png", 99))
     gate = Gate()
     order: list[str] = []
-    engine = Engine(loaded, make_spec(loaded), max_batch_frames=2, decode_workers=1, write_workers=1,
-                    bulk_queue_batches=2, before_forward=gate)
+    engine = Engine(
+        loaded,
+        make_spec(loaded),
+        max_batch_frames=2,
+        decode_workers=1,
+        write_workers=1,
+        bulk_queue_batches=2,
+        before_forward=gate,
+    )
     engine.start()
     try:
         # The first batch's callbacks are set before it can finish (set later, a finished future's fires at
@@ -211,9 +220,16 @@ def test_skip_existing_reads_valid_entries_and_recomputes_stale_ones(loaded, tmp
         forced = results(engine.submit(units, skip_existing=False))
         assert statuses(forced) == ["computed"] * 3
         # What each on-demand unit found, as the status page shows it.
-        assert engine.stats()["on_demand_lookups"] == {"hit": 4, "missing": 3, "stale": 1, "corrupt": 1,
-                                                       "spec_mismatch": 0, "unreadable": 0, "recomputed": 3,
-                                                       "failed": 0}
+        assert engine.stats()["on_demand_lookups"] == {
+            "hit": 4,
+            "missing": 3,
+            "stale": 1,
+            "corrupt": 1,
+            "spec_mismatch": 0,
+            "unreadable": 0,
+            "recomputed": 3,
+            "failed": 0,
+        }
     for p in paths:
         assert read_entry(p, make_spec(loaded)).outcome is Outcome.HIT
 
@@ -248,8 +264,9 @@ def test_out_of_memory_splits_the_batch_until_it_fits(loaded, tmp_path):
 
     spec = make_spec(loaded)
     paths = images(tmp_path, 5)
-    with Engine(loaded, spec, max_batch_frames=8, max_wait_ms=LONG_WAIT_MS,
-                before_forward=small_batches_only) as engine:
+    with Engine(
+        loaded, spec, max_batch_frames=8, max_wait_ms=LONG_WAIT_MS, before_forward=small_batches_only
+    ) as engine:
         done = results(engine.submit([Unit.frame(p) for p in paths]))
         stats = engine.stats()
     assert statuses(done) == ["computed"] * 5
@@ -268,8 +285,9 @@ def test_a_unit_that_never_fits_fails_and_the_rest_go_on(loaded, tmp_path):
     paths = images(tmp_path, 3)
     black = write_image(tmp_path / "black.png", 0, black=True)
     units = [Unit.frame(p) for p in (paths[0], black, paths[1], paths[2])]
-    with Engine(loaded, make_spec(loaded), max_batch_frames=8, max_wait_ms=LONG_WAIT_MS,
-                before_forward=black_frames_never_fit) as engine:
+    with Engine(
+        loaded, make_spec(loaded), max_batch_frames=8, max_wait_ms=LONG_WAIT_MS, before_forward=black_frames_never_fit
+    ) as engine:
         done = results(engine.submit(units))
     assert statuses(done) == ["computed", "failed", "computed", "computed"]
     assert "out of memory" in done[1].entries[0].error
@@ -374,8 +392,12 @@ def test_history_gives_complete_intervals_per_second():
 def episode_clips(folder: Path, steps: int) -> list[tuple[str, ...]]:
     """Nine-frame histories of an episode, as JanusVLN builds them (step 0 pads, then linspace)."""
     frames = images(folder, steps)
-    return [tuple([frames[0]] * (8 - j) + frames[: j + 1]) if j <= 8 else
-            tuple(frames[i] for i in np.linspace(0, j, 9, dtype=int)) for j in range(steps)]
+    return [
+        tuple([frames[0]] * (8 - j) + frames[: j + 1])
+        if j <= 8
+        else tuple(frames[i] for i in np.linspace(0, j, 9, dtype=int))
+        for j in range(steps)
+    ]
 
 
 def test_overlapping_padded_histories_decode_each_frame_once(tmp_path, loaded):
@@ -451,8 +473,15 @@ def test_units_in_lanes_on_two_devices_equal_each_clip_computed_alone(tmp_path, 
             with pytest.raises(ValueError, match=r"give bulk units one lane each in 0\.\.1"):
                 engine.submit([Unit.causal(clips[0][0])], priority, lanes=lanes)
         keys = [(lane, i) for i in range(5) for lane in clips]
-        futures = dict(zip(keys, engine.submit([Unit.causal(clips[lane][i]) for lane, i in keys], Priority.BULK,
-                                               lanes=[lane for lane, _ in keys]), strict=True))
+        futures = dict(
+            zip(
+                keys,
+                engine.submit(
+                    [Unit.causal(clips[lane][i]) for lane, i in keys], Priority.BULK, lanes=[lane for lane, _ in keys]
+                ),
+                strict=True,
+            )
+        )
         done = {key: f.result(timeout=60) for key, f in futures.items()}
         stats = engine.stats()
     assert sum(d["batches"] for d in stats["devices"]) == 10
@@ -533,8 +562,9 @@ def test_a_hint_never_waits_it_is_taken_within_its_room_or_refused_whole(tmp_pat
     frames = images(tmp_path / "hints", 12)
     gate = Gate()
     # Bulk backlog 2 frames (1 batch of 2), room for hints 4 more (2 batches).
-    with Engine(loaded, make_spec(loaded), max_batch_frames=2, bulk_queue_batches=1, hint_queue_batches=2,
-                before_forward=gate) as engine:
+    with Engine(
+        loaded, make_spec(loaded), max_batch_frames=2, bulk_queue_batches=1, hint_queue_batches=2, before_forward=gate
+    ) as engine:
         try:
             first = engine.submit([Unit.frame(frames[0])], Priority.BULK, block=False)  # held on the device
             assert gate.entered.wait(30)

@@ -48,8 +48,10 @@ def test_a_batch_mixing_uint8_and_float_frames_is_scaled_alike() -> None:
     assert torch.equal(DeviceStage._to_device(device("cpu"), flights), expected)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(),
-                    reason="the pinned staging, the upload stream and the lookup on the GPU need a CUDA device")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="the pinned staging, the upload stream and the lookup on the GPU need a CUDA device",
+)
 def test_uint8_frames_reach_a_gpu_as_preprocess_makes_them_on_the_cpu() -> None:
     flights, expected = clips(14)
     dev = device("cuda")

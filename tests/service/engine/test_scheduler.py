@@ -18,8 +18,15 @@ LONG_WAIT_S = 60.0  # a group is due when full or when nothing more of its lane 
 
 
 def job(name: str, lane: int | None, frames: int = 3) -> Flight:
-    return Flight(Unit.causal([f"/data/{name}_{i}.png" for i in range(frames)]), Priority.BULK, Future(),
-               skip_existing=False, verify=False, return_features=False, lane=lane)
+    return Flight(
+        Unit.causal([f"/data/{name}_{i}.png" for i in range(frames)]),
+        Priority.BULK,
+        Future(),
+        skip_existing=False,
+        verify=False,
+        return_features=False,
+        lane=lane,
+    )
 
 
 def admit_and_decode(scheduler: Scheduler, jobs: list[Flight], keep_decoding: set[Flight] = frozenset()) -> None:
@@ -82,6 +89,9 @@ def test_lane_chunks_cut_the_plan_into_contiguous_stretches_taken_a_unit_of_each
     chunks = list(lane_chunks(plan, lanes=3, chunk_units=4))  # stretches 0-2, 3-5, 6-9
     assert chunks == [([0, 3, 6, 1], [0, 1, 2, 0]), ([4, 7, 2, 5], [1, 2, 0, 1]), ([8, 9], [2, 2])]
     assert sorted(u for units, _ in chunks for u in units) == plan
-    assert list(lane_chunks(plan, lanes=1, chunk_units=4)) == [([0, 1, 2, 3], None), ([4, 5, 6, 7], None),
-                                                               ([8, 9], None)]
+    assert list(lane_chunks(plan, lanes=1, chunk_units=4)) == [
+        ([0, 1, 2, 3], None),
+        ([4, 5, 6, 7], None),
+        ([8, 9], None),
+    ]
     assert list(lane_chunks([None], lanes=4, chunk_units=8)) == [([None], [3])]

@@ -35,8 +35,9 @@ def loaded():
 
 
 def make_spec(loaded, **overrides) -> FeatureSpec:
-    return FeatureSpec(**{"fingerprint": loaded.fingerprint, "architecture": loaded.config.to_dict(), "size": SIZE,
-                          **overrides})
+    return FeatureSpec(
+        **{"fingerprint": loaded.fingerprint, "architecture": loaded.config.to_dict(), "size": SIZE, **overrides}
+    )
 
 
 def write_images(folder: Path, n: int, seed: int) -> list[str]:
@@ -51,11 +52,22 @@ def write_images(folder: Path, n: int, seed: int) -> list[str]:
 
 
 def test_the_warm_up_set_is_batches_of_one_and_two_of_each_clip_length(loaded) -> None:
-    assert warmup_shapes(make_spec(loaded, attention="frame"), 32, 9) == [WarmupShape(1, 1, 42, 56),
-                                                                          WarmupShape(2, 1, 42, 56)]
+    assert warmup_shapes(make_spec(loaded, attention="frame"), 32, 9) == [
+        WarmupShape(1, 1, 42, 56),
+        WarmupShape(2, 1, 42, 56),
+    ]
     causal = warmup_shapes(make_spec(loaded, attention="causal", size=644), 8, 9)
-    assert [(s.batch, s.frames) for s in causal] == [(1, 1), (2, 1), (1, 2), (2, 2), (1, 3), (2, 3), (1, 4),
-                                                     (2, 4), *((1, n) for n in range(5, 10))]
+    assert [(s.batch, s.frames) for s in causal] == [
+        (1, 1),
+        (2, 1),
+        (1, 2),
+        (2, 2),
+        (1, 3),
+        (2, 3),
+        (1, 4),
+        (2, 4),
+        *((1, n) for n in range(5, 10)),
+    ]
     assert {(s.height, s.width) for s in causal} == {(490, 644)}  # 640x480 at 644 px, as the reference rounds (34.5 up)
     pad = warmup_shapes(make_spec(loaded, attention="sequence", preprocess="pad"), 32, 9)
     assert {(s.height, s.width) for s in pad} == {(SIZE, SIZE)}
@@ -72,8 +84,11 @@ def test_after_the_warm_up_its_shapes_compile_nothing(loaded, tmp_path: Path) ->
         assert engine.stats()["compile"]["warmup"]["finished"] is True
         before, counts = compiled_graphs(), compile_counts()
         # Clips of 1 to 3 frames, several of each, so batches of 1, 2 and 3 clips form.
-        clips = [write_images(tmp_path / f"ep{length}_{k}", length, 10 * length + k)
-                 for length in (1, 2, 3) for k in range(3)]
+        clips = [
+            write_images(tmp_path / f"ep{length}_{k}", length, 10 * length + k)
+            for length in (1, 2, 3)
+            for k in range(3)
+        ]
         done = [f.result(timeout=120) for f in engine.submit([Unit.causal(c) for c in clips], Priority.ON_DEMAND)]
         assert all(e.status == "computed" for r in done for e in r.entries)
         assert compiled_graphs() == before, "a shape of the warm-up set compiled again"
@@ -86,8 +101,10 @@ def test_after_the_warm_up_its_shapes_compile_nothing(loaded, tmp_path: Path) ->
 
 
 def test_the_warm_up_stops_at_its_budget(loaded, caplog: pytest.LogCaptureFixture) -> None:
-    with (Engine(loaded, make_spec(loaded), compile=True, compile_backend="eager") as engine,
-          caplog.at_level(logging.INFO, logger="vggt_cache")):
+    with (
+        Engine(loaded, make_spec(loaded), compile=True, compile_backend="eager") as engine,
+        caplog.at_level(logging.INFO, logger="vggt_cache"),
+    ):
         report = engine.warm_up(0.0)
     assert report is not None and report.done == 0 and not report.finished
     assert any("Compile warm-up stopped after 0 of 2" in r.getMessage() for r in caplog.records)
@@ -111,12 +128,25 @@ def test_readyz_answers_503_until_the_warm_up_is_over(tmp_path: Path) -> None:
         release.wait(120)
 
     port = free_port()
-    settings = ServiceSettings(model=str(TINY_MODEL), device="cpu", port=port, allowed_roots=[str(tmp_path)],
-                               state_dir=str(tmp_path / "state"), spec=resolve_options(None, size=SIZE,
-                                                                                       attention="frame"),
-                               compile=True, compile_backend="eager")
-    server = uvicorn.Server(uvicorn.Config(create_app(ServiceRuntime(settings, before_forward=hold_warm_up)),
-                                           host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    settings = ServiceSettings(
+        model=str(TINY_MODEL),
+        device="cpu",
+        port=port,
+        allowed_roots=[str(tmp_path)],
+        state_dir=str(tmp_path / "state"),
+        spec=resolve_options(None, size=SIZE, attention="frame"),
+        compile=True,
+        compile_backend="eager",
+    )
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(ServiceRuntime(settings, before_forward=hold_warm_up)),
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
+            lifespan="on",
+        )
+    )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     try:

@@ -34,12 +34,17 @@ def test_a_running_jobs_computed_count_moves_while_its_runner_waits_to_submit(tm
     gate = Gate()
     # One frame a batch: the bulk backlog holds 2 units, and the runner submits chunks of 8, so after three
     # forwards it is still blocked admitting its first chunk.
-    with service_in_process(root, tmp_path / "state", gate, lambda: gate.allow(1000)) as url, \
-            httpx.Client(base_url=url, timeout=60) as http:
+    with (
+        service_in_process(root, tmp_path / "state", gate, lambda: gate.allow(1000)) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
         job_id = http.post("/precompute", json={"data_root": str(root)}).raise_for_status().json()["job_id"]
         gate.allow(3)
-        view = poll(lambda: (v := http.get(f"/jobs/{job_id}").json())["computed"] == 3 and v, 60,
-                    "three computed entries counted while the job runs")
+        view = poll(
+            lambda: (v := http.get(f"/jobs/{job_id}").json())["computed"] == 3 and v,
+            60,
+            "three computed entries counted while the job runs",
+        )
         assert view["state"] == "running" and view["total"] == 20
         row = next(j for j in http.get("/status").json()["jobs"] if j["job_id"] == job_id)  # the page's row
         assert row["computed"] == 3 and row["progress"] > 0

@@ -28,9 +28,21 @@ def episode_root(folder: Path) -> Path:
 
 
 def precompute(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "vggt_cache.service.cli", "precompute", "--vggt_model_path", str(TINY), "--device",
-           "cpu",
-           "--preset", "newjanusvln", "--size", "56", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vggt_cache.service.cli",
+        "precompute",
+        "--vggt_model_path",
+        str(TINY),
+        "--device",
+        "cpu",
+        "--preset",
+        "newjanusvln",
+        "--size",
+        "56",
+        *args,
+    ]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
 
 
@@ -66,8 +78,13 @@ def test_dry_run_figures_match_what_the_job_then_writes(tmp_path):
     assert all(TENSOR_BYTES < size <= TENSOR_BYTES + plan.ENTRY_OVERHEAD_BYTES for size in sizes), sizes
 
     # verify walks the episode with the history rule the manifest records, and finds every entry.
-    verify = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "verify", str(root)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    verify = subprocess.run(
+        [sys.executable, "-m", "vggt_cache.service.cli", "verify", str(root)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert verify.returncode == 0 and f"hit {STEPS}, missing 0" in verify.stdout, verify.stdout + verify.stderr
 
     after = figures(precompute("--data_root", str(root), "--skip_existing", "--dry-run", *state).stdout)
@@ -76,8 +93,9 @@ def test_dry_run_figures_match_what_the_job_then_writes(tmp_path):
     assert (without_skip["valid"], without_skip["to_compute"]) == (STEPS, STEPS)
     # Recomputing replaces files of about the same size: only the difference is new, never more than the overhead.
     assert 0 <= without_skip["bytes"] <= STEPS * plan.ENTRY_OVERHEAD_BYTES
-    other_spec = figures(precompute("--data_root", str(root), "--skip_existing", "--dry-run", "--dtype", "float32",
-                                    *state).stdout)
+    other_spec = figures(
+        precompute("--data_root", str(root), "--skip_existing", "--dry-run", "--dtype", "float32", *state).stdout
+    )
     assert (other_spec["valid"], other_spec["to_compute"]) == (0, STEPS)
     assert 0 < other_spec["bytes"] <= STEPS * (TENSOR_BYTES + plan.ENTRY_OVERHEAD_BYTES)  # twice the tensor
 
@@ -96,8 +114,21 @@ def test_a_dry_run_counts_images_over_max_image_bytes_unreadable(tmp_path):
 def test_a_job_whose_entries_would_not_fit_refuses_to_start_unless_forced(tmp_path, monkeypatch, capsys):
     root = episode_root(tmp_path / "data")
     monkeypatch.setattr(plan, "free_bytes", lambda path: 50_000)  # 12 entries need 98 kB
-    args = ["precompute", "--data_root", str(root), "--vggt_model_path", str(TINY), "--device", "cpu",
-            "--preset", "newjanusvln", "--size", "56", "--state-dir", str(tmp_path / "state")]
+    args = [
+        "precompute",
+        "--data_root",
+        str(root),
+        "--vggt_model_path",
+        str(TINY),
+        "--device",
+        "cpu",
+        "--preset",
+        "newjanusvln",
+        "--size",
+        "56",
+        "--state-dir",
+        str(tmp_path / "state"),
+    ]
     assert cli.main(args) == 2  # refused before any work: a setup problem, as every such refusal
     assert cache_files(root) == []
     err = capsys.readouterr().err
@@ -118,10 +149,23 @@ def test_the_service_plans_on_request_and_refuses_a_job_that_cannot_fit(tmp_path
             assert body["plan"]["bytes_to_write"] == STEPS * (2116 * 128 * 2 + plan.ENTRY_OVERHEAD_BYTES)
             status = http.get("/status").json()
             assert status["jobs"] == [] and status["preset"] == "newjanusvln"  # a dry run is no job
-            remote = subprocess.run([sys.executable, "-m", "vggt_cache.service.cli", "precompute", "--server",
-                                     service.url,
-                                     "--data_root", str(root), "--dry-run"], cwd=REPO, capture_output=True,
-                                    text=True, timeout=120)
+            remote = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "vggt_cache.service.cli",
+                    "precompute",
+                    "--server",
+                    service.url,
+                    "--data_root",
+                    str(root),
+                    "--dry-run",
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
             assert remote.returncode == 0 and "DOES NOT FIT" in remote.stdout, remote.stdout + remote.stderr
             assert figures(remote.stdout)["bytes"] == body["plan"]["bytes_to_write"]
 

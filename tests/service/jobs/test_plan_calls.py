@@ -30,8 +30,7 @@ CALLS_PER_SAMPLE = 4
 
 def episode_root(folder: Path, episodes: int = EPISODES, steps: int = STEPS) -> Path:
     for e in range(episodes):
-        write_images(folder / f"ep_{e}", [f"step_{n}_MOVE_FORWARD.png" for n in range(steps)], size=(32, 24),
-                     seed=e)
+        write_images(folder / f"ep_{e}", [f"step_{n}_MOVE_FORWARD.png" for n in range(steps)], size=(32, 24), seed=e)
     return folder
 
 
@@ -41,8 +40,11 @@ def loaded():
 
 
 def tiny_spec(loaded) -> FeatureSpec:
-    return FeatureSpec(fingerprint=loaded.fingerprint, architecture=loaded.config.to_dict(),
-                       **{**resolve_options("newjanusvln"), "size": 56})
+    return FeatureSpec(
+        fingerprint=loaded.fingerprint,
+        architecture=loaded.config.to_dict(),
+        **{**resolve_options("newjanusvln"), "size": 56},
+    )
 
 
 class CallCounter:
@@ -61,6 +63,7 @@ class CallCounter:
         def call(*args, **kwargs):
             self.calls += 1
             return real(*args, **kwargs)
+
         return call
 
 
@@ -95,8 +98,13 @@ def test_the_table_contains_as_allowed_roots_do(tmp_path):
     (root / "linked").symlink_to(tmp_path / "outside")
     roots = AllowedRoots.of([str(root)])
     table = FrameTable(roots)
-    for path in (root / "ep_0" / "step_0_MOVE_FORWARD.png", root / "ep_0" / "step_2_STOP.png",
-                 root / "linked" / "secret.png", tmp_path / "outside" / "secret.png", root / "ep_0" / "gone.png"):
+    for path in (
+        root / "ep_0" / "step_0_MOVE_FORWARD.png",
+        root / "ep_0" / "step_2_STOP.png",
+        root / "linked" / "secret.png",
+        tmp_path / "outside" / "secret.png",
+        root / "ep_0" / "gone.png",
+    ):
         try:
             expected = roots.contain(str(path))
         except OutsideRoots as exc:
@@ -125,15 +133,29 @@ def test_files_changed_between_plan_and_compute_are_checked_when_opened(tmp_path
 
     with Engine(loaded, spec, roots=roots.real) as engine:
         results = {r.unit.targets[0]: r for r in (f.result(120) for f in engine.submit(work.units, Priority.BULK))}
-    failed = {Path(t).name if Path(t).parent.name == "ep_1" else f"ep_0/{Path(t).name}"
-              for t, r in results.items() if r.kind.value == "failed"}
+    failed = {
+        Path(t).name if Path(t).parent.name == "ep_1" else f"ep_0/{Path(t).name}"
+        for t, r in results.items()
+        if r.kind.value == "failed"
+    }
     # ep_0's steps 3-5 name the swapped frame; ep_1's step 5 is gone. Everything else is computed.
-    assert failed == {"ep_0/step_3_MOVE_FORWARD.png", "ep_0/step_4_MOVE_FORWARD.png",
-                      "ep_0/step_5_MOVE_FORWARD.png", "step_5_MOVE_FORWARD.png"}, failed
+    assert failed == {
+        "ep_0/step_3_MOVE_FORWARD.png",
+        "ep_0/step_4_MOVE_FORWARD.png",
+        "ep_0/step_5_MOVE_FORWARD.png",
+        "step_5_MOVE_FORWARD.png",
+    }, failed
     swapped_error = results[str(swapped)].entries[0].error
     assert "outside the allowed roots" in swapped_error, swapped_error
     assert not list(outside.parent.glob(f"*{CACHE_SUFFIX}"))  # nothing written beside the outside image
     assert not os.path.exists(f"{swapped}{CACHE_SUFFIX}") and not os.path.exists(f"{deleted}{CACHE_SUFFIX}")
     kept = root / "ep_0" / "step_2_MOVE_FORWARD.png"
-    assert read_entry(kept, spec, context_frames=[str(root / "ep_0" / "step_0_MOVE_FORWARD.png")] * 6
-                      + [str(root / "ep_0" / f"step_{n}_MOVE_FORWARD.png") for n in range(3)]).outcome is Outcome.HIT
+    assert (
+        read_entry(
+            kept,
+            spec,
+            context_frames=[str(root / "ep_0" / "step_0_MOVE_FORWARD.png")] * 6
+            + [str(root / "ep_0" / f"step_{n}_MOVE_FORWARD.png") for n in range(3)],
+        ).outcome
+        is Outcome.HIT
+    )

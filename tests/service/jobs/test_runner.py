@@ -31,7 +31,8 @@ def server(service_server, root: Path):
 
 
 def test_bulk_job_over_seed_samples_records_failures_and_writes_valid_entries(
-        http: httpx.Client, root: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    http: httpx.Client, root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
     data = root / "seed"
     images = dict(zip("abcde", write_images(data / "imgs", [f"{n}.png" for n in "abcde"], size=(28, 42)), strict=True))
     (data / "imgs" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")

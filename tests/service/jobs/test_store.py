@@ -84,16 +84,22 @@ def test_results_update_counters_failures_and_pending_units(store):
     assert planned.planned and planned.total == 3 + 2 + 1 and planned.failed == 1 and planned.plan == PLAN
     assert store.pending_units(job.job_id) == list(enumerate(units))
 
-    store.record_results(job.job_id, [(0, "computed", None, "/data/000000.jpg"),
-                                      (1, "cached", None, "/data/000001.jpg")])
-    after = store.record_results(job.job_id, [
-        (3, "computed", None, "/data/s0.jpg"),
-        (3, "failed", "ImageError: truncated", "/data/s1.jpg"),
-    ])
+    store.record_results(
+        job.job_id, [(0, "computed", None, "/data/000000.jpg"), (1, "cached", None, "/data/000001.jpg")]
+    )
+    after = store.record_results(
+        job.job_id,
+        [
+            (3, "computed", None, "/data/s0.jpg"),
+            (3, "failed", "ImageError: truncated", "/data/s1.jpg"),
+        ],
+    )
     assert (after.computed, after.skipped, after.failed) == (2, 1, 2)
     assert store.pending_units(job.job_id) == [(2, units[2])]
-    assert store.failures(job.job_id) == [("/data/s.jsonl:7", "malformed sample"),
-                                          ("/data/s1.jpg", "ImageError: truncated")]
+    assert store.failures(job.job_id) == [
+        ("/data/s.jsonl:7", "malformed sample"),
+        ("/data/s1.jpg", "ImageError: truncated"),
+    ]
     assert store.failures(job.job_id, limit=1) == [("/data/s.jsonl:7", "malformed sample")]
 
     # A replay after a crash (the same unit recorded again) counts nothing twice.
@@ -115,17 +121,27 @@ def test_bad_results_are_refused_without_partial_writes(store):
     with pytest.raises(KeyError):
         store.record_plan("f" * 32, PLAN, frame_units(1))
     with pytest.raises(ValueError, match="outcome"):  # a plan with a bad result leaves the job unplanned
-        store.record_plan(store.create("/other", "d", SPEC, OPTIONS).job_id, PLAN, frame_units(1),
-                          results=[(0, "exploded", None, "a")])
+        store.record_plan(
+            store.create("/other", "d", SPEC, OPTIONS).job_id,
+            PLAN,
+            frame_units(1),
+            results=[(0, "exploded", None, "a")],
+        )
     assert not store.list_jobs(limit=1)[0].planned and store.list_jobs(limit=1)[0].plan is None
 
 
 def test_a_plan_records_its_units_and_the_results_known_before_any_decode(store):
     job = store.create("/data", "d", SPEC, OPTIONS)
     units = frame_units(4)
-    planned = store.record_plan(job.job_id, PLAN, units, results=[
-        (0, EntryStatus.FAILED, "a sample of 99 frames", "/data/000000.jpg"),
-        (2, EntryStatus.CACHED, None, "/data/000002.jpg")])
+    planned = store.record_plan(
+        job.job_id,
+        PLAN,
+        units,
+        results=[
+            (0, EntryStatus.FAILED, "a sample of 99 frames", "/data/000000.jpg"),
+            (2, EntryStatus.CACHED, None, "/data/000002.jpg"),
+        ],
+    )
     assert (planned.total, planned.skipped, planned.failed, planned.computed) == (4, 1, 1, 0)
     assert store.pending_units(job.job_id) == [(1, units[1]), (3, units[3])]
     assert store.failures(job.job_id) == [("/data/000000.jpg", "a sample of 99 frames")]
@@ -152,7 +168,11 @@ def test_a_refused_plan_fails_the_job_and_keeps_the_plan(store):
     store.start(job.job_id)
     refused = store.refuse(job.job_id, {"entries": 9, "fits": False}, "not enough free space")
     assert (refused.state, refused.error, refused.plan, refused.planned) == (
-        "failed", "not enough free space", {"entries": 9, "fits": False}, False)
+        "failed",
+        "not enough free space",
+        {"entries": 9, "fits": False},
+        False,
+    )
     assert refused.finished_at is not None
 
 
@@ -197,8 +217,7 @@ def test_a_reopened_store_resumes_exactly_the_pending_units(tmp_path):
 
 def test_planning_a_hundred_thousand_units_is_fast(store):
     job = store.create("/data", "d", SPEC, OPTIONS)
-    units = [Unit.causal(tuple(f"/data/ep/{j:06d}.jpg" for j in range(max(0, i - 7), i + 1)))
-             for i in range(100_000)]
+    units = [Unit.causal(tuple(f"/data/ep/{j:06d}.jpg" for j in range(max(0, i - 7), i + 1))) for i in range(100_000)]
     start = time.perf_counter()
     store.record_plan(job.job_id, PLAN, units)
     pending = store.pending_units(job.job_id)
@@ -267,12 +286,16 @@ def test_a_state_dir_from_before_job_plans_is_upgraded_in_place(tmp_path):
     from vggt_cache.service.jobs.schema import SCHEMA
 
     # the jobs and units tables without their newer columns
-    first_release = SCHEMA.replace(",\n    plan_json TEXT", "").replace("\n    attempts INTEGER NOT NULL DEFAULT 0,", "")
+    first_release = SCHEMA.replace(",\n    plan_json TEXT", "").replace(
+        "\n    attempts INTEGER NOT NULL DEFAULT 0,", ""
+    )
     assert "plan_json" not in first_release and "attempts" not in first_release
     with sqlite3.connect(tmp_path / DB_NAME) as db:
         db.executescript(first_release)
-        db.execute("INSERT INTO jobs (job_id, data_root, spec_digest, spec_json, options_json, state, created_at) "
-                   "VALUES ('old', '/data', 'd', '{}', '{}', 'finished', 1.0)")
+        db.execute(
+            "INSERT INTO jobs (job_id, data_root, spec_digest, spec_json, options_json, state, created_at) "
+            "VALUES ('old', '/data', 'd', '{}', '{}', 'finished', 1.0)"
+        )
     store = JobStore(str(tmp_path))
     old = store.get("old")
     assert old.plan is None and old.state == "finished" and old.options == JobOptions()  # '{}': the defaults

@@ -147,8 +147,11 @@ def test_hugging_face_cache(tmp_path, monkeypatch, state, fixture_config):
     with pytest.raises(FileNotFoundError, match="`hf download facebook/VGGT-1B`"):
         load_aggregator()
     # The command the message names is one the installed huggingface_hub provides.
-    scripts = {ep.name for ep in importlib.metadata.entry_points(group="console_scripts")
-               if ep.dist is not None and ep.dist.name.replace("-", "_") == "huggingface_hub"}
+    scripts = {
+        ep.name
+        for ep in importlib.metadata.entry_points(group="console_scripts")
+        if ep.dist is not None and ep.dist.name.replace("-", "_") == "huggingface_hub"
+    }
     assert "hf" in scripts, scripts
     commit = "0" * 40
     repo = tmp_path / "hub" / "models--someone--tiny-vggt"

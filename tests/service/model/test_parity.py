@@ -224,7 +224,7 @@ def test_chunked_block_causal_attention_equals_the_dense_mask(model32, images, c
         try:
             cache, outs, start = KVCache(), [], 0
             for n in chunks:  # a clip streamed in calls of n frames continues through the cache
-                out, _ = model32(clips[:, start:start + n], attention="causal", kv_cache=cache)
+                out, _ = model32(clips[:, start : start + n], attention="causal", kv_cache=cache)
                 outs.append(out)
                 start += n
             results[impl] = [torch.cat([o[layer] for o in outs], dim=1) for layer in range(len(outs[0]))]
