@@ -265,23 +265,28 @@ class JobManager:
         # the bulk backlog is full, and the job's counts must move meanwhile (the status page's row).
         recorder = Recorder(record)
         recorder.start(f"job-recorder-{job_id}")
+        stopped = False  # the engine refused a unit: it stopped (a shutdown)
         try:
             for chunk, lanes in lane_chunks(pending, self.engine.lanes, self.chunk_units):
-                if self._stopping.is_set() or self.store.cancel_requested(job_id):
+                if stopped or self._stopping.is_set() or self.store.cancel_requested(job_id):
                     break
                 # A unit at a time: `submit` blocks while the backlog is full, and each future must have its
                 # callback (to the recorder) as soon as it is admitted, not once the whole chunk is.
                 for i, (idx, unit) in enumerate(chunk):
-                    fut = self.engine.submit(
-                        [unit],
-                        Priority.BULK,
-                        skip_existing=options.skip_existing,
-                        verify=options.verify,
-                        return_features=False,
-                        lanes=None if lanes is None else lanes[i : i + 1],
-                        overwrite=options.overwrite,
-                        on_start=started,
-                    )[0]
+                    try:
+                        fut = self.engine.submit(
+                            [unit],
+                            Priority.BULK,
+                            skip_existing=options.skip_existing,
+                            verify=options.verify,
+                            return_features=False,
+                            lanes=None if lanes is None else lanes[i : i + 1],
+                            overwrite=options.overwrite,
+                            on_start=started,
+                        )[0]
+                    except EngineStopped:  # a shutdown while this chunk went in: the rest stays pending
+                        stopped = True
+                        break
                     with self._lock:
                         in_engine.append(fut)
                     fut.add_done_callback(partial(landed, idx, unit))
@@ -299,8 +304,8 @@ class JobManager:
         assert rec is not None  # a running job is never pruned
         if self.store.cancel_requested(job_id):
             state = JobState.CANCELLED
-        elif (self._stopping.is_set() or self._no_device_left()) and self.store.pending_units(job_id):
-            why = "shutdown" if self._stopping.is_set() else "every device was lost"
+        elif (stopped or self._stopping.is_set() or self._no_device_left()) and self.store.pending_units(job_id):
+            why = "every device was lost" if self._no_device_left() else "shutdown"
             log.info("Job %s paused at %d/%d (%s); it resumes on the next start", job_id, rec.done, rec.total, why)
             return self._view(rec)
         else:
