@@ -23,13 +23,14 @@ PACKED_PLAN_RATIO = 1.3
 _META_KEYS = ("format_version", "spec", "spec_digest", "grid", "source", "context", "shape", "dtype")
 
 
-def entry_shape(spec: FeatureSpec, grid: Sequence[int], channels: int | None = None) -> tuple[int, ...]:
+def entry_shape(spec: FeatureSpec, grid: Sequence[int], channels: int) -> tuple[int, ...]:
     """The `features` shape of an entry of `spec` for a `grid` = [h, w] of patches."""
     arch = spec.architecture
     tokens = grid[0] * grid[1]
     if spec.tokens == "all":  # camera + register tokens come first
         tokens += 1 + arch.get("num_register_tokens", 4)
-    channels = 2 * arch["embed_dim"] if "embed_dim" in arch else channels
+    if "embed_dim" in arch:
+        channels = 2 * int(arch["embed_dim"])
     return (tokens, channels) if len(spec.layers) == 1 else (len(spec.layers), tokens, channels)
 
 
@@ -103,8 +104,10 @@ def parse_entry(data: Any, expected: FeatureSpec | None) -> tuple[torch.Tensor, 
         return f"unsupported format_version {meta['format_version']!r}"
     try:
         # The common case, the expected spec itself, skips building and validating a new one.
-        same = expected is not None and canonical_json(meta["spec"]) == expected.canonical_json()
-        spec = expected if same else FeatureSpec.from_dict(meta["spec"])
+        if expected is not None and canonical_json(meta["spec"]) == expected.canonical_json():
+            spec = expected
+        else:
+            spec = FeatureSpec.from_dict(meta["spec"])
     except (TypeError, ValueError) as e:
         return f"invalid spec: {e}"
     if meta["spec_digest"] != spec.digest:

@@ -73,7 +73,7 @@ def open_regular(
     roots: Sequence[str] | None = None,
     follow_symlinks: bool = True,
     dir_fd: int | None = None,
-) -> BinaryIO:
+) -> io.FileIO:
     """An unbuffered binary reader of `path` if it is a regular file of at most `max_bytes` bytes.
 
     Opened non-blocking, so a FIFO without a writer cannot hang the caller; `roots` (real

@@ -51,6 +51,7 @@ def read_valid(image: str, allowed: AllowedRoots, check_crc: bool = False) -> Re
     result = read_entry(image, tensor=False, roots=allowed.real)
     if result.outcome is not Outcome.HIT:
         return result
+    assert result.meta is not None  # set on HIT
     spec = FeatureSpec.from_dict(result.meta["spec"])
     return read_entry(image, spec, mmap=False, roots=allowed.real, check_crc=check_crc)
 
@@ -60,7 +61,7 @@ def convert_entries(data_root: str, storage: str) -> dict:
     if storage not in STORAGES:
         raise ValueError(f"storage must be one of {'|'.join(STORAGES)}, got {storage!r}")
     allowed = AllowedRoots.of([data_root])
-    counts = {"converted": 0, "already": 0, "invalid": 0, "lossy_source": 0, "failed": 0}
+    counts: dict[str, Any] = {"converted": 0, "already": 0, "invalid": 0, "lossy_source": 0, "failed": 0}
     before = after = 0
     converted_specs: dict[str, FeatureSpec] = {}
     for image in entry_images(data_root, allowed):
@@ -68,7 +69,8 @@ def convert_entries(data_root: str, storage: str) -> dict:
         if result.outcome is not Outcome.HIT:
             counts["invalid"] += 1
             continue
-        meta = result.meta
+        meta, features = result.meta, result.features
+        assert meta is not None and features is not None  # set on HIT of a tensor read
         spec = FeatureSpec.from_dict(meta["spec"])
         if spec.storage == storage:
             counts["already"] += 1
@@ -81,7 +83,7 @@ def convert_entries(data_root: str, storage: str) -> dict:
         try:
             write_entry(
                 image,
-                result.features,
+                features,
                 target,
                 meta["grid"],
                 meta["source"],
@@ -151,6 +153,7 @@ def estimate_storage(data_root: str, samples: int = ESTIMATE_SAMPLES, seed: int 
             break
         result = read_valid(image, allowed)
         if result.outcome is Outcome.HIT:
+            assert result.features is not None and result.meta is not None  # set on HIT of a tensor read
             sampled.append(_sample(cache_path(image), result.features, result.meta))
     report: dict[str, Any] = {
         "data_root": data_root,

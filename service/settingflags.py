@@ -26,10 +26,12 @@ def add_setting(
     s = SETTINGS[name]
     if s.flag is None:
         raise ValueError(f"setting {name} has no flag")
+    env = s.env
+    assert env is not None  # a setting with a flag has a variable
     default = ServiceSettings.__dataclass_fields__[name].default
-    variable = read_variable(s.env)
+    variable = read_variable(env)
     flags = spellings or (s.flag, *s.aliases)
-    text = (help or s.help).format(env=f"${s.env}")
+    text = (help or s.help).format(env=f"${env}")
     if isinstance(default, bool):
         p.add_argument(
             *flags,

@@ -54,7 +54,8 @@ def walk_files(
             if e.errno not in _GONE and unlisted is not None:
                 unlisted.append((folder, f"cannot list folder: {e.strerror or e}"))
             continue
-        folders, files = [], []
+        folders: list[tuple[str, str]] = []
+        files: list[tuple[str, str]] = []
         for entry in entries:
             if _hidden(entry.name):
                 continue

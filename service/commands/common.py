@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 from vggt_cache.client.service import TOKEN_ENV
 from vggt_cache.client.text import displayable
@@ -94,8 +95,8 @@ def api_token(args: argparse.Namespace) -> str | None:
     return read_variable(TOKEN_ENV)
 
 
-def client(args: argparse.Namespace, **options: object):
-    """A ServiceClient of `--server`; a URL that is not one is the user's to fix."""
+def client(args: argparse.Namespace, **options: Any):
+    """A ServiceClient of `--server` (`options`: its keyword arguments); a URL that is not one is the user's to fix."""
     from vggt_cache.client.service import ServiceClient
 
     try:

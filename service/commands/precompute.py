@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
 
 from vggt_cache.service.commands.common import (
     PROGRESS_POLL_S,
@@ -82,6 +83,7 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
             raise
         finally:
             engine.stop()
+    assert view is not None  # the job submitted above: still in the store, so `run` or `view` finds it
     if world > 1:
         _merge_rank_manifests(jobs, view, time.time() - t0, rank, world)
     _print_summary(view)
@@ -96,7 +98,7 @@ def _merge_rank_manifests(jobs, view: JobView, seconds: float, rank: int, world:
 
     if not dist.is_initialized():
         dist.init_process_group("gloo")
-    parts: list[dict | None] = [None] * world
+    parts: list[Any] = [None] * world  # every rank's view.to_dict(), once gathered
     dist.all_gather_object(parts, view.to_dict())
     if rank == 0:
         report = merged_report([JobView.from_dict(p) for p in parts], seconds)
@@ -188,5 +190,6 @@ def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
         view = follow_job(
             poll, lambda v: v is not None and not v.state.active, lambda: time.sleep(PROGRESS_POLL_S), "precompute"
         )
+    assert view is not None  # follow_job returns once done(view), which holds for a view only
     _print_summary(view)
     return 0 if view.state is JobState.FINISHED and not view.failed else 1

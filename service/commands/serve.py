@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import socket
+from types import FrameType
 
 from vggt_cache.service.commands.common import api_token, check_device, settings_of
 from vggt_cache.service.errors import CommandError
@@ -77,7 +78,7 @@ def serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda signum, frame: None)
 
     class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: object) -> None:
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             runtime.begin_shutdown()  # the grace counts from the signal: requests and work share it
             super().handle_exit(sig, frame)
 
@@ -91,7 +92,8 @@ def serve(args: argparse.Namespace) -> int:
             lifespan="on",
             http=protocol,
             backlog=ACCEPT_BACKLOG,
-            timeout_graceful_shutdown=settings.shutdown_grace_s,
+            # uvicorn annotates an int, but it waits with asyncio.timeout, which takes a float.
+            timeout_graceful_shutdown=settings.shutdown_grace_s,  # type: ignore[arg-type]
         )
     ).run(sockets=[sock])
     log.info("Stopped")

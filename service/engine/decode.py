@@ -164,11 +164,13 @@ class DecodeStage:
                 and holds_other_context(target, self.spec, frames, self.roots)
             ):
                 # Another clip's valid entry, kept: computing ours would only be thrown away.
+                assert read.meta is not None  # a STALE entry was read
                 entries.append(EntryResult(target, EntryStatus.CACHED, None, tuple(read.meta["grid"]), write=KEPT))
                 continue
             if read.outcome is not Outcome.HIT:
                 flight.found = read.outcome
                 return None
+            assert read.meta is not None  # set on HIT
             entries.append(EntryResult(target, EntryStatus.CACHED, read.features, tuple(read.meta["grid"])))
         return UnitResult(flight.unit, entries)
 

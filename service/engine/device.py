@@ -150,6 +150,7 @@ class DeviceStage:
                         if finishing is None:
                             self._finish(dev, launched)
                         else:
+                            assert finisher is not None  # started with `finishing`, on CUDA
                             self._hand_to_finisher(finishing, finisher, launched)
                 except Exception as exc:  # a bug here must fail the batch, not kill the device worker
                     log.exception("Batch on %s failed", dev.name)
@@ -208,6 +209,7 @@ class DeviceStage:
                 images = self._to_device(dev, flights)  # [B, S, 3, H, W]
                 features = self.forward(dev, images, [j.frame_keys for j in flights], dev.patches)
                 if dev.is_cuda:
+                    assert dev.copy_stream is not None  # made for a CUDA device
                     features, launched.done = _copy_to_host(features, dev.copy_stream)
                 launched.features = features
         except BaseException:
@@ -231,13 +233,14 @@ class DeviceStage:
     def _to_device(dev: Device, flights: list[Flight]) -> torch.Tensor:
         """The batch's frames on the device as float32 in [0, 1]; sent as uint8 (a quarter of the bytes of
         float32) and scaled there, unless a frame was resized to its alignment (float already)."""
-        frames = [j.images for j in flights]
+        frames = [_decoded(j) for j in flights]
         if len({f.dtype for f in frames}) > 1:
             frames = [as_float(f) for f in frames]
         if not dev.is_cuda:
             return _scaled(torch.stack(frames), dev.unit_values)
         # Through page-locked memory, so the copy runs asynchronously (the allocator keeps the buffer
         # until the copy is done), on the upload stream: it overlaps the forward still running.
+        assert dev.upload_stream is not None  # made for a CUDA device
         staging = torch.empty((len(frames), *frames[0].shape), dtype=frames[0].dtype, pin_memory=True)
         torch.stack(frames, out=staging)
         compute = torch.cuda.current_stream(dev.device)
@@ -312,6 +315,7 @@ class DeviceStage:
             dev.frames += frames
             self.throughput.add(end, end, frames)
         try:
+            assert launched.features is not None  # set by `_launch` before the batch was handed on
             self._writer.store(launched.flights, launched.features)
         except Exception as exc:  # e.g. the writer pool shut down by an unclean stop
             log.exception("Results on %s could not be stored", dev.name)
@@ -353,6 +357,12 @@ class DeviceStage:
                 "busy_fraction": round(sum(d["busy_fraction"] for d in devices) / len(devices), 4),
                 "devices": devices,
             }
+
+
+def _decoded(flight: Flight) -> torch.Tensor:
+    """The flight's frames [S, 3, H, W]."""
+    assert flight.images is not None  # decoded before the scheduler made it runnable
+    return flight.images
 
 
 def _scaled(pixels: torch.Tensor, unit_values: torch.Tensor) -> torch.Tensor:

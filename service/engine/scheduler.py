@@ -121,6 +121,7 @@ class Scheduler:
             p = flight.priority
             self._decoding[p, flight.lane] -= 1
             if runnable and not self._closed and not flight.withdrawn:
+                assert flight.images is not None  # decoded: runnable
                 flight.ready_at = time.monotonic()
                 group = self._ready[p].setdefault((tuple(flight.images.shape), flight.lane), Group())
                 group.flights.append(flight)

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from functools import partial
 
 from vggt_cache.service.engine.work import (
     WITHDRAWN_MESSAGE,
@@ -54,7 +55,7 @@ class Boarding:
 
 def _settle(waiter: Future, done: Future) -> None:
     """Give `waiter` the outcome of its flight's `done` future (unless its caller cancelled it)."""
-    exc = None if not done.cancelled() else Withdrawn("cancelled before it ran")
+    exc: BaseException | None = None if not done.cancelled() else Withdrawn("cancelled before it ran")
     exc = exc or done.exception()
     if exc is not None:
         fail_future(waiter, exc)
@@ -121,7 +122,7 @@ class SingleFlight:
                         overwrite,
                     )
                     boarding = self._open[unit] = Boarding(flight)
-                    flight.future.add_done_callback(lambda _, boarding=boarding: self._land(boarding))
+                    flight.future.add_done_callback(partial(self._land, boarding))
                     boarded.new.append(flight)
                     new.add(flight.future)
                 if on_start is not None and on_start not in boarding.flight.on_start:
@@ -165,8 +166,8 @@ class SingleFlight:
             fail_future(flight.future, Withdrawn(WITHDRAWN_MESSAGE))  # its waiter gets it through `_land`
         return len(left) + len(taken)
 
-    def _land(self, boarding: Boarding) -> None:
-        """The flight ended: every waiter still aboard gets its outcome."""
+    def _land(self, boarding: Boarding, _done: Future) -> None:
+        """The flight ended (`_done`, its future): every waiter still aboard gets its outcome."""
         with self._lock:
             self._close(boarding)
             waiters = list(boarding.waiters)

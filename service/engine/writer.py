@@ -65,7 +65,9 @@ class WriterStage:
 
     def store(self, flights: list[Flight], features: torch.Tensor) -> None:
         """Hand a batch's results to the writers: `features` is `[B, T, (L,) P, C]`, one row per flight."""
-        grid = (flights[0].images.shape[-2] // self._patch_size, flights[0].images.shape[-1] // self._patch_size)
+        images = flights[0].images
+        assert images is not None  # decoded before the forward
+        grid = (images.shape[-2] // self._patch_size, images.shape[-1] // self._patch_size)
         assert self._pool is not None
         for flight, unit_features in zip(flights, features, strict=True):
             self._slots.acquire()

@@ -63,7 +63,7 @@ def manifest_record(report: JobReport, spec: FeatureSpec, model_info: dict) -> d
 
 
 def write_job_manifest(
-    data_root: str, report: JobReport, spec: FeatureSpec, model_info: dict, allowed: AllowedRoots, mode: int | None
+    data_root: str, report: JobReport, spec: FeatureSpec, model_info: dict, allowed: AllowedRoots, mode: int
 ) -> str:
     """Write the manifest atomically into `data_root`, opened inside the allowed roots; returns its path."""
     return write_manifest(data_root, manifest_record(report, spec, model_info), allowed.real, mode)

@@ -186,7 +186,7 @@ def plan_job(
     checked: list[_Target] = []
     started = last_report = time.monotonic()
     with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="vggt-plan") as pool:
-        for targets in pool.map(lambda group: _check_folder(*group, checks), folders):
+        for targets in pool.map(lambda group: _check_folder(group[0], group[1], checks), folders):
             checked.extend(targets)
             if time.monotonic() - last_report > PROGRESS_EVERY_S:
                 last_report = time.monotonic()

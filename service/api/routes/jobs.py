@@ -37,7 +37,7 @@ def _precompute(req: PrecomputeRequest, c: Components, runtime: ServiceRuntime) 
         data_path=req.data_path,
         max_history_images=req.max_history_images,
         force=req.force,
-        data_files=req.data_files,
+        data_files=None if req.data_files is None else tuple(req.data_files),
         overwrite=req.overwrite,
     )
     if req.dry_run:  # the plan alone, computed here (a slow NFS root needs a patient client)
