@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vggt_cache.client.cachefile import CACHE_SUFFIX, cache_path, read_entry
 from vggt_cache.client.manifest import manifest_path
 from vggt_cache.client.spec import PRESETS, STORAGES, FeatureSpec, preset_options
+from vggt_cache.service.devices import parse_devices
 from vggt_cache.service.engine import Engine
 from vggt_cache.service.engine.patches import PatchCache
 from vggt_cache.service.jobs.runner import JobManager
@@ -55,7 +56,7 @@ from vggt_cache.service.model.features import entry_features, model_spec
 from vggt_cache.service.paths import AllowedRoots
 from vggt_cache.service.preprocess import preprocess
 from vggt_cache.service.runtime import model_info
-from vggt_cache.service.settings import ServiceSettings, parse_devices
+from vggt_cache.service.settings import ServiceSettings
 from vggt_cache.service.sources import scan_data_root
 from vggt_cache.service.units import Unit
 

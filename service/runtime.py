@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from vggt_cache.client.spec import FeatureSpec, positive_int
 from vggt_cache.client.text import error_text
+from vggt_cache.service.devices import parse_devices
 from vggt_cache.service.engine import Engine
 from vggt_cache.service.engine.device import ForwardHook
 from vggt_cache.service.jobs.options import JobLimits
@@ -17,7 +18,7 @@ from vggt_cache.service.jobs.store import JobStore
 from vggt_cache.service.model import LoadedModel, load_aggregator
 from vggt_cache.service.model.features import model_spec
 from vggt_cache.service.paths import AllowedRoots
-from vggt_cache.service.settings import ServiceSettings, parse_devices, read_variable
+from vggt_cache.service.settings import ServiceSettings, read_variable
 
 log = logging.getLogger("vggt_cache")
 

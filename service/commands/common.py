@@ -11,9 +11,9 @@ from typing import Any
 
 from vggt_cache.client.service import TOKEN_ENV
 from vggt_cache.client.text import displayable
+from vggt_cache.service.devices import parse_devices
 from vggt_cache.service.errors import CommandError
-from vggt_cache.service.jobs.options import JobOptions
-from vggt_cache.service.settings import ServiceSettings, parse_devices, read_variable
+from vggt_cache.service.settings import ServiceSettings, read_variable
 from vggt_cache.service.specflags import spec_options
 
 log = logging.getLogger("vggt_cache")
@@ -28,19 +28,6 @@ def say(line: str) -> None:
 def say_json(body: object) -> None:
     """`--json` output: ASCII-escaped, so no name in it reaches the terminal as a control character."""
     print(json.dumps(body, indent=2, ensure_ascii=True))
-
-
-def job_options(args: argparse.Namespace) -> JobOptions:
-    """`vggt-cache precompute`'s flags as a job's options (local, dry run, or the body sent to a service)."""
-    return JobOptions(
-        skip_existing=args.skip_existing,
-        verify=args.verify,
-        data_path=args.data_path,
-        max_history_images=args.max_history_images,
-        force=args.force,
-        data_files=args.data_files,
-        overwrite=args.overwrite,
-    )
 
 
 def settings_of(args: argparse.Namespace, **overrides: object) -> ServiceSettings:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from vggt_cache.service.commands.common import job_options, loading_model, say
-from vggt_cache.service.jobs.options import JobLimits
+from vggt_cache.service.commands.common import loading_model, say
+from vggt_cache.service.jobs.options import JobLimits, JobOptions
 from vggt_cache.service.paths import AllowedRoots
 from vggt_cache.service.settings import ServiceSettings
 
@@ -28,7 +28,7 @@ def dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root
                 raise
             identity = _unknown_model(settings.model, exc)
     spec = model_spec(identity, **settings.spec)
-    work = plan_work(data_root, spec, allowed, job_options(args), JobLimits.of(settings))
+    work = plan_work(data_root, spec, allowed, JobOptions.of(args), JobLimits.of(settings))
     if identity.fingerprint == UNKNOWN_FINGERPRINT:
         say(
             f"model        {settings.model}: not on this machine, identity unknown (every entry counted to "

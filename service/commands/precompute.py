@@ -14,16 +14,17 @@ from vggt_cache.service.commands.common import (
     PROGRESS_POLL_S,
     check_device,
     client,
-    job_options,
     loading_model,
     no_folder,
     settings_of,
 )
 from vggt_cache.service.commands.dryrun import dry_run_local, print_plan
+from vggt_cache.service.devices import parse_devices, rank_device
 from vggt_cache.service.errors import CommandError
+from vggt_cache.service.jobs.options import JobOptions
 from vggt_cache.service.jobs.view import JobState, JobView
 from vggt_cache.service.progress import follow_job
-from vggt_cache.service.settings import parse_devices, rank_device, read_variable
+from vggt_cache.service.settings import read_variable
 from vggt_cache.service.specflags import given_options, serve_flags
 
 log = logging.getLogger("vggt_cache")
@@ -66,7 +67,7 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     engine, jobs = components.engine, components.jobs
     if world > 1:
         log.info("Rank %d of %d: taking shard %d", rank, world, rank)
-    job = jobs.submit(data_root, job_options(args))
+    job = jobs.submit(data_root, JobOptions.of(args))
     t0 = time.time()
     with ThreadPoolExecutor(1, thread_name_prefix="job") as pool:
         running = pool.submit(jobs.run, job.job_id)
@@ -168,7 +169,7 @@ def _check_server_spec(args: argparse.Namespace, service) -> None:
 def _precompute_remote(args: argparse.Namespace, data_root: str) -> int:
     from vggt_cache.client.service import ServiceError
 
-    options = {**job_options(args).to_dict(), "dry_run": args.dry_run}
+    options = {**JobOptions.of(args).to_dict(), "dry_run": args.dry_run}
     with client(args, down_s=0) as service:  # keep trying while it restarts
         _check_server_spec(args, service)
         answer = service.precompute(data_root, timeout=None if args.dry_run else 30.0, **options)

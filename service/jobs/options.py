@@ -43,6 +43,11 @@ class JobOptions:
         return d
 
     @classmethod
+    def of(cls, given: object) -> JobOptions:
+        """The options named alike on `given`: a `POST /precompute` body, `vggt-cache precompute`'s flags."""
+        return cls(**{f.name: getattr(given, f.name) for f in dataclasses.fields(cls)})
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> JobOptions:
         """Options as stored or shown; a key missing (a state dir of an older release) takes its default."""
         names = {f.name for f in dataclasses.fields(cls)}

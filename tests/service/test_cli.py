@@ -17,20 +17,8 @@ from vggt_cache.client.cachefile import Outcome, read_entry
 from vggt_cache.client.manifest import MANIFEST_NAME
 from vggt_cache.client.spec import FeatureSpec
 
+from helpers.cli import cli
 from helpers.service import REPO, TINY_MODEL, cache_files, done, free_port, wait_job, write_images
-
-
-def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `python -m vggt_cache.service.cli ARGS`; stdout and stderr together in `.stdout`."""
-    return subprocess.run(
-        [sys.executable, "-m", "vggt_cache.service.cli", *args],
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
 
 
 def make_data_root(folder: Path) -> list[str]:

@@ -31,15 +31,7 @@ def _precompute(req: PrecomputeRequest, c: Components, runtime: ServiceRuntime) 
     data_root = runtime.allowed.contain(req.data_root, writes_sibling=False)
     if not os.path.isdir(data_root):
         raise HTTPException(404, f"data_root is not a folder: {req.data_root}")
-    options = JobOptions(
-        skip_existing=req.skip_existing,
-        verify=req.verify,
-        data_path=req.data_path,
-        max_history_images=req.max_history_images,
-        force=req.force,
-        data_files=None if req.data_files is None else tuple(req.data_files),
-        overwrite=req.overwrite,
-    )
+    options = JobOptions.of(req)
     if req.dry_run:  # the plan alone, computed here (a slow NFS root needs a patient client)
         plan = plan_work(data_root, c.spec, runtime.allowed, options, JobLimits.of(runtime.settings)).plan
         return JSONResponse(
