@@ -42,12 +42,12 @@ from typing import BinaryIO
 
 import numpy as np
 
-from vggt_cache.client.safeopen import OutsideRoots, open_regular
-from vggt_cache.client.text import shorten
+from vggt_cache.client.safeopen import open_regular
 from vggt_cache.service.errors import UnusableInput
 from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.jsonstream import ArrayStream, MalformedSample, lines
 from vggt_cache.service.paths import AllowedRoots
+from vggt_cache.service.samplepaths import PathResolver, norm_path
 from vggt_cache.service.walk import STEP_FRAME, Found, walk_root
 
 DEFAULT_MAX_HISTORY = 8
@@ -140,11 +140,6 @@ def _history_indices(step: int, max_history: int) -> tuple[int, ...]:
     return tuple(np.linspace(0, step, max_history + 1, dtype=int).tolist())
 
 
-def _norm(path: str) -> str:
-    # Symlinks are kept as written: containment is checked where paths are opened.
-    return os.path.normpath(os.path.abspath(path))
-
-
 def _string_list(value: object, key: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
@@ -175,67 +170,6 @@ def sample_images(sample: object) -> tuple[list[str], str | None]:
         if key in sample:
             return _string_list(sample[key], key), data_path
     return [], data_path  # a text-only sample needs no features
-
-
-class PathResolver:
-    """Resolves a sample's image path to an existing file, memoised per (path, bases).
-
-    Absolute paths are used as they are. A relative path is joined to `data_root/<data_path>`
-    when the sample (first) or the run gives a `data_path`; otherwise it is looked up next to
-    the sample file, then under the data root, and the first existing file wins. With `allowed`,
-    a candidate outside them is never looked at: whether such a file exists must not show.
-    """
-
-    def __init__(
-        self,
-        data_root: str,
-        data_path: str | None,
-        allowed: AllowedRoots | None = None,
-        table: FrameTable | None = None,
-    ) -> None:
-        self.data_root = data_root
-        self.data_path = data_path
-        self.allowed = allowed
-        self.table = FrameTable(allowed) if table is None else table
-        self._memo: dict[tuple[str, str, str | None], str | None] = {}
-
-    def candidates(self, raw: str, sample_dir: str, data_path: str | None) -> list[str]:
-        if os.path.isabs(raw):
-            return [_norm(raw)]
-        data_path = data_path if data_path is not None else self.data_path
-        if data_path is not None:
-            return [_norm(os.path.join(self.data_root, data_path, raw))]
-        return list(dict.fromkeys(_norm(os.path.join(base, raw)) for base in (sample_dir, self.data_root)))
-
-    def permits(self, path: str) -> bool:
-        """True without roots, or when `path` is inside them (decided from the name, before any stat of it)."""
-        if self.allowed is None:
-            return True
-        try:
-            self.table.contain(path)
-        except (OutsideRoots, ValueError):
-            return False
-        return True
-
-    def resolve(self, raw: str, sample_dir: str, data_path: str | None) -> str | None:
-        """The first existing candidate inside the roots; else the first outside them, unlooked at (the plan
-        refuses it, in the same words whether it exists or not); else None."""
-        key = (raw, sample_dir, data_path)
-        if key not in self._memo:
-            found = outside = None
-            for path in self.candidates(raw, sample_dir, data_path):
-                if not self.permits(path):
-                    outside = outside or path
-                elif self.table.is_file(path):
-                    found = path
-                    break
-            self._memo[key] = found or outside
-        return self._memo[key]
-
-    def why_not(self, raw: str, sample_dir: str, data_path: str | None) -> str:
-        """Why `raw` did not resolve, its paths shortened (a name in a sample file can be of any length)."""
-        looked = ", ".join(shorten(p) for p in self.candidates(raw, sample_dir, data_path))
-        return f"image not found: {shorten(raw)} (looked for {looked})"
 
 
 def _is_sample_object(value: object) -> bool:
@@ -367,7 +301,7 @@ class _Reader:
                     "(frames of one step are taken in name order)",
                 )
             )
-        frames = [_norm(os.path.join(folder, name)) for _, name in steps]
+        frames = [norm_path(os.path.join(folder, name)) for _, name in steps]
         for j, (number, name) in enumerate(steps):
             clip = tuple(frames[i] for i in _history_indices(j, max_history))
             record = None
@@ -404,14 +338,14 @@ def find_samples(
     """
     check_history(max_history_images)
     check_sample_bytes(max_sample_bytes)
-    root = _norm(data_root)
+    root = norm_path(data_root)
     if not os.path.isdir(root):
         raise UnusableInput(f"data root is not a directory: {root}")
     reader = _Reader(root, data_path, keep_records, allowed, max_sample_bytes, table)
     if files:
         found = Found()
         for f in files:
-            path = _norm(os.path.join(root, f))
+            path = norm_path(os.path.join(root, f))
             (found.jsonl if path.endswith(".jsonl") else found.json).append(path)
     else:
         found = walk_root(root, allowed)
@@ -455,5 +389,5 @@ def find_samples(
             len(found.episodes),
             max_history_images,
         )
-    samples = [Sample((_norm(p),), p) for p in found.images]
+    samples = [Sample((norm_path(p),), p) for p in found.images]
     return SampleSet(samples, reader.malformed, reader.missing, found.unlisted, "images", len(found.images))

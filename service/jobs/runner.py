@@ -24,7 +24,8 @@ from vggt_cache.service.jobs.manifest import JobReport, write_job_manifest
 from vggt_cache.service.jobs.options import JobLimits, JobOptions
 from vggt_cache.service.jobs.planning import plan_work
 from vggt_cache.service.jobs.recorder import Recorder
-from vggt_cache.service.jobs.store import JobRecord, JobStore, TargetResult
+from vggt_cache.service.jobs.records import JobRecord, TargetResult
+from vggt_cache.service.jobs.store import JobStore
 from vggt_cache.service.jobs.view import TERMINAL, JobState, JobView, Rate, job_view
 from vggt_cache.service.paths import AllowedRoots, printable
 from vggt_cache.service.sources import shard

@@ -15,13 +15,12 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import NamedTuple
 
 from vggt_cache.client.text import bounded, printable
 from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.errors import UnusableInput
 from vggt_cache.service.jobs.options import JobOptions
+from vggt_cache.service.jobs.records import JobRecord, TargetResult
 from vggt_cache.service.jobs.schema import ACTIVE_STATES, JOB_COLUMNS, UnitState, create_or_upgrade
 from vggt_cache.service.jobs.view import COUNTER, TERMINAL, JobState
 from vggt_cache.service.units import Unit
@@ -30,90 +29,6 @@ DB_NAME = "jobs.sqlite3"
 # Failure rows kept per job (each string `bounded`): the counters count every failure, the rows
 # show the first ones, so one job of bad data cannot grow the database without end.
 MAX_FAILURE_ROWS = 10_000
-
-
-class TargetResult(NamedTuple):
-    """One target's outcome, as the store records it. `write`: "kept" or "replaced" when its file held a
-    valid entry of another clip (`service.engine.work.EntryResult`), counted besides the outcome."""
-
-    idx: int  # the unit's index in the plan
-    status: EntryStatus
-    reason: str | None
-    image: str
-    write: str | None = None
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    job_id: str
-    data_root: str
-    spec_digest: str
-    spec_json: str
-    options: JobOptions
-    state: JobState
-    planned: bool  # units recorded by record_plan; an unplanned job is (re)scanned on resume
-    total: int  # targets planned + scan problems, so computed + skipped + failed == total at the end
-    computed: int
-    skipped: int
-    failed: int
-    cancel_requested: bool
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    error: str | None
-    plan: dict | None  # jobs.plan.Plan.to_dict() once planned: samples found, entries, bytes, free space
-    # Targets whose file held another clip's valid entry: kept (of skipped/computed) or replaced (of computed).
-    kept: int = 0
-    replaced: int = 0
-
-    @property
-    def done(self) -> int:
-        return self.computed + self.skipped + self.failed
-
-    @classmethod
-    def _from_row(cls, row: tuple) -> JobRecord:
-        (
-            job_id,
-            data_root,
-            digest,
-            spec_json,
-            options_json,
-            state,
-            planned,
-            total,
-            computed,
-            skipped,
-            failed,
-            cancel,
-            created,
-            started,
-            finished,
-            error,
-            plan_json,
-            kept,
-            replaced,
-        ) = row
-        return cls(
-            job_id,
-            data_root,
-            digest,
-            spec_json,
-            JobOptions.from_dict(json.loads(options_json)),
-            JobState(state),
-            bool(planned),
-            total,
-            computed,
-            skipped,
-            failed,
-            bool(cancel),
-            created,
-            started,
-            finished,
-            error,
-            json.loads(plan_json) if plan_json else None,
-            kept,
-            replaced,
-        )
 
 
 class JobStore:
@@ -169,7 +84,7 @@ class JobStore:
         row = db.execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         if row is None:
             raise KeyError(f"unknown job {job_id!r}")
-        return JobRecord._from_row(row)
+        return JobRecord.from_row(row)
 
     def create(self, data_root: str, spec_digest: str, spec_json: str, options: JobOptions) -> JobRecord:
         """A new queued job, or the active (queued/running) one for the same data root and spec."""
@@ -182,7 +97,7 @@ class JobStore:
                 (data_root, spec_digest),
             ).fetchone()
             if row is not None:
-                return JobRecord._from_row(row)
+                return JobRecord.from_row(row)
             job_id = uuid.uuid4().hex
             db.execute(
                 "INSERT INTO jobs (job_id, data_root, spec_digest, spec_json, options_json, state, "
@@ -212,7 +127,7 @@ class JobStore:
             .execute(f"SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,))
             .fetchall()
         )
-        return [JobRecord._from_row(r) for r in rows]
+        return [JobRecord.from_row(r) for r in rows]
 
     def unfinished_jobs(self) -> list[JobRecord]:
         """Queued or running jobs, oldest first: what a restarted service resumes."""
@@ -221,7 +136,7 @@ class JobStore:
             .execute(f"SELECT {JOB_COLUMNS} FROM jobs WHERE state IN {ACTIVE_STATES} ORDER BY created_at, rowid")
             .fetchall()
         )
-        return [JobRecord._from_row(r) for r in rows]
+        return [JobRecord.from_row(r) for r in rows]
 
     def count_by_state(self) -> dict[JobState, int]:
         """Jobs per state, in one query (the metrics gauge)."""

@@ -19,7 +19,7 @@ from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.jobs.options import JobOptions
 
 if TYPE_CHECKING:
-    from vggt_cache.service.jobs.store import JobRecord
+    from vggt_cache.service.jobs.records import JobRecord
 
 
 class JobState(str, Enum):

@@ -13,7 +13,8 @@ import pytest
 
 from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.jobs.options import JobOptions
-from vggt_cache.service.jobs.store import DB_NAME, JobRecord, JobStore
+from vggt_cache.service.jobs.records import JobRecord
+from vggt_cache.service.jobs.store import DB_NAME, JobStore
 from vggt_cache.service.units import Unit
 
 SPEC = '{"attention":"frame"}'

@@ -1,0 +1,76 @@
+"""Where a sample's image paths lead: resolved against the sample file, the data root or a `data_path`."""
+
+from __future__ import annotations
+
+import os
+
+from vggt_cache.client.safeopen import OutsideRoots
+from vggt_cache.client.text import shorten
+from vggt_cache.service.frametable import FrameTable
+from vggt_cache.service.paths import AllowedRoots
+
+
+def norm_path(path: str) -> str:
+    # Symlinks are kept as written: containment is checked where paths are opened.
+    return os.path.normpath(os.path.abspath(path))
+
+
+class PathResolver:
+    """Resolves a sample's image path to an existing file, memoised per (path, bases).
+
+    Absolute paths are used as they are. A relative path is joined to `data_root/<data_path>`
+    when the sample (first) or the run gives a `data_path`; otherwise it is looked up next to
+    the sample file, then under the data root, and the first existing file wins. With `allowed`,
+    a candidate outside them is never looked at: whether such a file exists must not show.
+    """
+
+    def __init__(
+        self,
+        data_root: str,
+        data_path: str | None,
+        allowed: AllowedRoots | None = None,
+        table: FrameTable | None = None,
+    ) -> None:
+        self.data_root = data_root
+        self.data_path = data_path
+        self.allowed = allowed
+        self.table = FrameTable(allowed) if table is None else table
+        self._memo: dict[tuple[str, str, str | None], str | None] = {}
+
+    def candidates(self, raw: str, sample_dir: str, data_path: str | None) -> list[str]:
+        if os.path.isabs(raw):
+            return [norm_path(raw)]
+        data_path = data_path if data_path is not None else self.data_path
+        if data_path is not None:
+            return [norm_path(os.path.join(self.data_root, data_path, raw))]
+        return list(dict.fromkeys(norm_path(os.path.join(base, raw)) for base in (sample_dir, self.data_root)))
+
+    def permits(self, path: str) -> bool:
+        """True without roots, or when `path` is inside them (decided from the name, before any stat of it)."""
+        if self.allowed is None:
+            return True
+        try:
+            self.table.contain(path)
+        except (OutsideRoots, ValueError):
+            return False
+        return True
+
+    def resolve(self, raw: str, sample_dir: str, data_path: str | None) -> str | None:
+        """The first existing candidate inside the roots; else the first outside them, unlooked at (the plan
+        refuses it, in the same words whether it exists or not); else None."""
+        key = (raw, sample_dir, data_path)
+        if key not in self._memo:
+            found = outside = None
+            for path in self.candidates(raw, sample_dir, data_path):
+                if not self.permits(path):
+                    outside = outside or path
+                elif self.table.is_file(path):
+                    found = path
+                    break
+            self._memo[key] = found or outside
+        return self._memo[key]
+
+    def why_not(self, raw: str, sample_dir: str, data_path: str | None) -> str:
+        """Why `raw` did not resolve, its paths shortened (a name in a sample file can be of any length)."""
+        looked = ", ".join(shorten(p) for p in self.candidates(raw, sample_dir, data_path))
+        return f"image not found: {shorten(raw)} (looked for {looked})"
