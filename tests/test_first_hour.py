@@ -255,7 +255,7 @@ def test_the_status_page_names_the_preset_the_warnings_and_why_a_job_failed(tmp_
 
     if CHROMIUM is None:
         pytest.skip("Debian's chromium package is not installed (.ci/run installs it)")
-    from test_status_page import render
+    from helpers.browser import render
 
     (tmp_path / "empty").mkdir()
     service = service_server(tmp_path, "--preset", "newjanusvln", "--allowed-root", str(tmp_path / "no-such-mount"))

@@ -150,10 +150,10 @@ def test_a_device_lost_to_a_fatal_cuda_error_is_not_ready_and_says_why(tmp_path:
 
 
 def test_a_lost_device_hands_later_work_to_the_others(tmp_path: Path) -> None:
-    from test_engine import images, make_spec
-
     from vggt_cache.service.engine import Engine
     from vggt_cache.service.units import Unit
+
+    from helpers.engine import images, make_spec
 
     loaded = load_aggregator(str(TINY_MODEL))
     hook = LoseDevice()
@@ -196,10 +196,10 @@ def test_compile_raises_the_limit_under_its_older_name_on_older_torch() -> None:
 
 def test_a_batch_that_compiles_is_logged_with_its_shape(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # Stands in for a compiled block meeting a new clip length: the hook compiles once per new shape.
-    from test_engine import images, make_spec
-
     from vggt_cache.service.engine import Engine
     from vggt_cache.service.units import Unit
+
+    from helpers.engine import images, make_spec
 
     double = torch.compile(lambda x: x * 2, backend="eager", dynamic=False)
     loaded = load_aggregator(str(TINY_MODEL))
@@ -222,10 +222,10 @@ def test_a_batch_that_compiles_is_logged_with_its_shape(tmp_path: Path, caplog: 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA memory counters need a GPU (benchmarks/gpu_check.sh)")
 def test_cuda_memory_in_status_has_reserved_and_peaks(tmp_path: Path) -> None:
-    from test_engine import images, make_spec
-
     from vggt_cache.service.engine import Engine
     from vggt_cache.service.units import Unit
+
+    from helpers.engine import images, make_spec
 
     loaded = load_aggregator(str(TINY_MODEL))
     with Engine(loaded, make_spec(loaded), devices=["cuda:0"]) as engine:

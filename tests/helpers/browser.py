@@ -29,6 +29,13 @@ FLAGS = [
 TIMEOUT_S = 30.0
 
 
+def render(url: str, profile: str) -> str:
+    """The DOM after the page's scripts ran (virtual time lets its fetch and timers complete)."""
+    assert CHROMIUM is not None, "no chromium on this machine"
+    cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", url]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+
+
 def _high(fd: int) -> int:
     """`fd` moved to 10 or above, clear of the 3 and 4 the child needs (and inheritable)."""
     moved = fcntl.fcntl(fd, fcntl.F_DUPFD, 10)

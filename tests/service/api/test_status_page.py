@@ -4,39 +4,18 @@ from __future__ import annotations
 
 import html
 import re
-import subprocess
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from helpers.browser import CHROMIUM, Browser
+from helpers.browser import CHROMIUM, Browser, render
 from helpers.service import poll, wait_job, write_images
 
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Debian's chromium package is not installed (.ci/run installs it)"
 )
-
-
-def render(url: str, profile: str) -> str:
-    """The DOM after the page's scripts ran (virtual time lets its fetch and timers complete)."""
-    cmd = [
-        CHROMIUM,
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        "--virtual-time-budget=5000",
-        "--dump-dom",
-        url,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
 
 
 def test_status_page_shows_model_queue_and_job_progress(tmp_path, service_server):

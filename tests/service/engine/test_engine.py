@@ -9,10 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
-from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
 from vggt_cache.service.engine.stats import History
 from vggt_cache.service.model import load_aggregator
@@ -21,34 +19,16 @@ from vggt_cache.service.preprocess import preprocess
 from vggt_cache.service.settings import ServiceSettings
 from vggt_cache.service.units import Unit
 
+from helpers.engine import SIZE, images, make_spec, write_image
 from helpers.service import TINY_MODEL, poll, reference_features
 
 FIXTURE = TINY_MODEL
-SIZE = 56  # 80x60 images crop to 42x56: a 3x4 patch grid
 LONG_WAIT_MS = 60_000  # batches then run when full or when nothing more is decoding: deterministic sizes
 
 
 @pytest.fixture(scope="module")
 def loaded():
     return load_aggregator(str(FIXTURE))
-
-
-def make_spec(loaded, **overrides) -> FeatureSpec:
-    return FeatureSpec(
-        **{"fingerprint": loaded.fingerprint, "architecture": loaded.config.to_dict(), "size": SIZE, **overrides}
-    )
-
-
-def write_image(path: Path, seed: int, size: tuple[int, int] = (80, 60), black: bool = False) -> str:
-    shape = (size[1], size[0], 3)
-    pixels = np.zeros(shape, np.uint8) if black else np.random.default_rng(seed).integers(0, 256, shape, np.uint8)
-    Image.fromarray(pixels).save(path)
-    return str(path)
-
-
-def images(folder: Path, n: int, first_seed: int = 0) -> list[str]:
-    folder.mkdir(exist_ok=True)
-    return [write_image(folder / f"img_{i:03d}.png", first_seed + i) for i in range(n)]
 
 
 def results(futures) -> list[UnitResult]:
