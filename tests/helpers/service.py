@@ -239,41 +239,53 @@ def service_in_process(
     on_exit: Callable[[], None] = lambda: None,
 ) -> Iterator[str]:
     """A real uvicorn server on 127.0.0.1 in this process, whose forwards call `before_forward` (a test's hand
-    on the device); `on_exit` runs before the server is stopped (e.g. to release a held device)."""
-    import threading
-
-    import uvicorn
-
+    on the device), ready when yielded; `on_exit` runs before the server is stopped (e.g. to release a held
+    device)."""
     from vggt_cache.client.spec import resolve_options
-    from vggt_cache.service.api import create_app
-    from vggt_cache.service.runtime import ServiceRuntime
     from vggt_cache.service.settings import ServiceSettings
 
-    port = free_port()
     settings = ServiceSettings(
         model=str(TINY_MODEL),
         device="cpu",
-        port=port,
+        port=free_port(),
         allowed_roots=[str(root)],
         state_dir=str(state_dir),
         spec=resolve_options(None, size=56),
         max_batch_frames=1,
     )
+    with server_in_process(settings, before_forward, on_exit) as (url, alive):
+        assert wait_until_ready(url, READY_TIMEOUT_S, is_alive=alive)
+        yield url
+
+
+@contextlib.contextmanager
+def server_in_process(
+    settings: Any,
+    before_forward: Callable[[torch.Tensor], None],
+    on_exit: Callable[[], None] = lambda: None,
+) -> Iterator[tuple[str, Callable[[], bool]]]:
+    """uvicorn serving `settings` (a ServiceSettings, its port free) in this process, not waited for: its URL
+    and whether its thread lives. `on_exit` runs before the server is stopped."""
+    import threading
+
+    import uvicorn
+
+    from vggt_cache.service.api import create_app
+    from vggt_cache.service.runtime import ServiceRuntime
+
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(ServiceRuntime(settings, before_forward=before_forward)),
             host="127.0.0.1",
-            port=port,
+            port=settings.port,
             log_level="warning",
             lifespan="on",
         )
     )
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_until_ready(url, READY_TIMEOUT_S, is_alive=thread.is_alive)
-        yield url
+        yield f"http://127.0.0.1:{settings.port}", thread.is_alive
     finally:
         on_exit()
         server.should_exit = True

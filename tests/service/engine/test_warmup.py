@@ -24,7 +24,7 @@ from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.model.resident import VARIANTS_PER_DEVICE, compile_counts
 from vggt_cache.service.units import Unit
 
-from helpers.service import TINY_MODEL, poll
+from helpers.service import TINY_MODEL, free_port, poll, server_in_process
 
 SIZE = 56  # 80x60 images (4:3, as the warm-up assumes) crop to 42x56
 
@@ -113,11 +113,6 @@ def test_the_warm_up_stops_at_its_budget(loaded, caplog: pytest.LogCaptureFixtur
 
 
 def test_readyz_answers_503_until_the_warm_up_is_over(tmp_path: Path) -> None:
-    import uvicorn
-
-    from vggt_cache.service.api import create_app
-    from vggt_cache.service.demo import free_port
-    from vggt_cache.service.runtime import ServiceRuntime
     from vggt_cache.service.settings import ServiceSettings
 
     release = threading.Event()
@@ -127,38 +122,24 @@ def test_readyz_answers_503_until_the_warm_up_is_over(tmp_path: Path) -> None:
         held.set()
         release.wait(120)
 
-    port = free_port()
     settings = ServiceSettings(
         model=str(TINY_MODEL),
         device="cpu",
-        port=port,
+        port=free_port(),
         allowed_roots=[str(tmp_path)],
         state_dir=str(tmp_path / "state"),
         spec=resolve_options(None, size=SIZE, attention="frame"),
         compile=True,
         compile_backend="eager",
     )
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(ServiceRuntime(settings, before_forward=hold_warm_up)),
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            lifespan="on",
-        )
-    )
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as http:
-            poll(lambda: held.is_set(), 120, "the warm-up's first forward")
-            ready = http.get("/readyz")
-            assert ready.status_code == 503 and ready.json()["state"] == "warming up"
-            release.set()
-            poll(lambda: http.get("/readyz").status_code == 200, 120, "/readyz after the warm-up")
-            warmup = http.get("/status").json()["engine"]["compile"]["warmup"]
-            assert warmup["finished"] is True and warmup["done"] == 2
-    finally:
+    with (
+        server_in_process(settings, hold_warm_up, on_exit=release.set) as (url, _),
+        httpx.Client(base_url=url, timeout=10) as http,
+    ):
+        poll(lambda: held.is_set(), 120, "the warm-up's first forward")
+        ready = http.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["state"] == "warming up"
         release.set()
-        server.should_exit = True
-        thread.join(60)
+        poll(lambda: http.get("/readyz").status_code == 200, 120, "/readyz after the warm-up")
+        warmup = http.get("/status").json()["engine"]["compile"]["warmup"]
+        assert warmup["finished"] is True and warmup["done"] == 2
