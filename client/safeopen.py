@@ -17,7 +17,10 @@ import re
 import secrets
 import stat
 from collections.abc import Callable, Iterator, Sequence
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
+
+if TYPE_CHECKING:
+    from _typeshed import ReadableBuffer
 
 
 class NotRegularFile(OSError):
@@ -139,12 +142,20 @@ def atomic_write(
             raise ValueError(f"{path} {problem}; not replaced")
         tmp = temp_name(name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dfd)
+        raw = _ErrorKeepingFile(fd)
         try:
-            with os.fdopen(fd, "wb") as f:
-                write(f)
+            with io.BufferedWriter(raw) as f:
+                try:
+                    write(f)
+                except Exception as e:
+                    # torch.save turns a short write (a disk filling up) into "unexpected pos":
+                    # the disk's own error is the one that says what happened.
+                    if raw.error is not None and not isinstance(e, OSError):
+                        raise raw.error from e
+                    raise
                 f.flush()
-                os.fchmod(f.fileno(), mode)
-                os.fsync(f.fileno())
+                os.fchmod(fd, mode)
+                os.fsync(fd)
             os.replace(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -153,6 +164,21 @@ def atomic_write(
         # Makes the rename durable; some file systems refuse fsync on directories.
         with contextlib.suppress(OSError):
             os.fsync(dfd)
+
+
+class _ErrorKeepingFile(io.FileIO):
+    """A file that remembers the first OSError a write raised, for callers whose writer masks it."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd, "wb")
+        self.error: OSError | None = None
+
+    def write(self, b: ReadableBuffer, /) -> int:
+        try:
+            return super().write(b)
+        except OSError as e:
+            self.error = self.error or e
+            raise
 
 
 @contextlib.contextmanager

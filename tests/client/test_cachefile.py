@@ -1,4 +1,5 @@
 import copyreg
+import errno
 import multiprocessing as mp
 import os
 import pickle
@@ -19,7 +20,10 @@ from vggt_cache.client.cachefile import (
     source_record,
     write_entry,
 )
+from vggt_cache.client.safeopen import atomic_write
 from vggt_cache.client.spec import FeatureSpec, short_digest
+
+from helpers.service import tmpfs
 
 ARCH = {"patch_size": 14, "embed_dim": 8, "depth": 4, "num_register_tokens": 4}
 GRID = [3, 5]  # 15 patch tokens of 2 * embed_dim = 16 channels
@@ -318,6 +322,36 @@ def test_write_validation(tmp_path):
     with pytest.raises(TypeError):
         write(image, make_spec(), features=[[0.0] * 16] * 15)
     assert not Path(cache_path(image)).exists()
+
+
+def test_a_full_disk_fails_a_write_with_the_disks_error_and_leaves_no_temp_file(tmp_path):
+    # torch.save reports a short write as "unexpected pos"; the entry's failure must say ENOSPC.
+    with tmpfs(tmp_path / "disk", "192k") as disk:  # 96 kB of images (a page each), 96 kB for entries
+        errors = set()
+        sizes = range(16, 40)  # entries of 4-10 kB: the last few bytes of the disk end mid-write
+        images = {size: make_image(disk, f"{size}.jpg") for size in sizes}
+        for size, image in images.items():
+            features = torch.randn(size * 16, 16)
+            try:
+                write_entry(image, features, make_spec(dtype="float32"), [size * 4, 4], source_record(image))
+            except OSError as e:
+                errors.add(e.errno)
+        assert errors == {errno.ENOSPC}
+        assert not [p.name for p in disk.iterdir() if ".tmp" in p.name]
+
+
+def test_an_os_error_a_writer_masks_is_the_one_raised(tmp_path):
+    def masking(f) -> None:
+        try:
+            f.write(b"x" * 200_000)
+            f.flush()
+        except OSError as e:
+            raise RuntimeError("unexpected pos") from e
+
+    with tmpfs(tmp_path / "disk", "64k") as disk, pytest.raises(OSError) as raised:
+        atomic_write(str(disk / "big"), masking)
+    assert raised.value.errno == errno.ENOSPC
+    assert list(disk.iterdir()) == []
 
 
 class Payload:
