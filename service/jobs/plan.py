@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass, field
 
 from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
 from vggt_cache.client.entryformat import stored_entry_bytes
-from vggt_cache.client.safeopen import open_folder
+from vggt_cache.client.safeopen import FileTooLarge, NotRegularFile, open_folder
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.text import bounded
 from vggt_cache.service.frametable import FrameTable
+from vggt_cache.service.imageheader import size_at
 from vggt_cache.service.preprocess import MAX_IMAGE_BYTES, image_size, output_size
 from vggt_cache.service.sources import ScanResult
 from vggt_cache.service.units import Unit
@@ -144,7 +145,7 @@ def _check(target: str, context: Sequence[str] | None, checks: _Checks, dfd: int
         return _Target(True, False, 0, 0, False, device, folder)
     try:
         if dfd is not None and not checks.table.is_symlink(target):  # a symlink is followed, and checked, by path
-            pixels = image_size(os.path.basename(target), checks.max_image_bytes, dir_fd=dfd)
+            pixels = _pixels_in(dfd, target, checks)
         else:
             pixels = image_size(target, checks.max_image_bytes, checks.roots)
     except Exception:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...: the job fails it
@@ -158,6 +159,17 @@ def _check(target: str, context: Sequence[str] | None, checks: _Checks, dfd: int
     except OSError:
         replaced = 0
     return _Target(valid, True, sizes[pixels] - replaced, sizes[pixels], False, device, folder)
+
+
+def _pixels_in(dfd: int, target: str, checks: _Checks) -> tuple[int, int]:
+    """(width, height) of `target` in its checked folder `dfd`: the table's `lstat` says what it is, one open
+    and read of its start say its size, and PIL reads whatever header `size_at` leaves to it."""
+    name = os.path.basename(target)
+    if not checks.table.is_file(target):
+        raise NotRegularFile(f"{target} is not a regular file")
+    if checks.table[target]["size"] > checks.max_image_bytes:
+        raise FileTooLarge(f"{target} is over the limit of {checks.max_image_bytes} bytes")
+    return size_at(dfd, name) or image_size(name, checks.max_image_bytes, dir_fd=dfd)
 
 
 def plan_job(

@@ -1,0 +1,95 @@
+"""Image sizes from the first bytes of a JPEG or PNG file, for plans that read 612k headers.
+
+PIL's header parser costs ~100 us an image in Python, and its file wraps the descriptor (one
+more `fstat`, a round trip on NFS). This reads one prefix and understands only well-formed,
+common headers: 8-bit JPEGs of 1, 3 or 4 components (every SOF up to the scan, as PIL reads
+them) and PNGs whose IHDR is valid and its CRC right. Anything else (another format, an
+unusual or damaged header, an image over PIL's pixel limit) gives None, and the caller asks
+PIL. Where both give a size it is the same one; a file PIL would refuse for damage past these
+headers (a bad table, say) is found when the engine decodes it, as damaged pixels are.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+
+from PIL import Image
+
+PREFIX_BYTES = 64 * 1024  # a JPEG's APP segments (EXIF, ICC) are at most 64 kB each; usually far less
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # colour type -> depths
+_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-SOF15 less DHT, JPG, DAC
+_JPEG_RESTARTS = frozenset(range(0xD0, 0xD8))  # RST0-7: no length
+_SOS = 0xDA
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) that PIL would give for an image starting with `data`, or None if unsure."""
+    if data.startswith(b"\xff\xd8"):
+        size = _jpeg_size(data)
+    elif data.startswith(_PNG_SIGNATURE):
+        size = _png_size(data)
+    else:
+        return None
+    if size is None or not 0 < size[0] * size[1] <= (Image.MAX_IMAGE_PIXELS or 0):
+        return None  # PIL warns or refuses a decompression bomb; let it
+    return size
+
+
+def size_at(dfd: int, name: str) -> tuple[int, int] | None:
+    """`header_size` of the file `name` in the folder `dfd`, from one read of its start.
+
+    A symlink there is refused (ELOOP), and the open cannot block (a FIFO fails the read); the
+    caller has checked the folder inside the roots and the file's size. Raises OSError.
+    """
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        return header_size(os.pread(fd, PREFIX_BYTES, 0))
+    finally:
+        os.close(fd)
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    size = None
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in _JPEG_RESTARTS:
+            pos += 2
+            continue
+        if marker == _SOS:
+            return size
+        if marker < 0xC0 or marker in (0xD8, 0xD9):  # PIL: "no marker found", or a second image
+            return None
+        (length,) = struct.unpack_from(">H", data, pos + 2)
+        if length < 2 or pos + 2 + length > len(data):
+            return None
+        if marker in _JPEG_FRAMES:
+            if length < 8:
+                return None
+            precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 4)
+            if precision != 8 or components not in (1, 3, 4) or height == 0:
+                return None
+            size = (width, height)
+        pos += 2 + length
+    return None
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    if len(data) < 33 or data[8:16] != b"\x00\x00\x00\rIHDR":
+        return None
+    width, height, depth, colour, compression, filtering, interlace = struct.unpack_from(">IIBBBBB", data, 16)
+    (crc,) = struct.unpack_from(">I", data, 29)
+    if zlib.crc32(data[12:29]) != crc or depth not in _PNG_DEPTHS.get(colour, ()):
+        return None
+    if compression or filtering or interlace > 1 or width >= 2**31 or height >= 2**31:
+        return None
+    return width, height
