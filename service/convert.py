@@ -38,9 +38,10 @@ from vggt_cache.service.walk import walk_files
 ESTIMATE_SAMPLES = 32
 
 
-def entry_images(data_root: str, allowed: AllowedRoots) -> Iterator[str]:
-    """The image path of every cache file under `data_root` (the image itself need not exist)."""
-    for folder, names in walk_files(data_root, allowed):
+def entry_images(data_root: str, allowed: AllowedRoots, unlisted: list[tuple[str, str]]) -> Iterator[str]:
+    """The image path of every cache file under `data_root` (the image itself need not exist); what the
+    walk cannot read (a folder of another user's, say) is appended to `unlisted` as (path, reason)."""
+    for folder, names in walk_files(data_root, allowed, unlisted):
         for name in names:
             if name.endswith(CACHE_SUFFIX) and not is_temp_file(name):
                 yield os.path.join(folder, name[: -len(CACHE_SUFFIX)])
@@ -64,7 +65,8 @@ def convert_entries(data_root: str, storage: str) -> dict:
     counts: dict[str, Any] = {"converted": 0, "already": 0, "invalid": 0, "lossy_source": 0, "failed": 0}
     before = after = 0
     converted_specs: dict[str, FeatureSpec] = {}
-    for image in entry_images(data_root, allowed):
+    unlisted: list[tuple[str, str]] = []
+    for image in entry_images(data_root, allowed, unlisted):
         result = read_valid(image, allowed, check_crc=True)
         if result.outcome is not Outcome.HIT:
             counts["invalid"] += 1
@@ -105,10 +107,17 @@ def convert_entries(data_root: str, storage: str) -> dict:
         "data_root": data_root,
         "storage": storage,
         **counts,
+        **_unlisted_report(unlisted),
         "bytes_before": before,
         "bytes_after": after,
         "bytes_saved": before - after,
     }
+
+
+def _unlisted_report(unlisted: list[tuple[str, str]]) -> dict[str, Any]:
+    """What the walk could not read: its entries are neither converted nor counted."""
+    shown = [{"path": bounded(path), "reason": bounded(why)} for path, why in unlisted[:MAX_FAILURES]]
+    return {"unlisted": len(unlisted), "unlisted_paths": shown}
 
 
 def _update_manifest(data_root: str, converted: dict[str, FeatureSpec], allowed: AllowedRoots) -> None:
@@ -144,7 +153,8 @@ def estimate_storage(data_root: str, samples: int = ESTIMATE_SAMPLES, seed: int 
     its cache files take now times the sampled files' ratio of that storage's bytes to theirs.
     """
     allowed = AllowedRoots.of([data_root])
-    images = list(entry_images(data_root, allowed))
+    unlisted: list[tuple[str, str]] = []
+    images = list(entry_images(data_root, allowed, unlisted))
     total = sum(_size(cache_path(image)) for image in images)
     random.Random(seed).shuffle(images)
     sampled: list[_Sampled] = []
@@ -161,6 +171,7 @@ def estimate_storage(data_root: str, samples: int = ESTIMATE_SAMPLES, seed: int 
         "bytes_now": total,
         "sampled": len(sampled),
         "storages": {},
+        **_unlisted_report(unlisted),
     }
     if not sampled:
         return report

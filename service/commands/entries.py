@@ -86,6 +86,7 @@ def _estimate_storage(data_root: str, samples: int, as_json: bool) -> int:
             else ""
         )
         say(f"  {storage:7s} {human_bytes(row['bytes'])} ({row['ratio']:.2f}x smaller than raw){shown}")
+    _say_unlisted(report, "not counted")
     return 0
 
 
@@ -109,4 +110,12 @@ def convert(args: argparse.Namespace) -> int:
         )
         for item in report.get("failures", [])[:50]:
             say(f"  failed {item['image']}: {item['reason']}")
-    return 0 if not report["failed"] else 1
+        _say_unlisted(report, "not converted")
+    return 0 if not report["failed"] and not report["unlisted"] else 1
+
+
+def _say_unlisted(report: dict, what: str) -> None:
+    if report["unlisted"]:
+        say(f"{report['unlisted']} folders or files could not be read, their entries {what}:")
+        for item in report["unlisted_paths"][:50]:
+            say(f"  unlisted {item['path']}: {item['reason']}")

@@ -314,6 +314,19 @@ def test_estimate_storage_prices_every_storage_and_its_packed_bytes_match_a_conv
     assert abs(rows["packed"]["bytes"] - actual) <= 0.02 * actual  # only the metadata's few bytes differ
 
 
+def test_what_the_walk_cannot_read_is_reported_by_convert_and_the_estimate(raw_root: Path, tmp_path: Path) -> None:
+    root = copy_root(raw_root, tmp_path)
+    os.symlink("loop", root / "loop")  # a symlink to itself: its kind cannot be told, as a folder one cannot list
+
+    estimate = json.loads(vggt_cache("verify", str(root), "--estimate-storage", "--json")[1])
+    code, out = vggt_cache("convert", str(root), "--storage", "packed")
+
+    assert estimate["entries"] == 3 and estimate["unlisted"] == 1
+    assert estimate["unlisted_paths"][0]["path"] == str(root / "loop")
+    assert code == 1 and "3 entries converted" in out and "1 folders or files could not be read" in out
+    assert f"unlisted {root / 'loop'}: cannot tell what this is" in out
+
+
 def test_a_dry_run_counts_the_bytes_of_the_chosen_storage(tmp_path: Path) -> None:
     folder = tmp_path / "new"
     write_images(folder, ["a.png", "b.png"])
