@@ -7,7 +7,10 @@ read from a file instead of the command line.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
+import logging
 import resource
 import socket
 import subprocess
@@ -19,6 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from vggt_cache.service.api.connections import AcceptErrors
 from vggt_cache.service.demo import free_port
 
 from helpers.service import REPO, TINY_MODEL, RunningService, poll, start_service, wait_job, write_images
@@ -84,6 +88,78 @@ def test_a_flood_of_silent_connections_neither_fails_a_job_nor_starves_requests(
     assert (view["state"], view["computed"], view["failed"]) == ("finished", len(images), 0), view
     assert len(log) < 16384 and "Traceback" not in log, log[-3000:]
     assert "At most 64 open connections" in log, log[-3000:]
+
+
+def python(code: str, preexec_fn=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, preexec_fn=preexec_fn
+    )
+
+
+def test_the_descriptor_soft_limit_is_raised_to_the_hard_limit_and_logged() -> None:
+    code = (
+        "import logging, resource, sys\n"
+        "logging.basicConfig(level=logging.INFO, stream=sys.stdout, format='%(message)s')\n"
+        "from vggt_cache.service.api.connections import raise_descriptor_limit\n"
+        "print(raise_descriptor_limit(), *resource.getrlimit(resource.RLIMIT_NOFILE))\n"
+    )
+    raised = python(code, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, 4 * FD_LIMIT)))
+    at_hard = python(code, preexec_fn=low_descriptor_limit)
+    assert raised.returncode == 0, raised.stderr
+    assert raised.stdout.splitlines() == [
+        f"File descriptor limit raised from {FD_LIMIT} to {4 * FD_LIMIT} (the hard limit)",
+        f"{4 * FD_LIMIT} {4 * FD_LIMIT} {4 * FD_LIMIT}",
+    ]
+    assert at_hard.stdout.splitlines() == [f"{FD_LIMIT} {FD_LIMIT} {FD_LIMIT}"], at_hard.stderr
+
+
+def test_a_step_out_of_descriptors_is_retried_until_they_come_back(tmp_path: Path) -> None:
+    # A process with every descriptor taken: the open fails with EMFILE until a timer gives some back.
+    code = f"""
+import errno, os, threading
+from vggt_cache.service.engine.work import when_descriptors_free
+held = []
+while True:
+    try:
+        held.append(os.open({str(tmp_path)!r}, os.O_RDONLY))
+    except OSError as e:
+        assert e.errno == errno.EMFILE
+        break
+threading.Timer(0.2, lambda: [os.close(fd) for fd in held[:8]]).start()
+fd = when_descriptors_free(lambda: os.open({str(tmp_path)!r}, os.O_RDONLY), "opening the folder")
+try:
+    when_descriptors_free(lambda: os.open({str(tmp_path / "absent")!r}, os.O_RDONLY), "opening nothing")
+except FileNotFoundError:
+    print("other errors at once")
+print("opened after", len(held), "descriptors")
+"""
+    result = python(code, preexec_fn=low_descriptor_limit)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == "other errors at once"
+    assert result.stdout.splitlines()[1].startswith("opened after")
+    assert "Out of file descriptors opening the folder; retrying in 0.5 s" in result.stderr
+    assert "opening nothing" not in result.stderr
+
+
+def test_failed_accepts_are_said_once_an_interval_with_their_count(caplog: pytest.LogCaptureFixture) -> None:
+    loop = asyncio.new_event_loop()
+    handler = AcceptErrors(interval_s=3600)
+    emfile = {"message": "socket.accept() out of system resource", "exception": OSError(errno.EMFILE, "Too many")}
+    try:
+        with caplog.at_level(logging.ERROR, logger="vggt_cache"):
+            for _ in range(1000):
+                handler(loop, emfile)
+        said = [r.getMessage() for r in caplog.records if r.name == "vggt_cache"]
+        assert said == [
+            "Cannot accept connections: Too many (1 times since the last report; said at most once every 3600 s)"
+        ]
+        assert handler.count == 999  # counted for the next report
+        caplog.clear()
+        with caplog.at_level(logging.ERROR):
+            handler(loop, {"message": "something else", "exception": ValueError("not ours")})
+        assert handler.count == 999 and any("something else" in r.getMessage() for r in caplog.records)
+    finally:
+        loop.close()
 
 
 # -- 2. probes and plans ------------------------------------------------------------------------
