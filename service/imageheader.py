@@ -69,7 +69,7 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             return size
         if marker < 0xC0 or marker in (0xD8, 0xD9):  # PIL: "no marker found", or a second image
             return None
-        (length,) = struct.unpack_from(">H", data, pos + 2)
+        length = data[pos + 2] << 8 | data[pos + 3]
         if length < 2 or pos + 2 + length > len(data):
             return None
         if marker in _JPEG_FRAMES:
