@@ -46,10 +46,17 @@ CREATE TABLE IF NOT EXISTS jobs (
 -- At most one active job per (data_root, spec): the database enforces it, across processes too.
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active ON jobs (data_root, spec_digest)
     WHERE state IN {ACTIVE_STATES};
+-- Every path a job's units name, once: 612k units of 9-frame clips name each frame nine times.
+CREATE TABLE IF NOT EXISTS paths (
+    job_id TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    PRIMARY KEY (job_id, pid)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS units (
     job_id TEXT NOT NULL,
     idx INTEGER NOT NULL,
-    frames_json TEXT NOT NULL,
+    frames_json TEXT NOT NULL,  -- JSON list of pids (of paths, in a state dir of an older release)
     targets_json TEXT NOT NULL,
     state TEXT NOT NULL DEFAULT '{UnitState.PENDING.value}' CHECK (state IN {sql_list(UnitState)}),
     attempts INTEGER NOT NULL DEFAULT 0,

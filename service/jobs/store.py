@@ -204,14 +204,20 @@ class JobStore:
         Scan problems count as failures, so the final counters add up to `total`.
         """
         problems = list(problems)
+        pids: dict[str, int] = {}
+
+        def interned(paths: Sequence[str]) -> str:
+            return json.dumps([pids.setdefault(p, len(pids)) for p in paths], separators=(",", ":"))
+
+        rows = [(job_id, i, interned(u.frames), interned(u.targets)) for i, u in enumerate(units)]
         with self._write() as db:
             job = self._job(db, job_id)
             if job.planned:
                 raise ValueError(f"job {job_id} is already planned")
             db.executemany(
-                "INSERT INTO units (job_id, idx, frames_json, targets_json) VALUES (?, ?, ?, ?)",
-                ((job_id, i, json.dumps(u.frames), json.dumps(u.targets)) for i, u in enumerate(units)),
+                "INSERT INTO paths (job_id, pid, path) VALUES (?, ?, ?)", ((job_id, i, p) for p, i in pids.items())
             )
+            db.executemany("INSERT INTO units (job_id, idx, frames_json, targets_json) VALUES (?, ?, ?, ?)", rows)
             _insert_failures(db, job_id, problems)
             total = sum(len(u.targets) for u in units) + len(problems)
             db.execute(
@@ -298,7 +304,7 @@ class JobStore:
                 ).fetchall()
             }
             doomed = [(job_id,) for i, job_id in enumerate(ended) if i >= keep or job_id in old]
-            for table in ("failures", "units", "jobs"):
+            for table in ("failures", "units", "paths", "jobs"):
                 db.executemany(f"DELETE FROM {table} WHERE job_id = ?", doomed)
         return len(doomed)
 
@@ -317,7 +323,26 @@ def _units(db: sqlite3.Connection, job_id: str, attempts: int) -> list[tuple[int
         "ORDER BY idx",
         (job_id, UnitState.PENDING.value, attempts),
     ).fetchall()
-    return [(idx, Unit(tuple(json.loads(f)), tuple(json.loads(t)))) for idx, f, t in rows]
+    lists = [(idx, json.loads(f), json.loads(t)) for idx, f, t in rows]
+    names = _paths(db, job_id, {p for _, f, t in lists for p in (*f, *t) if isinstance(p, int)})
+
+    def paths(items: list) -> tuple[str, ...]:
+        return tuple(names[p] if isinstance(p, int) else p for p in items)  # paths: an older release's row
+
+    return [(idx, Unit(paths(f), paths(t))) for idx, f, t in lists]
+
+
+def _paths(db: sqlite3.Connection, job_id: str, pids: set[int]) -> dict[int, str]:
+    """The paths of `pids` (all of the job's when that is most of them, else looked up a chunk at a time)."""
+    if len(pids) > 4096:
+        return dict(db.execute("SELECT pid, path FROM paths WHERE job_id = ?", (job_id,)))
+    found: dict[int, str] = {}
+    wanted = sorted(pids)
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        found.update(db.execute(f"SELECT pid, path FROM paths WHERE job_id = ? AND pid IN ({marks})", (job_id, *chunk)))
+    return found
 
 
 def _record_results(db: sqlite3.Connection, job_id: str, results: Iterable[TargetResult]) -> None:

@@ -227,6 +227,47 @@ def test_planning_a_hundred_thousand_units_is_fast(store):
     assert elapsed < 10, f"plan + read back took {elapsed:.1f}s"
 
 
+def causal_episode_units(episodes: int, steps: int) -> list[Unit]:
+    """NewJanusVLN's units: each step's clip is the step and up to 8 steps before it."""
+    folders = [f"/mnt/nfs/datasets/R2R-CE/train/episode_{e:06d}" for e in range(episodes)]
+    frames = [[f"{folder}/step_{n}_MOVE_FORWARD.jpg" for n in range(steps)] for folder in folders]
+    return [Unit.causal(tuple(names[max(0, n - 8) : n + 1])) for names in frames for n in range(steps)]
+
+
+def test_each_path_is_stored_once_and_units_read_back_as_planned(tmp_path):
+    store = JobStore(str(tmp_path))
+    job = store.create("/mnt/nfs/datasets/R2R-CE/train", "d", SPEC, OPTIONS)
+    units = causal_episode_units(episodes=100, steps=35)
+    store.record_plan(job.job_id, PLAN, units)
+    store.record_results(job.job_id, [(3, "computed", None, units[3].targets[0])])
+    db = sqlite3.connect(store.path)
+    assert db.execute("SELECT COUNT(*) FROM paths").fetchone()[0] == 3500  # each frame once, not nine times
+    assert store.pending_units(job.job_id) == [(i, u) for i, u in enumerate(units) if i != 3]
+    store.start_units(job.job_id, [7, 40])
+    assert store.fail_tried(job.job_id, 1, "poison") == [(7, units[7]), (40, units[40])]
+    store.finish(job.job_id, "finished")
+    store.close()
+
+    # ~240 bytes of SQLite a unit (paths of 66 characters): was ~1 kB, with every frame's path in every unit
+    assert os.path.getsize(store.path) < 400 * len(units), os.path.getsize(store.path)
+    reopened = JobStore(str(tmp_path))
+    assert reopened.prune(keep=0, max_age_s=0) == 1
+    assert db.execute("SELECT COUNT(*) FROM paths").fetchone()[0] == 0
+    reopened.close()
+
+
+def test_units_an_older_release_stored_as_paths_are_still_resumed(store):
+    job = store.create("/data", "d", SPEC, OPTIONS)
+    store.record_plan(job.job_id, PLAN, [])
+    frames = ["/data/ep/0.jpg", "/data/ep/1.jpg"]
+    with sqlite3.connect(store.path) as db:  # a row as releases before interned paths wrote it
+        db.execute(
+            "INSERT INTO units (job_id, idx, frames_json, targets_json) VALUES (?, 0, ?, ?)",
+            (job.job_id, json.dumps(frames), json.dumps(frames[-1:])),
+        )
+    assert store.pending_units(job.job_id) == [(0, Unit.causal(tuple(frames)))]
+
+
 _RECORDER = r"""
 import sys
 from vggt_cache.service.jobs.options import JobOptions
