@@ -33,7 +33,7 @@ from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.service.settings import ServiceSettings
 from vggt_cache.service.verify import verify_data_root
 
-from helpers.service import REPO, RunningService, service_spec, wait_job, write_images
+from helpers.service import REPO, TINY_MODEL, RunningService, service_spec, wait_job, write_images
 
 HANG_S = 30.0  # what "at once" must beat: a reader blocked on a FIFO would wait forever
 START_S = 120.0  # a Python process that imports torch on a loaded 2-core CI machine, plus HANG_S
@@ -153,6 +153,24 @@ def test_an_entry_another_user_cannot_read_is_unreadable_not_corrupt(http, share
     assert http.get("/status").json()["engine"]["on_demand_lookups"]["unreadable"] == 0  # a counter of its own
     with pytest.raises(ValueError, match="--file-mode"):
         ServiceSettings(file_mode=0o755).check()  # group-only is 0640; executable or owner-less modes are refused
+
+
+def test_a_group_only_file_mode_holds_whatever_the_umask(tmp_path: Path) -> None:
+    root = tmp_path / "group"
+    images = write_images(root, ["a.png", "b.png"], seed=3)
+    flags = ["--vggt_model_path", str(TINY_MODEL), "--size", "56", "--device", "cpu", "--file-mode", "0640"]
+    flags += ["--state-dir", str(tmp_path / "state")]
+    run = subprocess.run(
+        [sys.executable, "-m", "vggt_cache.service.cli", "precompute", "--data_root", str(root), *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.umask(0o077),
+    )
+    assert run.returncode == 0, run.stdout + run.stderr
+    written = [cache_path(p) for p in images] + [manifest_path(str(root))]
+    assert {oct(os.stat(p).st_mode & 0o777) for p in written} == {"0o640"}
 
 
 # -- item 9: a FIFO manifest hangs readers; the search walks up to / ---------------------------------
