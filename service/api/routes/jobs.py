@@ -37,7 +37,16 @@ def _precompute(req: PrecomputeRequest, c: Components, runtime: ServiceRuntime) 
         return JSONResponse(
             {"dry_run": True, "spec_digest": c.spec.digest, "plan": plan.to_dict(), "summary": plan.summary()}
         )
-    return _model(req.data_root, c.jobs.submit(data_root, options))
+    job = c.jobs.submit(data_root, options)
+    if job.options != options:  # the active job over this root and spec, started with other options
+        asked, running = options.to_dict(), job.options.to_dict()
+        differ = ", ".join(f"{k}={running[k]!r} (asked {asked[k]!r})" for k in sorted(asked) if asked[k] != running[k])
+        raise HTTPException(
+            409,
+            f"job {job.job_id} over this data_root and spec is already {job.state.value} with {differ}; "
+            f"wait for it or cancel it (DELETE /jobs/{job.job_id}), then submit again",
+        )
+    return _model(req.data_root, job)
 
 
 @router.get("/jobs/{job_id}")

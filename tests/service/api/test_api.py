@@ -328,6 +328,25 @@ async def test_a_full_on_demand_queue_is_429_with_retry_after(tmp_path_factory) 
         assert (await http.post("/features", json={"images": extra})).status_code == 200  # queue drained
 
 
+async def test_a_job_asked_with_other_options_than_the_active_one_is_409(tmp_path_factory) -> None:
+    root = tmp_path_factory.mktemp("active")
+    write_images(root, ["a.png", "b.png"])
+    device = threading.Event()  # held: the job stays running while it is asked for again
+    state = tmp_path_factory.mktemp("state")
+    async with app_in_process(root, state, before_forward=lambda batch: device.wait(60)) as http:
+        try:
+            first = (await http.post("/precompute", json={"data_root": str(root)})).json()
+            same = await http.post("/precompute", json={"data_root": str(root), "skip_existing": True})
+            other = await http.post("/precompute", json={"data_root": str(root), "overwrite": True, "verify": True})
+        finally:
+            device.set()
+        assert same.status_code == 202 and same.json()["job_id"] == first["job_id"]  # asking again is idempotent
+        assert other.status_code == 409, other.text
+        detail = other.json()["detail"]
+        assert f"job {first['job_id']}" in detail and "overwrite=False (asked True)" in detail
+        assert "verify=False (asked True)" in detail and f"DELETE /jobs/{first['job_id']}" in detail
+
+
 async def queued(http: httpx.AsyncClient) -> bool:
     return (await http.get("/status")).json()["engine"]["queued"]["on_demand"] > 4
 
