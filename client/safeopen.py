@@ -142,8 +142,12 @@ def atomic_write(
             raise ValueError(f"{path} {problem}; not replaced")
         tmp = temp_name(name)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dfd)
-        raw = _ErrorKeepingFile(fd)
         try:
+            try:
+                raw = _ErrorKeepingFile(fd)
+            except BaseException:
+                os.close(fd)
+                raise
             with io.BufferedWriter(raw) as f:
                 try:
                     write(f)

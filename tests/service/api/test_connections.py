@@ -118,9 +118,10 @@ def test_the_descriptor_soft_limit_is_raised_to_the_hard_limit_and_logged() -> N
 
 
 def test_a_step_out_of_descriptors_is_retried_until_they_come_back(tmp_path: Path) -> None:
-    # A process with every descriptor taken: the open fails with EMFILE until a timer gives some back.
+    # A process with every descriptor taken: the open fails with EMFILE until some are given back, as
+    # connections closing would, while the step waits for its retry (here: just before its second try).
     code = f"""
-import errno, os, threading
+import errno, os
 from vggt_cache.service.engine.work import when_descriptors_free
 held = []
 while True:
@@ -129,8 +130,17 @@ while True:
     except OSError as e:
         assert e.errno == errno.EMFILE
         break
-threading.Timer(0.2, lambda: [os.close(fd) for fd in held[:8]]).start()
-fd = when_descriptors_free(lambda: os.open({str(tmp_path)!r}, os.O_RDONLY), "opening the folder")
+tries = []
+
+def step():
+    tries.append(1)
+    if len(tries) == 2:
+        for fd in held[:8]:
+            os.close(fd)
+    return os.open({str(tmp_path)!r}, os.O_RDONLY)
+
+fd = when_descriptors_free(step, "opening the folder")
+assert len(tries) == 2
 try:
     when_descriptors_free(lambda: os.open({str(tmp_path / "absent")!r}, os.O_RDONLY), "opening nothing")
 except FileNotFoundError:

@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import re
@@ -240,20 +241,25 @@ def test_each_path_is_stored_once_and_units_read_back_as_planned(tmp_path):
     units = causal_episode_units(episodes=100, steps=35)
     store.record_plan(job.job_id, PLAN, units)
     store.record_results(job.job_id, [(3, "computed", None, units[3].targets[0])])
-    db = sqlite3.connect(store.path)
-    assert db.execute("SELECT COUNT(*) FROM paths").fetchone()[0] == 3500  # each frame once, not nine times
+    assert paths_stored(store) == 3500  # each frame once, not nine times
     assert store.pending_units(job.job_id) == [(i, u) for i, u in enumerate(units) if i != 3]
     store.start_units(job.job_id, [7, 40])
     assert store.fail_tried(job.job_id, 1, "poison") == [(7, units[7]), (40, units[40])]
     store.finish(job.job_id, "finished")
-    store.close()
+    store.close()  # the last connection: the WAL is written back into the file and removed
 
-    # ~240 bytes of SQLite a unit (paths of 66 characters): was ~1 kB, with every frame's path in every unit
+    # ~240 bytes of SQLite a unit (paths of 66 characters): was ~770, with every frame's path in every unit
+    assert not os.path.exists(store.path + "-wal")
     assert os.path.getsize(store.path) < 400 * len(units), os.path.getsize(store.path)
     reopened = JobStore(str(tmp_path))
     assert reopened.prune(keep=0, max_age_s=0) == 1
-    assert db.execute("SELECT COUNT(*) FROM paths").fetchone()[0] == 0
+    assert paths_stored(reopened) == 0
     reopened.close()
+
+
+def paths_stored(store: JobStore) -> int:
+    with contextlib.closing(sqlite3.connect(store.path)) as db:
+        return db.execute("SELECT COUNT(*) FROM paths").fetchone()[0]
 
 
 def test_units_an_older_release_stored_as_paths_are_still_resumed(store):
