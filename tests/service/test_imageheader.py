@@ -2,6 +2,7 @@ import errno
 import io
 import os
 import random
+import struct
 import zlib
 from pathlib import Path
 
@@ -87,6 +88,43 @@ def test_pils_pixel_limit_and_crc_are_pils_to_apply() -> None:
     assert header_size(png_sized(1000, 2000)) == pil_size(png_sized(1000, 2000)) == (1000, 2000)
     assert header_size(png_sized(1000, 2000, crc_right=False)) is None  # PIL refuses it
     assert header_size(png_sized(100_000, 100_000)) is None  # PIL's decompression-bomb rule, PIL's to apply
+
+
+def segment(marker: int, body: bytes) -> bytes:
+    return bytes([0xFF, marker]) + struct.pack(">H", len(body) + 2) + body
+
+
+def frame_header(marker: int, width: int, height: int, extra: bytes = b"") -> bytes:
+    return segment(marker, struct.pack(">BHHB", 8, height, width, 3) + bytes.fromhex("012200021101031101") + extra)
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def crafted() -> dict[str, bytes]:
+    """Headers PIL 13 reads otherwise than a JPEG or PNG reader going by the standards alone would."""
+    jpeg, png = CORPUS["jpeg exif"], CORPUS["png rgb"]
+    at = jpeg.index(b"\xff\xc0")
+    end = at + 2 + int.from_bytes(jpeg[at + 2 : at + 4], "big")
+    scan = jpeg.index(b"\xff\xda")
+    return {
+        "DHP read as a frame header": jpeg[:end] + frame_header(0xDE, 10, 10) + jpeg[end:],
+        "a frame header inside JPG0": jpeg[:end] + segment(0xF0, frame_header(0xC0, 10, 10)) + jpeg[end:],
+        "a component list cut short": jpeg[:at] + frame_header(0xC0, 64, 48, extra=b"\0") + jpeg[end:],
+        "a scan header cut short": jpeg[: scan + 5],
+        "a second IHDR": png[:33] + chunk(b"IHDR", struct.pack(">IIBBBBB", 7, 9, 8, 2, 0, 0, 0)) + png[33:],
+        "a later chunk's CRC wrong": png[:33] + chunk(b"tEXt", b"a\0b")[:-1] + b"\x00" + png[33:],
+        "no chunk after IHDR": png[:33],
+    }
+
+
+@pytest.mark.parametrize("name", list(crafted()))
+def test_a_header_pil_reads_otherwise_is_left_to_pil(name: str) -> None:
+    data = crafted()[name]
+    first_frame_header = (64, 48) if data.startswith(b"\xff\xd8") else (644, 483)
+    assert pil_size(data) != first_frame_header  # PIL gives another size, or refuses the file
+    assert header_size(data) is None
 
 
 def test_size_at_reads_the_file_in_the_folder_and_refuses_a_symlink_or_fifo(tmp_path: Path) -> None:
