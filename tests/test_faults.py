@@ -392,7 +392,9 @@ def test_two_services_precompute_one_root_while_training_clients_read(service_se
     for view in run["views"]:
         assert (view["state"], view["failed"]) == ("finished", 0)
         assert view["computed"] + view["skipped"] == 80
-    assert sum(v["computed"] for v in run["views"]) >= 80
+    # Every entry is written by a job, or by a service for the fetcher's on-demand requests (images[::7],
+    # which a job then finds valid and skips): none is skipped by both jobs without being written.
+    assert sum(v["computed"] for v in run["views"]) >= 80 - len(run["images"][::7])
     for kind in ("mmap", "copy"):
         seen = run["seen"][kind]
         assert set(seen) <= {Outcome.HIT, Outcome.MISSING}, (kind, seen)  # never corrupt, never half a file

@@ -47,10 +47,11 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE UNIQUE INDEX IF NOT EXISTS jobs_one_active ON jobs (data_root, spec_digest)
     WHERE state IN {ACTIVE_STATES};
 -- Every path a job's units name, once: 612k units of 9-frame clips name each frame nine times.
+-- The file system's bytes (`os.fsencode`): a name need not be UTF-8.
 CREATE TABLE IF NOT EXISTS paths (
     job_id TEXT NOT NULL,
     pid INTEGER NOT NULL,
-    path TEXT NOT NULL,
+    path BLOB NOT NULL,
     PRIMARY KEY (job_id, pid)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS units (

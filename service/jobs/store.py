@@ -215,7 +215,8 @@ class JobStore:
             if job.planned:
                 raise ValueError(f"job {job_id} is already planned")
             db.executemany(
-                "INSERT INTO paths (job_id, pid, path) VALUES (?, ?, ?)", ((job_id, i, p) for p, i in pids.items())
+                "INSERT INTO paths (job_id, pid, path) VALUES (?, ?, ?)",
+                ((job_id, i, os.fsencode(p)) for p, i in pids.items()),
             )
             db.executemany("INSERT INTO units (job_id, idx, frames_json, targets_json) VALUES (?, ?, ?, ?)", rows)
             _insert_failures(db, job_id, problems)
@@ -335,14 +336,15 @@ def _units(db: sqlite3.Connection, job_id: str, attempts: int) -> list[tuple[int
 def _paths(db: sqlite3.Connection, job_id: str, pids: set[int]) -> dict[int, str]:
     """The paths of `pids` (all of the job's when that is most of them, else looked up a chunk at a time)."""
     if len(pids) > 4096:
-        return dict(db.execute("SELECT pid, path FROM paths WHERE job_id = ?", (job_id,)))
-    found: dict[int, str] = {}
-    wanted = sorted(pids)
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start : start + 500]
-        marks = ", ".join("?" * len(chunk))
-        found.update(db.execute(f"SELECT pid, path FROM paths WHERE job_id = ? AND pid IN ({marks})", (job_id, *chunk)))
-    return found
+        rows = db.execute("SELECT pid, path FROM paths WHERE job_id = ?", (job_id,)).fetchall()
+    else:
+        wanted, rows = sorted(pids), []
+        for start in range(0, len(wanted), 500):
+            chunk = wanted[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            query = f"SELECT pid, path FROM paths WHERE job_id = ? AND pid IN ({marks})"
+            rows += db.execute(query, (job_id, *chunk)).fetchall()
+    return {pid: os.fsdecode(path) for pid, path in rows}
 
 
 def _record_results(db: sqlite3.Connection, job_id: str, results: Iterable[TargetResult]) -> None:

@@ -262,6 +262,14 @@ def paths_stored(store: JobStore) -> int:
         return db.execute("SELECT COUNT(*) FROM paths").fetchone()[0]
 
 
+def test_paths_that_are_not_utf8_round_trip(store):
+    job = store.create("/data", "d", SPEC, OPTIONS)
+    names = [os.fsdecode(b"/data/ep/\xff\xfe.png"), "/data/ep/line\nbreak.png", "/data/ep/caf\u00e9.png"]
+    units = [Unit.causal(tuple(names[: i + 1])) for i in range(3)]
+    store.record_plan(job.job_id, PLAN, units)
+    assert store.pending_units(job.job_id) == list(enumerate(units))
+
+
 def test_units_an_older_release_stored_as_paths_are_still_resumed(store):
     job = store.create("/data", "d", SPEC, OPTIONS)
     store.record_plan(job.job_id, PLAN, [])
