@@ -8,7 +8,9 @@ to one small JPEG (quick to build), and measures in child processes, side by sid
   `newjanusvln` spec: wall and CPU time, file-system calls per sample (`strace -c -f`, start-up
   subtracted, when strace is installed), first-entry latency (a job submits its first unit once
   its plan is made), state bytes per unit (the job store's SQLite files after `set_plan`) and
-  peak RSS per sample (over a child that only imports the same modules);
+  peak RSS per sample (over a child that only imports the same modules), and the RSS of what a
+  running job holds of its plan (a child that loads the job's pending units from the store, as
+  the runner does);
 - `floor`: `os.walk` + one `os.stat` per file of the same root.
 
 `python benchmarks/plan.py` runs N = 10k; `--n 10000 100000 612492` the issue's sizes (the
@@ -80,7 +82,8 @@ def _rss_bytes() -> int:
 
 
 def child(task: str, root: str, state_dir: str) -> dict:
-    """One measurement in this process: `none` (imports only), `walk` (the floor) or `plan` (ours)."""
+    """One measurement in this process: `none` (imports only), `walk` (the floor), `plan` (ours) or `units`
+    (the pending units of the job a `plan` child left in `state_dir`)."""
     from vggt_cache.client.spec import resolve_options
     from vggt_cache.service.jobs.options import JobOptions
     from vggt_cache.service.jobs.planning import plan_work
@@ -111,20 +114,28 @@ def child(task: str, root: str, state_dir: str) -> dict:
         store.close()
         out["state_bytes"] = sum(p.stat().st_size for p in Path(state_dir).iterdir())
         out["units"] = len(work.units)
+    elif task == "units":
+        store = JobStore(state_dir)
+        [job] = store.unfinished_jobs()
+        out["units"] = len(store.pending_units(job.job_id))
+        store.close()
     out.setdefault("seconds", time.perf_counter() - wall)
     out.setdefault("cpu_seconds", time.process_time() - cpu)
     out["rss_bytes"] = _rss_bytes()
     return out
 
 
-def _run_child(task: str, root: str, scratch: str, traced: bool) -> dict:
-    state_dir = tempfile.mkdtemp(dir=scratch)
+def _run_child(task: str, root: str, scratch: str, traced: bool, state_dir: str | None = None) -> dict:
+    """`task` in a child process; `state_dir`: the job store it uses and leaves (default: a temporary one)."""
+    kept = state_dir is not None
+    state_dir = state_dir or tempfile.mkdtemp(dir=scratch)
     cmd = [sys.executable, __file__, "--child", task, "--root", root, "--state-dir", state_dir]
     counts = os.path.join(scratch, "strace.txt")
     if traced:
         cmd = ["strace", "-f", "-c", "-e", f"trace={TRACED}", "-o", counts, *cmd]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    shutil.rmtree(state_dir)
+    if not kept:
+        shutil.rmtree(state_dir)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if traced:
         result["calls"] = _strace_total(counts)
@@ -153,7 +164,11 @@ def measure(n: int, layout: str, scratch: str, strace: bool, base: dict) -> dict
     t0 = time.perf_counter()
     build_root(root, n, layout)
     built = time.perf_counter() - t0
-    runs = {task: _run_child(task, root, scratch, False) for task in ("walk", "plan")}
+    state_dir = tempfile.mkdtemp(dir=scratch)
+    runs = {"walk": _run_child("walk", root, scratch, False)}
+    runs["plan"] = _run_child("plan", root, scratch, False, state_dir)
+    runs["units"] = _run_child("units", root, scratch, False, state_dir)  # what a running job holds of the plan
+    shutil.rmtree(state_dir)
     if strace:
         for task in ("walk", "plan"):
             runs[task]["calls"] = _run_child(task, root, scratch, True)["calls"]
@@ -172,6 +187,7 @@ def measure(n: int, layout: str, scratch: str, strace: bool, base: dict) -> dict
         "first_entry_s": plan["first_entry_s"],
         "state_bytes_per_unit": plan["state_bytes"] / plan["units"],
         "rss_bytes_per_sample": max(0, plan["rss_bytes"] - base["rss_bytes"]) / n,
+        "job_rss_bytes_per_sample": max(0, runs["units"]["rss_bytes"] - base["rss_bytes"]) / n,
     }
     if strace:
         row["ours_calls"] = (plan["calls"] - base["calls"]) / n
@@ -186,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="where the roots are built (default: a temporary folder)")
     parser.add_argument("--no-strace", action="store_true", help="do not count file-system calls")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", choices=("none", "walk", "plan"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("none", "walk", "plan", "units"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--state-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -216,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             *calls,
             "first entry s",
             "state B/unit",
-            "RSS B/sample",
+            "RSS B/sample plan",
+            "job",
         ),
         [
             (
@@ -230,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['first_entry_s']:.2f}",
                 f"{r['state_bytes_per_unit']:.0f}",
                 f"{r['rss_bytes_per_sample']:.0f}",
+                f"{r['job_rss_bytes_per_sample']:.0f}",
             )
             for r in rows
         ],

@@ -7,6 +7,7 @@ exactly the units still pending.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sqlite3
@@ -29,6 +30,7 @@ DB_NAME = "jobs.sqlite3"
 # Failure rows kept per job (each string `bounded`): the counters count every failure, the rows
 # show the first ones, so one job of bad data cannot grow the database without end.
 MAX_FAILURE_ROWS = 10_000
+_FEW_UNITS = 512  # fewer pending units than this look up their own paths; more load the job's path table
 
 
 class JobStore:
@@ -318,14 +320,21 @@ def _job_state(state: JobState | str) -> JobState:
 
 
 def _units(db: sqlite3.Connection, job_id: str, attempts: int) -> list[tuple[int, Unit]]:
-    """Pending units that went on a device at least `attempts` times, in plan order."""
+    """Pending units that went on a device at least `attempts` times, in plan order; decoded as they are
+    read (612k units must not be held twice): a few look up their own paths, many load the job's first."""
     rows = db.execute(
         "SELECT idx, frames_json, targets_json FROM units WHERE job_id = ? AND state = ? AND attempts >= ? "
         "ORDER BY idx",
         (job_id, UnitState.PENDING.value, attempts),
-    ).fetchall()
-    lists = [(idx, json.loads(f), json.loads(t)) for idx, f, t in rows]
-    names = _paths(db, job_id, {p for _, f, t in lists for p in (*f, *t) if isinstance(p, int)})
+    )
+    first = rows.fetchmany(_FEW_UNITS)
+    lists: Iterable[tuple[int, list, list]]
+    if len(first) < _FEW_UNITS:
+        lists = [(idx, json.loads(f), json.loads(t)) for idx, f, t in first]
+        names = _paths(db, job_id, {p for _, f, t in lists for p in (*f, *t) if isinstance(p, int)})
+    else:
+        names = _paths(db, job_id, None)
+        lists = ((idx, json.loads(f), json.loads(t)) for idx, f, t in itertools.chain(first, rows))
 
     def paths(items: list) -> tuple[str, ...]:
         return tuple(names[p] if isinstance(p, int) else p for p in items)  # paths: an older release's row
@@ -333,18 +342,19 @@ def _units(db: sqlite3.Connection, job_id: str, attempts: int) -> list[tuple[int
     return [(idx, Unit(paths(f), paths(t))) for idx, f, t in lists]
 
 
-def _paths(db: sqlite3.Connection, job_id: str, pids: set[int]) -> dict[int, str]:
-    """The paths of `pids` (all of the job's when that is most of them, else looked up a chunk at a time)."""
-    if len(pids) > 4096:
-        rows = db.execute("SELECT pid, path FROM paths WHERE job_id = ?", (job_id,)).fetchall()
-    else:
-        wanted, rows = sorted(pids), []
-        for start in range(0, len(wanted), 500):
-            chunk = wanted[start : start + 500]
-            marks = ", ".join("?" * len(chunk))
-            query = f"SELECT pid, path FROM paths WHERE job_id = ? AND pid IN ({marks})"
-            rows += db.execute(query, (job_id, *chunk)).fetchall()
-    return {pid: os.fsdecode(path) for pid, path in rows}
+def _paths(db: sqlite3.Connection, job_id: str, pids: set[int] | None) -> dict[int, str]:
+    """The paths of `pids` (None: all of the job's), looked up a chunk at a time."""
+    if pids is None:
+        rows = db.execute("SELECT pid, path FROM paths WHERE job_id = ?", (job_id,))
+        return {pid: os.fsdecode(path) for pid, path in rows}
+    found: dict[int, str] = {}
+    wanted = sorted(pids)
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        marks = ", ".join("?" * len(chunk))
+        query = f"SELECT pid, path FROM paths WHERE job_id = ? AND pid IN ({marks})"
+        found.update((pid, os.fsdecode(path)) for pid, path in db.execute(query, (job_id, *chunk)))
+    return found
 
 
 def _record_results(db: sqlite3.Connection, job_id: str, results: Iterable[TargetResult]) -> None:
