@@ -6,11 +6,11 @@ to one small JPEG (quick to build), and measures in child processes, side by sid
 
 - `ours`: `plan_work` (what `precompute --dry-run` and a job's plan do) with the tiny model's
   `newjanusvln` spec: wall and CPU time, file-system calls per sample (`strace -c -f`, start-up
-  subtracted, when strace is installed), first-entry latency (a job submits its first unit once
-  its plan is made), state bytes per unit (the job store's SQLite files after `set_plan`) and
-  peak RSS per sample (over a child that only imports the same modules), and the RSS of what a
-  running job holds of its plan (a child that loads the job's pending units from the store, as
-  the runner does);
+  subtracted, when strace is installed) and peak RSS per sample (over a child that only imports
+  the same modules); and what a job does, `plan_pieces` recording each piece in a job store: its
+  wall time, its first-entry latency (the job submits its first unit once its first piece is
+  recorded), state bytes per unit (the store's SQLite files), and the RSS of what a running job
+  holds of its plan (a child that loads the job's pending units from the store, as the runner does);
 - `floor`: `os.walk` + one `os.stat` per file of the same root.
 
 `python benchmarks/plan.py` runs N = 10k; `--n 10000 100000 612492` the issue's sizes (the
@@ -82,11 +82,12 @@ def _rss_bytes() -> int:
 
 
 def child(task: str, root: str, state_dir: str) -> dict:
-    """One measurement in this process: `none` (imports only), `walk` (the floor), `plan` (ours) or `units`
-    (the pending units of the job a `plan` child left in `state_dir`)."""
+    """One measurement in this process: `none` (imports only), `walk` (the floor), `plan` (ours: a dry run),
+    `stream` (a job's plan, recorded a piece at a time in `state_dir`) or `units` (the pending units of the job
+    a `stream` child left in `state_dir`)."""
     from vggt_cache.client.spec import resolve_options
     from vggt_cache.service.jobs.options import JobOptions
-    from vggt_cache.service.jobs.planning import plan_work
+    from vggt_cache.service.jobs.planning import plan_pieces, plan_work
     from vggt_cache.service.jobs.store import JobStore
     from vggt_cache.service.model import identify_model
     from vggt_cache.service.model.features import model_spec
@@ -105,15 +106,24 @@ def child(task: str, root: str, state_dir: str) -> dict:
         spec = model_spec(identify_model(str(TINY_MODEL)), **resolve_options("newjanusvln"))
         wall, cpu = time.perf_counter(), time.process_time()
         work = plan_work(root, spec, AllowedRoots.of([root]), JobOptions(max_history_images=HISTORY))
-        out["first_entry_s"] = time.perf_counter() - wall  # a job submits its first unit once planned
         out["samples"], out["entries"] = work.plan.source["samples"], work.plan.entries
-        out["seconds"], out["cpu_seconds"] = time.perf_counter() - wall, time.process_time() - cpu
+    elif task == "stream":  # what a job does: plan a piece at a time, each recorded before the next is planned
+        spec = model_spec(identify_model(str(TINY_MODEL)), **resolve_options("newjanusvln"))
+        options = JobOptions(max_history_images=HISTORY)
         store = JobStore(state_dir)
-        job = store.create(root, spec.digest, spec.canonical_json(), JobOptions(max_history_images=HISTORY))
-        store.record_plan(job.job_id, work.plan.to_dict(), work.units)
+        job = store.create(root, spec.digest, spec.canonical_json(), options)
+        wall, cpu = time.perf_counter(), time.process_time()
+        out["units"] = 0
+        for piece in plan_pieces(root, spec, AllowedRoots.of([root]), options):
+            store.record_piece(
+                job.job_id, piece.plan.to_dict(), piece.units, piece.problems, [], piece.samples, piece.last
+            )
+            if piece.units and not out["units"]:
+                out["first_entry_s"] = time.perf_counter() - wall  # the job submits its first unit now
+            out["units"] += len(piece.units)
+        out["seconds"], out["cpu_seconds"] = time.perf_counter() - wall, time.process_time() - cpu
         store.close()
         out["state_bytes"] = sum(p.stat().st_size for p in Path(state_dir).iterdir())
-        out["units"] = len(work.units)
     elif task == "units":
         store = JobStore(state_dir)
         [job] = store.unfinished_jobs()
@@ -166,14 +176,15 @@ def measure(n: int, layout: str, scratch: str, strace: bool, base: dict) -> dict
     built = time.perf_counter() - t0
     state_dir = tempfile.mkdtemp(dir=scratch)
     runs = {"walk": _run_child("walk", root, scratch, False)}
-    runs["plan"] = _run_child("plan", root, scratch, False, state_dir)
+    runs["plan"] = _run_child("plan", root, scratch, False)
+    runs["stream"] = _run_child("stream", root, scratch, False, state_dir)
     runs["units"] = _run_child("units", root, scratch, False, state_dir)  # what a running job holds of the plan
     shutil.rmtree(state_dir)
     if strace:
         for task in ("walk", "plan"):
             runs[task]["calls"] = _run_child(task, root, scratch, True)["calls"]
     shutil.rmtree(root)
-    walk, plan = runs["walk"], runs["plan"]
+    walk, plan, stream = runs["walk"], runs["plan"], runs["stream"]
     row = {
         "n": n,
         "layout": layout,
@@ -184,8 +195,9 @@ def measure(n: int, layout: str, scratch: str, strace: bool, base: dict) -> dict
         "ours_cpu_us": 1e6 * plan["cpu_seconds"] / n,
         "floor_s": walk["seconds"],
         "floor_cpu_us": 1e6 * walk["cpu_seconds"] / n,
-        "first_entry_s": plan["first_entry_s"],
-        "state_bytes_per_unit": plan["state_bytes"] / plan["units"],
+        "job_plan_s": stream["seconds"],
+        "first_entry_s": stream["first_entry_s"],
+        "state_bytes_per_unit": stream["state_bytes"] / stream["units"],
         "rss_bytes_per_sample": max(0, plan["rss_bytes"] - base["rss_bytes"]) / n,
         "job_rss_bytes_per_sample": max(0, runs["units"]["rss_bytes"] - base["rss_bytes"]) / n,
     }
@@ -202,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="where the roots are built (default: a temporary folder)")
     parser.add_argument("--no-strace", action="store_true", help="do not count file-system calls")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", choices=("none", "walk", "plan", "units"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("none", "walk", "plan", "stream", "units"), help=argparse.SUPPRESS)
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--state-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -230,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             "CPU us/sample ours",
             "floor",
             *calls,
+            "job plan s",
             "first entry s",
             "state B/unit",
             "RSS B/sample plan",
@@ -244,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['ours_cpu_us']:.0f}",
                 f"{r['floor_cpu_us']:.0f}",
                 *((f"{r['ours_calls']:.2f}", f"{r['floor_calls']:.2f}") if strace else ()),
+                f"{r['job_plan_s']:.2f}",
                 f"{r['first_entry_s']:.2f}",
                 f"{r['state_bytes_per_unit']:.0f}",
                 f"{r['rss_bytes_per_sample']:.0f}",

@@ -36,7 +36,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -84,17 +84,22 @@ class SampleSet:
     max_history_images: int | None = None  # the history rule applied (episode folders only)
     ignored_episodes: int = 0  # episode folders left aside because sample files were found
     named_files: list[str] | None = None  # the sample files asked for, when they were named
+    count: int | None = None  # samples read, when they were streamed (`SampleStream`) rather than kept
 
     @property
     def problems(self) -> list[tuple[str, str]]:
         return self.malformed + self.missing + self.unlisted
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.samples) if self.count is None else self.count
 
     def describe(self) -> dict:
         """What a job view and a manifest say about where the work came from."""
         return {
             "source": self.source,
             "files": self.files,
-            "samples": len(self.samples),
+            "samples": self.num_samples,
             "max_history_images": self.max_history_images,
             "ignored_episode_folders": self.ignored_episodes,
             "sample_files": self.named_files,
@@ -213,28 +218,28 @@ class _Reader:
         self.allowed = allowed
         self.max_sample_bytes = max_sample_bytes
         self.keep_records = keep_records
-        self.samples: list[Sample] = []
         self.malformed: list[tuple[str, str]] = []
         self.missing: list[tuple[str, str]] = []
 
-    def add_object(self, obj: object, where: str, sample_dir: str) -> None:
+    def sample(self, obj: object, where: str, sample_dir: str) -> Sample | None:
+        """The sample `obj`, or None (a problem recorded) when it is malformed or a frame is missing."""
         try:
             raw_clip, data_path = sample_images(obj)
         except MalformedSample as e:
             self.malformed.append((where, f"malformed sample: {e}"))
-            return
+            return None
         frames = []
         for raw in raw_clip:
             resolved = self.resolver.resolve(raw, sample_dir, data_path)
             if resolved is None:
                 self.missing.append((where, self.resolver.why_not(raw, sample_dir, data_path)))
-                return  # a clip with a hole would give its frames the wrong context
+                return None  # a clip with a hole would give its frames the wrong context
             frames.append(resolved)
         record = obj if self.keep_records and isinstance(obj, dict) else None  # sample_images took a dict
-        self.samples.append(Sample(tuple(frames), where, record))
+        return Sample(tuple(frames), where, record)
 
-    def read_jsonl(self, path: str, named: bool = False) -> bool:
-        """Read a `*.jsonl` sample file; False when it is not one (a `named` file always is)."""
+    def read_jsonl(self, path: str, named: bool = False) -> Generator[Sample, None, bool]:
+        """The samples of a `*.jsonl` sample file; returns False when it is not one (a `named` file always is)."""
         sample_dir = os.path.dirname(path)
         try:
             if not named and not _is_sample_jsonl(path, self.allowed, self.max_sample_bytes):
@@ -259,13 +264,16 @@ class _Reader:
                         reason = "nested too deeply to parse" if isinstance(e, RecursionError) else e
                         self.malformed.append((where, f"malformed sample: {reason}"))
                         continue
-                    self.add_object(obj, where, sample_dir)
+                    sample = self.sample(obj, where, sample_dir)
+                    if sample is not None:
+                        yield sample
         except OSError as e:
             self.malformed.append((path, f"cannot read sample file: {e.strerror or e}"))
         return True
 
-    def read_json(self, path: str, named: bool = False) -> bool:
-        """Read a `*.json` sample file, one element at a time; False when it is not one (a problem when `named`).
+    def read_json(self, path: str, named: bool = False) -> Generator[Sample, None, bool]:
+        """The samples of a `*.json` sample file, one element at a time; returns False when it is not one (a
+        problem when `named`).
 
         It is one when it holds an array whose first element is a sample object. An element that
         cannot be read ends the file's reading there: a problem, and the samples before it stay.
@@ -281,15 +289,17 @@ class _Reader:
                     return named
                 sample_dir = os.path.dirname(path)
                 for obj in itertools.chain([first], elements):
-                    self.add_object(obj, f"{path}[{read}]", sample_dir)
+                    sample = self.sample(obj, f"{path}[{read}]", sample_dir)
                     read += 1
+                    if sample is not None:
+                        yield sample
         except MalformedSample as e:
             self.malformed.append((f"{path}[{read}]", f"malformed sample file: {e}; the rest of the file was not read"))
         except OSError as e:
             self.malformed.append((path, f"cannot read sample file: {e.strerror or e}"))
         return True
 
-    def read_episode(self, folder: str, names: list[str], max_history: int) -> None:
+    def read_episode(self, folder: str, names: list[str], max_history: int) -> Iterator[Sample]:
         steps = sorted((int(_step_frame(n).group(1)), n) for n in names)
         numbers = [n for n, _ in steps]
         if len(set(numbers)) != len(numbers):
@@ -312,7 +322,110 @@ class _Reader:
                     "action": _step_frame(name).group(2).upper(),
                     "image": frames[j],
                 }
-            self.samples.append(Sample(clip, frames[j], record))
+            yield Sample(clip, frames[j], record)
+
+
+class SampleStream:
+    """The samples under a data root, read as they are iterated: a sample file, or an episode folder, at a time.
+
+    The walk is done when it is made; the samples, and the problems met reading them, come as the
+    stream is iterated (once). `sample_set()` then says what was read, as `find_samples` does.
+    """
+
+    def __init__(
+        self,
+        data_root: str,
+        max_history_images: int = DEFAULT_MAX_HISTORY,
+        data_path: str | None = None,
+        files: Sequence[str] | None = None,
+        keep_records: bool = False,
+        allowed: AllowedRoots | None = None,
+        max_sample_bytes: int = MAX_SAMPLE_BYTES,
+        table: FrameTable | None = None,
+    ) -> None:
+        """See `find_samples`."""
+        self.max_history_images = check_history(max_history_images)
+        check_sample_bytes(max_sample_bytes)
+        root = norm_path(data_root)
+        if not os.path.isdir(root):
+            raise UnusableInput(f"data root is not a directory: {root}")
+        self.root = root
+        self.named_files = list(files) if files else None
+        self.reader = _Reader(root, data_path, keep_records, allowed, max_sample_bytes, table)
+        if files:
+            self.found = Found()
+            for f in files:
+                path = norm_path(os.path.join(root, f))
+                (self.found.jsonl if path.endswith(".jsonl") else self.found.json).append(path)
+        else:
+            self.found = walk_root(root, allowed)
+        self.count = 0  # samples read so far
+        self._kinds: list[str] = []
+        self._files = 0
+        self._told: tuple[int, int] | None = None  # problems `new_problems` gave: malformed, missing
+
+    @property
+    def source(self) -> str:
+        """The layout read so far (`SampleSet.source`; "" before the first sample file is read whole)."""
+        return "+".join(self._kinds)
+
+    def new_problems(self) -> list[tuple[str, str]]:
+        """The problems met since the last call (the walk's unlisted folders in the first answer)."""
+        malformed, missing = self.reader.malformed, self.reader.missing
+        first = self._told is None
+        m, n = self._told or (0, 0)
+        self._told = (len(malformed), len(missing))
+        return malformed[m:] + missing[n:] + (self.found.unlisted if first else [])
+
+    def __iter__(self) -> Iterator[Sample]:
+        for sample in self._samples():
+            self.count += 1
+            yield sample
+
+    def _samples(self) -> Iterator[Sample]:
+        reader, found, named = self.reader, self.found, bool(self.named_files)
+        for kind, paths, read in (("jsonl", found.jsonl, reader.read_jsonl), ("json", found.json, reader.read_json)):
+            sample_files = 0
+            for path in paths:
+                sample_files += yield from read(path, named)
+            if sample_files:
+                self._kinds.append(kind)
+                self._files += sample_files
+        if self._kinds:
+            if found.episodes:
+                log.warning(
+                    "%s: %d episode folder(s) ignored, because sample files were found (e.g. %s); "
+                    "name the sample files to use, or remove them",
+                    self.root,
+                    len(found.episodes),
+                    found.episodes[0][0],
+                )
+        elif found.episodes:
+            self._kinds.append("episodes")
+            self._files = len(found.episodes)
+            for folder, names in found.episodes:
+                yield from reader.read_episode(folder, names, self.max_history_images)
+        else:
+            self._kinds.append("images")
+            self._files = len(found.images)
+            yield from (Sample((norm_path(p),), p) for p in found.images)
+
+    def sample_set(self, samples: list[Sample] | None = None) -> SampleSet:
+        """What the stream read (`samples`: those it gave, when they were kept), as far as it has been read."""
+        reader, source = self.reader, self.source
+        episodes, sample_files = source == "episodes", source not in ("episodes", "images")
+        return SampleSet(
+            [] if samples is None else samples,
+            reader.malformed,
+            reader.missing,
+            self.found.unlisted,
+            source,
+            self._files,
+            self.max_history_images if episodes else None,
+            len(self.found.episodes) if sample_files else 0,
+            self.named_files if sample_files else None,
+            self.count if samples is None else None,
+        )
 
 
 def find_samples(
@@ -336,58 +449,7 @@ def find_samples(
     sample at a time, each at most `max_sample_bytes`; folders the walk cannot list are problems.
     `table`: the plan's frame table (`service.frametable`), so a frame found here is not stat-ed again.
     """
-    check_history(max_history_images)
-    check_sample_bytes(max_sample_bytes)
-    root = norm_path(data_root)
-    if not os.path.isdir(root):
-        raise UnusableInput(f"data root is not a directory: {root}")
-    reader = _Reader(root, data_path, keep_records, allowed, max_sample_bytes, table)
-    if files:
-        found = Found()
-        for f in files:
-            path = norm_path(os.path.join(root, f))
-            (found.jsonl if path.endswith(".jsonl") else found.json).append(path)
-    else:
-        found = walk_root(root, allowed)
-
-    kinds = []
-    named = bool(files)
-    jsonl_files = sum(reader.read_jsonl(path, named) for path in found.jsonl)
-    if jsonl_files:
-        kinds.append("jsonl")
-    json_files = sum(reader.read_json(path, named) for path in found.json)
-    if json_files:
-        kinds.append("json")
-    if kinds:
-        if found.episodes:
-            log.warning(
-                "%s: %d episode folder(s) ignored, because sample files were found (e.g. %s); "
-                "name the sample files to use, or remove them",
-                root,
-                len(found.episodes),
-                found.episodes[0][0],
-            )
-        return SampleSet(
-            reader.samples,
-            reader.malformed,
-            reader.missing,
-            found.unlisted,
-            "+".join(kinds),
-            jsonl_files + json_files,
-            ignored_episodes=len(found.episodes),
-            named_files=list(files) if files else None,
-        )
-    if found.episodes:
-        for folder, names in found.episodes:
-            reader.read_episode(folder, names, max_history_images)
-        return SampleSet(
-            reader.samples,
-            reader.malformed,
-            reader.missing,
-            found.unlisted,
-            "episodes",
-            len(found.episodes),
-            max_history_images,
-        )
-    samples = [Sample((norm_path(p),), p) for p in found.images]
-    return SampleSet(samples, reader.malformed, reader.missing, found.unlisted, "images", len(found.images))
+    stream = SampleStream(
+        data_root, max_history_images, data_path, files, keep_records, allowed, max_sample_bytes, table
+    )
+    return stream.sample_set(list(stream))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -10,7 +10,7 @@ from vggt_cache.client.spec import ATTENTION, Attention
 from vggt_cache.service.errors import UnusableInput
 from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.paths import AllowedRoots
-from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, SampleSet, find_samples
+from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES, SampleSet, SampleStream
 from vggt_cache.service.units import Unit
 
 T = TypeVar("T")
@@ -31,7 +31,7 @@ class ScanResult:
 
     @property
     def num_samples(self) -> int:
-        return len(self.samples.samples)
+        return self.samples.num_samples
 
 
 class UnitPlanner:
@@ -60,6 +60,11 @@ class UnitPlanner:
     def conflicts(self) -> int:
         return len(self._conflicted)
 
+    def take(self) -> list[Unit]:
+        """The units added since the last `take` (a streamed plan does not hold them all)."""
+        units, self.units = self.units, []
+        return units
+
 
 def scan_data_root(
     data_root: str,
@@ -79,21 +84,34 @@ def scan_data_root(
     its frames targets; `causal` -> one per unique clip, its last frame the target. Loose image
     files (no sample files, no episode folders) are work for `frame` attention only.
     """
-    if attention not in ATTENTION:
-        raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
-    found = find_samples(
+    stream = SampleStream(
         data_root, max_history_images, data_path, files, allowed=allowed, max_sample_bytes=max_sample_bytes, table=table
     )
-    if found.source == "images" and attention != Attention.FRAME:
+    planner = UnitPlanner(attention)
+    units = [unit for piece in scan_pieces(stream, planner, None) for unit in piece]
+    samples = stream.sample_set()
+    return ScanResult(units, samples.problems, samples, planner.conflicts)
+
+
+def scan_pieces(stream: SampleStream, planner: UnitPlanner, piece_samples: int | None) -> Iterator[list[Unit]]:
+    """The new units of each `piece_samples` samples of `stream` (None: all in one piece), then of the rest:
+    a streamed job plans and computes a piece while the next is read."""
+    attention = planner.attention
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
+    for sample in stream:
+        if sample.frames:
+            if attention != Attention.FRAME and stream.source == "images":
+                break
+            planner.add_clip(sample.frames)
+        if piece_samples and stream.count % piece_samples == 0:
+            yield planner.take()
+    if attention != Attention.FRAME and stream.source == "images":
         raise UnusableInput(
             f"{attention} attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> "
-            f"episode folders) found under {data_root} (an image folder alone is only work for frame attention)"
+            f"episode folders) found under {stream.root} (an image folder alone is only work for frame attention)"
         )
-    planner = UnitPlanner(attention)
-    for sample in found.samples:
-        if sample.frames:
-            planner.add_clip(sample.frames)
-    return ScanResult(planner.units, found.problems, found, planner.conflicts)
+    yield planner.take()
 
 
 def shard(units: list[T], rank: int, world_size: int) -> list[T]:

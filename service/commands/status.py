@@ -45,6 +45,8 @@ def status(args: argparse.Namespace) -> int:
             say("requests " + ", ".join(f"{k} {v}" for k, v in lookups.items()) + " (on-demand units)")
     for job in body.get("jobs", []):
         eta = f"  eta {duration(job['eta_s'])}" if job.get("eta_s") else ""
+        if job["state"] == "running" and job.get("planned") is False:
+            eta += f"  (planning: {job['total']} entries so far)"
         say(
             f"job {job['job_id']}  {job['state']:9s} {job['progress'] * 100:5.1f}%  "
             f"{job['computed']} computed {job['skipped']} skipped {job['failed']} failed  {job['data_root']}{eta}"

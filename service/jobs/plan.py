@@ -1,8 +1,8 @@
 """What a bulk job would do before it does it: entries already valid, entries to compute, bytes, free space.
 
 `vggt-cache precompute --dry-run` and `POST /precompute {"dry_run": true}` print it; every
-job checks it before computing anything and refuses to start when its new entries would not
-fit (unless forced). Nothing here loads the model: existing entries are checked by their
+job checks it as it plans (a piece at a time, `PlanBuilder`) and fails once its new entries would
+not fit (unless forced). Nothing here loads the model: existing entries are checked by their
 metadata alone (`read_entry(..., tensor=False)`), and the size of a new entry follows from
 the image's header (its pixel size), the spec (its storage too) and the grid. An entry replacing an existing
 file only needs the difference. Entries go next to their images, so the bytes are counted per
@@ -29,7 +29,7 @@ from vggt_cache.client.text import bounded
 from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.imageheader import size_at
 from vggt_cache.service.preprocess import MAX_IMAGE_BYTES, image_size, output_size
-from vggt_cache.service.sources import ScanResult
+from vggt_cache.service.samples import SampleSet
 from vggt_cache.service.units import Unit
 
 log = logging.getLogger("vggt_cache")
@@ -172,73 +172,109 @@ def _pixels_in(dfd: int, target: str, checks: _Checks) -> tuple[int, int]:
     return size_at(dfd, name) or image_size(name, checks.max_image_bytes, dir_fd=dfd)
 
 
-def plan_job(
-    scan: ScanResult,
-    spec: FeatureSpec,
-    data_root: str,
-    skip_existing: bool = True,
-    units: Sequence[Unit] | None = None,
-    refused: int = 0,
-    ranks: int = 1,
-    roots: Sequence[str] | None = None,
-    max_image_bytes: int = MAX_IMAGE_BYTES,
-    table: FrameTable | None = None,
-) -> tuple[Plan, frozenset[str]]:
-    """The plan of a job over `scan`, or over `units` (one rank's share of it), reading headers and metadata
-    only, and the targets found to hold a valid entry (so the job need not read them again).
+class PlanBuilder:
+    """A plan made a stretch of units at a time (a streamed job plans as it computes): `check` each stretch,
+    `plan` says the sum so far."""
 
-    `roots` (real paths): files that open outside them, and images over `max_image_bytes`, are counted
-    unreadable, as the engine will fail them. `table`: the frames already looked at (`plan_work`'s
-    containment), so each file is stat-ed once however many entries name it.
-    """
-    units = scan.units if units is None else units
-    work = [(t, spec.context_of(u.frames)) for u in units for t in u.targets]
-    checks = _Checks(spec, skip_existing, {}, FrameTable() if table is None else table, roots, max_image_bytes)
-    folders = [(folder, list(group)) for folder, group in itertools.groupby(work, lambda tc: os.path.dirname(tc[0]))]
-    checked: list[_Target] = []
-    started = last_report = time.monotonic()
-    with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="vggt-plan") as pool:
-        for targets in pool.map(lambda group: _check_folder(group[0], group[1], checks), folders):
-            checked.extend(targets)
-            if time.monotonic() - last_report > PROGRESS_EVERY_S:
-                last_report = time.monotonic()
-                log.info(
-                    "Planning %s: %d/%d entries checked (%.0f s)",
-                    data_root,
-                    len(checked),
-                    len(work),
-                    last_report - started,
-                )
-    new = [t for t in checked if t.compute and not t.unreadable]
-    per_device: dict[int, list] = {}  # st_dev -> [a folder on it, bytes]
-    for t in checked:
-        if t.compute and not t.unreadable:
-            per_device.setdefault(t.device, [t.folder, 0])[1] += t.nbytes
-    file_systems = [
-        {"path": folder, "bytes_to_write": max(0, nbytes), "free_bytes": free_bytes(folder)}
-        for device, (folder, nbytes) in per_device.items()
-        if device != -1
-    ]
-    tightest = min(file_systems, key=lambda fs: fs["free_bytes"] - fs["bytes_to_write"] * ranks, default=None)
-    if tightest is not None and len(file_systems) == 1 and os.stat(data_root).st_dev in per_device:
-        tightest = None  # one file system, the data root's: the top-level figures say it all
-    valid = frozenset(target for (target, _), t in zip(work, checked, strict=True) if t.valid)
-    return Plan(
-        data_root,
-        scan.samples.describe(),
-        len(units),
-        len(work),
-        sum(t.valid for t in checked),
-        sum(t.compute for t in checked),
-        sum(t.unreadable for t in checked),
-        len(scan.problems),
-        refused,
-        max(0, sum(t.nbytes for t in checked if t.compute)),
-        free_bytes(data_root),
-        ranks,
-        tightest,
-        round(sum(t.size for t in new) / len(new)) if new else 0,
-        sum(t.size - t.nbytes for t in new),
-        len(scan.samples.unlisted),
-        [{"where": bounded(where), "reason": bounded(why)} for where, why in scan.problems[:PROBLEMS_SHOWN]],
-    ), valid
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        data_root: str,
+        skip_existing: bool = True,
+        ranks: int = 1,
+        roots: Sequence[str] | None = None,
+        max_image_bytes: int = MAX_IMAGE_BYTES,
+        table: FrameTable | None = None,
+    ) -> None:
+        """`roots` (real paths): files that open outside them, and images over `max_image_bytes`, are counted
+        unreadable, as the engine will fail them. `table`: the frames already looked at (`plan_work`'s
+        containment), so each file is stat-ed once however many entries name it."""
+        self.spec, self.data_root, self.ranks = spec, data_root, ranks
+        self._checks = _Checks(
+            spec, skip_existing, {}, FrameTable() if table is None else table, roots, max_image_bytes
+        )
+        self.units = self.entries = self.valid = self.to_compute = self.unreadable = 0
+        self._bytes = self._new = self._new_bytes = self._replaced = 0
+        self._per_device: dict[int, list] = {}  # st_dev -> [a folder on it, bytes]
+        self._started = self._last_report = time.monotonic()
+
+    def check(self, units: Sequence[Unit]) -> frozenset[str]:
+        """Check the targets of `units` (headers and metadata only); returns those holding a valid entry."""
+        work = [(t, self.spec.context_of(u.frames)) for u in units for t in u.targets]
+        folders = [
+            (folder, list(group)) for folder, group in itertools.groupby(work, lambda tc: os.path.dirname(tc[0]))
+        ]
+        checked: list[_Target] = []
+        with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="vggt-plan") as pool:
+            for targets in pool.map(lambda group: _check_folder(group[0], group[1], self._checks), folders):
+                checked.extend(targets)
+                if time.monotonic() - self._last_report > PROGRESS_EVERY_S:
+                    self._last_report = time.monotonic()
+                    log.info(
+                        "Planning %s: %d entries checked (%.0f s)",
+                        self.data_root,
+                        self.entries + len(checked),
+                        self._last_report - self._started,
+                    )
+        self.units += len(units)
+        self.entries += len(work)
+        for t in checked:
+            self.valid += t.valid
+            self.unreadable += t.unreadable
+            if not t.compute:
+                continue
+            self.to_compute += 1
+            self._bytes += t.nbytes
+            if not t.unreadable:
+                self._new += 1
+                self._new_bytes += t.size
+                self._replaced += t.size - t.nbytes
+                self._per_device.setdefault(t.device, [t.folder, 0])[1] += t.nbytes
+        return frozenset(target for (target, _), t in zip(work, checked, strict=True) if t.valid)
+
+    def plan(self, samples: SampleSet, refused: int) -> Plan:
+        """The plan of what was checked, the samples being `samples` (as far as they were read)."""
+        ranks = self.ranks
+        file_systems = [
+            {"path": folder, "bytes_to_write": max(0, nbytes), "free_bytes": free_bytes(folder)}
+            for device, (folder, nbytes) in self._per_device.items()
+            if device != -1
+        ]
+        tightest = min(file_systems, key=lambda fs: fs["free_bytes"] - fs["bytes_to_write"] * ranks, default=None)
+        if tightest is not None and len(file_systems) == 1 and os.stat(self.data_root).st_dev in self._per_device:
+            tightest = None  # one file system, the data root's: the top-level figures say it all
+        problems = samples.problems
+        return Plan(
+            self.data_root,
+            samples.describe(),
+            self.units,
+            self.entries,
+            self.valid,
+            self.to_compute,
+            self.unreadable,
+            len(problems),
+            refused,
+            max(0, self._bytes),
+            free_bytes(self.data_root),
+            ranks,
+            tightest,
+            round(self._new_bytes / self._new) if self._new else 0,
+            self._replaced,
+            len(samples.unlisted),
+            [{"where": bounded(where), "reason": bounded(why)} for where, why in problems[:PROBLEMS_SHOWN]],
+        )
+
+
+# A plan's counts that add up over pieces planned by two processes (a job resumed while it was planning).
+_ADDED = ("units", "entries", "valid", "to_compute", "unreadable", "refused", "bytes_to_write", "replaced_bytes")
+
+
+def resumed(earlier: dict | None, plan: Plan) -> dict:
+    """`plan.to_dict()` with the counts of `earlier`, the plan a process recorded before this one went on with
+    it, added; `fits` (and the free space) stays this process's, as it checks only what it plans."""
+    d = plan.to_dict()
+    if earlier:
+        for name in _ADDED:
+            d[name] += earlier.get(name, 0)
+        d["entry_bytes"] = d["entry_bytes"] or earlier.get("entry_bytes", 0)
+    return d

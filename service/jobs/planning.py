@@ -1,18 +1,28 @@
 """A job's first step, and all that a dry run does: scan a data root into units, refuse those a device must
-not take, and plan the rest (entries valid / to compute, bytes, free space)."""
+not take, and plan the rest (entries valid / to compute, bytes, free space). A dry run and a job under
+torchrun plan the whole root at once (`plan_work`); a service's job plans it a piece at a time while it
+computes the pieces before (`plan_pieces`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from vggt_cache.client.safeopen import OutsideRoots
 from vggt_cache.client.spec import FeatureSpec
+from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.jobs.options import JobLimits, JobOptions
-from vggt_cache.service.jobs.plan import Plan, plan_job
+from vggt_cache.service.jobs.plan import Plan, PlanBuilder
+from vggt_cache.service.jobs.records import TargetResult
 from vggt_cache.service.paths import AllowedRoots
-from vggt_cache.service.sources import ScanResult, scan_data_root, shard
+from vggt_cache.service.samples import SampleStream
+from vggt_cache.service.sources import ScanResult, UnitPlanner, scan_data_root, scan_pieces, shard
 from vggt_cache.service.units import Unit
+
+# Samples a streamed job reads and plans before it hands them on: an episode folder holds ~35, so a piece is
+# ~100 folders or a few thousand lines of a sample file; its units start computing while the next is planned.
+PIECE_SAMPLES = 4096
 
 
 @dataclass(frozen=True)
@@ -25,6 +35,19 @@ class Work:
     plan: Plan
     # Units whose every target held a valid entry when planned (skip_existing): skipped without a second read.
     valid: list[int]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A stretch of a streamed plan: the units it adds (as `Work` has them), and the plan of all so far."""
+
+    units: list[Unit]
+    refused: dict[int, str]
+    valid: list[int]
+    problems: list[tuple[str, str]]  # met reading its samples (the walk's unlisted folders with the first)
+    samples: int  # samples read to its end: where a resumed plan goes on (`plan_pieces`' `skip_samples`)
+    plan: Plan  # of this piece and those before it in this process; the whole plan once `last`
+    last: bool  # the plan is complete (this piece holds no units)
 
 
 def plan_work(
@@ -51,6 +74,63 @@ def plan_work(
         table,
     )
     units = shard(scan.units, rank, world_size)
+    builder = PlanBuilder(
+        spec, data_root, options.skip_existing, world_size, allowed.real, limits.max_image_bytes, table
+    )
+    refused, valid = _check(units, builder, table, options, limits)
+    return Work(scan, units, refused, builder.plan(scan.samples, len(refused)), valid)
+
+
+def plan_pieces(
+    data_root: str,
+    spec: FeatureSpec,
+    allowed: AllowedRoots,
+    options: JobOptions,
+    limits: JobLimits = JobLimits(),
+    skip_samples: int = 0,
+    piece_samples: int = PIECE_SAMPLES,
+) -> Iterator[Piece]:
+    """Plan `data_root` a piece of `piece_samples` samples at a time, then a last piece without units.
+
+    `skip_samples`: the samples a piece recorded before (a resumed job's) covered: read again, for the
+    units they share with later samples, but neither checked nor given (their problems neither); the
+    plans given are of the pieces after them.
+    """
+    options.contain(data_root, allowed)
+    table = FrameTable(allowed)
+    stream = SampleStream(
+        data_root,
+        options.max_history_images,
+        options.data_path,
+        options.data_files,
+        allowed=allowed,
+        max_sample_bytes=limits.max_sample_bytes,
+        table=table,
+    )
+    builder = PlanBuilder(spec, data_root, options.skip_existing, 1, allowed.real, limits.max_image_bytes, table)
+    refused_total = 0
+    for units in scan_pieces(stream, UnitPlanner(spec.attention), piece_samples):
+        problems = stream.new_problems()
+        if stream.count <= skip_samples:
+            continue
+        refused, valid = _check(units, builder, table, options, limits)
+        refused_total += len(refused)
+        plan = builder.plan(stream.sample_set(), refused_total)
+        yield Piece(units, refused, valid, problems, stream.count, plan, False)
+    problems = stream.new_problems()
+    yield Piece([], {}, [], problems, stream.count, builder.plan(stream.sample_set(), refused_total), True)
+
+
+def known_results(units: Sequence[Unit], refused: dict[int, str], valid: list[int]) -> list[TargetResult]:
+    """What a plan knows of its units before any decode: the refused fail untouched, the valid are skipped."""
+    known = [TargetResult(i, EntryStatus.FAILED, why, t) for i, why in refused.items() for t in units[i].targets]
+    return known + [TargetResult(i, EntryStatus.CACHED, None, t) for i in valid for t in units[i].targets]
+
+
+def _check(
+    units: Sequence[Unit], builder: PlanBuilder, table: FrameTable, options: JobOptions, limits: JobLimits
+) -> tuple[dict[int, str], list[int]]:
+    """The units refused (index -> why) and those found valid; the rest checked into `builder`'s plan."""
     max_frames = limits.max_frames_per_sample
     refused: dict[int, str] = {}
     for idx, unit in enumerate(units):
@@ -64,19 +144,7 @@ def plan_work(
                 table.contain(frame)
         except (OutsideRoots, ValueError) as exc:
             refused[idx] = str(exc)
-    admitted = [u for i, u in enumerate(units) if i not in refused]
-    plan, valid_targets = plan_job(
-        scan,
-        spec,
-        data_root,
-        options.skip_existing,
-        admitted,
-        len(refused),
-        world_size,
-        allowed.real,
-        limits.max_image_bytes,
-        table,
-    )
+    valid_targets = builder.check([u for i, u in enumerate(units) if i not in refused])
     valid = []
     if options.skip_existing:
         valid = [
@@ -84,4 +152,4 @@ def plan_work(
             for i, u in enumerate(units)
             if i not in refused and u.targets and all(t in valid_targets for t in u.targets)
         ]
-    return Work(scan, units, refused, plan, valid)
+    return refused, valid

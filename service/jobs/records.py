@@ -30,7 +30,7 @@ class JobRecord:
     spec_json: str
     options: JobOptions
     state: JobState
-    planned: bool  # units recorded by record_plan; an unplanned job is (re)scanned on resume
+    planned: bool  # its whole plan recorded (`JobStore.record_piece`); else planned on, on resume
     total: int  # targets planned + scan problems, so computed + skipped + failed == total at the end
     computed: int
     skipped: int
@@ -44,6 +44,7 @@ class JobRecord:
     # Targets whose file held another clip's valid entry: kept (of skipped/computed) or replaced (of computed).
     kept: int = 0
     replaced: int = 0
+    planned_samples: int = 0  # while planning: the samples read into recorded units
 
     @property
     def done(self) -> int:
@@ -71,6 +72,7 @@ class JobRecord:
             plan_json,
             kept,
             replaced,
+            planned_samples,
         ) = row
         return cls(
             job_id,
@@ -92,4 +94,5 @@ class JobRecord:
             json.loads(plan_json) if plan_json else None,
             kept,
             replaced,
+            planned_samples,
         )

@@ -22,7 +22,9 @@ from vggt_cache.client.wire import EntryStatus
 from vggt_cache.service.engine import Engine, EngineStopped, Priority, UnitResult, Withdrawn
 from vggt_cache.service.jobs.manifest import JobReport, write_job_manifest
 from vggt_cache.service.jobs.options import JobLimits, JobOptions
-from vggt_cache.service.jobs.planning import plan_work
+from vggt_cache.service.jobs.plan import Plan
+from vggt_cache.service.jobs.planner import PIECE_SAMPLES, Planner
+from vggt_cache.service.jobs.planning import known_results, plan_work
 from vggt_cache.service.jobs.recorder import Recorder
 from vggt_cache.service.jobs.records import JobRecord, TargetResult
 from vggt_cache.service.jobs.store import JobStore
@@ -210,21 +212,33 @@ class JobManager:
         t_start = time.time()
         interrupted = rec.state is JobState.RUNNING  # a process running it died (or was killed) mid-job
         rec = self.store.start(job_id)
-        if not rec.planned:
+        if not rec.planned and self.world_size > 1:  # a rank's share is a stretch of the whole plan
             rec = self._plan(rec)
             if rec.state is JobState.FAILED:
                 return self._view(rec)
         self._rates[job_id] = Rate(time.monotonic(), rec.computed)
         options = rec.options
         self._fail_poison(job_id)
-        pending = self.store.pending_units(job_id)
+        pending = self.store.pending_units(job_id)  # recorded before: the whole plan, or a plan's first pieces'
+        planner = None if rec.planned else Planner(self.store, self.spec, self.allowed, self.limits, rec)
         # A manifest write killed by another run (of any service or CLI) over this root leaves its temporary file.
         self._remove_orphaned_temp_files(job_id, [rec.data_root], is_manifest_temp_file)
         if interrupted:
             self._remove_orphaned_temp_files(
                 job_id, sorted({os.path.dirname(t) for _, u in pending for t in u.targets}), is_temp_file
             )
-        log.info("Job %s: %d units to do (%d entries already done)", job_id, len(pending), rec.done)
+        if planner is None:
+            log.info("Job %s: %d units to do (%d entries already done)", job_id, len(pending), rec.done)
+        else:
+            log.info(
+                "Job %s: planning %s %d samples at a time while computing (%d units recorded to do, %d samples "
+                "planned before)",
+                job_id,
+                printable(rec.data_root),
+                PIECE_SAMPLES,
+                len(pending),
+                rec.planned_samples,
+            )
 
         results: queue.Queue[tuple[int, Unit, Future]] = queue.Queue()
 
@@ -250,8 +264,6 @@ class JobManager:
             return taken
 
         idxs_of: dict[Unit, list[int]] = {}
-        for idx, unit in pending:
-            idxs_of.setdefault(unit, []).append(idx)
 
         def started(units: list[Unit], step: int) -> None:  # on a device thread, before and after the forward
             idxs = [idx for unit in units for idx in idxs_of.get(unit, ())]
@@ -267,45 +279,66 @@ class JobManager:
         recorder = Recorder(record)
         recorder.start(f"job-recorder-{job_id}")
         stopped = False  # the engine refused a unit: it stopped (a shutdown)
+
+        def halted() -> bool:
+            return stopped or self._stopping.is_set() or self.store.cancel_requested(job_id)
+
+        # A streamed plan's pieces as they are recorded (what was recorded before first), else the whole plan's.
+        batches = [pending] if planner is None else planner.batches(pending, halted)
+        chunks = (c for batch in batches for c in lane_chunks(batch, self.engine.lanes, self.chunk_units))
+        failure: Exception | None = None  # the plan's, met mid-way: raised once what went in has landed
         try:
-            for chunk, lanes in lane_chunks(pending, self.engine.lanes, self.chunk_units):
-                if stopped or self._stopping.is_set() or self.store.cancel_requested(job_id):
-                    break
-                # A unit at a time: `submit` blocks while the backlog is full, and each future must have its
-                # callback (to the recorder) as soon as it is admitted, not once the whole chunk is.
-                for i, (idx, unit) in enumerate(chunk):
-                    try:
-                        fut = self.engine.submit(
-                            [unit],
-                            Priority.BULK,
-                            skip_existing=options.skip_existing,
-                            verify=options.verify,
-                            return_features=False,
-                            lanes=None if lanes is None else lanes[i : i + 1],
-                            overwrite=options.overwrite,
-                            on_start=started,
-                        )[0]
-                    except EngineStopped:  # a shutdown while this chunk went in: the rest stays pending
-                        stopped = True
+            try:
+                for chunk, lanes in chunks:
+                    if halted():
                         break
-                    with self._lock:
-                        in_engine.append(fut)
-                    fut.add_done_callback(partial(landed, idx, unit))
-                    submitted += 1
-            if self.store.cancel_requested(job_id):
-                self._withdraw(job_id)  # what was admitted while the cancel came in
+                    for idx, unit in chunk:
+                        idxs_of.setdefault(unit, []).append(idx)
+                    # A unit at a time: `submit` blocks while the backlog is full, and each future must have its
+                    # callback (to the recorder) as soon as it is admitted, not once the whole chunk is.
+                    for i, (idx, unit) in enumerate(chunk):
+                        try:
+                            fut = self.engine.submit(
+                                [unit],
+                                Priority.BULK,
+                                skip_existing=options.skip_existing,
+                                verify=options.verify,
+                                return_features=False,
+                                lanes=None if lanes is None else lanes[i : i + 1],
+                                overwrite=options.overwrite,
+                                on_start=started,
+                            )[0]
+                        except EngineStopped:  # a shutdown while this chunk went in: the rest stays pending
+                            stopped = True
+                            break
+                        with self._lock:
+                            in_engine.append(fut)
+                        fut.add_done_callback(partial(landed, idx, unit))
+                        submitted += 1
+            except Exception as exc:
+                failure = exc
+            refused = planner is not None and planner.refused is not None
+            if failure is not None or refused or self.store.cancel_requested(job_id):
+                self._withdraw(job_id)  # what was admitted while the cancel (or the verdict) came in
             recorder.finish(submitted)
         finally:
             recorder.stop()
+            if planner is not None:
+                planner.stop()
             with self._lock:
                 del self._submitted[job_id]
                 del self._on_device[job_id]
 
+        if failure is not None:
+            raise failure
+        if planner is not None and planner.refused is not None:
+            return self._view(self._refuse(job_id, planner.refused))
         rec = self.store.get(job_id)
         assert rec is not None  # a running job is never pruned
+        left = not rec.planned or self.store.pending_units(job_id, end=None)
         if self.store.cancel_requested(job_id):
             state = JobState.CANCELLED
-        elif (stopped or self._stopping.is_set() or self._no_device_left()) and self.store.pending_units(job_id):
+        elif (stopped or self._stopping.is_set() or self._no_device_left()) and left:
             why = "every device was lost" if self._no_device_left() else "shutdown"
             log.info("Job %s paused at %d/%d (%s); it resumes on the next start", job_id, rec.done, rec.total, why)
             return self._view(rec)
@@ -385,19 +418,9 @@ class JobManager:
         plan = work.plan
         log.info("Job %s plan: %s", rec.job_id, plan.summary())
         if not plan.fits and not rec.options.force:
-            log.error("Job %s refused, its entries would not fit: %s", rec.job_id, plan.summary())
-            return self.store.refuse(
-                rec.job_id,
-                plan.to_dict(),
-                f"not enough free space: {plan.summary()}; free some, or force the job (--force)",
-            )
+            return self._refuse(rec.job_id, plan)
         # Refused units fail untouched; units found valid are skipped here, not read again by the engine.
-        known = [
-            TargetResult(i, EntryStatus.FAILED, why, t)
-            for i, why in work.refused.items()
-            for t in work.units[i].targets
-        ]
-        known += [TargetResult(i, EntryStatus.CACHED, None, t) for i in work.valid for t in work.units[i].targets]
+        known = known_results(work.units, work.refused, work.valid)
         # Every rank scans the whole root; its problems are recorded once, by rank 0.
         rec = self.store.record_plan(
             rec.job_id, plan.to_dict(), work.units, work.scan.problems if self.rank == 0 else [], known
@@ -413,6 +436,13 @@ class JobManager:
             len(work.scan.problems),
         )
         return rec
+
+    def _refuse(self, job_id: str, plan: Plan) -> JobRecord:
+        """The job fails on its plan: its new entries would not fit (those computed before stay)."""
+        log.error("Job %s refused, its entries would not fit: %s", job_id, plan.summary())
+        return self.store.refuse(
+            job_id, plan.to_dict(), f"not enough free space: {plan.summary()}; free some, or force the job (--force)"
+        )
 
     def write_manifest(self, rec: JobRecord, seconds: float, state: JobState) -> str:
         failures = [{"image": img, "reason": why} for img, why in self.store.failures(rec.job_id, MAX_FAILURES)]

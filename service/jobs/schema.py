@@ -32,6 +32,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     options_json TEXT NOT NULL,
     state TEXT NOT NULL CHECK (state IN {sql_list(JobState)}),
     planned INTEGER NOT NULL DEFAULT 0,
+    planned_samples INTEGER NOT NULL DEFAULT 0,  -- a plan in progress: samples read into recorded units
     total INTEGER NOT NULL DEFAULT 0,
     computed INTEGER NOT NULL DEFAULT 0,
     skipped INTEGER NOT NULL DEFAULT 0,
@@ -74,11 +75,17 @@ CREATE INDEX IF NOT EXISTS failures_by_job ON failures (job_id, id);
 
 JOB_COLUMNS = (
     "job_id, data_root, spec_digest, spec_json, options_json, state, planned, total, computed, "
-    "skipped, failed, cancel_requested, created_at, started_at, finished_at, error, plan_json, kept, replaced"
+    "skipped, failed, cancel_requested, created_at, started_at, finished_at, error, plan_json, kept, replaced, "
+    "planned_samples"
 )
 # Columns added after the first release, per table, with their types: added to an older database on open.
 ADDED_COLUMNS = {
-    "jobs": {"plan_json": "TEXT", "kept": "INTEGER NOT NULL DEFAULT 0", "replaced": "INTEGER NOT NULL DEFAULT 0"},
+    "jobs": {
+        "plan_json": "TEXT",
+        "kept": "INTEGER NOT NULL DEFAULT 0",
+        "replaced": "INTEGER NOT NULL DEFAULT 0",
+        "planned_samples": "INTEGER NOT NULL DEFAULT 0",
+    },
     "units": {"attempts": "INTEGER NOT NULL DEFAULT 0"},
 }
 

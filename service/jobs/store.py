@@ -200,35 +200,54 @@ class JobStore:
         problems: Iterable[tuple[str, str]] = (),
         results: Iterable[TargetResult] = (),
     ) -> JobRecord:
-        """Record a job's plan (`Plan.to_dict()`), its units (indexed 0..n-1), its scan problems and the results
-        known before any decode (units refused, entries found valid), once, in one transaction.
+        """Record a job's whole plan at once (`record_piece` of one last piece)."""
+        return self.record_piece(job_id, plan, units, problems, results, 0, True)[0]
+
+    def record_piece(
+        self,
+        job_id: str,
+        plan: dict,
+        units: Sequence[Unit],
+        problems: Iterable[tuple[str, str]],
+        results: Iterable[TargetResult],
+        samples: int,
+        last: bool,
+    ) -> tuple[JobRecord, int]:
+        """Record a piece of a job's plan in one transaction: the plan so far (`Plan.to_dict()`), the piece's units
+        (numbered on from the job's last), its scan problems, the results known before any decode (units refused,
+        entries found valid; `idx` within the piece) and `samples`, the samples read to its end (where a resumed
+        plan goes on); `last`: the plan is complete. Returns the job and the index of the piece's first unit.
 
         Scan problems count as failures, so the final counters add up to `total`.
         """
         problems = list(problems)
-        pids: dict[str, int] = {}
-
-        def interned(paths: Sequence[str]) -> str:
-            return json.dumps([pids.setdefault(p, len(pids)) for p in paths], separators=(",", ":"))
-
-        rows = [(job_id, i, interned(u.frames), interned(u.targets)) for i, u in enumerate(units)]
         with self._write() as db:
             job = self._job(db, job_id)
             if job.planned:
                 raise ValueError(f"job {job_id} is already planned")
+            first = db.execute("SELECT COALESCE(MAX(idx) + 1, 0) FROM units WHERE job_id = ?", (job_id,)).fetchone()[0]
+            # Paths interned per piece: a frame shared across two pieces (an episode cut between them) twice.
+            base = db.execute("SELECT COALESCE(MAX(pid) + 1, 0) FROM paths WHERE job_id = ?", (job_id,)).fetchone()[0]
+            pids: dict[str, int] = {}
+
+            def interned(paths: Sequence[str]) -> str:
+                return json.dumps([pids.setdefault(p, base + len(pids)) for p in paths], separators=(",", ":"))
+
+            rows = [(job_id, first + i, interned(u.frames), interned(u.targets)) for i, u in enumerate(units)]
             db.executemany(
                 "INSERT INTO paths (job_id, pid, path) VALUES (?, ?, ?)",
                 ((job_id, i, os.fsencode(p)) for p, i in pids.items()),
             )
             db.executemany("INSERT INTO units (job_id, idx, frames_json, targets_json) VALUES (?, ?, ?, ?)", rows)
             _insert_failures(db, job_id, problems)
-            total = sum(len(u.targets) for u in units) + len(problems)
+            targets = sum(len(u.targets) for u in units)
             db.execute(
-                "UPDATE jobs SET planned = 1, plan_json = ?, total = ?, failed = failed + ? WHERE job_id = ?",
-                (json.dumps(plan), total, len(problems), job_id),
+                "UPDATE jobs SET planned = ?, planned_samples = ?, plan_json = ?, total = total + ?, "
+                "failed = failed + ? WHERE job_id = ?",
+                (int(last), samples, json.dumps(plan), targets + len(problems), len(problems), job_id),
             )
-            _record_results(db, job_id, results)
-            return self._job(db, job_id)
+            _record_results(db, job_id, (TargetResult(*r)._replace(idx=first + r[0]) for r in results))
+            return self._job(db, job_id), first
 
     def refuse(self, job_id: str, plan: dict, error: str) -> JobRecord:
         """The job failed on its plan (its entries would not fit): the plan kept with it, no unit recorded."""
@@ -237,9 +256,9 @@ class JobStore:
             db.execute("UPDATE jobs SET plan_json = ? WHERE job_id = ?", (json.dumps(plan), job_id))
             return self._set_state(db, job_id, JobState.FAILED, error)
 
-    def pending_units(self, job_id: str) -> list[tuple[int, Unit]]:
-        """Units without recorded results, in plan order."""
-        return _units(self._conn(), job_id, 0)
+    def pending_units(self, job_id: str, first: int = 0, end: int | None = None) -> list[tuple[int, Unit]]:
+        """Units without recorded results, in plan order (those numbered `first` to `end`, excluded)."""
+        return _units(self._conn(), job_id, 0, first, end)
 
     def start_units(self, job_id: str, idxs: Iterable[int], step: int = 1) -> None:
         """Count an attempt of each pending unit in `idxs`: they go on a device now (`step` -1: take it
@@ -319,22 +338,25 @@ def _job_state(state: JobState | str) -> JobState:
         raise ValueError(f"state must be one of {'|'.join(s.value for s in JobState)}, got {state!r}") from None
 
 
-def _units(db: sqlite3.Connection, job_id: str, attempts: int) -> list[tuple[int, Unit]]:
-    """Pending units that went on a device at least `attempts` times, in plan order; decoded as they are
-    read (612k units must not be held twice): a few look up their own paths, many load the job's first."""
+def _units(
+    db: sqlite3.Connection, job_id: str, attempts: int, first: int = 0, end: int | None = None
+) -> list[tuple[int, Unit]]:
+    """Pending units numbered `first` to `end` that went on a device at least `attempts` times, in plan order;
+    decoded as they are read (612k units must not be held twice): a few, or a piece's, look up their own
+    paths; many load the job's first."""
     rows = db.execute(
         "SELECT idx, frames_json, targets_json FROM units WHERE job_id = ? AND state = ? AND attempts >= ? "
-        "ORDER BY idx",
-        (job_id, UnitState.PENDING.value, attempts),
+        "AND idx >= ? AND idx < ? ORDER BY idx",
+        (job_id, UnitState.PENDING.value, attempts, first, (1 << 62) if end is None else end),
     )
-    first = rows.fetchmany(_FEW_UNITS)
+    head = rows.fetchall() if end is not None else rows.fetchmany(_FEW_UNITS)  # a piece's: a few thousand
     lists: Iterable[tuple[int, list, list]]
-    if len(first) < _FEW_UNITS:
-        lists = [(idx, json.loads(f), json.loads(t)) for idx, f, t in first]
+    if len(head) < _FEW_UNITS or end is not None:
+        lists = [(idx, json.loads(f), json.loads(t)) for idx, f, t in head]
         names = _paths(db, job_id, {p for _, f, t in lists for p in (*f, *t) if isinstance(p, int)})
     else:
         names = _paths(db, job_id, None)
-        lists = ((idx, json.loads(f), json.loads(t)) for idx, f, t in itertools.chain(first, rows))
+        lists = ((idx, json.loads(f), json.loads(t)) for idx, f, t in itertools.chain(head, rows))
 
     def paths(items: list) -> tuple[str, ...]:
         return tuple(names[p] if isinstance(p, int) else p for p in items)  # paths: an older release's row

@@ -149,6 +149,35 @@ def test_a_plan_records_its_units_and_the_results_known_before_any_decode(store)
     assert store.failures(job.job_id) == [("/data/000000.jpg", "a sample of 99 frames")]
 
 
+def test_a_plan_recorded_in_pieces_numbers_its_units_on_and_is_planned_with_its_last(store):
+    job = store.create("/data", "d", SPEC, OPTIONS)
+    clips = [Unit.sequence((f"/data/{i}.jpg", f"/data/{i + 1}.jpg")) for i in range(6)]
+    rec, first = store.record_piece(
+        job.job_id, {"entries": 6}, clips[:3], [("/data/a.jsonl:2", "malformed sample")], [], 3, False
+    )
+    assert first == 0 and not rec.planned and rec.planned_samples == 3
+    assert (rec.total, rec.failed) == (3 * 2 + 1, 1)  # the piece's targets and its problem
+    # The second piece's results are numbered within it; a frame it shares with the first is stored again.
+    rec, first = store.record_piece(
+        job.job_id,
+        {"entries": 12},
+        clips[3:],
+        [],
+        [(1, EntryStatus.CACHED, None, "/data/4.jpg"), (1, EntryStatus.CACHED, None, "/data/5.jpg")],
+        6,
+        False,
+    )
+    assert first == 3 and rec.planned_samples == 6 and rec.plan == {"entries": 12}
+    assert (rec.total, rec.skipped) == (6 * 2 + 1, 2)
+    assert [idx for idx, _ in store.pending_units(job.job_id)] == [0, 1, 2, 3, 5]
+    assert store.pending_units(job.job_id, 3, 6) == [(3, clips[3]), (5, clips[5])]
+    assert store.pending_units(job.job_id, 0, 3) == list(enumerate(clips[:3]))
+    rec, first = store.record_piece(job.job_id, {"entries": 12}, [], [], [], 6, True)
+    assert first == 6 and rec.planned and rec.total == 13
+    with pytest.raises(ValueError, match="already planned"):
+        store.record_piece(job.job_id, {}, clips[:1], [], [], 7, True)
+
+
 def test_state_changes_stamp_times_and_terminal_states_are_final(store):
     job = store.create("/data", "d", SPEC, OPTIONS)
     running = store.start(job.job_id)

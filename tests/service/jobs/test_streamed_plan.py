@@ -1,0 +1,171 @@
+"""A job plans its root a piece at a time and computes each piece while the next is planned (issue 20 item 2):
+its first entries do not wait for the whole plan, `total` grows as the plan does, the view says it is still
+planning (`planned` false), and a job resumed while planning computes what was recorded, then plans on from
+the last piece recorded (no unit twice, none lost)."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+
+import httpx
+import pytest
+
+from vggt_cache.client.spec import FeatureSpec, resolve_options
+from vggt_cache.service.jobs import planner
+from vggt_cache.service.jobs.options import JobOptions
+from vggt_cache.service.jobs.plan import PlanBuilder
+from vggt_cache.service.jobs.planning import plan_pieces, plan_work
+from vggt_cache.service.jobs.store import DB_NAME, JobStore
+from vggt_cache.service.model import load_aggregator
+from vggt_cache.service.paths import AllowedRoots
+
+from helpers.cli import cli
+from helpers.service import TINY_MODEL, cache_files, poll, service_in_process, service_spec, wait_job, write_images
+
+PIECE = 5
+IMAGES = 20
+
+
+class PlanGate:
+    """Holds the plan before it checks its `held`-th piece (counted from 1) until `release`: the test decides
+    how far the plan has got while the job runs."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, held: int) -> None:
+        self.held, self.checks = held, 0
+        self.waiting, self.released = threading.Event(), threading.Event()
+        check = PlanBuilder.check
+
+        def gated(builder: PlanBuilder, units: list) -> frozenset[str]:
+            self.checks += 1
+            if self.checks >= self.held:
+                self.waiting.set()
+                assert self.released.wait(120), "the plan was never released"
+            return check(builder, units)
+
+        monkeypatch.setattr(PlanBuilder, "check", gated)
+
+    def release(self) -> None:
+        self.released.set()
+
+
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setattr(planner, "PIECE_SAMPLES", PIECE)
+    root = tmp_path / "root"
+    write_images(root, [f"img_{i:02d}.png" for i in range(IMAGES)])
+    return root
+
+
+def unit_rows(state_dir: Path) -> int:
+    with sqlite3.connect(state_dir / DB_NAME) as db:
+        return db.execute("SELECT COUNT(*) FROM units").fetchone()[0]
+
+
+def test_a_job_computes_its_first_piece_while_the_rest_is_planned(
+    tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gate = PlanGate(monkeypatch, held=2)
+    with (
+        service_in_process(root, tmp_path / "state", lambda batch: None, gate.release) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        job_id = http.post("/precompute", json={"data_root": str(root)}).raise_for_status().json()["job_id"]
+        view = poll(
+            lambda: (v := http.get(f"/jobs/{job_id}").json())["computed"] == PIECE and v,
+            60,
+            "the first piece computed while the plan is held at the second",
+        )
+        assert gate.waiting.is_set() and gate.checks == 2
+        assert view["state"] == "running" and not view["planned"]
+        assert view["total"] == PIECE and view["plan"]["entries"] == PIECE  # what is planned so far
+        assert len(cache_files(root)) == PIECE
+        row = next(j for j in http.get("/status").json()["jobs"] if j["job_id"] == job_id)
+        assert row["planned"] is False and row["total"] == PIECE
+        shown = cli("status", "--server", url)
+        assert shown.returncode == 0 and f"(planning: {PIECE} entries so far)" in shown.stdout, shown.stdout
+        gate.release()
+        final = wait_job(http, job_id)
+    assert final["state"] == "finished" and final["planned"]
+    assert final["total"] == final["computed"] == IMAGES and final["failed"] == 0
+    assert final["plan"]["entries"] == final["plan"]["units"] == IMAGES
+    assert final["plan"]["source"]["samples"] == IMAGES
+    assert len(cache_files(root)) == IMAGES
+    assert unit_rows(tmp_path / "state") == IMAGES
+
+
+def test_a_job_resumed_while_planning_computes_what_was_recorded_then_plans_on(
+    tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = tmp_path / "state"
+    with service_in_process(root, state, lambda batch: None) as url, httpx.Client(base_url=url) as http:
+        spec = service_spec(http)
+    # What a service killed while planning leaves: the job running, its first piece recorded, the rest not.
+    store = JobStore(str(state))
+    options = JobOptions()
+    rec = store.create(str(root), spec.digest, spec.canonical_json(), options)
+    store.start(rec.job_id)
+    first = next(plan_pieces(str(root), spec, AllowedRoots.of([str(root)]), options, piece_samples=PIECE))
+    store.record_piece(rec.job_id, first.plan.to_dict(), first.units, first.problems, [], first.samples, False)
+    store.close()
+    assert first.samples == PIECE and len(first.units) == PIECE
+
+    gate = PlanGate(monkeypatch, held=1)  # the resumed plan's first check (its second piece) is held
+    with (
+        service_in_process(root, state, lambda batch: None, gate.release) as url,
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        view = poll(
+            lambda: (v := http.get(f"/jobs/{rec.job_id}").json())["computed"] == PIECE and v,
+            60,
+            "the recorded piece computed before the plan goes on",
+        )
+        assert gate.waiting.is_set() and not view["planned"] and view["total"] == PIECE
+        gate.release()
+        final = wait_job(http, rec.job_id)
+    assert final["state"] == "finished" and final["planned"]
+    assert final["total"] == final["computed"] == IMAGES and final["failed"] == 0  # no unit twice, none lost
+    assert final["plan"]["units"] == final["plan"]["entries"] == IMAGES  # the pieces before the restart added
+    assert len(cache_files(root)) == IMAGES
+    assert unit_rows(state) == IMAGES
+
+
+def episode_root(folder: Path) -> Path:
+    for e in range(4):
+        write_images(folder / f"ep_{e}", [f"step_{n}_MOVE_FORWARD.png" for n in range(15)], size=(32, 24), seed=e)
+    return folder
+
+
+def test_a_plan_in_pieces_is_the_plan_of_the_whole_root(tmp_path: Path) -> None:
+    loaded = load_aggregator(str(TINY_MODEL))
+    spec = FeatureSpec(
+        fingerprint=loaded.fingerprint,
+        architecture=loaded.config.to_dict(),
+        **{**resolve_options("newjanusvln"), "size": 56},
+    )
+    root = episode_root(tmp_path / "root")
+    # A jsonl of clips over the episodes: the last five repeat earlier clips (units of an earlier piece), one
+    # names a missing frame and one is not JSON (problems met by a piece).
+    lines = [f'{{"images": ["ep_0/step_{n}_MOVE_FORWARD.png", "ep_1/step_{n}_MOVE_FORWARD.png"]}}' for n in range(15)]
+    lines += ['{"images": ["ep_0/step_0_MOVE_FORWARD.png", "ep_9/missing.png"]}', "not json"]
+    lines += [f'{{"images": ["ep_0/step_{n}_MOVE_FORWARD.png", "ep_1/step_{n}_MOVE_FORWARD.png"]}}' for n in range(5)]
+    (root / "clips.jsonl").write_text("\n".join(lines) + "\n")
+    allowed = AllowedRoots.of([str(root)])
+    for files in (None, ["clips.jsonl"]):  # sample files win over the episodes: name them to use each
+        options = JobOptions(max_history_images=3, data_files=files)
+        whole = plan_work(str(root), spec, allowed, options)
+        for size in (1, 7, 1000):
+            pieces = list(plan_pieces(str(root), spec, allowed, options, piece_samples=size))
+            assert [p.last for p in pieces] == [False] * (len(pieces) - 1) + [True] and not pieces[-1].units
+            assert [u for p in pieces for u in p.units] == whole.units  # each unit once, in the plan's order
+            assert sorted(w for p in pieces for w in p.problems) == sorted(whole.scan.problems)
+            counts = ("units", "entries", "valid", "to_compute", "problems", "bytes_to_write", "refused", "source")
+            assert {k: pieces[-1].plan.to_dict()[k] for k in counts} == {k: whole.plan.to_dict()[k] for k in counts}
+            assert [p.samples for p in pieces] == sorted(p.samples for p in pieces)  # the resume cursor only grows
+            # Resumed after the pieces of the first 2 x size samples: the units of the pieces after them.
+            skip = 2 * size
+            after = [u for p in pieces if p.samples > skip for u in p.units]
+            resumed = list(plan_pieces(str(root), spec, allowed, options, skip_samples=skip, piece_samples=size))
+            assert [u for p in resumed for u in p.units] == after
+            assert resumed[-1].plan.units == len(after)
