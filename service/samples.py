@@ -363,11 +363,15 @@ class SampleStream:
         self._kinds: list[str] = []
         self._files = 0
         self._told: tuple[int, int] | None = None  # problems `new_problems` gave: malformed, missing
+        self._reading: tuple[str, int] | None = None  # the kind of sample file being read, from which sample
 
     @property
     def source(self) -> str:
-        """The layout read so far (`SampleSet.source`; "" before the first sample file is read whole)."""
-        return "+".join(self._kinds)
+        """The layout read so far (`SampleSet.source`; "" before the first sample is read)."""
+        kinds = self._kinds
+        if self._reading is not None and self.count > self._reading[1]:  # sample files of a kind give samples
+            kinds = [*kinds, self._reading[0]]
+        return "+".join(kinds)
 
     def new_problems(self) -> list[tuple[str, str]]:
         """The problems met since the last call (the walk's unlisted folders in the first answer)."""
@@ -385,9 +389,10 @@ class SampleStream:
     def _samples(self) -> Iterator[Sample]:
         reader, found, named = self.reader, self.found, bool(self.named_files)
         for kind, paths, read in (("jsonl", found.jsonl, reader.read_jsonl), ("json", found.json, reader.read_json)):
-            sample_files = 0
+            sample_files, self._reading = 0, (kind, self.count)
             for path in paths:
                 sample_files += yield from read(path, named)
+            self._reading = None
             if sample_files:
                 self._kinds.append(kind)
                 self._files += sample_files

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -88,30 +89,38 @@ def scan_data_root(
         data_root, max_history_images, data_path, files, allowed=allowed, max_sample_bytes=max_sample_bytes, table=table
     )
     planner = UnitPlanner(attention)
-    units = [unit for piece in scan_pieces(stream, planner, None) for unit in piece]
+    units = [unit for piece, _ in scan_pieces(stream, planner, None) for unit in piece]
     samples = stream.sample_set()
     return ScanResult(units, samples.problems, samples, planner.conflicts)
 
 
-def scan_pieces(stream: SampleStream, planner: UnitPlanner, piece_samples: int | None) -> Iterator[list[Unit]]:
-    """The new units of each `piece_samples` samples of `stream` (None: all in one piece), then of the rest:
-    a streamed job plans and computes a piece while the next is read."""
+def scan_pieces(
+    stream: SampleStream,
+    planner: UnitPlanner,
+    piece_samples: int | None,
+    stop: threading.Event | None = None,
+) -> Iterator[tuple[list[Unit], bool]]:
+    """The new units of each `piece_samples` samples of `stream` (None: all in one piece), then of the rest,
+    each with whether it is the last: a streamed job plans and computes a piece while the next is read.
+    `stop` set: no more pieces (checked at every sample)."""
     attention = planner.attention
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
     for sample in stream:
+        if stop is not None and stop.is_set():
+            return
         if sample.frames:
             if attention != Attention.FRAME and stream.source == "images":
                 break
             planner.add_clip(sample.frames)
         if piece_samples and stream.count % piece_samples == 0:
-            yield planner.take()
+            yield planner.take(), False
     if attention != Attention.FRAME and stream.source == "images":
         raise UnusableInput(
             f"{attention} attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> "
             f"episode folders) found under {stream.root} (an image folder alone is only work for frame attention)"
         )
-    yield planner.take()
+    yield planner.take(), True
 
 
 def shard(units: list[T], rank: int, world_size: int) -> list[T]:

@@ -196,6 +196,8 @@ class PlanBuilder:
         self.units = self.entries = self.valid = self.to_compute = self.unreadable = 0
         self._bytes = self._new = self._new_bytes = self._replaced = 0
         self._per_device: dict[int, list] = {}  # st_dev -> [a folder on it, bytes]
+        # Free space as first seen: a streamed job's own entries use it up while it plans, and must not count twice.
+        self._free: dict[str, int] = {}
         self._started = self._last_report = time.monotonic()
 
     def check(self, units: Sequence[Unit]) -> frozenset[str]:
@@ -232,11 +234,16 @@ class PlanBuilder:
                 self._per_device.setdefault(t.device, [t.folder, 0])[1] += t.nbytes
         return frozenset(target for (target, _), t in zip(work, checked, strict=True) if t.valid)
 
+    def _free_bytes(self, path: str) -> int:
+        if path not in self._free:
+            self._free[path] = free_bytes(path)
+        return self._free[path]
+
     def plan(self, samples: SampleSet, refused: int) -> Plan:
         """The plan of what was checked, the samples being `samples` (as far as they were read)."""
         ranks = self.ranks
         file_systems = [
-            {"path": folder, "bytes_to_write": max(0, nbytes), "free_bytes": free_bytes(folder)}
+            {"path": folder, "bytes_to_write": max(0, nbytes), "free_bytes": self._free_bytes(folder)}
             for device, (folder, nbytes) in self._per_device.items()
             if device != -1
         ]
@@ -255,7 +262,7 @@ class PlanBuilder:
             len(problems),
             refused,
             max(0, self._bytes),
-            free_bytes(self.data_root),
+            self._free_bytes(self.data_root),
             ranks,
             tightest,
             round(self._new_bytes / self._new) if self._new else 0,

@@ -59,7 +59,8 @@ class Planner:
             yield self.store.pending_units(self.rec.job_id, event.start, event.stop)
 
     def stop(self) -> None:
-        """Stop planning after the piece being planned (recorded: a resumed job goes on after it)."""
+        """Stop planning at the next sample read (or once the walk or the piece being checked ends); the pieces
+        recorded stay, and a resumed job goes on after them."""
         self._stop.set()
         self._thread.join()
 
@@ -68,7 +69,14 @@ class Planner:
         valid = 0
         try:
             pieces = plan_pieces(
-                rec.data_root, self.spec, self.allowed, rec.options, self.limits, rec.planned_samples, PIECE_SAMPLES
+                rec.data_root,
+                self.spec,
+                self.allowed,
+                rec.options,
+                self.limits,
+                rec.planned_samples,
+                PIECE_SAMPLES,
+                self._stop,
             )
             for piece in pieces:
                 if self._stop.is_set():
@@ -85,6 +93,8 @@ class Planner:
         except Exception as exc:  # the runner fails the job with it
             self._events.put(exc)
             return
+        finally:
+            self.store.release()
         self._events.put(None)
 
     def _record(self, piece: Piece) -> int:

@@ -5,6 +5,7 @@ computes the pieces before (`plan_pieces`)."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -47,7 +48,7 @@ class Piece:
     problems: list[tuple[str, str]]  # met reading its samples (the walk's unlisted folders with the first)
     samples: int  # samples read to its end: where a resumed plan goes on (`plan_pieces`' `skip_samples`)
     plan: Plan  # of this piece and those before it in this process; the whole plan once `last`
-    last: bool  # the plan is complete (this piece holds no units)
+    last: bool  # the plan is complete with this piece
 
 
 def plan_work(
@@ -89,12 +90,13 @@ def plan_pieces(
     limits: JobLimits = JobLimits(),
     skip_samples: int = 0,
     piece_samples: int = PIECE_SAMPLES,
+    stop: threading.Event | None = None,
 ) -> Iterator[Piece]:
-    """Plan `data_root` a piece of `piece_samples` samples at a time, then a last piece without units.
+    """Plan `data_root` a piece of `piece_samples` samples at a time, the rest in the last piece.
 
-    `skip_samples`: the samples a piece recorded before (a resumed job's) covered: read again, for the
+    `skip_samples`: the samples the pieces recorded before (a resumed job's) covered: read again, for the
     units they share with later samples, but neither checked nor given (their problems neither); the
-    plans given are of the pieces after them.
+    plans given are of the pieces after them. `stop` set: no more pieces (checked at every sample read).
     """
     options.contain(data_root, allowed)
     table = FrameTable(allowed)
@@ -109,16 +111,15 @@ def plan_pieces(
     )
     builder = PlanBuilder(spec, data_root, options.skip_existing, 1, allowed.real, limits.max_image_bytes, table)
     refused_total = 0
-    for units in scan_pieces(stream, UnitPlanner(spec.attention), piece_samples):
+    for units, last in scan_pieces(stream, UnitPlanner(spec.attention), piece_samples, stop):
         problems = stream.new_problems()
-        if stream.count <= skip_samples:
+        # A piece that ended within the recorded samples was recorded (the last never is: the job would be planned).
+        if skip_samples and stream.count <= skip_samples and not last:
             continue
         refused, valid = _check(units, builder, table, options, limits)
         refused_total += len(refused)
         plan = builder.plan(stream.sample_set(), refused_total)
-        yield Piece(units, refused, valid, problems, stream.count, plan, False)
-    problems = stream.new_problems()
-    yield Piece([], {}, [], problems, stream.count, builder.plan(stream.sample_set(), refused_total), True)
+        yield Piece(units, refused, valid, problems, stream.count, plan, last)
 
 
 def known_results(units: Sequence[Unit], refused: dict[int, str], valid: list[int]) -> list[TargetResult]:

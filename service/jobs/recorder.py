@@ -11,8 +11,10 @@ class Recorder:
     until `finish`'s count is in: the runner blocks in `Engine.submit` while the bulk backlog is full, and the
     job's counts must move meanwhile."""
 
-    def __init__(self, record: Callable[[bool], int]) -> None:
+    def __init__(self, record: Callable[[bool], int], done: Callable[[], None] = lambda: None) -> None:
+        """`done`: called on the thread as it ends (it releases what the thread held, e.g. a connection)."""
         self._record = record
+        self._done = done
         self._expected: int | None = None
         self._recorded = 0
         self._stopped = threading.Event()
@@ -29,6 +31,8 @@ class Recorder:
                 self._recorded += self._record(True)
         except BaseException as exc:  # raised again on the runner's thread
             self._error = exc
+        finally:
+            self._done()
 
     def finish(self, submitted: int) -> None:
         """Wait until the results of all `submitted` units are recorded; raise what recording raised."""

@@ -220,14 +220,13 @@ class JobManager:
         options = rec.options
         self._fail_poison(job_id)
         pending = self.store.pending_units(job_id)  # recorded before: the whole plan, or a plan's first pieces'
-        planner = None if rec.planned else Planner(self.store, self.spec, self.allowed, self.limits, rec)
         # A manifest write killed by another run (of any service or CLI) over this root leaves its temporary file.
         self._remove_orphaned_temp_files(job_id, [rec.data_root], is_manifest_temp_file)
         if interrupted:
             self._remove_orphaned_temp_files(
                 job_id, sorted({os.path.dirname(t) for _, u in pending for t in u.targets}), is_temp_file
             )
-        if planner is None:
+        if rec.planned:
             log.info("Job %s: %d units to do (%d entries already done)", job_id, len(pending), rec.done)
         else:
             log.info(
@@ -276,7 +275,7 @@ class JobManager:
             on_device = self._on_device[job_id] = set()
         # Results are recorded as they land, on a thread of their own: the runner blocks in `submit` while
         # the bulk backlog is full, and the job's counts must move meanwhile (the status page's row).
-        recorder = Recorder(record)
+        recorder = Recorder(record, self.store.release)
         recorder.start(f"job-recorder-{job_id}")
         stopped = False  # the engine refused a unit: it stopped (a shutdown)
 
@@ -284,6 +283,7 @@ class JobManager:
             return stopped or self._stopping.is_set() or self.store.cancel_requested(job_id)
 
         # A streamed plan's pieces as they are recorded (what was recorded before first), else the whole plan's.
+        planner = None if rec.planned else Planner(self.store, self.spec, self.allowed, self.limits, rec)
         batches = [pending] if planner is None else planner.batches(pending, halted)
         chunks = (c for batch in batches for c in lane_chunks(batch, self.engine.lanes, self.chunk_units))
         failure: Exception | None = None  # the plan's, met mid-way: raised once what went in has landed

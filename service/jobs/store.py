@@ -72,6 +72,17 @@ class JobStore:
             raise
         db.execute("COMMIT")
 
+    def release(self) -> None:
+        """Close the calling thread's connection: a thread of one job (its recorder, its planner) is done with
+        the store, and a service running for weeks must not keep a connection open for each job it ran."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            return
+        with self._all_lock:
+            self._all.remove(db)
+        db.close()
+        self._local.db = None
+
     def close(self) -> None:
         """Close every connection this store opened (the store is unusable afterwards)."""
         with self._all_lock:

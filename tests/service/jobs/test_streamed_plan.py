@@ -5,6 +5,7 @@ the last piece recorded (no unit twice, none lost)."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -20,6 +21,8 @@ from vggt_cache.service.jobs.planning import plan_pieces, plan_work
 from vggt_cache.service.jobs.store import DB_NAME, JobStore
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.paths import AllowedRoots
+from vggt_cache.service.samples import SampleStream
+from vggt_cache.service.units import Unit
 
 from helpers.cli import cli
 from helpers.service import TINY_MODEL, cache_files, poll, service_in_process, service_spec, wait_job, write_images
@@ -137,13 +140,17 @@ def episode_root(folder: Path) -> Path:
     return folder
 
 
-def test_a_plan_in_pieces_is_the_plan_of_the_whole_root(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def spec() -> FeatureSpec:
     loaded = load_aggregator(str(TINY_MODEL))
-    spec = FeatureSpec(
+    return FeatureSpec(
         fingerprint=loaded.fingerprint,
         architecture=loaded.config.to_dict(),
         **{**resolve_options("newjanusvln"), "size": 56},
     )
+
+
+def test_a_plan_in_pieces_is_the_plan_of_the_whole_root(tmp_path: Path, spec: FeatureSpec) -> None:
     root = episode_root(tmp_path / "root")
     # A jsonl of clips over the episodes: the last five repeat earlier clips (units of an earlier piece), one
     # names a missing frame and one is not JSON (problems met by a piece).
@@ -157,15 +164,53 @@ def test_a_plan_in_pieces_is_the_plan_of_the_whole_root(tmp_path: Path) -> None:
         whole = plan_work(str(root), spec, allowed, options)
         for size in (1, 7, 1000):
             pieces = list(plan_pieces(str(root), spec, allowed, options, piece_samples=size))
-            assert [p.last for p in pieces] == [False] * (len(pieces) - 1) + [True] and not pieces[-1].units
+            assert [p.last for p in pieces] == [False] * (len(pieces) - 1) + [True]
             assert [u for p in pieces for u in p.units] == whole.units  # each unit once, in the plan's order
             assert sorted(w for p in pieces for w in p.problems) == sorted(whole.scan.problems)
             counts = ("units", "entries", "valid", "to_compute", "problems", "bytes_to_write", "refused", "source")
             assert {k: pieces[-1].plan.to_dict()[k] for k in counts} == {k: whole.plan.to_dict()[k] for k in counts}
             assert [p.samples for p in pieces] == sorted(p.samples for p in pieces)  # the resume cursor only grows
-            # Resumed after the pieces of the first 2 x size samples: the units of the pieces after them.
-            skip = 2 * size
-            after = [u for p in pieces if p.samples > skip for u in p.units]
+            # Resumed with the first (up to) two pieces recorded: the units of the pieces after them.
+            recorded = pieces[: min(2, len(pieces) - 1)]
+            skip = recorded[-1].samples if recorded else 0
+            after = [u for p in pieces[len(recorded) :] for u in p.units]
             resumed = list(plan_pieces(str(root), spec, allowed, options, skip_samples=skip, piece_samples=size))
             assert [u for p in resumed for u in p.units] == after
             assert resumed[-1].plan.units == len(after)
+
+
+def test_problems_after_the_last_piece_are_in_the_last_one_and_a_resume_records_them(
+    tmp_path: Path, spec: FeatureSpec
+) -> None:
+    root = episode_root(tmp_path / "root")
+    good = [f'{{"images": ["ep_0/step_{n}_MOVE_FORWARD.png"]}}' for n in range(6)]
+    (root / "clips.jsonl").write_text("\n".join([*good, "not json", '{"images": ["ep_9/gone.png"]}']) + "\n")
+    allowed, options = AllowedRoots.of([str(root)]), JobOptions(max_history_images=3)
+    pieces = list(plan_pieces(str(root), spec, allowed, options, piece_samples=3))
+    # 6 samples: pieces at 3 and 6, and the last holds what came after the sixth (no units, two problems).
+    assert [(p.samples, len(p.units), len(p.problems), p.last) for p in pieces] == [
+        (3, 3, 0, False),
+        (6, 3, 0, False),
+        (6, 0, 2, True),
+    ]
+    # Resumed with the first two recorded (the process died before the last): the last is not skipped.
+    [last] = plan_pieces(str(root), spec, allowed, options, skip_samples=6, piece_samples=3)
+    assert last.last and len(last.problems) == 2 and not last.units
+    # A root of problems only: one last piece, which holds them.
+    (root / "clips.jsonl").write_text("not json\n[1, 2]\n")
+    [only] = plan_pieces(str(root), spec, allowed, options, piece_samples=3)
+    assert only.last and only.samples == 0 and len(only.problems) == 2
+
+
+def test_a_plan_counts_the_free_space_it_first_saw(tmp_path: Path, spec: FeatureSpec) -> None:
+    """A streamed job writes entries while it plans: the free space they use must not count against it twice."""
+    root = episode_root(tmp_path / "root")
+    units = [Unit.frame(str(p)) for p in sorted((root / "ep_0").iterdir())]
+    builder = PlanBuilder(spec, str(root))
+    builder.check(units[:5])
+    before = builder.plan(SampleStream(str(root)).sample_set(), 0)
+    (tmp_path / "root" / "written").write_bytes(os.urandom(8 << 20))  # what the first entries take
+    builder.check(units[5:])
+    after = builder.plan(SampleStream(str(root)).sample_set(), 0)
+    assert after.free_bytes == before.free_bytes and after.entries == len(units)
+    assert after.bytes_to_write > before.bytes_to_write > 0
