@@ -236,10 +236,14 @@ def test_plan_compares_a_plan_with_the_bare_walk_of_the_same_roots(tmp_path: Pat
     out = run_benchmark("plan.py", "--n", "40", "--no-strace", "--dir", str(tmp_path))
     for layout in ("episodes", "json"):
         row = re.search(
-            rf"^{layout} 40\s+40\s+(\d+\.\d+)\s+(\d+\.\d+)\s+\d+\s+\d+\s+\d+\.\d+\s+(\d+)\s+\d+\s+(\d+)$", out, re.M
+            rf"^{layout} 40\s+40\s+(\d+\.\d+)\s+(\d+\.\d+)\s+\d+\s+\d+\s+"  # samples, seconds, CPU
+            rf"(\d+\.\d+)\s+(\d+\.\d+)\s+(\d+)\s+\d+\s+(\d+)$",  # job plan, first entry, state, RSS, job
+            out,
+            re.M,
         )
-        assert row and float(row.group(1)) > 0 and float(row.group(2)) >= 0 and int(row.group(3)) > 0, out
-        assert int(row.group(4)) > 0, out  # the RSS of the units a running job holds
+        assert row and float(row.group(1)) > 0 and float(row.group(2)) >= 0 and int(row.group(5)) > 0, out
+        assert float(row.group(3)) >= float(row.group(4)), out  # a job's plan, and the wait for its first entry
+        assert int(row.group(6)) > 0, out  # the RSS of the units a running job holds
         ratio = re.search(rf"^{layout} 40 ours/floor wall {RATIO}", out, re.M)
         assert ratio and float(ratio.group(1)) > 0, out
     assert "calls not counted" in out and "calls/sample" not in out  # --no-strace: no calls column
