@@ -47,6 +47,7 @@ class Planner:
                 event = self._events.get(timeout=1.0)
             except queue.Empty:
                 if halted():
+                    self.halt()
                     return
                 continue
             if event is None:
@@ -57,6 +58,10 @@ class Planner:
             if isinstance(event, Exception):
                 raise event
             yield self.store.pending_units(self.rec.job_id, event.start, event.stop)
+
+    def halt(self) -> None:
+        """Stop planning at the next sample read, without waiting (the job is cancelled or stopping)."""
+        self._stop.set()
 
     def stop(self) -> None:
         """Stop planning at the next sample read (or once the walk or the piece being checked ends); the pieces
@@ -77,6 +82,7 @@ class Planner:
                 rec.planned_samples,
                 PIECE_SAMPLES,
                 self._stop,
+                self.store.recorded_units(rec.job_id) if rec.planned_samples else frozenset(),
             )
             for piece in pieces:
                 if self._stop.is_set():

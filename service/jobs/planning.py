@@ -6,7 +6,7 @@ computes the pieces before (`plan_pieces`)."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
 from vggt_cache.client.safeopen import OutsideRoots
@@ -91,12 +91,15 @@ def plan_pieces(
     skip_samples: int = 0,
     piece_samples: int = PIECE_SAMPLES,
     stop: threading.Event | None = None,
+    recorded: Collection[Unit] = frozenset(),
 ) -> Iterator[Piece]:
     """Plan `data_root` a piece of `piece_samples` samples at a time, the rest in the last piece.
 
-    `skip_samples`: the samples the pieces recorded before (a resumed job's) covered: read again, for the
-    units they share with later samples, but neither checked nor given (their problems neither); the
-    plans given are of the pieces after them. `stop` set: no more pieces (checked at every sample read).
+    A resumed job's plan: `recorded`, the units its pieces recorded before, and `skip_samples`, the samples
+    those pieces covered. The root is read again from its start (for the units later samples share), and a
+    recorded unit is neither checked nor given again; what the root gained since (a folder added before the
+    cursor) is. Problems within the first `skip_samples` samples were recorded then and are not given. `stop`
+    set: no more pieces (checked at every sample read).
     """
     options.contain(data_root, allowed)
     table = FrameTable(allowed)
@@ -113,9 +116,14 @@ def plan_pieces(
     refused_total = 0
     for units, last in scan_pieces(stream, UnitPlanner(spec.attention), piece_samples, stop):
         problems = stream.new_problems()
-        # A piece that ended within the recorded samples was recorded (the last never is: the job would be planned).
+        if recorded:
+            units = [u for u in units if u not in recorded]
+        # Within the samples recorded before (the last piece never is: the job would be planned): only what the
+        # root gained since is new, its problems were recorded then.
         if skip_samples and stream.count <= skip_samples and not last:
-            continue
+            if not units:
+                continue
+            problems = []
         refused, valid = _check(units, builder, table, options, limits)
         refused_total += len(refused)
         plan = builder.plan(stream.sample_set(), refused_total)

@@ -317,6 +317,8 @@ class JobManager:
                         submitted += 1
             except Exception as exc:
                 failure = exc
+            if planner is not None:
+                planner.halt()  # done with, or halted: what is still planned would not be run now
             refused = planner is not None and planner.refused is not None
             if failure is not None or refused or self.store.cancel_requested(job_id):
                 self._withdraw(job_id)  # what was admitted while the cancel (or the verdict) came in

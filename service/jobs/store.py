@@ -253,8 +253,8 @@ class JobStore:
             _insert_failures(db, job_id, problems)
             targets = sum(len(u.targets) for u in units)
             db.execute(
-                "UPDATE jobs SET planned = ?, planned_samples = ?, plan_json = ?, total = total + ?, "
-                "failed = failed + ? WHERE job_id = ?",
+                "UPDATE jobs SET planned = ?, planned_samples = MAX(planned_samples, ?), plan_json = ?, "
+                "total = total + ?, failed = failed + ? WHERE job_id = ?",
                 (int(last), samples, json.dumps(plan), targets + len(problems), len(problems), job_id),
             )
             _record_results(db, job_id, (TargetResult(*r)._replace(idx=first + r[0]) for r in results))
@@ -270,6 +270,13 @@ class JobStore:
     def pending_units(self, job_id: str, first: int = 0, end: int | None = None) -> list[tuple[int, Unit]]:
         """Units without recorded results, in plan order (those numbered `first` to `end`, excluded)."""
         return _units(self._conn(), job_id, 0, first, end)
+
+    def recorded_units(self, job_id: str) -> set[Unit]:
+        """Every unit a job's plan recorded, whatever its state (a plan resumed after a restart skips them)."""
+        db = self._conn()
+        names = _paths(db, job_id, None)
+        rows = db.execute("SELECT frames_json, targets_json FROM units WHERE job_id = ?", (job_id,))
+        return {Unit(_named(json.loads(f), names), _named(json.loads(t), names)) for f, t in rows}
 
     def start_units(self, job_id: str, idxs: Iterable[int], step: int = 1) -> None:
         """Count an attempt of each pending unit in `idxs`: they go on a device now (`step` -1: take it
@@ -369,10 +376,12 @@ def _units(
         names = _paths(db, job_id, None)
         lists = ((idx, json.loads(f), json.loads(t)) for idx, f, t in itertools.chain(head, rows))
 
-    def paths(items: list) -> tuple[str, ...]:
-        return tuple(names[p] if isinstance(p, int) else p for p in items)  # paths: an older release's row
+    return [(idx, Unit(_named(f, names), _named(t, names))) for idx, f, t in lists]
 
-    return [(idx, Unit(paths(f), paths(t))) for idx, f, t in lists]
+
+def _named(items: list, names: dict[int, str]) -> tuple[str, ...]:
+    """A unit's frames or targets from its row: pids, or paths (an older release's row)."""
+    return tuple(names[p] if isinstance(p, int) else p for p in items)
 
 
 def _paths(db: sqlite3.Connection, job_id: str, pids: set[int] | None) -> dict[int, str]:

@@ -61,6 +61,22 @@ def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return root
 
 
+def killed_while_planning(root: Path, state: Path) -> tuple[str, int]:
+    """What a service killed while planning leaves in `state`: the job running, its first piece recorded, the
+    rest not. Returns the job's id and the piece's unit count."""
+    with service_in_process(root, state, lambda batch: None) as url, httpx.Client(base_url=url) as http:
+        spec = service_spec(http)
+    store = JobStore(str(state))
+    options = JobOptions()
+    rec = store.create(str(root), spec.digest, spec.canonical_json(), options)
+    store.start(rec.job_id)
+    first = next(plan_pieces(str(root), spec, AllowedRoots.of([str(root)]), options, piece_samples=PIECE))
+    store.record_piece(rec.job_id, first.plan.to_dict(), first.units, first.problems, [], first.samples, False)
+    store.close()
+    assert first.samples == PIECE
+    return rec.job_id, len(first.units)
+
+
 def unit_rows(state_dir: Path) -> int:
     with sqlite3.connect(state_dir / DB_NAME) as db:
         return db.execute("SELECT COUNT(*) FROM units").fetchone()[0]
@@ -102,17 +118,8 @@ def test_a_job_resumed_while_planning_computes_what_was_recorded_then_plans_on(
     tmp_path: Path, root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = tmp_path / "state"
-    with service_in_process(root, state, lambda batch: None) as url, httpx.Client(base_url=url) as http:
-        spec = service_spec(http)
-    # What a service killed while planning leaves: the job running, its first piece recorded, the rest not.
-    store = JobStore(str(state))
-    options = JobOptions()
-    rec = store.create(str(root), spec.digest, spec.canonical_json(), options)
-    store.start(rec.job_id)
-    first = next(plan_pieces(str(root), spec, AllowedRoots.of([str(root)]), options, piece_samples=PIECE))
-    store.record_piece(rec.job_id, first.plan.to_dict(), first.units, first.problems, [], first.samples, False)
-    store.close()
-    assert first.samples == PIECE and len(first.units) == PIECE
+    job_id, recorded = killed_while_planning(root, state)
+    assert recorded == PIECE
 
     gate = PlanGate(monkeypatch, held=1)  # the resumed plan's first check (its second piece) is held
     with (
@@ -120,18 +127,36 @@ def test_a_job_resumed_while_planning_computes_what_was_recorded_then_plans_on(
         httpx.Client(base_url=url, timeout=60) as http,
     ):
         view = poll(
-            lambda: (v := http.get(f"/jobs/{rec.job_id}").json())["computed"] == PIECE and v,
+            lambda: (v := http.get(f"/jobs/{job_id}").json())["computed"] == PIECE and v,
             60,
             "the recorded piece computed before the plan goes on",
         )
         assert gate.waiting.is_set() and not view["planned"] and view["total"] == PIECE
         gate.release()
-        final = wait_job(http, rec.job_id)
+        final = wait_job(http, job_id)
     assert final["state"] == "finished" and final["planned"]
     assert final["total"] == final["computed"] == IMAGES and final["failed"] == 0  # no unit twice, none lost
     assert final["plan"]["units"] == final["plan"]["entries"] == IMAGES  # the pieces before the restart added
     assert len(cache_files(root)) == IMAGES
     assert unit_rows(state) == IMAGES
+
+
+def test_a_root_changed_before_the_resume_cursor_loses_nothing(tmp_path: Path, root: Path) -> None:
+    """A killed job's recorded samples are counted; the root then gains an image among them and loses two of
+    them (so every later sample moves up): the resumed plan still gives every image it has now, once."""
+    state = tmp_path / "state"
+    job_id, _ = killed_while_planning(root, state)  # img_00 .. img_04 recorded
+    write_images(root, ["img_01b.png"], seed=99)
+    (root / "img_02.png").unlink()
+    (root / "img_03.png").unlink()
+    with service_in_process(root, state, lambda batch: None) as url, httpx.Client(base_url=url, timeout=60) as http:
+        final = wait_job(http, job_id)
+    images = IMAGES + 1 - 2
+    assert final["state"] == "finished" and final["planned"]
+    assert (final["total"], final["computed"], final["failed"]) == (PIECE + images - 3, images, 2)
+    assert sorted(f["image"].rsplit("/", 1)[1] for f in final["failures"]) == ["img_02.png", "img_03.png"]
+    assert len(cache_files(root)) == images  # every image the root has now
+    assert unit_rows(state) == PIECE + images - 3
 
 
 def episode_root(folder: Path) -> Path:
@@ -174,7 +199,10 @@ def test_a_plan_in_pieces_is_the_plan_of_the_whole_root(tmp_path: Path, spec: Fe
             recorded = pieces[: min(2, len(pieces) - 1)]
             skip = recorded[-1].samples if recorded else 0
             after = [u for p in pieces[len(recorded) :] for u in p.units]
-            resumed = list(plan_pieces(str(root), spec, allowed, options, skip_samples=skip, piece_samples=size))
+            done = {u for p in recorded for u in p.units}
+            resumed = list(
+                plan_pieces(str(root), spec, allowed, options, skip_samples=skip, piece_samples=size, recorded=done)
+            )
             assert [u for p in resumed for u in p.units] == after
             assert resumed[-1].plan.units == len(after)
 
@@ -194,7 +222,8 @@ def test_problems_after_the_last_piece_are_in_the_last_one_and_a_resume_records_
         (6, 0, 2, True),
     ]
     # Resumed with the first two recorded (the process died before the last): the last is not skipped.
-    [last] = plan_pieces(str(root), spec, allowed, options, skip_samples=6, piece_samples=3)
+    done = {u for p in pieces[:2] for u in p.units}
+    [last] = plan_pieces(str(root), spec, allowed, options, skip_samples=6, piece_samples=3, recorded=done)
     assert last.last and len(last.problems) == 2 and not last.units
     # A root of problems only: one last piece, which holds them.
     (root / "clips.jsonl").write_text("not json\n[1, 2]\n")
