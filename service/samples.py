@@ -360,6 +360,7 @@ class SampleStream:
         else:
             self.found = walk_root(root, allowed)
         self.count = 0  # samples read so far
+        self.loose_images = False  # the samples are now loose images: no sample files, no episode folders
         self._kinds: list[str] = []
         self._files = 0
         self._told: tuple[int, int] | None = None  # problems `new_problems` gave: malformed, missing
@@ -412,6 +413,7 @@ class SampleStream:
                 yield from reader.read_episode(folder, names, self.max_history_images)
         else:
             self._kinds.append("images")
+            self.loose_images = True
             self._files = len(found.images)
             yield from (Sample((norm_path(p),), p) for p in found.images)
 

@@ -110,12 +110,12 @@ def scan_pieces(
         if stop is not None and stop.is_set():
             return
         if sample.frames:
-            if attention != Attention.FRAME and stream.source == "images":
+            if attention != Attention.FRAME and stream.loose_images:  # a flag: this loop runs per sample
                 break
             planner.add_clip(sample.frames)
         if piece_samples and stream.count % piece_samples == 0:
             yield planner.take(), False
-    if attention != Attention.FRAME and stream.source == "images":
+    if attention != Attention.FRAME and stream.loose_images:
         raise UnusableInput(
             f"{attention} attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> "
             f"episode folders) found under {stream.root} (an image folder alone is only work for frame attention)"
