@@ -169,6 +169,7 @@ def read_entry(
     roots: Sequence[str] | None = None,
     check_crc: bool = False,
     sources: Mapping[str, dict] | None = None,
+    dir_fd: int | None = None,
 ) -> ReadResult:
     """Read and validate the entry of `image_path`; never raises for a bad file.
 
@@ -189,6 +190,8 @@ def read_entry(
     or `fp8` entry's payload is decoded into a fresh tensor (`mmap` then only maps the payload).
     `sources`: the `source_record`s of the image and its context frames already taken, by path (a plan's
     frame table: each file stat-ed once for every entry that names it); a lookup may raise OSError.
+    `dir_fd`: the image's folder, opened and checked inside `roots` (a plan's, once for all its entries): the
+    entry is opened in it by name, which a symlink cannot lead out of.
     """
     path = cache_path(image_path)
     max_bytes = None if spec is None else max_entry_bytes(spec) + MAX_OVERHEAD_BYTES
@@ -197,7 +200,15 @@ def read_entry(
         return ReadResult(outcome, None, meta, reason, path)
 
     try:
-        data = load_file(path, mmap, meta_only=not tensor, max_bytes=max_bytes, roots=roots, check_crc=check_crc)
+        data = load_file(
+            path if dir_fd is None else os.path.basename(path),
+            mmap,
+            meta_only=not tensor,
+            max_bytes=max_bytes,
+            roots=roots if dir_fd is None else None,
+            check_crc=check_crc,
+            dir_fd=dir_fd,
+        )
     except FileNotFoundError:
         return result(Outcome.MISSING, "no cache file")
     except PermissionError as e:

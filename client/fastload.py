@@ -42,6 +42,7 @@ def load_file(
     max_bytes: int | None = None,
     roots: Sequence[str] | None = None,
     check_crc: bool = False,
+    dir_fd: int | None = None,
 ) -> Any:
     """The dict a cache file holds; our own layout is parsed here, any other goes to torch.load(weights_only=True).
 
@@ -49,11 +50,12 @@ def load_file(
     megabytes); `"features"` is then a meta-device tensor of the stored shape and dtype, whose
     record was checked to hold exactly that many bytes. The file is opened once, as a regular
     file of at most `max_bytes` inside `roots` (see `client.safeopen`), and a symlink is not
-    followed. `check_crc`: the tensor's bytes must match the CRC-32 the zip records.
+    followed; `dir_fd`: `path` is a name in that checked folder's descriptor (`open_regular`).
+    `check_crc`: the tensor's bytes must match the CRC-32 the zip records.
     Raises `Corrupt` (never handed to torch.load) for a compressed record, a storage larger
     than its tensor, bytes besides the records, or a CRC that does not match.
     """
-    with open_regular(path, max_bytes, roots, follow_symlinks=False) as f:
+    with open_regular(path, max_bytes, roots, follow_symlinks=False, dir_fd=dir_fd) as f:
         try:
             return _load_meta(f) if meta_only else _load_fast(f, use_mmap, check_crc)
         except Corrupt:

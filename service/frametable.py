@@ -41,6 +41,9 @@ class FrameTable(Mapping[str, dict]):
         self._contained: dict[str, str] = {}  # path -> its normalised form, inside the roots
         self._refused: dict[str, str] = {}  # path -> why it is not allowed
         self._devices: dict[str, int] = {}  # folder -> st_dev (-1: cannot stat)
+        # A normalised folder whose name and real path are inside the roots -> its real path: a file named in it
+        # that is not a symlink is inside too, told by its name and the table's `lstat`.
+        self._inside: dict[str, str] = {}
 
     def _look(self, path: str) -> _Look:
         look = self._files.get(path)
@@ -105,6 +108,10 @@ class FrameTable(Mapping[str, dict]):
         why = self._refused.get(path)
         if why is not None:
             raise OutsideRoots(why)
+        folder, _, name = path.rpartition("/")
+        if folder in self._inside and _plain_name(name) and not self.is_symlink(path):
+            self._contained[path] = path  # normalised: a normalised folder and a plain name
+            return path
         try:
             norm = self.allowed.named(path)
             folder, name = os.path.split(norm)
@@ -118,6 +125,8 @@ class FrameTable(Mapping[str, dict]):
             self._refused[path] = str(exc)
             raise
         self._contained[path] = norm
+        if folder not in self._inside and inside(folder, self.allowed.given + self.allowed.real):
+            self._inside[folder] = real_folder
         return norm
 
     def device(self, folder: str) -> int:
@@ -130,3 +139,15 @@ class FrameTable(Mapping[str, dict]):
                 dev = -1
             self._devices[folder] = dev
         return dev
+
+
+def _plain_name(name: str) -> bool:
+    """A file name `AllowedRoots.named` would take as it is, after a folder it took: no `.`, `..` or NUL, encodable."""
+    if name in ("", ".", "..") or "\x00" in name:
+        return False
+    if not name.isascii():
+        try:
+            os.fsencode(name)
+        except UnicodeEncodeError:
+            return False
+    return True

@@ -1,4 +1,4 @@
-"""Image sizes from the first bytes of a JPEG or PNG file, for plans that read 612k headers.
+"""Image sizes from the first bytes of an image file, for plans that read 612k headers.
 
 PIL's header parser costs ~30 us an image in Python, and its file wraps the descriptor (one
 more `fstat`, a round trip on NFS). This reads one prefix and understands only well-formed,
@@ -8,10 +8,13 @@ first IDAT are whole, their CRCs right and their IHDR valid. Anything else (anot
 an unusual, crafted or damaged header, an image over PIL's pixel limit) gives None, and the
 caller asks PIL. Where this gives a size PIL gives the same one, or refuses the file for damage
 past what is read here (a bad table, say), which the engine then finds as it finds damaged pixels.
+`size_at` gives PIL the prefix it read first (another format's header is in it too), so only a
+header past the prefix costs a second open.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import zlib
@@ -19,6 +22,7 @@ import zlib
 from PIL import Image
 
 PREFIX_BYTES = 64 * 1024  # a JPEG's APP segments (EXIF, ICC) are at most 64 kB each; usually far less
+FIRST_READ_BYTES = 4096  # a rendered frame's header is a few hundred bytes: the rest is read only when it is not
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # colour type -> depths
@@ -28,6 +32,7 @@ _JPEG_RESTARTS = frozenset(range(0xD0, 0xD8))  # RST0-7: no length
 # length, DHP as a frame header; and below 0xC0 it finds "no marker".
 _JPEG_UNSURE = frozenset([0xC8, 0xD8, 0xD9, 0xDE, *range(0xF0, 0xFE)])
 _SOS = 0xDA
+_FRAME_HEADER = struct.Struct(">BHHB")  # precision, height, width, components
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
@@ -43,23 +48,39 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return size
 
 
-def size_at(dfd: int, name: str) -> tuple[int, int] | None:
-    """`header_size` of the file `name` in the folder `dfd`, from one read of its start.
+def size_at(dfd: int, name: str, formats: tuple[str, ...]) -> tuple[int, int] | None:
+    """(width, height) of the file `name` in the folder `dfd`, from its first `PREFIX_BYTES` at most: our
+    reader's, else PIL's (of `formats`) if the prefix holds all PIL reads; None if neither can tell.
 
     A symlink there is refused (ELOOP), and the open cannot block (a FIFO fails the read); the
     caller has checked the folder inside the roots and the file's size. Raises OSError.
     """
     fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dfd)
     try:
-        return header_size(os.pread(fd, PREFIX_BYTES, 0))
+        data = os.pread(fd, FIRST_READ_BYTES, 0)
+        size = header_size(data)
+        if size is None and len(data) == FIRST_READ_BYTES:
+            data += os.pread(fd, PREFIX_BYTES - FIRST_READ_BYTES, FIRST_READ_BYTES)
+            size = header_size(data)
     finally:
         os.close(fd)
+    return size or _pil_size(data, formats)
+
+
+def _pil_size(data: bytes, formats: tuple[str, ...]) -> tuple[int, int] | None:
+    """PIL's size of an image starting with `data`; None when PIL reads past it or refuses it (the caller then
+    opens the whole file, where PIL says the same or why not)."""
+    try:
+        with Image.open(io.BytesIO(data), formats=formats) as img:
+            return img.size
+    except Exception:
+        return None
 
 
 def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     size = None
-    pos = 2
-    while pos + 4 <= len(data):
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
         if data[pos] != 0xFF:
             return None
         marker = data[pos + 1]
@@ -72,14 +93,14 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
         if marker < 0xC0 or marker in _JPEG_UNSURE:
             return None
         length = data[pos + 2] << 8 | data[pos + 3]
-        if length < 2 or pos + 2 + length > len(data):
+        if length < 2 or pos + 2 + length > end:
             return None
         if marker == _SOS:
             return size
         if marker in _JPEG_FRAMES:
             if length < 8 or (length - 8) % 3:  # PIL refuses a component list cut short
                 return None
-            precision, height, width, components = struct.unpack_from(">BHHB", data, pos + 4)
+            precision, height, width, components = _FRAME_HEADER.unpack_from(data, pos + 4)
             if precision != 8 or components not in (1, 3, 4) or height == 0:
                 return None
             size = (width, height)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from vggt_cache.client.spec import ATTENTION, Attention
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a plan holds one per sample: no __dict__ each
 class Unit:
     """Frames (resolved paths, clip order) fed to the model together; targets get cache entries.
 
@@ -22,11 +22,13 @@ class Unit:
 
     def __post_init__(self) -> None:
         # Accept lists (e.g. decoded from JSON) but keep the frozen value hashable.
-        object.__setattr__(self, "frames", tuple(self.frames))
-        object.__setattr__(self, "targets", tuple(self.targets))
+        if type(self.frames) is not tuple:
+            object.__setattr__(self, "frames", tuple(self.frames))
+        if type(self.targets) is not tuple:
+            object.__setattr__(self, "targets", tuple(self.targets))
         if not self.frames or not self.targets:
             raise ValueError("a Unit needs at least one frame and one target")
-        if not set(self.targets) <= set(self.frames):
+        if not set(self.targets).issubset(self.frames):
             raise ValueError("every target of a Unit must be one of its frames")
 
     @classmethod

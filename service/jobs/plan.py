@@ -17,7 +17,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -28,7 +28,7 @@ from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.text import bounded
 from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.imageheader import size_at
-from vggt_cache.service.preprocess import MAX_IMAGE_BYTES, image_size, output_size
+from vggt_cache.service.preprocess import IMAGE_FORMATS, MAX_IMAGE_BYTES, image_size, output_size
 from vggt_cache.service.samples import SampleSet
 from vggt_cache.service.units import Unit
 
@@ -37,8 +37,13 @@ log = logging.getLogger("vggt_cache")
 # What a cache file holds beside its tensor: zip records, the metadata pickle (spec, source,
 # a context of up to ~9 frames) and alignment. Measured 1.5-3 KiB; rounded up so a plan errs large.
 ENTRY_OVERHEAD_BYTES = 4096
-# Metadata reads and header reads wait on the file system (NFS): many at once.
+# Folder checks run at once: as many as keep one core busy while the others wait on the file system. On NFS a
+# check waits on round trips most of its time and needs many beside it; on a local disk with its pages cached it
+# waits on nothing, and a second thread only takes the GIL from the first at every system call (16 threads
+# there doubled the plan's CPU). `PLAN_THREADS` is the most; a check run alone now and then says how many.
 PLAN_THREADS = 16
+MEASURED_TARGETS = 32  # checked alone, on the planning thread, to tell how long a check waits
+MEASURE_EVERY = 256  # folders, between two such measures: a root on two file systems, a cache grown cold
 PROGRESS_EVERY_S = 30.0
 PROBLEMS_SHOWN = 5  # a plan names its first problems (a job's failures and verify list them all)
 
@@ -103,6 +108,14 @@ def free_bytes(path: str) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def lanes_for(wall: float, cpu: float, most: int = PLAN_THREADS) -> int:
+    """Checks to run at once when one, run alone, took `wall` seconds, `cpu` of them on the CPU: the rest is
+    waiting, which that many others fill."""
+    if cpu <= 0:
+        return most
+    return max(1, min(most, round(wall / cpu)))
+
+
 @dataclass
 class _Target:
     valid: bool
@@ -112,6 +125,9 @@ class _Target:
     unreadable: bool
     device: int  # st_dev of the folder the entry goes into
     folder: str
+
+
+_Folder = list[tuple[str, Sequence[str] | None]]  # a folder's targets, each with its context frames
 
 
 @dataclass(frozen=True)
@@ -126,7 +142,7 @@ class _Checks:
     max_image_bytes: int
 
 
-def _check_folder(folder: str, work: list[tuple[str, Sequence[str] | None]], checks: _Checks) -> list[_Target]:
+def _check_folder(folder: str, work: _Folder, checks: _Checks) -> list[_Target]:
     """The targets of one folder, its descriptor opened (and checked inside the roots) once for all their headers."""
     with contextlib.ExitStack() as stack:
         try:
@@ -139,7 +155,9 @@ def _check_folder(folder: str, work: list[tuple[str, Sequence[str] | None]], che
 
 def _check(target: str, context: Sequence[str] | None, checks: _Checks, dfd: int | None, device: int) -> _Target:
     spec, sizes, folder = checks.spec, checks.sizes, os.path.dirname(target)
-    read = read_entry(target, spec, context_frames=context, tensor=False, roots=checks.roots, sources=checks.table)
+    read = read_entry(
+        target, spec, context_frames=context, tensor=False, roots=checks.roots, sources=checks.table, dir_fd=dfd
+    )
     valid = read.outcome is Outcome.HIT
     if valid and checks.skip_existing:
         return _Target(True, False, 0, 0, False, device, folder)
@@ -163,13 +181,13 @@ def _check(target: str, context: Sequence[str] | None, checks: _Checks, dfd: int
 
 def _pixels_in(dfd: int, target: str, checks: _Checks) -> tuple[int, int]:
     """(width, height) of `target` in its checked folder `dfd`: the table's `lstat` says what it is, one open
-    and read of its start say its size, and PIL reads whatever header `size_at` leaves to it."""
+    and read of its start say its size, and PIL opens the file whose header `size_at` could not read."""
     name = os.path.basename(target)
     if not checks.table.is_file(target):
         raise NotRegularFile(f"{target} is not a regular file")
     if checks.table[target]["size"] > checks.max_image_bytes:
         raise FileTooLarge(f"{target} is over the limit of {checks.max_image_bytes} bytes")
-    return size_at(dfd, name) or image_size(name, checks.max_image_bytes, dir_fd=dfd)
+    return size_at(dfd, name, IMAGE_FORMATS) or image_size(name, checks.max_image_bytes, dir_fd=dfd)
 
 
 class PlanBuilder:
@@ -199,16 +217,26 @@ class PlanBuilder:
         # Free space as first seen: a streamed job's own entries use it up while it plans, and must not count twice.
         self._free: dict[str, int] = {}
         self._started = self._last_report = time.monotonic()
+        self.lanes = 1  # folder checks run at once, as last measured
 
     def check(self, units: Sequence[Unit]) -> frozenset[str]:
         """Check the targets of `units` (headers and metadata only); returns those holding a valid entry."""
-        work = [(t, self.spec.context_of(u.frames)) for u in units for t in u.targets]
+        work: _Folder = [(t, self.spec.context_of(u.frames)) for u in units for t in u.targets]
         folders = [
             (folder, list(group)) for folder, group in itertools.groupby(work, lambda tc: os.path.dirname(tc[0]))
         ]
         checked: list[_Target] = []
-        with ThreadPoolExecutor(PLAN_THREADS, thread_name_prefix="vggt-plan") as pool:
-            for targets in pool.map(lambda group: _check_folder(group[0], group[1], self._checks), folders):
+        start = 0
+        while start < len(folders):
+            wall, cpu, measured = time.perf_counter(), time.thread_time(), 0
+            while start < len(folders) and measured < MEASURED_TARGETS:
+                checked.extend(_check_folder(*folders[start], self._checks))
+                measured += len(folders[start][1])
+                start += 1
+            self.lanes = lanes_for(time.perf_counter() - wall, time.thread_time() - cpu)
+            batch = folders[start : start + MEASURE_EVERY]
+            start += len(batch)
+            for targets in self._run(batch):
                 checked.extend(targets)
                 if time.monotonic() - self._last_report > PROGRESS_EVERY_S:
                     self._last_report = time.monotonic()
@@ -233,6 +261,14 @@ class PlanBuilder:
                 self._replaced += t.size - t.nbytes
                 self._per_device.setdefault(t.device, [t.folder, 0])[1] += t.nbytes
         return frozenset(target for (target, _), t in zip(work, checked, strict=True) if t.valid)
+
+    def _run(self, folders: list[tuple[str, _Folder]]) -> Iterator[list[_Target]]:
+        """The checks of `folders`, in order, `self.lanes` at once (one: on this thread, nothing handed over)."""
+        if self.lanes == 1:
+            yield from (_check_folder(folder, work, self._checks) for folder, work in folders)
+            return
+        with ThreadPoolExecutor(self.lanes, thread_name_prefix="vggt-plan") as pool:
+            yield from pool.map(lambda group: _check_folder(group[0], group[1], self._checks), folders)
 
     def _free_bytes(self, path: str) -> int:
         if path not in self._free:

@@ -142,18 +142,22 @@ def _check(
     """The units refused (index -> why) and those found valid; the rest checked into `builder`'s plan."""
     max_frames = limits.max_frames_per_sample
     refused: dict[int, str] = {}
+    outside: dict[str, str] = {}  # frame -> why it is refused; each frame of the stretch contained once
+    for frame in set().union(*(u.frames for u in units if len(u.frames) <= max_frames)):
+        try:
+            table.contain(frame)
+        except (OutsideRoots, ValueError) as exc:
+            outside[frame] = str(exc)
     for idx, unit in enumerate(units):
         if len(unit.frames) > max_frames:
             refused[idx] = (
                 f"a sample of {len(unit.frames)} frames; the limit is {max_frames} per sample (--max-frames-per-sample)"
             )
-            continue
-        try:
-            for frame in unit.frames:
-                table.contain(frame)
-        except (OutsideRoots, ValueError) as exc:
-            refused[idx] = str(exc)
-    valid_targets = builder.check([u for i, u in enumerate(units) if i not in refused])
+        elif outside:
+            why = next((outside[f] for f in unit.frames if f in outside), None)
+            if why is not None:
+                refused[idx] = why
+    valid_targets = builder.check([u for i, u in enumerate(units) if i not in refused] if refused else units)
     valid = []
     if options.skip_existing:
         valid = [

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vggt_cache.service.imageheader import PREFIX_BYTES, header_size, size_at
+from vggt_cache.service.imageheader import FIRST_READ_BYTES, PREFIX_BYTES, header_size, size_at
+from vggt_cache.service.preprocess import IMAGE_FORMATS as FORMATS
 
 
 def encoded(fmt: str, mode: str, size: tuple[int, int], **save) -> bytes:
@@ -133,12 +134,81 @@ def test_size_at_reads_the_file_in_the_folder_and_refuses_a_symlink_or_fifo(tmp_
     os.mkfifo(tmp_path / "pipe.jpg")
     dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        assert size_at(dfd, "a.jpg") == (644, 483)
+        assert size_at(dfd, "a.jpg", FORMATS) == (644, 483)
         with pytest.raises(OSError) as link:
-            size_at(dfd, "link.jpg")
+            size_at(dfd, "link.jpg", FORMATS)
         assert link.value.errno == errno.ELOOP
         with pytest.raises(OSError) as pipe:  # no writer: the open does not wait, the read fails
-            size_at(dfd, "pipe.jpg")
+            size_at(dfd, "pipe.jpg", FORMATS)
         assert pipe.value.errno == errno.ESPIPE
     finally:
         os.close(dfd)
+
+
+class Reads:
+    """Counts the opens and reads `size_at` makes through `os`."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.opens, self.reads = 0, []
+        real_open, real_pread = os.open, os.pread
+
+        def counted_open(*args, **kwargs):
+            self.opens += 1
+            return real_open(*args, **kwargs)
+
+        def counted_pread(fd, n, offset):
+            self.reads.append(n)
+            return real_pread(fd, n, offset)
+
+        monkeypatch.setattr(os, "open", counted_open)
+        monkeypatch.setattr(os, "pread", counted_pread)
+
+
+@pytest.mark.parametrize(
+    "name,reads",
+    [
+        ("jpeg rgb", 1),  # its header in the first read
+        ("jpeg exif", 2),  # a 6 kB EXIF segment before the frame header: the rest of the prefix read
+        ("jpeg icc", 2),
+        ("png rgb", 1),
+    ],
+)
+def test_size_at_reads_past_the_first_read_only_for_a_header_beyond_it(tmp_path, monkeypatch, name, reads):
+    (tmp_path / "a.img").write_bytes(CORPUS[name])
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        counted = Reads(monkeypatch)
+        assert size_at(dfd, "a.img", FORMATS) == pil_size(CORPUS[name]) is not None
+        assert counted.opens == 1 and len(counted.reads) == reads
+        assert sum(counted.reads) <= PREFIX_BYTES and counted.reads[0] == FIRST_READ_BYTES
+    finally:
+        os.close(dfd)
+
+
+@pytest.mark.parametrize(
+    "fmt,mode,size",
+    [("WEBP", "RGB", (70, 50)), ("BMP", "RGB", (300, 200)), ("GIF", "P", (31, 17)), ("TIFF", "RGB", (40, 30))],
+)
+def test_size_at_gives_pils_size_of_another_format_from_the_same_open(tmp_path, monkeypatch, fmt, mode, size):
+    data = encoded(fmt, mode, size)
+    (tmp_path / "a.img").write_bytes(data)
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        counted = Reads(monkeypatch)
+        assert size_at(dfd, "a.img", FORMATS) == size  # PIL read the prefix: no second open
+        assert counted.opens == 1
+        assert size_at(dfd, "a.img", ("JPEG",)) is None  # a format not allowed: the caller's open refuses it
+    finally:
+        os.close(dfd)
+
+
+def test_size_at_leaves_a_header_past_its_prefix_to_the_caller(tmp_path):
+    data = encoded("JPEG", "RGB", (64, 48), icc_profile=b"\0" * 100_000)  # its frame header past 100 kB of ICC
+    assert data.index(b"\xff\xc0") > PREFIX_BYTES
+    (tmp_path / "a.jpg").write_bytes(data)
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert size_at(dfd, "a.jpg", FORMATS) is None
+    finally:
+        os.close(dfd)
+    assert pil_size(data) == (64, 48)  # which the caller's open of the whole file gives

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import re
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +17,11 @@ from vggt_cache.client.spec import FeatureSpec, resolve_options
 from vggt_cache.service.engine import Engine, Priority
 from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.jobs.options import JobOptions
+from vggt_cache.service.jobs.plan import PLAN_THREADS, PlanBuilder, lanes_for
 from vggt_cache.service.jobs.planning import plan_work
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.paths import AllowedRoots
+from vggt_cache.service.samples import find_samples
 from vggt_cache.service.verify import verify_data_root
 
 from helpers.service import TINY_MODEL, write_images
@@ -77,6 +81,37 @@ def test_a_dry_run_makes_at_most_three_calls_a_sample(tmp_path, loaded, monkeypa
     assert counter.calls <= CALLS_PER_SAMPLE * samples + start_up, counter.calls  # was ~90 a sample
 
 
+def test_checks_run_as_many_at_once_as_their_waits_need():
+    assert lanes_for(wall=1.0, cpu=1.0) == 1  # nothing waited on: a second thread would only take the GIL
+    assert lanes_for(wall=1.4, cpu=1.0) == 1
+    assert lanes_for(wall=6.0, cpu=1.0) == 6
+    assert lanes_for(wall=100.0, cpu=1.0) == lanes_for(wall=1.0, cpu=0.0) == PLAN_THREADS
+
+
+def test_a_plan_whose_reads_wait_overlaps_them_and_plans_the_same(tmp_path, loaded, monkeypatch):
+    root = episode_root(tmp_path / "data", episodes=10, steps=12)
+    spec, roots = tiny_spec(loaded), AllowedRoots.of([str(root)])
+    units = plan_work(str(root), spec, roots, JobOptions(max_history_images=8)).units
+
+    def planned(builder: PlanBuilder) -> tuple:
+        valid = builder.check(units)
+        plan = builder.plan(find_samples(str(root)), 0).to_dict()
+        return valid, {k: v for k, v in plan.items() if k not in ("free_bytes", "fits")}  # others write meanwhile
+
+    at_once = planned(PlanBuilder(spec, str(root), roots=roots.real))
+    threads, real_pread = set(), os.pread
+
+    def remote_pread(fd, n, offset):  # each header read waits as on a network file system
+        threads.add(threading.get_ident())
+        time.sleep(0.003)
+        return real_pread(fd, n, offset)
+
+    monkeypatch.setattr(os, "pread", remote_pread)
+    builder = PlanBuilder(spec, str(root), roots=roots.real)
+    assert planned(builder) == at_once
+    assert builder.lanes > 2 and len(threads) > 2  # the waits overlapped
+
+
 def test_verify_reads_each_frame_once(tmp_path, loaded, monkeypatch):
     root = episode_root(tmp_path / "data", episodes=1)
     spec = tiny_spec(loaded)
@@ -94,26 +129,41 @@ def test_verify_reads_each_frame_once(tmp_path, loaded, monkeypatch):
 def test_the_table_contains_as_allowed_roots_do(tmp_path):
     root = episode_root(tmp_path / "data", episodes=1, steps=2)
     outside = write_images(tmp_path / "outside", ["secret.png"])[0]
+    write_images(tmp_path, ["beside.png"])
     (root / "ep_0" / "step_2_STOP.png").symlink_to(outside)
     (root / "linked").symlink_to(tmp_path / "outside")
-    roots = AllowedRoots.of([str(root)])
-    table = FrameTable(roots)
-    for path in (
-        root / "ep_0" / "step_0_MOVE_FORWARD.png",
-        root / "ep_0" / "step_2_STOP.png",
-        root / "linked" / "secret.png",
-        tmp_path / "outside" / "secret.png",
-        root / "ep_0" / "gone.png",
-    ):
-        try:
-            expected = roots.contain(str(path))
-        except OutsideRoots as exc:
-            with pytest.raises(OutsideRoots, match=re.escape(str(exc).split(":")[0])):
-                table.contain(str(path))
-            with pytest.raises(OutsideRoots):  # a refusal is remembered, as it was said
-                table.contain(str(path))
-        else:
-            assert table.contain(str(path)) == expected
+    (tmp_path / "alias").symlink_to(root / "ep_0")
+    alias = str(tmp_path / "alias")
+    roots = AllowedRoots.of([str(root), f"{alias}/step_1_MOVE_FORWARD.png"])  # a root named through a symlink
+    ep = str(root / "ep_0")
+    paths = [
+        f"{ep}/step_0_MOVE_FORWARD.png",  # a plain file: its folder is then known inside
+        f"{ep}/step_2_STOP.png",  # a symlink out of the roots, in a folder known inside
+        f"{ep}/../ep_0/step_0_MOVE_FORWARD.png",
+        f"{ep}/./step_1_MOVE_FORWARD.png",
+        f"{ep}/..",
+        f"{ep}/",
+        f"{ep}/\udc80.png",  # no file name decodes to a lone surrogate
+        f"{ep}/gone.png",
+        f"{alias}/step_1_MOVE_FORWARD.png",  # inside: a root; its folder's name is not
+        f"{alias}/step_0_MOVE_FORWARD.png",
+        str(root),  # a root, whose folder is not inside
+        str(tmp_path / "beside.png"),
+        str(root / "linked" / "secret.png"),
+        str(tmp_path / "outside" / "secret.png"),
+    ]
+    for order in (paths, paths[::-1]):  # whatever the table learnt before, it says what the roots say
+        table = FrameTable(roots)
+        for path in order:
+            try:
+                expected = roots.contain(path)
+            except (OutsideRoots, ValueError) as exc:
+                with pytest.raises(type(exc), match=re.escape(str(exc).split(":")[0])):
+                    table.contain(path)
+                with pytest.raises(type(exc)):  # a refusal is remembered, as it was said
+                    table.contain(path)
+            else:
+                assert table.contain(path) == expected, path
     assert table.real_folder(str(root / "linked")) == os.path.realpath(root / "linked")
 
 
