@@ -160,6 +160,11 @@ def may_be_entry(dfd: int, name: str) -> str | None:
     return None
 
 
+def no_entry(image_path: PathLike) -> ReadResult:
+    """What `read_entry` says of an image without a cache file."""
+    return ReadResult(Outcome.MISSING, None, None, "no cache file", cache_path(image_path))
+
+
 def read_entry(
     image_path: PathLike,
     spec: FeatureSpec | None = None,
@@ -210,7 +215,7 @@ def read_entry(
             dir_fd=dir_fd,
         )
     except FileNotFoundError:
-        return result(Outcome.MISSING, "no cache file")
+        return no_entry(image_path)
     except PermissionError as e:
         if not isinstance(e, OutsideRoots):  # a symlink out of the roots is a planted file, not a permission
             return result(Outcome.UNREADABLE, "unreadable: permission denied")

@@ -7,6 +7,10 @@ down, instead of `realpath` walking every component of every frame), and a file 
 once; that one call says whether it is a symlink (only those are resolved) and, for a regular
 file, is its source record (size, mtime_ns) for every entry whose context names it.
 
+A plan does not open the entry of an image whose folder the walk listed without it (a fresh root:
+one call a sample less); an entry written since is found when the unit is computed, as an entry
+written after any plan is.
+
 What the table says holds for the plan only. What is opened at compute time is checked again
 on its descriptor (`client.safeopen`), so a file replaced by a symlink out of the roots, or
 deleted, after the plan fails then, as it always did.
@@ -17,8 +21,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
+from vggt_cache.client.cachefile import CACHE_SUFFIX
 from vggt_cache.client.safeopen import OutsideRoots, inside
 from vggt_cache.client.text import shorten
 from vggt_cache.service.paths import AllowedRoots
@@ -44,6 +49,7 @@ class FrameTable(Mapping[str, dict]):
         # A normalised folder whose name and real path are inside the roots -> its real path: a file named in it
         # that is not a symlink is inside too, told by its name and the table's `lstat`.
         self._inside: dict[str, str] = {}
+        self._entries: dict[str, frozenset[str]] = {}  # folder the walk listed -> its files that have an entry
 
     def _look(self, path: str) -> _Look:
         look = self._files.get(path)
@@ -78,6 +84,16 @@ class FrameTable(Mapping[str, dict]):
     def is_file(self, path: str) -> bool:
         """`os.path.isfile(path)`, from the table."""
         return self._look(path)[3]
+
+    def listed(self, folder: str, names: Iterable[str]) -> None:
+        """The walk listed `folder` as holding `names`: a file there whose entry is not among them has none."""
+        self._entries[folder] = frozenset(n[: -len(CACHE_SUFFIX)] for n in names if n.endswith(CACHE_SUFFIX))
+
+    def entry_listed(self, path: str) -> bool | None:
+        """Whether the walk saw the cache entry of file `path`; None if it did not list the folder."""
+        folder, _, name = path.rpartition("/")
+        names = self._entries.get(folder)
+        return None if names is None else name in names
 
     def real_folder(self, folder: str) -> str:
         """`os.path.realpath(folder)` for a normalised absolute `folder`, one `lstat` per folder ever asked."""

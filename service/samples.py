@@ -351,6 +351,7 @@ class SampleStream:
             raise UnusableInput(f"data root is not a directory: {root}")
         self.root = root
         self.named_files = list(files) if files else None
+        table = FrameTable(allowed) if table is None else table
         self.reader = _Reader(root, data_path, keep_records, allowed, max_sample_bytes, table)
         if files:
             self.found = Found()
@@ -358,7 +359,7 @@ class SampleStream:
                 path = norm_path(os.path.join(root, f))
                 (self.found.jsonl if path.endswith(".jsonl") else self.found.json).append(path)
         else:
-            self.found = walk_root(root, allowed)
+            self.found = walk_root(root, allowed, table)
         self.count = 0  # samples read so far
         self.loose_images = False  # the samples are now loose images: no sample files, no episode folders
         self._kinds: list[str] = []

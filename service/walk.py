@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from vggt_cache.client.cachefile import CACHE_SUFFIX
 from vggt_cache.client.manifest import MANIFEST_NAME
 from vggt_cache.client.safeopen import inside
+from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.paths import AllowedRoots
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
@@ -27,7 +28,10 @@ def _hidden(name: str) -> bool:
 
 
 def walk_files(
-    root: str, allowed: AllowedRoots | None = None, unlisted: list[tuple[str, str]] | None = None
+    root: str,
+    allowed: AllowedRoots | None = None,
+    unlisted: list[tuple[str, str]] | None = None,
+    table: FrameTable | None = None,
 ) -> Iterator[tuple[str, list[str]]]:
     """(folder, sorted file names) for every non-hidden folder, top-down and sorted, symlink loops cut.
 
@@ -38,6 +42,7 @@ def walk_files(
     what it holds is unknown, which a job must say rather than finish without it.
     Real paths are carried down the walk: a child that is not a symlink lies in its parent's real
     folder, so only symlinks are resolved (resolving every folder made a deep tree quadratic or worse).
+    `table`: told what each folder listed holds (`FrameTable.listed`: the entries it has).
     """
     real_root = os.path.realpath(root)
     seen: set[str] = set()
@@ -54,6 +59,8 @@ def walk_files(
             if e.errno not in _GONE and unlisted is not None:
                 unlisted.append((folder, f"cannot list folder: {e.strerror or e}"))
             continue
+        if table is not None:
+            table.listed(folder, [entry.name for entry in entries])
         folders: list[tuple[str, str]] = []
         files: list[tuple[str, str]] = []
         for entry in entries:
@@ -90,9 +97,9 @@ class Found:
     unlisted: list[tuple[str, str]] = field(default_factory=list)
 
 
-def walk_root(root: str, allowed: AllowedRoots | None) -> Found:
+def walk_root(root: str, allowed: AllowedRoots | None, table: FrameTable | None = None) -> Found:
     found = Found()
-    for folder, names in walk_files(root, allowed, found.unlisted):
+    for folder, names in walk_files(root, allowed, found.unlisted, table):
         steps = [n for n in names if STEP_FRAME.match(n)]
         if steps:
             found.episodes.append((folder, steps))

@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
+from vggt_cache.client.cachefile import Outcome, cache_path, no_entry, read_entry
 from vggt_cache.client.entryformat import stored_entry_bytes
 from vggt_cache.client.safeopen import FileTooLarge, NotRegularFile, open_folder
 from vggt_cache.client.spec import FeatureSpec
@@ -155,9 +155,12 @@ def _check_folder(folder: str, work: _Folder, checks: _Checks) -> list[_Target]:
 
 def _check(target: str, context: Sequence[str] | None, checks: _Checks, dfd: int | None, device: int) -> _Target:
     spec, sizes, folder = checks.spec, checks.sizes, os.path.dirname(target)
-    read = read_entry(
-        target, spec, context_frames=context, tensor=False, roots=checks.roots, sources=checks.table, dir_fd=dfd
-    )
+    if checks.table.entry_listed(target) is False:  # the walk saw none: nothing to open
+        read = no_entry(target)
+    else:
+        read = read_entry(
+            target, spec, context_frames=context, tensor=False, roots=checks.roots, sources=checks.table, dir_fd=dfd
+        )
     valid = read.outcome is Outcome.HIT
     if valid and checks.skip_existing:
         return _Target(True, False, 0, 0, False, device, folder)
