@@ -85,6 +85,11 @@ class FrameTable(Mapping[str, dict]):
         """`os.path.isfile(path)`, from the table."""
         return self._look(path)[3]
 
+    def regular_size(self, path: str) -> int | None:
+        """The size of `path` if it is (or leads to) a regular file, else None; from the table."""
+        size, _, _, regular, _ = self._look(path)
+        return size if regular else None
+
     def listed(self, folder: str, names: Iterable[str]) -> None:
         """The walk listed `folder` as holding `names`: a file there whose entry is not among them has none."""
         self._entries[folder] = frozenset(n[: -len(CACHE_SUFFIX)] for n in names if n.endswith(CACHE_SUFFIX))

@@ -24,6 +24,8 @@ from PIL import Image
 PREFIX_BYTES = 64 * 1024  # a JPEG's APP segments (EXIF, ICC) are at most 64 kB each; usually far less
 FIRST_READ_BYTES = 4096  # a rendered frame's header is a few hundred bytes: the rest is read only when it is not
 
+# A symlink is refused (ELOOP), a FIFO does not block the open.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # colour type -> depths
 _JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-SOF15 less DHT, JPG, DAC
@@ -55,7 +57,7 @@ def size_at(dfd: int, name: str, formats: tuple[str, ...]) -> tuple[int, int] | 
     A symlink there is refused (ELOOP), and the open cannot block (a FIFO fails the read); the
     caller has checked the folder inside the roots and the file's size. Raises OSError.
     """
-    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC, dir_fd=dfd)
+    fd = os.open(name, _OPEN_FLAGS, dir_fd=dfd)
     try:
         data = os.pread(fd, FIRST_READ_BYTES, 0)
         size = header_size(data)

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 from vggt_cache.client.safeopen import OutsideRoots
 from vggt_cache.client.text import shorten
 from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.paths import AllowedRoots
 
+_UNSEEN = ""  # never a resolved path (None is an answer: not found)
+
 
 def norm_path(path: str) -> str:
-    # Symlinks are kept as written: containment is checked where paths are opened.
-    return os.path.normpath(os.path.abspath(path))
+    # Symlinks are kept as written: containment is checked where paths are opened. (abspath normalises.)
+    return os.path.abspath(path)
+
+
+def _joined(folder: str, raw: str) -> str:
+    """`norm_path(os.path.join(folder, raw))` for a normalised absolute `folder` and a relative `raw`; a sample
+    file names each frame, so a name with nothing to normalise is joined as it is."""
+    if folder != "/" and raw[0] != "." and "/." not in raw and "//" not in raw and raw[-1] != "/":
+        return f"{folder}/{raw}"
+    return norm_path(os.path.join(folder, raw))
 
 
 class PathResolver:
@@ -37,13 +48,20 @@ class PathResolver:
         self.table = FrameTable(allowed) if table is None else table
         self._memo: dict[tuple[str, str, str | None], str | None] = {}
 
-    def candidates(self, raw: str, sample_dir: str, data_path: str | None) -> list[str]:
+    def candidates(self, raw: str, sample_dir: str, data_path: str | None) -> Iterator[str]:
+        """Where `raw` may be, in the order looked at (each made only if the one before is not taken)."""
         if os.path.isabs(raw):
-            return [norm_path(raw)]
+            yield norm_path(raw)
+            return
         data_path = data_path if data_path is not None else self.data_path
         if data_path is not None:
-            return [norm_path(os.path.join(self.data_root, data_path, raw))]
-        return list(dict.fromkeys(norm_path(os.path.join(base, raw)) for base in (sample_dir, self.data_root)))
+            yield norm_path(os.path.join(self.data_root, data_path, raw))
+            return
+        beside = _joined(sample_dir, raw)
+        yield beside
+        under_root = _joined(self.data_root, raw)
+        if under_root != beside:
+            yield under_root
 
     def permits(self, path: str) -> bool:
         """True without roots, or when `path` is inside them (decided from the name, before any stat of it)."""
@@ -59,7 +77,8 @@ class PathResolver:
         """The first existing candidate inside the roots; else the first outside them, unlooked at (the plan
         refuses it, in the same words whether it exists or not); else None."""
         key = (raw, sample_dir, data_path)
-        if key not in self._memo:
+        resolved = self._memo.get(key, _UNSEEN)
+        if resolved is _UNSEEN:
             found = outside = None
             for path in self.candidates(raw, sample_dir, data_path):
                 if not self.permits(path):
@@ -67,8 +86,8 @@ class PathResolver:
                 elif self.table.is_file(path):
                     found = path
                     break
-            self._memo[key] = found or outside
-        return self._memo[key]
+            resolved = self._memo[key] = found or outside
+        return resolved
 
     def why_not(self, raw: str, sample_dir: str, data_path: str | None) -> str:
         """Why `raw` did not resolve, its paths shortened (a name in a sample file can be of any length)."""

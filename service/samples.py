@@ -48,7 +48,7 @@ from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.jsonstream import ArrayStream, MalformedSample, lines
 from vggt_cache.service.paths import AllowedRoots
 from vggt_cache.service.samplepaths import PathResolver, norm_path
-from vggt_cache.service.walk import STEP_FRAME, Found, walk_root
+from vggt_cache.service.walk import STEP_FRAME, Found, is_image, walk_root
 
 DEFAULT_MAX_HISTORY = 8
 # The longest history a sample may ask for: every known recipe fits (JanusVLN 8, VG-LLM up to 32 frames),
@@ -148,8 +148,11 @@ def _history_indices(step: int, max_history: int) -> tuple[int, ...]:
 def _string_list(value: object, key: str) -> list[str]:
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+    if not isinstance(value, list):
         raise MalformedSample(f"{key!r} must be a non-empty string or a list of them")
+    for v in value:
+        if not isinstance(v, str) or not v:
+            raise MalformedSample(f"{key!r} must be a non-empty string or a list of them")
     return value
 
 
@@ -229,8 +232,9 @@ class _Reader:
             self.malformed.append((where, f"malformed sample: {e}"))
             return None
         frames = []
+        resolve = self.resolver.resolve
         for raw in raw_clip:
-            resolved = self.resolver.resolve(raw, sample_dir, data_path)
+            resolved = resolve(raw, sample_dir, data_path)
             if resolved is None:
                 self.missing.append((where, self.resolver.why_not(raw, sample_dir, data_path)))
                 return None  # a clip with a hole would give its frames the wrong context
@@ -415,8 +419,12 @@ class SampleStream:
         else:
             self._kinds.append("images")
             self.loose_images = True
-            self._files = len(found.images)
-            yield from (Sample((norm_path(p),), p) for p in found.images)
+            images = [(folder, [n for n in names if is_image(n)]) for folder, names in found.images]
+            self._files = sum(len(names) for _, names in images)
+            for folder, names in images:
+                for name in names:
+                    path = os.path.join(folder, name)
+                    yield Sample((norm_path(path),), path)
 
     def sample_set(self, samples: list[Sample] | None = None) -> SampleSet:
         """What the stream read (`samples`: those it gave, when they were kept), as far as it has been read."""

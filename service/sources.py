@@ -46,7 +46,7 @@ class UnitPlanner:
         self._conflicted: set[str] = set()
 
     def add_clip(self, frames: tuple[str, ...] | list[str]) -> None:
-        clips = [(f,) for f in frames] if self.attention == Attention.FRAME else [tuple(frames)]
+        clips = [(f,) for f in frames] if self.attention == Attention.FRAME else (tuple(frames),)
         for clip in clips:
             if clip in self._seen:
                 continue

@@ -62,21 +62,27 @@ def walk_files(
         if table is not None:
             table.listed(folder, [entry.name for entry in entries])
         folders: list[tuple[str, str]] = []
-        files: list[tuple[str, str]] = []
+        files: list[str] = []
         for entry in entries:
-            if _hidden(entry.name):
+            name = entry.name
+            if _hidden(name):
                 continue
             try:
-                link = entry.is_symlink()
-                entry_real = os.path.realpath(entry.path) if link else os.path.join(real, entry.name)
-                if link and allowed is not None and not inside(entry_real, allowed.real):
-                    left_out += 1
-                    continue
-                (folders if entry.is_dir() else files).append((entry.name, entry_real))
+                entry_real = None  # a file's real path is not needed, a folder's is its parent's and its name
+                if entry.is_symlink():
+                    entry_real = os.path.realpath(entry.path)
+                    if allowed is not None and not inside(entry_real, allowed.real):
+                        left_out += 1
+                        continue
+                if entry.is_dir():
+                    folders.append((name, entry_real or os.path.join(real, name)))
+                else:
+                    files.append(name)
             except OSError as e:  # a symlink loop, a name past PATH_MAX, ...
                 if unlisted is not None:
                     unlisted.append((entry.path, f"cannot tell what this is: {e.strerror or e}"))
-        yield folder, sorted(name for name, _ in files)
+        files.sort()
+        yield folder, files
         pending.extend((os.path.join(folder, name), child) for name, child in sorted(folders, reverse=True))
     if left_out:
         log.warning("%s: %d symlink(s) leading outside the allowed roots were not followed", root, left_out)
@@ -88,12 +94,13 @@ def is_image(name: str) -> bool:
 
 @dataclass
 class Found:
-    """What the walk saw: sample files, episode folders with their step frames, loose images."""
+    """What the walk saw: sample files, episode folders with their step frames, loose images (until an episode
+    folder is seen: then they are never read)."""
 
     jsonl: list[str] = field(default_factory=list)
     json: list[str] = field(default_factory=list)
     episodes: list[tuple[str, list[str]]] = field(default_factory=list)
-    images: list[str] = field(default_factory=list)
+    images: list[tuple[str, list[str]]] = field(default_factory=list)  # (folder, its files: `is_image` says which)
     unlisted: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -103,12 +110,10 @@ def walk_root(root: str, allowed: AllowedRoots | None, table: FrameTable | None 
         steps = [n for n in names if STEP_FRAME.match(n)]
         if steps:
             found.episodes.append((folder, steps))
-        for name in names:
-            path = os.path.join(folder, name)
-            if name.endswith(".jsonl"):
-                found.jsonl.append(path)
-            elif name.endswith(".json") and not steps and name != MANIFEST_NAME:
-                found.json.append(path)
-            elif is_image(name):
-                found.images.append(path)
+            found.images.clear()
+        found.jsonl += [os.path.join(folder, n) for n in names if n.endswith(".jsonl")]
+        if not steps:
+            found.json += [os.path.join(folder, n) for n in names if n.endswith(".json") and n != MANIFEST_NAME]
+        if not found.episodes and names:
+            found.images.append((folder, names))  # its images picked out only if they are read
     return found

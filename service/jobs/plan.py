@@ -150,45 +150,48 @@ def _check_folder(folder: str, work: _Folder, checks: _Checks) -> list[_Target]:
         except OSError:  # each header is then opened by its path, and fails as the engine will
             dfd = None
         device = checks.table.device(folder)
-        return [_check(target, context, checks, dfd, device) for target, context in work]
+        return [_check(target, context, checks, dfd, device, folder) for target, context in work]
 
 
-def _check(target: str, context: Sequence[str] | None, checks: _Checks, dfd: int | None, device: int) -> _Target:
-    spec, sizes, folder = checks.spec, checks.sizes, os.path.dirname(target)
-    if checks.table.entry_listed(target) is False:  # the walk saw none: nothing to open
+def _check(
+    target: str, context: Sequence[str] | None, checks: _Checks, dfd: int | None, device: int, folder: str
+) -> _Target:
+    spec, sizes, table = checks.spec, checks.sizes, checks.table
+    if table.entry_listed(target) is False:  # the walk saw none: nothing to open
         read = no_entry(target)
     else:
         read = read_entry(
-            target, spec, context_frames=context, tensor=False, roots=checks.roots, sources=checks.table, dir_fd=dfd
+            target, spec, context_frames=context, tensor=False, roots=checks.roots, sources=table, dir_fd=dfd
         )
     valid = read.outcome is Outcome.HIT
     if valid and checks.skip_existing:
         return _Target(True, False, 0, 0, False, device, folder)
     try:
-        if dfd is not None and not checks.table.is_symlink(target):  # a symlink is followed, and checked, by path
-            pixels = _pixels_in(dfd, target, checks)
+        if dfd is not None and not table.is_symlink(target):  # a symlink is followed, and checked, by path
+            pixels = _pixels_in(dfd, target, target[len(folder) + 1 :], checks)
         else:
             pixels = image_size(target, checks.max_image_bytes, checks.roots)
     except Exception:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...: the job fails it
         return _Target(valid, True, 0, 0, True, device, folder)
-    if pixels not in sizes:  # a benign race between threads: both compute the same number
+    size = sizes.get(pixels)
+    if size is None:  # a benign race between threads: both compute the same number
         patch = spec.architecture.get("patch_size", 14)
         height, width = output_size(*pixels, spec.preprocess, spec.size, spec.align)
-        sizes[pixels] = stored_entry_bytes(spec, (height // patch, width // patch)) + ENTRY_OVERHEAD_BYTES
+        size = sizes[pixels] = stored_entry_bytes(spec, (height // patch, width // patch)) + ENTRY_OVERHEAD_BYTES
     try:
         replaced = 0 if read.outcome is Outcome.MISSING else os.lstat(cache_path(target)).st_size
     except OSError:
         replaced = 0
-    return _Target(valid, True, sizes[pixels] - replaced, sizes[pixels], False, device, folder)
+    return _Target(valid, True, size - replaced, size, False, device, folder)
 
 
-def _pixels_in(dfd: int, target: str, checks: _Checks) -> tuple[int, int]:
-    """(width, height) of `target` in its checked folder `dfd`: the table's `lstat` says what it is, one open
-    and read of its start say its size, and PIL opens the file whose header `size_at` could not read."""
-    name = os.path.basename(target)
-    if not checks.table.is_file(target):
+def _pixels_in(dfd: int, target: str, name: str, checks: _Checks) -> tuple[int, int]:
+    """(width, height) of `target`, `name` in its checked folder `dfd`: the table's `lstat` says what it is, one
+    open and read of its start say its size, and PIL opens the file whose header `size_at` could not read."""
+    size = checks.table.regular_size(target)
+    if size is None:
         raise NotRegularFile(f"{target} is not a regular file")
-    if checks.table[target]["size"] > checks.max_image_bytes:
+    if size > checks.max_image_bytes:
         raise FileTooLarge(f"{target} is over the limit of {checks.max_image_bytes} bytes")
     return size_at(dfd, name, IMAGE_FORMATS) or image_size(name, checks.max_image_bytes, dir_fd=dfd)
 

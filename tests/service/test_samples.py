@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from vggt_cache.service.samplepaths import _joined, norm_path
 from vggt_cache.service.samples import find_samples, history_indices
 from vggt_cache.service.sources import scan_data_root
 
@@ -170,3 +173,12 @@ def test_a_clip_keeps_its_repeated_frames_and_units_follow_the_attention_mode(tm
     sequence = scan_data_root(str(tmp_path), "sequence")
     assert sequence.units[1].targets == (frames[0], frames[1])  # each distinct frame once
     assert [u.frames for u in scan_data_root(str(tmp_path), "frame").units] == [(f,) for f in frames]
+
+
+def test_a_frame_name_joined_as_it_is_is_the_normalised_join():
+    segments = ["a", "b.jpg", ".", "..", "", ".h", "~", "c d", "x..y"]
+    names = ["/".join(p) for n in (1, 2, 3) for p in itertools.product(segments, repeat=n)]
+    names = [n for n in names if n and not n.startswith("/")]  # relative, as `_joined` is given them
+    for folder in ("/data/root", "/data", "/"):
+        for name in names:
+            assert _joined(folder, name) == norm_path(os.path.join(folder, name)), (folder, name)
