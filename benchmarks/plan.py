@@ -11,7 +11,11 @@ to one small JPEG (quick to build), and measures in child processes, side by sid
   wall time, its first-entry latency (the job submits its first unit once its first piece is
   recorded), state bytes per unit (the store's SQLite files), and the RSS of what a running job
   holds of its plan (a child that loads the job's pending units from the store, as the runner does);
-- `floor`: `os.walk` + one `os.stat` per file of the same root.
+- `floor`: `os.walk` + one `os.stat` per file of the same root;
+- then, every image given a valid entry (one written per step, hard-linked into every folder: the
+  frames are links to images of one size and mtime, so each link is valid where it lies), `verify`
+  (every entry read, its CRC checked) and the plan again over the computed root (every entry valid):
+  wall, CPU and calls per sample.
 
 `python benchmarks/plan.py` runs N = 10k; `--n 10000 100000 612492` the issue's sizes (the
 612k root needs ~5 GB of inodes-only disk and minutes). `--json` prints the results as JSON.
@@ -76,6 +80,40 @@ def build_root(folder: str, n: int, layout: str) -> None:
             json.dump(samples, f)
 
 
+def compute_root(folder: str) -> None:
+    """Give every image under `folder` (a root `build_root` made) a valid entry of the tiny model's spec."""
+    import torch
+
+    from vggt_cache.client.cachefile import CACHE_SUFFIX, context_record, source_record, write_entry
+    from vggt_cache.client.entryformat import entry_shape
+    from vggt_cache.client.spec import resolve_options
+    from vggt_cache.service.model import identify_model
+    from vggt_cache.service.model.features import model_spec
+    from vggt_cache.service.preprocess import output_size
+    from vggt_cache.service.samples import history_indices
+
+    ones = [os.path.join(folder, n) for n in os.listdir(folder) if n.startswith(".one_")]
+    mtime = os.stat(ones[0]).st_mtime_ns
+    for one in ones:  # every image of one size and mtime: an entry is valid for its step in every folder
+        os.utime(one, ns=(mtime, mtime))
+    spec = model_spec(identify_model(str(TINY_MODEL)), **resolve_options("newjanusvln"))
+    patch = spec.architecture.get("patch_size", 14)
+    height, width = output_size(64, 48, spec.preprocess, spec.size, spec.align)
+    grid = (height // patch, width // patch)
+    features = torch.zeros(entry_shape(spec, grid, channels=2048), dtype=spec.torch_dtype)
+    episodes = sorted(n for n in os.listdir(folder) if n.startswith("ep_"))
+    first = os.path.join(folder, episodes[0])
+    names = sorted(os.listdir(first), key=lambda n: int(n.split("_")[1].split(".")[0]))  # step order
+    for j, name in enumerate(names):
+        image = os.path.join(first, name)
+        clip = [os.path.join(first, names[i]) for i in history_indices(j, HISTORY)]
+        context = context_record(image, spec.context_of(clip))
+        write_entry(image, features, spec, grid, source_record(image), context)
+    for episode in episodes[1:]:
+        for name in os.listdir(os.path.join(folder, episode)):
+            os.link(os.path.join(first, name + CACHE_SUFFIX), os.path.join(folder, episode, name + CACHE_SUFFIX))
+
+
 def _rss_bytes() -> int:
     """This process's peak RSS: `VmHWM` is its own address space's (`ru_maxrss` keeps the peak of the parent
     that forked it across `execve`: the benchmark's, which builds a JSON root of 612k samples in memory)."""
@@ -88,8 +126,8 @@ def _rss_bytes() -> int:
 
 def child(task: str, root: str, state_dir: str) -> dict:
     """One measurement in this process: `none` (imports only), `walk` (the floor), `plan` (ours: a dry run),
-    `stream` (a job's plan, recorded a piece at a time in `state_dir`) or `units` (the pending units of the job
-    a `stream` child left in `state_dir`)."""
+    `stream` (a job's plan, recorded a piece at a time in `state_dir`), `units` (the pending units of the job
+    a `stream` child left in `state_dir`) or `verify`."""
     from vggt_cache.client.spec import resolve_options
     from vggt_cache.service.jobs.options import JobOptions
     from vggt_cache.service.jobs.planning import plan_pieces, plan_work
@@ -111,7 +149,7 @@ def child(task: str, root: str, state_dir: str) -> dict:
         spec = model_spec(identify_model(str(TINY_MODEL)), **resolve_options("newjanusvln"))
         wall, cpu = time.perf_counter(), time.process_time()
         work = plan_work(root, spec, AllowedRoots.of([root]), JobOptions(max_history_images=HISTORY))
-        out["samples"], out["entries"] = work.plan.source["samples"], work.plan.entries
+        out["samples"], out["entries"], out["valid"] = work.plan.source["samples"], work.plan.entries, work.plan.valid
     elif task == "stream":  # what a job does: plan a piece at a time, each recorded before the next is planned
         spec = model_spec(identify_model(str(TINY_MODEL)), **resolve_options("newjanusvln"))
         options = JobOptions(max_history_images=HISTORY)
@@ -129,6 +167,13 @@ def child(task: str, root: str, state_dir: str) -> dict:
         out["seconds"], out["cpu_seconds"] = time.perf_counter() - wall, time.process_time() - cpu
         store.close()
         out["state_bytes"] = sum(p.stat().st_size for p in Path(state_dir).iterdir())
+    elif task == "verify":
+        from vggt_cache.service.verify import verify_data_root
+
+        spec = model_spec(identify_model(str(TINY_MODEL)), **resolve_options("newjanusvln"))
+        wall, cpu = time.perf_counter(), time.process_time()
+        report = verify_data_root(root, spec, max_history_images=HISTORY)
+        out["hits"], out["entries"] = report["counts"]["hit"], sum(report["counts"].values())
     elif task == "units":
         store = JobStore(state_dir)
         [job] = store.unfinished_jobs()
@@ -188,8 +233,16 @@ def measure(n: int, layout: str, scratch: str, strace: bool, base: dict) -> dict
     if strace:
         for task in ("walk", "plan"):
             runs[task]["calls"] = _run_child(task, root, scratch, True)["calls"]
+    compute_root(root)
+    runs["verify"] = _run_child("verify", root, scratch, False)
+    runs["rerun"] = _run_child("plan", root, scratch, False)
+    if strace:
+        runs["verify"]["calls"] = _run_child("verify", root, scratch, True)["calls"]
+        runs["rerun"]["calls"] = _run_child("plan", root, scratch, True)["calls"]
     shutil.rmtree(root)
-    walk, plan, stream = runs["walk"], runs["plan"], runs["stream"]
+    walk, plan, stream, verify, rerun = runs["walk"], runs["plan"], runs["stream"], runs["verify"], runs["rerun"]
+    if verify["hits"] != verify["entries"] or rerun["valid"] != rerun["entries"]:
+        raise RuntimeError(f"the computed root's entries are not all valid: {verify}, {rerun}")
     row = {
         "n": n,
         "layout": layout,
@@ -205,10 +258,16 @@ def measure(n: int, layout: str, scratch: str, strace: bool, base: dict) -> dict
         "state_bytes_per_unit": stream["state_bytes"] / stream["units"],
         "rss_bytes_per_sample": max(0, plan["rss_bytes"] - base["rss_bytes"]) / n,
         "job_rss_bytes_per_sample": max(0, runs["units"]["rss_bytes"] - base["rss_bytes"]) / n,
+        "verify_s": verify["seconds"],
+        "verify_cpu_us": 1e6 * verify["cpu_seconds"] / n,
+        "rerun_s": rerun["seconds"],
+        "rerun_cpu_us": 1e6 * rerun["cpu_seconds"] / n,
     }
     if strace:
         row["ours_calls"] = (plan["calls"] - base["calls"]) / n
         row["floor_calls"] = (walk["calls"] - base["calls"]) / n
+        row["verify_calls"] = (verify["calls"] - base["calls"]) / n
+        row["rerun_calls"] = (rerun["calls"] - base["calls"]) / n
     return row
 
 
@@ -219,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", default=None, help="where the roots are built (default: a temporary folder)")
     parser.add_argument("--no-strace", action="store_true", help="do not count file-system calls")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--child", choices=("none", "walk", "plan", "stream", "units"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child", choices=("none", "walk", "plan", "stream", "units", "verify"), help=argparse.SUPPRESS
+    )
     parser.add_argument("--root", help=argparse.SUPPRESS)
     parser.add_argument("--state-dir", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -267,6 +328,30 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['state_bytes_per_unit']:.0f}",
                 f"{r['rss_bytes_per_sample']:.0f}",
                 f"{r['job_rss_bytes_per_sample']:.0f}",
+            )
+            for r in rows
+        ],
+    )
+    print("\nThe same roots, every image given a valid entry:")
+    print_table(
+        (
+            "root",
+            "verify s",
+            "CPU us/sample",
+            *(("calls/sample",) if strace else ()),
+            "plan s",
+            "CPU us/sample",
+            *(("calls/sample",) if strace else ()),
+        ),
+        [
+            (
+                f"{r['layout']} {r['n']}",
+                f"{r['verify_s']:.2f}",
+                f"{r['verify_cpu_us']:.0f}",
+                *((f"{r['verify_calls']:.2f}",) if strace else ()),
+                f"{r['rerun_s']:.2f}",
+                f"{r['rerun_cpu_us']:.0f}",
+                *((f"{r['rerun_calls']:.2f}",) if strace else ()),
             )
             for r in rows
         ],

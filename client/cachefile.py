@@ -90,17 +90,30 @@ def context_record(
     """
     if frames is None:
         return None
+    records = _frame_records(target, frames, sources)
+    return {"frames": records, "digest": short_digest(records)}
+
+
+def _frame_records(target: PathLike, frames: Sequence[PathLike], sources: Mapping[str, dict] | None) -> list[dict]:
+    """A context record's frames (see `context_record`)."""
     if isinstance(frames, (str, bytes, os.PathLike)) or not frames:
         raise ValueError("context frames must be a non-empty sequence of paths")
     folder = os.path.dirname(os.path.abspath(target))
-    records = [
+    return [
         {
-            "path": os.path.relpath(os.path.abspath(frame), folder),
+            "path": _relative(os.path.abspath(frame), folder),
             **(sources[os.fspath(frame)] if sources is not None else source_record(frame)),
         }
         for frame in frames
     ]
-    return {"frames": records, "digest": short_digest(records)}
+
+
+def _relative(path: str, folder: str) -> str:
+    """`os.path.relpath(path, folder)` for normalised absolute paths; a frame beside its target (the usual
+    clip: an episode's) is its name, without relpath's walk of both."""
+    if path.startswith(folder) and path[len(folder) : len(folder) + 1] == "/" and "/" not in path[len(folder) + 1 :]:
+        return path[len(folder) + 1 :]
+    return os.path.relpath(path, folder)
 
 
 def write_entry(
@@ -247,10 +260,11 @@ def read_entry(
         if stored is None:
             return result(Outcome.SPEC_MISMATCH, "entry has no context (frame mode) but a clip was given", meta)
         try:
-            expected = context_record(image_path, context_frames, sources)
+            expected = _frame_records(image_path, context_frames, sources)
         except OSError as e:
             return result(Outcome.STALE, f"context frame not readable: {e.filename}", meta)
-        if expected["digest"] != stored["digest"]:
+        # The stored digest was checked against its frames (parse_entry): equal frames, equal digests.
+        if expected != stored["frames"]:
             return result(Outcome.STALE, "context frames differ from the clip given", meta)
     elif stored is not None:
         changed = _changed_context_frame(image_path, stored["frames"])

@@ -103,8 +103,12 @@ def parse_entry(data: Any, expected: FeatureSpec | None) -> tuple[torch.Tensor, 
     if meta["format_version"] != FORMAT_VERSION or isinstance(meta["format_version"], bool):
         return f"unsupported format_version {meta['format_version']!r}"
     try:
-        # The common case, the expected spec itself, skips building and validating a new one.
-        if expected is not None and canonical_json(meta["spec"]) == expected.canonical_json():
+        # The common case, the expected spec itself, skips building and validating a new one (and, written by
+        # it, its canonical JSON too).
+        if expected is not None and (
+            expected.wrote(meta["spec"], meta["spec_digest"])
+            or canonical_json(meta["spec"]) == expected.canonical_json()
+        ):
             spec = expected
         else:
             spec = FeatureSpec.from_dict(meta["spec"])

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, ClassVar, NamedTuple
 
 import torch
 
-from vggt_cache.client.safeopen import open_regular
+from vggt_cache.client.safeopen import open_regular_fd
 
 
 def load_file(
@@ -55,14 +55,16 @@ def load_file(
     Raises `Corrupt` (never handed to torch.load) for a compressed record, a storage larger
     than its tensor, bytes besides the records, or a CRC that does not match.
     """
-    with open_regular(path, max_bytes, roots, follow_symlinks=False, dir_fd=dir_fd) as f:
-        try:
-            return _load_meta(f) if meta_only else _load_fast(f, use_mmap, check_crc)
-        except Corrupt:
-            raise
-        except Exception:  # outside the fast path's layout: torch.load decides, on the same descriptor
-            f.seek(0)
+    fd, file_size = open_regular_fd(path, max_bytes, roots, follow_symlinks=False, dir_fd=dir_fd)
+    try:
+        return _load_meta(fd, file_size) if meta_only else _load_fast(fd, file_size, use_mmap, check_crc)
+    except Corrupt:
+        raise
+    except Exception:  # outside the fast path's layout: torch.load decides, on the same descriptor
+        with io.FileIO(fd, "rb", closefd=False) as f:
             return _load_torch(f, meta_only, check_crc)
+    finally:
+        os.close(fd)
 
 
 _MAX_PICKLE_BYTES = 1 << 20
@@ -154,8 +156,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _StorageRef(pid[1], pid[2], pid[4])
 
 
-def _load_fast(f: BinaryIO, use_mmap: bool, check_crc: bool) -> dict:
-    fd = f.fileno()
+def _load_fast(fd: int, file_size: int, use_mmap: bool, check_crc: bool) -> dict:
     if use_mmap:
         # A private (copy-on-write) mapping that the tensor keeps alive. Not
         # UntypedStorage.from_file: its tensors cannot cross DataLoader worker queues.
@@ -170,7 +171,7 @@ def _load_fast(f: BinaryIO, use_mmap: bool, check_crc: bool) -> dict:
     else:
         # The records and data.pkl (a few KB) first, then the tensor's bytes straight into its own
         # buffer: one copy from the page cache, and a tensor that holds nothing else.
-        data, key, (start, length, crc), storage, size = _unpickle_fd(fd)
+        data, key, (start, length, crc), storage, size = _unpickle(_windowed_pread(fd, file_size), file_size)
         features = torch.empty(size, dtype=storage.dtype)
         tensor_bytes = features.view(-1).view(torch.uint8).numpy().data
         _read_exactly(fd, tensor_bytes, start)
@@ -210,14 +211,8 @@ def _windowed_pread(fd: int, file_size: int) -> Reader:
     return read
 
 
-def _unpickle_fd(fd: int) -> tuple[dict, str, tuple[int, int, int], _StorageRef, tuple[int, ...]]:
-    """`_unpickle` of an open file, its records read through the two windows."""
-    file_size = os.fstat(fd).st_size
-    return _unpickle(_windowed_pread(fd, file_size), file_size)
-
-
-def _load_meta(f: BinaryIO) -> dict:
-    data, key, _, storage, size = _unpickle_fd(f.fileno())
+def _load_meta(fd: int, file_size: int) -> dict:
+    data, key, _, storage, size = _unpickle(_windowed_pread(fd, file_size), file_size)
     data[key] = torch.empty(size, dtype=storage.dtype, device="meta")
     return data
 

@@ -146,6 +146,15 @@ class FeatureSpec:
     def _canonical(self) -> str:
         return canonical_json(self.to_dict())
 
+    def wrote(self, spec: Any, digest: Any) -> bool:
+        """Whether an entry's stored spec dict and digest are this spec's: a dict compare (an entry's check
+        of a plan of 612k), not its canonical JSON."""
+        return digest == self.digest and spec == self._dict
+
+    @cached_property
+    def _dict(self) -> dict[str, Any]:  # compared, never handed out
+        return self.to_dict()
+
     @cached_property
     def digest(self) -> str:
         """First 16 hex digits of the sha256 of `canonical_json()`."""

@@ -141,7 +141,7 @@ def test_pickle_extension_codes_turn_the_fast_path_off(tmp_path, monkeypatch):
 
 def fast_path(path: str, mmap: bool) -> dict:
     with open(path, "rb", buffering=0) as f:
-        return fastload._load_fast(f, mmap, check_crc=False)
+        return fastload._load_fast(f.fileno(), os.fstat(f.fileno()).st_size, mmap, check_crc=False)
 
 
 @pytest.mark.parametrize("mmap", [True, False])

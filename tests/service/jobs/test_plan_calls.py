@@ -112,7 +112,7 @@ def test_a_plan_whose_reads_wait_overlaps_them_and_plans_the_same(tmp_path, load
     assert builder.lanes > 2 and len(threads) > 2  # the waits overlapped
 
 
-def test_verify_reads_each_frame_once(tmp_path, loaded, monkeypatch):
+def test_verify_and_a_plan_of_a_computed_root_read_each_frame_once(tmp_path, loaded, monkeypatch):
     root = episode_root(tmp_path / "data", episodes=1)
     spec = tiny_spec(loaded)
     units = plan_work(str(root), spec, AllowedRoots.of([str(root)]), JobOptions(max_history_images=8)).units
@@ -124,6 +124,11 @@ def test_verify_reads_each_frame_once(tmp_path, loaded, monkeypatch):
     assert report["ok"] and report["counts"]["hit"] == STEPS
     # Per entry: its open and fstat, and one lstat of its image (each context frame is another's image).
     assert counter.calls <= 3 * STEPS + 8, counter.calls  # was 12 an entry (every context frame stat-ed)
+
+    counter.calls = 0  # a plan of the computed root: the same, its entries' metadata read
+    plan = plan_work(str(root), spec, AllowedRoots.of([str(root)]), JobOptions(max_history_images=8)).plan
+    assert plan.valid == plan.entries == STEPS and plan.to_compute == 0
+    assert counter.calls <= 3 * STEPS + 8 + 16, counter.calls  # start-up as a dry run's
 
 
 def test_the_table_contains_as_allowed_roots_do(tmp_path):
