@@ -146,7 +146,12 @@ class FrameTable(Mapping[str, dict]):
             self._refused[path] = str(exc)
             raise
         self._contained[path] = norm
-        if folder not in self._inside and inside(folder, self.allowed.given + self.allowed.real):
+        # Not `//...`: POSIX keeps two leading slashes where a name with three loses them all but one.
+        if (
+            folder not in self._inside
+            and not folder.startswith("//")
+            and inside(folder, self.allowed.given + self.allowed.real)
+        ):
             self._inside[folder] = real_folder
         return norm
 

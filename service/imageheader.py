@@ -8,8 +8,8 @@ first IDAT are whole, their CRCs right and their IHDR valid. Anything else (anot
 an unusual, crafted or damaged header, an image over PIL's pixel limit) gives None, and the
 caller asks PIL. Where this gives a size PIL gives the same one, or refuses the file for damage
 past what is read here (a bad table, say), which the engine then finds as it finds damaged pixels.
-`size_at` gives PIL the prefix it read first (another format's header is in it too), so only a
-header past the prefix costs a second open.
+`size_at` gives PIL the bytes it read when they are the whole file (another format's small frame),
+so only a larger file of another format, or a header past the prefix, costs a second open.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def header_size(data: bytes) -> tuple[int, int] | None:
 
 def size_at(dfd: int, name: str, formats: tuple[str, ...]) -> tuple[int, int] | None:
     """(width, height) of the file `name` in the folder `dfd`, from its first `PREFIX_BYTES` at most: our
-    reader's, else PIL's (of `formats`) if the prefix holds all PIL reads; None if neither can tell.
+    reader's, else PIL's (of `formats`) if that is the whole file; None if neither can tell.
 
     A symlink there is refused (ELOOP), and the open cannot block (a FIFO fails the read); the
     caller has checked the folder inside the roots and the file's size. Raises OSError.
@@ -60,18 +60,23 @@ def size_at(dfd: int, name: str, formats: tuple[str, ...]) -> tuple[int, int] | 
     fd = os.open(name, _OPEN_FLAGS, dir_fd=dfd)
     try:
         data = os.pread(fd, FIRST_READ_BYTES, 0)
+        whole = len(data) < FIRST_READ_BYTES
         size = header_size(data)
-        if size is None and len(data) == FIRST_READ_BYTES:
-            data += os.pread(fd, PREFIX_BYTES - FIRST_READ_BYTES, FIRST_READ_BYTES)
+        if size is None and not whole:
+            rest = os.pread(fd, PREFIX_BYTES - FIRST_READ_BYTES, FIRST_READ_BYTES)
+            whole = len(rest) < PREFIX_BYTES - FIRST_READ_BYTES
+            data += rest
             size = header_size(data)
     finally:
         os.close(fd)
-    return size or _pil_size(data, formats)
+    # PIL is given the bytes only when they are the whole file: on a prefix, some readers (TIFF's) drop
+    # what they cannot read where the whole file's reading would fail.
+    return size or (_pil_size(data, formats) if whole else None)
 
 
 def _pil_size(data: bytes, formats: tuple[str, ...]) -> tuple[int, int] | None:
-    """PIL's size of an image starting with `data`; None when PIL reads past it or refuses it (the caller then
-    opens the whole file, where PIL says the same or why not)."""
+    """PIL's size of the image file `data`; None when PIL refuses it (the caller then opens the file, and PIL
+    says why)."""
     try:
         with Image.open(io.BytesIO(data), formats=formats) as img:
             return img.size

@@ -168,7 +168,7 @@ def _check(
         return _Target(True, False, 0, 0, False, device, folder)
     try:
         if dfd is not None and not table.is_symlink(target):  # a symlink is followed, and checked, by path
-            pixels = _pixels_in(dfd, target, target[len(folder) + 1 :], checks)
+            pixels = _pixels_in(dfd, target, os.path.basename(target), checks)
         else:
             pixels = image_size(target, checks.max_image_bytes, checks.roots)
     except Exception:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...: the job fails it

@@ -187,7 +187,7 @@ def test_size_at_reads_past_the_first_read_only_for_a_header_beyond_it(tmp_path,
 
 @pytest.mark.parametrize(
     "fmt,mode,size",
-    [("WEBP", "RGB", (70, 50)), ("BMP", "RGB", (300, 200)), ("GIF", "P", (31, 17)), ("TIFF", "RGB", (40, 30))],
+    [("WEBP", "RGB", (70, 50)), ("BMP", "RGB", (100, 80)), ("GIF", "P", (31, 17)), ("TIFF", "RGB", (40, 30))],
 )
 def test_size_at_gives_pils_size_of_another_format_from_the_same_open(tmp_path, monkeypatch, fmt, mode, size):
     data = encoded(fmt, mode, size)
@@ -198,6 +198,17 @@ def test_size_at_gives_pils_size_of_another_format_from_the_same_open(tmp_path, 
         assert size_at(dfd, "a.img", FORMATS) == size  # PIL read the prefix: no second open
         assert counted.opens == 1
         assert size_at(dfd, "a.img", ("JPEG",)) is None  # a format not allowed: the caller's open refuses it
+    finally:
+        os.close(dfd)
+
+
+def test_size_at_leaves_a_larger_file_of_another_format_to_the_caller(tmp_path):
+    data = encoded("BMP", "RGB", (300, 200))  # its header first, but 180 kB: PIL reads the whole file
+    assert len(data) > PREFIX_BYTES
+    (tmp_path / "a.bmp").write_bytes(data)
+    dfd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert size_at(dfd, "a.bmp", FORMATS) is None
     finally:
         os.close(dfd)
 
