@@ -246,5 +246,9 @@ def test_plan_compares_a_plan_with_the_bare_walk_of_the_same_roots(tmp_path: Pat
         assert int(row.group(6)) > 0, out  # the RSS of the units a running job holds
         ratio = re.search(rf"^{layout} 40 ours/floor wall {RATIO}", out, re.M)
         assert ratio and float(ratio.group(1)) > 0, out
+        # The same root computed: verify and a plan of it (the benchmark checks every entry is a hit / valid).
+        computed = re.findall(rf"^{layout} 40\s+(\d+\.\d+)\s+(\d+)\s+(\d+\.\d+)\s+(\d+)$", out, re.M)
+        assert len(computed) == 1 and all(float(v) > 0 for v in computed[0]), out
+    assert "every image given a valid entry" in out
     assert "calls not counted" in out and "calls/sample" not in out  # --no-strace: no calls column
     assert list(tmp_path.iterdir()) == []  # the roots are removed
