@@ -21,10 +21,11 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
-from vggt_cache.client.cachefile import CACHE_SUFFIX
+from vggt_cache.client.cachefile import CACHE_SUFFIX, ReadResult, no_entry, read_entry
 from vggt_cache.client.safeopen import OutsideRoots, inside
+from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.text import shorten
 from vggt_cache.service.paths import AllowedRoots
 
@@ -99,6 +100,31 @@ class FrameTable(Mapping[str, dict]):
         folder, _, name = path.rpartition("/")
         names = self._entries.get(folder)
         return None if names is None else name in names
+
+    def read_entry(
+        self,
+        image: str,
+        spec: FeatureSpec,
+        context: Sequence[str] | None,
+        tensor: bool,
+        check_crc: bool = False,
+        roots: Sequence[str] | None = None,
+        dir_fd: int | None = None,
+    ) -> ReadResult:
+        """`read_entry` of `image` (mapped), the table its `sources`; not opened if the walk listed its folder
+        without it (an entry written since is found when its unit is decoded)."""
+        if self.entry_listed(image) is False:
+            return no_entry(image)
+        return read_entry(
+            image,
+            spec,
+            context_frames=context,
+            tensor=tensor,
+            check_crc=check_crc,
+            roots=roots,
+            sources=self,
+            dir_fd=dir_fd,
+        )
 
     def real_folder(self, folder: str) -> str:
         """`os.path.realpath(folder)` for a normalised absolute `folder`, one `lstat` per folder ever asked."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vggt_cache.client.cachefile import Outcome, no_entry, read_entry
+from vggt_cache.client.cachefile import Outcome
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.samples import DEFAULT_MAX_HISTORY, MAX_SAMPLE_BYTES
@@ -28,10 +28,7 @@ def verify_data_root(
     for unit in scan.units:
         context = spec.context_of(unit.frames)
         for target in unit.targets:
-            if table.entry_listed(target) is False:  # the walk saw none
-                result = no_entry(target)
-            else:
-                result = read_entry(target, spec, context_frames=context, mmap=True, check_crc=True, sources=table)
+            result = table.read_entry(target, spec, context, tensor=True, check_crc=True)
             counts[result.outcome.value] += 1
             if result.outcome is not Outcome.HIT:
                 problems.append({"image": target, "outcome": result.outcome.value, "reason": result.reason})

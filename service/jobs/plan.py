@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from vggt_cache.client.cachefile import Outcome, cache_path, no_entry, read_entry
+from vggt_cache.client.cachefile import Outcome, cache_path
 from vggt_cache.client.entryformat import stored_entry_bytes
 from vggt_cache.client.safeopen import FileTooLarge, NotRegularFile, open_folder
 from vggt_cache.client.spec import FeatureSpec
@@ -157,18 +157,13 @@ def _check(
     target: str, context: Sequence[str] | None, checks: _Checks, dfd: int | None, device: int, folder: str
 ) -> _Target:
     spec, sizes, table = checks.spec, checks.sizes, checks.table
-    if table.entry_listed(target) is False:  # the walk saw none: nothing to open
-        read = no_entry(target)
-    else:
-        read = read_entry(
-            target, spec, context_frames=context, tensor=False, roots=checks.roots, sources=table, dir_fd=dfd
-        )
+    read = table.read_entry(target, spec, context, tensor=False, roots=checks.roots, dir_fd=dfd)
     valid = read.outcome is Outcome.HIT
     if valid and checks.skip_existing:
         return _Target(True, False, 0, 0, False, device, folder)
     try:
         if dfd is not None and not table.is_symlink(target):  # a symlink is followed, and checked, by path
-            pixels = _pixels_in(dfd, target, os.path.basename(target), checks)
+            pixels = _pixels_in(dfd, target, checks)
         else:
             pixels = image_size(target, checks.max_image_bytes, checks.roots)
     except Exception:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...: the job fails it
@@ -185,9 +180,10 @@ def _check(
     return _Target(valid, True, size - replaced, size, False, device, folder)
 
 
-def _pixels_in(dfd: int, target: str, name: str, checks: _Checks) -> tuple[int, int]:
-    """(width, height) of `target`, `name` in its checked folder `dfd`: the table's `lstat` says what it is, one
-    open and read of its start say its size, and PIL opens the file whose header `size_at` could not read."""
+def _pixels_in(dfd: int, target: str, checks: _Checks) -> tuple[int, int]:
+    """(width, height) of `target` in its checked folder `dfd`: the table's `lstat` says what it is, one open
+    and read of its start say its size, and PIL opens the file whose header `size_at` could not read."""
+    name = os.path.basename(target)
     size = checks.table.regular_size(target)
     if size is None:
         raise NotRegularFile(f"{target} is not a regular file")
