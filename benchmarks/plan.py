@@ -4,7 +4,7 @@ Builds NewJanusVLN-style episode roots (`step_<n>_<ACTION>.jpg`, 35 steps an epi
 JanusVLN-style JSON roots (one JSON array, 9-frame clips) of N samples, every image a hard link
 to one small JPEG (quick to build), and measures in child processes, side by side:
 
-- `ours`: `plan_work` (what `precompute --dry-run` and a job's plan do) with the tiny model's
+- `ours`: `plan_root` (what `precompute --dry-run` does: a job's plan, its units let go) with the tiny model's
   `newjanusvln` spec: wall and CPU time, file-system calls per sample (`strace -c -f`, start-up
   subtracted, when strace is installed) and peak RSS per sample (over a child that only imports
   the same modules); and what a job does, `plan_pieces` recording each piece in a job store: its
@@ -130,7 +130,7 @@ def child(task: str, root: str, state_dir: str) -> dict:
     a `stream` child left in `state_dir`) or `verify`."""
     from vggt_cache.client.spec import resolve_options
     from vggt_cache.service.jobs.options import JobOptions
-    from vggt_cache.service.jobs.planning import plan_pieces, plan_work
+    from vggt_cache.service.jobs.planning import plan_pieces, plan_root
     from vggt_cache.service.jobs.store import JobStore
     from vggt_cache.service.model import identify_model
     from vggt_cache.service.model.features import model_spec
@@ -148,8 +148,8 @@ def child(task: str, root: str, state_dir: str) -> dict:
     elif task == "plan":
         spec = model_spec(identify_model(str(TINY_MODEL)), **resolve_options("newjanusvln"))
         wall, cpu = time.perf_counter(), time.process_time()
-        work = plan_work(root, spec, AllowedRoots.of([root]), JobOptions(max_history_images=HISTORY))
-        out["samples"], out["entries"], out["valid"] = work.plan.source["samples"], work.plan.entries, work.plan.valid
+        plan = plan_root(root, spec, AllowedRoots.of([root]), JobOptions(max_history_images=HISTORY))
+        out["samples"], out["entries"], out["valid"] = plan.source["samples"], plan.entries, plan.valid
     elif task == "stream":  # what a job does: plan a piece at a time, each recorded before the next is planned
         spec = model_spec(identify_model(str(TINY_MODEL)), **resolve_options("newjanusvln"))
         options = JobOptions(max_history_images=HISTORY)

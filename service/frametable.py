@@ -29,8 +29,10 @@ from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.text import shorten
 from vggt_cache.service.paths import AllowedRoots
 
-# (size, mtime_ns, is a symlink, is (or leads to) a regular file, errno of the stat that failed or 0) of a file.
-_Look = tuple[int, int, bool, bool, int]
+# What one `lstat` (and a `stat` for a symlink) said of a file: (size, mtime_ns, is a symlink, is (or leads to) a
+# regular file, errno of the stat that failed or 0). A plain tuple, not a NamedTuple: the collector stops
+# tracking a tuple of numbers, and a plan holds one per file.
+Look = tuple[int, int, bool, bool, int]
 
 
 class FrameTable(Mapping[str, dict]):
@@ -42,7 +44,7 @@ class FrameTable(Mapping[str, dict]):
 
     def __init__(self, allowed: AllowedRoots | None = None) -> None:
         self.allowed = allowed
-        self._files: dict[str, _Look] = {}
+        self._files: dict[str, Look] = {}
         self._folders: dict[str, str] = {}  # folder as named -> its real path
         self._contained: dict[str, str] = {}  # path -> its normalised form, inside the roots
         self._refused: dict[str, str] = {}  # path -> why it is not allowed
@@ -52,7 +54,8 @@ class FrameTable(Mapping[str, dict]):
         self._inside: dict[str, str] = {}
         self._entries: dict[str, frozenset[str]] = {}  # folder the walk listed -> its files that have an entry
 
-    def _look(self, path: str) -> _Look:
+    def look(self, path: str) -> Look:
+        """What `path` is, from its one `lstat` (made now if it is the first look)."""
         look = self._files.get(path)
         if look is None:
             link = False
@@ -68,7 +71,7 @@ class FrameTable(Mapping[str, dict]):
         return look
 
     def __getitem__(self, path: str) -> dict:
-        size, mtime_ns, _, _, err = self._look(path)
+        size, mtime_ns, _, _, err = self.look(path)
         if err:
             raise OSError(err, os.strerror(err), path)  # FileNotFoundError for ENOENT
         return {"size": size, "mtime_ns": mtime_ns}
@@ -80,16 +83,11 @@ class FrameTable(Mapping[str, dict]):
         return len(self._files)
 
     def is_symlink(self, path: str) -> bool:
-        return self._look(path)[2]
+        return self.look(path)[2]
 
     def is_file(self, path: str) -> bool:
         """`os.path.isfile(path)`, from the table."""
-        return self._look(path)[3]
-
-    def regular_size(self, path: str) -> int | None:
-        """The size of `path` if it is (or leads to) a regular file, else None; from the table."""
-        size, _, _, regular, _ = self._look(path)
-        return size if regular else None
+        return self.look(path)[3]
 
     def listed(self, folder: str, names: Iterable[str]) -> None:
         """The walk listed `folder` as holding `names`: a file there whose entry is not among them has none."""

@@ -28,19 +28,32 @@ FIRST_READ_BYTES = 4096  # a rendered frame's header is a few hundred bytes: the
 _OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_DEPTHS = {0: (1, 2, 4, 8, 16), 2: (8, 16), 3: (1, 2, 4, 8), 4: (8, 16), 6: (8, 16)}  # colour type -> depths
-_JPEG_FRAMES = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0-SOF15 less DHT, JPG, DAC
-_JPEG_RESTARTS = frozenset(range(0xD0, 0xD8))  # RST0-7: no length
-# Markers PIL reads otherwise than their segment: SOI/EOI, JPG and JPG0-13 as markers without a
-# length, DHP as a frame header; and below 0xC0 it finds "no marker".
-_JPEG_UNSURE = frozenset([0xC8, 0xD8, 0xD9, 0xDE, *range(0xF0, 0xFE)])
-_SOS = 0xDA
+# How the byte after 0xFF is read, as PIL 13 reads it: a fill byte; RST0-7, without a length; a segment,
+# skipped by its length; a frame header (SOF0-SOF15 less DHT, JPG and DAC), the last before the scan winning;
+# the scan; and otherwise PIL reads it in another way (SOI/EOI, JPG and JPG0-13 as markers without a length,
+# DHP as a frame header; below 0xC0 it finds "no marker"), and `_jpeg_size` leaves it to PIL.
+_UNSURE, _FILL, _RESTART, _SEGMENT, _FRAME, _SCAN = range(6)
+_JPEG_KINDS = bytes(
+    _FILL
+    if m == 0xFF
+    else _RESTART
+    if 0xD0 <= m <= 0xD7
+    else _UNSURE
+    if m < 0xC0 or m in (0xC8, 0xD8, 0xD9, 0xDE) or 0xF0 <= m <= 0xFD
+    else _SCAN
+    if m == 0xDA
+    else _FRAME
+    if 0xC0 <= m <= 0xCF and m not in (0xC4, 0xC8, 0xCC)
+    else _SEGMENT
+    for m in range(256)
+)
 _FRAME_HEADER = struct.Struct(">BHHB")  # precision, height, width, components
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) that PIL would give for an image starting with `data`, or None if unsure."""
     if data.startswith(b"\xff\xd8"):
-        size = _jpeg_size(data)
+        size = _JPEG_HEADERS.size(data)
     elif data.startswith(_PNG_SIGNATURE):
         size = _png_size(data)
     else:
@@ -84,35 +97,65 @@ def _pil_size(data: bytes, formats: tuple[str, ...]) -> tuple[int, int] | None:
         return None
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+def _jpeg_size(data: bytes) -> tuple[tuple[int, int] | None, int]:
+    """The size a JPEG's header gives, and where the header ends (its scan's start): nothing past it is read."""
     size = None
-    pos, end = 2, len(data)
+    pos, end, kinds = 2, len(data), _JPEG_KINDS
     while pos + 4 <= end:
         if data[pos] != 0xFF:
-            return None
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
+            return None, 0
+        kind = kinds[data[pos + 1]]
+        if kind >= _SEGMENT:  # a marker with a length: most are
+            length = data[pos + 2] << 8 | data[pos + 3]
+            if length < 2 or pos + 2 + length > end:
+                return None, 0
+            if kind == _SCAN:
+                return size, pos + 2 + length
+            if kind == _FRAME:
+                if length < 8 or (length - 8) % 3:  # PIL refuses a component list cut short
+                    return None, 0
+                precision, height, width, components = _FRAME_HEADER.unpack_from(data, pos + 4)
+                if precision != 8 or components not in (1, 3, 4) or height == 0:
+                    return None, 0
+                size = (width, height)
+            pos += 2 + length
+        elif kind == _FILL:
             pos += 1
-            continue
-        if marker in _JPEG_RESTARTS:
+        elif kind == _RESTART:
             pos += 2
-            continue
-        if marker < 0xC0 or marker in _JPEG_UNSURE:
-            return None
-        length = data[pos + 2] << 8 | data[pos + 3]
-        if length < 2 or pos + 2 + length > end:
-            return None
-        if marker == _SOS:
-            return size
-        if marker in _JPEG_FRAMES:
-            if length < 8 or (length - 8) % 3:  # PIL refuses a component list cut short
-                return None
-            precision, height, width, components = _FRAME_HEADER.unpack_from(data, pos + 4)
-            if precision != 8 or components not in (1, 3, 4) or height == 0:
-                return None
-            size = (width, height)
-        pos += 2 + length
-    return None
+        else:
+            return None, 0
+    return None, 0
+
+
+class _JpegHeaders:
+    """JPEG headers read before, and their sizes. The frames one encoder writes at one quality (a simulator's
+    renders, standard Huffman tables) share their header byte for byte, so it is parsed once: a file that starts
+    with a known header reads as that header did, as the parse looks at nothing past it. A root of photos, each
+    header its own, pays a failed lookup or two. Shared by the plan's threads: a race at worst parses twice."""
+
+    MOST = 64  # headers kept (then forgotten, and learnt again)
+    LENGTHS = 4  # distinct header lengths tried, the latest first
+
+    def __init__(self) -> None:
+        self._sizes: dict[bytes, tuple[int, int]] = {}
+        self._lengths: tuple[int, ...] = ()
+
+    def size(self, data: bytes) -> tuple[int, int] | None:
+        for n in self._lengths:
+            size = self._sizes.get(data[:n])
+            if size is not None:
+                return size
+        size, n = _jpeg_size(data)
+        if size is not None:
+            if len(self._sizes) >= self.MOST:
+                self._sizes = {}
+            self._sizes[data[:n]] = size
+            self._lengths = (n, *(m for m in self._lengths if m != n))[: self.LENGTHS]
+        return size
+
+
+_JPEG_HEADERS = _JpegHeaders()
 
 
 def _png_size(data: bytes) -> tuple[int, int] | None:

@@ -11,6 +11,8 @@ from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.paths import AllowedRoots
 
 _UNSEEN = ""  # never a resolved path (None is an answer: not found)
+MEMO_NAMES = 1 << 12  # answers kept per sample folder: a JSON array names its frames in a few neighbouring samples
+MEMO_FOLDERS = 1 << 10  # (sample folder, data_path) pairs memoised
 
 
 def norm_path(path: str) -> str:
@@ -27,7 +29,7 @@ def _joined(folder: str, raw: str) -> str:
 
 
 class PathResolver:
-    """Resolves a sample's image path to an existing file, memoised per (path, bases).
+    """Resolves a sample's image path to an existing file, memoised per sample folder.
 
     Absolute paths are used as they are. A relative path is joined to `data_root/<data_path>`
     when the sample (first) or the run gives a `data_path`; otherwise it is looked up next to
@@ -46,7 +48,9 @@ class PathResolver:
         self.data_path = data_path
         self.allowed = allowed
         self.table = FrameTable(allowed) if table is None else table
-        self._memo: dict[tuple[str, str, str | None], str | None] = {}
+        # (sample folder, data_path) -> raw name -> its answer; a sample file's names for a clip's frames are the
+        # same few names again and again, each looked up in a dict here rather than resolved anew.
+        self._memo: dict[tuple[str, str | None], dict[str, str | None]] = {}
 
     def candidates(self, raw: str, sample_dir: str, data_path: str | None) -> Iterator[str]:
         """Where `raw` may be, in the order looked at (each made only if the one before is not taken)."""
@@ -73,21 +77,33 @@ class PathResolver:
             return False
         return True
 
-    def resolve(self, raw: str, sample_dir: str, data_path: str | None) -> str | None:
-        """The first existing candidate inside the roots; else the first outside them, unlooked at (the plan
-        refuses it, in the same words whether it exists or not); else None."""
-        key = (raw, sample_dir, data_path)
-        resolved = self._memo.get(key, _UNSEEN)
-        if resolved is _UNSEEN:
-            found = outside = None
-            for path in self.candidates(raw, sample_dir, data_path):
-                if not self.permits(path):
-                    outside = outside or path
-                elif self.table.is_file(path):
-                    found = path
-                    break
-            resolved = self._memo[key] = found or outside
-        return resolved
+    def clip(self, raws: list[str], sample_dir: str, data_path: str | None) -> tuple[list[str], str | None]:
+        """Each of `raws` resolved, in order, up to the first that is not found, and that one's raw name (None
+        when every one resolved). An answer is the first existing candidate inside the roots; else the first
+        outside them, unlooked at (the plan refuses it, in the same words whether it exists or not)."""
+        memo = self._memo.get((sample_dir, data_path))
+        if memo is None or len(memo) > MEMO_NAMES:  # bounded: a sample file's neighbouring samples share names
+            if len(self._memo) > MEMO_FOLDERS:  # a data_path of its own in every sample, say
+                self._memo.clear()
+            memo = self._memo[(sample_dir, data_path)] = {}
+        frames: list[str] = []
+        for raw in raws:
+            resolved = memo.get(raw, _UNSEEN)
+            if resolved is _UNSEEN:
+                resolved = memo[raw] = self._resolve(raw, sample_dir, data_path)
+            if resolved is None:
+                return frames, raw
+            frames.append(resolved)
+        return frames, None
+
+    def _resolve(self, raw: str, sample_dir: str, data_path: str | None) -> str | None:
+        outside = None
+        for path in self.candidates(raw, sample_dir, data_path):
+            if not self.permits(path):
+                outside = outside or path
+            elif self.table.is_file(path):
+                return path
+        return outside
 
     def why_not(self, raw: str, sample_dir: str, data_path: str | None) -> str:
         """Why `raw` did not resolve, its paths shortened (a name in a sample file can be of any length)."""

@@ -91,6 +91,14 @@ class SampleSet:
         return self.malformed + self.missing + self.unlisted
 
     @property
+    def problem_count(self) -> int:
+        return len(self.malformed) + len(self.missing) + len(self.unlisted)
+
+    def first_problems(self, n: int) -> list[tuple[str, str]]:
+        """`problems[:n]`, without copying them all (a streamed plan asks at every piece)."""
+        return list(itertools.islice(itertools.chain(self.malformed, self.missing, self.unlisted), n))
+
+    @property
     def num_samples(self) -> int:
         return len(self.samples) if self.count is None else self.count
 
@@ -231,14 +239,10 @@ class _Reader:
         except MalformedSample as e:
             self.malformed.append((where, f"malformed sample: {e}"))
             return None
-        frames = []
-        resolve = self.resolver.resolve
-        for raw in raw_clip:
-            resolved = resolve(raw, sample_dir, data_path)
-            if resolved is None:
-                self.missing.append((where, self.resolver.why_not(raw, sample_dir, data_path)))
-                return None  # a clip with a hole would give its frames the wrong context
-            frames.append(resolved)
+        frames, missing = self.resolver.clip(raw_clip, sample_dir, data_path)
+        if missing is not None:
+            self.missing.append((where, self.resolver.why_not(missing, sample_dir, data_path)))
+            return None  # a clip with a hole would give its frames the wrong context
         record = obj if self.keep_records and isinstance(obj, dict) else None  # sample_images took a dict
         return Sample(tuple(frames), where, record)
 

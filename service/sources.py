@@ -41,21 +41,28 @@ class UnitPlanner:
     def __init__(self, attention: str) -> None:
         self.attention = attention
         self.units: list[Unit] = []
-        self._seen: set[tuple[str, ...]] = set()
+        # target -> the first clip that made it. A clip whose targets all name it was seen; so was one in
+        # `_shared` (it met a target of another clip): no set of every clip (612k tuples) is kept.
         self._owner: dict[str, tuple[str, ...]] = {}
+        self._shared: set[tuple[str, ...]] = set()
         self._conflicted: set[str] = set()
 
     def add_clip(self, frames: tuple[str, ...] | list[str]) -> None:
-        clips = [(f,) for f in frames] if self.attention == Attention.FRAME else (tuple(frames),)
+        attention, owner = self.attention, self._owner
+        clips = [(f,) for f in frames] if attention == Attention.FRAME else (tuple(frames),)
         for clip in clips:
-            if clip in self._seen:
+            if attention == Attention.SEQUENCE:  # every frame is a target
+                seen = all(owner.get(f) == clip for f in clip)
+            else:  # the last frame is the one target
+                seen = owner.get(clip[-1]) == clip
+            if seen or clip in self._shared:
                 continue
-            self._seen.add(clip)
-            unit = Unit.for_clip(self.attention, clip)
+            unit = Unit.for_clip(attention, clip)
             self.units.append(unit)
             for target in unit.targets:
-                if self._owner.setdefault(target, clip) != clip:
+                if owner.setdefault(target, clip) != clip:
                     self._conflicted.add(target)
+                    self._shared.add(clip)
 
     @property
     def conflicts(self) -> int:

@@ -15,7 +15,7 @@ log = logging.getLogger("vggt_cache")
 
 def dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root: str, allowed: AllowedRoots) -> int:
     """The plan of a precompute, from the weights' identity alone (the model is not built)."""
-    from vggt_cache.service.jobs.planning import plan_work
+    from vggt_cache.service.jobs.planning import plan_root
     from vggt_cache.service.model import identify_model
     from vggt_cache.service.model.features import model_spec
     from vggt_cache.service.model.loader import is_hub_id
@@ -28,13 +28,13 @@ def dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root
                 raise
             identity = _unknown_model(settings.model, exc)
     spec = model_spec(identity, **settings.spec)
-    work = plan_work(data_root, spec, allowed, JobOptions.of(args), JobLimits.of(settings))
+    plan = plan_root(data_root, spec, allowed, JobOptions.of(args), JobLimits.of(settings))
     if identity.fingerprint == UNKNOWN_FINGERPRINT:
         say(
             f"model        {settings.model}: not on this machine, identity unknown (every entry counted to "
             "compute; the digest below changes once the weights are there)"
         )
-    print_plan(work.plan.to_dict(), work.plan.summary(), spec.digest)
+    print_plan(plan.to_dict(), plan.summary(), spec.digest)
     return 0
 
 

@@ -162,8 +162,9 @@ def _check(
     if valid and checks.skip_existing:
         return _Target(True, False, 0, 0, False, device, folder)
     try:
-        if dfd is not None and not table.is_symlink(target):  # a symlink is followed, and checked, by path
-            pixels = _pixels_in(dfd, target, checks)
+        file_size, _, link, regular, _ = table.look(target)
+        if dfd is not None and not link:  # a symlink is followed, and checked, by path
+            pixels = _pixels_in(dfd, target, file_size if regular else None, checks)
         else:
             pixels = image_size(target, checks.max_image_bytes, checks.roots)
     except Exception:  # PIL raises OSError, SyntaxError, DecompressionBombError, ...: the job fails it
@@ -180,15 +181,15 @@ def _check(
     return _Target(valid, True, size - replaced, size, False, device, folder)
 
 
-def _pixels_in(dfd: int, target: str, checks: _Checks) -> tuple[int, int]:
-    """(width, height) of `target` in its checked folder `dfd`: the table's `lstat` says what it is, one open
-    and read of its start say its size, and PIL opens the file whose header `size_at` could not read."""
-    name = os.path.basename(target)
-    size = checks.table.regular_size(target)
-    if size is None:
+def _pixels_in(dfd: int, target: str, file_size: int | None, checks: _Checks) -> tuple[int, int]:
+    """(width, height) of `target` in its checked folder `dfd`, `file_size` as the table's `lstat` said (None: not
+    a regular file): one open and read of its start say its size, and PIL opens the file whose header `size_at`
+    could not read."""
+    if file_size is None:
         raise NotRegularFile(f"{target} is not a regular file")
-    if size > checks.max_image_bytes:
+    if file_size > checks.max_image_bytes:
         raise FileTooLarge(f"{target} is over the limit of {checks.max_image_bytes} bytes")
+    name = target.rpartition("/")[2]
     return size_at(dfd, name, IMAGE_FORMATS) or image_size(name, checks.max_image_bytes, dir_fd=dfd)
 
 
@@ -288,7 +289,6 @@ class PlanBuilder:
         tightest = min(file_systems, key=lambda fs: fs["free_bytes"] - fs["bytes_to_write"] * ranks, default=None)
         if tightest is not None and len(file_systems) == 1 and os.stat(self.data_root).st_dev in self._per_device:
             tightest = None  # one file system, the data root's: the top-level figures say it all
-        problems = samples.problems
         return Plan(
             self.data_root,
             samples.describe(),
@@ -297,7 +297,7 @@ class PlanBuilder:
             self.valid,
             self.to_compute,
             self.unreadable,
-            len(problems),
+            samples.problem_count,
             refused,
             max(0, self._bytes),
             self._free_bytes(self.data_root),
@@ -306,7 +306,10 @@ class PlanBuilder:
             round(self._new_bytes / self._new) if self._new else 0,
             self._replaced,
             len(samples.unlisted),
-            [{"where": bounded(where), "reason": bounded(why)} for where, why in problems[:PROBLEMS_SHOWN]],
+            [
+                {"where": bounded(where), "reason": bounded(why)}
+                for where, why in samples.first_problems(PROBLEMS_SHOWN)
+            ],
         )
 
 

@@ -1,11 +1,13 @@
 """A job's first step, and all that a dry run does: scan a data root into units, refuse those a device must
-not take, and plan the rest (entries valid / to compute, bytes, free space). A dry run and a job under
-torchrun plan the whole root at once (`plan_work`); a service's job plans it a piece at a time while it
-computes the pieces before (`plan_pieces`)."""
+not take, and plan the rest (entries valid / to compute, bytes, free space). A job under torchrun plans the
+whole root at once (`plan_work`: its ranks share the units out); a service's job plans it a piece at a time
+while it computes the pieces before (`plan_pieces`), and a dry run plans it so too, keeping only the sums
+(`plan_root`)."""
 
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -80,6 +82,15 @@ def plan_work(
     )
     refused, valid = _check(units, builder, table, options, limits)
     return Work(scan, units, refused, builder.plan(scan.samples, len(refused)), valid)
+
+
+def plan_root(
+    data_root: str, spec: FeatureSpec, allowed: AllowedRoots, options: JobOptions, limits: JobLimits = JobLimits()
+) -> Plan:
+    """The plan of the whole root (a dry run): `plan_work`'s, planned a piece at a time and the pieces let go,
+    so that what it holds does not grow with the root's units."""
+    (last,) = deque(plan_pieces(data_root, spec, allowed, options, limits), maxlen=1)
+    return last.plan
 
 
 def plan_pieces(
@@ -161,8 +172,6 @@ def _check(
     valid = []
     if options.skip_existing:
         valid = [
-            i
-            for i, u in enumerate(units)
-            if i not in refused and u.targets and all(t in valid_targets for t in u.targets)
+            i for i, u in enumerate(units) if i not in refused and u.targets and valid_targets.issuperset(u.targets)
         ]
     return refused, valid

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vggt_cache.service.imageheader import FIRST_READ_BYTES, PREFIX_BYTES, header_size, size_at
+from vggt_cache.service.imageheader import FIRST_READ_BYTES, PREFIX_BYTES, _JpegHeaders, header_size, size_at
 from vggt_cache.service.preprocess import IMAGE_FORMATS as FORMATS
 
 
@@ -76,6 +76,27 @@ def test_damaged_headers_never_give_a_size_pil_would_not() -> None:
                 given += 1
                 assert pil_size(case + data[len(case) :]) in (ours, None), case[:64]
     assert given > 1000  # the damage mostly spares the header: the fast path was exercised
+
+
+def test_a_header_read_before_is_known_and_one_that_differs_is_read_anew() -> None:
+    known = _JpegHeaders()
+    rgb = CORPUS["jpeg rgb"]
+    scan = rgb.index(b"\xff\xda")
+    header_end = scan + 2 + int.from_bytes(rgb[scan + 2 : scan + 4], "big")
+    assert known.size(rgb) == (644, 483) and known._sizes == {rgb[:header_end]: (644, 483)}
+    # The same header before other pixels: known. The header's frame size changed: read anew, another size.
+    assert known.size(rgb[:header_end] + b"\x00" * 10) == (644, 483) and len(known._sizes) == 1
+    at = rgb.index(b"\xff\xc0")
+    resized = rgb[: at + 5] + struct.pack(">HH", 100, 200) + rgb[at + 9 :]
+    assert known.size(resized) == (200, 100) == pil_size(resized) and len(known._sizes) == 2
+    assert known.size(rgb[: header_end - 1]) is None  # the known header cut short: no scan, left to PIL
+    # Warm or cold, the same answers for damaged headers (the fuzz below checks those against PIL).
+    rng = random.Random(3)
+    for data in (v for v in CORPUS.values() if v.startswith(b"\xff\xd8")):
+        for _ in range(200):
+            damaged = bytearray(data[:4096])
+            damaged[rng.randrange(len(damaged))] = rng.randrange(256)
+            assert known.size(bytes(damaged)) == _JpegHeaders().size(bytes(damaged))
 
 
 def png_sized(width: int, height: int, crc_right: bool = True) -> bytes:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vggt_cache.service import samplepaths
 from vggt_cache.service.samplepaths import _joined, norm_path
 from vggt_cache.service.samples import find_samples, history_indices
 from vggt_cache.service.sources import scan_data_root
@@ -182,3 +183,24 @@ def test_a_frame_name_joined_as_it_is_is_the_normalised_join():
     for folder in ("/data/root", "/data", "/"):
         for name in names:
             assert _joined(folder, name) == norm_path(os.path.join(folder, name)), (folder, name)
+
+
+def test_the_resolver_gives_the_same_answers_when_its_memo_is_let_go(tmp_path, monkeypatch):
+    images = [touch(tmp_path / "imgs" / f"{n}.png") for n in range(6)]
+    touch(tmp_path / "ann" / "imgs" / "0.png")  # beside the sample file: found first, from its folder only
+    samples = [{"images": [f"imgs/{n % 6}.png", f"imgs/{(n + 1) % 6}.png"]} for n in range(12)]
+    samples += [{"images": [f"{n}.png"], "data_path": "imgs"} for n in range(6)]  # a data_path of their own
+    samples += [{"images": ["imgs/1.png", "imgs/gone.png"]}]
+    (tmp_path / "ann").mkdir(exist_ok=True)
+    (tmp_path / "ann" / "train.json").write_text(json.dumps(samples))
+    (tmp_path / "more.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+    kept = find_samples(str(tmp_path))
+    monkeypatch.setattr(samplepaths, "MEMO_NAMES", 1)  # every name or two, the folder's answers are let go
+    monkeypatch.setattr(samplepaths, "MEMO_FOLDERS", 0)  # and every other folder's
+    let_go = find_samples(str(tmp_path))
+    assert [s.frames for s in let_go.samples] == [s.frames for s in kept.samples]
+    assert let_go.problems == kept.problems and len(kept.problems) == 2
+    frames = {s.where.rsplit("/", 1)[1]: s.frames for s in kept.samples}
+    assert frames["train.json[0]"] == (str(tmp_path / "ann" / "imgs" / "0.png"), str(images[1]))
+    assert frames["more.jsonl:1"] == (str(images[0]), str(images[1]))
+    assert frames["train.json[17]"] == (str(images[5]),)  # data_path: under the data root

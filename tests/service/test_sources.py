@@ -49,6 +49,8 @@ def test_sequence_and_causal_make_one_unit_per_unique_clip(tmp_path):
             {"images": ["ep/0.png", "ep/1.png", "ep/2.png"]},  # the same clip again
             {"history_images": [], "current_image": "ep/3.png"},
             {"images": ["ep/1.png", "ep/3.png"]},
+            {"images": ["ep/1.png", "ep/3.png"]},  # again: a clip that met another's target, seen all the same
+            {"images": ["ep/3.png"]},
         ],
     )
     seq = scan_data_root(str(tmp_path), "sequence")

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from vggt_cache.service.api.deps import Plans, Ready, Runtime
 from vggt_cache.service.api.schemas import JobViewModel, PrecomputeRequest
 from vggt_cache.service.jobs.options import JobLimits, JobOptions
-from vggt_cache.service.jobs.planning import plan_work
+from vggt_cache.service.jobs.planning import plan_root
 from vggt_cache.service.jobs.view import TERMINAL, JobView
 from vggt_cache.service.runtime import Components, ServiceRuntime
 
@@ -33,7 +33,7 @@ def _precompute(req: PrecomputeRequest, c: Components, runtime: ServiceRuntime) 
         raise HTTPException(404, f"data_root is not a folder: {req.data_root}")
     options = JobOptions.of(req)
     if req.dry_run:  # the plan alone, computed here (a slow NFS root needs a patient client)
-        plan = plan_work(data_root, c.spec, runtime.allowed, options, JobLimits.of(runtime.settings)).plan
+        plan = plan_root(data_root, c.spec, runtime.allowed, options, JobLimits.of(runtime.settings))
         return JSONResponse(
             {"dry_run": True, "spec_digest": c.spec.digest, "plan": plan.to_dict(), "summary": plan.summary()}
         )

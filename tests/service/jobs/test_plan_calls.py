@@ -18,7 +18,7 @@ from vggt_cache.service.engine import Engine, Priority
 from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.jobs.options import JobOptions
 from vggt_cache.service.jobs.plan import PLAN_THREADS, PlanBuilder, lanes_for
-from vggt_cache.service.jobs.planning import plan_work
+from vggt_cache.service.jobs.planning import plan_root, plan_work
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.paths import AllowedRoots
 from vggt_cache.service.samples import find_samples
@@ -74,9 +74,9 @@ class CallCounter:
 def test_a_dry_run_makes_at_most_two_calls_a_sample(tmp_path, loaded, monkeypatch):
     root = episode_root(tmp_path / "data")
     counter = CallCounter(monkeypatch)
-    work = plan_work(str(root), tiny_spec(loaded), AllowedRoots.of([str(root)]), JobOptions(max_history_images=8))
+    plan = plan_root(str(root), tiny_spec(loaded), AllowedRoots.of([str(root)]), JobOptions(max_history_images=8))
     samples = EPISODES * STEPS
-    assert work.plan.entries == work.plan.to_compute == samples and work.plan.unreadable == 0
+    assert plan.entries == plan.to_compute == samples and plan.unreadable == 0
     start_up = 8 * EPISODES + 16  # per folder: list, resolve, open and check, st_dev; the roots, free space
     assert counter.calls <= CALLS_PER_SAMPLE * samples + start_up, counter.calls  # was ~90 a sample
 

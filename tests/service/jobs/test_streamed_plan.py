@@ -17,7 +17,7 @@ from vggt_cache.client.spec import FeatureSpec, resolve_options
 from vggt_cache.service.jobs import planner
 from vggt_cache.service.jobs.options import JobOptions
 from vggt_cache.service.jobs.plan import PlanBuilder
-from vggt_cache.service.jobs.planning import plan_pieces, plan_work
+from vggt_cache.service.jobs.planning import plan_pieces, plan_root, plan_work
 from vggt_cache.service.jobs.store import DB_NAME, JobStore
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.paths import AllowedRoots
@@ -187,6 +187,10 @@ def test_a_plan_in_pieces_is_the_plan_of_the_whole_root(tmp_path: Path, spec: Fe
     for files in (None, ["clips.jsonl"]):  # sample files win over the episodes: name them to use each
         options = JobOptions(max_history_images=3, data_files=files)
         whole = plan_work(str(root), spec, allowed, options)
+        # A dry run plans it the same, in pieces let go as they are summed.
+        free_space = ("free_bytes", "fits", "tightest")  # others write meanwhile
+        dry = {k: v for k, v in plan_root(str(root), spec, allowed, options).to_dict().items() if k not in free_space}
+        assert dry == {k: v for k, v in whole.plan.to_dict().items() if k not in free_space}
         for size in (1, 7, 1000):
             pieces = list(plan_pieces(str(root), spec, allowed, options, piece_samples=size))
             assert [p.last for p in pieces] == [False] * (len(pieces) - 1) + [True]
