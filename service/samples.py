@@ -231,6 +231,7 @@ class _Reader:
         self.keep_records = keep_records
         self.malformed: list[tuple[str, str]] = []
         self.missing: list[tuple[str, str]] = []
+        self.reading: BinaryIO | None = None  # the sample file being read (closed once read)
 
     def sample(self, obj: object, where: str, sample_dir: str) -> Sample | None:
         """The sample `obj`, or None (a problem recorded) when it is malformed or a frame is missing."""
@@ -246,13 +247,24 @@ class _Reader:
         record = obj if self.keep_records and isinstance(obj, dict) else None  # sample_images took a dict
         return Sample(tuple(frames), where, record)
 
+    def _open(self, path: str) -> BinaryIO:
+        self.reading = _open_sample_file(path, self.allowed)
+        return self.reading
+
+    def read_part(self) -> float:
+        """How much of the sample file being read was read, 0 to 1 (0 when none is)."""
+        f = self.reading
+        if f is None or f.closed:
+            return 0.0
+        return min(1.0, f.tell() / max(1, os.fstat(f.fileno()).st_size))
+
     def read_jsonl(self, path: str, named: bool = False) -> Generator[Sample, None, bool]:
         """The samples of a `*.jsonl` sample file; returns False when it is not one (a `named` file always is)."""
         sample_dir = os.path.dirname(path)
         try:
             if not named and not _is_sample_jsonl(path, self.allowed, self.max_sample_bytes):
                 return False
-            with _open_sample_file(path, self.allowed) as f:
+            with self._open(path) as f:
                 for lineno, line in lines(f, self.max_sample_bytes):
                     where = f"{path}:{lineno}"
                     if line is None:
@@ -288,7 +300,7 @@ class _Reader:
         """
         read = 0  # elements read: an error is at element `read`
         try:
-            with _open_sample_file(path, self.allowed) as f:
+            with self._open(path) as f:
                 elements = ArrayStream(f, self.max_sample_bytes).elements()
                 first = next(elements, None) if elements is not None else None
                 if elements is None or not _is_sample_object(first):
@@ -372,6 +384,10 @@ class SampleStream:
         self.loose_images = False  # the samples are now loose images: no sample files, no episode folders
         self._kinds: list[str] = []
         self._files = 0
+        self._files_read = 0  # sample files read to their end
+        self._frames: tuple[int, int] | None = (
+            None  # episode steps or loose images: (samples before them, their number)
+        )
         self._told: tuple[int, int] | None = None  # problems `new_problems` gave: malformed, missing
         self._reading: tuple[str, int] | None = None  # the kind of sample file being read, from which sample
 
@@ -382,6 +398,15 @@ class SampleStream:
         if self._reading is not None and self.count > self._reading[1]:  # sample files of a kind give samples
             kinds = [*kinds, self._reading[0]]
         return "+".join(kinds)
+
+    def read_fraction(self) -> float:
+        """How much of the root's samples were read, 0 to 1: episode steps and loose images by their number, sample
+        files by theirs and the bytes of the one being read. A job's view scales its total by it while it plans."""
+        if self._frames is not None:
+            before, frames = self._frames
+            return min(1.0, (self.count - before) / frames) if frames else 1.0
+        files = len(self.found.jsonl) + len(self.found.json)
+        return min(1.0, (self._files_read + self.reader.read_part()) / files) if files else 0.0
 
     def new_problems(self) -> list[tuple[str, str]]:
         """The problems met since the last call (the walk's unlisted folders in the first answer)."""
@@ -402,6 +427,7 @@ class SampleStream:
             sample_files, self._reading = 0, (kind, self.count)
             for path in paths:
                 sample_files += yield from read(path, named)
+                self._files_read += 1
             self._reading = None
             if sample_files:
                 self._kinds.append(kind)
@@ -418,6 +444,7 @@ class SampleStream:
         elif found.episodes:
             self._kinds.append("episodes")
             self._files = len(found.episodes)
+            self._frames = (self.count, sum(len(names) for _, names in found.episodes))
             for folder, names in found.episodes:
                 yield from reader.read_episode(folder, names, self.max_history_images)
         else:
@@ -425,6 +452,7 @@ class SampleStream:
             self.loose_images = True
             images = [(folder, [n for n in names if is_image(n)]) for folder, names in found.images]
             self._files = sum(len(names) for _, names in images)
+            self._frames = (self.count, self._files)
             for folder, names in images:
                 for name in names:
                     path = os.path.join(folder, name)

@@ -67,6 +67,7 @@ class Plan:
     replaced_bytes: int = 0  # of the files those entries replace (bytes_to_write is net of them)
     unlisted: int = 0  # of the problems: folders (or entries) the walk could not read, whose samples are unknown
     first_problems: list[dict] = field(default_factory=list)  # the first PROBLEMS_SHOWN, {"where", "reason"}
+    read_fraction: float = 1.0  # of the root's samples read: a job's plan grows until it is 1 (`planned`)
 
     @property
     def fits(self) -> bool:
@@ -278,8 +279,9 @@ class PlanBuilder:
             self._free[path] = free_bytes(path)
         return self._free[path]
 
-    def plan(self, samples: SampleSet, refused: int) -> Plan:
-        """The plan of what was checked, the samples being `samples` (as far as they were read)."""
+    def plan(self, samples: SampleSet, refused: int, read_fraction: float = 1.0) -> Plan:
+        """The plan of what was checked, the samples being `samples` (as far as they were read: `read_fraction`
+        of the root's)."""
         ranks = self.ranks
         file_systems = [
             {"path": folder, "bytes_to_write": max(0, nbytes), "free_bytes": self._free_bytes(folder)}
@@ -310,6 +312,7 @@ class PlanBuilder:
                 {"where": bounded(where), "reason": bounded(why)}
                 for where, why in samples.first_problems(PROBLEMS_SHOWN)
             ],
+            round(read_fraction, 4),
         )
 
 

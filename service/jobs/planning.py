@@ -137,7 +137,7 @@ def plan_pieces(
             problems = []
         refused, valid = _check(units, builder, table, options, limits)
         refused_total += len(refused)
-        plan = builder.plan(stream.sample_set(), refused_total)
+        plan = builder.plan(stream.sample_set(), refused_total, 1.0 if last else stream.read_fraction())
         yield Piece(units, refused, valid, problems, stream.count, plan, last)
 
 

@@ -135,7 +135,8 @@ class Rate:
 
 def job_view(rec: JobRecord, rate: Rate | None = None, failures: list[dict] | None = None) -> JobView:
     """The view of a stored job; `rate`: this process runs it (rate and ETA since it took it up)."""
-    progress = round(rec.done / rec.total, 4) if rec.total else (1.0 if rec.state is JobState.FINISHED else 0.0)
+    expected = _expected_total(rec)
+    progress = round(rec.done / expected, 4) if expected else (1.0 if rec.state is JobState.FINISHED else 0.0)
     rate_per_s = eta_s = None
     # Entries computed, not skipped: a skipped entry costs a metadata read, so it would make the rate a lie.
     if rate is not None and rec.state is JobState.RUNNING:
@@ -173,9 +174,22 @@ def job_view(rec: JobRecord, rate: Rate | None = None, failures: list[dict] | No
     )
 
 
+def _read_fraction(rec: JobRecord) -> float:
+    """How much of its root a job's plan has read: 1 once planned (or for a plan that does not say)."""
+    read = (rec.plan or {}).get("read_fraction", 1.0) if not rec.planned else 1.0
+    return read if isinstance(read, (int, float)) and 0 < read <= 1 else 1.0
+
+
+def _expected_total(rec: JobRecord) -> int:
+    """`total`, or while the job still plans, its total so far scaled to the whole root by how much of it was
+    read: progress does not fall each time a piece is added."""
+    return max(rec.total, round(rec.total / _read_fraction(rec)))
+
+
 def _left_to_compute(rec: JobRecord) -> int:
-    """Entries still to compute: the plan's count of those without a valid entry, less those computed."""
-    left = rec.total - rec.done
+    """Entries still to compute: the plan's count of those without a valid entry (scaled, while it plans, as
+    the total is), less those computed."""
+    left = _expected_total(rec) - rec.done
     if rec.plan and "to_compute" in rec.plan:
-        left = min(left, max(0, rec.plan["to_compute"] - rec.computed))
+        left = min(left, max(0, round(rec.plan["to_compute"] / _read_fraction(rec)) - rec.computed))
     return left

@@ -12,7 +12,7 @@ import pytest
 
 from vggt_cache.service import samplepaths
 from vggt_cache.service.samplepaths import _joined, norm_path
-from vggt_cache.service.samples import find_samples, history_indices
+from vggt_cache.service.samples import SampleStream, find_samples, history_indices
 from vggt_cache.service.sources import scan_data_root
 
 from helpers.service import FIXTURES
@@ -204,3 +204,22 @@ def test_the_resolver_gives_the_same_answers_when_its_memo_is_let_go(tmp_path, m
     assert frames["train.json[0]"] == (str(tmp_path / "ann" / "imgs" / "0.png"), str(images[1]))
     assert frames["more.jsonl:1"] == (str(images[0]), str(images[1]))
     assert frames["train.json[17]"] == (str(images[5]),)  # data_path: under the data root
+
+
+def test_a_stream_says_how_much_of_the_root_it_has_read(tmp_path):
+    """A streamed job's view scales its total by it: a JSON array by its bytes, episodes by their steps."""
+    touch(tmp_path / "arr" / "a.png")
+    samples = [{"images": ["a.png"], "id": f"sample {n:05d}"} for n in range(6000)]  # ~230 kB
+    (tmp_path / "arr" / "train.json").write_text(json.dumps(samples))
+    stream = SampleStream(str(tmp_path / "arr"))
+    assert stream.read_fraction() == 0.0
+    read = [stream.read_fraction() for n, _ in enumerate(stream) if n % 500 == 0]
+    assert read == sorted(read) and abs(read[6] - 0.5) < 0.3  # read ahead by 64 kB at most
+    assert stream.read_fraction() == 1.0 and stream.count == 6000
+
+    for ep in ("ep_a", "ep_b"):
+        episode(tmp_path / "eps" / ep, ["MOVE_FORWARD"] * 3 + ["STOP"])
+    stream = SampleStream(str(tmp_path / "eps"))
+    assert stream.read_fraction() == 0.0
+    assert [stream.read_fraction() for _ in stream] == [n / 8 for n in range(1, 9)]
+    assert stream.read_fraction() == 1.0

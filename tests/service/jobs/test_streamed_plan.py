@@ -5,9 +5,11 @@ the last piece recorded (no unit twice, none lost)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
 import httpx
@@ -18,7 +20,9 @@ from vggt_cache.service.jobs import planner
 from vggt_cache.service.jobs.options import JobOptions
 from vggt_cache.service.jobs.plan import PlanBuilder
 from vggt_cache.service.jobs.planning import plan_pieces, plan_root, plan_work
+from vggt_cache.service.jobs.records import JobRecord
 from vggt_cache.service.jobs.store import DB_NAME, JobStore
+from vggt_cache.service.jobs.view import JobState, Rate, job_view
 from vggt_cache.service.model import load_aggregator
 from vggt_cache.service.paths import AllowedRoots
 from vggt_cache.service.samples import SampleStream
@@ -99,6 +103,8 @@ def test_a_job_computes_its_first_piece_while_the_rest_is_planned(
         assert gate.waiting.is_set() and gate.checks == 2
         assert view["state"] == "running" and not view["planned"]
         assert view["total"] == PIECE and view["plan"]["entries"] == PIECE  # what is planned so far
+        # A quarter of the root read: progress counts against the whole root, not the piece, so it does not fall.
+        assert view["plan"]["read_fraction"] == PIECE / IMAGES and view["progress"] == PIECE / IMAGES
         assert len(cache_files(root)) == PIECE
         row = next(j for j in http.get("/status").json()["jobs"] if j["job_id"] == job_id)
         assert row["planned"] is False and row["total"] == PIECE
@@ -199,6 +205,8 @@ def test_a_plan_in_pieces_is_the_plan_of_the_whole_root(tmp_path: Path, spec: Fe
             counts = ("units", "entries", "valid", "to_compute", "problems", "bytes_to_write", "refused", "source")
             assert {k: pieces[-1].plan.to_dict()[k] for k in counts} == {k: whole.plan.to_dict()[k] for k in counts}
             assert [p.samples for p in pieces] == sorted(p.samples for p in pieces)  # the resume cursor only grows
+            read = [p.plan.read_fraction for p in pieces]
+            assert read == sorted(read) and read[-1] == 1.0 and (len(pieces) == 1 or 0 < read[0] < 1)
             # Resumed with the first (up to) two pieces recorded: the units of the pieces after them.
             recorded = pieces[: min(2, len(pieces) - 1)]
             skip = recorded[-1].samples if recorded else 0
@@ -247,3 +255,18 @@ def test_a_plan_counts_the_free_space_it_first_saw(tmp_path: Path, spec: Feature
     after = builder.plan(SampleStream(str(root)).sample_set(), 0)
     assert after.free_bytes == before.free_bytes and after.entries == len(units)
     assert after.bytes_to_write > before.bytes_to_write > 0
+
+
+def test_a_planning_jobs_progress_and_eta_count_against_the_whole_root() -> None:
+    plan = {"to_compute": 100, "read_fraction": 0.25}
+    rec = JobRecord(
+        "j", "/r", "d", "{}", JobOptions(), JobState.RUNNING, False, 100, 50, 0, 0, False, 0.0, 0.0, None, None, plan
+    )
+    started = Rate(time.monotonic() - 10, 0)  # 50 computed in 10 s: 5 a second
+    view = job_view(rec, started)
+    assert view.progress == 0.125  # 50 of the ~400 the whole root holds, not 50 of the 100 planned so far
+    assert view.eta_s is not None and 65 < view.eta_s <= 70  # ~350 left at 5 a second
+    done = job_view(dataclasses.replace(rec, planned=True, plan={**plan, "read_fraction": 1.0}), started)
+    assert done.progress == 0.5 and done.eta_s is not None and done.eta_s <= 10
+    older = job_view(dataclasses.replace(rec, plan={"to_compute": 100}))  # a plan from before the field
+    assert older.progress == 0.5
