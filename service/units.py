@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,11 @@ class Unit:
         if not set(self.targets).issubset(self.frames):
             raise ValueError("every target of a Unit must be one of its frames")
 
+    @property
+    def key(self) -> bytes:
+        """The unit in 16 bytes: what a plan resumed after a restart holds of each unit recorded before it."""
+        return unit_key(self.frames, self.targets)
+
     @classmethod
     def frame(cls, image: str) -> Unit:
         return cls((image,), (image,))
@@ -55,3 +61,9 @@ class Unit:
         if attention == Attention.CAUSAL:
             return cls.causal(frames)
         raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
+
+
+def unit_key(frames: Sequence[str], targets: Sequence[str]) -> bytes:
+    """`Unit(frames, targets).key`, without the Unit (no path holds a NUL; a name not UTF-8 keeps its bytes)."""
+    text = "\0".join(frames) + "\0\0" + "\0".join(targets)
+    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).digest()

@@ -102,15 +102,15 @@ def plan_pieces(
     skip_samples: int = 0,
     piece_samples: int = PIECE_SAMPLES,
     stop: threading.Event | None = None,
-    recorded: Collection[Unit] = frozenset(),
+    recorded: Collection[bytes] = frozenset(),
 ) -> Iterator[Piece]:
     """Plan `data_root` a piece of `piece_samples` samples at a time, the rest in the last piece.
 
-    A resumed job's plan: `recorded`, the units its pieces recorded before, and `skip_samples`, the samples
-    those pieces covered. The root is read again from its start (for the units later samples share), and a
-    recorded unit is neither checked nor given again; what the root gained since (a folder added before the
-    cursor) is. Problems within the first `skip_samples` samples were recorded then and are not given. `stop`
-    set: no more pieces (checked at every sample read).
+    A resumed job's plan: `recorded`, the keys (`Unit.key`) of the units its pieces recorded before, and
+    `skip_samples`, the samples those pieces covered. The root is read again from its start (for the units later
+    samples share), and a recorded unit is neither checked nor given again; what the root gained since (a folder
+    added before the cursor) is. Problems within the first `skip_samples` samples were recorded then and are not
+    given. `stop` set: no more pieces (checked at every sample read).
     """
     options.contain(data_root, allowed)
     table = FrameTable(allowed)
@@ -128,7 +128,7 @@ def plan_pieces(
     for units, last in scan_pieces(stream, UnitPlanner(spec.attention), piece_samples, stop):
         problems = stream.new_problems()
         if recorded:
-            units = [u for u in units if u not in recorded]
+            units = [u for u in units if u.key not in recorded]
         # Within the samples recorded before (the last piece never is: the job would be planned): only what the
         # root gained since is new, its problems were recorded then.
         if skip_samples and stream.count <= skip_samples and not last:

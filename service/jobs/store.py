@@ -24,7 +24,7 @@ from vggt_cache.service.jobs.options import JobOptions
 from vggt_cache.service.jobs.records import JobRecord, TargetResult
 from vggt_cache.service.jobs.schema import ACTIVE_STATES, JOB_COLUMNS, UnitState, create_or_upgrade
 from vggt_cache.service.jobs.view import COUNTER, TERMINAL, JobState
-from vggt_cache.service.units import Unit
+from vggt_cache.service.units import Unit, unit_key
 
 DB_NAME = "jobs.sqlite3"
 # Failure rows kept per job (each string `bounded`): the counters count every failure, the rows
@@ -271,12 +271,13 @@ class JobStore:
         """Units without recorded results, in plan order (those numbered `first` to `end`, excluded)."""
         return _units(self._conn(), job_id, 0, first, end)
 
-    def recorded_units(self, job_id: str) -> set[Unit]:
-        """Every unit a job's plan recorded, whatever its state (a plan resumed after a restart skips them)."""
+    def recorded_units(self, job_id: str) -> set[bytes]:
+        """The key (`Unit.key`) of every unit a job's plan recorded, whatever its state: a plan resumed after a
+        restart skips them, and holds 16 bytes of each, not the unit."""
         db = self._conn()
         names = _paths(db, job_id, None)
         rows = db.execute("SELECT frames_json, targets_json FROM units WHERE job_id = ?", (job_id,))
-        return {Unit(_named(json.loads(f), names), _named(json.loads(t), names)) for f, t in rows}
+        return {unit_key(_named(json.loads(f), names), _named(json.loads(t), names)) for f, t in rows}
 
     def start_units(self, job_id: str, idxs: Iterable[int], step: int = 1) -> None:
         """Count an attempt of each pending unit in `idxs`: they go on a device now (`step` -1: take it

@@ -5,7 +5,7 @@ import time
 import pytest
 
 from vggt_cache.service.sources import ScanResult, scan_data_root, shard
-from vggt_cache.service.units import Unit
+from vggt_cache.service.units import Unit, unit_key
 
 
 def touch(path) -> str:
@@ -246,3 +246,15 @@ def test_unit_constructors_follow_the_attention_modes():
     with pytest.raises(ValueError):
         Unit(("/a.jpg",), ("/b.jpg",))
     assert hash(Unit(["/a.jpg"], ["/a.jpg"])) == hash(Unit.frame("/a.jpg"))
+
+
+def test_a_units_key_is_its_frames_and_targets():
+    clip = ("/d/a.jpg", "/d/b.jpg", "/d/\udcff.jpg")  # a name that is not UTF-8 keeps its bytes
+    keys = {
+        Unit.causal(clip).key,
+        Unit.sequence(clip).key,
+        Unit.causal(clip[:2]).key,
+        Unit.frame("/d/\udcfe.jpg").key,
+    }
+    assert len(keys) == 4 and all(len(k) == 16 for k in keys)
+    assert Unit.causal(list(clip)).key == Unit.causal(clip).key == unit_key(clip, clip[-1:])

@@ -211,7 +211,7 @@ def test_a_plan_in_pieces_is_the_plan_of_the_whole_root(tmp_path: Path, spec: Fe
             recorded = pieces[: min(2, len(pieces) - 1)]
             skip = recorded[-1].samples if recorded else 0
             after = [u for p in pieces[len(recorded) :] for u in p.units]
-            done = {u for p in recorded for u in p.units}
+            done = {u.key for p in recorded for u in p.units}
             resumed = list(
                 plan_pieces(str(root), spec, allowed, options, skip_samples=skip, piece_samples=size, recorded=done)
             )
@@ -234,7 +234,7 @@ def test_problems_after_the_last_piece_are_in_the_last_one_and_a_resume_records_
         (6, 0, 2, True),
     ]
     # Resumed with the first two recorded (the process died before the last): the last is not skipped.
-    done = {u for p in pieces[:2] for u in p.units}
+    done = {u.key for p in pieces[:2] for u in p.units}
     [last] = plan_pieces(str(root), spec, allowed, options, skip_samples=6, piece_samples=3, recorded=done)
     assert last.last and len(last.problems) == 2 and not last.units
     # A root of problems only: one last piece, which holds them.
