@@ -132,27 +132,21 @@ class _JpegHeaders:
     """JPEG headers read before, and their sizes. The frames one encoder writes at one quality (a simulator's
     renders, standard Huffman tables) share their header byte for byte, so it is parsed once: a file that starts
     with a known header reads as that header did, as the parse looks at nothing past it. A root of photos, each
-    header its own, pays a failed lookup or two. Shared by the plan's threads: a race at worst parses twice."""
+    header its own, pays a few failed comparisons. Shared by the plan's threads: a race at worst parses twice."""
 
-    MOST = 64  # headers kept (then forgotten, and learnt again)
-    LENGTHS = 4  # distinct header lengths tried, the latest first
+    MOST = 8  # headers kept, the latest first
 
     def __init__(self) -> None:
-        self._sizes: dict[bytes, tuple[int, int]] = {}
-        self._lengths: tuple[int, ...] = ()
+        self._known: tuple[tuple[bytes, tuple[int, int]], ...] = ()
 
     def size(self, data: bytes) -> tuple[int, int] | None:
-        for n in self._lengths:
-            size = self._sizes.get(data[:n])
-            if size is not None:
+        for header, size in self._known:
+            if data.startswith(header):
                 return size
-        size, n = _jpeg_size(data)
-        if size is not None:
-            if len(self._sizes) >= self.MOST:
-                self._sizes = {}
-            self._sizes[data[:n]] = size
-            self._lengths = (n, *(m for m in self._lengths if m != n))[: self.LENGTHS]
-        return size
+        found, end = _jpeg_size(data)
+        if found is not None:
+            self._known = ((data[:end], found), *self._known[: self.MOST - 1])
+        return found
 
 
 _JPEG_HEADERS = _JpegHeaders()

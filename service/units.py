@@ -27,9 +27,11 @@ class Unit:
             object.__setattr__(self, "frames", tuple(self.frames))
         if type(self.targets) is not tuple:
             object.__setattr__(self, "targets", tuple(self.targets))
-        if not self.frames or not self.targets:
+        frames, targets = self.frames, self.targets
+        if not frames or not targets:
             raise ValueError("a Unit needs at least one frame and one target")
-        if not set(self.targets).issubset(self.frames):
+        # A causal clip's one target, in a plan's every unit: looked for in the clip, not set against it.
+        if not (targets[0] in frames if len(targets) == 1 else set(targets).issubset(frames)):
             raise ValueError("every target of a Unit must be one of its frames")
 
     @property

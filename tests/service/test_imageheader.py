@@ -83,13 +83,16 @@ def test_a_header_read_before_is_known_and_one_that_differs_is_read_anew() -> No
     rgb = CORPUS["jpeg rgb"]
     scan = rgb.index(b"\xff\xda")
     header_end = scan + 2 + int.from_bytes(rgb[scan + 2 : scan + 4], "big")
-    assert known.size(rgb) == (644, 483) and known._sizes == {rgb[:header_end]: (644, 483)}
+    assert known.size(rgb) == (644, 483) and known._known == ((rgb[:header_end], (644, 483)),)
     # The same header before other pixels: known. The header's frame size changed: read anew, another size.
-    assert known.size(rgb[:header_end] + b"\x00" * 10) == (644, 483) and len(known._sizes) == 1
+    assert known.size(rgb[:header_end] + b"\x00" * 10) == (644, 483) and len(known._known) == 1
     at = rgb.index(b"\xff\xc0")
     resized = rgb[: at + 5] + struct.pack(">HH", 100, 200) + rgb[at + 9 :]
-    assert known.size(resized) == (200, 100) == pil_size(resized) and len(known._sizes) == 2
+    assert known.size(resized) == (200, 100) == pil_size(resized) and len(known._known) == 2
     assert known.size(rgb[: header_end - 1]) is None  # the known header cut short: no scan, left to PIL
+    for height in range(1, 20):  # headers of their own: the latest few are kept
+        assert known.size(rgb[: at + 5] + struct.pack(">HH", height, 200) + rgb[at + 9 :]) == (200, height)
+    assert len(known._known) == _JpegHeaders.MOST and known._known[0][1] == (200, 19)
     # Warm or cold, the same answers for damaged headers (the fuzz below checks those against PIL).
     rng = random.Random(3)
     for data in (v for v in CORPUS.values() if v.startswith(b"\xff\xd8")):

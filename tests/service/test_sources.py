@@ -258,3 +258,12 @@ def test_a_units_key_is_its_frames_and_targets():
     }
     assert len(keys) == 4 and all(len(k) == 16 for k in keys)
     assert Unit.causal(list(clip)).key == Unit.causal(clip).key == unit_key(clip, clip[-1:])
+
+
+@pytest.mark.parametrize(
+    "frames,targets",
+    [((), ("/a",)), (("/a",), ()), (("/a", "/b"), ("/c",)), (("/a", "/b"), ("/a", "/c")), (["/a"], ["/a", "/c"])],
+)
+def test_a_unit_needs_frames_and_targets_among_them(frames, targets):
+    with pytest.raises(ValueError, match=r"at least one frame and one target|must be one of its frames"):
+        Unit(frames, targets)
