@@ -231,7 +231,7 @@ class _Reader:
         self.keep_records = keep_records
         self.malformed: list[tuple[str, str]] = []
         self.missing: list[tuple[str, str]] = []
-        self.reading: BinaryIO | None = None  # the sample file being read (closed once read)
+        self.open_file: BinaryIO | None = None  # the sample file being read (closed once read)
 
     def sample(self, obj: object, where: str, sample_dir: str) -> Sample | None:
         """The sample `obj`, or None (a problem recorded) when it is malformed or a frame is missing."""
@@ -248,12 +248,12 @@ class _Reader:
         return Sample(tuple(frames), where, record)
 
     def _open(self, path: str) -> BinaryIO:
-        self.reading = _open_sample_file(path, self.allowed)
-        return self.reading
+        self.open_file = _open_sample_file(path, self.allowed)
+        return self.open_file
 
     def read_part(self) -> float:
         """How much of the sample file being read was read, 0 to 1 (0 when none is)."""
-        f = self.reading
+        f = self.open_file
         if f is None or f.closed:
             return 0.0
         return min(1.0, f.tell() / max(1, os.fstat(f.fileno()).st_size))
@@ -385,9 +385,8 @@ class SampleStream:
         self._kinds: list[str] = []
         self._files = 0
         self._files_read = 0  # sample files read to their end
-        self._frames: tuple[int, int] | None = (
-            None  # episode steps or loose images: (samples before them, their number)
-        )
+        # Episode steps or loose images, once they are read: (the samples before them, their number).
+        self._frames: tuple[int, int] | None = None
         self._told: tuple[int, int] | None = None  # problems `new_problems` gave: malformed, missing
         self._reading: tuple[str, int] | None = None  # the kind of sample file being read, from which sample
 
