@@ -40,8 +40,9 @@ def counts_text(view: JobView) -> str:
 
 
 def progress_line(view: JobView) -> str:
-    pct = f" ({100 * view.done / view.total:.1f}%)" if view.total else ""
-    return f"{view.done}/{view.total or '?'}{pct}: {counts_text(view)}"
+    expected = view.expected_total  # while the job plans, about what the whole root holds (`~`)
+    pct = f" ({100 * view.done / expected:.1f}%)" if expected else ""
+    return f"{view.done}/{'~' if expected != view.total else ''}{expected or '?'}{pct}: {counts_text(view)}"
 
 
 def follow_job(
@@ -83,7 +84,7 @@ def _follow_with_bar(
             pause()
             view = poll() or view
             if view is not None:
-                bar.total = view.total or None
+                bar.total = view.expected_total or None
                 bar.n = view.done
                 bar.set_postfix_str(counts_text(view), refresh=False)
                 bar.refresh()

@@ -96,6 +96,11 @@ class JobView:
     def done(self) -> int:
         return self.computed + self.skipped + self.failed
 
+    @property
+    def expected_total(self) -> int:
+        """What `progress` counts against: `total`, scaled to the whole root while the job still plans."""
+        return expected_total(self.total, self.planned, self.plan)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["state"] = self.state.value
@@ -135,7 +140,7 @@ class Rate:
 
 def job_view(rec: JobRecord, rate: Rate | None = None, failures: list[dict] | None = None) -> JobView:
     """The view of a stored job; `rate`: this process runs it (rate and ETA since it took it up)."""
-    expected = _expected_total(rec)
+    expected = expected_total(rec.total, rec.planned, rec.plan)
     progress = round(rec.done / expected, 4) if expected else (1.0 if rec.state is JobState.FINISHED else 0.0)
     rate_per_s = eta_s = None
     # Entries computed, not skipped: a skipped entry costs a metadata read, so it would make the rate a lie.
@@ -174,22 +179,23 @@ def job_view(rec: JobRecord, rate: Rate | None = None, failures: list[dict] | No
     )
 
 
-def _read_fraction(rec: JobRecord) -> float:
+def _read_fraction(planned: bool, plan: dict | None) -> float:
     """How much of its root a job's plan has read: 1 once planned (or for a plan that does not say)."""
-    read = (rec.plan or {}).get("read_fraction", 1.0) if not rec.planned else 1.0
+    read = (plan or {}).get("read_fraction", 1.0) if not planned else 1.0
     return read if isinstance(read, (int, float)) and 0 < read <= 1 else 1.0
 
 
-def _expected_total(rec: JobRecord) -> int:
+def expected_total(total: int, planned: bool, plan: dict | None) -> int:
     """`total`, or while the job still plans, its total so far scaled to the whole root by how much of it was
     read: progress does not fall each time a piece is added."""
-    return max(rec.total, round(rec.total / _read_fraction(rec)))
+    return max(total, round(total / _read_fraction(planned, plan)))
 
 
 def _left_to_compute(rec: JobRecord) -> int:
     """Entries still to compute: the plan's count of those without a valid entry (scaled, while it plans, as
     the total is), less those computed."""
-    left = _expected_total(rec) - rec.done
+    left = expected_total(rec.total, rec.planned, rec.plan) - rec.done
     if rec.plan and "to_compute" in rec.plan:
-        left = min(left, max(0, round(rec.plan["to_compute"] / _read_fraction(rec)) - rec.computed))
+        read = _read_fraction(rec.planned, rec.plan)
+        left = min(left, max(0, round(rec.plan["to_compute"] / read) - rec.computed))
     return left

@@ -19,12 +19,14 @@ class Terminal(io.StringIO):
         return True
 
 
-def view(computed: int, skipped: int, state: JobState = JobState.RUNNING) -> JobView:
+def view(computed: int, skipped: int, state: JobState = JobState.RUNNING, read: float | None = None) -> JobView:
+    """A job of 10 entries; `read`: still planning, that share of its root read (`total` is what is planned)."""
+    total = 10 if read is None else round(10 * read)
     return JobView(
         "j1",
         "/data",
         state,
-        10,
+        total,
         computed,
         skipped,
         0,
@@ -33,19 +35,19 @@ def view(computed: int, skipped: int, state: JobState = JobState.RUNNING) -> Job
         4.0,
         "d",
         {},
-        True,
+        read is None,
         False,
         0.0,
         0.0,
         None,
         None,
-        None,
+        None if read is None else {"read_fraction": read},
     )
 
 
 def views() -> Iterator[JobView]:
-    yield view(0, 0)
-    yield view(2, 1)
+    yield view(0, 0, read=0.2)
+    yield view(2, 1, read=0.5)
     yield view(8, 2, JobState.FINISHED)
 
 
@@ -82,6 +84,6 @@ def test_elsewhere_plain_progress_lines(monkeypatch: pytest.MonkeyPatch) -> None
     seen = views()
     follow_job(lambda: next(seen), lambda v: not v.state.active, lambda: None, "precompute", log_every_s=0)
     assert stream.getvalue().splitlines() == [
-        "[INFO] precompute: 3/10 (30.0%): computed 2, skipped 1, failed 0, 1.5 img/s computed, eta 4s",
+        "[INFO] precompute: 3/~10 (30.0%): computed 2, skipped 1, failed 0, 1.5 img/s computed, eta 4s",
         "[INFO] precompute: 10/10 (100.0%): computed 8, skipped 2, failed 0, 1.5 img/s computed, eta 4s",
     ]
