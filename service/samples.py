@@ -192,6 +192,17 @@ def _is_sample_object(value: object) -> bool:
     return isinstance(value, dict) and any(k in value for k in _SAMPLE_KEYS)
 
 
+def _size_or_zero(path: str, allowed: AllowedRoots | None) -> int:
+    """The size of sample file `path`; 0 when it is not there, or lies outside `allowed` (not stat-ed: its
+    size must not show)."""
+    try:
+        if allowed is not None:
+            allowed.contain(path, writes_sibling=False)
+        return os.stat(path).st_size
+    except (OSError, ValueError):  # reading it says why
+        return 0
+
+
 def _open_sample_file(path: str, allowed: AllowedRoots | None) -> BinaryIO:
     """A buffered reader of a sample file: regular, and inside `allowed` when opened (NotRegularFile, OutsideRoots)."""
     return io.BufferedReader(open_regular(path, roots=None if allowed is None else allowed.real))
@@ -251,12 +262,10 @@ class _Reader:
         self.open_file = _open_sample_file(path, self.allowed)
         return self.open_file
 
-    def read_part(self) -> float:
-        """How much of the sample file being read was read, 0 to 1 (0 when none is)."""
+    def bytes_read(self) -> int:
+        """Bytes read of the sample file being read (0 when none is)."""
         f = self.open_file
-        if f is None or f.closed:
-            return 0.0
-        return min(1.0, f.tell() / max(1, os.fstat(f.fileno()).st_size))
+        return 0 if f is None or f.closed else f.tell()
 
     def read_jsonl(self, path: str, named: bool = False) -> Generator[Sample, None, bool]:
         """The samples of a `*.jsonl` sample file; returns False when it is not one (a `named` file always is)."""
@@ -385,6 +394,7 @@ class SampleStream:
         self._kinds: list[str] = []
         self._files = 0
         self._files_read = 0  # sample files read to their end
+        self._file_bytes: list[int] | None = None  # the sample files' sizes, in the order they are read
         # Episode steps or loose images, once they are read: (the samples before them, their number).
         self._frames: tuple[int, int] | None = None
         self._told: tuple[int, int] | None = None  # problems `new_problems` gave: malformed, missing
@@ -400,12 +410,17 @@ class SampleStream:
 
     def read_fraction(self) -> float:
         """How much of the root's samples were read, 0 to 1: episode steps and loose images by their number, sample
-        files by theirs and the bytes of the one being read. A job's view scales its total by it while it plans."""
+        files by their bytes. A job's view scales its total by it while it plans."""
         if self._frames is not None:
             before, frames = self._frames
             return min(1.0, (self.count - before) / frames) if frames else 1.0
-        files = len(self.found.jsonl) + len(self.found.json)
-        return min(1.0, (self._files_read + self.reader.read_part()) / files) if files else 0.0
+        if self._file_bytes is None:  # one stat a sample file, at the first ask
+            paths = itertools.chain(self.found.jsonl, self.found.json)
+            self._file_bytes = [_size_or_zero(p, self.reader.allowed) for p in paths]
+        total = sum(self._file_bytes)
+        if not total:
+            return 0.0
+        return min(1.0, (sum(self._file_bytes[: self._files_read]) + self.reader.bytes_read()) / total)
 
     def new_problems(self) -> list[tuple[str, str]]:
         """The problems met since the last call (the walk's unlisted folders in the first answer)."""

@@ -51,6 +51,8 @@ class UnitPlanner:
         attention, owner = self.attention, self._owner
         clips = [(f,) for f in frames] if attention == Attention.FRAME else (tuple(frames),)
         for clip in clips:
+            if not clip:  # a text-only sample needs no features
+                continue
             if attention == Attention.SEQUENCE:  # every frame is a target
                 seen = all(owner.get(f) == clip for f in clip)
             else:  # the last frame is the one target

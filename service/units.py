@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -66,6 +67,7 @@ class Unit:
 
 
 def unit_key(frames: Sequence[str], targets: Sequence[str]) -> bytes:
-    """`Unit(frames, targets).key`, without the Unit (no path holds a NUL; a name not UTF-8 keeps its bytes)."""
-    text = "\0".join(frames) + "\0\0" + "\0".join(targets)
-    return hashlib.blake2b(text.encode("utf-8", "surrogateescape"), digest_size=16).digest()
+    """`Unit(frames, targets).key`, without the Unit. Hashed as JSON (ASCII, every name quoted and escaped),
+    so no two units read alike: a sample can name a path with a NUL, or a lone surrogate, in it."""
+    text = json.dumps([list(frames), list(targets)])
+    return hashlib.blake2b(text.encode("ascii"), digest_size=16).digest()

@@ -67,7 +67,7 @@ class Plan:
     replaced_bytes: int = 0  # of the files those entries replace (bytes_to_write is net of them)
     unlisted: int = 0  # of the problems: folders (or entries) the walk could not read, whose samples are unknown
     first_problems: list[dict] = field(default_factory=list)  # the first PROBLEMS_SHOWN, {"where", "reason"}
-    read_fraction: float = 1.0  # of the root's samples read: a job's plan grows until it is 1 (`planned`)
+    read_fraction: float = 1.0  # of the root's samples read, about (a sample file by its bytes): 1 once planned
 
     @property
     def fits(self) -> bool:
@@ -312,7 +312,7 @@ class PlanBuilder:
                 {"where": bounded(where), "reason": bounded(why)}
                 for where, why in samples.first_problems(PROBLEMS_SHOWN)
             ],
-            round(read_fraction, 4),
+            read_fraction,
         )
 
 

@@ -217,6 +217,16 @@ def test_a_stream_says_how_much_of_the_root_it_has_read(tmp_path):
     assert read == sorted(read) and abs(read[6] - 0.5) < 0.3  # read ahead by 64 kB at most
     assert stream.read_fraction() == 1.0 and stream.count == 6000
 
+    # Small files read before a large one: by bytes, not by files read.
+    for n in range(9):
+        (tmp_path / "files" / f"a_{n}.jsonl").parent.mkdir(exist_ok=True)
+        (tmp_path / "files" / f"a_{n}.jsonl").write_text(json.dumps({"images": ["a.png"]}) + "\n")
+    touch(tmp_path / "files" / "a.png")
+    (tmp_path / "files" / "z.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+    stream = SampleStream(str(tmp_path / "files"))
+    read = [stream.read_fraction() for n, _ in enumerate(stream) if n % 1000 == 0]
+    assert read == sorted(read) and abs(read[3] - 0.5) < 0.15 and stream.read_fraction() == 1.0
+
     for ep in ("ep_a", "ep_b"):
         episode(tmp_path / "eps" / ep, ["MOVE_FORWARD"] * 3 + ["STOP"])
     stream = SampleStream(str(tmp_path / "eps"))

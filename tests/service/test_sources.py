@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from vggt_cache.service.sources import ScanResult, scan_data_root, shard
+from vggt_cache.service.sources import ScanResult, UnitPlanner, scan_data_root, shard
 from vggt_cache.service.units import Unit, unit_key
 
 
@@ -255,8 +255,13 @@ def test_a_units_key_is_its_frames_and_targets():
         Unit.sequence(clip).key,
         Unit.causal(clip[:2]).key,
         Unit.frame("/d/\udcfe.jpg").key,
+        # A sample can name a NUL or a lone surrogate: its unit is refused, but recorded, and must not read
+        # as another's.
+        Unit.sequence(("/d/a.jpg\x00/d/b.jpg",)).key,
+        Unit.sequence(("/d/a.jpg", "/d/b.jpg")).key,
+        Unit.frame("/d/\ud800.jpg").key,
     }
-    assert len(keys) == 4 and all(len(k) == 16 for k in keys)
+    assert len(keys) == 7 and all(len(k) == 16 for k in keys)
     assert Unit.causal(list(clip)).key == Unit.causal(clip).key == unit_key(clip, clip[-1:])
 
 
@@ -267,3 +272,11 @@ def test_a_units_key_is_its_frames_and_targets():
 def test_a_unit_needs_frames_and_targets_among_them(frames, targets):
     with pytest.raises(ValueError, match=r"at least one frame and one target|must be one of its frames"):
         Unit(frames, targets)
+
+
+@pytest.mark.parametrize("attention", ["frame", "sequence", "causal"])
+def test_a_text_only_clip_makes_no_unit(attention):
+    planner = UnitPlanner(attention)
+    planner.add_clip([])
+    planner.add_clip(["/d/a.jpg"])
+    assert planner.take() == [Unit(("/d/a.jpg",), ("/d/a.jpg",))] and planner.conflicts == 0
