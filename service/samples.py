@@ -43,6 +43,7 @@ from typing import BinaryIO
 import numpy as np
 
 from vggt_cache.client.safeopen import open_regular
+from vggt_cache.client.text import bounded
 from vggt_cache.service.errors import UnusableInput
 from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.jsonstream import ArrayStream, MalformedSample, lines
@@ -161,7 +162,20 @@ def _string_list(value: object, key: str) -> list[str]:
     for v in value:
         if not isinstance(v, str) or not v:
             raise MalformedSample(f"{key!r} must be a non-empty string or a list of them")
+        _check_name(v, key)
     return value
+
+
+def _check_name(name: str, key: str) -> None:
+    """A name no file can have (a NUL; a lone surrogate, which no file name decodes to) is the sample's fault:
+    said as one, before it reaches a path, a unit or the job store."""
+    if "\x00" in name:
+        raise MalformedSample(f"{key!r} names a path with a NUL byte: {bounded(name)}")
+    if not name.isascii():
+        try:
+            os.fsencode(name)
+        except UnicodeEncodeError:
+            raise MalformedSample(f"{key!r} names a path no file can have: {bounded(name)}") from None
 
 
 def _step_frame(name: str) -> re.Match[str]:
@@ -175,12 +189,15 @@ def sample_images(sample: object) -> tuple[list[str], str | None]:
     if not isinstance(sample, dict):
         raise MalformedSample("not a JSON object")
     data_path = sample.get("data_path")
-    if data_path is not None and not isinstance(data_path, str):
-        raise MalformedSample("'data_path' must be a string")
+    if data_path is not None:
+        if not isinstance(data_path, str):
+            raise MalformedSample("'data_path' must be a string")
+        _check_name(data_path, "data_path")
     if "history_images" in sample or "current_image" in sample:
         current = sample.get("current_image")
         if not isinstance(current, str) or not current:
             raise MalformedSample("'current_image' must be a non-empty string")
+        _check_name(current, "current_image")
         return [*_string_list(sample.get("history_images", []), "history_images"), current], data_path
     for key in ("images", "image"):
         if key in sample:

@@ -233,3 +233,20 @@ def test_a_stream_says_how_much_of_the_root_it_has_read(tmp_path):
     assert stream.read_fraction() == 0.0
     assert [stream.read_fraction() for _ in stream] == [n / 8 for n in range(1, 9)]
     assert stream.read_fraction() == 1.0
+
+
+def test_a_name_no_file_can_have_is_a_malformed_sample_and_the_rest_is_read(tmp_path):
+    touch(tmp_path / "a.png")
+    samples = [
+        {"images": ["a.png\u0000b.png"]},
+        {"images": ["\ud800.png"]},  # a lone surrogate: JSON can say it, no file name decodes to it
+        {"history_images": ["a.png"], "current_image": "\udfff"},
+        {"images": ["a.png"], "data_path": ".\u0000"},
+        {"images": ["a.png"]},
+    ]
+    (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
+    found = find_samples(str(tmp_path))
+    assert [s.frames for s in found.samples] == [(str(tmp_path / "a.png"),)]
+    reasons = [why for _, why in found.malformed]
+    assert len(reasons) == 4 and "NUL byte" in reasons[0] and "no file can have" in reasons[1]
+    assert "\\ud800" in reasons[1]  # storable as UTF-8 (SQLite, JSON): the lone surrogate escaped
