@@ -42,7 +42,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from vggt_cache.client.safeopen import open_regular
+from vggt_cache.client.safeopen import OutsideRoots, open_regular
 from vggt_cache.client.text import bounded
 from vggt_cache.service.errors import UnusableInput
 from vggt_cache.service.frametable import FrameTable
@@ -209,15 +209,16 @@ def _is_sample_object(value: object) -> bool:
     return isinstance(value, dict) and any(k in value for k in _SAMPLE_KEYS)
 
 
-def _size_or_zero(path: str, allowed: AllowedRoots | None) -> int:
-    """The size of sample file `path`; 0 when it is not there, or lies outside `allowed` (not stat-ed: its
-    size must not show)."""
-    try:
-        if allowed is not None:
-            allowed.contain(path, writes_sibling=False)
-        return os.stat(path).st_size
-    except (OSError, ValueError):  # reading it says why
-        return 0
+def _sample_file_size(path: str, table: FrameTable) -> int:
+    """The size of sample file `path` from the table's one `lstat` of it; 0 when it is not a regular file there,
+    or lies outside the table's roots (never stat-ed: its size must not show)."""
+    if table.allowed is not None:
+        try:
+            table.contain(path)
+        except (OutsideRoots, ValueError):
+            return 0
+    size, _, _, regular, _ = table.look(path)
+    return size if regular else 0
 
 
 def _open_sample_file(path: str, allowed: AllowedRoots | None) -> BinaryIO:
@@ -397,7 +398,7 @@ class SampleStream:
             raise UnusableInput(f"data root is not a directory: {root}")
         self.root = root
         self.named_files = list(files) if files else None
-        table = FrameTable(allowed) if table is None else table
+        self.table = table = FrameTable(allowed) if table is None else table
         self.reader = _Reader(root, data_path, keep_records, allowed, max_sample_bytes, table)
         if files:
             self.found = Found()
@@ -411,7 +412,7 @@ class SampleStream:
         self._kinds: list[str] = []
         self._files = 0
         self._files_read = 0  # sample files read to their end
-        self._file_bytes: list[int] | None = None  # the sample files' sizes, in the order they are read
+        self._bytes_before: list[int] | None = None  # the sample files' sizes summed before each, in reading order
         # Episode steps or loose images, once they are read: (the samples before them, their number).
         self._frames: tuple[int, int] | None = None
         self._told: tuple[int, int] | None = None  # problems `new_problems` gave: malformed, missing
@@ -431,13 +432,13 @@ class SampleStream:
         if self._frames is not None:
             before, frames = self._frames
             return min(1.0, (self.count - before) / frames) if frames else 1.0
-        if self._file_bytes is None:  # one stat a sample file, at the first ask
-            paths = itertools.chain(self.found.jsonl, self.found.json)
-            self._file_bytes = [_size_or_zero(p, self.reader.allowed) for p in paths]
-        total = sum(self._file_bytes)
+        if self._bytes_before is None:  # one look a sample file, at the first ask
+            sizes = (_sample_file_size(p, self.table) for p in itertools.chain(self.found.jsonl, self.found.json))
+            self._bytes_before = list(itertools.accumulate(sizes, initial=0))
+        total = self._bytes_before[-1]
         if not total:
             return 0.0
-        return min(1.0, (sum(self._file_bytes[: self._files_read]) + self.reader.bytes_read()) / total)
+        return min(1.0, (self._bytes_before[self._files_read] + self.reader.bytes_read()) / total)
 
     def new_problems(self) -> list[tuple[str, str]]:
         """The problems met since the last call (the walk's unlisted folders in the first answer)."""

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from vggt_cache.service import samplepaths
+from vggt_cache.service.paths import AllowedRoots
 from vggt_cache.service.samplepaths import _joined, norm_path
 from vggt_cache.service.samples import SampleStream, find_samples, history_indices
 from vggt_cache.service.sources import scan_data_root
@@ -250,3 +251,12 @@ def test_a_name_no_file_can_have_is_a_malformed_sample_and_the_rest_is_read(tmp_
     reasons = [why for _, why in found.malformed]
     assert len(reasons) == 4 and "NUL byte" in reasons[0] and "no file can have" in reasons[1]
     assert "\\ud800" in reasons[1]  # storable as UTF-8 (SQLite, JSON): the lone surrogate escaped
+
+
+def test_a_named_sample_file_outside_the_roots_is_not_looked_at_for_the_read_fraction(tmp_path):
+    root = tmp_path / "root"
+    touch(root / "a.png")
+    (tmp_path / "outside.jsonl").write_text(json.dumps({"images": ["a.png"]}) + "\n")
+    stream = SampleStream(str(root), files=["../outside.jsonl"], allowed=AllowedRoots.of([str(root)]))
+    assert stream.read_fraction() == 0.0 and len(stream.table) == 0  # no file of it looked at
+    assert list(stream) == [] and "outside" in stream.sample_set().malformed[0][1]
