@@ -32,7 +32,15 @@ import torch
 
 from vggt_cache.client.entryformat import FORMAT_VERSION, context_problem, max_entry_bytes, parse_entry, shape_problem
 from vggt_cache.client.fastload import MAX_OVERHEAD_BYTES, load_file
-from vggt_cache.client.safeopen import DEFAULT_FILE_MODE, OutsideRoots, atomic_write, existing_kind, kind_of, temp_of
+from vggt_cache.client.safeopen import (
+    DEFAULT_FILE_MODE,
+    OutsideRoots,
+    absolute,
+    atomic_write,
+    existing_kind,
+    kind_of,
+    temp_of,
+)
 from vggt_cache.client.spec import FeatureSpec, short_digest
 from vggt_cache.client.storage import encode
 from vggt_cache.client.text import error_text
@@ -98,10 +106,10 @@ def _frame_records(target: PathLike, frames: Sequence[PathLike], sources: Mappin
     """A context record's frames (see `context_record`)."""
     if isinstance(frames, (str, bytes, os.PathLike)) or not frames:
         raise ValueError("context frames must be a non-empty sequence of paths")
-    folder = os.path.dirname(os.path.abspath(target))
+    folder = os.path.dirname(absolute(target))
     return [
         {
-            "path": _relative(os.path.abspath(frame), folder),
+            "path": _relative(absolute(frame), folder),
             **(sources[os.fspath(frame)] if sources is not None else source_record(frame)),
         }
         for frame in frames

@@ -44,6 +44,14 @@ def inside(path: str, roots: Sequence[str]) -> bool:
     return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
 
 
+def absolute(path: str | os.PathLike[str]) -> str:
+    """`os.path.abspath(path)`. A plan's paths are already absolute and normal (no `//`, `.`, `..` or trailing
+    `/`), and are taken as they are: a context record makes one for each of its frames."""
+    if type(path) is str and path[:1] == "/" and "//" not in path and "/." not in path and path[-1] != "/":
+        return path
+    return os.path.abspath(path)
+
+
 def kind_of(mode: int) -> str:
     """`a FIFO`, `a socket`, ... for an `st_mode` that is not a regular file's."""
     for test, name in (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from vggt_cache.client.safeopen import OutsideRoots
+from vggt_cache.client.safeopen import OutsideRoots, absolute
 from vggt_cache.client.text import shorten
 from vggt_cache.service.frametable import FrameTable
 from vggt_cache.service.paths import AllowedRoots
@@ -17,15 +17,13 @@ MEMO_FOLDERS = 1 << 10  # (sample folder, data_path) pairs memoised
 
 def norm_path(path: str) -> str:
     # Symlinks are kept as written: containment is checked where paths are opened. (abspath normalises.)
-    return os.path.abspath(path)
+    return absolute(path)
 
 
 def _joined(folder: str, raw: str) -> str:
-    """`norm_path(os.path.join(folder, raw))` for a normalised absolute `folder` and a relative `raw`; a sample
-    file names each frame, so a name with nothing to normalise is joined as it is."""
-    if folder != "/" and raw[0] != "." and "/." not in raw and "//" not in raw and raw[-1] != "/":
-        return f"{folder}/{raw}"
-    return norm_path(os.path.join(folder, raw))
+    """`norm_path(os.path.join(folder, raw))` for a normalised absolute `folder` and a relative `raw` (a sample
+    file names each frame: no `os.path.join`)."""
+    return absolute(f"{folder}/{raw}") if folder != "/" else norm_path(os.path.join(folder, raw))
 
 
 class PathResolver:

@@ -1,10 +1,11 @@
 import copyreg
 import errno
+import itertools
 import multiprocessing as mp
 import os
 import pickle
 import random
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from vggt_cache.client.cachefile import (
     source_record,
     write_entry,
 )
-from vggt_cache.client.safeopen import atomic_write
+from vggt_cache.client.safeopen import absolute, atomic_write
 from vggt_cache.client.spec import FeatureSpec, short_digest
 
 from helpers.service import tmpfs
@@ -254,6 +255,15 @@ def test_context_record_paths_and_digest(tmp_path):
     assert context_record(frames[-1], None) is None
     with pytest.raises(ValueError):
         context_record(frames[-1], [])
+
+
+def test_a_path_taken_as_it_is_is_its_absolute_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    segments = ["a", "b.jpg", ".", "..", "", ".h", "c d", "x..y", "e."]
+    paths = ["/".join(p) for n in (1, 2, 3, 4) for p in itertools.product(segments, repeat=n)]
+    for path in [*paths, "/", "//", "///a", "//a/b"]:
+        assert absolute(path) == os.path.abspath(path), path
+        assert absolute(PurePosixPath(path or ".")) == os.path.abspath(path or "."), path
 
 
 def test_context(tmp_path):
@@ -569,3 +579,26 @@ def test_a_metadata_check_reads_a_few_kilobytes_and_judges_like_a_full_read(tmp_
     with open(cache_path(image), "r+b") as f:
         f.truncate(size - 100)
     assert read_entry(image, spec, tensor=False).outcome is Outcome.CORRUPT
+
+
+@pytest.mark.parametrize("record", ["data.pkl", "data/0", "version"])
+def test_a_damaged_local_header_matters_only_for_a_record_read(tmp_path, monkeypatch, record):
+    image = make_image(tmp_path)
+    spec = make_spec()
+    write(image, spec)
+    path = cache_path(image)
+    with open(path, "rb") as f:
+        blob = f.read()
+    with open(path, "rb") as f:
+        header = fastload._zip_records(lambda offset, n: os.pread(f.fileno(), n, offset), len(blob))[record].header
+    with open(path, "r+b") as f:
+        f.seek(header)
+        f.write(b"PK\x09\x09")  # not a local header's signature
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(1) or real_load(*a, **k))
+    res = read_entry(image, spec, tensor=False)
+    if record == "version":  # never read by the fast path, which reads the entry as it was
+        assert res.hit and not loads
+    else:  # outside the fast path: torch.load, which refuses it too
+        assert loads and res.outcome is Outcome.CORRUPT, res
