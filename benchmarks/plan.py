@@ -129,6 +129,7 @@ def child(task: str, root: str, state_dir: str) -> dict:
     `stream` (a job's plan, recorded a piece at a time in `state_dir`), `units` (the pending units of the job
     a `stream` child left in `state_dir`) or `verify`."""
     from vggt_cache.client.spec import resolve_options
+    from vggt_cache.service.collector import settle_start_up
     from vggt_cache.service.jobs.options import JobOptions
     from vggt_cache.service.jobs.planning import plan_pieces, plan_root
     from vggt_cache.service.jobs.store import JobStore
@@ -136,6 +137,7 @@ def child(task: str, root: str, state_dir: str) -> dict:
     from vggt_cache.service.model.features import model_spec
     from vggt_cache.service.paths import AllowedRoots
 
+    settle_start_up()  # as the service and the commands do once started
     wall, cpu = time.perf_counter(), time.process_time()
     out: dict = {}
     if task == "walk":

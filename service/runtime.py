@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from vggt_cache.client.spec import FeatureSpec, positive_int
 from vggt_cache.client.text import error_text
+from vggt_cache.service.collector import settle_start_up
 from vggt_cache.service.devices import parse_devices
 from vggt_cache.service.engine import Engine
 from vggt_cache.service.engine.device import ForwardHook
@@ -106,6 +107,7 @@ def build_components(
     engine.start()
     info = model_info(loaded, engine)
     jobs = JobManager(JobStore(s.state_dir), engine, spec, allowed, info, rank, world_size, started_at, JobLimits.of(s))
+    settle_start_up()  # before any job plans: the model's objects out of the collector's way
     return Components(loaded, spec, engine, jobs, devices)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from vggt_cache.service.collector import settle_start_up
 from vggt_cache.service.commands.common import loading_model, say
 from vggt_cache.service.jobs.options import JobLimits, JobOptions
 from vggt_cache.service.paths import AllowedRoots
@@ -28,6 +29,7 @@ def dry_run_local(args: argparse.Namespace, settings: ServiceSettings, data_root
                 raise
             identity = _unknown_model(settings.model, exc)
     spec = model_spec(identity, **settings.spec)
+    settle_start_up()
     plan = plan_root(data_root, spec, allowed, JobOptions.of(args), JobLimits.of(settings))
     if identity.fingerprint == UNKNOWN_FINGERPRINT:
         say(

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+from vggt_cache.service.collector import settle_start_up
 from vggt_cache.service.commands.common import client, no_folder, say, say_json
 from vggt_cache.service.errors import CommandError
 from vggt_cache.service.samples import DEFAULT_MAX_HISTORY
@@ -45,6 +46,7 @@ def verify(args: argparse.Namespace) -> int:
         scanned = (manifest.get("plan") or {}).get("source") or {}  # what the job that wrote it read
         history = scanned.get("max_history_images") if history is None else history
         files = scanned.get("sample_files") if files is None else files
+    settle_start_up()
     report = verify_data_root(
         data_root,
         spec,
