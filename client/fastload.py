@@ -156,6 +156,18 @@ class _RestrictedUnpickler(pickle.Unpickler):
         return _StorageRef(pid[1], pid[2], pid[4])
 
 
+class _PickleBytes(io.BufferedReader):
+    """`data.pkl` for the C unpickler, which reads a file that cannot `peek` an opcode at a time, each read a
+    Python call (3x slower). A read is clamped to the pickle's size: a length a pickle claims is not allocated."""
+
+    def __init__(self, data: bytes | memoryview) -> None:
+        super().__init__(io.BytesIO(data), len(data) + 1)
+        self._size = len(data)
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        return super().read(size if size is None or size < 0 else min(size, self._size))
+
+
 def _load_fast(fd: int, file_size: int, use_mmap: bool, check_crc: bool) -> dict:
     if use_mmap:
         # A private (copy-on-write) mapping that the tensor keeps alive. Not
@@ -257,8 +269,7 @@ def _unpickle(read: Reader, file_size: int) -> tuple[dict, str, tuple[int, int, 
         raise _Unsupported("data.pkl")
     if zlib.crc32(pickled) != crc:
         raise Corrupt("data.pkl does not match its CRC-32")
-    # Buffered: the C unpickler reads a file that cannot `peek` an opcode at a time, through Python calls (3x slower).
-    data = _RestrictedUnpickler(io.BufferedReader(io.BytesIO(pickled), length + 1)).load()
+    data = _RestrictedUnpickler(_PickleBytes(pickled)).load()
     keys = [k for k in TENSOR_KEYS if k in data] if isinstance(data, dict) else []
     ref = data[keys[0]] if len(keys) == 1 else None
     if not (

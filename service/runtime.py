@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vggt_cache.client.spec import FeatureSpec, positive_int
 from vggt_cache.client.text import error_text
-from vggt_cache.service.collector import settle_start_up
 from vggt_cache.service.devices import parse_devices
 from vggt_cache.service.engine import Engine
 from vggt_cache.service.engine.device import ForwardHook
@@ -107,7 +107,6 @@ def build_components(
     engine.start()
     info = model_info(loaded, engine)
     jobs = JobManager(JobStore(s.state_dir), engine, spec, allowed, info, rank, world_size, started_at, JobLimits.of(s))
-    settle_start_up()  # before any job plans: the model's objects out of the collector's way
     return Components(loaded, spec, engine, jobs, devices)
 
 
@@ -144,8 +143,10 @@ class ServiceRuntime:
         settings: ServiceSettings,
         before_forward: ForwardHook | None = None,
         failed_reminder_s: float = FAILED_REMINDER_S,
+        on_loaded: Callable[[], None] | None = None,
     ) -> None:
-        """Raises ValueError for settings that cannot be meant (`ServiceSettings.check`); logs the unsafe ones."""
+        """Raises ValueError for settings that cannot be meant (`ServiceSettings.check`); logs the unsafe ones.
+        `on_loaded`: called once the model is loaded and warmed up, before any job resumes."""
         settings.check()
         self.settings = settings
         self._before_forward = before_forward if before_forward is not None else drill_hook()
@@ -156,6 +157,7 @@ class ServiceRuntime:
         self.components: Components | None = None
         self.load_error: str | None = None
         self.failed_reminder_s = failed_reminder_s
+        self._on_loaded = on_loaded
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._deadline: float | None = None  # set when shutdown begins: the work in flight has until then
@@ -191,6 +193,8 @@ class ServiceRuntime:
             if self._stopping.is_set():  # stopped while warming up: nothing was served
                 components.engine.stop(timeout=self._grace_left())
                 return
+            if self._on_loaded is not None:
+                self._on_loaded()
             components.jobs.start()
             self.components = components
         except Exception as exc:  # reported by /readyz and /status; the process stays up for inspection

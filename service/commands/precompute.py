@@ -10,6 +10,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any
 
+from vggt_cache.service.collector import settle_start_up
 from vggt_cache.service.commands.common import (
     PROGRESS_POLL_S,
     check_device,
@@ -64,6 +65,7 @@ def _precompute_local(args: argparse.Namespace, data_root: str) -> int:
     check_device(settings.device)
     with loading_model(settings.model, ModelUnavailable):
         components = build_components(settings, allowed, rank, world)
+    settle_start_up()
     engine, jobs = components.engine, components.jobs
     if world > 1:
         log.info("Rank %d of %d: taking shard %d", rank, world, rank)

@@ -11,6 +11,7 @@ import signal
 import socket
 from types import FrameType
 
+from vggt_cache.service.collector import settle_start_up
 from vggt_cache.service.commands.common import api_token, check_device, settings_of
 from vggt_cache.service.errors import CommandError
 
@@ -63,7 +64,7 @@ def serve(args: argparse.Namespace) -> int:
     )
     sock = listen(settings.host, settings.port)  # before the model loads: a port in use is said at once
     settings = dataclasses.replace(settings, port=sock.getsockname()[1])  # --port 0: the one given
-    runtime = ServiceRuntime(settings)  # settings_of has checked them
+    runtime = ServiceRuntime(settings, on_loaded=settle_start_up)  # settings_of has checked them
     app = create_app(runtime)  # its lifespan starts the runtime and, when uvicorn shuts down, stops it
     log.info(
         "Serving on http://%s:%d (allowed roots: %s; auth: %s)",

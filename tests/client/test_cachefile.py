@@ -602,3 +602,15 @@ def test_a_damaged_local_header_matters_only_for_a_record_read(tmp_path, monkeyp
         assert res.hit and not loads
     else:  # outside the fast path: torch.load, which refuses it too
         assert loads and res.outcome is Outcome.CORRUPT, res
+
+
+def test_a_length_a_pickle_claims_is_not_allocated():
+    import io
+    import struct
+
+    # BINUNICODE8 of 1 TiB, then three bytes: read by asking the file for 1 TiB.
+    payload = b"\x80\x04\x8d" + struct.pack("<Q", 1 << 40) + b"abc"
+    with pytest.raises(pickle.UnpicklingError, match="truncated"):
+        fastload._RestrictedUnpickler(fastload._PickleBytes(payload)).load()
+    assert fastload._PickleBytes(b"abcdef").read(1 << 40) == b"abcdef"
+    assert io.BytesIO(payload).read() == payload  # the test's pickle is what it says
