@@ -52,6 +52,18 @@ def absolute(path: str | os.PathLike[str]) -> str:
     return os.path.abspath(path)
 
 
+def nameable(name: str) -> bool:
+    """Whether a file can have this name: no NUL, and no lone surrogate (no file name decodes to one)."""
+    if "\x00" in name:
+        return False
+    if not name.isascii():
+        try:
+            os.fsencode(name)
+        except UnicodeEncodeError:
+            return False
+    return True
+
+
 def kind_of(mode: int) -> str:
     """`a FIFO`, `a socket`, ... for an `st_mode` that is not a regular file's."""
     for test, name in (

@@ -24,7 +24,7 @@ import stat
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 from vggt_cache.client.cachefile import CACHE_SUFFIX, ReadResult, no_entry, read_entry
-from vggt_cache.client.safeopen import OutsideRoots, inside
+from vggt_cache.client.safeopen import OutsideRoots, inside, nameable
 from vggt_cache.client.spec import FeatureSpec
 from vggt_cache.client.text import shorten
 from vggt_cache.service.paths import AllowedRoots
@@ -192,12 +192,5 @@ class FrameTable(Mapping[str, dict]):
 
 
 def _plain_name(name: str) -> bool:
-    """A file name `AllowedRoots.named` would take as it is, after a folder it took: no `.`, `..` or NUL, encodable."""
-    if name in ("", ".", "..") or "\x00" in name:
-        return False
-    if not name.isascii():
-        try:
-            os.fsencode(name)
-        except UnicodeEncodeError:
-            return False
-    return True
+    """A file name `AllowedRoots.named` would take as it is, after a folder it took: no `.` or `..`, nameable."""
+    return name not in ("", ".", "..") and nameable(name)

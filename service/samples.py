@@ -42,7 +42,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from vggt_cache.client.safeopen import OutsideRoots, open_regular
+from vggt_cache.client.safeopen import OutsideRoots, nameable, open_regular
 from vggt_cache.client.text import bounded
 from vggt_cache.service.errors import UnusableInput
 from vggt_cache.service.frametable import FrameTable
@@ -169,13 +169,9 @@ def _string_list(value: object, key: str) -> list[str]:
 def _check_name(name: str, key: str) -> None:
     """A name no file can have (a NUL; a lone surrogate, which no file name decodes to) is the sample's fault:
     said as one, before it reaches a path, a unit or the job store."""
-    if "\x00" in name:
-        raise MalformedSample(f"{key!r} names a path with a NUL byte: {bounded(name)}")
-    if not name.isascii():
-        try:
-            os.fsencode(name)
-        except UnicodeEncodeError:
-            raise MalformedSample(f"{key!r} names a path no file can have: {bounded(name)}") from None
+    if not nameable(name):
+        why = "a NUL byte" if "\x00" in name else "a lone surrogate"
+        raise MalformedSample(f"{key!r} names a path no file can have ({why}): {bounded(name)}")
 
 
 def _step_frame(name: str) -> re.Match[str]:
