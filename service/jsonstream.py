@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import codecs
 import json
+import re
 from collections.abc import Iterator
 from typing import BinaryIO
 
 CHUNK_BYTES = 1 << 16  # sample files are read this much at a time
+_BETWEEN = re.compile(r"[ \t\r\n]*,[ \t\r\n]*")  # what lies between two elements of an array
 
 
 class MalformedSample(ValueError):
@@ -97,6 +99,10 @@ class ArrayStream:
             return
         while True:
             yield self._value()
+            between = _BETWEEN.match(self.buf, self.pos)
+            if between is not None and between.end() < len(self.buf):  # the next element starts in the buffer
+                self.pos = between.end()
+                continue
             sep = self._char()
             self.pos += 1
             if sep == "]":

@@ -52,10 +52,11 @@ class PathResolver:
 
     def candidates(self, raw: str, sample_dir: str, data_path: str | None) -> Iterator[str]:
         """Where `raw` may be, in the order looked at (each made only if the one before is not taken)."""
-        if os.path.isabs(raw):
+        if raw[:1] == "/":  # os.path.isabs(raw), without its call: made for each new name
             yield norm_path(raw)
             return
-        data_path = data_path if data_path is not None else self.data_path
+        if data_path is None:
+            data_path = self.data_path
         if data_path is not None:
             yield norm_path(os.path.join(self.data_root, data_path, raw))
             return

@@ -162,7 +162,10 @@ def _string_list(value: object, key: str) -> list[str]:
     for v in value:
         if not isinstance(v, str) or not v:
             raise MalformedSample(f"{key!r} must be a non-empty string or a list of them")
-        _check_name(v, key)
+    joined = "".join(value)  # nameable, all at once: one check of nine names costs less than nine
+    if "\x00" in joined or not joined.isascii():
+        for v in value:
+            _check_name(v, key)
     return value
 
 

@@ -237,19 +237,23 @@ def test_a_stream_says_how_much_of_the_root_it_has_read(tmp_path):
 
 
 def test_a_name_no_file_can_have_is_a_malformed_sample_and_the_rest_is_read(tmp_path):
-    touch(tmp_path / "a.png")
+    a, accented = touch(tmp_path / "a.png"), touch(tmp_path / "\u00e9.png")
     samples = [
         {"images": ["a.png\u0000b.png"]},
         {"images": ["\ud800.png"]},  # a lone surrogate: JSON can say it, no file name decodes to it
         {"history_images": ["a.png"], "current_image": "\udfff"},
         {"images": ["a.png"], "data_path": ".\u0000"},
+        {"images": ["a.png", "a.png\u0000", "a.png"]},  # one bad name among good ones
+        {"images": ["a.png", "\u00e9.png", "\udbff"]},
         {"images": ["a.png"]},
+        {"images": ["a.png", "\u00e9.png"]},  # not ASCII, and a name a file can have
     ]
     (tmp_path / "s.jsonl").write_text("\n".join(json.dumps(s) for s in samples) + "\n")
     found = find_samples(str(tmp_path))
-    assert [s.frames for s in found.samples] == [(str(tmp_path / "a.png"),)]
+    assert [s.frames for s in found.samples] == [(str(a),), (str(a), str(accented))]
     reasons = [why for _, why in found.malformed]
-    assert len(reasons) == 4 and "(a NUL byte)" in reasons[0] and "(a lone surrogate)" in reasons[1]
+    assert len(reasons) == 6 and "(a NUL byte)" in reasons[0] and "(a lone surrogate)" in reasons[1]
+    assert "(a NUL byte)" in reasons[4] and "(a lone surrogate)" in reasons[5]
     assert "\\ud800" in reasons[1]  # storable as UTF-8 (SQLite, JSON): the lone surrogate escaped
 
 
