@@ -40,6 +40,8 @@ class UnitPlanner:
 
     def __init__(self, attention: str) -> None:
         self.attention = attention
+        # Decided once, not for every clip: an Enum member's read costs ~0.2 us on Python 3.11.
+        self._frame, self._sequence = attention == Attention.FRAME, attention == Attention.SEQUENCE
         self.units: list[Unit] = []
         # target -> the first clip that made it. A clip whose targets all name it was seen; so was one in
         # `_shared` (it met a target of another clip): no set of every clip (612k tuples) is kept.
@@ -49,14 +51,12 @@ class UnitPlanner:
 
     def add_clip(self, frames: tuple[str, ...] | list[str]) -> None:
         attention, owner = self.attention, self._owner
-        clips = [(f,) for f in frames] if attention == Attention.FRAME else (tuple(frames),)
+        clips = [(f,) for f in frames] if self._frame else (tuple(frames),)
         for clip in clips:
             if not clip:  # a text-only sample needs no features
                 continue
-            if attention == Attention.SEQUENCE:  # every frame is a target
-                seen = all(owner.get(f) == clip for f in clip)
-            else:  # the last frame is the one target
-                seen = owner.get(clip[-1]) == clip
+            # In sequence attention every frame is a target, else the last frame is the one target.
+            seen = all(owner.get(f) == clip for f in clip) if self._sequence else owner.get(clip[-1]) == clip
             if seen or clip in self._shared:
                 continue
             unit = Unit.for_clip(attention, clip)
@@ -115,16 +115,17 @@ def scan_pieces(
     attention = planner.attention
     if attention not in ATTENTION:
         raise ValueError(f"attention must be one of {'|'.join(ATTENTION)}, got {attention!r}")
+    needs_clips = attention != Attention.FRAME  # once: this loop runs per sample
     for sample in stream:
         if stop is not None and stop.is_set():
             return
         if sample.frames:
-            if attention != Attention.FRAME and stream.loose_images:  # a flag: this loop runs per sample
+            if needs_clips and stream.loose_images:
                 break
             planner.add_clip(sample.frames)
         if piece_samples and stream.count % piece_samples == 0:
             yield planner.take(), False
-    if attention != Attention.FRAME and stream.loose_images:
+    if needs_clips and stream.loose_images:
         raise UnusableInput(
             f"{attention} attention needs clips: no samples (*.jsonl, *.json arrays or step_<n>_<action> "
             f"episode folders) found under {stream.root} (an image folder alone is only work for frame attention)"

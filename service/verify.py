@@ -30,7 +30,7 @@ def verify_data_root(
         for target in unit.targets:
             result = table.read_entry(target, spec, context, tensor=True, check_crc=True)
             counts[result.outcome.value] += 1
-            if result.outcome is not Outcome.HIT:
+            if not result.hit:
                 problems.append({"image": target, "outcome": result.outcome.value, "reason": result.reason})
     problems += [
         {"image": where, "outcome": "malformed_sample", "reason": why}

@@ -46,6 +46,7 @@ MEASURED_TARGETS = 32  # checked alone, on the planning thread, to tell how long
 MEASURE_EVERY = 256  # folders, between two such measures: a root on two file systems, a cache grown cold
 PROGRESS_EVERY_S = 30.0
 PROBLEMS_SHOWN = 5  # a plan names its first problems (a job's failures and verify list them all)
+_MISSING = Outcome.MISSING  # read once: an Enum member's read costs ~0.2 us on Python 3.11, and this is read a target
 
 
 @dataclass
@@ -159,7 +160,7 @@ def _check(
 ) -> _Target:
     spec, sizes, table = checks.spec, checks.sizes, checks.table
     read = table.read_entry(target, spec, context, tensor=False, roots=checks.roots, dir_fd=dfd)
-    valid = read.outcome is Outcome.HIT
+    valid = read.hit
     if valid and checks.skip_existing:
         return _Target(True, False, 0, 0, False, device, folder)
     try:
@@ -176,7 +177,7 @@ def _check(
         height, width = output_size(*pixels, spec.preprocess, spec.size, spec.align)
         size = sizes[pixels] = stored_entry_bytes(spec, (height // patch, width // patch)) + ENTRY_OVERHEAD_BYTES
     try:
-        replaced = 0 if read.outcome is Outcome.MISSING else os.lstat(cache_path(target)).st_size
+        replaced = 0 if read.outcome is _MISSING else os.lstat(cache_path(target)).st_size
     except OSError:
         replaced = 0
     return _Target(valid, True, size - replaced, size, False, device, folder)
