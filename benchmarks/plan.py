@@ -19,6 +19,8 @@ to one small JPEG (quick to build), and measures in child processes, side by sid
 
 `python benchmarks/plan.py` runs N = 10k; `--n 10000 100000 612492` the issue's sizes (the
 612k root needs ~5 GB of inodes-only disk and minutes). `--json` prints the results as JSON.
+`--instructions` also counts, with valgrind's callgrind, the instructions the plan and the floor run per sample
+(only their measured part): unlike CPU time, the same on a busy machine as on an idle one (~50x slower: 10k only).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ STEPS = 35  # an R2R-CE episode's mean length: 612,492 samples in ~17,500 folder
 HISTORY = 8
 LINKS_PER_IMAGE = 60_000  # ext4 allows 65,000 links to one inode
 TRACED = "%file,%stat,readlink"
+COUNTING = "VGGT_BENCH_CALLGRIND"  # set in a child run under callgrind: it counts its measured part only
 LAYOUTS = ("episodes", "json")
 
 
@@ -141,16 +144,20 @@ def child(task: str, root: str, state_dir: str) -> dict:
     wall, cpu = time.perf_counter(), time.process_time()
     out: dict = {}
     if task == "walk":
+        _count_instructions(True)
         files = 0
         for folder, _, names in os.walk(root):
             for name in names:
                 os.stat(os.path.join(folder, name))
                 files += 1
+        _count_instructions(False)
         out["files"] = files
     elif task == "plan":
         spec = model_spec(identify_model(str(TINY_MODEL)), **resolve_options("newjanusvln"))
         wall, cpu = time.perf_counter(), time.process_time()
+        _count_instructions(True)
         plan = plan_root(root, spec, AllowedRoots.of([root]), JobOptions(max_history_images=HISTORY))
+        _count_instructions(False)
         out["samples"], out["entries"], out["valid"] = plan.source["samples"], plan.entries, plan.valid
     elif task == "stream":  # what a job does: plan a piece at a time, each recorded before the next is planned
         spec = model_spec(identify_model(str(TINY_MODEL)), **resolve_options("newjanusvln"))
@@ -187,21 +194,46 @@ def child(task: str, root: str, state_dir: str) -> dict:
     return out
 
 
-def _run_child(task: str, root: str, scratch: str, traced: bool, state_dir: str | None = None) -> dict:
-    """`task` in a child process; `state_dir`: the job store it uses and leaves (default: a temporary one)."""
+def _count_instructions(on: bool) -> None:
+    """Under callgrind (`--instructions`), count from here (`on`) or stop counting: the measured part only."""
+    if os.environ.get(COUNTING):
+        switch = ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())]
+        subprocess.run(switch, check=True, capture_output=True)
+
+
+def _run_child(
+    task: str, root: str, scratch: str, traced: bool, state_dir: str | None = None, counted: bool = False
+) -> dict:
+    """`task` in a child process; `state_dir`: the job store it uses and leaves (default: a temporary one);
+    `traced`: its file-system calls counted (strace); `counted`: the instructions of its measured part (callgrind)."""
     kept = state_dir is not None
     state_dir = state_dir or tempfile.mkdtemp(dir=scratch)
     cmd = [sys.executable, __file__, "--child", task, "--root", root, "--state-dir", state_dir]
     counts = os.path.join(scratch, "strace.txt")
+    env = None
     if traced:
         cmd = ["strace", "-f", "-c", "-e", f"trace={TRACED}", "-o", counts, *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    elif counted:
+        profile = os.path.join(scratch, "callgrind.out")
+        cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={profile}", *cmd]
+        env = {**os.environ, COUNTING: "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
     if not kept:
         shutil.rmtree(state_dir)
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     if traced:
         result["calls"] = _strace_total(counts)
+    if counted:
+        result["instructions"] = _collected(proc.stderr)
     return result
+
+
+def _collected(stderr: str) -> int:
+    """The instructions callgrind says it collected (`==pid== Collected : N`)."""
+    for line in stderr.splitlines():
+        if "Collected :" in line:
+            return int(line.rsplit(":", 1)[1])
+    raise ValueError("callgrind said nothing collected")
 
 
 def _strace_total(path: str) -> int:
@@ -221,7 +253,7 @@ def baseline(scratch: str, strace: bool) -> dict:
     return base
 
 
-def measure(n: int, layout: str, scratch: str, strace: bool, base: dict) -> dict:
+def measure(n: int, layout: str, scratch: str, strace: bool, base: dict, instructions: bool = False) -> dict:
     root = os.path.join(scratch, f"{layout}_{n}")
     t0 = time.perf_counter()
     build_root(root, n, layout)
@@ -235,6 +267,9 @@ def measure(n: int, layout: str, scratch: str, strace: bool, base: dict) -> dict
     if strace:
         for task in ("walk", "plan"):
             runs[task]["calls"] = _run_child(task, root, scratch, True)["calls"]
+    if instructions:
+        for task in ("walk", "plan"):
+            runs[task]["instructions"] = _run_child(task, root, scratch, False, counted=True)["instructions"]
     compute_root(root)
     runs["verify"] = _run_child("verify", root, scratch, False)
     runs["rerun"] = _run_child("plan", root, scratch, False)
@@ -270,6 +305,9 @@ def measure(n: int, layout: str, scratch: str, strace: bool, base: dict) -> dict
         row["floor_calls"] = (walk["calls"] - base["calls"]) / n
         row["verify_calls"] = (verify["calls"] - base["calls"]) / n
         row["rerun_calls"] = (rerun["calls"] - base["calls"]) / n
+    if instructions:
+        row["ours_instructions"] = plan["instructions"] / n
+        row["floor_instructions"] = walk["instructions"] / n
     return row
 
 
@@ -281,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-strace", action="store_true", help="do not count file-system calls")
     parser.add_argument("--json", action="store_true")
     parser.add_argument(
+        "--instructions", action="store_true", help="count instructions per sample with callgrind (needs valgrind)"
+    )
+    parser.add_argument(
         "--child", choices=("none", "walk", "plan", "stream", "units", "verify"), help=argparse.SUPPRESS
     )
     parser.add_argument("--root", help=argparse.SUPPRESS)
@@ -291,9 +332,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args.child, args.root, args.state_dir)))
         return 0
     strace = not args.no_strace and shutil.which("strace") is not None
+    if args.instructions and shutil.which("valgrind") is None:
+        parser.error("--instructions needs valgrind (callgrind, callgrind_control)")
     with tempfile.TemporaryDirectory(dir=args.dir, prefix="vggt-plan-bench-") as scratch:
         base = baseline(scratch, strace)
-        rows = [measure(n, layout, scratch, strace, base) for n in args.n for layout in args.layout]
+        rows = [measure(n, layout, scratch, strace, base, args.instructions) for n in args.n for layout in args.layout]
     if args.json:
         print(json.dumps({"strace": strace, "rows": rows}, indent=2))
         return 0
@@ -301,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     from common import print_table
 
     calls = ("calls/sample ours", "floor") if strace else ()
+    counted = ("instructions/sample ours", "floor") if args.instructions else ()
     print_table(
         (
             "root",
@@ -310,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
             "CPU us/sample ours",
             "floor",
             *calls,
+            *counted,
             "job plan s",
             "first entry s",
             "state B/unit",
@@ -325,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['ours_cpu_us']:.0f}",
                 f"{r['floor_cpu_us']:.0f}",
                 *((f"{r['ours_calls']:.2f}", f"{r['floor_calls']:.2f}") if strace else ()),
+                *((f"{r['ours_instructions']:,.0f}", f"{r['floor_instructions']:,.0f}") if args.instructions else ()),
                 f"{r['job_plan_s']:.2f}",
                 f"{r['first_entry_s']:.2f}",
                 f"{r['state_bytes_per_unit']:.0f}",

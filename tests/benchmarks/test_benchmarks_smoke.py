@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,14 @@ def test_plan_compares_a_plan_with_the_bare_walk_of_the_same_roots(tmp_path: Pat
     assert "every image given a valid entry" in out
     assert "calls not counted" in out and "calls/sample" not in out  # --no-strace: no calls column
     assert list(tmp_path.iterdir()) == []  # the roots are removed
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="needs valgrind (callgrind)")
+def test_plan_counts_the_instructions_of_the_plan_and_of_the_floor(tmp_path: Path) -> None:
+    args = ("--n", "40", "--layout", "json", "--no-strace", "--instructions", "--dir", str(tmp_path))
+    out = run_benchmark("plan.py", *args)
+    row = re.search(r"^json 40\s+40\s+\d+\.\d+\s+\d+\.\d+\s+\d+\s+\d+\s+([\d,]+)\s+([\d,]+)\s", out, re.M)
+    assert row, out
+    ours, floor = (int(v.replace(",", "")) for v in row.groups())
+    assert ours > floor > 0, out  # the measured part only: the imports alone are ~6 G instructions
+    assert ours < 10_000_000, out
