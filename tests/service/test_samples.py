@@ -245,6 +245,8 @@ def test_a_name_no_file_can_have_is_a_malformed_sample_and_the_rest_is_read(tmp_
         {"images": ["a.png"], "data_path": ".\u0000"},
         {"images": ["a.png", "a.png\u0000", "a.png"]},  # one bad name among good ones
         {"images": ["a.png", "\u00e9.png", "\udbff"]},
+        {"images": ["a.png\u0000", 5]},  # said of the first name that is wrong
+        {"images": ["a.png", ""]},
         {"images": ["a.png"]},
         {"images": ["a.png", "\u00e9.png"]},  # not ASCII, and a name a file can have
     ]
@@ -252,8 +254,9 @@ def test_a_name_no_file_can_have_is_a_malformed_sample_and_the_rest_is_read(tmp_
     found = find_samples(str(tmp_path))
     assert [s.frames for s in found.samples] == [(str(a),), (str(a), str(accented))]
     reasons = [why for _, why in found.malformed]
-    assert len(reasons) == 6 and "(a NUL byte)" in reasons[0] and "(a lone surrogate)" in reasons[1]
-    assert "(a NUL byte)" in reasons[4] and "(a lone surrogate)" in reasons[5]
+    assert len(reasons) == 8 and "(a NUL byte)" in reasons[0] and "(a lone surrogate)" in reasons[1]
+    assert "(a NUL byte)" in reasons[4] and "(a lone surrogate)" in reasons[5] and "(a NUL byte)" in reasons[6]
+    assert "'images' must be a non-empty string or a list of them" in reasons[7]
     assert "\\ud800" in reasons[1]  # storable as UTF-8 (SQLite, JSON): the lone surrogate escaped
 
 
