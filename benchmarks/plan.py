@@ -198,7 +198,7 @@ def _count_instructions(on: bool) -> None:
     """Under callgrind (`--instructions`), count from here (`on`) or stop counting: the measured part only."""
     if os.environ.get(COUNTING):
         switch = ["callgrind_control", "-i", "on" if on else "off", str(os.getpid())]
-        subprocess.run(switch, check=True, capture_output=True)
+        subprocess.run(switch, check=True, capture_output=True, timeout=60)  # where vgdb cannot attach: an error
 
 
 def _run_child(
