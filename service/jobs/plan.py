@@ -144,6 +144,11 @@ class _Checks:
     max_image_bytes: int
 
 
+def _folder_of(work: tuple[str, Sequence[str] | None]) -> str:
+    """`os.path.dirname` of a target (a normalised absolute path), in one call: asked for every target."""
+    return work[0].rpartition("/")[0] or "/"
+
+
 def _check_folder(folder: str, work: _Folder, checks: _Checks) -> list[_Target]:
     """The targets of one folder, its descriptor opened (and checked inside the roots) once for all their headers."""
     with contextlib.ExitStack() as stack:
@@ -159,8 +164,11 @@ def _check(
     target: str, context: Sequence[str] | None, checks: _Checks, dfd: int | None, device: int, folder: str
 ) -> _Target:
     spec, sizes, table = checks.spec, checks.sizes, checks.table
-    read = table.read_entry(target, spec, context, tensor=False, roots=checks.roots, dir_fd=dfd)
-    valid = read.hit
+    if table.entry_listed(target) is False:  # a fresh root's every target: no entry, and no ReadResult made
+        valid, missing = False, True
+    else:
+        read = table.read_entry(target, spec, context, tensor=False, roots=checks.roots, dir_fd=dfd)
+        valid, missing = read.hit, read.outcome is _MISSING
     if valid and checks.skip_existing:
         return _Target(True, False, 0, 0, False, device, folder)
     try:
@@ -177,7 +185,7 @@ def _check(
         height, width = output_size(*pixels, spec.preprocess, spec.size, spec.align)
         size = sizes[pixels] = stored_entry_bytes(spec, (height // patch, width // patch)) + ENTRY_OVERHEAD_BYTES
     try:
-        replaced = 0 if read.outcome is _MISSING else os.lstat(cache_path(target)).st_size
+        replaced = 0 if missing else os.lstat(cache_path(target)).st_size
     except OSError:
         replaced = 0
     return _Target(valid, True, size - replaced, size, False, device, folder)
@@ -228,7 +236,7 @@ class PlanBuilder:
         """Check the targets of `units` (headers and metadata only); returns those holding a valid entry."""
         work: _Folder = [(t, self.spec.context_of(u.frames)) for u in units for t in u.targets]
         folders = [
-            (folder, list(group)) for folder, group in itertools.groupby(work, lambda tc: os.path.dirname(tc[0]))
+            (folder, list(group)) for folder, group in itertools.groupby(work, _folder_of)
         ]
         checked: list[_Target] = []
         start = 0
