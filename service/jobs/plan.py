@@ -235,9 +235,7 @@ class PlanBuilder:
     def check(self, units: Sequence[Unit]) -> frozenset[str]:
         """Check the targets of `units` (headers and metadata only); returns those holding a valid entry."""
         work: _Folder = [(t, self.spec.context_of(u.frames)) for u in units for t in u.targets]
-        folders = [
-            (folder, list(group)) for folder, group in itertools.groupby(work, _folder_of)
-        ]
+        folders = [(folder, list(group)) for folder, group in itertools.groupby(work, _folder_of)]
         checked: list[_Target] = []
         start = 0
         while start < len(folders):
