@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers.cli import cli, one_error
-from helpers.service import TINY_MODEL, write_images
+from helpers.service import TINY_MODEL, free_port, write_images
 
 
 def test_tiny_is_the_one_shipped_model_that_every_entry_point_takes(tmp_path: Path) -> None:
@@ -93,7 +93,6 @@ def test_spec_flags_given_with_server_must_name_the_services_spec(tmp_path: Path
 def test_every_unavailable_message_names_the_last_failure(tmp_path: Path) -> None:
     from vggt_cache.client import FeatureCache
     from vggt_cache.client.cache import CacheUnavailable
-    from vggt_cache.service.demo import free_port
     from vggt_cache.service.model import identify_model
     from vggt_cache.service.model.features import model_spec
 

@@ -16,13 +16,12 @@ import pytest
 import torch
 
 from vggt_cache.client.wire import decode_features
-from vggt_cache.service.demo import free_port
 from vggt_cache.service.devices import parse_devices, rank_device
 from vggt_cache.service.engine.device import is_device_lost, is_out_of_memory
 from vggt_cache.service.model import load_aggregator
 
 from helpers.cli import cli, one_error
-from helpers.service import REPO, TINY_MODEL, service_in_process, write_images
+from helpers.service import REPO, TINY_MODEL, free_port, service_in_process, write_images
 
 ILLEGAL_ACCESS = (
     "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be "

@@ -28,13 +28,13 @@ from vggt_cache.client import FeatureCache
 from vggt_cache.client.cachefile import Outcome, cache_path, read_entry
 from vggt_cache.client.manifest import manifest_path
 from vggt_cache.client.wire import decode_features
-from vggt_cache.service.demo import free_port
 
 from helpers.service import (
     REPO,
     TINY_MODEL,
     RunningService,
     cache_files,
+    free_port,
     poll,
     service_in_process,
     service_spec,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vggt_cache.service.demo import free_port
+from helpers.service import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_TIMEOUT_S = 240

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +28,7 @@ from PIL import Image
 from vggt_cache.client.http import wait_until_ready
 from vggt_cache.client.service import spec_of_status
 from vggt_cache.client.spec import DTYPES, FeatureSpec
-from vggt_cache.service.demo import free_port
+from vggt_cache.service import demo
 from vggt_cache.service.jobs.view import TERMINAL
 from vggt_cache.service.preprocess import preprocess
 
@@ -35,6 +37,26 @@ FIXTURES = REPO / "tests" / "fixtures"
 TINY_MODEL = FIXTURES / "vggt_tiny"
 READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
+# Under pytest-xdist each worker takes its ports from a band of its own, below Linux's ephemeral range (32768+),
+# so no other worker's service can take a port between one's probe of it and its service's bind.
+PORT_BANDS_START, PORT_BAND = 20_000, 2_000
+
+
+def free_port() -> int:
+    """A loopback port free right now (for a service started next, or for nothing to listen on)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return demo.free_port()
+    low = PORT_BANDS_START + int(worker[2:]) * PORT_BAND
+    for _ in range(200):
+        port = random.randrange(low, low + PORT_BAND)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # one of this worker's services, or a socket still closing
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{low + PORT_BAND - 1}")
 
 
 @dataclass

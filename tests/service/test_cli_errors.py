@@ -16,10 +16,8 @@ import httpx
 import pytest
 import torch
 
-from vggt_cache.service.demo import free_port
-
 from helpers.cli import cli, one_error
-from helpers.service import REPO, TINY_MODEL, poll, write_images
+from helpers.service import REPO, TINY_MODEL, free_port, poll, write_images
 
 
 @pytest.fixture(scope="module")

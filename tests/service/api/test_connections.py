@@ -23,9 +23,8 @@ import httpx
 import pytest
 
 from vggt_cache.service.api.connections import AcceptErrors
-from vggt_cache.service.demo import free_port
 
-from helpers.service import REPO, TINY_MODEL, RunningService, poll, start_service, wait_job, write_images
+from helpers.service import REPO, TINY_MODEL, RunningService, free_port, poll, start_service, wait_job, write_images
 
 TOKEN = "shared-node-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
