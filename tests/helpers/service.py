@@ -39,7 +39,7 @@ READY_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 30.0
 # Under pytest-xdist each worker takes its ports from a band of its own, below Linux's ephemeral range (32768+),
 # so no other worker's service can take a port between one's probe of it and its service's bind.
-PORT_BANDS_START, PORT_BAND = 20_000, 2_000
+PORT_BANDS = range(20_000, 32_768)
 
 
 def free_port() -> int:
@@ -47,16 +47,17 @@ def free_port() -> int:
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
     if not worker.startswith("gw"):
         return demo.free_port()
-    low = PORT_BANDS_START + int(worker[2:]) * PORT_BAND
+    band = len(PORT_BANDS) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))  # however many workers
+    low = PORT_BANDS.start + int(worker[2:]) * band
     for _ in range(200):
-        port = random.randrange(low, low + PORT_BAND)
+        port = random.randrange(low, low + band)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:  # one of this worker's services, or a socket still closing
                 continue
             return port
-    raise RuntimeError(f"no free port in {low}-{low + PORT_BAND - 1}")
+    raise RuntimeError(f"no free port in {low}-{low + band - 1}")
 
 
 @dataclass
